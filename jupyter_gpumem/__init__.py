@@ -1,0 +1,87 @@
+"""jupyter_gpumem: when a cell dies with ``CUDA out of memory``, a diagnosis and a fix instead of a
+kernel restart.
+
+In IPython or Jupyter::
+
+    %load_ext jupyter_gpumem
+
+From Python (tests, scripts)::
+
+    from jupyter_gpumem import parse_oom_message, read_snapshot, simulate
+    simulate("2GiB")        # a simulated GPU on the CPU, with real torch.OutOfMemoryError
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .backends import simulated as _simulated
+from .config import GpuMem
+from .diagnosis import Cause, Diagnosis, diagnose
+from .holders import Holder, HolderSet, find_holders
+from .oom import OOMReport, find_oom, is_oom, parse_oom_message
+from .readings import MemorySnapshot, read_snapshot
+from .release import ReleaseResult, release_failed_cell
+from .render import render_html, render_text
+from .units import format_bytes, parse_size
+
+__version__ = "0.1.0"
+__all__ = [
+    "Cause",
+    "Diagnosis",
+    "GpuMem",
+    "Holder",
+    "HolderSet",
+    "MemorySnapshot",
+    "OOMReport",
+    "ReleaseResult",
+    "__version__",
+    "diagnose",
+    "find_holders",
+    "find_oom",
+    "format_bytes",
+    "is_oom",
+    "load_ipython_extension",
+    "parse_oom_message",
+    "parse_size",
+    "read_snapshot",
+    "release_failed_cell",
+    "render_html",
+    "render_text",
+    "simulate",
+    "stop_simulation",
+    "unload_ipython_extension",
+]
+
+_loaded: dict[int, Any] = {}
+
+
+def simulate(size: str | int, **kwargs: Any) -> _simulated.SimulatedGPU:
+    """Run as if on a GPU of ``size`` (``"2GiB"`` or bytes): see ``%gpumem simulate``."""
+    total = parse_size(size) if isinstance(size, str) else int(size)
+    return _simulated.start(total, **kwargs)
+
+
+def stop_simulation() -> None:
+    _simulated.stop()
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext jupyter_gpumem``: loading twice does nothing."""
+    if id(ipython) in _loaded:
+        return
+    from .extension import Extension
+
+    ext = Extension(ipython)
+    ext.load()
+    _loaded[id(ipython)] = ext
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    ext = _loaded.pop(id(ipython), None)
+    if ext is not None:
+        ext.unload()
+
+
+def _extension_for(ipython: Any) -> Any | None:
+    return _loaded.get(id(ipython))

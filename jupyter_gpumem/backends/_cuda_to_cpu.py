@@ -1,0 +1,139 @@
+"""Send CUDA placements to the CPU: a torch function mode, for code written for a GPU.
+
+Under the mode, code that places tensors on ``cuda`` gets CPU tensors instead:
+
+- ``x.cuda()``, ``x.to("cuda")``, ``x.to("cuda:0")``, ``x.to(0)``, ``x.to(torch.device("cuda"))``,
+  ``x.to(device="cuda")``, and so ``module.cuda()`` / ``module.to("cuda")`` (they call these);
+- ``device="cuda"`` (or ``cuda:N``, a ``torch.device``, a bare ordinal) in any torch function;
+- factories under ``torch.set_default_device("cuda")`` or ``with torch.device("cuda"):``;
+- ``x.pin_memory()`` and ``pin_memory=True``, which need an accelerator, do nothing.
+
+``mode.redirected`` counts what was sent, by torch's name for the function
+(``Counter({"torch.Tensor.to": 12, "torch.zeros": 1})``), so a fix can say what it moved.
+
+Not redirected (say so to users): ``torch.load(map_location="cuda")``, legacy types
+(``torch.cuda.FloatTensor``, ``x.type("torch.cuda.FloatTensor")``), a device passed positionally
+to a factory (``torch.as_tensor(data, None, "cuda")``), ``torch.Generator("cuda")``, and
+``torch.cuda.*`` calls. Tensors report ``device == cpu``, so code that checks ``x.is_cuda`` sees
+False. Function modes are thread-local: the mode covers the thread that entered it.
+
+Usage::
+
+    with cuda_to_cpu() as mode:
+        run_the_cell()
+    print(mode.redirected)
+
+``holds`` (used by the simulated GPU): a predicate telling whether a tensor is already "on the
+GPU". A placement whose result is not, such as ``cpu_tensor.to("cuda")`` (which on the CPU returns
+the tensor itself), returns a copy instead, as a real host-to-device copy does.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["cuda_to_cpu", "cuda_to_cpu_mode_class", "is_cuda_device"]
+
+
+def is_cuda_device(device: object) -> bool:
+    """``"cuda"``, ``"cuda:1"``, ``torch.device("cuda")`` or a bare ordinal (CUDA in ``.to(0)``)."""
+    if isinstance(device, str):
+        return device == "cuda" or device.startswith("cuda:")
+    if isinstance(device, int):
+        return not isinstance(device, bool)
+    return getattr(device, "type", None) == "cuda"
+
+
+@functools.cache
+def cuda_to_cpu_mode_class() -> type[Any]:
+    """The ``CudaToCpuMode`` class (a ``TorchFunctionMode``), built on first use."""
+    import torch
+    from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack, resolve_name
+    from torch.utils._device import DeviceContext, _device_constructors
+
+    tensor_cuda, tensor_to, tensor_pin = torch.Tensor.cuda, torch.Tensor.to, torch.Tensor.pin_memory
+    constructors = _device_constructors()
+    cpu = torch.device("cpu")
+    Tensor = torch.Tensor
+
+    def default_is_cuda() -> bool:
+        # set_default_device / `with torch.device(...)` put a DeviceContext at the bottom of the
+        # stack, below us; torch.get_default_device() would make a tensor and recurse.
+        for mode in reversed(_get_current_function_mode_stack()):
+            if isinstance(mode, DeviceContext):
+                return bool(mode.device.type == "cuda")
+        return False
+
+    @functools.cache
+    def name_of(func: Any) -> str:
+        return str(resolve_name(func) or getattr(func, "__qualname__", func))
+
+    class CudaToCpuMode(TorchFunctionMode):
+        """Redirect CUDA placements to the CPU; ``redirected`` counts them by function name."""
+
+        def __init__(self, holds: Callable[[torch.Tensor], bool] | None = None) -> None:
+            super().__init__()
+            self.holds = holds
+            self.active = True  # False: pass everything through (a stopped simulation's mode)
+            self.redirected: collections.Counter[str] = collections.Counter()
+
+        def __torch_function__(
+            self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+        ) -> Any:
+            if kwargs is None:
+                kwargs = {}
+            if not self.active:
+                return func(*args, **kwargs)
+            moved, name = False, func
+            if func is tensor_cuda:
+                non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+                fmt = kwargs.get("memory_format", torch.preserve_format)
+                func, args = tensor_to, (args[0], cpu)
+                kwargs = {"non_blocking": non_blocking, "memory_format": fmt}
+                moved = True
+            elif func is tensor_to:
+                if len(args) > 1 and is_cuda_device(args[1]):
+                    args = (args[0], cpu, *args[2:])
+                    moved = True
+                elif (
+                    self.holds is not None
+                    and len(args) > 1
+                    and isinstance(args[1], Tensor)
+                    and self.holds(args[1])
+                ):
+                    moved = True  # .to(other) where other is "on the GPU"
+            elif func is tensor_pin:
+                self.redirected[name_of(func)] += 1
+                return args[0]
+            device = kwargs.get("device")
+            if device is not None:
+                if is_cuda_device(device):
+                    kwargs = {**kwargs, "device": cpu}
+                    moved = True
+            elif func in constructors and default_is_cuda():
+                kwargs = {**kwargs, "device": cpu}
+                moved = True
+            if kwargs.get("pin_memory"):
+                kwargs = {**kwargs, "pin_memory": False}
+                moved = True
+            if not moved:
+                return func(*args, **kwargs)
+            self.redirected[name_of(name)] += 1
+            out = func(*args, **kwargs)
+            holds = self.holds
+            if holds is not None and isinstance(out, Tensor) and out.is_cpu and not holds(out):
+                out = out.clone()  # a placement on the GPU is a copy: never alias host memory
+            return out
+
+    return CudaToCpuMode
+
+
+def cuda_to_cpu(*, holds: Callable[[torch.Tensor], bool] | None = None) -> Any:
+    """A fresh ``CudaToCpuMode``: use it as ``with cuda_to_cpu() as mode: ...``."""
+    return cuda_to_cpu_mode_class()(holds=holds)

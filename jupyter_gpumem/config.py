@@ -1,0 +1,38 @@
+"""Settings, as traitlets config, so they can live in ``ipython_config.py`` like IPython's own::
+
+c.InteractiveShellApp.extensions = ["jupyter_gpumem"]
+c.GpuMem.keep_traceback = True     # keep the failed frames for %debug (memory stays pinned)
+c.GpuMem.gauge_interval = 0.5      # seconds between gauge samples
+c.GpuMem.sidebar_on_load = True    # open the gauge in JupyterLab's sidebar on load
+"""
+
+from __future__ import annotations
+
+from traitlets import Bool, Enum, Float, Int
+from traitlets.config import Configurable
+
+
+class GpuMem(Configurable):
+    """jupyter_gpumem: diagnose and fix GPU out-of-memory errors in cells."""
+
+    keep_traceback = Bool(
+        False,
+        help="Keep the failed cell's frames after an OOM so %debug works. The memory they hold "
+        "stays pinned until `%gpumem release`.",
+    ).tag(config=True)
+    traceback_context = Int(
+        1, help="Lines of source shown around each frame of an OOM's traceback."
+    ).tag(config=True)
+    gauge_interval = Float(
+        1.0, min=0.05, help="Seconds between two samples of the live memory gauge."
+    ).tag(config=True)
+    gauge_history = Float(120.0, help="Seconds of history the gauge shows.").tag(config=True)
+    sidebar_on_load = Bool(
+        False, help="Open the memory gauge in JupyterLab's right sidebar when the extension loads."
+    ).tag(config=True)
+    display = Enum(
+        ["auto", "panel", "html", "text"],
+        default_value="auto",
+        help="How to show a diagnosis: 'panel' (widgets with fix buttons, in Jupyter), 'html', "
+        "'text' (terminal), or 'auto' (the panel where widgets work, else text).",
+    ).tag(config=True)

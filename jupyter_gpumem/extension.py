@@ -1,0 +1,132 @@
+"""One loaded extension per shell: settings, the hook, the magics, and how a diagnosis is shown."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from typing import Any
+
+from .config import GpuMem
+from .failure import FailedCell
+from .fixes import FIXES, FixOutcome
+from .hook import OOMHook
+from .magics import COMMANDS, GpuMemMagics
+from .render import render_html, render_text
+from .rescue import Options, check_all
+
+
+def fix_lines(checks: dict[str, Any]) -> list[str]:
+    """One line per fix for the text diagnosis: the command, what it saves, or why it cannot."""
+    lines = []
+    for key, check in checks.items():
+        cmd = f"%gpumem retry {key}"
+        if check.applies:
+            saving = f" ({check.saving_text})" if check.saving_text else ""
+            lines.append(f"{cmd:<24} {FIXES[key].label}{saving}")
+        else:
+            lines.append(f"{cmd:<24} {FIXES[key].label}: not available: {check.reason}")
+    return lines
+
+
+class Extension:
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
+        self.settings = GpuMem(parent=shell)
+        self.hook = OOMHook(shell, self.settings)
+        self.hook.present = self.present
+        self.magics = GpuMemMagics(shell, self)
+        self.remembered: dict[str, int] = {}  # cell hash -> batch size that fit
+        self.sidebar: Any = None
+        self.panel: Any = None  # the last diagnosis panel shown
+
+    def widgets_available(self) -> bool:
+        """A kernel whose front end can show widgets (ipykernel), not a terminal."""
+        if self.settings.display in ("text", "html"):
+            return False
+        if getattr(self.shell, "kernel", None) is None:
+            return False
+        return importlib.util.find_spec("ipywidgets") is not None
+
+    def commands(self) -> tuple[str, ...]:
+        return COMMANDS
+
+    def load(self) -> None:
+        self.hook.install()
+        self.shell.register_magics(self.magics)
+        if self.settings.sidebar_on_load and self.widgets_available():
+            try:
+                print(self.open_sidebar())
+            except Exception as exc:
+                print(f"jupyter_gpumem: could not open the sidebar ({type(exc).__name__}: {exc})")
+
+    def unload(self) -> None:
+        self.hook.uninstall()
+        if self.sidebar is not None:
+            self.sidebar.close()
+            self.sidebar = None
+        if "jupyter_gpumem.ui.gauge" in sys.modules:
+            from .ui.gauge import stop_all
+
+            stop_all()
+        mm = self.shell.magics_manager
+        for kind in ("line", "cell"):
+            for name in list(mm.magics[kind]):
+                bound = mm.magics[kind][name]
+                if getattr(bound, "__self__", None) is self.magics:
+                    del mm.magics[kind][name]
+        mm.registry.pop(type(self.magics).__name__, None)
+
+    def present(self, failed: FailedCell) -> None:
+        d = failed.diagnosis
+        if d is None:
+            return
+        from IPython.display import display
+
+        if self.widgets_available():
+            from .ui.panel import show_panel
+
+            self.panel = show_panel(self, failed, display)
+            return
+        checks = check_all(self.shell, failed, Options(), self.remembered)
+        text = render_text(d, fix_lines(checks))
+        if self.settings.display == "text":
+            print(text, file=sys.stdout)
+            return
+        display({"text/plain": text, "text/html": render_html(d)}, raw=True)
+
+    def show_gauge(self) -> Any:
+        from IPython.display import display
+
+        from .ui.gauge import Gauge
+
+        gauge = Gauge(interval=self.settings.gauge_interval, history_s=self.settings.gauge_history)
+        display(gauge.widget)
+        return gauge.start()
+
+    def open_sidebar(self) -> str:
+        from IPython.display import display
+
+        from .ui.sidebar import Sidebar
+
+        if self.sidebar is not None:
+            self.sidebar.close()
+        self.sidebar = Sidebar(self.settings.gauge_interval, self.settings.gauge_history)
+        return self.sidebar.open(display)
+
+    def close_sidebar(self) -> bool:
+        if self.sidebar is None:
+            return False
+        self.sidebar.close()
+        self.sidebar = None
+        return True
+
+    def report_outcome(self, outcome: FixOutcome) -> None:
+        """The end of a `%gpumem retry`: what happened, what to change, what to know."""
+        print(outcome.message)
+        if outcome.change:
+            print(f"To make it permanent: {outcome.change}")
+        for note in outcome.notes:
+            print(f"  note: {note}")
+        if not outcome.ok and outcome.failure is not None:
+            self.hook.last_failure = outcome.failure
+            self.present(outcome.failure)

@@ -1,0 +1,151 @@
+"""One failed cell, as the fixes see it: its source, where it failed, what was diagnosed, what was
+freed. Built the same way for a cell the hook caught and for a re-run that ran out of memory again.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import CodeType, FunctionType, TracebackType
+from typing import Any
+
+from . import holders as holders_mod
+from .diagnosis import Diagnosis, diagnose
+from .oom import OOMReport
+from .readings import MemorySnapshot, read_snapshot
+from .release import ReleaseResult
+
+
+@dataclass
+class NamespaceMark:
+    """Where the user namespace ended before a cell ran: O(1) to take, on every cell.
+
+    dicts keep insertion order, so the names a cell created are the ones after ``last_key``.
+    """
+
+    size: int
+    last_key: str | None
+
+    @classmethod
+    def take(cls, ns: dict[str, Any]) -> NamespaceMark:
+        return cls(len(ns), next(reversed(ns), None) if ns else None)
+
+    def preexisting(self, ns: dict[str, Any]) -> frozenset[str]:
+        keys = list(ns)
+        if self.last_key is not None and self.last_key in ns:
+            # min(): a name deleted before the mark shifts it left; a re-created last key moves right
+            cut = min(keys.index(self.last_key) + 1, self.size)
+        else:
+            cut = min(self.size, len(keys))
+        return frozenset(keys[:cut])
+
+
+@dataclass
+class FailedCell:
+    """One failed cell, kept for the fixes: what ran, where it failed, what was diagnosed."""
+
+    source: str
+    exc_type: type[BaseException]
+    report: OOMReport
+    diagnosis: Diagnosis | None
+    failed_lineno: int | None
+    preexisting: frozenset[str]
+    release: ReleaseResult | None = None
+    snapshot: MemorySnapshot | None = None
+    when: float = field(default_factory=time.time)
+    diagnosis_error: str | None = None
+    elapsed_s: float = 0.0
+
+
+def cell_lineno(tb: TracebackType | None, user_ns: dict[str, Any]) -> int | None:
+    """The line of the cell that was running when the exception left it."""
+    line = None
+    while tb is not None:
+        f = tb.tb_frame
+        if f.f_code.co_name == "<module>" and f.f_globals is user_ns:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def cell_names(source: str) -> set[str]:
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set(re.findall(r"[A-Za-z_]\w*", source))
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+
+
+def names_used(source: str, ns: dict[str, Any], depth: int = 3) -> set[str]:
+    """Names the cell reads, plus the globals read by the functions (and methods of the classes)
+    it calls, a few levels deep: `forward(x)` uses `model` if `forward`'s body reads it."""
+    names = cell_names(source)
+    todo = list(names)
+    for _ in range(depth):
+        nxt = []
+        for name in todo:
+            obj = ns.get(name)
+            codes = []
+            if isinstance(obj, FunctionType):
+                codes.append(obj.__code__)
+            elif isinstance(obj, type) and getattr(obj, "__module__", "") == "__main__":
+                codes += [f.__code__ for f in vars(obj).values() if isinstance(f, FunctionType)]
+            for code in codes:
+                stack = [code]
+                while stack:
+                    c = stack.pop()
+                    for n in c.co_names:
+                        if n not in names:
+                            names.add(n)
+                            nxt.append(n)
+                    stack += [k for k in c.co_consts if isinstance(k, CodeType)]
+        todo = nxt
+    return names
+
+
+def build_failure(
+    shell: Any,
+    value: BaseException,
+    report: OOMReport,
+    tb: TracebackType | None,
+    *,
+    source: str,
+    preexisting: frozenset[str],
+    release: Callable[[BaseException], ReleaseResult] | None,
+) -> FailedCell:
+    """Read what the diagnosis needs from the frames, then (unless ``release`` is None) free them."""
+    t0 = time.perf_counter()
+    user_ns = shell.user_ns
+    snapshot = read_snapshot()
+    frames = holders_mod.failed_frames(tb, user_ns)
+    found = holders_mod.find_holders(
+        user_ns,
+        hidden=getattr(shell, "user_ns_hidden", ()),
+        frames=frames,
+        cell_names=names_used(source, user_ns),
+    )
+    del frames
+    lineno = cell_lineno(tb, user_ns)
+    released = release(value) if release is not None else None
+    diag = diagnose(
+        report,
+        snapshot,
+        found,
+        freed_bytes=released.freed_bytes if released else None,
+        allocated_after_bytes=released.allocated_after_bytes if released else None,
+        released=released is not None,
+    )
+    return FailedCell(
+        source=source,
+        exc_type=type(value),
+        report=report,
+        diagnosis=diag,
+        failed_lineno=lineno,
+        preexisting=preexisting,
+        release=released,
+        snapshot=snapshot,
+        elapsed_s=time.perf_counter() - t0,
+    )

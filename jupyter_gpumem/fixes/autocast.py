@@ -1,0 +1,66 @@
+"""Enable autocast: re-run the cell under ``torch.autocast`` (bf16 where supported, else fp16).
+
+Autocast is not a sure saving: it halves activations of matmul-heavy layers, but fp32 weights,
+gradients and optimizer state stay (an 8-layer 4096-wide MLP saved 5%, findings §5). So it predicts
+from the diagnosis and reports the measured peak beside the prediction.
+"""
+
+from __future__ import annotations
+
+from ..backends import _torch
+from ..rerun import Plan
+from ..units import format_bytes
+from .base import Check, Fix, FixContext, FixOutcome
+
+
+class Autocast(Fix):
+    key = "autocast"
+    label = "Enable autocast"
+
+    def check(self, ctx: FixContext) -> Check:
+        if _torch.torch_module() is None:
+            return Check(False, "", "torch is not imported in this kernel")
+        d = ctx.failed.diagnosis
+        dtype = "bfloat16" if _torch.supports_bf16() else "float16"
+        action = (
+            f"Re-run the cell under torch.autocast ({dtype}): matmuls and convolutions compute in "
+            f"{dtype}, so activations take about half the memory. Numerics change."
+        )
+        if "autocast" in ctx.failed.source:
+            return Check(False, action, "the cell already uses autocast")
+        if d is not None and d.causes and d.causes[0].key == "request_exceeds_card":
+            return Check(False, action, "one allocation is larger than the card even at half size")
+        saving = None
+        if d is not None and d.working_set_bytes is not None:
+            saving = d.working_set_bytes // 2
+        return Check(True, action, "", saving)
+
+    def apply(self, ctx: FixContext) -> FixOutcome:
+        check = self.check(ctx)
+        factory, dtype = _torch.autocast_factory()
+        outcome = self._single_run(
+            ctx, Plan(ctx.failed.source, contexts=[factory], note=f"autocast {dtype}"), check
+        )
+        outcome.notes.append(
+            f"Numerics change: matmuls ran in {dtype}."
+            + (
+                " For fp16 training, use torch.amp.GradScaler to avoid underflowing gradients."
+                if dtype == "float16"
+                else ""
+            )
+        )
+        if outcome.ok:
+            outcome.message = f"The cell fits under autocast ({dtype})."
+            outcome.change = (
+                f"Wrap the cell's work in `with torch.autocast('cuda', dtype=torch.{dtype}):`."
+            )
+            d = ctx.failed.diagnosis
+            if d is not None and d.working_set_bytes and outcome.peak_bytes is not None:
+                before = (d.allocated_bytes or 0) + (d.requested_bytes or 0)
+                outcome.notes.append(
+                    f"Predicted saving {format_bytes(check.predicted_saving_bytes)}; peak now "
+                    f"{format_bytes(outcome.peak_bytes)} (it needed more than {format_bytes(before)})."
+                )
+        else:
+            outcome.message = "Still out of memory under autocast."
+        return outcome

@@ -1,0 +1,138 @@
+"""What every fix is: it says whether it applies (and if not, why), what it will do, and what it
+should save, before it runs; after it runs, what it measured, so prediction and outcome sit side by
+side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..units import format_bytes, format_gib
+
+if TYPE_CHECKING:
+    from ..failure import FailedCell
+    from ..rerun import Plan, RunResult
+
+
+@dataclass(frozen=True)
+class Check:
+    applies: bool
+    action: str  # what it will do, said before doing it
+    reason: str = ""  # why it does not apply, in words a user understands
+    predicted_saving_bytes: int | None = None
+
+    @property
+    def saving_text(self) -> str:
+        if self.predicted_saving_bytes is None:
+            return ""
+        return f"saves ~{format_bytes(self.predicted_saving_bytes)}"
+
+
+@dataclass
+class Attempt:
+    """One re-run."""
+
+    fix: str
+    ok: bool
+    peak_bytes: int | None
+    capacity_bytes: int | None
+    seconds: float
+    batch: int | None = None
+    note: str = ""
+
+    def line(self) -> str:
+        """``reduce batch  batch_size=9   fits  peak 10.90 of 11.17 GiB (98%)  2.1 s``."""
+        what = f"{self.fix:<13}"
+        batch = f"batch {self.batch:<6}" if self.batch is not None else " " * 12
+        outcome = "fits" if self.ok else "OOM "
+        peak = ""
+        if self.peak_bytes is not None and self.capacity_bytes:
+            share = 100 * self.peak_bytes / self.capacity_bytes
+            peak = (
+                f"peak {format_gib(self.peak_bytes).removesuffix(' GiB')} of "
+                f"{format_gib(self.capacity_bytes)} ({share:.0f}%)"
+            )
+        elif self.peak_bytes is not None:
+            peak = f"peak {format_bytes(self.peak_bytes)}"
+        tail = f"  {self.note}" if self.note else ""
+        return f"{what} {batch} {outcome}  {peak:<30} {self.seconds:6.2f} s{tail}"
+
+
+@dataclass
+class FixOutcome:
+    fix: str
+    ok: bool
+    attempts: list[Attempt] = field(default_factory=list)
+    predicted_saving_bytes: int | None = None
+    message: str = ""  # one line: what happened
+    change: str = ""  # what to change in the cell to make it permanent
+    notes: list[str] = field(default_factory=list)  # what the user must know (numerics, speed)
+    failure: FailedCell | None = None  # the diagnosis of the last OOM, when it did not fit
+    refused: bool = False  # the side-effect guard stopped it
+    batch: int | None = None
+
+    @property
+    def runs(self) -> int:
+        return len(self.attempts)
+
+    @property
+    def peak_bytes(self) -> int | None:
+        fits = [a for a in self.attempts if a.ok]
+        return fits[-1].peak_bytes if fits else None
+
+
+@dataclass
+class FixContext:
+    """Everything a fix may look at: the shell, the failure, and the user's options."""
+
+    shell: Any
+    failed: FailedCell
+    batch_var: str | None = None
+    min_batch: int = 1
+    max_runs: int = 6
+    drop: tuple[str, ...] = ()  # clear: variables to delete, named by the user
+    drop_output_cache: bool = False
+    accumulate: bool = False  # reduce batch: keep the effective batch with gradient accumulation
+    remembered: dict[str, int] = field(default_factory=dict)  # cell hash -> batch that fit
+    run: Callable[[Plan], RunResult] | None = None  # set by the runner
+    on_attempt: Callable[[Attempt], None] | None = None
+
+    @property
+    def user_ns(self) -> dict[str, Any]:
+        return self.shell.user_ns
+
+
+class Fix:
+    key: ClassVar[str]
+    label: ClassVar[str]  # the button's text
+
+    def check(self, ctx: FixContext) -> Check:
+        raise NotImplementedError
+
+    def apply(self, ctx: FixContext) -> FixOutcome:
+        raise NotImplementedError
+
+    # shared by the fixes that make one run with a plan
+    def _single_run(self, ctx: FixContext, plan: Plan, check: Check) -> FixOutcome:
+        assert ctx.run is not None
+        result = ctx.run(plan)
+        attempt = Attempt(
+            self.key,
+            result.ok,
+            result.peak_bytes,
+            result.capacity_bytes,
+            result.seconds,
+            batch=plan.batch,
+            note=plan.note,
+        )
+        if ctx.on_attempt:
+            ctx.on_attempt(attempt)
+        return FixOutcome(
+            fix=self.key,
+            ok=result.ok,
+            attempts=[attempt],
+            predicted_saving_bytes=check.predicted_saving_bytes,
+            failure=result.failure,
+        )

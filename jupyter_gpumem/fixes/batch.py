@@ -1,0 +1,146 @@
+"""Reduce batch: find the batch size, then search with a memory model for the largest that fits.
+
+The model starts from the OOM's own numbers (the batch that failed, what was allocated, what was
+requested) and learns from each run's measured peak, instead of halving blindly; see
+``batch_search``. The batch that fit is remembered per cell, so running the same cell again starts
+there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from ..rerun import Plan, capacity_bytes
+from ..units import format_bytes
+from .base import Attempt, Check, Fix, FixContext, FixOutcome
+from .batch_search import BatchSearch, Observation
+from .batch_source import BatchFinding, accumulation_plan, apply_batch, describe_change, find_batch
+
+
+def cell_key(source: str) -> str:
+    return hashlib.sha1(source.strip().encode()).hexdigest()[:16]
+
+
+def _finding(ctx: FixContext) -> BatchFinding:
+    return find_batch(ctx.failed.source, ctx.user_ns, batch_var=ctx.batch_var)
+
+
+class ReduceBatch(Fix):
+    key = "batch"
+    label = "Reduce batch"
+
+    def check(self, ctx: FixContext) -> Check:
+        finding = _finding(ctx)
+        if not finding.sites:
+            return Check(False, "", finding.reason_not_found or "no batch size found in this cell")
+        d = ctx.failed.diagnosis
+        if finding.value <= ctx.min_batch:
+            return Check(
+                False, "", f"the batch size is already {finding.value}, the smallest allowed"
+            )
+        saving = None
+        if d is not None and d.working_set_bytes is not None and d.shortfall_bytes is not None:
+            # the part of the working set that scales with the batch must shrink by the shortfall
+            saving = min(d.shortfall_bytes + d.working_set_bytes // 20, d.working_set_bytes)
+        action = (
+            f"Find the largest batch that fits, starting from {finding.how}, with a memory model "
+            "from the OOM's numbers and each run's peak (a few runs), then keep it."
+        )
+        return Check(True, action, "", saving)
+
+    def apply(self, ctx: FixContext) -> FixOutcome:
+        assert ctx.run is not None
+        check = self.check(ctx)
+        finding = _finding(ctx)
+        source = ctx.failed.source
+        d = ctx.failed.diagnosis
+        report = ctx.failed.report
+        capacity = capacity_bytes()
+        baseline = d.allocated_after_bytes if d is not None else None
+        search = BatchSearch(
+            capacity_bytes=capacity or 0,
+            baseline_bytes=baseline or 0,
+            min_batch=ctx.min_batch,
+            max_batch=finding.value - 1,
+        )
+        search.observe(
+            Observation(
+                batch=finding.value,
+                fit=False,
+                peak_bytes=None,
+                requested_bytes=report.requested_bytes,
+                allocated_at_failure_bytes=d.allocated_bytes if d else report.allocated_bytes,
+            )
+        )
+        attempts: list[Attempt] = []
+        last_failure = None
+        last_ok_batch = None
+        while len(attempts) < ctx.max_runs:
+            b = search.next_batch()
+            if b is None:
+                break
+            new_source, updates = apply_batch(source, finding, b)
+            result = ctx.run(Plan(new_source, namespace_updates=updates, batch=b))
+            attempt = Attempt(
+                self.key, result.ok, result.peak_bytes, result.capacity_bytes, result.seconds, b
+            )
+            attempts.append(attempt)
+            if ctx.on_attempt:
+                ctx.on_attempt(attempt)
+            if result.ok:
+                last_ok_batch = b
+                search.observe(Observation(b, True, result.peak_bytes))
+            else:
+                last_failure = result.failure
+                r = result.failure.report if result.failure else None
+                dd = result.failure.diagnosis if result.failure else None
+                search.observe(
+                    Observation(
+                        b,
+                        False,
+                        None,
+                        requested_bytes=r.requested_bytes if r else None,
+                        allocated_at_failure_bytes=dd.allocated_bytes if dd else None,
+                    )
+                )
+        best = search.best()
+        if best is not None and best != last_ok_batch and len(attempts) < ctx.max_runs + 1:
+            # the last run was not the best one: run the best so the namespace holds its results
+            new_source, updates = apply_batch(source, finding, best)
+            result = ctx.run(Plan(new_source, namespace_updates=updates, batch=best))
+            attempt = Attempt(
+                self.key, result.ok, result.peak_bytes, result.capacity_bytes, result.seconds, best
+            )
+            attempts.append(attempt)
+            if ctx.on_attempt:
+                ctx.on_attempt(attempt)
+        outcome = FixOutcome(
+            fix=self.key,
+            ok=best is not None,
+            attempts=attempts,
+            predicted_saving_bytes=check.predicted_saving_bytes,
+            batch=best,
+        )
+        if best is None:
+            outcome.failure = last_failure
+            outcome.message = (
+                f"Even batch {ctx.min_batch} does not fit: reducing the batch is not enough."
+            )
+            return outcome
+        ctx.remembered[cell_key(source)] = best
+        peak = next((a.peak_bytes for a in reversed(attempts) if a.ok and a.batch == best), None)
+        of = f" of {format_bytes(capacity)}" if capacity else ""
+        outcome.message = (
+            f"Fits at batch {best} (was {finding.value}), peak {format_bytes(peak)}{of}, "
+            f"{len(attempts)} run{'s' if len(attempts) != 1 else ''}."
+        )
+        outcome.change = describe_change(finding, best)
+        plan = accumulation_plan(source, finding, best)
+        if plan is not None:
+            outcome.notes.append(plan.explanation)
+        else:
+            outcome.notes.append(
+                f"The effective batch changed from {finding.value} to {best}: "
+                "tune the learning rate if this is training."
+            )
+        return outcome

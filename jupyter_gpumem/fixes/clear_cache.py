@@ -1,0 +1,110 @@
+"""Clear cache: free what the failure pinned, collect garbage, give the allocator's cache (and cuBLAS
+workspaces) back to the driver; on request only, drop the output cache and delete named variables.
+Then re-run the cell as it is.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+
+from ..backends import _torch
+from ..release import release_failed_cell
+from ..rerun import Plan
+from ..units import format_bytes
+from .base import Check, Fix, FixContext, FixOutcome
+
+_OUTPUT_NAMES = ("_", "__", "___")
+
+
+def output_cache_bytes(ctx: FixContext) -> int:
+    d = ctx.failed.diagnosis
+    return d.holders.where_bytes("output cache") if d else 0
+
+
+def drop_output_cache(shell: object) -> None:
+    """What ``%reset -f out`` does, without its printing."""
+    ns = shell.user_ns  # type: ignore[attr-defined]
+    hidden = getattr(shell, "user_ns_hidden", {})
+    out = ns.get("Out")
+    if isinstance(out, dict):
+        for n in list(out):
+            ns.pop(f"_{n}", None)
+        out.clear()
+    for name in _OUTPUT_NAMES:
+        if name in ns:
+            ns[name] = ""
+        if name in hidden:
+            hidden[name] = ""
+    dh = getattr(shell, "displayhook", None)
+    if dh is not None:
+        for attr in _OUTPUT_NAMES:
+            if hasattr(dh, attr):
+                setattr(dh, attr, "")
+
+
+class ClearCache(Fix):
+    key = "clear"
+    label = "Clear cache"
+
+    def check(self, ctx: FixContext) -> Check:
+        d = ctx.failed.diagnosis
+        if d is None:
+            return Check(True, "Free cached memory, then re-run the cell.")
+        pinned = 0 if d.released else d.holders.where_bytes("failed frame")
+        cache = 0
+        if d.reserved_bytes is not None and d.allocated_bytes is not None:
+            cache = max(d.reserved_bytes - d.allocated_bytes, 0)
+        dropped = sum(
+            h.total_bytes for h in d.holders.holders if h.where == "variable" and h.name in ctx.drop
+        )
+        out = output_cache_bytes(ctx) if ctx.drop_output_cache else 0
+        saving = pinned + cache + dropped + out
+        parts = ["free what the failure pinned" if pinned else "collect garbage"]
+        parts.append("return PyTorch's cached blocks to the driver")
+        if ctx.drop:
+            parts.append("delete " + ", ".join(f"`{n}`" for n in ctx.drop))
+        if ctx.drop_output_cache:
+            parts.append("clear the output cache (Out, _)")
+        action = "; ".join(parts).capitalize() + "; then re-run the cell."
+        short = d.shortfall_bytes
+        if d.causes and d.causes[0].key == "request_exceeds_card":
+            return Check(
+                False,
+                action,
+                f"One allocation of {format_bytes(d.requested_bytes)} is larger than the card: "
+                "clearing cannot make room for it.",
+                saving,
+            )
+        if short and saving < short and not ctx.drop and not ctx.drop_output_cache:
+            offers = [h for h in d.unused_variables() if h.total_bytes]
+            if offers or output_cache_bytes(ctx):
+                action += " It can also delete variables this cell does not use: choose them."
+        return Check(True, action, "", saving)
+
+    def apply(self, ctx: FixContext) -> FixOutcome:
+        check = self.check(ctx)
+        notes = []
+        ns = ctx.user_ns
+        for name in ctx.drop:
+            if name in ns:
+                del ns[name]
+                notes.append(f"deleted `{name}`")
+        if ctx.drop_output_cache:
+            drop_output_cache(ctx.shell)
+            notes.append("cleared the output cache")
+        before = _torch.allocated_bytes()
+        release_failed_cell(ctx.shell, getattr(sys, "last_value", None))
+        gc.collect()
+        _torch.empty_cache()
+        after = _torch.allocated_bytes()
+        if before is not None and after is not None and before > after:
+            notes.append(f"freed {format_bytes(before - after)}")
+        outcome = self._single_run(ctx, Plan(ctx.failed.source, note="after clearing"), check)
+        outcome.notes = notes
+        outcome.message = (
+            "The cell fits after clearing." if outcome.ok else "Still out of memory after clearing."
+        )
+        if outcome.ok and ctx.drop:
+            outcome.change = "Keep " + ", ".join(f"`{n}`" for n in ctx.drop) + " deleted."
+        return outcome

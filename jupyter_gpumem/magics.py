@@ -1,0 +1,251 @@
+"""``%gpumem``: status, simulate, limit, release and help."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import (
+    MagicArgumentParser,
+    argument,
+    magic_arguments,
+    parse_argstring,
+)
+
+from .backends import _torch, simulated
+from .fixes import FIXES, LADDER
+from .readings import read_snapshot
+from .release import release_failed_cell
+from .render import render_snapshot_text
+from .rescue import Options, apply_fix, run_ladder
+from .units import format_bytes, parse_size
+
+if TYPE_CHECKING:
+    from .extension import Extension
+
+COMMANDS = ("status", "retry", "gauge", "sidebar", "simulate", "limit", "release", "help")
+
+
+def _size_or_off(command: str, args: list[str]) -> int | None:
+    if len(args) != 1:
+        raise UsageError(f"%gpumem {command} takes one argument: a size such as 2GiB, or off")
+    if args[0].lower() == "off":
+        return None
+    try:
+        return parse_size(args[0])
+    except ValueError as exc:
+        raise UsageError(f"%gpumem {command}: {exc}") from None
+
+
+@magics_class
+class GpuMemMagics(Magics):
+    def __init__(self, shell: Any, ext: Extension) -> None:
+        super().__init__(shell)
+        self.ext = ext
+
+    @magic_arguments()
+    @argument(
+        "command",
+        nargs="?",
+        default="status",
+        help="status (default): the GPU's memory now. "
+        "gauge: a live memory gauge under this cell. "
+        "sidebar [off]: the gauge in JupyterLab's right sidebar. "
+        "simulate SIZE|off: run the following cells on a simulated GPU of that size. "
+        "limit SIZE|off: cap what this process may use, to rehearse a smaller card. "
+        "release: free what the last failed cell pinned (when keep_traceback is on). "
+        "help: this text.",
+    )
+    @argument("args", nargs="*", help="the command's arguments")
+    @line_magic
+    def gpumem(self, line: str = "") -> None:
+        """Show and control GPU memory from a notebook (jupyter_gpumem)."""
+        opts = parse_argstring(self.gpumem, line)
+        command, args = opts.command, list(opts.args)
+        handler = getattr(self, f"_cmd_{command}", None)
+        if command not in self.ext.commands() or handler is None:
+            raise UsageError(
+                f"%gpumem: unknown command {command!r}; try one of: {', '.join(self.ext.commands())}"
+            )
+        handler(args)
+
+    def _no_args(self, command: str, args: list[str]) -> None:
+        if args:
+            raise UsageError(f"%gpumem {command} takes no arguments (got {' '.join(args)!r})")
+
+    def _cmd_help(self, args: list[str]) -> None:
+        self._no_args("help", args)
+        print(self.gpumem.__doc__)
+        print(self.gpumem.parser.format_help() if hasattr(self.gpumem, "parser") else "")
+
+    def _cmd_status(self, args: list[str]) -> None:
+        self._no_args("status", args)
+        print(render_snapshot_text(read_snapshot()))
+
+    def _needs_widgets(self, command: str) -> None:
+        if not self.ext.widgets_available():
+            raise UsageError(
+                f"%gpumem {command} needs Jupyter with ipywidgets (this is a terminal): "
+                "use %gpumem status"
+            )
+
+    def _cmd_gauge(self, args: list[str]) -> None:
+        self._no_args("gauge", args)
+        self._needs_widgets("gauge")
+        self.ext.show_gauge()
+
+    def _cmd_sidebar(self, args: list[str]) -> None:
+        if args not in ([], ["off"]):
+            raise UsageError("%gpumem sidebar takes no argument, or off")
+        if args == ["off"]:
+            closed = self.ext.close_sidebar()
+            print("Sidebar gauge closed." if closed else "No sidebar gauge was open.")
+            return
+        self._needs_widgets("sidebar")
+        print(self.ext.open_sidebar())
+
+    def _cmd_simulate(self, args: list[str]) -> None:
+        size = _size_or_off("simulate", args)
+        if size is None:
+            was = simulated.current()
+            simulated.stop()
+            print("Simulated GPU off." if was else "No simulated GPU was running.")
+            return
+        sim = simulated.start(size)
+        print(
+            f"Simulated GPU of {format_bytes(sim.total_bytes)}: cells that place tensors on `cuda` "
+            "now run on the CPU and count against it. `%gpumem simulate off` ends it."
+        )
+
+    def _cmd_limit(self, args: list[str]) -> None:
+        size = _size_or_off("limit", args)
+        try:
+            total = _torch.set_memory_limit(size)
+        except RuntimeError as exc:
+            raise UsageError(f"%gpumem limit: {exc}") from None
+        if size is None:
+            print(f"No cap: this process may use the whole {format_bytes(total)}.")
+        else:
+            print(
+                f"This process may now use {format_bytes(min(size, total))} of "
+                f"{format_bytes(total)} (a rehearsal of a smaller card). `%gpumem limit off` lifts it."
+            )
+
+    def _cmd_release(self, args: list[str]) -> None:
+        self._no_args("release", args)
+        exc = getattr(sys, "last_value", None)
+        result = release_failed_cell(self.shell, exc)
+        if self.ext.hook.last_failure is not None:
+            self.ext.hook.last_failure.release = result
+        if result.freed_bytes is None:
+            print("Released the last failure's frames (no GPU reading to measure what was freed).")
+        else:
+            print(
+                f"Freed {format_bytes(result.freed_bytes)}; PyTorch now has "
+                f"{format_bytes(result.allocated_after_bytes)} allocated."
+            )
+
+    def _cmd_retry(self, args: list[str]) -> None:
+        opts = _parse(RETRY_PARSER, args)
+        failed = self.ext.hook.last_failure
+        if failed is None:
+            raise UsageError("%gpumem retry: no cell has run out of memory yet")
+        options = Options(
+            batch_var=opts.batch_var,
+            min_batch=opts.min_batch,
+            max_runs=opts.max_retries,
+            force=opts.force,
+            drop=tuple(opts.drop or ()),
+            drop_output_cache=opts.drop_output_cache,
+            accumulate=opts.accumulate,
+        )
+        outcome = apply_fix(
+            self.shell,
+            failed,
+            opts.fix,
+            options,
+            self.ext.remembered,
+            on_attempt=lambda a: print("  " + a.line()),
+        )
+        self.ext.report_outcome(outcome)
+
+    @cell_magic
+    def oomsafe(self, line: str, cell: str) -> None:
+        """Run the cell; on out-of-memory, apply fixes in order until one fits, then say what
+        worked and what to change in the cell.
+
+        %%oomsafe [--fixes clear,batch,autocast,cpu] [--max-retries N] [--batch-var NAME]
+                  [--min-batch N] [--force] [--quiet]
+
+        Before re-running, a cell that already changed state (`step += 1`, `opt.step()`,
+        `history.append(...)`, file writes) up to the failing line stops with an explanation,
+        unless --force. Errors other than out-of-memory pass through unchanged.
+        """
+        opts = _parse(OOMSAFE_PARSER, line.split())
+        fixes = [f.strip() for f in opts.fixes.split(",") if f.strip()]
+        unknown = [f for f in fixes if f not in FIXES]
+        if unknown or not fixes:
+            raise UsageError(
+                f"%%oomsafe --fixes: unknown fix {', '.join(unknown) or '(none)'}; "
+                f"choose from {','.join(LADDER)}"
+            )
+        result = run_ladder(
+            self.shell,
+            cell,
+            fixes=fixes,
+            options=Options(
+                batch_var=opts.batch_var,
+                min_batch=opts.min_batch,
+                max_runs=opts.max_retries,
+                force=opts.force,
+            ),
+            remembered=self.ext.remembered,
+            say=print,
+            quiet=opts.quiet,
+        )
+        if not result.ok and result.failure is not None:
+            self.ext.hook.last_failure = result.failure
+            if result.refused is None:
+                self.ext.present(result.failure)
+
+
+def _parse(parser: MagicArgumentParser, args: list[str]) -> Any:
+    if any(a in ("-h", "--help") for a in args):
+        print(parser.format_help())
+        raise UsageError(f"{parser.prog}: help shown above")
+    return parser.parse_args(args)
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise UsageError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise UsageError(f"expected a number >= 1, got {n}")
+    return n
+
+
+RETRY_PARSER = MagicArgumentParser(prog="%gpumem retry", add_help=False)
+RETRY_PARSER.add_argument(
+    "fix", choices=LADDER, help="which fix to re-run the last failed cell with"
+)
+RETRY_PARSER.add_argument("--batch-var", metavar="NAME", help="the batch size is this variable")
+RETRY_PARSER.add_argument("--min-batch", type=_positive, default=1, metavar="N")
+RETRY_PARSER.add_argument("--max-retries", type=_positive, default=6, metavar="N")
+RETRY_PARSER.add_argument("--force", action="store_true", help="re-run despite side effects")
+RETRY_PARSER.add_argument("--drop", action="append", metavar="NAME", help="clear: delete NAME")
+RETRY_PARSER.add_argument("--drop-output-cache", action="store_true", help="clear: empty Out/_")
+RETRY_PARSER.add_argument(
+    "--accumulate", action="store_true", help="batch: keep the effective batch (grad accumulation)"
+)
+
+OOMSAFE_PARSER = MagicArgumentParser(prog="%%oomsafe", add_help=False)
+OOMSAFE_PARSER.add_argument("--fixes", default=",".join(LADDER), metavar="LIST")
+OOMSAFE_PARSER.add_argument("--max-retries", type=_positive, default=8, metavar="N")
+OOMSAFE_PARSER.add_argument("--batch-var", metavar="NAME")
+OOMSAFE_PARSER.add_argument("--min-batch", type=_positive, default=1, metavar="N")
+OOMSAFE_PARSER.add_argument("--force", action="store_true")
+OOMSAFE_PARSER.add_argument("--quiet", action="store_true")

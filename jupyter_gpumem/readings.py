@@ -1,0 +1,169 @@
+"""One consistent reading of GPU memory: the torch allocator and NVML side by side, in bytes.
+
+torch's words: *allocated* is memory in live tensors; *reserved* is what the caching allocator holds
+(allocated plus its cache); NVML's *used* is what ``nvidia-smi`` shows for the whole device, every
+process and every CUDA context included.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backends import _nvml, _torch, simulated
+
+_CONTEXT_SLACK_BYTES = 768 << 20  # a CUDA context plus cuBLAS/cuDNN handles is about 0.3-0.7 GiB
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    pid: int
+    used_bytes: int
+    description: (
+        str  # "another notebook kernel", "python train.py", "unknown (pid not visible here)"
+    )
+    is_self: bool = False
+
+
+@dataclass(frozen=True)
+class MemorySnapshot:
+    device_index: int
+    device_name: str | None
+    simulated: bool
+    total_bytes: int | None
+    free_bytes: int | None  # free on the device, from the driver
+    used_bytes: int | None  # used on the device by everyone (nvidia-smi's number)
+    allocated_bytes: int | None
+    reserved_bytes: int | None
+    peak_allocated_bytes: int | None
+    peak_reserved_bytes: int | None
+    num_ooms: int | None
+    allowed_bytes: int | None  # per-process cap, if one is set
+    processes: tuple[ProcessInfo, ...] = ()
+    uuid: str | None = None
+    nvml_error: str | None = None
+    taken_at: float = field(default_factory=time.time)
+
+    @property
+    def reserved_unallocated_bytes(self) -> int | None:
+        """The allocator's cache: reserved by PyTorch but in no tensor (fragmentation lives here)."""
+        if self.reserved_bytes is None or self.allocated_bytes is None:
+            return None
+        return max(self.reserved_bytes - self.allocated_bytes, 0)
+
+    @property
+    def other_processes(self) -> tuple[ProcessInfo, ...]:
+        return tuple(p for p in self.processes if not p.is_self)
+
+    @property
+    def other_processes_bytes(self) -> int:
+        return sum(p.used_bytes for p in self.other_processes)
+
+    @property
+    def available(self) -> bool:
+        return self.total_bytes is not None or self.allocated_bytes is not None
+
+
+def describe_process(pid: int) -> str:
+    """What another process on the GPU is, from its command line when this container can see it."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "pid not visible from here (another container or user)"
+    args = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    text = " ".join(args)
+    if "ipykernel" in text or "ipykernel_launcher" in text:
+        return "probably another notebook kernel"
+    if not args:
+        return "unknown process"
+    short = " ".join(Path(args[0]).name if i == 0 else a for i, a in enumerate(args[:3]))
+    return short[:60]
+
+
+def _processes(raw: tuple[tuple[int, int], ...], reserved: int | None) -> tuple[ProcessInfo, ...]:
+    me = os.getpid()
+    out = []
+    has_self = any(pid == me for pid, _ in raw)
+    for pid, used in raw:
+        is_self = pid == me
+        if not is_self and not has_self and reserved is not None and raw:
+            # in containers NVML reports host pids, so our own pid is missing: the process whose
+            # use matches our reserved memory plus a context is almost certainly this one
+            is_self = (
+                0 <= used - reserved <= _CONTEXT_SLACK_BYTES and not Path(f"/proc/{pid}").exists()
+            )
+            has_self = is_self
+        desc = "this kernel" if is_self else describe_process(pid)
+        out.append(ProcessInfo(pid=pid, used_bytes=used, description=desc, is_self=is_self))
+    return tuple(out)
+
+
+def read_snapshot(device_index: int | None = None) -> MemorySnapshot:
+    """Read the allocator and NVML once. Never raises; unavailable numbers are None."""
+    index = _torch.current_device_index() if device_index is None else device_index
+    sim = simulated.current()
+    if sim is not None:
+        sim_stats = sim.memory_stats()
+        procs = tuple(
+            ProcessInfo(pid=pid, used_bytes=used, description="simulated other process")
+            for pid, used in sim.other_processes
+        )
+        procs += (ProcessInfo(os.getpid(), sim.reserved_bytes, "this kernel", is_self=True),)
+        return MemorySnapshot(
+            device_index=sim.device_index,
+            device_name=sim.name,
+            simulated=True,
+            total_bytes=sim.total_bytes,
+            free_bytes=sim.free_bytes,
+            used_bytes=sim.total_bytes - sim.free_bytes,
+            allocated_bytes=sim_stats.get("allocated_bytes.all.current", 0),
+            reserved_bytes=sim_stats.get("reserved_bytes.all.current", 0),
+            peak_allocated_bytes=sim_stats.get("allocated_bytes.all.peak", 0),
+            peak_reserved_bytes=sim_stats.get("reserved_bytes.all.peak", 0),
+            num_ooms=sim_stats.get("num_ooms", 0),
+            allowed_bytes=sim.allowed_bytes,
+            processes=procs,
+        )
+
+    stats = _torch.allocator_stats(index)
+    allocated = reserved = peak_alloc = peak_res = ooms = None
+    if stats is not None:
+        allocated = stats.get("allocated_bytes.all.current", 0)
+        reserved = stats.get("reserved_bytes.all.current", 0)
+        peak_alloc = stats.get("allocated_bytes.all.peak", 0)
+        peak_res = stats.get("reserved_bytes.all.peak", 0)
+        ooms = stats.get("num_ooms", 0)
+    dev = _nvml.read_device(index)
+    total = free = used = None
+    name = uuid = None
+    procs = ()
+    if dev is not None:
+        total, free, used, name, uuid = (
+            dev.total_bytes, dev.free_bytes, dev.used_bytes, dev.name, dev.uuid,
+        )  # fmt: skip
+        procs = _processes(dev.processes, reserved)
+    else:
+        info = _torch.mem_get_info(index)
+        if info is not None:
+            free, total = info
+            used = total - free
+        name = _torch.device_name(index)
+    return MemorySnapshot(
+        device_index=index,
+        device_name=name,
+        simulated=False,
+        total_bytes=total,
+        free_bytes=free,
+        used_bytes=used,
+        allocated_bytes=allocated,
+        reserved_bytes=reserved,
+        peak_allocated_bytes=peak_alloc,
+        peak_reserved_bytes=peak_res,
+        num_ooms=ooms,
+        allowed_bytes=_torch.allowed_bytes(index),
+        processes=procs,
+        uuid=uuid,
+        nvml_error=_nvml.error() if dev is None else None,
+    )

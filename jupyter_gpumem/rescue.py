@@ -1,0 +1,206 @@
+"""Apply a fix to a failed cell (a button, ``%gpumem retry``) or climb the ladder of fixes
+(``%%oomsafe``), with the side-effect guard in front of every re-run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .failure import FailedCell, NamespaceMark
+from .fixes import FIXES, LADDER, Attempt, Check, FixContext, FixOutcome
+from .fixes.batch import cell_key
+from .fixes.batch_source import apply_batch, find_batch
+from .rerun import Plan, RunResult, run_plan
+from .units import format_bytes
+
+if TYPE_CHECKING:
+    from .guard import GuardVerdict
+
+
+@dataclass
+class Options:
+    batch_var: str | None = None
+    min_batch: int = 1
+    max_runs: int = 6
+    force: bool = False
+    drop: tuple[str, ...] = ()
+    drop_output_cache: bool = False
+    accumulate: bool = False
+
+
+@dataclass
+class LadderResult:
+    ok: bool
+    outcomes: list[FixOutcome] = field(default_factory=list)
+    first_run_ok: bool = False
+    refused: GuardVerdict | None = None
+    failure: FailedCell | None = None  # the last OOM, when nothing fit
+    lines: list[str] = field(default_factory=list)  # what was printed
+
+    @property
+    def runs(self) -> int:
+        return sum(o.runs for o in self.outcomes)
+
+
+def guard(failed: FailedCell) -> GuardVerdict:
+    from .guard import analyse_rerun
+
+    return analyse_rerun(
+        failed.source, failed_lineno=failed.failed_lineno, preexisting=failed.preexisting
+    )
+
+
+def make_context(
+    shell: Any,
+    failed: FailedCell,
+    options: Options,
+    remembered: dict[str, int],
+    on_attempt: Callable[[Attempt], None] | None = None,
+    keep_traceback: bool = False,
+) -> FixContext:
+    def run(plan: Plan) -> RunResult:
+        return run_plan(shell, plan, preexisting=failed.preexisting, keep_traceback=keep_traceback)
+
+    return FixContext(
+        shell=shell,
+        failed=failed,
+        batch_var=options.batch_var,
+        min_batch=options.min_batch,
+        max_runs=options.max_runs,
+        drop=options.drop,
+        drop_output_cache=options.drop_output_cache,
+        accumulate=options.accumulate,
+        remembered=remembered,
+        run=run,
+        on_attempt=on_attempt,
+    )
+
+
+def check_all(
+    shell: Any, failed: FailedCell, options: Options, remembered: dict[str, int]
+) -> dict[str, Check]:
+    """What each fix would do and save, for the panel's buttons and the text diagnosis."""
+    ctx = make_context(shell, failed, options, remembered)
+    out = {}
+    for key, fix in FIXES.items():
+        try:
+            out[key] = fix.check(ctx)
+        except Exception as exc:  # a fix that cannot tell is disabled, never a crash
+            out[key] = Check(False, "", f"could not check ({type(exc).__name__}: {exc})")
+    return out
+
+
+def apply_fix(
+    shell: Any,
+    failed: FailedCell,
+    key: str,
+    options: Options,
+    remembered: dict[str, int],
+    on_attempt: Callable[[Attempt], None] | None = None,
+) -> FixOutcome:
+    fix = FIXES[key]
+    verdict = guard(failed)
+    if not verdict.safe and not options.force:
+        return FixOutcome(
+            fix=key,
+            ok=False,
+            refused=True,
+            message=verdict.summary(),
+            notes=[verdict.question()],
+        )
+    ctx = make_context(shell, failed, options, remembered, on_attempt)
+    check = fix.check(ctx)
+    if not check.applies:
+        return FixOutcome(fix=key, ok=False, message=f"{fix.label} does not apply: {check.reason}")
+    return fix.apply(ctx)
+
+
+def run_ladder(
+    shell: Any,
+    source: str,
+    *,
+    fixes: Sequence[str] = LADDER,
+    options: Options,
+    remembered: dict[str, int],
+    say: Callable[[str], None],
+    quiet: bool = False,
+) -> LadderResult:
+    """``%%oomsafe``: run the cell; on OOM apply fixes in order until one fits."""
+    mark = NamespaceMark.take(shell.user_ns)
+    result = LadderResult(ok=False)
+
+    def line(text: str, *, always: bool = False) -> None:
+        result.lines.append(text)
+        if always or not quiet:
+            say(text)
+
+    plan = Plan(source)
+    known = remembered.get(cell_key(source))
+    if known is not None:
+        finding = find_batch(source, shell.user_ns, batch_var=options.batch_var)
+        if finding.sites and finding.value > known:
+            new_source, updates = apply_batch(source, finding, known)
+            plan = Plan(new_source, namespace_updates=updates, batch=known)
+            line(f"oomsafe: starting at batch {known}, which fit this cell last time.")
+    first = run_plan(shell, plan, preexisting=mark.preexisting(shell.user_ns))
+    if first.ok:
+        result.ok = result.first_run_ok = True
+        return result
+    failed = first.failure
+    assert failed is not None
+    d = failed.diagnosis
+    line(f"oomsafe: out of memory: {d.headline if d else failed.report.message[:120]}")
+    runs_left = options.max_runs
+    for key in fixes:
+        if runs_left <= 0:
+            line("oomsafe: no runs left (--max-retries).")
+            break
+        verdict = guard(failed)
+        if not verdict.safe and not options.force:
+            result.refused = verdict
+            line(
+                "oomsafe: stopped before re-running: "
+                + verdict.summary()
+                + " Use --force to re-run anyway.",
+                always=True,
+            )
+            result.failure = failed
+            return result
+        ctx = make_context(
+            shell,
+            failed,
+            Options(**{**options.__dict__, "max_runs": runs_left}),
+            remembered,
+            on_attempt=lambda a: line("  " + a.line()),
+        )
+        fix = FIXES[key]
+        check = fix.check(ctx)
+        if not check.applies:
+            line(f"oomsafe: {fix.label.lower()}: skipped, {check.reason}")
+            continue
+        saving = (
+            f" (predicted to save {format_bytes(check.predicted_saving_bytes)})"
+            if check.predicted_saving_bytes
+            else ""
+        )
+        line(f"oomsafe: {fix.label.lower()}{saving}")
+        outcome = fix.apply(ctx)
+        result.outcomes.append(outcome)
+        runs_left -= outcome.runs
+        if outcome.ok:
+            result.ok = True
+            summary = f"oomsafe: {outcome.message}"
+            if outcome.change:
+                summary += f" To make it permanent: {outcome.change}"
+            line(summary, always=True)
+            for note in outcome.notes:
+                line(f"  note: {note}")
+            return result
+        line(f"oomsafe: {outcome.message}")
+        if outcome.failure is not None:
+            failed = outcome.failure
+    result.failure = failed
+    line(f"oomsafe: no fix made the cell fit in {result.runs} re-runs.", always=True)
+    return result

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import os
+import queue
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    if _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_simulation_left() -> Iterator[None]:
+    yield
+    from jupyter_gpumem.backends import simulated
+
+    simulated.stop()
+
+
+@pytest.fixture
+def shell() -> Iterator[Any]:
+    """A real IPython InteractiveShell with the extension loaded (unloaded in teardown)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    InteractiveShell.clear_instance()
+    sh = InteractiveShell.instance(colors="nocolor")
+    sh.run_cell("%load_ext jupyter_gpumem", store_history=False)
+    yield sh
+    sh.run_cell("%unload_ext jupyter_gpumem", store_history=False)
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            setattr(sys, name, None)
+    InteractiveShell.clear_instance()
+
+
+@pytest.fixture
+def bare_shell() -> Iterator[Any]:
+    """A real InteractiveShell without the extension."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    InteractiveShell.clear_instance()
+    sh = InteractiveShell.instance(colors="nocolor")
+    yield sh
+    InteractiveShell.clear_instance()
+
+
+class Kernel:
+    """A real ipykernel driven by jupyter_client: run cells, collect every output message."""
+
+    def __init__(self, km: Any, kc: Any) -> None:
+        self.km, self.kc = km, kc
+
+    def run(self, code: str, timeout: float = 60) -> dict[str, Any]:
+        msg_id = self.kc.execute(code, store_history=True)
+        outputs: list[dict[str, Any]] = []
+        while True:
+            try:
+                msg = self.kc.get_iopub_msg(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"no reply to {code!r}") from None
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "status" and content["execution_state"] == "idle":
+                break
+            if kind in ("stream", "display_data", "execute_result", "error", "update_display_data"):
+                outputs.append({"type": kind, **content})
+        reply = self.kc.get_shell_msg(timeout=timeout)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = self.kc.get_shell_msg(timeout=timeout)
+        return {"outputs": outputs, "reply": reply["content"]}
+
+    @staticmethod
+    def text(result: dict[str, Any]) -> str:
+        parts = []
+        for o in result["outputs"]:
+            if o["type"] == "stream":
+                parts.append(o["text"])
+            elif o["type"] in ("display_data", "execute_result"):
+                parts.append(o["data"].get("text/plain", ""))
+            elif o["type"] == "error":
+                parts.append("\n".join(o["traceback"]))
+        return "\n".join(parts)
+
+
+@pytest.fixture
+def kernel() -> Iterator[Kernel]:
+    from jupyter_client.manager import start_new_kernel
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    km, kc = start_new_kernel(kernel_name="python3", env=env, cwd=ROOT)
+    try:
+        yield Kernel(km, kc)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)

@@ -1,0 +1,254 @@
+"""The hook in a real IPython InteractiveShell, on the simulated GPU."""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any
+
+import pytest
+from IPython.core.error import UsageError
+
+import jupyter_gpumem
+from jupyter_gpumem import failure as failure_mod
+from jupyter_gpumem.units import MiB
+
+OOM_CELL = """\
+import torch
+def work():
+    held = torch.empty(300 * 2**20, dtype=torch.uint8, device="cuda")
+    more = torch.empty(900 * 2**20, dtype=torch.uint8, device="cuda")
+    return held, more
+work()
+"""
+
+
+def _ext(shell: Any) -> Any:
+    return jupyter_gpumem._extension_for(shell)
+
+
+def test_oom_cell_gets_traceback_then_diagnosis_with_the_messages_numbers(
+    shell: Any, capsys: Any
+) -> None:
+    shell.run_cell("%gpumem simulate 1GiB")
+    capsys.readouterr()
+    result = shell.run_cell(OOM_CELL)
+    out = capsys.readouterr().out
+    assert type(result.error_in_exec).__name__ == "OutOfMemoryError"
+    tb_at = out.index("OutOfMemoryError")
+    diag_at = out.index("GPU out of memory: Tried to allocate")
+    assert tb_at < diag_at, "IPython's traceback comes first, then the diagnosis"
+    msg = str(result.error_in_exec)
+    requested = re.search(r"Tried to allocate (\S+ \S+)\.", msg).group(1)
+    free = re.search(r"of which (\S+ \S+) is free", msg).group(1)
+    assert f"Tried to allocate {requested}" in out.replace("900 MiB", "900.00 MiB")
+    failed = _ext(shell).hook.last_failure
+    d = failed.diagnosis
+    assert d.requested_bytes == 900 * MiB
+    assert d.total_bytes == 1024 * MiB
+    assert free.startswith(f"{d.free_bytes / MiB:.2f}")
+    assert d.allocated_bytes == 300 * MiB
+    # the local `held` was pinned by the failure; the diagnosis names it and it was freed
+    assert any(h.name == "held in work()" and h.where == "failed frame" for h in d.holders.holders)
+    assert d.freed_bytes == 300 * MiB
+    assert "Freed 300 MiB that the failed cell pinned" in out
+    assert failed.failed_lineno == 6
+
+
+def test_memory_the_failed_frames_held_is_free_in_the_next_cell(shell: Any, capsys: Any) -> None:
+    shell.run_cell("%gpumem simulate 1GiB")
+    shell.run_cell(
+        "import torch; keep = torch.empty(100 * 2**20, dtype=torch.uint8, device='cuda')"
+    )
+    before = shell.run_cell("torch.cuda.memory_allocated()").result
+    shell.run_cell(OOM_CELL)
+    after = shell.run_cell("torch.cuda.memory_allocated()").result
+    assert before == after == 100 * MiB
+
+
+def test_release_frees_a_function_held_tensor(shell: Any) -> None:
+    shell.run_cell("%gpumem simulate 1GiB")
+    shell.run_cell(
+        "import torch, weakref\n"
+        "refs = []\n"
+        "def f():\n"
+        "    x = torch.empty(200 * 2**20, dtype=torch.uint8, device='cuda')\n"
+        "    refs.append(weakref.ref(x))\n"
+        "    y = torch.empty(2 * 2**30, dtype=torch.uint8, device='cuda')\n"
+        "f()\n"
+    )
+    ref = shell.user_ns["refs"][0]
+    assert ref() is None, "the failed frame's tensor must be gone after the OOM"
+    assert getattr(sys, "last_traceback", None) is None
+
+
+def test_without_release_the_frame_keeps_the_tensor(shell: Any) -> None:
+    """The same cell with keep_traceback on: the tensor stays (what the extension fixes)."""
+    _ext(shell).settings.keep_traceback = True
+    shell.run_cell("%gpumem simulate 1GiB")
+    shell.run_cell(
+        "import torch, weakref\n"
+        "refs = []\n"
+        "def f():\n"
+        "    x = torch.empty(200 * 2**20, dtype=torch.uint8, device='cuda')\n"
+        "    refs.append(weakref.ref(x))\n"
+        "    y = torch.empty(2 * 2**30, dtype=torch.uint8, device='cuda')\n"
+        "f()\n"
+    )
+    assert shell.user_ns["refs"][0]() is not None
+    assert sys.last_traceback is not None, "%debug still has the frames"
+    shell.run_cell("%gpumem release")
+    assert shell.user_ns["refs"][0]() is None
+
+
+def test_globals_the_cell_created_stay(shell: Any) -> None:
+    shell.run_cell("%gpumem simulate 1GiB")
+    shell.run_cell(
+        "import torch\n"
+        "big = torch.empty(200 * 2**20, dtype=torch.uint8, device='cuda')\n"
+        "huge = torch.empty(2 * 2**30, dtype=torch.uint8, device='cuda')\n"
+    )
+    assert shell.user_ns["big"].numel() == 200 * MiB
+    d = _ext(shell).hook.last_failure.diagnosis
+    assert d.holders.holders[0].name == "big"
+    assert d.causes[0].key == "request_exceeds_card"
+
+
+def _run_capture(sh: Any, capsys: Any, code: str) -> str:
+    capsys.readouterr()
+    sh.run_cell(code)
+    captured = capsys.readouterr()
+    return captured.out + captured.err
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "1/0",
+        "raise RuntimeError('not an OOM')",
+        "def g():\n    raise KeyError('x')\ng()",
+        "raise MemoryError()",
+    ],
+)
+def test_other_errors_look_exactly_as_without_the_extension(
+    bare_shell: Any, capsys: Any, code: str
+) -> None:
+    without = _run_capture(bare_shell, capsys, code)
+    bare_shell.run_cell("%load_ext jupyter_gpumem")
+    try:
+        with_ext = _run_capture(bare_shell, capsys, code)
+    finally:
+        bare_shell.run_cell("%unload_ext jupyter_gpumem")
+    # execution counts differ between the two runs; nothing else may
+    norm = re.compile(r"In\[\d+\]|line \d+")
+    assert norm.sub("", with_ext) == norm.sub("", without)
+    assert "GPU out of memory" not in with_ext
+
+
+def test_a_failing_diagnosis_still_shows_the_traceback(
+    shell: Any, capsys: Any, monkeypatch: Any
+) -> None:
+    # fault injection: the one place a stand-in is used, to make our own code fail
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("injected")
+
+    monkeypatch.setattr(failure_mod, "diagnose", broken)
+    shell.run_cell("%gpumem simulate 1GiB")
+    capsys.readouterr()
+    shell.run_cell(OOM_CELL)
+    cap = capsys.readouterr()
+    assert "OutOfMemoryError" in cap.out
+    lines = [ln for ln in cap.err.splitlines() if "jupyter_gpumem" in ln]
+    assert lines == [
+        "jupyter_gpumem: could not build the diagnosis (ValueError: injected); "
+        "the traceback above is the original error."
+    ]
+    assert RuntimeError in shell.custom_exceptions, "the handler is still registered"
+    monkeypatch.undo()
+    capsys.readouterr()
+    shell.run_cell(OOM_CELL)
+    assert "GPU out of memory" in capsys.readouterr().out
+
+
+def _count(shell: Any) -> tuple[int, int, int]:
+    handlers = shell.custom_exceptions.count(RuntimeError)
+    pre = sum(1 for cb in shell.events.callbacks["pre_run_cell"] if "OOMHook" in repr(cb))
+    magics = 1 if "gpumem" in shell.magics_manager.magics["line"] else 0
+    return handlers, pre, magics
+
+
+def test_load_twice_unload_and_reload_leave_one_of_everything(bare_shell: Any) -> None:
+    sh = bare_shell
+    sh.run_cell("%load_ext jupyter_gpumem")
+    sh.run_cell("%load_ext jupyter_gpumem")
+    assert _count(sh) == (1, 1, 1)
+    sh.run_cell("%reload_ext jupyter_gpumem")
+    assert _count(sh) == (1, 1, 1)
+    sh.run_cell("%reload_ext jupyter_gpumem")
+    assert _count(sh) == (1, 1, 1)
+    sh.run_cell("%unload_ext jupyter_gpumem")
+    assert _count(sh) == (0, 0, 0)
+    assert sh.custom_exceptions == ()
+
+
+def test_chains_to_the_previous_handler_and_restores_it(bare_shell: Any, capsys: Any) -> None:
+    sh = bare_shell
+    seen: list[str] = []
+
+    def previous(self: Any, etype: Any, value: Any, tb: Any, tb_offset: Any = None) -> None:
+        seen.append(str(value))
+
+    sh.set_custom_exc((ValueError,), previous)
+    sh.run_cell("%load_ext jupyter_gpumem")
+    sh.run_cell("raise ValueError('mine')")
+    assert seen == ["mine"]
+    sh.run_cell("%unload_ext jupyter_gpumem")
+    assert sh.custom_exceptions == (ValueError,)
+    sh.run_cell("raise ValueError('again')")
+    assert seen == ["mine", "again"]
+
+
+def test_html_escapes_what_the_user_controls(shell: Any) -> None:
+    shell.run_cell("%gpumem simulate 1GiB")
+    shell.run_cell(
+        "import torch\nraise torch.OutOfMemoryError('<script>alert(1)</script> out of memory')"
+    )
+    d = _ext(shell).hook.last_failure.diagnosis
+    html = jupyter_gpumem.render_html(d)
+    assert "<script>alert" not in html
+    assert "&lt;script&gt;" in html
+
+
+def test_magic_usage_errors_are_one_line_usage_errors(shell: Any) -> None:
+    magic = shell.magics_manager.magics["line"]["gpumem"]
+    for bad in ("bogus", "simulate", "simulate 2XB", "simulate 1GiB 2GiB", "status now", "limit"):
+        with pytest.raises(UsageError) as info:
+            magic(bad)
+        assert "\n" not in str(info.value), bad
+
+
+def test_status_and_simulate_off(shell: Any, capsys: Any) -> None:
+    shell.run_cell("%gpumem simulate 2GiB")
+    shell.run_cell("import torch; x = torch.zeros(2**20, device='cuda')")
+    capsys.readouterr()
+    shell.run_cell("%gpumem")
+    out = capsys.readouterr().out
+    assert "Simulated GPU" in out and "4.00 MiB allocated" in out and "of 2.00 GiB" in out
+    shell.run_cell("%gpumem simulate off")
+    assert "Simulated GPU off." in capsys.readouterr().out
+
+
+def test_a_cell_that_does_not_fail_is_untouched(shell: Any, capsys: Any) -> None:
+    result = shell.run_cell("1 + 1")
+    assert result.result == 2 and result.success
+    assert "gpumem" not in capsys.readouterr().out
+
+
+def test_namespace_mark_finds_the_names_that_existed() -> None:
+    ns: dict[str, Any] = {"a": 1, "b": 2}
+    mark = failure_mod.NamespaceMark.take(ns)
+    ns["c"] = 3
+    ns["a"] = 4
+    assert mark.preexisting(ns) == {"a", "b"}
+    del ns["a"]  # a name before the mark deleted by the cell
+    assert mark.preexisting(ns) == {"b"}

@@ -1,0 +1,60 @@
+"""The extension in a real ipykernel, driven by jupyter_client, as a notebook would use it."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import Kernel
+
+pytestmark = pytest.mark.kernel
+
+
+def test_oom_in_a_real_kernel_diagnosis_and_memory_back(kernel: Kernel) -> None:
+    k = kernel
+    assert k.run("%load_ext jupyter_gpumem")["reply"]["status"] == "ok"
+    k.run("%gpumem simulate 1GiB")
+    k.run("import torch\nkeep = torch.empty(100 * 2**20, dtype=torch.uint8, device='cuda')")
+    r = k.run(
+        "def step():\n"
+        "    acts = torch.empty(400 * 2**20, dtype=torch.uint8, device='cuda')\n"
+        "    return acts, torch.empty(800 * 2**20, dtype=torch.uint8, device='cuda')\n"
+        "step()"
+    )
+    # the cell is reported as failed, with torch's own error
+    assert r["reply"]["status"] == "error"
+    assert r["reply"]["ename"] == "OutOfMemoryError"
+    errors = [o for o in r["outputs"] if o["type"] == "error"]
+    assert len(errors) == 1 and "Tried to allocate 800.00 MiB" in errors[0]["evalue"]
+    displays = [o for o in r["outputs"] if o["type"] == "display_data"]
+    assert displays, r["outputs"]
+    bundle = displays[-1]["data"]
+    assert "text/html" in bundle
+    plain = bundle["text/plain"]
+    assert "Tried to allocate 800 MiB" in plain
+    assert "of 1 GiB" in plain
+    assert "acts in step()" in plain
+    assert "Freed 400 MiB that the failed cell pinned" in plain
+    # outputs come in order: the traceback, then the diagnosis
+    kinds = [o["type"] for o in r["outputs"]]
+    assert kinds.index("error") < kinds.index("display_data")
+    after = k.run("print(torch.cuda.memory_allocated() // 2**20)")
+    assert Kernel.text(after).strip() == "100"
+
+
+def test_zero_division_is_exactly_ipythons_own(kernel: Kernel) -> None:
+    k = kernel
+    without = k.run("1/0")
+    k.run("%load_ext jupyter_gpumem")
+    with_ext = k.run("1/0")
+    strip = [o for o in with_ext["outputs"] if o["type"] == "error"]
+    base = [o for o in without["outputs"] if o["type"] == "error"]
+    assert len(strip) == len(base) == 1
+    assert strip[0]["ename"] == base[0]["ename"] == "ZeroDivisionError"
+    # the tracebacks differ only in the cell number
+    import re
+
+    norm = re.compile(r"In\[\d+\]|line \d+|Cell In\[\d+\]")
+    assert [norm.sub("", t) for t in strip[0]["traceback"]] == [
+        norm.sub("", t) for t in base[0]["traceback"]
+    ]
+    assert len(with_ext["outputs"]) == len(without["outputs"])
