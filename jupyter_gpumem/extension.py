@@ -82,13 +82,13 @@ class Extension:
             return
         from IPython.display import display
 
+        checks = check_all(self.shell, failed, Options(), self.remembered)
+        text = render_text(d, fix_lines(checks))
         if self.widgets_available():
             from .ui.panel import show_panel
 
-            self.panel = show_panel(self, failed, display)
+            self.panel = show_panel(self, failed, display, text)
             return
-        checks = check_all(self.shell, failed, Options(), self.remembered)
-        text = render_text(d, fix_lines(checks))
         if self.settings.display == "text":
             print(text, file=sys.stdout)
             return

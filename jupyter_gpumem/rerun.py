@@ -75,6 +75,8 @@ def run_plan(
     user_ns = shell.user_ns
     if preexisting is None:
         preexisting = frozenset(user_ns)
+    else:
+        forget_failed_run(user_ns, preexisting)
     user_ns.update(plan.namespace_updates)
     code = shell.transform_cell(plan.source)
     filename = shell.compile.cache(code, shell.execution_count, raw_code=plan.source)
@@ -114,6 +116,18 @@ def run_plan(
 
         display(value)
     return RunResult(True, _peak(), capacity_bytes(), elapsed, value=value)
+
+
+def forget_failed_run(user_ns: dict[str, Any], preexisting: frozenset[str]) -> list[str]:
+    """Delete the variables a failed run created before the re-run makes them again.
+
+    Otherwise `x = torch.randn(...)` from the failed run holds its memory until the re-run's new
+    `x` is allocated, and the re-run needs both at once. Names that existed before the cell stay.
+    """
+    dropped = [n for n in list(user_ns) if n not in preexisting and not n.startswith("_")]
+    for n in dropped:
+        del user_ns[n]
+    return dropped
 
 
 def _peak() -> int | None:

@@ -31,7 +31,7 @@ def test_oom_in_a_real_kernel_diagnosis_and_memory_back(kernel: Kernel) -> None:
     assert "text/html" in bundle
     plain = bundle["text/plain"]
     assert "Tried to allocate 800 MiB" in plain
-    assert "of 1 GiB" in plain
+    assert "of 1.00 GiB" in plain
     assert "acts in step()" in plain
     assert "Freed 400 MiB that the failed cell pinned" in plain
     # outputs come in order: the traceback, then the diagnosis

@@ -8,9 +8,11 @@ there.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 
-from ..rerun import Plan, capacity_bytes
+from ..backends import _torch
+from ..rerun import Plan, capacity_bytes, forget_failed_run
 from ..units import format_bytes
 from .base import Attempt, Check, Fix, FixContext, FixOutcome
 from .batch_search import BatchSearch, Observation
@@ -56,7 +58,10 @@ class ReduceBatch(Fix):
         d = ctx.failed.diagnosis
         report = ctx.failed.report
         capacity = capacity_bytes()
-        baseline = d.allocated_after_bytes if d is not None else None
+        # what stays resident across runs: measured once the failed run's own variables are gone
+        forget_failed_run(ctx.user_ns, ctx.failed.preexisting)
+        gc.collect()
+        baseline = _torch.allocated_bytes()
         search = BatchSearch(
             capacity_bytes=capacity or 0,
             baseline_bytes=baseline or 0,
@@ -74,7 +79,6 @@ class ReduceBatch(Fix):
         )
         attempts: list[Attempt] = []
         last_failure = None
-        last_ok_batch = None
         while len(attempts) < ctx.max_runs:
             b = search.next_batch()
             if b is None:
@@ -88,7 +92,6 @@ class ReduceBatch(Fix):
             if ctx.on_attempt:
                 ctx.on_attempt(attempt)
             if result.ok:
-                last_ok_batch = b
                 search.observe(Observation(b, True, result.peak_bytes))
             else:
                 last_failure = result.failure
@@ -104,7 +107,7 @@ class ReduceBatch(Fix):
                     )
                 )
         best = search.best()
-        if best is not None and best != last_ok_batch and len(attempts) < ctx.max_runs + 1:
+        if best is not None and attempts and attempts[-1].batch != best:
             # the last run was not the best one: run the best so the namespace holds its results
             new_source, updates = apply_batch(source, finding, best)
             result = ctx.run(Plan(new_source, namespace_updates=updates, batch=best))

@@ -261,7 +261,15 @@ class DiagnosisPanel:
             b.disabled = True
 
 
-def show_panel(ext: Any, failed: FailedCell, display: Callable[..., Any]) -> DiagnosisPanel:
+def show_panel(
+    ext: Any, failed: FailedCell, display: Callable[..., Any], text: str
+) -> DiagnosisPanel:
+    """Display the panel with the text and HTML diagnosis beside it in the same output, so a
+    front end without widgets (nbconvert, a saved notebook on GitHub) still shows the diagnosis."""
     panel = DiagnosisPanel(ext, failed)
-    display(panel.widget)
+    bundle = dict(panel.widget._repr_mimebundle_() or {})
+    bundle["text/plain"] = text
+    assert failed.diagnosis is not None
+    bundle["text/html"] = render_html(failed.diagnosis)
+    display(bundle, raw=True)
     return panel

@@ -1,0 +1,496 @@
+"""The side-effect guard: which lines of a failed cell already did what a re-run would do again.
+
+Each case is a cell, the line it failed on, the names that existed before it ran, and the effects
+expected as ``(line, kind, name)``. Decided here: a name the cell binds from scratch is recreated by
+the re-run; a line after the failing one counts only inside a loop around it; the failing statement's
+own effect did not happen, except ``X.step()`` / ``.backward()``, which may have run part way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+
+import pytest
+
+from jupyter_gpumem.guard import GuardVerdict, SideEffect, analyse_rerun
+
+TRAIN = """\
+for x, y in loader:
+    opt.zero_grad()
+    x, y = x.cuda(), y.cuda()
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    opt.step()
+    step += 1
+    losses.append(loss.item())
+"""
+TRAIN_NAMES = {"loader", "opt", "model", "loss_fn", "step", "losses", "x", "y", "loss", "torch"}
+
+
+def found(
+    cell: str, failed: int | None, pre: set[str] | frozenset[str] = frozenset()
+) -> set[tuple[int, str, str]]:
+    v = analyse_rerun(textwrap.dedent(cell), failed_lineno=failed, preexisting=pre)
+    return {(e.lineno, e.kind, e.name) for e in v.effects}
+
+
+CASES = [
+    # augmented assignment
+    ("step += 1\ny = model(x)", 2, {"step"}, {(1, "augassign_global", "step")}),
+    ("total -= 2\ny = f()", None, {"total"}, {(1, "augassign_global", "total")}),
+    ("stats['n'] += 1\nf()", 2, {"stats"}, {(1, "augassign_global", "stats['n']")}),
+    ("cfg.seen += 1\nf()", 2, {"cfg"}, {(1, "augassign_global", "cfg.seen")}),
+    ("acc = 0\nacc += 1\nf()", 3, {"acc"}, set()),  # created by the cell
+    ("step += 1", 1, set(), set()),  # never existed: not ours to judge
+    ("y = model(x)\nstep += 1", 1, {"step"}, set()),  # after the failing line
+    ("step += model(x).sum()", 1, {"step"}, set()),  # the failing statement itself
+    # rebinding from its own value
+    ("x = x + 1\nf()", 2, {"x"}, {(1, "global_rebind", "x")}),
+    ("data = data[:-1]\nf()", 2, {"data"}, {(1, "global_rebind", "data")}),
+    ("model = model.half()\nf()", 2, {"model"}, {(1, "global_rebind", "model")}),
+    ("a, b = b, a + b\nf()", 2, {"a", "b"}, {(1, "global_rebind", "b")}),
+    ("x = x.to(device)\nmodel = model.cuda().eval()\nf()", 3, {"x", "model"}, set()),
+    ("x = 1\nx = x + 1\nf()", 3, {"x"}, set()),
+    ("y = x + 1\nf()", 2, {"x", "y"}, set()),
+    # mutation of pre-existing objects
+    ("d[k] = v\nf()", 2, {"d", "k", "v"}, {(1, "mutate_global", "d[k]")}),
+    ("cfg.lr = 0.1\nf()", 2, {"cfg"}, {(1, "mutate_global", "cfg.lr")}),
+    ("d.update(a=1)\nf()", 2, {"d"}, {(1, "mutate_global", "d")}),
+    (
+        "s.add(3)\nq.pop()\nf()",
+        3,
+        {"s", "q"},
+        {(1, "mutate_global", "s"), (2, "mutate_global", "q")},
+    ),
+    ("w.mul_(0.9)\nf()", 2, {"w"}, {(1, "mutate_global", "w")}),
+    ("param.data.copy_(src)\nf()", 2, {"param", "src"}, {(1, "mutate_global", "param.data")}),
+    (
+        "nn.init.zeros_(model.fc.weight)\nf()",
+        2,
+        {"nn", "model"},
+        {(1, "mutate_global", "model.fc.weight")},
+    ),
+    ("w = model.fc.weight\nw.add_(1)\nf()", 3, {"model"}, {(2, "mutate_global", "w")}),
+    (
+        "for p in model.parameters():\n    p.data.mul_(0.5)\nf()",
+        3,
+        {"model"},
+        {(2, "mutate_global", "p.data")},
+    ),
+    ("model.train()\nmodel.eval()\nmodel.to('cuda')\nf()", 4, {"model"}, set()),
+    ("torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)\nf()", 2, {"torch", "model"}, set()),
+    ("for p in model.parameters():\n    p.grad = None\nf()", 3, {"model"}, set()),
+    (
+        "torch.backends.cudnn.benchmark = True\nos.environ['A'] = '1'\nf()",
+        3,
+        {"torch", "os"},
+        set(),
+    ),
+    ("d = {}\nd['a'] = 1\nd.update(b=2)\nf()", 4, {"d"}, set()),
+    ("t = torch.zeros(3)\nt.add_(1)\nf()", 3, {"torch"}, set()),
+    # appends
+    ("history.append(1)\nf()", 2, {"history"}, {(1, "append", "history")}),
+    ("logs['loss'].extend(xs)\nf()", 2, {"logs", "xs"}, {(1, "append", "logs['loss']")}),
+    (
+        "d.setdefault('k', []).append(1)\nf()",
+        2,
+        {"d"},
+        {(1, "mutate_global", "d"), (1, "append", "d.setdefault('k', [])")},
+    ),
+    ("h = history\nh.append(1)\nf()", 3, {"history"}, {(2, "append", "h")}),
+    ("history = []\nhistory.append(1)\nf()", 3, {"history"}, set()),
+    ("history.append(model(x))", 1, {"history", "model", "x"}, set()),  # the failing statement
+    ("f()\nhistory.append(1)", 1, {"history"}, set()),  # after the failing line
+    # optimizer, scheduler, scaler steps
+    ("opt.step()\nf()", 2, {"opt"}, {(1, "optimizer_step", "opt")}),
+    ("scheduler.step()\nf()", 2, {"scheduler"}, {(1, "optimizer_step", "scheduler")}),
+    (
+        "scaler.step(opt)\nscaler.update()\nf()",
+        3,
+        {"scaler", "opt"},
+        {(1, "optimizer_step", "scaler"), (2, "mutate_global", "scaler")},
+    ),
+    ("opt.zero_grad()\nf()", 2, {"opt"}, set()),
+    ("f()\nopt.step()", 1, {"opt"}, set()),
+    ("opt.step()", 1, {"opt"}, {(1, "optimizer_step", "opt")}),  # may have updated some weights
+    ("opt.step(); y = model(x)", 1, {"opt", "model", "x"}, {(1, "optimizer_step", "opt")}),
+    (
+        "model = Net()\nopt = torch.optim.SGD(model.parameters(), lr=lr)\nopt.step()\nf()",
+        4,
+        {"Net", "torch", "lr"},
+        set(),
+    ),
+    (
+        "opt = torch.optim.SGD(model.parameters(), lr=lr)\nopt.step()\nf()",
+        3,
+        {"model", "torch", "lr"},
+        {(2, "optimizer_step", "opt")},
+    ),
+    # backward
+    ("loss = model(x).sum()\nloss.backward()\nf()", 3, {"model", "x"}, {(2, "backward", "loss")}),
+    (
+        "opt.zero_grad()\nloss = model(x).sum()\nloss.backward()\nf()",
+        4,
+        {"model", "x", "opt"},
+        set(),
+    ),
+    ("model.zero_grad()\nmodel(x).sum().backward()\nf()", 3, {"model", "x"}, set()),
+    (
+        "for x in data:\n    model(x).sum().backward()\n    opt.step()\n    opt.zero_grad()\n",
+        2,
+        {"model", "data", "opt"},
+        {(3, "optimizer_step", "opt")},
+    ),
+    ("net = Net()\nnet(torch.ones(3)).sum().backward()\nf()", 3, {"Net", "torch"}, set()),
+    (
+        "net = Net()\nnet(x).sum().backward()\nf()",
+        3,
+        {"Net", "x"},
+        {(2, "backward", "net(x).sum()")},
+    ),
+    # files
+    ("open('log.txt', 'a').close()\nf()", 2, set(), {(1, "file_write", "open('log.txt', 'a')")}),
+    (
+        "with open(path, mode='w') as fh:\n    fh.write(s)\nf()",
+        3,
+        {"path", "s"},
+        {(1, "file_write", "open(path, mode='w')")},
+    ),
+    ("with open(path, 'rb') as fh:\n    data = fh.read()\nf()", 3, {"path"}, set()),
+    ("open(path)\nopen(path, 'r+')\nf()", 3, {"path"}, {(2, "file_write", "open(path, 'r+')")}),
+    ("Image.open('x.png')\nf()", 2, {"Image"}, set()),
+    (
+        "Path('a.txt').write_text('hi')\nf()",
+        2,
+        {"Path"},
+        {(1, "file_write", "Path('a.txt').write_text('hi')")},
+    ),
+    (
+        "torch.save(model.state_dict(), 'ckpt.pt')\nf()",
+        2,
+        {"torch", "model"},
+        {(1, "file_write", "torch.save(model.state_dict(), 'ckpt.pt')")},
+    ),
+    ("np.savez('a.npz', x=x)\nf()", 2, {"np", "x"}, {(1, "file_write", "np.savez('a.npz', x=x)")}),
+    (
+        "json.dump(cfg, fh)\ns = json.dumps(cfg)\nf()",
+        3,
+        {"json", "cfg", "fh"},
+        {(1, "file_write", "json.dump(cfg, fh)")},
+    ),
+    (
+        "df.to_csv('out.csv')\ns = df.to_csv()\nf()",
+        3,
+        {"df"},
+        {(1, "file_write", "df.to_csv('out.csv')")},
+    ),
+    (
+        "os.remove('a')\nos.makedirs('d', exist_ok=True)\nf()",
+        3,
+        {"os"},
+        {(1, "file_write", "os.remove('a')")},
+    ),
+    (
+        "shutil.copy('a', 'b')\nshutil.which('ls')\nf()",
+        3,
+        {"shutil"},
+        {(1, "file_write", "shutil.copy('a', 'b')")},
+    ),
+    (
+        "log_file.write('x')\nsys.stdout.write('y')\nf()",
+        3,
+        {"log_file", "sys"},
+        {(1, "file_write", "log_file.write('x')")},
+    ),
+    ("buf = io.StringIO()\nbuf.write('x')\nf()", 3, {"io"}, set()),
+    # deletes
+    ("del old\nf()", 2, {"old"}, {(1, "delete_global", "old")}),
+    ("tmp = 1\ndel tmp\nf()", 3, {"tmp"}, set()),
+    (
+        "del d['k'], cfg.x\nf()",
+        2,
+        {"d", "cfg"},
+        {(1, "mutate_global", "d['k']"), (1, "mutate_global", "cfg.x")},
+    ),
+    # calls out of the notebook
+    (
+        "subprocess.run(['ls'])\nos.system('rm x')\nf()",
+        3,
+        {"subprocess", "os"},
+        {(1, "io_call", "subprocess.run(['ls'])"), (2, "io_call", "os.system('rm x')")},
+    ),
+    (
+        "writer.add_scalar('loss', 1.0, step)\nf()",
+        2,
+        {"writer", "step"},
+        {(1, "io_call", "writer.add_scalar('loss', 1.0, step)")},
+    ),
+    ("wandb.log({'loss': 1})\nf()", 2, {"wandb"}, {(1, "io_call", "wandb.log({'loss': 1})")}),
+    # harmless
+    ("print(step)\ndisplay(model)\nlogger.info('x')\nf()", 4, {"step", "model", "logger"}, set()),
+    ("helper(history)\nf()", 2, {"history", "helper"}, set()),  # calls are not looked into
+]
+
+
+@pytest.mark.parametrize(("cell", "failed", "pre", "expected"), CASES)
+def test_effects(
+    cell: str, failed: int | None, pre: set[str], expected: set[tuple[int, str, str]]
+) -> None:
+    assert found(cell, failed, pre) == expected
+
+
+def test_training_loop_failing_inside_the_loop_counts_the_whole_loop() -> None:
+    v = analyse_rerun(TRAIN, failed_lineno=4, preexisting=TRAIN_NAMES)
+    assert [(e.lineno, e.kind, e.name) for e in v.effects] == [
+        (6, "optimizer_step", "opt"),
+        (7, "augassign_global", "step"),
+        (8, "append", "losses"),
+    ]
+    assert v.in_loop and not v.safe
+    assert v.summary() == (
+        "this cell already ran 3 lines with side effects before it failed at line 4, inside a "
+        "loop whose earlier passes ran all of it: line 6 `opt.step()` (updates the weights again), "
+        "line 7 `step += 1` (adds to `step` again), line 8 `losses.append(loss.item())` "
+        "(appends to `losses` again)."
+    )
+    assert v.question() == (
+        "Re-run anyway? The cell would update the weights again, add to `step` again and append "
+        "to `losses` again."
+    )
+
+
+def test_training_loop_with_everything_created_in_the_cell_is_safe() -> None:
+    cell = """\
+    import torch
+    model = Net().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    criterion = torch.nn.CrossEntropyLoss()
+    losses = []
+    step = 0
+    for x, y in loader:
+        opt.zero_grad()
+        loss = criterion(model(x.cuda()), y.cuda())
+        loss.backward()
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+    """
+    assert found(cell, 9, {"Net", "loader", "torch", "losses", "step", "model", "opt"}) == set()
+
+
+def test_inference_cell_is_safe() -> None:
+    cell = "with torch.no_grad():\n    out = model(x)\n    preds = out.argmax(-1)\n"
+    v = analyse_rerun(cell, failed_lineno=2, preexisting={"torch", "model", "x", "out"})
+    assert v.safe and v.effects == ()
+    assert v.summary() == "this cell changed nothing that a re-run would change again."
+    assert v.question() == "Re-run the cell?"
+
+
+def test_unknown_failing_line_reads_the_whole_cell() -> None:
+    assert found("f()\nstep += 1", None, {"step"}) == {(2, "augassign_global", "step")}
+    v = analyse_rerun("f()\nstep += 1", failed_lineno=None, preexisting={"step"})
+    assert v.summary().startswith(
+        "this cell may have run 1 line with side effects before it failed"
+    )
+    # a line number outside the cell is as good as none
+    assert found("f()\nstep += 1", 99, {"step"}) == {(2, "augassign_global", "step")}
+
+
+def test_branches_and_try() -> None:
+    # bound in one branch only: the other branch may have left it pre-existing
+    cell = "if fresh:\n    acc = 0\nacc += 1\nf()"
+    assert found(cell, 4, {"acc", "fresh"}) == {(3, "augassign_global", "acc")}
+    cell = "if c:\n    acc = 0\nelse:\n    acc = 1\nacc += 1\nf()"
+    assert found(cell, 6, {"acc", "c"}) == set()
+    # the failing line picks the branch: the other one never ran
+    cell = "if c:\n    y = model(x)\nelse:\n    step += 1\n"
+    assert found(cell, 2, {"step", "c", "model", "x"}) == set()
+    cell = "if c:\n    step += 1\nelse:\n    y = model(x)\n"
+    assert found(cell, 4, {"step", "c", "model", "x"}) == set()
+    cell = "try:\n    step += 1\n    y = model(x)\nexcept KeyError:\n    pass\n"
+    assert found(cell, 3, {"step", "model", "x"}) == {(2, "augassign_global", "step")}
+    cell = "try:\n    step += 1\nexcept KeyError as e:\n    y = model(x)\nfinally:\n    n += 1\n"
+    assert found(cell, 4, {"step", "n", "model", "x"}) == {(2, "augassign_global", "step")}
+    assert found(cell, 6, {"step", "n", "model", "x"}) == {(2, "augassign_global", "step")}
+
+
+def test_loops() -> None:
+    # after the loop, outside it: not run
+    cell = "for b in batches:\n    y = model(b)\nstep += 1\n"
+    assert found(cell, 2, {"step", "model", "batches"}) == set()
+    # a nested loop: the outer loop's later lines ran in earlier passes too
+    cell = "for e in range(3):\n    for b in data:\n        y = model(b)\n    epoch += 1\n"
+    assert found(cell, 3, {"epoch", "model", "data"}) == {(4, "augassign_global", "epoch")}
+    # the failing statement in a loop ran completely in earlier passes
+    cell = "while True:\n    history.append(model(x))\n"
+    assert found(cell, 2, {"history", "model", "x"}) == {(2, "append", "history")}
+    # the loop header (the iterator) failed: the body ran in earlier passes
+    cell = "for b in loader:\n    step += 1\n"
+    assert found(cell, 1, {"step", "loader"}) == {(2, "augassign_global", "step")}
+    # failing in the else: the body ran to the end
+    cell = "for b in xs:\n    n += 1\nelse:\n    y = model(x)\n"
+    assert found(cell, 4, {"n", "xs", "model", "x"}) == {(2, "augassign_global", "n")}
+    # a rebind by the loop makes the name the cell's own
+    cell = "for step in range(10):\n    step += 1\n    y = model(x)\n"
+    assert found(cell, 3, {"step", "model", "x"}) == set()
+
+
+def test_failing_inside_a_function_defined_in_the_cell_counts_everything_after() -> None:
+    cell = "def go():\n    return model(x)\nstep += 1\ngo()\n"
+    assert found(cell, 2, {"step", "model", "x"}) == {(3, "augassign_global", "step")}
+
+
+def test_effects_in_function_bodies_are_not_read() -> None:
+    cell = "def bump():\n    global step\n    step += 1\nbump()\nf()\n"
+    assert found(cell, 5, {"step"}) == set()
+
+
+def test_side_effect_fields_and_messages() -> None:
+    v = analyse_rerun(
+        "x = 1\nstep += 1  # count\ny = model(x)", failed_lineno=3, preexisting={"step"}
+    )
+    (e,) = v.effects
+    assert e == SideEffect(
+        2,
+        "augassign_global",
+        "step",
+        "step += 1  # count",
+        "adds to `step`, which existed before the cell: a re-run does it again",
+        "add to `step` again",
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        e.lineno = 3  # type: ignore[misc]
+    assert v.summary() == (
+        "this cell already ran 1 line with side effects before it failed at line 3: "
+        "line 2 `step += 1  # count` (adds to `step` again)."
+    )
+
+
+@pytest.mark.parametrize(
+    ("cell", "pre", "again", "says"),
+    [
+        ("del old", {"old"}, "find `old` already deleted", "finds `old` already deleted"),
+        ("scheduler.step()", {"scheduler"}, "advance the schedule again", "advances the"),
+        ("open('log.txt', 'a')", set(), "append to 'log.txt' again", "appends to 'log.txt'"),
+        ("open('new.txt', 'x')", set(), "fail to create 'new.txt' again", "fails to create"),
+        ("x = x * 2", {"x"}, "rebind `x` from its own value again", "rebinds `x` from"),
+        ("w.mul_(0.9)", {"w"}, "change `w` in place again", "changes `w` in place again"),
+        ("loss.backward()", {"loss"}, "accumulate gradients again", "accumulates gradients"),
+        ("q *= 2", {"q"}, "multiply `q` again", "multiplies `q` again"),
+        ("s |= {1}", {"s"}, "merge into `s` again", "merges into `s` again"),
+        ("d.popitem()", {"d"}, "pop from `d` again", "pops from `d` again"),
+    ],
+)
+def test_phrases(cell: str, pre: set[str], again: str, says: str) -> None:
+    v = analyse_rerun(cell + "\nf()", failed_lineno=2, preexisting=pre)
+    assert [e.again for e in v.effects] == [again]
+    assert f"line 1 `{cell}` ({says}" in v.summary()
+    assert v.question() == f"Re-run anyway? The cell would {again}."
+
+
+def test_summary_lists_four_lines_and_counts_the_rest() -> None:
+    cell = "".join(f"n{i} += 1\n" for i in range(6)) + "f()\n"
+    v = analyse_rerun(cell, failed_lineno=7, preexisting={f"n{i}" for i in range(6)})
+    assert len(v.effects) == 6
+    s = v.summary()
+    assert s.startswith(
+        "this cell already ran 6 lines with side effects before it failed at line 7:"
+    )
+    assert "line 4 `n3 += 1`" in s and "line 5" not in s and s.endswith(", and 2 more.")
+    assert v.question().endswith("add to `n2` again and 3 more things again.")
+
+
+def test_summary_groups_effects_on_one_line_and_shortens_long_lines() -> None:
+    cell = "scaler.step(opt); scaler.update(); log('" + "x" * 80 + "')\nf()"
+    v = analyse_rerun(cell, failed_lineno=2, preexisting={"scaler", "opt", "log"})
+    s = v.summary()
+    assert "1 line with side effects" in s
+    assert "(updates the weights again; updates `scaler` again)" in s
+    assert "…" in s and len(s) < 250
+
+
+def test_backticks_in_source_do_not_break_the_message() -> None:
+    v = analyse_rerun("notes.append('`x`')\nf()", failed_lineno=2, preexisting={"notes"})
+    assert "`notes.append(''x'')`" in v.summary()
+
+
+def test_non_ascii_source() -> None:
+    cell = "# données ✓\nhistorique.append('é')\nschritt += 1\ny = modèle(x)\n"
+    v = analyse_rerun(cell, failed_lineno=4, preexisting={"historique", "schritt", "modèle", "x"})
+    assert [(e.lineno, e.kind, e.name) for e in v.effects] == [
+        (2, "append", "historique"),
+        (3, "augassign_global", "schritt"),
+    ]
+    assert "historique.append('é')" in v.summary()
+
+
+def test_windows_line_endings_keep_line_numbers() -> None:
+    assert found("x = 1\r\nstep += 1\r\nf()", 3, {"step"}) == {(2, "augassign_global", "step")}
+
+
+def test_magics_and_shell_lines_keep_line_numbers() -> None:
+    cell = """\
+    %matplotlib inline
+    %time step += 1
+    !rm -rf out
+    !nvidia-smi
+    files = !ls
+    model?
+    y = model(x)
+    history.append(1)
+    """
+    v = analyse_rerun(
+        textwrap.dedent(cell), failed_lineno=7, preexisting={"step", "model", "x", "history"}
+    )
+    assert [(e.lineno, e.kind, e.text) for e in v.effects] == [
+        (2, "augassign_global", "%time step += 1"),
+        (3, "io_call", "!rm -rf out"),
+    ]
+    assert "line 3 `!rm -rf out` (runs the shell command again)" in v.summary()
+
+
+def test_magics_inside_a_loop() -> None:
+    cell = "for b in data:\n    y = model(b)\n    %time opt.step()\n    !echo hi >> log.txt\n"
+    assert found(cell, 2, {"data", "model", "opt"}) == {
+        (3, "optimizer_step", "opt"),
+        (4, "io_call", "shell command"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("cell", "expected"),
+    [
+        ("%%time\nstep += 1\ny = model(x)\n", {(2, "augassign_global", "step")}),
+        ("%%capture out\nhistory.append(1)\ny = model(x)\n", {(2, "append", "history")}),
+        ("%%writefile train.py\nprint(1)\n", {(1, "file_write", "train.py")}),
+        ("%%bash\nrm -rf out\n", {(1, "io_call", "bash")}),
+        ("%%html\n<b>hi</b>\n", set()),
+        ("%%sql\nDELETE FROM t\n", {(3, "unknown", "")}),
+    ],
+)
+def test_cell_magics(cell: str, expected: set[tuple[int, str, str]]) -> None:
+    assert found(cell, 3, {"step", "history", "model", "x"}) == expected
+
+
+def test_unreadable_cell_asks() -> None:
+    v = analyse_rerun("x = (\nstep += 1\n", failed_lineno=2, preexisting={"step"})
+    assert not v.safe
+    assert [e.kind for e in v.effects] == ["unknown"]
+    assert v.summary() == "could not read the cell; re-running may repeat its effects."
+    assert v.question().startswith("Re-run anyway? The cell would run again from the top")
+
+
+def test_hostile_cells_never_raise() -> None:
+    deep = "x = " + "(" * 5000 + "1" + ")" * 5000
+    assert isinstance(analyse_rerun(deep, failed_lineno=1, preexisting={"x"}), GuardVerdict)
+    chain = "y = x" + ".a" * 5000 + "\nf()"
+    assert isinstance(analyse_rerun(chain, failed_lineno=2, preexisting={"x"}), GuardVerdict)
+    for cell in ["", "\n\n", "pass", "\x00", "%", "!", "?", "%%", "async def f(): pass\nawait f()"]:
+        v = analyse_rerun(cell, failed_lineno=1, preexisting=set())
+        assert isinstance(v, GuardVerdict)
+
+
+def test_top_level_await_and_walrus() -> None:
+    assert found("await client.step()\nf()", 2, {"client"}) == {(1, "optimizer_step", "client")}
+    assert found("if (n := n + 1) > 3:\n    pass\nf()", 3, {"n"}) == {(1, "global_rebind", "n")}
