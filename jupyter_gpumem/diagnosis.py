@@ -101,7 +101,15 @@ class Diagnosis:
 
     def unused_variables(self) -> list[Holder]:
         """Variables the failing cell does not read, largest first."""
-        return [h for h in self.holders.holders if h.where == "variable" and not h.used_by_cell]
+        return [
+            h
+            for h in self.holders.holders
+            if h.where == "variable" and not h.used_by_cell and not h.recreated_by_cell
+        ]
+
+    def recreated_variables(self) -> list[Holder]:
+        """Variables the cell builds anew: their old values stay until the new ones exist."""
+        return [h for h in self.holders.holders if h.where == "variable" and h.recreated_by_cell]
 
 
 def _first(*values: int | None) -> int | None:
@@ -266,6 +274,21 @@ def _causes(d: Diagnosis, frames_bytes: int, cache_bytes: int, others_bytes: int
                 ),
                 f"Delete what you no longer need (`del {unused[0].name}`) and re-run, "
                 "or use Clear cache, which offers them one by one.",
+                float(held),
+            )
+        )
+    stale = [h for h in d.recreated_variables() if h.total_bytes >= big]
+    if stale:
+        held = sum(h.total_bytes for h in stale)
+        one = len(stale) == 1
+        causes.append(
+            Cause(
+                "recreated_variables",
+                "Old values of variables this cell rebuilds",
+                f"{_names(stale)} from an earlier run {'stays' if one else 'stay'} allocated while "
+                f"this cell builds {'a new one' if one else 'new ones'}: {fmt(held)} needed twice.",
+                f"`del {', '.join(h.name for h in stale[:3])}` before re-running, or Clear cache "
+                "(it drops them, since this cell recreates them).",
                 float(held),
             )
         )

@@ -106,6 +106,32 @@ def names_used(source: str, ns: dict[str, Any], depth: int = 3) -> set[str]:
     return names
 
 
+def names_recreated(source: str) -> set[str]:
+    """Top-level names the cell assigns from scratch before it reads them (`x = torch.randn(...)`).
+
+    Their old values are dead weight during a re-run: they stay allocated until the new value is
+    built, so the cell needs room for both.
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()
+    read: set[str] = set()
+    fresh: set[str] = set()
+    for stmt in tree.body:
+        if isinstance(stmt, (ast.Assign, ast.AnnAssign)) and stmt.value is not None:
+            value_reads = {n.id for n in ast.walk(stmt.value) if isinstance(n, ast.Name)}
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            for t in targets:
+                for el in t.elts if isinstance(t, (ast.Tuple, ast.List)) else [t]:
+                    if isinstance(el, ast.Name) and el.id not in read | value_reads:
+                        fresh.add(el.id)
+            read |= value_reads
+        else:
+            read |= {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name)}
+    return fresh
+
+
 def build_failure(
     shell: Any,
     value: BaseException,
@@ -126,6 +152,7 @@ def build_failure(
         hidden=getattr(shell, "user_ns_hidden", ()),
         frames=frames,
         cell_names=names_used(source, user_ns),
+        recreated=names_recreated(source),
     )
     del frames
     lineno = cell_lineno(tb, user_ns)

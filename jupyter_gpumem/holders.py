@@ -49,6 +49,7 @@ class Holder:
     tensor_bytes: int = 0  # plain tensors (not a model's parameters or an optimizer's state)
     detail: str = ""  # "BertModel, 335.1M parameters", "(64, 512, 1024) float32"
     used_by_cell: bool = False
+    recreated_by_cell: bool = False  # the cell assigns it anew before reading it
 
     @property
     def total_bytes(self) -> int:
@@ -278,6 +279,7 @@ def find_holders(
     hidden: Iterable[str] = (),
     frames: Iterable[FrameType] = (),
     cell_names: Iterable[str] = (),
+    recreated: Iterable[str] = (),
 ) -> HolderSet:
     """Walk the namespace, the output cache and the failed frames; largest holder first."""
     result = HolderSet()
@@ -286,6 +288,7 @@ def find_holders(
     counter = _Counter()
     hidden_set = set(hidden)
     used = set(cell_names)
+    fresh = set(recreated)
     variables: list[tuple[int, str, Any]] = []
     cache: list[tuple[str, Any]] = []
     for name, obj in list(user_ns.items()):
@@ -305,6 +308,7 @@ def find_holders(
         h = _holder_for(name, "variable", obj, counter)
         if h is not None:
             h.used_by_cell = name in used
+            h.recreated_by_cell = name in fresh
             result.holders.append(h)
     for name, obj in cache:
         h = _holder_for(name, "output cache", obj, counter)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +59,7 @@ class GpuMemMagics(Magics):
         "release: free what the last failed cell pinned (when keep_traceback is on). "
         "help: this text.",
     )
-    @argument("args", nargs="*", help="the command's arguments")
+    @argument("args", nargs=argparse.REMAINDER, help="the command's arguments and options")
     @line_magic
     def gpumem(self, line: str = "") -> None:
         """Show and control GPU memory from a notebook (jupyter_gpumem)."""

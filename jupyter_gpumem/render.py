@@ -47,7 +47,13 @@ def _holder_rows(d: Diagnosis) -> list[tuple[str, str, str, str, str]]:
         if h.optimizer_state_bytes:
             parts.append(f"optimizer state {fmt(h.optimizer_state_bytes)}")
         what = h.detail + (f" ({', '.join(parts)})" if len(parts) > 1 else "")
-        where = h.where + (", used by this cell" if h.used_by_cell else "")
+        where = h.where + (
+            ", rebuilt by this cell"
+            if h.recreated_by_cell
+            else ", used by this cell"
+            if h.used_by_cell
+            else ""
+        )
         rows.append((h.name, h.kind, fmt(h.total_bytes), where, what))
     return rows
 

@@ -58,3 +58,32 @@ def test_zero_division_is_exactly_ipythons_own(kernel: Kernel) -> None:
         norm.sub("", t) for t in base[0]["traceback"]
     ]
     assert len(with_ext["outputs"]) == len(without["outputs"])
+
+
+def test_retry_and_oomsafe_in_a_real_kernel(kernel: Kernel) -> None:
+    k = kernel
+    k.run("%load_ext jupyter_gpumem\n%gpumem simulate 160MiB")
+    k.run(
+        "import torch\nmodel = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.ReLU(),"
+        " torch.nn.Linear(2048, 1024)).cuda()"
+    )
+    cell = (
+        "batch_size = 256\n"
+        'x = torch.randn(batch_size, 32, 1024, device="cuda")\n'
+        "out = model(x).sum()\n"
+    )
+    r = k.run(cell)
+    assert r["reply"]["status"] == "error"
+    retry = Kernel.text(k.run("%gpumem retry batch"))
+    assert "Fits at batch" in retry and "To make it permanent: change line 1 to" in retry
+    value = int(Kernel.text(k.run("print(batch_size)")).strip())
+    assert 200 <= value < 256
+    k.run("del x, out, batch_size")
+    safe = k.run("%%oomsafe --fixes batch\n" + cell.replace("256", "300"))
+    assert safe["reply"]["status"] == "ok"
+    text = Kernel.text(safe)
+    assert "oomsafe: Fits at batch" in text
+    k.run("step = 0")
+    guarded = k.run("%%oomsafe\nstep += 1\n" + cell.replace("256", "300"))
+    assert "stopped before re-running" in Kernel.text(guarded)
+    assert Kernel.text(k.run("print(step)")).strip() == "1"

@@ -50,7 +50,7 @@ class Autocast(Fix):
             )
         )
         if outcome.ok:
-            outcome.message = f"The cell fits under autocast ({dtype})."
+            outcome.message = f"The cell fits under autocast ({dtype}), {outcome.peak_text()}."
             outcome.change = (
                 f"Wrap the cell's work in `with torch.autocast('cuda', dtype=torch.{dtype}):`."
             )

@@ -82,6 +82,16 @@ class FixOutcome:
         fits = [a for a in self.attempts if a.ok]
         return fits[-1].peak_bytes if fits else None
 
+    def peak_text(self) -> str:
+        """``peak 10.9 GiB of 11.17 GiB, 3 runs``: the measured outcome, for the summary."""
+        fits = [a for a in self.attempts if a.ok]
+        runs = f"{self.runs} run{'s' if self.runs != 1 else ''}"
+        if not fits or fits[-1].peak_bytes is None:
+            return runs
+        cap = fits[-1].capacity_bytes
+        of = f" of {format_bytes(cap)}" if cap else ""
+        return f"peak {format_bytes(fits[-1].peak_bytes)}{of}, {runs}"
+
 
 @dataclass
 class FixContext:

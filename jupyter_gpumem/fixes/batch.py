@@ -13,7 +13,6 @@ import hashlib
 
 from ..backends import _torch
 from ..rerun import Plan, capacity_bytes, forget_failed_run
-from ..units import format_bytes
 from .base import Attempt, Check, Fix, FixContext, FixOutcome
 from .batch_search import BatchSearch, Observation
 from .batch_source import BatchFinding, accumulation_plan, apply_batch, describe_change, find_batch
@@ -131,12 +130,7 @@ class ReduceBatch(Fix):
             )
             return outcome
         ctx.remembered[cell_key(source)] = best
-        peak = next((a.peak_bytes for a in reversed(attempts) if a.ok and a.batch == best), None)
-        of = f" of {format_bytes(capacity)}" if capacity else ""
-        outcome.message = (
-            f"Fits at batch {best} (was {finding.value}), peak {format_bytes(peak)}{of}, "
-            f"{len(attempts)} run{'s' if len(attempts) != 1 else ''}."
-        )
+        outcome.message = f"Fits at batch {best} (was {finding.value}), {outcome.peak_text()}."
         outcome.change = describe_change(finding, best)
         plan = accumulation_plan(source, finding, best)
         if plan is not None:

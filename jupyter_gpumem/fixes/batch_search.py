@@ -206,7 +206,11 @@ class BatchSearch:
         fits = self._fit_peaks()
         b_top, p_top = fits[-1]
         k_upper, k_lower = self._k_bounds(fits, hi)
-        safe = b_top + (target - p_top) / k_upper if math.isfinite(k_upper) else math.inf
+        # A failure that proves a steeper slope than the baseline's bound (k_lower > k_upper: the
+        # memory does not start at the baseline) overrides that bound, or the next guess lands
+        # right under the failure and the search creeps down one sample at a time.
+        k_safe = max(k_upper, k_lower)
+        safe = b_top + (target - p_top) / k_safe if math.isfinite(k_safe) else math.inf
         model = (target - est.base) / est.k if est.k > 0 else math.inf
         if est.kind in ("line", "lower"):
             # When the margin alone would cost more than a few % (a large base), aim at the
@@ -228,8 +232,8 @@ class BatchSearch:
         if est.kind == "fixed" and k_lower > 0:
             interp = b_top + (target - p_top) / k_lower
             return min(_blend(safe, interp, _ALPHA_FIXED), max(safe, _FIXED_CAP * b_top))
-        if math.isfinite(k_upper):
-            safe = max(safe, _AIM_FULL * (b_top + (self.capacity_bytes - p_top) / k_upper))
+        if math.isfinite(k_safe):
+            safe = max(safe, _AIM_FULL * (b_top + (self.capacity_bytes - p_top) / k_safe))
         return safe
 
     def next_batch(self) -> int | None:

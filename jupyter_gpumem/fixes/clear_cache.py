@@ -58,10 +58,18 @@ class ClearCache(Fix):
         dropped = sum(
             h.total_bytes for h in d.holders.holders if h.where == "variable" and h.name in ctx.drop
         )
+        stale = [h for h in d.recreated_variables() if h.name not in ctx.drop]
+        dropped += sum(h.total_bytes for h in stale)
         out = output_cache_bytes(ctx) if ctx.drop_output_cache else 0
         saving = pinned + cache + dropped + out
         parts = ["free what the failure pinned" if pinned else "collect garbage"]
         parts.append("return PyTorch's cached blocks to the driver")
+        if stale:
+            parts.append(
+                "drop the old "
+                + ", ".join(f"`{h.name}`" for h in stale[:4])
+                + " (the cell rebuilds it)"
+            )
         if ctx.drop:
             parts.append("delete " + ", ".join(f"`{n}`" for n in ctx.drop))
         if ctx.drop_output_cache:
@@ -86,6 +94,11 @@ class ClearCache(Fix):
         check = self.check(ctx)
         notes = []
         ns = ctx.user_ns
+        d = ctx.failed.diagnosis
+        for h in d.recreated_variables() if d else []:
+            if h.name in ns and h.name not in ctx.drop:
+                del ns[h.name]
+                notes.append(f"dropped the old `{h.name}` (the cell rebuilds it)")
         for name in ctx.drop:
             if name in ns:
                 del ns[name]
@@ -103,7 +116,9 @@ class ClearCache(Fix):
         outcome = self._single_run(ctx, Plan(ctx.failed.source, note="after clearing"), check)
         outcome.notes = notes
         outcome.message = (
-            "The cell fits after clearing." if outcome.ok else "Still out of memory after clearing."
+            f"The cell fits after clearing, {outcome.peak_text()}."
+            if outcome.ok
+            else "Still out of memory after clearing."
         )
         if outcome.ok and ctx.drop:
             outcome.change = "Keep " + ", ".join(f"`{n}`" for n in ctx.drop) + " deleted."

@@ -94,7 +94,7 @@ class MoveToCpu(Fix):
             outcome.notes.append("Not redirected (still CUDA): " + ", ".join(missed))
         outcome.notes.append("Runs on the CPU: expect it to be much slower than on the GPU.")
         if outcome.ok:
-            outcome.message = "The cell ran on the CPU."
+            outcome.message = f"The cell ran on the CPU ({outcome.runs} run)."
             outcome.change = "Use device = 'cpu' in the cell (or keep running it this way)."
         elif outcome.failure is not None and outcome.failure.report.backend == "CPU":
             req = outcome.failure.report.requested_bytes

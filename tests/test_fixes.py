@@ -1,0 +1,254 @@
+"""The fixes, `%gpumem retry` and `%%oomsafe`, in a real InteractiveShell on the simulated GPU."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from IPython.core.error import UsageError
+
+import jupyter_gpumem
+
+SETUP = (
+    "import torch\n"
+    "model = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.ReLU(),"
+    " torch.nn.Linear(2048, 1024)).cuda()\n"
+)
+CELL = (
+    "batch_size = 256  # samples per step (größe)\n"
+    'x = torch.randn(batch_size, 32, 1024, device="cuda")\n'
+    "out = model(x).sum()\n"
+)
+CARD = "160MiB"
+
+
+def _ext(shell: Any) -> Any:
+    return jupyter_gpumem._extension_for(shell)
+
+
+def _clean(shell: Any) -> None:
+    for n in ("x", "out", "batch_size"):
+        shell.user_ns.pop(n, None)
+
+
+def largest_fit(shell: Any) -> int:
+    """The largest batch that fits, by bisection from a clean namespace each time."""
+    lo, hi = 1, 256
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        _clean(shell)
+        ok = shell.run_cell(CELL.replace("256", str(mid)), silent=True).success
+        lo, hi = (mid, hi) if ok else (lo, mid)
+    _clean(shell)
+    return lo
+
+
+@pytest.fixture
+def sim(shell: Any) -> Any:
+    shell.run_cell(f"%gpumem simulate {CARD}")
+    shell.run_cell(SETUP)
+    return shell
+
+
+def _attempts(out: str) -> list[tuple[int, bool]]:
+    return [
+        (int(b), ok == "fits") for b, ok in re.findall(r"batch\s+batch (\d+)\s+(fits|OOM)", out)
+    ]
+
+
+def test_retry_batch_lands_near_the_largest_fit_within_4_runs(sim: Any, capsys: Any) -> None:
+    best = largest_fit(sim)
+    sim.run_cell(CELL)
+    assert _ext(sim).hook.last_failure is not None
+    capsys.readouterr()
+    sim.run_cell("%gpumem retry batch")
+    out = capsys.readouterr().out
+    runs = _attempts(out)
+    assert 1 <= len(runs) <= 4, out
+    found = int(re.search(r"Fits at batch (\d+) \(was 256\)", out).group(1))
+    assert found >= 0.95 * best and found <= best, (found, best)
+    # the summary names the value to put in the cell, keeping the comment and non-ASCII text
+    assert f"change line 1 to: batch_size = {found}  # samples per step (größe)" in out
+    assert sim.user_ns["batch_size"] == found, "the namespace holds the run that fit"
+    assert "peak" in out and "of 160 MiB" in out
+
+
+def test_oomsafe_rescues_and_says_what_to_change(sim: Any, capsys: Any) -> None:
+    best = largest_fit(sim)
+    capsys.readouterr()
+    sim.run_cell("%%oomsafe --fixes batch\n" + CELL)
+    out = capsys.readouterr().out
+    assert "oomsafe: out of memory" in out
+    runs = _attempts(out)
+    assert 1 <= len(runs) <= 4, out
+    found = sim.user_ns["batch_size"]
+    assert found >= 0.95 * best
+    assert f"To make it permanent: change line 1 to: batch_size = {found}" in out
+    # the same cell again starts at the batch that fit
+    capsys.readouterr()
+    _clean(sim)
+    sim.run_cell("%%oomsafe --fixes batch\n" + CELL)
+    out = capsys.readouterr().out
+    assert f"starting at batch {found}, which fit this cell last time" in out
+    assert "out of memory" not in out
+    assert sim.user_ns["batch_size"] == found
+
+
+def test_oomsafe_ladder_order_and_clear_rebuilt_variables(sim: Any, capsys: Any) -> None:
+    # a run at a batch that fits leaves x and out behind; re-running needs room for both
+    best = largest_fit(sim)
+    sim.run_cell(CELL.replace("256", str(best)))
+    capsys.readouterr()
+    sim.run_cell("%%oomsafe\n" + CELL.replace("256", str(best)))
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("oomsafe:")]
+    assert lines[1].startswith("oomsafe: clear cache"), lines
+    assert "fits after clearing" in out
+    assert "dropped the old `x` (the cell rebuilds it)" in out
+    assert "reduce batch" not in out, "the ladder stops at the first fix that works"
+
+
+def test_oomsafe_order_follows_fixes_option(sim: Any, capsys: Any) -> None:
+    capsys.readouterr()
+    sim.run_cell("%%oomsafe --fixes autocast,batch\n" + CELL)
+    out = capsys.readouterr().out
+    names = re.findall(r"^oomsafe: (enable autocast|reduce batch)", out, re.M)
+    assert names and names[0] == "enable autocast", out
+
+
+GLOBAL_STEP = "step = 0\nhistory = []\n"
+SIDE_EFFECT_CELL = (
+    "step += 1\n"
+    "history.append(step)\n"
+    "batch_size = 256\n"
+    'x = torch.randn(batch_size, 32, 1024, device="cuda")\n'
+    "out = model(x).sum()\n"
+)
+
+
+def test_retry_refuses_a_cell_with_side_effects(sim: Any, capsys: Any) -> None:
+    sim.run_cell(GLOBAL_STEP)
+    sim.run_cell(SIDE_EFFECT_CELL)
+    assert sim.user_ns["step"] == 1
+    capsys.readouterr()
+    sim.run_cell("%gpumem retry batch")
+    out = capsys.readouterr().out
+    assert "step" in out and "history" in out
+    assert "Re-run anyway?" in out
+    assert sim.user_ns["step"] == 1, "not re-run silently"
+    assert "Fits at batch" not in out
+    sim.run_cell("%gpumem retry batch --force")
+    assert "Fits at batch" in capsys.readouterr().out
+    assert sim.user_ns["step"] > 1, "--force re-runs, and the user asked for it"
+
+
+def test_oomsafe_stops_before_repeating_side_effects(sim: Any, capsys: Any) -> None:
+    sim.run_cell(GLOBAL_STEP)
+    capsys.readouterr()
+    sim.run_cell("%%oomsafe\n" + SIDE_EFFECT_CELL)
+    out = capsys.readouterr().out
+    assert "oomsafe: stopped before re-running" in out
+    assert "--force" in out
+    assert sim.user_ns["step"] == 1 and sim.user_ns["history"] == [1]
+    sim.run_cell("%%oomsafe --force --fixes batch\n" + SIDE_EFFECT_CELL)
+    assert "Fits at batch" in capsys.readouterr().out
+
+
+def test_autocast_fix_measures_its_saving(sim: Any, capsys: Any) -> None:
+    sim.run_cell(CELL.replace("256", "236"))
+    capsys.readouterr()
+    sim.run_cell("%gpumem retry autocast")
+    out = capsys.readouterr().out
+    assert "Numerics change" in out
+    assert "The cell fits under autocast (bfloat16)" in out, out
+    assert str(sim.user_ns["out"].dtype) in ("torch.bfloat16", "torch.float32")
+
+
+def test_move_to_cpu_fix_moves_the_model_and_runs(sim: Any, capsys: Any) -> None:
+    sim.run_cell(CELL)
+    before = sim.run_cell("torch.cuda.memory_allocated()").result
+    capsys.readouterr()
+    sim.run_cell("%gpumem retry cpu")
+    out = capsys.readouterr().out
+    assert "The cell ran on the CPU" in out, out
+    moved = next(ln for ln in out.splitlines() if "Moved to the CPU:" in ln)
+    assert "`model`" in moved and "`x`" in moved
+    assert "much slower" in out
+    after = sim.run_cell("torch.cuda.memory_allocated()").result
+    assert after < before, "the model no longer counts against the GPU"
+
+
+def test_cpu_allocator_failure_gets_its_own_message(sim: Any, capsys: Any) -> None:
+    sim.run_cell("x = torch.empty(2**46, dtype=torch.uint8, device='cuda')")
+    capsys.readouterr()
+    sim.run_cell("%gpumem retry cpu")
+    out = capsys.readouterr().out
+    assert "The CPU ran out of memory too" in out, out
+
+
+def test_clear_with_drop_deletes_a_named_variable(sim: Any, capsys: Any) -> None:
+    sim.run_cell("leftover = torch.empty(60 * 2**20, dtype=torch.uint8, device='cuda')")
+    sim.run_cell(CELL.replace("256", "150"))
+    capsys.readouterr()
+    sim.run_cell("%gpumem retry clear --drop leftover")
+    out = capsys.readouterr().out
+    assert "deleted `leftover`" in out
+    assert "fits after clearing" in out, out
+    assert "leftover" not in sim.user_ns
+
+
+def test_a_fix_that_does_not_apply_says_why(sim: Any, capsys: Any) -> None:
+    sim.run_cell("n_rows = 4096")
+    sim.run_cell("y = model(torch.randn(n_rows, 32, 1024, device='cuda'))")
+    capsys.readouterr()
+    sim.run_cell("%gpumem retry batch")
+    out = capsys.readouterr().out
+    assert "Reduce batch does not apply: no batch size found in this cell" in out
+    assert "--batch-var" in out
+
+
+def test_oomsafe_passes_other_errors_through(sim: Any) -> None:
+    result = sim.run_cell("%%oomsafe\nraise KeyError('mine')\n")
+    assert isinstance(result.error_in_exec, KeyError)
+
+
+def test_oomsafe_cell_that_fits_runs_once_quietly(sim: Any, capsys: Any) -> None:
+    capsys.readouterr()
+    sim.run_cell("%%oomsafe\ncount = globals().get('count', 0) + 1\n")
+    assert sim.user_ns["count"] == 1
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "retry",
+        "retry bogus",
+        "retry batch --min-batch 0",
+        "retry batch --max-retries x",
+        "retry batch --nope",
+        "limit 3 apples",
+        "sidebar now",
+        "gauge",
+    ],
+)
+def test_retry_and_other_argument_errors(sim: Any, line: str) -> None:
+    sim.run_cell(CELL)
+    magic = sim.magics_manager.magics["line"]["gpumem"]
+    with pytest.raises(UsageError) as info:
+        magic(line)
+    assert "\n" not in str(info.value).strip(), line
+
+
+def test_retry_before_any_failure_is_a_usage_error(shell: Any) -> None:
+    magic = shell.magics_manager.magics["line"]["gpumem"]
+    with pytest.raises(UsageError, match="no cell has run out of memory yet"):
+        magic("retry batch")
+
+
+@pytest.mark.parametrize("line", ["--fixes nope", "--fixes ''", "--max-retries 0", "--what"])
+def test_oomsafe_argument_errors(shell: Any, line: str) -> None:
+    magic = shell.magics_manager.magics["cell"]["oomsafe"]
+    with pytest.raises(UsageError):
+        magic(line, "x = 1\n")
