@@ -12,9 +12,12 @@ the namespace (containers and object attributes: at most ``MAX_ITEMS`` entries e
 
 from __future__ import annotations
 
+import gc
 import re
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 from types import (
     BuiltinFunctionType,
     FrameType,
@@ -27,6 +30,7 @@ from typing import Any
 
 from .backends import _torch
 
+SMALL_TENSOR_BYTES = 1 << 20  # variables holding less are summed into one "small tensors" row
 MAX_ITEMS = 1000  # entries looked at per container / object: bounded even for a list of 1e6 items
 _OUTPUT_CACHE = re.compile(r"^(_+|_\d+|Out)$")
 _SKIP_TYPES = (
@@ -66,6 +70,7 @@ class Holder:
 class HolderSet:
     holders: list[Holder] = field(default_factory=list)  # largest first
     scanned_names: int = 0
+    cut_short: int = 0  # containers/objects not looked into: the time budget ran out
 
     @property
     def total_bytes(self) -> int:
@@ -98,11 +103,41 @@ class HolderSet:
         return out
 
 
-class _Counter:
-    """Counts each GPU storage once across every holder."""
+_SKIP, _TENSOR, _MODEL, _OPTIMIZER, _COMPOSITE = range(1, 6)  # all truthy: `get() or kind()`
 
-    def __init__(self) -> None:
+
+class _Scan:
+    """One walk: counts each GPU storage once, classifies each type once.
+
+    A namespace of 100k objects holds a few dozen types, so ``isinstance`` against torch's
+    classes runs per type, not per object. Descriptions (shapes, parameter counts) are made only
+    for the holders that will be shown.
+    """
+
+    def __init__(self, torch: Any, budget_s: float) -> None:
+        self.deadline = time.perf_counter() + budget_s
+        self.cut_short = 0  # containers and objects not looked into, once the budget ran out
         self.seen: set[tuple[str, int]] = set()
+        self.kinds: dict[type, int] = {}
+        self.tensor_cls, self.module_cls = torch.Tensor, torch.nn.Module
+        self.optimizer_cls = torch.optim.Optimizer
+
+    def kind(self, obj: Any) -> int:
+        tp = type(obj)
+        k = self.kinds.get(tp)
+        if k is None:
+            if issubclass(tp, self.tensor_cls):
+                k = _TENSOR
+            elif issubclass(tp, self.module_cls):
+                k = _MODEL
+            elif issubclass(tp, self.optimizer_cls):
+                k = _OPTIMIZER
+            elif issubclass(tp, _SKIP_TYPES):
+                k = _SKIP
+            else:
+                k = _COMPOSITE
+            self.kinds[tp] = k
+        return k
 
     def take(self, t: Any) -> tuple[int, str]:
         info = _torch.gpu_storage(t)
@@ -114,142 +149,119 @@ class _Counter:
         self.seen.add(key)
         return nbytes, device
 
-
-def _describe_tensor(t: Any) -> str:
-    try:
-        return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
-    except Exception:
-        return "tensor"
-
-
-def _count_params(module: Any) -> int:
-    try:
-        return sum(p.numel() for p in module.parameters())
-    except Exception:
-        return 0
-
-
-def _module_holder(name: str, where: str, module: Any, counter: _Counter) -> Holder:
-    h = Holder(name=name, kind="model", where=where, device="")
-    try:
-        for p in module.parameters():
-            n, dev = counter.take(p)
-            h.parameters_bytes += n
-            h.device = h.device or dev
-            if p.grad is not None:
-                g, dev = counter.take(p.grad)
-                h.gradients_bytes += g
-                h.device = h.device or dev
-        for b in module.buffers():
-            n, dev = counter.take(b)
-            h.buffers_bytes += n
-            h.device = h.device or dev
-    except Exception:
-        pass
-    count = _count_params(module)
-    h.detail = f"{type(module).__name__}, {count / 1e6:.1f}M parameters"
-    return h
-
-
-def _optimizer_holder(name: str, where: str, opt: Any, counter: _Counter) -> Holder:
-    h = Holder(name=name, kind="optimizer", where=where, device="")
-    try:
-        for state in list(opt.state.values())[: MAX_ITEMS * 10]:
-            for v in state.values() if isinstance(state, Mapping) else ():
-                if _torch.is_tensor(v):
-                    n, dev = counter.take(v)
-                    h.optimizer_state_bytes += n
-                    h.device = h.device or dev
-    except Exception:
-        pass
-    h.detail = f"{type(opt).__name__}, state for {len(getattr(opt, 'state', ()))} parameters"
-    return h
-
-
-def _children(obj: Any) -> Iterator[Any]:
-    """Values one level inside a container or a plain object, bounded."""
-    if isinstance(obj, Mapping):
-        it: Iterable[Any] = obj.values()
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        it = obj
-    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+    def module(self, name: str, where: str, module: Any) -> Holder:
+        h = Holder(name=name, kind="model", where=where, device="")
         try:
-            it = vars(obj).values()
-        except TypeError:
-            return
-    else:
-        return
-    for i, v in enumerate(it):
-        if i >= MAX_ITEMS:
-            return
-        yield v
+            for p in module.parameters():
+                n, dev = self.take(p)
+                h.parameters_bytes += n
+                h.device = h.device or dev
+                if p.grad is not None:
+                    g, dev = self.take(p.grad)
+                    h.gradients_bytes += g
+            for b in module.buffers():
+                n, dev = self.take(b)
+                h.buffers_bytes += n
+                h.device = h.device or dev
+        except Exception:
+            pass
+        return h
 
+    def optim(self, name: str, where: str, opt: Any) -> Holder:
+        h = Holder(name=name, kind="optimizer", where=where, device="")
+        try:
+            for state in list(opt.state.values())[: MAX_ITEMS * 10]:
+                for v in state.values() if isinstance(state, Mapping) else ():
+                    if self.kind(v) == _TENSOR:
+                        n, dev = self.take(v)
+                        h.optimizer_state_bytes += n
+                        h.device = h.device or dev
+        except Exception:
+            pass
+        return h
 
-def _composite_holder(name: str, where: str, obj: Any, counter: _Counter) -> Holder | None:
-    """A container or object holding tensors, models or optimizers one level deep."""
-    h = Holder(
-        name=name,
-        kind="container" if isinstance(obj, (Mapping, list, tuple, set, frozenset)) else "object",
-        where=where,
-        device="",
-    )
-    n_tensors = 0
-    for v in _children(obj):
-        if _torch.is_tensor(v):
-            n, dev = counter.take(v)
-            if n:
-                n_tensors += 1
+    def composite(self, name: str, where: str, obj: Any) -> Holder | None:
+        """A container or object holding tensors, models or optimizers one level deep."""
+        if time.perf_counter() > self.deadline:
+            self.cut_short += 1
+            return None
+        if isinstance(obj, Mapping):
+            values: Iterable[Any] = obj.values()
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            values = obj
+        else:
+            try:
+                values = vars(obj).values()
+            except TypeError:
+                return None
+        kinds = self.kinds
+        found = [
+            v
+            for v in islice(values, MAX_ITEMS)
+            if (kinds.get(type(v)) or self.kind(v)) not in (_SKIP, _COMPOSITE)
+        ]
+        if not found:
+            return None
+        h = Holder(name=name, kind="", where=where, device="")
+        for v in found:
+            k = self.kind(v)
+            if k == _TENSOR:
+                n, dev = self.take(v)
                 h.tensor_bytes += n
                 h.device = h.device or dev
-        elif _torch.is_module(v):
-            sub = _module_holder(name, where, v, counter)
-            h.parameters_bytes += sub.parameters_bytes
-            h.gradients_bytes += sub.gradients_bytes
-            h.buffers_bytes += sub.buffers_bytes
-            h.device = h.device or sub.device
-        elif _torch.is_optimizer(v):
-            sub = _optimizer_holder(name, where, v, counter)
-            h.optimizer_state_bytes += sub.optimizer_state_bytes
-            h.device = h.device or sub.device
-    if h.total_bytes == 0:
-        return None
+            elif k == _MODEL:
+                sub = self.module(name, where, v)
+                h.parameters_bytes += sub.parameters_bytes
+                h.gradients_bytes += sub.gradients_bytes
+                h.buffers_bytes += sub.buffers_bytes
+                h.device = h.device or sub.device
+            else:
+                sub = self.optim(name, where, v)
+                h.optimizer_state_bytes += sub.optimizer_state_bytes
+                h.device = h.device or sub.device
+        if h.total_bytes == 0:
+            return None
+        h.kind = (
+            "container" if isinstance(obj, (Mapping, list, tuple, set, frozenset)) else "object"
+        )
+        return h
+
+    def holder(self, name: str, where: str, obj: Any) -> Holder | None:
+        k = self.kind(obj)
+        if k == _SKIP:
+            return None
+        if k == _TENSOR:
+            n, dev = self.take(obj)
+            return Holder(name, "tensor", where, dev, tensor_bytes=n) if n else None
+        if k == _MODEL:
+            h = self.module(name, where, obj)
+        elif k == _OPTIMIZER:
+            h = self.optim(name, where, obj)
+        else:
+            return self.composite(name, where, obj)
+        return h if h.total_bytes else None
+
+
+def _describe(scan: _Scan, h: Holder, obj: Any) -> str:
+    k = scan.kind(obj)
+    try:
+        if k == _TENSOR:
+            return f"{tuple(obj.shape)} {str(obj.dtype).replace('torch.', '')}"
+        if k == _MODEL:
+            count = sum(p.numel() for p in obj.parameters())
+            return f"{type(obj).__name__}, {count / 1e6:.1f}M parameters"
+        if k == _OPTIMIZER:
+            return f"{type(obj).__name__}, state for {len(obj.state)} parameters"
+    except Exception:
+        return type(obj).__name__
     parts = [type(obj).__name__]
-    if n_tensors:
-        parts.append(f"{n_tensors} tensor{'s' if n_tensors != 1 else ''}")
+    if h.tensor_bytes:
+        parts.append("tensors")
     if h.parameters_bytes:
         parts.append("a model's weights")
     if h.optimizer_state_bytes:
         parts.append("optimizer state")
-    h.detail = ", ".join(parts)
-    return h
-
-
-def _holder_for(name: str, where: str, obj: Any, counter: _Counter) -> Holder | None:
-    if _torch.is_tensor(obj):
-        n, dev = counter.take(obj)
-        if not n:
-            return None
-        return Holder(
-            name, "tensor", where, dev, tensor_bytes=n, detail=_describe_tensor(obj)
-        )  # fmt: skip
-    if _torch.is_module(obj):
-        h = _module_holder(name, where, obj, counter)
-        return h if h.total_bytes else None
-    if _torch.is_optimizer(obj):
-        h = _optimizer_holder(name, where, obj, counter)
-        return h if h.total_bytes else None
-    if isinstance(obj, _SKIP_TYPES):
-        return None
-    return _composite_holder(name, where, obj, counter)
-
-
-def _rank(obj: Any) -> int:
-    """Models first, then optimizers, then everything else: weights belong to the model."""
-    if _torch.is_module(obj):
-        return 0
-    if _torch.is_optimizer(obj):
-        return 1
-    return 2
+    return ", ".join(parts)
 
 
 def failed_frames(tb: TracebackType | None, user_ns: Mapping[str, Any]) -> list[FrameType]:
@@ -280,40 +292,104 @@ def find_holders(
     frames: Iterable[FrameType] = (),
     cell_names: Iterable[str] = (),
     recreated: Iterable[str] = (),
+    describe: int = 50,
+    budget_s: float = 0.05,
 ) -> HolderSet:
-    """Walk the namespace, the output cache and the failed frames; largest holder first."""
+    """Walk the namespace, the output cache and the failed frames; largest holder first.
+
+    ``describe``: how many of the largest holders get a description (shape, parameter count).
+    ``budget_s``: past this time, containers and objects are no longer looked into (tensors,
+    models and optimizers still are); ``HolderSet.cut_short`` says how many were skipped.
+    """
     result = HolderSet()
-    if _torch.torch_module() is None:
+    torch = _torch.torch_module()
+    if torch is None:
         return result
-    counter = _Counter()
+    # the scan allocates a tuple per variable: with gc on, that triggers collections that walk
+    # every object torch created (most of the scan's time at 100k variables)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with _torch.no_torch_function():
+            return _find(torch, user_ns, hidden, frames, cell_names, recreated, describe, budget_s)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _find(
+    torch: Any,
+    user_ns: Mapping[str, Any],
+    hidden: Iterable[str],
+    frames: Iterable[FrameType],
+    cell_names: Iterable[str],
+    recreated: Iterable[str],
+    describe: int,
+    budget_s: float,
+) -> HolderSet:
+    result = HolderSet()
+    scan = _Scan(torch, budget_s)
     hidden_set = set(hidden)
     used = set(cell_names)
     fresh = set(recreated)
     variables: list[tuple[int, str, Any]] = []
     cache: list[tuple[str, Any]] = []
+    kinds = scan.kinds
     for name, obj in list(user_ns.items()):
-        result.scanned_names += 1
-        if _OUTPUT_CACHE.match(name):
-            if name == "Out" and isinstance(obj, Mapping):
-                cache.extend((f"Out[{k}]", v) for k, v in list(obj.items())[-MAX_ITEMS:])
-            elif name != "Out":
-                cache.append((name, obj))
+        if name[:1] == "_" or name == "Out" or name == "In":
+            if _OUTPUT_CACHE.match(name):
+                if name == "Out" and isinstance(obj, Mapping):
+                    cache.extend((f"Out[{k}]", v) for k, v in list(obj.items())[-MAX_ITEMS:])
+                elif name != "Out":
+                    cache.append((name, obj))
+                continue
+            if name.startswith("__") or _IPYTHON_NAMES.match(name):
+                continue
+        if name in hidden_set:
             continue
-        if name in hidden_set or name.startswith("__") or _IPYTHON_NAMES.match(name):
-            continue
-        variables.append((_rank(obj), name, obj))
-    variables.sort(key=lambda t: t[0])  # stable: namespace order within a rank
+        k = kinds.get(type(obj)) or scan.kind(obj)
+        if k != _SKIP:
+            variables.append((0 if k == _MODEL else 1 if k == _OPTIMIZER else 2, name, obj))
+    result.scanned_names = len(user_ns)
+    # models first, then optimizers, then the rest: weights belong to the model (stable sort:
+    # namespace order within a rank)
+    variables.sort(key=lambda t: t[0])
 
+    found: list[tuple[Holder, Any]] = []
+    small = Holder("small tensors", "tensors", "variable", "")
+    small_names: list[str] = []
     for _r, name, obj in variables:
-        h = _holder_for(name, "variable", obj, counter)
-        if h is not None:
-            h.used_by_cell = name in used
-            h.recreated_by_cell = name in fresh
-            result.holders.append(h)
+        if kinds.get(type(obj)) == _TENSOR:
+            n, dev = scan.take(obj)
+            if not n:
+                continue
+            if n < SMALL_TENSOR_BYTES and name not in used and name not in fresh:
+                # thousands of tiny tensors are one line, not thousands of rows to build and sort
+                small.tensor_bytes += n
+                small.device = small.device or dev
+                small_names.append(name)
+                continue
+            h: Holder | None = Holder(name, "tensor", "variable", dev, tensor_bytes=n)
+        else:
+            h = scan.holder(name, "variable", obj)
+        if h is None:
+            continue
+        h.used_by_cell = name in used
+        h.recreated_by_cell = name in fresh
+        found.append((h, obj))
+    if len(small_names) == 1:
+        small.name, small.kind = small_names[0], "tensor"
+    if small_names:
+        small.detail = (
+            f"{len(small_names)} tensors under {SMALL_TENSOR_BYTES >> 20} MiB each: "
+            + ", ".join(small_names[:5])
+            + (", ..." if len(small_names) > 5 else "")
+        )
+        found.append((small, None))
     for name, obj in cache:
-        h = _holder_for(name, "output cache", obj, counter)
+        h = scan.holder(name, "output cache", obj)
         if h is not None:
-            result.holders.append(h)
+            found.append((h, obj))
     for frame in frames:
         label = _frame_label(frame)
         try:
@@ -321,8 +397,13 @@ def find_holders(
         except Exception:
             continue
         for name, obj in local_items:
-            h = _holder_for(f"{name} in {label}", "failed frame", obj, counter)
+            h = scan.holder(f"{name} in {label}", "failed frame", obj)
             if h is not None:
-                result.holders.append(h)
-    result.holders.sort(key=lambda h: -h.total_bytes)
+                found.append((h, obj))
+    found.sort(key=lambda ho: -ho[0].total_bytes)
+    for h, obj in found[:describe]:
+        if obj is not None:
+            h.detail = _describe(scan, h, obj)
+    result.holders = [h for h, _ in found]
+    result.cut_short = scan.cut_short
     return result

@@ -7,6 +7,7 @@ that would.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -192,23 +193,33 @@ def is_optimizer(obj: object) -> bool:
     return torch is not None and isinstance(obj, torch.optim.Optimizer)
 
 
+def no_torch_function() -> Any:
+    """A context where tensor methods skip torch function modes (the simulated GPU's redirect):
+    reading 100k tensors' storages must not go through Python for each call."""
+    torch = torch_module()
+    disable = getattr(getattr(torch, "_C", None), "DisableTorchFunction", None)
+    return disable() if disable is not None else contextlib.nullcontext()
+
+
 def gpu_storage(tensor: torch.Tensor) -> tuple[tuple[str, int], int, str] | None:
     """(key, nbytes, device) of the storage behind a GPU tensor; None for anything not on a GPU.
 
     The key identifies the storage, so tensors sharing one (views, tied weights) count once.
+    Called for every tensor in the namespace: kept lean.
     """
     try:
         sim = simulated.current()
         if sim is not None:
-            if not sim.holds(tensor):
+            counted = sim.counted_storage(tensor)
+            if counted is None:
                 return None
             device = f"cuda:{sim.device_index} (simulated)"
-        else:
-            dev = tensor.device
-            if dev.type in ("cpu", "meta"):
-                return None
-            device = str(dev)
+            return (device, counted[0]), counted[1], device
+        dev = tensor.device
+        if dev.type in ("cpu", "meta"):
+            return None
         storage = tensor.untyped_storage()
+        device = str(dev)
         return (device, storage.data_ptr()), int(storage.nbytes()), device
     except Exception:
         # sparse, nested and subclass tensors may have no plain storage: skip them, never fail

@@ -272,6 +272,17 @@ class SimulatedGPU:
         ref = self._live.get(storage._cdata)
         return ref is not None and ref() is storage
 
+    def counted_storage(self, tensor: torch.Tensor) -> tuple[int, int] | None:
+        """(storage key, nbytes) when the tensor's storage is counted on this card, else None."""
+        try:
+            storage = tensor.untyped_storage()
+        except Exception:
+            return None
+        ref = self._live.get(storage._cdata)
+        if ref is None or ref() is not storage:
+            return None
+        return ref.key, ref.nbytes
+
     def track(self, *tensors: torch.Tensor) -> None:
         """Count tensors made before the simulation, as if moved to the card (may raise its OOM)."""
         import torch

@@ -74,7 +74,8 @@ class ClearCache(Fix):
             parts.append("delete " + ", ".join(f"`{n}`" for n in ctx.drop))
         if ctx.drop_output_cache:
             parts.append("clear the output cache (Out, _)")
-        action = "; ".join(parts).capitalize() + "; then re-run the cell."
+        joined = "; ".join(parts)
+        action = joined[:1].upper() + joined[1:] + "; then re-run the cell."
         short = d.shortfall_bytes
         if d.causes and d.causes[0].key == "request_exceeds_card":
             return Check(

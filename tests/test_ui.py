@@ -1,0 +1,200 @@
+"""The panel, gauge and sidebar as widgets (state and text), without a browser.
+
+The panel is built for a real failure in a real InteractiveShell on the simulated GPU; a button's
+``click()`` runs the same callback a browser click does.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+import jupyter_gpumem
+from jupyter_gpumem.readings import MemorySnapshot
+
+from .test_fixes import CELL, SETUP
+
+pytest.importorskip("ipywidgets")
+
+
+@pytest.fixture
+def failed(shell: Any) -> Any:
+    shell.run_cell("%gpumem simulate 160MiB")
+    shell.run_cell(SETUP)
+    shell.run_cell(CELL)
+    ext = jupyter_gpumem._extension_for(shell)
+    assert ext.hook.last_failure is not None
+    return ext
+
+
+def _panel(ext: Any) -> Any:
+    from jupyter_gpumem.ui.panel import DiagnosisPanel
+
+    return DiagnosisPanel(ext, ext.hook.last_failure)
+
+
+def _texts(widget: Any) -> str:
+    out = []
+    stack = [widget]
+    while stack:
+        w = stack.pop()
+        out.append(str(getattr(w, "value", "")) if hasattr(w, "value") else "")
+        out.append(str(getattr(w, "description", "")))
+        out.append(str(getattr(w, "tooltip", "") or ""))
+        stack.extend(getattr(w, "children", ()))
+    return "\n".join(out)
+
+
+def test_panel_shows_numbers_chart_causes_and_four_buttons(failed: Any) -> None:
+    import plotly.graph_objects as go
+
+    panel = _panel(failed)
+    text = _texts(panel.widget)
+    assert "GPU out of memory: Tried to allocate" in text
+    assert "of 160 MiB" in text
+    assert set(panel.buttons) == {"clear", "batch", "autocast", "cpu"}
+    labels = [b.description for b in panel.buttons.values()]
+    assert labels[0].startswith("Clear cache") and labels[1].startswith("Reduce batch")
+    assert labels[2].startswith("Enable autocast") and labels[3].startswith("Move to CPU")
+    assert "(~" in panel.buttons["batch"].description, "the predicted saving is on the button"
+    assert all(b.tooltip for b in panel.buttons.values()), "every button says what it will do"
+    charts = [w for w in panel.body.children if isinstance(w, go.FigureWidget)]
+    assert len(charts) == 1
+    names = " ".join(t.name for t in charts[0].data)
+    assert "requested" in names and "free" in names and "weights" in names
+
+
+def test_reduce_batch_click_rescues_and_shows_what_fit(failed: Any) -> None:
+    panel = _panel(failed)
+    outcome = panel.click("batch")
+    assert outcome is not None and outcome.ok
+    status = panel.status.value
+    assert "✓" in status and "Fits at batch" in status
+    assert f"batch_size = {outcome.batch}" in status
+    assert failed.shell.user_ns["batch_size"] == outcome.batch
+    assert all(b.disabled for b in panel.buttons.values()), "done: no second click on stale state"
+
+
+def test_a_second_oom_replaces_the_panel_content(shell: Any) -> None:
+    shell.run_cell("%gpumem simulate 160MiB")
+    shell.run_cell(SETUP)
+    shell.run_cell(CELL.replace("256", "600"))
+    panel = _panel(jupyter_gpumem._extension_for(shell))
+    first_failure = panel.failed
+    # clearing frees little: at batch 600 the re-run runs out of memory again
+    outcome = panel.click("clear")
+    assert outcome is not None and not outcome.ok
+    assert panel.failed is not first_failure, "the panel now shows the new diagnosis"
+    assert "The new diagnosis is above" in panel.status.value
+    assert len(panel.widget.children) == 2, "one panel, its body redrawn, never a stack"
+
+
+def test_guard_asks_inside_the_panel(shell: Any) -> None:
+    shell.run_cell("%gpumem simulate 160MiB")
+    shell.run_cell(SETUP)
+    shell.run_cell("step = 0")
+    shell.run_cell("step += 1\n" + CELL)
+    ext = jupyter_gpumem._extension_for(shell)
+    panel = _panel(ext)
+    assert panel.click("batch") is None
+    question = _texts(panel.confirm_box)
+    assert "Re-run anyway?" in question and "step" in question
+    assert shell.user_ns["step"] == 1
+    yes = next(
+        w for w in panel.confirm_box.children[1].children if w.description == "Re-run anyway"
+    )
+    yes.click()
+    assert shell.user_ns["step"] >= 2, "re-run, as the user asked"
+    assert "Fits at batch" in panel.status.value
+
+
+def test_a_fix_that_does_not_apply_is_disabled_and_says_why(shell: Any) -> None:
+    shell.run_cell("%gpumem simulate 160MiB")
+    shell.run_cell(SETUP)
+    shell.run_cell("n_rows = 4096")
+    shell.run_cell("y = model(torch.randn(n_rows, 32, 1024, device='cuda'))")
+    panel = _panel(jupyter_gpumem._extension_for(shell))
+    b = panel.buttons["batch"]
+    assert b.disabled
+    assert "no batch size found in this cell" in b.tooltip
+    assert "--batch-var" in _texts(panel.widget)
+
+
+def _snapshot(**kw: Any) -> MemorySnapshot:
+    base: dict[str, Any] = dict(
+        device_index=0,
+        device_name="Test GPU",
+        simulated=False,
+        total_bytes=None,
+        free_bytes=None,
+        used_bytes=None,
+        allocated_bytes=None,
+        reserved_bytes=None,
+        peak_allocated_bytes=None,
+        peak_reserved_bytes=None,
+        num_ooms=None,
+        allowed_bytes=None,
+    )
+    base.update(kw)
+    return MemorySnapshot(**base)
+
+
+def test_gauge_splits_used_memory_and_shows_states() -> None:
+    from jupyter_gpumem.ui.gauge import Gauge
+
+    G = 1 << 30
+    reading = _snapshot(
+        total_bytes=12 * G, used_bytes=9 * G, free_bytes=3 * G,
+        allocated_bytes=5 * G, reserved_bytes=6 * G,
+    )  # fmt: skip
+    g = Gauge(read=lambda: reading)
+    ind = g.widget.data[0]
+    assert abs(ind.value - 9.0) < 1e-6
+    steps = [tuple(s["range"]) for s in ind.gauge.steps]
+    assert steps == [(0, 5.0), (5.0, 6.0), (6.0, 9.0)], "allocated, cache, other processes"
+    assert "75% of 12.00 GiB" in ind.title.text
+
+    none = Gauge(read=lambda: _snapshot(nvml_error="NVMLError_LibraryNotFound"))
+    assert "no GPU reading" in none.widget.data[0].title.text
+
+    def broken() -> MemorySnapshot:
+        raise OSError("GPU is lost")
+
+    lost = Gauge(read=broken)
+    assert "reading failed: OSError: GPU is lost" in lost.widget.data[0].title.text
+    assert lost.errors == 1
+
+
+def test_gauge_thread_samples_and_stops_on_unload(shell: Any) -> None:
+    from jupyter_gpumem.ui import gauge as gauge_mod
+
+    shell.run_cell("%gpumem simulate 1GiB")
+    g = gauge_mod.Gauge(interval=0.05).start()
+    shell.run_cell("import torch; blocks = []")
+    for _ in range(3):
+        shell.run_cell("blocks.append(torch.empty(64 * 2**20, dtype=torch.uint8, device='cuda'))")
+        time.sleep(0.2)
+    assert g.running and g.updates >= 3
+    assert g.widget.data[0].value > 0.15
+    assert "simulated" in g.widget.data[0].title.text.lower()
+    shell.run_cell("%unload_ext jupyter_gpumem")
+    assert not g.running, "unload stops every gauge thread"
+    shell.run_cell("%load_ext jupyter_gpumem")
+
+
+def test_sidebar_falls_back_inline_outside_jupyterlab(monkeypatch: Any) -> None:
+    from jupyter_gpumem.ui.sidebar import SIDEBAR_WIDTH, Sidebar
+
+    monkeypatch.setenv("JUPYTER_GPUMEM_FRONTEND", "inline")
+    shown: list[Any] = []
+    sb = Sidebar(interval=1.0, history_s=60)
+    try:
+        msg = sb.open(shown.append)
+        assert msg == "No JupyterLab here: the gauge is shown inline instead of in a sidebar."
+        assert shown == [sb.gauge.widget]
+        assert sb.gauge.widget.layout.width <= SIDEBAR_WIDTH
+    finally:
+        sb.close()
+    assert not sb.gauge.running
