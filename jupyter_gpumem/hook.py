@@ -32,21 +32,22 @@ _DISPATCH_FILES = (
 )
 
 
-def trim_dispatch_frames(tb: TracebackType | None) -> None:
-    """Drop the simulated GPU's own frames from the end of a traceback.
+def without_dispatch_frames(tb: TracebackType | None) -> TracebackType | None:
+    """A copy of the traceback without the simulated GPU's own frames, for display.
 
-    A real CUDA OOM is raised in C++ under the user's last Python frame; the simulated one is raised
-    by a dispatch mode, several Python frames deeper. Those frames say nothing to the user.
+    A real CUDA OOM is raised in C++ under the user's last Python frame; the simulated one passes
+    through torch function and dispatch modes, Python frames that say nothing to the user. The
+    original traceback (and its frames, for the diagnosis and %debug) is left as it is.
     """
     entries = []
     while tb is not None:
-        entries.append(tb)
+        if not _is_dispatch(tb):
+            entries.append(tb)
         tb = tb.tb_next
-    keep = len(entries)
-    while keep > 1 and _is_dispatch(entries[keep - 1]):
-        keep -= 1
-    if keep < len(entries):
-        entries[keep - 1].tb_next = None
+    copy: TracebackType | None = None
+    for e in reversed(entries):
+        copy = TracebackType(copy, e.tb_frame, e.tb_lasti, e.tb_lineno)
+    return copy
 
 
 def _is_dispatch(tb: TracebackType) -> bool:
@@ -141,10 +142,10 @@ class OOMHook:
     ) -> None:
         """IPython's own traceback, with less context per frame."""
         shell = self.shell
-        if simulated.current() is not None:
-            trim_dispatch_frames(tb)
         # what IPython's showtraceback records, so %debug and %tb work as usual
         sys.last_type, sys.last_value, sys.last_traceback = etype, value, tb
+        if simulated.current() is not None:
+            tb = without_dispatch_frames(tb)
         if sys.version_info >= (3, 12):
             sys.last_exc = value
         itb = shell.InteractiveTB

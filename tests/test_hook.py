@@ -252,3 +252,15 @@ def test_namespace_mark_finds_the_names_that_existed() -> None:
     assert mark.preexisting(ns) == {"a", "b"}
     del ns["a"]  # a name before the mark deleted by the cell
     assert mark.preexisting(ns) == {"b"}
+
+
+def test_simulated_gpu_frames_are_not_in_the_traceback_shown(shell: Any, capsys: Any) -> None:
+    shell.run_cell("%gpumem simulate 1GiB")
+    shell.run_cell("import torch\nlin = torch.nn.Linear(1024, 1024).cuda()")
+    capsys.readouterr()
+    shell.run_cell("y = lin(torch.randn(200000, 1024, device='cuda'))")
+    out = capsys.readouterr().out
+    assert "OutOfMemoryError" in out and "Linear.forward" in out
+    assert "jupyter_gpumem/backends" not in out and "_python_dispatch" not in out
+    # %debug still gets the real traceback, frames included
+    assert sys.last_traceback is None or sys.last_traceback.tb_frame is not None
