@@ -127,6 +127,8 @@ class Extension:
             print(f"To make it permanent: {outcome.change}")
         for note in outcome.notes:
             print(f"  note: {note}")
+        if outcome.new_source:
+            print("\n" + outcome.new_source)
         if not outcome.ok and outcome.failure is not None:
             self.hook.last_failure = outcome.failure
             self.present(outcome.failure)

@@ -252,3 +252,29 @@ def test_oomsafe_argument_errors(shell: Any, line: str) -> None:
     magic = shell.magics_manager.magics["cell"]["oomsafe"]
     with pytest.raises(UsageError):
         magic(line, "x = 1\n")
+
+
+TRAIN_CELL = (
+    "batch_size = 256\n"
+    "opt = torch.optim.SGD(model.parameters(), lr=0.01)\n"
+    "for i in range(2):\n"
+    "    opt.zero_grad()\n"
+    '    loss = model(torch.randn(batch_size, 32, 1024, device="cuda")).sum()\n'
+    "    loss.backward()\n"
+    "    opt.step()\n"
+)
+
+
+def test_reduce_batch_offers_and_applies_gradient_accumulation(sim: Any, capsys: Any) -> None:
+    sim.run_cell(TRAIN_CELL)
+    capsys.readouterr()
+    sim.run_cell("%gpumem retry batch --force")
+    out = capsys.readouterr().out
+    assert "Gradient accumulation keeps" in out and "--accumulate" in out
+    sim.run_cell(TRAIN_CELL)
+    capsys.readouterr()
+    sim.run_cell("%gpumem retry batch --force --accumulate")
+    out = capsys.readouterr().out
+    assert "with gradient accumulation" in out
+    assert "_gpumem_accum_i" in out, "the rewritten cell is shown"
+    assert "loss" in out and "/ " in out

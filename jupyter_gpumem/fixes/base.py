@@ -72,6 +72,7 @@ class FixOutcome:
     failure: FailedCell | None = None  # the diagnosis of the last OOM, when it did not fit
     refused: bool = False  # the side-effect guard stopped it
     batch: int | None = None
+    new_source: str | None = None  # the rewritten cell, when the fix's change is more than a line
 
     @property
     def runs(self) -> int:

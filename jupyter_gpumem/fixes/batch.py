@@ -133,8 +133,25 @@ class ReduceBatch(Fix):
         outcome.message = f"Fits at batch {best} (was {finding.value}), {outcome.peak_text()}."
         outcome.change = describe_change(finding, best)
         plan = accumulation_plan(source, finding, best)
-        if plan is not None:
+        if plan is not None and ctx.accumulate:
+            result = ctx.run(Plan(plan.source, batch=best, note="with accumulation"))
+            attempt = Attempt(
+                self.key, result.ok, result.peak_bytes, result.capacity_bytes, result.seconds,
+                best, "with gradient accumulation",
+            )  # fmt: skip
+            attempts.append(attempt)
+            if ctx.on_attempt:
+                ctx.on_attempt(attempt)
+            outcome.ok = result.ok
+            outcome.failure = result.failure
+            outcome.new_source = plan.source
+            outcome.change = "use the cell below (gradient accumulation keeps the effective batch)"
             outcome.notes.append(plan.explanation)
+        elif plan is not None:
+            outcome.notes.append(
+                plan.explanation
+                + " To keep the effective batch: `%gpumem retry batch --accumulate --force`."
+            )
         else:
             outcome.notes.append(
                 f"The effective batch changed from {finding.value} to {best}: "
