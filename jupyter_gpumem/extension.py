@@ -28,6 +28,13 @@ def fix_lines(checks: dict[str, Any]) -> list[str]:
     return lines
 
 
+def display_widget(widget: Any, display: Any) -> None:
+    """A widget with a one-line text/plain, not its trait dump, for front ends without widgets."""
+    bundle = dict(widget._repr_mimebundle_() or {})
+    bundle["text/plain"] = "GPU memory gauge (live; shown where Jupyter widgets are available)"
+    display(bundle, raw=True)
+
+
 class Extension:
     def __init__(self, shell: Any) -> None:
         self.shell = shell
@@ -53,6 +60,9 @@ class Extension:
     def load(self) -> None:
         self.hook.install()
         self.shell.register_magics(self.magics)
+        configurables = getattr(self.shell, "configurables", None)
+        if isinstance(configurables, list):
+            configurables.append(self.settings)  # so `%config GpuMem.gauge_interval = 0.5` works
         if self.settings.sidebar_on_load and self.widgets_available():
             try:
                 print(self.open_sidebar())
@@ -61,6 +71,9 @@ class Extension:
 
     def unload(self) -> None:
         self.hook.uninstall()
+        configurables = getattr(self.shell, "configurables", None)
+        if isinstance(configurables, list) and self.settings in configurables:
+            configurables.remove(self.settings)
         if self.sidebar is not None:
             self.sidebar.close()
             self.sidebar = None
@@ -100,7 +113,7 @@ class Extension:
         from .ui.gauge import Gauge
 
         gauge = Gauge(interval=self.settings.gauge_interval, history_s=self.settings.gauge_history)
-        display(gauge.widget)
+        display_widget(gauge.widget, display)
         return gauge.start()
 
     def open_sidebar(self) -> str:
@@ -111,7 +124,7 @@ class Extension:
         if self.sidebar is not None:
             self.sidebar.close()
         self.sidebar = Sidebar(self.settings.gauge_interval, self.settings.gauge_history)
-        return self.sidebar.open(display)
+        return self.sidebar.open(lambda w: display_widget(w, display))
 
     def close_sidebar(self) -> bool:
         if self.sidebar is None:

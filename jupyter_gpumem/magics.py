@@ -63,6 +63,7 @@ class GpuMemMagics(Magics):
     @line_magic
     def gpumem(self, line: str = "") -> None:
         """Show and control GPU memory from a notebook (jupyter_gpumem)."""
+        line = line.split(" #", 1)[0]  # a trailing comment is not an argument
         opts = parse_argstring(self.gpumem, line)
         command, args = opts.command, list(opts.args)
         handler = getattr(self, f"_cmd_{command}", None)

@@ -52,7 +52,7 @@ class Autocast(Fix):
         if outcome.ok:
             outcome.message = f"The cell fits under autocast ({dtype}), {outcome.peak_text()}."
             outcome.change = (
-                f"Wrap the cell's work in `with torch.autocast('cuda', dtype=torch.{dtype}):`."
+                f"wrap the cell's work in `with torch.autocast('cuda', dtype=torch.{dtype}):`."
             )
             d = ctx.failed.diagnosis
             if d is not None and d.working_set_bytes and outcome.peak_bytes is not None:
