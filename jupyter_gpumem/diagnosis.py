@@ -138,7 +138,7 @@ def _breakdown(
             slices.append(Slice("activations and other tensors", rest, "pytorch"))
     if reserved is not None and allocated is not None and reserved > allocated:
         slices.append(Slice("allocator cache", reserved - allocated, "cache"))
-    if process_used is not None and reserved is not None and process_used > reserved:
+    if process_used is not None and reserved is not None and process_used - reserved >= 1 << 20:
         slices.append(Slice("CUDA context (non-PyTorch)", process_used - reserved, "context"))
     if others:
         slices.append(Slice("other processes", others, "other"))

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..units import format_bytes, format_gib
+from ..units import format_bytes
 
 if TYPE_CHECKING:
     from ..failure import FailedCell
@@ -51,8 +51,8 @@ class Attempt:
         if self.peak_bytes is not None and self.capacity_bytes:
             share = 100 * self.peak_bytes / self.capacity_bytes
             peak = (
-                f"peak {format_gib(self.peak_bytes).removesuffix(' GiB')} of "
-                f"{format_gib(self.capacity_bytes)} ({share:.0f}%)"
+                f"peak {format_bytes(self.peak_bytes)} of {format_bytes(self.capacity_bytes)} "
+                f"({share:.0f}%)"
             )
         elif self.peak_bytes is not None:
             peak = f"peak {format_bytes(self.peak_bytes)}"

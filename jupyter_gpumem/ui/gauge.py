@@ -117,7 +117,7 @@ class Gauge:
         fig.update_layout(
             width=width,
             height=height,
-            margin={"l": 30, "r": 20 if narrow else 30, "t": 40, "b": 20},
+            margin={"l": 30, "r": 20 if narrow else 30, "t": 90 if narrow else 40, "b": 20},
             showlegend=not narrow,
             legend={"orientation": "h", "y": -0.15, "font": {"size": 10}},
             paper_bgcolor="rgba(0,0,0,0)",
@@ -159,7 +159,7 @@ class Gauge:
         ind = self.widget.data[0]
         with self.widget.batch_update():
             ind.value = used
-            ind.title.text = f"{title}{pct}<br><span style='font-size:10px'>allocated {format_gib(int(alloc * GiB))} · cache {format_gib(int(cache * GiB))} · other {format_gib(int(other * GiB))}</span>"
+            ind.title.text = self._title(title, pct, alloc, cache, other)
             ind.gauge.axis.range = [0, total]
             ind.gauge.steps = steps
             ind.gauge.threshold.value = total
@@ -167,6 +167,20 @@ class Gauge:
                 self.widget.data[1 + i].x = xs
                 self.widget.data[1 + i].y = list(series)
         self.updates += 1
+
+    def _title(self, title: str, pct: str, alloc: float, cache: float, other: float) -> str:
+        def gib(v: float) -> str:
+            return format_gib(int(v * GiB))
+
+        if self.narrow:  # ~240 px: one short fact per line, nothing clipped
+            return (
+                f"{title}<br>{pct.removeprefix(' · ')}<br><span style='font-size:10px'>"
+                f"allocated {gib(alloc)}<br>cache {gib(cache)} · other {gib(other)}</span>"
+            )
+        return (
+            f"{title}{pct}<br><span style='font-size:10px'>allocated {gib(alloc)} · "
+            f"cache {gib(cache)} · other {gib(other)}</span>"
+        )
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

@@ -145,7 +145,7 @@ class DiagnosisPanel:
             for k, c in self.checks.items()
             if not c.applies
         ]
-        parts.append(W.HBox(rows, layout=W.Layout(flex_flow="row wrap", gap="6px")))
+        parts.append(W.HBox(rows, layout=W.Layout(flex_flow="row wrap")))
         if why:
             parts.append(W.HTML(f"<div class='gpumem-why'>{'<br>'.join(why)}</div>"))
         parts += [self.confirm_box, self.status, self.output]

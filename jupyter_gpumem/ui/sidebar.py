@@ -42,7 +42,7 @@ def in_jupyterlab() -> bool:
 class Sidebar:
     def __init__(self, interval: float, history_s: float) -> None:
         self.gauge = Gauge(
-            interval=interval, history_s=history_s, width=SIDEBAR_WIDTH, height=300, narrow=True
+            interval=interval, history_s=history_s, width=SIDEBAR_WIDTH, height=360, narrow=True
         )
         self.sidecar: Any = None
 
