@@ -282,6 +282,27 @@ def test_panel_reduce_batch_click_rescues_the_cell(open_notebook):
     check = run_cell(page, 2)
     expect(check.locator(".jp-OutputArea-output")).to_contain_text(f"batch now {found}")
 
+    # readable in JupyterLab's dark theme: the panel's text follows the theme's colours
+    page.evaluate(
+        "window.jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Dark'})"
+    )
+    page.wait_for_function("document.body.dataset.jpThemeLight === 'false'", timeout=T_LONG)
+    page.wait_for_timeout(500)
+    headline = panel.locator(".gpumem-diag h4")
+    fg = headline.evaluate("e => getComputedStyle(e).color")
+    bg = page.locator(".jp-Notebook").evaluate("e => getComputedStyle(e).backgroundColor")
+    assert luminance(fg) - luminance(bg) > 0.4, (fg, bg)
+    panel.scroll_into_view_if_needed()
+    shot(page, "panel-dark.png")
+    page.evaluate(
+        "window.jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Light'})"
+    )
+
+
+def luminance(css: str) -> float:
+    r, g, b = (int(v) / 255 for v in re.findall(r"\d+", css)[:3])
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
 
 GAUGE = """\
 %load_ext jupyter_gpumem

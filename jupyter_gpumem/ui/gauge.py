@@ -61,7 +61,7 @@ class Gauge:
         interval: float = 1.0,
         history_s: float = 120.0,
         width: int = 420,
-        height: int = 300,
+        height: int = 330,
         read: Callable[[], MemorySnapshot] = read_snapshot,
         narrow: bool = False,
     ) -> None:
@@ -91,7 +91,7 @@ class Gauge:
                 number={
                     "suffix": " GiB",
                     "valueformat": ".2f",
-                    "font": {"size": 22 if narrow else 28},
+                    "font": {"size": 22 if narrow else 28, "color": "#4a8fe0"},
                 },
                 title={"text": "GPU memory", "font": {"size": 12}},
                 gauge={
@@ -117,15 +117,17 @@ class Gauge:
         fig.update_layout(
             width=width,
             height=height,
-            margin={"l": 30, "r": 20 if narrow else 30, "t": 90 if narrow else 40, "b": 20},
+            margin={"l": 30, "r": 20 if narrow else 30, "t": 90 if narrow else 65, "b": 20},
             showlegend=not narrow,
             legend={"orientation": "h", "y": -0.15, "font": {"size": 10}},
             paper_bgcolor="rgba(0,0,0,0)",
             plot_bgcolor="rgba(0,0,0,0)",
-            font={"size": 11},
+            font={"size": 11, "color": "#8c8c8c"},  # readable on light and dark themes
         )
         fig.update_xaxes(showticklabels=False, row=2, col=1)
-        fig.update_yaxes(ticksuffix=" G", row=2, col=1, rangemode="tozero")
+        fig.update_yaxes(
+            ticksuffix=" G", row=2, col=1, rangemode="tozero", gridcolor="rgba(127,127,127,0.25)"
+        )
         self.widget = go.FigureWidget(fig)
         _gauges.add(self)
         self.sample()

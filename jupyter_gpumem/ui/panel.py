@@ -78,10 +78,10 @@ def breakdown_figure(d: Diagnosis, width: int = 640) -> go.FigureWidget:
         height=190,
         margin={"l": 70, "r": 10, "t": 10, "b": 30},
         legend={"orientation": "h", "y": -0.35, "font": {"size": 10}},
-        xaxis={"ticksuffix": " GiB", "rangemode": "tozero"},
+        xaxis={"ticksuffix": " GiB", "rangemode": "tozero", "gridcolor": "rgba(127,127,127,0.25)"},
         paper_bgcolor="rgba(0,0,0,0)",
         plot_bgcolor="rgba(0,0,0,0)",
-        font={"size": 11},
+        font={"size": 11, "color": "#8c8c8c"},  # readable on light and dark themes
     )
     return go.FigureWidget(fig)
 
