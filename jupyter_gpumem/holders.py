@@ -28,7 +28,7 @@ from types import (
 )
 from typing import Any
 
-from .backends import _torch
+from .backends import _torch, simulated
 
 SMALL_TENSOR_BYTES = 1 << 20  # variables holding less are summed into one "small tensors" row
 MAX_ITEMS = 1000  # entries looked at per container / object: bounded even for a list of 1e6 items
@@ -117,6 +117,8 @@ class _Scan:
     def __init__(self, torch: Any, budget_s: float) -> None:
         self.deadline = time.perf_counter() + budget_s
         self.cut_short = 0  # containers and objects not looked into, once the budget ran out
+        self.sim = simulated.current()
+        self.sim_device = f"cuda:{self.sim.device_index} (simulated)" if self.sim else ""
         self.seen: set[tuple[str, int]] = set()
         self.kinds: dict[type, int] = {}
         self.tensor_cls, self.module_cls = torch.Tensor, torch.nn.Module
@@ -140,6 +142,15 @@ class _Scan:
         return k
 
     def take(self, t: Any) -> tuple[int, str]:
+        if self.sim is not None:  # the hot path with thousands of simulated tensors: no layers
+            counted = self.sim.counted_storage(t)
+            if counted is None:
+                return 0, ""
+            key = (self.sim_device, counted[0])
+            if key in self.seen:
+                return 0, self.sim_device
+            self.seen.add(key)
+            return counted[1], self.sim_device
         info = _torch.gpu_storage(t)
         if info is None:
             return 0, ""
@@ -332,7 +343,10 @@ def _find(
     hidden_set = set(hidden)
     used = set(cell_names)
     fresh = set(recreated)
-    variables: list[tuple[int, str, Any]] = []
+    # models first, then optimizers, then the rest: weights belong to the model
+    models: list[tuple[str, Any]] = []
+    optimizers: list[tuple[str, Any]] = []
+    rest: list[tuple[str, Any]] = []
     cache: list[tuple[str, Any]] = []
     kinds = scan.kinds
     for name, obj in list(user_ns.items()):
@@ -348,17 +362,15 @@ def _find(
         if name in hidden_set:
             continue
         k = kinds.get(type(obj)) or scan.kind(obj)
-        if k != _SKIP:
-            variables.append((0 if k == _MODEL else 1 if k == _OPTIMIZER else 2, name, obj))
+        if k == _SKIP:
+            continue
+        (models if k == _MODEL else optimizers if k == _OPTIMIZER else rest).append((name, obj))
     result.scanned_names = len(user_ns)
-    # models first, then optimizers, then the rest: weights belong to the model (stable sort:
-    # namespace order within a rank)
-    variables.sort(key=lambda t: t[0])
-
     found: list[tuple[Holder, Any]] = []
+
     small = Holder("small tensors", "tensors", "variable", "")
     small_names: list[str] = []
-    for _r, name, obj in variables:
+    for name, obj in (*models, *optimizers, *rest):
         if kinds.get(type(obj)) == _TENSOR:
             n, dev = scan.take(obj)
             if not n:
@@ -370,6 +382,9 @@ def _find(
                 small_names.append(name)
                 continue
             h: Holder | None = Holder(name, "tensor", "variable", dev, tensor_bytes=n)
+        elif kinds.get(type(obj)) == _COMPOSITE and time.perf_counter() > scan.deadline:
+            scan.cut_short += 1  # out of time: count it without the call
+            continue
         else:
             h = scan.holder(name, "variable", obj)
         if h is None:

@@ -125,8 +125,8 @@ class Fix:
     def apply(self, ctx: FixContext) -> FixOutcome:
         raise NotImplementedError
 
-    # shared by the fixes that make one run with a plan
-    def _single_run(self, ctx: FixContext, plan: Plan, check: Check) -> FixOutcome:
+    def run_once(self, ctx: FixContext, plan: Plan) -> tuple[RunResult, Attempt]:
+        """One re-run under ``plan``, reported to ``ctx.on_attempt`` as it ends."""
         assert ctx.run is not None
         result = ctx.run(plan)
         attempt = Attempt(
@@ -140,6 +140,10 @@ class Fix:
         )
         if ctx.on_attempt:
             ctx.on_attempt(attempt)
+        return result, attempt
+
+    def _single_run(self, ctx: FixContext, plan: Plan, check: Check) -> FixOutcome:
+        result, attempt = self.run_once(ctx, plan)
         return FixOutcome(
             fix=self.key,
             ok=result.ok,

@@ -83,13 +83,10 @@ class ReduceBatch(Fix):
             if b is None:
                 break
             new_source, updates = apply_batch(source, finding, b)
-            result = ctx.run(Plan(new_source, namespace_updates=updates, batch=b))
-            attempt = Attempt(
-                self.key, result.ok, result.peak_bytes, result.capacity_bytes, result.seconds, b
+            result, attempt = self.run_once(
+                ctx, Plan(new_source, namespace_updates=updates, batch=b)
             )
             attempts.append(attempt)
-            if ctx.on_attempt:
-                ctx.on_attempt(attempt)
             if result.ok:
                 search.observe(Observation(b, True, result.peak_bytes))
             else:
@@ -109,13 +106,10 @@ class ReduceBatch(Fix):
         if best is not None and attempts and attempts[-1].batch != best:
             # the last run was not the best one: run the best so the namespace holds its results
             new_source, updates = apply_batch(source, finding, best)
-            result = ctx.run(Plan(new_source, namespace_updates=updates, batch=best))
-            attempt = Attempt(
-                self.key, result.ok, result.peak_bytes, result.capacity_bytes, result.seconds, best
+            _result, attempt = self.run_once(
+                ctx, Plan(new_source, namespace_updates=updates, batch=best)
             )
             attempts.append(attempt)
-            if ctx.on_attempt:
-                ctx.on_attempt(attempt)
         outcome = FixOutcome(
             fix=self.key,
             ok=best is not None,
@@ -134,14 +128,10 @@ class ReduceBatch(Fix):
         outcome.change = describe_change(finding, best)
         plan = accumulation_plan(source, finding, best)
         if plan is not None and ctx.accumulate:
-            result = ctx.run(Plan(plan.source, batch=best, note="with accumulation"))
-            attempt = Attempt(
-                self.key, result.ok, result.peak_bytes, result.capacity_bytes, result.seconds,
-                best, "with gradient accumulation",
-            )  # fmt: skip
+            result, attempt = self.run_once(
+                ctx, Plan(plan.source, batch=best, note="with gradient accumulation")
+            )
             attempts.append(attempt)
-            if ctx.on_attempt:
-                ctx.on_attempt(attempt)
             outcome.ok = result.ok
             outcome.failure = result.failure
             outcome.new_source = plan.source
