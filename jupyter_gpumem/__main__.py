@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import textwrap
 
 SETUP = """\
 import torch
@@ -29,7 +28,10 @@ def _rule(title: str) -> None:
 
 
 def _cell(shell: object, source: str) -> None:
-    print(textwrap.indent(source.rstrip(), "  In : "))
+    first, *rest = source.rstrip().splitlines()
+    print("  In : " + first)
+    for line in rest:
+        print(" ...: " + line)
     shell.run_cell(source, store_history=True)  # type: ignore[attr-defined]
 
 
