@@ -593,3 +593,121 @@ def test_bad_sizes_are_refused() -> None:
     with pytest.raises(ValueError):
         simulated.start(GiB, allowed_bytes=-1)
     assert simulated.current() is None
+
+
+# ---- other threads: on_this_thread -------------------------------------------------------------
+
+
+def in_thread(fn: Any) -> Any:
+    """Run ``fn`` on a fresh thread; its result, or the exception it raised."""
+    result: list[Any] = []
+
+    def body() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:
+            result.append(exc)
+
+    worker = threading.Thread(target=body)
+    worker.start()
+    worker.join()
+    return result[0]
+
+
+def stacks() -> tuple[list[Any], list[Any]]:
+    return list(_get_current_function_mode_stack()), list(_get_current_dispatch_mode_stack())
+
+
+def test_on_this_thread_counts_work_on_another_thread_and_leaves_its_stacks_as_they_were() -> None:
+    gpu = simulated.start(64 * MiB)
+    main_before = stacks()
+
+    def elsewhere() -> Any:
+        before = stacks()
+        with simulated.on_this_thread() as sim:
+            x = torch.randn(4 * MiB, device="cuda")  # 16 MiB, counted
+            counted = gpu.holds(x) and gpu.allocated_bytes == 16 * MiB and sim is gpu
+            moved = torch.ones(8, device="cpu").cuda()  # .cuda() works: a copy, counted
+            counted = counted and gpu.holds(moved)
+            message = oom_of(torch.randn, 32 * MiB, device="cuda")  # 128 MiB: the simulated OOM
+        after = stacks()
+        outside = torch.empty(MiB, dtype=torch.uint8)  # not counted any more
+        return counted, message, before == after == ([], []), gpu.holds(outside), x
+
+    counted, message, unchanged, held_outside, x = in_thread(elsewhere)
+    assert counted and unchanged and not held_outside
+    assert parse(message)["total"] == 64 * MiB
+    assert gpu.num_ooms == 1 and gpu.holds(x)
+    assert stacks() == main_before and len(ours(main_before[1])) == 1
+    assert simulated.current() is gpu
+    del x
+    gc.collect()  # the OOM's traceback held the worker's frame in a cycle
+    assert gpu.allocated_bytes == 0
+
+
+def test_on_this_thread_is_a_no_op_without_a_simulation_or_where_it_is_active() -> None:
+    def plain() -> Any:
+        with simulated.on_this_thread() as sim:
+            return sim, stacks()
+
+    assert in_thread(plain) == (None, ([], []))
+    gpu = simulated.start(64 * MiB)
+    before = stacks()
+    with simulated.on_this_thread() as sim:  # the starting thread: already active
+        assert sim is gpu and stacks() == before
+
+    def nested() -> Any:
+        with simulated.on_this_thread():
+            once = stacks()
+            with simulated.on_this_thread() as inner:  # re-entrant: nothing more pushed
+                twice = stacks()
+            return inner is gpu and once == twice and len(once[0]) == len(once[1]) == 1
+
+    assert in_thread(nested) is True
+
+
+def test_on_this_thread_pops_exactly_its_own_modes_even_under_a_mode_pushed_later() -> None:
+    gpu = simulated.start(64 * MiB)
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            return func(*args, **(kwargs or {}))
+
+    def elsewhere() -> Any:
+        watch = Watch()
+        with simulated.on_this_thread():
+            watch.__enter__()  # pushed above ours, left on when the block ends
+        left = stacks()
+        watch.__exit__(None, None, None)
+        return left, stacks(), watch
+
+    left, finally_, watch = in_thread(elsewhere)
+    assert left == ([], [watch]) and finally_ == ([], [])
+    assert gpu.allocated_bytes == 0
+
+
+def test_on_this_thread_follows_pause_and_stop_from_the_starting_thread() -> None:
+    gpu = simulated.start(64 * MiB)
+    entered, go_on = threading.Event(), threading.Event()
+    seen: list[Any] = []
+
+    def elsewhere() -> None:
+        with simulated.on_this_thread():
+            entered.set()
+            go_on.wait(10)
+            t = torch.empty(128 * MiB, dtype=torch.uint8)  # stopped: neither counted nor refused
+            seen.append(gpu.holds(t))
+        seen.append(stacks())
+
+    worker = threading.Thread(target=elsewhere)
+    worker.start()
+    assert entered.wait(10)
+    with simulated.paused():
+        assert all(m.holds is None for m in simulated._borrowed)  # paused there too
+    assert all(m.holds is not None for m in simulated._borrowed)
+    simulated.stop()
+    go_on.set()
+    worker.join()
+    assert seen == [False, ([], [])] and not simulated._borrowed

@@ -55,7 +55,8 @@ Limits:
   ``torch.Generator("cuda")``, ``torch.autocast("cuda")`` (no effect on CPU tensors);
   ``torch.compile`` was only tried with its ``eager`` backend.
 - Storages grown in place (``resize_``, ``out=``) count at their new size but never raise.
-- torch's modes are per thread: work on other threads is not counted (readings are global), and
+- torch's modes are per thread: work on other threads is not counted (readings are global)
+  unless it runs under ``on_this_thread()`` (a widget's callback, say), and
   forked workers (``DataLoader(num_workers=...)``) count nothing (they still redirect). ``stop``
   from another thread turns counting and redirection off, leaving inert modes on the starting
   thread until the next ``start`` there. If another mode was pushed above ours, ``stop`` takes ours
@@ -89,6 +90,7 @@ __all__ = [
     "allocation_size",
     "current",
     "format_size",
+    "on_this_thread",
     "oom_message",
     "paused",
     "set_limit",
@@ -685,6 +687,7 @@ _sim: SimulatedGPU | None = None
 _modes: tuple[Any, ...] = ()  # (function mode, dispatch mode) pushed by start
 _thread: int | None = None
 _patched: dict[str, tuple[Any, Any]] = {}  # torch.cuda name -> (original, stand-in)
+_borrowed: list[Any] = []  # function modes pushed by on_this_thread, on other threads
 
 
 def current() -> SimulatedGPU | None:
@@ -739,7 +742,8 @@ def stop() -> None:
         if sim is None:
             return
         sim._active = False
-        modes[0].active = False
+        for mode in (modes[0], *_borrowed):
+            mode.active = False  # a borrowed one leaves its thread's stack when its block ends
         if thread == threading.get_ident():
             _leave(modes[1], dispatch=True)
             _leave(modes[0], dispatch=False)
@@ -754,12 +758,67 @@ def paused() -> Iterator[None]:
         yield
         return
     was_active, holds = sim._active, modes[0].holds
-    sim._active, modes[0].holds = False, None
+    sim._active = False
+    _set_holds(modes[0], None)
     try:
         yield
     finally:
         if _sim is sim:  # not stopped or replaced meanwhile
-            sim._active, modes[0].holds = was_active, holds
+            sim._active = was_active
+            _set_holds(modes[0], holds)
+
+
+def _set_holds(primary: Any, holds: Any) -> None:
+    with _state_lock:
+        for mode in (primary, *_borrowed):
+            mode.holds = holds
+
+
+@contextlib.contextmanager
+def on_this_thread() -> Iterator[SimulatedGPU | None]:
+    """Run the block under the running simulation on this thread too; yields it (or None).
+
+    torch's modes are per thread, and ``start`` pushed them on its own: a widget's callback or a
+    worker thread would otherwise place "CUDA" tensors on a machine without CUDA. Pushes
+    equivalent modes for the block and takes exactly those off at its end, whatever was pushed
+    meanwhile. Nothing to do (cheap) with no simulation or where its modes are already active,
+    so nested blocks and calls on the starting thread are free.
+    """
+    sim = _sim
+    if sim is None or _counting_here(sim):
+        yield sim
+        return
+    with _state_lock:
+        sim = _sim  # stopped or replaced meanwhile: the one running now, if any
+        if sim is not None:
+            function_mode = cuda_to_cpu_mode_class()(holds=_modes[0].holds)
+            function_mode.active = _modes[0].active
+            dispatch_mode = _counting_mode_class()(sim)
+            _borrowed.append(function_mode)
+    if sim is None:
+        yield None
+        return
+    try:
+        function_mode.__enter__()
+        try:
+            dispatch_mode.__enter__()
+            try:
+                yield sim
+            finally:
+                _leave(dispatch_mode, dispatch=True)
+        finally:
+            _leave(function_mode, dispatch=False)
+    finally:
+        with _state_lock:
+            _borrowed.remove(function_mode)
+
+
+def _counting_here(sim: SimulatedGPU) -> bool:
+    """Whether ``sim``'s counting mode is on this thread's dispatch stack."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    counting = _counting_mode_class()
+    return any(isinstance(m, counting) and m.sim is sim for m in _get_current_dispatch_mode_stack())
 
 
 def set_limit(allowed_bytes: int | None) -> None:
