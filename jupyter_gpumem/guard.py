@@ -104,7 +104,7 @@ def analyse_rerun(
         if tree is None:
             return _unknown(limit, "could not read the cell; re-running may repeat its effects")
         walker = _Walker(lines, preexisting, limit)
-        walker.block(tree.body)
+        walker.block(_Globals().visit(tree).body)
     except Exception as exc:  # fail closed: a cell we cannot read is one we ask about
         why = f"could not read the cell ({type(exc).__name__}); re-running may repeat its effects"
         return _unknown(limit, why)
@@ -221,6 +221,15 @@ _IO_CALLS = {"os.system", "os.popen", "subprocess.run", "subprocess.call", "subp
 _IO_METHODS = {"add_scalar", "add_scalars", "add_histogram", "add_image", "add_figure",
                "add_text", "log_metrics", "log_hyperparams"}  # fmt: skip
 _SHUTIL_READS = {"which", "disk_usage", "get_terminal_size"}
+_STD_STREAMS = ("sys.stdout", "sys.stderr")
+_HEAPQ = {"heappush", "heappop", "heapify", "heapreplace", "heappushpop", "heappush_max",
+          "heappop_max", "heapify_max", "heapreplace_max", "heappushpop_max"}  # fmt: skip
+_RUN_CELL = {"run_cell", "run_line_magic", "run_cell_magic"}  # get_ipython().run_cell(...)
+_SQL_CALLS = {"execute", "executemany", "executescript", "commit"}
+_SQL_READS = {"SELECT", "WITH", "PRAGMA", "EXPLAIN", "SHOW", "DESCRIBE", "DESC", "VALUES"}
+_SQL_WRITES = {"INSERT", "UPDATE", "DELETE", "REPLACE", "UPSERT", "MERGE", "CREATE", "DROP",
+               "ALTER", "TRUNCATE", "COPY", "GRANT", "REVOKE", "VACUUM"}  # fmt: skip
+_DB_NAME = re.compile(r"cur|conn|\bcon\b|db|sql|session|engine")
 _PARTLY = " (on the failing line: it may have done part of it before running out of memory)"
 _OPEN_MODE = re.compile(r"^[rwxabtU+]{1,4}(?::\w*)?$")
 _STATE_KW = {"params", "parameters", "model", "module", "optimizer"}
@@ -238,10 +247,18 @@ class _State:
     alias: dict[str, str] = field(default_factory=dict)  # cell name -> pre-existing object it is
     deps: dict[str, frozenset[str]] = field(default_factory=dict)  # pre-existing state it came from
     zeroed: bool = False  # gradients were zeroed before this point
+    methods: dict[str, ast.Attribute] = field(
+        default_factory=dict
+    )  # add = L.append: name -> L.append
 
     def copy(self) -> _State:
         return _State(
-            set(self.fresh), set(self.gone), dict(self.alias), dict(self.deps), self.zeroed
+            set(self.fresh),
+            set(self.gone),
+            dict(self.alias),
+            dict(self.deps),
+            self.zeroed,
+            dict(self.methods),
         )
 
     @staticmethod
@@ -255,6 +272,7 @@ class _State:
             for k, v in s.deps.items():
                 out.deps[k] = out.deps.get(k, frozenset()) | v
             out.zeroed = out.zeroed and s.zeroed
+            out.methods.update(s.methods)
         return out
 
 
@@ -462,6 +480,8 @@ class _Walker:
                 why = f"{_third(verb)} `{t.id}`, which existed before the cell: a re-run does it again"
                 self.add(s, "augassign_global", t.id, why, f"{verb} `{t.id}` again")
             return
+        if isinstance(t, ast.Subscript) and _is_globals(t.value):
+            return self.store(t, verb)
         root = _chain_root(t, calls=False)
         if root is not None and self.origin(root) and not self.is_module(t):
             name = _unparse(t)
@@ -473,17 +493,24 @@ class _Walker:
             for e in t.elts:
                 self.delete(e)
         elif isinstance(t, ast.Name):
-            if self.is_outer(t.id):
+            # a name the cell did not make existed before it, or the failed run could not delete it
+            if t.id not in self.st.fresh and t.id not in self.st.gone:
                 why = f"deletes `{t.id}`, which a re-run needs"
                 self.add(t, "delete_global", t.id, why, f"find `{t.id}` already deleted")
                 self.st.gone.add(t.id)
             self.st.fresh.discard(t.id)
             self.st.alias.pop(t.id, None)
+            self.st.methods.pop(t.id, None)
         else:
             self.store(t, "delete")
 
     def store(self, t: ast.expr, verb: str = "set") -> None:
         """``obj.attr = v`` / ``d[k] = v`` (or ``del``) on an object that existed before the cell."""
+        if isinstance(t, ast.Subscript) and _is_globals(t.value):  # globals()[name] = v
+            name = _unparse(t)
+            why = f"{_third(verb)} `{name}`, a global of the notebook: a re-run does it again"
+            self.add(t, "mutate_global", name, why, f"{verb} `{name}` again")
+            return
         root = _chain_root(t, calls=False)
         if root is None or not self.origin(root) or self.is_module(t) or _has_grad(t):
             return
@@ -527,6 +554,10 @@ class _Walker:
             self.st.alias[name] = origin
         else:
             self.st.alias.pop(name, None)
+        if origin and isinstance(value, ast.Attribute):
+            self.st.methods[name] = value  # a bound method: calling the name calls it
+        else:
+            self.st.methods.pop(name, None)
         self.st.deps[name] = deps
 
     # ---- expressions
@@ -544,6 +575,9 @@ class _Walker:
 
     def call(self, c: ast.Call, *, partial: bool = False) -> None:
         f = c.func
+        if isinstance(f, ast.Name) and f.id in self.st.methods:  # add = L.append; add(1)
+            f = self.st.methods[f.id]
+            c = ast.copy_location(ast.Call(func=f, args=c.args, keywords=c.keywords), c)
         recv = f.value if isinstance(f, ast.Attribute) else None
         attr = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
         dotted = _dotted(f) or ""
@@ -558,7 +592,7 @@ class _Walker:
             why += ": a re-run adds them again"
             name = _unparse(recv) if recv else dotted
             self.add(c, "backward", name, why, "accumulate gradients again")
-        elif partial:
+        elif partial or self.more(c, recv, attr, dotted):
             return
         elif attr == _SHELL:
             why = "runs a shell command: a re-run runs it again"
@@ -582,6 +616,99 @@ class _Walker:
                 self.mutation(c, c.args[0], attr)
         elif _mutates(attr) and not _has_grad(recv):
             self.mutation(c, recv, attr)
+
+    def more(self, c: ast.Call, recv: ast.expr | None, attr: str, dotted: str) -> bool:
+        """Iterators, heaps, queues, setattr, ``out=``, exec, databases: True when one matched."""
+        out = next((k.value for k in c.keywords if k.arg == "out"), None)
+        if out is not None and self.outer(out):
+            name = _unparse(out)
+            why = f"changes `{name}` in place (out=), {self.before_of(out)}: a re-run changes it again"
+            self.add(c, "mutate_global", name, why, f"change `{name}` in place again")
+        plain = recv is None or self.is_module(recv)
+        first = c.args[0] if c.args else None
+        if (attr == "next" and recv is None and first) or (attr == "__next__" and not plain):
+            it = first if attr == "next" else recv
+            if it is None or not self.outer(it):
+                return False
+            name = _unparse(it)
+            why = f"advances `{name}`, {self.before_of(it)}: a re-run skips what it took"
+            self.add(c, "iterator", name, why, f"advance `{name}` again, skipping what it took")
+        elif attr in _HEAPQ and first is not None and (recv is None or dotted == f"heapq.{attr}"):
+            if not self.outer(first):
+                return False
+            name = _unparse(first)
+            verb = "push onto" if "push" in attr else "pop from" if "pop" in attr else "reorder"
+            kind = "append" if "push" in attr else "mutate_global"
+            why = f"{_third(verb)} `{name}`, {self.before_of(first)}: a re-run does it again"
+            self.add(c, kind, name, why, f"{verb} `{name}` again")
+        elif recv is not None and not plain and _takes_from_queue(c, attr):
+            if not self.outer(recv):
+                return False
+            name = _unparse(recv)
+            verb = "put into" if attr.startswith("put") else "take from"
+            why = f"{_third(verb)} `{name}`, {self.before_of(recv)}: a re-run does it again"
+            self.add(c, "queue", name, why, f"{verb} `{name}` again")
+        elif attr in ("setattr", "delattr") and recv is None and first is not None:
+            if not self.outer(first):
+                return False
+            key = c.args[1] if len(c.args) > 1 else None
+            name = _unparse(first)
+            if isinstance(key, ast.Constant) and isinstance(key.value, str):
+                name += f".{key.value}"
+            verb = "set" if attr == "setattr" else "delete"
+            why = f"{_third(verb)} `{name}`, {self.before_of(first)}: a re-run does it again"
+            self.add(c, "mutate_global", name, why, f"{verb} `{name}` again")
+        elif (recv is not None and _is_globals(recv) and _mutates(attr)) or (
+            recv is None and attr in ("exec", "eval") and first is not None and not _pure(first)
+        ):
+            name = _unparse(c) if attr not in ("exec", "eval") else attr
+            why = f"runs `{_unparse(c)}`, whose effects cannot be read: a re-run runs it again"
+            self.add(c, "exec", name, why, f"run `{_unparse(c)}` again")
+        elif recv is not None and not plain and attr in _RUN_CELL:
+            why = f"runs `{_unparse(c)}`, whose effects cannot be read: a re-run runs it again"
+            self.add(c, "exec", _unparse(c), why, f"run `{_unparse(c)}` again")
+        elif recv is not None and not plain and attr in _SQL_CALLS:
+            return self.sql(c, recv, attr)
+        elif attr == "print" and recv is None:
+            dest = next((k.value for k in c.keywords if k.arg == "file"), None)
+            if dest is None or not self.outer(dest) or _dotted(dest) in _STD_STREAMS:
+                return False
+            name = _unparse(dest)
+            why = f"writes to `{name}`, {self.before_of(dest)}: a re-run writes again"
+            self.add(c, "file_write", name, why, f"write to `{name}` again")
+        else:
+            return False
+        return True
+
+    def sql(self, c: ast.Call, recv: ast.expr, attr: str) -> bool:
+        """``db.execute("INSERT ...")``, ``conn.commit()``: True when it may write to a database."""
+        name = _unparse(c)
+        if attr == "commit":
+            if not self.outer(recv) and not self.state_reads(recv):
+                return False
+            why = f"commits with `{name}`: a re-run commits what it writes again"
+            self.add(c, "database", name, why, "commit to the database again")
+            return True
+        if not c.args:
+            return False
+        verb = _sql_verb(c.args[0])
+        if verb in _SQL_READS:
+            return False
+        known = verb in _SQL_WRITES
+        if not known and attr == "execute" and not _DB_NAME.search(_unparse(recv).lower()):
+            return False
+        what = "writes to the database" if known else "runs SQL that may write to the database"
+        why = f"{what} with `{name}`: a re-run does it again"
+        self.add(c, "database", name, why, "write to the database again")
+        return True
+
+    def outer(self, node: ast.expr) -> bool:
+        """``node`` is (part of) an object that existed before the cell, and not a module."""
+        root = _chain_root(node, calls=False)
+        return root is not None and bool(self.origin(root)) and not self.is_module(node)
+
+    def before_of(self, node: ast.expr) -> str:
+        return self.before(_chain_root(node, calls=False) or "", _unparse(node))
 
     def step(self, c: ast.Call, recv: ast.expr, partial: bool) -> None:
         x = _unparse(recv)
@@ -747,3 +874,61 @@ def _zeroes(node: ast.AST) -> bool:
     return isinstance(node, ast.Assign) and any(
         isinstance(t, ast.Attribute) and t.attr == "grad" for t in node.targets
     )
+
+
+def _takes_from_queue(c: ast.Call, attr: str) -> bool:
+    """``q.put(x)``, ``q.put_nowait(x)``, ``q.get_nowait()``, ``q.get()`` (a dict's get needs a key)."""
+    if attr in ("put", "put_nowait", "get_nowait"):
+        return True
+    return attr == "get" and not c.args and all(k.arg in ("block", "timeout") for k in c.keywords)
+
+
+def _is_globals(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "globals"
+        and not node.args
+    )
+
+
+def _pure(node: ast.expr) -> bool:
+    """A string constant holding an expression with no calls: ``eval("2 * 3")``."""
+    if not isinstance(node, ast.Constant) or not isinstance(node.value, str):
+        return False
+    try:
+        tree = ast.parse(node.value, mode="eval")
+    except (SyntaxError, ValueError):
+        return False
+    return not any(isinstance(n, (ast.Call, ast.NamedExpr, ast.Await)) for n in ast.walk(tree))
+
+
+def _sql_verb(node: ast.expr) -> str | None:
+    """The first keyword of the SQL text ``node`` starts with, when it starts with a constant."""
+    while isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mod)):
+        node = node.left
+    if isinstance(node, ast.JoinedStr) and node.values:
+        node = node.values[0]
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.args:
+        node = node.args[0]  # text("INSERT ...") in SQLAlchemy
+    if not isinstance(node, ast.Constant) or not isinstance(node.value, str):
+        return None
+    text = re.sub(r"^(?:\s+|--[^\n]*\n?|/\*.*?\*/|\()*", "", node.value, flags=re.S)
+    m = re.match(r"[A-Za-z]+", text)
+    return m.group(0).upper() if m else None
+
+
+class _Globals(ast.NodeTransformer):
+    """``globals()["n"]`` is the name ``n``: ``globals()["n"] += 1`` adds to ``n``."""
+
+    def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
+        key = node.slice
+        if (
+            _is_globals(node.value)
+            and isinstance(key, ast.Constant)
+            and isinstance(key.value, str)
+            and key.value.isidentifier()
+        ):
+            return ast.copy_location(ast.Name(id=key.value, ctx=node.ctx), node)
+        self.generic_visit(node)
+        return node

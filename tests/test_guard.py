@@ -227,6 +227,84 @@ CASES = [
         {(1, "io_call", "writer.add_scalar('loss', 1.0, step)")},
     ),
     ("wandb.log({'loss': 1})\nf()", 2, {"wandb"}, {(1, "io_call", "wandb.log({'loss': 1})")}),
+    # iterators, heaps, queues
+    ("b = next(it)\nf()", 2, {"it"}, {(1, "iterator", "it")}),
+    ("b = next(batches, None)\nf()", 2, {"batches"}, {(1, "iterator", "batches")}),
+    ("b = gen.__next__()\nf()", 2, {"gen"}, {(1, "iterator", "gen")}),
+    ("x = next(iter(loader))\nf()", 2, {"loader"}, set()),  # a fresh iterator
+    ("it = iter(loader)\nx = next(it)\nf()", 3, {"loader", "it"}, set()),
+    ("p = next(model.parameters())\nf()", 2, {"model"}, set()),
+    ("heapq.heappush(h, 3)\nf()", 2, {"heapq", "h"}, {(1, "append", "h")}),
+    (
+        "heappush(h, 3)\nheapq.heapify(g)\nf()",
+        3,
+        {"h", "g"},
+        {(1, "append", "h"), (2, "mutate_global", "g")},
+    ),
+    ("h = []\nheapq.heappush(h, 3)\nx = heapq.nlargest(2, g)\nf()", 4, {"g", "h"}, set()),
+    ("q.put(x)\nq.put_nowait(y)\nf()", 3, {"q", "x", "y"}, {(1, "queue", "q"), (2, "queue", "q")}),
+    ("item = q.get()\nv = d.get('k')\nf()", 3, {"q", "d"}, {(1, "queue", "q")}),
+    # setattr, globals(), exec
+    ("setattr(cfg, 'lr', 0.1)\nf()", 2, {"cfg"}, {(1, "mutate_global", "cfg.lr")}),
+    ("delattr(model, name)\nf()", 2, {"model", "name"}, {(1, "mutate_global", "model")}),
+    ("setattr(Net(), 'a', 1)\nf()", 2, {"Net"}, set()),
+    ("globals()['n'] += 1\nf()", 2, {"n"}, {(1, "augassign_global", "n")}),
+    ("globals()['n'] = globals()['n'] + 1\nf()", 2, {"n"}, {(1, "global_rebind", "n")}),
+    ("globals()[key] = 0\nf()", 2, {"key"}, {(1, "mutate_global", "globals()[key]")}),
+    ("globals().update(cfg)\nf()", 2, {"cfg"}, {(1, "exec", "globals().update(cfg)")}),
+    ("del globals()['old']\nf()", 2, {"old"}, {(1, "delete_global", "old")}),
+    ("globals()['n'] = 0\nn += 1\nf()", 3, {"n"}, set()),  # made by the cell
+    ("exec(code)\nf()", 2, {"code"}, {(1, "exec", "exec")}),
+    ("eval('step.__iadd__(1)')\nf()", 2, {"step"}, {(1, "exec", "eval")}),
+    ("y = eval('2 * 3')\nf()", 2, set(), set()),
+    (
+        "get_ipython().run_cell('x += 1')\nf()",
+        2,
+        set(),
+        {(1, "exec", "get_ipython().run_cell('x += 1')")},
+    ),
+    ("model.eval()\nf()", 2, {"model"}, set()),
+    # print to a file, out=
+    ("print(loss, file=logf)\nf()", 2, {"logf", "loss"}, {(1, "file_write", "logf")}),
+    ("print(loss, file=sys.stderr)\nprint(loss)\nf()", 3, {"loss", "sys"}, set()),
+    ("torch.add(acc, 1, out=acc)\nf()", 2, {"torch", "acc"}, {(1, "mutate_global", "acc")}),
+    ("np.multiply(a, 2, out=buf[0])\nf()", 2, {"np", "a", "buf"}, {(1, "mutate_global", "buf[0]")}),
+    ("t = torch.empty(3)\ntorch.add(acc, 1, out=t)\nf()", 3, {"torch", "acc"}, set()),
+    # databases
+    (
+        "db.execute('INSERT INTO runs VALUES (?)', (1,))\nf()",
+        2,
+        {"db"},
+        {(1, "database", "db.execute('INSERT INTO runs VALUES (?)', (1,))")},
+    ),
+    (
+        "cur.executemany(sql, rows)\nf()",
+        2,
+        {"cur", "sql", "rows"},
+        {(1, "database", "cur.executemany(sql, rows)")},
+    ),
+    (
+        "cursor.execute(query)\nf()",
+        2,
+        {"cursor", "query"},
+        {(1, "database", "cursor.execute(query)")},
+    ),
+    ("conn.commit()\nf()", 2, {"conn"}, {(1, "database", "conn.commit()")}),
+    ("rows = db.execute('  SELECT * FROM runs').fetchall()\nf()", 2, {"db"}, set()),
+    ("rows = db.execute(f'select * from {t}')\nf()", 2, {"db", "t"}, set()),
+    ("pool.execute(job)\nf()", 2, {"pool", "job"}, set()),
+    # a bound method kept in a name
+    ("add = L.append\nadd(1)\nf()", 3, {"L"}, {(2, "append", "L")}),
+    ("step = opt.step\nstep()\nf()", 3, {"opt"}, {(2, "optimizer_step", "opt")}),
+    ("add = L.append\nadd = print\nadd(1)\nf()", 4, {"L"}, set()),
+    # deleting a name the cell did not make, even one missing from the names before it
+    ("del recent\nf()", 2, set(), {(1, "delete_global", "recent")}),
+    (
+        "for b in data:\n    del out\n    out = model(b)\n",
+        3,
+        {"data", "model"},
+        {(2, "delete_global", "out")},
+    ),
     # harmless
     ("print(step)\ndisplay(model)\nlogger.info('x')\nf()", 4, {"step", "model", "logger"}, set()),
     ("helper(history)\nf()", 2, {"history", "helper"}, set()),  # calls are not looked into
