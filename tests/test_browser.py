@@ -1,15 +1,17 @@
-"""jupyter_gpumem in a real JupyterLab, in Debian's Chromium through Playwright.
+"""jupyter_gpumem in a real JupyterLab 4, in Debian's Chromium through Playwright.
 
-Adapted from ../shared/recipes/browser/test_widget_ui.py (its pitfalls are documented there).
+Adapted from ../shared/recipes/browser/test_widget_ui.py (its pitfalls are documented there): a
+private, headless JupyterLab on 127.0.0.1 whose kernels import this checkout (PYTHONPATH), notebooks
+written with nbformat, cells run with Shift+Enter, the panel's buttons pressed with the mouse and
+the keyboard, the gauge read while a cell allocates, the sidebar measured, the dark theme checked.
 
-Starts a private, headless JupyterLab on 127.0.0.1, opens a notebook in
-Debian's /usr/bin/chromium through Playwright (Python package; its own
-browser download is NOT used), runs cells with Shift+Enter, clicks an
-ipywidgets Button and checks that the kernel-side on_click callback ran.
+On success each test's screenshots replace those in docs/screenshots/ (the README shows them); on
+failure they go, with a screenshot of the page, to tests/artifacts/ (gitignored).
 
 Env knobs:
-  CHROMIUM       path of the browser   (default: `which chromium` or /usr/bin/chromium)
-  UI_ARTIFACTS   folder for screenshots (default: folder of this file)
+  CHROMIUM            path of the browser (default: `which chromium` or /usr/bin/chromium)
+  UI_ARTIFACTS        folder for failure screenshots (default: tests/artifacts)
+  UPDATE_SCREENSHOTS  0: leave docs/screenshots/ alone
 """
 
 from __future__ import annotations
@@ -30,15 +32,22 @@ from types import SimpleNamespace
 
 import pytest
 
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
+]
+
 nbformat = pytest.importorskip("nbformat")
 psutil = pytest.importorskip("psutil")
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("UI_ARTIFACTS", ROOT / "tests" / "artifacts"))
 SCREENSHOTS = ROOT / "docs" / "screenshots"
+UPDATE_SCREENSHOTS = os.environ.get("UPDATE_SCREENSHOTS", "1") != "0"
 CHROME_ARGS = [
     # Playwright itself adds --headless and a fresh temporary --user-data-dir.
     "--no-sandbox",
@@ -50,11 +59,7 @@ CHROME_ARGS = [
     "--disable-sync",
 ]
 T_LONG = 90_000  # ms: first notebook load + kernel start on a 2-core box
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
-]
+T_RUN = 60_000  # ms: a cell, or a fix's re-runs, on the simulated GPU
 
 
 # --------------------------------------------------------------------------- #
@@ -94,9 +99,13 @@ def lab(tmp_path_factory):
         # keep the user's Jupyter config/runtime files out of the test
         JUPYTER_CONFIG_DIR=str(home / "config"),
         JUPYTER_RUNTIME_DIR=str(home / "runtime"),
+        IPYTHONDIR=str(home / "ipython"),  # no user ipython_config.py (extensions, GpuMem.*)
         PYTHONUNBUFFERED="1",
+        # kernels inherit it: they import jupyter_gpumem from this checkout
         PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     )
+    # The sidebar must find JupyterLab on its own (parent process command lines), as for a user.
+    env.pop("JUPYTER_GPUMEM_FRONTEND", None)
     cmd = [
         sys.executable,
         "-m",
@@ -173,12 +182,33 @@ def browser():
 
 
 @pytest.fixture
+def shots(request, tmp_path):
+    """shots(locator_or_page, "name.png"): kept in docs/screenshots/ only if the test passes."""
+    taken: list[Path] = []
+    failed_before = request.session.testsfailed
+
+    def _shot(target, name: str) -> None:
+        path = tmp_path / name
+        target.screenshot(path=str(path), animations="disabled")
+        taken.append(path)
+
+    yield _shot
+
+    failed = request.session.testsfailed > failed_before
+    dest = ARTIFACTS if failed else SCREENSHOTS
+    if failed or UPDATE_SCREENSHOTS:
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in taken:
+            shutil.copyfile(path, dest / path.name)
+
+
+@pytest.fixture
 def open_notebook(lab, browser, request):
     """open_notebook(name, [cell sources]) -> page with the kernel idle."""
     pages = []
     failed_before = request.session.testsfailed
 
-    def _open(name, cells):
+    def _open(name, cells, viewport=(1400, 1000)):
         nb = nbformat.v4.new_notebook()
         nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
         nb.metadata["kernelspec"] = {
@@ -187,7 +217,7 @@ def open_notebook(lab, browser, request):
             "language": "python",
         }
         nbformat.write(nb, str(lab.root / name))
-        ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+        ctx = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
         page = ctx.new_page()
         page.console_lines = []
         page.on("console", lambda m: page.console_lines.append(f"{m.type}: {m.text}"))
@@ -210,6 +240,12 @@ def open_notebook(lab, browser, request):
             page.screenshot(path=str(ARTIFACTS / f"fail-{request.node.name}.png"))
             print("\n".join(page.console_lines[-50:]))
         page.context.close()
+    # stop this test's kernels (gauge threads, simulated memory) before the next test
+    try:
+        for s in _api(lab, "/api/sessions")[1] or []:
+            _api(lab, f"/api/sessions/{s['id']}", method="DELETE", timeout=30)
+    except (urllib.error.URLError, OSError):
+        pass
 
 
 KERNEL_READY_JS = """() => {
@@ -228,131 +264,267 @@ def run_cell(page, index):
     return cell
 
 
-def gauge_number(page) -> str:
-    return page.locator(".js-plotly-plot .indicatorlayer text.number").first.text_content() or ""
+def outputs(cell):
+    """The cell's outputs only (expected text also appears in the cell's source)."""
+    return cell.locator(".jp-OutputArea-output")
+
+
+def gauge_number(scope) -> str:
+    return scope.locator(".js-plotly-plot .indicatorlayer text.number").first.text_content() or ""
+
+
+def set_theme(page, theme: str) -> None:
+    light = "true" if "Light" in theme else "false"
+    page.evaluate(
+        f"window.jupyterapp.commands.execute('apputils:change-theme', {{theme: '{theme}'}})"
+    )
+    page.wait_for_function(f"document.body.dataset.jpThemeLight === '{light}'", timeout=T_RUN)
+    page.wait_for_timeout(500)  # the theme's CSS variables settle
+
+
+# Colour of an element's text, and the colour behind it: the first ancestor with an opaque enough
+# background (the panel sits on the notebook's background).
+COLORS_JS = """e => {
+  const cs = getComputedStyle(e);
+  const fg = e instanceof SVGElement ? cs.fill : cs.color;
+  let n = e;
+  while (n) {
+    const bg = getComputedStyle(n).backgroundColor;
+    const a = bg.match(/[\\d.]+/g);
+    if (a && (a.length < 4 || parseFloat(a[3]) > 0.5)) return [fg, bg];
+    n = n.parentElement;
+  }
+  return [fg, getComputedStyle(document.body).backgroundColor];
+}"""
+
+
+def _rgba(css: str) -> tuple[float, float, float, float]:
+    v = [float(x) for x in re.findall(r"[\d.]+", css)]
+    return v[0], v[1], v[2], v[3] if len(v) > 3 else 1.0
+
+
+def contrast(fg: str, bg: str) -> float:
+    """WCAG contrast ratio of text colour `fg` (alpha blended onto `bg`) against `bg`."""
+    fr, fg_, fb, fa = _rgba(fg)
+    br, bg_, bb, _ = _rgba(bg)
+    blended = (fr * fa + br * (1 - fa), fg_ * fa + bg_ * (1 - fa), fb * fa + bb * (1 - fa))
+
+    def lum(rgb) -> float:
+        c = [x / 255 for x in rgb]
+        c = [x / 12.92 if x <= 0.03928 else ((x + 0.055) / 1.055) ** 2.4 for x in c]
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+
+    hi, lo = sorted((lum(blended), lum((br, bg_, bb))), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def within(inner: dict, outer: dict, slack: float = 1.0) -> bool:
+    return (
+        inner["x"] >= outer["x"] - slack
+        and inner["y"] >= outer["y"] - slack
+        and inner["x"] + inner["width"] <= outer["x"] + outer["width"] + slack
+        and inner["y"] + inner["height"] <= outer["y"] + outer["height"] + slack
+    )
 
 
 # --------------------------------------------------------------------------- #
-# Tests
+# The quickstart: an OOM, the panel, Reduce batch
 # --------------------------------------------------------------------------- #
 SETUP = """\
 %load_ext jupyter_gpumem
-%gpumem simulate 160MiB
+%gpumem simulate 1GiB
 import torch
-model = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.ReLU(),
-                            torch.nn.Linear(2048, 1024)).cuda()
+# ~25 MiB of activations a sample with little compute: a batch of 64 needs ~1.6 GiB
+model = torch.nn.Sequential(
+    torch.nn.Linear(1024, 16), torch.nn.Linear(16, 8192),
+    torch.nn.ReLU(), torch.nn.GELU(), torch.nn.Tanh(), torch.nn.Linear(8192, 8),
+).cuda()
 """
 OOM_CELL = """\
-batch_size = 256
-x = torch.randn(batch_size, 32, 1024, device="cuda")
-out = model(x).sum()
+batch_size = 64
+x = torch.randn(batch_size, 256, 1024, device="cuda")
+y = model(x)
 """
-CHECK = 'print("batch " + "now", batch_size)'
+CHECK = 'print("batch " + "now", batch_size, tuple(y.shape))'
+FIX_LABELS = ("Clear cache", "Reduce batch", "Enable autocast", "Move to CPU")
 
 
-def shot(page, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / name))
-
-
-def test_panel_reduce_batch_click_rescues_the_cell(open_notebook):
-    page = open_notebook("quick.ipynb", [SETUP, OOM_CELL, CHECK])
-    run_cell(page, 0)
+def fail_and_show_panel(page):
+    """Run SETUP and the OOM cell; return (cell, panel) once the panel and its chart are drawn."""
+    cell0 = run_cell(page, 0)
+    expect(outputs(cell0).first).to_contain_text("Simulated GPU of 1.00 GiB", timeout=T_RUN)
     cell = run_cell(page, 1)
     panel = cell.locator(".gpumem-panel")
-    expect(panel).to_contain_text("GPU out of memory: Tried to allocate", timeout=T_LONG)
-    expect(cell.locator(".jp-OutputArea-output").first).to_contain_text("OutOfMemoryError")
-    expect(panel.locator(".js-plotly-plot")).to_have_count(1, timeout=T_LONG)
-    for label in ("Clear cache", "Reduce batch", "Enable autocast", "Move to CPU"):
+    expect(panel).to_contain_text("GPU out of memory", timeout=T_RUN)
+    expect(outputs(cell).first).to_contain_text("OutOfMemoryError")
+    expect(panel.locator(".js-plotly-plot")).to_have_count(1, timeout=T_RUN)
+    for label in FIX_LABELS:
         expect(panel.get_by_role("button", name=re.compile("^" + label))).to_have_count(1)
-    panel.scroll_into_view_if_needed()
-    shot(page, "panel-oom.png")
+    return cell, panel
 
-    # keyboard: the button takes focus and Enter presses it
-    button = panel.get_by_role("button", name=re.compile("^Reduce batch"))
-    button.focus()
-    page.keyboard.press("Enter")
+
+def fits_at(panel) -> int:
+    """Wait for the success line; the batch that fit, with the line to change."""
     status = panel.locator(".gpumem-status")
-    expect(status).to_contain_text("Fits at batch", timeout=T_LONG)
+    expect(status).to_contain_text("Fits at batch", timeout=T_RUN)
     text = status.text_content() or ""
-    found = int(re.search(r"Fits at batch (\d+) \(was 256\)", text).group(1))
-    assert 150 < found < 256
+    m = re.search(r"Fits at batch (\d+) \(was 64\)", text)
+    assert m, text
+    found = int(m.group(1))
+    assert 20 <= found < 64, text
     expect(status).to_contain_text(f"batch_size = {found}")
-    shot(page, "panel-fixed.png")
+    return found
+
+
+def test_quickstart_reduce_batch_click_rescues_the_cell(open_notebook, shots):
+    page = open_notebook("quickstart.ipynb", [SETUP, OOM_CELL, CHECK], viewport=(1400, 1500))
+    cell, panel = fail_and_show_panel(page)
+
+    # the fixes are the panel's only buttons (no plotly toolbar ahead of them in the Tab order),
+    # each a real <button> that takes focus; Reduce batch is offered
+    buttons = panel.get_by_role("button")
+    expect(buttons).to_have_count(len(FIX_LABELS))
+    for b in buttons.all():
+        assert b.evaluate("e => e.tagName") == "BUTTON"
+        assert b.evaluate("e => e.tabIndex") >= 0
+    reduce = panel.get_by_role("button", name=re.compile("^Reduce batch"))
+    expect(reduce).to_be_enabled()
+    # the chart's legend lies within the panel (not clipped, not over the buttons)
+    legend = panel.locator(".js-plotly-plot .legend").bounding_box()
+    plot = panel.locator(".js-plotly-plot").bounding_box()
+    assert legend and plot and within(legend, plot), (legend, plot)
+    assert legend["y"] + legend["height"] <= buttons.first.bounding_box()["y"] + 1
+    cell.scroll_into_view_if_needed()
+    shots(cell, "panel-oom.png")
+
+    reduce.click()
+    found = fits_at(panel)
+    for label in FIX_LABELS:  # nothing left to click once it fits
+        expect(panel.get_by_role("button", name=re.compile("^" + label))).to_be_disabled()
+    cell.scroll_into_view_if_needed()
+    shots(cell, "panel-fixed.png")
+
+    # the kernel holds the run that fit
     check = run_cell(page, 2)
-    expect(check.locator(".jp-OutputArea-output")).to_contain_text(f"batch now {found}")
-
-    # readable in JupyterLab's dark theme: the panel's text follows the theme's colours
-    page.evaluate(
-        "window.jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Dark'})"
-    )
-    page.wait_for_function("document.body.dataset.jpThemeLight === 'false'", timeout=T_LONG)
-    page.wait_for_timeout(500)
-    headline = panel.locator(".gpumem-diag h4")
-    fg = headline.evaluate("e => getComputedStyle(e).color")
-    bg = page.locator(".jp-Notebook").evaluate("e => getComputedStyle(e).backgroundColor")
-    assert luminance(fg) - luminance(bg) > 0.4, (fg, bg)
-    panel.scroll_into_view_if_needed()
-    shot(page, "panel-dark.png")
-    page.evaluate(
-        "window.jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Light'})"
-    )
+    expect(outputs(check)).to_contain_text(f"batch now {found} ({found}, 256, 8)")
 
 
-def luminance(css: str) -> float:
-    r, g, b = (int(v) / 255 for v in re.findall(r"\d+", css)[:3])
-    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+# --------------------------------------------------------------------------- #
+# Keyboard, and the dark theme
+# --------------------------------------------------------------------------- #
+def test_keyboard_fix_and_dark_theme_readability(open_notebook, shots):
+    page = open_notebook("dark.ipynb", [SETUP, OOM_CELL], viewport=(1400, 1500))
+    cell, panel = fail_and_show_panel(page)
+
+    # Tab from the first fix button reaches the next one; Space presses it
+    first = panel.get_by_role("button", name=re.compile("^" + FIX_LABELS[0]))
+    reduce = panel.get_by_role("button", name=re.compile("^Reduce batch"))
+    first.focus()
+    expect(first).to_be_focused()
+    page.keyboard.press("Tab")
+    expect(reduce).to_be_focused()
+    page.keyboard.press("Space")
+    fits_at(panel)
+
+    set_theme(page, "JupyterLab Dark")
+    try:
+        assert page.evaluate("document.body.dataset.jpThemeName") == "JupyterLab Dark"
+        checks = {
+            "headline": panel.locator(".gpumem-diag h4"),
+            "cause": panel.locator(".gpumem-diag li").first,
+            "status": panel.locator(".gpumem-status .gpumem-ok"),
+            "legend": panel.locator(".js-plotly-plot .legendtext").first,
+            "tick": panel.locator(".js-plotly-plot .xtick text").first,
+        }
+        ratios = {}
+        for name, loc in checks.items():
+            fg, bg = loc.evaluate(COLORS_JS)
+            ratios[name] = (round(contrast(fg, bg), 2), fg, bg)
+        bg_lum = _rgba(ratios["headline"][2])[:3]
+        assert sum(bg_lum) / 3 < 100, f"the panel is not on a dark background: {ratios}"
+        # body text: WCAG AA (4.5); the chart's small grey labels: at least 3
+        for name in ("headline", "cause", "status", "legend"):
+            assert ratios[name][0] >= 4.5, f"{name} unreadable on dark: {ratios}"
+        assert ratios["tick"][0] >= 3, f"axis labels unreadable on dark: {ratios}"
+        cell.scroll_into_view_if_needed()
+        panel.scroll_into_view_if_needed()
+        shots(panel, "panel-dark.png")
+    finally:
+        set_theme(page, "JupyterLab Light")  # the theme is a saved setting: later tests need Light
 
 
+# --------------------------------------------------------------------------- #
+# The live gauge
+# --------------------------------------------------------------------------- #
 GAUGE = """\
 %load_ext jupyter_gpumem
 %gpumem simulate 1GiB
-%config GpuMem.gauge_interval = 0.3
 import torch, time
+from jupyter_gpumem import _extension_for
+_extension_for(get_ipython()).settings.gauge_interval = 0.3
 %gpumem gauge
 """
 ALLOC = """\
 blocks = []
-for i in range(10):
+for i in range(8):
     blocks.append(torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda"))
-    time.sleep(0.6)
+    time.sleep(0.5)
+print("allocated " + "MiB:", torch.cuda.memory_allocated() >> 20)
 """
 
 
-def test_gauge_moves_while_a_cell_allocates(open_notebook):
+def test_gauge_moves_while_a_cell_allocates(open_notebook, shots):
     page = open_notebook("gauge.ipynb", [GAUGE, ALLOC])
     cell0 = run_cell(page, 0)
-    expect(cell0.locator(".js-plotly-plot text.number")).to_have_count(1, timeout=T_LONG)
-    run_cell(page, 1)
+    expect(cell0.locator(".js-plotly-plot text.number")).to_have_count(1, timeout=T_RUN)
+    cell1 = run_cell(page, 1)
     seen = []
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and len(set(seen)) < 4:
-        seen.append(gauge_number(page))
-        page.wait_for_timeout(300)
-    assert len(set(seen)) >= 4, f"gauge number did not change: {seen}"
-    cell0.locator(".js-plotly-plot").scroll_into_view_if_needed()
-    shot(page, "gauge.png")
+        seen.append(gauge_number(cell0))
+        page.wait_for_timeout(250)
+    assert len(set(seen)) >= 3, f"the gauge's number did not move: {seen}"
+    expect(outputs(cell1)).to_contain_text("allocated MiB: 512", timeout=T_RUN)
+    expect(cell0.locator(".js-plotly-plot text.number")).to_have_text("0.50 GiB", timeout=5_000)
+    page.wait_for_timeout(400)  # the history's last sample
+    cell0.scroll_into_view_if_needed()
+    shots(cell0.locator(".jp-OutputArea"), "gauge.png")
 
 
+# --------------------------------------------------------------------------- #
+# The sidebar
+# --------------------------------------------------------------------------- #
 SIDEBAR = """\
 %load_ext jupyter_gpumem
 %gpumem simulate 1GiB
-import torch
-x = torch.empty(300 * 2**20, dtype=torch.uint8, device="cuda")
+%config GpuMem.gauge_interval = 0.3
+import torch, time
 %gpumem sidebar
+blocks = []
+for i in range(4):
+    time.sleep(0.4)
+    blocks.append(torch.empty(96 * 2**20, dtype=torch.uint8, device="cuda"))
 """
 
 
-def test_sidebar_holds_the_gauge_within_its_width(open_notebook):
-    page = open_notebook("sidebar.ipynb", [SIDEBAR])
+def test_sidebar_holds_the_gauge_within_its_width(open_notebook, shots):
+    page = open_notebook("sidebar.ipynb", [SIDEBAR], viewport=(1200, 800))
     cell = run_cell(page, 0)
-    expect(cell.locator(".jp-OutputArea-output")).to_contain_text("right sidebar", timeout=T_LONG)
+    # JupyterLab found from the kernel's parent processes (no JUPYTER_GPUMEM_FRONTEND here)
+    expect(outputs(cell)).to_contain_text("right sidebar", timeout=T_RUN)
     right = page.locator("#jp-right-stack")
-    expect(right.locator(".js-plotly-plot text.number")).to_have_count(1, timeout=T_LONG)
+    expect(right.locator(".js-plotly-plot text.number")).to_have_count(1, timeout=T_RUN)
     expect(
         page.locator(".jp-SideBar.jp-mod-right .lm-TabBar-tab", has_text="GPU memory")
     ).to_have_count(1)
-    panel, plot = right.bounding_box(), right.locator(".js-plotly-plot").bounding_box()
-    assert plot["x"] >= panel["x"] - 1
-    assert plot["x"] + plot["width"] <= panel["x"] + panel["width"] + 1
-    shot(page, "sidebar.png")
+    expect(right.locator(".js-plotly-plot text.number")).to_have_text("0.38 GiB", timeout=T_RUN)
+    panel = right.bounding_box()
+    plot = right.locator(".js-plotly-plot").bounding_box()
+    assert panel and plot and within(plot, panel), (plot, panel)
+    # and nothing in it is clipped: the gauge's title lines and numbers lie within the panel
+    for text in right.locator(".js-plotly-plot text").all():
+        box = text.bounding_box()
+        if box and box["width"] > 0:
+            assert within(box, panel), (text.text_content(), box, panel)
+    page.wait_for_timeout(600)  # a flat stretch of history after the last step
+    shots(page, "sidebar.png")

@@ -119,16 +119,22 @@ class Gauge:
             height=height,
             margin={"l": 30, "r": 20 if narrow else 30, "t": 90 if narrow else 65, "b": 20},
             showlegend=not narrow,
-            legend={"orientation": "h", "y": -0.15, "font": {"size": 10}},
+            legend={"orientation": "h", "y": -0.15, "font": {"size": 10}, "traceorder": "normal"},
             paper_bgcolor="rgba(0,0,0,0)",
             plot_bgcolor="rgba(0,0,0,0)",
             font={"size": 11, "color": "#8c8c8c"},  # readable on light and dark themes
         )
-        fig.update_xaxes(showticklabels=False, row=2, col=1)
+        fig.update_xaxes(showticklabels=False, fixedrange=True, row=2, col=1)
         fig.update_yaxes(
-            ticksuffix=" G", row=2, col=1, rangemode="tozero", gridcolor="rgba(127,127,127,0.25)"
+            ticksuffix=" G",
+            row=2,
+            col=1,
+            rangemode="tozero",
+            fixedrange=True,
+            gridcolor="rgba(127,127,127,0.25)",
         )
         self.widget = go.FigureWidget(fig)
+        self.widget._config = {**self.widget._config, "displayModeBar": False}  # no zoom/pan/share
         _gauges.add(self)
         self.sample()
 

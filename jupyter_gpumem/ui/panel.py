@@ -42,6 +42,8 @@ _STYLE = """<style>
 .gpumem-panel .gpumem-ask{border-left:4px solid var(--jp-warn-color1,#c77c02);padding-left:8px}
 .gpumem-panel .gpumem-why{font-size:12px;color:var(--jp-ui-font-color2,#666)}
 .gpumem-panel code{background:var(--jp-layout-color2,rgba(127,127,127,.15));padding:0 3px}
+.gpumem-panel .js-plotly-plot .legendtext{fill:var(--jp-ui-font-color1,#555)!important}
+.gpumem-panel .js-plotly-plot :is(.xtick,.ytick) text{fill:var(--jp-ui-font-color2,#666)!important}
 </style>"""
 
 
@@ -77,13 +79,19 @@ def breakdown_figure(d: Diagnosis, width: int = 640) -> go.FigureWidget:
         width=width,
         height=190,
         margin={"l": 70, "r": 10, "t": 10, "b": 30},
-        legend={"orientation": "h", "y": -0.35, "font": {"size": 10}},
+        # "normal": the legend reads in the bar's order (plotly reverses stacked bars' by default)
+        legend={"orientation": "h", "y": -0.35, "font": {"size": 10}, "traceorder": "normal"},
         xaxis={"ticksuffix": " GiB", "rangemode": "tozero", "gridcolor": "rgba(127,127,127,0.25)"},
         paper_bgcolor="rgba(0,0,0,0)",
         plot_bgcolor="rgba(0,0,0,0)",
         font={"size": 11, "color": "#8c8c8c"},  # readable on light and dark themes
     )
-    return go.FigureWidget(fig)
+    fig.update_xaxes(fixedrange=True)  # a picture, not an explorer: no drag-zoom
+    fig.update_yaxes(fixedrange=True)
+    widget = go.FigureWidget(fig)
+    # no plotly toolbar: ten zoom/pan/share buttons would come before the fixes in the Tab order
+    widget._config = {**widget._config, "displayModeBar": False}
+    return widget
 
 
 def _button_text(fix_label: str, check: Check) -> str:
