@@ -90,9 +90,17 @@ class GuardVerdict:
 
 
 def analyse_rerun(
-    source: str, *, failed_lineno: int | None, preexisting: Collection[str]
+    source: str,
+    *,
+    failed_lineno: int | None,
+    preexisting: Collection[str],
+    earlier_passes: bool | None = None,
 ) -> GuardVerdict:
-    """The side effects a re-run of ``source`` would repeat, given where it failed."""
+    """The side effects a re-run of ``source`` would repeat, given where it failed.
+
+    ``earlier_passes``: whether loops around the failing line had run passes before the failing
+    one; False means it failed in the first pass of each, None that it is unknown (as True).
+    """
     lines = re.split(r"\r\n|\r|\n", source)
     limit = (
         failed_lineno if failed_lineno is not None and 1 <= failed_lineno <= len(lines) else None
@@ -103,7 +111,7 @@ def analyse_rerun(
             return GuardVerdict((tree,), limit)
         if tree is None:
             return _unknown(limit, "could not read the cell; re-running may repeat its effects")
-        walker = _Walker(lines, preexisting, limit)
+        walker = _Walker(lines, preexisting, limit, earlier_passes is not False)
         walker.block(_Globals().visit(tree).body)
     except Exception as exc:  # fail closed: a cell we cannot read is one we ask about
         why = f"could not read the cell ({type(exc).__name__}); re-running may repeat its effects"
@@ -279,10 +287,13 @@ class _State:
 class _Walker:
     """Walks the cell in execution order, up to the failing line, collecting effects."""
 
-    def __init__(self, lines: list[str], preexisting: Collection[str], limit: int | None) -> None:
+    def __init__(
+        self, lines: list[str], preexisting: Collection[str], limit: int | None, earlier: bool
+    ) -> None:
         self.lines = lines
         self.pre = frozenset(preexisting)
         self.limit = limit
+        self.earlier = earlier  # False: the failing pass is the first of every loop around it
         self.full = 0  # > 0 inside a loop around the failing line: every line may have run
         self.in_loop = False
         self.st = _State()
@@ -360,6 +371,10 @@ class _Walker:
         if isinstance(s, (ast.For, ast.AsyncFor, ast.While)):
             in_else = failing and bool(s.orelse) and lim >= s.orelse[0].lineno
             around = failing and not in_else
+            first = around and not self.earlier  # the first pass: only the lines before it ran
+            if first and lim < s.body[0].lineno:
+                return True  # the header failed before the first pass
+            around = around and not first
             self.full += around
             self.in_loop |= around
             if isinstance(s, ast.While):
@@ -367,8 +382,11 @@ class _Walker:
             else:
                 self.scan(s.iter)
                 self.bind(s.target, s.iter, iterates=True)
-            self.st.zeroed |= any(_zeroes(n) for b in s.body for n in ast.walk(b))
+            if not first:
+                self.st.zeroed |= any(_zeroes(n) for b in s.body for n in ast.walk(b))
             self.block(s.body)
+            if first:
+                return True
             self.full -= around
             return around or self.block(s.orelse)
         if isinstance(s, ast.If):

@@ -572,3 +572,49 @@ def test_hostile_cells_never_raise() -> None:
 def test_top_level_await_and_walrus() -> None:
     assert found("await client.step()\nf()", 2, {"client"}) == {(1, "optimizer_step", "client")}
     assert found("if (n := n + 1) > 3:\n    pass\nf()", 3, {"n"}) == {(1, "global_rebind", "n")}
+
+
+EPOCHS = """\
+for epoch in range(3):
+    for xb, yb in loader:
+        out = model(xb.cuda())
+        loss = F.cross_entropy(out, yb.cuda())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+"""
+EPOCH_NAMES = {"loader", "model", "F", "opt"}
+
+
+def test_first_pass_of_the_loops_counts_only_the_lines_before_the_failing_one() -> None:
+    v = analyse_rerun(EPOCHS, failed_lineno=3, preexisting=EPOCH_NAMES, earlier_passes=False)
+    assert v.safe and not v.in_loop
+    assert v.summary() == "this cell changed nothing that a re-run would change again."
+    for earlier in (True, None):
+        v = analyse_rerun(EPOCHS, failed_lineno=3, preexisting=EPOCH_NAMES, earlier_passes=earlier)
+        assert [(e.lineno, e.kind, e.name) for e in v.effects] == [(7, "optimizer_step", "opt")]
+        assert v.in_loop and "inside a loop whose earlier passes ran all of it" in v.summary()
+
+
+def test_first_pass_still_counts_what_ran_before_the_failing_line() -> None:
+    v = analyse_rerun(TRAIN, failed_lineno=5, preexisting=TRAIN_NAMES, earlier_passes=False)
+    assert v.effects == ()  # zero_grad ran first: the backward that failed added nothing
+    v = analyse_rerun(TRAIN, failed_lineno=7, preexisting=TRAIN_NAMES, earlier_passes=False)
+    assert [(e.lineno, e.kind) for e in v.effects] == [(6, "optimizer_step")]
+    assert v.summary().startswith(
+        "this cell already ran 1 line with side effects before it failed at line 7: line 6"
+    )
+    # lines before the loop ran; the loop's header failed before its first pass
+    cell = "step += 1\nfor b in loader:\n    history.append(b)\n"
+    v = analyse_rerun(cell, failed_lineno=2, preexisting={"step", "loader", "history"})
+    assert {e.lineno for e in v.effects} == {1, 3}
+    v = analyse_rerun(
+        cell, failed_lineno=2, preexisting={"step", "loader", "history"}, earlier_passes=False
+    )
+    assert [e.lineno for e in v.effects] == [1]
+    # a loop that finished before the failing line ran all of its passes
+    cell = "for b in xs:\n    n += 1\ny = model(x)\n"
+    v = analyse_rerun(
+        cell, failed_lineno=3, preexisting={"n", "xs", "model", "x"}, earlier_passes=False
+    )
+    assert [e.lineno for e in v.effects] == [2]
