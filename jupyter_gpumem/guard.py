@@ -22,8 +22,13 @@ from __future__ import annotations
 import ast
 import keyword
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from . import guard_calls as calls
+from .guard_calls import MISSING, Callee, NotebookFunction, is_globals
 
 __all__ = ["GuardVerdict", "SideEffect", "analyse_rerun"]
 
@@ -95,11 +100,16 @@ def analyse_rerun(
     failed_lineno: int | None,
     preexisting: Collection[str],
     earlier_passes: bool | None = None,
+    namespace: Mapping[str, Any] | None = None,
+    failed_frames: Sequence[tuple[str, int]] | None = None,
 ) -> GuardVerdict:
     """The side effects a re-run of ``source`` would repeat, given where it failed.
 
     ``earlier_passes``: whether loops around the failing line had run passes before the failing
     one; False means it failed in the first pass of each, None that it is unknown (as True).
+    ``namespace``: the user namespace; given, the functions and methods defined in the notebook
+    that the cell calls are read too. ``failed_frames``: (qualname, line in its cell) of each
+    notebook function the failure went through, outermost first, for where each one stopped.
     """
     lines = re.split(r"\r\n|\r|\n", source)
     limit = (
@@ -112,7 +122,10 @@ def analyse_rerun(
         if tree is None:
             return _unknown(limit, "could not read the cell; re-running may repeat its effects")
         walker = _Walker(lines, preexisting, limit, earlier_passes is not False)
-        walker.block(_Globals().visit(tree).body)
+        if namespace is not None:
+            walker.reach = _Reach(namespace)
+            walker.frames = tuple((str(q), int(n)) for q, n in failed_frames or ())
+        walker.block(calls.GlobalsAsNames().visit(tree).body)
     except Exception as exc:  # fail closed: a cell we cannot read is one we ask about
         why = f"could not read the cell ({type(exc).__name__}); re-running may repeat its effects"
         return _unknown(limit, why)
@@ -284,8 +297,22 @@ class _State:
         return out
 
 
+@dataclass
+class _Reach:
+    """What a walk needs to read the notebook functions a cell calls, shared by all depths."""
+
+    namespace: Mapping[str, Any]
+    cache: dict[int, NotebookFunction | None] = field(default_factory=dict)
+    walks: int = 0  # function bodies walked so far
+
+
+_DEPTH = 5  # calls followed into notebook code, one inside another
+_WALKS = 100  # function bodies walked for one cell, all depths together
+
+
 class _Walker:
-    """Walks the cell in execution order, up to the failing line, collecting effects."""
+    """Walks the cell (or a notebook function it calls) in execution order, up to the failing
+    line, collecting effects."""
 
     def __init__(
         self, lines: list[str], preexisting: Collection[str], limit: int | None, earlier: bool
@@ -299,6 +326,14 @@ class _Walker:
         self.st = _State()
         self.modules: set[str] = set()  # names the cell imported
         self.effects: list[SideEffect] = []
+        # reading notebook functions: all unset for the cell when no namespace is given
+        self.reach: _Reach | None = None
+        self.frames: tuple[tuple[str, int], ...] = ()  # failing frames below this walk
+        self.fn: NotebookFunction | None = None  # the function walked; None: the cell
+        self.gpre: frozenset[str] = self.pre  # globals that existed before the cell, at the call
+        self.values: dict[str, Any] = {}  # parameter -> the object the caller passed
+        self.depth = 0
+        self.active: frozenset[int] = frozenset()  # functions being walked, outermost first
 
     # ---- names
 
@@ -313,7 +348,23 @@ class _Walker:
         root = _chain_root(node, calls=False)
         if root is None:
             return False
-        return root in self.modules or (root in _MODULES and root not in self.st.fresh)
+        if root in self.modules or (root in _MODULES and root not in self.st.fresh):
+            return True
+        return root not in self.st.fresh and isinstance(self.lookup(root), ModuleType)
+
+    def lookup(self, name: str) -> Any:
+        """The object ``name`` holds, from the namespace or the caller; MISSING if unknown."""
+        if self.reach is None:
+            return MISSING
+        if self.fn is not None and name in self.fn.local:
+            return self.values.get(name, MISSING)
+        return self.reach.namespace.get(name, MISSING)
+
+    def global_view(self) -> frozenset[str]:
+        """The globals that existed before the cell and still hold the same object here."""
+        if self.fn is None:
+            return frozenset(n for n in self.pre if self.is_outer(n))
+        return frozenset(n for n in self.gpre if n not in self.fn.declared or self.is_outer(n))
 
     def before(self, root: str, name: str) -> str:
         origin = self.origin(root) or root
@@ -468,7 +519,12 @@ class _Walker:
 
     def failing(self, s: ast.stmt) -> None:
         """The statement that raised: its effect came after the raise, unless it is the call."""
-        if isinstance(s, ast.Expr) and isinstance(s.value, ast.Call):
+        read = set()
+        if self.reach is not None:  # a notebook function it called may have run part way
+            read = {
+                id(n) for n in ast.walk(s) if isinstance(n, ast.Call) and self.enter(n, self.frames)
+            }
+        if isinstance(s, ast.Expr) and isinstance(s.value, ast.Call) and id(s.value) not in read:
             self.call(s.value, partial=True)
 
     def simple(self, s: ast.stmt) -> None:
@@ -498,7 +554,7 @@ class _Walker:
                 why = f"{_third(verb)} `{t.id}`, which existed before the cell: a re-run does it again"
                 self.add(s, "augassign_global", t.id, why, f"{verb} `{t.id}` again")
             return
-        if isinstance(t, ast.Subscript) and _is_globals(t.value):
+        if isinstance(t, ast.Subscript) and is_globals(t.value):
             return self.store(t, verb)
         root = _chain_root(t, calls=False)
         if root is not None and self.origin(root) and not self.is_module(t):
@@ -524,7 +580,7 @@ class _Walker:
 
     def store(self, t: ast.expr, verb: str = "set") -> None:
         """``obj.attr = v`` / ``d[k] = v`` (or ``del``) on an object that existed before the cell."""
-        if isinstance(t, ast.Subscript) and _is_globals(t.value):  # globals()[name] = v
+        if isinstance(t, ast.Subscript) and is_globals(t.value):  # globals()[name] = v
             name = _unparse(t)
             why = f"{_third(verb)} `{name}`, a global of the notebook: a re-run does it again"
             self.add(t, "mutate_global", name, why, f"{verb} `{name}` again")
@@ -596,6 +652,8 @@ class _Walker:
         if isinstance(f, ast.Name) and f.id in self.st.methods:  # add = L.append; add(1)
             f = self.st.methods[f.id]
             c = ast.copy_location(ast.Call(func=f, args=c.args, keywords=c.keywords), c)
+        if self.reach is not None and not partial and self.enter(c, ()):
+            return  # its body was read: what its name suggests does not matter
         recv = f.value if isinstance(f, ast.Attribute) else None
         attr = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
         dotted = _dotted(f) or ""
@@ -634,6 +692,82 @@ class _Walker:
                 self.mutation(c, c.args[0], attr)
         elif _mutates(attr) and not _has_grad(recv):
             self.mutation(c, recv, attr)
+
+    def enter(self, c: ast.Call, frames: tuple[tuple[str, int], ...]) -> bool:
+        """A call of a function defined in the notebook: its effects, as effects of this line.
+
+        True when the function was read (or is being read, one call further out)."""
+        reach = self.reach
+        if reach is None or self.depth >= _DEPTH or reach.walks >= _WALKS:
+            return False
+        try:
+            callee = calls.notebook_callee(c.func, reach.namespace, self.lookup, reach.cache)
+            if callee is None or callee.fn.key in self.active:
+                return callee is not None
+            fn = callee.fn
+            reach.walks += 1
+            limit: int | None = None
+            below: tuple[tuple[str, int], ...] = ()
+            if frames and frames[0][0] == fn.qualname:  # where it stopped, when it failed in it
+                limit, below = fn.node_line(frames[0][1]), frames[1:]
+            pre = self.global_view()
+            inner = _Walker(fn.lines, pre - fn.local, limit, self.earlier)
+            inner.reach, inner.fn, inner.gpre, inner.frames = reach, fn, pre, below
+            inner.depth, inner.active = self.depth + 1, self.active | {fn.key}
+            inner.st.zeroed = self.st.zeroed
+            self.pass_args(c, callee, inner)
+            inner.block(fn.node.body)
+        except Exception:  # a function we cannot read is a call we do not look into
+            return False
+        self.st.zeroed |= inner.st.zeroed
+        for e in inner.effects:
+            where = f"`{fn.qualname}`, whose line {fn.file_line(e.lineno)} `{_short(e.text, 40)}`"
+            self.add(c, e.kind, e.name, f"calls {where} {e.why}", f"call {where} {_third(e.again)}")
+        return True
+
+    def pass_args(self, c: ast.Call, callee: Callee, inner: _Walker) -> None:
+        """Bind the parameters: fresh names, each standing for the caller's object it was given."""
+        a = callee.fn.node.args
+        positional = [p.arg for p in [*a.posonlyargs, *a.args]]
+        names = [*positional, *(p.arg for p in a.kwonlyargs)]
+        names += [p.arg for p in (a.vararg, a.kwarg) if p is not None]
+        inner.st.fresh.update(names)
+        given: list[ast.expr | None] = [*c.args]
+        if callee.receiver is not None or callee.skips_first:
+            given.insert(0, callee.receiver)  # None: a new object (``Cls(...)``), or the class
+        bound: dict[str, ast.expr] = {}
+        spread: list[ast.expr] = []  # *args, **kwargs, surplus: may reach any parameter left
+        for i, expr in enumerate(given):
+            if isinstance(expr, ast.Starred) or spread or i >= len(positional):
+                spread += [expr.value if isinstance(expr, ast.Starred) else expr] if expr else []
+            elif expr is not None:
+                bound[positional[i]] = expr
+        for k in c.keywords:
+            if k.arg is not None and k.arg in names:
+                bound[k.arg] = k.value
+            else:
+                spread.append(k.value)
+        first_default = len(positional) - len(a.defaults)
+        defaults = [*zip(positional[first_default:], a.defaults, strict=True)]
+        defaults += [
+            (p.arg, d) for p, d in zip(a.kwonlyargs, a.kw_defaults, strict=True) if d is not None
+        ]
+        for name, d in defaults:  # evaluated where the function was defined: a global
+            if name not in bound and isinstance(d, ast.Name) and d.id in inner.gpre:
+                inner.st.alias[name] = d.id
+                inner.st.deps[name] = frozenset({d.id})
+        spread_deps = frozenset().union(*(self.state_reads(e) for e in spread))
+        for name in names:
+            expr = bound.get(name)
+            if expr is None:
+                if spread_deps:
+                    inner.st.deps[name] = inner.st.deps.get(name, frozenset()) | spread_deps
+                continue
+            if self.outer(expr):
+                inner.st.alias[name] = self.origin(_chain_root(expr, calls=False) or "") or name
+            inner.st.deps[name] = self.state_reads(expr)
+            if isinstance(expr, ast.Name) and (value := self.lookup(expr.id)) is not MISSING:
+                inner.values[name] = value
 
     def more(self, c: ast.Call, recv: ast.expr | None, attr: str, dotted: str) -> bool:
         """Iterators, heaps, queues, setattr, ``out=``, exec, databases: True when one matched."""
@@ -676,7 +810,7 @@ class _Walker:
             verb = "set" if attr == "setattr" else "delete"
             why = f"{_third(verb)} `{name}`, {self.before_of(first)}: a re-run does it again"
             self.add(c, "mutate_global", name, why, f"{verb} `{name}` again")
-        elif (recv is not None and _is_globals(recv) and _mutates(attr)) or (
+        elif (recv is not None and is_globals(recv) and _mutates(attr)) or (
             recv is None and attr in ("exec", "eval") and first is not None and not _pure(first)
         ):
             name = _unparse(c) if attr not in ("exec", "eval") else attr
@@ -901,15 +1035,6 @@ def _takes_from_queue(c: ast.Call, attr: str) -> bool:
     return attr == "get" and not c.args and all(k.arg in ("block", "timeout") for k in c.keywords)
 
 
-def _is_globals(node: ast.AST) -> bool:
-    return (
-        isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Name)
-        and node.func.id == "globals"
-        and not node.args
-    )
-
-
 def _pure(node: ast.expr) -> bool:
     """A string constant holding an expression with no calls: ``eval("2 * 3")``."""
     if not isinstance(node, ast.Constant) or not isinstance(node.value, str):
@@ -934,19 +1059,3 @@ def _sql_verb(node: ast.expr) -> str | None:
     text = re.sub(r"^(?:\s+|--[^\n]*\n?|/\*.*?\*/|\()*", "", node.value, flags=re.S)
     m = re.match(r"[A-Za-z]+", text)
     return m.group(0).upper() if m else None
-
-
-class _Globals(ast.NodeTransformer):
-    """``globals()["n"]`` is the name ``n``: ``globals()["n"] += 1`` adds to ``n``."""
-
-    def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
-        key = node.slice
-        if (
-            _is_globals(node.value)
-            and isinstance(key, ast.Constant)
-            and isinstance(key.value, str)
-            and key.value.isidentifier()
-        ):
-            return ast.copy_location(ast.Name(id=key.value, ctx=node.ctx), node)
-        self.generic_visit(node)
-        return node

@@ -9,7 +9,11 @@ own effect did not happen, except ``X.step()`` / ``.backward()``, which may have
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
+import linecache
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -618,3 +622,194 @@ def test_first_pass_still_counts_what_ran_before_the_failing_line() -> None:
         cell, failed_lineno=3, preexisting={"n", "xs", "model", "x"}, earlier_passes=False
     )
     assert [e.lineno for e in v.effects] == [2]
+
+
+# ---- notebook functions the cell calls ------------------------------------------------------------
+
+_CELLS = itertools.count()
+
+
+def notebook(*cells: str, **values: Any) -> dict[str, Any]:
+    """A user namespace after running ``cells``, each kept in linecache as IPython keeps them."""
+    ns: dict[str, Any] = {"__name__": "__main__", **values}
+    for cell in cells:
+        src = textwrap.dedent(cell)
+        name = f"<ipython-input-{next(_CELLS)}-guard>"
+        linecache.cache[name] = (len(src), None, src.splitlines(True), name)
+        exec(compile(src, name, "exec"), ns)
+    return ns
+
+
+TRAIN_FN = """\
+import torch.nn.functional as F
+
+def train(model, opt, loader):
+    for xb, yb in loader:
+        out = model(xb)
+        loss = F.cross_entropy(out, yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+"""
+
+
+def called(
+    cell: str,
+    failed: int | None,
+    ns: dict[str, Any],
+    pre: set[str],
+    frames: list[tuple[str, int]] | None = None,
+    earlier: bool | None = None,
+) -> GuardVerdict:
+    return analyse_rerun(
+        textwrap.dedent(cell),
+        failed_lineno=failed,
+        preexisting=pre | {"__name__"},
+        namespace=ns,
+        failed_frames=frames,
+        earlier_passes=earlier,
+    )
+
+
+def effects(v: GuardVerdict) -> set[tuple[int, str, str]]:
+    return {(e.lineno, e.kind, e.name) for e in v.effects}
+
+
+def test_a_notebook_function_called_before_the_failing_line_ran_all_of_it() -> None:
+    ns = notebook(TRAIN_FN, model=object(), opt=object(), loader=[])
+    pre = {"train", "model", "opt", "loader", "F"}
+    v = called("x = 1\ntrain(model, opt, loader)\ny = model(x)\n", 3, ns, pre)
+    assert effects(v) == {(2, "optimizer_step", "opt")}
+    (e,) = v.effects
+    assert e.text == "train(model, opt, loader)"
+    assert e.why == (
+        "calls `train`, whose line 9 `opt.step()` updates the weights: a re-run does it again"
+    )
+    assert v.summary() == (
+        "this cell already ran 1 line with side effects before it failed at line 3: line 2 "
+        "`train(model, opt, loader)` (calls `train`, whose line 9 `opt.step()` updates the "
+        "weights again)."
+    )
+    assert v.question() == (
+        "Re-run anyway? The cell would call `train`, whose line 9 `opt.step()` updates the "
+        "weights again."
+    )
+    # without the namespace the call is not looked into, as before
+    assert found("x = 1\ntrain(model, opt, loader)\ny = model(x)\n", 3, pre) == set()
+
+
+def test_a_notebook_function_failing_part_way_counts_what_ran_before_its_failing_line() -> None:
+    ns = notebook(TRAIN_FN, model=object(), opt=object(), loader=[])
+    pre = {"train", "model", "opt", "loader", "F"}
+    cell = "train(model, opt, loader)\n"
+    line = 5  # `out = model(xb)`, as a line of the cell that defined `train`
+    # where it stopped is unknown: all of it counts
+    assert effects(called(cell, 1, ns, pre)) == {(1, "optimizer_step", "opt")}
+    # it stopped at `out = model(xb)` in the first pass: nothing ran
+    v = called(cell, 1, ns, pre, frames=[("train", line)], earlier=False)
+    assert v.safe
+    # in a later pass: the loop's earlier passes stepped the optimizer
+    v = called(cell, 1, ns, pre, frames=[("train", line)])
+    assert effects(v) == {(1, "optimizer_step", "opt")}
+    # a frame of another function says nothing about this one
+    v = called(cell, 1, ns, pre, frames=[("other", line)], earlier=False)
+    assert effects(v) == {(1, "optimizer_step", "opt")}
+
+
+def test_a_parameter_given_an_object_made_in_the_cell_is_the_cell_s_own() -> None:
+    ns = notebook(TRAIN_FN, Net=object, torch=None, loader=[])
+    cell = """\
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train(model, opt, loader)
+    f()
+    """
+    assert called(cell, 4, ns, {"train", "Net", "torch", "loader", "F"}).safe
+
+
+def test_globals_in_a_notebook_function() -> None:
+    ns = notebook("def bump():\n    global step\n    step += 1\n", step=0)
+    assert effects(called("bump()\nf()", 2, ns, {"bump", "step"})) == {
+        (1, "augassign_global", "step")
+    }
+    # made by the cell before the call: the re-run makes it again
+    assert called("step = 0\nbump()\nf()", 3, ns, {"bump", "step"}).safe
+    # a local that shadows a global is the function's own
+    ns = notebook("def log():\n    history = []\n    history.append(1)\n", history=[])
+    assert called("log()\nf()", 2, ns, {"log", "history"}).safe
+    ns = notebook("def log(x):\n    history.append(x)\n", history=[])
+    assert effects(called("log(1)\nf()", 2, ns, {"log", "history"})) == {(1, "append", "history")}
+
+
+def test_methods_of_notebook_classes() -> None:
+    cls = """\
+    class Trainer:
+        def __init__(self, model, opt):
+            self.model, self.opt = model, opt
+
+        def fit(self):
+            self.step()
+
+        def step(self):
+            self.opt.step()
+    """
+    ns = notebook(cls, model=object(), opt=object())
+    ns["trainer"] = ns["Trainer"](ns["model"], ns["opt"])
+    pre = {"Trainer", "trainer", "model", "opt"}
+    v = called("trainer.fit()\nf()", 2, ns, pre)
+    assert effects(v) == {(1, "optimizer_step", "self.opt")}
+    assert v.effects[0].why.startswith(
+        "calls `Trainer.fit`, whose line 6 `self.step()` calls `Trainer.step`, whose line 9 "
+        "`self.opt.step()` updates the weights"
+    )
+    # an instance made in the cell from pre-existing parts still steps the pre-existing optimizer
+    ns["t"] = ns["Trainer"](ns["model"], ns["opt"])  # what the failed run left
+    v = called("t = Trainer(model, opt)\nt.fit()\nf()", 3, ns, pre)
+    assert effects(v) == {(2, "optimizer_step", "self.opt")}
+    # ... but not one made from parts made in the cell
+    ns["t"] = ns["Trainer"](object(), object())
+    assert called("t = Trainer(Net(), Opt())\nt.fit()\nf()", 3, ns, pre | {"Net", "Opt"}).safe
+
+
+def test_notebook_calls_are_followed_transitively_and_recursion_ends() -> None:
+    ns = notebook(
+        "def inner(x):\n    history.append(x)\n",
+        "def outer(x):\n    inner(x)\n",
+        "def again(n):\n    if n:\n        again(n - 1)\n    seen.add(n)\n",
+        history=[],
+        seen=set(),
+    )
+    pre = {"inner", "outer", "again", "history", "seen"}
+    v = called("outer(1)\nf()", 2, ns, pre)
+    assert effects(v) == {(1, "append", "history")}
+    assert v.effects[0].again == (
+        "call `outer`, whose line 2 `inner(x)` calls `inner`, whose line 2 "
+        "`history.append(x)` appends to `history` again"
+    )
+    assert effects(called("again(3)\nf()", 2, ns, pre)) == {(1, "mutate_global", "seen")}
+
+
+def test_functions_that_cannot_be_read_are_not_looked_into() -> None:
+    ns: dict[str, Any] = {"history": []}
+    exec("def lost(x):\n    history.append(x)\n", ns)  # no source kept anywhere
+    ns["dumps"] = json.dumps  # defined in a module, not in the notebook
+    ns["lam"] = notebook("lam = lambda x: history.append(x)\n", history=[])["lam"]
+    pre = {"lost", "dumps", "lam", "history"}
+    assert called("lost(1)\ndumps(history)\nlam(1)\nf()", 4, ns, pre).safe
+
+
+def test_a_function_defined_in_the_cell_itself() -> None:
+    cell = "def bump():\n    global step\n    step += 1\nbump()\nf()\n"
+    ns = notebook(cell.replace("f()", "pass"), step=0)
+    assert effects(called(cell, 5, ns, {"step"})) == {(4, "augassign_global", "step")}
+
+
+def test_notebook_functions_in_a_real_shell(bare_shell: Any) -> None:
+    bare_shell.run_cell("history = []\ndef log(x):\n    history.append(x)\n")
+    v = analyse_rerun(
+        "log(1)\ny = model(x)\n",
+        failed_lineno=2,
+        preexisting=set(bare_shell.user_ns),
+        namespace=bare_shell.user_ns,
+    )
+    assert effects(v) == {(1, "append", "history")}
