@@ -6,6 +6,7 @@ The panel is built for a real failure in a real InteractiveShell on the simulate
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -74,7 +75,9 @@ def test_reduce_batch_click_rescues_and_shows_what_fit(failed: Any) -> None:
     assert "✓" in status and "Fits at batch" in status
     assert f"batch_size = {outcome.batch}" in status
     assert failed.shell.user_ns["batch_size"] == outcome.batch
-    assert all(b.disabled for b in panel.buttons.values()), "done: no second click on stale state"
+    # usable again, and the status says what another click would do
+    assert not panel.buttons["batch"].disabled and not panel.busy
+    assert "Another button would run the cell again" in status
 
 
 def test_a_second_oom_replaces_the_panel_content(shell: Any) -> None:
@@ -108,6 +111,142 @@ def test_guard_asks_inside_the_panel(shell: Any) -> None:
     yes.click()
     assert shell.user_ns["step"] >= 2, "re-run, as the user asked"
     assert "Fits at batch" in panel.status.value
+
+
+# ---- every click ends: threads, interrupts, errors ------------------------------------------
+
+
+def _in_thread(fn: Any) -> Any:
+    out: list[Any] = []
+    worker = threading.Thread(target=lambda: out.append(fn()))
+    worker.start()
+    worker.join(60)
+    return out[0] if out else None
+
+
+def test_a_click_on_another_thread_runs_on_the_simulated_gpu(failed: Any) -> None:
+    """Item 7: a widget callback may run off the thread that ran `%gpumem simulate`."""
+    from jupyter_gpumem.backends import simulated
+
+    panel = _panel(failed)
+    gpu = simulated.current()
+    assert gpu is not None
+    ooms = gpu.num_ooms
+    outcome = _in_thread(lambda: panel.click("batch"))
+    assert outcome is not None and outcome.ok, panel.status.value
+    assert "Fits at batch" in panel.status.value
+    assert "not compiled with CUDA" not in panel.status.value
+    assert gpu.num_ooms > ooms, "the re-runs counted on the simulated card and hit its limit"
+    assert gpu.holds(failed.shell.user_ns["x"]), "the re-run's tensors live on the card"
+
+
+class _Interrupted(KeyboardInterrupt):
+    message = "the namespace is as it was before the click (2 names restored)."
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (_Interrupted(), "✗ Interrupted: the namespace is as it was before the click"),
+        (KeyboardInterrupt(), "✗ Interrupted: the re-run was stopped."),
+        (RuntimeError("boom"), "jupyter_gpumem: Reduce batch failed (RuntimeError: boom)"),
+    ],
+)
+def test_a_click_always_ends_with_a_status_and_usable_buttons(
+    failed: Any, monkeypatch: Any, capsys: Any, raised: BaseException, expected: str
+) -> None:
+    from jupyter_gpumem.ui import panel as panel_mod
+
+    def engine(*_a: Any, **_k: Any) -> Any:
+        raise raised
+
+    panel = _panel(failed)
+    monkeypatch.setattr(panel_mod, "apply_fix", engine)
+    outcome = panel.click("batch")
+    assert outcome is not None and not outcome.ok
+    assert expected in panel.status.value
+    assert not panel.busy and not panel.buttons["batch"].disabled
+    assert "Traceback" not in capsys.readouterr().out + panel.status.value
+
+
+def test_a_real_interrupt_inside_the_cell_ends_the_click(shell: Any) -> None:
+    shell.run_cell("%gpumem simulate 160MiB")
+    shell.run_cell(SETUP)
+    shell.run_cell("runs = []")
+    shell.run_cell(
+        "runs.append(1)\n"
+        "if len(runs) > 1:\n"
+        "    raise KeyboardInterrupt\n" + CELL
+    )  # fmt: skip
+    panel = _panel(jupyter_gpumem._extension_for(shell))
+    outcome = panel.click("batch", force=True)
+    assert outcome is not None and not outcome.ok
+    assert "✗ Interrupted" in panel.status.value
+    assert not panel.busy and not panel.buttons["batch"].disabled
+
+
+def test_the_cells_own_error_shows_as_the_cell_would_show_it(shell: Any, capsys: Any) -> None:
+    shell.run_cell("%gpumem simulate 160MiB")
+    shell.run_cell(SETUP)
+    shell.run_cell("runs = []")
+    shell.run_cell(
+        "runs.append(1)\n"
+        "if len(runs) > 1:\n"
+        "    raise ValueError('second run ' + 'fails')\n" + CELL
+    )  # fmt: skip
+    panel = _panel(jupyter_gpumem._extension_for(shell))
+    capsys.readouterr()
+    outcome = panel.click("batch", force=True)
+    assert outcome is not None and not outcome.ok
+    assert "✗ The re-run raised ValueError: second run fails" in panel.status.value
+    shown = capsys.readouterr().out
+    assert "ValueError: second run fails" in shown and "raise ValueError" in shown
+    assert "jupyter_gpumem" not in shown, "no frame of ours in the cell's traceback"
+    assert not panel.buttons["batch"].disabled
+
+
+# ---- stale panels --------------------------------------------------------------------------
+
+
+def _cells(shell: Any, *sources: str) -> None:
+    for src in sources:
+        shell.run_cell(src, store_history=True)
+
+
+def test_a_click_after_other_cells_ran_asks_first_and_cancel_runs_nothing(shell: Any) -> None:
+    _cells(shell, "%gpumem simulate 160MiB", SETUP, "runs = []", "runs.append(1)\n" + CELL)
+    ext = jupyter_gpumem._extension_for(shell)
+    failed_at = shell.execution_count - 1  # the failed cell's In [N]
+    panel = _panel(ext)
+    _cells(shell, "a = 1", "b = 2", "c = 3")
+    assert panel.click("batch") is None, "not re-run straight away"
+    text = _texts(panel.confirm_box)
+    assert f"3 cells ran since this failure (In [{failed_at + 1}]..In [{failed_at + 3}])" in text
+    assert "Re-run anyway?" in text
+    buttons = {w.description: w for w in panel.confirm_box.children[1].children}
+    buttons["Cancel"].click()
+    assert panel.status.value == "Not re-run." and shell.user_ns["runs"] == [1]
+    assert panel.click("batch") is None
+    buttons = {w.description: w for w in panel.confirm_box.children[1].children}
+    buttons["Re-run anyway"].click()
+    assert "Fits at batch" in panel.status.value and len(shell.user_ns["runs"]) > 1
+
+
+def test_a_click_on_a_panel_with_a_newer_failure_says_which(shell: Any) -> None:
+    _cells(shell, "%gpumem simulate 160MiB", SETUP, CELL)
+    ext = jupyter_gpumem._extension_for(shell)
+    first = shell.execution_count - 1
+    old = _panel(ext)
+    _cells(shell, "a = 1", CELL.replace("256", "300"))
+    newest = shell.execution_count - 1
+    assert ext.hook.last_failure is not old.failed
+    assert old.click("batch") is None
+    text = _texts(old.confirm_box)
+    assert f"1 cell ran since this failure (In [{first + 1}])" in text
+    assert f"a newer failure is In [{newest}]" in text
+    new = _panel(ext)  # the latest failure's panel, nothing ran since: no question
+    outcome = new.click("batch")
+    assert outcome is not None and outcome.ok and not _texts(new.confirm_box).strip()
 
 
 def test_a_fix_that_does_not_apply_is_disabled_and_says_why(shell: Any) -> None:

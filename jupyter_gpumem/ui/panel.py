@@ -3,21 +3,28 @@
 A click runs while the kernel is idle (clicks reach the kernel on the shell channel, between cells):
 a status line while the fix runs, the cell's output inside the panel, then the outcome with the
 measured peak. A second OOM replaces the panel's content with the new diagnosis, so there is never
-a stack of panels.
+a stack of panels. Every click ends with a status line and usable buttons, whatever happened: an
+interrupt (Ctrl-C, the kernel's stop button) says what was undone, the cell's own error shows as
+the cell would show it, and an error of ours is one line. A click on a panel whose failure is no
+longer the latest, or after other cells ran, asks first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from html import escape
+from types import TracebackType
 from typing import Any
 
 import ipywidgets as W
 import plotly.graph_objects as go
+from IPython import version_info as _ipython_version
 
+from ..backends import simulated
 from ..diagnosis import Diagnosis
 from ..failure import FailedCell
 from ..fixes import FIXES, Attempt, Check, FixOutcome
+from ..hook import without_dispatch_frames
 from ..render import _md_code, render_html
 from ..rescue import Options, apply_fix, check_all, guard
 from ..units import GiB, format_bytes
@@ -100,6 +107,66 @@ def _button_text(fix_label: str, check: Check) -> str:
     return fix_label
 
 
+# IPython 9.8 (commit aaa5a45, "execution count more atomic") counts a cell before running it:
+# while In [5] runs, and at its pre_run_cell where the hook reads it, execution_count is already 6.
+# Before, it was 5 until the cell ended. Between cells it is the next prompt's number either way.
+_COUNTED_BEFORE_RUN = tuple(_ipython_version[:2]) >= (9, 8)
+
+
+def _prompt(execution_count: int | None) -> int | None:
+    """The In [N] of a failure, from the execution_count recorded when it failed."""
+    if execution_count is None:
+        return None
+    return execution_count - 1 if _COUNTED_BEFORE_RUN else execution_count
+
+
+def _span(first: int, last: int) -> str:
+    return f"In [{first}]" if first == last else f"In [{first}]..In [{last}]"
+
+
+def staleness(shell: Any, failed: FailedCell, latest: FailedCell | None) -> str:
+    """What changed since ``failed`` (cells that ran, a newer failure); "" when nothing did."""
+    now = getattr(shell, "execution_count", None)
+    mine = _prompt(failed.execution_count)
+    newer = latest is not None and latest is not failed
+    newer_at = _prompt(latest.execution_count) if newer and latest is not None else None
+    if newer_at is not None and not _is_cell(shell, newer_at, latest):
+        newer_at = None  # a fix's re-run failed, not a cell: it has no In [N] of its own
+    parts = []
+    if isinstance(now, int) and mine is not None and now > mine + 1:
+        last = now - 1
+        if newer_at == last:  # said on its own below
+            last -= 1
+        if last > mine:
+            n = last - mine
+            parts.append(
+                f"{n} cell{'s' if n > 1 else ''} ran since this failure ({_span(mine + 1, last)})"
+            )
+    if newer:
+        parts.append(
+            f"a newer failure is In [{newer_at}]"
+            if newer_at is not None
+            else "a newer failure came since (a fix's re-run)"
+        )
+    return "; ".join(parts)
+
+
+def _is_cell(shell: Any, prompt: int, failed: FailedCell | None) -> bool:
+    """Whether In [prompt] is the failure's own cell (and not a re-run made between cells)."""
+    history = getattr(getattr(shell, "history_manager", None), "input_hist_raw", None)
+    if failed is None or not history or not 0 < prompt < len(history):
+        return False
+    return bool(history[prompt].strip() == failed.source.strip())
+
+
+def _cell_traceback(tb: TracebackType | None, user_ns: dict[str, Any]) -> TracebackType | None:
+    """The traceback from the cell's own frame on (None if it never reached the cell): what the
+    cell would show, without the re-run machinery above it."""
+    while tb is not None and tb.tb_frame.f_globals is not user_ns:
+        tb = tb.tb_next
+    return tb
+
+
 class DiagnosisPanel:
     """``DiagnosisPanel(ext, failed).widget`` is shown under the failed cell's traceback."""
 
@@ -177,12 +244,38 @@ class DiagnosisPanel:
         """What a button does (also callable from tests, as the browser's click is)."""
         if self.busy:
             return None
-        verdict = guard(self.failed)
-        if not verdict.safe and not force:
-            self.ask(key, verdict.summary(), verdict.question())
-            return None
+        if not force:
+            try:
+                asked = self._ask_first(key)
+            except Exception as exc:
+                self.set_status(
+                    f"jupyter_gpumem: checking the re-run failed "
+                    f"({escape(type(exc).__name__)}: {escape(str(exc)[:200])})",
+                    "bad",
+                )
+                return None
+            if asked:
+                return None
         self.confirm_box.children = ()
         return self.run(key)
+
+    def _ask_first(self, key: str) -> bool:
+        """Ask before a re-run that may not be what the user expects; whether it asked."""
+        changed = staleness(self.shell, self.failed, self.ext.hook.last_failure)
+        verdict = guard(self.failed)
+        if not changed and verdict.safe:
+            return False
+        summary = " ".join(
+            ([f"{changed[0].upper()}{changed[1:]}."] if changed else [])
+            + ([verdict.summary()] if not verdict.safe else [])
+        )
+        question = (
+            verdict.question()
+            if not verdict.safe
+            else "Re-run anyway? The cell would run again on the namespace as it is now."
+        )
+        self.ask(key, summary, question)
+        return True
 
     def ask(self, key: str, summary: str, question: str) -> None:
         yes = W.Button(description="Re-run anyway", button_style="warning")
@@ -205,48 +298,78 @@ class DiagnosisPanel:
         )
 
     def run(self, key: str) -> FixOutcome:
+        """Apply one fix. Always ends with a status line and the buttons usable again."""
         fix = FIXES[key]
         self.busy = True
         self.log = []
+        self.confirm_box.children = ()
         for b in self.buttons.values():
             b.disabled = True
-        self.set_status(f"Running <b>{escape(fix.label)}</b>: {_md_code(self.checks[key].action)}")
-        self.output.clear_output()
-        outcome: FixOutcome
+        outcome = FixOutcome(fix=key, ok=False, message="")
         try:
-            with self.output:
-                outcome = apply_fix(
-                    self.shell,
-                    self.failed,
-                    key,
-                    Options(force=True),
-                    self.ext.remembered,
-                    on_attempt=self._on_attempt,
-                )
-        except Exception as exc:  # the cell's own non-OOM error: shown as the cell would show it
-            with self.output:
-                self.shell.showtraceback()
             self.set_status(
-                f"✗ The re-run raised {escape(type(exc).__name__)}: {escape(str(exc)[:200])}", "bad"
+                f"Running <b>{escape(fix.label)}</b>: {_md_code(self.checks[key].action)}"
             )
-            self._enable()
-            return FixOutcome(fix=key, ok=False, message=str(exc))
+            self.output.clear_output()
+            # a button's callback may run on another thread than the one that started the
+            # simulated GPU (torch's modes are per thread): the re-run must see the same card
+            with simulated.on_this_thread():
+                raised: BaseException | None = None
+                with self.output:
+                    try:
+                        outcome = apply_fix(
+                            self.shell,
+                            self.failed,
+                            key,
+                            Options(force=True),
+                            self.ext.remembered,
+                            on_attempt=self._on_attempt,
+                        )
+                    except BaseException as exc:  # Output's __exit__ would print and swallow it
+                        raised = exc
+                if raised is not None:
+                    raise raised
+                self.outcomes.append(outcome)
+                self._report(fix.label, outcome)
+        except KeyboardInterrupt as exc:  # Ctrl-C: the engine undid what it could and says what
+            undone = str(getattr(exc, "message", "") or "").strip()
+            outcome = FixOutcome(fix=key, ok=False, message="interrupted")
+            self.set_status(
+                f"✗ Interrupted: {_md_code(undone) if undone else 'the re-run was stopped.'}", "bad"
+            )
+        except BaseException as exc:  # never a traceback of ours, never a panel left busy
+            outcome = FixOutcome(fix=key, ok=False, message=f"{type(exc).__name__}: {exc}")
+            self._report_error(fix.label, exc)
         finally:
             self.busy = False
-        self.outcomes.append(outcome)
+            self._enable()
+        return outcome
+
+    def _report(self, label: str, outcome: FixOutcome) -> None:
         if outcome.ok:
             self._success(outcome)
         elif outcome.failure is not None and outcome.failure.diagnosis is not None:
             self.ext.hook.last_failure = outcome.failure
             self.show(outcome.failure)
             self.set_status(
-                f"✗ {escape(fix.label)}: {_md_code(outcome.message)} The new diagnosis is above.",
+                f"✗ {escape(label)}: {_md_code(outcome.message)} The new diagnosis is above.",
                 "bad",
             )
         else:
-            self._enable()
             self.set_status(f"✗ {_md_code(outcome.message)}", "bad")
-        return outcome
+
+    def _report_error(self, label: str, exc: BaseException) -> None:
+        brief = f"{escape(type(exc).__name__)}: {escape(str(exc)[:200])}"
+        tb = _cell_traceback(exc.__traceback__, self.shell.user_ns)
+        if tb is None:  # raised by jupyter_gpumem itself: one line, the cell's state is reported
+            self.set_status(f"jupyter_gpumem: {escape(label)} failed ({brief})", "bad")
+            return
+        try:  # the cell's own error: shown as the cell would show it
+            with self.output:
+                self.shell.showtraceback((type(exc), exc, without_dispatch_frames(tb)), tb_offset=0)
+        except Exception:
+            pass
+        self.set_status(f"✗ The re-run raised {brief}", "bad")
 
     def _enable(self) -> None:
         for key, b in self.buttons.items():
@@ -264,9 +387,11 @@ class DiagnosisPanel:
         lines += [_md_code(n) for n in o.notes]
         if self.log:
             lines.append(f"<pre>{escape(chr(10).join(self.log))}</pre>")
+        lines.append(
+            "<span class='gpumem-why'>Its results are in the notebook now. Another button would "
+            "run the cell again, as it was, with that fix instead.</span>"
+        )
         self.set_status("<br>".join(lines), "ok")
-        for b in self.buttons.values():
-            b.disabled = True
 
 
 def show_panel(
