@@ -2,19 +2,32 @@
 
 Static, from the cell's text and the names that existed before it ran; nothing is executed. A line
 counts when it ran before the failing line, or anywhere in a loop around it (earlier passes ran the
-whole body). The failing statement's own effect did not happen (``step += f()`` where ``f`` raised),
-except ``X.step()`` and ``.backward()``, which may have run part way before running out of memory.
+whole body), unless the caller says the failing pass was the first (``earlier_passes=False``). The
+failing statement's own effect did not happen (``step += f()`` where ``f`` raised), except
+``X.step()`` and ``.backward()``, which may have run part way before running out of memory.
 A name the cell binds from scratch (``acc = 0`` before ``acc += 1``) is recreated by the re-run,
 and so is an optimizer built in the cell over a model built in the cell. ``x = x.to(device)``,
-``.cuda()``, ``.eval()`` are not rebinds: doing them twice is doing them once.
+``.cuda()``, ``.eval()`` are not rebinds: doing them twice is doing them once. Given the user
+namespace, the functions and methods defined in the notebook that the cell calls are read too
+(``guard_calls``), up to five calls deep: a parameter stands for the object the caller passed, a
+``global`` name for the global; a call before the failing line ran all of its body, the failing call
+ran up to its own failing line when ``failed_frames`` names it, else all of it may have.
 
-Limits, by design: only this cell's text is read, so a call into a function defined elsewhere, or
-the body of a function or class defined in the cell (``global`` names included), is not looked
-into; which branch of an ``if`` ran is unknown, so both count; ``obj.add(x)`` or ``t.sort()`` count
-as mutations even where the receiver's type makes them pure; aliasing is followed only through
-plain names, attributes, items and views (``w = model.weight``), not through containers; a
-pre-existing name passed to a call (``crit(out, y)``) is taken to carry state into the result, so a
-``.backward()`` with no ``zero_grad()`` is counted unless everything it reads was made in the cell.
+Limits, by design: which branch of an ``if`` ran is unknown, so both count; ``obj.add(x)`` or
+``t.sort()`` count as mutations even where the receiver's type makes them pure; aliasing is followed
+only through plain names, attributes, items, views and bound methods (``w = model.weight``,
+``add = L.append``), not through containers; a pre-existing name passed to a call (``crit(out, y)``)
+is taken to carry state into the result, so a ``.backward()`` with no ``zero_grad()`` is counted
+unless everything it reads was made in the cell. Code that is not the notebook's (a library, a
+module on disk) is judged by its name only, and notebook code is read only where the call names it
+plainly (``f(x)``, ``obj.method()``, ``Cls(...)``), not through ``model(x)`` reaching a
+``forward``, a callback, or a function kept in a container; a notebook function whose source cannot
+be read is a call not looked into; a function's assignments to globals do not carry back to the
+cell. ``next(it)`` counts only on a pre-existing iterator, not on a ``for`` loop over one;
+``exec``/``eval`` of a string (not a call-free constant) and ``globals()`` used other than as
+``globals()["name"]`` are effects we cannot read, so they count; SQL counts unless its text starts
+with a read (``SELECT``, ``PRAGMA``...). ``del name`` of a name the cell did not make counts even if
+the names before the cell missed it: the failed run could not have deleted it otherwise.
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ __all__ = ["GuardVerdict", "SideEffect", "analyse_rerun"]
 class SideEffect:
     lineno: int  # 1-based line in the cell
     kind: str  # augassign_global, global_rebind, mutate_global, append, delete_global,
-    # optimizer_step, backward, file_write, io_call, unknown
+    # optimizer_step, backward, file_write, io_call, iterator, queue, database, exec, unknown
     name: str  # the global or object involved: "step", "history", "open('log.txt', 'a')"
     text: str  # the source line, stripped
     why: str  # "adds to `step`, which existed before the cell: a re-run adds again"
@@ -727,41 +740,17 @@ class _Walker:
 
     def pass_args(self, c: ast.Call, callee: Callee, inner: _Walker) -> None:
         """Bind the parameters: fresh names, each standing for the caller's object it was given."""
-        a = callee.fn.node.args
-        positional = [p.arg for p in [*a.posonlyargs, *a.args]]
-        names = [*positional, *(p.arg for p in a.kwonlyargs)]
-        names += [p.arg for p in (a.vararg, a.kwarg) if p is not None]
-        inner.st.fresh.update(names)
-        given: list[ast.expr | None] = [*c.args]
-        if callee.receiver is not None or callee.skips_first:
-            given.insert(0, callee.receiver)  # None: a new object (``Cls(...)``), or the class
-        bound: dict[str, ast.expr] = {}
-        spread: list[ast.expr] = []  # *args, **kwargs, surplus: may reach any parameter left
-        for i, expr in enumerate(given):
-            if isinstance(expr, ast.Starred) or spread or i >= len(positional):
-                spread += [expr.value if isinstance(expr, ast.Starred) else expr] if expr else []
-            elif expr is not None:
-                bound[positional[i]] = expr
-        for k in c.keywords:
-            if k.arg is not None and k.arg in names:
-                bound[k.arg] = k.value
-            else:
-                spread.append(k.value)
-        first_default = len(positional) - len(a.defaults)
-        defaults = [*zip(positional[first_default:], a.defaults, strict=True)]
-        defaults += [
-            (p.arg, d) for p, d in zip(a.kwonlyargs, a.kw_defaults, strict=True) if d is not None
-        ]
-        for name, d in defaults:  # evaluated where the function was defined: a global
-            if name not in bound and isinstance(d, ast.Name) and d.id in inner.gpre:
-                inner.st.alias[name] = d.id
-                inner.st.deps[name] = frozenset({d.id})
-        spread_deps = frozenset().union(*(self.state_reads(e) for e in spread))
-        for name in names:
-            expr = bound.get(name)
+        args = calls.match_args(callee, c)
+        inner.st.fresh.update(args.names)
+        for name, glob in args.defaults.items():  # a default is evaluated where the def ran
+            if glob in inner.gpre:
+                inner.st.alias[name], inner.st.deps[name] = glob, frozenset({glob})
+        spread = frozenset().union(*(self.state_reads(e) for e in args.spread))
+        for name in args.names:
+            expr = args.bound.get(name)
             if expr is None:
-                if spread_deps:
-                    inner.st.deps[name] = inner.st.deps.get(name, frozenset()) | spread_deps
+                if spread:
+                    inner.st.deps[name] = inner.st.deps.get(name, frozenset()) | spread
                 continue
             if self.outer(expr):
                 inner.st.alias[name] = self.origin(_chain_root(expr, calls=False) or "") or name

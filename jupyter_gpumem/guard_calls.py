@@ -92,6 +92,43 @@ def notebook_callee(
     return None
 
 
+@dataclass(frozen=True)
+class Arguments:
+    """What a call gives each parameter of the function it runs."""
+
+    names: list[str]  # every parameter
+    bound: dict[str, ast.expr]  # parameter -> the expression given for it
+    spread: list[ast.expr]  # ``*xs``, ``**kw``, surplus: may reach any parameter not bound
+    defaults: dict[str, str]  # parameter not given -> the global its default names
+
+
+def match_args(callee: Callee, c: ast.Call) -> Arguments:
+    a = callee.fn.node.args
+    positional = [p.arg for p in [*a.posonlyargs, *a.args]]
+    names = [*positional, *(p.arg for p in a.kwonlyargs)]
+    names += [p.arg for p in (a.vararg, a.kwarg) if p is not None]
+    given: list[ast.expr | None] = [*c.args]
+    if callee.receiver is not None or callee.skips_first:
+        given.insert(0, callee.receiver)  # None: a new object (``Cls(...)``), or the class
+    bound: dict[str, ast.expr] = {}
+    spread: list[ast.expr] = []
+    for i, expr in enumerate(given):
+        if isinstance(expr, ast.Starred) or spread or i >= len(positional):
+            spread += [expr.value if isinstance(expr, ast.Starred) else expr] if expr else []
+        elif expr is not None:
+            bound[positional[i]] = expr
+    for k in c.keywords:
+        if k.arg is not None and k.arg in names:
+            bound[k.arg] = k.value
+        else:
+            spread.append(k.value)
+    first_default = len(positional) - len(a.defaults)
+    pairs = [*zip(positional[first_default:], a.defaults, strict=True)]
+    pairs += [(p.arg, d) for p, d in zip(a.kwonlyargs, a.kw_defaults, strict=True) if d]
+    defaults = {n: d.id for n, d in pairs if n not in bound and isinstance(d, ast.Name)}
+    return Arguments(names, bound, spread, defaults)
+
+
 def _callee(
     obj: Any,
     namespace: Mapping[str, Any],

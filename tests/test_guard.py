@@ -3,7 +3,9 @@
 Each case is a cell, the line it failed on, the names that existed before it ran, and the effects
 expected as ``(line, kind, name)``. Decided here: a name the cell binds from scratch is recreated by
 the re-run; a line after the failing one counts only inside a loop around it; the failing statement's
-own effect did not happen, except ``X.step()`` / ``.backward()``, which may have run part way.
+own effect did not happen, except ``X.step()`` / ``.backward()``, which may have run part way;
+with ``earlier_passes=False`` a loop around the failing line ran only up to it; given the namespace,
+notebook functions the cell calls are read, up to their own failing line when a frame names it.
 """
 
 from __future__ import annotations
