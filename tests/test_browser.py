@@ -528,3 +528,72 @@ def test_sidebar_holds_the_gauge_within_its_width(open_notebook, shots):
             assert within(box, panel), (text.text_content(), box, panel)
     page.wait_for_timeout(600)  # a flat stretch of history after the last step
     shots(page, "sidebar.png")
+
+
+# --------------------------------------------------------------------------- #
+# A DataLoader training loop, rescued from a button (its callback's thread)
+# --------------------------------------------------------------------------- #
+TRAIN_SETUP = """\
+%load_ext jupyter_gpumem
+%gpumem simulate 128MiB
+import threading
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+torch.manual_seed(0)
+ds = TensorDataset(torch.randn(1024, 1024), torch.randn(1024, 1))
+loader = DataLoader(ds, batch_size=256, shuffle=True)
+# 256 KiB of activations a sample in the wide layer: a batch of 256 does not fit in 128 MiB
+model = torch.nn.Sequential(
+    torch.nn.Linear(1024, 16), torch.nn.Linear(16, 65536), torch.nn.ReLU(),
+    torch.nn.Linear(65536, 1),
+).cuda()
+opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+ran_on = []
+"""
+TRAIN = """\
+ran_on.append(threading.get_ident())
+for xb, yb in loader:
+    xb, yb = xb.cuda(), yb.cuda()
+    loss = torch.nn.functional.mse_loss(model(xb), yb)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+TRAIN_CHECK = 'print("threads " + "used:", len(set(ran_on)), "loss finite:", bool(loss.isfinite()))'
+
+
+def test_training_loop_rescued_from_a_button_runs_on_the_simulated_gpu(open_notebook):
+    """Issue 7, item 7: a button's callback may run on another thread than `%gpumem simulate`;
+    the re-run must still see the simulated card (not "Torch not compiled with CUDA")."""
+    page = open_notebook("training.ipynb", [TRAIN_SETUP, TRAIN, TRAIN_CHECK])
+    setup = run_cell(page, 0)
+    expect(outputs(setup).first).to_contain_text("Simulated GPU", timeout=T_RUN)
+    cell = run_cell(page, 1)
+    panel = cell.locator(".gpumem-panel")
+    expect(panel).to_contain_text("GPU out of memory", timeout=T_RUN)
+    reduce = panel.get_by_role("button", name=re.compile("^Reduce batch"))
+    expect(reduce).to_be_enabled()
+    t0 = time.monotonic()
+    reduce.click()
+    status = panel.locator(".gpumem-status")
+    anyway = panel.get_by_role("button", name="Re-run anyway")
+    deadline = t0 + T_RUN / 1000
+    while time.monotonic() < deadline:
+        text = status.text_content() or ""
+        if "✓" in text or "✗" in text or "jupyter_gpumem:" in text:
+            break
+        if anyway.count() and anyway.is_visible():  # the guard asked: the loop steps `opt`
+            anyway.click()
+        page.wait_for_timeout(250)
+    text = status.text_content() or ""
+    took = time.monotonic() - t0
+    assert text.strip().startswith("✓"), (took, text)
+    assert re.search(r"Fits at batch \d+ \(was 256\)", text), text
+    assert "not compiled with CUDA" not in (panel.text_content() or "")
+    assert "not compiled with CUDA" not in " ".join(outputs(cell).all_text_contents())
+    # the buttons can be used again, and the status says what another click would do
+    expect(reduce).to_be_enabled()
+    assert "Another button would run the cell again" in text
+    check = run_cell(page, 2)
+    expect(outputs(check)).to_contain_text("loss finite: True", timeout=T_RUN)
+    print(f"rescued in {took:.1f} s;", outputs(check).first.text_content())
