@@ -10,13 +10,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import CodeType, FunctionType, TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import holders as holders_mod
 from .diagnosis import Diagnosis, diagnose
 from .oom import OOMReport
 from .readings import MemorySnapshot, read_snapshot
+from .rehearsal import LoopSite, find_loop
 from .release import ReleaseResult
+
+if TYPE_CHECKING:
+    from .backends._state import RngState
 
 
 @dataclass
@@ -58,6 +62,19 @@ class FailedCell:
     when: float = field(default_factory=time.time)
     diagnosis_error: str | None = None
     elapsed_s: float = 0.0
+    # the shell's execution_count while the failed cell ran: a panel compares it with the latest
+    execution_count: int | None = None
+    # names the failed run itself created, with id() of their values: a re-run removes only these,
+    # and only while they still hold what the failed run left (a later cell's value stays)
+    created: dict[str, int] = field(default_factory=dict)
+    # the loop a rehearsal stops on, and whether earlier passes of it had run when it failed
+    loop: LoopSite | None = None
+    earlier_passes: bool | None = None
+    # the random number generators as the cell found them: every re-run starts from them, so the
+    # final run is the run the user would have had on a card that fit
+    rng: RngState | None = None
+    # (qualified name, line) of the notebook functions the failure went through, below the cell
+    frames: tuple[tuple[str, int], ...] = ()
 
 
 def cell_lineno(tb: TracebackType | None, user_ns: dict[str, Any]) -> int | None:
@@ -141,6 +158,8 @@ def build_failure(
     source: str,
     preexisting: frozenset[str],
     release: Callable[[BaseException], ReleaseResult] | None,
+    rng: RngState | None = None,
+    execution_count: int | None = None,
 ) -> FailedCell:
     """Read what the diagnosis needs from the frames, then (unless ``release`` is None) free them."""
     t0 = time.perf_counter()
@@ -156,6 +175,18 @@ def build_failure(
     )
     del frames
     lineno = cell_lineno(tb, user_ns)
+    try:
+        loop, earlier = find_loop(tb, user_ns, preexisting)
+    except Exception:  # a reading, never a reason to lose the diagnosis
+        loop, earlier = None, None
+    created = {n: id(v) for n, v in user_ns.items() if n not in preexisting and n[:1] != "_"}
+    notebook_frames = []
+    t = tb
+    while t is not None:
+        code = t.tb_frame.f_code
+        if t.tb_frame.f_globals is user_ns and code.co_name != "<module>":
+            notebook_frames.append((getattr(code, "co_qualname", code.co_name), t.tb_lineno))
+        t = t.tb_next
     released = release(value) if release is not None else None
     diag = diagnose(
         report,
@@ -175,4 +206,10 @@ def build_failure(
         release=released,
         snapshot=snapshot,
         elapsed_s=time.perf_counter() - t0,
+        execution_count=execution_count,
+        created=created,
+        loop=loop,
+        earlier_passes=earlier,
+        rng=rng,
+        frames=tuple(notebook_frames),
     )

@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any
 
 from .backends import simulated
+from .backends._state import read_rng
 from .failure import FailedCell, NamespaceMark, build_failure
 from .oom import OOMReport, find_oom
 from .release import ReleaseResult, release_failed_cell
@@ -68,6 +69,8 @@ class OOMHook:
         self._installed = False
         self._mark = NamespaceMark(0, None)
         self._cell_source = ""
+        self._cell_rng: Any = None
+        self._cell_count: int | None = None
         self._pending_release: BaseException | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -121,6 +124,12 @@ class OOMHook:
     def _pre_run_cell(self, info: Any) -> None:
         self._cell_source = getattr(info, "raw_cell", "") or ""
         self._mark = NamespaceMark.take(self.shell.user_ns)
+        self._cell_count = getattr(self.shell, "execution_count", None)
+        # a few KiB: the generators as this cell finds them, so a re-run starts from the same
+        try:
+            self._cell_rng = read_rng()
+        except Exception:
+            self._cell_rng = None
 
     def _post_run_cell(self, result: Any) -> None:
         exc = self._pending_release
@@ -175,37 +184,57 @@ class OOMHook:
         tb: TracebackType | None,
         tb_offset: int | None = None,
     ) -> None:
+        # BaseException throughout: IPython drops a custom handler that raises (Ctrl-C included),
+        # and the hook must stay installed for the rest of the session
         try:
             found = find_oom(value)
-        except Exception:
+        except BaseException:
             found = None
         if found is None:
             try:
                 self._pass_on(etype, value, tb, tb_offset)
-            except Exception:
-                self.shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+            except BaseException:
+                self._fallback_traceback(etype, value, tb, tb_offset)
             return
         try:
             self._show_traceback(etype, value, tb, tb_offset)
-        except Exception:
-            self.shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+        except BaseException:
+            self._fallback_traceback(etype, value, tb, tb_offset)
         failed = None
         try:
             failed = self.diagnose_failure(value, found[1], tb)
             self.last_failure = failed
             if self.present is not None:
                 self.present(failed)
-        except Exception as exc:  # never let IPython unregister us; never hide the user's error
+        except KeyboardInterrupt:
+            print(
+                "jupyter_gpumem: diagnosis interrupted (Ctrl-C); nothing was changed, and the "
+                "traceback above is the original error.",
+                file=sys.stderr,
+            )
+            self._release_quietly(failed, value)
+        except BaseException as exc:  # never let IPython unregister us; never hide the error
             print(
                 f"jupyter_gpumem: could not build the diagnosis ({type(exc).__name__}: {exc}); "
                 "the traceback above is the original error.",
                 file=sys.stderr,
             )
-            if failed is None and not self.settings.keep_traceback:
-                try:
-                    self._release(value)
-                except Exception:
-                    pass
+            self._release_quietly(failed, value)
+
+    def _fallback_traceback(
+        self, etype: type[BaseException], value: BaseException, tb: Any, tb_offset: int | None
+    ) -> None:
+        try:
+            self.shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+        except BaseException:
+            pass
+
+    def _release_quietly(self, failed: FailedCell | None, value: BaseException) -> None:
+        if failed is None and not self.settings.keep_traceback:
+            try:
+                self._release(value)
+            except BaseException:
+                pass
 
     def diagnose_failure(
         self, value: BaseException, report: OOMReport, tb: TracebackType | None
@@ -218,6 +247,8 @@ class OOMHook:
             source=self._cell_source,
             preexisting=self._mark.preexisting(self.shell.user_ns),
             release=None if self.settings.keep_traceback else self._release,
+            rng=self._cell_rng,
+            execution_count=self._cell_count,
         )
 
     def _release(self, value: BaseException) -> ReleaseResult:

@@ -20,7 +20,7 @@ from .fixes import FIXES, LADDER
 from .readings import read_snapshot
 from .release import release_failed_cell
 from .render import render_snapshot_text
-from .rescue import Options, apply_fix, run_ladder
+from .rescue import Interrupted, Options, apply_fix, run_ladder
 from .units import format_bytes, parse_size
 
 if TYPE_CHECKING:
@@ -163,14 +163,18 @@ class GpuMemMagics(Magics):
             drop_output_cache=opts.drop_output_cache,
             accumulate=opts.accumulate,
         )
-        outcome = apply_fix(
-            self.shell,
-            failed,
-            opts.fix,
-            options,
-            self.ext.remembered,
-            on_attempt=lambda a: print("  " + a.line()),
-        )
+        try:
+            outcome = apply_fix(
+                self.shell,
+                failed,
+                opts.fix,
+                options,
+                self.ext.remembered,
+                on_attempt=lambda a: print("  " + a.line()),
+            )
+        except Interrupted as exc:
+            print(exc.message, file=sys.stderr)
+            raise KeyboardInterrupt from None
         self.ext.report_outcome(outcome)
 
     @cell_magic
@@ -193,20 +197,24 @@ class GpuMemMagics(Magics):
                 f"%%oomsafe --fixes: unknown fix {', '.join(unknown) or '(none)'}; "
                 f"choose from {','.join(LADDER)}"
             )
-        result = run_ladder(
-            self.shell,
-            cell,
-            fixes=fixes,
-            options=Options(
-                batch_var=opts.batch_var,
-                min_batch=opts.min_batch,
-                max_runs=opts.max_retries,
-                force=opts.force,
-            ),
-            remembered=self.ext.remembered,
-            say=print,
-            quiet=opts.quiet,
-        )
+        try:
+            result = run_ladder(
+                self.shell,
+                cell,
+                fixes=fixes,
+                options=Options(
+                    batch_var=opts.batch_var,
+                    min_batch=opts.min_batch,
+                    max_runs=opts.max_retries,
+                    force=opts.force,
+                ),
+                remembered=self.ext.remembered,
+                say=print,
+                quiet=opts.quiet,
+            )
+        except Interrupted as exc:
+            print(f"oomsafe: {exc.message}", file=sys.stderr)
+            raise KeyboardInterrupt from None
         if not result.ok and result.failure is not None:
             self.ext.hook.last_failure = result.failure
             if result.refused is None:

@@ -3,7 +3,9 @@ changes), measure its peak, and turn an OOM into the next diagnosis.
 
 This is what a fix button, ``%gpumem retry`` and ``%%oomsafe`` share. The source is executed here,
 in the user namespace, as ``%%time`` does: a retry is not a nested ``run_cell``. A non-OOM error is
-raised unchanged to the caller.
+raised unchanged to the caller. A rehearsal (``Plan.rehearsal``) stops once the failing loop has
+run two passes (``rehearsal.LoopStopper``); undoing what it changed is the caller's transaction.
+Every run starts from the random number generators the failed cell started from.
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ from __future__ import annotations
 import ast
 import contextlib
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backends import _torch
+from .backends import _torch, simulated
+from .backends._state import RngState, read_rng, restore_rng
 from .failure import FailedCell, build_failure
 from .oom import find_oom
+from .rehearsal import LoopSite, LoopStopper, RehearsalDone, relocate
 from .release import release_failed_cell
 
 ContextFactory = Callable[[], AbstractContextManager[Any]]
@@ -33,6 +38,10 @@ class Plan:
     namespace_updates: dict[str, Any] = field(default_factory=dict)
     batch: int | None = None  # the batch size this run uses, for reduce-batch
     note: str = ""  # what this run does differently, shown on its line
+    rehearsal: bool = False  # a probe: stopped once the fit is proven, then rolled back
+    # a rehearsal that ran whole (no loop to stop) may turn out to be the run to keep: asked
+    # with its result before it would be rolled back
+    keep: Callable[[RunResult], bool] | None = None
 
 
 @dataclass
@@ -43,6 +52,8 @@ class RunResult:
     seconds: float
     failure: FailedCell | None = None  # the next diagnosis, when it ran out of memory again
     value: Any = None  # the value of the cell's last expression
+    passes: int | None = None  # a rehearsal stopped after this many passes of the failing loop
+    kept: bool = False  # a rehearsal kept as the real run (see Plan.keep)
 
 
 def _split_last_expr(tree: ast.Module) -> tuple[ast.Module, ast.Expression | None]:
@@ -70,13 +81,18 @@ def run_plan(
     preexisting: frozenset[str] | None = None,
     display_result: bool = True,
     keep_traceback: bool = False,
+    loop: LoopSite | None = None,
+    rng: RngState | None = None,
+    passes: int = 2,
 ) -> RunResult:
     """Run once. Returns ok / the measured peak, or the new FailedCell on an OOM."""
     user_ns = shell.user_ns
     if preexisting is None:
         preexisting = frozenset(user_ns)
+    if rng is None:
+        rng = read_rng()
     else:
-        forget_failed_run(user_ns, preexisting)
+        restore_rng(rng)
     user_ns.update(plan.namespace_updates)
     code = shell.transform_cell(plan.source)
     filename = shell.compile.cache(code, shell.execution_count, raw_code=plan.source)
@@ -84,16 +100,32 @@ def run_plan(
     body, last = _split_last_expr(tree)
     body_code = compile(body, filename, "exec")
     last_code = compile(last, filename, "eval") if last is not None else None
+    stopper = None
+    if plan.rehearsal and loop is not None:
+        site = relocate(loop, code, filename)
+        if site is not None:
+            stopper = LoopStopper(site.filename if not site.in_cell else filename, site, passes)
     _torch.reset_peak()
     t0 = time.perf_counter()
     value = None
     try:
-        with contextlib.ExitStack() as stack:
+        with simulated.on_this_thread(), contextlib.ExitStack() as stack:
             for factory in plan.contexts:
                 stack.enter_context(factory())
+            if stopper is not None:
+                stack.enter_context(stopper)
             exec(body_code, user_ns)
             if last_code is not None:
                 value = eval(last_code, user_ns)
+    except RehearsalDone as done:
+        # the fit is proven: the frames it stopped (activations, the batch) go at once
+        traceback.clear_frames(done.__traceback__)
+        del done
+        elapsed = time.perf_counter() - t0
+        assert stopper is not None
+        return RunResult(
+            True, _peak(), capacity_bytes(), elapsed, passes=stopper.completed or passes
+        )
     except Exception as exc:
         found = find_oom(exc)
         if found is None:
@@ -107,27 +139,28 @@ def run_plan(
             source=plan.source,
             preexisting=preexisting,
             release=None if keep_traceback else lambda e: release_failed_cell(None, e),
+            rng=rng,
+            execution_count=getattr(shell, "execution_count", None),
         )
         del exc
         return RunResult(False, _peak(), capacity_bytes(), elapsed, failure=failure)
     elapsed = time.perf_counter() - t0
-    if display_result and value is not None:
+    if display_result and value is not None and not plan.rehearsal:
         from IPython.display import display
 
         display(value)
+    # it ran whole (the loop, if any, ended before the rehearsal had seen enough): passes=None
     return RunResult(True, _peak(), capacity_bytes(), elapsed, value=value)
 
 
-def forget_failed_run(user_ns: dict[str, Any], preexisting: frozenset[str]) -> list[str]:
-    """Delete the variables a failed run created before the re-run makes them again.
+def failed_run_leftovers(user_ns: dict[str, Any], created: dict[str, int]) -> list[str]:
+    """The variables the failed run itself created that still hold what it left.
 
-    Otherwise `x = torch.randn(...)` from the failed run holds its memory until the re-run's new
-    `x` is allocated, and the re-run needs both at once. Names that existed before the cell stay.
+    A re-run makes them again, and while the old `x = torch.randn(...)` is alive the re-run
+    needs room for both. Only names the failed run created (as recorded when it failed), and only
+    while they still hold that value: a name a later cell made, or set again, is the user's.
     """
-    dropped = [n for n in list(user_ns) if n not in preexisting and not n.startswith("_")]
-    for n in dropped:
-        del user_ns[n]
-    return dropped
+    return [n for n, ident in created.items() if n in user_ns and id(user_ns[n]) == ident]
 
 
 def _peak() -> int | None:

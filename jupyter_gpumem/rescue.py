@@ -1,5 +1,11 @@
 """Apply a fix to a failed cell (a button, ``%gpumem retry``) or climb the ladder of fixes
 (``%%oomsafe``), with the side-effect guard in front of every re-run.
+
+Each fix is a transaction (``transaction.Transaction``): the failed run's own leftovers are
+dropped, a snapshot is taken, rehearsals are rolled back after each run, and the real run is kept
+only when it fits. A final run that runs out of memory or raises, and Ctrl-C at any moment, put
+the notebook back as it was before the fix; Ctrl-C then raises :class:`Interrupted`, whose
+``message`` says what was undone.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ from .failure import FailedCell, NamespaceMark
 from .fixes import FIXES, LADDER, Attempt, Check, FixContext, FixOutcome
 from .fixes.batch import cell_key
 from .fixes.batch_source import apply_batch, find_batch
-from .rerun import Plan, RunResult, run_plan
+from .rerun import Plan, RunResult, failed_run_leftovers, run_plan
+from .transaction import SnapshotTooLarge, Transaction
 from .units import format_bytes
 
 if TYPE_CHECKING:
@@ -44,11 +51,25 @@ class LadderResult:
         return sum(o.runs for o in self.outcomes)
 
 
-def guard(failed: FailedCell) -> GuardVerdict:
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a fix, after the notebook was put back; ``message`` says what was undone."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def guard(failed: FailedCell, namespace: dict[str, Any] | None = None) -> GuardVerdict:
+    """What the failed run already did that a re-run would do again."""
     from .guard import analyse_rerun
 
     return analyse_rerun(
-        failed.source, failed_lineno=failed.failed_lineno, preexisting=failed.preexisting
+        failed.source,
+        failed_lineno=failed.failed_lineno,
+        preexisting=failed.preexisting,
+        earlier_passes=failed.earlier_passes,
+        namespace=namespace,
+        failed_frames=failed.frames,
     )
 
 
@@ -60,10 +81,25 @@ def make_context(
     on_attempt: Callable[[Attempt], None] | None = None,
     keep_traceback: bool = False,
 ) -> FixContext:
-    def run(plan: Plan) -> RunResult:
-        return run_plan(shell, plan, preexisting=failed.preexisting, keep_traceback=keep_traceback)
+    ctx: FixContext
 
-    return FixContext(
+    def run(plan: Plan) -> RunResult:
+        result = run_plan(
+            shell,
+            plan,
+            preexisting=failed.preexisting,
+            keep_traceback=keep_traceback,
+            loop=failed.loop,
+            rng=failed.rng,
+        )
+        if plan.rehearsal and result.ok and result.passes is None and plan.keep is not None:
+            # it ran whole: if it is the run the fix settles on, running it again changes nothing
+            result.kept = plan.keep(result)
+        if ctx.txn is not None and (plan.rehearsal or not result.ok) and not result.kept:
+            ctx.txn.rollback()
+        return result
+
+    ctx = FixContext(
         shell=shell,
         failed=failed,
         batch_var=options.batch_var,
@@ -76,6 +112,7 @@ def make_context(
         run=run,
         on_attempt=on_attempt,
     )
+    return ctx
 
 
 def check_all(
@@ -101,7 +138,7 @@ def apply_fix(
     on_attempt: Callable[[Attempt], None] | None = None,
 ) -> FixOutcome:
     fix = FIXES[key]
-    verdict = guard(failed)
+    verdict = guard(failed, shell.user_ns)
     if not verdict.safe and not options.force:
         return FixOutcome(
             fix=key,
@@ -114,7 +151,45 @@ def apply_fix(
     check = fix.check(ctx)
     if not check.applies:
         return FixOutcome(fix=key, ok=False, message=f"{fix.label} does not apply: {check.reason}")
-    return fix.apply(ctx)
+    return in_transaction(shell, failed, ctx, key)
+
+
+def in_transaction(shell: Any, failed: FailedCell, ctx: FixContext, key: str) -> FixOutcome:
+    """``FIXES[key].apply(ctx)`` with the notebook put back unless its real run fits."""
+    from .failure import names_used
+
+    ns = shell.user_ns
+    try:
+        txn = Transaction(
+            ns,
+            names_used(failed.source, ns),
+            leftovers=failed_run_leftovers(ns, failed.created),
+        )
+    except SnapshotTooLarge as exc:
+        return FixOutcome(
+            fix=key,
+            ok=False,
+            message=f"Not re-run: {exc}. Free host memory, or re-run the cell by hand.",
+        )
+    ctx.txn = txn
+    try:
+        outcome = FIXES[key].apply(ctx)
+    except KeyboardInterrupt:
+        txn.rollback(everything=True)
+        raise Interrupted(f"Interrupted: {txn.undo_message(everything=True)}") from None
+    except BaseException:
+        txn.rollback(everything=True)
+        raise
+    finally:
+        ctx.txn = None
+    if not outcome.ok and outcome.attempts:
+        outcome.notes.append("Nothing was kept: " + txn.undo_message())
+    if outcome.rehearsals and txn.snapshot.bytes >= 1 << 30:
+        outcome.notes.append(
+            f"Rehearsals were undone from a copy of {format_bytes(txn.snapshot.bytes)} of model "
+            "and optimizer state in host memory."
+        )
+    return outcome
 
 
 def run_ladder(
@@ -144,7 +219,7 @@ def run_ladder(
             new_source, updates = apply_batch(source, finding, known)
             plan = Plan(new_source, namespace_updates=updates, batch=known)
             line(f"oomsafe: starting at batch {known}, which fit this cell last time.")
-    first = run_plan(shell, plan, preexisting=mark.preexisting(shell.user_ns))
+    first = run_plan(shell, plan, preexisting=mark.preexisting(shell.user_ns), rng=None)
     if first.ok:
         result.ok = result.first_run_ok = True
         return result
@@ -157,7 +232,7 @@ def run_ladder(
         if runs_left <= 0:
             line("oomsafe: no runs left (--max-retries).")
             break
-        verdict = guard(failed)
+        verdict = guard(failed, shell.user_ns)
         if not verdict.safe and not options.force:
             result.refused = verdict
             line(
@@ -175,6 +250,7 @@ def run_ladder(
             remembered,
             on_attempt=lambda a: line("  " + a.line()),
         )
+        ctx.rehearse_first = True
         fix = FIXES[key]
         check = fix.check(ctx)
         if not check.applies:
@@ -186,7 +262,7 @@ def run_ladder(
             else ""
         )
         line(f"oomsafe: {fix.label.lower()}{saving}")
-        outcome = fix.apply(ctx)
+        outcome = in_transaction(shell, failed, ctx, key)
         result.outcomes.append(outcome)
         runs_left -= outcome.runs
         if outcome.ok:

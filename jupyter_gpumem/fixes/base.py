@@ -5,6 +5,7 @@ side.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -14,6 +15,7 @@ from ..units import format_bytes
 if TYPE_CHECKING:
     from ..failure import FailedCell
     from ..rerun import Plan, RunResult
+    from ..transaction import Transaction
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,12 @@ class Attempt:
     seconds: float
     batch: int | None = None
     note: str = ""
+    rehearsal: bool = False  # a probe, rolled back; False: the real run, kept if it fits
+    passes: int | None = None  # a rehearsal stopped after this many passes of the failing loop
 
     def line(self) -> str:
-        """``reduce batch  batch_size=9   fits  peak 10.90 of 11.17 GiB (98%)  2.1 s``."""
-        what = f"{self.fix:<13}"
+        """``reduce batch  batch 9      fits  peak 10.90 GiB of 11.17 GiB (98%)  2.1 s  rehearsal``."""
+        what = f"{_RUN_LABELS.get(self.fix, self.fix):<13}"
         batch = f"batch {self.batch:<6}" if self.batch is not None else " " * 12
         outcome = "fits" if self.ok else "OOM "
         peak = ""
@@ -56,8 +60,27 @@ class Attempt:
             )
         elif self.peak_bytes is not None:
             peak = f"peak {format_bytes(self.peak_bytes)}"
-        tail = f"  {self.note}" if self.note else ""
-        return f"{what} {batch} {outcome}  {peak:<30} {self.seconds:6.2f} s{tail}"
+        kind = ""
+        if self.rehearsal:
+            kind = "rehearsal, rolled back"
+            if self.passes:
+                kind = (
+                    f"rehearsal ({self.passes} pass{'es' if self.passes > 1 else ''}), rolled back"
+                )
+        elif self.ok:
+            kind = "kept"
+        else:
+            kind = "rolled back"
+        notes = ", ".join(x for x in (self.note, kind) if x)
+        return f"{what} {batch} {outcome}  {peak:<30} {self.seconds:6.2f} s  {notes}".rstrip()
+
+
+_RUN_LABELS = {
+    "batch": "reduce batch",
+    "clear": "clear cache",
+    "autocast": "autocast",
+    "cpu": "move to CPU",
+}
 
 
 @dataclass
@@ -79,6 +102,10 @@ class FixOutcome:
         return len(self.attempts)
 
     @property
+    def rehearsals(self) -> int:
+        return sum(a.rehearsal for a in self.attempts)
+
+    @property
     def peak_bytes(self) -> int | None:
         fits = [a for a in self.attempts if a.ok]
         return fits[-1].peak_bytes if fits else None
@@ -86,7 +113,13 @@ class FixOutcome:
     def peak_text(self) -> str:
         """``peak 10.9 GiB of 11.17 GiB, 3 runs``: the measured outcome, for the summary."""
         fits = [a for a in self.attempts if a.ok]
-        runs = f"{self.runs} run{'s' if self.runs != 1 else ''}"
+        n, r = self.runs, self.rehearsals
+        runs = f"{n} run{'s' if n != 1 else ''}"
+        if r:
+            real = n - r
+            runs = (
+                f"{r} rehearsal{'s' if r != 1 else ''} + {real} real run{'s' if real != 1 else ''}"
+            )
         if not fits or fits[-1].peak_bytes is None:
             return runs
         cap = fits[-1].capacity_bytes
@@ -109,6 +142,9 @@ class FixContext:
     remembered: dict[str, int] = field(default_factory=dict)  # cell hash -> batch that fit
     run: Callable[[Plan], RunResult] | None = None  # set by the runner
     on_attempt: Callable[[Attempt], None] | None = None
+    txn: Transaction | None = None  # what a rollback puts back (set by the runner)
+    # %%oomsafe: prove a fix with a rehearsal before its real run (a retry runs it directly)
+    rehearse_first: bool = False
 
     @property
     def user_ns(self) -> dict[str, Any]:
@@ -137,17 +173,34 @@ class Fix:
             result.seconds,
             batch=plan.batch,
             note=plan.note,
+            rehearsal=plan.rehearsal and not result.kept,
+            passes=result.passes if plan.rehearsal else None,
         )
         if ctx.on_attempt:
             ctx.on_attempt(attempt)
         return result, attempt
 
     def _single_run(self, ctx: FixContext, plan: Plan, check: Check) -> FixOutcome:
+        """The real run; under ``%%oomsafe``, a rehearsal first where the cell has a loop to stop
+        (a cell without one would run whole twice)."""
+        attempts = []
+        if ctx.rehearse_first and ctx.failed.loop is not None:
+            probe, attempt = self.run_once(ctx, dataclasses.replace(plan, rehearsal=True))
+            attempts.append(attempt)
+            if not probe.ok:
+                return FixOutcome(
+                    fix=self.key,
+                    ok=False,
+                    attempts=attempts,
+                    predicted_saving_bytes=check.predicted_saving_bytes,
+                    failure=probe.failure,
+                )
         result, attempt = self.run_once(ctx, plan)
+        attempts.append(attempt)
         return FixOutcome(
             fix=self.key,
             ok=result.ok,
-            attempts=[attempt],
+            attempts=attempts,
             predicted_saving_bytes=check.predicted_saving_bytes,
             failure=result.failure,
         )

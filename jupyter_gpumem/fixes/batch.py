@@ -12,7 +12,7 @@ import gc
 import hashlib
 
 from ..backends import _torch
-from ..rerun import Plan, capacity_bytes, forget_failed_run
+from ..rerun import Plan, RunResult, capacity_bytes
 from .base import Attempt, Check, Fix, FixContext, FixOutcome
 from .batch_search import BatchSearch, Observation
 from .batch_source import BatchFinding, accumulation_plan, apply_batch, describe_change, find_batch
@@ -50,6 +50,8 @@ class ReduceBatch(Fix):
         return Check(True, action, "", saving)
 
     def apply(self, ctx: FixContext) -> FixOutcome:
+        """Rehearsals (stopped after two passes of the failing loop, rolled back) find the batch;
+        then one real run at that batch, kept if it fits."""
         assert ctx.run is not None
         check = self.check(ctx)
         finding = _finding(ctx)
@@ -57,8 +59,7 @@ class ReduceBatch(Fix):
         d = ctx.failed.diagnosis
         report = ctx.failed.report
         capacity = capacity_bytes()
-        # what stays resident across runs: measured once the failed run's own variables are gone
-        forget_failed_run(ctx.user_ns, ctx.failed.preexisting)
+        # what stays resident across runs (the failed run's own variables are gone by now)
         gc.collect()
         baseline = _torch.allocated_bytes()
         search = BatchSearch(
@@ -78,69 +79,96 @@ class ReduceBatch(Fix):
         )
         attempts: list[Attempt] = []
         last_failure = None
-        while len(attempts) < ctx.max_runs:
-            b = search.next_batch()
-            if b is None:
-                break
-            new_source, updates = apply_batch(source, finding, b)
-            result, attempt = self.run_once(
-                ctx, Plan(new_source, namespace_updates=updates, batch=b)
-            )
-            attempts.append(attempt)
-            if result.ok:
-                search.observe(Observation(b, True, result.peak_bytes))
-            else:
-                last_failure = result.failure
-                r = result.failure.report if result.failure else None
-                dd = result.failure.diagnosis if result.failure else None
-                search.observe(
-                    Observation(
-                        b,
-                        False,
-                        None,
-                        requested_bytes=r.requested_bytes if r else None,
-                        allocated_at_failure_bytes=dd.allocated_bytes if dd else None,
-                    )
-                )
-        best = search.best()
-        if best is not None and attempts and attempts[-1].batch != best:
-            # the last run was not the best one: run the best so the namespace holds its results
-            new_source, updates = apply_batch(source, finding, best)
-            _result, attempt = self.run_once(
-                ctx, Plan(new_source, namespace_updates=updates, batch=best)
-            )
-            attempts.append(attempt)
         outcome = FixOutcome(
             fix=self.key,
-            ok=best is not None,
+            ok=False,
             attempts=attempts,
             predicted_saving_bytes=check.predicted_saving_bytes,
-            batch=best,
         )
-        if best is None:
+
+        def observe_failure(b: int, result: RunResult) -> None:
+            nonlocal last_failure
+            last_failure = result.failure
+            r = result.failure.report if result.failure else None
+            dd = result.failure.diagnosis if result.failure else None
+            search.observe(
+                Observation(
+                    b,
+                    False,
+                    None,
+                    requested_bytes=r.requested_bytes if r else None,
+                    allocated_at_failure_bytes=dd.allocated_bytes if dd else None,
+                )
+            )
+
+        accumulate = None
+        final_result: RunResult | None = None
+        # a real run that fails (a later epoch needed more) counts as a failed probe
+        while len(attempts) < ctx.max_runs + 1:
+            b = search.next_batch() if len(attempts) < ctx.max_runs else None
+            if b is not None:
+                new_source, updates = apply_batch(source, finding, b)
+
+                def settles(result: RunResult, b: int = b) -> bool:
+                    search.observe(Observation(b, True, result.peak_bytes))
+                    done = search.next_batch() is None and search.best() == b
+                    return done and not ctx.accumulate
+
+                plan = Plan(new_source, namespace_updates=updates, batch=b, rehearsal=True)
+                plan.keep = settles
+                result, attempt = self.run_once(ctx, plan)
+                attempts.append(attempt)
+                if result.kept:
+                    final_result = result
+                    break
+                if result.ok and plan.keep is not None and result.passes is None:
+                    pass  # observed by settles()
+                elif result.ok:
+                    search.observe(Observation(b, True, result.peak_bytes))
+                else:
+                    observe_failure(b, result)
+                continue
+            best = search.best()
+            if best is None:
+                break
+            accumulate = accumulation_plan(source, finding, best) if ctx.accumulate else None
+            if accumulate is not None:
+                plan = Plan(accumulate.source, batch=best, note="with gradient accumulation")
+            else:
+                new_source, updates = apply_batch(source, finding, best)
+                plan = Plan(new_source, namespace_updates=updates, batch=best)
+            final_result, attempt = self.run_once(ctx, plan)
+            attempts.append(attempt)
+            if final_result.ok:
+                break
+            observe_failure(best, final_result)
+            final_result = None
+            if len(attempts) >= ctx.max_runs + 1:
+                break
+        best = search.best() if final_result is not None else None
+        outcome.batch = best
+        if best is None or final_result is None:
             outcome.failure = last_failure
+            fitted = search.best()
             outcome.message = (
                 f"Even batch {ctx.min_batch} does not fit: reducing the batch is not enough."
+                if fitted is None and not any(a.ok for a in attempts)
+                else f"No batch fitted for the whole run in {len(attempts)} runs."
             )
             return outcome
+        outcome.ok = True
         ctx.remembered[cell_key(source)] = best
         outcome.message = f"Fits at batch {best} (was {finding.value}), {outcome.peak_text()}."
         outcome.change = describe_change(finding, best)
-        plan = accumulation_plan(source, finding, best)
-        if plan is not None and ctx.accumulate:
-            result, attempt = self.run_once(
-                ctx, Plan(plan.source, batch=best, note="with gradient accumulation")
-            )
-            attempts.append(attempt)
-            outcome.ok = result.ok
-            outcome.failure = result.failure
-            outcome.new_source = plan.source
+        plan_acc = accumulation_plan(source, finding, best)
+        if accumulate is not None:
+            outcome.new_source = accumulate.source
             outcome.change = "use the cell below (gradient accumulation keeps the effective batch)"
-            outcome.notes.append(plan.explanation)
-        elif plan is not None:
+            outcome.notes.append(accumulate.explanation)
+        elif plan_acc is not None:
             outcome.notes.append(
-                plan.explanation
-                + " To keep the effective batch: `%gpumem retry batch --accumulate --force`."
+                plan_acc.explanation
+                + " To keep the effective batch: `%gpumem retry batch --accumulate`."
             )
         else:
             outcome.notes.append(

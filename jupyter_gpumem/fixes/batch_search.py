@@ -46,6 +46,8 @@ _AIM_FULL = 0.965
 _STOP_FRACTION = 0.96
 # Each proposal grows the best fit by at least this much: no creeping one sample at a time.
 _MIN_STEP = 0.02
+# After the model has missed twice, a guess goes at most this far into the bracket.
+_MISSED_CUT = 0.75
 # Where a guess falls between the safe one (0) and the model's (1), geometrically.
 _ALPHA_LOWER_MIN = 0.2  # after the first fits on the line, when the slopes disagree
 _AGREE_LOW, _AGREE_HIGH = 0.4, 0.5  # slope ratios where the lean moves from safe to the model
@@ -258,6 +260,11 @@ class BatchSearch:
             guess = self._guess(est, hi)
         if not math.isfinite(guess):
             guess = (lo + hi) / 2 if math.isfinite(hi) else 2 * max(lo, 1)
+        misses = sum(not o.fit for o in self.observations[1:])
+        if misses >= 2 and lo >= self.min_batch and math.isfinite(hi):
+            # the model has missed twice: each guess now cuts the bracket by a quarter at least,
+            # so it cannot creep down under a failure one sample at a time
+            guess = min(guess, lo + _MISSED_CUT * (hi - lo))
         if lo >= self.min_batch:
             # Steps of one sample near a soft limit would take forever: grow by a few % at least.
             guess = max(guess, lo * (1 + _MIN_STEP))

@@ -99,10 +99,14 @@ class ClearCache(Fix):
         for h in d.recreated_variables() if d else []:
             if h.name in ns and h.name not in ctx.drop:
                 del ns[h.name]
+                if ctx.txn is not None:
+                    ctx.txn.release(h.name)  # deleted as the fix says: not kept alive, not put back
                 notes.append(f"dropped the old `{h.name}` (the cell rebuilds it)")
         for name in ctx.drop:
             if name in ns:
                 del ns[name]
+                if ctx.txn is not None:
+                    ctx.txn.release(name)
                 notes.append(f"deleted `{name}`")
         if ctx.drop_output_cache:
             drop_output_cache(ctx.shell)

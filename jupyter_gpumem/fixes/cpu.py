@@ -58,12 +58,16 @@ class MoveToCpu(Fix):
         moved_bytes = 0
         updates: dict[str, Any] = {}
         for name in _gpu_names(ctx):
+            if name not in ns:
+                continue  # the failed run's own variable, dropped before the re-run makes it again
             obj, n = _torch.move_to_cpu(ns[name])
             if n:
                 moved_names.append(name)
                 moved_bytes += n
                 if obj is not ns[name]:
                     updates[name] = obj
+                    if ctx.txn is not None:
+                        ctx.txn.evict(name)  # the GPU copy must not stay alive in the snapshot
         mode_holder: list[Any] = []
 
         def redirect() -> AbstractContextManager[Any]:

@@ -262,7 +262,7 @@ class DiagnosisPanel:
     def _ask_first(self, key: str) -> bool:
         """Ask before a re-run that may not be what the user expects; whether it asked."""
         changed = staleness(self.shell, self.failed, self.ext.hook.last_failure)
-        verdict = guard(self.failed)
+        verdict = guard(self.failed, self.shell.user_ns)
         if not changed and verdict.safe:
             return False
         summary = " ".join(
