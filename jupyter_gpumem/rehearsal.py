@@ -127,9 +127,20 @@ def _user_frames(tb: TracebackType | None, user_ns: dict[str, Any]) -> list[tupl
     while tb is not None:
         f = tb.tb_frame
         if f.f_globals is user_ns:
+            if _inside_model(f):
+                break  # a model's forward (its loop over layers is one step's computation)
             out.append((f, tb.tb_lineno))
         tb = tb.tb_next
     return out
+
+
+def _inside_model(frame: FrameType) -> bool:
+    """A frame of a method of a torch module defined in the notebook (``forward``, a block)."""
+    try:
+        self = frame.f_locals.get("self")
+    except Exception:
+        return False
+    return self is not None and _torch.is_module(self)
 
 
 def find_loop(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import io
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -114,6 +115,10 @@ def run_plan(
                 stack.enter_context(factory())
             if stopper is not None:
                 stack.enter_context(stopper)
+            if plan.rehearsal:
+                # a rehearsal's prints (losses, progress bars) are not results: not shown
+                stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+                stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
             exec(body_code, user_ns)
             if last_code is not None:
                 value = eval(last_code, user_ns)
