@@ -1,15 +1,22 @@
 """The exception hook: ``shell.set_custom_exc``, chained to whatever handler was there.
 
-It catches only the ``RuntimeError`` family (``torch.OutOfMemoryError`` is one), so every other error
-never reaches it; a ``RuntimeError`` that is not an OOM goes to the previous handler, or to IPython's
-own ``showtraceback`` exactly as IPython would call it. The handler never raises: IPython drops a
-handler that raises. If building the diagnosis fails, one line says so under the user's traceback.
+It is registered for every ``Exception`` (and ``BaseExceptionGroup``), because an OOM may arrive
+wrapped: ``raise ValueError("loader failed") from oom``, inside an ``ExceptionGroup``, or as the
+``__context__`` of a later error. An error with no OOM in its chain is shown exactly as IPython
+shows it without us (or goes to the handler that claimed it before us); an OOM is shown, diagnosed
+and freed, then passed on to that earlier handler if it claims the error. The handler never raises:
+IPython drops a handler that raises. If building the diagnosis fails, one line says so under the
+user's traceback.
 """
 
 from __future__ import annotations
 
+import builtins
 import inspect
+import os
+import re
 import sys
+import sysconfig
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -17,11 +24,14 @@ from typing import Any
 from .backends import simulated
 from .backends._state import read_rng
 from .failure import FailedCell, NamespaceMark, build_failure
-from .oom import OOMReport, find_oom
+from .oom import OOMReport, find_oom, walk_chain
 from .release import ReleaseResult, release_failed_cell
 
 Presenter = Callable[["FailedCell"], None]
 
+_GROUP: type[BaseException] | None = getattr(builtins, "BaseExceptionGroup", None)
+# KeyboardInterrupt and SystemExit stay IPython's: neither is an OOM, and neither is an Exception
+CAUGHT: tuple[type[BaseException], ...] = (Exception,) if _GROUP is None else (Exception, _GROUP)
 
 _DISPATCH_FILES = (
     "/jupyter_gpumem/backends/",
@@ -45,6 +55,10 @@ def without_dispatch_frames(tb: TracebackType | None) -> TracebackType | None:
         if not _is_dispatch(tb):
             entries.append(tb)
         tb = tb.tb_next
+    return _linked(entries)
+
+
+def _linked(entries: list[TracebackType]) -> TracebackType | None:
     copy: TracebackType | None = None
     for e in reversed(entries):
         copy = TracebackType(copy, e.tb_frame, e.tb_lasti, e.tb_lineno)
@@ -54,6 +68,100 @@ def without_dispatch_frames(tb: TracebackType | None) -> TracebackType | None:
 def _is_dispatch(tb: TracebackType) -> bool:
     name = tb.tb_frame.f_code.co_filename.replace("\\", "/")
     return any(p in name for p in _DISPATCH_FILES)
+
+
+def through(outer: TracebackType | None, inner: TracebackType | None) -> TracebackType | None:
+    """The frames from the cell down to where a wrapped exception was raised, for the diagnosis.
+
+    ``outer`` (the error the cell raised) runs from the cell to where the OOM was caught; ``inner``
+    (the OOM's own) from there to where it was raised. Joined where they meet, or one after the
+    other when they do not (an OOM raised in another task of an ``ExceptionGroup``).
+    """
+    if inner is None:
+        return outer
+    entries = []
+    t = outer
+    while t is not None and t.tb_frame is not inner.tb_frame:
+        entries.append(t)
+        t = t.tb_next
+    t = inner
+    while t is not None:
+        entries.append(t)
+        t = t.tb_next
+    return _linked(entries)
+
+
+# --- folding library frames -------------------------------------------------------------------
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m|\x1b\]8;[^\x1b]*\x1b\\")
+_FRAME = re.compile(r"\s*File (?P<path>.+?):\d+, in ")
+_STDLIB = sysconfig.get_paths()["stdlib"].replace("\\", "/").rstrip("/") + "/"
+
+
+def library_of(entry: str) -> str | None:
+    """The installed package a frame of IPython's structured traceback is in; None for the user's.
+
+    The user's own frames are the cells and any file outside ``site-packages`` and the standard
+    library (a project installed in editable mode included).
+    """
+    m = _FRAME.match(_ANSI.sub("", entry))
+    if m is None:
+        return None
+    path = os.path.expanduser(m.group("path")).replace("\\", "/")
+    for marker in ("/site-packages/", "/dist-packages/"):
+        if marker in path:
+            rest = path.split(marker, 1)[1]
+            return rest.split("/", 1)[0].removesuffix(".py")
+    if path.startswith(_STDLIB):
+        return path[len(_STDLIB) :].split("/", 1)[0].removesuffix(".py")
+    return None
+
+
+def fold_library_frames(stb: list[str], note: str = "") -> list[str]:
+    """Each run of two or more library frames becomes one line, ``... 6 frames in torch ...``.
+
+    The innermost frame of each exception is kept even when it is a library's: it is the call
+    that failed (``F.linear(...)``), which the user wants to see.
+    """
+    out: list[str] = []
+    run: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        if len(run) >= 2:
+            names = ", ".join(dict.fromkeys(pkg for _, pkg in run))
+            out.append(f"... {len(run)} frames in {names}{note} ...\n")
+        else:
+            out.extend(entry for entry, _ in run)
+        run.clear()
+
+    for i, entry in enumerate(stb):
+        pkg = library_of(entry)
+        innermost = i + 1 >= len(stb) or not _FRAME.match(_ANSI.sub("", stb[i + 1]))
+        if pkg is not None and not innermost:
+            run.append((entry, pkg))
+            continue
+        flush()
+        out.append(entry)
+    flush()
+    return out
+
+
+# --- the previous handler ---------------------------------------------------------------------
+
+
+def _raw_handler(custom_tb: Any) -> Callable[..., Any] | None:
+    """The function given to ``set_custom_exc``, out of IPython's wrapper around it.
+
+    IPython's wrapper unregisters every custom handler (ours too) when the one inside raises;
+    calling the function itself lets the hook report that in one line and stay installed.
+    """
+    func = getattr(custom_tb, "__func__", None)
+    code = getattr(func, "__code__", None)
+    closure = getattr(func, "__closure__", None)
+    if code is None or not closure or "handler" not in code.co_freevars:
+        return None
+    raw = closure[code.co_freevars.index("handler")].cell_contents
+    return raw if callable(raw) else None
 
 
 class OOMHook:
@@ -66,6 +174,9 @@ class OOMHook:
         self.last_failure: FailedCell | None = None
         self._prev_exc: tuple[type[BaseException], ...] = ()
         self._prev_handler: Any = None
+        self._prev_raw: Callable[..., Any] | None = None
+        self._our_exc: tuple[type[BaseException], ...] = ()
+        self._our_handler: Any = None
         self._installed = False
         self._mark = NamespaceMark(0, None)
         self._cell_source = ""
@@ -80,7 +191,8 @@ class OOMHook:
             return
         shell = self.shell
         self._prev_exc = tuple(shell.custom_exceptions)
-        self._prev_handler = shell.CustomTB if self._prev_exc else None
+        self._prev_handler = shell.CustomTB
+        self._prev_raw = _raw_handler(self._prev_handler) if self._prev_exc else None
         hook = self
 
         def handler(
@@ -89,10 +201,11 @@ class OOMHook:
             value: BaseException,
             tb: TracebackType | None,
             tb_offset: int | None = None,
-        ) -> None:
-            hook.handle(etype, value, tb, tb_offset)
+        ) -> Any:
+            return hook.handle(etype, value, tb, tb_offset)
 
-        shell.set_custom_exc((*self._prev_exc, RuntimeError), handler)
+        shell.set_custom_exc((*self._prev_exc, *CAUGHT), handler)
+        self._our_exc = shell.custom_exceptions
         self._our_handler = shell.CustomTB
         shell.events.register("pre_run_cell", self._pre_run_cell)
         shell.events.register("post_run_cell", self._post_run_cell)
@@ -111,13 +224,17 @@ class OOMHook:
             except ValueError:
                 pass
         if getattr(shell, "CustomTB", None) == self._our_handler:
-            if self._prev_exc:
-                shell.custom_exceptions = self._prev_exc
-                shell.CustomTB = self._prev_handler
-            else:
-                shell.set_custom_exc((), None)
-                shell.custom_exceptions = ()
+            # exactly what was there: the same tuple and the same bound handler
+            shell.custom_exceptions = self._prev_exc
+            shell.CustomTB = self._prev_handler
+        self._prev_handler = self._prev_raw = None
         self._installed = False
+
+    def _reinstate(self) -> None:
+        """Back in place after IPython's wrapper unregistered every handler (a previous one raised)."""
+        if self._installed and self.shell.CustomTB is not self._our_handler:
+            self.shell.custom_exceptions = self._our_exc
+            self.shell.CustomTB = self._our_handler
 
     # ---- per cell: O(1), the only cost a cell that does not fail pays ---------------------------
 
@@ -149,14 +266,18 @@ class OOMHook:
     def _show_traceback(
         self, etype: type[BaseException], value: BaseException, tb: Any, tb_offset: int | None
     ) -> None:
-        """IPython's own traceback, with less context per frame."""
+        """IPython's own traceback, with less context per frame and library frames folded."""
         shell = self.shell
-        # what IPython's showtraceback records, so %debug and %tb work as usual
+        if any(_GROUP is not None and isinstance(e, _GROUP) for e in walk_chain(value)):
+            # IPython prints groups with the traceback module; so do we
+            shell.showtraceback((etype, value, tb), tb_offset=tb_offset, running_compiled_code=True)
+            return
+        # what IPython's showtraceback records, so %debug and %tb get every frame
         sys.last_type, sys.last_value, sys.last_traceback = etype, value, tb
-        if simulated.current() is not None:
-            tb = without_dispatch_frames(tb)
         if sys.version_info >= (3, 12):
             sys.last_exc = value
+        if simulated.current() is not None:
+            tb = without_dispatch_frames(tb)
         itb = shell.InteractiveTB
         context = int(self.settings.traceback_context)
         params = inspect.signature(itb.structured_traceback).parameters
@@ -165,17 +286,48 @@ class OOMHook:
             stb = itb.structured_traceback(etype, value, tb, tb_offset=tb_offset, **{kw: context})
         except Exception:
             stb = itb.structured_traceback(etype, value, tb, tb_offset=tb_offset)
-        shell._showtraceback(etype, value, stb)
+        note = " (%tb shows them)" if self.settings.keep_traceback else ""
+        shell._showtraceback(etype, value, fold_library_frames(stb, note))
 
-    def _pass_on(
+    def _show_as_ipython(
         self, etype: type[BaseException], value: BaseException, tb: Any, tb_offset: int | None
     ) -> None:
-        if self._prev_exc and isinstance(value, self._prev_exc) and self._prev_handler:
-            self._prev_handler(etype, value, tb, tb_offset)
+        """What IPython does with an error when no custom handler claims it.
+
+        The handler is called from two places: ``run_code`` (the cell ran) and ``run_cell_async``
+        (the cell did not compile), where IPython shows a syntax error without frames.
+        """
+        shell = self.shell
+        ran = tb is not None and tb.tb_frame.f_code.co_name == "run_code"
+        if ran:
+            shell.showtraceback((etype, value, tb), tb_offset=tb_offset, running_compiled_code=True)
+        elif isinstance(value, IndentationError):
+            shell.showindentationerror()
+        elif isinstance(value, (OverflowError, SyntaxError, ValueError, TypeError, MemoryError)):
+            shell.showsyntaxerror()
         else:
-            self.shell.showtraceback(
-                (etype, value, tb), tb_offset=tb_offset, running_compiled_code=True
+            shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+
+    def _claimed_before(self, value: BaseException) -> bool:
+        return bool(self._prev_exc) and isinstance(value, self._prev_exc)
+
+    def _call_previous(
+        self, etype: type[BaseException], value: BaseException, tb: Any, tb_offset: int | None
+    ) -> Any:
+        """The handler that claimed this error before us; one line if it raises."""
+        try:
+            if self._prev_raw is not None:
+                return self._prev_raw(self.shell, etype, value, tb, tb_offset=tb_offset)
+            return self._prev_handler(etype, value, tb, tb_offset)
+        except BaseException as exc:
+            print(
+                f"jupyter_gpumem: the exception handler registered before it failed "
+                f"({type(exc).__name__}: {exc}).",
+                file=sys.stderr,
             )
+            return None
+        finally:
+            self._reinstate()
 
     def handle(
         self,
@@ -183,7 +335,7 @@ class OOMHook:
         value: BaseException,
         tb: TracebackType | None,
         tb_offset: int | None = None,
-    ) -> None:
+    ) -> Any:
         # BaseException throughout: IPython drops a custom handler that raises (Ctrl-C included),
         # and the hook must stay installed for the rest of the session
         try:
@@ -191,18 +343,23 @@ class OOMHook:
         except BaseException:
             found = None
         if found is None:
+            if self._claimed_before(value):
+                return self._call_previous(etype, value, tb, tb_offset)
             try:
-                self._pass_on(etype, value, tb, tb_offset)
+                self._show_as_ipython(etype, value, tb, tb_offset)
             except BaseException:
                 self._fallback_traceback(etype, value, tb, tb_offset)
-            return
+            return None
         try:
             self._show_traceback(etype, value, tb, tb_offset)
         except BaseException:
             self._fallback_traceback(etype, value, tb, tb_offset)
         failed = None
         try:
-            failed = self.diagnose_failure(value, found[1], tb)
+            oom = found[0]
+            frames = tb if oom is value else through(tb, oom.__traceback__)
+            failed = self.diagnose_failure(oom, found[1], frames, outer=value)
+            del frames
             self.last_failure = failed
             if self.present is not None:
                 self.present(failed)
@@ -220,6 +377,10 @@ class OOMHook:
                 file=sys.stderr,
             )
             self._release_quietly(failed, value)
+        if self._claimed_before(value):
+            # an error reporter registered before us still hears of the OOM, after the diagnosis
+            self._call_previous(etype, value, tb, tb_offset)
+        return None
 
     def _fallback_traceback(
         self, etype: type[BaseException], value: BaseException, tb: Any, tb_offset: int | None
@@ -237,8 +398,15 @@ class OOMHook:
                 pass
 
     def diagnose_failure(
-        self, value: BaseException, report: OOMReport, tb: TracebackType | None
+        self,
+        value: BaseException,
+        report: OOMReport,
+        tb: TracebackType | None,
+        outer: BaseException | None = None,
     ) -> FailedCell:
+        """``value`` is the OOM, ``tb`` its frames from the cell down; ``outer`` the error the
+        cell raised (the same, unless the OOM came wrapped), whose whole chain is released."""
+        raised = value if outer is None else outer
         return build_failure(
             self.shell,
             value,
@@ -246,7 +414,7 @@ class OOMHook:
             tb,
             source=self._cell_source,
             preexisting=self._mark.preexisting(self.shell.user_ns),
-            release=None if self.settings.keep_traceback else self._release,
+            release=None if self.settings.keep_traceback else lambda _oom: self._release(raised),
             rng=self._cell_rng,
             execution_count=self._cell_count,
         )

@@ -27,7 +27,14 @@ from dataclasses import dataclass
 
 from .units import GiB, KiB, MiB
 
-__all__ = ["OOMReport", "ProcessUsage", "find_oom", "is_oom", "parse_oom_message"]
+__all__ = [
+    "OOMReport",
+    "ProcessUsage",
+    "find_oom",
+    "is_oom",
+    "parse_oom_message",
+    "walk_chain",
+]
 
 _UNITS = {
     "bytes": 1, "KiB": KiB, "KB": KiB, "MiB": MiB, "MB": MiB,
@@ -417,19 +424,22 @@ def _is_torch_oom(cls: type) -> bool:
 _GROUP: type | None = getattr(builtins, "BaseExceptionGroup", None)
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """exc, its causes and contexts (and a group's members), depth first, at most 32, once each."""
+def walk_chain(exc: BaseException | None, limit: int = _MAX_CHAIN) -> Iterator[BaseException]:
+    """``exc``, then its causes, contexts and (for a group) members, depth first, once each.
+
+    The one walker of an exception chain: what :func:`find_oom` searches is what the release
+    frees. At most ``limit`` exceptions, so a cycle or a 1000-deep chain ends. Suppressed contexts
+    (``raise X from None``) are walked too: the OOM still happened and its frames still pin memory.
+    """
     seen: set[int] = set()
-    stack = [exc]
-    while stack and len(seen) < _MAX_CHAIN:
+    stack = [exc] if isinstance(exc, BaseException) else []
+    while stack and len(seen) < limit:
         e = stack.pop()
         if id(e) in seen:
             continue
         seen.add(id(e))
         yield e
-        # Suppressed contexts (``raise X from None``) are still walked: the OOM still happened
-        # and its frames still pin memory.
-        nxt = [e.__cause__, e.__context__]
+        nxt: list[object] = [e.__cause__, e.__context__]
         if _GROUP is not None and isinstance(e, _GROUP):
             nxt.extend(getattr(e, "exceptions", ()))
         stack.extend(n for n in reversed(nxt) if isinstance(n, BaseException))
@@ -454,7 +464,7 @@ def find_oom(exc: BaseException | None) -> tuple[BaseException, OOMReport] | Non
     if exc is None:
         return None
     fallback: tuple[BaseException, OOMReport] | None = None
-    for e in _chain(exc):
+    for e in walk_chain(exc):
         if _is_torch_oom(type(e)):
             text = _text(e)
             report = parse_oom_message(text)

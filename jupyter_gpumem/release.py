@@ -18,6 +18,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from .backends import _torch
+from .oom import walk_chain
 
 
 @dataclass
@@ -64,13 +65,7 @@ def clear_frames(tb: TracebackType | None) -> int:
 
 
 def _clear_chain(exc: BaseException | None) -> int:
-    n = 0
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen and len(seen) < 20:
-        seen.add(id(exc))
-        n += clear_frames(exc.__traceback__)
-        exc = exc.__cause__ or exc.__context__
-    return n
+    return sum(clear_frames(e.__traceback__) for e in walk_chain(exc))
 
 
 def release_failed_cell(

@@ -128,6 +128,16 @@ def _run_capture(sh: Any, capsys: Any, code: str) -> str:
         "raise RuntimeError('not an OOM')",
         "def g():\n    raise KeyError('x')\ng()",
         "raise MemoryError()",
+        "raise ValueError('bad value')",
+        "d = {}\nd['missing']",
+        "assert 1 == 2, 'not equal'",
+        "exec('1 +')",
+        "1 +",
+        "if True:\n x = 1\n  y = 2",
+        "raise KeyboardInterrupt",
+        "raise ValueError('outer') from KeyError('inner')",
+        "raise ExceptionGroup('tasks', [ValueError('a'), KeyError('b')])",
+        "import sys\nsys.exit(3)",
     ],
 )
 def test_other_errors_look_exactly_as_without_the_extension(
@@ -163,7 +173,7 @@ def test_a_failing_diagnosis_still_shows_the_traceback(
         "jupyter_gpumem: could not build the diagnosis (ValueError: injected); "
         "the traceback above is the original error."
     ]
-    assert RuntimeError in shell.custom_exceptions, "the handler is still registered"
+    assert shell.CustomTB == _ext(shell).hook._our_handler, "the handler is still registered"
     monkeypatch.undo()
     capsys.readouterr()
     shell.run_cell(OOM_CELL)
@@ -171,7 +181,7 @@ def test_a_failing_diagnosis_still_shows_the_traceback(
 
 
 def _count(shell: Any) -> tuple[int, int, int]:
-    handlers = shell.custom_exceptions.count(RuntimeError)
+    handlers = shell.custom_exceptions.count(Exception)
     pre = sum(1 for cb in shell.events.callbacks["pre_run_cell"] if "OOMHook" in repr(cb))
     magics = 1 if "gpumem" in shell.magics_manager.magics["line"] else 0
     return handlers, pre, magics
@@ -189,6 +199,13 @@ def test_load_twice_unload_and_reload_leave_one_of_everything(bare_shell: Any) -
     sh.run_cell("%unload_ext jupyter_gpumem")
     assert _count(sh) == (0, 0, 0)
     assert sh.custom_exceptions == ()
+
+
+def test_unload_restores_the_very_handler_that_was_there(bare_shell: Any) -> None:
+    before = (bare_shell.custom_exceptions, bare_shell.CustomTB)
+    bare_shell.run_cell("%load_ext jupyter_gpumem")
+    bare_shell.run_cell("%unload_ext jupyter_gpumem")
+    assert bare_shell.custom_exceptions is before[0] and bare_shell.CustomTB is before[1]
 
 
 def test_chains_to_the_previous_handler_and_restores_it(bare_shell: Any, capsys: Any) -> None:
@@ -264,3 +281,90 @@ def test_simulated_gpu_frames_are_not_in_the_traceback_shown(shell: Any, capsys:
     assert "jupyter_gpumem/backends" not in out and "_python_dispatch" not in out
     # %debug still gets the real traceback, frames included
     assert sys.last_traceback is None or sys.last_traceback.tb_frame is not None
+
+
+# --- an OOM that arrives wrapped ---------------------------------------------------------------
+
+HELD = """\
+import torch, weakref
+refs = []
+def hold():
+    held = torch.empty(300 * 2**20, dtype=torch.uint8, device="cuda")
+    refs.append(weakref.ref(held))
+    torch.empty(900 * 2**20, dtype=torch.uint8, device="cuda")
+"""
+
+WRAPPED = {
+    "raise from": HELD
+    + "try:\n    hold()\nexcept torch.OutOfMemoryError as oom:\n"
+    + "    raise ValueError('loader failed') from oom\n",
+    "group": HELD
+    + "errors = []\ntry:\n    hold()\nexcept Exception as e:\n    errors.append(e)\n"
+    + "raise ExceptionGroup('tasks failed', errors)\n",
+    "context below a cause": HELD
+    + "try:\n    hold()\nexcept torch.OutOfMemoryError:\n"
+    + "    raise RuntimeError('step failed') from ValueError('bad batch')\n",
+    "raised in a function": HELD.replace(
+        '    torch.empty(900 * 2**20, dtype=torch.uint8, device="cuda")\n',
+        "    try:\n"
+        '        torch.empty(900 * 2**20, dtype=torch.uint8, device="cuda")\n'
+        "    except torch.OutOfMemoryError as oom:\n"
+        "        raise ValueError('loader failed') from oom\n",
+    )
+    + "hold()\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRAPPED))
+def test_a_wrapped_oom_is_diagnosed_and_freed(shell: Any, capsys: Any, case: str) -> None:
+    shell.run_cell("%gpumem simulate 1GiB")
+    capsys.readouterr()
+    result = shell.run_cell(WRAPPED[case])
+    out = capsys.readouterr()
+    assert not result.success
+    assert "GPU out of memory: Tried to allocate" in out.out, out.err[-2000:]
+    failed = _ext(shell).hook.last_failure
+    assert failed.diagnosis.requested_bytes == 900 * MiB
+    assert any(h.name == "held in hold()" for h in failed.diagnosis.holders.holders)
+    assert shell.user_ns["refs"][0]() is None, "the OOM's frames were not freed"
+    assert shell.run_cell("torch.cuda.memory_allocated()").result == 0
+
+
+def test_a_handler_that_was_there_still_sees_every_error_and_the_oom(
+    bare_shell: Any, capsys: Any
+) -> None:
+    sh = bare_shell
+    seen: list[str] = []
+
+    def reporter(self: Any, etype: Any, value: Any, tb: Any, tb_offset: Any = None) -> None:
+        seen.append(etype.__name__)
+        if "explode" in str(value):
+            raise LookupError("reporter is down")
+
+    sh.set_custom_exc((RuntimeError,), reporter)
+    sh.run_cell("%load_ext jupyter_gpumem")
+    try:
+        sh.run_cell("%gpumem simulate 1GiB")
+        sh.run_cell("raise RuntimeError('not an OOM')")
+        assert seen == ["RuntimeError"]
+        capsys.readouterr()
+        sh.run_cell("1/0")  # not the reporter's: IPython's traceback
+        assert seen == ["RuntimeError"] and "ZeroDivisionError" in capsys.readouterr().out
+        sh.run_cell(OOM_CELL)
+        out = capsys.readouterr().out
+        assert seen == ["RuntimeError", "OutOfMemoryError"]
+        assert "GPU out of memory: Tried to allocate" in out
+        assert out.index("GPU out of memory") > out.index("OutOfMemoryError")
+        sh.run_cell("raise RuntimeError('explode')")
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert lines == [
+            "jupyter_gpumem: the exception handler registered before it failed "
+            "(LookupError: reporter is down)."
+        ]
+        sh.run_cell(OOM_CELL)
+        assert "GPU out of memory" in capsys.readouterr().out, "the hook is still there"
+        assert seen[-1] == "OutOfMemoryError"
+    finally:
+        sh.run_cell("%unload_ext jupyter_gpumem")
+    assert sh.custom_exceptions == (RuntimeError,)

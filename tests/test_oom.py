@@ -18,7 +18,14 @@ from typing import Any
 
 import pytest
 
-from jupyter_gpumem.oom import OOMReport, ProcessUsage, find_oom, is_oom, parse_oom_message
+from jupyter_gpumem.oom import (
+    OOMReport,
+    ProcessUsage,
+    find_oom,
+    is_oom,
+    parse_oom_message,
+    walk_chain,
+)
 
 DATA = pathlib.Path(__file__).parent / "data" / "oom_messages"
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -825,3 +832,68 @@ def test_raised_exception_with_traceback() -> None:
     assert exc.__traceback__ is not None
     found = find_oom(exc)
     assert found is not None and found[1].requested_bytes == 85899345920
+
+
+# --- the one chain walker, shared with the release ----------------------------------------------
+
+
+def test_walk_chain_follows_cause_context_and_group_members_once_each() -> None:
+    group_cls = getattr(builtins, "BaseExceptionGroup", None)
+    cause, context, member = ValueError("cause"), KeyError("context"), RuntimeError("member")
+    top = RuntimeError("top")
+    top.__cause__, top.__context__ = cause, context
+    cause.__context__ = context  # reached twice, walked once
+    walked = list(walk_chain(top))
+    assert walked == [top, cause, context]
+    if group_cls is not None:
+        group = group_cls("g", [member, cause])
+        assert list(walk_chain(group)) == [group, member, cause, context]
+    assert list(walk_chain(None)) == []
+
+
+def test_walk_chain_is_bounded_and_cycle_safe() -> None:
+    a, b = ValueError("a"), ValueError("b")
+    a.__context__, b.__cause__ = b, a
+    assert list(walk_chain(a)) == [a, b]
+    top: BaseException = ValueError(0)
+    for i in range(1, 100):
+        nxt = ValueError(i)
+        nxt.__context__ = top
+        top = nxt
+    assert len(list(walk_chain(top))) == 32
+    assert len(list(walk_chain(top, limit=5))) == 5
+
+
+def _frame_holding(obj: object, exc: BaseException) -> BaseException:
+    def fail(held: object) -> None:
+        raise exc
+
+    try:
+        fail(obj)
+    except BaseException as e:
+        return e
+    raise AssertionError
+
+
+def test_the_release_frees_every_exception_the_walker_finds() -> None:
+    """Plain objects, no torch: a cause's and a context's frames are both cleared."""
+    import gc
+    import weakref
+
+    from jupyter_gpumem.release import release_failed_cell
+
+    class Big:
+        pass
+
+    a, b = Big(), Big()
+    refs = [weakref.ref(a), weakref.ref(b)]
+    context = _frame_holding(a, RuntimeError("CUDA out of memory."))
+    cause = _frame_holding(b, ValueError("bad batch"))
+    top = RuntimeError("step failed")
+    top.__cause__, top.__context__ = cause, context
+    del a, b
+    gc.collect()
+    assert all(r() is not None for r in refs)
+    result = release_failed_cell(None, top)
+    assert "frame locals" in result.cleared
+    assert [r() for r in refs] == [None, None]
