@@ -368,3 +368,59 @@ def test_a_handler_that_was_there_still_sees_every_error_and_the_oom(
     finally:
         sh.run_cell("%unload_ext jupyter_gpumem")
     assert sh.custom_exceptions == (RuntimeError,)
+
+
+# --- the OOM's traceback: the user's frames, library frames folded ----------------------------
+
+
+def test_library_frames_are_folded_and_the_full_traceback_stays_for_tb(
+    shell: Any, capsys: Any
+) -> None:
+    _ext(shell).settings.keep_traceback = True
+    shell.run_cell("%gpumem simulate 1GiB")
+    shell.run_cell(
+        "import torch\n"
+        "net = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(1024, 1024))).cuda()\n"
+        "def run(x):\n    return net(x)\n"
+    )
+    capsys.readouterr()
+    shell.run_cell("y = run(torch.randn(200000, 1024, device='cuda'))")
+    out = capsys.readouterr().out
+    shown = out[: out.index("GPU out of memory")]
+    assert "in run(x)" in shown and "y = run(" in shown, "the user's frames"
+    assert "Linear.forward" in shown, "the call that failed"
+    assert "_call_impl" not in shown and "Sequential.forward" not in shown
+    assert "... 8 frames in torch (%tb shows them) ..." in shown
+    assert len(shown.splitlines()) < 25
+    capsys.readouterr()
+    shell.run_cell("%tb")
+    full = capsys.readouterr().out
+    assert full.count("_call_impl") >= 6 and "Sequential.forward" in full
+
+
+def test_fold_keeps_user_frames_and_the_innermost() -> None:
+    from jupyter_gpumem.hook import fold_library_frames, library_of
+
+    site = "/env/lib/python3.11/site-packages"
+    stb = [
+        "-----",
+        "OutOfMemoryError    Traceback (most recent call last)",
+        "Cell In[3], line 1\n----> 1 run()\n",
+        f"File {site}/torch/nn/modules/module.py:1778, in Module._wrapped_call_impl(self)\n",
+        f"File {site}/torch/nn/modules/module.py:1789, in Module._call_impl(self)\n",
+        f"File {site}/accelerate/hooks.py:170, in new_forward(module)\n",
+        "File ~/project/model.py:12, in Block.forward(self, x)\n",
+        f"File {site}/torch/nn/modules/module.py:1778, in Module._wrapped_call_impl(self)\n",
+        f"File {site}/torch/nn/functional.py:2000, in linear(input)\n",
+        "OutOfMemoryError: CUDA out of memory.",
+    ]
+    assert library_of(stb[3]) == "torch" and library_of(stb[6]) is None
+    assert library_of("\x1b[32mFile \x1b[0m/usr/x/site-packages/six.py:1, in f()") == "six"
+    assert fold_library_frames(stb) == [
+        *stb[:3],
+        "... 3 frames in torch, accelerate ...\n",
+        stb[6],
+        stb[7],  # one library frame alone is not folded
+        stb[8],  # the innermost frame stays
+        stb[9],
+    ]
