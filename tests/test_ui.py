@@ -6,6 +6,7 @@ The panel is built for a real failure in a real InteractiveShell on the simulate
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Any
@@ -49,8 +50,6 @@ def _texts(widget: Any) -> str:
 
 
 def test_panel_shows_numbers_chart_causes_and_four_buttons(failed: Any) -> None:
-    import plotly.graph_objects as go
-
     panel = _panel(failed)
     text = _texts(panel.widget)
     assert "GPU out of memory: Tried to allocate" in text
@@ -61,10 +60,11 @@ def test_panel_shows_numbers_chart_causes_and_four_buttons(failed: Any) -> None:
     assert labels[2].startswith("Enable autocast") and labels[3].startswith("Move to CPU")
     assert "(~" in panel.buttons["batch"].description, "the predicted saving is on the button"
     assert all(b.tooltip for b in panel.buttons.values()), "every button says what it will do"
-    charts = [w for w in panel.body.children if isinstance(w, go.FigureWidget)]
-    assert len(charts) == 1
-    names = " ".join(t.name for t in charts[0].data)
-    assert "requested" in names and "free" in names and "weights" in names
+    # the chart is HTML in the same units as the text (no plotly, no GiB axis on MiB numbers)
+    assert text.count('class="gpumem-chart"') == 1
+    chart = text[text.index('class="gpumem-chart"') :]
+    assert "requested" in chart and "free" in chart and "weights" in chart
+    assert " MiB" in chart and "GiB" not in chart
 
 
 def test_reduce_batch_click_rescues_and_shows_what_fit(failed: Any) -> None:
@@ -111,6 +111,72 @@ def test_guard_asks_inside_the_panel(shell: Any) -> None:
     yes.click()
     assert shell.user_ns["step"] >= 2, "re-run, as the user asked"
     assert "Fits at batch" in panel.status.value
+
+
+def test_buttons_say_whether_they_are_enough_and_the_primary_one_is(shell: Any) -> None:
+    shell.run_cell("%gpumem simulate 160MiB")
+    shell.run_cell(SETUP)
+    shell.run_cell(CELL.replace("256", "600"))
+    panel = _panel(jupyter_gpumem._extension_for(shell))
+    short = panel.failed.diagnosis.shortfall_bytes
+    assert short
+    marked = {k: b.description for k, b in panel.buttons.items() if "not enough" in b.description}
+    for key, check in panel.checks.items():
+        saving = check.predicted_saving_bytes
+        expected = check.applies and saving is not None and saving < short
+        assert (key in marked) == expected, (key, saving, short, panel.buttons[key].description)
+    assert marked, "at batch 600 some fix saves less than the shortfall"
+    assert all(
+        re.search(r"not enough: saves ~[\d.]+ \w+ of [\d.]+ \w+ needed", t) for t in marked.values()
+    )
+    primary = [k for k, b in panel.buttons.items() if b.button_style == "primary"]
+    assert len(primary) <= 1 and not set(primary) & set(marked)
+
+
+def test_panel_words_holders_and_folds_causes_with_nothing_to_do(failed: Any) -> None:
+    panel = _panel(failed)
+    html = panel.body.children[0].value
+    assert "locals of the failed call in torch" in html
+    assert "_call_impl() in" not in html and "() in container.py" not in html
+    folded = html[html.index("<details") :]
+    assert "nothing to do" in folded and "Nothing to do: that memory is already back" in folded
+    assert "freed since" in html, "the failed frames in the chart say they were freed"
+
+
+def test_outcome_compares_like_with_like() -> None:
+    from jupyter_gpumem.fixes import Attempt, FixOutcome
+    from jupyter_gpumem.ui.wording import attempt_line, measured_line
+
+    mib = 1 << 20
+    ok = Attempt("batch", True, 138 * mib, 160 * mib, 1.0, batch=7)
+    line = measured_line(FixOutcome("batch", True, [ok], predicted_saving_bytes=42 * mib))
+    assert line == "Predicted saving ~42.00 MiB. The re-run peaked at 138 MiB of 160 MiB (86%)."
+    cpu = Attempt("cpu", True, 0, 160 * mib, 1.0)
+    assert measured_line(FixOutcome("cpu", True, [cpu])) == "", "no 'peak 0 B'"
+    assert attempt_line(ok).startswith("batch 7: fits, peak 138 MiB of 160 MiB (86%)")
+
+
+def test_a_running_fix_shows_its_attempt_and_elapsed_time(failed: Any, monkeypatch: Any) -> None:
+    from jupyter_gpumem.fixes import Attempt, FixOutcome
+    from jupyter_gpumem.ui import panel as panel_mod
+
+    panel = _panel(failed)
+    seen: list[str] = []
+    panel.status.observe(lambda ch: seen.append(ch["new"]), "value")
+
+    def engine(*_a: Any, on_attempt: Any, **_k: Any) -> Any:
+        on_attempt(Attempt("batch", False, None, None, 0.1, batch=128, rehearsal=True))
+        time.sleep(1.3)  # the ticker redraws the elapsed time meanwhile
+        return FixOutcome("batch", False, message="Still out of memory.")
+
+    monkeypatch.setattr(panel_mod, "apply_fix", engine)
+    panel.click("batch")
+    running = [v for v in seen if "Running" in v]
+    assert any("attempt 2 in progress" in v and "batch 128: out of memory" in v for v in running)
+    assert any(re.search(r"[1-9] s so far", v) for v in running), running
+    assert "interrupt the kernel" in running[-1]
+    assert "✗" in panel.status.value, "the outcome is the last word, not a late tick"
+    assert "role" in panel.status._esm and "aria-live" in panel.status._esm
 
 
 # ---- every click ends: threads, interrupts, errors ------------------------------------------

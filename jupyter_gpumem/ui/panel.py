@@ -11,100 +11,54 @@ longer the latest, or after other cells ran, asks first.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from html import escape
 from types import TracebackType
 from typing import Any
 
 import ipywidgets as W
-import plotly.graph_objects as go
 from IPython import version_info as _ipython_version
 
 from ..backends import simulated
-from ..diagnosis import Diagnosis
 from ..failure import FailedCell
 from ..fixes import FIXES, Attempt, Check, FixOutcome
 from ..hook import without_dispatch_frames
 from ..render import _md_code, render_html
 from ..rescue import Options, apply_fix, check_all, guard
-from ..units import GiB, format_bytes
+from . import chart, wording
+from .status import StatusLine, Ticker
 
-SLICE_COLORS = {
-    "weights": "#2f6fbf",
-    "gradients": "#5b8fd6",
-    "optimizer state": "#86aee6",
-    "variables": "#7a5cc4",
-    "output cache": "#a58be0",
-    "failed frames": "#c0392b",
-    "activations and other tensors": "#3fa08a",
-    "allocator cache": "#9cc3f0",
-    "CUDA context (non-PyTorch)": "#999999",
-    "other processes": "#d98b2b",
-    "free": "rgba(127,127,127,0.18)",
-}
-_STYLE = """<style>
-.gpumem-panel .gpumem-status{font-size:13px;padding:2px 0}
+_STYLE = (
+    """<style>
+.gpumem-panel{max-width:100%;min-width:0;overflow-wrap:anywhere}
+.gpumem-panel .widget-html,.gpumem-panel .widget-html-content{max-width:100%;min-width:0}
+.gpumem-panel .widget-html-content{white-space:normal;height:auto;line-height:1.45}
+.gpumem-panel .gpumem-diag{max-width:100%;box-sizing:border-box}
+.gpumem-panel .gpumem-diag table{display:block;max-width:100%;overflow-x:auto}
+.gpumem-panel .gpumem-diag td,.gpumem-panel .gpumem-diag th{overflow-wrap:anywhere}
+.gpumem-panel code{background:var(--jp-layout-color2,rgba(127,127,127,.15));padding:0 3px;
+ overflow-wrap:anywhere}
+.gpumem-panel pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:2px 0}
+.gpumem-panel .gpumem-buttons{flex-wrap:wrap;gap:4px;max-width:100%}
+.gpumem-panel .gpumem-buttons .jupyter-button{white-space:normal;height:auto;
+ min-height:var(--jp-widgets-inline-height,28px);max-width:100%;text-align:left;
+ line-height:1.3;padding:3px 10px}
+.gpumem-panel .jupyter-button.mod-primary:disabled,
+.gpumem-panel .jupyter-button.mod-primary[disabled]{background:var(--jp-layout-color3,#bdbdbd);
+ color:var(--jp-ui-font-color1,#222);box-shadow:none;opacity:.7}
+.gpumem-panel .gpumem-live{font-size:13px;padding:2px 0}
 .gpumem-panel .gpumem-ok{border-left:4px solid var(--jp-success-color1,#2e7d32);padding-left:8px}
 .gpumem-panel .gpumem-bad{border-left:4px solid var(--jp-error-color1,#c62828);padding-left:8px}
 .gpumem-panel .gpumem-ask{border-left:4px solid var(--jp-warn-color1,#c77c02);padding-left:8px}
-.gpumem-panel .gpumem-why{font-size:12px;color:var(--jp-ui-font-color2,#666)}
-.gpumem-panel code{background:var(--jp-layout-color2,rgba(127,127,127,.15));padding:0 3px}
-.gpumem-panel .js-plotly-plot .legendtext{fill:var(--jp-ui-font-color1,#555)!important}
-.gpumem-panel .js-plotly-plot :is(.xtick,.ytick) text{fill:var(--jp-ui-font-color2,#666)!important}
-</style>"""
-
-
-def breakdown_figure(d: Diagnosis, width: int = 640) -> go.FigureWidget:
-    """One horizontal stacked bar: where every byte of the card was at the failure."""
-    fig = go.Figure()
-    for s in d.breakdown:
-        if s.bytes <= 0:
-            continue
-        fig.add_trace(
-            go.Bar(
-                x=[s.bytes / GiB],
-                y=["memory"],
-                orientation="h",
-                name=f"{s.label} {format_bytes(s.bytes)}",
-                marker={"color": SLICE_COLORS.get(s.label, "#888"), "line": {"width": 0}},
-                hovertemplate=f"{escape(s.label)}: {format_bytes(s.bytes)}<extra></extra>",
-            )
-        )
-    if d.requested_bytes:
-        fig.add_trace(
-            go.Bar(
-                x=[d.requested_bytes / GiB],
-                y=["requested"],
-                orientation="h",
-                name=f"requested {format_bytes(d.requested_bytes)}",
-                marker={"color": "rgba(192,57,43,0.35)", "pattern": {"shape": "/"}},
-                hovertemplate=f"requested: {format_bytes(d.requested_bytes)}<extra></extra>",
-            )
-        )
-    fig.update_layout(
-        barmode="stack",
-        width=width,
-        height=190,
-        margin={"l": 70, "r": 10, "t": 10, "b": 30},
-        # "normal": the legend reads in the bar's order (plotly reverses stacked bars' by default)
-        legend={"orientation": "h", "y": -0.35, "font": {"size": 10}, "traceorder": "normal"},
-        xaxis={"ticksuffix": " GiB", "rangemode": "tozero", "gridcolor": "rgba(127,127,127,0.25)"},
-        paper_bgcolor="rgba(0,0,0,0)",
-        plot_bgcolor="rgba(0,0,0,0)",
-        font={"size": 11, "color": "#8c8c8c"},  # readable on light and dark themes
-    )
-    fig.update_xaxes(fixedrange=True)  # a picture, not an explorer: no drag-zoom
-    fig.update_yaxes(fixedrange=True)
-    widget = go.FigureWidget(fig)
-    # no plotly toolbar: ten zoom/pan/share buttons would come before the fixes in the Tab order
-    widget._config = {**widget._config, "displayModeBar": False}
-    return widget
-
-
-def _button_text(fix_label: str, check: Check) -> str:
-    if check.applies and check.predicted_saving_bytes:
-        return f"{fix_label} (~{format_bytes(check.predicted_saving_bytes)})"
-    return fix_label
+.gpumem-panel .gpumem-run{border-left:4px solid var(--jp-brand-color1,#1976d2);padding-left:8px}
+.gpumem-panel .gpumem-why{font-size:12px;color:var(--jp-ui-font-color1,#333)}
+.gpumem-panel details summary{cursor:pointer}
+.gpumem-panel dl{margin:2px 0}.gpumem-panel dd{margin:0 0 2px 1.5em}
+"""
+    + chart.CSS
+    + "</style>"
+)
 
 
 # IPython 9.8 (commit aaa5a45, "execution count more atomic") counts a cell before running it:
@@ -173,17 +127,18 @@ class DiagnosisPanel:
     def __init__(self, ext: Any, failed: FailedCell) -> None:
         self.ext = ext
         self.shell = ext.shell
-        self.body = W.VBox()
+        self.body = W.VBox(layout=W.Layout(width="100%", min_width="0"))
         self.widget = W.VBox([W.HTML(_STYLE), self.body], layout=W.Layout(width="100%"))
         self.widget.add_class("gpumem-panel")
         self.buttons: dict[str, W.Button] = {}
-        self.status = W.HTML()
+        self.status = StatusLine()
         self.status.add_class("gpumem-status")
         self.output = W.Output(layout=W.Layout(max_height="320px", overflow="auto"))
         self.confirm_box = W.VBox()
         self.log: list[str] = []
         self.outcomes: list[FixOutcome] = []
         self.busy = False
+        self._running, self._t0 = "", time.monotonic()  # the fix in progress, since when
         self.show(failed)
 
     # ---- content ---------------------------------------------------------------------------------
@@ -194,46 +149,71 @@ class DiagnosisPanel:
         d = failed.diagnosis
         assert d is not None
         self.checks = check_all(self.shell, failed, Options(), self.ext.remembered)
-        html = W.HTML(render_html(d))
-        parts: list[W.Widget] = [html]
-        if d.breakdown:
-            try:
-                parts.append(breakdown_figure(d))
-            except Exception:  # the chart is a view; the numbers are in the HTML anyway
-                pass
+        shown, folded = wording.for_display(d)
+        parts: list[W.Widget] = [
+            W.HTML(render_html(shown) + chart.breakdown_html(d) + wording.folded_html(folded))
+        ]
+        short = d.shortfall_bytes
+        primary = self._recommended()
         rows = []
         self.buttons = {}
         for key, fix in FIXES.items():
             check = self.checks[key]
             b = W.Button(
-                description=_button_text(fix.label, check),
-                tooltip=check.action if check.applies else f"Not available: {check.reason}",
+                description=wording.button_text(fix.label, check, short),
+                tooltip=self._tooltip(fix.label, check, short),
                 disabled=not check.applies,
                 layout=W.Layout(width="auto"),
-                button_style="primary" if key == self._recommended() else "",
+                button_style="primary" if key == primary else "",
             )
             b.on_click(lambda _b, k=key: self.click(k))
             self.buttons[key] = b
             rows.append(b)
+        box = W.HBox(rows, layout=W.Layout(flex_flow="row wrap"))
+        box.add_class("gpumem-buttons")
+        parts.append(box)
+        parts.append(W.HTML(self._help_html(short)))
+        parts += [self.confirm_box, self.status, self.output]
+        self.body.children = tuple(parts)
+
+    def _tooltip(self, label: str, check: Check, short: int | None) -> str:
+        if not check.applies:
+            return f"Not available: {check.reason}"
+        note = wording.shortfall_note(check, short)
+        return f"{check.action} ({note})" if note else check.action
+
+    def _help_html(self, short: int | None) -> str:
+        """What each button does, in the page and not only in a tooltip: the reasons a fix is
+        unavailable in sight, the rest one click away (keyboard and screen readers included)."""
         why = [
             f"<b>{escape(FIXES[k].label)}</b> not available: {_md_code(c.reason)}"
             for k, c in self.checks.items()
             if not c.applies
         ]
-        parts.append(W.HBox(rows, layout=W.Layout(flex_flow="row wrap")))
-        if why:
-            parts.append(W.HTML(f"<div class='gpumem-why'>{'<br>'.join(why)}</div>"))
-        parts += [self.confirm_box, self.status, self.output]
-        self.body.children = tuple(parts)
+        items = []
+        for k, c in self.checks.items():
+            if not c.applies:
+                continue
+            note = wording.shortfall_note(c, short)
+            items.append(
+                f"<dt><b>{escape(FIXES[k].label)}</b></dt><dd>{_md_code(c.action)}"
+                + (f" <i>{escape(note.capitalize())}.</i>" if note else "")
+                + "</dd>"
+            )
+        html = "<br>".join(why)
+        if items:
+            html += (
+                "<details><summary>What each button does</summary>"
+                f"<dl>{''.join(items)}</dl></details>"
+            )
+        return f"<div class='gpumem-why'>{html}</div>"
 
     def _recommended(self) -> str | None:
         d = self.failed.diagnosis
         if d is None:
             return None
         top = d.causes[0].key if d.causes else ""
-        order = ["clear"] if top in ("old_variables", "fragmentation", "output_cache") else []
-        order += ["batch", "autocast", "clear", "cpu"]
-        return next((k for k in order if self.checks.get(k, Check(False, "")).applies), None)
+        return wording.recommended(self.checks, top, d.shortfall_bytes)
 
     def set_status(self, html: str, kind: str = "") -> None:
         self.status.value = f"<div class='gpumem-{kind}'>{html}</div>" if kind else html
@@ -292,9 +272,18 @@ class DiagnosisPanel:
         self.set_status("Not re-run.")
 
     def _on_attempt(self, a: Attempt) -> None:
-        self.log.append(a.line())
+        self.log.append(wording.attempt_line(a))
+        self._progress(time.monotonic() - self._t0)
+
+    def _progress(self, elapsed: float) -> None:
+        """The running fix: which attempt, how long so far, what is done, how to stop it."""
+        n = len(self.log) + 1
+        done = f"<pre>{escape(chr(10).join(self.log))}</pre>" if self.log else ""
         self.set_status(
-            f"Running <b>{escape(FIXES[a.fix].label)}</b>…<pre>{escape(chr(10).join(self.log))}</pre>"
+            f"Running <b>{escape(self._running)}</b>: attempt {n} in progress, "
+            f"{elapsed:.0f} s so far.{done}<span class='gpumem-why'>To stop it, interrupt the "
+            "kernel (■ in the toolbar): what the re-run changed is put back.</span>",
+            "run",
         )
 
     def run(self, key: str) -> FixOutcome:
@@ -306,11 +295,14 @@ class DiagnosisPanel:
         for b in self.buttons.values():
             b.disabled = True
         outcome = FixOutcome(fix=key, ok=False, message="")
+        self._running, self._t0 = fix.label, time.monotonic()
+        ticker = Ticker(self._progress)
         try:
             self.set_status(
-                f"Running <b>{escape(fix.label)}</b>: {_md_code(self.checks[key].action)}"
+                f"Running <b>{escape(fix.label)}</b>: {_md_code(self.checks[key].action)}", "run"
             )
             self.output.clear_output()
+            ticker.start()
             # a button's callback may run on another thread than the one that started the
             # simulated GPU (torch's modes are per thread): the re-run must see the same card
             with simulated.on_this_thread():
@@ -327,20 +319,24 @@ class DiagnosisPanel:
                         )
                     except BaseException as exc:  # Output's __exit__ would print and swallow it
                         raised = exc
+                ticker.stop()  # before the outcome, so no tick overwrites it
                 if raised is not None:
                     raise raised
                 self.outcomes.append(outcome)
                 self._report(fix.label, outcome)
         except KeyboardInterrupt as exc:  # Ctrl-C: the engine undid what it could and says what
+            ticker.stop()
             undone = str(getattr(exc, "message", "") or "").strip()
             outcome = FixOutcome(fix=key, ok=False, message="interrupted")
             self.set_status(
                 f"✗ Interrupted: {_md_code(undone) if undone else 'the re-run was stopped.'}", "bad"
             )
         except BaseException as exc:  # never a traceback of ours, never a panel left busy
+            ticker.stop()
             outcome = FixOutcome(fix=key, ok=False, message=f"{type(exc).__name__}: {exc}")
             self._report_error(fix.label, exc)
         finally:
+            ticker.stop()
             self.busy = False
             self._enable()
         return outcome
@@ -379,12 +375,10 @@ class DiagnosisPanel:
         lines = [f"✓ <b>{_md_code(o.message)}</b>"]
         if o.change:
             lines.append(f"To make it permanent: {_md_code(o.change)}")
-        if o.predicted_saving_bytes is not None and o.peak_bytes is not None:
-            lines.append(
-                f"Predicted saving ~{format_bytes(o.predicted_saving_bytes)}; "
-                f"measured peak {format_bytes(o.peak_bytes)}."
-            )
-        lines += [_md_code(n) for n in o.notes]
+        measured = wording.measured_line(o)
+        if measured:
+            lines.append(escape(measured))
+        lines += [_md_code(n) for n in wording.unique_notes(o.notes)]
         if self.log:
             lines.append(f"<pre>{escape(chr(10).join(self.log))}</pre>")
         lines.append(

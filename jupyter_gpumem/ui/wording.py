@@ -1,0 +1,172 @@
+"""What the panel says, as plain functions of the diagnosis, the checks and the outcomes.
+
+The panel shows a display copy of the diagnosis: the locals of library frames (``args in
+_wrapped_call_impl() in module.py``) become one row, "locals of the failed call in torch", and
+causes with nothing to do are folded away. The diagnosis itself is left as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from html import escape
+
+from ..diagnosis import Cause, Diagnosis
+from ..fixes import Attempt, FixOutcome
+from ..fixes.base import Check
+from ..holders import Holder
+from ..units import format_bytes
+
+# "x in step() in module.py": holders.py names a library frame's local with its function and file;
+# a frame of the notebook has no file part
+_LIBRARY_LOCAL = re.compile(r"^(?P<var>.+) in (?P<func>[\w.<>]+)\(\) in (?P<file>[\w.-]+\.py)$")
+
+
+def library_of(filename: str) -> str:
+    """The top-level package a loaded module file belongs to ("module.py" -> "torch"), or the file."""
+    suffix = "/" + filename
+    for name, mod in list(sys.modules.items()):
+        path = getattr(mod, "__file__", None)
+        if isinstance(path, str) and path.replace("\\", "/").endswith(suffix):
+            return name.split(".", 1)[0]
+    return filename
+
+
+def readable_holders(holders: list[Holder]) -> list[Holder]:
+    """Library frames' locals merged into one holder per library, in size order."""
+    out: list[Holder] = []
+    merged: dict[str, Holder] = {}
+    names: dict[str, list[str]] = {}
+    for h in holders:
+        m = _LIBRARY_LOCAL.match(h.name) if h.where == "failed frame" else None
+        if m is None:
+            out.append(h)
+            continue
+        lib = library_of(m["file"])
+        if lib not in merged:
+            merged[lib] = Holder(
+                name=f"locals of the failed call in {lib}",
+                kind="tensors",
+                where="failed frame",
+                device=h.device,
+            )
+            names[lib] = []
+            out.append(merged[lib])
+        merged[lib].tensor_bytes += h.total_bytes
+        names[lib].append(m["var"])
+    for lib, holder in merged.items():
+        shown = ", ".join(dict.fromkeys(names[lib]))
+        holder.detail = f"{len(names[lib])} locals of {lib}'s frames: {shown}"[:200]
+    out.sort(key=lambda h: -h.total_bytes)
+    return out
+
+
+def nothing_to_do(c: Cause) -> bool:
+    return c.action.startswith("Nothing to do")
+
+
+def for_display(d: Diagnosis) -> tuple[Diagnosis, list[Cause]]:
+    """(the diagnosis as the panel shows it, the causes folded away because nothing is to do)."""
+    folded = [c for c in d.causes if nothing_to_do(c)]
+    causes = [c for c in d.causes if not nothing_to_do(c)] or d.causes[:1]
+    folded = [c for c in folded if c not in causes]
+    holders = dataclasses.replace(d.holders, holders=readable_holders(d.holders.holders))
+    return dataclasses.replace(d, causes=causes, holders=holders), folded
+
+
+def folded_html(folded: list[Cause]) -> str:
+    if not folded:
+        return ""
+    items = "".join(
+        f"<li><b>{escape(c.title)}.</b> {escape(c.evidence)} {escape(c.action)}</li>"
+        for c in folded
+    )
+    n = len(folded)
+    return (
+        f"<details class='gpumem-why'><summary>{n} more finding{'s' if n > 1 else ''}, "
+        f"nothing to do</summary><ul>{items}</ul></details>"
+    )
+
+
+# ---- buttons ------------------------------------------------------------------------------------
+
+
+def shortfall_note(check: Check, shortfall_bytes: int | None) -> str:
+    """ "not enough: saves ~X of Y needed" when the predicted saving is below the shortfall."""
+    saving = check.predicted_saving_bytes
+    if not check.applies or saving is None or not shortfall_bytes or saving >= shortfall_bytes:
+        return ""
+    return f"not enough: saves ~{format_bytes(saving)} of {format_bytes(shortfall_bytes)} needed"
+
+
+def button_text(label: str, check: Check, shortfall_bytes: int | None) -> str:
+    short = shortfall_note(check, shortfall_bytes)
+    if short:
+        return f"{label} ({short})"
+    if check.applies and check.predicted_saving_bytes:
+        return f"{label} (~{format_bytes(check.predicted_saving_bytes)})"
+    return label
+
+
+def recommended(
+    checks: dict[str, Check], top_cause: str, shortfall_bytes: int | None
+) -> str | None:
+    """The fix to show as primary: the first in order that applies and is predicted to be enough."""
+    order = ["clear"] if top_cause in ("old_variables", "fragmentation", "output_cache") else []
+    order += ["batch", "autocast", "clear", "cpu"]
+    for key in order:
+        check = checks.get(key)
+        if check is not None and check.applies and not shortfall_note(check, shortfall_bytes):
+            return key
+    return None
+
+
+# ---- outcomes -----------------------------------------------------------------------------------
+
+
+def measured_line(o: FixOutcome) -> str:
+    """The prediction, then what the re-run measured: its peak against the card, never a saving
+    set against a peak. Empty where there is nothing on the GPU to measure (Move to CPU)."""
+    fits = [a for a in o.attempts if a.ok]
+    peak = fits[-1].peak_bytes if fits else None
+    cap = fits[-1].capacity_bytes if fits else None
+    parts = []
+    if o.predicted_saving_bytes and not any("Predicted saving" in n for n in o.notes):
+        parts.append(f"Predicted saving ~{format_bytes(o.predicted_saving_bytes)}.")
+    if peak:
+        of = f" of {format_bytes(cap)} ({100 * peak / cap:.0f}%)" if cap else ""
+        parts.append(f"The re-run peaked at {format_bytes(peak)}{of}.")
+    return " ".join(parts)
+
+
+def unique_notes(notes: list[str]) -> list[str]:
+    return list(dict.fromkeys(n.strip() for n in notes if n.strip()))
+
+
+def attempt_line(a: Attempt) -> str:
+    """One re-run, in words: "batch 7: fits, peak 138 MiB of 160 MiB (86%), 1.20 s, kept"."""
+    head = f"batch {a.batch}" if a.batch is not None else FIX_RUN_NAMES.get(a.fix, a.fix)
+    parts = ["fits" if a.ok else "out of memory"]
+    if a.peak_bytes:
+        of = (
+            f" of {format_bytes(a.capacity_bytes)} ({100 * a.peak_bytes / a.capacity_bytes:.0f}%)"
+            if a.capacity_bytes
+            else ""
+        )
+        parts.append(f"peak {format_bytes(a.peak_bytes)}{of}")
+    parts.append(f"{a.seconds:.2f} s")
+    if a.note:
+        parts.append(a.note)
+    if a.rehearsal:
+        parts.append("rehearsal, rolled back")
+    else:
+        parts.append("kept" if a.ok else "rolled back")
+    return f"{head}: {', '.join(parts)}"
+
+
+FIX_RUN_NAMES = {
+    "clear": "after clearing the cache",
+    "autocast": "under autocast",
+    "cpu": "on the CPU",
+}
