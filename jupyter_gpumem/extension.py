@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from types import MethodType
 from typing import Any
 
 from .config import GpuMem
@@ -45,6 +46,8 @@ class Extension:
         self.remembered: dict[str, int] = {}  # cell hash -> batch size that fit
         self.sidebar: Any = None
         self.panel: Any = None  # the last diagnosis panel shown
+        self.simulation: Any = None  # the simulated GPU `%gpumem simulate` started, until unload
+        self.limited = False  # `%gpumem limit` capped the real card: lifted on unload
 
     def widgets_available(self) -> bool:
         """A kernel whose front end can show widgets (ipykernel), not a terminal."""
@@ -70,24 +73,61 @@ class Extension:
                 print(f"jupyter_gpumem: could not open the sidebar ({type(exc).__name__}: {exc})")
 
     def unload(self) -> None:
-        self.hook.uninstall()
+        """Undo everything load and the magics did; each step runs even if one before failed."""
+        for step in (
+            self.hook.uninstall,
+            self._forget_configurables,
+            self._close_widgets,
+            self._unregister_magics,
+            self._end_simulation,
+        ):
+            try:
+                step()
+            except Exception as exc:
+                print(
+                    f"jupyter_gpumem: unload: {step.__name__} failed ({type(exc).__name__}: {exc})"
+                )
+
+    def _forget_configurables(self) -> None:
         configurables = getattr(self.shell, "configurables", None)
-        if isinstance(configurables, list) and self.settings in configurables:
-            configurables.remove(self.settings)
+        if isinstance(configurables, list):
+            # Magics.__init__ appended the magics; load appended the settings
+            configurables[:] = [
+                c for c in configurables if c is not self.settings and c is not self.magics
+            ]
+
+    def _close_widgets(self) -> None:
         if self.sidebar is not None:
             self.sidebar.close()
             self.sidebar = None
+        self.panel = None
         if "jupyter_gpumem.ui.gauge" in sys.modules:
             from .ui.gauge import stop_all
 
             stop_all()
+
+    def _unregister_magics(self) -> None:
         mm = self.shell.magics_manager
         for kind in ("line", "cell"):
             for name in list(mm.magics[kind]):
                 bound = mm.magics[kind][name]
-                if getattr(bound, "__self__", None) is self.magics:
+                # isinstance first: reading an attribute of a lazy magic's stand-in loads it
+                if isinstance(bound, MethodType) and bound.__self__ is self.magics:
                     del mm.magics[kind][name]
-        mm.registry.pop(type(self.magics).__name__, None)
+        name = type(self.magics).__name__
+        if mm.registry.get(name) is self.magics:
+            del mm.registry[name]
+
+    def _end_simulation(self) -> None:
+        """Stop the simulated GPU the magics started (one started from Python is the caller's)."""
+        from .backends import _torch, simulated
+
+        if self.simulation is not None and simulated.current() is self.simulation:
+            simulated.stop()  # puts back every torch.cuda function it replaced
+        self.simulation = None
+        if self.limited:
+            self.limited = False
+            _torch.set_memory_limit(None)
 
     def present(self, failed: FailedCell) -> None:
         d = failed.diagnosis

@@ -113,9 +113,11 @@ class GpuMemMagics(Magics):
         if size is None:
             was = simulated.current()
             simulated.stop()
+            self.ext.simulation = None
             print("Simulated GPU off." if was else "No simulated GPU was running.")
             return
         sim = simulated.start(size)
+        self.ext.simulation = sim
         print(
             f"Simulated GPU of {format_bytes(sim.total_bytes)}: cells that place tensors on `cuda` "
             "now run on the CPU and count against it. `%gpumem simulate off` ends it."
@@ -127,6 +129,8 @@ class GpuMemMagics(Magics):
             total = _torch.set_memory_limit(size)
         except RuntimeError as exc:
             raise UsageError(f"%gpumem limit: {exc}") from None
+        if simulated.current() is None:
+            self.ext.limited = size is not None
         if size is None:
             print(f"No cap: this process may use the whole {format_bytes(total)}.")
         else:

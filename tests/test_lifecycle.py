@@ -1,0 +1,86 @@
+"""Load and unload in a real InteractiveShell: unload undoes everything load (and the magics) did."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import Any
+
+import pytest
+
+import jupyter_gpumem
+
+
+def _state(sh: Any) -> dict[str, Any]:
+    """Everything of the shell's that loading the extension touches, by identity where it can."""
+    mm = sh.magics_manager
+    return {
+        "configurables": [id(c) for c in sh.configurables],
+        "events": {name: list(cbs) for name, cbs in sh.events.callbacks.items()},
+        "line magics": dict(mm.magics["line"]),
+        "cell magics": dict(mm.magics["cell"]),
+        "registry": dict(mm.registry),
+        "custom_exceptions": sh.custom_exceptions,
+        "CustomTB": sh.CustomTB,
+        "loaded": dict(jupyter_gpumem._loaded),
+    }
+
+
+def test_a_hundred_load_unload_cycles_leave_nothing(bare_shell: Any) -> None:
+    sh = bare_shell
+    # IPython loads its own %load_ext/%unload_ext on first use: before the snapshot
+    sh.run_cell("%unload_ext jupyter_gpumem", store_history=False)
+    before = _state(sh)
+    for _ in range(100):
+        sh.run_cell("%load_ext jupyter_gpumem", store_history=False)
+        sh.run_cell("%unload_ext jupyter_gpumem", store_history=False)
+    assert _state(sh) == before
+
+
+def test_an_unloaded_extension_is_garbage(bare_shell: Any) -> None:
+    bare_shell.run_cell("%load_ext jupyter_gpumem")
+    ext = weakref.ref(jupyter_gpumem._extension_for(bare_shell))
+    bare_shell.run_cell("%unload_ext jupyter_gpumem")
+    gc.collect()
+    assert ext() is None, gc.get_referrers(ext())
+
+
+def test_unload_stops_the_simulation_it_started_and_restores_torch_cuda(bare_shell: Any) -> None:
+    torch = pytest.importorskip("torch")
+    from jupyter_gpumem.backends import simulated
+
+    cuda_before = dict(vars(torch.cuda))
+    available = torch.cuda.is_available()
+    bare_shell.run_cell("%load_ext jupyter_gpumem")
+    bare_shell.run_cell("%gpumem simulate 160MiB")
+    assert torch.cuda.is_available() and simulated.current() is not None
+    bare_shell.run_cell("%unload_ext jupyter_gpumem")
+    assert simulated.current() is None
+    assert torch.cuda.is_available() is available
+    after = dict(vars(torch.cuda))
+    assert after.keys() == cuda_before.keys()
+    changed = [k for k in after if after[k] is not cuda_before[k]]
+    assert changed == []
+
+
+def test_a_simulation_started_from_python_is_the_callers(bare_shell: Any) -> None:
+    pytest.importorskip("torch")
+    from jupyter_gpumem.backends import simulated
+
+    sim = jupyter_gpumem.simulate("160MiB")
+    bare_shell.run_cell("%load_ext jupyter_gpumem")
+    bare_shell.run_cell("%unload_ext jupyter_gpumem")
+    assert simulated.current() is sim
+    jupyter_gpumem.stop_simulation()
+
+
+def test_reload_after_a_simulation_starts_clean(bare_shell: Any) -> None:
+    pytest.importorskip("torch")
+    from jupyter_gpumem.backends import simulated
+
+    bare_shell.run_cell("%load_ext jupyter_gpumem")
+    bare_shell.run_cell("%gpumem simulate 160MiB")
+    bare_shell.run_cell("%reload_ext jupyter_gpumem")
+    assert simulated.current() is None
+    assert bare_shell.run_cell("%gpumem status").success
+    bare_shell.run_cell("%unload_ext jupyter_gpumem")
