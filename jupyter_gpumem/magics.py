@@ -29,15 +29,48 @@ if TYPE_CHECKING:
 COMMANDS = ("status", "retry", "gauge", "sidebar", "simulate", "limit", "release", "help")
 
 
-def _size_or_off(command: str, args: list[str]) -> int | None:
+# A simulated card is only counted, so any size "works"; past this it is a typo, not a GPU.
+MAX_SIMULATED_BYTES = 16 << 40
+_HELP = ("-h", "--help")
+
+
+def _size_or_off(command: str, args: list[str], most: int | None = None) -> int | None:
     if len(args) != 1:
         raise UsageError(f"%gpumem {command} takes one argument: a size such as 2GiB, or off")
     if args[0].lower() == "off":
         return None
+    if not args[0].isascii():
+        # Python's int() and \d read any script's digits ("１GiB"); a size here is typed in ASCII
+        raise UsageError(
+            f"%gpumem {command}: not a size: {args[0]!r} (type digits 0-9, as in 2GiB)"
+        )
     try:
-        return parse_size(args[0])
+        size = parse_size(args[0])
     except ValueError as exc:
         raise UsageError(f"%gpumem {command}: {exc}") from None
+    if most is not None and size > most:
+        raise UsageError(
+            f"%gpumem {command}: {args[0]} is larger than any GPU; at most {format_bytes(most)}"
+        )
+    return size
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise UsageError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise UsageError(f"expected a number >= 1, got {n}")
+    return n
+
+
+def _parse_line(func: Any, line: str) -> Any:
+    """``parse_argstring``, with an unbalanced quote as a one-line UsageError, not a traceback."""
+    try:
+        return parse_argstring(func, line)
+    except ValueError as exc:  # shlex: "No closing quotation"
+        raise UsageError(f"%{func.parser.prog}: {exc}: {line.strip()}") from None
 
 
 @magics_class
@@ -64,7 +97,9 @@ class GpuMemMagics(Magics):
     def gpumem(self, line: str = "") -> None:
         """Show and control GPU memory from a notebook (jupyter_gpumem)."""
         line = line.split(" #", 1)[0]  # a trailing comment is not an argument
-        opts = parse_argstring(self.gpumem, line)
+        if line.split()[:1] in (["-h"], ["--help"]):
+            line = "help"
+        opts = _parse_line(self.gpumem, line)
         command, args = opts.command, list(opts.args)
         handler = getattr(self, f"_cmd_{command}", None)
         if command not in self.ext.commands() or handler is None:
@@ -79,8 +114,7 @@ class GpuMemMagics(Magics):
 
     def _cmd_help(self, args: list[str]) -> None:
         self._no_args("help", args)
-        print(self.gpumem.__doc__)
-        print(self.gpumem.parser.format_help() if hasattr(self.gpumem, "parser") else "")
+        print(self.gpumem.__doc__)  # @magic_arguments made it the full help
 
     def _cmd_status(self, args: list[str]) -> None:
         self._no_args("status", args)
@@ -109,7 +143,7 @@ class GpuMemMagics(Magics):
         print(self.ext.open_sidebar())
 
     def _cmd_simulate(self, args: list[str]) -> None:
-        size = _size_or_off("simulate", args)
+        size = _size_or_off("simulate", args, most=MAX_SIMULATED_BYTES)
         if size is None:
             was = simulated.current()
             simulated.stop()
@@ -155,6 +189,8 @@ class GpuMemMagics(Magics):
 
     def _cmd_retry(self, args: list[str]) -> None:
         opts = _parse(RETRY_PARSER, args)
+        if opts is None:
+            return
         failed = self.ext.hook.last_failure
         if failed is None:
             raise UsageError("%gpumem retry: no cell has run out of memory yet")
@@ -181,20 +217,34 @@ class GpuMemMagics(Magics):
             raise KeyboardInterrupt from None
         self.ext.report_outcome(outcome)
 
+    @magic_arguments(name="%oomsafe")  # shown as %%oomsafe: IPython's help prefixes one %
+    @argument(
+        "--fixes",
+        default=",".join(LADDER),
+        metavar="LIST",
+        help=f"the fixes to try, in order, comma-separated (default: {','.join(LADDER)})",
+    )
+    @argument("--max-retries", type=_positive, default=8, metavar="N", help="at most N re-runs")
+    @argument("--batch-var", metavar="NAME", help="the batch size is this variable")
+    @argument("--min-batch", type=_positive, default=1, metavar="N", help="smallest batch to try")
+    @argument("--force", action="store_true", help="re-run despite side effects")
+    @argument("--quiet", action="store_true", help="say only what worked")
     @cell_magic
     def oomsafe(self, line: str, cell: str) -> None:
         """Run the cell; on out-of-memory, apply fixes in order until one fits, then say what
         worked and what to change in the cell.
 
-        %%oomsafe [--fixes clear,batch,autocast,cpu] [--max-retries N] [--batch-var NAME]
-                  [--min-batch N] [--force] [--quiet]
-
         Before re-running, a cell that already changed state (`step += 1`, `opt.step()`,
         `history.append(...)`, file writes) up to the failing line stops with an explanation,
         unless --force. Errors other than out-of-memory pass through unchanged.
         """
-        opts = _parse(OOMSAFE_PARSER, line.split())
-        fixes = [f.strip() for f in opts.fixes.split(",") if f.strip()]
+        if line.split()[:1] in (["-h"], ["--help"]):
+            print(self.oomsafe.__doc__)
+            return
+        opts = _parse_line(self.oomsafe, line)
+        # IPython's splitter keeps the quotes of --fixes "clear, batch"
+        fixes = [f.strip(" \t'\"") for f in opts.fixes.split(",")]
+        fixes = [f for f in fixes if f]
         unknown = [f for f in fixes if f not in FIXES]
         if unknown or not fixes:
             raise UsageError(
@@ -226,23 +276,15 @@ class GpuMemMagics(Magics):
 
 
 def _parse(parser: MagicArgumentParser, args: list[str]) -> Any:
-    if any(a in ("-h", "--help") for a in args):
+    """The options, or None when -h/--help asked for the help (shown)."""
+    if any(a in _HELP for a in args):
         print(parser.format_help())
-        raise UsageError(f"{parser.prog}: help shown above")
+        return None
     return parser.parse_args(args)
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise UsageError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise UsageError(f"expected a number >= 1, got {n}")
-    return n
-
-
-RETRY_PARSER = MagicArgumentParser(prog="%gpumem retry", add_help=False)
+# prog without its %: IPython's help formatter puts one in front
+RETRY_PARSER = MagicArgumentParser(prog="gpumem retry", add_help=False)
 RETRY_PARSER.add_argument(
     "fix", choices=LADDER, help="which fix to re-run the last failed cell with"
 )
@@ -255,11 +297,3 @@ RETRY_PARSER.add_argument("--drop-output-cache", action="store_true", help="clea
 RETRY_PARSER.add_argument(
     "--accumulate", action="store_true", help="batch: keep the effective batch (grad accumulation)"
 )
-
-OOMSAFE_PARSER = MagicArgumentParser(prog="%%oomsafe", add_help=False)
-OOMSAFE_PARSER.add_argument("--fixes", default=",".join(LADDER), metavar="LIST")
-OOMSAFE_PARSER.add_argument("--max-retries", type=_positive, default=8, metavar="N")
-OOMSAFE_PARSER.add_argument("--batch-var", metavar="NAME")
-OOMSAFE_PARSER.add_argument("--min-batch", type=_positive, default=1, metavar="N")
-OOMSAFE_PARSER.add_argument("--force", action="store_true")
-OOMSAFE_PARSER.add_argument("--quiet", action="store_true")
