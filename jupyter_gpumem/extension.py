@@ -16,16 +16,21 @@ from .render import render_html, render_text
 from .rescue import Options, check_all
 
 
-def fix_lines(checks: dict[str, Any]) -> list[str]:
-    """One line per fix for the text diagnosis: the command, what it saves, or why it cannot."""
+def fix_lines(checks: dict[str, Any], shortfall_bytes: int | None = None) -> list[str]:
+    """One line per fix for the text diagnosis: the command, what it saves, or why it cannot.
+
+    A fix predicted to save less than the allocation was short by says so, in the panel's words.
+    """
+    from .ui.wording import shortfall_note  # plain text, no widgets: the panel's one wording
+
     lines = []
     for key, check in checks.items():
         cmd = f"%gpumem retry {key}"
-        if check.applies:
-            saving = f" ({check.saving_text})" if check.saving_text else ""
-            lines.append(f"{cmd:<24} {FIXES[key].label}{saving}")
-        else:
+        if not check.applies:
             lines.append(f"{cmd:<24} {FIXES[key].label}: not available: {check.reason}")
+            continue
+        note = shortfall_note(check, shortfall_bytes) or check.saving_text
+        lines.append(f"{cmd:<24} {FIXES[key].label}" + (f" ({note})" if note else ""))
     return lines
 
 
@@ -136,7 +141,7 @@ class Extension:
         from IPython.display import display
 
         checks = check_all(self.shell, failed, Options(), self.remembered)
-        text = render_text(d, fix_lines(checks))
+        text = render_text(d, fix_lines(checks, d.shortfall_bytes))
         if self.widgets_available():
             from .ui.panel import show_panel
 

@@ -424,3 +424,37 @@ def test_fold_keeps_user_frames_and_the_innermost() -> None:
         stb[8],  # the innermost frame stays
         stb[9],
     ]
+
+
+def test_a_fix_that_saves_less_than_the_shortfall_says_not_enough() -> None:
+    from jupyter_gpumem.extension import fix_lines
+    from jupyter_gpumem.fixes.base import Check
+
+    checks = {
+        "clear": Check(True, "free the cache", predicted_saving_bytes=100 * MiB),
+        "batch": Check(True, "halve the batch", predicted_saving_bytes=2048 * MiB),
+        "autocast": Check(True, "bf16", predicted_saving_bytes=None),
+        "cpu": Check(False, "", reason="no model in the cell"),
+    }
+    clear, batch, autocast, cpu = fix_lines(checks, 500 * MiB)
+    assert clear.endswith("(not enough: saves ~100 MiB of 500 MiB needed)")
+    assert batch.endswith("(saves ~2.00 GiB)") and "not enough" not in batch
+    assert "not enough" not in autocast and "(" not in autocast
+    assert cpu.endswith("not available: no model in the cell")
+    assert fix_lines(checks, None)[0].endswith("(saves ~100 MiB)")
+
+
+def test_the_text_diagnosis_marks_fixes_that_are_not_enough(shell: Any, capsys: Any) -> None:
+    _ext(shell).settings.display = "text"
+    shell.run_cell("%gpumem simulate 1GiB")
+    shell.run_cell(
+        "import torch\nkeep = torch.empty(100 * 2**20, dtype=torch.uint8, device='cuda')"
+    )
+    capsys.readouterr()
+    shell.run_cell(OOM_CELL)
+    out = capsys.readouterr().out
+    d = _ext(shell).hook.last_failure.diagnosis
+    assert d.shortfall_bytes
+    assert "%gpumem retry clear" in out
+    fixes = out[out.index("%gpumem retry clear") :]
+    assert "not enough: saves ~" in fixes, fixes
