@@ -210,8 +210,12 @@ def open_notebook(lab, browser, request):
     failed_before = request.session.testsfailed
 
     def _open(name, cells, viewport=(1400, 1000)):
-        nb = nbformat.v4.new_notebook()
-        nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
+        """`cells`: sources, or the path of a notebook to open as it is."""
+        if isinstance(cells, Path):
+            nb = nbformat.read(str(cells), as_version=4)
+        else:
+            nb = nbformat.v4.new_notebook()
+            nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
         nb.metadata["kernelspec"] = {
             "name": "python3",
             "display_name": "Python 3 (ipykernel)",
@@ -229,7 +233,7 @@ def open_notebook(lab, browser, request):
         # widgets say "Idle" earlier than that, and a cell run before the
         # session has a kernel is silently dropped (prompt stays "[ ]").
         page.wait_for_function(KERNEL_READY_JS, timeout=T_LONG)
-        expect(page.locator(".jp-Notebook .jp-Cell")).to_have_count(len(cells))
+        expect(page.locator(".jp-Notebook .jp-Cell")).to_have_count(len(nb.cells))
         return page
 
     yield _open
@@ -358,7 +362,7 @@ def fail_and_show_panel(page):
     panel = cell.locator(".gpumem-panel")
     expect(panel).to_contain_text("GPU out of memory", timeout=T_RUN)
     expect(outputs(cell).first).to_contain_text("OutOfMemoryError")
-    expect(panel.locator(".js-plotly-plot")).to_have_count(1, timeout=T_RUN)
+    expect(panel.locator(".gpumem-chart")).to_have_count(1, timeout=T_RUN)
     for label in FIX_LABELS:
         expect(panel.get_by_role("button", name=re.compile("^" + label))).to_have_count(1)
     return cell, panel
@@ -390,11 +394,13 @@ def test_quickstart_reduce_batch_click_rescues_the_cell(open_notebook, shots):
         assert b.evaluate("e => e.tabIndex") >= 0
     reduce = panel.get_by_role("button", name=re.compile("^Reduce batch"))
     expect(reduce).to_be_enabled()
-    # the chart's legend lies within the panel (not clipped, not over the buttons)
-    legend = panel.locator(".js-plotly-plot .legend").bounding_box()
-    plot = panel.locator(".js-plotly-plot").bounding_box()
+    # the chart (HTML, no plotly) and its legend lie within the panel, above the buttons
+    legend = panel.locator(".gpumem-chart ul").bounding_box()
+    plot = panel.locator(".gpumem-chart").bounding_box()
     assert legend and plot and within(legend, plot), (legend, plot)
+    assert within(plot, panel.bounding_box())
     assert legend["y"] + legend["height"] <= buttons.first.bounding_box()["y"] + 1
+    expect(panel.locator(".gpumem-chart")).not_to_contain_text("GiB")  # MiB, as the text
     cell.scroll_into_view_if_needed()
     shots(cell, "panel-oom.png")
 
@@ -435,8 +441,8 @@ def test_keyboard_fix_and_dark_theme_readability(open_notebook, shots):
             "headline": panel.locator(".gpumem-diag h4"),
             "cause": panel.locator(".gpumem-diag li").first,
             "status": panel.locator(".gpumem-status .gpumem-ok"),
-            "legend": panel.locator(".js-plotly-plot .legendtext").first,
-            "tick": panel.locator(".js-plotly-plot .xtick text").first,
+            "legend": panel.locator(".gpumem-chart li").first,
+            "tick": panel.locator(".gpumem-chart .gpumem-scale span").last,
         }
         ratios = {}
         for name, loc in checks.items():
@@ -453,6 +459,55 @@ def test_keyboard_fix_and_dark_theme_readability(open_notebook, shots):
         shots(panel, "panel-dark.png")
     finally:
         set_theme(page, "JupyterLab Light")  # the theme is a saved setting: later tests need Light
+
+
+# --------------------------------------------------------------------------- #
+# A narrow window, and Run All
+# --------------------------------------------------------------------------- #
+# every element of the panel whose right edge lies past the panel's (or the panel past its cell's)
+PAST_EDGE_JS = """p => {
+  const edge = p.getBoundingClientRect().right + 1;
+  const out = p.closest('.jp-OutputArea-output, .jp-Cell').getBoundingClientRect().right + 1;
+  const bad = [];
+  if (edge > out) bad.push(`panel ${edge} > cell ${out}`);
+  for (const e of p.querySelectorAll('*')) {
+    const r = e.getBoundingClientRect();
+    if (r.width > 0 && r.right > edge) bad.push(`${e.tagName}.${e.className} ${r.right}`);
+  }
+  return bad;
+}"""
+
+
+def test_panel_fits_a_narrow_window(open_notebook, shots):
+    page = open_notebook("narrow.ipynb", [SETUP, OOM_CELL], viewport=(800, 1200))
+    cell, panel = fail_and_show_panel(page)
+    past = panel.evaluate(PAST_EDGE_JS)
+    assert past == [], f"{len(past)} elements past the panel's edge: {past[:20]}"
+    reduce = panel.get_by_role("button", name=re.compile("^Reduce batch"))
+    reduce.click()
+    fits_at(panel)
+    past = panel.evaluate(PAST_EDGE_JS)
+    assert past == [], f"after the fix, {len(past)} elements past the edge: {past[:20]}"
+    cell.scroll_into_view_if_needed()
+    shots(panel, "panel-narrow.png")
+
+
+def test_run_all_stops_at_the_oom_in_the_quickstart(open_notebook):
+    """Run All went past the OOM in the quickstart: its OOM cell carried the `raises-exception`
+    tag, with which JupyterLab sends stop_on_error=False. An OOM stops Run All like any error."""
+    page = open_notebook("quickstart.ipynb", ROOT / "notebooks" / "quickstart.ipynb")
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    code = page.locator(".jp-Notebook .jp-CodeCell")
+    oom = page.locator(".jp-Notebook .jp-CodeCell", has=page.locator(".gpumem-panel"))
+    expect(oom.locator(".gpumem-panel")).to_contain_text("GPU out of memory", timeout=T_LONG)
+    page.wait_for_function(KERNEL_READY_JS, timeout=T_RUN)
+    page.wait_for_timeout(1500)
+    sources = [c.locator(".cm-content").text_content() or "" for c in code.all()]
+    at = next(i for i, src in enumerate(sources) if "logits = model(ids)" in src)
+    assert at < len(sources) - 1
+    for i in range(at + 1, len(sources)):
+        expect(outputs(code.nth(i))).to_have_count(0)
+        assert "*" not in (code.nth(i).locator(".jp-InputPrompt").text_content() or "")
 
 
 # --------------------------------------------------------------------------- #

@@ -17,11 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
-def run(name: str, monkeypatch: Any) -> list[Any]:
+def run(name: str, monkeypatch: Any, allow_errors: bool = False) -> list[Any]:
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     nbclient.NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+        nb,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(ROOT)}},
+        allow_errors=allow_errors,
     ).execute()
     return [c for c in nb.cells if c.cell_type == "code"]
 
@@ -39,8 +43,13 @@ def text(cell: Any) -> str:
 
 
 def test_quickstart(monkeypatch: Any) -> None:
-    cells = run("quickstart", monkeypatch)
-    oom = next(c for c in cells if "raises-exception" in c.metadata.get("tags", []))
+    # No `raises-exception` tag on the OOM cell: JupyterLab sends such a cell with
+    # stop_on_error=False, and Run All would go past the OOM. Here the run goes on past it.
+    cells = run("quickstart", monkeypatch, allow_errors=True)
+    assert not any("raises-exception" in c.metadata.get("tags", []) for c in cells)
+    failed = [c for c in cells if any(o.output_type == "error" for o in c.outputs)]
+    assert len(failed) == 1, "only the OOM cell fails"
+    oom = failed[0]
     errors = [o for o in oom.outputs if o.output_type == "error"]
     assert [e.ename for e in errors] == ["OutOfMemoryError"]
     panel = [o for o in oom.outputs if o.output_type == "display_data"]
