@@ -7,8 +7,10 @@ its evidence in numbers and one concrete action.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from .causes import Cause, Facts, find_causes
 from .holders import Holder, HolderSet
 from .oom import OOMReport
 from .readings import MemorySnapshot, ProcessInfo
@@ -16,15 +18,7 @@ from .units import format_bytes as fmt
 
 _SIGNIFICANT = 0.05  # a holder or process under 5% of the card is not a cause on its own
 
-
-@dataclass(frozen=True)
-class Cause:
-    key: str  # "request_exceeds_card" | "process_cap" | "old_variables" | "other_processes" |
-    #          "fragmentation" | "output_cache" | "pinned_by_failure" | "working_set" | "probable"
-    title: str
-    evidence: str  # the numbers
-    action: str  # one concrete thing to do
-    weight: float  # bytes of the shortfall it explains (for ranking)
+__all__ = ["Cause", "Diagnosis", "Slice", "diagnose"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +80,10 @@ class Diagnosis:
 
     @property
     def headline(self) -> str:
+        if self.report.backend == "CPU":
+            req = self.requested_bytes
+            what = f"tried to allocate {fmt(req)}" if req is not None else "an allocation failed"
+            return f"Out of host memory (RAM): {what} on the CPU."
         parts = []
         if self.requested_bytes is not None:
             parts.append(f"Tried to allocate {fmt(self.requested_bytes)}")
@@ -114,12 +112,6 @@ class Diagnosis:
 
 def _first(*values: int | None) -> int | None:
     return next((v for v in values if v is not None), None)
-
-
-def _names(holders: list[Holder], limit: int = 3) -> str:
-    shown = ", ".join(f"`{h.name}` {fmt(h.total_bytes)}" for h in holders[:limit])
-    more = len(holders) - limit
-    return shown + (f" and {more} more" if more > 0 else "")
 
 
 def _breakdown(
@@ -155,8 +147,10 @@ def diagnose(
     freed_bytes: int | None = None,
     allocated_after_bytes: int | None = None,
     released: bool = False,
+    created: Collection[str] = (),
 ) -> Diagnosis:
-    """Rank the causes of one OOM. ``snapshot`` is the reading taken at the failure, before release."""
+    """Rank the causes of one OOM. ``snapshot`` is the reading taken at the failure, before release.
+    ``created``: the variables the failing cell itself made (the rest was there before it ran)."""
     snap = snapshot
     total = _first(report.total_bytes, snap.total_bytes if snap else None)
     free = _first(report.free_bytes, snap.free_bytes if snap else None)
@@ -179,11 +173,14 @@ def diagnose(
 
     frames_bytes = holders.where_bytes("failed frame")
     cache_bytes = holders.where_bytes("output cache")
-    accounted = sum(h.total_bytes for h in holders.holders if h.where != "failed frame")
-    working_set = None
-    if requested is not None:
-        unattributed = max((allocated or 0) - accounted - frames_bytes, 0)
-        working_set = requested + frames_bytes + unattributed
+    # what was there before the cell ran, and what the cell itself had allocated when it failed
+    resident = sum(
+        h.total_bytes
+        for h in holders.holders
+        if h.where == "output cache" or (h.where == "variable" and h.name not in created)
+    )
+    cell_bytes = max((allocated or 0) - resident, 0)
+    working_set = None if requested is None else cell_bytes + requested
 
     diag = Diagnosis(
         report=report,
@@ -205,7 +202,19 @@ def diagnose(
         allocated_after_bytes=allocated_after_bytes,
         released=released,
     )
-    diag.causes = _causes(diag, frames_bytes, cache_bytes, others_bytes)
+    total_for_big = total or 0
+    diag.causes = find_causes(
+        Facts(
+            d=diag,
+            frames_bytes=frames_bytes,
+            cache_bytes=cache_bytes,
+            others_bytes=others_bytes,
+            big=max(int(total_for_big * _SIGNIFICANT), 1),
+            short=diag.shortfall_bytes or 0,
+            resident_bytes=resident,
+            cell_bytes=cell_bytes,
+        )
+    )
     return diag
 
 
@@ -216,162 +225,3 @@ def _describe_pid(snap: MemorySnapshot | None, pid: int) -> str:
     from .readings import describe_process
 
     return describe_process(pid)
-
-
-def _causes(d: Diagnosis, frames_bytes: int, cache_bytes: int, others_bytes: int) -> list[Cause]:
-    causes: list[Cause] = []
-    total, cap, req = d.total_bytes, d.capacity_bytes, d.requested_bytes
-    short = d.shortfall_bytes or 0
-    big = max(int((total or 0) * _SIGNIFICANT), 1)
-
-    if d.report.probable:
-        causes.append(
-            Cause(
-                "probable",
-                f"Probably out of memory ({d.report.status})",
-                f"{d.report.status} is raised when a library cannot get workspace memory, and "
-                "sometimes for other reasons.",
-                "Run the cell again after Clear cache; if it still fails with more than half the "
-                "card free, it is not a memory problem.",
-                float("inf"),
-            )
-        )
-    if req is not None and cap is not None and req > cap:
-        whole = "the per-process cap" if d.allowed_bytes is not None else "the whole card"
-        causes.append(
-            Cause(
-                "request_exceeds_card",
-                "One allocation is larger than the card",
-                f"Tried to allocate {fmt(req)}; {whole} is {fmt(cap)}.",
-                "Check the tensor's shape (a wrong dimension, or a batch of everything at once); "
-                "split the work into chunks. No fix here can make this single allocation fit.",
-                float("inf"),
-            )
-        )
-    if d.allowed_bytes is not None and total is not None and d.allowed_bytes < total:
-        causes.append(
-            Cause(
-                "process_cap",
-                "A per-process memory cap is set",
-                f"This process may use {fmt(d.allowed_bytes)} of the {fmt(total)} card.",
-                "Lift it with `%gpumem limit off` (or "
-                "`torch.cuda.set_per_process_memory_fraction(1.0)`) if the cap was a rehearsal.",
-                float(min(total - d.allowed_bytes, short or total)),
-            )
-        )
-    unused = [h for h in d.unused_variables() if h.total_bytes >= big]
-    if unused:
-        held = sum(h.total_bytes for h in unused)
-        causes.append(
-            Cause(
-                "old_variables",
-                "Variables from earlier cells hold memory",
-                (
-                    f"`{unused[0].name}` holds {fmt(held)} on the GPU; this cell does not use it."
-                    if len(unused) == 1
-                    else f"{_names(unused)} ({fmt(held)} in all) stay on the GPU; "
-                    "this cell does not use them."
-                ),
-                f"Delete what you no longer need (`del {unused[0].name}`) and re-run, "
-                "or use Clear cache, which offers them one by one.",
-                float(held),
-            )
-        )
-    stale = [h for h in d.recreated_variables() if h.total_bytes >= big]
-    if stale:
-        held = sum(h.total_bytes for h in stale)
-        one = len(stale) == 1
-        causes.append(
-            Cause(
-                "recreated_variables",
-                "Old values of variables this cell rebuilds",
-                f"{_names(stale)} from an earlier run {'stays' if one else 'stay'} allocated while "
-                f"this cell builds {'a new one' if one else 'new ones'}: {fmt(held)} needed twice.",
-                f"`del {', '.join(h.name for h in stale[:3])}` before re-running, or Clear cache "
-                "(it drops them, since this cell recreates them).",
-                float(held),
-            )
-        )
-    big_others = [p for p in d.other_processes if p.used_bytes >= big]
-    if big_others:
-        who = ", ".join(
-            f"pid {p.pid} ({p.description}) {fmt(p.used_bytes)}" for p in big_others[:3]
-        )
-        kernel = any("notebook kernel" in p.description for p in big_others)
-        causes.append(
-            Cause(
-                "other_processes",
-                "Other processes use the GPU",
-                f"{who}: {fmt(others_bytes)} this process cannot use.",
-                "Shut down the other notebook's kernel (Kernel > Shut Down Kernel) and re-run."
-                if kernel
-                else "Stop those processes or move to a free GPU (CUDA_VISIBLE_DEVICES).",
-                float(others_bytes),
-            )
-        )
-    unalloc = d.report.reserved_unallocated_bytes
-    if unalloc is None and d.reserved_bytes is not None and d.allocated_bytes is not None:
-        unalloc = d.reserved_bytes - d.allocated_bytes
-    if unalloc and req and (unalloc >= req or unalloc >= big):
-        causes.append(
-            Cause(
-                "fragmentation",
-                "Memory is fragmented",
-                f"{fmt(unalloc)} is reserved by PyTorch but unallocated"
-                + (f", more than the {fmt(req)} requested" if unalloc >= req else "")
-                + ": the free blocks are too small or scattered.",
-                "Clear cache returns them to the driver; for good, set "
-                "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before torch starts "
-                "(restart the kernel).",
-                float(unalloc),
-            )
-        )
-    if cache_bytes >= big:
-        causes.append(
-            Cause(
-                "output_cache",
-                "The output cache holds tensors",
-                f"IPython's output cache (`Out`, `_`) holds {fmt(cache_bytes)} of cell results.",
-                "Clear cache can drop it (`%reset -f out` does the same).",
-                float(cache_bytes),
-            )
-        )
-    if frames_bytes:
-        if d.released and d.freed_bytes is not None:
-            evidence = (
-                f"The failed call's locals held {fmt(frames_bytes)}, and kept alive what they "
-                f"reference (saved activations, the autograd graph): {fmt(d.freed_bytes)} "
-                "was freed after the failure."
-            )
-            action = "Nothing to do: that memory is already back."
-        else:
-            evidence = f"The failed call's locals hold {fmt(frames_bytes)} until they are freed."
-            action = "Run `%gpumem release` when done with `%debug` to get it back."
-        causes.append(
-            Cause("pinned_by_failure", "The failure pinned memory", evidence, action, 0.0)
-        )
-    if req is not None and (cap is None or req <= cap):
-        ws = d.working_set_bytes or req
-        causes.append(
-            Cause(
-                "working_set",
-                "The cell's own working set is too big",
-                f"The cell needed {fmt(ws)} beyond what was already resident"
-                + (f", {fmt(short)} more than there was room for." if short else "."),
-                "Reduce the batch size, enable autocast (bf16) or move the work to the CPU: "
-                "the fixes below predict what each saves.",
-                float(ws) if not causes else float(short or ws) * 0.5,
-            )
-        )
-    if not causes:
-        causes.append(
-            Cause(
-                "working_set",
-                "Out of memory",
-                d.report.message[:300],
-                "Clear cache and re-run; if it fails again, reduce the batch size.",
-                0.0,
-            )
-        )
-    causes.sort(key=lambda c: -c.weight)
-    return causes

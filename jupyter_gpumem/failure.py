@@ -166,12 +166,14 @@ def build_failure(
     user_ns = shell.user_ns
     snapshot = read_snapshot()
     frames = holders_mod.failed_frames(tb, user_ns)
+    created = {n: id(v) for n, v in user_ns.items() if n not in preexisting and n[:1] != "_"}
     found = holders_mod.find_holders(
         user_ns,
         hidden=getattr(shell, "user_ns_hidden", ()),
         frames=frames,
         cell_names=names_used(source, user_ns),
-        recreated=names_recreated(source),
+        # only a value from before this run is "an old value": one this run made is its own
+        recreated=names_recreated(source) - set(created),
     )
     del frames
     lineno = cell_lineno(tb, user_ns)
@@ -179,7 +181,6 @@ def build_failure(
         loop, earlier = find_loop(tb, user_ns, preexisting)
     except Exception:  # a reading, never a reason to lose the diagnosis
         loop, earlier = None, None
-    created = {n: id(v) for n, v in user_ns.items() if n not in preexisting and n[:1] != "_"}
     notebook_frames = []
     t = tb
     while t is not None:
@@ -195,6 +196,7 @@ def build_failure(
         freed_bytes=released.freed_bytes if released else None,
         allocated_after_bytes=released.allocated_after_bytes if released else None,
         released=released is not None,
+        created=created,
     )
     return FailedCell(
         source=source,

@@ -26,6 +26,8 @@ class Autocast(Fix):
             f"Re-run the cell under torch.autocast ({dtype}): matmuls and convolutions compute in "
             f"{dtype}, so activations take about half the memory. Numerics change."
         )
+        if ctx.failed.report.backend == "CPU":
+            return Check(False, action, "the machine's RAM ran out, not the GPU's memory")
         if "autocast" in ctx.failed.source:
             return Check(False, action, "the cell already uses autocast")
         if d is not None and d.causes and d.causes[0].key == "request_exceeds_card":

@@ -38,6 +38,8 @@ class MoveToCpu(Fix):
     def check(self, ctx: FixContext) -> Check:
         if _torch.torch_module() is None:
             return Check(False, "", "torch is not imported in this kernel")
+        if ctx.failed.report.backend == "CPU":
+            return Check(False, "", "it is the CPU's memory (RAM) that ran out")
         names = _gpu_names(ctx)
         d = ctx.failed.diagnosis
         moved = 0

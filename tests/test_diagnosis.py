@@ -1,0 +1,240 @@
+"""The causes as a table: one row per cause and per ranking rule. Pure: OOM reports built from
+torch's own message format, holders built by hand (what a scan of the namespace would find)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from jupyter_gpumem.causes import RULES, tensor_upper_bound
+from jupyter_gpumem.diagnosis import diagnose
+from jupyter_gpumem.holders import Holder, HolderSet
+from jupyter_gpumem.oom import parse_oom_message
+
+MiB = 1 << 20
+
+
+def cuda_message(
+    req: float,
+    free: float,
+    total: float,
+    allocated: float,
+    unalloc: float,
+    *,
+    allowed: float | None = None,
+    others: tuple[tuple[int, float], ...] = (),
+) -> str:
+    """torch 2.x's CUDA OOM text, sizes in MiB."""
+    procs = "".join(f"Process {pid} has {mib:.2f} MiB memory in use. " for pid, mib in others)
+    cap = f"{allowed:.2f} MiB allowed; " if allowed is not None else ""
+    used = allocated + unalloc
+    return (
+        f"CUDA out of memory. Tried to allocate {req:.2f} MiB. GPU 0 has a total capacity of "
+        f"{total:.2f} MiB of which {free:.2f} MiB is free. {procs}Including non-PyTorch memory, "
+        f"this process has {used:.2f} MiB memory in use. Of the allocated memory {allocated:.2f} "
+        f"MiB is allocated by PyTorch, {cap}and {unalloc:.2f} MiB is reserved by PyTorch but "
+        "unallocated. If reserved but unallocated memory is large try setting "
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation."
+    )
+
+
+def var(name: str, mib: float, *, used: bool = True, recreated: bool = False) -> Holder:
+    return Holder(
+        name,
+        "tensor",
+        "variable",
+        "cuda:0",
+        tensor_bytes=int(mib * MiB),
+        used_by_cell=used,
+        recreated_by_cell=recreated,
+    )
+
+
+@dataclass
+class Case:
+    message: str
+    holders: list[Holder] = field(default_factory=list)
+    created: tuple[str, ...] = ()
+    released: bool = True
+    freed: int | None = None
+
+
+def causes(case: Case) -> list[Any]:
+    report = parse_oom_message(case.message)
+    assert report is not None
+    d = diagnose(
+        report,
+        None,
+        HolderSet(holders=case.holders),
+        released=case.released,
+        freed_bytes=case.freed,
+        created=case.created,
+    )
+    return d.causes
+
+
+# (id, case, the keys that must appear, the key ranked first)
+TABLE = [
+    (
+        "request_exceeds_card",
+        Case(cuda_message(4096, 100, 1024, 20, 4)),
+        {"request_exceeds_card"},
+        "request_exceeds_card",
+    ),
+    (
+        # a 1.2 MB weight on a 16 MiB card: torch names the 20 MiB segment, the tensor may fit
+        "rounded_segment_is_not_larger_than_the_card",
+        Case(cuda_message(20, 2, 16, 12, 1)),
+        {"working_set"},
+        "working_set",
+    ),
+    (
+        "process_cap",
+        Case(cuda_message(64, 10, 1024, 480, 10, allowed=512)),
+        {"process_cap", "working_set"},
+        "process_cap",
+    ),
+    (
+        "old_variables_close_the_gap",
+        Case(
+            cuda_message(64, 30, 1024, 900, 10),
+            [var("old", 400, used=False), var("x", 20)],
+        ),
+        {"old_variables"},
+        "old_variables",
+    ),
+    (
+        "recreated_variables_from_an_earlier_run",
+        Case(cuda_message(200, 30, 1024, 900, 10), [var("x", 400, recreated=True)]),
+        {"recreated_variables"},
+        "recreated_variables",
+    ),
+    (
+        "other_processes",
+        Case(cuda_message(300, 10, 1024, 100, 4, others=((4242, 700.0),))),
+        {"other_processes"},
+        "other_processes",
+    ),
+    (
+        "fragmentation_that_closes_the_gap",
+        Case(cuda_message(64, 20, 1024, 700, 300)),
+        {"fragmentation"},
+        "fragmentation",
+    ),
+    (
+        # nanoGPT: 1.75 MiB cached + 18 MiB free < 20 MiB requested: clearing cannot make it fit
+        "fragmentation_that_cannot_close_the_gap_is_not_first",
+        Case(cuda_message(20, 18, 256, 200, 1.75)),
+        {"working_set"},
+        "working_set",
+    ),
+    (
+        "pinned_by_failure_needs_nothing_and_comes_last",
+        Case(
+            cuda_message(64, 30, 1024, 900, 10),
+            [Holder("x in f()", "tensor", "failed frame", "cuda:0", tensor_bytes=300 * MiB)],
+            freed=300 * MiB,
+        ),
+        {"pinned_by_failure", "working_set"},
+        "working_set",
+    ),
+    (
+        "working_set",
+        Case(cuda_message(256, 60, 1024, 700, 10)),
+        {"working_set"},
+        "working_set",
+    ),
+    (
+        "probable",
+        Case("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"),
+        {"probable"},
+        "probable",
+    ),
+    (
+        "library",
+        Case("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+        {"library"},
+        "library",
+    ),
+    (
+        "output_cache",
+        Case(
+            cuda_message(64, 30, 1024, 900, 10),
+            [Holder("Out[3]", "tensor", "output cache", "cuda:0", tensor_bytes=200 * MiB)],
+        ),
+        {"output_cache", "working_set"},
+        "output_cache",
+    ),
+    (
+        "host_memory",
+        Case(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 "
+            "bytes. Error code 12 (Cannot allocate memory)"
+        ),
+        {"host_memory"},
+        "host_memory",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "keys", "first"), [t[1:] for t in TABLE], ids=[t[0] for t in TABLE]
+)
+def test_causes_table(case: Case, keys: set[str], first: str) -> None:
+    found = causes(case)
+    assert keys <= {c.key for c in found}, [c.key for c in found]
+    assert found[0].key == first, [(c.key, c.closes_gap, c.weight) for c in found]
+
+
+def test_every_rule_has_a_row() -> None:
+    covered = {t[3] for t in TABLE} | set().union(*(t[2] for t in TABLE))
+    assert {r.__name__ for r in RULES} <= covered
+
+
+def test_a_variable_this_run_made_is_not_from_an_earlier_run() -> None:
+    """A cell that makes `a` (100 MiB) and then fails on `b`, on its first run: `a` is this
+    run's, so its working set, not an old value needed twice."""
+    case = Case(cuda_message(200, 30, 512, 400, 10), [var("a", 100)], created=("a",))
+    found = causes(case)
+    assert "recreated_variables" not in {c.key for c in found}
+    ws = next(c for c in found if c.key == "working_set")
+    assert "This cell had allocated 400 MiB when it asked for 200 MiB more" in ws.evidence
+
+
+def test_working_set_numbers_agree_with_the_headline() -> None:
+    """Never "needed 160 MiB beyond what was resident" on a 160 MiB card next to "tried to
+    allocate 64 MiB with 30 MiB free": what was held before the cell is said apart."""
+    case = Case(cuda_message(64, 30, 160, 120, 10), [var("model_w", 100)])
+    d_causes = causes(case)
+    ws = next(c for c in d_causes if c.key == "working_set")
+    assert "had allocated 20.00 MiB when it asked for 64.00 MiB more" in ws.evidence
+    assert "on top of 100 MiB held before it ran" in ws.evidence
+    assert "34.00 MiB more than there was room for" in ws.evidence
+
+
+def test_a_cause_that_is_not_enough_says_so() -> None:
+    found = causes(Case(cuda_message(20, 18, 256, 200, 1.75)))
+    frag = [c for c in found if c.key == "fragmentation"]
+    if frag:  # reported, but as a part of the answer
+        assert frag[0].closes_gap is False
+        assert "of the 2.00 MiB missing" in frag[0].evidence
+
+
+def test_host_memory_failure_has_its_own_headline() -> None:
+    report = parse_oom_message(
+        "DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes. "
+        "Error code 12 (Cannot allocate memory)"
+    )
+    assert report is not None
+    d = diagnose(report, None, HolderSet())
+    assert d.headline.startswith("Out of host memory (RAM)")
+    assert "GPU" not in d.headline
+
+
+@pytest.mark.parametrize(
+    ("requested", "bound"), [(2 * MiB, MiB), (20 * MiB, 10 * MiB), (64 * MiB, 64 * MiB)]
+)
+def test_tensor_upper_bound(requested: int, bound: int) -> None:
+    assert tensor_upper_bound(requested) == bound
