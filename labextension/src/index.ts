@@ -1,0 +1,93 @@
+/**
+ * jupyter-gpumem: JupyterLab's side of jupyter_gpumem. Everything in the Python package also works
+ * without it (plain ipywidgets); this adds what only the page can do.
+ */
+import {
+  ILabShell,
+  JupyterFrontEnd,
+  JupyterFrontEndPlugin
+} from '@jupyterlab/application';
+import { ICommandPalette } from '@jupyterlab/apputils';
+import { IMainMenu } from '@jupyterlab/mainmenu';
+import { INotebookTracker } from '@jupyterlab/notebook';
+import { IRenderMimeRegistry } from '@jupyterlab/rendermime';
+import { IStatusBar } from '@jupyterlab/statusbar';
+import { Signal } from '@lumino/signaling';
+
+import { changeRendererFactory } from './change';
+import { MeterWidget } from './meter';
+
+const OPEN_SIDEBAR = 'jupyter-gpumem:open-sidebar';
+
+// Silent: no prompt number, no history, no output in any cell.
+const OPEN_SIDEBAR_CODE = [
+  'def _jupyter_gpumem_open_sidebar():',
+  '    ip = get_ipython()',
+  "    if 'jupyter_gpumem' not in ip.extension_manager.loaded:",
+  "        ip.run_line_magic('load_ext', 'jupyter_gpumem')",
+  "    ip.run_line_magic('gpumem', 'sidebar')",
+  '_jupyter_gpumem_open_sidebar()',
+  'del _jupyter_gpumem_open_sidebar'
+].join('\n');
+
+const plugin: JupyterFrontEndPlugin<void> = {
+  id: 'jupyter-gpumem:plugin',
+  description: 'GPU memory meter in the status bar, a GPU memory sidebar command, Apply to cell.',
+  autoStart: true,
+  requires: [INotebookTracker, IRenderMimeRegistry],
+  optional: [IStatusBar, ICommandPalette, IMainMenu, ILabShell],
+  activate: (
+    app: JupyterFrontEnd,
+    tracker: INotebookTracker,
+    rendermime: IRenderMimeRegistry,
+    statusBar: IStatusBar | null,
+    palette: ICommandPalette | null,
+    mainMenu: IMainMenu | null,
+    labShell: ILabShell | null
+  ) => {
+    // Registered here, not as a mime extension, because applying needs the notebook tracker.
+    // Notebooks clone this registry when they open, after plugins have activated.
+    rendermime.addFactory(changeRendererFactory(tracker));
+
+    if (statusBar) {
+      const meter = new MeterWidget(tracker);
+      const activeChanged = new Signal<MeterWidget, void>(meter);
+      tracker.currentChanged.connect(() => activeChanged.emit());
+      labShell?.currentChanged.connect(() => activeChanged.emit());
+      statusBar.registerStatusItem('jupyter-gpumem:meter', {
+        item: meter,
+        align: 'left',
+        rank: 10,
+        isActive: () =>
+          tracker.currentWidget !== null &&
+          (!labShell || labShell.currentWidget === tracker.currentWidget),
+        activeStateChanged: activeChanged
+      });
+    }
+
+    app.commands.addCommand(OPEN_SIDEBAR, {
+      label: 'GPU memory sidebar',
+      caption: "Show this notebook's GPU memory gauge in the right sidebar",
+      isEnabled: () => !!tracker.currentWidget?.sessionContext.session?.kernel,
+      execute: async () => {
+        const kernel = tracker.currentWidget?.sessionContext.session?.kernel;
+        if (!kernel) {
+          return;
+        }
+        const future = kernel.requestExecute({
+          code: OPEN_SIDEBAR_CODE,
+          silent: true,
+          store_history: false
+        });
+        const reply = await future.done;
+        if (reply.content.status !== 'ok') {
+          console.error('jupyter-gpumem: %gpumem sidebar failed', reply.content);
+        }
+      }
+    });
+    palette?.addItem({ command: OPEN_SIDEBAR, category: 'GPU memory' });
+    mainMenu?.viewMenu.addGroup([{ command: OPEN_SIDEBAR }], 40);
+  }
+};
+
+export default plugin;

@@ -1,0 +1,328 @@
+"""The prebuilt ``jupyter-gpumem`` lab extension (labextension/ built into jupyter_gpumem/labextension)
+in a real JupyterLab 4, in Chromium through Playwright: the status-bar meter moves while a cell
+allocates on a simulated GPU, the command opens the sidebar, Apply to cell edits the cell.
+
+JupyterLab loads the extension from this checkout (``--LabApp.extra_labextensions_path`` naming a
+folder with a ``jupyter-gpumem`` link to it), as it would from
+``share/jupyter/labextensions/jupyter-gpumem`` after ``pip install``. Rebuild it after
+editing labextension/src: ``cd labextension && npm install && npm run build``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+import urllib.error
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import jupyter_gpumem.meter as meter_module
+from jupyter_gpumem.labext import CHANGE_MIME, change_bundle, current_cell_id
+from jupyter_gpumem.readings import MemorySnapshot
+
+from . import test_browser
+from .test_browser import (
+    CHROMIUM,
+    T_LONG,
+    T_RUN,
+    _api,
+    _free_port,
+    expect,
+    outputs,
+    psutil,
+    run_cell,
+)
+
+# test_browser's fixtures, here with this module's `lab` (the one that loads the extension)
+browser = test_browser.browser
+open_notebook = test_browser.open_notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILT = ROOT / "jupyter_gpumem" / "labextension"
+
+
+def in_lab(test):
+    """A test that drives JupyterLab with the built extension in Chromium."""
+    marks = [
+        pytest.mark.browser,
+        pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
+        pytest.mark.skipif(
+            not (BUILT / "package.json").exists(), reason="lab extension not built (npm run build)"
+        ),
+    ]
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
+# --------------------------------------------------------------------------- #
+# Kernel side, without a browser
+# --------------------------------------------------------------------------- #
+def test_change_bundle_carries_the_edit_and_a_text_fallback():
+    bundle = change_bundle("abc-1", 3, "    batch_size = 64", "    batch_size = 16")
+    assert bundle[CHANGE_MIME] == {
+        "cell_id": "abc-1", "line": 3, "old": "    batch_size = 64", "new": "    batch_size = 16",
+    }  # fmt: skip
+    assert bundle["text/plain"] == "Line 3: change  batch_size = 64  to  batch_size = 16"
+
+
+def test_current_cell_id_reads_the_execute_request_metadata():
+    class Kernel:
+        def __init__(self, parent):
+            self.parent = parent
+
+        def get_parent(self, channel="shell"):
+            return self.parent
+
+    lab4 = SimpleNamespace(kernel=Kernel({"metadata": {"cellId": "c-42"}, "header": {}}))
+    classic = SimpleNamespace(kernel=Kernel({"metadata": {}, "header": {}}))
+    assert current_cell_id(lab4) == "c-42"
+    assert current_cell_id(classic) is None
+    assert current_cell_id(SimpleNamespace()) is None  # a terminal: no kernel
+
+
+def test_meter_is_a_no_op_outside_ipykernel():
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    meter_module.start(shell)
+    assert not meter_module.running()
+    meter_module.stop()
+    meter_module.stop()
+
+
+def snapshot(**numbers) -> MemorySnapshot:
+    fields = dict.fromkeys(
+        ("total_bytes", "free_bytes", "used_bytes", "allocated_bytes", "reserved_bytes",
+         "peak_allocated_bytes", "peak_reserved_bytes", "num_ooms", "allowed_bytes"),
+    )  # fmt: skip
+    return MemorySnapshot(
+        device_index=0, device_name="Simulated GPU (4.00 GiB)", simulated=True,
+        **{**fields, **numbers},
+    )  # fmt: skip
+
+
+def test_meter_sample_is_json_in_bytes():
+    data = meter_module.sample(
+        snapshot(total_bytes=4 << 30, used_bytes=3 << 30, allocated_bytes=1 << 30)
+    )
+    assert data["meter"] == meter_module.MARKER
+    assert (data["used_bytes"], data["total_bytes"]) == (3 << 30, 4 << 30)
+    assert data["error"] is None
+    assert json.loads(json.dumps(data)) == data
+    # no driver number (torch only): the allocator's reserved bytes stand for "used"
+    assert meter_module.sample(snapshot(reserved_bytes=5, allocated_bytes=2))["used_bytes"] == 5
+    assert meter_module.sample(snapshot())["error"] == "no GPU reading in this kernel"
+
+
+@in_lab
+def test_built_extension_is_the_source_package():
+    built = json.loads((BUILT / "package.json").read_text())
+    source = json.loads((ROOT / "labextension" / "package.json").read_text())
+    assert built["name"] == source["name"] == "jupyter-gpumem"
+    assert built["version"] == source["version"]
+    assert built["jupyterlab"]["_build"]["load"].startswith("static/remoteEntry.")
+    assert (BUILT / built["jupyterlab"]["_build"]["load"]).exists()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A private JupyterLab (as test_browser's) that also loads the extension from the checkout."""
+    root = tmp_path_factory.mktemp("labext_root")
+    home = tmp_path_factory.mktemp("labext_home")
+    port, token = _free_port(), secrets.token_hex(16)
+    settings = home / "settings"
+    notif = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    notif.parent.mkdir(parents=True)
+    notif.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    env = dict(
+        os.environ,
+        JUPYTER_CONFIG_DIR=str(home / "config"),
+        JUPYTER_RUNTIME_DIR=str(home / "runtime"),
+        IPYTHONDIR=str(home / "ipython"),
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    env.pop("JUPYTER_GPUMEM_FRONTEND", None)
+    # JupyterLab serves an extension's files from <path>/<its npm name>/static: the built folder
+    # goes in under its npm name, as pip installs it (share/jupyter/labextensions/jupyter-gpumem)
+    labextensions = home / "labextensions"
+    labextensions.mkdir()
+    (labextensions / "jupyter-gpumem").symlink_to(BUILT, target_is_directory=True)
+    cmd = [
+        sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}",
+        "--ServerApp.port_retries=0", f"--ServerApp.token={token}", "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.root_dir={root}", "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.extension_manager=readonly", f"--LabApp.user_settings_dir={settings}",
+        f"--LabApp.workspaces_dir={home / 'workspaces'}", "--LabApp.expose_app_in_browser=True",
+        f"--LabApp.extra_labextensions_path={labextensions}",
+    ]  # fmt: skip
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")
+    log_path = home / "lab.log"
+    log = open(log_path, "w")  # noqa: SIM115 (closed in teardown)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    ns = SimpleNamespace(
+        base=f"http://127.0.0.1:{port}", token=token, root=root, proc=proc, log=log_path
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"jupyter lab exited {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            if _api(ns, "/api/status", timeout=2)[0] == 200:
+                break
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"jupyter lab did not come up:\n{log_path.read_text()}")
+        time.sleep(0.25)
+
+    yield ns
+
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        kids = []
+    try:
+        _api(ns, "/api/shutdown", method="POST")
+        proc.wait(timeout=30)
+    except Exception:
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=10)
+    _, alive = psutil.wait_procs(kids, timeout=15)
+    for p in alive:
+        p.kill()
+    log.close()
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
+    assert not alive, f"left-over processes after shutdown: {alive}"
+
+
+def meter(page):
+    return page.locator("#jp-main-statusbar .jp-gpumem-meter")
+
+
+def cell_source(page, index: int) -> str:
+    return page.evaluate(
+        "i => window.jupyterapp.shell.currentWidget.content.model.cells.get(i)"
+        ".sharedModel.getSource()",
+        index,
+    )
+
+
+# --------------------------------------------------------------------------- #
+# The status-bar meter
+# --------------------------------------------------------------------------- #
+START = """\
+%load_ext jupyter_gpumem
+%gpumem simulate 4GiB
+import jupyter_gpumem.meter as gpumem_meter
+gpumem_meter.start(get_ipython())  # until load_ipython_extension starts it
+"""
+ALLOCATE = """\
+import time, torch
+held = []
+for i in range(5):
+    held.append(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+    time.sleep(1.5)
+print("allocated", len(held))
+"""
+
+
+@in_lab
+def test_meter_shows_and_moves_while_a_cell_allocates(open_notebook):
+    page = open_notebook("meter.ipynb", [START, ALLOCATE])
+    expect(meter(page)).to_have_text("GPU –", timeout=T_LONG)  # always there, before any reading
+    run_cell(page, 0)
+    expect(meter(page)).to_have_text("GPU 0.0/4.0 GiB", timeout=T_RUN)
+    assert "simulated" in (meter(page).get_attribute("title") or "")
+
+    cell = run_cell(page, 1)
+    seen: list[str] = []
+    deadline = time.monotonic() + T_RUN / 1000
+    while time.monotonic() < deadline:
+        text = meter(page).text_content() or ""
+        if not seen or seen[-1] != text:
+            seen.append(text)
+        if outputs(cell).count() and "allocated 5" in (outputs(cell).first.text_content() or ""):
+            break
+        page.wait_for_timeout(200)
+    # several readings while the cell ran (it prints only at its end), one per 256 MiB step
+    during = [t for t in seen if t not in ("GPU 0.0/4.0 GiB", "GPU 1.3/4.0 GiB")]
+    assert len(during) >= 2, seen
+    assert all(re.fullmatch(r"GPU \d\.\d/4\.0 GiB", t) for t in seen), seen
+    expect(meter(page)).to_have_text("GPU 1.3/4.0 GiB", timeout=T_RUN)
+
+
+# --------------------------------------------------------------------------- #
+# The command: palette and View menu
+# --------------------------------------------------------------------------- #
+@in_lab
+def test_command_opens_the_sidebar_from_palette_and_view_menu(open_notebook):
+    page = open_notebook("sidebar.ipynb", ["x = 1"])
+    page.locator("#jp-MainMenu").get_by_text("View", exact=True).click()
+    expect(page.locator(".lm-Menu-content").get_by_text("GPU memory sidebar")).to_be_visible()
+    page.keyboard.press("Escape")
+
+    page.keyboard.press("Control+Shift+C")
+    palette = page.locator("#command-palette input")
+    expect(palette).to_be_focused()
+    palette.fill("GPU memory sidebar")
+    page.locator("#command-palette .lm-CommandPalette-item", has_text="GPU memory sidebar").click()
+
+    right = page.locator("#jp-right-stack")
+    expect(right.locator(".js-plotly-plot")).to_have_count(1, timeout=T_RUN)
+    expect(
+        page.locator(".jp-SideBar.jp-mod-right .lm-TabBar-tab", has_text="GPU memory")
+    ).to_have_count(1)
+    # silent: nothing landed in the notebook, no prompt number taken
+    expect(page.locator(".jp-Notebook .jp-OutputArea-output")).to_have_count(0)
+
+
+# --------------------------------------------------------------------------- #
+# Apply to cell
+# --------------------------------------------------------------------------- #
+PROPOSE = """\
+from jupyter_gpumem.labext import change_bundle, current_cell_id
+batch_size = 64
+first = current_cell_id()
+print("cell id:", first)
+display(change_bundle(first, 2, "batch_size = 64", "batch_size = 16"), raw=True)
+"""
+STALE = 'display(change_bundle(first, 2, "batch_size = 64", "batch_size = 8"), raw=True)'
+
+
+@in_lab
+def test_apply_to_cell_edits_the_line_or_says_it_changed(open_notebook):
+    page = open_notebook("apply.ipynb", [PROPOSE, STALE])
+    cell = run_cell(page, 0)
+    expect(outputs(cell).first).to_contain_text("cell id:", timeout=T_RUN)
+    model_id = page.evaluate("window.jupyterapp.shell.currentWidget.content.model.cells.get(0).id")
+    expect(outputs(cell).first).to_have_text(f"cell id: {model_id}\n")
+
+    button = cell.get_by_role("button", name="Apply to cell")
+    expect(button).to_be_visible()
+    button.click()
+    expect(cell.locator(".jp-gpumem-change-result")).to_contain_text("Applied: line 2")
+    expect(button).to_be_disabled()
+    assert cell_source(page, 0).splitlines()[1] == "batch_size = 16"
+    assert cell_source(page, 0).splitlines()[0].startswith("from jupyter_gpumem")
+
+    # a proposal made before the edit no longer matches: nothing is changed, and it says so
+    stale = run_cell(page, 1)
+    stale.get_by_role("button", name="Apply to cell").click()
+    expect(stale.locator(".jp-gpumem-change-result")).to_contain_text(
+        'line 2 changed since (it now reads "batch_size = 16")'
+    )
+    assert cell_source(page, 0).splitlines()[1] == "batch_size = 16"
