@@ -43,6 +43,11 @@ from typing import Any
 from . import guard_calls as calls
 from .guard_calls import MISSING, Callee, NotebookFunction, is_globals
 
+# `try: ... except* ...` (ast.TryStar) exists from Python 3.11; on 3.10 only ast.Try
+_TRY_NODES: tuple[type[ast.stmt], ...] = tuple(
+    t for t in (ast.Try, getattr(ast, "TryStar", None)) if t is not None
+)
+
 __all__ = ["GuardVerdict", "SideEffect", "analyse_rerun"]
 
 
@@ -469,8 +474,8 @@ class _Walker:
                 if item.optional_vars is not None:
                     self.bind(item.optional_vars, item.context_expr)
             return self.block(s.body) and failing
-        elif isinstance(s, (ast.Try, ast.TryStar)):
-            return self.try_(s, lim if failing else None)
+        elif isinstance(s, _TRY_NODES):
+            return self.try_(s, lim if failing else None)  # type: ignore[arg-type]
         elif isinstance(s, ast.Match):
             if failing and lim < s.cases[0].pattern.lineno:
                 return True
@@ -501,7 +506,7 @@ class _Walker:
             ends.append(self.st)
         self.st = _State.merge(ends)
 
-    def try_(self, s: ast.Try | ast.TryStar, lim: int | None) -> bool:
+    def try_(self, s: ast.Try, lim: int | None) -> bool:  # or ast.TryStar (3.11+)
         starts = [("body", s.lineno)] + [(f"h{i}", h.lineno) for i, h in enumerate(s.handlers)]
         starts += [("else", s.orelse[0].lineno)] if s.orelse else []
         starts += [("finally", s.finalbody[0].lineno)] if s.finalbody else []

@@ -39,7 +39,7 @@ def current_device_index() -> int:
         return sim.device_index
     if cuda_ready():
         try:
-            return int(torch_module().cuda.current_device())  # type: ignore[union-attr]
+            return int(torch_module().cuda.current_device())
         except Exception:
             return 0
     return 0
@@ -53,7 +53,7 @@ def allocator_stats(device_index: int | None = None) -> dict[str, int] | None:
     if not cuda_ready():
         return None
     try:
-        stats = torch_module().cuda.memory_stats(device_index)  # type: ignore[union-attr]
+        stats = torch_module().cuda.memory_stats(device_index)
     except Exception:
         return None
     return dict(stats) if stats else None
@@ -67,7 +67,7 @@ def mem_get_info(device_index: int | None = None) -> tuple[int, int] | None:
     if not cuda_ready():
         return None
     try:
-        free, total = torch_module().cuda.mem_get_info(device_index)  # type: ignore[union-attr]
+        free, total = torch_module().cuda.mem_get_info(device_index)
     except Exception:
         return None
     return int(free), int(total)
@@ -80,7 +80,7 @@ def device_name(device_index: int | None = None) -> str | None:
     if not cuda_ready():
         return None
     try:
-        return str(torch_module().cuda.get_device_name(device_index))  # type: ignore[union-attr]
+        return str(torch_module().cuda.get_device_name(device_index))
     except Exception:
         return None
 
@@ -148,7 +148,7 @@ def reset_peak(device_index: int | None = None) -> None:
         sim.reset_peak()
     elif cuda_ready():
         try:
-            torch_module().cuda.reset_peak_memory_stats(device_index)  # type: ignore[union-attr]
+            torch_module().cuda.reset_peak_memory_stats(device_index)
         except Exception:
             pass
 

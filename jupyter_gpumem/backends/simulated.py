@@ -164,7 +164,7 @@ def oom_message(
     )
 
 
-class _StorageRef(weakref.ref):  # type: ignore[type-arg]
+class _StorageRef(weakref.ref):
     """A weak reference to a counted storage; its callback queues it for release."""
 
     __slots__ = ("key", "nbytes")
@@ -178,7 +178,18 @@ class _StorageRef(weakref.ref):  # type: ignore[type-arg]
 
 
 class SimulatedGPU:
-    """One simulated card: its size, what is counted on it, and torch-style readings."""
+    """One simulated card: its size, what is counted on it, and torch-style readings.
+
+    The one :func:`start` returns is also a context manager: ``with simulate("2GiB") as gpu:``
+    ends the simulation on exit and leaves torch as it was.
+    """
+
+    def __enter__(self) -> SimulatedGPU:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if current() is self:
+            stop()
 
     def __init__(
         self,
@@ -195,7 +206,7 @@ class SimulatedGPU:
         self.total_bytes = int(total_bytes)
         self.device_index = device_index
         self.name = f"Simulated GPU ({self.total_bytes / GiB:.2f} GiB)"
-        self.other_processes = other_processes  # type: ignore[assignment]
+        self.other_processes = other_processes
         self.allowed_bytes = allowed_bytes
         self._active = True  # False once stopped: the modes, if still stacked, pass through
         self._lock = threading.Lock()
