@@ -25,6 +25,7 @@ CauseKey = Literal[
     "library",
     "host_memory",
     "request_exceeds_card",
+    "model_states_exceed_card",
     "process_cap",
     "old_variables",
     "recreated_variables",
@@ -56,6 +57,7 @@ class Cause:
     saving_bytes: int | None = None  # what the action would free
     closes_gap: bool | None = None  # that saving covers the shortfall (None: cannot tell)
     tier: Tier = 2
+    cell: str = ""  # a ready cell the user may insert (never run for them)
 
     @property
     def needs_nothing(self) -> bool:
@@ -163,6 +165,71 @@ def request_exceeds_card(f: Facts) -> Cause | None:
         float("inf"),
         tier=0,
     )
+
+
+# Adam-family optimizers keep two fp32 moments per parameter; created at the first step.
+_ADAM = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "FusedAdam")
+# The fraction of the card that must stay for activations, the CUDA context and workspaces.
+_HEADROOM = 0.9
+_LAUNCH_CELL = """\
+# Train on several GPUs with FSDP (sharded weights, gradients and optimizer state), from a notebook.
+# Put the training into a function that builds the model and optimizer inside it, then:
+from accelerate import notebook_launcher, FullyShardedDataParallelPlugin, Accelerator
+
+def training_function():
+    accelerator = Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin())
+    model, optimizer, loader = build()  # your code: the model, optimizer and DataLoader
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    for batch in loader:
+        loss = compute_loss(model, batch)  # your code
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+
+notebook_launcher(training_function, num_processes=NUM_GPUS)
+"""
+
+
+def model_states_exceed_card(f: Facts) -> Cause | None:
+    """Weights + gradients + optimizer state alone leave no room for any batch: past one GPU."""
+    d = f.d
+    cap = d.capacity_bytes
+    if cap is None or d.report.backend == "CPU":
+        return None
+    models = [h for h in d.holders.holders if h.kind == "model" and h.where == "variable"]
+    if not models:
+        return None
+    weights = sum(h.parameters_bytes + h.buffers_bytes for h in models)
+    params = sum(h.parameters_bytes for h in models)
+    grads = max(sum(h.gradients_bytes for h in models), params if _trains(d) else 0)
+    opts = [h for h in d.holders.holders if h.kind == "optimizer" and h.where == "variable"]
+    state = sum(h.optimizer_state_bytes for h in opts)
+    if any(h.detail.split(",")[0] in _ADAM for h in opts):
+        state = max(state, 2 * params)  # Adam's moments appear at the first step
+    states = weights + grads + state
+    if states <= _HEADROOM * cap:
+        return None
+    per = ", ".join(f"{n} GPUs {fmt(states // n)} each" for n in (2, 4, 8))
+    return Cause(
+        "model_states_exceed_card",
+        "The model's own states do not fit this card, whatever the batch",
+        f"Weights {fmt(weights)} + gradients {fmt(grads)} + optimizer state {fmt(state)} = "
+        f"{fmt(states)}, on a card of {fmt(cap)}: no batch size can make room.",
+        "Past one GPU: shard weights, gradients and optimizer state with FSDP or DeepSpeed "
+        f"ZeRO-3 through accelerate ((weights + gradients + optimizer state) / N: {per}, plus "
+        "activations). On one GPU: LoRA (peft) trains a small adapter, so gradients and "
+        f"optimizer state nearly vanish ({fmt(weights)} left); an 8-bit optimizer "
+        f"(bitsandbytes) cuts Adam's state to a quarter ({fmt(state // 4)}); bf16 weights "
+        f"halve them ({fmt(weights // 2)}). Activation checkpointing helps activations only.",
+        float("inf"),
+        tier=0,
+        cell=_LAUNCH_CELL,
+    )
+
+
+def _trains(d: Diagnosis) -> bool:
+    """Is this a training step (an optimizer in the namespace)?"""
+    return any(h.kind == "optimizer" for h in d.holders.holders)
 
 
 def process_cap(f: Facts) -> Cause | None:
@@ -341,6 +408,7 @@ RULES: tuple[Rule, ...] = (
     library,
     host_memory,
     request_exceeds_card,
+    model_states_exceed_card,
     process_cap,
     old_variables,
     recreated_variables,

@@ -141,6 +141,30 @@ TABLE = [
         "working_set",
     ),
     (
+        # 120M-parameter model in fp32 with AdamW on a 1 GiB card: weights 480 MiB + grads
+        # 480 MiB + Adam's two moments 960 MiB, before any activation
+        "model_states_exceed_card",
+        Case(
+            cuda_message(480, 20, 1024, 980, 4),
+            [
+                Holder(
+                    "model",
+                    "model",
+                    "variable",
+                    "cuda:0",
+                    parameters_bytes=480 * MiB,
+                    detail="GPT, 125.8M parameters",
+                    used_by_cell=True,
+                ),
+                Holder(
+                    "opt", "optimizer", "variable", "cuda:0", detail="AdamW, state for 0 parameters"
+                ),
+            ],
+        ),
+        {"model_states_exceed_card", "working_set"},
+        "model_states_exceed_card",
+    ),
+    (
         "working_set",
         Case(cuda_message(256, 60, 1024, 700, 10)),
         {"working_set"},
@@ -238,3 +262,13 @@ def test_host_memory_failure_has_its_own_headline() -> None:
 )
 def test_tensor_upper_bound(requested: int, bound: int) -> None:
     assert tensor_upper_bound(requested) == bound
+
+
+def test_past_one_gpu_gives_the_numbers_per_gpu_and_a_ready_cell() -> None:
+    row = next(t for t in TABLE if t[0] == "model_states_exceed_card")
+    cause = causes(row[1])[0]
+    assert "Weights 480 MiB + gradients 480 MiB + optimizer state 960 MiB = 1.88 GiB" in (
+        cause.evidence
+    )
+    assert "2 GPUs 960 MiB each, 4 GPUs 480 MiB each, 8 GPUs 240 MiB each" in cause.action
+    assert "notebook_launcher" in cause.cell and "FullyShardedDataParallelPlugin" in cause.cell
