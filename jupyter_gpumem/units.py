@@ -18,7 +18,8 @@ _UNITS = {
     "g": GiB, "gb": GiB, "gib": GiB,
     "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40,
 }  # fmt: skip
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+# ASCII digits only: `\d` would take "１GiB" (full-width) or Arabic-Indic digits as sizes
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$", re.ASCII)
 
 
 def parse_size(text: str) -> int:

@@ -95,3 +95,12 @@ def test_oomsafe_fixes_may_be_quoted_with_spaces(shell: Any, capsys: Any, line: 
     result, out = _run(shell, capsys, f"%%oomsafe {line}\nx = 41 + 1")
     assert result.success, out
     assert shell.user_ns["x"] == 42
+
+
+@pytest.mark.parametrize("text", ["１GiB", "٢GiB", "1.５GiB"])
+def test_sizes_take_ascii_digits_only_everywhere(text: str) -> None:
+    """Not only the magic: `jupyter_gpumem.simulate("１GiB")` refuses it too."""
+    from jupyter_gpumem.units import parse_size
+
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size(text)
