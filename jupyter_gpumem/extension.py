@@ -7,6 +7,7 @@ import sys
 from types import MethodType
 from typing import Any
 
+from .cellstats import CellStats
 from .config import GpuMem
 from .failure import FailedCell
 from .fixes import FIXES, FixOutcome
@@ -49,6 +50,7 @@ class Extension:
         self.hook.present = self.present
         self.magics = GpuMemMagics(shell, self)
         self.remembered: dict[str, int] = {}  # cell hash -> batch size that fit
+        self._cell_stats: CellStats | None = None  # `%gpumem cells on`
         self.sidebar: Any = None
         self.panel: Any = None  # the last diagnosis panel shown
         self.simulation: Any = None  # the simulated GPU `%gpumem simulate` started, until unload
@@ -85,6 +87,7 @@ class Extension:
             self._close_widgets,
             self._unregister_magics,
             self._end_simulation,
+            self._stop_cell_stats,
         ):
             try:
                 step()
@@ -100,6 +103,15 @@ class Extension:
             configurables[:] = [
                 c for c in configurables if c is not self.settings and c is not self.magics
             ]
+
+    def cell_stats(self) -> CellStats:
+        if self._cell_stats is None:
+            self._cell_stats = CellStats(self.shell)
+        return self._cell_stats
+
+    def _stop_cell_stats(self) -> None:
+        if self._cell_stats is not None:
+            self._cell_stats.stop()
 
     def _close_widgets(self) -> None:
         if self.sidebar is not None:
@@ -140,6 +152,11 @@ class Extension:
             return
         from IPython.display import display
 
+        stats = self._cell_stats
+        if stats is not None and stats.records:
+            filled = stats.filled_by()
+            if filled and filled not in d.notes:
+                d.notes.append(filled)
         checks = check_all(self.shell, failed, Options(), self.remembered)
         text = render_text(d, fix_lines(checks, d.shortfall_bytes))
         if self.widgets_available():

@@ -26,7 +26,18 @@ from .units import format_bytes, parse_size
 if TYPE_CHECKING:
     from .extension import Extension
 
-COMMANDS = ("status", "retry", "gauge", "sidebar", "simulate", "limit", "release", "help")
+COMMANDS = (
+    "status",
+    "retry",
+    "gauge",
+    "sidebar",
+    "simulate",
+    "limit",
+    "release",
+    "cells",
+    "history",
+    "help",
+)
 
 
 # A simulated card is only counted, so any size "works"; past this it is a typo, not a GPU.
@@ -90,6 +101,8 @@ class GpuMemMagics(Magics):
         "simulate SIZE|off: run the following cells on a simulated GPU of that size. "
         "limit SIZE|off: cap what this process may use, to rehearse a smaller card. "
         "release: free what the last failed cell pinned (when keep_traceback is on). "
+        "cells on|off [--quiet]: after each cell, what it added to GPU memory, its peak and time. "
+        "history: those numbers for every cell since. "
         "help: this text.",
     )
     @argument("args", nargs=argparse.REMAINDER, help="the command's arguments and options")
@@ -119,6 +132,24 @@ class GpuMemMagics(Magics):
     def _cmd_status(self, args: list[str]) -> None:
         self._no_args("status", args)
         print(render_snapshot_text(read_snapshot()))
+
+    def _cmd_cells(self, args: list[str]) -> None:
+        if args not in (["on"], ["off"], ["on", "--quiet"]):
+            raise UsageError("%gpumem cells takes on [--quiet], or off")
+        stats = self.ext.cell_stats()
+        if args[0] == "off":
+            stats.stop()
+            print("Per-cell GPU memory off (`%gpumem history` keeps what was recorded).")
+            return
+        stats.start(quiet="--quiet" in args)
+        print(
+            "Per-cell GPU memory on: one line after each cell (its change, peak and time); "
+            "`%gpumem history` for the table. It resets PyTorch's peak counter before each cell."
+        )
+
+    def _cmd_history(self, args: list[str]) -> None:
+        self._no_args("history", args)
+        print(self.ext.cell_stats().table())
 
     def _needs_widgets(self, command: str) -> None:
         if not self.ext.widgets_available():

@@ -87,6 +87,8 @@ def render_text(d: Diagnosis, fix_lines: list[str] | None = None) -> str:
     for i, c in enumerate(d.causes, 1):
         out.append(f"  {i}. {c.title}. {c.evidence}")
         out.append(f"     -> {c.action}")
+    for note in d.notes:
+        out.append(f"  {note}")
     if fix_lines:
         out.append("")
         out.append("Fixes")
@@ -138,7 +140,9 @@ def render_html(d: Diagnosis, *, with_style: bool = True) -> str:
             f"<li><b>{escape(c.title)}.</b> {_md_code(c.evidence)}<br>"
             f'<span class="action">&rarr; {_md_code(c.action)}</span></li>'
         )
-    h.append("</ol></div>")
+    h.append("</ol>")
+    h.extend(f"<div>{_md_code(note)}</div>" for note in d.notes)
+    h.append("</div>")
     return "".join(h)
 
 
