@@ -17,27 +17,36 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from itertools import islice
-from types import (
-    BuiltinFunctionType,
-    FrameType,
-    FunctionType,
-    MethodType,
-    ModuleType,
-    TracebackType,
-)
-from typing import Any
+from types import FrameType, TracebackType
+from typing import Any, cast
 
-from .backends import _torch, simulated
+from .backends import _torch
+from .holders_scan import (
+    _ALIEN,
+    _MODEL,
+    _OBJECT,
+    _OPTIMIZER,
+    _SKIP,
+    _TENSOR,
+    MAX_ITEMS,
+    Scan,
+    type_name,
+)
 
 SMALL_TENSOR_BYTES = 1 << 20  # variables holding less are summed into one "small tensors" row
-MAX_ITEMS = 1000  # entries looked at per container / object: bounded even for a list of 1e6 items
+CLOCK_EVERY_NAME = 1024  # variables between two reads of the clock
 _OUTPUT_CACHE = re.compile(r"^(_+|_\d+|Out)$")
-_SKIP_TYPES = (
-    str, bytes, int, float, bool, type(None), type,
-    FunctionType, BuiltinFunctionType, MethodType, ModuleType,
-)  # fmt: skip
 _IPYTHON_NAMES = re.compile(r"^(_i+\d*|_[ido]h|In|_exit_code|_sh)$")
+
+
+def _locals_types() -> tuple[type, ...]:
+    # a plain dict up to 3.12, a C proxy over the fast locals from 3.13 (PEP 667)
+    import sys
+
+    return (dict, type(sys._getframe().f_locals))
+
+
+_LOCALS_TYPES = _locals_types()
 
 
 @dataclass
@@ -71,6 +80,10 @@ class HolderSet:
     holders: list[Holder] = field(default_factory=list)  # largest first
     scanned_names: int = 0
     cut_short: int = 0  # containers/objects not looked into: the time budget ran out
+    # objects that could not be read without running their own code, or that failed to read:
+    # left out of the holders, never a reason to lose the diagnosis
+    skipped: int = 0
+    skipped_reasons: list[str] = field(default_factory=list)  # a few "name: why"
 
     @property
     def total_bytes(self) -> int:
@@ -103,169 +116,67 @@ class HolderSet:
         return out
 
 
-_SKIP, _TENSOR, _MODEL, _OPTIMIZER, _COMPOSITE = range(1, 6)  # all truthy: `get() or kind()`
-
-
-class _Scan:
-    """One walk: counts each GPU storage once, classifies each type once.
-
-    A namespace of 100k objects holds a few dozen types, so ``isinstance`` against torch's
-    classes runs per type, not per object. Descriptions (shapes, parameter counts) are made only
-    for the holders that will be shown.
-    """
-
-    def __init__(self, torch: Any, budget_s: float) -> None:
-        self.deadline = time.perf_counter() + budget_s
-        self.cut_short = 0  # containers and objects not looked into, once the budget ran out
-        self.sim = simulated.current()
-        self.sim_device = f"cuda:{self.sim.device_index} (simulated)" if self.sim else ""
-        self.seen: set[tuple[str, int]] = set()
-        self.kinds: dict[type, int] = {}
-        self.tensor_cls, self.module_cls = torch.Tensor, torch.nn.Module
-        self.optimizer_cls = torch.optim.Optimizer
-
-    def kind(self, obj: Any) -> int:
-        tp = type(obj)
-        k = self.kinds.get(tp)
-        if k is None:
-            if issubclass(tp, self.tensor_cls):
-                k = _TENSOR
-            elif issubclass(tp, self.module_cls):
-                k = _MODEL
-            elif issubclass(tp, self.optimizer_cls):
-                k = _OPTIMIZER
-            elif issubclass(tp, _SKIP_TYPES):
-                k = _SKIP
-            else:
-                k = _COMPOSITE
-            self.kinds[tp] = k
-        return k
-
-    def take(self, t: Any) -> tuple[int, str]:
-        if self.sim is not None:  # the hot path with thousands of simulated tensors: no layers
-            counted = self.sim.counted_storage(t)
-            if counted is None:
-                return 0, ""
-            key = (self.sim_device, counted[0])
-            if key in self.seen:
-                return 0, self.sim_device
-            self.seen.add(key)
-            return counted[1], self.sim_device
-        info = _torch.gpu_storage(t)
-        if info is None:
-            return 0, ""
-        key, nbytes, device = info
-        if key in self.seen:
-            return 0, device
-        self.seen.add(key)
-        return nbytes, device
-
-    def module(self, name: str, where: str, module: Any) -> Holder:
+def _holder(scan: Scan, name: str, where: str, obj: Any) -> Holder | None:
+    """The holder ``obj`` is, or None when it holds no GPU memory (or was skipped)."""
+    k = scan.kind(obj)
+    if k == _SKIP:
+        return None
+    if k == _TENSOR:
+        n, dev = scan.take(obj)
+        return Holder(name, "tensor", where, dev, tensor_bytes=n) if n else None
+    if k == _ALIEN:
+        scan.skip(name, f"a {type_name(type(obj))} tensor, which redefines how it is read")
+        return None
+    if k == _MODEL:
         h = Holder(name=name, kind="model", where=where, device="")
-        try:
-            for p in module.parameters():
-                n, dev = self.take(p)
-                h.parameters_bytes += n
-                h.device = h.device or dev
-                if p.grad is not None:
-                    g, dev = self.take(p.grad)
-                    h.gradients_bytes += g
-            for b in module.buffers():
-                n, dev = self.take(b)
-                h.buffers_bytes += n
-                h.device = h.device or dev
-        except Exception:
-            pass
-        return h
-
-    def optim(self, name: str, where: str, opt: Any) -> Holder:
+        _add_module(scan, h, name, obj)
+    elif k == _OPTIMIZER:
         h = Holder(name=name, kind="optimizer", where=where, device="")
-        try:
-            for state in list(opt.state.values())[: MAX_ITEMS * 10]:
-                for v in state.values() if isinstance(state, Mapping) else ():
-                    if self.kind(v) == _TENSOR:
-                        n, dev = self.take(v)
-                        h.optimizer_state_bytes += n
-                        h.device = h.device or dev
-        except Exception:
-            pass
-        return h
-
-    def composite(self, name: str, where: str, obj: Any) -> Holder | None:
-        """A container or object holding tensors, models or optimizers one level deep."""
-        if time.perf_counter() > self.deadline:
-            self.cut_short += 1
-            return None
-        if isinstance(obj, Mapping):
-            values: Iterable[Any] = obj.values()
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            values = obj
-        else:
-            try:
-                values = vars(obj).values()
-            except TypeError:
-                return None
-        kinds = self.kinds
-        found = [
-            v
-            for v in islice(values, MAX_ITEMS)
-            if (kinds.get(type(v)) or self.kind(v)) not in (_SKIP, _COMPOSITE)
-        ]
+        h.optimizer_state_bytes, h.device = scan.optimizer(obj)
+    else:
+        found = scan.contents(obj)
         if not found:
             return None
-        h = Holder(name=name, kind="", where=where, device="")
+        h = Holder(name, "object" if k == _OBJECT else "container", where, "")
         for v in found:
-            k = self.kind(v)
-            if k == _TENSOR:
-                n, dev = self.take(v)
+            vk = scan.kind(v)
+            if vk == _TENSOR:
+                n, dev = scan.take(v)
                 h.tensor_bytes += n
                 h.device = h.device or dev
-            elif k == _MODEL:
-                sub = self.module(name, where, v)
-                h.parameters_bytes += sub.parameters_bytes
-                h.gradients_bytes += sub.gradients_bytes
-                h.buffers_bytes += sub.buffers_bytes
-                h.device = h.device or sub.device
+            elif vk == _MODEL:
+                _add_module(scan, h, name, v)
+            elif vk == _OPTIMIZER:
+                n, dev = scan.optimizer(v)
+                h.optimizer_state_bytes += n
+                h.device = h.device or dev
             else:
-                sub = self.optim(name, where, v)
-                h.optimizer_state_bytes += sub.optimizer_state_bytes
-                h.device = h.device or sub.device
-        if h.total_bytes == 0:
-            return None
-        h.kind = (
-            "container" if isinstance(obj, (Mapping, list, tuple, set, frozenset)) else "object"
-        )
-        return h
-
-    def holder(self, name: str, where: str, obj: Any) -> Holder | None:
-        k = self.kind(obj)
-        if k == _SKIP:
-            return None
-        if k == _TENSOR:
-            n, dev = self.take(obj)
-            return Holder(name, "tensor", where, dev, tensor_bytes=n) if n else None
-        if k == _MODEL:
-            h = self.module(name, where, obj)
-        elif k == _OPTIMIZER:
-            h = self.optim(name, where, obj)
-        else:
-            return self.composite(name, where, obj)
-        return h if h.total_bytes else None
+                scan.skip(name, f"a {type_name(type(v))} tensor, which redefines how it is read")
+    return h if h.total_bytes else None
 
 
-def _describe(scan: _Scan, h: Holder, obj: Any) -> str:
+def _add_module(scan: Scan, h: Holder, name: str, module: Any) -> None:
+    got = scan.module(name, module)
+    h.parameters_bytes += got["parameter"]
+    h.gradients_bytes += got["gradient"]
+    h.buffers_bytes += got["buffer"]
+    h.device = h.device or got["device"]
+
+
+def _describe(scan: Scan, h: Holder, obj: Any) -> str:
+    tp = type(obj)
     k = scan.kind(obj)
     try:
         if k == _TENSOR:
-            return f"{tuple(obj.shape)} {str(obj.dtype).replace('torch.', '')}"
+            return scan.describe_tensor(obj)
         if k == _MODEL:
-            count = sum(p.numel() for p in obj.parameters())
-            return f"{type(obj).__name__}, {count / 1e6:.1f}M parameters"
+            count = scan.parameter_count(obj)
+            return f"{type_name(tp)}, {count / 1e6:.1f}M parameters"
         if k == _OPTIMIZER:
-            return f"{type(obj).__name__}, state for {len(obj.state)} parameters"
+            return f"{type_name(tp)}, state for {scan.optimizer_entries(obj)} parameters"
     except Exception:
-        return type(obj).__name__
-    parts = [type(obj).__name__]
+        return type_name(tp)
+    parts = [type_name(tp)]
     if h.tensor_bytes:
         parts.append("tensors")
     if h.parameters_bytes:
@@ -305,12 +216,17 @@ def find_holders(
     recreated: Iterable[str] = (),
     describe: int = 50,
     budget_s: float = 0.05,
+    hard_s: float = 0.5,
 ) -> HolderSet:
     """Walk the namespace, the output cache and the failed frames; largest holder first.
 
-    ``describe``: how many of the largest holders get a description (shape, parameter count).
-    ``budget_s``: past this time, containers and objects are no longer looked into (tensors,
-    models and optimizers still are); ``HolderSet.cut_short`` says how many were skipped.
+    No object's own code runs (see ``holders_scan``). ``describe``: how many of the largest
+    holders get a description (shape, parameter count). ``budget_s``: past this time,
+    containers and objects are no longer looked into, nor further into (the clock is read every
+    few hundred items); tensors, models and optimizers still are, until ``hard_s``, past which
+    nothing more is read (a guard against a million variables or a model of a million
+    parameters, not a target). ``HolderSet.cut_short`` counts what was left out for time,
+    ``HolderSet.skipped`` what could not be read.
     """
     result = HolderSet()
     torch = _torch.torch_module()
@@ -322,76 +238,100 @@ def find_holders(
     gc.disable()
     try:
         with _torch.no_torch_function():
-            return _find(torch, user_ns, hidden, frames, cell_names, recreated, describe, budget_s)
+            scan = Scan(torch, budget_s, hard_s)
+            return _find(scan, user_ns, hidden, frames, cell_names, recreated, describe)
     finally:
         if was_enabled:
             gc.enable()
 
 
+def _namespace(
+    scan: Scan, user_ns: Mapping[str, Any], hidden: set[str]
+) -> tuple[list[tuple[str, Any, int]], list[tuple[str, Any]]]:
+    """((name, value, kind) of the variables: models, then optimizers, then the rest; the
+    output cache)."""
+    models: list[tuple[str, Any, int]] = []
+    optimizers: list[tuple[str, Any, int]] = []
+    rest: list[tuple[str, Any, int]] = []
+    cache: list[tuple[str, Any]] = []
+    kinds, classify = scan.kinds, scan._classify
+    items = (
+        list(dict.items(cast("dict[str, Any]", user_ns)))
+        if issubclass(type(user_ns), dict)
+        else list(user_ns.items())
+    )
+    for name, obj in items:
+        if type(name) is not str:  # globals()[1] = ...: not a variable anyone can name
+            continue
+        if name[:1] == "_" or name == "Out" or name == "In":
+            if _OUTPUT_CACHE.match(name):
+                if name == "Out" and issubclass(type(obj), dict):
+                    out = list(dict.items(obj))[-MAX_ITEMS:]
+                    cache.extend((f"Out[{k}]", v) for k, v in out if type(k) is int)
+                elif name != "Out":
+                    cache.append((name, obj))
+                continue
+            if name.startswith("__") or _IPYTHON_NAMES.match(name):
+                continue
+        if name in hidden:
+            continue
+        k = kinds.get(id(type(obj))) or classify(type(obj))
+        if k == _SKIP:
+            continue
+        (models if k == _MODEL else optimizers if k == _OPTIMIZER else rest).append((name, obj, k))
+    return [*models, *optimizers, *rest], cache
+
+
 def _find(
-    torch: Any,
+    scan: Scan,
     user_ns: Mapping[str, Any],
     hidden: Iterable[str],
     frames: Iterable[FrameType],
     cell_names: Iterable[str],
     recreated: Iterable[str],
     describe: int,
-    budget_s: float,
 ) -> HolderSet:
     result = HolderSet()
-    scan = _Scan(torch, budget_s)
-    hidden_set = set(hidden)
     used = set(cell_names)
     fresh = set(recreated)
     # models first, then optimizers, then the rest: weights belong to the model
-    models: list[tuple[str, Any]] = []
-    optimizers: list[tuple[str, Any]] = []
-    rest: list[tuple[str, Any]] = []
-    cache: list[tuple[str, Any]] = []
-    kinds = scan.kinds
-    for name, obj in list(user_ns.items()):
-        if name[:1] == "_" or name == "Out" or name == "In":
-            if _OUTPUT_CACHE.match(name):
-                if name == "Out" and isinstance(obj, Mapping):
-                    cache.extend((f"Out[{k}]", v) for k, v in list(obj.items())[-MAX_ITEMS:])
-                elif name != "Out":
-                    cache.append((name, obj))
-                continue
-            if name.startswith("__") or _IPYTHON_NAMES.match(name):
-                continue
-        if name in hidden_set:
-            continue
-        k = kinds.get(type(obj)) or scan.kind(obj)
-        if k == _SKIP:
-            continue
-        (models if k == _MODEL else optimizers if k == _OPTIMIZER else rest).append((name, obj))
+    variables, cache = _namespace(scan, user_ns, set(hidden))
     result.scanned_names = len(user_ns)
     found: list[tuple[Holder, Any]] = []
+    h: Holder | None
 
     small = Holder("small tensors", "tensors", "variable", "")
     small_names: list[str] = []
-    for name, obj in (*models, *optimizers, *rest):
-        if kinds.get(type(obj)) == _TENSOR:
-            n, dev = scan.take(obj)
-            if not n:
+    for start in range(0, len(variables), CLOCK_EVERY_NAME):
+        if time.perf_counter() > scan.hard_deadline:
+            scan.cut_short += len(variables) - start  # out of time: count them without reading
+            break
+        for name, obj, k in variables[start : start + CLOCK_EVERY_NAME]:
+            if k < _TENSOR and scan.late:
+                scan.cut_short += 1  # out of time: count it without looking into it
                 continue
-            if n < SMALL_TENSOR_BYTES and name not in used and name not in fresh:
-                # thousands of tiny tensors are one line, not thousands of rows to build and sort
-                small.tensor_bytes += n
-                small.device = small.device or dev
-                small_names.append(name)
+            if k != _TENSOR:
+                h = _guarded(scan, name, "variable", obj)
+            else:
+                try:
+                    n, dev = scan.take(obj)
+                except Exception as exc:
+                    scan.skip(name, f"reading it raised {type_name(type(exc))}")
+                    continue
+                if not n:
+                    continue
+                if n < SMALL_TENSOR_BYTES and name not in used and name not in fresh:
+                    # thousands of tiny tensors are one line, not thousands of rows to sort
+                    small.tensor_bytes += n
+                    small.device = small.device or dev
+                    small_names.append(name)
+                    continue
+                h = Holder(name, "tensor", "variable", dev, tensor_bytes=n)
+            if h is None:
                 continue
-            h: Holder | None = Holder(name, "tensor", "variable", dev, tensor_bytes=n)
-        elif kinds.get(type(obj)) == _COMPOSITE and time.perf_counter() > scan.deadline:
-            scan.cut_short += 1  # out of time: count it without the call
-            continue
-        else:
-            h = scan.holder(name, "variable", obj)
-        if h is None:
-            continue
-        h.used_by_cell = name in used
-        h.recreated_by_cell = name in fresh
-        found.append((h, obj))
+            h.used_by_cell = name in used
+            h.recreated_by_cell = name in fresh
+            found.append((h, obj))
     if len(small_names) == 1:
         small.name, small.kind = small_names[0], "tensor"
     if small_names:
@@ -402,17 +342,22 @@ def _find(
         )
         found.append((small, None))
     for name, obj in cache:
-        h = scan.holder(name, "output cache", obj)
+        h = _guarded(scan, name, "output cache", obj)
         if h is not None:
             found.append((h, obj))
     for frame in frames:
         label = _frame_label(frame)
         try:
-            local_items = list(frame.f_locals.items())
-        except Exception:
+            f_locals = frame.f_locals
+            if type(f_locals) not in _LOCALS_TYPES:  # a class body's __prepare__ mapping
+                scan.skip(label, f"its locals are a {type_name(type(f_locals))}")
+                continue
+            local_items = list(dict.items(f_locals) if type(f_locals) is dict else f_locals.items())
+        except Exception as exc:
+            scan.skip(label, f"its locals could not be read ({type_name(type(exc))})")
             continue
         for name, obj in local_items:
-            h = scan.holder(f"{name} in {label}", "failed frame", obj)
+            h = _guarded(scan, f"{name} in {label}", "failed frame", obj)
             if h is not None:
                 found.append((h, obj))
     found.sort(key=lambda ho: -ho[0].total_bytes)
@@ -421,4 +366,15 @@ def _find(
             h.detail = _describe(scan, h, obj)
     result.holders = [h for h, _ in found]
     result.cut_short = scan.cut_short
+    result.skipped = scan.skipped
+    result.skipped_reasons = scan.reasons
     return result
+
+
+def _guarded(scan: Scan, name: str, where: str, obj: Any) -> Holder | None:
+    """One object that fails to read is skipped and counted; the scan goes on."""
+    try:
+        return _holder(scan, name, where, obj)
+    except Exception as exc:
+        scan.skip(name, f"reading it raised {type_name(type(exc))}")
+        return None
