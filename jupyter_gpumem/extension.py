@@ -157,6 +157,19 @@ class Extension:
             filled = stats.filled_by()
             if filled and filled not in d.notes:
                 d.notes.append(filled)
+        ready = next((c.cell for c in d.causes if c.cell), "")
+        if ready and getattr(self.shell, "kernel", None) is not None:
+            note = "A ready cell that launches the training on several GPUs is inserted below (not run)."
+            if note not in d.notes:
+                d.notes.append(note)
+                try:
+                    self.shell.set_next_input(ready, replace=False)  # a new cell below, not run
+                except Exception:
+                    d.notes.remove(note)
+        elif ready:
+            note = "A cell that launches the training on several GPUs:\n" + ready
+            if note not in d.notes:
+                d.notes.append(note)
         checks = check_all(self.shell, failed, Options(), self.remembered)
         text = render_text(d, fix_lines(checks, d.shortfall_bytes))
         if self.widgets_available():

@@ -272,3 +272,22 @@ def test_past_one_gpu_gives_the_numbers_per_gpu_and_a_ready_cell() -> None:
     )
     assert "2 GPUs 960 MiB each, 4 GPUs 480 MiB each, 8 GPUs 240 MiB each" in cause.action
     assert "notebook_launcher" in cause.cell and "FullyShardedDataParallelPlugin" in cause.cell
+
+
+def test_a_model_too_big_for_the_card_is_diagnosed_end_to_end(shell: Any, capsys: Any) -> None:
+    """A real shell, the simulated GPU: a model plus AdamW whose states exceed the card."""
+    pytest.importorskip("torch")
+    shell.run_cell("%gpumem simulate 96MiB")
+    assert shell.run_cell(
+        "import torch\n"
+        "model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(6)]).cuda()\n"
+        "opt = torch.optim.AdamW(model.parameters())"
+    ).success
+    capsys.readouterr()
+    assert not shell.run_cell(
+        "x = torch.randn(64, 1024, device='cuda')\nmodel(x).sum().backward()\nopt.step()"
+    ).success
+    out = capsys.readouterr().out
+    assert "The model's own states do not fit this card, whatever the batch" in out, out
+    assert "A cell that launches the training on several GPUs" in out
+    assert "notebook_launcher(training_function" in out
