@@ -122,6 +122,60 @@ def test_meter_sample_is_json_in_bytes():
     assert meter_module.sample(snapshot())["error"] == "no GPU reading in this kernel"
 
 
+def run_collecting(kc, code: str, timeout: float = 60) -> list[dict]:
+    """Run `code`; every iopub message (any parent) from its busy to its idle."""
+    msg_id = kc.execute(code, store_history=False)
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = kc.get_iopub_msg(timeout=timeout)
+        seen.append(msg)
+        if (
+            msg["msg_type"] == "status"
+            and msg["content"]["execution_state"] == "idle"
+            and msg["parent_header"].get("msg_id") == msg_id
+        ):
+            return seen
+    raise TimeoutError(code)
+
+
+@pytest.mark.kernel
+def test_meter_samples_arrive_while_a_cell_runs_and_stop_when_the_front_end_closes(kernel):
+    kc = kernel.kc
+    opened = run_collecting(
+        kc,
+        "%load_ext jupyter_gpumem\n%gpumem simulate 4GiB\n"
+        "import jupyter_gpumem.meter as m\nm.start(get_ipython())\nm.start(get_ipython())",
+    )
+    opens = [m for m in opened if m["msg_type"] == "comm_open"]
+    assert [o["content"]["target_name"] for o in opens] == [meter_module.TARGET]  # started once
+    comm_id = opens[0]["content"]["comm_id"]
+
+    ran = run_collecting(
+        kc,
+        "import time, torch\nheld = []\nfor i in range(4):\n"
+        "    held.append(torch.empty(256 << 20, dtype=torch.uint8, device='cuda'))\n"
+        "    time.sleep(1.2)",
+    )
+    used = [
+        m["content"]["data"]["used_bytes"]
+        for m in ran
+        if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == comm_id
+    ]
+    # samples came while the cell held the kernel, and followed its allocations up
+    assert len(set(used)) >= 3, used
+    assert used == sorted(used), used
+    assert all(
+        m["content"]["data"]["total_bytes"] == 4 << 30 for m in ran if m["msg_type"] == "comm_msg"
+    )
+
+    # a front end without the lab extension closes the comm: the thread stops
+    kc.shell_channel.send(kc.session.msg("comm_close", {"comm_id": comm_id, "data": {}}))
+    time.sleep(1.5)
+    assert "False" in kernel.text(kernel.run("print(m.running())"))
+    kernel.run("m.stop(); m.stop()")
+
+
 @in_lab
 def test_built_extension_is_the_source_package():
     built = json.loads((BUILT / "package.json").read_text())

@@ -69,6 +69,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
       label: 'GPU memory sidebar',
       caption: "Show this notebook's GPU memory gauge in the right sidebar",
       isEnabled: () => !!tracker.currentWidget?.sessionContext.session?.kernel,
+      // sidecar's sidebar is JupyterLab's; elsewhere (Notebook 7) the silent run would show nothing
+      isVisible: () => labShell !== null,
       execute: async () => {
         const kernel = tracker.currentWidget?.sessionContext.session?.kernel;
         if (!kernel) {
