@@ -13,9 +13,41 @@ import hashlib
 
 from ..backends import _torch
 from ..rerun import Plan, RunResult, capacity_bytes
+from ..units import format_bytes
 from .base import Attempt, Check, Fix, FixContext, FixOutcome
+from .batch_evidence import failing_tensors
 from .batch_search import BatchSearch, Observation
 from .batch_source import BatchFinding, accumulation_plan, apply_batch, describe_change, find_batch
+
+
+class _ReservedPeak:
+    """Around the cell's code (inside the run, before any rollback): the peak of *reserved*
+    memory, which is what runs out (allocated plus the allocator's rounding and fragmentation)."""
+
+    def __init__(self) -> None:
+        self.peak_bytes: int | None = None
+
+    def __call__(self) -> _ReservedPeak:
+        return self
+
+    def __enter__(self) -> _ReservedPeak:
+        self.peak_bytes = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stats = _torch.allocator_stats() or {}
+        self.peak_bytes = stats.get("reserved_bytes.all.peak")
+
+
+def _need(result: RunResult, probe: _ReservedPeak) -> int | None:
+    """What a run that fitted needed: its reserved peak where known, else its allocated peak."""
+    peaks = [p for p in (result.peak_bytes, probe.peak_bytes) if p is not None]
+    return max(peaks) if peaks else None
+
+
+def _reserved_now() -> int:
+    stats = _torch.allocator_stats() or {}
+    return stats.get("reserved_bytes.all.current") or _torch.allocated_bytes() or 0
 
 
 def cell_key(source: str) -> str:
@@ -23,7 +55,16 @@ def cell_key(source: str) -> str:
 
 
 def _finding(ctx: FixContext) -> BatchFinding:
-    return find_batch(ctx.failed.source, ctx.user_ns, batch_var=ctx.batch_var)
+    from ..failure import names_used
+
+    source = ctx.failed.source
+    return find_batch(
+        source,
+        ctx.user_ns,
+        batch_var=ctx.batch_var,
+        evidence=failing_tensors(ctx.failed),
+        used=names_used(source, ctx.user_ns),
+    )
 
 
 class ReduceBatch(Fix):
@@ -51,20 +92,21 @@ class ReduceBatch(Fix):
 
     def apply(self, ctx: FixContext) -> FixOutcome:
         """Rehearsals (stopped after two passes of the failing loop, rolled back) find the batch;
-        then one real run at that batch, kept if it fits."""
-        assert ctx.run is not None
+        then one real run at that batch, kept if it fits.
+
+        A real run that fails where its rehearsal fitted (a later epoch needs more than the first
+        two passes) makes rehearsals untrustworthy at that size: from then on each probe is a
+        real run, bisecting below the failure."""
         check = self.check(ctx)
         finding = _finding(ctx)
         source = ctx.failed.source
         d = ctx.failed.diagnosis
         report = ctx.failed.report
-        capacity = capacity_bytes()
-        # what stays resident across runs (the failed run's own variables are gone by now)
         gc.collect()
-        baseline = _torch.allocated_bytes()
         search = BatchSearch(
-            capacity_bytes=capacity or 0,
-            baseline_bytes=baseline or 0,
+            capacity_bytes=capacity_bytes() or 0,
+            # what stays resident across runs (the failed run's own variables are gone by now)
+            baseline_bytes=_reserved_now(),
             min_batch=ctx.min_batch,
             max_batch=finding.value - 1,
         )
@@ -78,97 +120,93 @@ class ReduceBatch(Fix):
             )
         )
         attempts: list[Attempt] = []
-        last_failure = None
         outcome = FixOutcome(
             fix=self.key,
             ok=False,
             attempts=attempts,
             predicted_saving_bytes=check.predicted_saving_bytes,
         )
-
-        def observe_failure(b: int, result: RunResult) -> None:
-            nonlocal last_failure
-            last_failure = result.failure
-            r = result.failure.report if result.failure else None
-            dd = result.failure.diagnosis if result.failure else None
-            search.observe(
-                Observation(
-                    b,
-                    False,
-                    None,
-                    requested_bytes=r.requested_bytes if r else None,
-                    allocated_at_failure_bytes=dd.allocated_bytes if dd else None,
-                )
-            )
-
+        last_failure = None
         accumulate = None
-        final_result: RunResult | None = None
-        # a real run that fails (a later epoch needed more) counts as a failed probe
-        while len(attempts) < ctx.max_runs + 1:
-            b = search.next_batch() if len(attempts) < ctx.max_runs else None
-            if b is not None:
+        final: RunResult | None = None
+        rehearse = True
+        budget = ctx.max_runs + 1
+        probe = _ReservedPeak()
+        while len(attempts) < budget and final is None:
+            b = search.next_batch() if len(attempts) < budget - 1 else None
+            real = b is None or not rehearse
+            if b is None:
+                b = search.best()
+                if b is None:
+                    break
+            if real:
+                accumulate = accumulation_plan(source, finding, b) if ctx.accumulate else None
+                if accumulate is not None:
+                    plan = Plan(accumulate.source, batch=b, note="with gradient accumulation")
+                else:
+                    new_source, updates = apply_batch(source, finding, b)
+                    plan = Plan(new_source, namespace_updates=updates, batch=b)
+            else:
                 new_source, updates = apply_batch(source, finding, b)
+                plan = Plan(new_source, namespace_updates=updates, batch=b, rehearsal=True)
 
                 def settles(result: RunResult, b: int = b) -> bool:
-                    search.observe(Observation(b, True, result.peak_bytes))
-                    done = search.next_batch() is None and search.best() == b
-                    return done and not ctx.accumulate
+                    # it ran whole: keep it if it is the run the search would settle on
+                    search.observe(Observation(b, True, _need(result, probe)))
+                    return search.next_batch() is None and search.best() == b and not ctx.accumulate
 
-                plan = Plan(new_source, namespace_updates=updates, batch=b, rehearsal=True)
                 plan.keep = settles
-                result, attempt = self.run_once(ctx, plan)
-                attempts.append(attempt)
-                if result.kept:
-                    final_result = result
-                    break
-                if result.ok and plan.keep is not None and result.passes is None:
-                    pass  # observed by settles()
-                elif result.ok:
-                    search.observe(Observation(b, True, result.peak_bytes))
-                else:
-                    observe_failure(b, result)
-                continue
-            best = search.best()
-            if best is None:
-                break
-            accumulate = accumulation_plan(source, finding, best) if ctx.accumulate else None
-            if accumulate is not None:
-                plan = Plan(accumulate.source, batch=best, note="with gradient accumulation")
-            else:
-                new_source, updates = apply_batch(source, finding, best)
-                plan = Plan(new_source, namespace_updates=updates, batch=best)
-            final_result, attempt = self.run_once(ctx, plan)
+            plan.contexts.append(probe)
+            result, attempt = self._run(ctx, plan)
             attempts.append(attempt)
-            if final_result.ok:
-                break
-            observe_failure(best, final_result)
-            final_result = None
-            if len(attempts) >= ctx.max_runs + 1:
-                break
-        best = search.best() if final_result is not None else None
+            if result.kept or (real and result.ok):
+                final = result
+            elif result.ok:
+                if not (plan.keep is not None and result.passes is None):  # else: settles() saw it
+                    search.observe(Observation(b, True, _need(result, probe)))
+            else:
+                last_failure = result.failure
+                r = result.failure.report if result.failure else None
+                dd = result.failure.diagnosis if result.failure else None
+                search.observe(
+                    Observation(
+                        b,
+                        False,
+                        None,  # only fits give peaks: a failed run's peak is not its need
+                        requested_bytes=r.requested_bytes if r else None,
+                        allocated_at_failure_bytes=dd.allocated_bytes if dd else None,
+                    )
+                )
+                if real:
+                    rehearse = False
+                    search.bisect_from_now()
+        best = attempts[-1].batch if final is not None else None
         outcome.batch = best
-        if best is None or final_result is None:
+        if best is None or final is None:
             outcome.failure = last_failure
-            fitted = search.best()
             outcome.message = (
                 f"Even batch {ctx.min_batch} does not fit: reducing the batch is not enough."
-                if fitted is None and not any(a.ok for a in attempts)
+                if not any(a.ok for a in attempts)
                 else f"No batch fitted for the whole run in {len(attempts)} runs."
             )
             return outcome
         outcome.ok = True
         ctx.remembered[cell_key(source)] = best
         outcome.message = f"Fits at batch {best} (was {finding.value}), {outcome.peak_text()}."
+        if finding.evidence:
+            outcome.notes.append(f"The batch: {finding.evidence}.")
         outcome.change = describe_change(finding, best)
-        plan_acc = accumulation_plan(source, finding, best)
         if accumulate is not None:
             outcome.new_source = accumulate.source
             outcome.change = "use the cell below (gradient accumulation keeps the effective batch)"
             outcome.notes.append(accumulate.explanation)
-        elif plan_acc is not None:
+            return outcome
+        plan_acc = accumulation_plan(source, finding, best)
+        if plan_acc is not None:
             outcome.notes.append(
                 plan_acc.explanation
-                + " To keep the effective batch: `%gpumem retry batch --accumulate`."
+                + f" To keep the effective batch: `%gpumem retry batch --accumulate` "
+                f"(it searches again and may settle on another batch than {best})."
             )
         else:
             outcome.notes.append(
@@ -176,3 +214,28 @@ class ReduceBatch(Fix):
                 "tune the learning rate if this is training."
             )
         return outcome
+
+    def _run(self, ctx: FixContext, plan: Plan) -> tuple[RunResult, Attempt]:
+        """One run, its line showing the memory resident when it started (the same for every
+        attempt: each starts from the rolled-back notebook) and no peak for a run that failed."""
+        assert ctx.run is not None
+        gc.collect()
+        resident = _torch.allocated_bytes()
+        if resident is not None:
+            start = f"from {format_bytes(resident)} resident"
+            plan.note = f"{plan.note}, {start}" if plan.note else start
+        result = ctx.run(plan)
+        attempt = Attempt(
+            self.key,
+            result.ok,
+            result.peak_bytes if result.ok else None,
+            result.capacity_bytes,
+            result.seconds,
+            batch=plan.batch,
+            note=plan.note,
+            rehearsal=plan.rehearsal and not result.kept,
+            passes=result.passes if plan.rehearsal else None,
+        )
+        if ctx.on_attempt:
+            ctx.on_attempt(attempt)
+        return result, attempt

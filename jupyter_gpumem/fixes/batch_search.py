@@ -46,8 +46,8 @@ _AIM_FULL = 0.965
 _STOP_FRACTION = 0.96
 # Each proposal grows the best fit by at least this much: no creeping one sample at a time.
 _MIN_STEP = 0.02
-# After the model has missed twice, a guess goes at most this far into the bracket.
-_MISSED_CUT = 0.75
+# After one guess failed and a fit followed, a guess goes at most this far into the bracket.
+_AFTER_MISS = 0.75
 # Where a guess falls between the safe one (0) and the model's (1), geometrically.
 _ALPHA_LOWER_MIN = 0.2  # after the first fits on the line, when the slopes disagree
 _AGREE_LOW, _AGREE_HIGH = 0.4, 0.5  # slope ratios where the lean moves from safe to the model
@@ -93,12 +93,19 @@ class BatchSearch:
     # Head-room kept free, so that the next epoch's fragmentation does not tip it over.
     margin: float = 0.03
     observations: list[Observation] = field(default_factory=list)
+    # Peaks no longer predict (a real run failed where its rehearsal fitted): bisect.
+    bisecting: bool = False
 
     def observe(self, obs: Observation) -> None:
         """Record a run."""
         if obs.batch < 1:
             raise ValueError(f"batch must be >= 1, got {obs.batch}")
         self.observations.append(obs)
+
+    def bisect_from_now(self) -> None:
+        """The measured peaks understate the need (a whole run failed where its rehearsal, two
+        passes, fitted): from now on, halve the bracket."""
+        self.bisecting = True
 
     # -- bracket --------------------------------------------------------------------------
 
@@ -249,8 +256,10 @@ class BatchSearch:
             return None
         if lo >= self.min_batch and lo >= _GOOD_ENOUGH * (hi - 1):
             return None
-        est = self._estimate()
-        if est is None:
+        est = None if self.bisecting else self._estimate()
+        if self.bisecting:
+            guess = (max(lo, 0) + hi) / 2 if math.isfinite(hi) else 2 * max(lo, 1)
+        elif est is None:
             guess = self._blind_probe(hi) if lo < self.min_batch else (lo + hi) / 2
         else:
             if est.kind in ("line", "lower") and lo >= self.min_batch and est.k > 0:
@@ -261,10 +270,14 @@ class BatchSearch:
         if not math.isfinite(guess):
             guess = (lo + hi) / 2 if math.isfinite(hi) else 2 * max(lo, 1)
         misses = sum(not o.fit for o in self.observations[1:])
-        if misses >= 2 and lo >= self.min_batch and math.isfinite(hi):
-            # the model has missed twice: each guess now cuts the bracket by a quarter at least,
-            # so it cannot creep down under a failure one sample at a time
-            guess = min(guess, lo + _MISSED_CUT * (hi - lo))
+        if misses and math.isfinite(hi):
+            # Safeguard: right after a guess that failed, and always once two have, a guess is at
+            # most the bracket's midpoint, so such a failure at least halves the bracket
+            # (bisection is the floor: the model only ever does better); in between, a failure
+            # cuts it by a quarter at least. It never creeps down under a failure.
+            last_failed = not self.observations[-1].fit
+            share = 0.5 if last_failed or misses >= 2 else _AFTER_MISS
+            guess = min(guess, max(lo, 0) + share * (hi - max(lo, 0)))
         if lo >= self.min_batch:
             # Steps of one sample near a soft limit would take forever: grow by a few % at least.
             guess = max(guess, lo * (1 + _MIN_STEP))

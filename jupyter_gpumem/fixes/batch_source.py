@@ -28,9 +28,19 @@ import ast
 import itertools
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from .batch_evidence import SizedTensor, sized_by
+from .batch_namespace import (
+    config_items,
+    config_name,
+    history_of,
+    is_batch_name,
+    origin,
+    with_setting,
+)
 
 __all__ = [
     "AccumulationPlan",
@@ -45,13 +55,36 @@ __all__ = [
     "try_accumulation",
 ]
 
-_BATCH_NAME = re.compile(r"(^|_)(batch_?size|bs|bsz|micro_?batch(_size)?)$", re.IGNORECASE)
 _EVAL_NAME = re.compile(r"(^|_)(eval|val|valid|validation|test|infer|inference|predict)(_|$)", re.I)
 _FACTORIES = {"randn", "rand", "zeros", "ones", "empty", "full", "randint", "normal"}
 _TORCH_MODULES = {"torch", "th"}
 # Cell magics whose body is Python run as is: analyse the body, below the magic's line.
 _PYTHON_CELL_MAGICS = {"time", "timeit", "capture", "prun", "oomsafe", "memit", "debug"}
-_PRIORITY = ("named", "assign", "kwarg", "dataloader", "global", "leading_dim", "list_repeat")
+_PRIORITY = (
+    "named",
+    "assign",
+    "kwarg",
+    "dataloader",
+    "global",
+    "config",
+    "leading_dim",
+    "list_repeat",
+)
+# With the failing tensors' shapes to check against, a few more kinds may be the batch: a DataLoader
+# a notebook function reads, a config's setting, any int literal the cell assigns.
+_SIZED_PRIORITY = (
+    "named",
+    "assign",
+    "kwarg",
+    "dataloader",
+    "config",
+    "global",
+    "assign_any",
+    "leading_dim",
+    "list_repeat",
+)
+_NAMED_KINDS = {"named", "assign", "kwarg", "dataloader", "config", "global"}
+_NAMESPACE_KINDS = {"dataloader", "config", "global"}
 _SOURCE_KINDS = {"named", "assign", "kwarg", "leading_dim", "list_repeat"}
 _NOT_FOUND = "no batch size found in this cell: use %gpumem retry batch --batch-var NAME"
 _ACCUM = "_gpumem_accum_i"
@@ -61,7 +94,9 @@ _ACCUM = "_gpumem_accum_i"
 class BatchSite:
     """One place that holds the batch size."""
 
-    kind: str  # "assign" | "kwarg" | "leading_dim" | "list_repeat" | "global" | "dataloader" | "named"
+    # "assign" | "kwarg" | "leading_dim" | "list_repeat" | "global" | "dataloader" | "named" |
+    # "config" (``args.batch_size``, ``cfg['bs']``) | "assign_any" (``batch = 1024``)
+    kind: str
     name: str
     value: int
     lineno: int | None  # 1-based line in the cell; None for a namespace site
@@ -80,6 +115,14 @@ class BatchFinding:
     reason_not_found: str | None
     # The DataLoader objects of "dataloader" sites, by name, for apply_batch to rebuild.
     loaders: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
+    # "config" sites: name -> (variable, key, is a dict item, the config object)
+    configs: Mapping[str, tuple[str, str, bool, object]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    # what ties the value to the failure: "`train_loader.batch_size` = 128 sizes `x` (128, 784)"
+    evidence: str = ""
+    # where the value was set, for "make it permanent": site name -> "In [3], line 2: ..."
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -90,11 +133,6 @@ class AccumulationPlan:
     steps: int
     effective_batch: int
     explanation: str
-
-
-def is_batch_name(name: str) -> bool:
-    """``batch_size``, ``bs``, ``train_bsz``, ``per_device_train_batch_size``, ``micro_batch``..."""
-    return bool(_BATCH_NAME.search(name))
 
 
 # -- parsing ------------------------------------------------------------------------------
@@ -207,6 +245,8 @@ class _Finder:
                 self.site(kind, name, val, value)
             elif not isinstance(val, ast.Constant):
                 self.near_misses.append(f"{name} = {_short(val)} on line {self._line(val)}")
+        elif kind == "assign" and value is not None and value > 1:
+            self.site("assign_any", name, val, value)  # the batch only if it sizes the failure
 
     def describe_misses(self) -> str:
         """``found bs = 2 ** 6 on line 1, not a plain number``."""
@@ -319,40 +359,84 @@ def _loader_batch(obj: object) -> int | None:
 
 
 def _namespace_sites(
-    tree: ast.Module, namespace: Mapping[str, object], batch_var: str | None
-) -> list[BatchSite]:
+    tree: ast.Module,
+    namespace: Mapping[str, object],
+    batch_var: str | None,
+    used: Iterable[str] = (),
+) -> tuple[list[BatchSite], dict[str, tuple[str, str, bool, object]]]:
+    """Sites in the namespace: DataLoaders, batch-named ints and configs the cell reads (or, in
+    ``used``, the notebook functions it calls read)."""
     sites: list[BatchSite] = []
+    configs: dict[str, tuple[str, str, bool, object]] = {}
     read = {n.id for n in _first_loads(tree)}
+    stored = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} - read
     iterated = _iterated(tree)
-    names = sorted(read) + ([batch_var] if batch_var and batch_var not in read else [])
+    deeper = set(used) - read - stored
+    names = sorted(read) + sorted(deeper)
+    if batch_var and batch_var not in read:
+        names.append(batch_var)
     for name in names:
-        if name not in namespace:
+        if name not in namespace or name.startswith("_"):
             continue
         obj = namespace[name]
         loader = _loader_batch(obj)
-        if loader is not None and (name in iterated or name == batch_var):
-            sites.append(BatchSite("dataloader", name, loader, None, None, None, None))
+        if loader is not None:
+            # iterated here, named, or reached otherwise (passed to `train()`, read by it):
+            # the last kind only counts when it sizes the failing tensors
+            kind = "dataloader" if name in iterated or name == batch_var else "dataloader_used"
+            sites.append(BatchSite(kind, name, loader, None, None, None, None))
         elif type(obj) is int and obj > 1 and (name == batch_var or is_batch_name(name)):
             kind = "named" if name == batch_var else "global"
             sites.append(BatchSite(kind, name, obj, None, None, None, None))
-    return sites
+        else:
+            for key, value, is_item in config_items(obj):
+                site_name = config_name(name, key, is_item)
+                configs[site_name] = (name, key, is_item, obj)
+                sites.append(BatchSite("config", site_name, value, None, None, None, None))
+    return sites, configs
 
 
-def _choose(sites: list[BatchSite], batch_var: str | None) -> tuple[BatchSite, ...]:
-    """The sites to change: the most trusted one, and every literal that carries its value."""
+def _choose(
+    sites: list[BatchSite], batch_var: str | None, evidence: Sequence[SizedTensor] = ()
+) -> tuple[BatchSite, ...]:
+    """The sites to change: the most trusted one, and every literal that carries its value.
+
+    With the failing tensors' shapes, only a value that sizes one of them can be the batch; a
+    batch-named one that sizes none is kept only when nothing else does (the shapes seen may miss
+    the tensor that failed)."""
+    order: Sequence[str] = _PRIORITY
     if batch_var:
         primary = [s for s in sites if s.name == batch_var and s.kind in ("named", "dataloader")]
         if any(s.lineno is not None for s in primary):  # the cell's own assignment shadows
             primary = [s for s in primary if s.lineno is not None]
+    elif evidence:
+        order = _SIZED_PRIORITY
+        sizes = {s.value: sum(s.value in t.shape for t in evidence) for s in sites}
+        most = max(sizes.values(), default=0)
+        primary = [
+            s
+            for s in sites
+            if _kind(s) in order
+            and s.kind != "leading_dim_1d"
+            and sizes[s.value] > 0
+            # an anonymous number must size most of what the batch sizes (`epochs = 2` may
+            # size the logits (4096, 2), never every activation)
+            and (
+                s.kind in _NAMED_KINDS or s.kind == "dataloader_used" or 2 * sizes[s.value] >= most
+            )
+        ]
+        if not primary:
+            primary = [s for s in sites if s.kind in _NAMED_KINDS]
     else:
         primary = [s for s in sites if s.kind in _PRIORITY]
     if not primary:
         return ()
-    kind = min((s.kind for s in primary), key=_PRIORITY.index)
-    group = [s for s in primary if s.kind == kind]
+    kind = min((_kind(s) for s in primary), key=order.index)
+    group = [s for s in primary if _kind(s) == kind]
     counts = {s.value: sum(t.value == s.value for t in group) for s in group}
     # The training batch before an evaluation one, then the most common value, then the first.
     top = min(group, key=lambda s: (bool(_EVAL_NAME.search(s.name)), -counts[s.value]))
+    from_ns = kind in _NAMESPACE_KINDS
     chosen = [
         s
         for s in sites
@@ -362,24 +446,39 @@ def _choose(sites: list[BatchSite], batch_var: str | None) -> tuple[BatchSite, .
             and (
                 (s.lineno is not None and (s.kind != "named" or s.name == top.name))
                 or (kind == "global" and s.kind == "global")
+                or (from_ns and _kind(s) in _NAMESPACE_KINDS and not _EVAL_NAME.search(s.name))
             )
+            and (s.kind != "assign_any" or s.name == top.name)
         )
     ]
     return tuple(
-        BatchSite("leading_dim", *_fields(s)[1:]) if s.kind == "leading_dim_1d" else s
+        BatchSite(_kind(s), *_fields(s)[1:]) if _kind(s) != s.kind else s
         for s in sorted(chosen, key=lambda s: (s.lineno or 0, s.col or 0))
     )
+
+
+def _kind(s: BatchSite) -> str:
+    """The kind a site counts as: a 1-d factory joins as a leading dimension, a loader that is
+    only passed around as a DataLoader."""
+    return {"leading_dim_1d": "leading_dim", "dataloader_used": "dataloader"}.get(s.kind, s.kind)
 
 
 def _fields(s: BatchSite) -> tuple[str, str, int, int | None, int | None, int | None, str | None]:
     return (s.kind, s.name, s.value, s.lineno, s.col, s.end_col, s.line_text)
 
 
-def _how(sites: tuple[BatchSite, ...]) -> str:
-    main = min(sites, key=lambda s: _PRIORITY.index(s.kind))
+def _main(sites: Sequence[BatchSite]) -> BatchSite:
+    return min(sites, key=lambda s: _SIZED_PRIORITY.index(s.kind))
+
+
+def _how(sites: tuple[BatchSite, ...], iterated: bool = True) -> str:
+    main = _main(sites)
     where = f"on line {main.lineno} of the cell"
     if main.kind == "dataloader":
-        text = f"{main.name}.batch_size = {main.value} (a DataLoader this cell iterates)"
+        does = "this cell iterates" if iterated else "the cell or a function it calls uses"
+        text = f"{main.name}.batch_size = {main.value} (a DataLoader {does})"
+    elif main.kind == "config":
+        text = f"{main.name} = {main.value}, a setting this cell reads"
     elif main.lineno is None:
         text = f"{main.name} = {main.value}, a global this cell reads"
     elif main.kind == "leading_dim":
@@ -394,27 +493,74 @@ def _how(sites: tuple[BatchSite, ...]) -> str:
     return text + (f" (and {others} more with the same value)" if others else "")
 
 
+def _evidence_text(main: BatchSite, evidence: Sequence[SizedTensor]) -> str:
+    """``train_loader.batch_size = 128 sizes `x` (128, 784) in the failed frame``."""
+    hit = sized_by(main.value, evidence)
+    if hit is None:
+        return ""
+    label = f"{main.name}.batch_size" if main.kind == "dataloader" else main.name
+    if main.kind == "leading_dim":
+        label = f"the {main.value} of {main.name}"
+    where = "in the failed frame" if " in " in hit.name else "made by the failed run"
+    return f"`{label}` = {main.value} sizes {hit.text()} {where}"
+
+
 def find_batch(
-    source: str, namespace: Mapping[str, object] | None = None, *, batch_var: str | None = None
+    source: str,
+    namespace: Mapping[str, object] | None = None,
+    *,
+    batch_var: str | None = None,
+    evidence: Sequence[SizedTensor] = (),
+    used: Iterable[str] = (),
 ) -> BatchFinding:
-    """Find the batch size of a cell; see the module docstring for where and in which order."""
+    """Find the batch size of a cell; see the module docstring for where and in which order.
+
+    ``evidence``: the failing tensors with their shapes (``batch_evidence.failing_tensors``);
+    ``used``: names the notebook functions the cell calls read (``failure.names_used``)."""
     tree, offset, skip, why = _parse(source)
     if tree is None:
         return BatchFinding((), 0, "", f"{why}: use %gpumem retry batch --batch-var NAME")
     finder = _Finder(tree, _split_lines(source), offset, skip)
     finder.scan(batch_var)
     ns = namespace or {}
-    sites = finder.sites + _namespace_sites(tree, ns, batch_var)
+    ns_sites, configs = _namespace_sites(tree, ns, batch_var, used)
+    sites = finder.sites + ns_sites
     sites.sort(key=lambda s: (s.lineno or 0, s.col or 0))
-    chosen = _choose(sites, batch_var)
+    chosen = _choose(sites, batch_var, evidence)
     if not chosen:
         if batch_var:
             return BatchFinding((), 0, "", _why_not_named(batch_var, finder, namespace))
         hint = f" ({finder.describe_misses()})" if finder.near_misses else ""
+        if evidence:
+            shapes = ", ".join(t.text() for t in evidence[:3])
+            hint += f" (no number in it, or in what it reads, sizes the failing tensors: {shapes})"
         return BatchFinding((), 0, "", _NOT_FOUND.replace(":", hint + ":", 1))
     loaders = {s.name: ns[s.name] for s in chosen if s.kind == "dataloader"}
-    value = min(chosen, key=lambda s: _PRIORITY.index(s.kind)).value
-    return BatchFinding(chosen, value, _how(chosen), None, loaders)
+    main = _main(chosen)
+    iterated = main.kind != "dataloader" or main.name in _iterated(tree) or main.name == batch_var
+    history = history_of(ns)
+    origins = {}
+    for s in chosen:
+        if s.lineno is not None:
+            continue
+        var, key = (
+            (configs[s.name][0], configs[s.name][1]) if s.kind == "config" else (s.name, None)
+        )
+        where = origin(
+            history, var, key or ("batch_size" if s.kind == "dataloader" else None), s.value
+        )
+        if where:
+            origins[s.name] = where
+    return BatchFinding(
+        chosen,
+        main.value,
+        _how(chosen, iterated),
+        None,
+        loaders,
+        {s.name: configs[s.name] for s in chosen if s.kind == "config"},
+        _evidence_text(main, evidence),
+        origins,
+    )
 
 
 def _why_not_named(name: str, finder: _Finder, namespace: Mapping[str, object] | None) -> str:
@@ -473,6 +619,9 @@ def apply_batch(
             continue
         if s.kind == "dataloader":
             updates[s.name] = rebuild_loader(finding.loaders[s.name], new_value)
+        elif s.kind == "config":
+            var, key, is_item, obj = finding.configs[s.name]
+            updates[var] = with_setting(updates.get(var, obj), key, new_value, is_item)
         else:
             updates[s.name] = new_value
     return new_source, updates
@@ -536,15 +685,34 @@ def describe_change(finding: BatchFinding, new_value: int) -> str:
             f"line {n} to: {_splice([lines[n]], by_line[n])[0].strip()}" for n in sorted(lines)
         ]
         parts.append("change " + "; ".join(changed))
+    done: set[str] = set()
     for s in finding.sites:
-        if s.kind == "dataloader":
+        if s.lineno is not None:
+            continue
+        where = finding.origins.get(s.name)
+        if where is not None:
+            if where not in done:
+                parts.append(_change_origin(where, s.value, new_value))
+            done.add(where)
+        elif s.kind == "dataloader":
             parts.append(
                 f"build {s.name} with batch_size={new_value} "
                 f"(e.g. DataLoader({s.name}.dataset, batch_size={new_value}, ...))"
             )
-        elif s.lineno is None:
+        elif s.kind == "config":
+            parts.append(f"set {s.name} = {new_value} where it is made")
+        else:
             parts.append(f"set {s.name} = {new_value} before the cell (it is a global)")
     return "; ".join(parts)
+
+
+def _change_origin(where: str, old: int, new: int) -> str:
+    """``In [3], line 2: ...(batch_size=2048)`` -> ``change In [3], line 2 to: ...(batch_size=144)``."""
+    head, _, text = where.partition(": ")
+    number = re.compile(rf"(?<![\w.]){old}(?![\w.])")
+    if len(number.findall(text)) == 1:
+        return f"change {head} to: {number.sub(str(new), text)}"
+    return f"in {head} ({text}), make the batch {new}"
 
 
 # -- gradient accumulation ----------------------------------------------------------------
