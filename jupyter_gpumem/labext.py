@@ -16,7 +16,7 @@ def change_bundle(cell_id: str, line: int, old: str, new: str) -> dict[str, Any]
     ``IPython.display.display(bundle, raw=True)``."""
     return {
         CHANGE_MIME: {"cell_id": cell_id, "line": int(line), "old": old, "new": new},
-        "text/plain": f"Line {int(line)}: change  {old.strip()}  to  {new.strip()}",
+        "text/plain": f"Line {int(line)} of the cell: {old.strip()}  →  {new.strip()}",
     }
 
 

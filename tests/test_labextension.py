@@ -70,7 +70,7 @@ def test_change_bundle_carries_the_edit_and_a_text_fallback():
     assert bundle[CHANGE_MIME] == {
         "cell_id": "abc-1", "line": 3, "old": "    batch_size = 64", "new": "    batch_size = 16",
     }  # fmt: skip
-    assert bundle["text/plain"] == "Line 3: change  batch_size = 64  to  batch_size = 16"
+    assert bundle["text/plain"] == "Line 3 of the cell: batch_size = 64  →  batch_size = 16"
 
 
 def test_current_cell_id_reads_the_execute_request_metadata():
