@@ -103,7 +103,10 @@ def lab(tmp_path_factory):
         IPYTHONDIR=str(home / "ipython"),  # no user ipython_config.py (extensions, GpuMem.*)
         PYTHONUNBUFFERED="1",
         # kernels inherit it: they import jupyter_gpumem from this checkout
-        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        # (benchmarks/panel_latency.py --source times another copy: GPUMEM_PYTHONPATH)
+        PYTHONPATH=os.environ.get("GPUMEM_PYTHONPATH", str(ROOT))
+        + os.pathsep
+        + os.environ.get("PYTHONPATH", ""),
     )
     # The sidebar must find JupyterLab on its own (parent process command lines), as for a user.
     env.pop("JUPYTER_GPUMEM_FRONTEND", None)
