@@ -337,7 +337,7 @@ def main() -> None:
 
     text = "\n".join(
         [
-            "## Reduce batch: runs to the largest batch that fits",
+            "### Reduce batch vs accelerate and toma, end to end (simulated GPU)",
             "",
             f"{date.today()}, simulated GPU, torch {torch.__version__}, accelerate {acc.__version__},"
             f" toma 1.1, Python {platform.python_version()}; `python benchmarks/batch_search.py`.",
@@ -355,12 +355,16 @@ def main() -> None:
     if args.write:
         doc = ROOT / "docs" / "benchmarks.md"
         old = doc.read_text()
-        head = "## Reduce batch: runs to the largest batch that fits"
-        if head in old:
+        head = "### Reduce batch vs accelerate and toma, end to end (simulated GPU)"
+        if head in old:  # replace this section only
             before, _, after = old.partition(head)
-            rest = after.split("\n## ", 1)
-            old = before + (("## " + rest[1]) if len(rest) > 1 else "")
-        doc.write_text(old.rstrip("\n") + "\n\n" + text)
+            rest = after.split("\n### ", 1)
+            old = before + text + (("\n### " + rest[1]) if len(rest) > 1 else "")
+        else:  # after the search's own section
+            anchor = "### Gauge overhead"
+            before, _, after = old.partition(anchor)
+            old = before + text + "\n" + anchor + after if after else old + "\n" + text
+        doc.write_text(old)
 
 
 if __name__ == "__main__":

@@ -288,3 +288,24 @@ def test_random_workloads_properties_and_stats() -> None:
     assert rate["no fixed peak"] >= 0.95
     assert rate["all"] >= 0.80
     assert max(total_runs) <= 12
+
+
+def test_a_failed_guess_halves_the_bracket() -> None:
+    """The creep of issue 8 (2096, 2046, 2029, ... all OOM): peaks that understate the need make
+    the model aim just under the last failure; the safeguard halves the bracket instead."""
+    s = BatchSearch(capacity_bytes=24 * MiB, baseline_bytes=0, max_batch=8191)
+    s.observe(Observation(8192, False, None))
+    need = lambda b: 2 * MiB + b * 6 * 1024  # noqa: E731 - peaks report 2/3 of it
+    brackets = []
+    while (b := s.next_batch()) is not None:
+        lo, hi = s._bracket()
+        fit = need(b) <= 24 * MiB
+        s.observe(Observation(b, fit, int(need(b) * 2 / 3) if fit else None))
+        if not fit:
+            new_lo, new_hi = s._bracket()
+            brackets.append(((hi - lo), (new_hi - new_lo)))
+        assert len(s.observations) < 14
+    # the model's first miss is free; then a quarter at least, then half at least
+    assert all(after <= 0.75 * before + 1 for before, after in brackets[1:2])
+    assert all(after <= 0.5 * before + 1 for before, after in brackets[2:])
+    assert len(brackets) >= 2

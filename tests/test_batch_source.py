@@ -547,3 +547,53 @@ def test_accumulation_needs_a_smaller_batch() -> None:
     assert try_accumulation(TRAIN, finding, 64) == "the batch size does not shrink"
     empty = BatchFinding((), 0, "", "none")
     assert accumulation_plan(TRAIN, empty, 8) is None
+
+
+# -- by what it sizes ---------------------------------------------------------------------
+
+
+def test_evidence_picks_the_number_that_sizes_the_failing_tensors() -> None:
+    from jupyter_gpumem.fixes.batch_evidence import SizedTensor
+
+    ev = (SizedTensor("input in forward() in linear.py", (1024, 3, 32, 32)),)
+    src = "epochs = 2\nbatch = 1024\nx = torch.randn(batch, 3, 32, 32)\n"
+    finding = find_batch(src, {}, evidence=ev)
+    assert [s.name for s in finding.sites] == ["batch"] and finding.value == 1024
+    assert "sizes `input` (1024, 3, 32, 32)" in finding.evidence
+
+
+def test_evidence_refuses_a_decoy_and_finds_settings() -> None:
+    import argparse
+
+    from jupyter_gpumem.fixes.batch_evidence import SizedTensor
+
+    ev = (SizedTensor("x in train()", (128, 784)),)
+    decoy = "train(args)\nsample = torch.randn(64, 20)\n"
+    assert find_batch(decoy, {}, evidence=ev).sites == ()
+    args = argparse.Namespace(batch_size=128, test_batch_size=1000)
+    finding = find_batch(decoy, {"args": args}, evidence=ev)
+    assert [s.name for s in finding.sites] == ["args.batch_size"]
+    new_source, updates = apply_batch(decoy, finding, 50)
+    assert new_source == decoy and updates["args"].batch_size == 50 and args.batch_size == 128
+    cfg = {"batch_size": 128}
+    finding = find_batch("run(cfg['batch_size'])\n", {"cfg": cfg}, evidence=ev)
+    assert apply_batch("run(cfg['batch_size'])\n", finding, 7)[1]["cfg"] == {"batch_size": 7}
+
+
+def test_make_it_permanent_names_the_cell_and_line() -> None:
+    history = [
+        "",
+        "import torch\n",
+        "ds = make()\ntrain_loader = DataLoader(ds, batch_size=2048)\n",
+        "for x in train_loader:\n    step(x)\n",
+    ]
+
+    class Loader:
+        batch_size = 2048
+        dataset = ()
+
+    ns = {"In": history, "train_loader": Loader()}
+    finding = find_batch(history[-1], ns)
+    assert describe_change(finding, 144) == (
+        "change In [2], line 2 to: train_loader = DataLoader(ds, batch_size=144)"
+    )

@@ -19,6 +19,13 @@ fit, the *safe* guess assumes the line starts at the baseline, which overstates 
 sit on the line, the model's guess; in between (a slope that may be bent by the fixed peak, or a
 guess that failed) a geometric blend of the two. It aims at ``capacity * (1 - margin)``, or at 96.5%
 of the batch that fills the card when the margin alone would cost more than that.
+
+The safeguard. Once a guess has failed, the next guess is at most the bracket's midpoint (and,
+after a fit that followed one miss, at most three quarters of the way in); after two misses,
+always the midpoint. So a failure at least halves the bracket: bisection is the floor, and the
+search never creeps down one sample under a failure. Only fits give peaks: a failed run says
+"more than the card", never how much. ``bisect_from_now`` (a real run failed where its rehearsal
+fitted: the peaks understate the need) turns the model off.
 """
 
 from __future__ import annotations
