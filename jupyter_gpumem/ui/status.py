@@ -31,7 +31,7 @@ export default { render };
 """
 
 
-class StatusLine(anywidget.AnyWidget):  # type: ignore[misc]
+class StatusLine(anywidget.AnyWidget):
     """HTML in ``value`` (escaped by the caller), shown in a live region."""
 
     _esm = _ESM
