@@ -66,6 +66,11 @@ def stop_simulation() -> None:
     _simulated.stop()
 
 
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """For `jupyter labextension develop`: the prebuilt JupyterLab extension in this package."""
+    return [{"src": "labextension", "dest": "jupyter-gpumem"}]
+
+
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext jupyter_gpumem``: loading twice does nothing."""
     if id(ipython) in _loaded:

@@ -296,14 +296,22 @@ def other_processes(f: Facts) -> Cause | None:
     if not big_others:
         return None
     who = ", ".join(f"pid {p.pid} ({p.description}) {fmt(p.used_bytes)}" for p in big_others[:3])
-    kernel = any("notebook kernel" in p.description for p in big_others)
+    named = [p for p in big_others if "the kernel of notebook" in p.description]
+    kernel = named or any("notebook kernel" in p.description for p in big_others)
+    if named:
+        action = (
+            f"Shut down {named[0].description.split(' (')[0]} if you are done with it: "
+            f"`%gpumem shutdown {named[0].pid}` (it asks first), then re-run."
+        )
+    elif kernel:
+        action = "Shut down the other notebook's kernel (Kernel > Shut Down Kernel) and re-run."
+    else:
+        action = "Stop those processes or move to a free GPU (CUDA_VISIBLE_DEVICES)."
     return Cause(
         "other_processes",
         "Other processes use the GPU",
         f"{who}: {fmt(f.others_bytes)} this process cannot use.",
-        "Shut down the other notebook's kernel (Kernel > Shut Down Kernel) and re-run."
-        if kernel
-        else "Stop those processes or move to a free GPU (CUDA_VISIBLE_DEVICES).",
+        action,
         float(f.others_bytes),
         f.others_bytes,
         _closes(f.others_bytes, f),

@@ -7,6 +7,7 @@ import sys
 from types import MethodType
 from typing import Any
 
+from . import meter
 from .cellstats import CellStats
 from .config import GpuMem
 from .failure import FailedCell
@@ -69,6 +70,10 @@ class Extension:
 
     def load(self) -> None:
         self.hook.install()
+        try:
+            meter.start(self.shell)  # the JupyterLab status-bar meter's samples (a no-op elsewhere)
+        except Exception:
+            pass
         self.shell.register_magics(self.magics)
         configurables = getattr(self.shell, "configurables", None)
         if isinstance(configurables, list):
@@ -88,6 +93,7 @@ class Extension:
             self._unregister_magics,
             self._end_simulation,
             self._stop_cell_stats,
+            meter.stop,
         ):
             try:
                 step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ COMMANDS = (
     "release",
     "cells",
     "history",
+    "shutdown",
     "help",
 )
 
@@ -103,6 +105,7 @@ class GpuMemMagics(Magics):
         "release: free what the last failed cell pinned (when keep_traceback is on). "
         "cells on|off [--quiet]: after each cell, what it added to GPU memory, its peak and time. "
         "history: those numbers for every cell since. "
+        "shutdown PID [--yes]: shut down another notebook's kernel that holds GPU memory. "
         "help: this text.",
     )
     @argument("args", nargs=argparse.REMAINDER, help="the command's arguments and options")
@@ -150,6 +153,33 @@ class GpuMemMagics(Magics):
     def _cmd_history(self, args: list[str]) -> None:
         self._no_args("history", args)
         print(self.ext.cell_stats().table())
+
+    def _cmd_shutdown(self, args: list[str]) -> None:
+        from .kernels import find_kernel, shutdown
+
+        if not args or len(args) > 2 or (len(args) == 2 and args[1] != "--yes"):
+            raise UsageError("%gpumem shutdown takes a pid, then --yes to confirm")
+        if not args[0].isascii() or not args[0].isdigit():
+            raise UsageError(f"%gpumem shutdown: not a pid: {args[0]!r}")
+        pid = int(args[0])
+        if pid == os.getpid():
+            raise UsageError("%gpumem shutdown: that is this kernel")
+        info = find_kernel(pid)
+        if info is None:
+            raise UsageError(f"%gpumem shutdown: pid {pid} is not a Jupyter kernel seen from here")
+        if not info.notebook:
+            raise UsageError(f"%gpumem shutdown: pid {pid} is {info.describe()}")
+        if args[1:] != ["--yes"]:
+            print(
+                f"This would shut down {info.describe()}: its variables are lost. "
+                f"To confirm: %gpumem shutdown {pid} --yes"
+            )
+            return
+        try:
+            shutdown(info)
+        except Exception as exc:
+            raise UsageError(f"%gpumem shutdown: {type(exc).__name__}: {exc}") from None
+        print(f"Shut down {info.describe()}.")
 
     def _needs_widgets(self, command: str) -> None:
         if not self.ext.widgets_available():

@@ -75,7 +75,10 @@ def describe_process(pid: int) -> str:
     args = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
     text = " ".join(args)
     if "ipykernel" in text or "ipykernel_launcher" in text:
-        return "probably another notebook kernel"
+        from .kernels import find_kernel
+
+        info = find_kernel(pid)
+        return info.describe() if info is not None else "probably another notebook kernel"
     if not args:
         return "unknown process"
     short = " ".join(Path(args[0]).name if i == 0 else a for i, a in enumerate(args[:3]))
