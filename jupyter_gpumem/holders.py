@@ -7,7 +7,9 @@ then the failed frames. So a tensor that is both a global and a local of the fai
 global's (the failure does not pin it), and tied or shared weights are counted once.
 
 Only the user namespace and the frames are walked, never every gc object, so the cost is bounded by
-the namespace (containers and object attributes: at most ``MAX_ITEMS`` entries each).
+the namespace (containers and object attributes: at most ``MAX_ITEMS`` entries each). No object's
+own code runs: ``holders_scan`` reads them through C. One that cannot be read is skipped and
+counted in ``HolderSet.skipped``; the scan goes on.
 """
 
 from __future__ import annotations
@@ -260,24 +262,21 @@ def _namespace(
         if issubclass(type(user_ns), dict)
         else list(user_ns.items())
     )
+    special = set(hidden) | {"Out", "In"}
     for name, obj in items:
-        if type(name) is not str:  # globals()[1] = ...: not a variable anyone can name
+        k = kinds.get(id(type(obj))) or classify(type(obj))
+        if k == _SKIP or type(name) is not str:  # globals()[1] = ...: no variable to name
             continue
-        if name[:1] == "_" or name == "Out" or name == "In":
+        if name[:1] == "_" or name in special:
             if _OUTPUT_CACHE.match(name):
                 if name == "Out" and issubclass(type(obj), dict):
                     out = list(dict.items(obj))[-MAX_ITEMS:]
-                    cache.extend((f"Out[{k}]", v) for k, v in out if type(k) is int)
+                    cache.extend((f"Out[{key}]", v) for key, v in out if type(key) is int)
                 elif name != "Out":
                     cache.append((name, obj))
                 continue
-            if name.startswith("__") or _IPYTHON_NAMES.match(name):
+            if name in hidden or name.startswith("__") or _IPYTHON_NAMES.match(name):
                 continue
-        if name in hidden:
-            continue
-        k = kinds.get(id(type(obj))) or classify(type(obj))
-        if k == _SKIP:
-            continue
         (models if k == _MODEL else optimizers if k == _OPTIMIZER else rest).append((name, obj, k))
     return [*models, *optimizers, *rest], cache
 
