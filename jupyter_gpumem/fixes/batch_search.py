@@ -269,7 +269,14 @@ class BatchSearch:
         elif est is None:
             guess = self._blind_probe(hi) if lo < self.min_batch else (lo + hi) / 2
         else:
-            if est.kind in ("line", "lower") and lo >= self.min_batch and est.k > 0:
+            # The model never ends the search on its own: a stop needs a failure above
+            # (allocator rounding bends measured peaks; a prediction is not a proof).
+            if (
+                est.kind in ("line", "lower")
+                and lo >= self.min_batch
+                and est.k > 0
+                and hi == math.inf
+            ):
                 full = (self.capacity_bytes - est.base) / est.k
                 if lo >= _STOP_FRACTION * full:
                     return None
