@@ -236,8 +236,8 @@ def main() -> None:
             "",
             "A cell that does not fail (`y = 1 + 1`, median of "
             f"{max(args.reps * 40, 400)} runs): {1e6 * without:.0f} µs without the extension, "
-            f"{1e6 * with_ext:.0f} µs with it ({1e6 * (with_ext - without):+.0f} µs: two O(1) event "
-            "callbacks; within run-to-run noise).",
+            f"{1e6 * with_ext:.0f} µs with it ({1e6 * (with_ext - without):+.0f} µs: the "
+            "extension's per-cell event callbacks).",
             "",
         ]
     )
