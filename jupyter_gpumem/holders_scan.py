@@ -109,7 +109,8 @@ class Scan:
         self._types: list[type] = []  # keeps the ids above meaning the same types
         self.tensor_cls, self.module_cls = torch.Tensor, torch.nn.Module
         self.optimizer_cls = torch.optim.Optimizer
-        base = torch._C.TensorBase.__dict__
+        tensor_base = getattr(torch._C, "TensorBase", None) or torch._C._TensorBase  # < 2.2
+        base = _TYPE_DICT.__get__(tensor_base, type)
         self._grad, self._shape, self._dtype = base["grad"], base["shape"], base["dtype"]
         self._numel = base["numel"]
 
