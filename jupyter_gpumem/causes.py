@@ -395,12 +395,12 @@ def working_set(f: Facts) -> Cause | None:
     if req is None or d.report.backend == "CPU":
         return None
     ws = f.cell_bytes + req
-    held = f" on top of {fmt(f.resident_bytes)} held before it ran" if f.resident_bytes else ""
+    held = f" (on top of {fmt(f.resident_bytes)} held before it ran)" if f.resident_bytes else ""
     short = f": {fmt(f.short)} more than there was room for" if f.short else ""
     return Cause(
         "working_set",
         "The cell's own working set is too big",
-        f"This cell had allocated {fmt(f.cell_bytes)} when it asked for {fmt(req)} more{held}"
+        f"This cell had allocated {fmt(f.cell_bytes)}{held} when it asked for {fmt(req)} more"
         f"{short}.",
         "Reduce the batch size, enable autocast (bf16) or move the work to the CPU: the fixes "
         "below predict what each saves.",

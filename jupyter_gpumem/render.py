@@ -9,6 +9,7 @@ from __future__ import annotations
 from html import escape
 from typing import TYPE_CHECKING
 
+from .display import for_display
 from .units import format_bytes as fmt
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ def _holder_rows(d: Diagnosis) -> list[tuple[str, str, str, str, str]]:
 
 
 def render_text(d: Diagnosis, fix_lines: list[str] | None = None) -> str:
+    d, folded = for_display(d)
     out = [f"GPU out of memory: {d.headline}"]
     nums = []
     if d.allocated_bytes is not None:
@@ -87,6 +89,8 @@ def render_text(d: Diagnosis, fix_lines: list[str] | None = None) -> str:
     for i, c in enumerate(d.causes, 1):
         out.append(f"  {i}. {c.title}. {c.evidence}")
         out.append(f"     -> {c.action}")
+    for c in folded:
+        out.append(f"  ({c.title}: {c.action[0].lower()}{c.action[1:]})")
     for note in d.notes:
         out.append(f"  {note}")
     if fix_lines:

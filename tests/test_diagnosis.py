@@ -233,8 +233,10 @@ def test_working_set_numbers_agree_with_the_headline() -> None:
     case = Case(cuda_message(64, 30, 160, 120, 10), [var("model_w", 100)])
     d_causes = causes(case)
     ws = next(c for c in d_causes if c.key == "working_set")
-    assert "had allocated 20.00 MiB when it asked for 64.00 MiB more" in ws.evidence
-    assert "on top of 100 MiB held before it ran" in ws.evidence
+    assert "had allocated 20.00 MiB (on top of 100 MiB held before it ran) when it asked" in (
+        ws.evidence
+    )
+    assert "asked for 64.00 MiB more" in ws.evidence
     assert "34.00 MiB more than there was room for" in ws.evidence
 
 

@@ -21,6 +21,7 @@ import ipywidgets as W
 from IPython import version_info as _ipython_version
 
 from ..backends import simulated
+from ..display import for_display
 from ..failure import FailedCell
 from ..fixes import FIXES, Attempt, Check, FixOutcome
 from ..hook import without_dispatch_frames
@@ -149,7 +150,7 @@ class DiagnosisPanel:
         d = failed.diagnosis
         assert d is not None
         self.checks = check_all(self.shell, failed, Options(), self.ext.remembered)
-        shown, folded = wording.for_display(d)
+        shown, folded = for_display(d)
         parts: list[W.Widget] = [
             W.HTML(render_html(shown) + chart.breakdown_html(d) + wording.folded_html(folded))
         ]
