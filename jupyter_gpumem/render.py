@@ -84,6 +84,13 @@ def render_text(d: Diagnosis, fix_lines: list[str] | None = None) -> str:
         more = len(d.holders.holders) - len(rows)
         if more > 0:
             out.append(f"  ... and {more} more")
+    skipped = getattr(d.holders, "skipped", 0)
+    if skipped:
+        why = "; ".join(getattr(d.holders, "skipped_reasons", [])[:2])
+        out.append(
+            f"  ({skipped} object{'s' if skipped > 1 else ''} not read: reading "
+            f"{'them' if skipped > 1 else 'it'} would run its own code{': ' + why if why else ''})"
+        )
     out.append("")
     out.append("Likely cause" + ("s" if len(d.causes) > 1 else ""))
     for i, c in enumerate(d.causes, 1):

@@ -198,13 +198,6 @@ def test_cifar10_tutorial_oomsafe_equals_one_clean_run(shell: Any, capsys: Any) 
     assert fixed["running_loss"] == clean["running_loss"]
 
 
-@pytest.mark.xfail(
-    reason="BatchSearch gives up when real runs fail after their rehearsals fitted (a rehearsal "
-    "covers two passes; epoch 2 after a short last batch needs more): on 1024 images it tries "
-    "63, 315, 305 (rehearsal fits, real run OOM), 244 (fits), 289 (rehearsal fits, real run OOM) "
-    "and ends 'No batch fitted for the whole run in 7 runs' without trying 244 or below for real",
-    strict=True,
-)
 def test_cifar10_tutorial_reduce_batch_survives_a_real_run_that_fails(
     shell: Any, capsys: Any
 ) -> None:
@@ -615,29 +608,22 @@ def mnist(shell: Any) -> Any:
     return shell
 
 
-def test_mnist_example_loader_passed_to_a_function_is_named_with_batch_var(
+def test_mnist_example_loader_passed_to_a_function_is_found_by_what_it_sizes(
     mnist: Any, capsys: Any
 ) -> None:
-    """The example's loop passes `train_loader` to train(); Reduce batch does not look into it and
-    says to name the batch; the failure was in the first forward, so nothing would repeat."""
+    """The example's loop passes `train_loader` to train(): Reduce batch finds it by the number
+    that sizes the failing `data`, with no --batch-var; the failure was in the first forward, so
+    nothing would repeat, and what it keeps is one real run."""
     shell = mnist
     assert _ext(shell).hook.last_failure.earlier_passes is False
     capsys.readouterr()
     shell.run_cell("%gpumem retry batch")
     out = capsys.readouterr().out
-    assert "--batch-var" in out, out
-    assert shell.user_ns["scheduler"].last_epoch == 0
-    assert not shell.user_ns["optimizer"].state
+    assert "Fits at batch" in out, out
+    assert "`train_loader.batch_size` = 64 sizes `data` (64, 1, 28, 28)" in out, out
+    assert "--batch-var" not in out
 
 
-@pytest.mark.xfail(
-    reason="BatchSearch after a real run fails (rehearsals cover two passes of train()'s loop, not "
-    "epoch 2): batch 61 rehearsed fine and failed for real, then next_batch() proposes 60 (one "
-    "sample below a real failure, despite _MIN_STEP/_MISSED_CUT), whose real run fails too, and "
-    "the 7-run budget ends with 'No batch fitted for the whole run' although 41 had fitted and a "
-    "clean run at 41 fits",
-    strict=True,
-)
 def test_mnist_example_reduce_batch_ends_at_a_batch_that_fits(mnist: Any, capsys: Any) -> None:
     shell = mnist
     capsys.readouterr()

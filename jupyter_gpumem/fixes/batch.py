@@ -39,6 +39,10 @@ class _ReservedPeak:
         self.peak_bytes = stats.get("reserved_bytes.all.peak")
 
 
+# Real runs allowed after a real run failed where its rehearsal fitted (bisecting down).
+_REAL_RETRIES = 3
+
+
 def _need(result: RunResult, probe: _ReservedPeak) -> int | None:
     """What a run that fitted needed: its reserved peak where known, else its allocated peak."""
     peaks = [p for p in (result.peak_bytes, probe.peak_bytes) if p is not None]
@@ -130,6 +134,7 @@ class ReduceBatch(Fix):
         accumulate = None
         final: RunResult | None = None
         rehearse = True
+        extended = False
         budget = ctx.max_runs + 1
         probe = _ReservedPeak()
         while len(attempts) < budget and final is None:
@@ -180,6 +185,11 @@ class ReduceBatch(Fix):
                 if real:
                     rehearse = False
                     search.bisect_from_now()
+                    if not extended:
+                        # rehearsals cannot see what a later phase needs (epoch 2, a test()
+                        # with its own batch): real runs decide now, with a few more allowed
+                        budget = max(budget, len(attempts) + _REAL_RETRIES)
+                        extended = True
         best = attempts[-1].batch if final is not None else None
         outcome.batch = best
         if best is None or final is None:

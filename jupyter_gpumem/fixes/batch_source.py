@@ -25,6 +25,7 @@ Edits are spliced into the original text, so comments, formatting and non-ASCII 
 from __future__ import annotations
 
 import ast
+import inspect
 import itertools
 import math
 import re
@@ -349,9 +350,12 @@ def _iterated(tree: ast.Module) -> set[str]:
 
 
 def _loader_batch(obj: object) -> int | None:
-    try:  # user objects may raise anything from __getattr__
-        size = getattr(obj, "batch_size", None)
-        if type(size) is int and size >= 1 and hasattr(obj, "dataset"):
+    """A DataLoader's batch size, read without running the object's own code (no
+    ``__getattr__``, no properties: a lazy object's getter can take seconds or print)."""
+    try:
+        size = inspect.getattr_static(obj, "batch_size", None)
+        dataset = inspect.getattr_static(obj, "dataset", None)
+        if type(size) is int and size >= 1 and dataset is not None:
             return size
     except Exception:
         pass
