@@ -456,7 +456,7 @@ def test_accumulation_rewrites_the_loop() -> None:
         "        losses.append(loss)\n"
     )
     assert plan.explanation.startswith(
-        "Gradient accumulation keeps the same effective batch (was 64): 4 batches of 16"
+        "Gradient accumulation keeps the effective batch of 64: 4 batches of 16"
     )
 
 
@@ -500,7 +500,10 @@ def test_accumulated_loop_steps_every_n_batches() -> None:
     )
     plan = try_accumulation(src, find_batch(src), 11)
     assert isinstance(plan, AccumulationPlan) and plan.steps == 3
-    assert plan.effective_batch == 33 and "an effective batch of 33 (was 32)" in plan.explanation
+    assert (
+        plan.effective_batch == 33
+        and "an effective batch of 33, the nearest to 32" in plan.explanation
+    )
     assert "    if _gpumem_accum_i % 3 == 0:\n        scaler.step(opt)\n" in plan.source
     log: list[str] = []
     ns: dict[str, object] = {"Loss": Loss, "log": log, "opt": Recorder(log, "opt")}
@@ -597,3 +600,15 @@ def test_make_it_permanent_names_the_cell_and_line() -> None:
     assert describe_change(finding, 144) == (
         "change In [2], line 2 to: train_loader = DataLoader(ds, batch_size=144)"
     )
+
+
+def test_accumulation_comes_as_close_to_the_old_batch_as_it_can() -> None:
+    """4096 at most 959 a step: 5 batches of 820 (4100), not 5 of 959 (4795)."""
+    src = (
+        "bs = 4096\nfor x in range(6):\n    loss = f(x)\n    loss.backward()\n"
+        "    opt.step()\n    opt.zero_grad()\n"
+    )
+    plan = try_accumulation(src, find_batch(src), 959)
+    assert isinstance(plan, AccumulationPlan)
+    assert (plan.steps, plan.effective_batch) == (5, 4100)
+    assert "5 batches of 820" in plan.explanation

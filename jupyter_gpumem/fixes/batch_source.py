@@ -785,6 +785,9 @@ def try_accumulation(source: str, finding: BatchFinding, new_value: int) -> Accu
     if isinstance(loop, str):
         return loop
     steps = math.ceil(old / new_value)
+    # the smallest per-step batch that still reaches the old one in that many steps (<= the batch
+    # that fit): 4096 at most 959 a step is 5 x 820 = 4100, not 5 x 959 = 4795
+    new_value = math.ceil(old / steps)
     body = loop.body
     statements = {st.lineno + offset for st in body}
     if (
@@ -849,9 +852,13 @@ def try_accumulation(source: str, finding: BatchFinding, new_value: int) -> Accu
     if _parse(new_source)[0] is None:
         return "the rewritten cell does not parse; not offered"
     effective = steps * new_value
-    same = "the same effective batch" if effective == old else f"an effective batch of {effective}"
+    same = (
+        f"keeps the effective batch of {old}"
+        if effective == old
+        else f"gives an effective batch of {effective}, the nearest to {old} it can"
+    )
     explanation = (
-        f"Gradient accumulation keeps {same} (was {old}): {steps} batches of {new_value}, "
+        f"Gradient accumulation {same}: {steps} batches of {new_value}, "
         f"the loss divided by {steps}, and the optimizer stepped every {steps} batches "
         f"(counter {_ACCUM}); a last group of fewer than {steps} batches is not stepped."
     )
