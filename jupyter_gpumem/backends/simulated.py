@@ -215,6 +215,7 @@ class SimulatedGPU:
         self._on_free = self._dead.append  # weakref callbacks only queue: they may run anywhere
         self._allocated = self._small = self._mid = self._large = 0
         self._peak_allocated = self._peak_reserved = self._num_ooms = 0
+        self._history: Any = _recorder  # backends/_trace.py's recorder while tracing, else None
 
     def __repr__(self) -> str:
         return (
@@ -296,6 +297,12 @@ class SimulatedGPU:
             return None
         return ref.key, ref.nbytes
 
+    def live_storages(self) -> list[tuple[int, int]]:
+        """(storage key, nbytes) of every storage counted now."""
+        with self._lock:
+            self._drain()
+            return [(ref.key, ref.nbytes) for ref in self._live.values()]
+
     def track(self, *tensors: torch.Tensor) -> None:
         """Count tensors made before the simulation, as if moved to the card (may raise its OOM)."""
         import torch
@@ -316,6 +323,8 @@ class SimulatedGPU:
             if ref is not None and ref() is storage:
                 del self._live[ref.key]
                 self._grow(ref.nbytes, -1)
+                if self._history is not None:
+                    self._history.free(ref.key, ref.nbytes)
         return tensor
 
     # ---- the model, called by the dispatch mode ---------------------------------------------
@@ -357,6 +366,8 @@ class SimulatedGPU:
             if live.get(ref.key) is ref:
                 del live[ref.key]
                 self._grow(ref.nbytes, -1)
+                if self._history is not None:
+                    self._history.free(ref.key, ref.nbytes)
 
     def _note_peaks(self) -> None:
         self._peak_allocated = max(self._peak_allocated, self._allocated)
@@ -365,6 +376,9 @@ class SimulatedGPU:
     def _fail(self, nbytes: int) -> str:  # caller holds the lock
         self._num_ooms += 1
         reserved = self._reserved()
+        if self._history is not None:
+            free = max(self.total_bytes - reserved - self._others, 0)
+            self._history.oom(allocation_size(nbytes), free)
         return oom_message(
             allocation_size(nbytes),
             device=self.device_index,
@@ -431,6 +445,8 @@ class SimulatedGPU:
             live, on_free = self._live, self._on_free
             for key, (storage, nbytes) in new.items():
                 live[key] = _StorageRef(storage, on_free, key, nbytes)
+            if self._history is not None:
+                self._history.alloc(new)
             if self._allocated > self._peak_allocated:
                 self._peak_allocated = self._allocated
             if reserved > self._peak_reserved:
@@ -699,6 +715,17 @@ _modes: tuple[Any, ...] = ()  # (function mode, dispatch mode) pushed by start
 _thread: int | None = None
 _patched: dict[str, tuple[Any, Any]] = {}  # torch.cuda name -> (original, stand-in)
 _borrowed: list[Any] = []  # function modes pushed by on_this_thread, on other threads
+_recorder: Any = None  # the allocation-history recorder every card gets while tracing
+
+
+def record_history(recorder: Any) -> None:
+    """Give each storage counted from now on (this card's and later ones') to ``recorder``
+    (``alloc(new)``, ``free(key, nbytes)``, ``oom(size, free)``: backends/_trace.py); None ends it."""
+    global _recorder
+    with _state_lock:
+        _recorder = recorder
+        if _sim is not None:
+            _sim._history = recorder
 
 
 def current() -> SimulatedGPU | None:

@@ -1,0 +1,415 @@
+"""Allocation history with Python stacks: torch's own on CUDA, a recorder on the simulated GPU.
+
+On CUDA, ``torch.cuda.memory._record_memory_history`` keeps a stack for every live block and a ring
+buffer of alloc/free events; ``_snapshot()`` reads them. On the simulated GPU, :class:`Recorder`
+does the same for each counted storage (``simulated.record_history``): a short stack walked with
+``sys._getframe`` (no source lines read), kept until the storage dies, and events in a ring buffer
+of ``max_entries``, written as the pickle PyTorch's memory viewer opens.
+
+The model module an allocation came from (``layer4.1.conv2``) is tracked with global
+``nn.Module`` forward hooks (a per-thread stack of the modules whose forward is running); on CUDA
+it travels with the allocation as the allocator's user metadata where torch has it
+(``_set_memory_metadata``). The hooks cost a few microseconds per module call: ``modules=False``
+leaves them out.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Container
+from typing import Any, NamedTuple
+
+from . import simulated
+from .simulated import (
+    _LARGE_BUFFER,
+    _MIN_LARGE_ALLOC,
+    _ROUND_LARGE,
+    _SMALL_BUFFER,
+    _SMALL_SIZE,
+    _ceil,
+    _rounded,
+)
+
+Frame = tuple[str, int, str]  # (filename, line, function), as torch's snapshot has them
+ModuleToken = tuple[int, str]  # (id of the outermost module running, path below it)
+
+_MAX_FRAMES = 64  # a walk stops at the first notebook frame; this bounds it elsewhere
+_OWN_FILES = frozenset(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    for name in ("simulated.py", "_cuda_to_cpu.py", "_trace.py")
+)
+_META = "jupyter_gpumem:"  # prefix of the user metadata we attach on CUDA
+_BASE_ADDRESS = 0x7F0000000000  # simulated addresses: made up, never reused, 512-aligned
+
+
+class Allocation(NamedTuple):
+    """One live allocation (a storage on the simulated GPU, a block on CUDA)."""
+
+    nbytes: int
+    frames: tuple[Frame, ...]  # innermost first; empty when allocated before tracing started
+    module: ModuleToken | None
+
+
+# ---- the model's modules: which forward is running -------------------------------------------
+
+_local = threading.local()
+_roots: dict[int, tuple[weakref.ref[Any], dict[int, str]]] = {}  # id(root) -> (root, id -> path)
+_hooks: list[Any] = []
+_set_metadata: Any = None  # torch's _set_memory_metadata while CUDA tracing is on
+
+
+def _path_in(root: Any, module: Any) -> str:
+    entry = _roots.get(id(root))
+    if entry is None or entry[0]() is not root:
+        entry = _roots[id(root)] = (weakref.ref(root), {})
+    names = entry[1]
+    path = names.get(id(module))
+    if path is None:  # first call, or a module added since: read the tree again, once
+        names.update({id(m): name for name, m in root.named_modules()})
+        path = names.setdefault(id(module), type(module).__name__)
+    return path
+
+
+def _enter(module: Any, _args: Any) -> None:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    if stack:
+        root = stack[-1][0]
+        token = (id(root), _path_in(root, module))
+    else:
+        root, token = module, (id(module), "")
+        _path_in(module, module)
+    stack.append((root, token, module))
+    if _set_metadata is not None:
+        _set_metadata(f"{_META}{token[0]}:{token[1]}")
+
+
+def _leave(module: Any, _args: Any, _output: Any) -> None:
+    stack = getattr(_local, "stack", None)
+    while stack:  # always_call hooks run on errors too; pop to this module whatever happened
+        if stack.pop()[2] is module:
+            break
+    if _set_metadata is not None:
+        _set_metadata(f"{_META}{stack[-1][1][0]}:{stack[-1][1][1]}" if stack else "")
+
+
+def current_module() -> ModuleToken | None:
+    """The module whose forward runs on this thread, innermost, as a token."""
+    stack = getattr(_local, "stack", None)
+    return stack[-1][1] if stack else None
+
+
+def module_root(token: ModuleToken) -> Any:
+    """The outermost module of a token, while it is alive (else None)."""
+    entry = _roots.get(token[0])
+    return None if entry is None else entry[0]()
+
+
+def _add_module_hooks(torch: Any) -> None:
+    register = torch.nn.modules.module
+    _hooks.append(register.register_module_forward_pre_hook(_enter))
+    try:
+        _hooks.append(register.register_module_forward_hook(_leave, always_call=True))
+    except TypeError:  # torch 2.0: no always_call; _leave still pops past what an error skipped
+        _hooks.append(register.register_module_forward_hook(_leave))
+
+
+# ---- the simulated GPU's recorder ---------------------------------------------------------------
+
+
+def _block_size(nbytes: int) -> int:
+    """The block the caching allocator gives, as the simulated card counts it."""
+    size = _rounded(nbytes)
+    return size if size < _MIN_LARGE_ALLOC else _ceil(size, _ROUND_LARGE)
+
+
+class Recorder:
+    """Stacks of the live storages and a ring buffer of events, for one tracing session.
+
+    Called by the simulated GPU under its lock: ``alloc`` for each batch of new storages, ``free``
+    when one dies, ``oom`` when an allocation fails.
+    """
+
+    def __init__(self, max_entries: int, stop_files: Container[str] = (), modules: bool = True):
+        # (action, addr, size, frames, time_us[, device_free])
+        self.events: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=max_entries)
+        self.records: dict[int, tuple[int, tuple[Frame, ...], ModuleToken | None]] = {}
+        self.stop_files = stop_files
+        self.modules = modules
+        self._stacks: dict[tuple[Frame, ...], tuple[Frame, ...]] = {}  # one copy of each stack
+        self._next = _BASE_ADDRESS
+
+    def _stack(self) -> tuple[Frame, ...]:
+        frame: Any = sys._getframe(4)  # past _stack, alloc or oom, _commit or _fail, _count
+        own, stop = _OWN_FILES, self.stop_files
+        frames: list[Frame] = []
+        while frame is not None and len(frames) < _MAX_FRAMES:
+            code = frame.f_code
+            filename = code.co_filename
+            if filename not in own:
+                frames.append((filename, frame.f_lineno, code.co_name))
+                if filename in stop or filename.startswith("<ipython-input-"):
+                    break
+            frame = frame.f_back
+        stack = tuple(frames)
+        return self._stacks.setdefault(stack, stack)
+
+    def address(self, key: int, nbytes: int) -> int:
+        """The made-up address of a storage, assigned on first sight (frames () if untraced)."""
+        record = self.records.get(key)
+        if record is None:
+            record = self.records[key] = (self._claim(nbytes), (), None)
+        return record[0]
+
+    def _claim(self, nbytes: int) -> int:
+        addr = self._next
+        self._next += max(_block_size(nbytes), 512)
+        return addr
+
+    def alloc(self, new: dict[int, tuple[Any, int]]) -> None:
+        frames = self._stack()
+        module = current_module() if self.modules else None
+        now = time.time_ns() // 1000
+        records, append = self.records, self.events.append
+        for key, (_storage, nbytes) in new.items():
+            addr = self._claim(nbytes)
+            records[key] = (addr, frames, module)
+            size = _block_size(nbytes)
+            append(("segment_alloc", addr, size, frames, now))
+            append(("alloc", addr, size, frames, now))
+
+    def free(self, key: int, nbytes: int) -> None:
+        record = self.records.pop(key, None)
+        if record is None:
+            return
+        addr, size, now, append = (
+            record[0],
+            _block_size(nbytes),
+            time.time_ns() // 1000,
+            self.events.append,
+        )
+        append(("free_requested", addr, size, (), now))
+        append(("free_completed", addr, size, (), now))
+        append(("segment_free", addr, size, (), now))
+
+    def oom(self, size: int, device_free: int) -> None:
+        self.events.append(("oom", 0, size, self._stack(), time.time_ns() // 1000, device_free))
+
+
+def _frame_dicts(frames: tuple[Frame, ...]) -> list[dict[str, Any]]:
+    return [{"filename": f, "line": line, "name": name} for f, line, name in frames]
+
+
+def _segment(
+    device: int, addr: int, size: int, nbytes: int, frames: list[Any], live: bool
+) -> dict[str, Any]:
+    return {
+        "device": device,
+        "address": addr,
+        "total_size": size,
+        "allocated_size": size if live else 0,
+        "active_size": size if live else 0,
+        "requested_size": nbytes,
+        "stream": 0,
+        "segment_type": "small" if size <= _SMALL_SIZE else "large",
+        "segment_pool_id": (0, 0),
+        "is_expandable": False,
+        "frames": frames,
+        "blocks": [
+            {
+                "address": addr,
+                "size": size,
+                "requested_size": nbytes,
+                "state": "active_allocated" if live else "inactive",
+                "frames": frames,
+            }
+        ],
+    }
+
+
+def simulated_snapshot(sim: simulated.SimulatedGPU, recorder: Recorder | None) -> dict[str, Any]:
+    """``torch.cuda.memory._snapshot()``'s format for the simulated card.
+
+    Each live storage is drawn as a segment of its own holding one block; what the card reserves
+    beyond that (the 2 MiB and 20 MiB pools' slack) is one free segment per pool, so the
+    segments add up to the card's reserved bytes, as ``_memory_viz.segsum`` checks.
+    """
+    recorder = recorder if recorder is not None else Recorder(1)
+    device = sim.device_index
+    segments = []
+    small = mid = 0
+    for key, nbytes in sim.live_storages():
+        addr = recorder.address(key, nbytes)
+        frames = _frame_dicts(recorder.records[key][1])
+        size = _block_size(nbytes)
+        if nbytes:
+            if size <= _SMALL_SIZE:
+                small += size
+            elif size < _MIN_LARGE_ALLOC:
+                mid += size
+        segments.append(_segment(device, addr, size, nbytes, frames, live=True))
+    for used, pool in ((small, _SMALL_BUFFER), (mid, _LARGE_BUFFER)):
+        slack = _ceil(used, pool) - used
+        if slack:
+            segments.append(_segment(device, recorder._claim(slack), slack, 0, [], live=False))
+    trace = []
+    for event in recorder.events:
+        entry = {
+            "action": event[0],
+            "addr": event[1],
+            "size": event[2],
+            "stream": 0,
+            "frames": _frame_dicts(event[3]),
+            "time_us": event[4],
+        }
+        if event[0] == "oom":
+            entry["device_free"] = event[5]
+            del entry["addr"]
+        trace.append(entry)
+    traces: list[list[dict[str, Any]]] = [[] for _ in range(device + 1)]
+    traces[device] = trace
+    return {"segments": segments, "device_traces": traces, "allocator_settings": {}}
+
+
+# ---- tracing on and off ---------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_recorder: Recorder | None = None
+_cuda = False
+_active = False
+
+
+def start(max_entries: int, *, stop_files: Container[str] = (), modules: bool = True) -> None:
+    """Record allocations with their stacks from now on (CUDA where there is a GPU, the simulated
+    GPU always). ``stop_files``: files whose frames end a walk (the notebook's cells)."""
+    global _recorder, _cuda, _active, _set_metadata
+    import torch
+
+    with _lock:
+        _stop_locked(torch)
+        _recorder = Recorder(max_entries, stop_files, modules)
+        simulated.record_history(_recorder)
+        if torch.cuda.is_available() and simulated.current() is None:
+            memory = torch.cuda.memory
+            try:
+                memory._record_memory_history(max_entries=max_entries, stacks="python")
+            except TypeError:  # older signature
+                memory._record_memory_history(max_entries=max_entries)
+            _cuda = True
+            _set_metadata = getattr(memory, "_set_memory_metadata", None) if modules else None
+        if modules:
+            _add_module_hooks(torch)
+        _active = True
+
+
+def stop() -> None:
+    """Stop recording and forget what was recorded. Safe to call again."""
+    with _lock:
+        _stop_locked(sys.modules.get("torch"))
+
+
+def _stop_locked(torch: Any) -> None:
+    global _recorder, _cuda, _active, _set_metadata
+    for handle in _hooks:
+        handle.remove()
+    _hooks.clear()
+    _local.__dict__.pop("stack", None)
+    if _set_metadata is not None:
+        try:
+            _set_metadata("")
+        except Exception:
+            pass
+    _set_metadata = None
+    if _recorder is not None:
+        simulated.record_history(None)
+    if _cuda and torch is not None:
+        try:
+            torch.cuda.memory._record_memory_history(None)
+        except Exception:
+            pass
+    _recorder, _cuda, _active = None, False, False
+    _roots.clear()
+
+
+def active() -> bool:
+    return _active
+
+
+def live_allocations() -> list[Allocation]:
+    """What is allocated now, each with the stack that allocated it ([] when tracing is off)."""
+    if not _active:
+        return []
+    sim = simulated.current()
+    if sim is not None:
+        recorder = _recorder
+        records = recorder.records if recorder is not None else {}
+        out = []
+        for key, nbytes in sim.live_storages():
+            record = records.get(key)
+            if record is None:
+                out.append(Allocation(nbytes, (), None))
+            else:
+                out.append(Allocation(nbytes, record[1], record[2]))
+        return out
+    if _cuda:
+        return _cuda_allocations()
+    return []
+
+
+def _token(meta: object) -> ModuleToken | None:
+    if not isinstance(meta, str) or not meta.startswith(_META):
+        return None
+    root, _, path = meta[len(_META) :].partition(":")
+    try:
+        return int(root), path
+    except ValueError:
+        return None
+
+
+def _cuda_allocations() -> list[Allocation]:
+    torch = sys.modules["torch"]
+    try:
+        snap = torch.cuda.memory._snapshot()
+        device = torch.cuda.current_device()
+    except Exception:
+        return []
+    meta_at: dict[int, Any] = {}
+    traces = snap.get("device_traces") or []
+    for entry in traces[device] if device < len(traces) else ():
+        if entry.get("action") == "alloc" and "user_metadata" in entry:
+            meta_at[entry.get("addr", -1)] = entry["user_metadata"]
+    out = []
+    for seg in snap.get("segments", ()):
+        if seg.get("device", device) != device:
+            continue
+        addr = seg.get("address", 0)
+        for block in seg.get("blocks", ()):
+            if block.get("state") == "active_allocated":
+                frames = tuple(
+                    (str(f.get("filename", "")), int(f.get("line", 0)), str(f.get("name", "")))
+                    for f in block.get("frames", ())
+                )
+                meta = block.get("user_metadata", meta_at.get(addr))
+                nbytes = int(block.get("requested_size", block.get("size", 0)))
+                out.append(Allocation(nbytes, frames, _token(meta)))
+            addr += int(block.get("size", 0))
+    return out
+
+
+def snapshot() -> dict[str, Any]:
+    """``torch.cuda.memory._snapshot()`` (segments with their blocks' stacks, and the event history),
+    or the same for the simulated card; the pickle of it is what https://pytorch.org/memory_viz
+    opens."""
+    sim = simulated.current()
+    if sim is not None:
+        return simulated_snapshot(sim, _recorder)
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        raise RuntimeError("no CUDA GPU here: use `%gpumem simulate SIZE` to rehearse a small card")
+    return dict(torch.cuda.memory._snapshot())
