@@ -42,6 +42,9 @@ def readable_holders(holders: list[Holder]) -> list[Holder]:
             out.append(h)
             continue
         lib = library_of(m["file"])
+        if lib == m["file"]:
+            out.append(h)  # not a loaded library's file: a notebook cell's (ipykernel's temp files)
+            continue
         if lib == "jupyter_gpumem":
             lib = "torch"  # the simulated GPU's dispatch frames stand in for torch's allocator
         if lib not in merged:
