@@ -181,15 +181,17 @@ def test_oomsafe_reduces(
 
 
 def test_decoy_alone_is_not_the_batch(shell: Any, capsys: Any) -> None:
-    """The loader's batch is not reachable by name (a lambda builds it): the 64 of
-    `torch.randn(64, 20)` sizes no failing tensor, so it is not offered as the batch."""
+    """The cell reaches the loader only through a lambda: the 64 of `torch.randn(64, 20)` sizes
+    no failing tensor, so it is never offered; the loader whose 4096 does is found in the
+    namespace by what it sizes."""
     _setup(shell, LOADER_SETUP + "get = lambda: train_loader\n")
     cell = LOADER_CELL.replace("in zip(range(2), train_loader)", "in zip(range(2), get())")
     assert not shell.run_cell(cell, store_history=True).success
     capsys.readouterr()
     shell.run_cell("%gpumem retry batch")
     out = capsys.readouterr().out
-    assert "does not apply" in out and "sizes the failing tensors" in out, out
+    assert "`train_loader.batch_size` = 4096 sizes `x`" in out, out
+    assert "randn(64" not in out.split("To make it permanent")[-1].split("\n")[0], out
 
 
 def test_lstm_frees_what_a_card_frees(shell: Any) -> None:
