@@ -49,6 +49,9 @@ class Diagnosis:
     allocated_after_bytes: int | None = None
     released: bool = False
     notes: list[str] = field(default_factory=list)
+    # `%gpumem trace on`: live memory by the source line that allocated it ("In [7], line 3: ...")
+    allocated_by: list[str] = field(default_factory=list)
+    tracing: bool = False
 
     @property
     def device_label(self) -> str:

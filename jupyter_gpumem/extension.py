@@ -94,6 +94,7 @@ class Extension:
             self._end_simulation,
             self._stop_cell_stats,
             meter.stop,
+            self._stop_trace,
         ):
             try:
                 step()
@@ -118,6 +119,12 @@ class Extension:
     def _stop_cell_stats(self) -> None:
         if self._cell_stats is not None:
             self._cell_stats.stop()
+
+    def _stop_trace(self) -> None:
+        if "jupyter_gpumem.trace" in sys.modules:
+            from . import trace
+
+            trace.stop()
 
     def _close_widgets(self) -> None:
         if self.sidebar is not None:

@@ -13,6 +13,7 @@ from types import CodeType, FunctionType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import holders as holders_mod
+from . import trace
 from .diagnosis import Diagnosis, diagnose
 from .oom import OOMReport
 from .readings import MemorySnapshot, read_snapshot
@@ -177,6 +178,13 @@ def build_failure(
     )
     del frames
     lineno = cell_lineno(tb, user_ns)
+    allocated_by: list[str] = []
+    tracing = trace.active()
+    if tracing:
+        try:  # read while the failed frames' tensors are still alive
+            allocated_by = trace.summary_lines(5, shell=shell)
+        except Exception:
+            allocated_by = []
     try:
         loop, earlier = find_loop(tb, user_ns, preexisting)
     except Exception:  # a reading, never a reason to lose the diagnosis
@@ -198,6 +206,7 @@ def build_failure(
         released=released is not None,
         created=created,
     )
+    diag.allocated_by, diag.tracing = allocated_by, tracing
     return FailedCell(
         source=source,
         exc_type=type(value),

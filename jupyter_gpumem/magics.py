@@ -38,6 +38,7 @@ COMMANDS = (
     "cells",
     "history",
     "shutdown",
+    "trace",
     "help",
 )
 
@@ -106,6 +107,8 @@ class GpuMemMagics(Magics):
         "cells on|off [--quiet]: after each cell, what it added to GPU memory, its peak and time. "
         "history: those numbers for every cell since. "
         "shutdown PID [--yes]: shut down another notebook's kernel that holds GPU memory. "
+        "trace on|off|save [PATH]: record which source line allocates each tensor; an OOM then "
+        "says which lines hold the memory; save writes PyTorch's memory-viewer snapshot. "
         "help: this text.",
     )
     @argument("args", nargs=argparse.REMAINDER, help="the command's arguments and options")
@@ -153,6 +156,30 @@ class GpuMemMagics(Magics):
     def _cmd_history(self, args: list[str]) -> None:
         self._no_args("history", args)
         print(self.ext.cell_stats().table())
+
+    def _cmd_trace(self, args: list[str]) -> None:
+        from . import trace
+
+        if args == ["on"] or args == ["on", "--no-modules"]:
+            trace.start(modules="--no-modules" not in args, shell=self.shell)
+            print(
+                "Tracing allocations: an OOM now says which lines of your cells hold the memory; "
+                "`%gpumem trace save` writes a snapshot for pytorch.org/memory_viz. It slows each "
+                "allocation a little; `%gpumem trace off` ends it."
+            )
+        elif args == ["off"]:
+            was = trace.active()
+            trace.stop()
+            print("Tracing off." if was else "Tracing was not on.")
+        elif args[:1] == ["save"] and len(args) <= 2:
+            if not trace.active():
+                raise UsageError("%gpumem trace save: tracing is off (`%gpumem trace on` first)")
+            path = trace.save_snapshot(
+                args[1] if len(args) == 2 else "gpumem_snapshot.pickle", shell=self.shell
+            )
+            print(f"Saved {path}: open it at https://pytorch.org/memory_viz (nothing is uploaded).")
+        else:
+            raise UsageError("%gpumem trace takes on [--no-modules], off, or save [PATH]")
 
     def _cmd_shutdown(self, args: list[str]) -> None:
         from .kernels import find_kernel, shutdown

@@ -59,6 +59,14 @@ def _holder_rows(d: Diagnosis) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
+def _unexplained(d: Diagnosis) -> int:
+    """Allocated memory no holder accounts for, when it is a large part of it."""
+    if not d.allocated_bytes:
+        return 0
+    rest = d.allocated_bytes - sum(h.total_bytes for h in d.holders.holders)
+    return rest if rest > d.allocated_bytes // 4 and rest >= 1 << 20 else 0
+
+
 def render_text(d: Diagnosis, fix_lines: list[str] | None = None) -> str:
     d, folded = for_display(d)
     out = [f"GPU out of memory: {d.headline}"]
@@ -84,6 +92,15 @@ def render_text(d: Diagnosis, fix_lines: list[str] | None = None) -> str:
         more = len(d.holders.holders) - len(rows)
         if more > 0:
             out.append(f"  ... and {more} more")
+    if d.allocated_by:
+        out.append("")
+        out.append("Allocated by (tracing on)")
+        out.extend(f"  {line}" for line in d.allocated_by)
+    elif not d.tracing and _unexplained(d):
+        out.append(
+            f"  ({fmt(_unexplained(d))} is in no variable: `%gpumem trace on` shows which lines "
+            "allocate it, from the next run)"
+        )
     skipped = getattr(d.holders, "skipped", 0)
     if skipped:
         why = "; ".join(getattr(d.holders, "skipped_reasons", [])[:2])
@@ -152,6 +169,10 @@ def render_html(d: Diagnosis, *, with_style: bool = True) -> str:
             f'<span class="action">&rarr; {_md_code(c.action)}</span></li>'
         )
     h.append("</ol>")
+    if d.allocated_by:
+        h.append("<div><b>Allocated by</b> (tracing on)<ul>")
+        h.extend(f"<li>{_md_code(line)}</li>" for line in d.allocated_by)
+        h.append("</ul></div>")
     h.extend(f"<div>{_md_code(note)}</div>" for note in d.notes)
     h.append("</div>")
     return "".join(h)

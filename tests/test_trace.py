@@ -4,6 +4,7 @@ the simulated GPU, in a real InteractiveShell and a real ipykernel."""
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -242,3 +243,29 @@ def test_cells_are_named_in_a_real_kernel(kernel: Kernel, tmp_path: Path) -> Non
         data = pickle.load(f)
     files = {fr["filename"] for seg in data["segments"] for fr in seg["frames"]}
     assert f"In [{c}]" in files and not any("ipykernel_" in name for name in files)
+
+
+def test_trace_magic_puts_the_lines_in_the_diagnosis_and_saves(
+    shell: Any, capsys: Any, tmp_path: Any
+) -> None:
+    """Through the user's surface: `%gpumem trace on`, an OOM, `%gpumem trace save`, `off`."""
+    shell.run_cell("%gpumem simulate 160MiB")
+    shell.run_cell("import torch")
+    shell.run_cell("%gpumem trace on")
+    capsys.readouterr()
+    assert not shell.run_cell(
+        "a = torch.zeros(15 << 20, device='cuda')  # 60 MiB\n"
+        "b = torch.zeros(15 << 20, device='cuda')  # 60 MiB\n"
+        "c = torch.zeros(15 << 20, device='cuda')  # 60 MiB: out of memory\n",
+        store_history=True,
+    ).success
+    out = capsys.readouterr().out
+    assert "Allocated by (tracing on)" in out, out
+    assert re.search(r"In \[\d+\], line 1: 60\.00 MiB", out), out
+    path = tmp_path / "snap.pickle"
+    shell.run_line_magic("gpumem", f"trace save {path}")
+    assert path.exists() and "memory_viz" in capsys.readouterr().out
+    shell.run_line_magic("gpumem", "trace off")
+    assert not shell.run_cell("d = torch.zeros(60 << 20, device='cuda')").success
+    out = capsys.readouterr().out
+    assert "Allocated by" not in out
