@@ -168,7 +168,7 @@ class Fix:
         attempt = Attempt(
             self.key,
             result.ok,
-            result.peak_bytes,
+            result.peak_bytes if result.ok else None,  # a failed run's peak measures nothing
             result.capacity_bytes,
             result.seconds,
             batch=plan.batch,

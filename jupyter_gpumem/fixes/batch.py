@@ -234,18 +234,4 @@ class ReduceBatch(Fix):
         if resident is not None:
             start = f"from {format_bytes(resident)} resident"
             plan.note = f"{plan.note}, {start}" if plan.note else start
-        result = ctx.run(plan)
-        attempt = Attempt(
-            self.key,
-            result.ok,
-            result.peak_bytes if result.ok else None,
-            result.capacity_bytes,
-            result.seconds,
-            batch=plan.batch,
-            note=plan.note,
-            rehearsal=plan.rehearsal and not result.kept,
-            passes=result.passes if plan.rehearsal else None,
-        )
-        if ctx.on_attempt:
-            ctx.on_attempt(attempt)
-        return result, attempt
+        return self.run_once(ctx, plan)
