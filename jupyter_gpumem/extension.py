@@ -221,11 +221,39 @@ class Extension:
         self.sidebar = None
         return True
 
-    def report_outcome(self, outcome: FixOutcome) -> None:
+    def apply_offer(self, failed: FailedCell, outcome: FixOutcome) -> dict[str, Any] | None:
+        """An "Apply to cell" bundle when the fix's change is one line of the failed cell itself
+        (JupyterLab draws it as a button; elsewhere it reads as text); None otherwise."""
+        if not (outcome.ok and outcome.change and failed.cell_id and outcome.batch is not None):
+            return None
+        from .fixes.batch_source import apply_batch, find_batch
+
+        try:
+            finding = find_batch(failed.source, self.shell.user_ns)
+            new_source, _updates = apply_batch(failed.source, finding, outcome.batch)
+        except Exception:
+            return None
+        old_lines, new_lines = failed.source.splitlines(), new_source.splitlines()
+        if len(old_lines) != len(new_lines):
+            return None
+        changed = [i for i, (a, b) in enumerate(zip(old_lines, new_lines, strict=True)) if a != b]
+        if len(changed) != 1:
+            return None
+        i = changed[0]
+        from .labext import change_bundle
+
+        return change_bundle(failed.cell_id, i + 1, old_lines[i], new_lines[i])
+
+    def report_outcome(self, outcome: FixOutcome, failed: FailedCell | None = None) -> None:
         """The end of a `%gpumem retry`: what happened, what to change, what to know."""
         print(outcome.message)
         if outcome.change:
             print(f"To make it permanent: {outcome.change}")
+            offer = self.apply_offer(failed, outcome) if failed is not None else None
+            if offer is not None:
+                from IPython.display import display
+
+                display(offer, raw=True)
         for note in outcome.notes:
             print(f"  note: {note}")
         if outcome.new_source:

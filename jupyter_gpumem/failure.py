@@ -76,6 +76,8 @@ class FailedCell:
     rng: RngState | None = None
     # (qualified name, line) of the notebook functions the failure went through, below the cell
     frames: tuple[tuple[str, int], ...] = ()
+    # the notebook cell's id (JupyterLab 4, Notebook 7), so "Apply to cell" can edit that cell
+    cell_id: str | None = None
 
 
 def cell_lineno(tb: TracebackType | None, user_ns: dict[str, Any]) -> int | None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from .backends import simulated
 from .backends._state import read_rng
+from .labext import current_cell_id
 from .failure import FailedCell, NamespaceMark, build_failure
 from .oom import OOMReport, find_oom, walk_chain
 from .release import ReleaseResult, release_failed_cell
@@ -181,6 +182,7 @@ class OOMHook:
         self._mark = NamespaceMark(0, None)
         self._cell_source = ""
         self._cell_rng: Any = None
+        self._cell_id: str | None = None
         self._cell_count: int | None = None
         self._pending_release: BaseException | None = None
 
@@ -242,6 +244,7 @@ class OOMHook:
         self._cell_source = getattr(info, "raw_cell", "") or ""
         self._mark = NamespaceMark.take(self.shell.user_ns)
         self._cell_count = getattr(self.shell, "execution_count", None)
+        self._cell_id = current_cell_id(self.shell) if getattr(self.shell, "kernel", None) else None
         # a few KiB: the generators as this cell finds them, so a re-run starts from the same
         try:
             self._cell_rng = read_rng()
@@ -407,7 +410,7 @@ class OOMHook:
         """``value`` is the OOM, ``tb`` its frames from the cell down; ``outer`` the error the
         cell raised (the same, unless the OOM came wrapped), whose whole chain is released."""
         raised = value if outer is None else outer
-        return build_failure(
+        failed = build_failure(
             self.shell,
             value,
             report,
@@ -418,6 +421,8 @@ class OOMHook:
             rng=self._cell_rng,
             execution_count=self._cell_count,
         )
+        failed.cell_id = self._cell_id
+        return failed
 
     def _release(self, value: BaseException) -> ReleaseResult:
         self._pending_release = value

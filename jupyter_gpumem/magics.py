@@ -303,7 +303,7 @@ class GpuMemMagics(Magics):
         except Interrupted as exc:
             print(exc.message, file=sys.stderr)
             raise KeyboardInterrupt from None
-        self.ext.report_outcome(outcome)
+        self.ext.report_outcome(outcome, failed)
 
     @magic_arguments(name="%oomsafe")  # shown as %%oomsafe: IPython's help prefixes one %
     @argument(

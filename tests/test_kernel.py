@@ -87,3 +87,36 @@ def test_retry_and_oomsafe_in_a_real_kernel(kernel: Kernel) -> None:
     guarded = k.run("%%oomsafe\nstep += 1\n" + cell.replace("256", "300"))
     assert "stopped before re-running" in Kernel.text(guarded)
     assert Kernel.text(k.run("print(step)")).strip() == "1"
+
+
+def test_retry_offers_apply_to_cell_for_the_failed_cells_own_line(kernel: Kernel) -> None:
+    """In a notebook (cellId in the request's metadata, as JupyterLab 4 sends it), the fix's
+    change comes with the bundle the lab extension draws as an "Apply to cell" button."""
+    k = kernel
+    k.run("%load_ext jupyter_gpumem\n%gpumem simulate 160MiB\nimport torch")
+    cell = 'batch_size = 64\nx = torch.randn(batch_size, 2 << 20, device="cuda")'
+    msg = k.kc.session.msg(
+        "execute_request",
+        {
+            "code": cell,
+            "silent": False,
+            "store_history": True,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "stop_on_error": True,
+        },
+    )
+    msg["metadata"]["cellId"] = "cell-abc"
+    k.kc.shell_channel.send(msg)
+    reply = k.kc.get_shell_msg(timeout=60)
+    while reply["parent_header"].get("msg_id") != msg["header"]["msg_id"]:
+        reply = k.kc.get_shell_msg(timeout=60)
+    assert reply["content"]["status"] == "error"
+    r = k.run("%gpumem retry batch", timeout=120)
+    bundles = [o["data"] for o in r["outputs"] if o["type"] == "display_data"]
+    offers = [b for b in bundles if "application/vnd.jupyter-gpumem.change+json" in b]
+    assert offers, Kernel.text(r)
+    change = offers[0]["application/vnd.jupyter-gpumem.change+json"]
+    assert change["cell_id"] == "cell-abc" and change["line"] == 1
+    assert change["old"] == "batch_size = 64"
+    assert change["new"].startswith("batch_size = ") and change["new"] != change["old"]

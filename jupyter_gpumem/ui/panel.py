@@ -387,6 +387,15 @@ class DiagnosisPanel:
             "run the cell again, as it was, with that fix instead.</span>"
         )
         self.set_status("<br>".join(lines), "ok")
+        try:  # JupyterLab with the jupyter-gpumem extension draws an "Apply to cell" button
+            offer = self.ext.apply_offer(self.failed, o)
+            if offer is not None:
+                from IPython.display import display
+
+                with self.output:
+                    display(offer, raw=True)
+        except Exception:
+            pass  # an offer, never a reason to spoil the success
 
 
 def show_panel(
