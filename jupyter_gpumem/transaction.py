@@ -351,7 +351,13 @@ class Transaction:
                 self.released.append(name)
                 del ns[name]
         del value
-        self.snapshot = take(ns, names, check_host=check_host)
+        try:
+            self.snapshot = take(ns, names, check_host=check_host)
+        except BaseException:
+            # refused (no host memory) or interrupted before anything ran: put the leftovers back
+            for name, copied in self.evicted.items():
+                ns[name] = _state.restore_tensor(copied)
+            raise
 
     def release(self, name: str) -> None:
         """The fix deletes ``name`` on purpose: the snapshot must not keep it alive."""

@@ -270,6 +270,7 @@ def test_no_room_in_host_memory_for_the_snapshot_refuses_with_a_line(
     shell.run_cell("%gpumem retry batch")
     out = capsys.readouterr().out
     assert "Not re-run: undoing a re-run needs a copy of" in out, out
+    assert "h" in shell.user_ns, "a refusal leaves even the failed run's leftovers in place"
     assert re.search(r"of model and optimizer state in host memory, and only 64(\.00)? KiB", out), (
         out
     )
