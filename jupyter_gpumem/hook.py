@@ -23,8 +23,8 @@ from typing import Any
 
 from .backends import simulated
 from .backends._state import read_rng
-from .labext import current_cell_id
 from .failure import FailedCell, NamespaceMark, build_failure
+from .labext import current_cell_id
 from .oom import OOMReport, find_oom, walk_chain
 from .release import ReleaseResult, release_failed_cell
 
