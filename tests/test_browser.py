@@ -17,264 +17,29 @@ Env knobs:
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import secrets
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
-from types import SimpleNamespace
 
-import pytest
+from . import _browser
+from ._browser import (
+    BROWSER_MARKS,
+    KERNEL_READY_JS,
+    ROOT,
+    T_LONG,
+    T_RUN,
+    expect,
+    outputs,
+    run_cell,
+    within,
+)
 
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = BROWSER_MARKS
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
-]
-
-nbformat = pytest.importorskip("nbformat")
-psutil = pytest.importorskip("psutil")
-sync_api = pytest.importorskip("playwright.sync_api")
-expect = sync_api.expect
-
-ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = Path(os.environ.get("UI_ARTIFACTS", ROOT / "tests" / "artifacts"))
-SCREENSHOTS = ROOT / "docs" / "screenshots"
-UPDATE_SCREENSHOTS = os.environ.get("UPDATE_SCREENSHOTS", "1") != "0"
-CHROME_ARGS = [
-    # Playwright itself adds --headless and a fresh temporary --user-data-dir.
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-T_LONG = 90_000  # ms: first notebook load + kernel start on a 2-core box
-T_RUN = 60_000  # ms: a cell, or a fix's re-runs, on the simulated GPU
-
-
-# --------------------------------------------------------------------------- #
-# JupyterLab server
-# --------------------------------------------------------------------------- #
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _api(lab, path, method="GET", timeout=5):
-    req = urllib.request.Request(
-        f"{lab.base}{path}",
-        method=method,
-        headers={"Authorization": f"token {lab.token}"},
-        data=b"" if method == "POST" else None,
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        body = r.read()
-        return r.status, (json.loads(body) if body else None)
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lab_root")
-    home = tmp_path_factory.mktemp("lab_home")
-    port, token = _free_port(), secrets.token_hex(16)
-    settings = home / "settings"
-    # Without this JupyterLab 4 pops a "get notified about official Jupyter
-    # news?" toast over the notebook (LabApp.news_url=None does not stop it).
-    notif = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
-    notif.parent.mkdir(parents=True)
-    notif.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    env = dict(
-        os.environ,
-        # keep the user's Jupyter config/runtime files out of the test
-        JUPYTER_CONFIG_DIR=str(home / "config"),
-        JUPYTER_RUNTIME_DIR=str(home / "runtime"),
-        IPYTHONDIR=str(home / "ipython"),  # no user ipython_config.py (extensions, GpuMem.*)
-        PYTHONUNBUFFERED="1",
-        # kernels inherit it: they import jupyter_gpumem from this checkout
-        # (benchmarks/panel_latency.py --source times another copy: GPUMEM_PYTHONPATH)
-        PYTHONPATH=os.environ.get("GPUMEM_PYTHONPATH", str(ROOT))
-        + os.pathsep
-        + os.environ.get("PYTHONPATH", ""),
-    )
-    # The sidebar must find JupyterLab on its own (parent process command lines), as for a user.
-    env.pop("JUPYTER_GPUMEM_FRONTEND", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "jupyterlab",
-        "--no-browser",
-        f"--port={port}",
-        "--ServerApp.port_retries=0",
-        f"--ServerApp.token={token}",
-        "--ServerApp.ip=127.0.0.1",
-        f"--ServerApp.root_dir={root}",
-        # no outbound traffic from the server
-        "--LabApp.news_url=None",
-        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-        "--LabApp.extension_manager=readonly",
-        f"--LabApp.user_settings_dir={settings}",
-        f"--LabApp.workspaces_dir={home / 'workspaces'}",
-        # window.jupyterapp: lets the test wait until the kernel is connected
-        "--LabApp.expose_app_in_browser=True",
-    ]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        cmd.append("--allow-root")  # CI containers often run as root
-    log_path = home / "lab.log"
-    log = open(log_path, "w")  # noqa: SIM115 (closed in teardown)
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    ns = SimpleNamespace(
-        base=f"http://127.0.0.1:{port}", token=token, root=root, proc=proc, log=log_path
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"jupyter lab exited {proc.returncode}:\n{log_path.read_text()}")
-        try:
-            if _api(ns, "/api/status", timeout=2)[0] == 200:
-                break
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"jupyter lab did not come up:\n{log_path.read_text()}")
-        time.sleep(0.25)
-
-    yield ns
-
-    # ---- clean shutdown: server stops its kernels, then exits -------------
-    try:
-        kids = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        kids = []
-    try:
-        _api(ns, "/api/shutdown", method="POST")
-        proc.wait(timeout=30)
-    except Exception:
-        os.killpg(proc.pid, 9)
-        proc.wait(timeout=10)
-    _, alive = psutil.wait_procs(kids, timeout=15)
-    for p in alive:
-        p.kill()
-    log.close()
-    assert proc.returncode == 0, log_path.read_text()[-3000:]
-    assert not alive, f"left-over processes after shutdown: {alive}"
-
-
-# --------------------------------------------------------------------------- #
-# Browser
-# --------------------------------------------------------------------------- #
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def shots(request, tmp_path):
-    """shots(locator_or_page, "name.png"): kept in docs/screenshots/ only if the test passes."""
-    taken: list[Path] = []
-    failed_before = request.session.testsfailed
-
-    def _shot(target, name: str) -> None:
-        path = tmp_path / name
-        target.screenshot(path=str(path), animations="disabled")
-        taken.append(path)
-
-    yield _shot
-
-    failed = request.session.testsfailed > failed_before
-    dest = ARTIFACTS if failed else SCREENSHOTS
-    if failed or UPDATE_SCREENSHOTS:
-        dest.mkdir(parents=True, exist_ok=True)
-        for path in taken:
-            shutil.copyfile(path, dest / path.name)
-
-
-@pytest.fixture
-def open_notebook(lab, browser, request):
-    """open_notebook(name, [cell sources]) -> page with the kernel idle."""
-    pages = []
-    failed_before = request.session.testsfailed
-
-    def _open(name, cells, viewport=(1400, 1000)):
-        """`cells`: sources, or the path of a notebook to open as it is."""
-        if isinstance(cells, Path):
-            nb = nbformat.read(str(cells), as_version=4)
-        else:
-            nb = nbformat.v4.new_notebook()
-            nb.cells = [nbformat.v4.new_code_cell(src) for src in cells]
-        nb.metadata["kernelspec"] = {
-            "name": "python3",
-            "display_name": "Python 3 (ipykernel)",
-            "language": "python",
-        }
-        nbformat.write(nb, str(lab.root / name))
-        ctx = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
-        page = ctx.new_page()
-        page.console_lines = []
-        page.on("console", lambda m: page.console_lines.append(f"{m.type}: {m.text}"))
-        page.on("pageerror", lambda e: page.console_lines.append(f"pageerror: {e}"))
-        pages.append(page)
-        page.goto(f"{lab.base}/lab/tree/{name}?reset&token={lab.token}")
-        # Wait until the notebook's kernel is connected and idle. The status
-        # widgets say "Idle" earlier than that, and a cell run before the
-        # session has a kernel is silently dropped (prompt stays "[ ]").
-        page.wait_for_function(KERNEL_READY_JS, timeout=T_LONG)
-        expect(page.locator(".jp-Notebook .jp-Cell")).to_have_count(len(nb.cells))
-        return page
-
-    yield _open
-
-    failed = request.session.testsfailed > failed_before  # call phase already reported
-    for page in pages:
-        if failed:
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / f"fail-{request.node.name}.png"))
-            print("\n".join(page.console_lines[-50:]))
-        page.context.close()
-    # stop this test's kernels (gauge threads, simulated memory) before the next test
-    try:
-        for s in _api(lab, "/api/sessions")[1] or []:
-            _api(lab, f"/api/sessions/{s['id']}", method="DELETE", timeout=30)
-    except (urllib.error.URLError, OSError):
-        pass
-
-
-KERNEL_READY_JS = """() => {
-  const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
-  const k = w && w.sessionContext && w.sessionContext.session
-            && w.sessionContext.session.kernel;
-  return !!k && k.connectionStatus === 'connected' && k.status === 'idle';
-}"""
-
-
-def run_cell(page, index):
-    """Put cell `index` in edit mode and press Shift+Enter, like a person."""
-    cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
-    cell.locator(".cm-content").click()
-    page.keyboard.press("Shift+Enter")
-    return cell
-
-
-def outputs(cell):
-    """The cell's outputs only (expected text also appears in the cell's source)."""
-    return cell.locator(".jp-OutputArea-output")
+# the shared fixtures (tests/_browser.py), used by name
+lab = _browser.lab
+browser = _browser.browser
+open_notebook = _browser.open_notebook
+shots = _browser.shots
 
 
 def gauge_number(scope) -> str:
@@ -324,15 +89,6 @@ def contrast(fg: str, bg: str) -> float:
 
     hi, lo = sorted((lum(blended), lum((br, bg_, bb))), reverse=True)
     return (hi + 0.05) / (lo + 0.05)
-
-
-def within(inner: dict, outer: dict, slack: float = 1.0) -> bool:
-    return (
-        inner["x"] >= outer["x"] - slack
-        and inner["y"] >= outer["y"] - slack
-        and inner["x"] + inner["width"] <= outer["x"] + outer["width"] + slack
-        and inner["y"] + inner["height"] <= outer["y"] + outer["height"] + slack
-    )
 
 
 # --------------------------------------------------------------------------- #

@@ -11,15 +11,11 @@ editing labextension/src: ``cd labextension && npm install && npm run build``.
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
-import subprocess
-import sys
 import time
-import urllib.error
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -27,22 +23,12 @@ import jupyter_gpumem.meter as meter_module
 from jupyter_gpumem.labext import CHANGE_MIME, change_bundle, current_cell_id
 from jupyter_gpumem.readings import MemorySnapshot
 
-from . import test_browser
-from .test_browser import (
-    CHROMIUM,
-    T_LONG,
-    T_RUN,
-    _api,
-    _free_port,
-    expect,
-    outputs,
-    psutil,
-    run_cell,
-)
+from . import _browser
+from ._browser import BROWSER_MARKS, T_LONG, T_RUN, expect, outputs, run_cell, serve
 
-# test_browser's fixtures, here with this module's `lab` (the one that loads the extension)
-browser = test_browser.browser
-open_notebook = test_browser.open_notebook
+# the shared fixtures (tests/_browser.py), used by name; `lab` is this module's own, below
+browser = _browser.browser
+open_notebook = _browser.open_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT = ROOT / "jupyter_gpumem" / "labextension"
@@ -51,8 +37,7 @@ BUILT = ROOT / "jupyter_gpumem" / "labextension"
 def in_lab(test):
     """A test that drives JupyterLab with the built extension in Chromium."""
     marks = [
-        pytest.mark.browser,
-        pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
+        *BROWSER_MARKS,
         pytest.mark.skipif(
             not (BUILT / "package.json").exists(), reason="lab extension not built (npm run build)"
         ),
@@ -187,80 +172,9 @@ def test_built_extension_is_the_source_package():
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(tmp_path_factory: Any) -> Any:
     """A private JupyterLab (as test_browser's) that also loads the extension from the checkout."""
-    root = tmp_path_factory.mktemp("labext_root")
-    home = tmp_path_factory.mktemp("labext_home")
-    port, token = _free_port(), secrets.token_hex(16)
-    settings = home / "settings"
-    notif = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
-    notif.parent.mkdir(parents=True)
-    notif.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    env = dict(
-        os.environ,
-        JUPYTER_CONFIG_DIR=str(home / "config"),
-        JUPYTER_RUNTIME_DIR=str(home / "runtime"),
-        IPYTHONDIR=str(home / "ipython"),
-        PYTHONUNBUFFERED="1",
-        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
-    env.pop("JUPYTER_GPUMEM_FRONTEND", None)
-    # JupyterLab serves an extension's files from <path>/<its npm name>/static: the built folder
-    # goes in under its npm name, as pip installs it (share/jupyter/labextensions/jupyter-gpumem)
-    labextensions = home / "labextensions"
-    labextensions.mkdir()
-    (labextensions / "jupyter-gpumem").symlink_to(BUILT, target_is_directory=True)
-    cmd = [
-        sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}",
-        "--ServerApp.port_retries=0", f"--ServerApp.token={token}", "--ServerApp.ip=127.0.0.1",
-        f"--ServerApp.root_dir={root}", "--LabApp.news_url=None",
-        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-        "--LabApp.extension_manager=readonly", f"--LabApp.user_settings_dir={settings}",
-        f"--LabApp.workspaces_dir={home / 'workspaces'}", "--LabApp.expose_app_in_browser=True",
-        f"--LabApp.extra_labextensions_path={labextensions}",
-    ]  # fmt: skip
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        cmd.append("--allow-root")
-    log_path = home / "lab.log"
-    log = open(log_path, "w")  # noqa: SIM115 (closed in teardown)
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    ns = SimpleNamespace(
-        base=f"http://127.0.0.1:{port}", token=token, root=root, proc=proc, log=log_path
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"jupyter lab exited {proc.returncode}:\n{log_path.read_text()}")
-        try:
-            if _api(ns, "/api/status", timeout=2)[0] == 200:
-                break
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"jupyter lab did not come up:\n{log_path.read_text()}")
-        time.sleep(0.25)
-
-    yield ns
-
-    try:
-        kids = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        kids = []
-    try:
-        _api(ns, "/api/shutdown", method="POST")
-        proc.wait(timeout=30)
-    except Exception:
-        os.killpg(proc.pid, 9)
-        proc.wait(timeout=10)
-    _, alive = psutil.wait_procs(kids, timeout=15)
-    for p in alive:
-        p.kill()
-    log.close()
-    assert proc.returncode == 0, log_path.read_text()[-3000:]
-    assert not alive, f"left-over processes after shutdown: {alive}"
+    yield from serve("lab", tmp_path_factory, labextension=BUILT)
 
 
 def meter(page):
