@@ -52,11 +52,13 @@ class LadderResult:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a fix, after the notebook was put back; ``message`` says what was undone."""
+    """Ctrl-C during a fix, after the notebook was put back; ``message`` says what was undone,
+    ``whole`` whether everything was (nothing left out of the rollback)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, whole: bool = False) -> None:
         super().__init__(message)
         self.message = message
+        self.whole = whole
 
 
 def guard(failed: FailedCell, namespace: dict[str, Any] | None = None) -> GuardVerdict:
@@ -176,7 +178,10 @@ def in_transaction(shell: Any, failed: FailedCell, ctx: FixContext, key: str) ->
         outcome = FIXES[key].apply(ctx)
     except KeyboardInterrupt:
         txn.rollback(everything=True)
-        raise Interrupted(f"Interrupted: {txn.undo_message(everything=True)}") from None
+        raise Interrupted(
+            f"Interrupted: {txn.undo_message(everything=True)}",
+            whole=not txn.problems and not txn.released,
+        ) from None
     except BaseException:
         txn.rollback(everything=True)
         raise
