@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -54,6 +55,21 @@ def kernel_id_of(pid: int) -> str | None:
         if m:
             return m.group(1)
     return None
+
+
+def own_kernel_id() -> str | None:
+    """This kernel's id on the Jupyter server that started it (its connection file is
+    ``kernel-<id>.json``); None in a terminal, a console without a server, or any other front end."""
+    if "ipykernel" not in sys.modules:  # never import ipykernel just to find out
+        return None
+    try:
+        from ipykernel.connect import get_connection_file
+
+        path = get_connection_file()
+    except Exception:  # no kernel app in this process
+        return None
+    m = _KERNEL_FILE.search(os.path.basename(str(path)))
+    return m.group(1) if m else None
 
 
 def runtime_dirs() -> list[Path]:

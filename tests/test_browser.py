@@ -413,3 +413,71 @@ def test_training_loop_rescued_from_a_button_runs_on_the_simulated_gpu(open_note
     check = run_cell(page, 2)
     expect(outputs(check)).to_contain_text("loss finite: True", timeout=T_RUN)
     print(f"rescued in {took:.1f} s;", outputs(check).first.text_content())
+
+
+# --------------------------------------------------------------------------- #
+# Cancel while a fix runs
+# --------------------------------------------------------------------------- #
+SLOW_SETUP = """\
+%load_ext jupyter_gpumem
+%gpumem simulate 160MiB
+import time, torch
+total = 0
+"""
+# 4 MiB a sample: a batch of 64 does not fit 160 MiB; a batch that fits runs 40 slow steps
+SLOW_CELL = """\
+batch_size = 64
+for step in range(40):
+    x = torch.randn(batch_size, 1024, 1024, device="cuda")
+    total += 1
+    time.sleep(0.25)
+"""
+SLOW_CHECK = 'print("total " + "now", total, "batch", batch_size)'
+
+
+def start_fix(panel, label: str) -> None:
+    """Click a fix's button (and "Re-run anyway" if the guard asks); return once it runs."""
+    panel.get_by_role("button", name=re.compile("^" + label)).click()
+    status = panel.locator(".gpumem-status")
+    anyway = panel.get_by_role("button", name="Re-run anyway")
+    deadline = time.monotonic() + T_RUN / 1000
+    while "Running" not in (status.text_content() or ""):
+        if anyway.count() and anyway.is_visible():
+            anyway.click()
+        assert time.monotonic() < deadline, status.text_content()
+        panel.page.wait_for_timeout(100)
+
+
+def cancel_a_slow_fix(page) -> None:
+    """Start Reduce batch on a slow cell, click Cancel, check the status and the namespace."""
+    setup = run_cell(page, 0)
+    expect(outputs(setup).first).to_contain_text("Simulated GPU", timeout=T_RUN)
+    cell = run_cell(page, 1)
+    panel = cell.locator(".gpumem-panel")
+    expect(panel).to_contain_text("GPU out of memory", timeout=T_RUN)
+    cancel = panel.locator("button.gpumem-cancel")
+    expect(cancel).to_be_hidden()  # only while a fix runs
+    start_fix(panel, "Reduce batch")
+    expect(cancel).to_be_visible()
+    expect(cancel).to_have_text("Cancel")
+    status = panel.locator(".gpumem-status")
+    expect(status).to_contain_text("click Cancel", timeout=T_RUN)  # a re-run is under way
+    page.wait_for_timeout(1500)
+    assert "Running" in (status.text_content() or "")
+    cancel.click()
+    expect(status).to_contain_text("Cancelled: nothing changed", timeout=T_RUN)
+    expect(status).to_contain_text("Restored the notebook's variables")
+    expect(status).not_to_contain_text("Running")
+    expect(cancel).to_be_hidden()
+    expect(panel.get_by_role("button", name=re.compile("^Reduce batch"))).to_be_enabled()
+    page.wait_for_function(KERNEL_READY_JS, timeout=T_RUN)
+    check = run_cell(page, 2)
+    expect(outputs(check)).to_contain_text("total now 0 batch 64", timeout=T_RUN)
+
+
+def test_cancel_interrupts_a_running_fix_and_nothing_changes(open_notebook):
+    """Issue 12: a Cancel while a fix runs. It interrupts the kernel through the server's REST
+    API from the page (no comm message reaches a kernel busy with the fix); the fix's transaction
+    puts the notebook back, and the status ends in that result, not in "Running..."."""
+    page = open_notebook("cancel.ipynb", [SLOW_SETUP, SLOW_CELL, SLOW_CHECK], viewport=(1400, 1500))
+    cancel_a_slow_fix(page)

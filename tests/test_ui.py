@@ -6,6 +6,7 @@ The panel is built for a real failure in a real InteractiveShell on the simulate
 
 from __future__ import annotations
 
+import html
 import re
 import threading
 import time
@@ -215,8 +216,8 @@ class _Interrupted(KeyboardInterrupt):
 @pytest.mark.parametrize(
     ("raised", "expected"),
     [
-        (_Interrupted(), "✗ Interrupted: the namespace is as it was before the click"),
-        (KeyboardInterrupt(), "✗ Interrupted: the re-run was stopped."),
+        (_Interrupted(), "✗ Cancelled. The namespace is as it was before the click"),
+        (KeyboardInterrupt(), "✗ Cancelled: nothing changed (stopped before the re-run began)."),
         (RuntimeError("boom"), "jupyter_gpumem: Reduce batch failed (RuntimeError: boom)"),
     ],
 )
@@ -249,8 +250,78 @@ def test_a_real_interrupt_inside_the_cell_ends_the_click(shell: Any) -> None:
     panel = _panel(jupyter_gpumem._extension_for(shell))
     outcome = panel.click("batch", force=True)
     assert outcome is not None and not outcome.ok
-    assert "✗ Interrupted" in panel.status.value
+    assert "✗ Cancelled" in panel.status.value
     assert not panel.busy and not panel.buttons["batch"].disabled
+
+
+SLOW_SETUP = """\
+%gpumem simulate 160MiB
+import time, torch
+total = 0
+"""
+# 4 MiB a sample: a batch of 64 does not fit 160 MiB; a batch that fits runs 40 slow steps
+SLOW_CELL = """\
+batch_size = 64
+for step in range(40):
+    x = torch.randn(batch_size, 1024, 1024, device="cuda")
+    total += 1
+    time.sleep(0.1)
+"""
+
+
+def test_cancel_while_a_fix_runs_puts_the_notebook_back(shell: Any) -> None:
+    """Cancel interrupts the kernel (SIGINT, as the server's interrupt API sends it) while the fix
+    runs: the transaction puts the notebook back and the status ends in a result."""
+    import os
+    import signal
+
+    shell.run_cell(SLOW_SETUP)
+    shell.run_cell(SLOW_CELL)
+    ext = jupyter_gpumem._extension_for(shell)
+    assert ext.hook.last_failure is not None
+    panel = _panel(ext)
+    assert panel.status.kernel_id == ""  # no Jupyter server started this shell: no Cancel button
+    panel.status.kernel_id = "0d1e"  # as in a kernel a server started
+    seen: list[tuple[bool, str]] = []
+    panel.status.observe(lambda ch: seen.append((panel.status.running, ch["new"])), "value")
+    ns = shell.user_ns
+    assert (ns["total"], ns["batch_size"]) == (0, 64)
+
+    def cancel() -> None:  # once a re-run has been counting for a while
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (panel.busy and ns.get("total", 0) >= 3):
+            time.sleep(0.05)
+        if panel.busy:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    canceller = threading.Thread(target=cancel)
+    canceller.start()
+    outcome = panel.click("batch", force=True)
+    canceller.join()
+    assert outcome is not None and not outcome.ok and outcome.message == "cancelled"
+    status = html.unescape(panel.status.value)
+    assert "✗ Cancelled: nothing changed. Restored the notebook's variables" in status, status
+    assert "Running" not in status
+    assert any(running and "click Cancel" in v for running, v in seen), "Cancel was shown"
+    assert not panel.status.running and not panel.busy and not panel.buttons["batch"].disabled
+    assert (ns["total"], ns["batch_size"]) == (0, 64), "the state from before the fix"
+
+
+def test_the_kernel_id_for_cancel_comes_from_the_connection_file(monkeypatch: Any) -> None:
+    import sys
+    import types
+
+    from jupyter_gpumem import kernels
+
+    connect = types.ModuleType("ipykernel.connect")
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.setitem(sys.modules, "ipykernel.connect", connect)
+    connect.get_connection_file = lambda: (  # type: ignore[attr-defined]
+        "/run/jupyter/kernel-3da4d268-c9bc-4a6b-b4d8-6ec30eaa60f1.json"
+    )
+    assert kernels.own_kernel_id() == "3da4d268-c9bc-4a6b-b4d8-6ec30eaa60f1"
+    connect.get_connection_file = lambda: "/tmp/tmpocuxlpg1.json"  # type: ignore[attr-defined]
+    assert kernels.own_kernel_id() is None  # a kernel no server started: no Cancel button
 
 
 def test_the_cells_own_error_shows_as_the_cell_would_show_it(shell: Any, capsys: Any) -> None:

@@ -1,8 +1,9 @@
 """The diagnosis panel: numbers, a breakdown chart, causes, holders, and the fix buttons.
 
 A click runs while the kernel is idle (clicks reach the kernel on the shell channel, between cells):
-a status line while the fix runs, the cell's output inside the panel, then the outcome with the
-measured peak. A second OOM replaces the panel's content with the new diagnosis, so there is never
+a status line while the fix runs, with a Cancel button that interrupts the kernel from the browser
+(``status.py``: no comm message reaches a kernel busy with the fix), the cell's output inside the
+panel, then the outcome with the measured peak. A second OOM replaces the panel's content with the new diagnosis, so there is never
 a stack of panels. Every click ends with a status line and usable buttons, whatever happened: an
 interrupt (Ctrl-C, the kernel's stop button) says what was undone, the cell's own error shows as
 the cell would show it, and an error of ours is one line. A click on a panel whose failure is no
@@ -25,6 +26,7 @@ from ..display import for_display
 from ..failure import FailedCell
 from ..fixes import FIXES, Attempt, Check, FixOutcome
 from ..hook import without_dispatch_frames
+from ..kernels import own_kernel_id
 from ..render import _md_code, render_html
 from ..rescue import Options, apply_fix, check_all, guard
 from . import chart, wording
@@ -49,6 +51,8 @@ _STYLE = (
 .gpumem-panel .jupyter-button.mod-primary[disabled]{background:var(--jp-layout-color3,#bdbdbd);
  color:var(--jp-ui-font-color1,#222);box-shadow:none;opacity:.7}
 .gpumem-panel .gpumem-live{font-size:13px;padding:2px 0}
+.gpumem-panel .gpumem-cancel-bar{padding:2px 0 4px}
+.gpumem-panel .gpumem-cancel-note{font-size:12px;padding-left:8px}
 .gpumem-panel .gpumem-ok{border-left:4px solid var(--jp-success-color1,#2e7d32);padding-left:8px}
 .gpumem-panel .gpumem-bad{border-left:4px solid var(--jp-error-color1,#c62828);padding-left:8px}
 .gpumem-panel .gpumem-ask{border-left:4px solid var(--jp-warn-color1,#c77c02);padding-left:8px}
@@ -132,7 +136,7 @@ class DiagnosisPanel:
         self.widget = W.VBox([W.HTML(_STYLE), self.body], layout=W.Layout(width="100%"))
         self.widget.add_class("gpumem-panel")
         self.buttons: dict[str, W.Button] = {}
-        self.status = StatusLine()
+        self.status = StatusLine(kernel_id=own_kernel_id() or "")
         self.status.add_class("gpumem-status")
         self.output = W.Output(layout=W.Layout(max_height="320px", overflow="auto"))
         self.confirm_box = W.VBox()
@@ -280,9 +284,10 @@ class DiagnosisPanel:
         """The running fix: which attempt, how long so far, what is done, how to stop it."""
         n = len(self.log) + 1
         done = f"<pre>{escape(chr(10).join(self.log))}</pre>" if self.log else ""
+        how = "click Cancel or interrupt" if self.status.kernel_id else "interrupt"
         self.set_status(
             f"Running <b>{escape(self._running)}</b>: attempt {n} in progress, "
-            f"{elapsed:.0f} s so far.{done}<span class='gpumem-why'>To stop it, interrupt the "
+            f"{elapsed:.0f} s so far.{done}<span class='gpumem-why'>To stop it, {how} the "
             "kernel (■ in the toolbar): what the re-run changed is put back.</span>",
             "run",
         )
@@ -296,8 +301,10 @@ class DiagnosisPanel:
         for b in self.buttons.values():
             b.disabled = True
         outcome = FixOutcome(fix=key, ok=False, message="")
+        ended: FixOutcome | None = None  # what the fix returned, should Cancel come after it
         self._running, self._t0 = fix.label, time.monotonic()
         ticker = Ticker(self._progress)
+        self.status.running = True  # the browser shows Cancel
         try:
             self.set_status(
                 f"Running <b>{escape(fix.label)}</b>: {_md_code(self.checks[key].action)}", "run"
@@ -318,6 +325,7 @@ class DiagnosisPanel:
                             self.ext.remembered,
                             on_attempt=self._on_attempt,
                         )
+                        ended = outcome
                     except BaseException as exc:  # Output's __exit__ would print and swallow it
                         raised = exc
                 ticker.stop()  # before the outcome, so no tick overwrites it
@@ -325,19 +333,23 @@ class DiagnosisPanel:
                     raise raised
                 self.outcomes.append(outcome)
                 self._report(fix.label, outcome)
-        except KeyboardInterrupt as exc:  # Ctrl-C: the engine undid what it could and says what
+        except KeyboardInterrupt as exc:  # Cancel or ■: the engine undid what it could, says what
             ticker.stop()
-            undone = str(getattr(exc, "message", "") or "").strip()
-            outcome = FixOutcome(fix=key, ok=False, message="interrupted")
-            self.set_status(
-                f"✗ Interrupted: {_md_code(undone) if undone else 'the re-run was stopped.'}", "bad"
-            )
+            if ended is not None:  # the interrupt came after the fix had ended: that stands
+                outcome = ended
+                if not self.outcomes or self.outcomes[-1] is not ended:
+                    self.outcomes.append(ended)
+                self._report(fix.label, ended)
+            else:
+                outcome = FixOutcome(fix=key, ok=False, message="cancelled")
+                self.set_status(f"✗ {_md_code(wording.cancelled_line(exc))}", "ask")
         except BaseException as exc:  # never a traceback of ours, never a panel left busy
             ticker.stop()
             outcome = FixOutcome(fix=key, ok=False, message=f"{type(exc).__name__}: {exc}")
             self._report_error(fix.label, exc)
         finally:
             ticker.stop()
+            self.status.running = False
             self.busy = False
             self._enable()
         return outcome

@@ -80,6 +80,20 @@ def measured_line(o: FixOutcome) -> str:
     return " ".join(parts)
 
 
+def cancelled_line(exc: BaseException) -> str:
+    """How a cancelled fix ended (Cancel, or the kernel's ■): what the transaction put back, or
+    that nothing had changed yet (stopped before the re-run began)."""
+    undone = str(getattr(exc, "message", "") or "").strip()
+    if undone.lower().startswith("interrupted:"):
+        undone = undone[len("interrupted:") :].strip()
+    if not undone:
+        return "Cancelled: nothing changed (stopped before the re-run began)."
+    undone = undone[0].upper() + undone[1:]
+    if getattr(exc, "whole", False):
+        return f"Cancelled: nothing changed. {undone}"
+    return f"Cancelled. {undone}"
+
+
 def unique_notes(notes: list[str]) -> list[str]:
     return list(dict.fromkeys(n.strip() for n in notes if n.strip()))
 
