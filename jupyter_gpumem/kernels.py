@@ -24,6 +24,7 @@ from pathlib import Path
 _KERNEL_FILE = re.compile(r"kernel-([0-9a-fA-F-]{8,})\.json$")
 _TIMEOUT_S = 0.5
 _CACHE_S = 30.0
+_SHUTDOWN_TIMEOUT_S = 30.0  # the server answers once the kernel has stopped (a few seconds)
 _cache: dict[int, tuple[float, KernelInfo | None]] = {}
 
 
@@ -100,11 +101,11 @@ def running_servers() -> list[dict[str, object]]:
     return servers
 
 
-def _get(url: str, token: str | None, method: str = "GET") -> object:
+def _get(url: str, token: str | None, method: str = "GET", timeout: float = _TIMEOUT_S) -> object:
     req = urllib.request.Request(url, method=method)
     if token:
         req.add_header("Authorization", f"token {token}")
-    with urllib.request.urlopen(req, timeout=_TIMEOUT_S) as resp:
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
         body = resp.read()
     return json.loads(body) if body else None
 
@@ -145,5 +146,5 @@ def shutdown(info: KernelInfo) -> None:
     if not info.server_url:
         raise RuntimeError("no running Jupyter server here lists that kernel")
     url = urllib.parse.urljoin(info.server_url, f"api/kernels/{info.kernel_id}")
-    _get(url, info.token, method="DELETE")
+    _get(url, info.token, method="DELETE", timeout=_SHUTDOWN_TIMEOUT_S)
     _cache.pop(info.pid, None)

@@ -132,3 +132,67 @@ def test_a_process_that_is_not_a_kernel_is_refused(shell: Any) -> None:
         shell.run_line_magic("gpumem", "shutdown 1")
     with pytest.raises(UsageError, match="not a pid"):
         shell.run_line_magic("gpumem", "shutdown ２")
+
+
+def test_the_panel_offers_to_shut_down_another_notebooks_kernel_after_asking(
+    server: Any, shell: Any
+) -> None:
+    """Issue 11 §4: the panel's "Shut down the kernel of X", for a real second kernel of a real
+    server holding (simulated) memory on the card: a confirmation naming the notebook first, then
+    the server's API, then the result."""
+    import jupyter_gpumem
+    from jupyter_gpumem.ui.panel import DiagnosisPanel
+
+    url, token = server
+    session = _api(
+        url + "api/sessions",
+        token,
+        "POST",
+        {"path": "other/train.ipynb", "type": "notebook", "kernel": {"name": "python3"}},
+    )
+    kid = session["kernel"]["id"]
+    pid = _kernel_pid(kid)
+    jupyter_gpumem.simulate("1GiB", other_processes=[(pid, 600 << 20)])
+    shell.run_cell("import torch\nx = torch.empty(600 << 20, dtype=torch.uint8, device='cuda')")
+    ext = jupyter_gpumem._extension_for(shell)
+    assert ext.hook.last_failure is not None
+    panel = DiagnosisPanel(ext, ext.hook.last_failure)
+    assert panel.others is not None
+    button = panel.others.buttons[pid]
+    assert button.description == "Shut down the kernel of train.ipynb (~600 MiB)"
+
+    def texts() -> str:
+        return " ".join(str(getattr(w, "value", "")) for w in panel.confirm_box.children)
+
+    def answer(label: str) -> None:
+        row = panel.confirm_box.children[1]
+        next(b for b in row.children if b.description == label).click()
+
+    button.click()  # asks, naming the notebook; nothing is shut down yet
+    assert "Shut down the kernel of notebook <code>other/train.ipynb</code>" in texts()
+    assert "600 MiB on this GPU" in texts() and f"pid {pid}" in texts()
+    assert any(k["id"] == kid for k in _api(url + "api/kernels", token))
+    answer("Keep it")
+    assert panel.confirm_box.children == ()
+    assert "Not shut down" in panel.status.value
+    assert any(k["id"] == kid for k in _api(url + "api/kernels", token))
+
+    button.click()
+    answer("Shut it down")
+    status = panel.status.value
+    assert "✓ Shut down the kernel of notebook <code>other/train.ipynb</code>" in status, status
+    assert f"its process (pid {pid}) has exited" in status
+    assert not any(k["id"] == kid for k in _api(url + "api/kernels", token))
+    assert not Path(f"/proc/{pid}").exists()
+    assert button.disabled and button.description == "Kernel of train.ipynb shut down"
+
+
+def test_no_shut_down_offer_for_a_process_no_server_names(shell: Any) -> None:
+    import jupyter_gpumem
+    from jupyter_gpumem.ui.panel import DiagnosisPanel
+
+    jupyter_gpumem.simulate("1GiB", other_processes=[(1, 600 << 20)])  # pid 1: not a kernel
+    shell.run_cell("import torch\nx = torch.empty(600 << 20, dtype=torch.uint8, device='cuda')")
+    ext = jupyter_gpumem._extension_for(shell)
+    assert ext.hook.last_failure is not None
+    assert DiagnosisPanel(ext, ext.hook.last_failure).others is None

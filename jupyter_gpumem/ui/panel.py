@@ -30,6 +30,7 @@ from ..kernels import own_kernel_id
 from ..render import _md_code, render_html
 from ..rescue import Options, apply_fix, check_all, guard
 from . import chart, wording
+from .others import OtherKernels, kernels_to_offer
 from .status import StatusLine, Ticker
 
 _STYLE = (
@@ -177,9 +178,20 @@ class DiagnosisPanel:
         box = W.HBox(rows, layout=W.Layout(flex_flow="row wrap"))
         box.add_class("gpumem-buttons")
         parts.append(box)
+        self.others = self._others(d)
+        if self.others is not None:
+            parts.append(self.others.widget)
         parts.append(W.HTML(self._help_html(short)))
         parts += [self.confirm_box, self.status, self.output]
         self.body.children = tuple(parts)
+
+    def _others(self, d: Any) -> OtherKernels | None:
+        """ "Shut down the kernel of X" for each other notebook's kernel holding memory here."""
+        try:
+            offers = kernels_to_offer(d)
+        except Exception:  # an offer, never a reason to lose the panel
+            return None
+        return OtherKernels(offers, self.confirm_box, self.set_status) if offers else None
 
     def _tooltip(self, label: str, check: Check, short: int | None) -> str:
         if not check.applies:
