@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from types import CodeType, FunctionType, TracebackType
 from typing import TYPE_CHECKING, Any
 
+from . import cellsource, trace
 from . import holders as holders_mod
-from . import trace
 from .diagnosis import Diagnosis, diagnose
 from .oom import OOMReport
 from .readings import MemorySnapshot, read_snapshot
@@ -92,9 +92,8 @@ def cell_lineno(tb: TracebackType | None, user_ns: dict[str, Any]) -> int | None
 
 
 def cell_names(source: str) -> set[str]:
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
+    tree = cellsource.read(source).tree
+    if tree is None:
         return set(re.findall(r"[A-Za-z_]\w*", source))
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
 
@@ -132,9 +131,8 @@ def names_recreated(source: str) -> set[str]:
     Their old values are dead weight during a re-run: they stay allocated until the new value is
     built, so the cell needs room for both.
     """
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
+    tree = cellsource.read(source).tree
+    if tree is None:
         return set()
     read: set[str] = set()
     fresh: set[str] = set()

@@ -33,14 +33,15 @@ the names before the cell missed it: the failed run could not have deleted it ot
 from __future__ import annotations
 
 import ast
-import keyword
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from . import cellsource
 from . import guard_calls as calls
+from .cellsource import dotted as _dotted
 from .guard_calls import MISSING, Callee, NotebookFunction, is_globals
 
 # `try: ... except* ...` (ast.TryStar) exists from Python 3.11; on 3.10 only ast.Try
@@ -129,12 +130,12 @@ def analyse_rerun(
     that the cell calls are read too. ``failed_frames``: (qualname, line in its cell) of each
     notebook function the failure went through, outermost first, for where each one stopped.
     """
-    lines = re.split(r"\r\n|\r|\n", source)
+    lines = cellsource.lines(source)
     limit = (
         failed_lineno if failed_lineno is not None and 1 <= failed_lineno <= len(lines) else None
     )
     try:
-        tree = _parse(lines)
+        tree = _parse(source)
         if isinstance(tree, SideEffect):
             return GuardVerdict((tree,), limit)
         if tree is None:
@@ -161,67 +162,90 @@ def _unknown(limit: int | None, why: str) -> GuardVerdict:
 # ---- reading IPython cells -------------------------------------------------------------------------
 
 _SHELL = "__gpumem_shell__"  # stands for a `!command` line, so it counts only where it ran
-_PY_CELL_MAGICS = {"time", "timeit", "capture", "prun", "oomsafe", "debug", "memit", "mprun"}
-_SHELL_CELL_MAGICS = {"bash", "sh", "script", "system", "sx", "perl", "ruby", "python", "python3"}
-_TEXT_CELL_MAGICS = {"html", "HTML", "javascript", "js", "latex", "markdown", "svg"}
 _STMT_MAGICS = {"time", "timeit", "prun", "memit", "debug"}  # line magics running a statement
-_MAGIC_LINE = re.compile(
-    r"^(?P<indent>[ \t]*)(?P<lhs>(?:[A-Za-z_]\w*\s*,\s*)*[A-Za-z_]\w*\s*=\s*)?"
-    r"(?P<sigil>!!?|%)(?P<rest>.*)$"
-)
-_HELP_LINE = re.compile(r"^(?P<indent>[ \t]*)(?:\?\??[\w.]+|[\w.]+\?\??)\s*$")
+_OPTIONS = re.compile(r"^(?:-[A-Za-z]\s*\d*\s+)*")  # `%timeit -n 3 -r 2 f()`: the options
 _HARMLESS_SHELL = re.compile(
     r"^\s*(?:nvidia-smi|ls|pwd|cat|head|tail|echo|which|df|du|free|nvcc|uname|hostname|date|"
     r"whoami|wc|grep|ps|nproc|lscpu|pip3? +(?:install|list|show|freeze))\b[^>;&]*$"
 )
 
 
-def _parse(lines: list[str]) -> ast.Module | SideEffect | None:
-    """The cell's syntax tree, IPython syntax made Python line for line; a whole-cell effect."""
-    first = re.match(r"%%(\S+)", lines[0])
-    if first:
-        name, text = first.group(1), lines[0].strip()
+def _parse(source: str) -> ast.Module | SideEffect | None:
+    """The cell's syntax tree (``cellsource``'s reading, its IPython syntax as the Python effects
+    it has), or a whole-cell effect; None for a cell that cannot be read."""
+    reading = cellsource.read(source)
+    name = reading.magic
+    if name is not None and name not in cellsource.PYTHON_CELL_MAGICS:
+        text = cellsource.lines(source)[0].strip()
         if name in ("writefile", "file"):
             path = text.split()[-1]
             why = f"writes `{path}`; a re-run writes it again"
             return SideEffect(1, "file_write", path, text, why, f"write `{path}` again")
-        if name in _SHELL_CELL_MAGICS:
+        if name in cellsource.SHELL_CELL_MAGICS:
             why = "runs a script; a re-run runs it again"
             return SideEffect(1, "io_call", name, text, why, "run the script again")
-        if name in _TEXT_CELL_MAGICS:
+        if name in cellsource.TEXT_CELL_MAGICS:
             return ast.Module(body=[], type_ignores=[])
-        if name not in _PY_CELL_MAGICS:
-            return None
-        lines = ["pass", *lines[1:]]
+        return None
+    tree = reading.new_tree()
+    if tree is None or not reading.changed:
+        return tree
     try:
-        return ast.parse("\n".join(lines))
-    except (SyntaxError, ValueError):
-        pass
-    try:
-        return ast.parse("\n".join(_plain_line(line) for line in lines))
-    except (SyntaxError, ValueError):
+        return ast.fix_missing_locations(_IPythonEffects(reading.changed).visit(tree))
+    except (SyntaxError, ValueError):  # `%time` of something that is not Python
         return None
 
 
-def _plain_line(line: str) -> str:
-    """One line with IPython syntax replaced by Python that has the same effects we look for."""
-    if m := _HELP_LINE.match(line):
-        return m["indent"] + "pass"
-    m = _MAGIC_LINE.match(line)
-    if not m or (m["lhs"] and any(keyword.iskeyword(n) for n in re.findall(r"\w+", m["lhs"]))):
-        return line
-    indent, lhs, rest = m["indent"], m["lhs"] or "", m["rest"]
-    if m["sigil"] == "%":
-        name, _, arg = rest.partition(" ")
-        if name in _STMT_MAGICS:
-            stmt = re.sub(r"^(?:-[A-Za-z]\s*\d*\s+)*", "", arg.strip())
-            return indent + lhs + stmt if stmt else indent + (lhs + "None" if lhs else "pass")
-        if name not in ("sx", "system"):
-            return indent + (lhs + "None" if lhs else "pass")
-        rest = arg
-    if _HARMLESS_SHELL.match(rest):
-        return indent + (lhs + "None" if lhs else "pass")
-    return f"{indent}{lhs}{_SHELL}()"
+class _IPythonEffects(ast.NodeTransformer):
+    """IPython's calls on the lines it rewrote, as Python with the same effects we look for:
+    ``%time step += 1`` is ``step += 1``, ``!rm -rf out`` a shell command, ``%matplotlib`` and
+    ``model?`` nothing."""
+
+    def __init__(self, changed: frozenset[int]) -> None:
+        self.changed = changed
+
+    def call(self, node: ast.expr) -> cellsource.IPythonCall | None:
+        return cellsource.ipython_call(node) if node.lineno in self.changed else None
+
+    def visit_Expr(self, node: ast.Expr) -> ast.AST | list[ast.stmt]:
+        call = self.call(node.value)
+        if call is None:
+            return node
+        if call.kind == "magic" and call.name in _STMT_MAGICS:
+            stmt = _OPTIONS.sub("", call.arg.strip())
+            if not stmt:
+                return ast.copy_location(ast.Pass(), node)
+            body = ast.parse(stmt).body
+            for s in body:
+                ast.increment_lineno(s, node.lineno - 1)
+            return body
+        value = self.value(call, node.value)
+        if isinstance(value, ast.Constant):
+            return ast.copy_location(ast.Pass(), node)
+        return ast.copy_location(ast.Expr(value=value), node)
+
+    def visit_Assign(self, node: ast.Assign) -> ast.AST:
+        call = self.call(node.value)
+        if call is None:
+            return node
+        if call.kind == "magic" and call.name in _STMT_MAGICS:
+            stmt = _OPTIONS.sub("", call.arg.strip())
+            if stmt:
+                value = ast.increment_lineno(ast.parse(stmt, mode="eval").body, node.lineno - 1)
+            else:
+                value = ast.copy_location(ast.Constant(None), node.value)
+        else:
+            value = self.value(call, node.value)
+        node.value = value
+        return node
+
+    @staticmethod
+    def value(call: cellsource.IPythonCall, at: ast.expr) -> ast.expr:
+        """A shell command that changes things is a call of ``_SHELL``; anything else nothing."""
+        shell = call.kind == "shell" or (call.kind == "magic" and call.name in ("sx", "system"))
+        if not shell or _HARMLESS_SHELL.match(call.arg):
+            return ast.copy_location(ast.Constant(None), at)
+        return ast.copy_location(ast.Call(ast.Name(_SHELL, ast.Load()), [], []), at)
 
 
 # ---- what counts ----------------------------------------------------------------------------------
@@ -940,22 +964,12 @@ def _third(phrase: str) -> str:
 
 
 def _short(text: str, width: int = 60) -> str:
-    text = text.replace("`", "'")
-    return text if len(text) <= width else text[: width - 1] + "…"
+    """Shown between backticks in a message: its own backticks become quotes."""
+    return cellsource.short(text.replace("`", "'"), width)
 
 
 def _unparse(node: ast.AST | None) -> str:
     return "" if node is None else _short(ast.unparse(node))
-
-
-def _dotted(node: ast.AST) -> str | None:
-    """``a.b.c`` for a chain of names, else None."""
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        head = _dotted(node.value)
-        return None if head is None else f"{head}.{node.attr}"
-    return None
 
 
 def _chain_root(node: ast.AST | None, *, calls: bool) -> str | None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from types import FunctionType
 from typing import Any
 
+from . import cellsource
+
 __all__ = [
     "MISSING",
     "Callee",
@@ -159,9 +161,14 @@ def _callee(
 def _read(obj: FunctionType) -> NotebookFunction | None:
     try:
         source_lines, first = inspect.getsourcelines(obj)
-        source = textwrap.dedent("".join(source_lines))
-        tree = ast.parse(source)
-    except (OSError, TypeError, SyntaxError, ValueError):
+    except (OSError, TypeError):
+        return None
+    source = textwrap.dedent("".join(source_lines))
+    reading = cellsource.read(source)
+    if reading.changed or reading.magic is not None:
+        return None  # IPython syntax in a function: a call not looked into
+    tree = reading.new_tree()  # its own: globals()["n"] is rewritten below
+    if tree is None:
         return None
     defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
     if len(defs) != 1 or defs[0].name != obj.__name__:
@@ -172,7 +179,7 @@ def _read(obj: FunctionType) -> NotebookFunction | None:
     )
     local = frozenset(_params(node) | _bound(node)) - declared
     GlobalsAsNames().visit(node)
-    lines = source.splitlines()
+    lines = cellsource.lines(source)
     return NotebookFunction(obj.__qualname__, node, lines, max(first, 1), id(obj.__code__),
                             local, declared)  # fmt: skip
 

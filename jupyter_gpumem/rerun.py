@@ -20,6 +20,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import cellsource
 from .backends import _torch, simulated
 from .backends._state import RngState, read_rng, restore_rng
 from .failure import FailedCell, build_failure
@@ -58,9 +59,12 @@ class RunResult:
 
 
 def _split_last_expr(tree: ast.Module) -> tuple[ast.Module, ast.Expression | None]:
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = tree.body.pop()
-        return tree, ast.Expression(body=last.value)  # type: ignore[attr-defined]
+    """The statements, and the last expression whose value is shown; ``tree`` is not changed."""
+    last = tree.body[-1] if tree.body else None
+    if isinstance(last, ast.Expr):
+        return ast.Module(body=tree.body[:-1], type_ignores=tree.type_ignores), ast.Expression(
+            body=last.value
+        )
     return tree, None
 
 
@@ -95,9 +99,9 @@ def run_plan(
     else:
         restore_rng(rng)
     user_ns.update(plan.namespace_updates)
-    code = shell.transform_cell(plan.source)
+    code = cellsource.to_python(plan.source, shell)
     filename = shell.compile.cache(code, shell.execution_count, raw_code=plan.source)
-    tree = ast.parse(code, filename=filename)
+    tree = cellsource.parse(code, filename)
     body, last = _split_last_expr(tree)
     body_code = compile(body, filename, "exec")
     last_code = compile(last, filename, "eval") if last is not None else None
@@ -174,8 +178,7 @@ def _peak() -> int | None:
 
 
 def names_read(source: str) -> Iterable[str]:
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
+    tree = cellsource.read(source).tree
+    if tree is None:
         return ()
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}

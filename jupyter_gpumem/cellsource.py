@@ -1,0 +1,208 @@
+"""One reading of a cell's source: its IPython syntax made Python once, parsed once, cached.
+
+A cell is Python, or Python with IPython syntax (``%time x = f()``, ``!ls``, ``model?``), or a cell
+magic (``%%time`` runs its body as Python, ``%%bash`` does not). ``read(source)`` gives the Python a
+cell runs, line for line with the cell (a cell magic's own line left blank), with the lines IPython
+syntax rewrote, and its syntax tree; IPython syntax that moves lines (a magic continued with ``\\``)
+is no reading, since nothing could be said about the cell's lines from it. The guard, the batch
+search, the failure record and the re-runs all read a cell here, so they agree on what it says.
+
+``to_python(source, shell)`` is the one exception: a re-run executes what the shell itself makes of
+the cell (its registered input transformers included, a ``%%time`` cell through the magic), so it
+asks the shell; ``parse`` then reads that text once for all of a fix's runs.
+
+Trees come from a cache and are shared: callers read them, and take ``new_tree()`` for one they
+change.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+__all__ = [
+    "PYTHON_CELL_MAGICS",
+    "SHELL_CELL_MAGICS",
+    "TEXT_CELL_MAGICS",
+    "CellReading",
+    "IPythonCall",
+    "cell_magic",
+    "dotted",
+    "ipython_call",
+    "lines",
+    "lines_with_ends",
+    "parse",
+    "read",
+    "short",
+    "to_python",
+]
+
+# cell magics whose body is Python run as is (the body is the cell's reading)
+PYTHON_CELL_MAGICS = frozenset(
+    {"time", "timeit", "capture", "prun", "oomsafe", "debug", "memit", "mprun"}
+)
+# cell magics whose body is a script for another program
+SHELL_CELL_MAGICS = frozenset(
+    {"bash", "sh", "script", "system", "sx", "perl", "ruby", "python", "python3"}
+)
+# cell magics whose body is shown, not run
+TEXT_CELL_MAGICS = frozenset({"html", "HTML", "javascript", "js", "latex", "markdown", "svg"})
+
+
+def lines(source: str) -> list[str]:
+    """The cell's lines as Python numbers them, without their endings (``\\r\\n``, ``\\r``, ``\\n``)."""
+    return re.split(r"\r\n|\r|\n", source)
+
+
+def lines_with_ends(source: str) -> list[str]:
+    """Lines as Python numbers them, with their endings (not ``str.splitlines``, which also
+    splits on ``\\f``, ``\\x1c``...); no empty last line."""
+    return re.findall(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$", source)
+
+
+def cell_magic(source: str) -> str | None:
+    """The name of the cell magic the cell starts with (``time`` for ``%%time -n 3``), as IPython
+    reads it: ``%%`` at the very start; ``""`` for a bare ``%%``. None for a cell without one."""
+    if not source.startswith("%%"):
+        return None
+    return lines(source)[0][2:].rstrip().partition(" ")[0]
+
+
+@dataclass(frozen=True)
+class CellReading:
+    """What a cell says as Python. ``tree`` is None when it is not Python, with ``why``."""
+
+    source: str
+    magic: str | None  # the cell magic on line 1, if any
+    python: str | None  # the Python it runs, line for line with the cell
+    tree: ast.Module | None  # ``python`` parsed: shared, do not change it (see ``new_tree``)
+    changed: frozenset[int]  # lines (1-based) whose IPython syntax was rewritten
+    why: str | None = None  # why there is no tree: "this cell runs the cell magic %%bash, ..."
+
+    def new_tree(self) -> ast.Module | None:
+        """A tree of the cell's own, for a caller that changes it."""
+        return None if self.python is None else ast.parse(self.python)
+
+
+@lru_cache(maxsize=256)
+def read(source: str) -> CellReading:
+    """The cell's reading (cached: a failure, its guard and its fixes read the same cell)."""
+    magic = cell_magic(source)
+    python, tree, changed, why = _read(source)
+    return CellReading(source, magic, python, tree, frozenset(changed), why)
+
+
+def _read(
+    source: str, offset: int = 0
+) -> tuple[str | None, ast.Module | None, set[int], str | None]:
+    """(Python, tree, changed lines, why not) for ``source``, which starts ``offset`` lines into
+    the cell."""
+    try:
+        return source, ast.parse(source), set(), None
+    except (SyntaxError, ValueError) as e:
+        error = e
+    magic = cell_magic(source)
+    if magic is not None:
+        if magic not in PYTHON_CELL_MAGICS:
+            return None, None, set(), f"this cell runs the cell magic %%{magic}, not Python"
+        _, *rest = lines_with_ends(source)
+        python, tree, changed, why = _read("".join(rest), offset + 1)
+        if python is None or tree is None:
+            return None, None, set(), why
+        ast.increment_lineno(tree, 1)  # the body's own tree, made for this reading
+        return "\n" + python, tree, {n + 1 for n in changed}, None
+    line = getattr(error, "lineno", None)
+    line = None if line is None else line + offset
+    msg = getattr(error, "msg", str(error))
+    why = f"this cell does not parse (line {line}: {msg})"
+    try:
+        python = _transform(source)
+        tree = ast.parse(python)
+    except Exception:
+        return None, None, set(), why
+    old, new = lines_with_ends(source), lines_with_ends(python)
+    if len(new) != len(old):
+        why = "IPython syntax in this cell moves its lines: cannot read or edit it line by line"
+        return None, None, set(), why
+    changed = {
+        i + 1 for i, (a, b) in enumerate(zip(old, new, strict=True)) if a.rstrip() != b.rstrip()
+    }
+    return python, tree, changed, None
+
+
+def _transform(source: str) -> str:
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    return TransformerManager().transform_cell(source)
+
+
+def to_python(source: str, shell: Any = None) -> str:
+    """The Python that runs for ``source``: the shell's own reading (its input transformers, a cell
+    magic through the magic) when given one, else IPython's default transforms."""
+    if shell is not None:
+        return str(shell.transform_cell(source))
+    return _transform(source)
+
+
+@lru_cache(maxsize=64)
+def parse(python: str, filename: str = "<unknown>") -> ast.Module:
+    """``ast.parse``, cached: the same run's text is read once for all of a fix's runs. Shared:
+    do not change the tree."""
+    return ast.parse(python, filename=filename)
+
+
+@dataclass(frozen=True)
+class IPythonCall:
+    """What a call IPython's transforms wrote stands for."""
+
+    kind: str  # "magic" (a line magic, help ``x?`` included), "shell" (``!cmd``, ``!!cmd``), "help"
+    name: str  # the line magic's name ("time", "pinfo"); "" for shell and help
+    arg: str  # the rest of the line: the magic's arguments, the shell command
+
+
+def ipython_call(node: ast.AST) -> IPythonCall | None:
+    """``get_ipython().run_line_magic('time', 'x = f()')``, ``get_ipython().system('ls')``,
+    ``get_ipython().getoutput('ls')``, ``get_ipython().show_usage()``: what each stands for."""
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+        return None
+    recv = node.func.value
+    if not (
+        isinstance(recv, ast.Call)
+        and isinstance(recv.func, ast.Name)
+        and recv.func.id == "get_ipython"
+        and not recv.args
+        and not node.keywords
+    ):
+        return None
+    args = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+    if len(args) != len(node.args):
+        return None
+    attr = node.func.attr
+    if attr == "run_line_magic" and len(args) == 2:
+        return IPythonCall("magic", args[0], args[1])
+    if attr in ("system", "getoutput") and len(args) == 1:
+        return IPythonCall("shell", "", args[0])
+    if attr == "show_usage" and not args:
+        return IPythonCall("help", "", "")
+    return None
+
+
+# ---- names, as messages show them --------------------------------------------------------------
+
+
+def dotted(node: ast.AST) -> str | None:
+    """``a.b.c`` for a chain of names, else None."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        head = dotted(node.value)
+        return None if head is None else f"{head}.{node.attr}"
+    return None
+
+
+def short(text: str, width: int = 60) -> str:
+    """``text`` cut to ``width`` characters, an ellipsis last."""
+    return text if len(text) <= width else text[: width - 1] + "…"
