@@ -33,6 +33,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import cellsource
+from ..cellsource import dotted as _dotted
 from .batch_evidence import SizedTensor, sized_by
 from .batch_namespace import (
     config_items,
@@ -59,8 +61,6 @@ __all__ = [
 _EVAL_NAME = re.compile(r"(^|_)(eval|val|valid|validation|test|infer|inference|predict)(_|$)", re.I)
 _FACTORIES = {"randn", "rand", "zeros", "ones", "empty", "full", "randint", "normal"}
 _TORCH_MODULES = {"torch", "th"}
-# Cell magics whose body is Python run as is: analyse the body, below the magic's line.
-_PYTHON_CELL_MAGICS = {"time", "timeit", "capture", "prun", "oomsafe", "memit", "debug"}
 _PRIORITY = (
     "named",
     "assign",
@@ -139,41 +139,14 @@ class AccumulationPlan:
 # -- parsing ------------------------------------------------------------------------------
 
 
-def _split_lines(source: str) -> list[str]:
-    """Lines as Python numbers them (not ``str.splitlines``, which also splits on \\f, \\x1c...)."""
-    return re.findall(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$", source)
+_split_lines = cellsource.lines_with_ends
 
 
 def _parse(source: str) -> tuple[ast.Module | None, int, set[int], str | None]:
-    """(tree, line offset, lines not to touch, why not) for a cell that may hold IPython syntax."""
-    try:
-        return ast.parse(source), 0, set(), None
-    except SyntaxError as e:
-        error = e
-    lines = _split_lines(source)
-    first = lines[0].strip() if lines else ""
-    if first.startswith("%%"):
-        magic = first[2:].split()[0] if first[2:].split() else ""
-        if magic not in _PYTHON_CELL_MAGICS:
-            return None, 0, set(), f"this cell runs the cell magic %%{magic}, not Python"
-        tree, offset, skip, why = _parse("".join(lines[1:]))
-        return tree, offset + 1, {n + 1 for n in skip}, why
-    try:
-        from IPython.core.inputtransformer2 import TransformerManager
-
-        transformed = TransformerManager().transform_cell(source)
-        tree = ast.parse(transformed)
-    except Exception:
-        return None, 0, set(), f"this cell does not parse (line {error.lineno}: {error.msg})"
-    new_lines = _split_lines(transformed)
-    if len(new_lines) != len(lines):
-        return None, 0, set(), "IPython syntax in this cell moves its lines; cannot edit it safely"
-    changed = {
-        i + 1
-        for i, (a, b) in enumerate(zip(lines, new_lines, strict=True))
-        if a.rstrip() != b.rstrip()
-    }
-    return tree, 0, changed, None
+    """(tree, line offset, lines not to touch, why not): the cell's one reading, whose tree is
+    numbered as the cell's lines (offset 0) and is shared (read, never changed, here)."""
+    reading = cellsource.read(source)
+    return reading.tree, 0, set(reading.changed), reading.why
 
 
 def _char_cols(line: str, start: int, end: int) -> tuple[int, int]:
@@ -184,15 +157,6 @@ def _char_cols(line: str, start: int, end: int) -> tuple[int, int]:
 def _int_value(node: ast.AST | None) -> int | None:
     if isinstance(node, ast.Constant) and type(node.value) is int:
         return node.value
-    return None
-
-
-def _dotted(node: ast.AST) -> str | None:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        inner = _dotted(node.value)
-        return f"{inner}.{node.attr}" if inner else None
     return None
 
 
@@ -289,8 +253,7 @@ def _callee(node: ast.Call) -> str:
 
 
 def _short(node: ast.AST, limit: int = 40) -> str:
-    text = ast.unparse(node)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return cellsource.short(ast.unparse(node), limit)
 
 
 def _leading_dim(node: ast.Call) -> tuple[ast.expr, bool] | None:
