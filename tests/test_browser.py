@@ -32,6 +32,7 @@ from ._browser import (
     run_cell,
     within,
 )
+from .test_kernels import _kernel_pid
 
 pytestmark = BROWSER_MARKS
 
@@ -481,3 +482,51 @@ def test_cancel_interrupts_a_running_fix_and_nothing_changes(open_notebook):
     puts the notebook back, and the status ends in that result, not in "Running..."."""
     page = open_notebook("cancel.ipynb", [SLOW_SETUP, SLOW_CELL, SLOW_CHECK], viewport=(1400, 1500))
     cancel_a_slow_fix(page)
+
+
+# --------------------------------------------------------------------------- #
+# Another notebook's kernel holds memory on the card
+# --------------------------------------------------------------------------- #
+OTHER_OOM = "x = torch.empty(600 << 20, dtype=torch.uint8, device='cuda')"
+
+
+def test_shut_down_another_notebooks_kernel_from_the_panel(lab, open_notebook):
+    """Issue 11 §4: a second real kernel of the same server, for "other/train.ipynb", is the other
+    process on the (simulated) card; the panel offers to shut it down, asks first naming the
+    notebook, then does it through the server's API."""
+    _, session = _browser._api(
+        lab,
+        "/api/sessions",
+        "POST",
+        body={"path": "other/train.ipynb", "type": "notebook", "kernel": {"name": "python3"}},
+        timeout=60,
+    )
+    kid = session["kernel"]["id"]
+    pid = _kernel_pid(kid)
+    setup = (
+        "%load_ext jupyter_gpumem\nimport jupyter_gpumem, torch\n"
+        f"gpu = jupyter_gpumem.simulate('1GiB', other_processes=[({pid}, 600 << 20)])\n"
+        'print("simulated " + "card", gpu.total_bytes >> 20)'
+    )
+    page = open_notebook("others.ipynb", [setup, OTHER_OOM], viewport=(1400, 1500))
+    expect(outputs(run_cell(page, 0)).first).to_contain_text("simulated card 1024", timeout=T_RUN)
+    cell = run_cell(page, 1)
+    panel = cell.locator(".gpumem-panel")
+    expect(panel).to_contain_text("GPU out of memory", timeout=T_RUN)
+    offer = panel.get_by_role("button", name="Shut down the kernel of train.ipynb (~600 MiB)")
+    expect(offer).to_be_visible()
+
+    offer.click()  # asks first, naming the notebook
+    ask = panel.locator(".gpumem-ask")
+    expect(ask).to_contain_text("Shut down the kernel of notebook other/train.ipynb", timeout=T_RUN)
+    expect(ask).to_contain_text(f"600 MiB on this GPU (pid {pid})")
+    assert any(k["id"] == kid for k in _browser._api(lab, "/api/kernels")[1])
+    panel.get_by_role("button", name="Shut it down").click()
+
+    status = panel.locator(".gpumem-status")
+    expect(status).to_contain_text(
+        "✓ Shut down the kernel of notebook other/train.ipynb", timeout=T_RUN
+    )
+    expect(status).to_contain_text(f"its process (pid {pid}) has exited")
+    assert not any(k["id"] == kid for k in _browser._api(lab, "/api/kernels")[1])
+    expect(panel.get_by_role("button", name="Kernel of train.ipynb shut down")).to_be_disabled()
