@@ -8,13 +8,15 @@ In IPython or Jupyter::
 From Python (tests, scripts)::
 
     from jupyter_gpumem import parse_oom_message, read_snapshot, simulate
-    simulate("2GiB")        # a simulated GPU on the CPU, with real torch.OutOfMemoryError
+    with simulate("2GiB") as gpu:   # a simulated GPU on the CPU, with real torch.OutOfMemoryError
+        ...                         # torch is as it was again after the block
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from .backends import MemoryBackend
 from .backends import simulated as _simulated
 from .config import GpuMem
 from .diagnosis import Cause, Diagnosis, diagnose
@@ -32,6 +34,7 @@ __all__ = [
     "GpuMem",
     "Holder",
     "HolderSet",
+    "MemoryBackend",
     "MemorySnapshot",
     "OOMReport",
     "ReleaseResult",
@@ -57,7 +60,12 @@ _loaded: dict[int, Any] = {}
 
 
 def simulate(size: str | int, **kwargs: Any) -> _simulated.SimulatedGPU:
-    """Run as if on a GPU of ``size`` (``"2GiB"`` or bytes): see ``%gpumem simulate``."""
+    """Run as if on a GPU of ``size`` (``"2GiB"`` or bytes): see ``%gpumem simulate``.
+
+    ``with simulate("2GiB", devices=2) as gpu:`` ends it with the block, leaving torch as it
+    was; ``devices``, ``other_processes`` and ``allowed_bytes`` as ``backends.simulated.start``
+    takes them. The returned ``SimulatedGPU`` is a :class:`MemoryBackend`.
+    """
     total = parse_size(size) if isinstance(size, str) else int(size)
     return _simulated.start(total, **kwargs)
 

@@ -8,7 +8,7 @@ its evidence in numbers and one concrete action.
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .causes import Cause, Facts, find_causes
 from .holders import Holder, HolderSet
@@ -55,8 +55,8 @@ class Diagnosis:
 
     @property
     def device_label(self) -> str:
-        if self.snapshot is not None and self.snapshot.simulated:
-            return f"{self.report.device_label} (simulated)"
+        if self.snapshot is not None and self.snapshot.note:
+            return f"{self.report.device_label} ({self.snapshot.note})"
         return self.report.device_label
 
     @property
@@ -154,7 +154,12 @@ def diagnose(
 ) -> Diagnosis:
     """Rank the causes of one OOM. ``snapshot`` is the reading taken at the failure, before release.
     ``created``: the variables the failing cell itself made (the rest was there before it ran)."""
+    # the reading of the device that ran out (the snapshot carries every visible one)
     snap = snapshot
+    if snapshot is not None and report.device_index is not None:
+        oom_device = snapshot.on_device(report.device_index)
+        if oom_device is not None and oom_device is not snapshot:
+            snap = replace(oom_device, devices=snapshot.devices)
     total = _first(report.total_bytes, snap.total_bytes if snap else None)
     free = _first(report.free_bytes, snap.free_bytes if snap else None)
     allowed = _first(report.allowed_bytes, snap.allowed_bytes if snap else None)

@@ -55,7 +55,9 @@ class Extension:
         self.sidebar: Any = None
         self.panel: Any = None  # the last diagnosis panel shown
         self.simulation: Any = None  # the simulated GPU `%gpumem simulate` started, until unload
-        self.limited = False  # `%gpumem limit` capped the real card: lifted on unload
+        # the backend `%gpumem limit` capped: lifted on unload if it still answers (a simulated
+        # GPU's cap ends with it)
+        self.limited: Any = None
 
     def widgets_available(self) -> bool:
         """A kernel whose front end can show widgets (ipykernel), not a terminal."""
@@ -150,20 +152,25 @@ class Extension:
 
     def _end_simulation(self) -> None:
         """Stop the simulated GPU the magics started (one started from Python is the caller's)."""
-        from .backends import _torch, simulated
+        from .backends import active, simulated
 
         if self.simulation is not None and simulated.current() is self.simulation:
             simulated.stop()  # puts back every torch.cuda function it replaced
         self.simulation = None
-        if self.limited:
-            self.limited = False
-            _torch.set_memory_limit(None)
+        limited, self.limited = self.limited, None
+        if limited is not None and limited is active():
+            limited.set_limit(None)
 
     def present(self, failed: FailedCell) -> None:
         d = failed.diagnosis
         if d is None:
             return
         from IPython.display import display
+
+        if "jupyter_gpumem.ui.gauge" in sys.modules:  # gauges open: mark the device that ran out
+            from .ui.gauge import mark_oom
+
+            mark_oom(failed.report.device_index)
 
         stats = self._cell_stats
         if stats is not None and stats.records:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 from typing import Any, cast
 
-from .backends import _torch
+from .backends import MemoryBackend, _torch
 from .holders_scan import (
     _ALIEN,
     _MODEL,
@@ -219,6 +219,7 @@ def find_holders(
     describe: int = 50,
     budget_s: float = 0.05,
     hard_s: float = 0.5,
+    backend: MemoryBackend | None = None,
 ) -> HolderSet:
     """Walk the namespace, the output cache and the failed frames; largest holder first.
 
@@ -240,7 +241,7 @@ def find_holders(
     gc.disable()
     try:
         with _torch.no_torch_function():
-            scan = Scan(torch, budget_s, hard_s)
+            scan = Scan(torch, budget_s, hard_s, backend)
             return _find(scan, user_ns, hidden, frames, cell_names, recreated, describe)
     finally:
         if was_enabled:

@@ -35,7 +35,7 @@ from types import (
 )
 from typing import Any
 
-from .backends import _torch, simulated
+from .backends import MemoryBackend, active
 
 MAX_ITEMS = 1000  # entries looked at per container / object: bounded even for a list of 1e6 items
 CLOCK_EVERY = 256  # items between two reads of the clock inside one container or model
@@ -90,7 +90,9 @@ class Scan:
     stops everything (what was not read is counted in ``cut_short``).
     """
 
-    def __init__(self, torch: Any, budget_s: float, hard_s: float) -> None:
+    def __init__(
+        self, torch: Any, budget_s: float, hard_s: float, backend: MemoryBackend | None = None
+    ) -> None:
         now = time.perf_counter()
         self.deadline = now + budget_s
         self.hard_deadline = now + max(hard_s, budget_s)
@@ -98,8 +100,7 @@ class Scan:
         self.cut_short = 0
         self.skipped = 0
         self.reasons: list[str] = []
-        self.sim = simulated.current()
-        self.sim_device = f"cuda:{self.sim.device_index} (simulated)" if self.sim else ""
+        self.storage_of = (backend or active()).storage_of  # called for every tensor: bound once
         self.seen: set[tuple[str, int]] = set()
         self.kinds: dict[
             int, int
@@ -195,16 +196,7 @@ class Scan:
         )
 
     def take(self, t: Any) -> tuple[int, str]:
-        if self.sim is not None:  # the hot path with thousands of simulated tensors: no layers
-            counted = self.sim.counted_storage(t)
-            if counted is None:
-                return 0, ""
-            key = (self.sim_device, counted[0])
-            if key in self.seen:
-                return 0, self.sim_device
-            self.seen.add(key)
-            return counted[1], self.sim_device
-        info = _torch.gpu_storage(t)
+        info = self.storage_of(t)
         if info is None:
             return 0, ""
         key, nbytes, device = info

@@ -21,7 +21,9 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from .backends import simulated
+from .backends import active
+from .backends._frames import linked as _linked
+from .backends._frames import without_dispatch_frames as without_dispatch_frames
 from .backends._state import read_rng
 from .failure import FailedCell, NamespaceMark, build_failure
 from .labext import current_cell_id
@@ -33,42 +35,6 @@ Presenter = Callable[["FailedCell"], None]
 _GROUP: type[BaseException] | None = getattr(builtins, "BaseExceptionGroup", None)
 # KeyboardInterrupt and SystemExit stay IPython's: neither is an OOM, and neither is an Exception
 CAUGHT: tuple[type[BaseException], ...] = (Exception,) if _GROUP is None else (Exception, _GROUP)
-
-_DISPATCH_FILES = (
-    "/jupyter_gpumem/backends/",
-    "/torch/_compile.py",
-    "/torch/_dynamo/",
-    "/torch/utils/_python_dispatch.py",
-    "/torch/overrides.py",
-    "/torch/utils/_device.py",
-)
-
-
-def without_dispatch_frames(tb: TracebackType | None) -> TracebackType | None:
-    """A copy of the traceback without the simulated GPU's own frames, for display.
-
-    A real CUDA OOM is raised in C++ under the user's last Python frame; the simulated one passes
-    through torch function and dispatch modes, Python frames that say nothing to the user. The
-    original traceback (and its frames, for the diagnosis and %debug) is left as it is.
-    """
-    entries = []
-    while tb is not None:
-        if not _is_dispatch(tb):
-            entries.append(tb)
-        tb = tb.tb_next
-    return _linked(entries)
-
-
-def _linked(entries: list[TracebackType]) -> TracebackType | None:
-    copy: TracebackType | None = None
-    for e in reversed(entries):
-        copy = TracebackType(copy, e.tb_frame, e.tb_lasti, e.tb_lineno)
-    return copy
-
-
-def _is_dispatch(tb: TracebackType) -> bool:
-    name = tb.tb_frame.f_code.co_filename.replace("\\", "/")
-    return any(p in name for p in _DISPATCH_FILES)
 
 
 def through(outer: TracebackType | None, inner: TracebackType | None) -> TracebackType | None:
@@ -279,8 +245,7 @@ class OOMHook:
         sys.last_type, sys.last_value, sys.last_traceback = etype, value, tb
         if sys.version_info >= (3, 12):
             sys.last_exc = value
-        if simulated.current() is not None:
-            tb = without_dispatch_frames(tb)
+        tb = active().user_traceback(tb)
         itb = shell.InteractiveTB
         context = int(self.settings.traceback_context)
         params = inspect.signature(itb.structured_traceback).parameters
@@ -426,4 +391,4 @@ class OOMHook:
 
     def _release(self, value: BaseException) -> ReleaseResult:
         self._pending_release = value
-        return release_failed_cell(self.shell, value)
+        return release_failed_cell(self.shell, value, backend=active())

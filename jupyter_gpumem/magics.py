@@ -16,7 +16,7 @@ from IPython.core.magic_arguments import (
     parse_argstring,
 )
 
-from .backends import _torch, simulated
+from .backends import active, simulated
 from .fixes import FIXES, LADDER
 from .readings import read_snapshot
 from .release import release_failed_cell
@@ -46,6 +46,28 @@ COMMANDS = (
 # A simulated card is only counted, so any size "works"; past this it is a typo, not a GPU.
 MAX_SIMULATED_BYTES = 16 << 40
 _HELP = ("-h", "--help")
+
+
+MAX_SIMULATED_DEVICES = 16
+
+
+def _devices_option(args: list[str]) -> tuple[list[str], int]:
+    """``--devices N`` (or ``--devices=N``) taken out of ``%gpumem simulate``'s arguments."""
+    rest, devices = [], None
+    it = iter(args)
+    for a in it:
+        if a == "--devices" or a.startswith("--devices="):
+            value = a.partition("=")[2] if "=" in a else next(it, "")
+            if devices is not None or not (value.isascii() and value.isdigit()):
+                raise UsageError("%gpumem simulate: --devices takes a number, as in --devices 2")
+            devices = int(value)
+            if not 1 <= devices <= MAX_SIMULATED_DEVICES:
+                raise UsageError(
+                    f"%gpumem simulate: --devices takes 1 to {MAX_SIMULATED_DEVICES}, not {devices}"
+                )
+        else:
+            rest.append(a)
+    return rest, devices or 1
 
 
 def _size_or_off(command: str, args: list[str], most: int | None = None) -> int | None:
@@ -101,7 +123,8 @@ class GpuMemMagics(Magics):
         help="status (default): the GPU's memory now. "
         "gauge: a live memory gauge under this cell. "
         "sidebar [off]: the gauge in JupyterLab's right sidebar. "
-        "simulate SIZE|off: run the following cells on a simulated GPU of that size. "
+        "simulate SIZE|off [--devices N]: run the following cells on a simulated GPU of that "
+        "size (N cards of that size: cuda:0 ... cuda:N-1). "
         "limit SIZE|off: cap what this process may use, to rehearse a smaller card. "
         "release: free what the last failed cell pinned (when keep_traceback is on). "
         "cells on|off [--quiet]: after each cell, what it added to GPU memory, its peak and time. "
@@ -137,7 +160,9 @@ class GpuMemMagics(Magics):
 
     def _cmd_status(self, args: list[str]) -> None:
         self._no_args("status", args)
-        print(render_snapshot_text(read_snapshot()))
+        last = self.ext.hook.last_failure
+        marked = last.report.device_index if last is not None else None
+        print(render_snapshot_text(read_snapshot(), marked=marked))
 
     def _cmd_cells(self, args: list[str]) -> None:
         if args not in (["on"], ["off"], ["on", "--quiet"]):
@@ -231,6 +256,7 @@ class GpuMemMagics(Magics):
         print(self.ext.open_sidebar())
 
     def _cmd_simulate(self, args: list[str]) -> None:
+        args, devices = _devices_option(args)
         size = _size_or_off("simulate", args, most=MAX_SIMULATED_BYTES)
         if size is None:
             was = simulated.current()
@@ -238,21 +264,27 @@ class GpuMemMagics(Magics):
             self.ext.simulation = None
             print("Simulated GPU off." if was else "No simulated GPU was running.")
             return
-        sim = simulated.start(size)
+        sim = simulated.start(size, devices=devices)
         self.ext.simulation = sim
+        cards = (
+            f"{devices} simulated GPUs of {format_bytes(sim.total_bytes)} each (cuda:0 to "
+            f"cuda:{devices - 1})"
+            if devices > 1
+            else f"Simulated GPU of {format_bytes(sim.total_bytes)}"
+        )
         print(
-            f"Simulated GPU of {format_bytes(sim.total_bytes)}: cells that place tensors on `cuda` "
-            "now run on the CPU and count against it. `%gpumem simulate off` ends it."
+            f"{cards}: cells that place tensors on `cuda` now run on the CPU and count against "
+            "it. `%gpumem simulate off` ends it."
         )
 
     def _cmd_limit(self, args: list[str]) -> None:
         size = _size_or_off("limit", args)
+        backend = active()
         try:
-            total = _torch.set_memory_limit(size)
+            total = backend.set_limit(size)
         except RuntimeError as exc:
             raise UsageError(f"%gpumem limit: {exc}") from None
-        if simulated.current() is None:
-            self.ext.limited = size is not None
+        self.ext.limited = backend if size is not None else None
         if size is None:
             print(f"No cap: this process may use the whole {format_bytes(total)}.")
         else:

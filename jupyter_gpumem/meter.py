@@ -43,6 +43,16 @@ def sample(snap: MemorySnapshot) -> dict[str, Any]:
         "allocated_bytes": snap.allocated_bytes,
         "reserved_bytes": snap.reserved_bytes,
         "error": None if snap.available else (snap.nvml_error or "no GPU reading in this kernel"),
+        "title": snap.label,
+        # every visible GPU (one entry per device; one GPU: just this one)
+        "devices": [
+            {
+                "device_index": d.device_index,
+                "used_bytes": d.used_bytes if d.used_bytes is not None else d.reserved_bytes,
+                "total_bytes": d.total_bytes,
+            }
+            for d in snap.all_devices
+        ],
     }
 
 

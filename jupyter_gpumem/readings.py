@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .backends import _nvml, _torch, simulated
+from .backends import DeviceReading, MemoryBackend, active
 
 _CONTEXT_SLACK_BYTES = 768 << 20  # a CUDA context plus cuBLAS/cuDNN handles is about 0.3-0.7 GiB
 
@@ -31,7 +31,7 @@ class ProcessInfo:
 class MemorySnapshot:
     device_index: int
     device_name: str | None
-    simulated: bool
+    simulated: bool  # for the JupyterLab meter's label (a backend with a note is no real card)
     total_bytes: int | None
     free_bytes: int | None  # free on the device, from the driver
     used_bytes: int | None  # used on the device by everyone (nvidia-smi's number)
@@ -45,6 +45,24 @@ class MemorySnapshot:
     uuid: str | None = None
     nvml_error: str | None = None
     taken_at: float = field(default_factory=time.time)
+    title: str = ""  # the backend's name for the device ("NVIDIA H100 80GB HBM3 (GPU 0)")
+    note: str | None = None  # what the backend says after a label: "simulated"; None on a real card
+    # every visible device's reading, this one included, in index order (() when not read)
+    devices: tuple[MemorySnapshot, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.title or self.device_name or f"GPU {self.device_index}"
+
+    @property
+    def all_devices(self) -> tuple[MemorySnapshot, ...]:
+        return self.devices or (self,)
+
+    def on_device(self, index: int | None) -> MemorySnapshot | None:
+        """The reading of device ``index`` (None: this one), if it was read."""
+        if index is None or index == self.device_index:
+            return self
+        return next((d for d in self.devices if d.device_index == index), None)
 
     @property
     def reserved_unallocated_bytes(self) -> int | None:
@@ -103,34 +121,8 @@ def _processes(raw: tuple[tuple[int, int], ...], reserved: int | None) -> tuple[
     return tuple(out)
 
 
-def read_snapshot(device_index: int | None = None) -> MemorySnapshot:
-    """Read the allocator and NVML once. Never raises; unavailable numbers are None."""
-    index = _torch.current_device_index() if device_index is None else device_index
-    sim = simulated.current()
-    if sim is not None:
-        sim_stats = sim.memory_stats()
-        procs = tuple(
-            ProcessInfo(pid=pid, used_bytes=used, description="simulated other process")
-            for pid, used in sim.other_processes
-        )
-        procs += (ProcessInfo(os.getpid(), sim.reserved_bytes, "this kernel", is_self=True),)
-        return MemorySnapshot(
-            device_index=sim.device_index,
-            device_name=sim.name,
-            simulated=True,
-            total_bytes=sim.total_bytes,
-            free_bytes=sim.free_bytes,
-            used_bytes=sim.total_bytes - sim.free_bytes,
-            allocated_bytes=sim_stats.get("allocated_bytes.all.current", 0),
-            reserved_bytes=sim_stats.get("reserved_bytes.all.current", 0),
-            peak_allocated_bytes=sim_stats.get("allocated_bytes.all.peak", 0),
-            peak_reserved_bytes=sim_stats.get("reserved_bytes.all.peak", 0),
-            num_ooms=sim_stats.get("num_ooms", 0),
-            allowed_bytes=sim.allowed_bytes,
-            processes=procs,
-        )
-
-    stats = _torch.allocator_stats(index)
+def _snapshot(r: DeviceReading) -> MemorySnapshot:
+    stats = r.stats
     allocated = reserved = peak_alloc = peak_res = ooms = None
     if stats is not None:
         allocated = stats.get("allocated_bytes.all.current", 0)
@@ -138,35 +130,53 @@ def read_snapshot(device_index: int | None = None) -> MemorySnapshot:
         peak_alloc = stats.get("allocated_bytes.all.peak", 0)
         peak_res = stats.get("reserved_bytes.all.peak", 0)
         ooms = stats.get("num_ooms", 0)
-    dev = _nvml.read_device(index)
-    total = free = used = None
-    name = uuid = None
-    procs = ()
-    if dev is not None:
-        total, free, used, name, uuid = (
-            dev.total_bytes, dev.free_bytes, dev.used_bytes, dev.name, dev.uuid,
-        )  # fmt: skip
-        procs = _processes(dev.processes, reserved)
-    else:
-        info = _torch.mem_get_info(index)
-        if info is not None:
-            free, total = info
-            used = total - free
-        name = _torch.device_name(index)
+    described = tuple(
+        ProcessInfo(p.pid, p.used_bytes, p.description, is_self=p.is_self)
+        for p in r.processes
+        if p.description is not None
+    )
+    raw = tuple((p.pid, p.used_bytes) for p in r.processes if p.description is None)
     return MemorySnapshot(
-        device_index=index,
-        device_name=name,
-        simulated=False,
-        total_bytes=total,
-        free_bytes=free,
-        used_bytes=used,
+        device_index=r.index,
+        device_name=r.name,
+        simulated=r.note is not None,
+        total_bytes=r.total_bytes,
+        free_bytes=r.free_bytes,
+        used_bytes=r.used_bytes,
         allocated_bytes=allocated,
         reserved_bytes=reserved,
         peak_allocated_bytes=peak_alloc,
         peak_reserved_bytes=peak_res,
         num_ooms=ooms,
-        allowed_bytes=_torch.allowed_bytes(index),
-        processes=procs,
-        uuid=uuid,
-        nvml_error=_nvml.error() if dev is None else None,
+        allowed_bytes=r.allowed_bytes,
+        processes=described + _processes(raw, reserved),
+        uuid=r.uuid,
+        nvml_error=r.error,
+        title=r.title,
+        note=r.note,
     )
+
+
+def read_device(index: int | None = None, backend: MemoryBackend | None = None) -> MemorySnapshot:
+    """One device's reading (None: the current device), without the others. Never raises."""
+    backend = backend or active()
+    return _snapshot(backend.read(backend.current_device() if index is None else index))
+
+
+def read_snapshot(
+    device_index: int | None = None, *, backend: MemoryBackend | None = None
+) -> MemorySnapshot:
+    """Read the allocator and the driver once: device ``device_index`` (None: the current one),
+    with every visible device's reading in ``devices``. Never raises; unavailable numbers are
+    None."""
+    backend = backend or active()
+    index = backend.current_device() if device_index is None else device_index
+    try:
+        visible = backend.visible_devices()
+    except Exception:
+        visible = ()
+    if len(visible) <= 1 or index not in visible:
+        return _snapshot(backend.read(index))
+    devices = tuple(_snapshot(backend.read(i)) for i in visible)
+    this = next(d for d in devices if d.device_index == index)
+    return replace(this, devices=devices)

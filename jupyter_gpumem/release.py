@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 from typing import Any
 
-from .backends import _torch
+from .backends import MemoryBackend, active
 from .oom import walk_chain
 
 
@@ -68,16 +68,29 @@ def _clear_chain(exc: BaseException | None) -> int:
     return sum(clear_frames(e.__traceback__) for e in walk_chain(exc))
 
 
+def allocated_bytes(backend: MemoryBackend) -> int | None:
+    """PyTorch's allocated bytes on every visible device together (None: nothing to read)."""
+    total = None
+    for index in backend.visible_devices() or (backend.current_device(),):
+        stats = backend.allocator_stats(index)
+        if stats is not None:
+            total = (total or 0) + stats.get("allocated_bytes.all.current", 0)
+    return total
+
+
 def release_failed_cell(
     shell: Any,
     exc: BaseException | None,
+    *,
+    backend: MemoryBackend | None = None,
 ) -> ReleaseResult:
     """Drop every reference the failure keeps to its frames, then gc and empty the cache.
 
     ``exc`` is the failed cell's exception (the one in flight, or ``sys.last_value``). The cell's
     own module frame is the user namespace and is never touched: globals stay.
     """
-    before = _torch.allocated_bytes()
+    backend = backend or active()
+    before = allocated_bytes(backend)
     cleared: list[str] = []
     if exc is None:
         exc = getattr(sys, "last_value", None)
@@ -102,7 +115,7 @@ def release_failed_cell(
     # few cycles (exception <-> traceback <-> frame) are new. A full collection walks every object
     # torch ever created (170 ms in a kernel with torch imported); Clear cache still does one.
     gc.collect(1)
-    _torch.empty_cache()
-    after = _torch.allocated_bytes()
+    backend.empty_cache()
+    after = allocated_bytes(backend)
     freed = None if before is None or after is None else max(before - after, 0)
     return ReleaseResult(freed, before, after, cleared)

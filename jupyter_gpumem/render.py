@@ -178,10 +178,20 @@ def render_html(d: Diagnosis, *, with_style: bool = True) -> str:
     return "".join(h)
 
 
-def render_snapshot_text(s: MemorySnapshot) -> str:
-    """``%gpumem status``."""
-    name = s.device_name or f"GPU {s.device_index}"
-    lines = [f"{name}" + (" (simulated)" if s.simulated and "imulated" not in name else "")]
+def render_snapshot_text(s: MemorySnapshot, *, marked: int | None = None) -> str:
+    """``%gpumem status``: every visible device, ``marked`` (the last OOM's) flagged."""
+    devices = s.all_devices
+    if len(devices) == 1:
+        return _device_text(s, marked)
+    head = f"{len(devices)} GPUs visible" + (
+        f"; the last OOM was on GPU {marked}" if marked is not None else ""
+    )
+    return "\n".join([head, *(_device_text(d, marked) for d in devices)])
+
+
+def _device_text(s: MemorySnapshot, marked: int | None) -> str:
+    mark = "  ◀ the last OOM" if marked is not None and s.device_index == marked else ""
+    lines = [s.label + mark]
     if not s.available:
         lines.append(
             "  no reading: torch has not used CUDA in this process and NVML is unavailable"
@@ -205,6 +215,6 @@ def render_snapshot_text(s: MemorySnapshot) -> str:
     for p in s.processes:
         if not p.is_self:
             lines.append(f"  pid {p.pid:<7} {fmt(p.used_bytes)} ({p.description})")
-    if s.nvml_error and not s.simulated:
+    if s.nvml_error:
         lines.append(f"  NVML unavailable: {s.nvml_error}")
     return "\n".join(lines)

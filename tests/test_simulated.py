@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import gc
 import os
 import re
@@ -391,7 +392,7 @@ def test_a_module_made_before_moves_onto_the_card(move: Any) -> None:
     tensors = [*model.parameters(), *model.buffers()]
     assert all(gpu.holds(t) for t in tensors)
     assert gpu.allocated_bytes == sum(t.untyped_storage().nbytes() for t in tensors)
-    redirected = simulated._modes[0].redirected
+    redirected = simulated.lifecycle._modes[0].redirected
     assert sum(redirected.values()) == len(tensors)
 
 
@@ -407,7 +408,7 @@ def test_default_device_cuda() -> None:
     with torch.device("cuda"):
         u = torch.ones(2)
     assert gpu.holds(u)
-    assert simulated._modes[0].redirected["torch.zeros"] == 1
+    assert simulated.lifecycle._modes[0].redirected["torch.zeros"] == 1
 
 
 def test_default_device_set_before_the_simulation() -> None:
@@ -554,21 +555,68 @@ def test_stop_from_another_thread_makes_the_modes_inert_until_the_next_start() -
     assert len(ours(_get_current_function_mode_stack())) == 1
 
 
-def test_readings_from_another_thread_and_work_there_is_not_counted() -> None:
-    gpu = simulated.start(1 * GiB)
+def test_threads_started_during_the_simulation_count_as_on_a_real_card() -> None:
+    gpu = simulated.start(64 * MiB)
     keep = torch.empty(MiB, dtype=torch.uint8, device="cuda")
     seen: list[Any] = []
 
     def elsewhere() -> None:
         seen.append(simulated.current())
         seen.append(torch.cuda.memory_allocated())
-        seen.append(torch.empty(10 * MiB, dtype=torch.uint8))
+        seen.append(torch.empty(10 * MiB, dtype=torch.uint8, device="cuda"))
+        seen.append(oom_of(torch.empty, 128 * MiB, dtype=torch.uint8, device="cuda"))
 
     worker = threading.Thread(target=elsewhere)
     worker.start()
     worker.join()
-    assert seen[0] is gpu and seen[1] == MiB and not gpu.holds(seen[2])
+    assert seen[0] is gpu and seen[1] == MiB
+    assert gpu.holds(seen[2]) and gpu.allocated_bytes == 11 * MiB
+    assert parse(seen[3])["total"] == 64 * MiB
     del keep
+
+
+def test_a_thread_running_before_the_start_counts_only_under_on_this_thread() -> None:
+    go, done = threading.Event(), threading.Event()
+    seen: list[Any] = []
+
+    def elsewhere() -> None:
+        go.wait()
+        seen.append(torch.empty(MiB, dtype=torch.uint8))
+        with simulated.on_this_thread():
+            seen.append(torch.empty(MiB, dtype=torch.uint8))
+        done.set()
+
+    worker = threading.Thread(target=elsewhere)
+    worker.start()
+    gpu = simulated.start(64 * MiB)
+    go.set()
+    worker.join()
+    assert not gpu.holds(seen[0]) and gpu.holds(seen[1])
+
+
+def test_a_threads_profile_function_is_kept_and_restored() -> None:
+    calls: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            calls.append(frame.f_code.co_name)
+
+    threading.setprofile(profile)
+    try:
+        gpu = simulated.start(64 * MiB)
+        seen: list[Any] = []
+
+        def counted_here() -> None:
+            seen.append(torch.empty(MiB, dtype=torch.uint8))
+
+        worker = threading.Thread(target=counted_here)
+        worker.start()
+        worker.join()
+        assert gpu.holds(seen[0]) and "counted_here" in calls
+        simulated.stop()
+        assert threading.getprofile() is profile
+    finally:
+        threading.setprofile(None)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -598,20 +646,22 @@ def test_bad_sizes_are_refused() -> None:
 # ---- other threads: on_this_thread -------------------------------------------------------------
 
 
+# A thread that was running before any simulation started (threads started during one count
+# on their own): the kernel's comm thread, say.
+_OLD_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="old")
+_OLD_THREAD.submit(lambda: None).result()
+
+
 def in_thread(fn: Any) -> Any:
-    """Run ``fn`` on a fresh thread; its result, or the exception it raised."""
-    result: list[Any] = []
+    """Run ``fn`` on the thread that predates the simulation; its result, or what it raised."""
 
-    def body() -> None:
+    def body() -> Any:
         try:
-            result.append(fn())
+            return fn()
         except BaseException as exc:
-            result.append(exc)
+            return exc
 
-    worker = threading.Thread(target=body)
-    worker.start()
-    worker.join()
-    return result[0]
+    return _OLD_THREAD.submit(body).result(timeout=60)
 
 
 def stacks() -> tuple[list[Any], list[Any]]:
@@ -701,13 +751,12 @@ def test_on_this_thread_follows_pause_and_stop_from_the_starting_thread() -> Non
             seen.append(gpu.holds(t))
         seen.append(stacks())
 
-    worker = threading.Thread(target=elsewhere)
-    worker.start()
+    worker = _OLD_THREAD.submit(elsewhere)
     assert entered.wait(10)
     with simulated.paused():
         assert all(m.holds is None for m in simulated._borrowed)  # paused there too
-    assert all(m.holds is not None for m in simulated._borrowed)
+    assert all(m.holds is not None for m in simulated._borrowed) and simulated._borrowed
     simulated.stop()
     go_on.set()
-    worker.join()
+    worker.result(timeout=60)
     assert seen == [False, ([], [])] and not simulated._borrowed

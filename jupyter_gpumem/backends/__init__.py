@@ -1,4 +1,11 @@
-"""Backends: the only code that imports torch (``_torch``) and pynvml (``_nvml``), lazily.
+"""Backends: the only code that imports torch and pynvml, lazily, behind one interface.
 
-``simulated`` is a GPU of any size that lives on the CPU, with the same readings as a real one.
+``base.MemoryBackend`` is what the rest of the package reads GPU memory through, and
+``base.active()`` the backend that answers now: ``cuda.CudaBackend`` (torch's allocator and NVML)
+or the simulated GPU (``simulated``), a GPU of any size that lives on the CPU, with the same
+readings as a real one, selected while it runs.
 """
+
+from .base import DeviceReading, MemoryBackend, RawProcess, active
+
+__all__ = ["DeviceReading", "MemoryBackend", "RawProcess", "active"]

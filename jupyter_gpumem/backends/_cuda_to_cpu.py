@@ -25,7 +25,9 @@ Usage::
 
 ``holds`` (used by the simulated GPU): a predicate telling whether a tensor is already "on the
 GPU". A placement whose result is not, such as ``cpu_tensor.to("cuda")`` (which on the CPU returns
-the tensor itself), returns a copy instead, as a real host-to-device copy does.
+the tensor itself), returns a copy instead, as a real host-to-device copy does. ``place`` (also the
+simulated GPU's): given the CUDA index a placement names (None for plain ``"cuda"``), a context
+the placement runs in, so the simulated GPU counts it on that card.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["cuda_to_cpu", "cuda_to_cpu_mode_class", "is_cuda_device"]
+__all__ = ["cuda_index", "cuda_to_cpu", "cuda_to_cpu_mode_class", "is_cuda_device"]
+
+_NOWHERE = -1  # a placement that names no CUDA device (``.to(other_tensor)``, ``pin_memory``)
 
 
 def is_cuda_device(device: object) -> bool:
@@ -48,6 +52,17 @@ def is_cuda_device(device: object) -> bool:
     if isinstance(device, int):
         return not isinstance(device, bool)
     return getattr(device, "type", None) == "cuda"
+
+
+def cuda_index(device: object) -> int | None:
+    """The index a CUDA device argument names: ``"cuda:1"`` and ``1`` are 1, ``"cuda"`` None."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return device
+    if isinstance(device, str):
+        _, _, rest = device.partition(":")
+        return int(rest) if rest.isdigit() else None
+    index = getattr(device, "index", None)
+    return index if isinstance(index, int) else None
 
 
 @functools.cache
@@ -62,13 +77,14 @@ def cuda_to_cpu_mode_class() -> type[Any]:
     cpu = torch.device("cpu")
     Tensor = torch.Tensor
 
-    def default_is_cuda() -> bool:
+    def default_cuda() -> Any:
+        """The default device when it is a CUDA one, else None."""
         # set_default_device / `with torch.device(...)` put a DeviceContext at the bottom of the
         # stack, below us; torch.get_default_device() would make a tensor and recurse.
         for mode in reversed(_get_current_function_mode_stack()):
             if isinstance(mode, DeviceContext):
-                return bool(mode.device.type == "cuda")
-        return False
+                return mode.device if mode.device.type == "cuda" else None
+        return None
 
     @functools.cache
     def name_of(func: Any) -> str:
@@ -77,9 +93,14 @@ def cuda_to_cpu_mode_class() -> type[Any]:
     class CudaToCpuMode(TorchFunctionMode):
         """Redirect CUDA placements to the CPU; ``redirected`` counts them by function name."""
 
-        def __init__(self, holds: Callable[[torch.Tensor], bool] | None = None) -> None:
+        def __init__(
+            self,
+            holds: Callable[[torch.Tensor], bool] | None = None,
+            place: Callable[[int | None], Any] | None = None,
+        ) -> None:
             super().__init__()
             self.holds = holds
+            self.place = place
             self.active = True  # False: pass everything through (a stopped simulation's mode)
             self.redirected: collections.Counter[str] = collections.Counter()
 
@@ -91,7 +112,9 @@ def cuda_to_cpu_mode_class() -> type[Any]:
             if not self.active:
                 return func(*args, **kwargs)
             moved, name = False, func
+            target: int | None = _NOWHERE
             if func is tensor_cuda:
+                target = cuda_index(args[1] if len(args) > 1 else kwargs.get("device"))
                 non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
                 fmt = kwargs.get("memory_format", torch.preserve_format)
                 func, args = tensor_to, (args[0], cpu)
@@ -99,6 +122,7 @@ def cuda_to_cpu_mode_class() -> type[Any]:
                 moved = True
             elif func is tensor_to:
                 if len(args) > 1 and is_cuda_device(args[1]):
+                    target = cuda_index(args[1])
                     args = (args[0], cpu, *args[2:])
                     moved = True
                 elif (
@@ -114,9 +138,11 @@ def cuda_to_cpu_mode_class() -> type[Any]:
             device = kwargs.get("device")
             if device is not None:
                 if is_cuda_device(device):
+                    target = cuda_index(device)
                     kwargs = {**kwargs, "device": cpu}
                     moved = True
-            elif func in constructors and default_is_cuda():
+            elif func in constructors and (default := default_cuda()) is not None:
+                target = default.index
                 kwargs = {**kwargs, "device": cpu}
                 moved = True
             if kwargs.get("pin_memory"):
@@ -125,6 +151,13 @@ def cuda_to_cpu_mode_class() -> type[Any]:
             if not moved:
                 return func(*args, **kwargs)
             self.redirected[name_of(name)] += 1
+            place = self.place
+            if place is None or target == _NOWHERE:
+                return self._placed(func, args, kwargs)
+            with place(target):
+                return self._placed(func, args, kwargs)
+
+        def _placed(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             out = func(*args, **kwargs)
             holds = self.holds
             if holds is not None and isinstance(out, Tensor) and out.is_cpu and not holds(out):

@@ -108,3 +108,15 @@ def read_device(logical_index: int = 0) -> NvmlDevice | None:
         free_bytes=int(mem.free),
         processes=tuple(sorted(procs.items(), key=lambda kv: -kv[1])),
     )
+
+
+def device_count() -> int | None:
+    """How many GPUs NVML sees on the machine (before CUDA_VISIBLE_DEVICES), or None."""
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    try:
+        return int(nvml.nvmlDeviceGetCount())
+    except Exception as exc:
+        _state["error"] = f"{type(exc).__name__}: {exc}"
+        return None

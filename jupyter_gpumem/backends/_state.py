@@ -50,7 +50,7 @@ def _rebuild(saved: Any, like_device: Any, on_gpu: bool) -> Any:
         with simulated.paused():
             t = saved.clone()
         if on_gpu:
-            sim.track(t)
+            sim.track(t, device=like_device)
         return t
     return saved.to(like_device, copy=True)
 
@@ -72,8 +72,17 @@ def _ptr(t: Any) -> int:
         return -1
 
 
+def _device_of(t: Any) -> Any:
+    """Where the tensor lives: its device, or the simulated card that counts it ("cuda:1")."""
+    sim = simulated.current()
+    card = sim.holder_of(t) if sim is not None else None
+    return t.device if card is None else f"cuda:{card.device_index}"
+
+
 def _copy_tensor(t: Any) -> _TensorCopy:
-    return _TensorCopy(weakref.ref(t), _host_copy(t), _on_gpu(t), t.device, t._version, _ptr(t))
+    return _TensorCopy(
+        weakref.ref(t), _host_copy(t), _on_gpu(t), _device_of(t), t._version, _ptr(t)
+    )
 
 
 def _put_back(c: _TensorCopy) -> Any:
@@ -87,7 +96,7 @@ def _put_back(c: _TensorCopy) -> Any:
         # moved off the GPU (Move to CPU): back where it was
         sim = simulated.current()
         if sim is not None:
-            sim.track(t)
+            sim.track(t, device=c.device)
         else:
             t.data = c.data.to(c.device, copy=True)
             return t

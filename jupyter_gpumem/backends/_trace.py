@@ -25,7 +25,7 @@ from collections.abc import Container
 from typing import Any, NamedTuple
 
 from . import simulated
-from .simulated import (
+from .simulated.card import (
     _LARGE_BUFFER,
     _MIN_LARGE_ALLOC,
     _ROUND_LARGE,
@@ -39,9 +39,13 @@ Frame = tuple[str, int, str]  # (filename, line, function), as torch's snapshot 
 ModuleToken = tuple[int, str]  # (id of the outermost module running, path below it)
 
 _MAX_FRAMES = 64  # a walk stops at the first notebook frame; this bounds it elsewhere
+_HERE = os.path.dirname(os.path.abspath(__file__))
 _OWN_FILES = frozenset(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-    for name in ("simulated.py", "_cuda_to_cpu.py", "_trace.py")
+    [os.path.join(_HERE, name) for name in ("_cuda_to_cpu.py", "_trace.py")]
+    + [
+        os.path.join(_HERE, "simulated", name)
+        for name in ("card.py", "counting.py", "gpu.py", "lifecycle.py", "cuda_api.py")
+    ]
 )
 _META = "jupyter_gpumem:"  # prefix of the user metadata we attach on CUDA
 _BASE_ADDRESS = 0x7F0000000000  # simulated addresses: made up, never reused, 512-aligned
@@ -243,21 +247,23 @@ def simulated_snapshot(sim: simulated.SimulatedGPU, recorder: Recorder | None) -
     recorder = recorder if recorder is not None else Recorder(1)
     device = sim.device_index
     segments = []
-    small = mid = 0
-    for key, nbytes in sim.live_storages():
-        addr = recorder.address(key, nbytes)
-        frames = _frame_dicts(recorder.records[key][1])
-        size = _block_size(nbytes)
-        if nbytes:
-            if size <= _SMALL_SIZE:
-                small += size
-            elif size < _MIN_LARGE_ALLOC:
-                mid += size
-        segments.append(_segment(device, addr, size, nbytes, frames, live=True))
-    for used, pool in ((small, _SMALL_BUFFER), (mid, _LARGE_BUFFER)):
-        slack = _ceil(used, pool) - used
-        if slack:
-            segments.append(_segment(device, recorder._claim(slack), slack, 0, [], live=False))
+    for card in sim.devices:
+        small = mid = 0
+        for key, nbytes in card.live_storages():
+            addr = recorder.address(key, nbytes)
+            frames = _frame_dicts(recorder.records[key][1])
+            size = _block_size(nbytes)
+            if nbytes:
+                if size <= _SMALL_SIZE:
+                    small += size
+                elif size < _MIN_LARGE_ALLOC:
+                    mid += size
+            segments.append(_segment(card.device_index, addr, size, nbytes, frames, live=True))
+        for used, pool in ((small, _SMALL_BUFFER), (mid, _LARGE_BUFFER)):
+            slack = _ceil(used, pool) - used
+            if slack:
+                addr = recorder._claim(slack)
+                segments.append(_segment(card.device_index, addr, slack, 0, [], live=False))
     trace = []
     for event in recorder.events:
         entry = {
@@ -272,7 +278,7 @@ def simulated_snapshot(sim: simulated.SimulatedGPU, recorder: Recorder | None) -
             entry["device_free"] = event[5]
             del entry["addr"]
         trace.append(entry)
-    traces: list[list[dict[str, Any]]] = [[] for _ in range(device + 1)]
+    traces: list[list[dict[str, Any]]] = [[] for _ in range(max(len(sim.devices), device + 1))]
     traces[device] = trace
     return {"segments": segments, "device_traces": traces, "allocator_settings": {}}
 

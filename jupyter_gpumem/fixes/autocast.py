@@ -7,7 +7,7 @@ from the diagnosis and reports the measured peak beside the prediction.
 
 from __future__ import annotations
 
-from ..backends import _torch
+from ..backends import _torch, active
 from ..rerun import Plan
 from ..units import format_bytes
 from .base import Check, Fix, FixContext, FixOutcome
@@ -21,7 +21,7 @@ class Autocast(Fix):
         if _torch.torch_module() is None:
             return Check(False, "", "torch is not imported in this kernel")
         d = ctx.failed.diagnosis
-        dtype = "bfloat16" if _torch.supports_bf16() else "float16"
+        dtype = "bfloat16" if active().supports_bf16() else "float16"
         action = (
             f"Re-run the cell under torch.autocast ({dtype}): matmuls and convolutions compute in "
             f"{dtype}, so activations take about half the memory. Numerics change."

@@ -11,7 +11,7 @@ import re
 from contextlib import AbstractContextManager
 from typing import Any
 
-from ..backends import _cuda_to_cpu, _torch, simulated
+from ..backends import _cuda_to_cpu, _torch, active
 from ..rerun import Plan, names_read
 from ..units import format_bytes
 from .base import Check, Fix, FixContext, FixOutcome
@@ -56,13 +56,14 @@ class MoveToCpu(Fix):
     def apply(self, ctx: FixContext) -> FixOutcome:
         check = self.check(ctx)
         ns = ctx.user_ns
+        backend = active()
         moved_names = []
         moved_bytes = 0
         updates: dict[str, Any] = {}
         for name in _gpu_names(ctx):
             if name not in ns:
                 continue  # the failed run's own variable, dropped before the re-run makes it again
-            obj, n = _torch.move_to_cpu(ns[name])
+            obj, n = backend.move_to_cpu(ns[name])
             if n:
                 moved_names.append(name)
                 moved_bytes += n
@@ -77,9 +78,8 @@ class MoveToCpu(Fix):
             mode_holder.append(mode)
             return mode
 
-        contexts = [redirect]
-        if simulated.current() is not None:
-            contexts.insert(0, simulated.paused)  # CPU tensors must not count against the GPU
+        # CPU tensors must not count against the GPU (they would on the simulated one)
+        contexts = [backend.host_only, redirect]
         outcome = self._single_run(
             ctx,
             Plan(ctx.failed.source, contexts=contexts, namespace_updates=updates, note="on CPU"),

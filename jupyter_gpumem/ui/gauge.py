@@ -4,6 +4,9 @@ allocated, reserved but unallocated, and other processes, over a short history.
 A daemon thread samples (NVML + torch allocator, about 0.1 ms a sample) and touches only widget
 traits, inside one ``batch_update`` per sample, and only when something changed; it never calls
 ``display``. No GPU, NVML errors and the simulated GPU are states the gauge shows, not crashes.
+
+With several visible GPUs the dial shows one (the last OOM's, else the current one) and a line
+under the title lists every GPU's use, the OOM's marked.
 """
 
 from __future__ import annotations
@@ -36,10 +39,33 @@ def stop_all() -> None:
         g.stop()
 
 
+def mark_oom(device_index: int | None) -> None:
+    """Every gauge marks this device as the one that ran out (None: no mark), from the next sample."""
+    for g in list(_gauges):
+        g.marked = device_index
+
+
+def devices_line(s: MemorySnapshot, marked: int | None = None) -> str:
+    """Every visible GPU's use on one line (empty with one GPU); ``marked`` flagged as the OOM's."""
+    devices = s.all_devices
+    if len(devices) < 2:
+        return ""
+    parts = []
+    for d in devices:
+        used = d.used_bytes if d.used_bytes is not None else d.reserved_bytes
+        reading = (
+            f"{format_gib(used)} / {format_gib(d.total_bytes)}"
+            if used is not None and d.total_bytes
+            else "no reading"
+        )
+        oom = " ◀ OOM" if marked is not None and d.device_index == marked else ""
+        parts.append(f"GPU {d.device_index} {reading}{oom}")
+    return " · ".join(parts)
+
+
 def describe(s: MemorySnapshot) -> tuple[str, float, float, float, float, float]:
     """(title, used, allocated, cache, other, total) in GiB; zeros with a title saying why when
     there is no reading."""
-    name = s.device_name or f"GPU {s.device_index}"
     if not s.available:
         why = s.nvml_error or "torch has not used CUDA in this kernel yet"
         return f"no GPU reading ({why[:60]})", 0.0, 0.0, 0.0, 0.0, 1.0
@@ -48,8 +74,7 @@ def describe(s: MemorySnapshot) -> tuple[str, float, float, float, float, float]
     cache = s.reserved_unallocated_bytes or 0
     used = s.used_bytes if s.used_bytes is not None else allocated + cache
     other = max(used - allocated - cache, 0)
-    title = name if s.simulated or "imulated" in name else f"{name} (GPU {s.device_index})"
-    return title, used / GiB, allocated / GiB, cache / GiB, other / GiB, total / GiB
+    return s.label, used / GiB, allocated / GiB, cache / GiB, other / GiB, total / GiB
 
 
 class Gauge:
@@ -74,6 +99,8 @@ class Gauge:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last: tuple[Any, ...] | None = None
+        self.marked: int | None = None  # the device of the last OOM, marked in the devices line
+        self._device_lines = 0
         self.updates = 0  # widget updates sent (for tests and the benchmark)
         self.errors = 0
         self.last_error: str | None = None
@@ -142,9 +169,12 @@ class Gauge:
 
     def sample(self) -> None:
         """Read once and update the widget if anything changed. Never raises."""
+        devices = ""
         try:
             snap = self.read()
-            title, used, alloc, cache, other, total = describe(snap)
+            devices = devices_line(snap, self.marked)
+            shown = snap.on_device(self.marked) if self.marked is not None else None
+            title, used, alloc, cache, other, total = describe(shown or snap)
         except Exception as exc:
             self.errors += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -153,7 +183,15 @@ class Gauge:
             )  # fmt: skip
         now = time.monotonic()
         self.samples.append((now, alloc, cache, other))
-        key = (title, round(used, 3), round(alloc, 3), round(cache, 3), round(other, 3), total)
+        key = (
+            title,
+            devices,
+            round(used, 3),
+            round(alloc, 3),
+            round(cache, 3),
+            round(other, 3),
+            total,
+        )
         if key == self._last and len(self.samples) > 2:
             return  # nothing new to draw: no comm message
         self._last = key
@@ -166,8 +204,13 @@ class Gauge:
         xs = [t - now for t, *_ in self.samples]
         ind = self.widget.data[0]
         with self.widget.batch_update():
+            lines = devices.count(" · ") + 1 if devices else 0
+            if lines != self._device_lines:  # room above the dial for the devices' lines
+                self._device_lines = lines
+                top = (90 if self.narrow else 65) + 13 * (lines if self.narrow else min(lines, 1))
+                self.widget.layout.margin.t = top
             ind.value = used
-            ind.title.text = self._title(title, pct, alloc, cache, other)
+            ind.title.text = self._title(title, pct, alloc, cache, other, devices)
             ind.gauge.axis.range = [0, total]
             ind.gauge.steps = steps
             ind.gauge.threshold.value = total
@@ -176,18 +219,22 @@ class Gauge:
                 self.widget.data[1 + i].y = list(series)
         self.updates += 1
 
-    def _title(self, title: str, pct: str, alloc: float, cache: float, other: float) -> str:
+    def _title(
+        self, title: str, pct: str, alloc: float, cache: float, other: float, devices: str = ""
+    ) -> str:
         def gib(v: float) -> str:
             return format_gib(int(v * GiB))
 
         if self.narrow:  # ~240 px: one short fact per line, nothing clipped
+            every = "".join(f"<br>{part}" for part in devices.split(" · ")) if devices else ""
             return (
                 f"{title}<br>{pct.removeprefix(' · ')}<br><span style='font-size:10px'>"
-                f"allocated {gib(alloc)}<br>cache {gib(cache)} · other {gib(other)}</span>"
+                f"allocated {gib(alloc)}<br>cache {gib(cache)} · other {gib(other)}{every}</span>"
             )
+        every = f"<br>{devices}" if devices else ""
         return (
             f"{title}{pct}<br><span style='font-size:10px'>allocated {gib(alloc)} · "
-            f"cache {gib(cache)} · other {gib(other)}</span>"
+            f"cache {gib(cache)} · other {gib(other)}{every}</span>"
         )
 
     def _loop(self) -> None:

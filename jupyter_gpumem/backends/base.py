@@ -1,0 +1,155 @@
+"""The one interface the rest of the package reads GPU memory through, and which backend answers.
+
+Two backends implement :class:`MemoryBackend`: the CUDA one (torch + NVML, ``backends/cuda.py``)
+and the simulated GPU (``backends/simulated``), a double that runs in host memory. Nothing outside
+``backends/`` asks which one it has: it calls :func:`active` once per job (a reading, a scan, a
+release, a fix) and goes through what it got. A simulation selects itself while it runs
+(:func:`select`) and deselects itself when it ends.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+__all__ = [
+    "DeviceReading",
+    "MemoryBackend",
+    "RawProcess",
+    "StorageInfo",
+    "active",
+    "deselect",
+    "select",
+]
+
+# (key, nbytes, device): the key identifies the storage (views and tied weights count once), the
+# device is how holders name it ("cuda:0", "cuda:1 (simulated)")
+StorageInfo = tuple[tuple[str, int], int, str]
+
+
+class RawProcess(NamedTuple):
+    """A process on a device as the backend sees it; readings describe the ones left undescribed."""
+
+    pid: int
+    used_bytes: int
+    description: str | None = None  # None: readings look at /proc and the Jupyter servers
+    is_self: bool = False
+
+
+@dataclass(frozen=True)
+class DeviceReading:
+    """One device, read once. Anything the backend cannot tell is None."""
+
+    index: int  # torch's (logical) index, after CUDA_VISIBLE_DEVICES
+    name: str | None
+    title: str  # how the UI names it: "NVIDIA H100 80GB HBM3 (GPU 0)", "Simulated GPU (2.00 GiB)"
+    total_bytes: int | None = None
+    free_bytes: int | None = None
+    used_bytes: int | None = None  # by every process (nvidia-smi's number)
+    stats: dict[str, int] | None = None  # torch.cuda.memory_stats() keys
+    allowed_bytes: int | None = None
+    processes: tuple[RawProcess, ...] = ()
+    uuid: str | None = None
+    error: str | None = None  # why the driver gives no reading (NVML's error)
+    note: str | None = None  # said after the device's label: "simulated"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class MemoryBackend(Protocol):
+    """What the readers, the release, the fixes and the UI need from a GPU."""
+
+    note: str | None  # None on real hardware; "simulated" for the double
+
+    def visible_devices(self) -> tuple[int, ...]:
+        """torch's indices of every device this process can use (CUDA_VISIBLE_DEVICES applied)."""
+        ...
+
+    def current_device(self) -> int: ...
+
+    def read(self, index: int | None = None) -> DeviceReading:
+        """The device's reading; never raises."""
+        ...
+
+    def allocator_stats(self, index: int | None = None) -> dict[str, int] | None: ...
+
+    def mem_get_info(self, index: int | None = None) -> tuple[int, int] | None:
+        """(free, total) as the driver says, or None."""
+        ...
+
+    def process_cap(self, index: int | None = None) -> int | None:
+        """The per-process cap, if one is set."""
+        ...
+
+    def set_limit(self, limit_bytes: int | None, index: int | None = None) -> int:
+        """Cap what this process may use (None lifts it); returns the card's total bytes."""
+        ...
+
+    def storage_of(self, tensor: Any) -> StorageInfo | None:
+        """The storage behind a tensor on this GPU; None for anything not on it. Kept lean."""
+        ...
+
+    def empty_cache(self) -> None: ...
+
+    def reset_peak(self, index: int | None = None) -> None: ...
+
+    def move_to_cpu(self, obj: Any) -> tuple[Any, int]:
+        """A tensor, model or optimizer's state moved to the CPU; (object, bytes moved)."""
+        ...
+
+    def host_only(self) -> AbstractContextManager[Any]:
+        """A block whose tensors are host memory and must not count on the GPU."""
+        ...
+
+    def on_this_thread(self) -> AbstractContextManager[Any]:
+        """A block that sees this GPU from the calling thread as the cell's thread does."""
+        ...
+
+    def autocast_device_type(self) -> str:
+        """Where ``torch.autocast`` must act for tensors "on the GPU"."""
+        ...
+
+    def supports_bf16(self) -> bool: ...
+
+    def user_traceback(self, tb: TracebackType | None) -> TracebackType | None:
+        """The traceback as the user should see it (the backend's own frames left out)."""
+        ...
+
+
+_lock = threading.Lock()
+_selected: list[MemoryBackend] = []
+_default: list[MemoryBackend] = []
+_default_factory: list[Callable[[], MemoryBackend]] = []
+
+
+def active() -> MemoryBackend:
+    """The backend that answers now: the last one selected, else the CUDA one."""
+    selected = _selected
+    if selected:
+        return selected[-1]
+    if not _default:
+        from .cuda import CudaBackend
+
+        with _lock:
+            if not _default:
+                _default.append(CudaBackend())
+    return _default[0]
+
+
+def select(backend: MemoryBackend) -> None:
+    """Make ``backend`` the active one until :func:`deselect`."""
+    with _lock:
+        _selected.append(backend)
+
+
+def deselect(backend: MemoryBackend) -> None:
+    """Stop answering with ``backend`` (whatever was selected after it stays)."""
+    with _lock:
+        for i in range(len(_selected) - 1, -1, -1):
+            if _selected[i] is backend:
+                del _selected[i]
+                return

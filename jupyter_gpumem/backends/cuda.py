@@ -1,0 +1,213 @@
+"""The CUDA backend: torch's allocator (``_torch``) and the driver through NVML (``_nvml``).
+
+Reading never creates a CUDA context: ``torch.cuda.is_initialized()`` gates every torch call that
+would, and NVML needs none. Devices are torch's (logical) indices: ``CUDA_VISIBLE_DEVICES`` decides
+which physical GPUs they are, and NVML is asked about those only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import Any
+
+from . import _nvml
+from ._torch import cuda_ready, move_objects, torch_module
+from .base import DeviceReading, RawProcess, StorageInfo
+
+__all__ = ["CudaBackend", "visible_count"]
+
+
+def visible_count(visible: str | None, physical: int) -> int:
+    """How many devices torch sees: CUDA_VISIBLE_DEVICES's entries up to the first invalid one
+    (as CUDA reads it), or every physical device when it is unset."""
+    if visible is None:
+        return physical
+    count = 0
+    for entry in visible.split(","):
+        entry = entry.strip()
+        if not entry:
+            break
+        if entry.isdigit():
+            if int(entry) >= physical:
+                break
+        elif not entry.startswith(("GPU-", "MIG-")):
+            break
+        count += 1
+    return count
+
+
+class CudaBackend:
+    """Real GPUs. Anything that cannot be read is None; nothing here raises on a reading."""
+
+    note: str | None = None
+
+    def visible_devices(self) -> tuple[int, ...]:
+        torch = torch_module()
+        if torch is not None:
+            try:
+                if torch.cuda.is_available():
+                    return tuple(range(int(torch.cuda.device_count())))
+            except Exception:
+                pass
+        physical = _nvml.device_count()
+        if physical is None:
+            return ()
+        return tuple(range(visible_count(os.environ.get("CUDA_VISIBLE_DEVICES"), physical)))
+
+    def current_device(self) -> int:
+        if cuda_ready():
+            try:
+                return int(torch_module().cuda.current_device())
+            except Exception:
+                return 0
+        return 0
+
+    def read(self, index: int | None = None) -> DeviceReading:
+        index = self.current_device() if index is None else index
+        stats = self.allocator_stats(index)
+        dev = _nvml.read_device(index)
+        total = free = used = None
+        name = uuid = None
+        procs: tuple[RawProcess, ...] = ()
+        if dev is not None:
+            total, free, used, name, uuid = (
+                dev.total_bytes, dev.free_bytes, dev.used_bytes, dev.name, dev.uuid,
+            )  # fmt: skip
+            procs = tuple(RawProcess(pid, n) for pid, n in dev.processes)
+        else:
+            info = self.mem_get_info(index)
+            if info is not None:
+                free, total = info
+                used = total - free
+            name = self._device_name(index)
+        return DeviceReading(
+            index=index,
+            name=name,
+            title=f"{name or 'GPU'} (GPU {index})",
+            total_bytes=total,
+            free_bytes=free,
+            used_bytes=used,
+            stats=stats,
+            allowed_bytes=self.process_cap(index),
+            processes=procs,
+            uuid=uuid,
+            error=_nvml.error() if dev is None else None,
+        )
+
+    def allocator_stats(self, index: int | None = None) -> dict[str, int] | None:
+        """torch.cuda.memory_stats() of the device, or None when there is nothing to read."""
+        if not cuda_ready():
+            return None
+        try:
+            stats = torch_module().cuda.memory_stats(index)
+        except Exception:
+            return None
+        return dict(stats) if stats else None
+
+    def mem_get_info(self, index: int | None = None) -> tuple[int, int] | None:
+        """(free, total) from the driver, only where a context already exists."""
+        if not cuda_ready():
+            return None
+        try:
+            free, total = torch_module().cuda.mem_get_info(index)
+        except Exception:
+            return None
+        return int(free), int(total)
+
+    def _device_name(self, index: int | None = None) -> str | None:
+        if not cuda_ready():
+            return None
+        try:
+            return str(torch_module().cuda.get_device_name(index))
+        except Exception:
+            return None
+
+    def process_cap(self, index: int | None = None) -> int | None:
+        """The per-process cap set with set_per_process_memory_fraction, if torch can tell."""
+        if not cuda_ready():
+            return None
+        torch = torch_module()
+        getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        if getter is None:
+            return None
+        try:
+            fraction = float(getter(index))
+            if fraction >= 1.0:
+                return None
+            _free, total = torch.cuda.mem_get_info(index)
+            return int(total * fraction)
+        except Exception:
+            return None
+
+    def set_limit(self, limit_bytes: int | None, index: int | None = None) -> int:
+        torch = torch_module()
+        if torch is None or not torch.cuda.is_available():
+            raise RuntimeError(
+                "no CUDA GPU here: use `%gpumem simulate SIZE` to rehearse a small card"
+            )
+        _free, total = torch.cuda.mem_get_info(index)
+        fraction = 1.0 if limit_bytes is None else min(limit_bytes / total, 1.0)
+        torch.cuda.set_per_process_memory_fraction(fraction, index)
+        return int(total)
+
+    def storage_of(self, tensor: Any) -> StorageInfo | None:
+        try:
+            dev = tensor.device
+            if dev.type in ("cpu", "meta"):
+                return None
+            storage = tensor.untyped_storage()
+            device = str(dev)
+            return (device, storage.data_ptr()), int(storage.nbytes()), device
+        except Exception:
+            # sparse, nested and subclass tensors may have no plain storage: skip them, never fail
+            return None
+
+    def empty_cache(self) -> None:
+        """Give cached blocks (and cuBLAS workspaces) back to the driver; a no-op without a context."""
+        if not cuda_ready():
+            return
+        torch = torch_module()
+        for call in (
+            torch.cuda.synchronize,
+            getattr(torch._C, "_cuda_clearCublasWorkspaces", None),
+            torch.cuda.empty_cache,
+        ):
+            if callable(call):
+                try:
+                    call()
+                except Exception:
+                    pass
+
+    def reset_peak(self, index: int | None = None) -> None:
+        if cuda_ready():
+            try:
+                torch_module().cuda.reset_peak_memory_stats(index)
+            except Exception:
+                pass
+
+    def move_to_cpu(self, obj: Any) -> tuple[Any, int]:
+        return move_objects(obj, self.storage_of, lambda t: t.to("cpu"))
+
+    def host_only(self) -> AbstractContextManager[Any]:
+        return contextlib.nullcontext()  # CPU tensors never count on a real card
+
+    def on_this_thread(self) -> AbstractContextManager[Any]:
+        return contextlib.nullcontext()  # a real card is the same from every thread
+
+    def autocast_device_type(self) -> str:
+        return "cuda"
+
+    def supports_bf16(self) -> bool:
+        torch = torch_module()
+        if torch is None:
+            return False
+        try:
+            return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        except Exception:
+            return False
+
+    def user_traceback(self, tb: TracebackType | None) -> TracebackType | None:
+        return tb  # a real OOM is raised in C++, under the user's last frame

@@ -1,0 +1,186 @@
+"""The counting mode: a torch dispatch mode that counts every new storage on the simulated GPU.
+
+Factories whose size is known beforehand (``empty``, ``zeros``, ``ones``, ``full``, ``rand*``,
+``new_*``, ``*_like``) are checked before anything is allocated, so
+``torch.empty(400 * 2**30, device="cuda")`` is an OOM and not 400 GiB of host memory; other
+operations are checked once their output exists, which is then dropped. Autograd is counted too:
+on the CPU the backward pass runs on the calling thread, under the same modes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .gpu import SimulatedGPU
+
+
+def _flat(out: Iterable[Any], tensor: type, acc: list[Any]) -> list[Any]:
+    for o in out:
+        if isinstance(o, tensor):
+            acc.append(o)
+        elif isinstance(o, (tuple, list)):
+            _flat(o, tensor, acc)
+    return acc
+
+
+def _size_predictors(torch: Any) -> dict[Any, Callable[[tuple[Any, ...], dict[str, Any]], int]]:
+    """aten factory overload -> bytes its output will take, computed from its arguments."""
+    aten, default_dtype = torch.ops.aten, torch.get_default_dtype
+
+    def shaped(shape: Iterable[int], dtype: Any) -> int:
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        return numel * dtype.itemsize
+
+    def strided(shape: list[int], stride: list[int], dtype: Any) -> int:
+        if any(int(s) == 0 for s in shape):
+            return 0
+        return (
+            1 + sum((int(s) - 1) * int(st) for s, st in zip(shape, stride, strict=True))
+        ) * dtype.itemsize
+
+    def dtype_of(kwargs: dict[str, Any], default: Any) -> Any:
+        return kwargs.get("dtype") or default
+
+    def fill_dtype(value: object) -> Any:
+        if isinstance(value, bool):
+            return torch.bool
+        if isinstance(value, int):
+            return torch.int64
+        if isinstance(value, complex):
+            return (
+                torch.complex128 if torch.get_default_dtype() == torch.float64 else torch.complex64
+            )
+        return torch.get_default_dtype()
+
+    def first_shape(args: tuple[Any, ...]) -> Any:
+        return next(a for a in args if isinstance(a, (list, tuple)))
+
+    def like(a: tuple[Any, ...], k: dict[str, Any]) -> int:
+        return a[0].numel() * dtype_of(k, a[0].dtype).itemsize if a[0].is_cpu else 0
+
+    predictors: dict[Any, Callable[[tuple[Any, ...], dict[str, Any]], int]] = {
+        aten.empty: lambda a, k: shaped(a[0], dtype_of(k, default_dtype())),
+        aten.zeros: lambda a, k: shaped(a[0], dtype_of(k, default_dtype())),
+        aten.ones: lambda a, k: shaped(a[0], dtype_of(k, default_dtype())),
+        aten.rand: lambda a, k: shaped(a[0], dtype_of(k, default_dtype())),
+        aten.randn: lambda a, k: shaped(a[0], dtype_of(k, default_dtype())),
+        aten.full: lambda a, k: shaped(a[0], dtype_of(k, fill_dtype(a[1]))),
+        aten.randint: lambda a, k: shaped(first_shape(a), dtype_of(k, torch.int64)),
+        aten.empty_strided: lambda a, k: strided(a[0], a[1], dtype_of(k, default_dtype())),
+        aten.new_empty: lambda a, k: shaped(a[1], dtype_of(k, a[0].dtype)),
+        aten.new_zeros: lambda a, k: shaped(a[1], dtype_of(k, a[0].dtype)),
+        aten.new_ones: lambda a, k: shaped(a[1], dtype_of(k, a[0].dtype)),
+        aten.new_full: lambda a, k: shaped(a[1], dtype_of(k, a[0].dtype)),
+        aten.new_empty_strided: lambda a, k: strided(a[1], a[2], dtype_of(k, a[0].dtype)),
+        **{
+            getattr(aten, name): like
+            for name in (
+                "empty_like", "zeros_like", "ones_like", "full_like",
+                "rand_like", "randn_like", "randint_like",
+            )
+        },
+    }  # fmt: skip
+    strided_layout = torch.strided
+
+    def checked(
+        predict: Callable[[tuple[Any, ...], dict[str, Any]], int],
+    ) -> Callable[[tuple[Any, ...], dict[str, Any]], int]:
+        def size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+            device = kwargs.get("device")
+            if kwargs.get("layout", strided_layout) is not strided_layout or (
+                device is not None and device.type != "cpu"
+            ):
+                return 0  # sparse, meta: not plain memory on the card
+            return predict(args, kwargs)
+
+        return size
+
+    table = {}
+    for packet, predict in predictors.items():
+        for overload in packet.overloads():
+            if not overload.endswith("out"):  # `out=` variants write into a tensor that exists
+                table[getattr(packet, overload)] = checked(predict)
+    return table
+
+
+_FRESH, _VIEW, _WRITTEN = 0, 1, 2  # what an op's return is: new memory, a view, written in place
+
+
+def _return_kinds(func: Any) -> tuple[int, ...]:
+    """From the op's schema: which returns may be new storages (``Tensor(a)`` is a view of an
+    input, ``Tensor(a!)`` an input written in place, which may have been resized)."""
+    if func.__name__.startswith("lift_fresh"):  # torch.tensor(...): made outside the dispatcher
+        return (_FRESH,)
+    return tuple(
+        _FRESH if r.alias_info is None else _WRITTEN if r.alias_info.is_write else _VIEW
+        for r in func._schema.returns
+    )
+
+
+@functools.cache
+def _counting_mode_class() -> type[Any]:
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    Tensor, OutOfMemoryError = torch.Tensor, torch.OutOfMemoryError
+    predictors = _size_predictors(torch)
+    kinds_of: dict[Any, tuple[int, ...]] = {}
+
+    class CountingMode(TorchDispatchMode):
+        """Counts every new storage on ``sim``; raises its CUDA OOM past the budget."""
+
+        def __init__(self, sim: SimulatedGPU) -> None:
+            super().__init__()
+            self.sim = sim
+
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+        ) -> Any:
+            if kwargs is None:
+                kwargs = {}
+            sim = self.sim
+            if not sim._active:
+                return func(*args, **kwargs)
+            predict = predictors.get(func)
+            if predict is not None:
+                try:
+                    nbytes = predict(args, kwargs)
+                except Exception:  # symbolic sizes and the like: count after the fact
+                    nbytes = 0
+                if nbytes > 0:
+                    message = sim._precheck(nbytes, args)
+                    if message is not None:
+                        raise OutOfMemoryError(message)
+            out = func(*args, **kwargs)
+            kinds = kinds_of.get(func)
+            if kinds is None:
+                kinds = kinds_of[func] = _return_kinds(func)
+            if isinstance(out, Tensor):
+                kind = kinds[0] if kinds else _FRESH
+                if kind == _VIEW:
+                    return out
+                message = sim._count((out,), kind == _FRESH, args)
+            elif isinstance(out, (tuple, list)):
+                message = None
+                if len(kinds) == 1:  # one return, a list of tensors
+                    if kinds[0] != _VIEW:
+                        message = sim._count(_flat(out, Tensor, []), kinds[0] == _FRESH, args)
+                else:
+                    for kind in (_FRESH, _WRITTEN):
+                        part = [o for o, k in zip(out, kinds, strict=False) if k == kind]
+                        message = message or sim._count(
+                            _flat(part, Tensor, []), kind == _FRESH, args
+                        )
+            else:
+                return out
+            if message is not None:
+                del out  # the allocation failed: its output must not outlive the error
+                raise OutOfMemoryError(message)
+            return out
+
+    return CountingMode
