@@ -1,0 +1,125 @@
+"""One MemoryBackend: the CUDA one and the simulated one answer the same questions, the simulated
+one is a double that leaves torch as it found it, and nothing outside backends/ asks which it has."""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import jupyter_gpumem
+from jupyter_gpumem.backends import MemoryBackend, active, simulated
+from jupyter_gpumem.backends.cuda import CudaBackend
+
+PACKAGE = Path(jupyter_gpumem.__file__).resolve().parent
+MiB = 1 << 20
+
+
+def test_nothing_outside_backends_asks_whether_the_gpu_is_simulated() -> None:
+    asks = re.compile(
+        r"simulated\.current\(\)\s+is\s+(not\s+)?None"  # branching on a running simulation
+        r"|[\"']imulated[\"']"  # a device name searched for a word
+        r"|if [^\n]*\.simulated\b"  # a snapshot's flag used to decide
+    )
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel.startswith("backends/"):
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if asks.search(line):
+                found.append(f"{rel}:{n}: {line.strip()}")
+    assert not found, "\n".join(found)
+
+
+def test_the_cuda_backend_reads_nothing_without_a_gpu_and_never_raises() -> None:
+    backend = CudaBackend()
+    assert isinstance(backend, MemoryBackend)
+    assert backend.note is None
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        pytest.skip("a real GPU is here")
+    reading = backend.read(0)
+    assert reading.stats is None and reading.index == 0
+    assert backend.allocator_stats() is None and backend.mem_get_info() is None
+    assert backend.process_cap() is None
+    backend.empty_cache()
+    backend.reset_peak()
+    assert backend.autocast_device_type() == "cuda"
+
+
+def test_active_is_the_simulation_while_it_runs_and_cuda_otherwise() -> None:
+    pytest.importorskip("torch")
+    assert isinstance(active(), CudaBackend)
+    with jupyter_gpumem.simulate("64MiB") as gpu:
+        assert active() is gpu and isinstance(gpu, MemoryBackend)
+        assert gpu.note == "simulated"
+    assert isinstance(active(), CudaBackend)
+
+
+def test_both_backends_answer_storage_of_and_move_to_cpu_the_same_way() -> None:
+    torch = pytest.importorskip("torch")
+    cpu = torch.ones(4)
+    assert CudaBackend().storage_of(cpu) is None  # a CPU tensor is on no GPU
+    with jupyter_gpumem.simulate("64MiB") as gpu:
+        model = torch.nn.Linear(256, 256).cuda()
+        _key, nbytes, device = gpu.storage_of(model.weight)  # type: ignore[misc]
+        assert nbytes == 256 * 256 * 4 and device == "cuda:0 (simulated)"
+        obj, moved = gpu.move_to_cpu(model)
+        assert obj is model and moved == (256 * 256 + 256) * 4
+        assert gpu.allocated_bytes == 0 and gpu.storage_of(model.weight) is None
+
+
+def _torch_state(torch: Any) -> dict[str, Any]:
+    from torch.overrides import _get_current_function_mode_stack
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return {
+        "cuda": {name: getattr(torch.cuda, name) for name in dir(torch.cuda)},
+        "function modes": list(_get_current_function_mode_stack()),
+        "dispatch modes": list(_get_current_dispatch_mode_stack()),
+        "profile": threading.getprofile(),
+        "default device": torch.get_default_device(),
+        "available": torch.cuda.is_available(),
+    }
+
+
+def test_simulate_leaves_torch_exactly_as_it_was_even_when_the_block_raises() -> None:
+    torch = pytest.importorskip("torch")
+    before = _torch_state(torch)
+    with pytest.raises(torch.OutOfMemoryError), jupyter_gpumem.simulate("64MiB", devices=2) as gpu:
+        assert torch.cuda.device_count() == 2
+        with torch.cuda.device(1):  # torch.cuda's private _exchange_device, patched too
+            x = torch.zeros(MiB, device="cuda")
+        assert gpu.devices[1].holds(x)
+        torch.empty(128 * MiB, dtype=torch.uint8, device="cuda")
+    assert _torch_state(torch) == before
+    assert simulated.current() is None
+
+
+def test_simulate_counts_on_threads_like_a_real_card_and_not_after() -> None:
+    torch = pytest.importorskip("torch")
+    made: list[Any] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            made.append(torch.zeros(MiB, device="cuda:1"))  # 4 MiB on the second card
+            torch.empty(128 * MiB, dtype=torch.uint8, device="cuda")
+        except BaseException as exc:
+            errors.append(exc)
+
+    with jupyter_gpumem.simulate("64MiB", devices=2) as gpu:
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join()
+        assert gpu.devices[1].allocated_bytes == 4 * MiB and gpu.devices[0].allocated_bytes == 0
+        assert isinstance(errors[0], torch.OutOfMemoryError) and "GPU 0" in str(errors[0])
+    errors.clear()
+    after = threading.Thread(target=work)
+    after.start()
+    after.join()
+    assert errors and not isinstance(errors[0], torch.OutOfMemoryError)  # no CUDA here any more
