@@ -14,7 +14,7 @@ From Python (tests, scripts)::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .backends import MemoryBackend
 from .backends import simulated as _simulated
@@ -26,6 +26,9 @@ from .readings import MemorySnapshot, read_snapshot
 from .release import ReleaseResult, release_failed_cell
 from .render import render_html, render_text
 from .units import format_bytes, parse_size
+
+if TYPE_CHECKING:
+    from .failure import FailedCell
 
 __version__ = "0.1.0"
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "find_oom",
     "format_bytes",
     "is_oom",
+    "last_failure",
     "load_ipython_extension",
     "parse_oom_message",
     "parse_size",
@@ -98,3 +102,10 @@ def unload_ipython_extension(ipython: Any) -> None:
 
 def _extension_for(ipython: Any) -> Any | None:
     return _loaded.get(id(ipython))
+
+
+def last_failure(ipython: Any) -> FailedCell | None:
+    """The last cell of ``ipython`` that ran out of memory, as the fixes see it (source, failing
+    line, diagnosis); None when none has, or the extension is not loaded there."""
+    ext = _loaded.get(id(ipython))
+    return None if ext is None else ext.hook.last_failure

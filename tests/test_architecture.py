@@ -49,6 +49,7 @@ def test_public_names_are_pinned() -> None:
         "find_oom",
         "format_bytes",
         "is_oom",
+        "last_failure",
         "load_ipython_extension",
         "parse_oom_message",
         "parse_size",
