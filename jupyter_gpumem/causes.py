@@ -30,6 +30,7 @@ CauseKey = Literal[
     "old_variables",
     "recreated_variables",
     "other_processes",
+    "other_gpu",
     "fragmentation",
     "output_cache",
     "pinned_by_failure",
@@ -318,6 +319,42 @@ def other_processes(f: Facts) -> Cause | None:
     )
 
 
+def other_gpu(f: Facts) -> Cause | None:
+    """Another visible GPU has room for everything this one holds for the process and the
+    request: moving the work there makes the cell fit without changing it."""
+    d = f.d
+    snap, req = d.snapshot, d.requested_bytes
+    if snap is None or req is None or d.report.backend == "CPU" or len(snap.all_devices) < 2:
+        return None
+    need = (d.allocated_bytes or 0) + req
+    best, room = None, 0
+    for other in snap.all_devices:
+        if other.device_index == snap.device_index or other.free_bytes is None:
+            continue
+        free = other.free_bytes
+        if other.allowed_bytes is not None:
+            free = min(free, max(other.allowed_bytes - (other.reserved_bytes or 0), 0))
+        if free > room:
+            best, room = other, free
+    if best is None or room < need:
+        return None
+    k = best.device_index
+    models = [h for h in d.holders.holders if h.kind == "model" and h.where == "variable"]
+    name = models[0].name if models else "model"
+    return Cause(
+        "other_gpu",
+        f"GPU {k} has room",
+        f"GPU {k} has {fmt(room)} free; this cell needs about {fmt(need)} there "
+        f"({fmt(d.allocated_bytes or 0)} allocated on GPU {snap.device_index} plus the "
+        f"{fmt(req)} it asked for).",
+        f"GPU {k} has {fmt(room)} free: `{name}.to('cuda:{k}')` (and its inputs), or "
+        f'`device_map="auto"` for a Hugging Face model.',
+        float(need),
+        room,
+        True,
+    )
+
+
 def fragmentation(f: Facts) -> Cause | None:
     d = f.d
     req = d.requested_bytes
@@ -421,6 +458,7 @@ RULES: tuple[Rule, ...] = (
     old_variables,
     recreated_variables,
     other_processes,
+    other_gpu,
     fragmentation,
     output_cache,
     pinned_by_failure,

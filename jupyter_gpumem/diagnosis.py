@@ -7,6 +7,7 @@ its evidence in numbers and one concrete action.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 
@@ -182,10 +183,13 @@ def diagnose(
     frames_bytes = holders.where_bytes("failed frame")
     cache_bytes = holders.where_bytes("output cache")
     # what was there before the cell ran, and what the cell itself had allocated when it failed
+    # (on the device that ran out: a model on GPU 0 takes no room on GPU 1)
+    oom_device = snap.device_index if snap is not None and len(snap.all_devices) > 1 else None
     resident = sum(
         h.total_bytes
         for h in holders.holders
-        if h.where == "output cache" or (h.where == "variable" and h.name not in created)
+        if (h.where == "output cache" or (h.where == "variable" and h.name not in created))
+        and _on_device(h.device, oom_device)
     )
     cell_bytes = max((allocated or 0) - resident, 0)
     working_set = None if requested is None else cell_bytes + requested
@@ -224,6 +228,18 @@ def diagnose(
         )
     )
     return diag
+
+
+_CUDA_INDEX = re.compile(r"\bcuda:(\d+)")
+
+
+def _on_device(device: str, index: int | None) -> bool:
+    """Whether a holder's device ("cuda:1", "cuda:0 (simulated)") is device ``index`` (None: any;
+    a holder without an index counts everywhere)."""
+    if index is None:
+        return True
+    m = _CUDA_INDEX.search(device)
+    return m is None or int(m.group(1)) == index
 
 
 def _describe_pid(snap: MemorySnapshot | None, pid: int) -> str:

@@ -12,6 +12,7 @@ from jupyter_gpumem.causes import RULES, tensor_upper_bound
 from jupyter_gpumem.diagnosis import diagnose
 from jupyter_gpumem.holders import Holder, HolderSet
 from jupyter_gpumem.oom import parse_oom_message
+from jupyter_gpumem.readings import MemorySnapshot
 
 MiB = 1 << 20
 
@@ -52,6 +53,20 @@ def var(name: str, mib: float, *, used: bool = True, recreated: bool = False) ->
     )
 
 
+def gpus(*free_mib: float, total_mib: float = 1024) -> MemorySnapshot:
+    """A reading of GPU 0 with every visible GPU's (free MiB each), as read_snapshot gives it."""
+    devices = tuple(
+        MemorySnapshot(
+            device_index=i, device_name="GPU", simulated=False,
+            total_bytes=int(total_mib * MiB), free_bytes=int(free * MiB),
+            used_bytes=int((total_mib - free) * MiB), allocated_bytes=0, reserved_bytes=0,
+            peak_allocated_bytes=0, peak_reserved_bytes=0, num_ooms=0, allowed_bytes=None,
+        )
+        for i, free in enumerate(free_mib)
+    )  # fmt: skip
+    return MemorySnapshot(**{**devices[0].__dict__, "devices": devices})
+
+
 @dataclass
 class Case:
     message: str
@@ -59,6 +74,7 @@ class Case:
     created: tuple[str, ...] = ()
     released: bool = True
     freed: int | None = None
+    snapshot: MemorySnapshot | None = None
 
 
 def causes(case: Case) -> list[Any]:
@@ -66,7 +82,7 @@ def causes(case: Case) -> list[Any]:
     assert report is not None
     d = diagnose(
         report,
-        None,
+        case.snapshot,
         HolderSet(holders=case.holders),
         released=case.released,
         freed_bytes=case.freed,
@@ -116,6 +132,13 @@ TABLE = [
         Case(cuda_message(300, 10, 1024, 100, 4, others=((4242, 700.0),))),
         {"other_processes"},
         "other_processes",
+    ),
+    (
+        # GPU 0 has 100 MiB allocated and needs 300 MiB more; GPU 1 has 900 MiB free
+        "other_gpu_has_room",
+        Case(cuda_message(300, 10, 1024, 100, 4), snapshot=gpus(10, 900)),
+        {"other_gpu", "working_set"},
+        "other_gpu",
     ),
     (
         "fragmentation_that_closes_the_gap",
@@ -210,6 +233,11 @@ def test_causes_table(case: Case, keys: set[str], first: str) -> None:
     found = causes(case)
     assert keys <= {c.key for c in found}, [c.key for c in found]
     assert found[0].key == first, [(c.key, c.closes_gap, c.weight) for c in found]
+
+
+def test_another_gpu_without_room_for_everything_is_no_cause() -> None:
+    found = causes(Case(cuda_message(300, 10, 1024, 100, 4), snapshot=gpus(10, 350)))
+    assert "other_gpu" not in {c.key for c in found}  # 100 MiB + 300 MiB do not fit in 350 MiB
 
 
 def test_every_rule_has_a_row() -> None:

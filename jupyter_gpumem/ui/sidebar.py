@@ -1,4 +1,6 @@
-"""The gauge in JupyterLab's right sidebar (sidecar), narrow; elsewhere inline, said in one line."""
+"""The gauge in JupyterLab's right sidebar (sidecar), narrow; elsewhere inline, said in one line.
+
+Like the inline gauge it lists every visible GPU, one per line, the last OOM's marked."""
 
 from __future__ import annotations
 
