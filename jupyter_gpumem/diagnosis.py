@@ -158,9 +158,9 @@ def diagnose(
     # the reading of the device that ran out (the snapshot carries every visible one)
     snap = snapshot
     if snapshot is not None and report.device_index is not None:
-        oom_device = snapshot.on_device(report.device_index)
-        if oom_device is not None and oom_device is not snapshot:
-            snap = replace(oom_device, devices=snapshot.devices)
+        ran_out = snapshot.on_device(report.device_index)
+        if ran_out is not None and ran_out is not snapshot:
+            snap = replace(ran_out, devices=snapshot.devices)
     total = _first(report.total_bytes, snap.total_bytes if snap else None)
     free = _first(report.free_bytes, snap.free_bytes if snap else None)
     allowed = _first(report.allowed_bytes, snap.allowed_bytes if snap else None)
