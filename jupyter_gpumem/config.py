@@ -4,6 +4,7 @@ c.InteractiveShellApp.extensions = ["jupyter_gpumem"]
 c.GpuMem.keep_traceback = True     # keep the failed frames for %debug (memory stays pinned)
 c.GpuMem.gauge_interval = 0.5      # seconds between gauge samples
 c.GpuMem.sidebar_on_load = True    # open the gauge in JupyterLab's sidebar on load
+c.GpuMem.trace = True              # record which line allocated what, from load (%gpumem trace on)
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ class GpuMem(Configurable):
     gauge_history = Float(120.0, help="Seconds of history the gauge shows.").tag(config=True)
     sidebar_on_load = Bool(
         False, help="Open the memory gauge in JupyterLab's right sidebar when the extension loads."
+    ).tag(config=True)
+    trace = Bool(
+        False,
+        help="Record allocation history with Python stacks from the moment the extension loads, "
+        "as `%gpumem trace on` does, so an OOM says which lines of your cells hold the memory. "
+        "Starts once torch is imported (never imports it); setting it later turns tracing on "
+        "or off. Slows each allocation a little.",
     ).tag(config=True)
     display = Enum(
         ["auto", "panel", "html", "text"],

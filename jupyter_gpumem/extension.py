@@ -85,9 +85,58 @@ class Extension:
                 print(self.open_sidebar())
             except Exception as exc:
                 print(f"jupyter_gpumem: could not open the sidebar ({type(exc).__name__}: {exc})")
+        self.settings.observe(self._trace_setting, names="trace")
+        if self.settings.trace:
+            self._trace_when_torch()
+
+    # ---- GpuMem.trace ------------------------------------------------------------------------
+
+    def _trace_setting(self, change: Any) -> None:
+        """``%config GpuMem.trace = True/False`` turns tracing on or off, as the magic does."""
+        if change["new"]:
+            self._trace_when_torch()
+        else:
+            self._stop_trace()
+
+    def _trace_when_torch(self) -> None:
+        """Trace from now on if torch is imported; else from the cell that imports it (we never
+        import torch ourselves)."""
+        if "torch" in sys.modules:
+            self._start_trace()
+            return
+        events = self.shell.events
+        for event in ("pre_run_cell", "post_run_cell"):
+            if self._trace_pending not in events.callbacks[event]:
+                events.register(event, self._trace_pending)
+
+    def _trace_pending(self, *_: Any) -> None:
+        if "torch" not in sys.modules:
+            return
+        self._forget_trace_pending()
+        if self.settings.trace:
+            self._start_trace()
+
+    def _forget_trace_pending(self) -> None:
+        events = self.shell.events
+        for event in ("pre_run_cell", "post_run_cell"):
+            if self._trace_pending in events.callbacks[event]:
+                events.unregister(event, self._trace_pending)
+
+    def _start_trace(self) -> None:
+        from . import trace
+
+        try:
+            if not trace.active():
+                trace.start(shell=self.shell)
+        except Exception as exc:  # a setting never breaks loading or a cell
+            print(f"jupyter_gpumem: could not start tracing ({type(exc).__name__}: {exc})")
 
     def unload(self) -> None:
         """Undo everything load and the magics did; each step runs even if one before failed."""
+        try:
+            self.settings.unobserve(self._trace_setting, names="trace")
+        except ValueError:  # never observed (load failed before)
+            pass
         for step in (
             self.hook.uninstall,
             self._forget_configurables,
@@ -123,6 +172,7 @@ class Extension:
             self._cell_stats.stop()
 
     def _stop_trace(self) -> None:
+        self._forget_trace_pending()
         if "jupyter_gpumem.trace" in sys.modules:
             from . import trace
 
