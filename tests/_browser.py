@@ -118,14 +118,25 @@ def serve(app: str, tmp_path_factory: Any, *, labextension: Path | None = None) 
     # The sidebar must find its front end on its own (parent process command lines), as for a user.
     env.pop("JUPYTER_GPUMEM_FRONTEND", None)
     klass = "LabApp" if app == "lab" else "JupyterNotebookApp"
+    # No outbound traffic from the server (Notebook 7 serves JupyterLab's LabApp beside it), set
+    # in a config file: on the command line "jupyterlab.NeverCheckForUpdate" would make Notebook
+    # 7's server look like JupyterLab to a kernel that reads its parent's command line.
+    (home / "config").mkdir()
+    (home / "config" / "jupyter_server_config.json").write_text(
+        json.dumps(
+            {
+                "LabApp": {
+                    "news_url": None,
+                    "check_for_updates_class": "jupyterlab.NeverCheckForUpdate",
+                    "extension_manager": "readonly",
+                }
+            }
+        )
+    )
     cmd = [
         sys.executable, "-m", "jupyterlab" if app == "lab" else "notebook",
         "--no-browser", f"--port={port}", "--ServerApp.port_retries=0",
         f"--ServerApp.token={token}", "--ServerApp.ip=127.0.0.1", f"--ServerApp.root_dir={root}",
-        # no outbound traffic from the server
-        f"--{klass}.news_url=None",
-        f"--{klass}.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-        f"--{klass}.extension_manager=readonly",
         f"--{klass}.user_settings_dir={settings}",
         f"--{klass}.workspaces_dir={home / 'workspaces'}",
         # window.jupyterapp: lets the test wait until the kernel is connected
