@@ -78,7 +78,9 @@ class CudaBackend:
             )  # fmt: skip
             procs = tuple(RawProcess(pid, n) for pid, n in dev.processes)
         else:
-            info = self.mem_get_info(index)
+            # without NVML only torch can tell, and cudaMemGetInfo on another device would create
+            # a context there (hundreds of MiB): the current device only
+            info = self.mem_get_info(index) if index == self.current_device() else None
             if info is not None:
                 free, total = info
                 used = total - free

@@ -78,6 +78,7 @@ class SimulatedGPU:
             for i in range(devices)
         )
         self._single = devices == 1
+        self._device_names = tuple(f"cuda:{i} (simulated)" for i in range(devices))
         self._active = True  # False once stopped: the modes, if still stacked, pass through
         self._local = threading.local()  # current device and placement target, per thread
 
@@ -309,10 +310,10 @@ class SimulatedGPU:
         return self.card(index).total_bytes
 
     def storage_of(self, tensor: Any) -> StorageInfo | None:
-        for card in self.devices:
+        # called for every tensor of a namespace scan: no string built per call
+        for card, device in zip(self.devices, self._device_names, strict=True):
             counted = card.counted_storage(tensor)
             if counted is not None:
-                device = f"cuda:{card.device_index} (simulated)"
                 return (device, counted[0]), counted[1], device
         return None
 
