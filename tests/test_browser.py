@@ -248,6 +248,10 @@ def test_panel_fits_a_narrow_window(open_notebook, shots):
     fits_at(panel)
     past = panel.evaluate(PAST_EDGE_JS)
     assert past == [], f"after the fix, {len(past)} elements past the edge: {past[:20]}"
+    # taller, as wide: the whole panel in view, none of it under JupyterLab's toolbar
+    page.set_viewport_size({"width": 800, "height": 2400})
+    page.wait_for_timeout(500)
+    assert panel.evaluate(PAST_EDGE_JS) == []
     cell.scroll_into_view_if_needed()
     shots(panel, "panel-narrow.png")
 
@@ -449,8 +453,9 @@ def start_fix(panel, label: str) -> None:
         panel.page.wait_for_timeout(100)
 
 
-def cancel_a_slow_fix(page) -> None:
-    """Start Reduce batch on a slow cell, click Cancel, check the status and the namespace."""
+def cancel_a_slow_fix(page, shot=None) -> None:
+    """Start Reduce batch on a slow cell, click Cancel, check the status and the namespace;
+    ``shot(locator)`` takes a picture of the running fix with its Cancel button."""
     setup = run_cell(page, 0)
     expect(outputs(setup).first).to_contain_text("Simulated GPU", timeout=T_RUN)
     cell = run_cell(page, 1)
@@ -465,6 +470,8 @@ def cancel_a_slow_fix(page) -> None:
     expect(status).to_contain_text("click Cancel", timeout=T_RUN)  # a re-run is under way
     page.wait_for_timeout(1500)
     assert "Running" in (status.text_content() or "")
+    if shot is not None:
+        shot(panel.locator(".gpumem-buttons").first, status)
     cancel.click()
     expect(status).to_contain_text("Cancelled: nothing changed", timeout=T_RUN)
     expect(status).to_contain_text("Restored the notebook's variables")
@@ -476,12 +483,34 @@ def cancel_a_slow_fix(page) -> None:
     expect(outputs(check)).to_contain_text("total now 0 batch 64", timeout=T_RUN)
 
 
-def test_cancel_interrupts_a_running_fix_and_nothing_changes(open_notebook):
+def test_cancel_interrupts_a_running_fix_and_nothing_changes(open_notebook, shots):
     """Issue 12: a Cancel while a fix runs. It interrupts the kernel through the server's REST
     API from the page (no comm message reaches a kernel busy with the fix); the fix's transaction
     puts the notebook back, and the status ends in that result, not in "Running..."."""
     page = open_notebook("cancel.ipynb", [SLOW_SETUP, SLOW_CELL, SLOW_CHECK], viewport=(1400, 1500))
-    cancel_a_slow_fix(page)
+
+    def shot(buttons, status) -> None:  # the buttons, the running status and Cancel
+        buttons.scroll_into_view_if_needed()
+        top, bottom = buttons.bounding_box(), status.bounding_box()
+        clip = {
+            "x": top["x"] - 8,
+            "y": top["y"] - 8,
+            "width": max(top["width"], bottom["width"]) + 16,
+            "height": bottom["y"] + bottom["height"] - top["y"] + 16,
+        }
+        shots(_Clip(page, clip), "panel-running.png")
+
+    cancel_a_slow_fix(page, shot)
+
+
+class _Clip:
+    """A part of the page, for `shots`."""
+
+    def __init__(self, page, clip) -> None:
+        self.page, self.clip = page, clip
+
+    def screenshot(self, **kwargs) -> None:
+        self.page.screenshot(clip=self.clip, **kwargs)
 
 
 # --------------------------------------------------------------------------- #
