@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("torch")
 
 
+@pytest.mark.slow
 def test_each_cell_gets_a_line_and_history_a_table(shell: Any, capsys: Any) -> None:
     shell.run_cell("%gpumem simulate 256MiB")
     shell.run_cell("import torch")

@@ -14,6 +14,8 @@ import pytest
 
 import jupyter_gpumem
 
+pytestmark = pytest.mark.slow
+
 torch = pytest.importorskip("torch")
 
 CARD = "%gpumem simulate 12MiB"

@@ -100,6 +100,7 @@ def oom_of(fn: Any, *args: Any, **kwargs: Any) -> str:
 # ---- the OOM and its message -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_oom_message_is_torchs_wording_with_numbers_that_agree() -> None:
     gpu = simulated.start(1 * GiB)
     held = torch.empty(300 * MiB, dtype=torch.uint8, device="cuda")

@@ -39,6 +39,7 @@ def traced(shell: Any) -> Any:
     return shell
 
 
+@pytest.mark.slow
 def test_the_line_that_allocated_comes_first_not_the_line_that_failed(traced: Any) -> None:
     n, result = _cell(
         traced,

@@ -68,6 +68,7 @@ def test_panel_shows_numbers_chart_causes_and_four_buttons(failed: Any) -> None:
     assert " MiB" in chart and "GiB" not in chart
 
 
+@pytest.mark.slow
 def test_reduce_batch_click_rescues_and_shows_what_fit(failed: Any) -> None:
     panel = _panel(failed)
     outcome = panel.click("batch")
@@ -81,6 +82,7 @@ def test_reduce_batch_click_rescues_and_shows_what_fit(failed: Any) -> None:
     assert "Another button would run the cell again" in status
 
 
+@pytest.mark.slow
 def test_a_second_oom_replaces_the_panel_content(shell: Any) -> None:
     shell.run_cell("%gpumem simulate 160MiB")
     shell.run_cell(SETUP)
@@ -95,6 +97,7 @@ def test_a_second_oom_replaces_the_panel_content(shell: Any) -> None:
     assert len(panel.widget.children) == 2, "one panel, its body redrawn, never a stack"
 
 
+@pytest.mark.slow
 def test_guard_asks_inside_the_panel(shell: Any) -> None:
     shell.run_cell("%gpumem simulate 160MiB")
     shell.run_cell(SETUP)
@@ -191,6 +194,7 @@ def _in_thread(fn: Any) -> Any:
     return out[0] if out else None
 
 
+@pytest.mark.slow
 def test_a_click_on_another_thread_runs_on_the_simulated_gpu(failed: Any) -> None:
     """Item 7: a widget callback may run off the thread that ran `%gpumem simulate`."""
     from jupyter_gpumem.backends import simulated
@@ -238,6 +242,7 @@ def test_a_click_always_ends_with_a_status_and_usable_buttons(
     assert "Traceback" not in capsys.readouterr().out + panel.status.value
 
 
+@pytest.mark.slow
 def test_a_real_interrupt_inside_the_cell_ends_the_click(shell: Any) -> None:
     shell.run_cell("%gpumem simulate 160MiB")
     shell.run_cell(SETUP)
@@ -324,6 +329,7 @@ def test_the_kernel_id_for_cancel_comes_from_the_connection_file(monkeypatch: An
     assert kernels.own_kernel_id() is None  # a kernel no server started: no Cancel button
 
 
+@pytest.mark.slow
 def test_the_cells_own_error_shows_as_the_cell_would_show_it(shell: Any, capsys: Any) -> None:
     shell.run_cell("%gpumem simulate 160MiB")
     shell.run_cell(SETUP)
@@ -373,6 +379,7 @@ def test_a_click_after_other_cells_ran_asks_first_and_cancel_runs_nothing(shell:
     assert ran == ["batch"]
 
 
+@pytest.mark.slow
 def test_a_click_on_a_panel_with_a_newer_failure_says_which(shell: Any) -> None:
     from jupyter_gpumem.ui.panel import staleness
 
@@ -422,6 +429,7 @@ def _snapshot(**kw: Any) -> MemorySnapshot:
     return MemorySnapshot(**base)
 
 
+@pytest.mark.slow
 def test_gauge_splits_used_memory_and_shows_states() -> None:
     from jupyter_gpumem.ui.gauge import Gauge
 
