@@ -521,7 +521,7 @@ class _Clip:
 OTHER_OOM = "x = torch.empty(600 << 20, dtype=torch.uint8, device='cuda')"
 
 
-def test_shut_down_another_notebooks_kernel_from_the_panel(lab, open_notebook):
+def test_shut_down_another_notebooks_kernel_from_the_panel(lab, open_notebook, shots):
     """Issue 11 §4: a second real kernel of the same server, for "other/train.ipynb", is the other
     process on the (simulated) card; the panel offers to shut it down, asks first naming the
     notebook, then does it through the server's API."""
@@ -552,6 +552,17 @@ def test_shut_down_another_notebooks_kernel_from_the_panel(lab, open_notebook):
     expect(ask).to_contain_text("Shut down the kernel of notebook other/train.ipynb", timeout=T_RUN)
     expect(ask).to_contain_text(f"600 MiB on this GPU (pid {pid})")
     assert any(k["id"] == kid for k in _browser._api(lab, "/api/kernels")[1])
+    ask.scroll_into_view_if_needed()
+    box = panel.bounding_box()
+    top = panel.locator(".gpumem-buttons").first.bounding_box()
+    bottom = panel.get_by_role("button", name="Keep it").bounding_box()
+    clip = {
+        "x": box["x"] - 8,
+        "y": top["y"] - 8,
+        "width": box["width"] + 16,
+        "height": bottom["y"] + bottom["height"] - top["y"] + 16,
+    }
+    shots(_Clip(page, clip), "panel-other-kernel.png")
     panel.get_by_role("button", name="Shut it down").click()
 
     status = panel.locator(".gpumem-status")

@@ -274,6 +274,7 @@ for step in range(40):
 """
 
 
+@pytest.mark.slow
 def test_cancel_while_a_fix_runs_puts_the_notebook_back(shell: Any) -> None:
     """Cancel interrupts the kernel (SIGINT, as the server's interrupt API sends it) while the fix
     runs: the transaction puts the notebook back and the status ends in a result."""

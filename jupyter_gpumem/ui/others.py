@@ -70,7 +70,8 @@ class OtherKernels:
             )
             b.on_click(lambda _b, p=p, info=info: self.ask(p, info))
             self.buttons[p.pid] = b
-        label = W.HTML("<span class='gpumem-why'>Another notebook holds memory on this GPU:</span>")
+        who = "Another notebook holds" if len(offers) == 1 else "Other notebooks hold"
+        label = W.HTML(f"<span class='gpumem-why'>{who} memory on this GPU:</span>")
         self.widget = W.HBox([label, *self.buttons.values()], layout=W.Layout(flex_flow="row wrap"))
         self.widget.add_class("gpumem-buttons")
         self.widget.add_class("gpumem-others")
