@@ -23,10 +23,6 @@ CELL = (
 CARD = "160MiB"
 
 
-def _ext(shell: Any) -> Any:
-    return jupyter_gpumem._extension_for(shell)
-
-
 def _clean(shell: Any) -> None:
     for n in ("x", "out", "batch_size"):
         shell.user_ns.pop(n, None)
@@ -57,10 +53,11 @@ def _attempts(out: str) -> list[tuple[int, bool]]:
     ]
 
 
+@pytest.mark.slow
 def test_retry_batch_lands_near_the_largest_fit_within_4_runs(sim: Any, capsys: Any) -> None:
     best = largest_fit(sim)
     sim.run_cell(CELL)
-    assert _ext(sim).hook.last_failure is not None
+    assert jupyter_gpumem.last_failure(sim) is not None
     capsys.readouterr()
     sim.run_cell("%gpumem retry batch")
     out = capsys.readouterr().out
@@ -74,6 +71,7 @@ def test_retry_batch_lands_near_the_largest_fit_within_4_runs(sim: Any, capsys: 
     assert "peak" in out and "of 160 MiB" in out
 
 
+@pytest.mark.slow
 def test_oomsafe_rescues_and_says_what_to_change(sim: Any, capsys: Any) -> None:
     best = largest_fit(sim)
     capsys.readouterr()
@@ -95,6 +93,7 @@ def test_oomsafe_rescues_and_says_what_to_change(sim: Any, capsys: Any) -> None:
     assert sim.user_ns["batch_size"] == found
 
 
+@pytest.mark.slow
 def test_oomsafe_ladder_order_and_clear_rebuilt_variables(sim: Any, capsys: Any) -> None:
     # a run at a batch that fits leaves x and out behind; re-running needs room for both
     best = largest_fit(sim)
@@ -109,6 +108,7 @@ def test_oomsafe_ladder_order_and_clear_rebuilt_variables(sim: Any, capsys: Any)
     assert "reduce batch" not in out, "the ladder stops at the first fix that works"
 
 
+@pytest.mark.slow
 def test_oomsafe_order_follows_fixes_option(sim: Any, capsys: Any) -> None:
     capsys.readouterr()
     sim.run_cell("%%oomsafe --fixes autocast,batch\n" + CELL)
@@ -127,6 +127,7 @@ SIDE_EFFECT_CELL = (
 )
 
 
+@pytest.mark.slow
 def test_retry_refuses_a_cell_with_side_effects(sim: Any, capsys: Any) -> None:
     sim.run_cell(GLOBAL_STEP)
     sim.run_cell(SIDE_EFFECT_CELL)
@@ -143,6 +144,7 @@ def test_retry_refuses_a_cell_with_side_effects(sim: Any, capsys: Any) -> None:
     assert sim.user_ns["step"] > 1, "--force re-runs, and the user asked for it"
 
 
+@pytest.mark.slow
 def test_oomsafe_stops_before_repeating_side_effects(sim: Any, capsys: Any) -> None:
     sim.run_cell(GLOBAL_STEP)
     capsys.readouterr()
@@ -155,6 +157,7 @@ def test_oomsafe_stops_before_repeating_side_effects(sim: Any, capsys: Any) -> N
     assert "Fits at batch" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_autocast_fix_measures_its_saving(sim: Any, capsys: Any) -> None:
     sim.run_cell(CELL.replace("256", "236"))
     capsys.readouterr()
@@ -266,6 +269,7 @@ TRAIN_CELL = (
 )
 
 
+@pytest.mark.slow
 def test_reduce_batch_offers_and_applies_gradient_accumulation(sim: Any, capsys: Any) -> None:
     sim.run_cell(TRAIN_CELL)
     capsys.readouterr()

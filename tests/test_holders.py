@@ -101,10 +101,6 @@ HOSTILE: dict[str, tuple[str, str | None]] = {
 }
 
 
-def _ext(shell: Any) -> Any:
-    return jupyter_gpumem._extension_for(shell)
-
-
 def _oom(shell: Any, capsys: Any, setup: str) -> tuple[Any, str]:
     """Run setup, then the OOM cell; the FailedCell and everything printed while it failed."""
     shell.run_cell("%gpumem simulate 160MiB")
@@ -113,7 +109,7 @@ def _oom(shell: Any, capsys: Any, setup: str) -> tuple[Any, str]:
     result = shell.run_cell(OOM)
     cap = capsys.readouterr()
     assert type(result.error_in_exec).__name__ == "OutOfMemoryError"
-    return _ext(shell).hook.last_failure, cap.out + cap.err
+    return jupyter_gpumem.last_failure(shell), cap.out + cap.err
 
 
 @pytest.mark.parametrize("kind", list(HOSTILE))

@@ -27,6 +27,7 @@ def _ext(shell: Any) -> Any:
     return jupyter_gpumem._extension_for(shell)
 
 
+@pytest.mark.slow
 def test_oom_cell_gets_traceback_then_diagnosis_with_the_messages_numbers(
     shell: Any, capsys: Any
 ) -> None:
@@ -42,7 +43,7 @@ def test_oom_cell_gets_traceback_then_diagnosis_with_the_messages_numbers(
     requested = re.search(r"Tried to allocate (\S+ \S+)\.", msg).group(1)
     free = re.search(r"of which (\S+ \S+) is free", msg).group(1)
     assert f"Tried to allocate {requested}" in out.replace("900 MiB", "900.00 MiB")
-    failed = _ext(shell).hook.last_failure
+    failed = jupyter_gpumem.last_failure(shell)
     d = failed.diagnosis
     assert d.requested_bytes == 900 * MiB
     assert d.total_bytes == 1024 * MiB
@@ -109,7 +110,7 @@ def test_globals_the_cell_created_stay(shell: Any) -> None:
         "huge = torch.empty(2 * 2**30, dtype=torch.uint8, device='cuda')\n"
     )
     assert shell.user_ns["big"].numel() == 200 * MiB
-    d = _ext(shell).hook.last_failure.diagnosis
+    d = jupyter_gpumem.last_failure(shell).diagnosis
     assert d.holders.holders[0].name == "big"
     assert d.causes[0].key == "request_exceeds_card"
 
@@ -230,7 +231,7 @@ def test_html_escapes_what_the_user_controls(shell: Any) -> None:
     shell.run_cell(
         "import torch\nraise torch.OutOfMemoryError('<script>alert(1)</script> out of memory')"
     )
-    d = _ext(shell).hook.last_failure.diagnosis
+    d = jupyter_gpumem.last_failure(shell).diagnosis
     html = jupyter_gpumem.render_html(d)
     assert "<script>alert" not in html
     assert "&lt;script&gt;" in html
@@ -271,6 +272,7 @@ def test_namespace_mark_finds_the_names_that_existed() -> None:
     assert mark.preexisting(ns) == {"b"}
 
 
+@pytest.mark.slow
 def test_simulated_gpu_frames_are_not_in_the_traceback_shown(shell: Any, capsys: Any) -> None:
     shell.run_cell("%gpumem simulate 1GiB")
     shell.run_cell("import torch\nlin = torch.nn.Linear(1024, 1024).cuda()")
@@ -323,7 +325,7 @@ def test_a_wrapped_oom_is_diagnosed_and_freed(shell: Any, capsys: Any, case: str
     out = capsys.readouterr()
     assert not result.success
     assert "GPU out of memory: Tried to allocate" in out.out, out.err[-2000:]
-    failed = _ext(shell).hook.last_failure
+    failed = jupyter_gpumem.last_failure(shell)
     assert failed.diagnosis.requested_bytes == 900 * MiB
     assert any(h.name == "held in hold()" for h in failed.diagnosis.holders.holders)
     assert shell.user_ns["refs"][0]() is None, "the OOM's frames were not freed"
@@ -373,6 +375,7 @@ def test_a_handler_that_was_there_still_sees_every_error_and_the_oom(
 # --- the OOM's traceback: the user's frames, library frames folded ----------------------------
 
 
+@pytest.mark.slow
 def test_library_frames_are_folded_and_the_full_traceback_stays_for_tb(
     shell: Any, capsys: Any
 ) -> None:
@@ -453,7 +456,7 @@ def test_the_text_diagnosis_marks_fixes_that_are_not_enough(shell: Any, capsys: 
     capsys.readouterr()
     shell.run_cell(OOM_CELL)
     out = capsys.readouterr().out
-    d = _ext(shell).hook.last_failure.diagnosis
+    d = jupyter_gpumem.last_failure(shell).diagnosis
     assert d.shortfall_bytes
     assert "%gpumem retry clear" in out
     fixes = out[out.index("%gpumem retry clear") :]

@@ -26,13 +26,11 @@ import pytest
 
 import jupyter_gpumem
 
+pytestmark = pytest.mark.slow
+
 torch = pytest.importorskip("torch")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _ext(shell: Any) -> Any:
-    return jupyter_gpumem._extension_for(shell)
 
 
 def _weights(model: Any) -> list[Any]:
@@ -148,7 +146,7 @@ def test_cifar10_tutorial_reduce_batch_equals_one_clean_run(shell: Any, capsys: 
     it found: weights, momentum buffers, running_loss, the printed losses, the random generator."""
     _cifar_setup(shell)
     assert not shell.run_cell(CIFAR_TRAIN).success
-    assert _ext(shell).hook.last_failure.earlier_passes is False
+    assert jupyter_gpumem.last_failure(shell).earlier_passes is False
     shell.run_cell("later = [1, 2, 3]\nnotes = 'mine'")
     capsys.readouterr()
     shell.run_cell("%gpumem retry batch")
@@ -432,7 +430,7 @@ def test_nanogpt_first_pass_failure_is_known_as_first_pass(nanogpt: Any, capsys:
     shell = nanogpt
     shell.nanogpt_setup(256)
     assert not shell.run_cell(NANOGPT_LOOP).success
-    failed = _ext(shell).hook.last_failure
+    failed = jupyter_gpumem.last_failure(shell)
     assert shell.user_ns["iter_num"] == 0 and not shell.user_ns["optimizer"].state
     capsys.readouterr()
     shell.run_cell("%gpumem retry batch")
@@ -470,7 +468,7 @@ def test_model_with_a_layer_loop_in_forward_needs_no_force(shell: Any, capsys: A
         "    history.append(loss.item())\n"
     )
     assert not shell.run_cell(cell).success
-    assert _ext(shell).hook.last_failure.earlier_passes is False
+    assert jupyter_gpumem.last_failure(shell).earlier_passes is False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -483,6 +481,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
 from torch.optim.lr_scheduler import StepLR
+
 
 
 class Net(nn.Module):
@@ -615,7 +614,7 @@ def test_mnist_example_loader_passed_to_a_function_is_found_by_what_it_sizes(
     that sizes the failing `data`, with no --batch-var; the failure was in the first forward, so
     nothing would repeat, and what it keeps is one real run."""
     shell = mnist
-    assert _ext(shell).hook.last_failure.earlier_passes is False
+    assert jupyter_gpumem.last_failure(shell).earlier_passes is False
     capsys.readouterr()
     shell.run_cell("%gpumem retry batch")
     out = capsys.readouterr().out

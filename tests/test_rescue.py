@@ -44,10 +44,6 @@ for epoch in range(3):
 """
 
 
-def _ext(shell: Any) -> Any:
-    return jupyter_gpumem._extension_for(shell)
-
-
 def _steps(shell: Any) -> int:
     ns = shell.user_ns
     return int(ns["opt"].state[ns["model"][0].weight]["step"].item())
@@ -64,12 +60,13 @@ def train(shell: Any) -> Any:
     return shell
 
 
+@pytest.mark.slow
 def test_training_loop_rescued_without_force_equals_one_clean_run(train: Any, capsys: Any) -> None:
     """The issue's "done when": no --force, the optimizer's steps and the weights of one clean
     run at the batch found, rehearsals of at most two passes."""
     shell = train
     assert not shell.run_cell(TRAIN).success
-    failed = _ext(shell).hook.last_failure
+    failed = jupyter_gpumem.last_failure(shell)
     assert failed is not None and failed.loop is not None
     assert failed.earlier_passes is False  # it failed on the first pass: no step had run
     capsys.readouterr()
@@ -96,6 +93,7 @@ def test_training_loop_rescued_without_force_equals_one_clean_run(train: Any, ca
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_retry_keeps_variables_made_after_the_failure(shell: Any, capsys: Any) -> None:
     shell.run_cell("%gpumem simulate 160MiB")
     shell.run_cell("import torch")
@@ -118,7 +116,7 @@ def test_a_later_cell_rebinding_a_name_keeps_its_value(shell: Any, capsys: Any) 
     shell.run_cell("import torch")
     cell = 'batch_size = 64\ny = "from the failed run"\nx = torch.randn(batch_size, 2 << 20, device="cuda")'
     assert not shell.run_cell(cell).success
-    failed = _ext(shell).hook.last_failure
+    failed = jupyter_gpumem.last_failure(shell)
     shell.run_cell('y = "mine"')
     from jupyter_gpumem.rerun import failed_run_leftovers
 
@@ -127,6 +125,7 @@ def test_a_later_cell_rebinding_a_name_keeps_its_value(shell: Any, capsys: Any) 
     assert "batch_size" in leftovers
 
 
+@pytest.mark.slow
 def test_rehearsals_leave_no_trace_in_lists_models_and_counters(train: Any, capsys: Any) -> None:
     """nanoGPT's loop shape: `while True`, a global iter_num, micro-steps; the final iter_num
     and the number of logged losses are those of one run."""
@@ -153,7 +152,7 @@ while True:
         break
 """
     assert not shell.run_cell(cell).success
-    assert _ext(shell).hook.last_failure.earlier_passes is False
+    assert jupyter_gpumem.last_failure(shell).earlier_passes is False
     capsys.readouterr()
     shell.run_cell("%gpumem retry batch")
     out = capsys.readouterr().out
@@ -163,6 +162,7 @@ while True:
     assert _steps(shell) == 5
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_second_run_of_oomsafe_restores_the_batch_variable(
     shell: Any, capsys: Any
 ) -> None:
@@ -238,6 +238,7 @@ def test_a_final_run_that_fails_puts_the_notebook_back(shell: Any, capsys: Any) 
     assert torch.equal(shell.user_ns["w"], torch.ones(4))
 
 
+@pytest.mark.slow
 def test_oomsafe_on_a_training_loop_ends_as_one_clean_run(train: Any, capsys: Any) -> None:
     """Every fix %%oomsafe tries before its last is a rehearsal; the last runs once."""
     shell = train
