@@ -313,6 +313,34 @@ def test_cancel_while_a_fix_runs_puts_the_notebook_back(shell: Any) -> None:
     assert (ns["total"], ns["batch_size"]) == (0, 64), "the state from before the fix"
 
 
+def test_a_cancel_that_lands_after_the_fix_ended_keeps_its_outcome(
+    failed: Any, monkeypatch: Any
+) -> None:
+    """Cancel is a click in the page: its interrupt may reach the kernel just after the fix
+    returned. The fix's result stands and is reported, never "Cancelled" over a kept run."""
+    from jupyter_gpumem.fixes import FixOutcome
+    from jupyter_gpumem.ui import panel as panel_mod
+
+    panel = _panel(failed)
+    done = FixOutcome("batch", True, message="Fits at batch 3 (was 64).")
+    monkeypatch.setattr(panel_mod, "apply_fix", lambda *_a, **_k: done)
+    report = panel._report
+    calls: list[str] = []
+
+    def interrupted_once(label: str, outcome: Any) -> None:
+        calls.append(label)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # the interrupt arrives while the outcome is being drawn
+        report(label, outcome)
+
+    monkeypatch.setattr(panel, "_report", interrupted_once)
+    outcome = panel.click("batch", force=True)
+    assert outcome is done and panel.outcomes == [done]
+    assert "✓" in panel.status.value and "Fits at batch 3" in panel.status.value
+    assert "Cancelled" not in panel.status.value
+    assert not panel.status.running and not panel.busy
+
+
 def test_the_kernel_id_for_cancel_comes_from_the_connection_file(monkeypatch: Any) -> None:
     import sys
     import types
