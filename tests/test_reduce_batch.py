@@ -12,8 +12,6 @@ from typing import Any
 
 import pytest
 
-import jupyter_gpumem
-
 pytestmark = pytest.mark.slow
 
 torch = pytest.importorskip("torch")
@@ -125,10 +123,6 @@ FORMS = [
         "change In [2], line 2 to: train_loader = DataLoader(ds, batch_size=",
     ),
 ]
-
-
-def _ext(shell: Any) -> Any:
-    return jupyter_gpumem._extension_for(shell)
 
 
 def _setup(shell: Any, extra: str) -> None:
