@@ -77,6 +77,9 @@ class Facts:
     short: int  # bytes the allocation lacked (0 when unknown)
     resident_bytes: int  # held by variables that existed before the cell ran
     cell_bytes: int  # allocated by the cell itself when it failed
+    # the number that sized the failing tensors and where it lives, when Reduce batch found it
+    # ("`test_loader.batch_size` = 1000 sizes `data` (1000, 1, 28, 28)")
+    batch: str = ""
 
 
 Rule = Callable[[Facts], "Cause | None"]
@@ -157,6 +160,18 @@ def request_exceeds_card(f: Facts) -> Cause | None:
     if tensor_upper_bound(req) <= cap:
         return None  # a rounded segment larger than a small card: the tensor itself may fit
     whole = "the per-process cap" if d.allowed_bytes is not None else "the whole card"
+    if f.batch:
+        # the allocation is batch-sized: a smaller batch shrinks it, so this is not a dead end
+        return Cause(
+            "request_exceeds_card",
+            "At this batch, one allocation is larger than the card",
+            f"{f.batch}; at that size it tried to allocate {fmt(req)}, and {whole} is {fmt(cap)}.",
+            "Reduce the batch (`%gpumem retry batch` finds the largest that fits); the "
+            "allocation shrinks with it.",
+            float("inf"),
+            closes_gap=True,
+            tier=1,
+        )
     return Cause(
         "request_exceeds_card",
         "One allocation is larger than the card",
@@ -434,11 +449,12 @@ def working_set(f: Facts) -> Cause | None:
     ws = f.cell_bytes + req
     held = f" (on top of {fmt(f.resident_bytes)} held before it ran)" if f.resident_bytes else ""
     short = f": {fmt(f.short)} more than there was room for" if f.short else ""
+    batch = f" The batch: {f.batch}." if f.batch else ""
     return Cause(
         "working_set",
         "The cell's own working set is too big",
         f"This cell had allocated {fmt(f.cell_bytes)}{held} when it asked for {fmt(req)} more"
-        f"{short}.",
+        f"{short}.{batch}",
         "Reduce the batch size, enable autocast (bf16) or move the work to the CPU: the fixes "
         "below predict what each saves.",
         float(ws),

@@ -53,6 +53,16 @@ class Diagnosis:
     # `%gpumem trace on`: live memory by the source line that allocated it ("In [7], line 3: ...")
     allocated_by: list[str] = field(default_factory=list)
     tracing: bool = False
+    # what the rules read: kept so that later evidence (the batch) can re-rank the causes
+    facts: Facts | None = field(default=None, repr=False, compare=False)
+
+    def add_batch(self, evidence: str) -> None:
+        """The number that sized the failing tensors, found by Reduce batch at presentation
+        (it reads the namespace, which the pure diagnosis does not): the causes name it."""
+        if not evidence or self.facts is None or self.facts.batch == evidence:
+            return
+        self.facts = replace(self.facts, batch=evidence)
+        self.causes = find_causes(self.facts)
 
     @property
     def device_label(self) -> str:
@@ -215,18 +225,17 @@ def diagnose(
         released=released,
     )
     total_for_big = total or 0
-    diag.causes = find_causes(
-        Facts(
-            d=diag,
-            frames_bytes=frames_bytes,
-            cache_bytes=cache_bytes,
-            others_bytes=others_bytes,
-            big=max(int(total_for_big * _SIGNIFICANT), 1),
-            short=diag.shortfall_bytes or 0,
-            resident_bytes=resident,
-            cell_bytes=cell_bytes,
-        )
+    diag.facts = Facts(
+        d=diag,
+        frames_bytes=frames_bytes,
+        cache_bytes=cache_bytes,
+        others_bytes=others_bytes,
+        big=max(int(total_for_big * _SIGNIFICANT), 1),
+        short=diag.shortfall_bytes or 0,
+        resident_bytes=resident,
+        cell_bytes=cell_bytes,
     )
+    diag.causes = find_causes(diag.facts)
     return diag
 
 

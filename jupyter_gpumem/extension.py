@@ -241,6 +241,9 @@ class Extension:
             if note not in d.notes:
                 d.notes.append(note)
         checks = check_all(self.shell, failed, Options(), self.remembered)
+        batch = checks.get("batch")
+        if batch is not None and batch.applies:
+            d.add_batch(batch.evidence)  # name the batch in the causes (the mnist test() case)
         text = render_text(d, fix_lines(checks, d.shortfall_bytes))
         if self.widgets_available():
             from .ui.panel import show_panel

@@ -623,6 +623,30 @@ def test_mnist_example_loader_passed_to_a_function_is_found_by_what_it_sizes(
     assert "--batch-var" not in out
 
 
+def test_mnist_example_test_batch_size_is_named_as_the_culprit(shell: Any, capsys: Any) -> None:
+    """The example as shipped evaluates with `--test-batch-size 1000`: training at 16 fits, then
+    test()'s first forward asks for more than the whole card. The diagnosis names the number that
+    sized the failing tensors and where it lives, and does not call it a dead end (a smaller batch
+    shrinks that allocation); Reduce batch is the fix it points to."""
+    shell.run_cell("%gpumem simulate 56MiB")
+    assert shell.run_cell(MNIST_DEFS).success
+    setup = MNIST_SETUP.replace(
+        "'--test-batch-size', '16'", "'--test-batch-size', '1000', '--batch-size', '16'"
+    ).replace("torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,)",
+              "torch.randn(1000, 1, 28, 28, generator=g), torch.randint(0, 10, (1000,)")  # fmt: skip
+    assert shell.run_cell(setup).success
+    capsys.readouterr()
+    assert not shell.run_cell(MNIST_LOOP).success
+    out = capsys.readouterr().out
+    causes = out.split("Likely causes", 1)[1]
+    first = causes.split("\n  2. ", 1)[0]
+    assert "At this batch, one allocation is larger than the card" in first, out
+    assert "`test_loader.batch_size` = 1000 sizes `data` (1000, 1, 28, 28) in test()" in first
+    assert "Reduce the batch" in first
+    assert "No fix here can make this single allocation fit" not in out
+    assert "%gpumem retry batch      Reduce batch (saves" in out
+
+
 def test_mnist_example_reduce_batch_ends_at_a_batch_that_fits(mnist: Any, capsys: Any) -> None:
     shell = mnist
     capsys.readouterr()

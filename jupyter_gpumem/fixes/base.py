@@ -24,6 +24,9 @@ class Check:
     action: str  # what it will do, said before doing it
     reason: str = ""  # why it does not apply, in words a user understands
     predicted_saving_bytes: int | None = None
+    # what ties the fix to this failure, for the diagnosis's causes ("`test_loader.batch_size`
+    # = 1000 sizes `data` (1000, 1, 28, 28)")
+    evidence: str = ""
 
     @property
     def saving_text(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import re
 
 from ..backends import _torch
 from ..rerun import Plan, RunResult, capacity_bytes
@@ -38,6 +39,9 @@ class _ReservedPeak:
         stats = _torch.allocator_stats() or {}
         self.peak_bytes = stats.get("reserved_bytes.all.peak")
 
+
+# A batch for evaluation (`test_loader`, `args.test_batch_size`, `val_bs`): no learning rate to tune.
+_EVALUATION = re.compile(r"(?i)(test|val|eval|infer|predict)")
 
 # Real runs allowed after a real run failed where its rehearsal fitted (bisecting down).
 _REAL_RETRIES = 3
@@ -92,7 +96,7 @@ class ReduceBatch(Fix):
             f"Find the largest batch that fits, starting from {finding.how}, with a memory model "
             "from the OOM's numbers and each run's peak (a few runs), then keep it."
         )
-        return Check(True, action, "", saving)
+        return Check(True, action, "", saving, evidence=finding.evidence)
 
     def apply(self, ctx: FixContext) -> FixOutcome:
         """Rehearsals (stopped after two passes of the failing loop, rolled back) find the batch;
@@ -218,7 +222,7 @@ class ReduceBatch(Fix):
                 + f" To keep the effective batch: `%gpumem retry batch --accumulate` "
                 f"(it searches again and may settle on another batch than {best})."
             )
-        else:
+        elif not _EVALUATION.search(finding.sites[0].name):
             outcome.notes.append(
                 f"The effective batch changed from {finding.value} to {best}: "
                 "tune the learning rate if this is training."

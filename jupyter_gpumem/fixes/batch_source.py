@@ -461,14 +461,15 @@ def _how(sites: tuple[BatchSite, ...], iterated: bool = True) -> str:
 
 
 def _evidence_text(main: BatchSite, evidence: Sequence[SizedTensor]) -> str:
-    """``train_loader.batch_size = 128 sizes `x` (128, 784) in the failed frame``."""
+    """``train_loader.batch_size = 128 sizes `x` (128, 784) in train()``."""
     hit = sized_by(main.value, evidence)
     if hit is None:
         return ""
     label = f"{main.name}.batch_size" if main.kind == "dataloader" else main.name
     if main.kind == "leading_dim":
         label = f"the {main.value} of {main.name}"
-    where = "in the failed frame" if " in " in hit.name else "made by the failed run"
+    # "data in test()": a local of the failed call, named by its function (and library file)
+    where = f"in {hit.name.split(' in ', 1)[1]}" if " in " in hit.name else "made by the failed run"
     return f"`{label}` = {main.value} sizes {hit.text()} {where}"
 
 
