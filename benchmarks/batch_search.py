@@ -15,7 +15,11 @@ The largest batch that fits is found by bisection, each probe from a fresh card 
 and must fit the cell and the next two steps. Needs the ``bench`` extra (``pip install -e
 .[bench]``). ``--write`` replaces the batch-search section of ``docs/benchmarks.md``.
 
-    python benchmarks/batch_search.py [--write] [--only NAME]
+    python benchmarks/batch_search.py [--write] [--only NAME] [--tools jupyter_gpumem,accelerate]
+
+``--gpu`` (a CUDA machine): bert-large (24 layers, hidden 1024, seq 512, AdamW, built from a config:
+no download) from batch 64 and resnet50 (224 px, SGD with momentum) from batch 512, on the real card
+capped to 11.17 GiB with ``set_per_process_memory_fraction``; the same three tools, its own section.
 """
 
 from __future__ import annotations
@@ -36,6 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MiB = 1 << 20
+# One card for every workload, large enough that the allocator's rounding (2 MiB blocks, 20 MiB
+# segments for mid-sized tensors) is a few % of it, as on a real card, not the whole story.
+CARD = 128 * MiB
+GiB = 1 << 30
+# --gpu: the seed scenario's card (findings §2)
+GPU_CARD = int(11.17 * GiB)
+_GPU = False  # set by --gpu: real CUDA, no simulation
 
 _IMPORTS = """\
 import argparse
@@ -46,8 +57,7 @@ torch.manual_seed(0)
 """
 _MLP = """\
 model = torch.nn.Sequential(
-    torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
-    torch.nn.Linear(256, 10),
+    torch.nn.Linear(64, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 10),
 ).cuda()
 """
 _MLP_STEP = """\
@@ -79,23 +89,23 @@ def _literal(cell: str, start: int) -> Callable[[int], tuple[str, str]]:
 
 
 def _workloads() -> list[Workload]:
-    mlp_cell = "batch_size = 8192\n" + _MLP_STEP.replace("{b}", "batch_size")
+    mlp_cell = "batch_size = 16384\n" + _MLP_STEP.replace("{b}", "batch_size")
     adam_setup = _IMPORTS + _MLP + "opt = torch.optim.Adam(model.parameters(), lr=1e-3)\n"
     sgd_setup = _IMPORTS + _MLP + "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
     conv_setup = (
         _IMPORTS
         + """\
 model = torch.nn.Sequential(
-    torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, padding=1),
-    torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10),
+    torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+    torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10),
 ).cuda()
 opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 """
     )
     conv_cell = """\
-batch = 1024
+batch = 4096
 for step in range(2):
-    imgs = torch.randn(batch, 3, 16, 16, device="cuda")
+    imgs = torch.randn(batch, 3, 32, 32, device="cuda")
     labels = torch.randint(0, 10, (batch,), device="cuda")
     loss = F.cross_entropy(model(imgs), labels)
     opt.zero_grad()
@@ -105,34 +115,34 @@ for step in range(2):
     enc_setup = (
         _IMPORTS
         + """\
-layer = torch.nn.TransformerEncoderLayer(32, 2, dim_feedforward=64, batch_first=True)
+layer = torch.nn.TransformerEncoderLayer(64, 4, dim_feedforward=256, batch_first=True)
 encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).cuda().eval()
 """
     )
     enc_cell = """\
 with torch.no_grad():
     for step in range(2):
-        tokens = torch.randn(2048, 16, 32, device="cuda")
+        tokens = torch.randn(4096, 32, 64, device="cuda")
         features = encoder(tokens).mean(1)
 """
     args_setup = (
         sgd_setup
         + """\
 parser = argparse.ArgumentParser()
-parser.add_argument("--batch-size", type=int, default=8192)
+parser.add_argument("--batch-size", type=int, default=16384)
 parser.add_argument("--lr", type=float, default=0.1)
 args = parser.parse_args([])
 """
     )
-    cfg_setup = sgd_setup + 'cfg = {"batch_size": 8192, "lr": 0.1, "epochs": 2}\n'
+    cfg_setup = sgd_setup + 'cfg = {"batch_size": 16384, "lr": 0.1, "epochs": 2}\n'
     loader_setup = (
         _IMPORTS
         + _MLP
         + """\
 decoder = torch.nn.Linear(20, 64).cuda()
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
-ds = TensorDataset(torch.randn(8192, 64), torch.randint(0, 10, (8192,)))
-train_loader = DataLoader(ds, batch_size=4096, shuffle=True)
+ds = TensorDataset(torch.randn(32768, 64), torch.randint(0, 10, (32768,)))
+train_loader = DataLoader(ds, batch_size=16384, shuffle=True)
 """
     )
     loader_cell = """\
@@ -155,7 +165,7 @@ opt = torch.optim.Adam([*lstm.parameters(), *head.parameters()], lr=1e-3)
 """
     )
     lstm_cell = """\
-bs = 1024
+bs = 8192
 for step in range(2):
     seq = torch.randn(8, bs, 32, device="cuda")
     out, _ = lstm(seq)
@@ -166,27 +176,82 @@ for step in range(2):
 """
     body = _MLP_STEP
     return [
-        Workload("MLP + SGD, `batch_size = 8192` in the cell", 24 * MiB, 8192, sgd_setup,
-                 mlp_cell, _literal(mlp_cell, 8192)),
-        Workload("MLP + Adam (state made on the first step)", 24 * MiB, 8192, adam_setup,
-                 mlp_cell, _literal(mlp_cell, 8192)),
-        Workload("convnet, `batch = 1024` then `torch.randn(batch, 3, 32, 32)`", 40 * MiB, 1024,
-                 conv_setup, conv_cell, _literal(conv_cell, 1024)),
-        Workload("transformer encoder inference, `torch.randn(2048, 16, 32)`", 24 * MiB, 2048,
-                 enc_setup, enc_cell, _literal(enc_cell, 2048)),
-        Workload("`args.batch_size` (argparse, an earlier cell)", 24 * MiB, 8192, args_setup,
+        Workload("MLP + SGD, `batch_size = 16384` in the cell", CARD, 16384, sgd_setup,
+                 mlp_cell, _literal(mlp_cell, 16384)),
+        Workload("MLP + Adam (state made on the first step)", CARD, 16384, adam_setup,
+                 mlp_cell, _literal(mlp_cell, 16384)),
+        Workload("convnet, `batch = 4096` then `torch.randn(batch, 3, 32, 32)`", CARD, 4096,
+                 conv_setup, conv_cell, _literal(conv_cell, 4096)),
+        Workload("transformer encoder inference, `torch.randn(4096, 32, 64)`", CARD, 4096,
+                 enc_setup, enc_cell, _literal(enc_cell, 4096)),
+        Workload("`args.batch_size` (argparse, an earlier cell)", CARD, 16384, args_setup,
                  body.replace("{b}", "args.batch_size"),
                  lambda b: (f"args.batch_size = {b}\n", body.replace("{b}", "args.batch_size"))),
-        Workload('`cfg["batch_size"]`', 24 * MiB, 8192, cfg_setup,
+        Workload('`cfg["batch_size"]`', CARD, 16384, cfg_setup,
                  body.replace("{b}", 'cfg["batch_size"]'),
                  lambda b: (f'cfg["batch_size"] = {b}\n', body.replace("{b}", 'cfg["batch_size"]'))),
-        Workload("DataLoader from an earlier cell; `torch.randn(64, 20)` in the cell", 24 * MiB,
-                 4096, loader_setup, loader_cell,
+        Workload("DataLoader from an earlier cell; `torch.randn(64, 20)` in the cell", CARD,
+                 16384, loader_setup, loader_cell,
                  lambda b: (f"train_loader = DataLoader(ds, batch_size={b}, shuffle=True)\n",
                             loader_cell)),
-        Workload("LSTM, `torch.randn(8, bs, 32)` (batch in dim 1)", 24 * MiB, 1024, lstm_setup,
-                 lstm_cell, _literal(lstm_cell, 1024)),
+        Workload("LSTM, `torch.randn(8, bs, 32)` (batch in dim 1)", CARD, 8192, lstm_setup,
+                 lstm_cell, _literal(lstm_cell, 8192)),
     ]  # fmt: skip
+
+
+def _gpu_workloads() -> list[Workload]:
+    resnet_setup = """\
+import torch
+import torch.nn.functional as F
+import torchvision
+torch.manual_seed(0)
+model = torchvision.models.resnet50().cuda()
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+"""
+    resnet_cell = """\
+batch = 512
+for step in range(2):
+    x = torch.randn(batch, 3, 224, 224, device="cuda")
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+    bert_setup = """\
+import torch
+from transformers import BertConfig, BertForMaskedLM
+torch.manual_seed(0)
+config = BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                    intermediate_size=4096)
+model = BertForMaskedLM(config).cuda().train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+"""
+    bert_cell = """\
+batch_size = 64
+for step in range(2):
+    ids = torch.randint(0, config.vocab_size, (batch_size, 512), device="cuda")
+    loss = model(input_ids=ids, labels=ids).loss
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+    return [
+        Workload("bert-large, seq 512, AdamW, `batch_size = 64`", GPU_CARD, 64, bert_setup,
+                 bert_cell, _literal(bert_cell, 64)),
+        Workload("resnet50, 224 px, SGD + momentum, `batch = 512`", GPU_CARD, 512, resnet_setup,
+                 resnet_cell, _literal(resnet_cell, 512)),
+    ]  # fmt: skip
+
+
+def _cap_gpu(card_bytes: int) -> None:
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, card_bytes / total))
 
 
 # -- one fresh card -------------------------------------------------------------------------------
@@ -195,9 +260,12 @@ for step in range(2):
 def _fresh(w: Workload) -> dict[str, Any]:
     from jupyter_gpumem.backends import simulated
 
-    simulated.stop()
-    gc.collect()
-    simulated.start(w.card_bytes)
+    if _GPU:
+        _cap_gpu(w.card_bytes)
+    else:
+        simulated.stop()
+        gc.collect()
+        simulated.start(w.card_bytes)
     ns: dict[str, Any] = {"__name__": "__main__"}
     exec(w.setup, ns)
     return ns
@@ -257,7 +325,10 @@ def ours(w: Workload) -> Result:
     shell = InteractiveShell.instance(colors="nocolor")
     shell.run_cell("%load_ext jupyter_gpumem", store_history=False)
     try:
-        shell.run_cell(f"%gpumem simulate {w.card_bytes // MiB}MiB", store_history=False)
+        if _GPU:
+            _cap_gpu(w.card_bytes)
+        else:
+            shell.run_cell(f"%gpumem simulate {w.card_bytes // MiB}MiB", store_history=False)
         assert shell.run_cell(w.setup, store_history=True).success
         assert not shell.run_cell(w.cell, store_history=True).success
         ext = jupyter_gpumem._extension_for(shell)
@@ -310,61 +381,89 @@ TOOLS = (("jupyter_gpumem", ours), ("accelerate", accelerate), ("toma", toma_))
 
 
 def main() -> None:
+    global _GPU
     ap = argparse.ArgumentParser()
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     ap.add_argument("--only", help="run the workloads whose name contains this")
+    ap.add_argument(
+        "--tools", default=",".join(t for t, _ in TOOLS), help="comma-separated, of: %(default)s"
+    )
+    ap.add_argument("--gpu", action="store_true", help="bert-large and resnet50 on a real GPU")
     args = ap.parse_args()
     import torch
 
-    torch.set_num_threads(1)
+    _GPU = args.gpu
+    if _GPU and not torch.cuda.is_available():
+        sys.exit("--gpu needs a CUDA GPU: nothing measured")
+    if not _GPU:
+        torch.set_num_threads(1)
     rows = []
-    for w in _workloads():
+    for w in _gpu_workloads() if _GPU else _workloads():
         if args.only and args.only not in w.name:
             continue
         best = largest_fit(w)
         print(f"{w.name}: largest that fits {best}", flush=True)
         cells = []
         for tool, fn in TOOLS:
+            if tool not in args.tools.split(","):
+                continue
             r = fn(w)
             pct = 100 * r.batch / best if best else 0
             nxt = "yes" if r.next_fits else "**no**"
-            cells.append(f"{r.runs} runs, {r.batch} ({pct:.0f}%), next: {nxt}")
-            print(f"  {tool}: {cells[-1]}, {r.seconds:.1f} s", flush=True)
-        rows.append(
-            f"| {w.name} | {w.card_bytes // MiB} MiB | {best} | " + " | ".join(cells) + " |"
-        )
+            cells.append(f"{r.runs} runs, {r.batch} ({pct:.0f}%), next: {nxt}, {r.seconds:.0f} s")
+            print(f"  {tool}: {cells[-1]}", flush=True)
+        card = f"{w.card_bytes / GiB:.2f} GiB" if _GPU else f"{w.card_bytes // MiB} MiB"
+        rows.append(f"| {w.name} | {card} | {best} | " + " | ".join(cells) + " |")
     import accelerate as acc
 
+    where = (
+        f"{torch.cuda.get_device_name(0)} capped to {GPU_CARD / GiB:.2f} GiB"
+        if _GPU
+        else "simulated GPU"
+    )
     text = "\n".join(
         [
-            "### Reduce batch vs accelerate and toma, end to end (simulated GPU)",
+            _heading(_GPU),
             "",
-            f"{date.today()}, simulated GPU, torch {torch.__version__}, accelerate {acc.__version__},"
-            f" toma 1.1, Python {platform.python_version()}; `python benchmarks/batch_search.py`.",
+            f"{date.today()}, {where}, torch {torch.__version__}, accelerate {acc.__version__},"
+            f" toma 1.1, Python {platform.python_version()}, {platform.machine()}; "
+            f"`python benchmarks/batch_search.py{' --gpu' if _GPU else ''}`.",
             "Each cell: re-runs after the failing one, the batch settled on (its share of the",
-            "largest that fits, found by bisection from a fresh card each time), and whether the",
-            "next two steps fit at that batch from the state the tool left.",
+            "largest that fits, found by bisection from a fresh card each time), whether the",
+            "next two steps fit at that batch from the state the tool left, and the wall time.",
             "",
-            "| workload | card | largest that fits | jupyter_gpumem | accelerate | toma |",
-            "|---|---|---|---|---|---|",
+            "| workload | card | largest that fits | "
+            + " | ".join(t for t, _ in TOOLS if t in args.tools.split(","))
+            + " |",
+            "|---|---|---|" + "---|" * len(args.tools.split(",")),
             *rows,
             "",
         ]
     )
     print(text)
     if args.write:
-        doc = ROOT / "docs" / "benchmarks.md"
-        old = doc.read_text()
-        head = "### Reduce batch vs accelerate and toma, end to end (simulated GPU)"
-        if head in old:  # replace this section only
-            before, _, after = old.partition(head)
-            rest = after.split("\n### ", 1)
-            old = before + text + (("\n### " + rest[1]) if len(rest) > 1 else "")
-        else:  # after the search's own section
-            anchor = "### Gauge overhead"
-            before, _, after = old.partition(anchor)
-            old = before + text + "\n" + anchor + after if after else old + "\n" + text
-        doc.write_text(old)
+        write_section(text, _heading(_GPU))
+
+
+def _heading(gpu: bool) -> str:
+    if gpu:
+        return "### Reduce batch vs accelerate and toma, end to end (GPU)"
+    return "### Reduce batch vs accelerate and toma, end to end (simulated GPU)"
+
+
+def write_section(text: str, head: str) -> None:
+    """Replace this benchmark's section of docs/benchmarks.md (or add it)."""
+    doc = ROOT / "docs" / "benchmarks.md"
+    old = doc.read_text()
+    if head in old:  # replace this section only
+        before, _, after = old.partition(head)
+        rest = after.split("\n### ", 1)
+        old = before + text + (("\n### " + rest[1]) if len(rest) > 1 else "")
+    else:  # after the search's own section
+        anchor = "### Gauge overhead"
+        before, _, after = old.partition(anchor)
+        old = before + text + "\n" + anchor + after if after else old + "\n" + text
+    doc.write_text(old)
 
 
 if __name__ == "__main__":
