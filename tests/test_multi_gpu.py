@@ -36,9 +36,9 @@ def _run(shell: Any, capsys: Any, cell: str) -> tuple[Any, str]:
 
 
 def _last_failure(shell: Any) -> Any:
-    ext = jupyter_gpumem._extension_for(shell)
-    assert ext is not None
-    return ext.hook.last_failure
+    failed = jupyter_gpumem.last_failure(shell)
+    assert failed is not None
+    return failed
 
 
 def test_an_oom_on_gpu_0_with_gpu_1_free_says_to_use_gpu_1(shell: Any, capsys: Any) -> None:

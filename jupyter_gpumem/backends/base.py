@@ -10,9 +10,8 @@ release, a fix) and goes through what it got. A simulation selects itself while 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -56,7 +55,6 @@ class DeviceReading:
     uuid: str | None = None
     error: str | None = None  # why the driver gives no reading (NVML's error)
     note: str | None = None  # said after the device's label: "simulated"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -123,7 +121,6 @@ class MemoryBackend(Protocol):
 _lock = threading.Lock()
 _selected: list[MemoryBackend] = []
 _default: list[MemoryBackend] = []
-_default_factory: list[Callable[[], MemoryBackend]] = []
 
 
 def active() -> MemoryBackend:
