@@ -51,7 +51,7 @@ _HELP = ("-h", "--help")
 MAX_SIMULATED_DEVICES = 16
 
 
-def _devices_option(args: list[str]) -> tuple[list[str], int]:
+def _devices_option(args: list[str]) -> tuple[list[str], int | None]:
     """``--devices N`` (or ``--devices=N``) taken out of ``%gpumem simulate``'s arguments."""
     rest, devices = [], None
     it = iter(args)
@@ -67,7 +67,7 @@ def _devices_option(args: list[str]) -> tuple[list[str], int]:
                 )
         else:
             rest.append(a)
-    return rest, devices or 1
+    return rest, devices
 
 
 def _size_or_off(command: str, args: list[str], most: int | None = None) -> int | None:
@@ -256,8 +256,11 @@ class GpuMemMagics(Magics):
         print(self.ext.open_sidebar())
 
     def _cmd_simulate(self, args: list[str]) -> None:
-        args, devices = _devices_option(args)
+        args, asked = _devices_option(args)
         size = _size_or_off("simulate", args, most=MAX_SIMULATED_BYTES)
+        if size is None and asked is not None:
+            raise UsageError("%gpumem simulate off takes no --devices")
+        devices = asked or 1
         if size is None:
             was = simulated.current()
             simulated.stop()

@@ -142,8 +142,13 @@ def test_gauge_and_sidebar_show_every_gpu_with_the_ooms_marked(shell: Any, capsy
 
 
 def test_devices_option_is_checked(shell: Any, capsys: Any) -> None:
-    for bad in ("--devices 0", "--devices two", "--devices 99"):
-        result, out = _run(shell, capsys, f"%gpumem simulate 256MiB {bad}")
+    for bad in (
+        "256MiB --devices 0",
+        "256MiB --devices two",
+        "256MiB --devices 99",
+        "off --devices 2",
+    ):
+        result, out = _run(shell, capsys, f"%gpumem simulate {bad}")
         assert not result.success and "UsageError" in out and "--devices" in out
 
 
