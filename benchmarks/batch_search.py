@@ -331,8 +331,7 @@ def ours(w: Workload) -> Result:
             shell.run_cell(f"%gpumem simulate {w.card_bytes // MiB}MiB", store_history=False)
         assert shell.run_cell(w.setup, store_history=True).success
         assert not shell.run_cell(w.cell, store_history=True).success
-        ext = jupyter_gpumem._extension_for(shell)
-        failed = ext.hook.last_failure
+        failed = jupyter_gpumem.last_failure(shell)
         t0 = time.perf_counter()
         outcome = rescue.apply_fix(shell, failed, "batch", rescue.Options(), {})
         secs = time.perf_counter() - t0
