@@ -321,3 +321,22 @@ def test_a_model_too_big_for_the_card_is_diagnosed_end_to_end(shell: Any, capsys
     assert "The model's own states do not fit this card, whatever the batch" in out, out
     assert "A cell that launches the training on several GPUs" in out
     assert "notebook_launcher(training_function" in out
+
+
+def test_request_larger_than_the_card_at_this_batch_is_reduce_batchs_case() -> None:
+    """The same failing request, once Reduce batch has found the number that sized it (mnist's
+    `test_loader.batch_size` = 1000): no longer a dead end ranked above every fix, but a cause whose
+    action (a smaller batch) closes the gap; the working set names the batch too."""
+    report = parse_oom_message(cuda_message(4096, 100, 1024, 20, 4))
+    assert report is not None
+    d = diagnose(report, None, HolderSet(holders=[]), released=True)
+    assert d.causes[0].key == "request_exceeds_card" and d.causes[0].tier == 0
+    evidence = "`test_loader.batch_size` = 1000 sizes `data` (1000, 1, 28, 28) in test()"
+    d.add_batch(evidence)
+    first = d.causes[0]
+    assert first.key == "request_exceeds_card"
+    assert first.title == "At this batch, one allocation is larger than the card"
+    assert evidence in first.evidence and first.closes_gap and first.tier == 1
+    assert "No fix here" not in first.action and "Reduce the batch" in first.action
+    ws = next(c for c in d.causes if c.key == "working_set")
+    assert f"The batch: {evidence}." in ws.evidence
