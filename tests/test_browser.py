@@ -572,3 +572,26 @@ def test_shut_down_another_notebooks_kernel_from_the_panel(lab, open_notebook, s
     expect(status).to_contain_text(f"its process (pid {pid}) has exited")
     assert not any(k["id"] == kid for k in _browser._api(lab, "/api/kernels")[1])
     expect(panel.get_by_role("button", name="Kernel of train.ipynb shut down")).to_be_disabled()
+
+
+CANCEL_UNKNOWN = """\
+from jupyter_gpumem.ui.status import StatusLine
+line = StatusLine(value="Running <b>a fix</b>", running=True, kernel_id="no-such-kernel")
+line
+"""
+
+
+def test_cancel_that_cannot_interrupt_says_so_and_stays_usable(open_notebook):
+    """The page's interrupt is refused (a kernel id the server does not know): Cancel says why
+    and how else to stop the fix, and can be clicked again. A 404, not a 403: the server took
+    the page's credentials (its token, or the login cookie with the _xsrf header)."""
+    page = open_notebook("cancel-unknown.ipynb", [CANCEL_UNKNOWN])
+    cell = run_cell(page, 0)
+    cancel = cell.locator("button.gpumem-cancel")
+    expect(cancel).to_be_visible(timeout=T_RUN)
+    cancel.click()
+    note = cell.locator(".gpumem-cancel-note")
+    expect(note).to_contain_text("Could not interrupt the kernel (HTTP 404)", timeout=T_RUN)
+    expect(note).to_contain_text("toolbar's stop button")
+    expect(cancel).to_be_enabled()
+    expect(cancel).to_have_text("Cancel")
