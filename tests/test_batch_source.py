@@ -583,6 +583,26 @@ def test_evidence_refuses_a_decoy_and_finds_settings() -> None:
     assert apply_batch("run(cfg['batch_size'])\n", finding, 7)[1]["cfg"] == {"batch_size": 7}
 
 
+def test_a_number_passed_to_a_notebook_function_is_the_batch_only_by_what_it_sizes() -> None:
+    """`train_steps(4096, 2)`: the 4096 sizes the failing `x`, the 2 nothing; numbers passed to
+    builtins (`range`, `print`) or classes (`Linear(4096, 10)`: weight sizes) are never the batch."""
+    from jupyter_gpumem.fixes.batch_evidence import SizedTensor
+
+    ev = (SizedTensor("x in train_steps()", (4096, 64)),)
+    finding = find_batch("train_steps(4096, 2)\n", {}, evidence=ev)
+    assert [s.name for s in finding.sites] == ["argument 1 of train_steps()"]
+    assert (
+        finding.evidence
+        == "`argument 1 of train_steps()` = 4096 sizes `x` (4096, 64) in train_steps()"
+    )
+    assert apply_batch("train_steps(4096, 2)\n", finding, 1000)[0] == "train_steps(1000, 2)\n"
+    assert describe_change(finding, 1000) == "change line 1 to: train_steps(1000, 2)"
+    others = "print(4096)\nfor i in range(4096):\n    pass\nlayer = Linear(4096, 10)\n"
+    assert find_batch(others, {}, evidence=ev).sites == ()
+    # without the failing tensors' shapes an anonymous number is never offered
+    assert find_batch("train_steps(4096, 2)\n", {}).sites == ()
+
+
 def test_make_it_permanent_names_the_cell_and_line() -> None:
     history = [
         "",

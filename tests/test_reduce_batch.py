@@ -1,7 +1,7 @@
 """Reduce batch through `%gpumem retry batch` and `%%oomsafe`, for each place a batch lives: a
 literal in the cell, any variable that sizes the failing tensors, a global, `args.batch_size`,
 `cfg["batch_size"]`, a dataclass field, a DataLoader built in another cell (iterated by the cell or
-passed to a notebook function), with a decoy number that sizes nothing. Real InteractiveShell,
+passed to a notebook function), a number passed to a notebook function, with a decoy number that sizes nothing. Real InteractiveShell,
 simulated GPU."""
 
 from __future__ import annotations
@@ -121,6 +121,18 @@ FORMS = [
         FUNC_CELL,
         "train_loader.batch_size",
         "change In [2], line 2 to: train_loader = DataLoader(ds, batch_size=",
+    ),
+    (
+        # the batch handed to a notebook function as a plain number; the 2 (steps) sizes nothing
+        "argument of a notebook function",
+        "def train_steps(batch, steps):\n"
+        "    for step in range(steps):\n"
+        '        x = torch.randn(batch, 64, device="cuda")\n'
+        '        y = torch.randint(0, 10, (batch,), device="cuda")\n'
+        + STEP.replace("\n    ", "\n        ").replace("    loss", "        loss", 1),
+        "train_steps(4096, 2)\n",
+        None,
+        "change line 1 to: train_steps(",
     ),
 ]
 

@@ -25,6 +25,7 @@ Edits are spliced into the original text, so comments, formatting and non-ASCII 
 from __future__ import annotations
 
 import ast
+import builtins
 import inspect
 import itertools
 import math
@@ -83,6 +84,7 @@ _SIZED_PRIORITY = (
     "assign_any",
     "leading_dim",
     "list_repeat",
+    "call_arg",
 )
 _NAMED_KINDS = {"named", "assign", "kwarg", "dataloader", "config", "global"}
 _NAMESPACE_KINDS = {"dataloader", "config", "global"}
@@ -96,7 +98,8 @@ class BatchSite:
     """One place that holds the batch size."""
 
     # "assign" | "kwarg" | "leading_dim" | "list_repeat" | "global" | "dataloader" | "named" |
-    # "config" (``args.batch_size``, ``cfg['bs']``) | "assign_any" (``batch = 1024``)
+    # "config" (``args.batch_size``, ``cfg['bs']``) | "assign_any" (``batch = 1024``) |
+    # "call_arg" (``train(model, 4096)``: a number passed to a notebook function)
     kind: str
     name: str
     value: int
@@ -240,11 +243,26 @@ class _Finder:
             if kw.arg:
                 self._named(kw.arg, kw.value, "kwarg", batch_var)
         lit = _leading_dim(node)
+        if lit is None and isinstance(node.func, ast.Name) and _notebook_callee(node.func.id):
+            # `step(4096)`: the batch handed to a function of the notebook; anonymous, so only
+            # the batch when it sizes most of the failing tensors
+            for i, arg in enumerate(node.args):
+                if isinstance(arg, ast.Constant) and type(arg.value) is int and arg.value > 1:
+                    self.site("call_arg", f"argument {i + 1} of {node.func.id}()", arg, arg.value)
         if lit is not None and id(node) not in self.weights:
             value = _int_value(lit[0])
             if value is not None and value > 1:
                 kind = "leading_dim" if lit[1] else "leading_dim_1d"
                 self.site(kind, f"{_dotted(node.func)}(...)", lit[0], value)
+
+
+def _notebook_callee(name: str) -> bool:
+    """A call that may take the batch as a plain argument: a function, not a builtin (`range`,
+    `print`) and not a class (`Linear(1024, 10)` takes sizes of weights)."""
+    return name not in _BUILTINS and not name[:1].isupper()
+
+
+_BUILTINS = frozenset(dir(builtins))
 
 
 def _callee(node: ast.Call) -> str:
@@ -450,8 +468,12 @@ def _how(sites: tuple[BatchSite, ...], iterated: bool = True) -> str:
         text = f"{main.name} = {main.value}, a global this cell reads"
     elif main.kind == "leading_dim":
         text = f"the leading dimension {main.value} of {main.name} {where}"
-    elif main.kind == "list_repeat":
-        text = f"{main.name} {where}"
+    elif main.kind in ("list_repeat", "call_arg"):
+        text = (
+            f"{main.name} = {main.value} {where}"
+            if main.kind == "call_arg"
+            else f"{main.name} {where}"
+        )
     elif main.kind == "kwarg":
         text = f"{main.name}={main.value} {where}"
     else:
