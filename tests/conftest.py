@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import sys
@@ -9,6 +10,28 @@ from typing import Any
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _new_shell() -> Any:
+    """A fresh InteractiveShell whose history lives in memory and which does nothing at exit:
+    hundreds of test shells each writing IPython's history file at exit took ~1 s apiece after
+    the last test."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    InteractiveShell.clear_instance()
+    sh = InteractiveShell.instance(config=config, colors="nocolor")
+    atexit.unregister(sh.atexit_operations)
+    return sh
+
+
+def _end_shell(sh: Any) -> None:
+    from IPython.core.interactiveshell import InteractiveShell
+
+    sh.history_manager.end_session()
+    InteractiveShell.clear_instance()
 
 
 def _has_cuda() -> bool:
@@ -40,28 +63,22 @@ def _no_simulation_left() -> Iterator[None]:
 @pytest.fixture
 def shell() -> Iterator[Any]:
     """A real IPython InteractiveShell with the extension loaded (unloaded in teardown)."""
-    from IPython.core.interactiveshell import InteractiveShell
-
-    InteractiveShell.clear_instance()
-    sh = InteractiveShell.instance(colors="nocolor")
+    sh = _new_shell()
     sh.run_cell("%load_ext jupyter_gpumem", store_history=False)
     yield sh
     sh.run_cell("%unload_ext jupyter_gpumem", store_history=False)
     for name in ("last_type", "last_value", "last_traceback", "last_exc"):
         if hasattr(sys, name):
             setattr(sys, name, None)
-    InteractiveShell.clear_instance()
+    _end_shell(sh)
 
 
 @pytest.fixture
 def bare_shell() -> Iterator[Any]:
     """A real InteractiveShell without the extension."""
-    from IPython.core.interactiveshell import InteractiveShell
-
-    InteractiveShell.clear_instance()
-    sh = InteractiveShell.instance(colors="nocolor")
+    sh = _new_shell()
     yield sh
-    InteractiveShell.clear_instance()
+    _end_shell(sh)
 
 
 class Kernel:
