@@ -485,6 +485,38 @@ def test_gauge_splits_used_memory_and_shows_states() -> None:
     assert lost.errors == 1
 
 
+@pytest.mark.slow
+def test_gauge_axes_say_gib_and_draw_no_white_lines() -> None:
+    from jupyter_gpumem.ui.gauge import Gauge, gib_ticks
+
+    G = 1 << 30
+    reading = _snapshot(
+        total_bytes=12 * G, used_bytes=9 * G, free_bytes=3 * G,
+        allocated_bytes=5 * G, reserved_bytes=6 * G,
+    )  # fmt: skip
+    fig = Gauge(read=lambda: reading).widget
+    dial = fig.data[0].gauge.axis
+    assert list(dial.ticktext) == ["0", "2.5 GiB", "5.0 GiB", "7.5 GiB", "10.0 GiB"]
+    assert all(v <= 12 for v in dial.tickvals), "no tick past the card"
+    y = fig.layout.yaxis
+    assert y.tickmode == "array" and not y.ticksuffix
+    assert list(y.ticktext) == ["0", "5 GiB", "10 GiB"], "the history's axis, above 9 GiB used"
+    assert y.range[1] >= 9
+    for t in [*y.ticktext, *dial.ticktext]:
+        assert t == "0" or t.endswith(" GiB"), t
+    # the default template's lines are white: each axis sets its own or hides them
+    template = fig.layout.template.layout
+    for axis, default in ((fig.layout.xaxis, template.xaxis), (y, template.yaxis)):
+        for shown, color in (("showgrid", "gridcolor"), ("zeroline", "zerolinecolor"),
+                             ("showline", "linecolor")):  # fmt: skip
+            if axis[shown] is False:
+                continue
+            effective = axis[color] or default[color]
+            assert effective not in (None, "white", "#fff", "#ffffff"), (axis.plotly_name, color)
+    assert gib_ticks(0.5, 3) == ([0.0, 0.25, 0.5], ["0", "0.25 GiB", "0.50 GiB"])
+    assert gib_ticks(80, 5)[1] == ["0", "20 GiB", "40 GiB", "60 GiB", "80 GiB"]
+
+
 def test_gauge_thread_samples_and_stops_on_unload(shell: Any) -> None:
     from jupyter_gpumem.ui import gauge as gauge_mod
 

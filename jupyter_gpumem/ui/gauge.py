@@ -11,6 +11,7 @@ under the title lists every GPU's use, the OOM's marked.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import weakref
@@ -30,6 +31,7 @@ COLORS = {
     "other": "#d98b2b",  # other processes and CUDA contexts
     "free": "rgba(127,127,127,0.12)",
 }
+GRID_COLOR = "rgba(127,127,127,0.25)"
 _gauges: weakref.WeakSet[Gauge] = weakref.WeakSet()
 
 
@@ -61,6 +63,19 @@ def devices_line(s: MemorySnapshot, marked: int | None = None) -> str:
         oom = " ◀ OOM" if marked is not None and d.device_index == marked else ""
         parts.append(f"GPU {d.device_index} {reading}{oom}")
     return " · ".join(parts)
+
+
+def gib_ticks(top: float, count: int = 4) -> tuple[list[float], list[str]]:
+    """Ticks from 0 to at least ``top`` GiB at a round step (1, 2, 2.5 or 5 × 10^k), labelled as
+    the gauge's other numbers are (``format_gib``), with as many decimals as the step needs."""
+    top = max(top, 1e-3)
+    raw = top / max(count - 1, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw * 0.999)
+    digits = max(0, -math.floor(math.log10(step) + 1e-9)) + (1 if step / power == 2.5 else 0)
+    values = [round(i * step, 9) for i in range(math.ceil(top / step - 1e-9) + 1)]
+    labels = ["0" if v == 0 else format_gib(round(v * GiB), digits=digits) for v in values]
+    return values, labels
 
 
 def describe(s: MemorySnapshot) -> tuple[str, float, float, float, float, float]:
@@ -122,7 +137,7 @@ class Gauge:
                 },
                 title={"text": "GPU memory", "font": {"size": 12}},
                 gauge={
-                    "axis": {"range": [0, 1]},
+                    "axis": {"range": [0, 1], "tickmode": "array", "tickvals": [], "ticktext": []},
                     "bar": {"color": "rgba(0,0,0,0)", "thickness": 0.0},
                     "steps": [],
                     "threshold": {"line": {"color": "#c0392b", "width": 3}, "value": 1},
@@ -151,14 +166,23 @@ class Gauge:
             plot_bgcolor="rgba(0,0,0,0)",
             font={"size": 11, "color": "#8c8c8c"},  # readable on light and dark themes
         )
-        fig.update_xaxes(showticklabels=False, fixedrange=True, row=2, col=1)
+        # plotly's default template draws white grid, zero and axis lines: invisible on a white
+        # page, harsh on a dark theme; these are grey at low alpha on both
+        fig.update_xaxes(
+            showticklabels=False, fixedrange=True, showgrid=False, zeroline=False,
+            showline=False, row=2, col=1,
+        )  # fmt: skip
         fig.update_yaxes(
-            ticksuffix=" G",
             row=2,
             col=1,
-            rangemode="tozero",
+            range=[0, 1],
             fixedrange=True,
-            gridcolor="rgba(127,127,127,0.25)",
+            tickmode="array",
+            tickvals=[],
+            ticktext=[],
+            gridcolor=GRID_COLOR,
+            zeroline=False,
+            showline=False,
         )
         self.widget = go.FigureWidget(fig)
         self.widget._config = {**self.widget._config, "displayModeBar": False}  # no zoom/pan/share
@@ -212,6 +236,15 @@ class Gauge:
             ind.value = used
             ind.title.text = self._title(title, pct, alloc, cache, other, devices)
             ind.gauge.axis.range = [0, total]
+            dial = [
+                (v, t) for v, t in zip(*gib_ticks(total, 6), strict=True) if v <= total * 1.0001
+            ]
+            ind.gauge.axis.tickvals = [v for v, _ in dial]
+            ind.gauge.axis.ticktext = [t for _, t in dial]
+            peak = max((sum(s[1:]) for s in self.samples), default=0.0)
+            yvals, ytext = gib_ticks(peak * 1.05 or total / 4, 4)
+            self.widget.layout.yaxis.range = [0, yvals[-1]]
+            self.widget.layout.yaxis.tickvals, self.widget.layout.yaxis.ticktext = yvals, ytext
             ind.gauge.steps = steps
             ind.gauge.threshold.value = total
             for i, series in enumerate(zip(*[s[1:] for s in self.samples], strict=False)):
