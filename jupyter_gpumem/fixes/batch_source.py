@@ -490,8 +490,13 @@ def _evidence_text(main: BatchSite, evidence: Sequence[SizedTensor]) -> str:
     label = f"{main.name}.batch_size" if main.kind == "dataloader" else main.name
     if main.kind == "leading_dim":
         label = f"the {main.value} of {main.name}"
-    # "data in test()": a local of the failed call, named by its function (and library file)
-    where = f"in {hit.name.split(' in ', 1)[1]}" if " in " in hit.name else "made by the failed run"
+    # "data in test()": a local of a notebook function, named by it; a library's frame
+    # ("input in forward() in linear.py") is the failed call, its file no one's business
+    frame = hit.name.split(" in ", 1)[1] if " in " in hit.name else None
+    if frame is None:
+        where = "made by the failed run"
+    else:
+        where = "in the failed call" if " in " in frame else f"in {frame}"
     return f"`{label}` = {main.value} sizes {hit.text()} {where}"
 
 
