@@ -29,7 +29,7 @@ from ..hook import without_dispatch_frames
 from ..kernels import own_kernel_id
 from ..render import _md_code, render_html
 from ..rescue import Options, apply_fix, check_all, guard
-from . import chart, wording
+from . import chart, devices, wording
 from .others import OtherKernels, kernels_to_offer
 from .status import StatusLine, Ticker
 
@@ -63,6 +63,7 @@ _STYLE = (
 .gpumem-panel dl{margin:2px 0}.gpumem-panel dd{margin:0 0 2px 1.5em}
 """
     + chart.CSS
+    + devices.CSS
     + "</style>"
 )
 
@@ -157,7 +158,12 @@ class DiagnosisPanel:
         self.checks = check_all(self.shell, failed, Options(), self.ext.remembered)
         shown, folded = for_display(d)
         parts: list[W.Widget] = [
-            W.HTML(render_html(shown) + chart.breakdown_html(d) + wording.folded_html(folded))
+            W.HTML(
+                render_html(shown)
+                + devices.devices_html(d)
+                + chart.breakdown_html(d)
+                + wording.folded_html(folded)
+            )
         ]
         short = d.shortfall_bytes
         primary = self._recommended()
