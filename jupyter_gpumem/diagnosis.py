@@ -15,6 +15,7 @@ from .causes import Cause, Facts, find_causes
 from .holders import Holder, HolderSet
 from .oom import OOMReport
 from .readings import MemorySnapshot, ProcessInfo
+from .trace import LineTotal
 from .units import format_bytes as fmt
 
 _SIGNIFICANT = 0.05  # a holder or process under 5% of the card is not a cause on its own
@@ -52,6 +53,7 @@ class Diagnosis:
     notes: list[str] = field(default_factory=list)
     # `%gpumem trace on`: live memory by the source line that allocated it ("In [7], line 3: ...")
     allocated_by: list[str] = field(default_factory=list)
+    allocated_lines: list[LineTotal] = field(default_factory=list)  # the same, as numbers
     tracing: bool = False
     # what the rules read: kept so that later evidence (the batch) can re-rank the causes
     facts: Facts | None = field(default=None, repr=False, compare=False)

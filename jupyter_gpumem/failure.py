@@ -179,12 +179,14 @@ def build_failure(
     del frames
     lineno = cell_lineno(tb, user_ns)
     allocated_by: list[str] = []
+    allocated_rows: list[trace.LineAlloc] = []
     tracing = trace.active()
     if tracing:
         try:  # read while the failed frames' tensors are still alive
-            allocated_by = trace.summary_lines(5, shell=shell)
+            allocated_rows = trace.allocated_by_line(shell)
+            allocated_by = trace.summary_lines(5, rows=allocated_rows)
         except Exception:
-            allocated_by = []
+            allocated_by, allocated_rows = [], []
     try:
         loop, earlier = find_loop(tb, user_ns, preexisting)
     except Exception:  # a reading, never a reason to lose the diagnosis
@@ -207,6 +209,7 @@ def build_failure(
         created=created,
     )
     diag.allocated_by, diag.tracing = allocated_by, tracing
+    diag.allocated_lines = trace.by_line(allocated_rows)
     return FailedCell(
         source=source,
         exc_type=type(value),

@@ -67,6 +67,16 @@ def _unexplained(d: Diagnosis) -> int:
     return rest if rest > d.allocated_bytes // 4 and rest >= 1 << 20 else 0
 
 
+def trace_hint(d: Diagnosis) -> str | None:
+    """How to learn which lines allocated the memory no variable holds (tracing off), else None."""
+    if d.allocated_by or d.tracing or not _unexplained(d):
+        return None
+    return (
+        f"{fmt(_unexplained(d))} is in no variable: `%gpumem trace on` shows which lines "
+        "allocate it, from the next run"
+    )
+
+
 def render_text(d: Diagnosis, fix_lines: list[str] | None = None) -> str:
     d, folded = for_display(d)
     out = [f"GPU out of memory: {d.headline}"]
@@ -96,11 +106,8 @@ def render_text(d: Diagnosis, fix_lines: list[str] | None = None) -> str:
         out.append("")
         out.append("Allocated by (tracing on)")
         out.extend(f"  {line}" for line in d.allocated_by)
-    elif not d.tracing and _unexplained(d):
-        out.append(
-            f"  ({fmt(_unexplained(d))} is in no variable: `%gpumem trace on` shows which lines "
-            "allocate it, from the next run)"
-        )
+    elif trace_hint(d):
+        out.append(f"  ({trace_hint(d)})")
     skipped = getattr(d.holders, "skipped", 0)
     if skipped:
         why = "; ".join(getattr(d.holders, "skipped_reasons", [])[:2])

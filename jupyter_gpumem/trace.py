@@ -26,8 +26,10 @@ from .units import format_bytes
 
 __all__ = [
     "LineAlloc",
+    "LineTotal",
     "active",
     "allocated_by_line",
+    "by_line",
     "save_snapshot",
     "start",
     "stop",
@@ -46,6 +48,15 @@ class LineAlloc(NamedTuple):
     module: str | None  # "model.encoder.layer.11" when a module's forward was running
     bytes: int
     tensors: int  # storages: views of one tensor count once
+
+
+class LineTotal(NamedTuple):
+    """One source line's live memory, with its model modules (name, bytes, tensors), largest first."""
+
+    where: str
+    bytes: int
+    tensors: int
+    modules: tuple[tuple[str, int, int], ...]
 
 
 def start(max_entries: int = 100_000, *, modules: bool = True, shell: Any = None) -> None:
@@ -94,32 +105,45 @@ def allocated_by_line(shell: Any = None) -> list[LineAlloc]:
     return rows
 
 
-def summary_lines(limit: int = 5, shell: Any = None) -> list[str]:
-    """The "Allocated by" lines of text, one per source line, largest first ([] when tracing is off).
-
-    ``In [7], line 3: 6.00 GiB in 12 tensors (model.layer4 4.00 GiB, model.layer3 1.50 GiB)``
-    """
-    by_line: dict[str, list[Any]] = {}
-    for row in allocated_by_line(shell):
-        entry = by_line.setdefault(row.where, [0, 0, []])
+def by_line(rows: list[LineAlloc]) -> list[LineTotal]:
+    """``allocated_by_line``'s rows summed by source line, largest first, what was allocated
+    before tracing started last."""
+    lines: dict[str, list[Any]] = {}
+    for row in rows:
+        entry = lines.setdefault(row.where, [0, 0, []])
         entry[0] += row.bytes
         entry[1] += row.tensors
         if row.module is not None:
-            entry[2].append((row.bytes, row.module))
-    ordered = sorted(by_line.items(), key=lambda kv: (kv[0] == BEFORE_TRACING, -kv[1][0]))
+            entry[2].append((row.module, row.bytes, row.tensors))
+    totals = [
+        LineTotal(where, n, count, tuple(sorted(modules, key=lambda m: -m[1])))
+        for where, (n, count, modules) in lines.items()
+    ]
+    totals.sort(key=lambda t: (t.where == BEFORE_TRACING, -t.bytes))
+    return totals
+
+
+def summary_lines(
+    limit: int = 5, shell: Any = None, *, rows: list[LineAlloc] | None = None
+) -> list[str]:
+    """The "Allocated by" lines of text, one per source line, largest first ([] when tracing is off).
+    ``rows``: ``allocated_by_line``'s, when already read.
+
+    ``In [7], line 3: 6.00 GiB in 12 tensors (model.layer4 4.00 GiB, model.layer3 1.50 GiB)``
+    """
+    ordered = by_line(allocated_by_line(shell) if rows is None else rows)
     lines = []
-    for where, (nbytes, count, modules) in ordered[:limit]:
-        line = f"{where}: {format_bytes(nbytes)} in {count} tensor{'s' if count != 1 else ''}"
-        if modules:
-            modules.sort(key=lambda m: -m[0])
-            shown = ", ".join(f"{name} {format_bytes(n)}" for n, name in modules[:2])
-            more = f", {len(modules) - 2} more modules" if len(modules) > 2 else ""
+    for t in ordered[:limit]:
+        count = t.tensors
+        line = f"{t.where}: {format_bytes(t.bytes)} in {count} tensor{'s' if count != 1 else ''}"
+        if t.modules:
+            shown = ", ".join(f"{name} {format_bytes(n)}" for name, n, _c in t.modules[:2])
+            more = f", {len(t.modules) - 2} more modules" if len(t.modules) > 2 else ""
             line += f" ({shown}{more})"
         lines.append(line)
     rest = ordered[limit:]
     if rest:
-        nbytes = sum(entry[0] for _w, entry in rest)
-        lines.append(f"{len(rest)} more lines: {format_bytes(nbytes)}")
+        lines.append(f"{len(rest)} more lines: {format_bytes(sum(t.bytes for t in rest))}")
     return lines
 
 
