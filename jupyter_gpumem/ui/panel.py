@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from html import escape
 from types import TracebackType
 from typing import Any
@@ -30,6 +31,8 @@ from ..kernels import own_kernel_id
 from ..render import _md_code, render_html
 from ..rescue import Options, apply_fix, check_all, guard
 from . import chart, devices, wording
+from .allocations import CSS as ALLOCATIONS_CSS
+from .allocations import AllocatedBy
 from .others import OtherKernels, kernels_to_offer
 from .status import StatusLine, Ticker
 
@@ -64,6 +67,7 @@ _STYLE = (
 """
     + chart.CSS
     + devices.CSS
+    + ALLOCATIONS_CSS
     + "</style>"
 )
 
@@ -157,6 +161,9 @@ class DiagnosisPanel:
         assert d is not None
         self.checks = check_all(self.shell, failed, Options(), self.ext.remembered)
         shown, folded = for_display(d)
+        self.allocations = AllocatedBy(d, self.shell, self.set_status)
+        if d.allocated_lines:  # the table below says it with numbers and bars
+            shown = replace(shown, allocated_by=[])
         parts: list[W.Widget] = [
             W.HTML(
                 render_html(shown)
@@ -165,6 +172,8 @@ class DiagnosisPanel:
                 + wording.folded_html(folded)
             )
         ]
+        if self.allocations.widget is not None:
+            parts.append(self.allocations.widget)
         short = d.shortfall_bytes
         primary = self._recommended()
         rows = []
