@@ -159,7 +159,7 @@ class Gauge:
         fig.update_layout(
             width=width,
             height=height,
-            margin={"l": 30, "r": 20 if narrow else 30, "t": 90 if narrow else 65, "b": 20},
+            margin={"l": 30, "r": 55 if narrow else 30, "t": 90 if narrow else 65, "b": 20},
             showlegend=not narrow,
             legend={"orientation": "h", "y": -0.15, "font": {"size": 10}, "traceorder": "normal"},
             paper_bgcolor="rgba(0,0,0,0)",
@@ -237,7 +237,9 @@ class Gauge:
             ind.title.text = self._title(title, pct, alloc, cache, other, devices)
             ind.gauge.axis.range = [0, total]
             dial = [
-                (v, t) for v, t in zip(*gib_ticks(total, 6), strict=True) if v <= total * 1.0001
+                (v, t)
+                for v, t in zip(*gib_ticks(total, 4 if self.narrow else 6), strict=True)
+                if v <= total * 1.0001
             ]
             ind.gauge.axis.tickvals = [v for v, _ in dial]
             ind.gauge.axis.ticktext = [t for _, t in dial]
