@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 from . import _browser
 from ._browser import (
@@ -595,3 +596,41 @@ def test_cancel_that_cannot_interrupt_says_so_and_stays_usable(open_notebook):
     expect(note).to_contain_text("toolbar's stop button")
     expect(cancel).to_be_enabled()
     expect(cancel).to_have_text("Cancel")
+
+
+# --------------------------------------------------------------------------- #
+# Allocated by (tracing on): the table and Save snapshot
+# --------------------------------------------------------------------------- #
+TRACE_SETUP = """\
+%load_ext jupyter_gpumem
+%gpumem simulate 160MiB
+import torch
+%gpumem trace on
+"""
+TRACE_OOM = """\
+a = torch.zeros(15 << 20, device='cuda')  # 60 MiB
+b = torch.zeros(15 << 20, device='cuda')  # 60 MiB
+c = torch.zeros(15 << 20, device='cuda')  # 60 MiB: out of memory
+"""
+
+
+def test_save_snapshot_from_the_panel_writes_the_file(lab, open_notebook):
+    """Issue 11 §1: with tracing on, the panel's Allocated by table, and Save snapshot writing
+    the pickle pytorch.org/memory_viz opens, its path in the status line."""
+    page = open_notebook("trace.ipynb", [TRACE_SETUP, TRACE_OOM])
+    expect(outputs(run_cell(page, 0)).first).to_contain_text("Tracing allocations", timeout=T_RUN)
+    cell = run_cell(page, 1)
+    panel = cell.locator(".gpumem-panel")
+    expect(panel).to_contain_text("GPU out of memory", timeout=T_RUN)
+    table = panel.locator(".gpumem-allocs")
+    expect(table).to_contain_text("Allocated by")
+    expect(table.locator("tr")).to_have_count(3)  # the header, line 1, line 2
+    expect(table.locator(".gpumem-minibar")).to_have_count(2)
+    panel.get_by_role("button", name="Save snapshot").click()
+    status = panel.locator(".gpumem-status")
+    expect(status).to_contain_text("Saved", timeout=T_RUN)
+    expect(status).to_contain_text("nothing is uploaded")
+    path = Path(status.locator("code").first.text_content() or "")
+    assert path.name == "gpumem_snapshot.pickle" and path.is_absolute(), path
+    assert path.exists() and path.stat().st_size > 0, path
+    assert path.parent == lab.root, (path, lab.root)  # the notebook's folder: the kernel's cwd
