@@ -548,3 +548,62 @@ def test_sidebar_falls_back_inline_outside_jupyterlab(monkeypatch: Any) -> None:
     finally:
         sb.close()
     assert not sb.gauge.running
+
+
+NOTEBOOK_7 = ["/venv/bin/python", "/venv/bin/jupyter-notebook", "--no-browser"]
+LAB = ["/venv/bin/python", "/venv/bin/jupyter-lab", "--no-browser"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "app"),
+    [
+        (LAB, "lab"),
+        (["/usr/local/bin/jupyter-lab"], "lab"),
+        (["jupyter", "lab", "--port=8888"], "lab"),
+        (["/usr/bin/python3.12", "-m", "jupyterlab", "--ServerApp.port=0"], "lab"),
+        (["python", "-m", "jupyter", "--debug", "lab"], "lab"),
+        (["python3", "-u", "-X", "utf8", "/venv/bin/jupyter-lab"], "lab"),
+        (["C:\\venv\\Scripts\\jupyter-lab.exe", "--no-browser"], "lab"),
+        (["C:\\venv\\python.exe", "C:\\venv\\Scripts\\jupyter-lab-script.py"], "lab"),
+        # Notebook 7, whatever its arguments or its venv's name say
+        ([*NOTEBOOK_7, "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+         "notebook"),
+        (["/home/u/jupyterlab-env/bin/python", "/home/u/jupyterlab-env/bin/jupyter-notebook"],
+         "notebook"),
+        (["/opt/jupyterlab/bin/jupyter", "notebook", "--notebook-dir=/srv/jupyter lab"],
+         "notebook"),
+        (["python", "-m", "notebook", "--ServerApp.jpserver_extensions={'jupyterlab': True}"],
+         "notebook"),
+        (["jupyter-server", "--ServerApp.default_url=/lab"], "server"),
+        (["jupyter", "nbconvert", "--execute", "jupyterlab-tour.ipynb"], "nbconvert"),
+        # not a Jupyter program: the search goes on to the next parent
+        (["bash", "-c", "jupyter lab"], None),
+        (["python", "-m", "ipykernel_launcher", "-f", "/tmp/jupyterlab/kernel.json"], None),
+        (["/usr/bin/jupyterlab-desktop"], None),
+        (["python"], None),
+        ([], None),
+    ],
+)  # fmt: skip
+def test_the_jupyter_app_is_read_from_the_program_not_its_arguments(
+    argv: list[str], app: str | None
+) -> None:
+    from jupyter_gpumem.ui.sidebar import jupyter_app
+
+    assert jupyter_app(argv) == app
+
+
+def test_the_nearest_jupyter_parent_decides_whether_it_is_jupyterlab() -> None:
+    from jupyter_gpumem.ui.sidebar import in_jupyterlab
+
+    no_env: dict[str, str] = {}
+    shell = ["/bin/bash", "-l"]
+    assert in_jupyterlab([LAB], no_env)
+    assert in_jupyterlab([shell, ["sh", "-c", "exec jupyter-lab"], LAB], no_env)
+    trap = [*NOTEBOOK_7, "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    assert not in_jupyterlab([trap], no_env), "Notebook 7 keeps its gauge inline"
+    # Notebook started from a JupyterLab terminal: its own server decides
+    assert not in_jupyterlab([NOTEBOOK_7, shell, LAB], no_env)
+    assert not in_jupyterlab([shell, ["/usr/bin/jupyterlab-app"]], no_env)
+    assert not in_jupyterlab([], no_env)
+    assert in_jupyterlab([NOTEBOOK_7], {"JUPYTER_GPUMEM_FRONTEND": "lab"})
+    assert not in_jupyterlab([LAB], {"JUPYTER_GPUMEM_FRONTEND": "inline"})
