@@ -223,7 +223,8 @@ class Extension:
             mark_oom(failed.report.device_index)
 
         stats = self._cell_stats
-        if stats is not None and stats.records:
+        # only while recording: after `cells off` the cells recorded may hold none of this memory
+        if stats is not None and stats.active and stats.records:
             filled = stats.filled_by()
             if filled and filled not in d.notes:
                 d.notes.append(filled)

@@ -44,6 +44,18 @@ def test_the_diagnosis_names_the_cells_that_filled_the_card(shell: Any, capsys: 
     assert "+80.00 MiB" in out and "+40.00 MiB" in out
 
 
+def test_no_filled_note_once_recording_is_off(shell: Any, capsys: Any) -> None:
+    shell.run_cell("%gpumem simulate 160MiB")
+    shell.run_cell("import torch")
+    shell.run_cell("%gpumem cells on --quiet")
+    shell.run_cell('a = torch.zeros(20 << 20, device="cuda")  # 80 MiB')
+    shell.run_cell("del a")
+    shell.run_cell("%gpumem cells off")
+    capsys.readouterr()
+    assert not shell.run_cell('c = torch.zeros(50 << 20, device="cuda")').success
+    assert "The card filled over these cells" not in capsys.readouterr().out
+
+
 def test_bad_arguments_are_one_line(shell: Any) -> None:
     from IPython.core.error import UsageError
 
