@@ -90,3 +90,94 @@ def test_gauge(monkeypatch: Any) -> None:
     assert "No JupyterLab here: the gauge is shown inline" in text(sidebar)
     assert any(WIDGET in o.get("data", {}) for o in sidebar.outputs)
     assert "Sidebar gauge closed." in text(cells[-1])
+
+
+@pytest.mark.slow
+def test_beyond(monkeypatch: Any, tmp_path: Path) -> None:
+    import pickle
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the notebook saves the trace snapshot
+    cells = run("beyond", monkeypatch, allow_errors=True)
+    assert not any("raises-exception" in c.metadata.get("tags", []) for c in cells)
+
+    def cell(start: str) -> Any:
+        return next(c for c in cells if c.source.startswith(start))
+
+    def errors(c: Any) -> list[str]:
+        return [o.ename for o in c.outputs if o.output_type == "error"]
+
+    def panel(c: Any) -> str:
+        shown = [o for o in c.outputs if o.output_type == "display_data"]
+        assert shown and WIDGET in shown[0].data, "the panel is a widget"
+        return str(shown[0].data["text/plain"])
+
+    failed = {c.source.splitlines()[0]: errors(c) for c in cells if errors(c)}
+    assert failed == {
+        "def build(device, layers=4):": ["OutOfMemoryError"],
+        'labels = torch.randint(0, 1000, (65536,), device="cuda")': ["OutOfMemoryError"],
+        "batches = []": ["OutOfMemoryError"],
+        "del batches": ["OutOfMemoryError"],
+    }, "only the four OOM cells fail, once each"
+
+    # 1. every GPU: both listed; GPU 0's OOM points at GPU 1, which then holds the model
+    status = text(cell("%gpumem status"))
+    pid = int(re.search(r"pid (\d+)\s+320 MiB \(simulated other process\)", status).group(1))
+    assert "2 GPUs visible" in status and "GPU 1\n" in status
+    oom = panel(cell("def build("))
+    assert "on CUDA GPU 0" in oom
+    assert f"Other processes use the GPU. pid {pid} (simulated other process) 320 MiB" in oom
+    assert "GPU 1 has 512 MiB free: `model.to('cuda:1')`" in oom
+    moved = text(cell('model = build("cuda:1")'))
+    assert "output (64, 4096) | on GPU 1: 257 MiB" in moved
+    assert "GPU 1\n  device    258 MiB used" in moved
+
+    # 2. what each cell cost: a quiet line after each, the history, the cells that filled the card
+    first, second = cell("embeddings = "), cell("normed = ")
+    assert f"In [{first.execution_count}]: +128 MiB, peak 128 MiB of 512 MiB" in text(first)
+    assert f"In [{second.execution_count}]: +128 MiB, peak" in text(second)
+    history = text(cell("%gpumem history"))
+    assert f"In [{first.execution_count}]  +128 MiB  128 MiB" in history
+    assert f"In [{second.execution_count}]  +128 MiB  256 MiB" in history
+    filled = cell("labels = ")
+    assert "Tried to allocate 500 MiB with 254 MiB free" in panel(filled)
+    assert (
+        f"The card filled over these cells: In [{first.execution_count}] +128 MiB, "
+        f"In [{second.execution_count}] +128 MiB." in panel(filled)
+    )
+    assert "out of memory" in text(filled).splitlines()[-1]  # the cell's own quiet line
+
+    # 3. which line allocated it: the function's line and the cell that defined it; the snapshot
+    defined = cell("def load_batch(n):").execution_count
+    traced = panel(cell("batches = []"))
+    assert (
+        f"Allocated by (tracing on)\n  `load_batch` (In [{defined}]), line 3: 441 MiB in 4 tensors"
+        in traced
+    )
+    assert "The card filled over these cells" not in traced  # `cells off`: no stale note
+    saved = text(cell("path = "))
+    path = Path(
+        re.search(r"Saved (\S+): open it at https://pytorch.org/memory_viz", saved).group(1)
+    )
+    assert path.parent == tmp_path and path.exists()
+    with path.open("rb") as f:
+        assert "segments" in pickle.load(f)
+
+    # 4. other notebooks: the process that is no Jupyter kernel is named, and not shut down
+    refused = text(cell("%gpumem shutdown"))  # a UsageError is one line on stderr
+    assert (
+        f"UsageError: %gpumem shutdown: pid {pid} is not a Jupyter kernel seen from here" in refused
+    )
+    assert "the other job is still running: True" in text(cell('print("the other job'))
+
+    # 5. past one GPU: the numbers, the sharding arithmetic, the launch cell shown and not run
+    states = panel(cell("del batches"))
+    assert "The model's own states do not fit this card, whatever the batch" in states
+    assert (
+        "Weights 128.03 MiB + gradients 128.03 MiB + optimizer state 256.06 MiB = 512.12 MiB, "
+        "on a card of 512 MiB" in states
+    )
+    assert "2 GPUs 256.06 MiB each, 4 GPUs 128.03 MiB each, 8 GPUs 64.02 MiB each" in states
+    launch = text(cells[-1])
+    assert "notebook_launcher(training_function, num_processes=NUM_GPUS)" in launch
+    assert "FullyShardedDataParallelPlugin" in launch
+    assert not any("notebook_launcher" in c.source for c in cells)  # shown, never run
