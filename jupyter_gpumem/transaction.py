@@ -394,13 +394,27 @@ class Transaction:
         if snap.state_dicts:
             parts.append("schedulers and scalers")
         parts.append("the random generators")
-        text = "restored " + ", ".join(parts) + " as they were before the fix"
+        # "schedulers and scalers" is one item: a comma before the last "and" keeps it one
+        text = (
+            f"restored {_listed(parts, serial=bool(snap.state_dicts))}, as they were before the fix"
+        )
         if self.evicted and not everything:
-            text += "; the failed run's " + ", ".join(f"`{n}`" for n in self.evicted)
-            text += " stay deleted (they held GPU memory; the cell makes them again)"
+            names = list(self.evicted)
+            text += f"; the failed run's {_listed([f'`{n}`' for n in names])}"
+            text += f" stay{'s' if len(names) == 1 else ''} deleted "
+            text += f"({'it' if len(names) == 1 else 'they'} held GPU memory; the cell makes "
+            text += f"{'it' if len(names) == 1 else 'them'} again)"
         if self.released:
             text += "; not restored (they held GPU memory; the cell makes them again): "
-            text += ", ".join(f"`{n}`" for n in self.released)
+            text += _listed([f"`{n}`" for n in self.released])
         if self.problems:
             text += "; " + "; ".join(self.problems)
         return text + "."
+
+
+def _listed(items: list[str], *, serial: bool = False) -> str:
+    """``a``, ``a and b``, ``a, b and c`` (``a, b, and c`` with ``serial``, for items that hold an
+    "and" of their own)."""
+    if len(items) < 3:
+        return " and ".join(items)
+    return ", ".join(items[:-1]) + ("," if serial else "") + " and " + items[-1]

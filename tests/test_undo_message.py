@@ -1,0 +1,61 @@
+"""What a rollback says it put back: one sentence, its lists read as lists."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from jupyter_gpumem.transaction import Transaction, _listed
+
+
+def _transaction(**snapshot: Any) -> Transaction:
+    t = Transaction({"n": 1}, ["n"], check_host=False)
+    for name, value in snapshot.items():
+        setattr(t.snapshot, name, value)
+    return t
+
+
+def test_the_notebook_and_the_random_generators_read_as_a_pair() -> None:
+    assert _transaction().undo_message() == (
+        "restored the notebook's variables and the random generators, as they were before the fix."
+    )
+
+
+def test_three_or_more_things_put_back_are_one_list() -> None:
+    t = _transaction(modules=[object(), object()], optimizers=[object()])
+    assert t.undo_message() == (
+        "restored the notebook's variables, 2 models, optimizer state and the random generators, "
+        "as they were before the fix."
+    )
+    t = _transaction(modules=[object()], state_dicts=[object()])
+    assert t.undo_message().startswith(
+        "restored the notebook's variables, 1 model, schedulers and scalers, and the random "
+        "generators, as they were"
+    ), "the serial comma keeps 'schedulers and scalers' one item"
+
+
+def test_names_left_deleted_or_not_restored_are_listed_with_and() -> None:
+    t = _transaction()
+    t.evicted = {"x": None, "y": None, "z": None}
+    t.released = ["a", "b"]
+    assert t.undo_message() == (
+        "restored the notebook's variables and the random generators, as they were before the "
+        "fix; the failed run's `x`, `y` and `z` stay deleted (they held GPU memory; the cell "
+        "makes them again); not restored (they held GPU memory; the cell makes them again): "
+        "`a` and `b`."
+    )
+    t.evicted = {"x": None}
+    t.released = []
+    assert "the failed run's `x` stays deleted (it held GPU memory; the cell makes it again)" in (
+        t.undo_message()
+    )
+    assert t.undo_message(everything=True).endswith("as they were before the fix.")
+
+
+@pytest.mark.parametrize(
+    ("items", "text"),
+    [([], ""), (["a"], "a"), (["a", "b"], "a and b"), (["a", "b", "c"], "a, b and c")],
+)
+def test_listed(items: list[str], text: str) -> None:
+    assert _listed(items) == text
