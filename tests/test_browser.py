@@ -603,7 +603,7 @@ def test_cancel_that_cannot_interrupt_says_so_and_stays_usable(open_notebook):
 # --------------------------------------------------------------------------- #
 TRACE_SETUP = """\
 %load_ext jupyter_gpumem
-%gpumem simulate 160MiB
+%gpumem simulate 160MiB --devices 2
 import torch
 %gpumem trace on
 """
@@ -616,8 +616,9 @@ c = torch.zeros(15 << 20, device='cuda')  # 60 MiB: out of memory
 
 def test_save_snapshot_from_the_panel_writes_the_file(lab, open_notebook):
     """Issue 11 §1: with tracing on, the panel's Allocated by table, and Save snapshot writing
-    the pickle pytorch.org/memory_viz opens, its path in the status line."""
-    page = open_notebook("trace.ipynb", [TRACE_SETUP, TRACE_OOM])
+    the pickle pytorch.org/memory_viz opens, its path in the status line; every GPU listed, the
+    OOM's marked; at 800 px nothing of it past the panel's edge."""
+    page = open_notebook("trace.ipynb", [TRACE_SETUP, TRACE_OOM], viewport=(800, 1400))
     expect(outputs(run_cell(page, 0)).first).to_contain_text("Tracing allocations", timeout=T_RUN)
     cell = run_cell(page, 1)
     panel = cell.locator(".gpumem-panel")
@@ -626,6 +627,10 @@ def test_save_snapshot_from_the_panel_writes_the_file(lab, open_notebook):
     expect(table).to_contain_text("Allocated by")
     expect(table.locator("tr")).to_have_count(3)  # the header, line 1, line 2
     expect(table.locator(".gpumem-minibar")).to_have_count(2)
+    expect(panel.locator(".gpumem-devices tr.gpumem-oom")).to_contain_text("GPU 0 ◀ this OOM")
+    expect(panel.locator(".gpumem-devices tr")).to_have_count(3)
+    past = panel.evaluate(PAST_EDGE_JS)
+    assert past == [], f"{len(past)} elements past the panel's edge: {past[:20]}"
     panel.get_by_role("button", name="Save snapshot").click()
     status = panel.locator(".gpumem-status")
     expect(status).to_contain_text("Saved", timeout=T_RUN)

@@ -21,7 +21,7 @@ from ..units import format_bytes
 
 CSS = """
 .gpumem-allocs{margin:4px 0 6px;font-size:12px;max-width:100%}
-.gpumem-allocs table{border-collapse:collapse;max-width:100%}
+.gpumem-allocs table{display:block;max-width:100%;overflow-x:auto;border-collapse:collapse}
 .gpumem-allocs td,.gpumem-allocs th{padding:1px 10px 1px 0;text-align:left;vertical-align:middle}
 .gpumem-allocs td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .gpumem-allocs td.gpumem-module{padding-left:1.5em}
@@ -104,7 +104,9 @@ class AllocatedBy:
                 layout=W.Layout(width="auto"),
             )
             self.save.on_click(lambda _b: self.click())
-            self.widget = W.VBox([W.HTML(table), self.save])
+            self.widget = W.VBox(
+                [W.HTML(table), self.save], layout=W.Layout(align_items="flex-start")
+            )
             return
         hint = trace_hint(d)
         if hint:

@@ -14,12 +14,13 @@ from ..readings import MemorySnapshot
 from ..units import format_bytes
 
 CSS = """
-.gpumem-devices{margin:4px 0 6px;font-size:12px}
-.gpumem-devices table{border-collapse:collapse}
-.gpumem-devices td,.gpumem-devices th{padding:1px 10px 1px 0;text-align:left;white-space:nowrap}
-.gpumem-devices td.num{text-align:right;font-variant-numeric:tabular-nums}
-.gpumem-devices .gpumem-minibar{display:inline-block;width:80px;height:9px;vertical-align:middle;
- border:1px solid var(--jp-border-color1,#bbb);border-radius:2px;overflow:hidden}
+.gpumem-devices{margin:4px 0 6px;font-size:12px;max-width:100%}
+.gpumem-devices table{display:block;max-width:100%;overflow-x:auto;border-collapse:collapse}
+.gpumem-devices td,.gpumem-devices th{padding:1px 10px 1px 0;text-align:left;vertical-align:top}
+.gpumem-devices td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.gpumem-devices .gpumem-minibar{display:block;width:100%;min-width:48px;max-width:120px;height:7px;
+ margin:1px 0 2px;border:1px solid var(--jp-border-color1,#bbb);border-radius:2px;overflow:hidden;
+ box-sizing:border-box}
 .gpumem-devices .gpumem-minibar span{display:block;height:100%;background:#2f6fbf}
 .gpumem-devices tr.gpumem-oom td{font-weight:600}
 .gpumem-devices tr.gpumem-oom .gpumem-minibar span{background:#c0392b}
@@ -71,12 +72,12 @@ def devices_html(d: Diagnosis) -> str:
         )
         mark = f" {OOM_MARK}" if oom else ""
         body.append(
-            f'<tr class="{"gpumem-oom" if oom else ""}"><td>{escape(name)}{mark}</td>'
+            f'<tr class="{"gpumem-oom" if oom else ""}"><td>{escape(name)}{mark}{bar}</td>'
             f'<td class="num">{escape(used)}</td><td class="num">{escape(free)}</td>'
-            f'<td class="num">{escape(total)}</td><td>{bar}</td></tr>'
+            f'<td class="num">{escape(total)}</td></tr>'
         )
     return (
         f'<div class="gpumem-devices" role="group" aria-label="Every visible GPU">'
         f"<b>{len(rows)} GPUs visible</b><table><tr><th>GPU</th><th>used</th><th>free</th>"
-        f"<th>total</th><th></th></tr>{''.join(body)}</table></div>"
+        f"<th>total</th></tr>{''.join(body)}</table></div>"
     )
