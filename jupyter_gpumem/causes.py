@@ -220,7 +220,8 @@ def model_states_exceed_card(f: Facts) -> Cause | None:
     grads = max(sum(h.gradients_bytes for h in models), params if _trains(d) else 0)
     opts = [h for h in d.holders.holders if h.kind == "optimizer" and h.where == "variable"]
     state = sum(h.optimizer_state_bytes for h in opts)
-    if any(h.detail.split(",")[0] in _ADAM for h in opts):
+    types = {h.detail.split(",")[0] for h in opts} | set(d.holders.optimizer_types)
+    if types & set(_ADAM):
         state = max(state, 2 * params)  # Adam's moments appear at the first step
     states = weights + grads + state
     if states <= _HEADROOM * cap:
@@ -244,8 +245,8 @@ def model_states_exceed_card(f: Facts) -> Cause | None:
 
 
 def _trains(d: Diagnosis) -> bool:
-    """Is this a training step (an optimizer in the namespace)?"""
-    return any(h.kind == "optimizer" for h in d.holders.holders)
+    """Is this a training step (an optimizer in the namespace, with state or not yet)?"""
+    return bool(d.holders.optimizer_types) or any(h.kind == "optimizer" for h in d.holders.holders)
 
 
 def process_cap(f: Facts) -> Cause | None:

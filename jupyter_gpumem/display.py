@@ -18,7 +18,7 @@ __all__ = ["for_display", "library_of", "nothing_to_do", "readable_holders"]
 
 # "x in step() in module.py": holders.py names a library frame's local with its function and file;
 # a frame of the notebook has no file part
-_LIBRARY_LOCAL = re.compile(r"^(?P<var>.+) in (?P<func>[\w.<>]+)\(\) in (?P<file>[\w.-]+\.py)$")
+_LIBRARY_LOCAL = re.compile(r"^(?P<var>.+) in (?P<func>[\w.<>]+)\(\) in (?P<file>[\w./-]+\.py)$")
 
 
 def library_of(filename: str) -> str:

@@ -86,6 +86,9 @@ class HolderSet:
     # left out of the holders, never a reason to lose the diagnosis
     skipped: int = 0
     skipped_reasons: list[str] = field(default_factory=list)  # a few "name: why"
+    # the class names of the optimizers met, those without state yet too (an AdamW before its
+    # first step holds nothing, but its moments are coming)
+    optimizer_types: list[str] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -134,6 +137,7 @@ def _holder(scan: Scan, name: str, where: str, obj: Any) -> Holder | None:
         _add_module(scan, h, name, obj)
     elif k == _OPTIMIZER:
         h = Holder(name=name, kind="optimizer", where=where, device="")
+        scan.optimizer_types.append(type_name(type(obj)))
         h.optimizer_state_bytes, h.device = scan.optimizer(obj)
     else:
         found = scan.contents(obj)
@@ -203,7 +207,10 @@ def failed_frames(tb: TracebackType | None, user_ns: Mapping[str, Any]) -> list[
 
 
 def _frame_label(frame: FrameType) -> str:
-    fname = frame.f_code.co_filename.rsplit("/", 1)[-1]
+    parts = frame.f_code.co_filename.replace("\\", "/").rsplit("/", 2)
+    fname = parts[-1]
+    if fname == "__init__.py" and len(parts) > 1:  # "autograd/__init__.py": which package's
+        fname = f"{parts[-2]}/{fname}"
     if fname.startswith("<ipython-input") or fname.startswith("ipykernel_"):
         return f"{frame.f_code.co_name}()"
     return f"{frame.f_code.co_name}() in {fname}"
@@ -368,6 +375,7 @@ def _find(
     result.cut_short = scan.cut_short
     result.skipped = scan.skipped
     result.skipped_reasons = scan.reasons
+    result.optimizer_types = sorted(set(scan.optimizer_types))
     return result
 
 

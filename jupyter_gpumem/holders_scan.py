@@ -100,6 +100,8 @@ class Scan:
         self.cut_short = 0
         self.skipped = 0
         self.reasons: list[str] = []
+        # the class of every optimizer met, with state or not (Adam's appears at its first step)
+        self.optimizer_types: list[str] = []
         self.storage_of = (backend or active()).storage_of  # called for every tensor: bound once
         self.seen: set[tuple[str, int]] = set()
         self.kinds: dict[

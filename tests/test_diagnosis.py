@@ -340,3 +340,29 @@ def test_request_larger_than_the_card_at_this_batch_is_reduce_batchs_case() -> N
     assert "No fix here" not in first.action and "Reduce the batch" in first.action
     ws = next(c for c in d.causes if c.key == "working_set")
     assert f"The batch: {evidence}." in ws.evidence
+
+
+def test_past_one_gpu_before_the_optimizers_first_step(shell: Any, capsys: Any) -> None:
+    """The common case: `backward()` runs out before AdamW ever stepped, so the optimizer holds
+    nothing yet. Its moments are coming, and the diagnosis counts them; a local of a library's
+    `__init__.py` frame is named by its package (torch), not by whichever `__init__.py` was loaded
+    first ("encodings")."""
+    pytest.importorskip("torch")
+    shell.run_cell("%gpumem simulate 512MiB")
+    assert shell.run_cell(
+        "import torch\n"
+        "model = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096) for _ in range(4)]).cuda()\n"
+        "opt = torch.optim.AdamW(model.parameters())"
+    ).success
+    capsys.readouterr()
+    assert not shell.run_cell(
+        "x = torch.randn(64, 4096, device='cuda')\n"
+        "loss = model(x).pow(2).mean()\n"
+        "loss.backward()\n"
+        "opt.step()"
+    ).success
+    out = capsys.readouterr().out
+    first = out.split("Likely causes", 1)[1].split("\n  2. ", 1)[0]
+    assert "The model's own states do not fit this card, whatever the batch" in first, out
+    assert "+ optimizer state 512.12 MiB" in first, out
+    assert "in encodings" not in out and "locals of the failed call in torch" in out
