@@ -352,9 +352,25 @@ def other_gpu(f: Facts) -> Cause | None:
             free = min(free, max(other.allowed_bytes - (other.reserved_bytes or 0), 0))
         if free > room:
             best, room = other, free
-    if best is None or room < need:
+    if best is None:
         return None
     k = best.device_index
+    own = f.cell_bytes + req  # what this cell itself needs, leaving earlier cells' memory be
+    if room < need:
+        if not f.resident_bytes or room < own:
+            return None
+        return Cause(
+            "other_gpu",
+            f"GPU {k} has room for this cell's work",
+            f"GPU {k} has {fmt(room)} free; this cell allocated {fmt(f.cell_bytes)} and asked "
+            f"for {fmt(req)} more ({fmt(own)} together), while the {fmt(f.resident_bytes)} "
+            f"earlier cells hold stays on GPU {snap.device_index}.",
+            f"Run this cell's work on GPU {k}: make its model and tensors with "
+            f"`device='cuda:{k}'` (or `.to('cuda:{k}')`), inputs included.",
+            float(own),
+            room,
+            True,
+        )
     models = [h for h in d.holders.holders if h.kind == "model" and h.where == "variable"]
     name = models[0].name if models else "model"
     return Cause(

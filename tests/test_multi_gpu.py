@@ -88,8 +88,10 @@ def test_cuda_1_is_counted_on_gpu_1_and_its_oom_names_gpu_1(shell: Any, capsys: 
     assert failed.report.device_index == 1
     assert "GPU 1 (simulated)" in failed.diagnosis.headline
     assert failed.diagnosis.snapshot.device_index == 1  # the reading of the GPU that ran out
-    # GPU 0 has 256 MiB free, but this needs 16 MiB + 250 MiB: no room there either
-    assert "other_gpu" not in [c.key for c in failed.diagnosis.causes]
+    # GPU 0 has 256 MiB free: not room for everything (16 MiB + 250 MiB), but for this cell's
+    # own 250 MiB, with the 16 MiB an earlier cell made left on GPU 1
+    cause = next(c for c in failed.diagnosis.causes if c.key == "other_gpu")
+    assert cause.title == "GPU 0 has room for this cell's work"
 
 
 def test_status_shows_every_gpu_with_the_ooms_marked(shell: Any, capsys: Any) -> None:
@@ -230,3 +232,19 @@ def test_the_diagnosis_names_the_other_gpu_by_torchs_index(
     # torch's cuda:1 is physical GPU 3 here: the advice uses the index the code uses
     assert "GPU 1 has 70.00 GiB free: `model.to('cuda:1')`" in other.action
     assert other.closes_gap
+
+
+def test_a_second_model_that_does_not_fit_gpu_0_is_sent_to_gpu_1(shell: Any, capsys: Any) -> None:
+    """Two equal cards: a first model fills GPU 0, the next cell's model does not fit beside it.
+    Moving everything would not fit GPU 1, but this cell's own work does: the diagnosis says so."""
+    _run(shell, capsys, "%gpumem simulate 256MiB --devices 2")
+    assert _run(shell, capsys, "import torch\nfirst = torch.nn.Linear(4096, 8192, device='cuda')")[
+        0
+    ].success
+    result, out = _run(shell, capsys, "second = torch.nn.Linear(4096, 8192, device='cuda')")
+    assert not result.success
+    cause = next(c for c in _last_failure(shell).diagnosis.causes if c.key == "other_gpu")
+    assert cause.title == "GPU 1 has room for this cell's work" and cause.closes_gap, out
+    assert "make its model and tensors with `device='cuda:1'`" in cause.action
+    assert "GPU 1 has room for this cell's work" in out
+    assert _run(shell, capsys, "second = torch.nn.Linear(4096, 8192, device='cuda:1')")[0].success
