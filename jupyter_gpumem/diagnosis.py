@@ -164,9 +164,11 @@ def diagnose(
     allocated_after_bytes: int | None = None,
     released: bool = False,
     created: Collection[str] = (),
+    held_at_start: int | None = None,
 ) -> Diagnosis:
     """Rank the causes of one OOM. ``snapshot`` is the reading taken at the failure, before release.
-    ``created``: the variables the failing cell itself made (the rest was there before it ran)."""
+    ``created``: the variables the failing cell itself made (the rest was there before it ran);
+    ``held_at_start``: bytes allocated on that device as the cell started, when read."""
     # the reading of the device that ran out (the snapshot carries every visible one)
     snap = snapshot
     if snapshot is not None and report.device_index is not None:
@@ -203,6 +205,10 @@ def diagnose(
         if (h.where == "output cache" or (h.where == "variable" and h.name not in created))
         and _on_device(h.device, oom_device)
     )
+    if held_at_start is not None and allocated is not None:
+        # the allocator's own count as the cell started: a model's gradients that this cell's
+        # backward made are the cell's, though the variable is older
+        resident = min(held_at_start, allocated)
     cell_bytes = max((allocated or 0) - resident, 0)
     working_set = None if requested is None else cell_bytes + requested
 

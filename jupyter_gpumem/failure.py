@@ -161,6 +161,7 @@ def build_failure(
     release: Callable[[BaseException], ReleaseResult] | None,
     rng: RngState | None = None,
     execution_count: int | None = None,
+    held_at_start: tuple[int, int] | None = None,
 ) -> FailedCell:
     """Read what the diagnosis needs from the frames, then (unless ``release`` is None) free them."""
     t0 = time.perf_counter()
@@ -207,6 +208,7 @@ def build_failure(
         allocated_after_bytes=released.allocated_after_bytes if released else None,
         released=released is not None,
         created=created,
+        held_at_start=_held_on(held_at_start, report, snapshot),
     )
     diag.allocated_by, diag.tracing = allocated_by, tracing
     diag.allocated_lines = trace.by_line(allocated_rows)
@@ -227,3 +229,15 @@ def build_failure(
         rng=rng,
         frames=tuple(notebook_frames),
     )
+
+
+def _held_on(
+    held: tuple[int, int] | None, report: OOMReport, snapshot: MemorySnapshot | None
+) -> int | None:
+    """What the cell found allocated, if it was read on the device that ran out."""
+    if held is None:
+        return None
+    device = report.device_index
+    if device is None and snapshot is not None:
+        device = snapshot.device_index
+    return held[1] if device is None or device == held[0] else None

@@ -148,6 +148,9 @@ class OOMHook:
         self._mark = NamespaceMark(0, None)
         self._cell_source = ""
         self._cell_rng: Any = None
+        # (device, bytes allocated) as the cell started: what it found held, read from the
+        # allocator's counter (a variable's gradients made by this cell are this cell's)
+        self._cell_held: tuple[int, int] | None = None
         self._cell_id: str | None = None
         self._cell_count: int | None = None
         self._pending_release: BaseException | None = None
@@ -216,6 +219,7 @@ class OOMHook:
             self._cell_rng = read_rng()
         except Exception:
             self._cell_rng = None
+        self._cell_held = _held_now()
 
     def _post_run_cell(self, result: Any) -> None:
         exc = self._pending_release
@@ -385,6 +389,7 @@ class OOMHook:
             release=None if self.settings.keep_traceback else lambda _oom: self._release(raised),
             rng=self._cell_rng,
             execution_count=self._cell_count,
+            held_at_start=self._cell_held,
         )
         failed.cell_id = self._cell_id
         return failed
@@ -392,3 +397,19 @@ class OOMHook:
     def _release(self, value: BaseException) -> ReleaseResult:
         self._pending_release = value
         return release_failed_cell(self.shell, value, backend=active())
+
+
+def _held_now() -> tuple[int, int] | None:
+    """(current device, bytes allocated on it) when torch is in use; one counter read."""
+    from .backends._torch import torch_module
+
+    if torch_module() is None:
+        return None
+    try:
+        backend = active()
+        stats = backend.allocator_stats(None)
+        if not stats:
+            return None
+        return backend.current_device(), int(stats.get("allocated_bytes.all.current", 0))
+    except Exception:
+        return None

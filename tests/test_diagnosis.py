@@ -344,7 +344,7 @@ def test_request_larger_than_the_card_at_this_batch_is_reduce_batchs_case() -> N
 
 def test_past_one_gpu_before_the_optimizers_first_step(shell: Any, capsys: Any) -> None:
     """The common case: `backward()` runs out before AdamW ever stepped, so the optimizer holds
-    nothing yet. Its moments are coming, and the diagnosis counts them; a local of a library's
+    nothing yet. Its moments are coming, and the diagnosis counts them. A local of a library's
     `__init__.py` frame is named by its package (torch), not by whichever `__init__.py` was loaded
     first ("encodings")."""
     pytest.importorskip("torch")
@@ -366,3 +366,6 @@ def test_past_one_gpu_before_the_optimizers_first_step(shell: Any, capsys: Any) 
     assert "The model's own states do not fit this card, whatever the batch" in first, out
     assert "+ optimizer state 512.12 MiB" in first, out
     assert "in encodings" not in out and "locals of the failed call in torch" in out
+    # what the cell found held is the allocator's count at its start (the weights): the
+    # gradients its backward made are the cell's own, though `model` is an older variable
+    assert "This cell had allocated 194.05 MiB (on top of 256.06 MiB held before it ran)" in out
