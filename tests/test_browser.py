@@ -48,6 +48,23 @@ def gauge_number(scope) -> str:
     return scope.locator(".js-plotly-plot .indicatorlayer text.number").first.text_content() or ""
 
 
+def run_gauge_while_allocating(page):
+    """Cells 0 (the gauge) and 1 (allocates 512 MiB in steps): the gauge's number moves while
+    cell 1 runs and ends at 0.50 GiB. Returns cell 0."""
+    cell0 = run_cell(page, 0)
+    expect(cell0.locator(".js-plotly-plot text.number")).to_have_count(1, timeout=T_RUN)
+    cell1 = run_cell(page, 1)
+    seen = []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and len(set(seen)) < 4:
+        seen.append(gauge_number(cell0))
+        page.wait_for_timeout(250)
+    assert len(set(seen)) >= 3, f"the gauge's number did not move: {seen}"
+    expect(outputs(cell1)).to_contain_text("allocated MiB: 512", timeout=T_RUN)
+    expect(cell0.locator(".js-plotly-plot text.number")).to_have_text("0.50 GiB", timeout=5_000)
+    return cell0
+
+
 def set_theme(page, theme: str) -> None:
     light = "true" if "Light" in theme else "false"
     page.evaluate(
@@ -297,17 +314,7 @@ print("allocated " + "MiB:", torch.cuda.memory_allocated() >> 20)
 
 def test_gauge_moves_while_a_cell_allocates(open_notebook, shots):
     page = open_notebook("gauge.ipynb", [GAUGE, ALLOC])
-    cell0 = run_cell(page, 0)
-    expect(cell0.locator(".js-plotly-plot text.number")).to_have_count(1, timeout=T_RUN)
-    cell1 = run_cell(page, 1)
-    seen = []
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and len(set(seen)) < 4:
-        seen.append(gauge_number(cell0))
-        page.wait_for_timeout(250)
-    assert len(set(seen)) >= 3, f"the gauge's number did not move: {seen}"
-    expect(outputs(cell1)).to_contain_text("allocated MiB: 512", timeout=T_RUN)
-    expect(cell0.locator(".js-plotly-plot text.number")).to_have_text("0.50 GiB", timeout=5_000)
+    cell0 = run_gauge_while_allocating(page)
     page.wait_for_timeout(400)  # the history's last sample
     cell0.scroll_into_view_if_needed()
     shots(cell0.locator(".jp-OutputArea"), "gauge.png")

@@ -99,10 +99,8 @@ def _kernel_pid(kernel_id: str) -> int:
     raise AssertionError("kernel process not found")
 
 
-def test_another_notebooks_kernel_is_named_and_shut_down_after_asking(
-    server: Any, shell: Any, capsys: Any
-) -> None:
-    url, token = server
+def _other_notebook(url: str, token: str) -> tuple[str, int]:
+    """A second notebook (`other/train.ipynb`) on the server: its kernel's id and pid."""
     session = _api(
         url + "api/sessions",
         token,
@@ -110,7 +108,14 @@ def test_another_notebooks_kernel_is_named_and_shut_down_after_asking(
         {"path": "other/train.ipynb", "type": "notebook", "kernel": {"name": "python3"}},
     )
     kid = session["kernel"]["id"]
-    pid = _kernel_pid(kid)
+    return kid, _kernel_pid(kid)
+
+
+def test_another_notebooks_kernel_is_named_and_shut_down_after_asking(
+    server: Any, shell: Any, capsys: Any
+) -> None:
+    url, token = server
+    kid, pid = _other_notebook(url, token)
     assert describe_process(pid) == f"the kernel of notebook `other/train.ipynb` ({url})"
 
     capsys.readouterr()
@@ -144,14 +149,7 @@ def test_the_panel_offers_to_shut_down_another_notebooks_kernel_after_asking(
     from jupyter_gpumem.ui.panel import DiagnosisPanel
 
     url, token = server
-    session = _api(
-        url + "api/sessions",
-        token,
-        "POST",
-        {"path": "other/train.ipynb", "type": "notebook", "kernel": {"name": "python3"}},
-    )
-    kid = session["kernel"]["id"]
-    pid = _kernel_pid(kid)
+    kid, pid = _other_notebook(url, token)
     jupyter_gpumem.simulate("1GiB", other_processes=[(pid, 600 << 20)])
     shell.run_cell("import torch\nx = torch.empty(600 << 20, dtype=torch.uint8, device='cuda')")
     ext = jupyter_gpumem._extension_for(shell)

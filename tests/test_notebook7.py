@@ -10,7 +10,6 @@ differ (tests/_browser.py, ``serve("notebook", ...)``).
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 import pytest
@@ -29,7 +28,7 @@ from .test_browser import (
     cancel_a_slow_fix,
     fail_and_show_panel,
     fits_at,
-    gauge_number,
+    run_gauge_while_allocating,
 )
 
 pytestmark = BROWSER_MARKS
@@ -79,17 +78,7 @@ SIDEBAR_NB7 = "%gpumem sidebar"
 def test_gauge_moves_and_the_sidebar_falls_back_inline_in_notebook7(open_notebook):
     page = open_notebook("nb7-gauge.ipynb", [GAUGE, ALLOC, SIDEBAR_NB7])
     _is_notebook7(page)
-    cell0 = run_cell(page, 0)
-    expect(cell0.locator(".js-plotly-plot text.number")).to_have_count(1, timeout=T_RUN)
-    cell1 = run_cell(page, 1)
-    seen = []
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and len(set(seen)) < 4:
-        seen.append(gauge_number(cell0))
-        page.wait_for_timeout(250)
-    assert len(set(seen)) >= 3, f"the gauge's number did not move: {seen}"
-    expect(outputs(cell1)).to_contain_text("allocated MiB: 512", timeout=T_RUN)
-    expect(cell0.locator(".js-plotly-plot text.number")).to_have_text("0.50 GiB", timeout=5_000)
+    run_gauge_while_allocating(page)
 
     # no JupyterLab: the gauge lands under the cell, and one line says why
     cell2 = run_cell(page, 2)
