@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from .allocator import SizeLog
+
 __all__ = [
     "DeviceReading",
     "MemoryBackend",
@@ -109,6 +111,11 @@ class MemoryBackend(Protocol):
 
     def autocast_device_type(self) -> str:
         """Where ``torch.autocast`` must act for tensors "on the GPU"."""
+        ...
+
+    def record_sizes(self) -> AbstractContextManager[SizeLog | None]:
+        """A block whose allocations and frees on the current device are logged, in order (a
+        :class:`~.allocator.SizeLog`, filled when the block ends); None where they cannot be."""
         ...
 
     def supports_bf16(self) -> bool: ...

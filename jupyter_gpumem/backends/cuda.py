@@ -9,15 +9,50 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any
 
 from . import _nvml
 from ._torch import cuda_ready, move_objects, torch_module
+from .allocator import SizeLog
 from .base import DeviceReading, RawProcess, StorageInfo
 
-__all__ = ["CudaBackend", "visible_count"]
+__all__ = ["CudaBackend", "size_log_from_snapshot", "visible_count"]
+
+# torch's allocation history holds this many events for ``record_sizes`` (two passes of a
+# transformer's training step are a few thousand); past it the ring buffer wraps and the log is
+# marked incomplete.
+_MAX_EVENTS = 200_000
+
+
+def size_log_from_snapshot(snapshot: dict[str, Any], device: int, max_events: int) -> SizeLog:
+    """A :class:`SizeLog` from ``torch.cuda.memory._snapshot()`` after recording started with an
+    empty history: resident blocks are those the trace never allocated."""
+    events = snapshot.get("device_traces", [])
+    trace = events[device] if device < len(events) else []
+    log, numbers = SizeLog(), {}
+    for entry in trace:
+        action, addr = entry.get("action"), entry.get("addr")
+        if action == "alloc":
+            numbers[addr] = log.alloc(int(entry.get("size", 0)))
+        elif action == "free_completed":
+            n = numbers.pop(addr, None)
+            log.events.append((-1, n) if n is not None else (-2, int(entry.get("size", 0))))
+    allocated_here = set(numbers)
+    for segment in snapshot.get("segments", []):
+        if segment.get("device") != device:
+            continue
+        addr = segment.get("address", 0)
+        for block in segment.get("blocks", []):
+            if block.get("state") == "active_allocated" and addr not in allocated_here:
+                log.resident.append(int(block.get("requested_size", block.get("size", 0))))
+            addr += block.get("size", 0)
+    # frees of resident blocks were appended as (-2, size): put them back among the resident
+    log.resident.extend(size for n, size in log.events if n == -2)
+    log.complete = len(trace) < max_events
+    return log
 
 
 def visible_count(visible: str | None, physical: int) -> int:
@@ -201,6 +236,40 @@ class CudaBackend:
 
     def autocast_device_type(self) -> str:
         return "cuda"
+
+    @contextlib.contextmanager
+    def record_sizes(self) -> Iterator[SizeLog | None]:
+        """torch's own allocation history, without stacks (a few µs an event), read when the block
+        ends. None while ``%gpumem trace`` records (the history is its) or where torch cannot."""
+        from . import _trace
+
+        torch = torch_module()
+        if torch is None or not cuda_ready() or _trace.active():
+            yield None
+            return
+        memory = torch.cuda.memory
+        try:
+            memory._record_memory_history(
+                "all", context=None, stacks="python", max_entries=_MAX_EVENTS, clear_history=True
+            )
+        except Exception:  # an older torch: no model from sizes, the line model runs instead
+            yield None
+            return
+        log = SizeLog(complete=False)
+        try:
+            yield log
+        finally:
+            try:
+                read = size_log_from_snapshot(
+                    memory._snapshot(), torch.cuda.current_device(), _MAX_EVENTS
+                )
+                log.resident, log.events = read.resident, read.events
+                log.allocations, log.complete = read.allocations, read.complete
+            except Exception:
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    memory._record_memory_history(None)
 
     def supports_bf16(self) -> bool:
         torch = torch_module()

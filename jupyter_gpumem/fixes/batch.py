@@ -8,11 +8,14 @@ there.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import re
 
+from .. import backends
 from ..backends import _torch
+from ..backends.allocator import SizeLog
 from ..rerun import Plan, RunResult, capacity_bytes
 from ..units import format_bytes
 from .base import Attempt, Check, Fix, FixContext, FixOutcome
@@ -23,19 +26,30 @@ from .batch_source import BatchFinding, accumulation_plan, apply_batch, describe
 
 class _ReservedPeak:
     """Around the cell's code (inside the run, before any rollback): the peak of *reserved*
-    memory, which is what runs out (allocated plus the allocator's rounding and fragmentation)."""
+    memory, which is what runs out (allocated plus the allocator's rounding and fragmentation),
+    and the log of what the run allocated and freed, for the replay (``batch_replay``)."""
 
     def __init__(self) -> None:
         self.peak_bytes: int | None = None
+        self.log: SizeLog | None = None
+        self._stack = contextlib.ExitStack()
 
     def __call__(self) -> _ReservedPeak:
         return self
 
     def __enter__(self) -> _ReservedPeak:
-        self.peak_bytes = None
+        self.peak_bytes = self.log = None
+        try:
+            self.log = self._stack.enter_context(backends.active().record_sizes())
+        except Exception:  # no log: the search falls back to its line through the peaks
+            self.log = None
         return self
 
     def __exit__(self, *exc: object) -> None:
+        try:
+            self._stack.close()
+        except Exception:
+            self.log = None
         stats = _torch.allocator_stats() or {}
         self.peak_bytes = stats.get("reserved_bytes.all.peak")
 
@@ -161,7 +175,7 @@ class ReduceBatch(Fix):
 
                 def settles(result: RunResult, b: int = b) -> bool:
                     # it ran whole: keep it if it is the run the search would settle on
-                    search.observe(Observation(b, True, _need(result, probe)))
+                    search.observe(Observation(b, True, _need(result, probe), log=probe.log))
                     return search.next_batch() is None and search.best() == b and not ctx.accumulate
 
                 plan.keep = settles
@@ -172,7 +186,7 @@ class ReduceBatch(Fix):
                 final = result
             elif result.ok:
                 if not (plan.keep is not None and result.passes is None):  # else: settles() saw it
-                    search.observe(Observation(b, True, _need(result, probe)))
+                    search.observe(Observation(b, True, _need(result, probe), log=probe.log))
             else:
                 last_failure = result.failure
                 r = result.failure.report if result.failure else None

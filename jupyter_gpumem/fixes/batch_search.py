@@ -33,6 +33,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..backends.allocator import SizeLog
+from .batch_replay import MIN_PRIME_BATCH, Replay, prime_at_most
+
 _GiB = 1 << 30
 # Close enough: the accepted loss against the largest batch that fits.
 _GOOD_ENOUGH = 0.95
@@ -62,6 +65,9 @@ _ALPHA_BURNED = 0.5  # after the model's guess failed
 _ALPHA_LOWER_BURNED = 0.6
 _ALPHA_FIXED = 0.6  # only the fixed peak seen: between safe and the line to the failure,
 _FIXED_CAP = 2.0  # but at most doubling the best fit (a failure far above says little)
+# With a replay of the allocations (batch_replay.py), which counts the allocator's blocks, the
+# head-room kept is smaller: it covers only what the arithmetic leaves out.
+_REPLAY_MARGIN = 0.01
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,8 @@ class Observation:
     peak_bytes: int | None
     requested_bytes: int | None = None
     allocated_at_failure_bytes: int | None = None
+    # What a run that fitted allocated and freed, in order (None where it could not be recorded).
+    log: SizeLog | None = None
 
 
 @dataclass(frozen=True)
@@ -198,6 +206,32 @@ class BatchSearch:
         est = self._estimate()
         return None if est is None else (est.base, est.k)
 
+    def replay(self) -> Replay | None:
+        """The model from sizes, where the fits recorded their allocations (see batch_replay)."""
+        hi = self._smallest_fail()
+        return Replay.from_runs(
+            [
+                (o.batch, o.peak_bytes, o.log)
+                for o in self.observations
+                if o.fit and o.peak_bytes is not None and (hi is None or o.batch < hi)
+            ]
+        )
+
+    def _from_replay(self, lo: int, hi: float) -> float | None:
+        """The replay's guess; ``-1`` when it says the best fit is close enough; None when there
+        is no replay, or it is proven wrong (it says a batch that failed fits)."""
+        replay = self.replay() if self.capacity_bytes > 0 else None
+        if replay is None:
+            return None
+        top = int(hi) if math.isfinite(hi) else 64 * lo
+        full = replay.largest(self.capacity_bytes, lo, top)
+        if math.isfinite(hi) and full >= top - 1 and replay.need(top) <= self.capacity_bytes:
+            return None
+        if lo >= _STOP_FRACTION * full:
+            return -1
+        aim = replay.largest(self.capacity_bytes * (1 - _REPLAY_MARGIN), lo, top)
+        return aim if aim > lo else (lo + full) / 2
+
     # -- proposals ------------------------------------------------------------------------
 
     def _blind_probe(self, hi: float) -> float:
@@ -264,8 +298,13 @@ class BatchSearch:
         if lo >= self.min_batch and lo >= _GOOD_ENOUGH * (hi - 1):
             return None
         est = None if self.bisecting else self._estimate()
+        replayed = None if self.bisecting or lo < self.min_batch else self._from_replay(lo, hi)
+        if replayed is not None and replayed < 0:
+            return None
         if self.bisecting:
             guess = (max(lo, 0) + hi) / 2 if math.isfinite(hi) else 2 * max(lo, 1)
+        elif replayed is not None:
+            guess = replayed
         elif est is None:
             guess = self._blind_probe(hi) if lo < self.min_batch else (lo + hi) / 2
         else:
@@ -293,6 +332,10 @@ class BatchSearch:
             guess = max(guess, lo * (1 + _MIN_STEP))
         tried = {o.batch for o in self.observations}
         b = int(max(lo + 1, self.min_batch, min(math.floor(guess), hi - 1)))
+        if lo < self.min_batch and not self.bisecting and b > MIN_PRIME_BATCH:
+            # Nothing fitted yet: a prime batch, so that its run alone says which allocations
+            # grow with the batch (batch_replay.py).
+            b = prime_at_most(b, floor=max(lo + 1, self.min_batch, MIN_PRIME_BATCH, b // 2))
         while b in tried and b < hi - 1:
             b += 1
         return None if b in tried else b

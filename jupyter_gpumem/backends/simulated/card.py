@@ -23,21 +23,16 @@ if TYPE_CHECKING:
 
 __all__ = ["SimulatedCard", "allocation_size", "format_size", "oom_message"]
 
-# CUDACachingAllocator's constants
-_SMALL_SIZE = 1 * MiB  # kSmallSize: up to this, the small pool
-_SMALL_BUFFER = 2 * MiB  # kSmallBuffer: one small-pool block
-_LARGE_BUFFER = 20 * MiB  # kLargeBuffer: the block a mid-sized allocation gets
-_MIN_LARGE_ALLOC = 10 * MiB  # kMinLargeAlloc: from here on, a block of its own
-_ROUND_LARGE = 2 * MiB  # kRoundLarge
+from ..allocator import LARGE_BUFFER as _LARGE_BUFFER
+from ..allocator import MIN_LARGE_ALLOC as _MIN_LARGE_ALLOC
+from ..allocator import ROUND_LARGE as _ROUND_LARGE
+from ..allocator import SMALL_BUFFER as _SMALL_BUFFER
+from ..allocator import SMALL_SIZE as _SMALL_SIZE
+from ..allocator import Pools
+from ..allocator import ceil_to as _ceil
+from ..allocator import rounded as _rounded
+
 _DOCS = "https://docs.pytorch.org/docs/stable/notes/cuda.html#optimizing-memory-usage-with-pytorch-cuda-alloc-conf"
-
-
-def _ceil(n: int, unit: int) -> int:
-    return -(-n // unit) * unit
-
-
-def _rounded(nbytes: int) -> int:  # round_size(): 512-byte granularity
-    return 512 if nbytes < 512 else _ceil(nbytes, 512)
 
 
 def allocation_size(nbytes: int) -> int:
@@ -127,7 +122,8 @@ class SimulatedCard:
         self._live: dict[int, _StorageRef] = {}  # StorageImpl address -> its reference
         self._dead: collections.deque[_StorageRef] = collections.deque()  # freed, not yet drained
         self._on_free = self._dead.append  # weakref callbacks only queue: they may run anywhere
-        self._allocated = self._small = self._mid = self._large = 0
+        self._allocated = 0
+        self._pools = Pools()  # the allocator's blocks (backends/allocator.py)
         self._peak_allocated = self._peak_reserved = self._num_ooms = 0
         self._history: Any = history  # backends/_trace.py's recorder while tracing, else None
 
@@ -258,20 +254,11 @@ class SimulatedCard:
         return card if self.allowed_bytes is None else min(card, self.allowed_bytes)
 
     def _reserved(self) -> int:
-        large = self._large
-        return _ceil(self._small, _SMALL_BUFFER) + _ceil(self._mid, _LARGE_BUFFER) + large
+        return self._pools.reserved()
 
     def _grow(self, nbytes: int, sign: int) -> None:
-        if not nbytes:  # an empty storage takes no block (but is tracked: it may be resized)
-            return
         self._allocated += sign * nbytes
-        size = _rounded(nbytes)
-        if size <= _SMALL_SIZE:
-            self._small += sign * size
-        elif size < _MIN_LARGE_ALLOC:
-            self._mid += sign * size
-        else:
-            self._large += sign * _ceil(size, _ROUND_LARGE)
+        self._pools.grow(nbytes, sign)
 
     def _drain(self) -> None:  # caller holds the lock
         dead, live = self._dead, self._live

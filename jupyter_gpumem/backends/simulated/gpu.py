@@ -10,15 +10,17 @@ current device's, like ``torch.cuda.memory_allocated()``; ``gpu.devices[i]`` is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .._cuda_to_cpu import cuda_index
 from .._frames import without_dispatch_frames
+from ..allocator import SizeLog, SizeRecorder
 from ..base import DeviceReading, RawProcess, StorageInfo
 from .card import SimulatedCard, format_size
 
@@ -340,6 +342,17 @@ class SimulatedGPU:
 
     def autocast_device_type(self) -> str:
         return "cpu"  # the tensors are on the CPU
+
+    @contextlib.contextmanager
+    def record_sizes(self) -> Iterator[SizeLog | None]:
+        card = self.card(None)
+        recorder = SizeRecorder(card.live_storages(), chained=card._history)
+        card._history = recorder  # tracing's recorder, if any, is chained: it misses nothing
+        try:
+            yield recorder.log
+        finally:
+            if card._history is recorder:  # else tracing was turned on or off meanwhile
+                card._history = recorder._chained
 
     def supports_bf16(self) -> bool:
         return True

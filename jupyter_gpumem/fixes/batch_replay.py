@@ -1,0 +1,136 @@
+"""Reduce batch's model from sizes: a recorded run replayed, at another batch, through the allocator.
+
+A line through measured peaks cannot see the allocator's blocks: on a small card a tensor that
+grows past 1 MiB takes a 20 MiB block of its own, and the peak jumps by a sixth of the card between
+two batches that a line puts a few MiB apart (measured on the MLP workload of
+``benchmarks/batch_search.py``: reserved 98 MiB at batch 4000, 124 MiB at 4220, while allocated
+went from 95 to 101). So Reduce batch also records what each run allocated and freed, in order
+(``MemoryBackend.record_sizes()``), and predicts the need at a batch ``b`` by replaying that log
+with each allocation resized for ``b``, through :class:`~..backends.allocator.Pools`.
+
+How an allocation's size follows the batch:
+
+- from two runs of the same code (the same events, other sizes): a line through its two sizes,
+  exact for every tensor whose size is affine in the batch;
+- from one run at a prime batch ``p``: a size divisible by ``p`` is ``p`` times a per-sample size,
+  anything else does not depend on the batch (a weight, a loss, the optimizer's state). A size that
+  happens to be a multiple of a prime near a thousand is rare; the search makes its first probe a
+  prime for this reason, so that one fit is enough to aim at the largest batch.
+
+The replay is calibrated on the run it came from: what the real run measured, less what the
+replay gives at its batch, is added to every prediction (zero on the simulated card, which counts
+with the same arithmetic; on CUDA, the cache and fragmentation the arithmetic leaves out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..backends.allocator import Pools, SizeLog
+
+__all__ = ["MIN_PRIME_BATCH", "Replay", "is_prime", "prime_at_most"]
+
+# One run tells which allocations grow with the batch only at a prime batch this large: a size
+# that is a multiple of a small prime by chance (a weight of 7 x 64 floats) would count as growing.
+MIN_PRIME_BATCH = 101
+
+# A log with more events than this is not replayed (each prediction walks it once, and the
+# search asks for a few dozen).
+_MAX_EVENTS = 200_000
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Predicts the reserved peak of the recorded code at any batch."""
+
+    # (size at batch 0, bytes per sample) of each allocation, by number
+    sizes: tuple[tuple[float, float], ...]
+    log: SizeLog
+    offset: int  # measured less replayed, at the run the replay came from
+    how: str  # for people: "two runs" or "one run at a prime batch"
+
+    @classmethod
+    def from_runs(cls, runs: list[tuple[int, int, SizeLog | None]]) -> Replay | None:
+        """From fitted runs ``(batch, measured peak, log)``, the largest batches first."""
+        logged = [(b, p, log) for b, p, log in runs if log is not None and _usable(log)]
+        if not logged:
+            return None
+        b2, p2, log2 = max(logged, key=lambda r: r[0])
+        shape = log2.shape()
+        pair = [r for r in logged if r[0] < b2 and r[2].shape() == shape]
+        if pair:
+            b1, _, log1 = max(pair, key=lambda r: r[0])
+            sizes = tuple(
+                (s1 - (s2 - s1) / (b2 - b1) * b1, (s2 - s1) / (b2 - b1))
+                for s1, s2 in zip(log1.sizes(), log2.sizes(), strict=True)
+            )
+            how = "two runs"
+        elif b2 >= MIN_PRIME_BATCH and is_prime(b2):
+            sizes = tuple(
+                (0.0, s / b2) if s and s % b2 == 0 else (float(s), 0.0) for s in log2.sizes()
+            )
+            how = "one run at a prime batch"
+        else:
+            return None
+        if not any(k > 0 for _, k in sizes):
+            return None  # nothing grows with the batch: the batch is not what fills the card
+        replay = cls(sizes, log2, 0, how)
+        return cls(sizes, log2, p2 - replay.need(b2), how)
+
+    def need(self, batch: int) -> int:
+        """The reserved peak at ``batch``: the log replayed with each allocation resized."""
+        pools = Pools()
+        for nbytes in self.log.resident:
+            pools.grow(nbytes, 1)
+        peak = pools.reserved()
+        live: dict[int, int] = {}
+        sizes = self.sizes
+        for n, value in self.log.events:
+            if n >= 0:
+                base, k = sizes[n]
+                nbytes = max(0, round(base + k * batch))
+                live[n] = nbytes
+                pools.grow(nbytes, 1)
+                reserved = pools.reserved()
+                if reserved > peak:
+                    peak = reserved
+            elif n == -1:
+                pools.grow(live.pop(value, 0), -1)
+            else:
+                pools.grow(value, -1)
+        return peak + self.offset
+
+    def largest(self, budget: float, lo: int, hi: int) -> int:
+        """The largest batch in ``[lo, hi)`` whose need is within ``budget`` (``lo`` if none);
+        by bisection (the need grows with the batch, up to the allocator's pool changes)."""
+        if self.need(lo) > budget:
+            return lo
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.need(mid) <= budget else (lo, mid)
+        return lo
+
+
+def _usable(log: SizeLog) -> bool:
+    return log.complete and 0 < len(log.events) <= _MAX_EVENTS
+
+
+def is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    f = 3
+    while f * f <= n:
+        if n % f == 0:
+            return False
+        f += 2
+    return True
+
+
+def prime_at_most(n: int, floor: int = 2) -> int:
+    """The largest prime in ``[floor, n]``, or ``n`` when there is none."""
+    for m in range(n, max(floor, 2) - 1, -1):
+        if is_prime(m):
+            return m
+    return n
