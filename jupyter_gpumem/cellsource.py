@@ -35,6 +35,7 @@ __all__ = [
     "lines",
     "lines_with_ends",
     "parse",
+    "parse_or_none",
     "read",
     "short",
     "to_python",
@@ -152,6 +153,16 @@ def parse(python: str, filename: str = "<unknown>") -> ast.Module:
     """``ast.parse``, cached: the same run's text is read once for all of a fix's runs. Shared:
     do not change the tree."""
     return ast.parse(python, filename=filename)
+
+
+def parse_or_none(python: str, filename: str = "<unknown>") -> ast.Module | None:
+    """:func:`parse`, or None where the text is not Python (a syntax error, a null byte): for
+    readers of code they did not write (a notebook function's file, a re-run's cell), which have
+    nothing to say about code that does not parse."""
+    try:
+        return parse(python, filename)
+    except (SyntaxError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)

@@ -169,12 +169,74 @@ def diagnose(
     """Rank the causes of one OOM. ``snapshot`` is the reading taken at the failure, before release.
     ``created``: the variables the failing cell itself made (the rest was there before it ran);
     ``held_at_start``: bytes allocated on that device as the cell started, when read."""
-    # the reading of the device that ran out (the snapshot carries every visible one)
-    snap = snapshot
-    if snapshot is not None and report.device_index is not None:
-        ran_out = snapshot.on_device(report.device_index)
-        if ran_out is not None and ran_out is not snapshot:
-            snap = replace(ran_out, devices=snapshot.devices)
+    snap = _device_that_ran_out(report, snapshot)
+    n = _numbers(report, snap)
+    requested = report.requested_bytes
+    others = _other_processes(report, snap)
+    others_bytes = sum(p.used_bytes for p in others)
+    resident = _resident_bytes(holders, snap, created, held_at_start, n.allocated)
+    cell_bytes = max((n.allocated or 0) - resident, 0)
+    working_set = None if requested is None else cell_bytes + requested
+
+    diag = Diagnosis(
+        report=report,
+        snapshot=snap,
+        holders=holders,
+        causes=[],
+        requested_bytes=requested,
+        free_bytes=n.free,
+        total_bytes=n.total,
+        allowed_bytes=n.allowed,
+        allocated_bytes=n.allocated,
+        reserved_bytes=n.reserved,
+        other_processes=others,
+        breakdown=_breakdown(
+            holders, n.allocated, n.reserved, report.process_used_bytes, others_bytes, n.free
+        ),
+        working_set_bytes=working_set,
+        freed_bytes=freed_bytes,
+        allocated_after_bytes=allocated_after_bytes,
+        released=released,
+    )
+    diag.facts = Facts(
+        d=diag,
+        frames_bytes=holders.where_bytes("failed frame"),
+        cache_bytes=holders.where_bytes("output cache"),
+        others_bytes=others_bytes,
+        big=max(int((n.total or 0) * _SIGNIFICANT), 1),
+        short=diag.shortfall_bytes or 0,
+        resident_bytes=resident,
+        cell_bytes=cell_bytes,
+    )
+    diag.causes = find_causes(diag.facts)
+    return diag
+
+
+def _device_that_ran_out(
+    report: OOMReport, snapshot: MemorySnapshot | None
+) -> MemorySnapshot | None:
+    """The reading of the device that ran out (the snapshot carries every visible one, and the
+    reading returned still does)."""
+    if snapshot is None or report.device_index is None:
+        return snapshot
+    ran_out = snapshot.on_device(report.device_index)
+    if ran_out is None or ran_out is snapshot:
+        return snapshot
+    return replace(ran_out, devices=snapshot.devices)
+
+
+@dataclass(frozen=True)
+class _Numbers:
+    """The device's numbers at the failure: the message's first, the reading's where it is silent."""
+
+    total: int | None
+    free: int | None
+    allowed: int | None  # None when the cap is no lower than the card
+    allocated: int | None
+    reserved: int | None
+
+
+def _numbers(report: OOMReport, snap: MemorySnapshot | None) -> _Numbers:
     total = _first(report.total_bytes, snap.total_bytes if snap else None)
     free = _first(report.free_bytes, snap.free_bytes if snap else None)
     allowed = _first(report.allowed_bytes, snap.allowed_bytes if snap else None)
@@ -184,67 +246,40 @@ def diagnose(
     reserved = _first(report.reserved_bytes, snap.reserved_bytes if snap else None)
     if reserved is None and allocated is not None and report.reserved_unallocated_bytes is not None:
         reserved = allocated + report.reserved_unallocated_bytes
-    requested = report.requested_bytes
+    return _Numbers(total, free, allowed, allocated, reserved)
+
+
+def _other_processes(report: OOMReport, snap: MemorySnapshot | None) -> tuple[ProcessInfo, ...]:
+    """The message's list of other processes when it has one (described from the reading, or by
+    asking the system), else the reading's."""
     if report.other_processes:
-        others = tuple(
+        return tuple(
             ProcessInfo(p.pid, p.used_bytes, _describe_pid(snap, p.pid))
             for p in report.other_processes
         )
-    else:
-        others = snap.other_processes if snap else ()
-    others_bytes = sum(p.used_bytes for p in others)
+    return snap.other_processes if snap else ()
 
-    frames_bytes = holders.where_bytes("failed frame")
-    cache_bytes = holders.where_bytes("output cache")
-    # what was there before the cell ran, and what the cell itself had allocated when it failed
-    # (on the device that ran out: a model on GPU 0 takes no room on GPU 1)
+
+def _resident_bytes(
+    holders: HolderSet,
+    snap: MemorySnapshot | None,
+    created: Collection[str],
+    held_at_start: int | None,
+    allocated: int | None,
+) -> int:
+    """What was there before the cell ran, so that the rest of what was allocated is the cell's
+    own (on the device that ran out: a model on GPU 0 takes no room on GPU 1)."""
+    if held_at_start is not None and allocated is not None:
+        # the allocator's own count as the cell started: a model's gradients that this cell's
+        # backward made are the cell's, though the variable is older
+        return min(held_at_start, allocated)
     oom_device = snap.device_index if snap is not None and len(snap.all_devices) > 1 else None
-    resident = sum(
+    return sum(
         h.total_bytes
         for h in holders.holders
         if (h.where == "output cache" or (h.where == "variable" and h.name not in created))
         and _on_device(h.device, oom_device)
     )
-    if held_at_start is not None and allocated is not None:
-        # the allocator's own count as the cell started: a model's gradients that this cell's
-        # backward made are the cell's, though the variable is older
-        resident = min(held_at_start, allocated)
-    cell_bytes = max((allocated or 0) - resident, 0)
-    working_set = None if requested is None else cell_bytes + requested
-
-    diag = Diagnosis(
-        report=report,
-        snapshot=snap,
-        holders=holders,
-        causes=[],
-        requested_bytes=requested,
-        free_bytes=free,
-        total_bytes=total,
-        allowed_bytes=allowed,
-        allocated_bytes=allocated,
-        reserved_bytes=reserved,
-        other_processes=others,
-        breakdown=_breakdown(
-            holders, allocated, reserved, report.process_used_bytes, others_bytes, free
-        ),
-        working_set_bytes=working_set,
-        freed_bytes=freed_bytes,
-        allocated_after_bytes=allocated_after_bytes,
-        released=released,
-    )
-    total_for_big = total or 0
-    diag.facts = Facts(
-        d=diag,
-        frames_bytes=frames_bytes,
-        cache_bytes=cache_bytes,
-        others_bytes=others_bytes,
-        big=max(int(total_for_big * _SIGNIFICANT), 1),
-        short=diag.shortfall_bytes or 0,
-        resident_bytes=resident,
-        cell_bytes=cell_bytes,
-    )
-    diag.causes = find_causes(diag.facts)
-    return diag
 
 
 _CUDA_INDEX = re.compile(r"\bcuda:(\d+)")

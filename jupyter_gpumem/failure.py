@@ -167,38 +167,13 @@ def build_failure(
     t0 = time.perf_counter()
     user_ns = shell.user_ns
     snapshot = read_snapshot()
-    frames = holders_mod.failed_frames(tb, user_ns)
     created = {n: id(v) for n, v in user_ns.items() if n not in preexisting and n[:1] != "_"}
-    found = holders_mod.find_holders(
-        user_ns,
-        hidden=getattr(shell, "user_ns_hidden", ()),
-        frames=frames,
-        cell_names=names_used(source, user_ns),
-        # only a value from before this run is "an old value": one this run made is its own
-        recreated=names_recreated(source) - set(created),
-    )
-    del frames
+    found = _find_holders(shell, tb, source, created)
     lineno = cell_lineno(tb, user_ns)
-    allocated_by: list[str] = []
-    allocated_rows: list[trace.LineAlloc] = []
     tracing = trace.active()
-    if tracing:
-        try:  # read while the failed frames' tensors are still alive
-            allocated_rows = trace.allocated_by_line(shell)
-            allocated_by = trace.summary_lines(5, rows=allocated_rows)
-        except Exception:
-            allocated_by, allocated_rows = [], []
-    try:
-        loop, earlier = find_loop(tb, user_ns, preexisting)
-    except Exception:  # a reading, never a reason to lose the diagnosis
-        loop, earlier = None, None
-    notebook_frames = []
-    t = tb
-    while t is not None:
-        code = t.tb_frame.f_code
-        if t.tb_frame.f_globals is user_ns and code.co_name != "<module>":
-            notebook_frames.append((getattr(code, "co_qualname", code.co_name), t.tb_lineno))
-        t = t.tb_next
+    allocated_by, allocated_rows = _traced(shell) if tracing else ([], [])
+    loop, earlier = _failing_loop(tb, user_ns, preexisting)
+    notebook_frames = _notebook_frames(tb, user_ns)
     released = release(value) if release is not None else None
     diag = diagnose(
         report,
@@ -227,8 +202,57 @@ def build_failure(
         loop=loop,
         earlier_passes=earlier,
         rng=rng,
-        frames=tuple(notebook_frames),
+        frames=notebook_frames,
     )
+
+
+def _find_holders(
+    shell: Any, tb: TracebackType | None, source: str, created: dict[str, int]
+) -> holders_mod.HolderSet:
+    """Who holds memory, the failed frames' locals included; the frames are let go on return, so
+    that releasing them afterwards frees what they held."""
+    user_ns = shell.user_ns
+    return holders_mod.find_holders(
+        user_ns,
+        hidden=getattr(shell, "user_ns_hidden", ()),
+        frames=holders_mod.failed_frames(tb, user_ns),
+        cell_names=names_used(source, user_ns),
+        # only a value from before this run is "an old value": one this run made is its own
+        recreated=names_recreated(source) - set(created),
+    )
+
+
+def _traced(shell: Any) -> tuple[list[str], list[trace.LineAlloc]]:
+    """Live memory by the line that allocated it (tracing on): the summary and the rows. Read
+    while the failed frames' tensors are still alive; nothing when it cannot be read."""
+    try:
+        rows = trace.allocated_by_line(shell)
+        return trace.summary_lines(5, rows=rows), rows
+    except Exception:
+        return [], []
+
+
+def _failing_loop(
+    tb: TracebackType | None, user_ns: dict[str, Any], preexisting: frozenset[str]
+) -> tuple[LoopSite | None, bool | None]:
+    """The loop a rehearsal stops on, and whether earlier passes of it ran."""
+    try:
+        return find_loop(tb, user_ns, preexisting)
+    except Exception:  # a reading, never a reason to lose the diagnosis
+        return None, None
+
+
+def _notebook_frames(
+    tb: TracebackType | None, user_ns: dict[str, Any]
+) -> tuple[tuple[str, int], ...]:
+    """(qualified name, line) of the notebook functions the failure went through, below the cell."""
+    found = []
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if tb.tb_frame.f_globals is user_ns and code.co_name != "<module>":
+            found.append((getattr(code, "co_qualname", code.co_name), tb.tb_lineno))
+        tb = tb.tb_next
+    return tuple(found)
 
 
 def _held_on(

@@ -1,18 +1,19 @@
 """What one call does to the objects that existed before the cell: the names the walk tracks
 (fresh, deleted, aliases, what each was made from), and each call judged against the
 vocabulary: a step, a backward, a write, a mutation, an iterator advanced, SQL, ``exec``.
-The statements around the calls are ``guard_walk``'s."""
+The statements around the calls are ``guard_walk``'s; what the walk knows at a point,
+``guard_state``'s."""
 
 from __future__ import annotations
 
 import ast
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection
 from types import ModuleType
 from typing import Any
 
 from .cellsource import dotted as _dotted
 from .guard_calls import MISSING, NotebookFunction, is_globals
+from .guard_state import Reach, State
 from .guard_verdict import SideEffect, third
 from .guard_words import (
     ADDS,
@@ -45,57 +46,6 @@ from .guard_words import (
     sql_verb,
     takes_from_queue,
 )
-
-
-@dataclass
-class State:
-    """What the walk knows at one point of the cell."""
-
-    fresh: set[str] = field(default_factory=set)  # bound by the cell from scratch
-    gone: set[str] = field(default_factory=set)  # pre-existing names the cell deleted
-    alias: dict[str, str] = field(default_factory=dict)  # cell name -> pre-existing object it is
-    deps: dict[str, frozenset[str]] = field(default_factory=dict)  # pre-existing state it came from
-    zeroed: bool = False  # gradients were zeroed before this point
-    methods: dict[str, ast.Attribute] = field(
-        default_factory=dict
-    )  # add = L.append: name -> L.append
-
-    def copy(self) -> State:
-        return State(
-            set(self.fresh),
-            set(self.gone),
-            dict(self.alias),
-            dict(self.deps),
-            self.zeroed,
-            dict(self.methods),
-        )
-
-    @staticmethod
-    def merge(states: list[State]) -> State:
-        """After branches of which any one ran: fresh only if fresh in all of them."""
-        out = states[0].copy()
-        for s in states[1:]:
-            out.fresh &= s.fresh
-            out.gone |= s.gone
-            out.alias.update(s.alias)
-            for k, v in s.deps.items():
-                out.deps[k] = out.deps.get(k, frozenset()) | v
-            out.zeroed = out.zeroed and s.zeroed
-            out.methods.update(s.methods)
-        return out
-
-
-@dataclass
-class Reach:
-    """What a walk needs to read the notebook functions a cell calls, shared by all depths."""
-
-    namespace: Mapping[str, Any]
-    cache: dict[int, NotebookFunction | None] = field(default_factory=dict)
-    walks: int = 0  # function bodies walked so far
-
-
-DEPTH = 5  # calls followed into notebook code, one inside another
-WALKS = 100  # function bodies walked for one cell, all depths together
 
 
 class CallReader:
@@ -244,11 +194,7 @@ class CallReader:
 
     def more(self, c: ast.Call, recv: ast.expr | None, attr: str, dotted: str) -> bool:
         """Iterators, heaps, queues, setattr, ``out=``, exec, databases: True when one matched."""
-        out = next((k.value for k in c.keywords if k.arg == "out"), None)
-        if out is not None and self.outer(out):
-            name = shown(out)
-            why = f"changes `{name}` in place (out=), {self.before_of(out)}: a re-run changes it again"
-            self.add(c, "mutate_global", name, why, f"change `{name}` in place again")
+        self.out_arg(c)
         plain = recv is None or self.is_module(recv)
         first = c.args[0] if c.args else None
         if (attr == "next" and recv is None and first) or (attr == "__next__" and not plain):
@@ -304,6 +250,14 @@ class CallReader:
         else:
             return False
         return True
+
+    def out_arg(self, c: ast.Call) -> None:
+        """``torch.add(a, b, out=x)``: ``x`` changed in place, whatever the call is otherwise."""
+        out = next((k.value for k in c.keywords if k.arg == "out"), None)
+        if out is not None and self.outer(out):
+            name = shown(out)
+            why = f"changes `{name}` in place (out=), {self.before_of(out)}: a re-run changes it again"
+            self.add(c, "mutate_global", name, why, f"change `{name}` in place again")
 
     def sql(self, c: ast.Call, recv: ast.expr, attr: str) -> bool:
         """``db.execute("INSERT ...")``, ``conn.commit()``: True when it may write to a database."""

@@ -7,7 +7,8 @@ import ast
 
 from . import guard_calls as calls
 from .guard_calls import MISSING, Callee, is_globals
-from .guard_effects import DEPTH, WALKS, CallReader, State
+from .guard_effects import CallReader
+from .guard_state import DEPTH, WALKS, State
 from .guard_verdict import quoted, third
 from .guard_words import (
     AUG_VERBS,
@@ -48,26 +49,7 @@ class Walker(CallReader):
         """One statement; ``failing``: it holds the failing line. True when the walk stops here."""
         lim = self.limit or 0
         if isinstance(s, (ast.For, ast.AsyncFor, ast.While)):
-            in_else = failing and bool(s.orelse) and lim >= s.orelse[0].lineno
-            around = failing and not in_else
-            first = around and not self.earlier  # the first pass: only the lines before it ran
-            if first and lim < s.body[0].lineno:
-                return True  # the header failed before the first pass
-            around = around and not first
-            self.full += around
-            self.in_loop |= around
-            if isinstance(s, ast.While):
-                self.scan(s.test)
-            else:
-                self.scan(s.iter)
-                self.bind(s.target, s.iter, iterates=True)
-            if not first:
-                self.st.zeroed |= any(zeroes(n) for b in s.body for n in ast.walk(b))
-            self.block(s.body)
-            if first:
-                return True
-            self.full -= around
-            return around or self.block(s.orelse)
+            return self.loop(s, lim, failing=failing)
         if isinstance(s, ast.If):
             if failing and lim < s.body[0].lineno:
                 return True  # the test itself failed
@@ -107,6 +89,31 @@ class Walker(CallReader):
         else:
             self.simple(s)
         return False
+
+    def loop(self, s: ast.For | ast.AsyncFor | ast.While, lim: int, *, failing: bool) -> bool:
+        """A ``for`` or ``while``; ``failing``: it holds the failing line. Around that line every
+        line of the body may have run in an earlier pass (``full``), unless the failing pass is the
+        first, where only the lines before the failing one ran. True when the walk stops here."""
+        in_else = failing and bool(s.orelse) and lim >= s.orelse[0].lineno
+        around = failing and not in_else
+        first = around and not self.earlier  # the first pass: only the lines before it ran
+        if first and lim < s.body[0].lineno:
+            return True  # the header failed before the first pass
+        around = around and not first
+        self.full += around
+        self.in_loop |= around
+        if isinstance(s, ast.While):
+            self.scan(s.test)
+        else:
+            self.scan(s.iter)
+            self.bind(s.target, s.iter, iterates=True)
+        if not first:
+            self.st.zeroed |= any(zeroes(n) for b in s.body for n in ast.walk(b))
+        self.block(s.body)
+        if first:
+            return True
+        self.full -= around
+        return around or self.block(s.orelse)
 
     def branches(self, blocks: list[list[ast.stmt]]) -> None:
         start, ends = self.st, []

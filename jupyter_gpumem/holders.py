@@ -19,10 +19,11 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any, cast
 
 from .backends import MemoryBackend, _torch
+from .holders_frames import failed_frames, frame_locals
 from .holders_scan import (
     _ALIEN,
     _MODEL,
@@ -35,20 +36,19 @@ from .holders_scan import (
     type_name,
 )
 
+__all__ = [
+    "CLOCK_EVERY_NAME",
+    "SMALL_TENSOR_BYTES",
+    "Holder",
+    "HolderSet",
+    "failed_frames",
+    "find_holders",
+]
+
 SMALL_TENSOR_BYTES = 1 << 20  # variables holding less are summed into one "small tensors" row
 CLOCK_EVERY_NAME = 1024  # variables between two reads of the clock
 _OUTPUT_CACHE = re.compile(r"^(_+|_\d+|Out)$")
 _IPYTHON_NAMES = re.compile(r"^(_i+\d*|_[ido]h|In|_exit_code|_sh)$")
-
-
-def _locals_types() -> tuple[type, ...]:
-    # a plain dict up to 3.12, a C proxy over the fast locals from 3.13 (PEP 667)
-    import sys
-
-    return (dict, type(sys._getframe().f_locals))
-
-
-_LOCALS_TYPES = _locals_types()
 
 
 @dataclass
@@ -192,30 +192,6 @@ def _describe(scan: Scan, h: Holder, obj: Any) -> str:
     return ", ".join(parts)
 
 
-def failed_frames(tb: TracebackType | None, user_ns: Mapping[str, Any]) -> list[FrameType]:
-    """The frames a failed cell left behind, minus the cell's own module frame (its locals are
-    the user namespace)."""
-    frames = []
-    seen = 0
-    while tb is not None and seen < 500:
-        f = tb.tb_frame
-        if not (f.f_code.co_name == "<module>" and f.f_globals is user_ns):
-            frames.append(f)
-        tb = tb.tb_next
-        seen += 1
-    return frames
-
-
-def _frame_label(frame: FrameType) -> str:
-    parts = frame.f_code.co_filename.replace("\\", "/").rsplit("/", 2)
-    fname = parts[-1]
-    if fname == "__init__.py" and len(parts) > 1:  # "autograd/__init__.py": which package's
-        fname = f"{parts[-2]}/{fname}"
-    if fname.startswith("<ipython-input") or fname.startswith("ipykernel_"):
-        return f"{frame.f_code.co_name}()"
-    return f"{frame.f_code.co_name}() in {fname}"
-
-
 def find_holders(
     user_ns: Mapping[str, Any],
     *,
@@ -299,14 +275,38 @@ def _find(
     describe: int,
 ) -> HolderSet:
     result = HolderSet()
-    used = set(cell_names)
-    fresh = set(recreated)
     # models first, then optimizers, then the rest: weights belong to the model
     variables, cache = _namespace(scan, user_ns, set(hidden))
     result.scanned_names = len(user_ns)
+    found = _variable_holders(scan, variables, set(cell_names), set(recreated))
+    for name, obj in cache:
+        h = _guarded(scan, name, "output cache", obj)
+        if h is not None:
+            found.append((h, obj))
+    for name, obj in frame_locals(scan, frames):
+        h = _guarded(scan, name, "failed frame", obj)
+        if h is not None:
+            found.append((h, obj))
+    found.sort(key=lambda ho: -ho[0].total_bytes)
+    for h, obj in found[:describe]:
+        if obj is not None:
+            h.detail = _describe(scan, h, obj)
+    result.holders = [h for h, _ in found]
+    result.cut_short = scan.cut_short
+    result.skipped = scan.skipped
+    result.skipped_reasons = scan.reasons
+    result.optimizer_types = sorted(set(scan.optimizer_types))
+    return result
+
+
+def _variable_holders(
+    scan: Scan, variables: list[tuple[str, Any, int]], used: set[str], fresh: set[str]
+) -> list[tuple[Holder, Any]]:
+    """The namespace's variables, with the clock read once per block of names: past the hard
+    deadline the rest are counted without reading; once late, containers and other objects are.
+    Tensors under ``SMALL_TENSOR_BYTES`` the cell neither uses nor rebuilds become one holder."""
     found: list[tuple[Holder, Any]] = []
     h: Holder | None
-
     small = Holder("small tensors", "tensors", "variable", "")
     small_names: list[str] = []
     for start in range(0, len(variables), CLOCK_EVERY_NAME):
@@ -339,44 +339,21 @@ def _find(
             h.used_by_cell = name in used
             h.recreated_by_cell = name in fresh
             found.append((h, obj))
-    if len(small_names) == 1:
-        small.name, small.kind = small_names[0], "tensor"
     if small_names:
-        small.detail = (
-            f"{len(small_names)} tensors under {SMALL_TENSOR_BYTES >> 20} MiB each: "
-            + ", ".join(small_names[:5])
-            + (", ..." if len(small_names) > 5 else "")
-        )
-        found.append((small, None))
-    for name, obj in cache:
-        h = _guarded(scan, name, "output cache", obj)
-        if h is not None:
-            found.append((h, obj))
-    for frame in frames:
-        label = _frame_label(frame)
-        try:
-            f_locals = frame.f_locals
-            if type(f_locals) not in _LOCALS_TYPES:  # a class body's __prepare__ mapping
-                scan.skip(label, f"its locals are a {type_name(type(f_locals))}")
-                continue
-            local_items = list(dict.items(f_locals) if type(f_locals) is dict else f_locals.items())
-        except Exception as exc:
-            scan.skip(label, f"its locals could not be read ({type_name(type(exc))})")
-            continue
-        for name, obj in local_items:
-            h = _guarded(scan, f"{name} in {label}", "failed frame", obj)
-            if h is not None:
-                found.append((h, obj))
-    found.sort(key=lambda ho: -ho[0].total_bytes)
-    for h, obj in found[:describe]:
-        if obj is not None:
-            h.detail = _describe(scan, h, obj)
-    result.holders = [h for h, _ in found]
-    result.cut_short = scan.cut_short
-    result.skipped = scan.skipped
-    result.skipped_reasons = scan.reasons
-    result.optimizer_types = sorted(set(scan.optimizer_types))
-    return result
+        found.append((_small_tensors(small, small_names), None))
+    return found
+
+
+def _small_tensors(small: Holder, names: list[str]) -> Holder:
+    """The small tensors' one holder, named after its tensor when there is only one."""
+    if len(names) == 1:
+        small.name, small.kind = names[0], "tensor"
+    small.detail = (
+        f"{len(names)} tensors under {SMALL_TENSOR_BYTES >> 20} MiB each: "
+        + ", ".join(names[:5])
+        + (", ..." if len(names) > 5 else "")
+    )
+    return small
 
 
 def _guarded(scan: Scan, name: str, where: str, obj: Any) -> Holder | None:

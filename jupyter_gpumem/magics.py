@@ -9,20 +9,24 @@ from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import (
-    MagicArgumentParser,
-    argument,
-    magic_arguments,
-    parse_argstring,
-)
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from .backends import active, simulated
 from .fixes import FIXES, LADDER
+from .magic_args import (
+    MAX_SIMULATED_BYTES,
+    RETRY_PARSER,
+    devices_option,
+    parse_line,
+    parse_or_help,
+    positive,
+    size_or_off,
+)
 from .readings import read_snapshot
 from .release import release_failed_cell
 from .render import render_snapshot_text
 from .rescue import Interrupted, Options, apply_fix, run_ladder
-from .units import format_bytes, parse_size
+from .units import format_bytes
 
 if TYPE_CHECKING:
     from .extension import Extension
@@ -41,72 +45,6 @@ COMMANDS = (
     "trace",
     "help",
 )
-
-
-# A simulated card is only counted, so any size "works"; past this it is a typo, not a GPU.
-MAX_SIMULATED_BYTES = 16 << 40
-_HELP = ("-h", "--help")
-
-
-MAX_SIMULATED_DEVICES = 16
-
-
-def _devices_option(args: list[str]) -> tuple[list[str], int | None]:
-    """``--devices N`` (or ``--devices=N``) taken out of ``%gpumem simulate``'s arguments."""
-    rest, devices = [], None
-    it = iter(args)
-    for a in it:
-        if a == "--devices" or a.startswith("--devices="):
-            value = a.partition("=")[2] if "=" in a else next(it, "")
-            if devices is not None or not (value.isascii() and value.isdigit()):
-                raise UsageError("%gpumem simulate: --devices takes a number, as in --devices 2")
-            devices = int(value)
-            if not 1 <= devices <= MAX_SIMULATED_DEVICES:
-                raise UsageError(
-                    f"%gpumem simulate: --devices takes 1 to {MAX_SIMULATED_DEVICES}, not {devices}"
-                )
-        else:
-            rest.append(a)
-    return rest, devices
-
-
-def _size_or_off(command: str, args: list[str], most: int | None = None) -> int | None:
-    if len(args) != 1:
-        raise UsageError(f"%gpumem {command} takes one argument: a size such as 2GiB, or off")
-    if args[0].lower() == "off":
-        return None
-    if not args[0].isascii():
-        # Python's int() and \d read any script's digits ("１GiB"); a size here is typed in ASCII
-        raise UsageError(
-            f"%gpumem {command}: not a size: {args[0]!r} (type digits 0-9, as in 2GiB)"
-        )
-    try:
-        size = parse_size(args[0])
-    except ValueError as exc:
-        raise UsageError(f"%gpumem {command}: {exc}") from None
-    if most is not None and size > most:
-        raise UsageError(
-            f"%gpumem {command}: {args[0]} is larger than any GPU; at most {format_bytes(most)}"
-        )
-    return size
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise UsageError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise UsageError(f"expected a number >= 1, got {n}")
-    return n
-
-
-def _parse_line(func: Any, line: str) -> Any:
-    """``parse_argstring``, with an unbalanced quote as a one-line UsageError, not a traceback."""
-    try:
-        return parse_argstring(func, line)
-    except ValueError as exc:  # shlex: "No closing quotation"
-        raise UsageError(f"%{func.parser.prog}: {exc}: {line.strip()}") from None
 
 
 @magics_class
@@ -141,7 +79,7 @@ class GpuMemMagics(Magics):
         line = line.split(" #", 1)[0]  # a trailing comment is not an argument
         if line.split()[:1] in (["-h"], ["--help"]):
             line = "help"
-        opts = _parse_line(self.gpumem, line)
+        opts = parse_line(self.gpumem, line)
         command, args = opts.command, list(opts.args)
         handler = getattr(self, f"_cmd_{command}", None)
         if command not in self.ext.commands() or handler is None:
@@ -256,8 +194,8 @@ class GpuMemMagics(Magics):
         print(self.ext.open_sidebar())
 
     def _cmd_simulate(self, args: list[str]) -> None:
-        args, asked = _devices_option(args)
-        size = _size_or_off("simulate", args, most=MAX_SIMULATED_BYTES)
+        args, asked = devices_option(args)
+        size = size_or_off("simulate", args, most=MAX_SIMULATED_BYTES)
         if size is None and asked is not None:
             raise UsageError("%gpumem simulate off takes no --devices")
         devices = asked or 1
@@ -281,7 +219,7 @@ class GpuMemMagics(Magics):
         )
 
     def _cmd_limit(self, args: list[str]) -> None:
-        size = _size_or_off("limit", args)
+        size = size_or_off("limit", args)
         backend = active()
         try:
             total = backend.set_limit(size)
@@ -311,7 +249,7 @@ class GpuMemMagics(Magics):
             )
 
     def _cmd_retry(self, args: list[str]) -> None:
-        opts = _parse(RETRY_PARSER, args)
+        opts = parse_or_help(RETRY_PARSER, args)
         if opts is None:
             return
         failed = self.ext.hook.last_failure
@@ -347,9 +285,9 @@ class GpuMemMagics(Magics):
         metavar="LIST",
         help=f"the fixes to try, in order, comma-separated (default: {','.join(LADDER)})",
     )
-    @argument("--max-retries", type=_positive, default=8, metavar="N", help="at most N re-runs")
+    @argument("--max-retries", type=positive, default=8, metavar="N", help="at most N re-runs")
     @argument("--batch-var", metavar="NAME", help="the batch size is this variable")
-    @argument("--min-batch", type=_positive, default=1, metavar="N", help="smallest batch to try")
+    @argument("--min-batch", type=positive, default=1, metavar="N", help="smallest batch to try")
     @argument("--force", action="store_true", help="re-run despite side effects")
     @argument("--quiet", action="store_true", help="say only what worked")
     @cell_magic
@@ -364,7 +302,7 @@ class GpuMemMagics(Magics):
         if line.split()[:1] in (["-h"], ["--help"]):
             print(self.oomsafe.__doc__)
             return
-        opts = _parse_line(self.oomsafe, line)
+        opts = parse_line(self.oomsafe, line)
         # IPython's splitter keeps the quotes of --fixes "clear, batch"
         fixes = [f.strip(" \t'\"") for f in opts.fixes.split(",")]
         fixes = [f for f in fixes if f]
@@ -396,27 +334,3 @@ class GpuMemMagics(Magics):
             self.ext.hook.last_failure = result.failure
             if result.refused is None:
                 self.ext.present(result.failure)
-
-
-def _parse(parser: MagicArgumentParser, args: list[str]) -> Any:
-    """The options, or None when -h/--help asked for the help (shown)."""
-    if any(a in _HELP for a in args):
-        print(parser.format_help())
-        return None
-    return parser.parse_args(args)
-
-
-# prog without its %: IPython's help formatter puts one in front
-RETRY_PARSER = MagicArgumentParser(prog="gpumem retry", add_help=False)
-RETRY_PARSER.add_argument(
-    "fix", choices=LADDER, help="which fix to re-run the last failed cell with"
-)
-RETRY_PARSER.add_argument("--batch-var", metavar="NAME", help="the batch size is this variable")
-RETRY_PARSER.add_argument("--min-batch", type=_positive, default=1, metavar="N")
-RETRY_PARSER.add_argument("--max-retries", type=_positive, default=6, metavar="N")
-RETRY_PARSER.add_argument("--force", action="store_true", help="re-run despite side effects")
-RETRY_PARSER.add_argument("--drop", action="append", metavar="NAME", help="clear: delete NAME")
-RETRY_PARSER.add_argument("--drop-output-cache", action="store_true", help="clear: empty Out/_")
-RETRY_PARSER.add_argument(
-    "--accumulate", action="store_true", help="batch: keep the effective batch (grad accumulation)"
-)

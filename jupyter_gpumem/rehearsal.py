@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import Any
 
+from . import cellsource
 from .backends import _torch
 
 _LOOPS = (ast.For, ast.While, ast.AsyncFor)
@@ -78,10 +79,7 @@ def _parse_file(filename: str) -> ast.Module | None:
     lines = linecache.getlines(filename)
     if not lines:
         return None
-    try:
-        return ast.parse("".join(lines))
-    except (SyntaxError, ValueError):
-        return None
+    return cellsource.parse_or_none("".join(lines))
 
 
 def _innermost_loop(
@@ -361,9 +359,8 @@ def relocate(site: LoopSite, code: str, filename: str) -> LoopSite | None:
     """The same loop in a re-run's version of the cell (same position among the loops)."""
     if not site.in_cell:
         return site
-    try:
-        tree = ast.parse(code)
-    except (SyntaxError, ValueError):
+    tree = cellsource.parse_or_none(code, filename)  # the tree the re-run compiled, cached
+    if tree is None:
         return None
     loops = _loops(tree)
     if site.index >= len(loops):
@@ -373,8 +370,7 @@ def relocate(site: LoopSite, code: str, filename: str) -> LoopSite | None:
 
 def iter_loops(code: str) -> Iterator[int]:
     """Line numbers of the loops in ``code`` (for tests and messages)."""
-    try:
-        tree = ast.parse(code)
-    except (SyntaxError, ValueError):
+    tree = cellsource.parse_or_none(code)
+    if tree is None:
         return iter(())
     return iter(n.lineno for n in _loops(tree))

@@ -18,13 +18,14 @@ import traceback
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from types import CodeType
 from typing import Any
 
-from . import cellsource
-from .backends import _torch, simulated
+from . import backends, cellsource
+from .backends import _torch
 from .backends._state import RngState, read_rng, restore_rng
 from .failure import FailedCell, build_failure
-from .oom import find_oom
+from .oom import OOMReport, find_oom
 from .rehearsal import LoopSite, LoopStopper, RehearsalDone, relocate
 from .release import release_failed_cell
 
@@ -99,6 +100,54 @@ def run_plan(
     else:
         restore_rng(rng)
     user_ns.update(plan.namespace_updates)
+    run = _compile(shell, plan, loop, passes)
+    _torch.reset_peak()
+    t0 = time.perf_counter()
+    value = None
+    try:
+        with backends.active().on_this_thread(), contextlib.ExitStack() as stack:
+            _enter(stack, plan, run.stopper)
+            exec(run.body, user_ns)
+            if run.last is not None:
+                value = eval(run.last, user_ns)
+    except RehearsalDone as done:
+        # the fit is proven: the frames it stopped (activations, the batch) go at once
+        traceback.clear_frames(done.__traceback__)
+        del done
+        elapsed = time.perf_counter() - t0
+        assert run.stopper is not None
+        completed = run.stopper.completed or passes
+        return RunResult(True, _peak(), capacity_bytes(), elapsed, passes=completed)
+    except Exception as exc:
+        found = find_oom(exc)
+        if found is None:
+            raise
+        elapsed = time.perf_counter() - t0
+        failure = _failure(shell, plan, exc, found[1], preexisting, keep_traceback, rng)
+        del exc
+        return RunResult(False, _peak(), capacity_bytes(), elapsed, failure=failure)
+    elapsed = time.perf_counter() - t0
+    if display_result and value is not None and not plan.rehearsal:
+        from IPython.display import display
+
+        display(value)
+    # it ran whole (the loop, if any, ended before the rehearsal had seen enough): passes=None
+    return RunResult(True, _peak(), capacity_bytes(), elapsed, value=value)
+
+
+@dataclass
+class _Compiled:
+    """A plan's source made ready to run: compiled once, before the clock starts."""
+
+    body: CodeType  # the statements
+    last: CodeType | None  # the last expression, whose value is shown
+    stopper: LoopStopper | None  # a rehearsal's, where the failing loop is found again
+
+
+def _compile(shell: Any, plan: Plan, loop: LoopSite | None, passes: int) -> _Compiled:
+    """The shell's own Python for the source, registered with its compile cache as a cell is
+    (tracebacks and ``linecache`` show the re-run's lines), and the failing loop found again in
+    it: a fix's edits may have moved it."""
     code = cellsource.to_python(plan.source, shell)
     filename = shell.compile.cache(code, shell.execution_count, raw_code=plan.source)
     tree = cellsource.parse(code, filename)
@@ -110,56 +159,43 @@ def run_plan(
         site = relocate(loop, code, filename)
         if site is not None:
             stopper = LoopStopper(site.filename if not site.in_cell else filename, site, passes)
-    _torch.reset_peak()
-    t0 = time.perf_counter()
-    value = None
-    try:
-        with simulated.on_this_thread(), contextlib.ExitStack() as stack:
-            for factory in plan.contexts:
-                stack.enter_context(factory())
-            if stopper is not None:
-                stack.enter_context(stopper)
-            if plan.rehearsal:
-                # a rehearsal's prints (losses, progress bars) are not results: not shown
-                stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-                stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
-            exec(body_code, user_ns)
-            if last_code is not None:
-                value = eval(last_code, user_ns)
-    except RehearsalDone as done:
-        # the fit is proven: the frames it stopped (activations, the batch) go at once
-        traceback.clear_frames(done.__traceback__)
-        del done
-        elapsed = time.perf_counter() - t0
-        assert stopper is not None
-        return RunResult(
-            True, _peak(), capacity_bytes(), elapsed, passes=stopper.completed or passes
-        )
-    except Exception as exc:
-        found = find_oom(exc)
-        if found is None:
-            raise
-        elapsed = time.perf_counter() - t0
-        failure = build_failure(
-            shell,
-            exc,
-            found[1],
-            exc.__traceback__,
-            source=plan.source,
-            preexisting=preexisting,
-            release=None if keep_traceback else lambda e: release_failed_cell(None, e),
-            rng=rng,
-            execution_count=getattr(shell, "execution_count", None),
-        )
-        del exc
-        return RunResult(False, _peak(), capacity_bytes(), elapsed, failure=failure)
-    elapsed = time.perf_counter() - t0
-    if display_result and value is not None and not plan.rehearsal:
-        from IPython.display import display
+    return _Compiled(body_code, last_code, stopper)
 
-        display(value)
-    # it ran whole (the loop, if any, ended before the rehearsal had seen enough): passes=None
-    return RunResult(True, _peak(), capacity_bytes(), elapsed, value=value)
+
+def _enter(stack: contextlib.ExitStack[Any], plan: Plan, stopper: LoopStopper | None) -> None:
+    """The fix's context managers, then the rehearsal's stopper and its silence."""
+    for factory in plan.contexts:
+        stack.enter_context(factory())
+    if stopper is not None:
+        stack.enter_context(stopper)
+    if plan.rehearsal:
+        # a rehearsal's prints (losses, progress bars) are not results: not shown
+        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+
+
+def _failure(
+    shell: Any,
+    plan: Plan,
+    exc: BaseException,
+    report: OOMReport,
+    preexisting: frozenset[str],
+    keep_traceback: bool,
+    rng: RngState,
+) -> FailedCell:
+    """The OOM of a re-run as the next diagnosis; its frames freed unless the caller keeps the
+    traceback."""
+    return build_failure(
+        shell,
+        exc,
+        report,
+        exc.__traceback__,
+        source=plan.source,
+        preexisting=preexisting,
+        release=None if keep_traceback else lambda e: release_failed_cell(None, e),
+        rng=rng,
+        execution_count=getattr(shell, "execution_count", None),
+    )
 
 
 def failed_run_leftovers(user_ns: dict[str, Any], created: dict[str, int]) -> list[str]:

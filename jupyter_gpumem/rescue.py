@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .failure import FailedCell, NamespaceMark
 from .fixes import FIXES, LADDER, Attempt, Check, FixContext, FixOutcome
@@ -49,6 +49,12 @@ class LadderResult:
     @property
     def runs(self) -> int:
         return sum(o.runs for o in self.outcomes)
+
+
+class _Line(Protocol):
+    """How the ladder says a line: printed unless quiet (``always``: printed anyway), and kept."""
+
+    def __call__(self, text: str, *, always: bool = False) -> None: ...
 
 
 class Interrupted(KeyboardInterrupt):
@@ -216,14 +222,7 @@ def run_ladder(
         if always or not quiet:
             say(text)
 
-    plan = Plan(source)
-    known = remembered.get(cell_key(source))
-    if known is not None:
-        finding = find_batch(source, shell.user_ns, batch_var=options.batch_var)
-        if finding.sites and finding.value > known:
-            new_source, updates = apply_batch(source, finding, known)
-            plan = Plan(new_source, namespace_updates=updates, batch=known)
-            line(f"oomsafe: starting at batch {known}, which fit this cell last time.")
+    plan = _starting_plan(shell, source, options, remembered, line)
     first = run_plan(shell, plan, preexisting=mark.preexisting(shell.user_ns), rng=None)
     if first.ok:
         result.ok = result.first_run_ok = True
@@ -239,45 +238,19 @@ def run_ladder(
             break
         verdict = guard(failed, shell.user_ns)
         if not verdict.safe and not options.force:
-            result.refused = verdict
-            line(
-                "oomsafe: stopped before re-running: "
-                + verdict.summary()
-                + " Use --force to re-run anyway.",
-                always=True,
-            )
-            result.failure = failed
+            result.refused, result.failure = verdict, failed
+            force = " Use --force to re-run anyway."
+            line("oomsafe: stopped before re-running: " + verdict.summary() + force, always=True)
             return result
-        ctx = make_context(
-            shell,
-            failed,
-            Options(**{**options.__dict__, "max_runs": runs_left}),
-            remembered,
-            on_attempt=lambda a: line("  " + a.line()),
-        )
-        ctx.rehearse_first = True
-        fix = FIXES[key]
-        check = fix.check(ctx)
-        if not check.applies:
-            line(f"oomsafe: {fix.label.lower()}: skipped, {check.reason}")
+        budget = Options(**{**options.__dict__, "max_runs": runs_left})
+        outcome = _climb(shell, failed, key, budget, remembered, line)
+        if outcome is None:
             continue
-        saving = (
-            f" (predicted to save {format_bytes(check.predicted_saving_bytes)})"
-            if check.predicted_saving_bytes
-            else ""
-        )
-        line(f"oomsafe: {fix.label.lower()}{saving}")
-        outcome = in_transaction(shell, failed, ctx, key)
         result.outcomes.append(outcome)
         runs_left -= outcome.runs
         if outcome.ok:
             result.ok = True
-            summary = f"oomsafe: {outcome.message}"
-            if outcome.change:
-                summary += f" To make it permanent: {outcome.change}"
-            line(summary, always=True)
-            for note in outcome.notes:
-                line(f"  note: {note}")
+            _say_kept(outcome, line)
             return result
         line(f"oomsafe: {outcome.message}")
         if outcome.failure is not None:
@@ -285,3 +258,56 @@ def run_ladder(
     result.failure = failed
     line(f"oomsafe: no fix made the cell fit in {result.runs} re-runs.", always=True)
     return result
+
+
+def _starting_plan(
+    shell: Any, source: str, options: Options, remembered: dict[str, int], line: _Line
+) -> Plan:
+    """The cell as written, or at the batch that fit it last time: a ladder that already found
+    a size that fits starts there instead of running out of memory again to find it."""
+    known = remembered.get(cell_key(source))
+    if known is not None:
+        finding = find_batch(source, shell.user_ns, batch_var=options.batch_var)
+        if finding.sites and finding.value > known:
+            new_source, updates = apply_batch(source, finding, known)
+            line(f"oomsafe: starting at batch {known}, which fit this cell last time.")
+            return Plan(new_source, namespace_updates=updates, batch=known)
+    return Plan(source)
+
+
+def _climb(
+    shell: Any,
+    failed: FailedCell,
+    key: str,
+    options: Options,
+    remembered: dict[str, int],
+    line: _Line,
+) -> FixOutcome | None:
+    """One rung of the ladder: the fix ``key`` in a transaction, rehearsing first; None when it
+    does not apply (said, and no run spent)."""
+    ctx = make_context(
+        shell, failed, options, remembered, on_attempt=lambda a: line("  " + a.line())
+    )
+    ctx.rehearse_first = True
+    fix = FIXES[key]
+    check = fix.check(ctx)
+    if not check.applies:
+        line(f"oomsafe: {fix.label.lower()}: skipped, {check.reason}")
+        return None
+    saving = (
+        f" (predicted to save {format_bytes(check.predicted_saving_bytes)})"
+        if check.predicted_saving_bytes
+        else ""
+    )
+    line(f"oomsafe: {fix.label.lower()}{saving}")
+    return in_transaction(shell, failed, ctx, key)
+
+
+def _say_kept(outcome: FixOutcome, line: _Line) -> None:
+    """The fix that fit, how to make it permanent, and its notes."""
+    summary = f"oomsafe: {outcome.message}"
+    if outcome.change:
+        summary += f" To make it permanent: {outcome.change}"
+    line(summary, always=True)
+    for note in outcome.notes:
+        line(f"  note: {note}")

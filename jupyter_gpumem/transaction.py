@@ -16,7 +16,8 @@ Rehearsals (probes of a fix) are rolled back after each run; the final run is ke
 and rolled back when it does not, or when anything interrupts it (Ctrl-C included). Only what
 the notebook reaches through the names the cell (or the notebook functions it calls) reads is
 covered: files, sockets, databases, iterators and objects of unknown libraries are not, and the
-side-effect guard asks about those before anything runs.
+side-effect guard asks about those before anything runs. What the names reach, and what copying
+it costs, is ``transaction_reach``'s.
 """
 
 from __future__ import annotations
@@ -36,15 +37,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backends import _state, _torch
+from .transaction_reach import BIG_HOST_TENSOR_BYTES, holds_gpu, plan_snapshot
 from .units import format_bytes
 
-# A CPU tensor larger than this is not copied: its version counter tells whether a rehearsal
-# wrote to it (then the rollback says so). GPU tensors are always copied: they fit in host memory.
-BIG_HOST_TENSOR_BYTES = 256 << 20
 # Refuse when the snapshot would take more than this share of the available host memory.
 HOST_SHARE = 0.8
-_MAX_ITEMS = 2000  # elements of one container looked into
-_DEPTH = 2  # levels below a name: `trainer.model`, `models["a"]`, `cfg.opt`
 
 _PLAIN_NS = (argparse.Namespace, types.SimpleNamespace)
 _MUTABLE = (list, dict, set, collections.deque, bytearray)
@@ -94,59 +91,6 @@ def _is_notebook_object(obj: Any) -> bool:
     return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
 
 
-def _reachable(ns: dict[str, Any], names: Iterable[str]) -> Iterator[tuple[str, Any, int]]:
-    """(name, object, depth) for what the names reach, each object once."""
-    seen: set[int] = set()
-    todo = [(n, ns[n], 0) for n in sorted(names) if n in ns and not n.startswith("_")]
-    while todo:
-        name, obj, depth = todo.pop()
-        if id(obj) in seen or isinstance(obj, (types.ModuleType, type, types.FunctionType)):
-            continue
-        seen.add(id(obj))
-        yield name, obj, depth
-        if depth >= _DEPTH or _torch.is_tensor(obj) or _torch.is_module(obj):
-            continue
-        if _torch.is_optimizer(obj):
-            continue
-        children: Iterable[Any] = ()
-        if isinstance(obj, dict):
-            children = list(obj.values())[:_MAX_ITEMS]
-        elif isinstance(obj, (list, tuple, collections.deque, set, frozenset)):
-            children = list(obj)[:_MAX_ITEMS]
-        elif hasattr(obj, "__dict__") and not callable(obj):
-            try:
-                children = [v for k, v in vars(obj).items() if not k.startswith("__")][:_MAX_ITEMS]
-            except TypeError:
-                children = ()
-        for child in children:
-            if isinstance(child, (str, bytes, int, float, bool, type(None))):
-                continue
-            todo.append((name, child, depth + 1))
-
-
-def plan_snapshot(ns: dict[str, Any], names: Iterable[str]) -> tuple[list[tuple[str, Any]], int]:
-    """What :func:`take` would copy, and how many bytes of host memory it needs."""
-    chosen: list[tuple[str, Any]] = []
-    nbytes = 0
-    torch_in_use = _torch.torch_module() is not None
-    for name, obj, _depth in _reachable(ns, names):
-        if torch_in_use and _torch.is_module(obj):
-            nbytes += sum(_state.tensor_bytes(p) for p in obj.parameters())
-            nbytes += sum(
-                _state.tensor_bytes(p.grad) for p in obj.parameters() if p.grad is not None
-            )
-            nbytes += sum(_state.tensor_bytes(b) for b in obj.buffers())
-        elif torch_in_use and _torch.is_optimizer(obj):
-            for s in obj.state.values():
-                nbytes += sum(_state.tensor_bytes(v) for v in s.values() if _torch.is_tensor(v))
-        elif torch_in_use and _torch.is_tensor(obj):
-            size = _state.tensor_bytes(obj)
-            if _state.on_gpu(obj) or size <= BIG_HOST_TENSOR_BYTES:
-                nbytes += size
-        chosen.append((name, obj))
-    return chosen, nbytes
-
-
 def take(ns: dict[str, Any], names: Iterable[str], *, check_host: bool = True) -> Snapshot:
     """Copy what a re-run of a cell reading ``names`` can change. Raises SnapshotTooLarge."""
     chosen, nbytes = plan_snapshot(ns, names)
@@ -185,7 +129,7 @@ def take(ns: dict[str, Any], names: Iterable[str], *, check_host: bool = True) -
             value = ns[name]
             if _torch.is_tensor(value) and id(value) in copies:
                 snap.weak[name] = copies[id(value)]
-            elif _holds_gpu(value) and not _torch.is_tensor(value):
+            elif holds_gpu(value) and not _torch.is_tensor(value):
                 try:
                     snap.weak[name] = weakref.ref(value)
                 except TypeError:
@@ -306,22 +250,6 @@ def restore(snap: Snapshot, ns: dict[str, Any]) -> list[str]:
 _MISSING = object()
 
 
-def _holds_gpu(obj: Any) -> bool:
-    """A model, optimizer or container with tensors on the GPU (looked at shallowly)."""
-    if _torch.torch_module() is None:
-        return False
-    if _torch.is_module(obj):
-        return any(_state.on_gpu(p) for p in obj.parameters())
-    if _torch.is_optimizer(obj):
-        return bool(obj.state)
-    items: Iterable[Any] = ()
-    if isinstance(obj, dict):
-        items = list(obj.values())[:_MAX_ITEMS]
-    elif isinstance(obj, (list, tuple, set, collections.deque)):
-        items = list(obj)[:_MAX_ITEMS]
-    return any(_torch.is_tensor(v) and _state.on_gpu(v) for v in items)
-
-
 class Transaction:
     """One fix on one notebook: a snapshot taken once, put back after each rehearsal and after a
     final run that does not fit, is interrupted or raises."""
@@ -347,7 +275,7 @@ class Transaction:
             if _torch.is_tensor(value) and _state.on_gpu(value):
                 self.evicted[name] = _state.copy_tensor(value)
                 del ns[name]
-            elif _holds_gpu(value):
+            elif holds_gpu(value):
                 self.released.append(name)
                 del ns[name]
         del value

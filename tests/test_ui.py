@@ -410,7 +410,7 @@ def test_a_click_after_other_cells_ran_asks_first_and_cancel_runs_nothing(shell:
 
 @pytest.mark.slow
 def test_a_click_on_a_panel_with_a_newer_failure_says_which(shell: Any) -> None:
-    from jupyter_gpumem.ui.panel import staleness
+    from jupyter_gpumem.rerun_ask import staleness
 
     _cells(shell, "%gpumem simulate 160MiB", SETUP, CELL)
     ext = jupyter_gpumem._extension_for(shell)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import collections
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     import torch
@@ -65,30 +65,105 @@ def cuda_index(device: object) -> int | None:
     return index if isinstance(index, int) else None
 
 
+class _Torch(NamedTuple):
+    """What the mode compares a call with, read from torch once."""
+
+    tensor_cuda: Any
+    tensor_to: Any
+    tensor_pin: Any
+    constructors: Any  # the factories that follow the default device
+    cpu: Any
+    Tensor: Any
+    preserve_format: Any
+    mode_stack: Any  # torch.overrides._get_current_function_mode_stack
+    DeviceContext: Any
+
+
+def _torch_names() -> _Torch:
+    """torch's objects the mode compares each call with, read once (the class is built once)."""
+    import torch
+    from torch.overrides import _get_current_function_mode_stack
+    from torch.utils._device import DeviceContext, _device_constructors
+
+    return _Torch(
+        torch.Tensor.cuda,
+        torch.Tensor.to,
+        torch.Tensor.pin_memory,
+        _device_constructors(),
+        torch.device("cpu"),
+        torch.Tensor,
+        torch.preserve_format,
+        _get_current_function_mode_stack,
+        DeviceContext,
+    )
+
+
+def _default_cuda(t: _Torch) -> Any:
+    """The default device when it is a CUDA one, else None."""
+    # set_default_device / `with torch.device(...)` put a DeviceContext at the bottom of the
+    # stack, below us; torch.get_default_device() would make a tensor and recurse.
+    for mode in reversed(t.mode_stack()):
+        if isinstance(mode, t.DeviceContext):
+            return mode.device if mode.device.type == "cuda" else None
+    return None
+
+
+@functools.cache
+def _name_of(func: Any) -> str:
+    from torch.overrides import resolve_name
+
+    return str(resolve_name(func) or getattr(func, "__qualname__", func))
+
+
+def _on_cpu(
+    t: _Torch, holds: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[bool, int | None, Any, tuple[Any, ...], dict[str, Any]]:
+    """The call as it runs on the CPU: (moved, the CUDA index it named, func, args, kwargs).
+
+    ``moved``: the call placed something on the GPU, so it is counted and run in ``place``;
+    the index is ``_NOWHERE`` where the placement names no card (``.to(other)``, pinning)."""
+    moved = False
+    target: int | None = _NOWHERE
+    if func is t.tensor_cuda:
+        target = cuda_index(args[1] if len(args) > 1 else kwargs.get("device"))
+        non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+        fmt = kwargs.get("memory_format", t.preserve_format)
+        func, args = t.tensor_to, (args[0], t.cpu)
+        kwargs = {"non_blocking": non_blocking, "memory_format": fmt}
+        moved = True
+    elif func is t.tensor_to:
+        if len(args) > 1 and is_cuda_device(args[1]):
+            target = cuda_index(args[1])
+            args = (args[0], t.cpu, *args[2:])
+            moved = True
+        elif (
+            holds is not None and len(args) > 1 and isinstance(args[1], t.Tensor) and holds(args[1])
+        ):
+            moved = True  # .to(other) where other is "on the GPU"
+    device = kwargs.get("device")
+    if device is not None:
+        if is_cuda_device(device):
+            target = cuda_index(device)
+            kwargs = {**kwargs, "device": t.cpu}
+            moved = True
+    elif func in t.constructors and (default := _default_cuda(t)) is not None:
+        target = default.index
+        kwargs = {**kwargs, "device": t.cpu}
+        moved = True
+    if kwargs.get("pin_memory"):
+        kwargs = {**kwargs, "pin_memory": False}
+        moved = True
+    return moved, target, func, args, kwargs
+
+
 @functools.cache
 def cuda_to_cpu_mode_class() -> type[Any]:
     """The ``CudaToCpuMode`` class (a ``TorchFunctionMode``), built on first use."""
     import torch
-    from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack, resolve_name
-    from torch.utils._device import DeviceContext, _device_constructors
+    from torch.overrides import TorchFunctionMode
 
-    tensor_cuda, tensor_to, tensor_pin = torch.Tensor.cuda, torch.Tensor.to, torch.Tensor.pin_memory
-    constructors = _device_constructors()
-    cpu = torch.device("cpu")
+    t = _torch_names()
     Tensor = torch.Tensor
-
-    def default_cuda() -> Any:
-        """The default device when it is a CUDA one, else None."""
-        # set_default_device / `with torch.device(...)` put a DeviceContext at the bottom of the
-        # stack, below us; torch.get_default_device() would make a tensor and recurse.
-        for mode in reversed(_get_current_function_mode_stack()):
-            if isinstance(mode, DeviceContext):
-                return mode.device if mode.device.type == "cuda" else None
-        return None
-
-    @functools.cache
-    def name_of(func: Any) -> str:
-        return str(resolve_name(func) or getattr(func, "__qualname__", func))
 
     class CudaToCpuMode(TorchFunctionMode):
         """Redirect CUDA placements to the CPU; ``redirected`` counts them by function name."""
@@ -111,51 +186,18 @@ def cuda_to_cpu_mode_class() -> type[Any]:
                 kwargs = {}
             if not self.active:
                 return func(*args, **kwargs)
-            moved, name = False, func
-            target: int | None = _NOWHERE
-            if func is tensor_cuda:
-                target = cuda_index(args[1] if len(args) > 1 else kwargs.get("device"))
-                non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
-                fmt = kwargs.get("memory_format", torch.preserve_format)
-                func, args = tensor_to, (args[0], cpu)
-                kwargs = {"non_blocking": non_blocking, "memory_format": fmt}
-                moved = True
-            elif func is tensor_to:
-                if len(args) > 1 and is_cuda_device(args[1]):
-                    target = cuda_index(args[1])
-                    args = (args[0], cpu, *args[2:])
-                    moved = True
-                elif (
-                    self.holds is not None
-                    and len(args) > 1
-                    and isinstance(args[1], Tensor)
-                    and self.holds(args[1])
-                ):
-                    moved = True  # .to(other) where other is "on the GPU"
-            elif func is tensor_pin:
-                self.redirected[name_of(func)] += 1
+            if func is t.tensor_pin:
+                self.redirected[_name_of(func)] += 1
                 return args[0]
-            device = kwargs.get("device")
-            if device is not None:
-                if is_cuda_device(device):
-                    target = cuda_index(device)
-                    kwargs = {**kwargs, "device": cpu}
-                    moved = True
-            elif func in constructors and (default := default_cuda()) is not None:
-                target = default.index
-                kwargs = {**kwargs, "device": cpu}
-                moved = True
-            if kwargs.get("pin_memory"):
-                kwargs = {**kwargs, "pin_memory": False}
-                moved = True
+            moved, target, call, args, kwargs = _on_cpu(t, self.holds, func, args, kwargs)
             if not moved:
-                return func(*args, **kwargs)
-            self.redirected[name_of(name)] += 1
+                return call(*args, **kwargs)
+            self.redirected[_name_of(func)] += 1
             place = self.place
             if place is None or target == _NOWHERE:
-                return self._placed(func, args, kwargs)
+                return self._placed(call, args, kwargs)
             with place(target):
-                return self._placed(func, args, kwargs)
+                return self._placed(call, args, kwargs)
 
         def _placed(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             out = func(*args, **kwargs)

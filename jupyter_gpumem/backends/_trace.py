@@ -7,10 +7,10 @@ does the same for each counted storage (``simulated.record_history``): a short s
 of ``max_entries``, written as the pickle PyTorch's memory viewer opens.
 
 The model module an allocation came from (``layer4.1.conv2``) is tracked with global
-``nn.Module`` forward hooks (a per-thread stack of the modules whose forward is running); on CUDA
-it travels with the allocation as the allocator's user metadata where torch has it
-(``_set_memory_metadata``). The hooks cost a few microseconds per module call: ``modules=False``
-leaves them out.
+``nn.Module`` forward hooks (``_trace_modules.py``: a per-thread stack of the modules whose forward
+is running); on CUDA it travels with the allocation as the allocator's user metadata where torch
+has it (``_set_memory_metadata``). The hooks cost a few microseconds per module call:
+``modules=False`` leaves them out.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ import os
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Container
 from typing import Any, NamedTuple
 
-from . import simulated
+from . import _trace_modules, simulated
+from ._trace_modules import ModuleToken, current_module, token
+from ._trace_modules import module_root as module_root
 from .simulated.card import (
     _LARGE_BUFFER,
     _MIN_LARGE_ALLOC,
@@ -36,18 +37,16 @@ from .simulated.card import (
 )
 
 Frame = tuple[str, int, str]  # (filename, line, function), as torch's snapshot has them
-ModuleToken = tuple[int, str]  # (id of the outermost module running, path below it)
 
 _MAX_FRAMES = 64  # a walk stops at the first notebook frame; this bounds it elsewhere
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _OWN_FILES = frozenset(
-    [os.path.join(_HERE, name) for name in ("_cuda_to_cpu.py", "_trace.py")]
+    [os.path.join(_HERE, name) for name in ("_cuda_to_cpu.py", "_trace.py", "_trace_modules.py")]
     + [
         os.path.join(_HERE, "simulated", name)
         for name in ("card.py", "counting.py", "gpu.py", "lifecycle.py", "cuda_api.py")
     ]
 )
-_META = "jupyter_gpumem:"  # prefix of the user metadata we attach on CUDA
 _BASE_ADDRESS = 0x7F0000000000  # simulated addresses: made up, never reused, 512-aligned
 
 
@@ -57,71 +56,6 @@ class Allocation(NamedTuple):
     nbytes: int
     frames: tuple[Frame, ...]  # innermost first; empty when allocated before tracing started
     module: ModuleToken | None
-
-
-# ---- the model's modules: which forward is running -------------------------------------------
-
-_local = threading.local()
-_roots: dict[int, tuple[weakref.ref[Any], dict[int, str]]] = {}  # id(root) -> (root, id -> path)
-_hooks: list[Any] = []
-_set_metadata: Any = None  # torch's _set_memory_metadata while CUDA tracing is on
-
-
-def _path_in(root: Any, module: Any) -> str:
-    entry = _roots.get(id(root))
-    if entry is None or entry[0]() is not root:
-        entry = _roots[id(root)] = (weakref.ref(root), {})
-    names = entry[1]
-    path = names.get(id(module))
-    if path is None:  # first call, or a module added since: read the tree again, once
-        names.update({id(m): name for name, m in root.named_modules()})
-        path = names.setdefault(id(module), type(module).__name__)
-    return path
-
-
-def _enter(module: Any, _args: Any) -> None:
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    if stack:
-        root = stack[-1][0]
-        token = (id(root), _path_in(root, module))
-    else:
-        root, token = module, (id(module), "")
-        _path_in(module, module)
-    stack.append((root, token, module))
-    if _set_metadata is not None:
-        _set_metadata(f"{_META}{token[0]}:{token[1]}")
-
-
-def _leave(module: Any, _args: Any, _output: Any) -> None:
-    stack = getattr(_local, "stack", None)
-    while stack:  # always_call hooks run on errors too; pop to this module whatever happened
-        if stack.pop()[2] is module:
-            break
-    if _set_metadata is not None:
-        _set_metadata(f"{_META}{stack[-1][1][0]}:{stack[-1][1][1]}" if stack else "")
-
-
-def current_module() -> ModuleToken | None:
-    """The module whose forward runs on this thread, innermost, as a token."""
-    stack = getattr(_local, "stack", None)
-    return stack[-1][1] if stack else None
-
-
-def module_root(token: ModuleToken) -> Any:
-    """The outermost module of a token, while it is alive (else None)."""
-    entry = _roots.get(token[0])
-    return None if entry is None else entry[0]()
-
-
-def _add_module_hooks(torch: Any) -> None:
-    register = torch.nn.modules.module
-    _hooks.append(register.register_module_forward_pre_hook(_enter))
-    try:
-        _hooks.append(register.register_module_forward_hook(_leave, always_call=True))
-    except TypeError:  # torch 2.0: no always_call; _leave still pops past what an error skipped
-        _hooks.append(register.register_module_forward_hook(_leave))
 
 
 # ---- the simulated GPU's recorder ---------------------------------------------------------------
@@ -294,13 +228,14 @@ _active = False
 def start(max_entries: int, *, stop_files: Container[str] = (), modules: bool = True) -> None:
     """Record allocations with their stacks from now on (CUDA where there is a GPU, the simulated
     GPU always). ``stop_files``: files whose frames end a walk (the notebook's cells)."""
-    global _recorder, _cuda, _active, _set_metadata
+    global _recorder, _cuda, _active
     import torch
 
     with _lock:
         _stop_locked(torch)
         _recorder = Recorder(max_entries, stop_files, modules)
         simulated.record_history(_recorder)
+        set_metadata = None
         if torch.cuda.is_available() and simulated.current() is None:
             memory = torch.cuda.memory
             try:
@@ -308,9 +243,9 @@ def start(max_entries: int, *, stop_files: Container[str] = (), modules: bool = 
             except TypeError:  # older signature
                 memory._record_memory_history(max_entries=max_entries)
             _cuda = True
-            _set_metadata = getattr(memory, "_set_memory_metadata", None) if modules else None
+            set_metadata = getattr(memory, "_set_memory_metadata", None)
         if modules:
-            _add_module_hooks(torch)
+            _trace_modules.add_hooks(torch, set_metadata)
         _active = True
 
 
@@ -321,17 +256,8 @@ def stop() -> None:
 
 
 def _stop_locked(torch: Any) -> None:
-    global _recorder, _cuda, _active, _set_metadata
-    for handle in _hooks:
-        handle.remove()
-    _hooks.clear()
-    _local.__dict__.pop("stack", None)
-    if _set_metadata is not None:
-        try:
-            _set_metadata("")
-        except Exception:
-            pass
-    _set_metadata = None
+    global _recorder, _cuda, _active
+    _trace_modules.remove_hooks()
     if _recorder is not None:
         simulated.record_history(None)
     if _cuda and torch is not None:
@@ -340,7 +266,7 @@ def _stop_locked(torch: Any) -> None:
         except Exception:
             pass
     _recorder, _cuda, _active = None, False, False
-    _roots.clear()
+    _trace_modules.forget_models()
 
 
 def active() -> bool:
@@ -368,16 +294,6 @@ def live_allocations() -> list[Allocation]:
     return []
 
 
-def _token(meta: object) -> ModuleToken | None:
-    if not isinstance(meta, str) or not meta.startswith(_META):
-        return None
-    root, _, path = meta[len(_META) :].partition(":")
-    try:
-        return int(root), path
-    except ValueError:
-        return None
-
-
 def _cuda_allocations() -> list[Allocation]:
     torch = sys.modules["torch"]
     try:
@@ -403,7 +319,7 @@ def _cuda_allocations() -> list[Allocation]:
                 )
                 meta = block.get("user_metadata", meta_at.get(addr))
                 nbytes = int(block.get("requested_size", block.get("size", 0)))
-                out.append(Allocation(nbytes, frames, _token(meta)))
+                out.append(Allocation(nbytes, frames, token(meta)))
             addr += int(block.get("size", 0))
     return out
 

@@ -8,7 +8,7 @@ import math
 import re
 
 from ..cellsource import dotted as _dotted
-from .batch_edit import _batch_edits, _splice
+from .batch_edit import _batch_edits, _Edit, _splice
 from .batch_literals import _callee
 from .batch_sites import _ACCUM, AccumulationPlan, BatchFinding, _char_cols, _parse, _split_lines
 
@@ -93,17 +93,45 @@ def try_accumulation(source: str, finding: BatchFinding, new_value: int) -> Accu
     except ValueError as e:
         return str(e)
     backward = next(c for st in body for c in _method_calls(st, "backward"))
+    divide = _divide_loss(backward, lines, offset, steps)
+    if isinstance(divide, str):
+        return divide
+    new_lines = _splice(lines, edits + divide)
+    _gate(new_lines, lines, loop, backward, offset, steps)
+    new_source = "".join(new_lines)
+    if _parse(new_source)[0] is None:
+        return "the rewritten cell does not parse; not offered"
+    return _plan(new_source, old, steps, new_value)
+
+
+def _divide_loss(
+    backward: ast.Call, lines: list[str], offset: int, steps: int
+) -> list[_Edit] | str:
+    """``(loss / steps).backward()``: the edits that divide what backward is called on, so that
+    the gradients summed over ``steps`` batches average them, as one batch of the old size would;
+    or why not."""
     recv = _receiver(backward)
     if recv.lineno != recv.end_lineno or recv.end_col_offset is None:
         return "the expression before .backward() spans several lines"
     line = lines[recv.lineno + offset - 1]
     col, end = _char_cols(line, recv.col_offset, recv.end_col_offset)
-    edits += [
+    return [
         (recv.lineno + offset, col, col, "("),
         (recv.lineno + offset, end, end, f" / {steps})"),
     ]
-    new_lines = _splice(lines, edits)
 
+
+def _gate(
+    new_lines: list[str],
+    lines: list[str],
+    loop: ast.For,
+    backward: ast.Call,
+    offset: int,
+    steps: int,
+) -> None:
+    """Put the loop's step and zero_grad under the counter, in ``new_lines`` (statement-level
+    edits, made after the in-line ones: they add lines)."""
+    body = loop.body
     # Statement-level edits, bottom up so that line numbers above stay valid.
     loop_indent = _indent(lines[loop.lineno + offset - 1])
     body_indent = _indent(lines[body[0].lineno + offset - 1])
@@ -141,9 +169,10 @@ def try_accumulation(source: str, finding: BatchFinding, new_value: int) -> Accu
     new_lines[first_body - 1] = f"{body_indent}{_ACCUM} += 1{nl}" + new_lines[first_body - 1]
     head = loop.lineno + offset
     new_lines[head - 1] = f"{loop_indent}{_ACCUM} = 0{nl}" + new_lines[head - 1]
-    new_source = "".join(new_lines)
-    if _parse(new_source)[0] is None:
-        return "the rewritten cell does not parse; not offered"
+
+
+def _plan(new_source: str, old: int, steps: int, new_value: int) -> AccumulationPlan:
+    """The rewritten cell with the words that say what it keeps."""
     effective = steps * new_value
     same = (
         f"keeps the effective batch of {old}"

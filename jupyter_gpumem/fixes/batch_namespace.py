@@ -19,6 +19,8 @@ import types
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from .. import cellsource
+
 _BATCH_NAME = re.compile(r"(^|_)(batch_?size|bs|bsz|micro_?batch(_size)?)$", re.IGNORECASE)
 _MAX_KEYS = 200
 
@@ -106,9 +108,8 @@ def origin(
         src = cells[n]
         if not isinstance(src, str) or var not in src:
             continue
-        try:
-            tree = ast.parse(src)
-        except SyntaxError:
+        tree = cellsource.read(src).tree
+        if tree is None:
             continue
         stmts = _assigns(tree, var)
         if not stmts:

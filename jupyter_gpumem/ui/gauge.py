@@ -92,6 +92,87 @@ def describe(s: MemorySnapshot) -> tuple[str, float, float, float, float, float]
     return s.label, used / GiB, allocated / GiB, cache / GiB, other / GiB, total / GiB
 
 
+def _dial(narrow: bool) -> go.Indicator:
+    """The dial, empty: its bar transparent, since the coloured steps ``sample`` sets are the bar
+    (allocated, cache, other), and a red line at the card's total."""
+    return go.Indicator(
+        mode="gauge+number",
+        value=0,
+        number={
+            "suffix": " GiB",
+            "valueformat": ".2f",
+            "font": {"size": 22 if narrow else 28, "color": "#4a8fe0"},
+        },
+        title={"text": "GPU memory", "font": {"size": 12}},
+        gauge={
+            "axis": {"range": [0, 1], "tickmode": "array", "tickvals": [], "ticktext": []},
+            "bar": {"color": "rgba(0,0,0,0)", "thickness": 0.0},
+            "steps": [],
+            "threshold": {"line": {"color": "#c0392b", "width": 3}, "value": 1},
+        },
+    )
+
+
+def _history_axes(fig: go.Figure) -> None:
+    """The history's axes: no x labels, y ticks set by ``sample``, nothing to zoom.
+
+    plotly's default template draws white grid, zero and axis lines: invisible on a white page,
+    harsh on a dark theme; these are grey at low alpha on both."""
+    fig.update_xaxes(
+        showticklabels=False, fixedrange=True, showgrid=False, zeroline=False,
+        showline=False, row=2, col=1,
+    )  # fmt: skip
+    fig.update_yaxes(
+        row=2,
+        col=1,
+        range=[0, 1],
+        fixedrange=True,
+        tickmode="array",
+        tickvals=[],
+        ticktext=[],
+        gridcolor=GRID_COLOR,
+        zeroline=False,
+        showline=False,
+    )
+
+
+def _figure(width: int, height: int, narrow: bool) -> go.FigureWidget:
+    """The empty gauge: a dial (the card's use, split by colour) above a stacked history of the
+    last minutes; ``sample`` fills both in."""
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        specs=[[{"type": "indicator"}], [{"type": "xy"}]],
+        row_heights=[0.62, 0.38],
+        vertical_spacing=0.08,
+    )
+    fig.add_trace(_dial(narrow), row=1, col=1)
+    for name, key in (("allocated", "allocated"), ("+ cache", "cache"), ("+ other", "other")):
+        fig.add_trace(
+            go.Scatter(
+                x=[], y=[], name=name, mode="lines", stackgroup="mem",
+                line={"width": 1, "color": COLORS[key]},
+                hovertemplate="%{y:.2f} GiB<extra>" + name + "</extra>",
+            ),
+            row=2,
+            col=1,
+        )  # fmt: skip
+    fig.update_layout(
+        width=width,
+        height=height,
+        margin={"l": 30, "r": 55 if narrow else 30, "t": 90 if narrow else 65, "b": 20},
+        showlegend=not narrow,
+        legend={"orientation": "h", "y": -0.15, "font": {"size": 10}, "traceorder": "normal"},
+        paper_bgcolor="rgba(0,0,0,0)",
+        plot_bgcolor="rgba(0,0,0,0)",
+        font={"size": 11, "color": "#8c8c8c"},  # readable on light and dark themes
+    )
+    _history_axes(fig)
+    widget = go.FigureWidget(fig)
+    widget._config = {**widget._config, "displayModeBar": False}  # no zoom/pan/share
+    return widget
+
+
 class Gauge:
     """``Gauge().widget`` is the FigureWidget; ``start()`` begins sampling."""
 
@@ -119,73 +200,7 @@ class Gauge:
         self.updates = 0  # widget updates sent (for tests and the benchmark)
         self.errors = 0
         self.last_error: str | None = None
-        fig = make_subplots(
-            rows=2,
-            cols=1,
-            specs=[[{"type": "indicator"}], [{"type": "xy"}]],
-            row_heights=[0.62, 0.38],
-            vertical_spacing=0.08,
-        )
-        fig.add_trace(
-            go.Indicator(
-                mode="gauge+number",
-                value=0,
-                number={
-                    "suffix": " GiB",
-                    "valueformat": ".2f",
-                    "font": {"size": 22 if narrow else 28, "color": "#4a8fe0"},
-                },
-                title={"text": "GPU memory", "font": {"size": 12}},
-                gauge={
-                    "axis": {"range": [0, 1], "tickmode": "array", "tickvals": [], "ticktext": []},
-                    "bar": {"color": "rgba(0,0,0,0)", "thickness": 0.0},
-                    "steps": [],
-                    "threshold": {"line": {"color": "#c0392b", "width": 3}, "value": 1},
-                },
-            ),
-            row=1,
-            col=1,
-        )
-        for name, key in (("allocated", "allocated"), ("+ cache", "cache"), ("+ other", "other")):
-            fig.add_trace(
-                go.Scatter(
-                    x=[], y=[], name=name, mode="lines", stackgroup="mem",
-                    line={"width": 1, "color": COLORS[key]},
-                    hovertemplate="%{y:.2f} GiB<extra>" + name + "</extra>",
-                ),
-                row=2,
-                col=1,
-            )  # fmt: skip
-        fig.update_layout(
-            width=width,
-            height=height,
-            margin={"l": 30, "r": 55 if narrow else 30, "t": 90 if narrow else 65, "b": 20},
-            showlegend=not narrow,
-            legend={"orientation": "h", "y": -0.15, "font": {"size": 10}, "traceorder": "normal"},
-            paper_bgcolor="rgba(0,0,0,0)",
-            plot_bgcolor="rgba(0,0,0,0)",
-            font={"size": 11, "color": "#8c8c8c"},  # readable on light and dark themes
-        )
-        # plotly's default template draws white grid, zero and axis lines: invisible on a white
-        # page, harsh on a dark theme; these are grey at low alpha on both
-        fig.update_xaxes(
-            showticklabels=False, fixedrange=True, showgrid=False, zeroline=False,
-            showline=False, row=2, col=1,
-        )  # fmt: skip
-        fig.update_yaxes(
-            row=2,
-            col=1,
-            range=[0, 1],
-            fixedrange=True,
-            tickmode="array",
-            tickvals=[],
-            ticktext=[],
-            gridcolor=GRID_COLOR,
-            zeroline=False,
-            showline=False,
-        )
-        self.widget = go.FigureWidget(fig)
-        self.widget._config = {**self.widget._config, "displayModeBar": False}  # no zoom/pan/share
+        self.widget = _figure(width, height, narrow)
         _gauges.add(self)
         self.sample()
 
@@ -193,18 +208,8 @@ class Gauge:
 
     def sample(self) -> None:
         """Read once and update the widget if anything changed. Never raises."""
-        devices = ""
-        try:
-            snap = self.read()
-            devices = devices_line(snap, self.marked)
-            shown = snap.on_device(self.marked) if self.marked is not None else None
-            title, used, alloc, cache, other, total = describe(shown or snap)
-        except Exception as exc:
-            self.errors += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            title, used, alloc, cache, other, total = (
-                f"reading failed: {self.last_error[:60]}", 0.0, 0.0, 0.0, 0.0, 1.0,
-            )  # fmt: skip
+        reading, devices = self._read()
+        title, used, alloc, cache, other, total = reading
         now = time.monotonic()
         self.samples.append((now, alloc, cache, other))
         key = (
@@ -219,6 +224,29 @@ class Gauge:
         if key == self._last and len(self.samples) > 2:
             return  # nothing new to draw: no comm message
         self._last = key
+        self._draw(now, reading, devices)
+        self.updates += 1
+
+    def _read(self) -> tuple[tuple[str, float, float, float, float, float], str]:
+        """(``describe``'s numbers for the dial's device, the devices line). A failed read is a
+        state the gauge shows, counted in ``errors``, never an exception on the sampling thread."""
+        devices = ""
+        try:
+            snap = self.read()
+            devices = devices_line(snap, self.marked)
+            shown = snap.on_device(self.marked) if self.marked is not None else None
+            return describe(shown or snap), devices
+        except Exception as exc:
+            self.errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            return (f"reading failed: {self.last_error[:60]}", 0.0, 0.0, 0.0, 0.0, 1.0), devices
+
+    def _draw(
+        self, now: float, reading: tuple[str, float, float, float, float, float], devices: str
+    ) -> None:
+        """One sample onto the widget, inside one ``batch_update`` (one comm message): the dial,
+        its ticks at round numbers, the history rescaled to its peak."""
+        title, used, alloc, cache, other, total = reading
         pct = f" · {100 * used / total:.0f}% of {total:.2f} GiB" if total > 1e-9 and used else ""
         steps = [
             {"range": [0, alloc], "color": COLORS["allocated"]},
@@ -252,7 +280,6 @@ class Gauge:
             for i, series in enumerate(zip(*[s[1:] for s in self.samples], strict=False)):
                 self.widget.data[1 + i].x = xs
                 self.widget.data[1 + i].y = list(series)
-        self.updates += 1
 
     def _title(
         self, title: str, pct: str, alloc: float, cache: float, other: float, devices: str = ""

@@ -20,108 +20,21 @@ from types import TracebackType
 from typing import Any
 
 import ipywidgets as W
-from IPython import version_info as _ipython_version
 
-from ..backends import simulated
+from .. import backends
 from ..display import for_display
 from ..failure import FailedCell
 from ..fixes import FIXES, Attempt, Check, FixOutcome
 from ..hook import without_dispatch_frames
 from ..kernels import own_kernel_id
 from ..render import _md_code, render_html
-from ..rescue import Options, apply_fix, check_all, guard
+from ..rerun_ask import question_before_rerun
+from ..rescue import Options, apply_fix, check_all
 from . import chart, devices, wording
-from .allocations import CSS as ALLOCATIONS_CSS
 from .allocations import AllocatedBy
 from .others import OtherKernels, kernels_to_offer
+from .panel_style import STYLE
 from .status import StatusLine, Ticker
-
-_STYLE = (
-    """<style>
-.gpumem-panel{max-width:100%;min-width:0;overflow-wrap:anywhere}
-.gpumem-panel .widget-html,.gpumem-panel .widget-html-content{max-width:100%;min-width:0}
-.gpumem-panel .widget-html-content{white-space:normal;height:auto;line-height:1.45}
-.gpumem-panel .gpumem-diag{max-width:100%;box-sizing:border-box}
-.gpumem-panel .gpumem-diag table{display:block;max-width:100%;overflow-x:auto}
-.gpumem-panel .gpumem-diag td,.gpumem-panel .gpumem-diag th{overflow-wrap:anywhere}
-.gpumem-panel code{background:var(--jp-layout-color2,rgba(127,127,127,.15));padding:0 3px;
- overflow-wrap:anywhere}
-.gpumem-panel pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:2px 0}
-.gpumem-panel .gpumem-buttons{flex-wrap:wrap;gap:4px;max-width:100%}
-.gpumem-panel .gpumem-buttons .jupyter-button{white-space:normal;height:auto;
- min-height:var(--jp-widgets-inline-height,28px);max-width:100%;text-align:left;
- line-height:1.3;padding:3px 10px}
-.gpumem-panel .jupyter-button.mod-primary:disabled,
-.gpumem-panel .jupyter-button.mod-primary[disabled]{background:var(--jp-layout-color3,#bdbdbd);
- color:var(--jp-ui-font-color1,#222);box-shadow:none;opacity:.7}
-.gpumem-panel .gpumem-live{font-size:13px;padding:2px 0}
-.gpumem-panel .gpumem-cancel-bar{padding:2px 0 4px}
-.gpumem-panel .gpumem-cancel-note{font-size:12px;padding-left:8px}
-.gpumem-panel .gpumem-ok{border-left:4px solid var(--jp-success-color1,#2e7d32);padding-left:8px}
-.gpumem-panel .gpumem-bad{border-left:4px solid var(--jp-error-color1,#c62828);padding-left:8px}
-.gpumem-panel .gpumem-ask{border-left:4px solid var(--jp-warn-color1,#c77c02);padding-left:8px}
-.gpumem-panel .gpumem-run{border-left:4px solid var(--jp-brand-color1,#1976d2);padding-left:8px}
-.gpumem-panel .gpumem-why{font-size:12px;color:var(--jp-ui-font-color1,#333)}
-.gpumem-panel details summary{cursor:pointer}
-.gpumem-panel dl{margin:2px 0}.gpumem-panel dd{margin:0 0 2px 1.5em}
-"""
-    + chart.CSS
-    + devices.CSS
-    + ALLOCATIONS_CSS
-    + "</style>"
-)
-
-
-# IPython 9.8 (commit aaa5a45, "execution count more atomic") counts a cell before running it:
-# while In [5] runs, and at its pre_run_cell where the hook reads it, execution_count is already 6.
-# Before, it was 5 until the cell ended. Between cells it is the next prompt's number either way.
-_COUNTED_BEFORE_RUN = tuple(_ipython_version[:2]) >= (9, 8)
-
-
-def _prompt(execution_count: int | None) -> int | None:
-    """The In [N] of a failure, from the execution_count recorded when it failed."""
-    if execution_count is None:
-        return None
-    return execution_count - 1 if _COUNTED_BEFORE_RUN else execution_count
-
-
-def _span(first: int, last: int) -> str:
-    return f"In [{first}]" if first == last else f"In [{first}]..In [{last}]"
-
-
-def staleness(shell: Any, failed: FailedCell, latest: FailedCell | None) -> str:
-    """What changed since ``failed`` (cells that ran, a newer failure); "" when nothing did."""
-    now = getattr(shell, "execution_count", None)
-    mine = _prompt(failed.execution_count)
-    newer = latest is not None and latest is not failed
-    newer_at = _prompt(latest.execution_count) if newer and latest is not None else None
-    if newer_at is not None and not _is_cell(shell, newer_at, latest):
-        newer_at = None  # a fix's re-run failed, not a cell: it has no In [N] of its own
-    parts = []
-    if isinstance(now, int) and mine is not None and now > mine + 1:
-        last = now - 1
-        if newer_at == last:  # said on its own below
-            last -= 1
-        if last > mine:
-            n = last - mine
-            parts.append(
-                f"{n} cell{'s' if n > 1 else ''} ran since this failure ({_span(mine + 1, last)})"
-            )
-    if newer:
-        parts.append(
-            f"a newer failure is In [{newer_at}]"
-            if newer_at is not None
-            else "a newer failure came since (a fix's re-run)"
-        )
-    return "; ".join(parts)
-
-
-def _is_cell(shell: Any, prompt: int, failed: FailedCell | None) -> bool:
-    """Whether In [prompt] is the failure's own cell (and not a re-run made between cells)."""
-    history = getattr(getattr(shell, "history_manager", None), "input_hist_raw", None)
-    if failed is None or not history or not 0 < prompt < len(history):
-        return False
-    return bool(history[prompt].strip() == failed.source.strip())
 
 
 def _cell_traceback(tb: TracebackType | None, user_ns: dict[str, Any]) -> TracebackType | None:
@@ -139,7 +52,7 @@ class DiagnosisPanel:
         self.ext = ext
         self.shell = ext.shell
         self.body = W.VBox(layout=W.Layout(width="100%", min_width="0"))
-        self.widget = W.VBox([W.HTML(_STYLE), self.body], layout=W.Layout(width="100%"))
+        self.widget = W.VBox([W.HTML(STYLE), self.body], layout=W.Layout(width="100%"))
         self.widget.add_class("gpumem-panel")
         self.buttons: dict[str, W.Button] = {}
         self.status = StatusLine(kernel_id=own_kernel_id() or "")
@@ -273,20 +186,10 @@ class DiagnosisPanel:
 
     def _ask_first(self, key: str) -> bool:
         """Ask before a re-run that may not be what the user expects; whether it asked."""
-        changed = staleness(self.shell, self.failed, self.ext.hook.last_failure)
-        verdict = guard(self.failed, self.shell.user_ns)
-        if not changed and verdict.safe:
+        asked = question_before_rerun(self.shell, self.failed, self.ext.hook.last_failure)
+        if asked is None:
             return False
-        summary = " ".join(
-            ([f"{changed[0].upper()}{changed[1:]}."] if changed else [])
-            + ([verdict.summary()] if not verdict.safe else [])
-        )
-        question = (
-            verdict.question()
-            if not verdict.safe
-            else "Re-run anyway? The cell would run again on the namespace as it is now."
-        )
-        self.ask(key, summary, question)
+        self.ask(key, *asked)
         return True
 
     def ask(self, key: str, summary: str, question: str) -> None:
@@ -322,16 +225,10 @@ class DiagnosisPanel:
     def run(self, key: str) -> FixOutcome:
         """Apply one fix. Always ends with a status line and the buttons usable again."""
         fix = FIXES[key]
-        self.busy = True
-        self.log = []
-        self.confirm_box.children = ()
-        for b in self.buttons.values():
-            b.disabled = True
+        self._begin(fix.label)
         outcome = FixOutcome(fix=key, ok=False, message="")
         ended: FixOutcome | None = None  # what the fix returned, should Cancel come after it
-        self._running, self._t0 = fix.label, time.monotonic()
         ticker = Ticker(self._progress)
-        self.status.running = True  # the browser shows Cancel
         try:
             self.set_status(
                 f"Running <b>{escape(fix.label)}</b>: {_md_code(self.checks[key].action)}", "run"
@@ -340,7 +237,7 @@ class DiagnosisPanel:
             ticker.start()
             # a button's callback may run on another thread than the one that started the
             # simulated GPU (torch's modes are per thread): the re-run must see the same card
-            with simulated.on_this_thread():
+            with backends.active().on_this_thread():
                 raised: BaseException | None = None
                 with self.output:
                     try:
@@ -362,14 +259,7 @@ class DiagnosisPanel:
                 self._report(fix.label, outcome)
         except KeyboardInterrupt as exc:  # Cancel or ■: the engine undid what it could, says what
             ticker.stop()
-            if ended is not None:  # the interrupt came after the fix had ended: that stands
-                outcome = ended
-                if not self.outcomes or self.outcomes[-1] is not ended:
-                    self.outcomes.append(ended)
-                self._report(fix.label, ended)
-            else:
-                outcome = FixOutcome(fix=key, ok=False, message="cancelled")
-                self.set_status(f"✗ {_md_code(wording.cancelled_line(exc))}", "ask")
+            outcome = self._interrupted(key, fix.label, ended, exc)
         except BaseException as exc:  # never a traceback of ours, never a panel left busy
             ticker.stop()
             outcome = FixOutcome(fix=key, ok=False, message=f"{type(exc).__name__}: {exc}")
@@ -380,6 +270,29 @@ class DiagnosisPanel:
             self.busy = False
             self._enable()
         return outcome
+
+    def _begin(self, label: str) -> None:
+        """The panel busy with ``label``: buttons off, the log empty, the browser shows Cancel."""
+        self.busy = True
+        self.log = []
+        self.confirm_box.children = ()
+        for b in self.buttons.values():
+            b.disabled = True
+        self._running, self._t0 = label, time.monotonic()
+        self.status.running = True
+
+    def _interrupted(
+        self, key: str, label: str, ended: FixOutcome | None, exc: KeyboardInterrupt
+    ) -> FixOutcome:
+        """The outcome of an interrupted click: "cancelled", unless the interrupt came after the
+        fix had ended (Cancel is a click in the page and may arrive late): that result stands."""
+        if ended is not None:
+            if not self.outcomes or self.outcomes[-1] is not ended:
+                self.outcomes.append(ended)
+            self._report(label, ended)
+            return ended
+        self.set_status(f"✗ {_md_code(wording.cancelled_line(exc))}", "ask")
+        return FixOutcome(fix=key, ok=False, message="cancelled")
 
     def _report(self, label: str, outcome: FixOutcome) -> None:
         if outcome.ok:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
+
     from .gpu import SimulatedGPU
 
 
@@ -26,51 +28,73 @@ def _flat(out: Iterable[Any], tensor: type, acc: list[Any]) -> list[Any]:
     return acc
 
 
-def _size_predictors(torch: Any) -> dict[Any, Callable[[tuple[Any, ...], dict[str, Any]], int]]:
+def _shaped(shape: Iterable[int], dtype: Any) -> int:
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    return numel * dtype.itemsize
+
+
+def _strided(shape: list[int], stride: list[int], dtype: Any) -> int:
+    if any(int(s) == 0 for s in shape):
+        return 0
+    return (
+        1 + sum((int(s) - 1) * int(st) for s, st in zip(shape, stride, strict=True))
+    ) * dtype.itemsize
+
+
+def _dtype_of(kwargs: dict[str, Any], default: Any) -> Any:
+    return kwargs.get("dtype") or default
+
+
+def _fill_dtype(torch: Any, value: object) -> Any:
+    """The dtype ``torch.full`` gives its fill value when none is asked for."""
+    if isinstance(value, bool):
+        return torch.bool
+    if isinstance(value, int):
+        return torch.int64
+    if isinstance(value, complex):
+        return torch.complex128 if torch.get_default_dtype() == torch.float64 else torch.complex64
+    return torch.get_default_dtype()
+
+
+def _first_shape(args: tuple[Any, ...]) -> Any:
+    return next(a for a in args if isinstance(a, (list, tuple)))
+
+
+def _like(a: tuple[Any, ...], k: dict[str, Any]) -> int:
+    return a[0].numel() * _dtype_of(k, a[0].dtype).itemsize if a[0].is_cpu else 0
+
+
+Predictor = Callable[[tuple[Any, ...], dict[str, Any]], int]
+
+
+def _checked(predict: Predictor, strided_layout: Any) -> Predictor:
+    """``predict`` for plain memory on the card only: 0 for sparse layouts and other devices."""
+
+    def size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        device = kwargs.get("device")
+        if kwargs.get("layout", strided_layout) is not strided_layout or (
+            device is not None and device.type != "cpu"
+        ):
+            return 0  # sparse, meta: not plain memory on the card
+        return predict(args, kwargs)
+
+    return size
+
+
+def _size_predictors(torch: Any) -> dict[Any, Predictor]:
     """aten factory overload -> bytes its output will take, computed from its arguments."""
     aten, default_dtype = torch.ops.aten, torch.get_default_dtype
-
-    def shaped(shape: Iterable[int], dtype: Any) -> int:
-        numel = 1
-        for s in shape:
-            numel *= int(s)
-        return numel * dtype.itemsize
-
-    def strided(shape: list[int], stride: list[int], dtype: Any) -> int:
-        if any(int(s) == 0 for s in shape):
-            return 0
-        return (
-            1 + sum((int(s) - 1) * int(st) for s, st in zip(shape, stride, strict=True))
-        ) * dtype.itemsize
-
-    def dtype_of(kwargs: dict[str, Any], default: Any) -> Any:
-        return kwargs.get("dtype") or default
-
-    def fill_dtype(value: object) -> Any:
-        if isinstance(value, bool):
-            return torch.bool
-        if isinstance(value, int):
-            return torch.int64
-        if isinstance(value, complex):
-            return (
-                torch.complex128 if torch.get_default_dtype() == torch.float64 else torch.complex64
-            )
-        return torch.get_default_dtype()
-
-    def first_shape(args: tuple[Any, ...]) -> Any:
-        return next(a for a in args if isinstance(a, (list, tuple)))
-
-    def like(a: tuple[Any, ...], k: dict[str, Any]) -> int:
-        return a[0].numel() * dtype_of(k, a[0].dtype).itemsize if a[0].is_cpu else 0
-
-    predictors: dict[Any, Callable[[tuple[Any, ...], dict[str, Any]], int]] = {
+    shaped, strided, dtype_of = _shaped, _strided, _dtype_of
+    predictors: dict[Any, Predictor] = {
         aten.empty: lambda a, k: shaped(a[0], dtype_of(k, default_dtype())),
         aten.zeros: lambda a, k: shaped(a[0], dtype_of(k, default_dtype())),
         aten.ones: lambda a, k: shaped(a[0], dtype_of(k, default_dtype())),
         aten.rand: lambda a, k: shaped(a[0], dtype_of(k, default_dtype())),
         aten.randn: lambda a, k: shaped(a[0], dtype_of(k, default_dtype())),
-        aten.full: lambda a, k: shaped(a[0], dtype_of(k, fill_dtype(a[1]))),
-        aten.randint: lambda a, k: shaped(first_shape(a), dtype_of(k, torch.int64)),
+        aten.full: lambda a, k: shaped(a[0], dtype_of(k, _fill_dtype(torch, a[1]))),
+        aten.randint: lambda a, k: shaped(_first_shape(a), dtype_of(k, torch.int64)),
         aten.empty_strided: lambda a, k: strided(a[0], a[1], dtype_of(k, default_dtype())),
         aten.new_empty: lambda a, k: shaped(a[1], dtype_of(k, a[0].dtype)),
         aten.new_zeros: lambda a, k: shaped(a[1], dtype_of(k, a[0].dtype)),
@@ -78,33 +102,18 @@ def _size_predictors(torch: Any) -> dict[Any, Callable[[tuple[Any, ...], dict[st
         aten.new_full: lambda a, k: shaped(a[1], dtype_of(k, a[0].dtype)),
         aten.new_empty_strided: lambda a, k: strided(a[1], a[2], dtype_of(k, a[0].dtype)),
         **{
-            getattr(aten, name): like
+            getattr(aten, name): _like
             for name in (
                 "empty_like", "zeros_like", "ones_like", "full_like",
                 "rand_like", "randn_like", "randint_like",
             )
         },
     }  # fmt: skip
-    strided_layout = torch.strided
-
-    def checked(
-        predict: Callable[[tuple[Any, ...], dict[str, Any]], int],
-    ) -> Callable[[tuple[Any, ...], dict[str, Any]], int]:
-        def size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-            device = kwargs.get("device")
-            if kwargs.get("layout", strided_layout) is not strided_layout or (
-                device is not None and device.type != "cpu"
-            ):
-                return 0  # sparse, meta: not plain memory on the card
-            return predict(args, kwargs)
-
-        return size
-
     table = {}
     for packet, predict in predictors.items():
         for overload in packet.overloads():
             if not overload.endswith("out"):  # `out=` variants write into a tensor that exists
-                table[getattr(packet, overload)] = checked(predict)
+                table[getattr(packet, overload)] = _checked(predict, torch.strided)
     return table
 
 
@@ -120,6 +129,44 @@ def _return_kinds(func: Any) -> tuple[int, ...]:
         _FRESH if r.alias_info is None else _WRITTEN if r.alias_info.is_write else _VIEW
         for r in func._schema.returns
     )
+
+
+def _predicted_oom(
+    sim: SimulatedGPU, predict: Predictor, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> str | None:
+    """The OOM message for a factory whose output would not fit, before it allocates anything."""
+    try:
+        nbytes = predict(args, kwargs)
+    except Exception:  # symbolic sizes and the like: count after the fact
+        nbytes = 0
+    return sim._precheck(nbytes, args) if nbytes > 0 else None
+
+
+def _count_output(
+    sim: SimulatedGPU,
+    out: Any,
+    kinds: tuple[int, ...],
+    args: tuple[Any, ...],
+    tensor: type[torch.Tensor],
+) -> str | None:
+    """Count an op's output on ``sim``: its new storages, and those it wrote in place (which may
+    have been resized); a view is no new memory. The OOM message when it does not fit."""
+    if isinstance(out, tensor):
+        kind = kinds[0] if kinds else _FRESH
+        if kind == _VIEW:
+            return None
+        return sim._count((out,), kind == _FRESH, args)
+    if not isinstance(out, (tuple, list)):
+        return None
+    if len(kinds) == 1:  # one return, a list of tensors
+        if kinds[0] == _VIEW:
+            return None
+        return sim._count(_flat(out, tensor, []), kinds[0] == _FRESH, args)
+    message = None
+    for kind in (_FRESH, _WRITTEN):
+        part = [o for o, k in zip(out, kinds, strict=False) if k == kind]
+        message = message or sim._count(_flat(part, tensor, []), kind == _FRESH, args)
+    return message
 
 
 @functools.cache
@@ -148,36 +195,14 @@ def _counting_mode_class() -> type[Any]:
                 return func(*args, **kwargs)
             predict = predictors.get(func)
             if predict is not None:
-                try:
-                    nbytes = predict(args, kwargs)
-                except Exception:  # symbolic sizes and the like: count after the fact
-                    nbytes = 0
-                if nbytes > 0:
-                    message = sim._precheck(nbytes, args)
-                    if message is not None:
-                        raise OutOfMemoryError(message)
+                message = _predicted_oom(sim, predict, args, kwargs)
+                if message is not None:
+                    raise OutOfMemoryError(message)
             out = func(*args, **kwargs)
             kinds = kinds_of.get(func)
             if kinds is None:
                 kinds = kinds_of[func] = _return_kinds(func)
-            if isinstance(out, Tensor):
-                kind = kinds[0] if kinds else _FRESH
-                if kind == _VIEW:
-                    return out
-                message = sim._count((out,), kind == _FRESH, args)
-            elif isinstance(out, (tuple, list)):
-                message = None
-                if len(kinds) == 1:  # one return, a list of tensors
-                    if kinds[0] != _VIEW:
-                        message = sim._count(_flat(out, Tensor, []), kinds[0] == _FRESH, args)
-                else:
-                    for kind in (_FRESH, _WRITTEN):
-                        part = [o for o, k in zip(out, kinds, strict=False) if k == kind]
-                        message = message or sim._count(
-                            _flat(part, Tensor, []), kind == _FRESH, args
-                        )
-            else:
-                return out
+            message = _count_output(sim, out, kinds, args, Tensor)
             if message is not None:
                 del out  # the allocation failed: its output must not outlive the error
                 raise OutOfMemoryError(message)
