@@ -12,6 +12,7 @@ import contextlib
 import gc
 import hashlib
 import re
+from typing import Any
 
 from .. import backends
 from ..backends import _torch
@@ -121,26 +122,7 @@ class ReduceBatch(Fix):
         real run, bisecting below the failure."""
         check = self.check(ctx)
         finding = _finding(ctx)
-        source = ctx.failed.source
-        d = ctx.failed.diagnosis
-        report = ctx.failed.report
-        gc.collect()
-        search = BatchSearch(
-            capacity_bytes=capacity_bytes() or 0,
-            # what stays resident across runs (the failed run's own variables are gone by now)
-            baseline_bytes=_reserved_now(),
-            min_batch=ctx.min_batch,
-            max_batch=finding.value - 1,
-        )
-        search.observe(
-            Observation(
-                batch=finding.value,
-                fit=False,
-                peak_bytes=None,
-                requested_bytes=report.requested_bytes,
-                allocated_at_failure_bytes=d.allocated_bytes if d else report.allocated_bytes,
-            )
-        )
+        search = _start_search(ctx, finding)
         attempts: list[Attempt] = []
         outcome = FixOutcome(
             fix=self.key,
@@ -152,33 +134,18 @@ class ReduceBatch(Fix):
         accumulate = None
         final: RunResult | None = None
         rehearse = True
-        extended = False
         budget = ctx.max_runs + 1
         probe = _ReservedPeak()
         while len(attempts) < budget and final is None:
             b = search.next_batch() if len(attempts) < budget - 1 else None
             real = b is None or not rehearse
+            b = search.best() if b is None else b
             if b is None:
-                b = search.best()
-                if b is None:
-                    break
+                break
             if real:
-                accumulate = accumulation_plan(source, finding, b) if ctx.accumulate else None
-                if accumulate is not None:
-                    plan = Plan(accumulate.source, batch=b, note="with gradient accumulation")
-                else:
-                    new_source, updates = apply_batch(source, finding, b)
-                    plan = Plan(new_source, namespace_updates=updates, batch=b)
+                plan, accumulate = _real_plan(ctx, finding, b)
             else:
-                new_source, updates = apply_batch(source, finding, b)
-                plan = Plan(new_source, namespace_updates=updates, batch=b, rehearsal=True)
-
-                def settles(result: RunResult, b: int = b) -> bool:
-                    # it ran whole: keep it if it is the run the search would settle on
-                    search.observe(Observation(b, True, _need(result, probe), log=probe.log))
-                    return search.next_batch() is None and search.best() == b and not ctx.accumulate
-
-                plan.keep = settles
+                plan = _rehearsal_plan(ctx, finding, b, search, probe)
             plan.contexts.append(probe)
             result, attempt = self._run(ctx, plan)
             attempts.append(attempt)
@@ -189,28 +156,14 @@ class ReduceBatch(Fix):
                     search.observe(Observation(b, True, _need(result, probe), log=probe.log))
             else:
                 last_failure = result.failure
-                r = result.failure.report if result.failure else None
-                dd = result.failure.diagnosis if result.failure else None
-                search.observe(
-                    Observation(
-                        b,
-                        False,
-                        None,  # only fits give peaks: a failed run's peak is not its need
-                        requested_bytes=r.requested_bytes if r else None,
-                        allocated_at_failure_bytes=dd.allocated_bytes if dd else None,
-                    )
-                )
-                if real:
+                search.observe(_failed(b, result))
+                if real and rehearse:
+                    # rehearsals cannot see what a later phase needs (epoch 2, a test() with
+                    # its own batch): real runs decide now, bisecting, with a few more allowed
                     rehearse = False
                     search.bisect_from_now()
-                    if not extended:
-                        # rehearsals cannot see what a later phase needs (epoch 2, a test()
-                        # with its own batch): real runs decide now, with a few more allowed
-                        budget = max(budget, len(attempts) + _REAL_RETRIES)
-                        extended = True
-        best = attempts[-1].batch if final is not None else None
-        outcome.batch = best
-        if best is None or final is None:
+                    budget = max(budget, len(attempts) + _REAL_RETRIES)
+        if final is None:
             outcome.failure = last_failure
             outcome.message = (
                 f"Even batch {ctx.min_batch} does not fit: reducing the batch is not enough."
@@ -218,29 +171,7 @@ class ReduceBatch(Fix):
                 else f"No batch fitted for the whole run in {len(attempts)} runs."
             )
             return outcome
-        outcome.ok = True
-        ctx.remembered[cell_key(source)] = best
-        outcome.message = f"Fits at batch {best} (was {finding.value}), {outcome.peak_text()}."
-        if finding.evidence:
-            outcome.notes.append(f"The batch: {finding.evidence}.")
-        outcome.change = describe_change(finding, best)
-        if accumulate is not None:
-            outcome.new_source = accumulate.source
-            outcome.change = "use the cell below (gradient accumulation keeps the effective batch)"
-            outcome.notes.append(accumulate.explanation)
-            return outcome
-        plan_acc = accumulation_plan(source, finding, best)
-        if plan_acc is not None:
-            outcome.notes.append(
-                plan_acc.explanation
-                + f" To keep the effective batch: `%gpumem retry batch --accumulate` "
-                f"(it searches again and may settle on another batch than {best})."
-            )
-        elif not _EVALUATION.search(finding.sites[0].name):
-            outcome.notes.append(
-                f"The effective batch changed from {finding.value} to {best}: "
-                "tune the learning rate if this is training."
-            )
+        _settled(ctx, finding, outcome, attempts[-1].batch or 0, accumulate)
         return outcome
 
     def _run(self, ctx: FixContext, plan: Plan) -> tuple[RunResult, Attempt]:
@@ -253,3 +184,95 @@ class ReduceBatch(Fix):
             start = f"from {format_bytes(resident)} resident"
             plan.note = f"{plan.note}, {start}" if plan.note else start
         return self.run_once(ctx, plan)
+
+
+def _start_search(ctx: FixContext, finding: BatchFinding) -> BatchSearch:
+    """The search, knowing the card, what stays resident and the run that failed."""
+    d = ctx.failed.diagnosis
+    report = ctx.failed.report
+    gc.collect()
+    search = BatchSearch(
+        capacity_bytes=capacity_bytes() or 0,
+        # what stays resident across runs (the failed run's own variables are gone by now)
+        baseline_bytes=_reserved_now(),
+        min_batch=ctx.min_batch,
+        max_batch=finding.value - 1,
+    )
+    search.observe(
+        Observation(
+            batch=finding.value,
+            fit=False,
+            peak_bytes=None,
+            requested_bytes=report.requested_bytes,
+            allocated_at_failure_bytes=d.allocated_bytes if d else report.allocated_bytes,
+        )
+    )
+    return search
+
+
+def _real_plan(ctx: FixContext, finding: BatchFinding, b: int) -> tuple[Plan, Any]:
+    """The run that counts, at ``b`` (with gradient accumulation where asked and possible)."""
+    source = ctx.failed.source
+    accumulate = accumulation_plan(source, finding, b) if ctx.accumulate else None
+    if accumulate is not None:
+        return Plan(accumulate.source, batch=b, note="with gradient accumulation"), accumulate
+    new_source, updates = apply_batch(source, finding, b)
+    return Plan(new_source, namespace_updates=updates, batch=b), None
+
+
+def _rehearsal_plan(
+    ctx: FixContext, finding: BatchFinding, b: int, search: BatchSearch, probe: _ReservedPeak
+) -> Plan:
+    """A rehearsal at ``b``; kept as the real run if it ran whole and the search settles on it."""
+    new_source, updates = apply_batch(ctx.failed.source, finding, b)
+    plan = Plan(new_source, namespace_updates=updates, batch=b, rehearsal=True)
+
+    def settles(result: RunResult) -> bool:
+        search.observe(Observation(b, True, _need(result, probe), log=probe.log))
+        return search.next_batch() is None and search.best() == b and not ctx.accumulate
+
+    plan.keep = settles
+    return plan
+
+
+def _failed(b: int, result: RunResult) -> Observation:
+    r = result.failure.report if result.failure else None
+    d = result.failure.diagnosis if result.failure else None
+    return Observation(
+        b,
+        False,
+        None,  # only fits give peaks: a failed run's peak is not its need
+        requested_bytes=r.requested_bytes if r else None,
+        allocated_at_failure_bytes=d.allocated_bytes if d else None,
+    )
+
+
+def _settled(
+    ctx: FixContext, finding: BatchFinding, outcome: FixOutcome, best: int, accumulate: Any
+) -> None:
+    """The outcome of a search that settled on ``best``: the message, the change, the notes."""
+    source = ctx.failed.source
+    outcome.ok = True
+    outcome.batch = best
+    ctx.remembered[cell_key(source)] = best
+    outcome.message = f"Fits at batch {best} (was {finding.value}), {outcome.peak_text()}."
+    if finding.evidence:
+        outcome.notes.append(f"The batch: {finding.evidence}.")
+    outcome.change = describe_change(finding, best)
+    if accumulate is not None:
+        outcome.new_source = accumulate.source
+        outcome.change = "use the cell below (gradient accumulation keeps the effective batch)"
+        outcome.notes.append(accumulate.explanation)
+        return
+    plan_acc = accumulation_plan(source, finding, best)
+    if plan_acc is not None:
+        outcome.notes.append(
+            plan_acc.explanation
+            + f" To keep the effective batch: `%gpumem retry batch --accumulate` "
+            f"(it searches again and may settle on another batch than {best})."
+        )
+    elif not _EVALUATION.search(finding.sites[0].name):
+        outcome.notes.append(
+            f"The effective batch changed from {finding.value} to {best}: "
+            "tune the learning rate if this is training."
+        )
