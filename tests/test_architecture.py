@@ -1,8 +1,10 @@
 """The codebase as docs/architecture.md describes it: every module listed, the public names pinned,
-the simulated GPU a double that leaves torch as it found it."""
+no module over 400 lines nor function over 60, the simulated GPU a double that leaves torch as it
+found it."""
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -29,6 +31,25 @@ def test_every_module_is_on_the_architecture_page() -> None:
     gone = sorted(listed - _modules())
     assert not missing, f"modules not on docs/architecture.md: {missing}"
     assert not gone, f"docs/architecture.md lists modules that do not exist: {gone}"
+
+
+# A module that does one job reads in one sitting; a function that does one thing fits a screen.
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_module_or_function_past_its_size() -> None:
+    too_long: list[str] = []
+    for name in sorted(_modules()):
+        source = (ROOT / name).read_text(encoding="utf-8")
+        if source.count("\n") > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{name}: {node.name} is {length} lines")
+    assert not too_long, too_long
 
 
 def test_public_names_are_pinned() -> None:
