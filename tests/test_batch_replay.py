@@ -218,3 +218,14 @@ def test_torch_history_read_into_a_size_log() -> None:
     assert sorted(log.resident) == [1024, 2000]  # the block at 3048 was allocated in the run
     assert log.complete
     assert not size_log_from_snapshot(snapshot, 0, max_events=5).complete
+
+
+def test_largest_sees_past_a_bump_in_the_need() -> None:
+    """One tensor of 1 KiB a sample: a 2 MiB block up to 1024 samples, a 20 MiB block up to 10 MiB,
+    then its own block rounded to 2 MiB. Within 15 MiB: up to 1024, and again from 10240 to
+    14336; bisection over the whole range would stop at 1024."""
+    replay = Replay(((0.0, 1024.0),), SizeLog(events=[(0, 1024)], allocations=1), 0, "test")
+    assert replay.need(1024) == 2 * MiB and replay.need(5000) == 20 * MiB
+    assert replay.need(12000) == 12 * MiB
+    assert replay.largest(15 * MiB, 1, 20000) == 14336
+    assert replay.largest(15 * MiB, 1, 9000) == 1024

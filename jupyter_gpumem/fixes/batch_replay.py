@@ -24,9 +24,10 @@ with the same arithmetic; on CUDA, the cache and fragmentation the arithmetic le
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from ..backends.allocator import Pools, SizeLog
+from ..backends.allocator import MIN_LARGE_ALLOC, Pools, SizeLog
 
 __all__ = ["MIN_PRIME_BATCH", "Replay", "is_prime", "prime_at_most"]
 
@@ -101,10 +102,28 @@ class Replay:
         return peak + self.offset
 
     def largest(self, budget: float, lo: int, hi: int) -> int:
-        """The largest batch in ``[lo, hi)`` whose need is within ``budget`` (``lo`` if none);
-        by bisection (the need grows with the batch, up to the allocator's pool changes)."""
+        """The largest batch in ``[lo, hi)`` whose need is within ``budget`` (``lo`` if none).
+
+        The need is not monotonic: where a tensor passes 10 MiB it leaves the shared 20 MiB
+        blocks for a block of its own, and the total can drop (the benchmark's convnet needs
+        126 MiB at 832 and at 896, more at 839). Between two such crossings it only grows. So the
+        range is cut at every crossing, the segments tried from the top, and the need bisected
+        in the highest segment that starts within the budget."""
         if self.need(lo) > budget:
             return lo
+        starts = {lo}
+        for base, k in self.sizes:
+            if k > 0:
+                at = math.ceil((MIN_LARGE_ALLOC - 512 - base) / k)
+                starts.update(c for c in (at - 1, at, at + 1) if lo < c < hi)
+        edges = sorted(starts)
+        for start, end in reversed(list(zip(edges, [*edges[1:], hi], strict=True))):
+            if self.need(start) <= budget:
+                return self._bisect(budget, start, end)
+        return lo
+
+    def _bisect(self, budget: float, lo: int, hi: int) -> int:
+        """``lo`` fits the budget: the largest that does below ``hi``, if the need grows."""
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if self.need(mid) <= budget else (lo, mid)
