@@ -1,6 +1,12 @@
 """Search for the largest batch that fits, with a memory model instead of blind halving.
 
-The model is ``need(b) = max(fixed, base + k*b)``: a fixed peak (often the optimizer step) that
+Where the runs logged their allocations (``Observation.log``), the model is a replay of them at
+another batch through the allocator's arithmetic (``batch_replay.py``): the search aims at the
+largest batch whose replayed need leaves 1% of the card, and stops once a fit is within 96% of the
+largest the replay allows. The first probe is a prime for it (one fit is then enough). A replay
+that says a batch that failed would fit is wrong, and the line model below takes over.
+
+The line model is ``need(b) = max(fixed, base + k*b)``: a fixed peak (often the optimizer step) that
 dominates at small batches, and a line (weights, grads, then ``k`` bytes of activations per sample).
 What each run tells us:
 
