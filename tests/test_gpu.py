@@ -85,3 +85,72 @@ def test_autocast_and_cpu_fixes_on_a_capped_card(shell) -> None:  # type: ignore
     shell.run_cell("%gpumem retry cpu")
     assert next(shell.user_ns["model"].parameters()).device.type == "cpu"
     shell.run_cell("%gpumem limit off")
+
+
+def test_reduce_batch_replays_a_real_cards_allocations(shell, capsys) -> None:  # type: ignore[no-untyped-def]
+    """torch's allocation history read into a SizeLog on a real card; the replay of a run at a
+    prime batch against the reserved peak the card measures at other batches (printed: how close
+    the allocator's arithmetic comes on CUDA, with its cache); `%gpumem retry batch` on a card
+    capped to 2 GiB, its runs and batch printed."""
+    import re
+
+    import torch
+    import torch.nn.functional as F
+
+    from jupyter_gpumem import backends
+    from jupyter_gpumem.fixes.batch_replay import Replay
+
+    torch.zeros(1, device="cuda")
+    with backends.active().record_sizes() as log:
+        keep = torch.ones(1000, device="cuda")
+    assert log is not None and log.complete and any(s in (4000, 4096) for s in log.sizes())
+    del keep
+
+    def run(batch: int) -> tuple[int, object]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(512, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 10)
+        ).cuda()
+        opt = torch.optim.Adam(model.parameters())
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        with backends.active().record_sizes() as log:
+            for _ in range(2):
+                x = torch.randn(batch, 512, device="cuda")
+                loss = F.cross_entropy(model(x), torch.randint(0, 10, (batch,), device="cuda"))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            del x, loss, opt, model
+        return torch.cuda.memory_stats()["reserved_bytes.all.peak"], log
+
+    peak, log = run(1021)
+    replay = Replay.from_runs([(1021, peak, log)])  # type: ignore[list-item]
+    assert replay is not None
+    for batch in (2048, 4099, 8192):
+        measured = run(batch)[0]
+        predicted = replay.need(batch)
+        print(
+            f"\nbatch {batch}: measured {measured / 2**20:.0f} MiB, replay {predicted / 2**20:.0f}"
+        )
+        assert abs(predicted - measured) <= 0.15 * measured
+
+    shell.run_cell("import torch, torch.nn.functional as F; torch.zeros(1, device='cuda')")
+    shell.run_cell("%gpumem limit 2GiB")
+    shell.run_cell(
+        "model = torch.nn.Sequential(torch.nn.Linear(512, 4096), torch.nn.ReLU(),"
+        " torch.nn.Linear(4096, 10)).cuda()\nopt = torch.optim.Adam(model.parameters())"
+    )
+    cell = (
+        "batch_size = 262144\nfor step in range(2):\n"
+        "    x = torch.randn(batch_size, 512, device='cuda')\n"
+        "    loss = F.cross_entropy(model(x), torch.randint(0, 10, (batch_size,), device='cuda'))\n"
+        "    opt.zero_grad(); loss.backward(); opt.step()\n"
+    )
+    assert not shell.run_cell(cell).success
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry batch")
+    out = capsys.readouterr().out
+    print(out)
+    assert re.search(r"Fits at batch \d+ \(was 262144\)", out), out
+    shell.run_cell("%gpumem limit off")
