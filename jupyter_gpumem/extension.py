@@ -241,6 +241,7 @@ class Extension:
             note = "A cell that launches the training on several GPUs:\n" + ready
             if note not in d.notes:
                 d.notes.append(note)
+        # the one run of the fixes' checks for this OOM: the text's lines and the panel's buttons
         checks = check_all(self.shell, failed, Options(), self.remembered)
         batch = checks.get("batch")
         if batch is not None and batch.applies:
@@ -249,7 +250,7 @@ class Extension:
         if self.widgets_available():
             from .ui.panel import show_panel
 
-            self.panel = show_panel(self, failed, display, text)
+            self.panel = show_panel(self, failed, display, text, checks)
             return
         if self.settings.display == "text":
             print(text, file=sys.stdout)

@@ -117,6 +117,45 @@ def test_guard_asks_inside_the_panel(shell: Any) -> None:
     assert "Fits at batch" in panel.status.value
 
 
+def test_each_fix_is_checked_once_per_oom(shell: Any, monkeypatch: Any, capsys: Any) -> None:
+    """The text diagnosis and the panel's buttons come from one run of the fixes' checks: an OOM
+    through the hook (a kernel with widgets) checks each fix once, not once for the text and again
+    for the panel. A panel built without checks still runs them itself."""
+    from jupyter_gpumem.fixes import FIXES
+    from jupyter_gpumem.ui.panel import DiagnosisPanel
+
+    calls = dict.fromkeys(FIXES, 0)
+
+    def counting(key: str, check: Any) -> Any:
+        def counted(self: Any, ctx: Any) -> Any:
+            calls[key] += 1
+            return check(self, ctx)
+
+        return counted
+
+    for key, fix in FIXES.items():
+        monkeypatch.setattr(type(fix), "check", counting(key, type(fix).check))
+    ext = jupyter_gpumem._extension_for(shell)
+    monkeypatch.setattr(ext, "widgets_available", lambda: True)  # as under ipykernel
+    shell.run_cell("%gpumem simulate 64MiB")
+    shell.run_cell(SETUP)
+    assert calls == dict.fromkeys(FIXES, 0)
+    shell.run_cell(CELL)
+    failure = ext.hook.last_failure
+    assert failure is not None and ext.panel is not None, capsys.readouterr()
+    assert ext.panel.failed is failure
+    assert calls == dict.fromkeys(FIXES, 1), calls
+    # the buttons say what the text said: the same checks
+    text = capsys.readouterr().out
+    assert "%gpumem retry batch" in text and not ext.panel.buttons["batch"].disabled
+    for key, check in ext.panel.checks.items():
+        assert ext.panel.buttons[key].disabled is (not check.applies)
+    # other callers (a panel built by hand) still get the checks run for them
+    panel = DiagnosisPanel(ext, failure)
+    assert calls == dict.fromkeys(FIXES, 2), calls
+    assert set(panel.checks) == set(FIXES)
+
+
 def test_buttons_say_whether_they_are_enough_and_the_primary_one_is(shell: Any) -> None:
     shell.run_cell("%gpumem simulate 160MiB")
     shell.run_cell(SETUP)

@@ -46,9 +46,15 @@ def _cell_traceback(tb: TracebackType | None, user_ns: dict[str, Any]) -> Traceb
 
 
 class DiagnosisPanel:
-    """``DiagnosisPanel(ext, failed).widget`` is shown under the failed cell's traceback."""
+    """``DiagnosisPanel(ext, failed).widget`` is shown under the failed cell's traceback.
 
-    def __init__(self, ext: Any, failed: FailedCell) -> None:
+    ``checks`` are the fixes' checks for ``failed`` when the caller already ran them (the
+    extension does, for the text diagnosis): each fix's check runs once per OOM. Without them the
+    panel runs the checks itself."""
+
+    def __init__(
+        self, ext: Any, failed: FailedCell, checks: dict[str, Check] | None = None
+    ) -> None:
         self.ext = ext
         self.shell = ext.shell
         self.body = W.VBox(layout=W.Layout(width="100%", min_width="0"))
@@ -63,16 +69,20 @@ class DiagnosisPanel:
         self.outcomes: list[FixOutcome] = []
         self.busy = False
         self._running, self._t0 = "", time.monotonic()  # the fix in progress, since when
-        self.show(failed)
+        self.show(failed, checks)
 
     # ---- content ---------------------------------------------------------------------------------
 
-    def show(self, failed: FailedCell) -> None:
-        """(Re)draw for a failure: the first one, or the OOM of a fix that did not fit."""
+    def show(self, failed: FailedCell, checks: dict[str, Check] | None = None) -> None:
+        """(Re)draw for a failure: the first one, or the OOM of a fix that did not fit.
+
+        ``checks``: the fixes' checks for this failure if already run, else they run here."""
         self.failed = failed
         d = failed.diagnosis
         assert d is not None
-        self.checks = check_all(self.shell, failed, Options(), self.ext.remembered)
+        if checks is None:
+            checks = check_all(self.shell, failed, Options(), self.ext.remembered)
+        self.checks = checks
         shown, folded = for_display(d)
         self.allocations = AllocatedBy(d, self.shell, self.set_status)
         if d.allocated_lines:  # the table below says it with numbers and bars
@@ -351,11 +361,16 @@ class DiagnosisPanel:
 
 
 def show_panel(
-    ext: Any, failed: FailedCell, display: Callable[..., Any], text: str
+    ext: Any,
+    failed: FailedCell,
+    display: Callable[..., Any],
+    text: str,
+    checks: dict[str, Check] | None = None,
 ) -> DiagnosisPanel:
     """Display the panel with the text and HTML diagnosis beside it in the same output, so a
-    front end without widgets (nbconvert, a saved notebook on GitHub) still shows the diagnosis."""
-    panel = DiagnosisPanel(ext, failed)
+    front end without widgets (nbconvert, a saved notebook on GitHub) still shows the diagnosis.
+    ``checks``: the ones the text was written from, so the fixes are not checked again."""
+    panel = DiagnosisPanel(ext, failed, checks)
     bundle = dict(panel.widget._repr_mimebundle_() or {})
     bundle["text/plain"] = text
     assert failed.diagnosis is not None
