@@ -1,6 +1,7 @@
 """The prebuilt ``jupyter-gpumem`` lab extension (labextension/ built into jupyter_gpumem/labextension)
 in a real JupyterLab 4, in Chromium through Playwright: the status-bar meter moves while a cell
-allocates on a simulated GPU, the command opens the sidebar, Apply to cell edits the cell.
+allocates on a simulated GPU, shows both of two simulated GPUs and marks the one that ran out, the
+command opens the sidebar, Apply to cell edits the cell.
 
 JupyterLab loads the extension from this checkout (``--LabApp.extra_labextensions_path`` naming a
 folder with a ``jupyter-gpumem`` link to it), as it would from
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -105,6 +107,24 @@ def test_meter_sample_is_json_in_bytes():
     # no driver number (torch only): the allocator's reserved bytes stand for "used"
     assert meter_module.sample(snapshot(reserved_bytes=5, allocated_bytes=2))["used_bytes"] == 5
     assert meter_module.sample(snapshot())["error"] == "no GPU reading in this kernel"
+
+
+def test_meter_sample_lists_every_gpu_and_the_last_oom_device():
+    gpu0 = snapshot(total_bytes=4 << 30, used_bytes=1 << 30, allocated_bytes=5, reserved_bytes=6)
+    gpu1 = replace(gpu0, device_index=1, used_bytes=None, reserved_bytes=3 << 30, title="B")
+    data = meter_module.sample(replace(gpu0, devices=(gpu0, gpu1)), oom_device=1)
+    assert [(d["device_index"], d["used_bytes"], d["total_bytes"]) for d in data["devices"]] == [
+        (0, 1 << 30, 4 << 30), (1, 3 << 30, 4 << 30),  # no driver number: reserved stands for used
+    ]  # fmt: skip
+    assert data["devices"][1]["title"] == "B"
+    assert data["devices"][0]["allocated_bytes"] == 5
+    assert data["oom_device"] == 1
+    assert json.loads(json.dumps(data)) == data
+    # one GPU: the list holds it alone; no OOM yet, or no extension loaded: nothing marked
+    one = meter_module.sample(gpu0)
+    assert [d["device_index"] for d in one["devices"]] == [0]
+    assert one["oom_device"] is None
+    assert meter_module.oom_device(SimpleNamespace()) is None
 
 
 def run_collecting(kc, code: str, timeout: float = 60) -> list[dict]:
@@ -231,6 +251,53 @@ def test_meter_shows_and_moves_while_a_cell_allocates(open_notebook):
     assert len(during) >= 2, seen
     assert all(re.fullmatch(r"GPU \d\.\d/4\.0 GiB", t) for t in seen), seen
     expect(meter(page)).to_have_text("GPU 1.3/4.0 GiB", timeout=T_RUN)
+
+
+START_2 = """\
+%load_ext jupyter_gpumem
+%gpumem simulate 64MiB --devices 2
+import jupyter_gpumem.meter as gpumem_meter
+gpumem_meter.start(get_ipython())
+"""
+ON_CUDA_1 = """\
+import torch
+on_1 = torch.empty(32 << 20, dtype=torch.uint8, device="cuda:1")
+print("allocated on cuda:1")  # (the simulated GPU keeps it on the CPU)
+"""
+TOO_BIG_ON_1 = 'too_big = torch.empty(48 << 20, dtype=torch.uint8, device="cuda:1")'
+
+
+@in_lab
+def test_meter_shows_every_gpu_and_marks_the_one_that_ran_out(open_notebook):
+    page = open_notebook("meter2.ipynb", [START_2, ON_CUDA_1, TOO_BIG_ON_1])
+    expect(meter(page)).to_have_text("GPU –", timeout=T_LONG)
+    run_cell(page, 0)
+    # two 64 MiB cards, no card reaching 1 GiB: both in MiB, one unit at the end
+    expect(meter(page)).to_have_text("GPU0 0/64 · GPU1 0/64 MiB", timeout=T_RUN)
+    devices = meter(page).locator(".jp-gpumem-device")
+    expect(devices).to_have_count(2)
+    title = meter(page).get_attribute("title") or ""
+    assert title.startswith("2 GPUs (simulated)"), title
+    assert "GPU 0 (current device)" in title and "GPU 1" in title, title
+
+    cell = run_cell(page, 1)
+    expect(outputs(cell).first).to_have_text("allocated on cuda:1\n", timeout=T_RUN)
+    expect(meter(page)).to_have_text("GPU0 0/64 · GPU1 32/64 MiB", timeout=T_RUN)
+    expect(meter(page)).to_have_attribute(
+        "title", re.compile(r"GPU 1\n  used on the device: 32\.0 MiB of 64\.0 MiB \(50%\)")
+    )
+    expect(meter(page)).to_have_attribute(
+        "title", re.compile(r"GPU 0 \(current device\)\n  used on the device: 0 B of 64\.0 MiB")
+    )
+    assert meter(page).get_attribute("data-devices") == "2"
+    expect(devices.nth(1)).to_have_attribute("data-oom", "false")
+
+    # 32 + 48 MiB on a 64 MiB card 1: an OOM there, and the meter marks GPU 1
+    run_cell(page, 2)
+    expect(meter(page)).to_have_text("GPU0 0/64 · ⚠GPU1 32/64 MiB", timeout=T_RUN)
+    expect(devices.nth(1)).to_have_attribute("data-oom", "true")
+    expect(devices.nth(0)).to_have_attribute("data-oom", "false")
+    expect(meter(page)).to_have_attribute("title", re.compile("⚠ the last OOM ran out here"))
 
 
 # --------------------------------------------------------------------------- #
