@@ -13,8 +13,12 @@ namespace, the functions and methods defined in the notebook that the cell calls
 ``global`` name for the global; a call before the failing line ran all of its body, the failing call
 ran up to its own failing line when ``failed_frames`` names it, else all of it may have.
 
-Limits, by design: which branch of an ``if`` ran is unknown, so both count; ``obj.add(x)`` or
-``t.sort()`` count as mutations even where the receiver's type makes them pure; aliasing is followed
+Which branch of an ``if`` ran is read from the values its names hold at the failure where that is
+certain (``guard_branch``: a test of names, constants and operators, none of whose names anything
+may have rebound since, in the failing pass); elsewhere both branches count.
+
+Limits, by design: ``obj.add(x)`` or ``t.sort()`` count as mutations even where the receiver's
+type makes them pure; aliasing is followed
 only through plain names, attributes, items, views and bound methods (``w = model.weight``,
 ``add = L.append``), not through containers; a pre-existing name passed to a call (``crit(out, y)``)
 is taken to carry state into the result, so a ``.backward()`` with no ``zero_grad()`` is counted
@@ -80,7 +84,9 @@ def analyse_rerun(
         if namespace is not None:
             walker.reach = Reach(namespace)
             walker.frames = tuple((str(q), int(n)) for q, n in failed_frames or ())
-        walker.block(calls.GlobalsAsNames().visit(tree).body)
+        walker.root = calls.GlobalsAsNames().visit(tree).body
+        walker.ipython = cellsource.read(source).changed
+        walker.block(walker.root)
     except Exception as exc:  # fail closed: a cell we cannot read is one we ask about
         why = f"could not read the cell ({type(exc).__name__}); re-running may repeat its effects"
         return unknown(limit, why)

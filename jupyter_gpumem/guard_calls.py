@@ -42,6 +42,7 @@ class NotebookFunction:
     key: int  # id of its code object: a function already being walked is not walked again
     local: frozenset[str]  # parameters and names it binds, less those it declares global
     declared: frozenset[str]  # names it declares ``global``
+    free: frozenset[str] = frozenset()  # names of the functions around it (a closure's cells)
 
     def file_line(self, lineno: int) -> int:
         """A line of ``node`` as a line of its cell."""
@@ -181,7 +182,7 @@ def _read(obj: FunctionType) -> NotebookFunction | None:
     GlobalsAsNames().visit(node)
     lines = cellsource.lines(source)
     return NotebookFunction(obj.__qualname__, node, lines, max(first, 1), id(obj.__code__),
-                            local, declared)  # fmt: skip
+                            local, declared, frozenset(obj.__code__.co_freevars))  # fmt: skip
 
 
 def _is_class(obj: Any) -> bool:

@@ -72,6 +72,11 @@ class CallReader:
         self.values: dict[str, Any] = {}  # parameter -> the object the caller passed
         self.depth = 0
         self.active: frozenset[int] = frozenset()  # functions being walked, outermost first
+        # which branch of an `if` ran (``guard_branch``): the body walked, the finished loops
+        # around the walk's point (their first lines), the lines IPython syntax rewrote
+        self.root: list[ast.stmt] = []
+        self.loops: list[int] = []
+        self.ipython: frozenset[int] = frozenset()
 
     # ---- names
 

@@ -62,6 +62,8 @@ class Reach:
     namespace: Mapping[str, Any]
     cache: dict[int, NotebookFunction | None] = field(default_factory=dict)
     walks: int = 0  # function bodies walked so far
+    rebound: frozenset[str] | None = None  # globals notebook code may rebind (None: any)
+    rebound_read: bool = False  # ``rebound`` was read
 
 
 DEPTH = 5  # calls followed into notebook code, one inside another

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 
 from . import guard_calls as calls
+from .guard_branch import taken
 from .guard_calls import MISSING, Callee, is_globals
 from .guard_effects import CallReader
 from .guard_state import DEPTH, WALKS, State
@@ -57,7 +58,8 @@ class Walker(CallReader):
             if failing:
                 in_else = bool(s.orelse) and lim >= s.orelse[0].lineno
                 return self.block(s.orelse if in_else else s.body)
-            self.branches([s.body, s.orelse])
+            ran = taken(self, s)  # the branch the values at the failure say ran; None: either
+            self.branches([s.body, s.orelse] if ran is None else [s.body if ran else s.orelse])
         elif isinstance(s, (ast.With, ast.AsyncWith)):
             if failing and lim < s.body[0].lineno:
                 return True  # entering failed: the body never ran
@@ -109,7 +111,10 @@ class Walker(CallReader):
             self.bind(s.target, s.iter, iterates=True)
         if not first:
             self.st.zeroed |= any(zeroes(n) for b in s.body for n in ast.walk(b))
+        finished = [] if first else [s.lineno]  # its lines may have run after any of them
+        self.loops += finished
         self.block(s.body)
+        del self.loops[len(self.loops) - len(finished) :]
         if first:
             return True
         self.full -= around
@@ -305,7 +310,7 @@ class Walker(CallReader):
             inner = Walker(fn.lines, pre - fn.local, limit, self.earlier)
             inner.reach, inner.fn, inner.gpre, inner.frames = reach, fn, pre, below
             inner.depth, inner.active = self.depth + 1, self.active | {fn.key}
-            inner.st.zeroed = self.st.zeroed
+            inner.st.zeroed, inner.root = self.st.zeroed, fn.node.body
             self.pass_args(c, callee, inner)
             inner.block(fn.node.body)
         except Exception:  # a function we cannot read is a call we do not look into

@@ -5,7 +5,8 @@ expected as ``(line, kind, name)``. Decided here: a name the cell binds from scr
 the re-run; a line after the failing one counts only inside a loop around it; the failing statement's
 own effect did not happen, except ``X.step()`` / ``.backward()``, which may have run part way;
 with ``earlier_passes=False`` a loop around the failing line ran only up to it; given the namespace,
-notebook functions the cell calls are read, up to their own failing line when a frame names it.
+notebook functions the cell calls are read, up to their own failing line when a frame names it, and
+an ``if`` whose plain test the values at the failure answer counts only the branch that ran.
 """
 
 from __future__ import annotations
@@ -856,3 +857,197 @@ def test_notebook_functions_in_a_real_shell(bare_shell: Any) -> None:
         namespace=bare_shell.user_ns,
     )
     assert effects(v) == {(1, "append", "history")}
+
+
+# ---- which branch of an `if` ran, from the values at the failure ----------------------------------
+
+SAVE = """\
+lr = 0.1
+if iter_num > 0:
+    torch.save(model, path)
+else:
+    history.append(lr)
+y = model(x)
+"""
+SAVE_NAMES = {"iter_num", "torch", "model", "path", "history", "x"}
+
+
+def branch(
+    cell: str, failed: int, values: dict[str, Any], earlier: bool | None = False
+) -> set[Any]:
+    """The effects found, given the namespace at the failure: ``values``, every one pre-existing."""
+    ns = {"__name__": "__main__", **values}
+    return effects(called(cell, failed, ns, set(values), earlier=earlier))
+
+
+def saves(found: set[tuple[int, str, str]]) -> bool:
+    return any(kind == "file_write" for _, kind, _ in found)
+
+
+def test_a_branch_not_taken_at_the_failure_did_not_run() -> None:
+    # (a type alias in the namespace passes for a class with isinstance: it reads as nothing)
+    ns = dict.fromkeys(SAVE_NAMES, None) | {"iter_num": 0, "history": [], "Ids": list[int]}
+    assert branch(SAVE, 6, ns) == {(5, "append", "history")}  # the else ran, not the save
+    # with earlier passes unknown, a test outside any loop ran once all the same
+    assert branch(SAVE, 6, ns, earlier=None) == {(5, "append", "history")}
+    # taken: the save ran and counts, the else did not run
+    ns["iter_num"] = 3
+    assert branch(SAVE, 6, ns) == {(3, "file_write", "torch.save(model, path)")}
+    # elif chains, boolean operators, arithmetic, `in`, `is None`, constants
+    cell = (
+        "if iter_num % 2 == 0 and not done or mode in ('a', 'b'):\n    history.append(1)\n"
+        "elif tag is None and -k < 0.5:\n    torch.save(model, path)\nf()\n"
+    )
+    ns = {"iter_num": 1, "done": False, "mode": "c", "tag": None, "k": 2.0, "history": []}
+    assert branch(cell, 5, ns | {"torch": None, "model": None, "path": "p"}) == {
+        (4, "file_write", "torch.save(model, path)")
+    }
+    assert branch(cell, 5, ns | {"iter_num": 2, "torch": None, "model": None, "path": "p"}) == {
+        (2, "append", "history")
+    }
+
+
+def test_nanogpt_s_checkpoint_on_the_first_pass_did_not_run() -> None:
+    cell = """\
+    while True:
+        lr = get_lr(iter_num)
+        if iter_num % eval_interval == 0 and master_process:
+            if losses['val'] < best_val_loss or always_save_checkpoint:
+                best_val_loss = losses['val']
+                if iter_num > 0:
+                    torch.save(checkpoint, path)
+        if iter_num == 0 and eval_only:
+            break
+        logits, loss = model(X, Y)
+        iter_num += 1
+    """
+    ns = {"iter_num": 0, "eval_interval": 2, "master_process": True, "eval_only": False,
+          "losses": {}, "best_val_loss": 1e9, "always_save_checkpoint": False, "get_lr": None,
+          "torch": None, "checkpoint": None, "path": "p", "model": None, "X": 0, "Y": 0}  # fmt: skip
+    assert not saves(branch(cell, 10, ns))
+    # a later pass (iter_num += 1 ran): every line of the loop may have run, the save too
+    assert saves(branch(cell, 10, ns | {"iter_num": 4}, earlier=True))
+    assert saves(branch(cell, 10, ns | {"iter_num": 4}, earlier=None))
+
+
+@pytest.mark.parametrize(
+    ("cell", "values"),
+    [
+        # a call, an attribute, an item: not evaluated
+        ("if should_save():\n    torch.save(m, p)\nf()\n", {"should_save": lambda: False}),
+        ("if cfg.save:\n    torch.save(m, p)\nf()\n", {"cfg": type("C", (), {"save": False})}),
+        ("if flags['save']:\n    torch.save(m, p)\nf()\n", {"flags": {"save": False}}),
+        ("if (n := 0):\n    torch.save(m, p)\nf()\n", {"n": 0}),
+        # values that are not plain: a list, a subclass of int (numpy's scalars are), a missing name
+        ("if seen == []:\n    torch.save(m, p)\nf()\n", {"seen": [1]}),
+        ("if n > 0:\n    torch.save(m, p)\nf()\n", {"n": type("I", (int,), {})(0)}),
+        ("if ghost > 0:\n    torch.save(m, p)\nf()\n", {}),
+        # comparisons Python would refuse, identity of numbers, sizes that take time
+        ("if n > 'a':\n    torch.save(m, p)\nf()\n", {"n": 0}),
+        ("if n is 1000:\n    torch.save(m, p)\nf()\n", {"n": 1000}),
+        ("if n // 0:\n    torch.save(m, p)\nf()\n", {"n": 1}),
+        ("if n * n < 0:\n    torch.save(m, p)\nf()\n", {"n": 2**70}),
+        ("if n ** 2 > 0:\n    torch.save(m, p)\nf()\n", {"n": 0}),
+        # rebound between the test and the failure: the test saw another value
+        ("if step == 0:\n    torch.save(m, p)\nstep = 5\nf()\n", {"step": 5}),
+        ("if step == 0:\n    torch.save(m, p)\nstep += 1\nf()\n", {"step": 1}),
+        (
+            "if step == 0:\n    torch.save(m, p)\nfor step in range(3):\n    pass\nf()\n",
+            {"step": 2},
+        ),
+        ("if step == 0:\n    torch.save(m, p)\ndel step\nf()\n", {}),
+        ("if step == 0:\n    torch.save(m, p)\nexec(code)\nf()\n", {"step": 1, "code": ""}),
+        ("if step == 0:\n    torch.save(m, p)\nglobals().update(g)\nf()\n", {"step": 1, "g": {}}),
+        ("if step == 0:\n    torch.save(m, p)\n%run bump.py\nf()\n", {"step": 1}),
+        # a finished loop around the test ran it with every value the loop gave
+        ("for i in range(3):\n    if i == 0:\n        torch.save(m, p)\nf()\n", {"i": 2}),
+        ("while n < 3:\n    if n == 0:\n        torch.save(m, p)\n    n += 1\nf()\n", {"n": 3}),
+    ],
+)
+def test_a_test_that_cannot_be_told_still_counts(cell: str, values: dict[str, Any]) -> None:
+    ns = {"torch": None, "m": None, "p": "p", "f": None, **values}
+    assert saves(branch(cell, cell.count("\n"), ns))
+
+
+def test_a_test_rebound_in_earlier_passes_still_counts() -> None:
+    # before the loop, but the loop's earlier passes changed `n` after the test read it
+    cell = "if n == 0:\n    torch.save(m, p)\nfor b in xs:\n    y = model(b)\n    n += 1\n"
+    ns = {"n": 3, "torch": None, "m": None, "p": "p", "xs": [], "model": None}
+    assert saves(branch(cell, 4, ns, earlier=True))
+    assert saves(branch(cell, 4, ns, earlier=None))
+    # in the first pass the loop had not come back to `n += 1`: the test saw 3
+    assert not saves(branch(cell, 4, ns))
+    # without the namespace nothing is evaluated
+    assert saves(found(cell, 4, set(ns)))
+
+
+def test_a_test_a_notebook_function_may_rebind_still_counts() -> None:
+    cell = "if step == 0:\n    torch.save(m, p)\nbump()\nf()\n"
+    ns = notebook(
+        "def bump():\n    global step\n    step += 1\n", step=1, torch=None, m=None, p="p"
+    )
+    assert saves(effects(called(cell, 4, ns, set(ns) - {"__name__"}, earlier=False)))
+    # a method of a notebook class reached through an instance only, a function using
+    # `globals()`, a generator in flight: may too; a function that binds nothing does not
+    cls = "class T:\n    def go(self):\n        global step\n        step = 1\n"
+    ns = notebook(cls, step=1, torch=None, m=None, p="p")
+    ns["t"] = ns.pop("T")()
+    assert saves(effects(called(cell, 4, ns, set(ns) - {"__name__"}, earlier=False)))
+    gen = "def steps():\n    global step\n    while True:\n        step += 1\n        yield\n"
+    ns = notebook(gen, step=1, torch=None, m=None, p="p")
+    ns["it"] = ns.pop("steps")()
+    next(ns["it"])
+    assert saves(effects(called(cell, 4, ns, set(ns) - {"__name__"}, earlier=False)))
+    for code, counts in (("def bump():\n    globals()['step'] = 1\n", True),
+                         ("def bump():\n    return 1\n", False)):  # fmt: skip
+        ns = notebook(code, step=1, torch=None, m=None, p="p")
+        v = called(cell, 4, ns, set(ns) - {"__name__"}, earlier=False)
+        assert saves(effects(v)) == counts
+
+
+def test_a_test_inside_a_notebook_function_on_the_failing_path() -> None:
+    fn = """\
+    def train(model, x, every):
+        if epoch > 0:
+            torch.save(model, path)
+        if every > 0:
+            history.append(1)
+        return model(x)
+    """
+    ns = notebook(fn, epoch=0, torch=None, path="p", history=[], model=None, x=None)
+    pre = set(ns) - {"__name__"}
+    line = 6  # `return model(x)`, as a line of the cell that defined `train`
+    v = called("train(model, x, 0)\n", 1, ns, pre, frames=[("train", line)], earlier=False)
+    # `epoch`, a global of the notebook: 0, no save; `every`, the function's own: not evaluated
+    assert effects(v) == {(1, "append", "history")}
+    ns["epoch"] = 2
+    v = called("train(model, x, 0)\n", 1, ns, pre, frames=[("train", line)], earlier=False)
+    assert saves(effects(v))
+    # a call that ran before the failing line: where its tests stood then is not known
+    ns["epoch"] = 0
+    v = called("train(model, x, 0)\nf()\n", 2, ns, pre, earlier=False)
+    assert saves(effects(v))
+
+
+def test_the_first_pass_s_loop_variable_is_the_one_at_the_failure() -> None:
+    cell = "for step in range(n):\n    if step > 0:\n        torch.save(m, p)\n    y = model(x)\n"
+    ns = {"step": 0, "n": 3, "torch": None, "m": None, "p": "p", "model": None, "x": None}
+    assert not saves(branch(cell, 4, ns))
+    assert saves(branch(cell, 4, ns | {"step": 1}))
+    assert saves(branch(cell, 4, ns, earlier=True))  # earlier passes: every step ran the test
+
+
+def test_a_closure_s_names_are_not_the_notebook_s_globals() -> None:
+    fn = """\
+    def make(epoch):
+        def train(x):
+            if epoch > 0:
+                torch.save(x, path)
+            return model(x)
+        return train
+    """
+    ns = notebook(fn, epoch=0, torch=None, path="p", model=None, x=None)
+    ns["train"] = ns["make"](5)  # its `epoch` is 5, the global 0
+    pre = set(ns) - {"__name__"}
+    v = called("train(x)\n", 1, ns, pre, frames=[("make.<locals>.train", 5)], earlier=False)
+    assert saves(effects(v))

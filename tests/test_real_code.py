@@ -418,12 +418,6 @@ def nanogpt(shell: Any, tmp_path: Any) -> Any:
     return shell
 
 
-@pytest.mark.xfail(
-    reason="the guard reads `if iter_num > 0:` statically, so `torch.save(...)` inside it counts as "
-    "already run (the branch was not taken on this first pass), and `param_group['lr'] = lr` "
-    "counts though setting the same value again changes nothing",
-    strict=True,
-)
 def test_nanogpt_first_pass_failure_is_known_as_first_pass(nanogpt: Any, capsys: Any) -> None:
     """The forward of iteration 0 fails: only `lr`, the param groups' lr and `best_val_loss` were
     set before it; no optimizer step, no scaler step, no checkpoint had run."""
