@@ -1,10 +1,11 @@
 """What each cell cost on the GPU: ``%gpumem cells on``.
 
-Before a cell: the allocator's ``allocated`` and a peak reset; after it: ``allocated`` again, the
-peak and the time. O(1) per cell (two allocator readings, ~0.1 ms each on an H100), whatever the
-notebook holds. One quiet line after each cell (``In [12]: +1.20 GiB, peak 9.84 GiB of 80 GiB,
-3.2 s``), ``%gpumem history`` for the table, and the diagnosis of an OOM names the cells over which
-the card filled.
+Before a cell: the allocator's ``allocated`` and a peak reset on the current device, and
+``allocated`` on each other visible one; after it: the same again, the peak and the time. Two
+allocator readings per device (~0.1 ms each on an H100), whatever the notebook holds. One quiet
+line after each cell (``In [12]: +1.20 GiB, peak 9.84 GiB of 80 GiB, 3.2 s``; what it added on
+other GPUs after the peak), ``%gpumem history`` for the table, and the diagnosis of an OOM names
+the cells over which the card that ran out filled (``filled_by(device=...)``).
 
 The peak reset is the cost: a notebook that reads ``torch.cuda.max_memory_allocated()`` across
 cells sees it per cell while this is on.
@@ -31,30 +32,58 @@ class CellRecord:
     capacity_bytes: int | None
     seconds: float
     failed: bool
+    device: int = 0  # the device the numbers above are: the current one when the cell started
+    # (device, bytes the cell added there) for every other visible device
+    others: tuple[tuple[int, int], ...] = ()
 
     @property
     def delta_bytes(self) -> int:
         return self.after_bytes - self.before_bytes
 
+    def delta_on(self, device: int | None) -> int:
+        """What the cell added on ``device`` (None: the record's own device)."""
+        if device is None or device == self.device:
+            return self.delta_bytes
+        return dict(self.others).get(device, 0)
+
     def line(self) -> str:
         sign = "+" if self.delta_bytes >= 0 else "-"
         cap = f" of {format_bytes(self.capacity_bytes)}" if self.capacity_bytes else ""
         label = f"In [{self.count}]" if self.count is not None else "cell"
+        elsewhere = "".join(
+            f", GPU {d} {'+' if n >= 0 else '-'}{format_bytes(abs(n))}" for d, n in self.others if n
+        )
         tail = ", out of memory" if self.failed else ""
         return (
             f"{label}: {sign}{format_bytes(abs(self.delta_bytes))}, peak "
-            f"{format_bytes(self.peak_bytes)}{cap}, {self.seconds:.1f} s{tail}"
+            f"{format_bytes(self.peak_bytes)}{cap}{elsewhere}, {self.seconds:.1f} s{tail}"
         )
 
 
-def _reading() -> tuple[int, int] | None:
-    stats = _torch.allocator_stats()
+def _reading(device: int | None = None) -> tuple[int, int] | None:
+    stats = _torch.allocator_stats(device)
     if not stats:
         return None
     return (
         int(stats.get("allocated_bytes.all.current", 0)),
         int(stats.get("allocated_bytes.all.peak", 0)),
     )
+
+
+def _allocated_elsewhere(device: int) -> dict[int, int]:
+    """``allocated`` on every visible device but ``device`` (one allocator reading each)."""
+    from .backends import active
+
+    out = {}
+    for index in active().visible_devices():
+        r = _reading(index) if index != device else None
+        if r is not None:
+            out[index] = r[0]
+    return out
+
+
+def _changes(before: dict[int, int], after: dict[int, int]) -> tuple[tuple[int, int], ...]:
+    return tuple((d, after[d] - before.get(d, 0)) for d in sorted(after))
 
 
 class CellStats:
@@ -68,6 +97,8 @@ class CellStats:
         self.quiet = False
         self._t0 = 0.0
         self._before: int | None = None
+        self._device = 0
+        self._elsewhere: dict[int, int] = {}
         self._count: int | None = None
 
     def start(self, *, quiet: bool = False) -> None:
@@ -90,10 +121,12 @@ class CellStats:
 
     def _pre(self, info: Any) -> None:
         try:
-            r = _reading()
+            self._device = device = _torch.current_device_index()
+            r = _reading(device)
             self._before = None if r is None else r[0]
             if r is not None:
-                _torch.reset_peak()
+                _torch.reset_peak(device)
+                self._elsewhere = _allocated_elsewhere(device)
             self._count = getattr(self.shell, "execution_count", None)
             self._t0 = time.perf_counter()
         except Exception:
@@ -104,7 +137,7 @@ class CellStats:
         if before is None:
             return
         try:
-            r = _reading()
+            r = _reading(self._device)
             if r is None:
                 return
             from .rerun import capacity_bytes
@@ -123,6 +156,8 @@ class CellStats:
                 capacity_bytes=capacity_bytes(),
                 seconds=time.perf_counter() - self._t0,
                 failed=err is not None and type(err).__name__.endswith("OutOfMemoryError"),
+                device=self._device,
+                others=_changes(self._elsewhere, _allocated_elsewhere(self._device)),
             )
             self.records.append(rec)
             if not self.quiet:
@@ -154,17 +189,18 @@ class CellStats:
             for row in rows
         )
 
-    def filled_by(self, limit: int = 4) -> str:
-        """One line for a diagnosis: the recent cells that added the most memory."""
+    def filled_by(self, limit: int = 4, device: int | None = None) -> str:
+        """One line for a diagnosis: the recent cells that added the most memory on ``device``
+        (the one that ran out; None: each record's own, the current device when it ran)."""
         grew = sorted(
-            (r for r in list(self.records)[-20:] if r.delta_bytes > 0),
-            key=lambda r: -r.delta_bytes,
+            (r for r in list(self.records)[-20:] if r.delta_on(device) > 0),
+            key=lambda r: -r.delta_on(device),
         )[:limit]
         if not grew:
             return ""
         grew.sort(key=lambda r: r.count or 0)
         parts = [
-            f"In [{r.count}] +{format_bytes(r.delta_bytes)}" if r.count is not None else "?"
+            f"In [{r.count}] +{format_bytes(r.delta_on(device))}" if r.count is not None else "?"
             for r in grew
         ]
         return "The card filled over these cells: " + ", ".join(parts) + "."

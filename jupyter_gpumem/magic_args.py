@@ -23,21 +23,30 @@ HELP = ("-h", "--help")
 
 def devices_option(args: list[str]) -> tuple[list[str], int | None]:
     """``--devices N`` (or ``--devices=N``) taken out of ``%gpumem simulate``'s arguments."""
-    rest, devices = [], None
+    rest, devices = number_option(args, "simulate", "--devices", "--devices 2")
+    if devices is not None and not 1 <= devices <= MAX_SIMULATED_DEVICES:
+        raise UsageError(
+            f"%gpumem simulate: --devices takes 1 to {MAX_SIMULATED_DEVICES}, not {devices}"
+        )
+    return rest, devices
+
+
+def number_option(
+    args: list[str], command: str, option: str, example: str
+) -> tuple[list[str], int | None]:
+    """``OPTION N`` (or ``OPTION=N``, once) taken out of ``%gpumem COMMAND``'s arguments: the
+    other arguments and N (None when absent). ``--device 1`` names a GPU for ``%gpumem limit``."""
+    rest, number = [], None
     it = iter(args)
     for a in it:
-        if a == "--devices" or a.startswith("--devices="):
+        if a == option or a.startswith(option + "="):
             value = a.partition("=")[2] if "=" in a else next(it, "")
-            if devices is not None or not (value.isascii() and value.isdigit()):
-                raise UsageError("%gpumem simulate: --devices takes a number, as in --devices 2")
-            devices = int(value)
-            if not 1 <= devices <= MAX_SIMULATED_DEVICES:
-                raise UsageError(
-                    f"%gpumem simulate: --devices takes 1 to {MAX_SIMULATED_DEVICES}, not {devices}"
-                )
+            if number is not None or not (value.isascii() and value.isdigit()):
+                raise UsageError(f"%gpumem {command}: {option} takes a number, as in {example}")
+            number = int(value)
         else:
             rest.append(a)
-    return rest, devices
+    return rest, number
 
 
 def size_or_off(command: str, args: list[str], most: int | None = None) -> int | None:

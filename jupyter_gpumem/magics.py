@@ -17,6 +17,7 @@ from .magic_args import (
     MAX_SIMULATED_BYTES,
     RETRY_PARSER,
     devices_option,
+    number_option,
     parse_line,
     parse_or_help,
     positive,
@@ -63,7 +64,8 @@ class GpuMemMagics(Magics):
         "sidebar [off]: the gauge in JupyterLab's right sidebar. "
         "simulate SIZE|off [--devices N]: run the following cells on a simulated GPU of that "
         "size (N cards of that size: cuda:0 ... cuda:N-1). "
-        "limit SIZE|off: cap what this process may use, to rehearse a smaller card. "
+        "limit SIZE|off [--device N]: cap what this process may use on every GPU (or GPU N "
+        "only), to rehearse a smaller card. "
         "release: free what the last failed cell pinned (when keep_traceback is on). "
         "cells on|off [--quiet]: after each cell, what it added to GPU memory, its peak and time. "
         "history: those numbers for every cell since. "
@@ -219,19 +221,30 @@ class GpuMemMagics(Magics):
         )
 
     def _cmd_limit(self, args: list[str]) -> None:
+        args, device = number_option(args, "limit", "--device", "--device 1")
         size = size_or_off("limit", args)
         backend = active()
         try:
-            total = backend.set_limit(size)
+            total = backend.set_limit(size, device)
+            count = len(backend.visible_devices())
         except RuntimeError as exc:
             raise UsageError(f"%gpumem limit: {exc}") from None
-        self.ext.limited = backend if size is not None else None
+        if size is not None:
+            self.ext.limited = backend  # lifted on every device when the extension unloads
+        elif device is None:
+            self.ext.limited = None
+        where = (
+            f" on GPU {device}" if device is not None
+            else f" on each of the {count} GPUs" if count > 1
+            else ""
+        )  # fmt: skip
         if size is None:
-            print(f"No cap: this process may use the whole {format_bytes(total)}.")
+            print(f"No cap{where}: this process may use the whole {format_bytes(total)}.")
         else:
             print(
                 f"This process may now use {format_bytes(min(size, total))} of "
-                f"{format_bytes(total)} (a rehearsal of a smaller card). `%gpumem limit off` lifts it."
+                f"{format_bytes(total)}{where} (a rehearsal of a smaller card). "
+                "`%gpumem limit off` lifts it."
             )
 
     def _cmd_release(self, args: list[str]) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import jupyter_gpumem
-from jupyter_gpumem.backends import _nvml, cuda
+from jupyter_gpumem.backends import _nvml, cuda, simulated
 from jupyter_gpumem.backends.cuda import CudaBackend
 from jupyter_gpumem.diagnosis import diagnose
 from jupyter_gpumem.holders import HolderSet
@@ -248,3 +248,189 @@ def test_a_second_model_that_does_not_fit_gpu_0_is_sent_to_gpu_1(shell: Any, cap
     assert "make its model and tensors with `device='cuda:1'`" in cause.action
     assert "GPU 1 has room for this cell's work" in out
     assert _run(shell, capsys, "second = torch.nn.Linear(4096, 8192, device='cuda:1')")[0].success
+
+
+# ---- %gpumem limit: every GPU, or the one named --------------------------------------------------
+
+
+def _caps(out: str) -> list[str]:
+    return [line.split()[1] + " " + line.split()[2] for line in out.splitlines() if "cap " in line]
+
+
+def test_limit_caps_every_simulated_gpu_or_the_one_named(shell: Any, capsys: Any) -> None:
+    _run(shell, capsys, "%gpumem simulate 64MiB --devices 2")
+    _, out = _run(shell, capsys, "%gpumem limit 32MiB")
+    assert "32.00 MiB of 64.00 MiB on each of the 2 GPUs" in out, out
+    assert _caps(_run(shell, capsys, "%gpumem status")[1]) == ["32.00 MiB", "32.00 MiB"]
+    _, out = _run(shell, capsys, "%gpumem limit 16MiB --device 1")
+    assert "16.00 MiB of 64.00 MiB on GPU 1" in out, out
+    assert _caps(_run(shell, capsys, "%gpumem status")[1]) == ["32.00 MiB", "16.00 MiB"]
+    result, out = _run(
+        shell,
+        capsys,
+        "torch = __import__('torch')\nx = torch.empty(20 << 20, dtype=torch.uint8, device='cuda:1')",
+    )
+    assert not result.success and "GPU 1 has a total capacity" in out and "16.00 MiB allowed" in out
+    _run(shell, capsys, "%gpumem limit off --device=0")
+    assert _caps(_run(shell, capsys, "%gpumem status")[1]) == ["16.00 MiB"]
+    for bad in ("8MiB --device 2", "8MiB --device x", "8MiB --device 1 --device 0"):
+        result, out = _run(shell, capsys, f"%gpumem limit {bad}")
+        assert not result.success and "UsageError" in out and "%gpumem limit" in out, out
+    _run(shell, capsys, "%gpumem limit off")
+    assert _caps(_run(shell, capsys, "%gpumem status")[1]) == []
+
+
+class FakeTorchCuda:
+    """torch.cuda's calls ``%gpumem limit`` and ``status`` make on four 80 GiB GPUs, with the
+    per-process fraction kept per device as torch's allocator keeps it."""
+
+    def __init__(self) -> None:
+        self.fractions = {i: 1.0 for i in range(4)}
+
+    def _index(self, device: int | None) -> int:
+        return 0 if device is None else device  # the current device is 0
+
+    is_available = is_initialized = staticmethod(lambda: True)
+    device_count = staticmethod(lambda: 4)
+    current_device = staticmethod(lambda: 0)
+
+    def mem_get_info(self, device: int | None = None) -> tuple[int, int]:
+        return 80 * GiB, 80 * GiB
+
+    def memory_stats(self, device: int | None = None) -> dict[str, int]:
+        return {"allocated_bytes.all.current": 0, "reserved_bytes.all.current": 0}
+
+    def set_per_process_memory_fraction(self, fraction: float, device: int | None = None) -> None:
+        self.fractions[self._index(device)] = fraction
+
+    def get_per_process_memory_fraction(self, device: int | None = None) -> float:
+        return self.fractions[self._index(device)]
+
+
+def test_limit_caps_every_cuda_gpu_or_the_one_named(
+    monkeypatch: Any, four_gpus: FakeNvml, shell: Any, capsys: Any
+) -> None:
+    """On CUDA, `%gpumem limit` caps every visible GPU as it does every simulated one. Over a fake
+    torch.cuda (no GPU here): the fractions torch would be given, device by device, and the caps
+    `%gpumem status` reads back. A real card is capped in tests/test_gpu.py (marked gpu)."""
+    fake = FakeTorchCuda()
+    monkeypatch.setattr(cuda, "torch_module", lambda: SimpleNamespace(cuda=fake))
+    monkeypatch.setattr(cuda, "cuda_ready", lambda: True)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    _, out = _run(shell, capsys, "%gpumem limit 20GiB")
+    assert fake.fractions == {0: 0.25, 1: 0.25, 2: 0.25, 3: 0.25}
+    assert "20.00 GiB of 80.00 GiB on each of the 4 GPUs" in out, out
+    assert _caps(_run(shell, capsys, "%gpumem status")[1]) == ["20.00 GiB"] * 4
+    _, out = _run(shell, capsys, "%gpumem limit 40GiB --device 2")
+    assert fake.fractions == {0: 0.25, 1: 0.25, 2: 0.5, 3: 0.25}
+    assert _caps(_run(shell, capsys, "%gpumem status")[1]) == ["20.00 GiB"] * 2 + [
+        "40.00 GiB",
+        "20.00 GiB",
+    ]
+    result, out = _run(shell, capsys, "%gpumem limit 1GiB --device 4")
+    assert not result.success and "no GPU 4 here: this process sees GPU 0 to 3" in out, out
+    _run(shell, capsys, "%gpumem limit off")
+    assert fake.fractions == {i: 1.0 for i in range(4)}
+    assert _caps(_run(shell, capsys, "%gpumem status")[1]) == []
+
+
+# ---- %gpumem cells: the cells that filled the GPU that ran out -----------------------------------
+
+
+def test_the_cells_that_filled_the_gpu_that_ran_out(shell: Any, capsys: Any) -> None:
+    """An OOM on cuda:1 while the current device is 0: the cells that filled GPU 1, not GPU 0.
+    (extension.present passes the OOM's device to filled_by.)"""
+    _run(shell, capsys, "%gpumem simulate 64MiB --devices 2")
+    _run(shell, capsys, "import torch")
+    _run(shell, capsys, "%gpumem cells on")
+    _, out = _run(shell, capsys, "a = torch.zeros(5 << 20, device='cuda:0')  # 20 MiB")
+    assert "+20.00 MiB" in out and "GPU 1" not in out, out
+    _, out = _run(shell, capsys, "b = torch.zeros(10 << 20, device='cuda:1')  # 40 MiB")
+    assert "+0 B, peak" in out and "GPU 1 +40.00 MiB" in out, out
+    result, _ = _run(shell, capsys, "c = torch.zeros(10 << 20, device='cuda:1')")
+    assert not result.success and _last_failure(shell).report.device_index == 1
+    stats = jupyter_gpumem._extension_for(shell).cell_stats()
+    a_cell, b_cell = (r.count for r in list(stats.records)[:2])
+    assert (
+        stats.filled_by(device=1) == f"The card filled over these cells: In [{b_cell}] +40.00 MiB."
+    )
+    assert (
+        stats.filled_by(device=0) == f"The card filled over these cells: In [{a_cell}] +20.00 MiB."
+    )
+    assert stats.filled_by() == stats.filled_by(device=0)  # the current device's, as before
+
+
+# ---- a CPU tensor sent to cuda:1 counts on card 1 only -------------------------------------------
+
+MOVES = {
+    "x = src.to('cuda:1')": 4 * MiB,
+    "x = src.cuda(1)": 4 * MiB,
+    "x = src.to(torch.device('cuda', 1))": 4 * MiB,
+    "x = src.to(device='cuda:1', non_blocking=True)": 4 * MiB,
+    "x = src.to('cuda:1', torch.float16)": 2 * MiB,
+    "torch.cuda.set_device(1)\nx = src.to('cuda', torch.float16)": 2 * MiB,
+    "with torch.cuda.device(1):\n    x = src.cuda()": 4 * MiB,
+}
+
+
+@pytest.mark.parametrize("move", list(MOVES))
+def test_a_cpu_tensor_sent_to_cuda_1_counts_there_only(shell: Any, capsys: Any, move: str) -> None:
+    """`src` is a CPU tensor in real torch: once sent to cuda:1 only its copy counts, on card 1,
+    though `src` lives on (while nothing had placed it, it counted on the current device)."""
+    _run(shell, capsys, "%gpumem simulate 64MiB --devices 2")
+    result, out = _run(shell, capsys, f"import torch\nsrc = torch.randn(1024, 1024)\n{move}")
+    assert result.success, out
+    gpu = simulated.current()
+    assert (gpu.devices[0].allocated_bytes, gpu.devices[1].allocated_bytes) == (0, MOVES[move])
+
+
+def test_a_cpu_tensor_made_under_device_1_is_not_counted_twice(shell: Any, capsys: Any) -> None:
+    """Made while cuda:1 is current, the host tensor counted on card 1; its half-precision copy
+    there takes its place (it counted twice)."""
+    _run(shell, capsys, "%gpumem simulate 64MiB --devices 2")
+    cell = (
+        "import torch\n"
+        "torch.cuda.set_device(1)\n"
+        "src = torch.randn(1024, 1024)\n"
+        "x = src.to('cuda:1', torch.float16)"
+    )
+    result, out = _run(shell, capsys, cell)
+    assert result.success, out
+    gpu = simulated.current()
+    assert (gpu.devices[0].allocated_bytes, gpu.devices[1].allocated_bytes) == (0, 2 * MiB)
+
+
+def test_a_gpu_tensor_copied_to_cuda_1_stays_on_card_0_too(shell: Any, capsys: Any) -> None:
+    _run(shell, capsys, "%gpumem simulate 64MiB --devices 2")
+    result, out = _run(
+        shell,
+        capsys,
+        "import torch\n"
+        "a = torch.randn(1024, 1024, device='cuda:0')\n"
+        "h = a * 2\n"
+        "b, c = a.to('cuda:1'), h.cuda(1)\n"
+        "model = torch.nn.Linear(1024, 1024).to('cuda:1')",
+    )
+    assert result.success, out
+    gpu = simulated.current()
+    assert gpu.devices[0].allocated_bytes == 8 * MiB  # a and h
+    assert (
+        gpu.devices[1].allocated_bytes == 12 * MiB + 4 * 1024
+    )  # b, c, the model's weight and bias
+
+
+def test_data_sent_to_cuda_1_leaves_room_on_card_0(shell: Any, capsys: Any) -> None:
+    """The case that hurt: a CPU dataset sent to cuda:1 stayed counted on card 0 and the next
+    allocation there ran out, where real CUDA has room."""
+    _run(shell, capsys, "%gpumem simulate 64MiB --devices 2")
+    cell = (
+        "import torch\n"
+        "weights = torch.empty(40 << 20, dtype=torch.uint8, device='cuda:0')\n"
+        "data = torch.randn(4 << 20)  # 16 MiB on the host\n"
+        "on_1 = data.to('cuda:1')\n"
+        "act = torch.empty(20 << 20, dtype=torch.uint8, device='cuda:0')"
+    )
+    result, out = _run(shell, capsys, cell)
+    assert result.success, out
+    gpu = simulated.current()
+    assert gpu.devices[0].allocated_bytes == 60 * MiB and gpu.devices[1].allocated_bytes == 16 * MiB

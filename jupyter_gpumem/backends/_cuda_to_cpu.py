@@ -27,7 +27,8 @@ Usage::
 GPU". A placement whose result is not, such as ``cpu_tensor.to("cuda")`` (which on the CPU returns
 the tensor itself), returns a copy instead, as a real host-to-device copy does. ``place`` (also the
 simulated GPU's): given the CUDA index a placement names (None for plain ``"cuda"``), a context
-the placement runs in, so the simulated GPU counts it on that card.
+the placement runs in, so the simulated GPU counts it on that card; what it enters as, if not None,
+is told of each tensor sent there (``moved(source, result)``).
 """
 
 from __future__ import annotations
@@ -196,8 +197,11 @@ def cuda_to_cpu_mode_class() -> type[Any]:
             place = self.place
             if place is None or target == _NOWHERE:
                 return self._placed(call, args, kwargs)
-            with place(target):
-                return self._placed(call, args, kwargs)
+            with place(target) as placement:
+                out = self._placed(call, args, kwargs)
+            if call is t.tensor_to and placement is not None and isinstance(args[0], Tensor):
+                placement.moved(args[0], out)  # a tensor sent to the card named
+            return out
 
         def _placed(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             out = func(*args, **kwargs)

@@ -56,7 +56,8 @@ def allowed_bytes(device_index: int | None = None) -> int | None:
 
 
 def set_memory_limit(limit_bytes: int | None, device_index: int | None = None) -> int:
-    """Cap what this process may reserve (None lifts the cap); returns the card's total bytes."""
+    """Cap what this process may reserve on the device, on every visible one when it is None (a
+    limit of None lifts the cap); returns the device's total bytes (None: the current one's)."""
     return active().set_limit(limit_bytes, device_index)
 
 

@@ -86,7 +86,9 @@ class MemoryBackend(Protocol):
         ...
 
     def set_limit(self, limit_bytes: int | None, index: int | None = None) -> int:
-        """Cap what this process may use (None lifts it); returns the card's total bytes."""
+        """Cap what this process may use on device ``index``, on every visible device when it is
+        None (a ``limit_bytes`` of None lifts the cap); returns the device's total bytes (None:
+        the current device's)."""
         ...
 
     def storage_of(self, tensor: Any) -> StorageInfo | None:

@@ -74,6 +74,12 @@ def visible_count(visible: str | None, physical: int) -> int:
     return count
 
 
+def _gpus(visible: tuple[int, ...]) -> str:
+    if not visible:
+        return "no GPU"
+    return f"GPU {visible[0]}" if len(visible) == 1 else f"GPU {visible[0]} to {visible[-1]}"
+
+
 class CudaBackend:
     """Real GPUs. Anything that cannot be read is None; nothing here raises on a reading."""
 
@@ -180,15 +186,25 @@ class CudaBackend:
             return None
 
     def set_limit(self, limit_bytes: int | None, index: int | None = None) -> int:
+        """Cap device ``index``, or every visible device when it is None (as the simulated GPU
+        does: ``%gpumem limit 1GiB`` rehearses a smaller card on each GPU the notebook may use).
+        torch's fraction is per device and set through the driver, so each device capped gets a
+        CUDA context. Returns the total bytes of ``index`` (None: the current device)."""
         torch = torch_module()
         if torch is None or not torch.cuda.is_available():
             raise RuntimeError(
                 "no CUDA GPU here: use `%gpumem simulate SIZE` to rehearse a small card"
             )
-        _free, total = torch.cuda.mem_get_info(index)
-        fraction = 1.0 if limit_bytes is None else min(limit_bytes / total, 1.0)
-        torch.cuda.set_per_process_memory_fraction(fraction, index)
-        return int(total)
+        visible = self.visible_devices()
+        if index is not None and index not in visible:
+            raise RuntimeError(f"no GPU {index} here: this process sees {_gpus(visible)}")
+        totals = {}
+        for i in visible if index is None else (index,):
+            _free, total = torch.cuda.mem_get_info(i)
+            fraction = 1.0 if limit_bytes is None else min(limit_bytes / total, 1.0)
+            torch.cuda.set_per_process_memory_fraction(fraction, i)
+            totals[i] = int(total)
+        return totals.get(self.current_device() if index is None else index, totals[min(totals)])
 
     def storage_of(self, tensor: Any) -> StorageInfo | None:
         try:

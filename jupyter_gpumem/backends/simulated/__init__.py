@@ -39,7 +39,9 @@ second one, and an OOM there says ``GPU 1`` (``gpu.py``).
 Limits:
 
 - Every tensor allocated while it runs counts, including ones meant for the CPU: a large CPU-side
-  dataset fills the simulated card too (the rehearsal errs towards an OOM).
+  dataset fills the simulated card too (the rehearsal errs towards an OOM). With several cards it
+  counts on the current device until a placement sends it to one (``data.to("cuda:1")``); from
+  then on only the copy counts, there (``gpu.py``).
 - Tensors made before ``start`` count once moved with ``.cuda()`` / ``.to("cuda")`` (which copy,
   as a real transfer does) or handed to ``SimulatedGPU.track``.
 - ``x.device`` is ``cpu`` and ``x.is_cuda`` False; ``x.cpu()`` returns ``x`` itself. Not simulated:
@@ -57,7 +59,7 @@ Limits:
   torch.cuda import memory_allocated`` earlier keeps the real one. A function someone else patched
   over ours is left.
 - The current device is per thread, as torch's is; other processes (``other_processes=``) sit on
-  ``cuda:0``; the cap applies to every card.
+  ``cuda:0``; the cap applies to every card (``%gpumem limit SIZE --device N``: card N only).
 """
 
 from __future__ import annotations

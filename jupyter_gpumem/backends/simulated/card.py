@@ -85,13 +85,17 @@ def oom_message(
 
 
 class _StorageRef(weakref.ref):
-    """A weak reference to a counted storage; its callback queues it for release."""
+    """A weak reference to a counted storage; its callback queues it for release. ``homeless``:
+    counted where it was made, no placement naming a card (real torch would have made it on the
+    CPU), until a placement sends it to a card (``SimulatedGPU._moved``)."""
 
-    __slots__ = ("key", "nbytes")
+    __slots__ = ("homeless", "key", "nbytes")
 
-    def __init__(self, ob: Any, callback: Callable[[Any], Any], key: int, nbytes: int) -> None:
+    def __init__(
+        self, ob: Any, callback: Callable[[Any], Any], key: int, nbytes: int, homeless: bool
+    ) -> None:
         super().__init__(ob, callback)  # type: ignore[call-arg]
-        self.key, self.nbytes = key, nbytes
+        self.key, self.nbytes, self.homeless = key, nbytes, homeless
 
     def __new__(cls, ob: Any, callback: Callable[[Any], Any], *_: int) -> _StorageRef:
         return super().__new__(cls, ob, callback)
@@ -189,23 +193,21 @@ class SimulatedCard:
 
     def holds(self, tensor: torch.Tensor) -> bool:
         """Whether the tensor's storage is counted on this card."""
-        try:
-            storage = tensor.untyped_storage()
-        except Exception:  # sparse, nested, subclasses: no plain storage
-            return False
-        ref = self._live.get(storage._cdata)
-        return ref is not None and ref() is storage
+        return self._ref(tensor) is not None
 
-    def counted_storage(self, tensor: torch.Tensor) -> tuple[int, int] | None:
-        """(storage key, nbytes) when the tensor's storage is counted on this card, else None."""
+    def _ref(self, tensor: torch.Tensor) -> _StorageRef | None:
+        """The reference counting the tensor's storage here, if any."""
         try:
             storage = tensor.untyped_storage()
         except Exception:
             return None
         ref = self._live.get(storage._cdata)
-        if ref is None or ref() is not storage:
-            return None
-        return ref.key, ref.nbytes
+        return ref if ref is not None and ref() is storage else None
+
+    def counted_storage(self, tensor: torch.Tensor) -> tuple[int, int] | None:
+        """(storage key, nbytes) when the tensor's storage is counted on this card, else None."""
+        ref = self._ref(tensor)
+        return None if ref is None else (ref.key, ref.nbytes)
 
     def live_storages(self) -> list[tuple[int, int]]:
         """(storage key, nbytes) of every storage counted now."""
@@ -305,11 +307,13 @@ class SimulatedCard:
         tensors: Iterable[torch.Tensor],
         fresh: bool = True,
         others: tuple[SimulatedCard, ...] = (),
+        homeless: bool = False,
     ) -> str | None:
         """Count the new storages behind ``tensors``; the OOM message (nothing counted) if over.
 
         Not ``fresh``: tensors written in place, whose storage is only recounted if it was resized.
         ``others``: the machine's other cards, where a storage may already be counted.
+        ``homeless``: new storages no placement put here (see ``_StorageRef``).
         """
         live = self._live
         new: dict[int, tuple[Any, int]] | None = None
@@ -333,9 +337,9 @@ class SimulatedCard:
             if new is None:
                 new = {}
             new[key] = (storage, storage.nbytes())
-        return None if new is None else self._commit(new)
+        return None if new is None else self._commit(new, homeless)
 
-    def _commit(self, new: dict[int, tuple[Any, int]]) -> str | None:
+    def _commit(self, new: dict[int, tuple[Any, int]], homeless: bool = False) -> str | None:
         with self._lock:
             if self._dead:
                 self._drain()
@@ -353,7 +357,7 @@ class SimulatedCard:
                 added.append(nbytes)
             live, on_free = self._live, self._on_free
             for key, (storage, nbytes) in new.items():
-                live[key] = _StorageRef(storage, on_free, key, nbytes)
+                live[key] = _StorageRef(storage, on_free, key, nbytes, homeless)
             if self._history is not None:
                 self._history.alloc(new)
             if self._allocated > self._peak_allocated:

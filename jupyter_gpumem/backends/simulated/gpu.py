@@ -4,7 +4,9 @@ A :class:`SimulatedGPU` has one or more :class:`~.card.SimulatedCard`\\ s (``cud
 ``cuda:1``, ...). An allocation goes to the card a placement names (``device="cuda:1"``,
 ``.to("cuda:1")``), else to the card of the tensors it reads (``x1 @ w1`` stays on card 1), else
 to the current device (``torch.cuda.set_device``, ``with torch.cuda.device(1):``; per thread,
-as torch's is). Its own readings (``gpu.allocated_bytes``, ``gpu.memory_stats()``, ...) are the
+as torch's is), "homeless": real torch would have made it on the CPU, so a placement that sends it
+to a card moves it there (``x = torch.randn(n); y = x.to("cuda:1")`` counts ``y`` on card 1 and
+``x`` nowhere). Its own readings (``gpu.allocated_bytes``, ``gpu.memory_stats()``, ...) are the
 current device's, like ``torch.cuda.memory_allocated()``; ``gpu.devices[i]`` is each card.
 """
 
@@ -38,15 +40,22 @@ class _Placement:
     def __init__(self, gpu: SimulatedGPU, index: int | None) -> None:
         self.gpu, self.index, self.saved = gpu, index, None
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> _Placement:
         local = self.gpu._local
         self.saved = getattr(local, "target", None)
         index = self.gpu.current_device() if self.index is None else self.index
         self.gpu.card(index)  # an ordinal past the last card fails as torch's does
         local.target = index
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.gpu._local.target = self.saved
+
+    def moved(self, source: torch.Tensor, out: torch.Tensor) -> None:
+        """``source.to(card)`` gave ``out``: a homeless source was a CPU tensor in real torch, so
+        only ``out``, its copy, counts now; one already on this card (``out`` is itself) is
+        placed there from now on."""
+        self.gpu._moved(source, out)
 
 
 class SimulatedGPU:
@@ -131,10 +140,14 @@ class SimulatedGPU:
         """New storages on this thread go to card ``index`` (None: the current one) in the block."""
         return _Placement(self, index)
 
-    def _target(self, args: tuple[Any, ...]) -> SimulatedCard:
+    def _target(self, args: tuple[Any, ...]) -> tuple[SimulatedCard, bool]:
+        """The card new storages go to, and whether they are homeless there (``card.py``'s
+        ``_StorageRef``): the placement's card; else the card of the tensors they read, placed
+        ones first; else the current device, homeless (real torch would make them on the CPU)."""
         target = getattr(self._local, "target", None)
         if target is not None:
-            return self.devices[target]
+            return self.devices[target], False
+        homeless = None
         for a in args:
             for t in a if isinstance(a, (list, tuple)) else (a,):
                 try:
@@ -144,13 +157,31 @@ class SimulatedGPU:
                 for card in self.devices:
                     ref = card._live.get(storage._cdata)
                     if ref is not None and ref() is storage:
-                        return card
-        return self.devices[self.current_device()]
+                        if not ref.homeless:
+                            return card, False
+                        homeless = homeless or card
+                        break
+        return homeless or self.devices[self.current_device()], True
+
+    def _moved(self, source: torch.Tensor, out: torch.Tensor) -> None:
+        """``source`` was sent to a card as ``out``: see ``_Placement.moved``."""
+        if self._single:
+            return  # one card: a homeless source and its copy would count on the same card
+        for card in self.devices:
+            ref = card._ref(source)
+            if ref is None:
+                continue
+            if ref.homeless:
+                if card._ref(out) is ref:
+                    ref.homeless = False
+                else:
+                    card.untrack(source)
+            return
 
     # ---- called by the counting mode ---------------------------------------------------------
 
     def _precheck(self, nbytes: int, args: tuple[Any, ...] = ()) -> str | None:
-        card = self.devices[0] if self._single else self._target(args)
+        card = self.devices[0] if self._single else self._target(args)[0]
         return card._precheck(nbytes)
 
     def _count(
@@ -158,9 +189,9 @@ class SimulatedGPU:
     ) -> str | None:
         if self._single:
             return self.devices[0]._count(tensors, fresh)
-        card = self._target(args)
+        card, homeless = self._target(args)
         others = tuple(c for c in self.devices if c is not card)
-        return card._count(tensors, fresh, others)
+        return card._count(tensors, fresh, others, homeless)
 
     def _held_at_target(self, tensor: torch.Tensor) -> bool:
         """For a placement: is the result already on the card it names (so no copy is due)?"""
