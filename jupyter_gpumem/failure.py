@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from . import cellsource, trace
 from . import holders as holders_mod
 from .diagnosis import Diagnosis, diagnose
+from .guard_branch import PLAIN
 from .oom import OOMReport
 from .readings import MemorySnapshot, read_snapshot
 from .rehearsal import LoopSite, find_loop
@@ -78,6 +79,9 @@ class FailedCell:
     frames: tuple[tuple[str, int], ...] = ()
     # the notebook cell's id (JupyterLab 4, Notebook 7), so "Apply to cell" can edit that cell
     cell_id: str | None = None
+    # the names the cell uses that held a plain value (int, float, bool, str, bytes, None) when
+    # it failed: the guard reads ``if iter_num > 0:`` from these, not from what a later cell set
+    plain_values: dict[str, Any] | None = None
 
 
 def cell_lineno(tb: TracebackType | None, user_ns: dict[str, Any]) -> int | None:
@@ -168,7 +172,8 @@ def build_failure(
     user_ns = shell.user_ns
     snapshot = read_snapshot()
     created = {n: id(v) for n, v in user_ns.items() if n not in preexisting and n[:1] != "_"}
-    found = _find_holders(shell, tb, source, created)
+    used = names_used(source, user_ns)
+    found = _find_holders(shell, tb, source, created, used)
     lineno = cell_lineno(tb, user_ns)
     tracing = trace.active()
     allocated_by, allocated_rows = _traced(shell) if tracing else ([], [])
@@ -203,11 +208,12 @@ def build_failure(
         earlier_passes=earlier,
         rng=rng,
         frames=notebook_frames,
+        plain_values={n: v for n in used if type(v := user_ns.get(n, PLAIN)) in PLAIN},
     )
 
 
 def _find_holders(
-    shell: Any, tb: TracebackType | None, source: str, created: dict[str, int]
+    shell: Any, tb: TracebackType | None, source: str, created: dict[str, int], used: set[str]
 ) -> holders_mod.HolderSet:
     """Who holds memory, the failed frames' locals included; the frames are let go on return, so
     that releasing them afterwards frees what they held."""
@@ -216,7 +222,7 @@ def _find_holders(
         user_ns,
         hidden=getattr(shell, "user_ns_hidden", ()),
         frames=holders_mod.failed_frames(tb, user_ns),
-        cell_names=names_used(source, user_ns),
+        cell_names=used,
         # only a value from before this run is "an old value": one this run made is its own
         recreated=names_recreated(source) - set(created),
     )

@@ -61,6 +61,7 @@ def analyse_rerun(
     earlier_passes: bool | None = None,
     namespace: Mapping[str, Any] | None = None,
     failed_frames: Sequence[tuple[str, int]] | None = None,
+    values_at_failure: Mapping[str, Any] | None = None,
 ) -> GuardVerdict:
     """The side effects a re-run of ``source`` would repeat, given where it failed.
 
@@ -69,6 +70,8 @@ def analyse_rerun(
     ``namespace``: the user namespace; given, the functions and methods defined in the notebook
     that the cell calls are read too. ``failed_frames``: (qualname, line in its cell) of each
     notebook function the failure went through, outermost first, for where each one stopped.
+    ``values_at_failure``: the plain values of the cell's names when it failed, from which ``if``
+    tests are read (a later cell may have rebound them in ``namespace``).
     """
     lines = cellsource.lines(source)
     limit = (
@@ -82,7 +85,7 @@ def analyse_rerun(
             return unknown(limit, "could not read the cell; re-running may repeat its effects")
         walker = Walker(lines, preexisting, limit, earlier_passes is not False)
         if namespace is not None:
-            walker.reach = Reach(namespace)
+            walker.reach = Reach(namespace, at_failure=values_at_failure)
             walker.frames = tuple((str(q), int(n)) for q, n in failed_frames or ())
         walker.root = calls.GlobalsAsNames().visit(tree).body
         walker.ipython = cellsource.read(source).changed

@@ -20,8 +20,9 @@ does for any test it cannot read. Certain means:
 - in a notebook function, the names are globals of the notebook, not the function's own locals
   nor those of the functions around it.
 
-The values are read from the namespace the guard is given, as it reads every object: the failure's
-own values when the guard runs after the failure with no cell in between. Code outside the
+The values are those the names held when the cell failed (``FailedCell.plain_values``, recorded
+then: plain values are immutable, so keeping them is keeping what the test saw), whatever a cell
+run since has set; without that record (``analyse_rerun`` called on its own), the namespace's. Code outside the
 notebook (a library) rebinding a notebook global, or the notebook's module reached under another
 name (``m.n = 1``), is not looked for.
 """
@@ -84,6 +85,9 @@ def taken(w: CallReader, s: ast.If) -> bool | None:
     rebound = rebound_globals(w.reach)
     if rebound is None or names & rebound:
         return None
+    at_failure = w.reach.at_failure
+    if at_failure is not None:
+        return truth(s.test, {n: at_failure.get(n, MISSING) for n in names})
     return truth(s.test, {n: w.lookup(n) for n in names})
 
 

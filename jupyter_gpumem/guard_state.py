@@ -60,6 +60,9 @@ class Reach:
     """What a walk needs to read the notebook functions a cell calls, shared by all depths."""
 
     namespace: Mapping[str, Any]
+    # the plain values the cell's names held at the failure (FailedCell.plain_values): what an
+    # ``if`` test said then, whatever a later cell set since; None: read them from ``namespace``
+    at_failure: Mapping[str, Any] | None = None
     cache: dict[int, NotebookFunction | None] = field(default_factory=dict)
     walks: int = 0  # function bodies walked so far
     rebound: frozenset[str] | None = None  # globals notebook code may rebind (None: any)

@@ -78,6 +78,7 @@ def guard(failed: FailedCell, namespace: dict[str, Any] | None = None) -> GuardV
         earlier_passes=failed.earlier_passes,
         namespace=namespace,
         failed_frames=failed.frames,
+        values_at_failure=failed.plain_values,
     )
 
 

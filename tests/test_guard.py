@@ -1051,3 +1051,27 @@ def test_a_closure_s_names_are_not_the_notebook_s_globals() -> None:
     pre = set(ns) - {"__name__"}
     v = called("train(x)\n", 1, ns, pre, frames=[("make.<locals>.train", 5)], earlier=False)
     assert saves(effects(v))
+
+
+@pytest.mark.parametrize(("at_failure", "later", "ran"), [(3, 0, True), (0, 3, False)])
+def test_an_if_test_is_read_as_it_was_at_the_failure(
+    shell: Any, at_failure: int, later: int, ran: bool
+) -> None:
+    """A cell run after the failure rebinds the test's name: the guard still reads the value it
+    held when the cell failed. Were it read now, `iter_num = 0` after a failure at 3 would hide
+    the append that ran, and a re-run would append again without a word."""
+    pytest.importorskip("torch")
+    import jupyter_gpumem
+    from jupyter_gpumem import rescue
+
+    shell.run_cell("%gpumem simulate 64MiB")
+    shell.run_cell(f"import torch\nsaved = []\niter_num = {at_failure}")
+    cell = (
+        "if iter_num > 0:\n"
+        "    saved.append(iter_num)\n"
+        "x = torch.empty(2**30, dtype=torch.uint8, device='cuda')\n"
+    )
+    assert not shell.run_cell(cell).success
+    assert shell.run_cell(f"iter_num = {later}").success
+    verdict = rescue.guard(jupyter_gpumem.last_failure(shell), shell.user_ns)
+    assert [e.lineno for e in verdict.effects] == ([2] if ran else []), verdict.summary()
