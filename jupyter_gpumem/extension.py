@@ -225,7 +225,7 @@ class Extension:
         stats = self._cell_stats
         # only while recording: after `cells off` the cells recorded may hold none of this memory
         if stats is not None and stats.active and stats.records:
-            filled = stats.filled_by()
+            filled = stats.filled_by(device=failed.report.device_index)
             if filled and filled not in d.notes:
                 d.notes.append(filled)
         ready = next((c.cell for c in d.causes if c.cell), "")

@@ -347,10 +347,13 @@ def test_the_cells_that_filled_the_gpu_that_ran_out(shell: Any, capsys: Any) -> 
     assert "+20.00 MiB" in out and "GPU 1" not in out, out
     _, out = _run(shell, capsys, "b = torch.zeros(10 << 20, device='cuda:1')  # 40 MiB")
     assert "+0 B, peak" in out and "GPU 1 +40.00 MiB" in out, out
-    result, _ = _run(shell, capsys, "c = torch.zeros(10 << 20, device='cuda:1')")
+    result, out = _run(shell, capsys, "c = torch.zeros(10 << 20, device='cuda:1')")
     assert not result.success and _last_failure(shell).report.device_index == 1
     stats = jupyter_gpumem._extension_for(shell).cell_stats()
     a_cell, b_cell = (r.count for r in list(stats.records)[:2])
+    # what the user reads under the OOM
+    assert f"The card filled over these cells: In [{b_cell}] +40.00 MiB." in out, out
+    assert f"In [{a_cell}] +20.00 MiB" not in out, out
     assert (
         stats.filled_by(device=1) == f"The card filled over these cells: In [{b_cell}] +40.00 MiB."
     )
