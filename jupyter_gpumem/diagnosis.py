@@ -114,16 +114,26 @@ class Diagnosis:
         return " ".join(parts) + f" on {self.device_label}."
 
     def unused_variables(self) -> list[Holder]:
-        """Variables the failing cell does not read, largest first."""
+        """Variables the failing cell does not read, on the device that ran out, largest first."""
         return [
             h
             for h in self.holders.holders
-            if h.where == "variable" and not h.used_by_cell and not h.recreated_by_cell
+            if h.where == "variable"
+            and not h.used_by_cell
+            and not h.recreated_by_cell
+            and _on_device(h.device, self.report.device_index)
         ]
 
     def recreated_variables(self) -> list[Holder]:
-        """Variables the cell builds anew: their old values stay until the new ones exist."""
-        return [h for h in self.holders.holders if h.where == "variable" and h.recreated_by_cell]
+        """Variables the cell builds anew, on the device that ran out: their old values stay
+        until the new ones exist."""
+        return [
+            h
+            for h in self.holders.holders
+            if h.where == "variable"
+            and h.recreated_by_cell
+            and _on_device(h.device, self.report.device_index)
+        ]
 
 
 def _first(*values: int | None) -> int | None:

@@ -437,3 +437,17 @@ def test_data_sent_to_cuda_1_leaves_room_on_card_0(shell: Any, capsys: Any) -> N
     assert result.success, out
     gpu = simulated.current()
     assert gpu.devices[0].allocated_bytes == 60 * MiB and gpu.devices[1].allocated_bytes == 16 * MiB
+
+
+def test_variables_on_another_gpu_are_not_a_cause(shell: Any, capsys: Any) -> None:
+    """An OOM on cuda:1: a 60 MiB variable on GPU 0 that the cell does not use takes no room on
+    GPU 1, so it is not named among the variables to delete for this failure (`b`, on GPU 1, is).
+    """
+    _run(shell, capsys, "%gpumem simulate 64MiB --devices 2")
+    _run(shell, capsys, "import torch")
+    _run(shell, capsys, "a = torch.zeros(15 << 20, device='cuda:0')  # 60 MiB")
+    _run(shell, capsys, "b = torch.zeros(10 << 20, device='cuda:1')  # 40 MiB")
+    result, out = _run(shell, capsys, "c = torch.zeros(10 << 20, device='cuda:1')")
+    assert not result.success and _last_failure(shell).report.device_index == 1
+    cause = next(line for line in out.splitlines() if "Variables from earlier cells" in line)
+    assert "`b` holds 40.00 MiB" in cause and "`a`" not in cause, cause
