@@ -183,6 +183,11 @@ for step in range(2):
     assert rehearsals + 1 <= 3, out  # runs after the failure, the kept one included
     assert 0.95 * lo <= batch <= lo, (batch, lo, out)
     assert shell.ev("batch_size") == batch
+    first = int(re.findall(r"batch (\d+) +fits", out)[0])
+    assert (
+        f"How: the allocations of the run at batch {first}, replayed at other batches with the "
+        f"allocator's block sizes, put the largest batch that fits at {batch}." in out
+    ), out
     assert shell.run_cell(cell.replace("16384", str(batch))).success  # the next steps fit
 
 

@@ -172,6 +172,9 @@ class ReduceBatch(Fix):
             )
             return outcome
         _settled(ctx, finding, outcome, attempts[-1].batch or 0, accumulate)
+        how = search.replay_note()
+        if how:
+            outcome.notes.insert(0, how)
         return outcome
 
     def _run(self, ctx: FixContext, plan: Plan) -> tuple[RunResult, Attempt]:

@@ -49,6 +49,7 @@ class Replay:
     log: SizeLog
     offset: int  # measured less replayed, at the run the replay came from
     how: str  # for people: "two runs" or "one run at a prime batch"
+    batches: tuple[int, ...] = ()  # of the runs it came from
 
     @classmethod
     def from_runs(cls, runs: list[tuple[int, int, SizeLog | None]]) -> Replay | None:
@@ -59,24 +60,25 @@ class Replay:
         b2, p2, log2 = max(logged, key=lambda r: r[0])
         shape = log2.shape()
         pair = [r for r in logged if r[0] < b2 and r[2].shape() == shape]
+        batches: tuple[int, ...]
         if pair:
             b1, _, log1 = max(pair, key=lambda r: r[0])
             sizes = tuple(
                 (s1 - (s2 - s1) / (b2 - b1) * b1, (s2 - s1) / (b2 - b1))
                 for s1, s2 in zip(log1.sizes(), log2.sizes(), strict=True)
             )
-            how = "two runs"
+            how, batches = "two runs", (b1, b2)
         elif b2 >= MIN_PRIME_BATCH and is_prime(b2):
             sizes = tuple(
                 (0.0, s / b2) if s and s % b2 == 0 else (float(s), 0.0) for s in log2.sizes()
             )
-            how = "one run at a prime batch"
+            how, batches = "one run at a prime batch", (b2,)
         else:
             return None
         if not any(k > 0 for _, k in sizes):
             return None  # nothing grows with the batch: the batch is not what fills the card
-        replay = cls(sizes, log2, 0, how)
-        return cls(sizes, log2, p2 - replay.need(b2), how)
+        replay = cls(sizes, log2, 0, how, batches)
+        return cls(sizes, log2, p2 - replay.need(b2), how, batches)
 
     def need(self, batch: int) -> int:
         """The reserved peak at ``batch``: the log replayed with each allocation resized."""

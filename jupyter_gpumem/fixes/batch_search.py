@@ -116,6 +116,8 @@ class BatchSearch:
     observations: list[Observation] = field(default_factory=list)
     # Peaks no longer predict (a real run failed where its rehearsal fitted): bisect.
     bisecting: bool = False
+    # the replay's last proposal: (batches it came from, largest it says fits, the proposal)
+    _proposed: tuple[tuple[int, ...], int, int] | None = field(default=None, init=False, repr=False)
 
     def observe(self, obs: Observation) -> None:
         """Record a run."""
@@ -223,20 +225,43 @@ class BatchSearch:
             ]
         )
 
-    def _from_replay(self, lo: int, hi: float) -> float | None:
-        """The replay's guess; ``-1`` when it says the best fit is close enough; None when there
-        is no replay, or it is proven wrong (it says a batch that failed fits)."""
-        replay = self.replay() if self.capacity_bytes > 0 else None
+    def _replay_full(self, lo: int, hi: float) -> tuple[Replay, int, int] | None:
+        """The replay, the largest batch it says fits and the top of the range it searched; None
+        when there is none or it is proven wrong (it says a batch that failed fits)."""
+        replay = self.replay() if self.capacity_bytes > 0 and lo >= self.min_batch else None
         if replay is None:
             return None
         top = int(hi) if math.isfinite(hi) else 64 * lo
         full = replay.largest(self.capacity_bytes, lo, top)
         if math.isfinite(hi) and full >= top - 1 and replay.need(top) <= self.capacity_bytes:
             return None
+        return replay, full, top
+
+    def _from_replay(self, lo: int, hi: float) -> float | None:
+        """The replay's guess; ``-1`` when it says the best fit is close enough; None when there
+        is no replay to go by."""
+        found = self._replay_full(lo, hi)
+        if found is None:
+            return None
+        replay, full, top = found
         if lo >= _STOP_FRACTION * full:
             return -1
         aim = replay.largest(self.capacity_bytes * (1 - _REPLAY_MARGIN), lo, top)
-        return aim if aim > lo else (lo + full) / 2
+        guess = aim if aim > lo else (lo + full) // 2
+        self._proposed = (replay.batches, full, guess)
+        return guess
+
+    def replay_note(self) -> str | None:
+        """For people, once the search settled: how the replay placed the batch it settled on
+        (when it was the replay's proposal)."""
+        if self._proposed is None or self._proposed[2] != self.best():
+            return None
+        batches, full, _ = self._proposed
+        return (
+            f"How: the allocations of the run at batch {' and '.join(map(str, batches))}, "
+            f"replayed at other batches with the allocator's block sizes, put the largest batch "
+            f"that fits at {full}."
+        )
 
     # -- proposals ------------------------------------------------------------------------
 
