@@ -171,10 +171,7 @@ class ReduceBatch(Fix):
                 else f"No batch fitted for the whole run in {len(attempts)} runs."
             )
             return outcome
-        _settled(ctx, finding, outcome, attempts[-1].batch or 0, accumulate)
-        how = search.replay_note()
-        if how:
-            outcome.notes.insert(0, how)
+        _settled(ctx, finding, outcome, attempts[-1].batch or 0, accumulate, search.replay_note())
         return outcome
 
     def _run(self, ctx: FixContext, plan: Plan) -> tuple[RunResult, Attempt]:
@@ -251,7 +248,12 @@ def _failed(b: int, result: RunResult) -> Observation:
 
 
 def _settled(
-    ctx: FixContext, finding: BatchFinding, outcome: FixOutcome, best: int, accumulate: Any
+    ctx: FixContext,
+    finding: BatchFinding,
+    outcome: FixOutcome,
+    best: int,
+    accumulate: Any,
+    how: str | None,
 ) -> None:
     """The outcome of a search that settled on ``best``: the message, the change, the notes."""
     source = ctx.failed.source
@@ -259,6 +261,8 @@ def _settled(
     outcome.batch = best
     ctx.remembered[cell_key(source)] = best
     outcome.message = f"Fits at batch {best} (was {finding.value}), {outcome.peak_text()}."
+    if how:
+        outcome.notes.append(how)
     if finding.evidence:
         outcome.notes.append(f"The batch: {finding.evidence}.")
     outcome.change = describe_change(finding, best)

@@ -124,6 +124,12 @@ class Replay:
                 return self._bisect(budget, start, end)
         return lo
 
+    def largest_below(self, capacity: float, lo: int, failed: int) -> int | None:
+        """The largest batch under ``failed`` (a batch that ran out) that fits ``capacity``; None
+        when the replay says ``failed`` fits too: it is wrong about this code."""
+        full = self.largest(capacity, lo, failed)
+        return None if full >= failed - 1 and self.need(failed) <= capacity else full
+
     def _bisect(self, budget: float, lo: int, hi: int) -> int:
         """``lo`` fits the budget: the largest that does below ``hi``, if the need grows."""
         while hi - lo > 1:

@@ -1,10 +1,9 @@
 """Search for the largest batch that fits, with a memory model instead of blind halving.
 
-Where the runs logged their allocations (``Observation.log``), the model is a replay of them at
-another batch through the allocator's arithmetic (``batch_replay.py``): the search aims at the
-largest batch whose replayed need leaves 1% of the card, and stops once a fit is within 96% of the
-largest the replay allows. The first probe is a prime for it (one fit is then enough). A replay
-that says a batch that failed would fit is wrong, and the line model below takes over.
+Where the runs logged their allocations (``Observation.log``), the model is their replay at another
+batch through the allocator's arithmetic (``batch_replay.py``; a prime first probe makes one fit
+enough): aim where the replay leaves 1% of the card, stop at 96% of what it allows. A replay that
+says a failed batch fits is wrong: the line model below takes over.
 
 The line model is ``need(b) = max(fixed, base + k*b)``: a fixed peak (often the optimizer step) that
 dominates at small batches, and a line (weights, grads, then ``k`` bytes of activations per sample).
@@ -153,13 +152,20 @@ class BatchSearch:
             hi = min(hi, self.max_batch + 1)
         return (lo if lo is not None else self.min_batch - 1), hi
 
-    def _fit_peaks(self) -> list[tuple[int, int]]:
-        """(batch, peak) of the trusted fits with a known peak, by batch; one peak per batch."""
+    def _trusted_fits(self) -> list[Observation]:
+        """The fits with a known peak below every failure."""
         hi = self._smallest_fail()
+        return [
+            o
+            for o in self.observations
+            if o.fit and o.peak_bytes is not None and (hi is None or o.batch < hi)
+        ]
+
+    def _fit_peaks(self) -> list[tuple[int, int]]:
+        """(batch, peak) of the trusted fits, by batch; one peak per batch."""
         peaks: dict[int, int] = {}
-        for o in self.observations:
-            if o.fit and o.peak_bytes is not None and (hi is None or o.batch < hi):
-                peaks[o.batch] = max(o.peak_bytes, peaks.get(o.batch, 0))
+        for o in self._trusted_fits():
+            peaks[o.batch] = max(o.peak_bytes or 0, peaks.get(o.batch, 0))
         return sorted(peaks.items())
 
     # -- model ----------------------------------------------------------------------------
@@ -216,34 +222,16 @@ class BatchSearch:
 
     def replay(self) -> Replay | None:
         """The model from sizes, where the fits recorded their allocations (see batch_replay)."""
-        hi = self._smallest_fail()
-        return Replay.from_runs(
-            [
-                (o.batch, o.peak_bytes, o.log)
-                for o in self.observations
-                if o.fit and o.peak_bytes is not None and (hi is None or o.batch < hi)
-            ]
-        )
-
-    def _replay_full(self, lo: int, hi: float) -> tuple[Replay, int, int] | None:
-        """The replay, the largest batch it says fits and the top of the range it searched; None
-        when there is none or it is proven wrong (it says a batch that failed fits)."""
-        replay = self.replay() if self.capacity_bytes > 0 and lo >= self.min_batch else None
-        if replay is None:
-            return None
-        top = int(hi) if math.isfinite(hi) else 64 * lo
-        full = replay.largest(self.capacity_bytes, lo, top)
-        if math.isfinite(hi) and full >= top - 1 and replay.need(top) <= self.capacity_bytes:
-            return None
-        return replay, full, top
+        return Replay.from_runs([(o.batch, o.peak_bytes or 0, o.log) for o in self._trusted_fits()])
 
     def _from_replay(self, lo: int, hi: float) -> float | None:
         """The replay's guess; ``-1`` when it says the best fit is close enough; None when there
         is no replay to go by."""
-        found = self._replay_full(lo, hi)
-        if found is None:
+        replay = self.replay() if self.capacity_bytes > 0 and lo >= self.min_batch else None
+        top = int(hi) if math.isfinite(hi) else 64 * lo
+        full = None if replay is None else replay.largest_below(self.capacity_bytes, lo, top)
+        if replay is None or full is None:
             return None
-        replay, full, top = found
         if lo >= _STOP_FRACTION * full:
             return -1
         aim = replay.largest(self.capacity_bytes * (1 - _REPLAY_MARGIN), lo, top)
