@@ -86,7 +86,7 @@ def test_a_line_through_the_peaks_cannot_see_the_blocks() -> None:
 
 
 def test_the_first_probe_is_a_prime() -> None:
-    search = BatchSearch(capacity_bytes=128 * MiB, max_batch=16383)
+    search = BatchSearch(capacity_bytes=128 * MiB, max_batch=16383, replay_logs=True)
     search.observe(Observation(16384, False, None, requested_bytes=64 * MiB))
     first = search.next_batch()
     assert first is not None and is_prime(first) and first < 16384

@@ -197,6 +197,7 @@ def _start_search(ctx: FixContext, finding: BatchFinding) -> BatchSearch:
         baseline_bytes=_reserved_now(),
         min_batch=ctx.min_batch,
         max_batch=finding.value - 1,
+        replay_logs=True,  # where a run cannot be logged, the line model goes on alone
     )
     search.observe(
         Observation(

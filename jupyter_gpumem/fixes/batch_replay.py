@@ -28,12 +28,17 @@ import math
 from dataclasses import dataclass
 
 from ..backends.allocator import MIN_LARGE_ALLOC, Pools, SizeLog
+from ..units import format_bytes
 
-__all__ = ["MIN_PRIME_BATCH", "Replay", "is_prime", "prime_at_most"]
+__all__ = ["MIN_PRIME_BATCH", "REPLAY_MARGIN", "Replay", "is_prime", "prime_at_most", "replay_note"]
 
-# One run tells which allocations grow with the batch only at a prime batch this large: a size
-# that is a multiple of a small prime by chance (a weight of 7 x 64 floats) would count as growing.
-MIN_PRIME_BATCH = 101
+# One run tells which allocations grow with the batch from a prime batch this large. A constant
+# size that is a multiple of it by chance (a 7x7 kernel's weights at 7) counts as growing: the
+# replay then overstates the need and proposes a batch that fits, never one that does not.
+MIN_PRIME_BATCH = 7
+# The search aims where the replay leaves this much of the card free: the replay counts the
+# allocator's blocks, so the head-room covers only what the arithmetic leaves out.
+REPLAY_MARGIN = 0.01
 
 # A log with more events than this is not replayed (each prediction walks it once, and the
 # search asks for a few dozen).
@@ -136,6 +141,18 @@ class Replay:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if self.need(mid) <= budget else (lo, mid)
         return lo
+
+
+def replay_note(batches: tuple[int, ...], full: int, chosen: int, capacity: int) -> str:
+    """How the replay placed ``chosen``, for people."""
+    runs = " and ".join(map(str, batches))
+    note = (
+        f"How: the allocations of the run at batch {runs}, replayed at other batches with the "
+        f"allocator's block sizes, put the largest batch that fits at {full}"
+    )
+    if chosen < full:
+        return f"{note}; {chosen} leaves {format_bytes(int(capacity * REPLAY_MARGIN))} of the card free."
+    return note + "."
 
 
 def _usable(log: SizeLog) -> bool:

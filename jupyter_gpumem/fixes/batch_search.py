@@ -39,7 +39,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..backends.allocator import SizeLog
-from .batch_replay import MIN_PRIME_BATCH, Replay, prime_at_most
+from .batch_replay import MIN_PRIME_BATCH, REPLAY_MARGIN, Replay, prime_at_most, replay_note
 
 _GiB = 1 << 30
 # Close enough: the accepted loss against the largest batch that fits.
@@ -70,9 +70,6 @@ _ALPHA_BURNED = 0.5  # after the model's guess failed
 _ALPHA_LOWER_BURNED = 0.6
 _ALPHA_FIXED = 0.6  # only the fixed peak seen: between safe and the line to the failure,
 _FIXED_CAP = 2.0  # but at most doubling the best fit (a failure far above says little)
-# With a replay of the allocations (batch_replay.py), which counts the allocator's blocks, the
-# head-room kept is smaller: it covers only what the arithmetic leaves out.
-_REPLAY_MARGIN = 0.01
 
 
 @dataclass(frozen=True)
@@ -115,6 +112,8 @@ class BatchSearch:
     observations: list[Observation] = field(default_factory=list)
     # Peaks no longer predict (a real run failed where its rehearsal fitted): bisect.
     bisecting: bool = False
+    # The runs log their allocations: probe at primes until one fits (see batch_replay.py).
+    replay_logs: bool = False
     # the replay's last proposal: (batches it came from, largest it says fits, the proposal)
     _proposed: tuple[tuple[int, ...], int, int] | None = field(default=None, init=False, repr=False)
 
@@ -234,22 +233,15 @@ class BatchSearch:
             return None
         if lo >= _STOP_FRACTION * full:
             return -1
-        aim = replay.largest(self.capacity_bytes * (1 - _REPLAY_MARGIN), lo, top)
+        aim = replay.largest(self.capacity_bytes * (1 - REPLAY_MARGIN), lo, top)
         guess = aim if aim > lo else (lo + full) // 2
         self._proposed = (replay.batches, full, guess)
         return guess
 
     def replay_note(self) -> str | None:
-        """For people, once the search settled: how the replay placed the batch it settled on
-        (when it was the replay's proposal)."""
-        if self._proposed is None or self._proposed[2] != self.best():
-            return None
-        batches, full, _ = self._proposed
-        return (
-            f"How: the allocations of the run at batch {' and '.join(map(str, batches))}, "
-            f"replayed at other batches with the allocator's block sizes, put the largest batch "
-            f"that fits at {full}."
-        )
+        """For people, once settled: how the replay placed the batch settled on, if it did."""
+        p = self._proposed
+        return None if p is None or p[2] != self.best() else replay_note(*p, self.capacity_bytes)
 
     # -- proposals ------------------------------------------------------------------------
 
@@ -351,9 +343,7 @@ class BatchSearch:
             guess = max(guess, lo * (1 + _MIN_STEP))
         tried = {o.batch for o in self.observations}
         b = int(max(lo + 1, self.min_batch, min(math.floor(guess), hi - 1)))
-        if lo < self.min_batch and not self.bisecting and b > MIN_PRIME_BATCH:
-            # Nothing fitted yet: a prime batch, so that its run alone says which allocations
-            # grow with the batch (batch_replay.py).
+        if self.replay_logs and lo < self.min_batch and not self.bisecting and b > MIN_PRIME_BATCH:
             b = prime_at_most(b, floor=max(lo + 1, self.min_batch, MIN_PRIME_BATCH, b // 2))
         while b in tried and b < hi - 1:
             b += 1
