@@ -10,8 +10,10 @@ the notebook back as it was before the fix; Ctrl-C then raises :class:`Interrupt
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .failure import FailedCell, NamespaceMark
@@ -93,6 +95,7 @@ def make_context(
     ctx: FixContext
 
     def run(plan: Plan) -> RunResult:
+        ctx.running = plan
         result = run_plan(
             shell,
             plan,
@@ -189,6 +192,9 @@ def in_transaction(shell: Any, failed: FailedCell, ctx: FixContext, key: str) ->
             f"Interrupted: {txn.undo_message(everything=True)}",
             whole=not txn.problems and not txn.released,
         ) from None
+    except Exception as exc:  # the cell's own error in a re-run (or ours): one line, all put back
+        txn.rollback(everything=True)
+        return _raised(shell, ctx, key, exc, txn.undo_message(everything=True))
     except BaseException:
         txn.rollback(everything=True)
         raise
@@ -312,3 +318,40 @@ def _say_kept(outcome: FixOutcome, line: _Line) -> None:
     line(summary, always=True)
     for note in outcome.notes:
         line(f"  note: {note}")
+
+
+def _raised(shell: Any, ctx: FixContext, key: str, exc: Exception, undo: str) -> FixOutcome:
+    """A re-run that raised something other than an out-of-memory error: the cell's own error at
+    the new setting (a hidden state sized by the old batch), told in one line with where it was
+    raised, or a failure of ours, said so; the notebook is already put back."""
+    from .trace import where_in_notebook
+
+    frames = [
+        (tb.tb_frame.f_code.co_filename, tb.tb_lineno, tb.tb_frame.f_code.co_name)
+        for tb in _tracebacks(exc.__traceback__)
+        if tb.tb_frame.f_globals is shell.user_ns
+    ]
+    traceback.clear_frames(exc.__traceback__)
+    label = FIXES[key].label
+    error = f"{type(exc).__name__}: {exc}"
+    if not frames:
+        message = f"{label} failed inside jupyter_gpumem ({error})."
+    else:
+        _, line, name = frames[-1]
+        where = (
+            f"line {line} of the cell"
+            if name == "<module>"
+            else where_in_notebook(frames[-1:], shell)
+        )
+        plan = ctx.running
+        at = f" at batch {plan.batch}" if plan is not None and plan.batch else ""
+        message = (
+            f"{label} stopped: the re-run{at} raised {error} ({where}), not an out-of-memory error."
+        )
+    return FixOutcome(fix=key, ok=False, message=message, notes=[f"Nothing was kept: {undo}"])
+
+
+def _tracebacks(tb: TracebackType | None) -> Iterator[TracebackType]:
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next

@@ -278,3 +278,31 @@ def test_no_room_in_host_memory_for_the_snapshot_refuses_with_a_line(
     assert shell.user_ns["batch_size"] == 2048
     for a, b in zip(before, _weights(shell), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_failure_inside_a_fix_is_one_line_and_the_notebook_is_put_back(
+    shell: Any, capsys: Any, monkeypatch: Any
+) -> None:
+    """A bug of ours while a fix runs: one line naming it, the notebook as it was, the hook still
+    installed (the next OOM is diagnosed)."""
+    pytest.importorskip("torch")
+    from jupyter_gpumem.fixes import FIXES
+
+    shell.run_cell("%gpumem simulate 64MiB")
+    shell.run_cell("import torch\nkept = [1]")
+    cell = "kept.append(2)\nx = torch.empty(2**30, dtype=torch.uint8, device='cuda')\n"
+    assert not shell.run_cell(cell).success
+
+    def broken(ctx: Any) -> Any:
+        ctx.user_ns["kept"].append(3)  # changed, then the bug: put back all the same
+        raise ValueError("boom")
+
+    monkeypatch.setattr(FIXES["cpu"], "apply", broken)
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry cpu --force")
+    out = capsys.readouterr()
+    assert "Move to CPU failed inside jupyter_gpumem (ValueError: boom)." in out.out, out
+    assert "Traceback" not in out.out + out.err, out
+    assert shell.user_ns["kept"] == [1, 2]  # as the failed cell left it
+    assert not shell.run_cell(cell).success
+    assert "GPU out of memory" in capsys.readouterr().out

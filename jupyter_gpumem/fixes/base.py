@@ -146,6 +146,7 @@ class FixContext:
     run: Callable[[Plan], RunResult] | None = None  # set by the runner
     on_attempt: Callable[[Attempt], None] | None = None
     txn: Transaction | None = None  # what a rollback puts back (set by the runner)
+    running: Plan | None = None  # the run under way (set by the runner): what an error was in
     # %%oomsafe: prove a fix with a rehearsal before its real run (a retry runs it directly)
     rehearse_first: bool = False
 

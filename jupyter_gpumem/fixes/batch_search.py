@@ -234,7 +234,9 @@ class BatchSearch:
         if lo >= _STOP_FRACTION * full:
             return -1
         aim = replay.largest(self.capacity_bytes * (1 - REPLAY_MARGIN), lo, top)
-        guess = aim if aim > lo else (lo + full) // 2
+        # No batch above the best fit leaves the head-room (the allocator's blocks fill the card
+        # in steps): the largest the replay allows, not creeping up by halves.
+        guess = aim if aim > lo else full
         self._proposed = (replay.batches, full, guess)
         return guess
 
