@@ -788,20 +788,22 @@ def test_vae_example_real_run_failing_in_test_is_rolled_back(shell: Any, capsys:
     assert ns["later"] == [1, 2, 3]
 
 
-@pytest.mark.xfail(
-    reason="a real run that fails in test(), on a tensor sized by test_loader's batch (4096, which "
-    "the fix did not change), is read as 'rehearsals cannot see a later phase' and train_loader's "
-    "batch is bisected with real runs (2026, 1267, 888, 698, 509: a whole epoch each) until 'No "
-    "batch fitted for the whole run in 7 runs'; the largest batch with both loaders at it is 2185",
-    strict=True,
-)
 def test_vae_example_names_the_loader_the_real_run_failed_on(shell: Any, capsys: Any) -> None:
+    """The real run trains at the smaller batch, then runs out in test() on `data` sized by
+    test_loader's 4096 (both loaders were built from args.batch_size): Reduce batch stops there
+    and says so. Was: train_loader bisected with real runs (2026, 1267, 888, 698, 509: a whole
+    epoch each) until "No batch fitted for the whole run in 7 runs"."""
     _vae(shell)
     capsys.readouterr()
     shell.run_cell("%gpumem retry batch")
     out = capsys.readouterr().out
     assert "No batch fitted" not in out, out
     assert len(_probes(out)) <= 3, out
+    assert re.search(
+        r"Reduce batch stopped: at batch \d+ the cell still ran out on `data` \(4096, 1, 28, 28\), "
+        r"sized by the old batch 4096",
+        out,
+    ), out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -872,16 +874,12 @@ def test_word_language_model_a_rehearsal_that_raises_is_told_in_one_line(
 # is made in the setup cell and run through netG at i == 0
 
 
-@pytest.mark.xfail(
-    reason="every rehearsal fails at netG(fixed_noise), a (512, 16, 16, 16) tensor (fixed_noise "
-    "keeps opt.batchSize = 512; only the dataloader's batch changes), so the search goes 63, 7, "
-    "2, 1 and says 'Even batch 1 does not fit: reducing the batch is not enough', while with "
-    "opt.batchSize at 21 (the largest) the whole example fits; the diagnosis after it names the 512",
-    strict=True,
-)
 def test_dcgan_example_does_not_say_batch_1_does_not_fit(
     shell: Any, capsys: Any, tmp_path: Any
 ) -> None:
+    """fixed_noise (opt.batchSize, nz, 1, 1) is made in the setup cell and run through netG at
+    i == 0; Reduce batch changes the dataloader's batch only. Was: 63, 7, 2, 1 and "Even batch 1
+    does not fit" (with opt.batchSize at 21 the whole example fits)."""
     shell.run_cell("%gpumem simulate off")
     assert shell.run_cell(DCGAN_DATA).success
     shell.run_cell("%gpumem simulate 24MiB")
@@ -892,3 +890,11 @@ def test_dcgan_example_does_not_say_batch_1_does_not_fit(
     shell.run_cell("%gpumem retry batch")
     out = capsys.readouterr().out
     assert "Even batch 1 does not fit" not in out, out
+    # a rehearsal that runs out on netG's input still sized by 512 stops the search, and says
+    # which variable keeps the old batch
+    assert len(_probes(out)) <= 2, out
+    assert re.search(
+        r"Reduce batch stopped: at batch \d+ the cell still ran out on `input` \(512, 16, 16, 16\), "
+        r"sized by the old batch 512; the notebook's `fixed_noise` \(512, 100, 1, 1\) still has it\.",
+        out,
+    ), out

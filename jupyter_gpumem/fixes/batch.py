@@ -20,7 +20,7 @@ from ..backends.allocator import SizeLog
 from ..rerun import Plan, RunResult, capacity_bytes
 from ..units import format_bytes
 from .base import Attempt, Check, Fix, FixContext, FixOutcome
-from .batch_evidence import failing_tensors
+from .batch_evidence import failing_tensors, sized_by, variables_sized_by
 from .batch_search import BatchSearch, Observation
 from .batch_source import BatchFinding, accumulation_plan, apply_batch, describe_change, find_batch
 
@@ -130,7 +130,7 @@ class ReduceBatch(Fix):
             attempts=attempts,
             predicted_saving_bytes=check.predicted_saving_bytes,
         )
-        last_failure = None
+        last_failure = untouched = None
         accumulate = None
         final: RunResult | None = None
         rehearse = True
@@ -157,6 +157,8 @@ class ReduceBatch(Fix):
             else:
                 last_failure = result.failure
                 search.observe(_failed(b, result))
+                if (untouched := _untouched(finding, b, result)) is not None:
+                    break  # smaller batches cannot reach what still has the old size
                 if real and rehearse:
                     # rehearsals cannot see what a later phase needs (epoch 2, a test() with
                     # its own batch): real runs decide now, bisecting, with a few more allowed
@@ -165,11 +167,7 @@ class ReduceBatch(Fix):
                     budget = max(budget, len(attempts) + _REAL_RETRIES)
         if final is None:
             outcome.failure = last_failure
-            outcome.message = (
-                f"Even batch {ctx.min_batch} does not fit: reducing the batch is not enough."
-                if not any(a.ok for a in attempts)
-                else f"No batch fitted for the whole run in {len(attempts)} runs."
-            )
+            outcome.message = untouched or _unsettled(ctx, attempts)
             return outcome
         _settled(ctx, finding, outcome, attempts[-1].batch or 0, accumulate, search.replay_note())
         return outcome
@@ -234,6 +232,30 @@ def _rehearsal_plan(
 
     plan.keep = settles
     return plan
+
+
+def _unsettled(ctx: FixContext, attempts: list[Attempt]) -> str:
+    if not any(a.ok for a in attempts):
+        return f"Even batch {ctx.min_batch} does not fit: reducing the batch is not enough."
+    return f"No batch fitted for the whole run in {len(attempts)} runs."
+
+
+def _untouched(finding: BatchFinding, b: int, result: RunResult) -> str | None:
+    """A run at ``b`` that ran out on a tensor still sized by the old batch, and by nothing at
+    ``b``: it was made outside what Reduce batch changes (DCGAN's ``fixed_noise``, made in the
+    setup cell with ``opt.batchSize``), and no smaller batch will reach it."""
+    tensors = failing_tensors(result.failure, frames_only=True)  # what the failing call had
+    old = sized_by(finding.value, tensors)
+    if old is None or b == finding.value or sized_by(b, tensors) is not None:
+        return None
+    held = ", ".join(t.text() for t in variables_sized_by(result.failure, finding.value)[:3])
+    return (
+        f"Reduce batch stopped: at batch {b} the cell still ran out on {old.text()}, sized by the "
+        f"old batch {finding.value}"
+        + (f"; the notebook's {held} still has it" if held else "")
+        + f". Reduce batch changes only {finding.how}: make that tensor with the same batch, or "
+        "name the variable that sets both with `--batch-var`."
+    )
 
 
 def _failed(b: int, result: RunResult) -> Observation:

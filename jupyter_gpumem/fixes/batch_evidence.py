@@ -37,8 +37,11 @@ def _shape(detail: str) -> tuple[int, ...] | None:
     return tuple(int(x) for x in m.group(1).split(", ")) if m else None
 
 
-def failing_tensors(failed: FailedCell | None) -> tuple[SizedTensor, ...]:
-    """Tensors of the failed frames, and those the failed run made, with their shapes."""
+def failing_tensors(
+    failed: FailedCell | None, frames_only: bool = False
+) -> tuple[SizedTensor, ...]:
+    """Tensors of the failed frames, and (unless ``frames_only``) those the failed run made, with
+    their shapes."""
     if failed is None or failed.diagnosis is None:
         return ()
     made = set(failed.created)
@@ -46,10 +49,24 @@ def failing_tensors(failed: FailedCell | None) -> tuple[SizedTensor, ...]:
     for h in failed.diagnosis.holders.holders:
         if h.kind != "tensor":
             continue
-        if h.where == "failed frame" or (h.where == "variable" and h.name in made):
+        if h.where == "failed frame" or (
+            not frames_only and h.where == "variable" and h.name in made
+        ):
             shape = _shape(h.detail)
             if shape and len(shape) >= 2:  # a 1-d tensor (labels, a loss) says little
                 out.append(SizedTensor(h.name, shape))
+    return tuple(out)
+
+
+def variables_sized_by(failed: FailedCell | None, value: int) -> tuple[SizedTensor, ...]:
+    """The notebook's tensor variables that ``value`` sizes (``fixed_noise`` (512, 100, 1, 1))."""
+    if failed is None or failed.diagnosis is None:
+        return ()
+    out = []
+    for h in failed.diagnosis.holders.holders:
+        shape = _shape(h.detail) if h.kind == "tensor" and h.where == "variable" else None
+        if shape and value in shape:
+            out.append(SizedTensor(h.name, shape))
     return tuple(out)
 
 
