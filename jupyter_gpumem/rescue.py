@@ -157,7 +157,7 @@ def apply_fix(
             ok=False,
             refused=True,
             message=verdict.summary(),
-            notes=[verdict.question()],
+            notes=[f"{verdict.question()} `%gpumem retry {key} --force` re-runs it anyway."],
         )
     ctx = make_context(shell, failed, options, remembered, on_attempt)
     check = fix.check(ctx)

@@ -137,6 +137,7 @@ def test_retry_refuses_a_cell_with_side_effects(sim: Any, capsys: Any) -> None:
     out = capsys.readouterr().out
     assert "step" in out and "history" in out
     assert "Re-run anyway?" in out
+    assert "`%gpumem retry batch --force` re-runs it anyway." in out, out  # how, in a terminal
     assert sim.user_ns["step"] == 1, "not re-run silently"
     assert "Fits at batch" not in out
     sim.run_cell("%gpumem retry batch --force")
