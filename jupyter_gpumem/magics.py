@@ -26,7 +26,7 @@ from .magic_args import (
 from .readings import read_snapshot
 from .release import release_failed_cell
 from .render import render_snapshot_text
-from .rescue import Interrupted, Options, apply_fix, run_ladder
+from .rescue import Interrupted, Options, RerunRaised, apply_fix, report_raised, run_ladder
 from .units import format_bytes
 
 if TYPE_CHECKING:
@@ -289,6 +289,9 @@ class GpuMemMagics(Magics):
         except Interrupted as exc:
             print(exc.message, file=sys.stderr)
             raise KeyboardInterrupt from None
+        except RerunRaised as raised:  # the cell's error as the cell shows it, then one line
+            print(report_raised(self.shell, FIXES[opts.fix].label, raised), file=sys.stderr)
+            return
         self.ext.report_outcome(outcome, failed)
 
     @magic_arguments(name="%oomsafe")  # shown as %%oomsafe: IPython's help prefixes one %
@@ -343,6 +346,9 @@ class GpuMemMagics(Magics):
         except Interrupted as exc:
             print(f"oomsafe: {exc.message}", file=sys.stderr)
             raise KeyboardInterrupt from None
+        except RerunRaised as raised:
+            print("oomsafe: " + report_raised(self.shell, "a fix", raised), file=sys.stderr)
+            return
         if not result.ok and result.failure is not None:
             self.ext.hook.last_failure = result.failure
             if result.refused is None:

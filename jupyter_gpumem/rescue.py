@@ -10,8 +10,7 @@ the notebook back as it was before the fix; Ctrl-C then raises :class:`Interrupt
 
 from __future__ import annotations
 
-import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -192,9 +191,11 @@ def in_transaction(shell: Any, failed: FailedCell, ctx: FixContext, key: str) ->
             f"Interrupted: {txn.undo_message(everything=True)}",
             whole=not txn.problems and not txn.released,
         ) from None
-    except Exception as exc:  # the cell's own error in a re-run (or ours): one line, all put back
+    except Exception as exc:  # the cell's own error in a re-run (or ours): all put back, said so
         txn.rollback(everything=True)
-        return _raised(shell, ctx, key, exc, txn.undo_message(everything=True))
+        plan = ctx.running
+        batch = plan.batch if plan is not None else None
+        raise RerunRaised(exc, txn.undo_message(everything=True), batch) from None
     except BaseException:
         txn.rollback(everything=True)
         raise
@@ -320,38 +321,37 @@ def _say_kept(outcome: FixOutcome, line: _Line) -> None:
         line(f"  note: {note}")
 
 
-def _raised(shell: Any, ctx: FixContext, key: str, exc: Exception, undo: str) -> FixOutcome:
-    """A re-run that raised something other than an out-of-memory error: the cell's own error at
-    the new setting (a hidden state sized by the old batch), told in one line with where it was
-    raised, or a failure of ours, said so; the notebook is already put back."""
-    from .trace import where_in_notebook
+class RerunRaised(Exception):
+    """A fix's run raised something other than an out-of-memory error (the cell's own error at
+    the new setting, or ours); the notebook was put back: ``undo`` says what that restored."""
 
-    frames = [
-        (tb.tb_frame.f_code.co_filename, tb.tb_lineno, tb.tb_frame.f_code.co_name)
-        for tb in _tracebacks(exc.__traceback__)
-        if tb.tb_frame.f_globals is shell.user_ns
-    ]
-    traceback.clear_frames(exc.__traceback__)
-    label = FIXES[key].label
-    error = f"{type(exc).__name__}: {exc}"
-    if not frames:
-        message = f"{label} failed inside jupyter_gpumem ({error})."
-    else:
-        _, line, name = frames[-1]
-        where = (
-            f"line {line} of the cell"
-            if name == "<module>"
-            else where_in_notebook(frames[-1:], shell)
-        )
-        plan = ctx.running
-        at = f" at batch {plan.batch}" if plan is not None and plan.batch else ""
-        message = (
-            f"{label} stopped: the re-run{at} raised {error} ({where}), not an out-of-memory error."
-        )
-    return FixOutcome(fix=key, ok=False, message=message, notes=[f"Nothing was kept: {undo}"])
+    def __init__(self, error: Exception, undo: str, batch: int | None) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error, self.undo, self.batch = error, undo, batch
 
 
-def _tracebacks(tb: TracebackType | None) -> Iterator[TracebackType]:
-    while tb is not None:
-        yield tb
+def report_raised(shell: Any, label: str, raised: RerunRaised) -> str:
+    """The cell's own error shown as the cell would show it (from its own frame on, none of
+    ours); one line for the status: what was raised, at which batch, and that nothing was kept.
+    Raised by jupyter_gpumem itself: that one line only."""
+    from .hook import without_dispatch_frames
+
+    exc = raised.error
+    brief = f"{type(exc).__name__}: {str(exc)[:200]}"
+    tb = cell_traceback(exc.__traceback__, shell.user_ns)
+    if tb is None:
+        return f"jupyter_gpumem: {label} failed ({brief}). Nothing was kept: {raised.undo}"
+    try:
+        shell.showtraceback((type(exc), exc, without_dispatch_frames(tb)), tb_offset=0)
+    except Exception:
+        pass
+    at = f" at batch {raised.batch}" if raised.batch else ""
+    return f"✗ {label}: the re-run{at} raised {brief}. Nothing was kept: {raised.undo}"
+
+
+def cell_traceback(tb: TracebackType | None, user_ns: dict[str, Any]) -> TracebackType | None:
+    """The traceback from the cell's own frame on (None if it never reached the cell): what the
+    cell would show, without the re-run machinery above it."""
+    while tb is not None and tb.tb_frame.f_globals is not user_ns:
         tb = tb.tb_next
+    return tb

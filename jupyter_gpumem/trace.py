@@ -192,13 +192,6 @@ def _shell(shell: Any) -> Any:
     return get() if get is not None else None
 
 
-def where_in_notebook(frames: list[_trace.Frame], shell: Any = None) -> str:
-    """Where a stack (innermost first) is in the user's code, as the trace tells it: "`train`
-    (In [5]), line 12"."""
-    files: Mapping[str, int] = getattr(getattr(shell, "compile", None), "_filename_map", None) or {}
-    return _where(tuple(frames), files)
-
-
 def _cell(filename: str, files: Mapping[str, int]) -> int | None:
     number = files.get(filename)
     if number is None:

@@ -137,7 +137,7 @@ def test_gauge_and_sidebar_show_every_gpu_with_the_ooms_marked(shell: Any, capsy
             every = [p.removesuffix("</span>") for p in parts if p.startswith("GPU ")]
             assert [p.split()[:2] for p in every] == [["GPU", "0"], ["GPU", "1"]]
             assert [p for p in every if "◀ OOM" in p] == [every[1]]
-            assert title.startswith("Simulated GPU (0.25 GiB), GPU 1")  # the dial: the OOM's GPU
+            assert title.startswith("Simulated GPU (256 MiB), GPU 1")  # the dial: the OOM's GPU
     finally:
         gauge.stop()
         sidebar.close()

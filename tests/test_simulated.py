@@ -761,3 +761,11 @@ def test_on_this_thread_follows_pause_and_stop_from_the_starting_thread() -> Non
     go_on.set()
     worker.result(timeout=60)
     assert seen == [False, ([], [])] and not simulated._borrowed
+
+
+def test_a_small_card_is_named_in_mib() -> None:
+    """A 24 MiB card was "Simulated GPU (0.02 GiB)"."""
+    import jupyter_gpumem
+
+    with jupyter_gpumem.simulate("24MiB") as gpu:
+        assert torch.cuda.get_device_name(0) == gpu.name == "Simulated GPU (24.00 MiB)"

@@ -411,7 +411,9 @@ def test_the_cells_own_error_shows_as_the_cell_would_show_it(shell: Any, capsys:
     capsys.readouterr()
     outcome = panel.click("batch", force=True)
     assert outcome is not None and not outcome.ok
-    assert "✗ The re-run raised ValueError: second run fails" in panel.status.value
+    status = panel.status.value
+    assert "✗ Reduce batch: the re-run at batch" in status, status
+    assert "raised ValueError: second run fails. Nothing was kept: restored" in status, status
     shown = capsys.readouterr().out
     assert "ValueError: second run fails" in shown and "raise ValueError" in shown
     assert "jupyter_gpumem" not in shown, "no frame of ours in the cell's traceback"

@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from html import escape
-from types import TracebackType
 from typing import Any
 
 import ipywidgets as W
@@ -25,24 +24,15 @@ from .. import backends
 from ..display import for_display
 from ..failure import FailedCell
 from ..fixes import FIXES, Attempt, Check, FixOutcome
-from ..hook import without_dispatch_frames
 from ..kernels import own_kernel_id
 from ..render import _md_code, render_html
 from ..rerun_ask import question_before_rerun
-from ..rescue import Options, apply_fix, check_all
+from ..rescue import Options, RerunRaised, apply_fix, check_all, report_raised
 from . import chart, devices, wording
 from .allocations import AllocatedBy
 from .others import OtherKernels, kernels_to_offer
 from .panel_style import STYLE
 from .status import StatusLine, Ticker
-
-
-def _cell_traceback(tb: TracebackType | None, user_ns: dict[str, Any]) -> TracebackType | None:
-    """The traceback from the cell's own frame on (None if it never reached the cell): what the
-    cell would show, without the re-run machinery above it."""
-    while tb is not None and tb.tb_frame.f_globals is not user_ns:
-        tb = tb.tb_next
-    return tb
 
 
 class DiagnosisPanel:
@@ -318,17 +308,13 @@ class DiagnosisPanel:
             self.set_status(f"✗ {_md_code(outcome.message)}", "bad")
 
     def _report_error(self, label: str, exc: BaseException) -> None:
-        brief = f"{escape(type(exc).__name__)}: {escape(str(exc)[:200])}"
-        tb = _cell_traceback(exc.__traceback__, self.shell.user_ns)
-        if tb is None:  # raised by jupyter_gpumem itself: one line, the cell's state is reported
-            self.set_status(f"jupyter_gpumem: {escape(label)} failed ({brief})", "bad")
-            return
-        try:  # the cell's own error: shown as the cell would show it
+        if isinstance(exc, RerunRaised):  # the notebook was put back; the cell's error is shown
             with self.output:
-                self.shell.showtraceback((type(exc), exc, without_dispatch_frames(tb)), tb_offset=0)
-        except Exception:
-            pass
-        self.set_status(f"✗ The re-run raised {brief}", "bad")
+                line = report_raised(self.shell, label, exc)
+            self.set_status(escape(line), "bad")
+            return
+        brief = f"{escape(type(exc).__name__)}: {escape(str(exc)[:200])}"
+        self.set_status(f"jupyter_gpumem: {escape(label)} failed ({brief})", "bad")
 
     def _enable(self) -> None:
         for key, b in self.buttons.items():

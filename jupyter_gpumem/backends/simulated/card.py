@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from jupyter_gpumem.units import GiB, MiB
+from jupyter_gpumem.units import GiB, MiB, format_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -119,7 +119,7 @@ class SimulatedCard:
             raise ValueError(f"the cap cannot be negative: {allowed_bytes}")
         self.total_bytes = int(total_bytes)
         self.device_index = device_index
-        self.name = f"Simulated GPU ({self.total_bytes / GiB:.2f} GiB)"
+        self.name = f"Simulated GPU ({format_bytes(self.total_bytes)})"  # 24 MiB, not 0.02 GiB
         self.other_processes = other_processes
         self.allowed_bytes = allowed_bytes
         self._lock = threading.Lock()
