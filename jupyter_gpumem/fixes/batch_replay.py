@@ -40,9 +40,9 @@ MIN_PRIME_BATCH = 7
 # allocator's blocks, so the head-room covers only what the arithmetic leaves out.
 REPLAY_MARGIN = 0.01
 
-# A log with more events than this is not replayed (each prediction walks it once, and the
-# search asks for a few dozen).
-_MAX_EVENTS = 200_000
+# A log with more events than this is not replayed: each prediction walks it once (about 1 µs an
+# event) and a proposal asks for a few dozen, so this keeps one under a second or two.
+_MAX_EVENTS = 50_000
 
 
 @dataclass(frozen=True)
