@@ -317,8 +317,8 @@ def ours(w: Workload) -> Result:
     from IPython.core.interactiveshell import InteractiveShell
 
     import jupyter_gpumem
-    from jupyter_gpumem import rescue
     from jupyter_gpumem.backends import simulated
+    from jupyter_gpumem.fixes import ladder as rescue
 
     simulated.stop()
     InteractiveShell.clear_instance()

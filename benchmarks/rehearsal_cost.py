@@ -216,7 +216,7 @@ def check(ns: dict[str, Any], ref: dict[str, Any], what: str) -> None:
 
 
 class TimedGC:
-    """Stands in for the gc module inside jupyter_gpumem.transaction: a rollback's collect()
+    """Stands in for the gc module inside jupyter_gpumem.rescue.transaction: a rollback's collect()
     timed apart from its copies."""
 
     def __init__(self) -> None:
@@ -236,9 +236,9 @@ class TimedGC:
 def measure(target_mib: int, repeats: int, gpu: bool) -> dict[str, Any]:
     import torch
 
-    from jupyter_gpumem import transaction
     from jupyter_gpumem.backends import simulated
-    from jupyter_gpumem.transaction import Transaction
+    from jupyter_gpumem.rescue import transaction
+    from jupyter_gpumem.rescue.transaction import Transaction
 
     device = "cuda"  # the simulated GPU runs the same code on the CPU
 

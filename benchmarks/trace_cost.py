@@ -1,4 +1,4 @@
-"""The cost of allocation tracing (``jupyter_gpumem.trace``) on a training step.
+"""The cost of allocation tracing (``jupyter_gpumem.readings.trace``) on a training step.
 
 A ResNet built from torch.nn (torchvision is not a dependency): on the simulated GPU by default, a
 small one (basic blocks [2, 2, 2, 2], width 16, batch 16 of 3x64x64) so a step takes a fraction of
@@ -118,7 +118,7 @@ def step(env: dict[str, Any]) -> None:
 
 
 def timed_steps(env: dict[str, Any], setting: str, steps: int) -> list[float]:
-    from jupyter_gpumem import trace
+    from jupyter_gpumem.readings import trace
 
     if setting != "off":
         trace.start(modules=setting == "stacks + modules")
@@ -174,7 +174,7 @@ def counts(env: dict[str, Any]) -> tuple[int, int]:
 
 def per_call_costs(env: dict[str, Any], n: int = 20000) -> tuple[float | None, float]:
     """(µs to record one allocation on the simulated GPU, µs the hooks add to one module call)."""
-    from jupyter_gpumem import trace
+    from jupyter_gpumem.readings import trace
 
     torch = env["torch"]
 

@@ -16,19 +16,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .backends import MemoryBackend
-from .backends import simulated as _simulated
-from .config import GpuMem
-from .diagnosis import Cause, Diagnosis, diagnose
-from .holders import Holder, HolderSet, find_holders
-from .oom import OOMReport, find_oom, is_oom, parse_oom_message
-from .readings import MemorySnapshot, read_snapshot
-from .release import ReleaseResult, release_failed_cell
-from .render import render_html, render_text
-from .units import format_bytes, parse_size
+from jupyter_gpumem.backends import MemoryBackend
+from jupyter_gpumem.backends import simulated as _simulated
+from jupyter_gpumem.config import GpuMem
+from jupyter_gpumem.diagnosis.diagnose import Cause, Diagnosis, diagnose
+from jupyter_gpumem.diagnosis.render import render_html, render_text
+from jupyter_gpumem.oom.report import OOMReport, find_oom, is_oom, parse_oom_message
+from jupyter_gpumem.readings.holders import Holder, HolderSet, find_holders
+from jupyter_gpumem.readings.release import ReleaseResult, release_failed_cell
+from jupyter_gpumem.readings.snapshot import MemorySnapshot, read_snapshot
+from jupyter_gpumem.units import format_bytes, parse_size
 
 if TYPE_CHECKING:
-    from .failure import FailedCell
+    from jupyter_gpumem.cells.failure import FailedCell
 
 __version__ = "0.1.0"
 __all__ = [
@@ -87,7 +87,7 @@ def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext jupyter_gpumem``: loading twice does nothing."""
     if id(ipython) in _loaded:
         return
-    from .extension import Extension
+    from jupyter_gpumem.ipython.extension import Extension
 
     ext = Extension(ipython)
     ext.load()

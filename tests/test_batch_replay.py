@@ -19,8 +19,8 @@ torch = pytest.importorskip("torch")
 import jupyter_gpumem  # noqa: E402
 from jupyter_gpumem.backends.allocator import Pools, SizeLog  # noqa: E402
 from jupyter_gpumem.backends.cuda import size_log_from_snapshot  # noqa: E402
-from jupyter_gpumem.fixes.batch_replay import Replay, is_prime  # noqa: E402
-from jupyter_gpumem.fixes.batch_search import BatchSearch, Observation  # noqa: E402
+from jupyter_gpumem.fixes.batch.replay import Replay, is_prime  # noqa: E402
+from jupyter_gpumem.fixes.batch.search import BatchSearch, Observation  # noqa: E402
 
 MiB = 1 << 20
 
@@ -105,7 +105,8 @@ def test_pools_count_blocks_as_the_allocator_does() -> None:
 
 
 def test_tracing_keeps_recording_while_sizes_are_logged(shell: Any) -> None:
-    from jupyter_gpumem import backends, trace
+    from jupyter_gpumem import backends
+    from jupyter_gpumem.readings import trace
 
     shell.run_cell("%gpumem simulate 256MiB")
     shell.run_cell("import torch")

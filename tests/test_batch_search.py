@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from jupyter_gpumem.fixes.batch_search import BatchSearch, Observation
+from jupyter_gpumem.fixes.batch.search import BatchSearch, Observation
 
 GiB = 1 << 30
 MiB = 1 << 20

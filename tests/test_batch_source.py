@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_gpumem.fixes.batch_source import (
+from jupyter_gpumem.fixes.batch.source import (
     AccumulationPlan,
     BatchFinding,
     accumulation_plan,
@@ -353,7 +353,7 @@ def test_real_dataloader_keeps_workers_and_custom_samplers() -> None:
     torch = pytest.importorskip("torch")
     from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
-    from jupyter_gpumem.fixes.batch_source import rebuild_loader
+    from jupyter_gpumem.fixes.batch.source import rebuild_loader
 
     ds = TensorDataset(torch.arange(10))
     weighted = WeightedRandomSampler([1.0] * 10, num_samples=10)
@@ -556,7 +556,7 @@ def test_accumulation_needs_a_smaller_batch() -> None:
 
 
 def test_evidence_picks_the_number_that_sizes_the_failing_tensors() -> None:
-    from jupyter_gpumem.fixes.batch_evidence import SizedTensor
+    from jupyter_gpumem.fixes.batch.evidence import SizedTensor
 
     ev = (SizedTensor("input in forward() in linear.py", (1024, 3, 32, 32)),)
     src = "epochs = 2\nbatch = 1024\nx = torch.randn(batch, 3, 32, 32)\n"
@@ -568,7 +568,7 @@ def test_evidence_picks_the_number_that_sizes_the_failing_tensors() -> None:
 def test_evidence_refuses_a_decoy_and_finds_settings() -> None:
     import argparse
 
-    from jupyter_gpumem.fixes.batch_evidence import SizedTensor
+    from jupyter_gpumem.fixes.batch.evidence import SizedTensor
 
     ev = (SizedTensor("x in train()", (128, 784)),)
     decoy = "train(args)\nsample = torch.randn(64, 20)\n"
@@ -586,7 +586,7 @@ def test_evidence_refuses_a_decoy_and_finds_settings() -> None:
 def test_a_number_passed_to_a_notebook_function_is_the_batch_only_by_what_it_sizes() -> None:
     """`train_steps(4096, 2)`: the 4096 sizes the failing `x`, the 2 nothing; numbers passed to
     builtins (`range`, `print`) or classes (`Linear(4096, 10)`: weight sizes) are never the batch."""
-    from jupyter_gpumem.fixes.batch_evidence import SizedTensor
+    from jupyter_gpumem.fixes.batch.evidence import SizedTensor
 
     ev = (SizedTensor("x in train_steps()", (4096, 64)),)
     finding = find_batch("train_steps(4096, 2)\n", {}, evidence=ev)

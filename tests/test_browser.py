@@ -21,8 +21,8 @@ import re
 import time
 from pathlib import Path
 
-from . import _browser
-from ._browser import (
+from tests import _browser
+from tests._browser import (
     BROWSER_MARKS,
     KERNEL_READY_JS,
     ROOT,
@@ -33,7 +33,7 @@ from ._browser import (
     run_cell,
     within,
 )
-from .test_kernels import _kernel_pid
+from tests.test_kernels import _kernel_pid
 
 pytestmark = BROWSER_MARKS
 

@@ -6,8 +6,8 @@ import ast
 
 import pytest
 
-from jupyter_gpumem import cellsource
-from jupyter_gpumem.cellsource import ipython_call, read
+from jupyter_gpumem.cells import source as cellsource
+from jupyter_gpumem.cells.source import ipython_call, read
 
 
 def test_plain_python_is_its_own_reading() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_gpumem import trace
+from jupyter_gpumem.readings import trace
 
 pytest.importorskip("torch")
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from jupyter_gpumem.causes import RULES, tensor_upper_bound
-from jupyter_gpumem.diagnosis import diagnose
-from jupyter_gpumem.holders import Holder, HolderSet
-from jupyter_gpumem.oom import parse_oom_message
-from jupyter_gpumem.readings import MemorySnapshot
+from jupyter_gpumem.diagnosis.causes import RULES, tensor_upper_bound
+from jupyter_gpumem.diagnosis.diagnose import diagnose
+from jupyter_gpumem.oom.report import parse_oom_message
+from jupyter_gpumem.readings.holders import Holder, HolderSet
+from jupyter_gpumem.readings.snapshot import MemorySnapshot
 
 MiB = 1 << 20
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import Kernel
+from tests.conftest import Kernel
 
 pytestmark = pytest.mark.gpu
 
@@ -98,7 +98,7 @@ def test_reduce_batch_replays_a_real_cards_allocations(shell, capsys) -> None:  
     import torch.nn.functional as F
 
     from jupyter_gpumem import backends
-    from jupyter_gpumem.fixes.batch_replay import Replay
+    from jupyter_gpumem.fixes.batch.replay import Replay
 
     torch.zeros(1, device="cuda")
     with backends.active().record_sizes() as log:

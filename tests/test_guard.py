@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_gpumem.guard import GuardVerdict, SideEffect, analyse_rerun
+from jupyter_gpumem.guard.analyse import GuardVerdict, SideEffect, analyse_rerun
 
 TRAIN = """\
 for x, y in loader:
@@ -1062,7 +1062,7 @@ def test_an_if_test_is_read_as_it_was_at_the_failure(
     the append that ran, and a re-run would append again without a word."""
     pytest.importorskip("torch")
     import jupyter_gpumem
-    from jupyter_gpumem import rescue
+    from jupyter_gpumem.fixes import ladder as rescue
 
     shell.run_cell("%gpumem simulate 64MiB")
     shell.run_cell(f"import torch\nsaved = []\niter_num = {at_failure}")

@@ -10,7 +10,7 @@ import pytest
 from IPython.core.error import UsageError
 
 import jupyter_gpumem
-from jupyter_gpumem import failure as failure_mod
+from jupyter_gpumem.cells import failure as failure_mod
 from jupyter_gpumem.units import MiB
 
 OOM_CELL = """\
@@ -402,7 +402,7 @@ def test_library_frames_are_folded_and_the_full_traceback_stays_for_tb(
 
 
 def test_fold_keeps_user_frames_and_the_innermost() -> None:
-    from jupyter_gpumem.hook import fold_library_frames, library_of
+    from jupyter_gpumem.ipython.hook import fold_library_frames, library_of
 
     site = "/env/lib/python3.11/site-packages"
     stb = [
@@ -430,8 +430,8 @@ def test_fold_keeps_user_frames_and_the_innermost() -> None:
 
 
 def test_a_fix_that_saves_less_than_the_shortfall_says_not_enough() -> None:
-    from jupyter_gpumem.extension import fix_lines
     from jupyter_gpumem.fixes.base import Check
+    from jupyter_gpumem.ipython.extension import fix_lines
 
     checks = {
         "clear": Check(True, "free the cache", predicted_saving_bytes=100 * MiB),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import Kernel
+from tests.conftest import Kernel
 
 pytestmark = pytest.mark.kernel
 

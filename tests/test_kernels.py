@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from jupyter_gpumem import kernels
-from jupyter_gpumem.readings import describe_process
+from jupyter_gpumem.readings import kernels
+from jupyter_gpumem.readings.snapshot import describe_process
 
 pytestmark = pytest.mark.kernel
 

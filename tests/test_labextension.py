@@ -21,12 +21,11 @@ from typing import Any
 
 import pytest
 
-import jupyter_gpumem.meter as meter_module
-from jupyter_gpumem.labext import CHANGE_MIME, change_bundle, current_cell_id
-from jupyter_gpumem.readings import MemorySnapshot
-
-from . import _browser
-from ._browser import BROWSER_MARKS, T_LONG, T_RUN, expect, outputs, run_cell, serve
+import jupyter_gpumem.frontend.meter as meter_module
+from jupyter_gpumem.frontend.labext import CHANGE_MIME, change_bundle, current_cell_id
+from jupyter_gpumem.readings.snapshot import MemorySnapshot
+from tests import _browser
+from tests._browser import BROWSER_MARKS, T_LONG, T_RUN, expect, outputs, run_cell, serve
 
 # the shared fixtures (tests/_browser.py), used by name; `lab` is this module's own, below
 browser = _browser.browser
@@ -150,7 +149,7 @@ def test_meter_samples_arrive_while_a_cell_runs_and_stop_when_the_front_end_clos
     opened = run_collecting(
         kc,
         "%load_ext jupyter_gpumem\n%gpumem simulate 4GiB\n"
-        "import jupyter_gpumem.meter as m\nm.start(get_ipython())\nm.start(get_ipython())",
+        "import jupyter_gpumem.frontend.meter as m\nm.start(get_ipython())\nm.start(get_ipython())",
     )
     opens = [m for m in opened if m["msg_type"] == "comm_open"]
     assert [o["content"]["target_name"] for o in opens] == [meter_module.TARGET]  # started once
@@ -215,7 +214,7 @@ def cell_source(page, index: int) -> str:
 START = """\
 %load_ext jupyter_gpumem
 %gpumem simulate 4GiB
-import jupyter_gpumem.meter as gpumem_meter
+import jupyter_gpumem.frontend.meter as gpumem_meter
 gpumem_meter.start(get_ipython())  # until load_ipython_extension starts it
 """
 ALLOCATE = """\
@@ -256,7 +255,7 @@ def test_meter_shows_and_moves_while_a_cell_allocates(open_notebook):
 START_2 = """\
 %load_ext jupyter_gpumem
 %gpumem simulate 64MiB --devices 2
-import jupyter_gpumem.meter as gpumem_meter
+import jupyter_gpumem.frontend.meter as gpumem_meter
 gpumem_meter.start(get_ipython())
 """
 ON_CUDA_1 = """\
@@ -329,7 +328,7 @@ def test_command_opens_the_sidebar_from_palette_and_view_menu(open_notebook):
 # Apply to cell
 # --------------------------------------------------------------------------- #
 PROPOSE = """\
-from jupyter_gpumem.labext import change_bundle, current_cell_id
+from jupyter_gpumem.frontend.labext import change_bundle, current_cell_id
 batch_size = 64
 first = current_cell_id()
 print("cell id:", first)

@@ -12,10 +12,10 @@ import pytest
 import jupyter_gpumem
 from jupyter_gpumem.backends import _nvml, cuda, simulated
 from jupyter_gpumem.backends.cuda import CudaBackend
-from jupyter_gpumem.diagnosis import diagnose
-from jupyter_gpumem.holders import HolderSet
-from jupyter_gpumem.oom import parse_oom_message
-from jupyter_gpumem.readings import read_snapshot
+from jupyter_gpumem.diagnosis.diagnose import diagnose
+from jupyter_gpumem.oom.report import parse_oom_message
+from jupyter_gpumem.readings.holders import HolderSet
+from jupyter_gpumem.readings.snapshot import read_snapshot
 
 pytest.importorskip("torch")
 

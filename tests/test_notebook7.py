@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from . import _browser
-from ._browser import BROWSER_MARKS, T_RUN, expect, outputs, run_cell, serve
-from .test_browser import (
+from tests import _browser
+from tests._browser import BROWSER_MARKS, T_RUN, expect, outputs, run_cell, serve
+from tests.test_browser import (
     ALLOC,
     CHECK,
     GAUGE,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_gpumem.oom import (
+from jupyter_gpumem.oom.report import (
     OOMReport,
     ProcessUsage,
     find_oom,
@@ -880,7 +880,7 @@ def test_the_release_frees_every_exception_the_walker_finds() -> None:
     import gc
     import weakref
 
-    from jupyter_gpumem.release import release_failed_cell
+    from jupyter_gpumem.readings.release import release_failed_cell
 
     class Big:
         pass

@@ -85,7 +85,7 @@ TRACED_OOM = (
 
 @pytest.fixture
 def traced_failure(shell: Any) -> Any:
-    from jupyter_gpumem import trace
+    from jupyter_gpumem.readings import trace
 
     shell.run_cell("%gpumem simulate 160MiB")
     shell.run_cell("import torch")
@@ -142,7 +142,7 @@ def test_save_snapshot_writes_the_pickle_and_says_where(
 
 
 def test_with_tracing_off_the_panel_says_how_to_turn_it_on(shell: Any) -> None:
-    from jupyter_gpumem.render import render_text
+    from jupyter_gpumem.diagnosis.render import render_text
 
     shell.run_cell("%gpumem simulate 160MiB")
     # 100 MiB held where no variable reaches it: the holders table cannot explain it

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from .test_real_code import (
+from tests.test_real_code import (
     CIFAR_DATA,
     CIFAR_NET,
     CIFAR_TRAIN,

@@ -118,7 +118,7 @@ def test_a_later_cell_rebinding_a_name_keeps_its_value(shell: Any, capsys: Any) 
     assert not shell.run_cell(cell).success
     failed = jupyter_gpumem.last_failure(shell)
     shell.run_cell('y = "mine"')
-    from jupyter_gpumem.rerun import failed_run_leftovers
+    from jupyter_gpumem.rescue.rerun import failed_run_leftovers
 
     leftovers = failed_run_leftovers(shell.user_ns, failed.created)
     assert "y" not in leftovers
@@ -200,7 +200,7 @@ def test_ctrl_c_while_the_diagnosis_is_built_keeps_the_hook(
 ) -> None:
     """The interrupt is injected where it would land (nothing real can press Ctrl-C at that
     instant): IPython drops a handler that raises, so the hook must swallow it."""
-    import jupyter_gpumem.failure as failure_mod
+    import jupyter_gpumem.cells.failure as failure_mod
 
     shell.run_cell("%gpumem simulate 160MiB")
     shell.run_cell("import torch")
@@ -261,7 +261,7 @@ def test_no_room_in_host_memory_for_the_snapshot_refuses_with_a_line(
     train: Any, capsys: Any, monkeypatch: Any
 ) -> None:
     """Host memory is read from the machine; a machine with almost none cannot be made here."""
-    import jupyter_gpumem.transaction as txn_mod
+    import jupyter_gpumem.rescue.transaction as txn_mod
 
     shell = train
     assert not shell.run_cell(TRAIN).success

@@ -1,4 +1,4 @@
-"""Where the memory was allocated, by notebook line and model module (jupyter_gpumem/trace.py), on
+"""Where the memory was allocated, by notebook line and model module (jupyter_gpumem/readings/trace.py), on
 the simulated GPU, in a real InteractiveShell and a real ipykernel."""
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 
-from jupyter_gpumem import trace
 from jupyter_gpumem.backends import _trace
-
-from .conftest import Kernel
+from jupyter_gpumem.readings import trace
+from tests.conftest import Kernel
 
 MiB = 1 << 20
 

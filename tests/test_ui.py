@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 
 import jupyter_gpumem
-from jupyter_gpumem.readings import MemorySnapshot
-
-from .test_fixes import CELL, SETUP
+from jupyter_gpumem.readings.snapshot import MemorySnapshot
+from tests.test_fixes import CELL, SETUP
 
 pytest.importorskip("ipywidgets")
 
@@ -384,7 +383,7 @@ def test_the_kernel_id_for_cancel_comes_from_the_connection_file(monkeypatch: An
     import sys
     import types
 
-    from jupyter_gpumem import kernels
+    from jupyter_gpumem.readings import kernels
 
     connect = types.ModuleType("ipykernel.connect")
     monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
@@ -451,7 +450,7 @@ def test_a_click_after_other_cells_ran_asks_first_and_cancel_runs_nothing(shell:
 
 @pytest.mark.slow
 def test_a_click_on_a_panel_with_a_newer_failure_says_which(shell: Any) -> None:
-    from jupyter_gpumem.rerun_ask import staleness
+    from jupyter_gpumem.fixes.ask import staleness
 
     _cells(shell, "%gpumem simulate 160MiB", SETUP, CELL)
     ext = jupyter_gpumem._extension_for(shell)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_gpumem.transaction import Transaction, _listed
+from jupyter_gpumem.rescue.transaction import Transaction, _listed
 
 
 def _transaction(**snapshot: Any) -> Transaction:

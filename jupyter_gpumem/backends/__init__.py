@@ -6,6 +6,6 @@ or the simulated GPU (``simulated``), a GPU of any size that lives on the CPU, w
 readings as a real one, selected while it runs.
 """
 
-from .base import DeviceReading, MemoryBackend, RawProcess, active
+from jupyter_gpumem.backends.base import DeviceReading, MemoryBackend, RawProcess, active
 
 __all__ = ["DeviceReading", "MemoryBackend", "RawProcess", "active"]

@@ -22,8 +22,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import simulated
-from ._torch import gpu_storage, is_module, is_optimizer, is_tensor, torch_module
+from jupyter_gpumem.backends import simulated
+from jupyter_gpumem.backends._torch import (
+    gpu_storage,
+    is_module,
+    is_optimizer,
+    is_tensor,
+    torch_module,
+)
 
 
 def _host_copy(t: Any) -> Any:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .base import StorageInfo, active
+from jupyter_gpumem.backends.base import StorageInfo, active
 
 if TYPE_CHECKING:
     import torch

@@ -23,10 +23,10 @@ import time
 from collections.abc import Container
 from typing import Any, NamedTuple
 
-from . import _trace_modules, simulated
-from ._trace_modules import ModuleToken, current_module, token
-from ._trace_modules import module_root as module_root
-from .simulated.card import (
+from jupyter_gpumem.backends import _trace_modules, simulated
+from jupyter_gpumem.backends._trace_modules import ModuleToken, current_module, token
+from jupyter_gpumem.backends._trace_modules import module_root as module_root
+from jupyter_gpumem.backends.simulated.card import (
     _LARGE_BUFFER,
     _MIN_LARGE_ALLOC,
     _ROUND_LARGE,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from .allocator import SizeLog
+from jupyter_gpumem.backends.allocator import SizeLog
 
 __all__ = [
     "DeviceReading",
@@ -138,7 +138,7 @@ def active() -> MemoryBackend:
     if selected:
         return selected[-1]
     if not _default:
-        from .cuda import CudaBackend
+        from jupyter_gpumem.backends.cuda import CudaBackend
 
         with _lock:
             if not _default:

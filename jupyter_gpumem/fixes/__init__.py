@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .autocast import Autocast
-from .base import Attempt, Check, Fix, FixContext, FixOutcome
-from .batch import ReduceBatch
-from .clear_cache import ClearCache
-from .cpu import MoveToCpu
+from jupyter_gpumem.fixes.autocast import Autocast
+from jupyter_gpumem.fixes.base import Attempt, Check, Fix, FixContext, FixOutcome
+from jupyter_gpumem.fixes.batch.reduce import ReduceBatch
+from jupyter_gpumem.fixes.clear_cache import ClearCache
+from jupyter_gpumem.fixes.cpu import MoveToCpu
 
 FIXES: dict[str, Fix] = {f.key: f for f in (ClearCache(), ReduceBatch(), Autocast(), MoveToCpu())}
 LADDER: tuple[str, ...] = tuple(FIXES)

@@ -7,10 +7,10 @@ from the diagnosis and reports the measured peak beside the prediction.
 
 from __future__ import annotations
 
-from ..backends import _torch, active
-from ..rerun import Plan
-from ..units import format_bytes
-from .base import Check, Fix, FixContext, FixOutcome
+from jupyter_gpumem.backends import _torch, active
+from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome
+from jupyter_gpumem.rescue.rerun import Plan
+from jupyter_gpumem.units import format_bytes
 
 
 class Autocast(Fix):

@@ -10,12 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..units import format_bytes
+from jupyter_gpumem.units import format_bytes
 
 if TYPE_CHECKING:
-    from ..failure import FailedCell
-    from ..rerun import Plan, RunResult
-    from ..transaction import Transaction
+    from jupyter_gpumem.cells.failure import FailedCell
+    from jupyter_gpumem.rescue.rerun import Plan, RunResult
+    from jupyter_gpumem.rescue.transaction import Transaction
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import gc
 import sys
 
-from ..backends import _torch
-from ..release import release_failed_cell
-from ..rerun import Plan
-from ..units import format_bytes
-from .base import Check, Fix, FixContext, FixOutcome
+from jupyter_gpumem.backends import _torch
+from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome
+from jupyter_gpumem.readings.release import release_failed_cell
+from jupyter_gpumem.rescue.rerun import Plan
+from jupyter_gpumem.units import format_bytes
 
 _OUTPUT_NAMES = ("_", "__", "___")
 

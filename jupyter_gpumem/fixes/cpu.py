@@ -11,10 +11,10 @@ import re
 from contextlib import AbstractContextManager
 from typing import Any
 
-from ..backends import _cuda_to_cpu, _torch, active
-from ..rerun import Plan, names_read
-from ..units import format_bytes
-from .base import Check, Fix, FixContext, FixOutcome
+from jupyter_gpumem.backends import _cuda_to_cpu, _torch, active
+from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome
+from jupyter_gpumem.rescue.rerun import Plan, names_read
+from jupyter_gpumem.units import format_bytes
 
 _UNREDIRECTABLE = (
     (re.compile(r"\btorch\.cuda\.(?!is_available|memory_allocated|max_memory_allocated|empty_cache|synchronize)\w+"), "torch.cuda.* calls"),

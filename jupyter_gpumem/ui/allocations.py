@@ -14,10 +14,10 @@ from typing import Any
 
 import ipywidgets as W
 
-from .. import trace
-from ..diagnosis import Diagnosis
-from ..render import _md_code, trace_hint
-from ..units import format_bytes
+from jupyter_gpumem.diagnosis.diagnose import Diagnosis
+from jupyter_gpumem.diagnosis.render import _md_code, trace_hint
+from jupyter_gpumem.readings import trace
+from jupyter_gpumem.units import format_bytes
 
 CSS = """
 .gpumem-allocs{margin:4px 0 6px;font-size:12px;max-width:100%}

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from html import escape
 
-from ..diagnosis import Diagnosis, Slice
-from ..units import format_bytes
+from jupyter_gpumem.diagnosis.diagnose import Diagnosis, Slice
+from jupyter_gpumem.units import format_bytes
 
 SLICE_COLORS = {
     "weights": "#2f6fbf",

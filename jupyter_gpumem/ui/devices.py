@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from html import escape
 
-from ..diagnosis import Diagnosis
-from ..readings import MemorySnapshot
-from ..units import format_bytes
+from jupyter_gpumem.diagnosis.diagnose import Diagnosis
+from jupyter_gpumem.readings.snapshot import MemorySnapshot
+from jupyter_gpumem.units import format_bytes
 
 CSS = """
 .gpumem-devices{margin:4px 0 6px;font-size:12px;max-width:100%}

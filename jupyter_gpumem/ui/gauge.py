@@ -22,8 +22,8 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..readings import MemorySnapshot, read_snapshot
-from ..units import GiB, format_gib
+from jupyter_gpumem.readings.snapshot import MemorySnapshot, read_snapshot
+from jupyter_gpumem.units import GiB, format_gib
 
 COLORS = {
     "allocated": "#3b7dd8",  # PyTorch allocated

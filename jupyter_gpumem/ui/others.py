@@ -16,12 +16,12 @@ from pathlib import PurePosixPath
 
 import ipywidgets as W
 
-from .. import kernels
-from ..diagnosis import Diagnosis
-from ..kernels import KernelInfo
-from ..readings import ProcessInfo
-from ..render import _md_code
-from ..units import format_bytes
+from jupyter_gpumem.diagnosis.diagnose import Diagnosis
+from jupyter_gpumem.diagnosis.render import _md_code
+from jupyter_gpumem.readings import kernels
+from jupyter_gpumem.readings.kernels import KernelInfo
+from jupyter_gpumem.readings.snapshot import ProcessInfo
+from jupyter_gpumem.units import format_bytes
 
 
 def kernels_to_offer(d: Diagnosis) -> list[tuple[ProcessInfo, KernelInfo]]:

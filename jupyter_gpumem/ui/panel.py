@@ -20,19 +20,19 @@ from typing import Any
 
 import ipywidgets as W
 
-from .. import backends
-from ..display import for_display
-from ..failure import FailedCell
-from ..fixes import FIXES, Attempt, Check, FixOutcome
-from ..kernels import own_kernel_id
-from ..render import _md_code, render_html
-from ..rerun_ask import question_before_rerun
-from ..rescue import Options, RerunRaised, apply_fix, check_all, report_raised
-from . import chart, devices, wording
-from .allocations import AllocatedBy
-from .others import OtherKernels, kernels_to_offer
-from .panel_style import STYLE
-from .status import StatusLine, Ticker
+from jupyter_gpumem import backends
+from jupyter_gpumem.cells.failure import FailedCell
+from jupyter_gpumem.diagnosis.display import for_display
+from jupyter_gpumem.diagnosis.render import _md_code, render_html
+from jupyter_gpumem.fixes import FIXES, Attempt, Check, FixOutcome
+from jupyter_gpumem.fixes.ask import question_before_rerun
+from jupyter_gpumem.fixes.ladder import Options, RerunRaised, apply_fix, check_all, report_raised
+from jupyter_gpumem.readings.kernels import own_kernel_id
+from jupyter_gpumem.ui import chart, devices, wording
+from jupyter_gpumem.ui.allocations import AllocatedBy
+from jupyter_gpumem.ui.others import OtherKernels, kernels_to_offer
+from jupyter_gpumem.ui.panel_style import STYLE
+from jupyter_gpumem.ui.status import StatusLine, Ticker
 
 
 class DiagnosisPanel:

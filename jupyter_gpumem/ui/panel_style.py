@@ -7,8 +7,8 @@ JupyterLab's theme variables with a fallback, so the panel reads on light and da
 
 from __future__ import annotations
 
-from . import chart, devices
-from .allocations import CSS as ALLOCATIONS_CSS
+from jupyter_gpumem.ui import chart, devices
+from jupyter_gpumem.ui.allocations import CSS as ALLOCATIONS_CSS
 
 STYLE = (
     """<style>

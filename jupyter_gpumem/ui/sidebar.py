@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .gauge import Gauge
+from jupyter_gpumem.ui.gauge import Gauge
 
 SIDEBAR_WIDTH = 240  # the sidecar panel is about 250 px wide
 

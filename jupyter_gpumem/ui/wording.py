@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from html import escape
 
-from ..diagnosis import Cause
-from ..fixes import Attempt, FixOutcome
-from ..fixes.base import Check
-from ..units import format_bytes
+from jupyter_gpumem.diagnosis.diagnose import Cause
+from jupyter_gpumem.fixes import Attempt, FixOutcome
+from jupyter_gpumem.fixes.base import Check
+from jupyter_gpumem.units import format_bytes
 
 
 def folded_html(folded: list[Cause]) -> str:

@@ -64,11 +64,16 @@ Limits:
 
 from __future__ import annotations
 
-from .card import SimulatedCard, allocation_size, format_size, oom_message
-from .counting import _counting_mode_class
-from .cuda_api import _CUDA
-from .gpu import SimulatedGPU
-from .lifecycle import (
+from jupyter_gpumem.backends.simulated.card import (
+    SimulatedCard,
+    allocation_size,
+    format_size,
+    oom_message,
+)
+from jupyter_gpumem.backends.simulated.counting import _counting_mode_class
+from jupyter_gpumem.backends.simulated.cuda_api import _CUDA
+from jupyter_gpumem.backends.simulated.gpu import SimulatedGPU
+from jupyter_gpumem.backends.simulated.lifecycle import (
     _borrowed,
     current,
     on_this_thread,

@@ -23,14 +23,14 @@ if TYPE_CHECKING:
 
 __all__ = ["SimulatedCard", "allocation_size", "format_size", "oom_message"]
 
-from ..allocator import LARGE_BUFFER as _LARGE_BUFFER
-from ..allocator import MIN_LARGE_ALLOC as _MIN_LARGE_ALLOC
-from ..allocator import ROUND_LARGE as _ROUND_LARGE
-from ..allocator import SMALL_BUFFER as _SMALL_BUFFER
-from ..allocator import SMALL_SIZE as _SMALL_SIZE
-from ..allocator import Pools
-from ..allocator import ceil_to as _ceil
-from ..allocator import rounded as _rounded
+from jupyter_gpumem.backends.allocator import LARGE_BUFFER as _LARGE_BUFFER
+from jupyter_gpumem.backends.allocator import MIN_LARGE_ALLOC as _MIN_LARGE_ALLOC
+from jupyter_gpumem.backends.allocator import ROUND_LARGE as _ROUND_LARGE
+from jupyter_gpumem.backends.allocator import SMALL_BUFFER as _SMALL_BUFFER
+from jupyter_gpumem.backends.allocator import SMALL_SIZE as _SMALL_SIZE
+from jupyter_gpumem.backends.allocator import Pools
+from jupyter_gpumem.backends.allocator import ceil_to as _ceil
+from jupyter_gpumem.backends.allocator import rounded as _rounded
 
 _DOCS = "https://docs.pytorch.org/docs/stable/notes/cuda.html#optimizing-memory-usage-with-pytorch-cuda-alloc-conf"
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from .gpu import SimulatedGPU
+    from jupyter_gpumem.backends.simulated.gpu import SimulatedGPU
 
 
 def _flat(out: Iterable[Any], tensor: type, acc: list[Any]) -> list[Any]:

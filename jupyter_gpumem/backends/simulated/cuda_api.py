@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .card import SimulatedCard, format_size
+from jupyter_gpumem.backends.simulated.card import SimulatedCard, format_size
 
 if TYPE_CHECKING:
-    from .gpu import SimulatedGPU
+    from jupyter_gpumem.backends.simulated.gpu import SimulatedGPU
 
 __all__ = ["patch", "unpatch"]
 

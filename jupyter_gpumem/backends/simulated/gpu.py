@@ -20,11 +20,11 @@ from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .._cuda_to_cpu import cuda_index
-from .._frames import without_dispatch_frames
-from ..allocator import SizeLog, SizeRecorder
-from ..base import DeviceReading, RawProcess, StorageInfo
-from .card import SimulatedCard, format_size
+from jupyter_gpumem.backends._cuda_to_cpu import cuda_index
+from jupyter_gpumem.backends._frames import without_dispatch_frames
+from jupyter_gpumem.backends.allocator import SizeLog, SizeRecorder
+from jupyter_gpumem.backends.base import DeviceReading, RawProcess, StorageInfo
+from jupyter_gpumem.backends.simulated.card import SimulatedCard, format_size
 
 if TYPE_CHECKING:
     import torch
@@ -97,7 +97,7 @@ class SimulatedGPU:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from . import lifecycle
+        from jupyter_gpumem.backends.simulated import lifecycle
 
         if lifecycle.current() is self:
             lifecycle.stop()
@@ -357,17 +357,17 @@ class SimulatedGPU:
         self.card(index).reset_peak()
 
     def move_to_cpu(self, obj: Any) -> tuple[Any, int]:
-        from .._torch import move_objects
+        from jupyter_gpumem.backends._torch import move_objects
 
         return move_objects(obj, self.storage_of, self.untrack)  # already on the CPU: uncounted
 
     def host_only(self) -> AbstractContextManager[Any]:
-        from . import lifecycle
+        from jupyter_gpumem.backends.simulated import lifecycle
 
         return lifecycle.paused()
 
     def on_this_thread(self) -> AbstractContextManager[Any]:
-        from . import lifecycle
+        from jupyter_gpumem.backends.simulated import lifecycle
 
         return lifecycle.on_this_thread()
 

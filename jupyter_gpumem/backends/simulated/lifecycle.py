@@ -19,11 +19,11 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .. import base
-from .._cuda_to_cpu import cuda_to_cpu_mode_class
-from . import cuda_api
-from .counting import _counting_mode_class
-from .gpu import SimulatedGPU
+from jupyter_gpumem.backends import base
+from jupyter_gpumem.backends._cuda_to_cpu import cuda_to_cpu_mode_class
+from jupyter_gpumem.backends.simulated import cuda_api
+from jupyter_gpumem.backends.simulated.counting import _counting_mode_class
+from jupyter_gpumem.backends.simulated.gpu import SimulatedGPU
 
 __all__ = ["current", "on_this_thread", "paused", "record_history", "set_limit", "start", "stop"]
 

@@ -1,0 +1,376 @@
+"""Rehearsals: a probe of a fix runs only until the fit is proven.
+
+At the failure, :func:`find_loop` reads the traceback: the innermost loop around the failing line,
+in the notebook's own code (the cell, or a function defined in the notebook that the cell called;
+a frame without a loop hands over to its caller). A rehearsal then runs the cell under
+:class:`LoopStopper`, which stops it once that loop has completed ``passes`` passes (two: a
+second step allocates more where optimizer state is created lazily on the first). A cell whose
+failure is not inside a loop runs whole.
+
+The same reading tells whether the loop had run earlier passes when it failed
+(:func:`earlier_passes`), so the side-effect guard does not count the rest of the loop body as
+already done when the failure was on the first pass.
+"""
+
+from __future__ import annotations
+
+import ast
+import linecache
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import FrameType, TracebackType
+from typing import Any
+
+from jupyter_gpumem.backends import _torch
+from jupyter_gpumem.cells import source as cellsource
+
+_LOOPS = (ast.For, ast.While, ast.AsyncFor)
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+
+
+class RehearsalDone(BaseException):
+    """Raised into the cell when the rehearsal has seen enough passes; never reaches the user."""
+
+
+@dataclass(frozen=True)
+class LoopSite:
+    """The loop a rehearsal stops on."""
+
+    in_cell: bool  # in the failed cell's own code (its file changes with each re-run's source)
+    filename: str  # the file of the code: a notebook cell's
+    index: int  # position among the loops of that file, in source order
+    header: tuple[int, int]  # first and last line of the loop's header
+    body_first: int  # first line of the body's first statement
+    first_end: int  # last line of the body's first statement
+    function: str  # "<module>" or the function's name, for messages
+    lineno: int  # the loop's first line, for messages
+
+    def describe(self) -> str:
+        where = "the cell" if self.function == "<module>" else f"`{self.function}`"
+        return f"the loop at line {self.lineno} of {where}"
+
+
+def _loops(tree: ast.AST) -> list[ast.For | ast.While | ast.AsyncFor]:
+    found = [n for n in ast.walk(tree) if isinstance(n, _LOOPS)]
+    return sorted(found, key=lambda n: (n.lineno, n.col_offset))
+
+
+def _scope_of(tree: ast.AST, node: ast.AST) -> ast.AST | None:
+    """The innermost function (or the module) whose own code contains ``node``."""
+    best: ast.AST | None = tree
+
+    def visit(n: ast.AST, scope: ast.AST) -> bool:
+        nonlocal best
+        for child in ast.iter_child_nodes(n):
+            if child is node:
+                best = scope
+                return True
+            inner = child if isinstance(child, _SCOPES) else scope
+            if visit(child, inner):
+                return True
+        return False
+
+    visit(tree, tree)
+    return best
+
+
+def _parse_file(filename: str) -> ast.Module | None:
+    lines = linecache.getlines(filename)
+    if not lines:
+        return None
+    return cellsource.parse_or_none("".join(lines))
+
+
+def _innermost_loop(
+    tree: ast.Module, lineno: int, scope_name: str
+) -> ast.For | ast.While | ast.AsyncFor | None:
+    """The innermost loop whose body contains ``lineno`` in the scope named ``scope_name``."""
+    best = None
+    for loop in _loops(tree):
+        body = loop.body
+        if not body or not (body[0].lineno <= lineno <= (body[-1].end_lineno or lineno)):
+            continue
+        scope = _scope_of(tree, loop)
+        name = "<module>" if isinstance(scope, ast.Module) else getattr(scope, "name", "")
+        if name != scope_name:
+            continue
+        # the loop must not be outside a def that holds the line (then it is the def's caller's)
+        if best is None or loop.lineno >= best.lineno:
+            best = loop
+    return best
+
+
+def site_of(
+    loop: ast.For | ast.While | ast.AsyncFor, tree: ast.Module, filename: str, in_cell: bool
+) -> LoopSite:
+    first = loop.body[0]
+    scope = _scope_of(tree, loop)
+    function = "<module>" if isinstance(scope, ast.Module) else getattr(scope, "name", "?")
+    return LoopSite(
+        in_cell=in_cell,
+        filename=filename,
+        index=next(i for i, n in enumerate(_loops(tree)) if n is loop),
+        header=(loop.lineno, first.lineno - 1),
+        body_first=first.lineno,
+        first_end=first.end_lineno or first.lineno,
+        function=function,
+        lineno=loop.lineno,
+    )
+
+
+def _user_frames(tb: TracebackType | None, user_ns: dict[str, Any]) -> list[tuple[FrameType, int]]:
+    """(frame, line) of the notebook's own code in the traceback, outermost first."""
+    out = []
+    while tb is not None:
+        f = tb.tb_frame
+        if f.f_globals is user_ns:
+            if _inside_model(f):
+                break  # a model's forward (its loop over layers is one step's computation)
+            out.append((f, tb.tb_lineno))
+        tb = tb.tb_next
+    return out
+
+
+def _inside_model(frame: FrameType) -> bool:
+    """A frame of a method of a torch module defined in the notebook (``forward``, a block)."""
+    try:
+        self = frame.f_locals.get("self")
+    except Exception:
+        return False
+    return self is not None and _torch.is_module(self)
+
+
+def find_loop(
+    tb: TracebackType | None, user_ns: dict[str, Any], preexisting: frozenset[str] = frozenset()
+) -> tuple[LoopSite | None, bool | None]:
+    """The loop to stop rehearsals on, and whether it (or a loop around it) ran earlier passes.
+
+    Earlier passes: True when a loop around the failure had run past the failing line before
+    (a name assigned later in its body is bound, or its counter is past its start), False when
+    every such loop was on its first pass, None when there is no telling.
+    """
+    frames = _user_frames(tb, user_ns)
+    if not frames:
+        return None, None
+    cell_file = next(
+        (f.f_code.co_filename for f, _ in frames if f.f_code.co_name == "<module>"),
+        frames[0][0].f_code.co_filename,
+    )
+    site: LoopSite | None = None
+    innermost: LoopSite | None = None
+    verdicts: list[bool | None] = []
+    for frame, lineno in reversed(frames):
+        filename = frame.f_code.co_filename
+        tree = _parse_file(filename)
+        if tree is None:
+            continue
+        name = frame.f_code.co_name
+        loop = _innermost_loop(tree, lineno, name)
+        done_to = lineno  # this pass ran up to here: for an outer loop, the inner loop's end
+        while loop is not None:
+            # a training step is the loop that steps an optimizer (nanoGPT's micro-step loop
+            # inside its `while True` is not: Adam's state appears at the step); else innermost
+            if innermost is None:
+                innermost = site_of(loop, tree, filename, filename == cell_file)
+            if site is None and _steps(loop):
+                site = site_of(loop, tree, filename, filename == cell_file)
+            scope = _scope_of(tree, loop) or tree
+            verdicts.append(_earlier(scope, loop, lineno, done_to, frame, user_ns, preexisting))
+            done_to = max(done_to, loop.end_lineno or loop.lineno)
+            loop = _innermost_loop(tree, loop.lineno, name)  # the loop around this one, if any
+    site = site or innermost
+    if any(v is True for v in verdicts):
+        return site, True
+    if verdicts and all(v is False for v in verdicts):
+        return site, False
+    return site, None
+
+
+def earlier_passes(
+    tb: TracebackType | None, user_ns: dict[str, Any], preexisting: frozenset[str] = frozenset()
+) -> bool | None:
+    return find_loop(tb, user_ns, preexisting)[1]
+
+
+def _stores(node: ast.AST) -> Iterator[ast.Name]:
+    """Plain names bound in ``node``'s own code (not in nested defs)."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, _SCOPES):
+            continue
+        if isinstance(child, ast.Name) and isinstance(child.ctx, ast.Store):
+            yield child
+        yield from _stores(child)
+
+
+def _stores_after(loop: ast.AST, lineno: int, scope: ast.AST | None = None) -> set[str]:
+    """Names the loop's body binds only on lines after ``lineno``: bound now, they prove that an
+    earlier pass got past it (a name also bound before ``lineno`` proves nothing)."""
+    after = {n.id for n in _stores(loop) if n.lineno > lineno}
+    if scope is not None:
+        after -= {n.id for n in _stores(scope) if n.lineno <= lineno}
+    return after
+
+
+def _counter_start(loop: ast.AST) -> tuple[str, int] | None:
+    """``for i in range(a, ...)`` / ``for i, x in enumerate(it, start)``: (i, its first value)."""
+    if not isinstance(loop, (ast.For, ast.AsyncFor)) or not isinstance(loop.iter, ast.Call):
+        return None
+    call, target = loop.iter, loop.target
+    fn = call.func.id if isinstance(call.func, ast.Name) else None
+    if fn == "range" and isinstance(target, ast.Name):
+        if len(call.args) == 1:
+            return target.id, 0
+        first = call.args[0] if call.args else None
+        if isinstance(first, ast.Constant) and isinstance(first.value, int):
+            return target.id, first.value
+    if fn == "enumerate" and isinstance(target, ast.Tuple) and target.elts:
+        idx = target.elts[0]
+        if not isinstance(idx, ast.Name):
+            return None
+        start: ast.expr | None = call.args[1] if len(call.args) > 1 else None
+        for kw in call.keywords:
+            if kw.arg == "start":
+                start = kw.value
+        if start is None:
+            return idx.id, 0
+        if isinstance(start, ast.Constant) and isinstance(start.value, int):
+            return idx.id, start.value
+    return None
+
+
+def _earlier(
+    tree: ast.AST,
+    loop: ast.AST,
+    lineno: int,
+    done_to: int,
+    frame: FrameType,
+    user_ns: dict[str, Any],
+    preexisting: frozenset[str],
+) -> bool | None:
+    module = frame.f_code.co_name == "<module>"
+    scope: dict[str, Any] = user_ns if module else dict(frame.f_locals)
+
+    def bound(name: str) -> bool:
+        if module and name in preexisting:
+            return False  # bound before the cell: says nothing about this run
+        return name in scope
+
+    counter = _counter_start(loop)
+    if counter is not None and bound(counter[0]):
+        value = scope.get(counter[0])
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value != counter[1]
+    after = {n for n in _stores_after(loop, done_to, tree) if not (module and n in preexisting)}
+    after -= {n.id for n in _stores(tree) if n.lineno <= lineno}
+    if any(bound(n) for n in after):
+        return True
+    # an optimizer stepped after the failing line has no state yet: no pass got that far
+    stepped = _steps_after(loop, done_to, scope)
+    if stepped and not any(_has_state(o) for o in stepped):
+        return False
+    if stepped:
+        return True
+    return False if after else None
+
+
+def _steps_after(loop: ast.AST, lineno: int, scope: dict[str, Any]) -> list[Any]:
+    """Optimizers the loop body steps (``opt.step()``, ``scaler.step(opt)``) after ``lineno``."""
+    found = []
+    for node in ast.walk(loop):
+        if not (isinstance(node, ast.Call) and getattr(node, "lineno", 0) > lineno):
+            continue
+        f = node.func
+        if not (isinstance(f, ast.Attribute) and f.attr == "step"):
+            continue
+        for cand in (f.value, *node.args):
+            if isinstance(cand, ast.Name) and _torch.is_optimizer(scope.get(cand.id)):
+                found.append(scope[cand.id])
+    return found
+
+
+def _steps(loop: ast.AST) -> bool:
+    """Does the loop's body call ``X.step(...)`` (an optimizer, a scaler) or a notebook function
+    that may (a call whose name says train or step)?"""
+    for node in ast.walk(loop):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            if name == "step" or "train" in name.lower() or "step" in name.lower():
+                return True
+    return False
+
+
+def _has_state(opt: Any) -> bool:
+    try:
+        return len(opt.state) > 0
+    except Exception:
+        return True
+
+
+class LoopStopper:
+    """Stop the code once ``site``'s loop has run ``passes`` passes: raise RehearsalDone into it
+    when the next pass starts. ``sys.settrace`` on this thread only; restored on exit (a
+    debugger's or coverage's tracer is paused meanwhile)."""
+
+    def __init__(self, filename: str, site: LoopSite, passes: int = 2) -> None:
+        self.filename = filename
+        self.site = site
+        self.passes = passes
+        self.started = 0  # passes started
+        self._prev: Any = None
+
+    def __enter__(self) -> LoopStopper:
+        self._prev = sys.gettrace()
+        sys.settrace(self._global)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.settrace(self._prev)
+
+    @property
+    def completed(self) -> int:
+        return max(0, self.started - 1)
+
+    def _global(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if frame.f_code.co_filename != self.filename:
+            return None
+        site = self.site
+        h0, h1 = site.header
+        first, first_end = site.body_first, site.first_end
+        prev: list[int | None] = [None]
+
+        def local(frame: FrameType, event: str, arg: Any) -> Any:
+            if event != "line":
+                return local
+            line = frame.f_lineno
+            p = prev[0]
+            prev[0] = line
+            if line == first and (p is None or h0 <= p <= h1 or p > first_end):
+                self.started += 1
+                if self.started > self.passes:
+                    raise RehearsalDone
+            return local
+
+        return local
+
+
+def relocate(site: LoopSite, code: str, filename: str) -> LoopSite | None:
+    """The same loop in a re-run's version of the cell (same position among the loops)."""
+    if not site.in_cell:
+        return site
+    tree = cellsource.parse_or_none(code, filename)  # the tree the re-run compiled, cached
+    if tree is None:
+        return None
+    loops = _loops(tree)
+    if site.index >= len(loops):
+        return None
+    return site_of(loops[site.index], tree, filename, True)
+
+
+def iter_loops(code: str) -> Iterator[int]:
+    """Line numbers of the loops in ``code`` (for tests and messages)."""
+    tree = cellsource.parse_or_none(code)
+    if tree is None:
+        return iter(())
+    return iter(n.lineno for n in _loops(tree))

@@ -1,0 +1,100 @@
+"""What a cause of an OOM is (:class:`Cause`), what the rules read (:class:`Facts`), and the few
+helpers every rule shares: whether a saving closes the gap, holders named in evidence, and how large
+a tensor can stand behind a request the allocator rounded up to a segment.
+
+Kept apart from the rules so that each group of rules and the table in ``causes.py`` import one
+small module, and the rules never import the table that lists them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from jupyter_gpumem.units import format_bytes as fmt
+
+if TYPE_CHECKING:
+    from jupyter_gpumem.diagnosis.diagnose import Diagnosis
+    from jupyter_gpumem.readings.holders import Holder
+
+CauseKey = Literal[
+    "probable",
+    "library",
+    "host_memory",
+    "request_exceeds_card",
+    "model_states_exceed_card",
+    "process_cap",
+    "old_variables",
+    "recreated_variables",
+    "other_processes",
+    "other_gpu",
+    "fragmentation",
+    "output_cache",
+    "pinned_by_failure",
+    "working_set",
+    "unknown",
+]
+# 0: no fix here gets around it; 1: its action closes the gap; 2: helps, not enough (or cannot
+# tell); 3: nothing to do
+Tier = Literal[0, 1, 2, 3]
+
+_SIGNIFICANT = 0.05  # a holder or process under 5% of the card is not a cause on its own
+_MiB = 1 << 20
+# The CUDA caching allocator asks the driver for whole segments: 2 MiB for requests up to 1 MiB,
+# 20 MiB for requests up to 10 MiB. An OOM message names the segment, not the tensor.
+_SEGMENTS = {2 * _MiB: 1 * _MiB, 20 * _MiB: 10 * _MiB}
+
+
+@dataclass(frozen=True)
+class Cause:
+    key: CauseKey
+    title: str
+    evidence: str  # the numbers
+    action: str  # one concrete thing to do
+    weight: float  # bytes of the shortfall it explains (for ranking within a tier)
+    saving_bytes: int | None = None  # what the action would free
+    closes_gap: bool | None = None  # that saving covers the shortfall (None: cannot tell)
+    tier: Tier = 2
+    cell: str = ""  # a ready cell the user may insert (never run for them)
+
+    @property
+    def needs_nothing(self) -> bool:
+        return self.tier == 3
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the rules read, computed once."""
+
+    d: Diagnosis
+    frames_bytes: int  # held by the failed frames at the failure
+    cache_bytes: int  # IPython's output cache
+    others_bytes: int  # other processes on the card
+    big: int  # the size below which a single holder is not a cause
+    short: int  # bytes the allocation lacked (0 when unknown)
+    resident_bytes: int  # held by variables that existed before the cell ran
+    cell_bytes: int  # allocated by the cell itself when it failed
+    # the number that sized the failing tensors and where it lives, when Reduce batch found it
+    # ("`test_loader.batch_size` = 1000 sizes `data` (1000, 1, 28, 28)")
+    batch: str = ""
+
+
+Rule = Callable[[Facts], "Cause | None"]
+
+
+def _closes(saving: int | None, f: Facts) -> bool | None:
+    if saving is None or not f.short:
+        return None
+    return saving >= f.short
+
+
+def _names(holders: list[Holder], limit: int = 3) -> str:
+    shown = ", ".join(f"`{h.name}` {fmt(h.total_bytes)}" for h in holders[:limit])
+    more = len(holders) - limit
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def tensor_upper_bound(requested: int) -> int:
+    """The largest tensor that can stand behind a request of this size (segments are rounded)."""
+    return _SEGMENTS.get(requested, requested)

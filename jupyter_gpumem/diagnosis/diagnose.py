@@ -1,0 +1,313 @@
+"""``diagnose(report, snapshot, holders) -> Diagnosis``: pure, so it is tested without a GPU.
+
+A Diagnosis holds the numbers (the message's first, the readings' where the message is silent), where
+the memory went, and the causes ranked by how much of the shortfall each explains. Every cause carries
+its evidence in numbers and one concrete action.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
+
+from jupyter_gpumem.diagnosis.causes import Cause, Facts, find_causes
+from jupyter_gpumem.oom.report import OOMReport
+from jupyter_gpumem.readings.holders import Holder, HolderSet
+from jupyter_gpumem.readings.snapshot import MemorySnapshot, ProcessInfo
+from jupyter_gpumem.readings.trace import LineTotal
+from jupyter_gpumem.units import format_bytes as fmt
+
+_SIGNIFICANT = 0.05  # a holder or process under 5% of the card is not a cause on its own
+
+__all__ = ["Cause", "Diagnosis", "Slice", "diagnose"]
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One part of the device's memory at the failure, for the breakdown chart."""
+
+    label: str
+    bytes: int
+    category: str  # "pytorch" | "cache" | "context" | "other" | "free"
+
+
+@dataclass
+class Diagnosis:
+    report: OOMReport
+    snapshot: MemorySnapshot | None
+    holders: HolderSet
+    causes: list[Cause]
+    requested_bytes: int | None
+    free_bytes: int | None
+    total_bytes: int | None
+    allowed_bytes: int | None
+    allocated_bytes: int | None
+    reserved_bytes: int | None
+    other_processes: tuple[ProcessInfo, ...]
+    breakdown: list[Slice]
+    working_set_bytes: int | None  # what the failing cell itself needed beyond what was resident
+    freed_bytes: int | None = None  # what releasing the failed cell gave back
+    allocated_after_bytes: int | None = None
+    released: bool = False
+    notes: list[str] = field(default_factory=list)
+    # `%gpumem trace on`: live memory by the source line that allocated it ("In [7], line 3: ...")
+    allocated_by: list[str] = field(default_factory=list)
+    allocated_lines: list[LineTotal] = field(default_factory=list)  # the same, as numbers
+    tracing: bool = False
+    # what the rules read: kept so that later evidence (the batch) can re-rank the causes
+    facts: Facts | None = field(default=None, repr=False, compare=False)
+
+    def add_batch(self, evidence: str) -> None:
+        """The number that sized the failing tensors, found by Reduce batch at presentation
+        (it reads the namespace, which the pure diagnosis does not): the causes name it."""
+        if not evidence or self.facts is None or self.facts.batch == evidence:
+            return
+        self.facts = replace(self.facts, batch=evidence)
+        self.causes = find_causes(self.facts)
+
+    @property
+    def device_label(self) -> str:
+        if self.snapshot is not None and self.snapshot.note:
+            return f"{self.report.device_label} ({self.snapshot.note})"
+        return self.report.device_label
+
+    @property
+    def capacity_bytes(self) -> int | None:
+        """What this process may use: the card, or the per-process cap if lower."""
+        if self.total_bytes is None:
+            return self.allowed_bytes
+        if self.allowed_bytes is None:
+            return self.total_bytes
+        return min(self.total_bytes, self.allowed_bytes)
+
+    @property
+    def shortfall_bytes(self) -> int | None:
+        """How much more the allocation needed than there was room for."""
+        if self.requested_bytes is None:
+            return None
+        room = self.free_bytes
+        if self.allowed_bytes is not None and self.reserved_bytes is not None:
+            cap_room = max(self.allowed_bytes - self.reserved_bytes, 0)
+            room = cap_room if room is None else min(room, cap_room)
+        if room is None:
+            return None
+        return max(self.requested_bytes - room, 0)
+
+    @property
+    def headline(self) -> str:
+        if self.report.backend == "CPU":
+            req = self.requested_bytes
+            what = f"tried to allocate {fmt(req)}" if req is not None else "an allocation failed"
+            return f"Out of host memory (RAM): {what} on the CPU."
+        parts = []
+        if self.requested_bytes is not None:
+            parts.append(f"Tried to allocate {fmt(self.requested_bytes)}")
+        if self.free_bytes is not None:
+            parts.append(f"with {fmt(self.free_bytes)} free")
+        if self.total_bytes is not None:
+            parts.append(f"of {fmt(self.total_bytes)}")
+        if self.allowed_bytes is not None:
+            parts.append(f"({fmt(self.allowed_bytes)} allowed to this process)")
+        if not parts:
+            return f"Out of memory on {self.device_label}: {self.report.message[:200]}"
+        return " ".join(parts) + f" on {self.device_label}."
+
+    def unused_variables(self) -> list[Holder]:
+        """Variables the failing cell does not read, on the device that ran out, largest first."""
+        return [
+            h
+            for h in self.holders.holders
+            if h.where == "variable"
+            and not h.used_by_cell
+            and not h.recreated_by_cell
+            and _on_device(h.device, self.report.device_index)
+        ]
+
+    def recreated_variables(self) -> list[Holder]:
+        """Variables the cell builds anew, on the device that ran out: their old values stay
+        until the new ones exist."""
+        return [
+            h
+            for h in self.holders.holders
+            if h.where == "variable"
+            and h.recreated_by_cell
+            and _on_device(h.device, self.report.device_index)
+        ]
+
+
+def _first(*values: int | None) -> int | None:
+    return next((v for v in values if v is not None), None)
+
+
+def _breakdown(
+    holders: HolderSet,
+    allocated: int | None,
+    reserved: int | None,
+    process_used: int | None,
+    others: int,
+    free: int | None,
+) -> list[Slice]:
+    cats = holders.category_bytes()
+    slices = [Slice(label, n, "pytorch") for label, n in cats.items() if n > 0]
+    if allocated is not None:
+        rest = allocated - sum(cats.values())
+        if rest > 0:
+            slices.append(Slice("activations and other tensors", rest, "pytorch"))
+    if reserved is not None and allocated is not None and reserved > allocated:
+        slices.append(Slice("allocator cache", reserved - allocated, "cache"))
+    if process_used is not None and reserved is not None and process_used - reserved >= 1 << 20:
+        slices.append(Slice("CUDA context (non-PyTorch)", process_used - reserved, "context"))
+    if others:
+        slices.append(Slice("other processes", others, "other"))
+    if free is not None:
+        slices.append(Slice("free", free, "free"))
+    return slices
+
+
+def diagnose(
+    report: OOMReport,
+    snapshot: MemorySnapshot | None,
+    holders: HolderSet,
+    *,
+    freed_bytes: int | None = None,
+    allocated_after_bytes: int | None = None,
+    released: bool = False,
+    created: Collection[str] = (),
+    held_at_start: int | None = None,
+) -> Diagnosis:
+    """Rank the causes of one OOM. ``snapshot`` is the reading taken at the failure, before release.
+    ``created``: the variables the failing cell itself made (the rest was there before it ran);
+    ``held_at_start``: bytes allocated on that device as the cell started, when read."""
+    snap = _device_that_ran_out(report, snapshot)
+    n = _numbers(report, snap)
+    requested = report.requested_bytes
+    others = _other_processes(report, snap)
+    others_bytes = sum(p.used_bytes for p in others)
+    resident = _resident_bytes(holders, snap, created, held_at_start, n.allocated)
+    cell_bytes = max((n.allocated or 0) - resident, 0)
+    working_set = None if requested is None else cell_bytes + requested
+
+    diag = Diagnosis(
+        report=report,
+        snapshot=snap,
+        holders=holders,
+        causes=[],
+        requested_bytes=requested,
+        free_bytes=n.free,
+        total_bytes=n.total,
+        allowed_bytes=n.allowed,
+        allocated_bytes=n.allocated,
+        reserved_bytes=n.reserved,
+        other_processes=others,
+        breakdown=_breakdown(
+            holders, n.allocated, n.reserved, report.process_used_bytes, others_bytes, n.free
+        ),
+        working_set_bytes=working_set,
+        freed_bytes=freed_bytes,
+        allocated_after_bytes=allocated_after_bytes,
+        released=released,
+    )
+    diag.facts = Facts(
+        d=diag,
+        frames_bytes=holders.where_bytes("failed frame"),
+        cache_bytes=holders.where_bytes("output cache"),
+        others_bytes=others_bytes,
+        big=max(int((n.total or 0) * _SIGNIFICANT), 1),
+        short=diag.shortfall_bytes or 0,
+        resident_bytes=resident,
+        cell_bytes=cell_bytes,
+    )
+    diag.causes = find_causes(diag.facts)
+    return diag
+
+
+def _device_that_ran_out(
+    report: OOMReport, snapshot: MemorySnapshot | None
+) -> MemorySnapshot | None:
+    """The reading of the device that ran out (the snapshot carries every visible one, and the
+    reading returned still does)."""
+    if snapshot is None or report.device_index is None:
+        return snapshot
+    ran_out = snapshot.on_device(report.device_index)
+    if ran_out is None or ran_out is snapshot:
+        return snapshot
+    return replace(ran_out, devices=snapshot.devices)
+
+
+@dataclass(frozen=True)
+class _Numbers:
+    """The device's numbers at the failure: the message's first, the reading's where it is silent."""
+
+    total: int | None
+    free: int | None
+    allowed: int | None  # None when the cap is no lower than the card
+    allocated: int | None
+    reserved: int | None
+
+
+def _numbers(report: OOMReport, snap: MemorySnapshot | None) -> _Numbers:
+    total = _first(report.total_bytes, snap.total_bytes if snap else None)
+    free = _first(report.free_bytes, snap.free_bytes if snap else None)
+    allowed = _first(report.allowed_bytes, snap.allowed_bytes if snap else None)
+    if allowed is not None and total is not None and allowed >= total:
+        allowed = None
+    allocated = _first(report.allocated_bytes, snap.allocated_bytes if snap else None)
+    reserved = _first(report.reserved_bytes, snap.reserved_bytes if snap else None)
+    if reserved is None and allocated is not None and report.reserved_unallocated_bytes is not None:
+        reserved = allocated + report.reserved_unallocated_bytes
+    return _Numbers(total, free, allowed, allocated, reserved)
+
+
+def _other_processes(report: OOMReport, snap: MemorySnapshot | None) -> tuple[ProcessInfo, ...]:
+    """The message's list of other processes when it has one (described from the reading, or by
+    asking the system), else the reading's."""
+    if report.other_processes:
+        return tuple(
+            ProcessInfo(p.pid, p.used_bytes, _describe_pid(snap, p.pid))
+            for p in report.other_processes
+        )
+    return snap.other_processes if snap else ()
+
+
+def _resident_bytes(
+    holders: HolderSet,
+    snap: MemorySnapshot | None,
+    created: Collection[str],
+    held_at_start: int | None,
+    allocated: int | None,
+) -> int:
+    """What was there before the cell ran, so that the rest of what was allocated is the cell's
+    own (on the device that ran out: a model on GPU 0 takes no room on GPU 1)."""
+    if held_at_start is not None and allocated is not None:
+        # the allocator's own count as the cell started: a model's gradients that this cell's
+        # backward made are the cell's, though the variable is older
+        return min(held_at_start, allocated)
+    oom_device = snap.device_index if snap is not None and len(snap.all_devices) > 1 else None
+    return sum(
+        h.total_bytes
+        for h in holders.holders
+        if (h.where == "output cache" or (h.where == "variable" and h.name not in created))
+        and _on_device(h.device, oom_device)
+    )
+
+
+_CUDA_INDEX = re.compile(r"\bcuda:(\d+)")
+
+
+def _on_device(device: str, index: int | None) -> bool:
+    """Whether a holder's device ("cuda:1", "cuda:0 (simulated)") is device ``index`` (None: any;
+    a holder without an index counts everywhere)."""
+    if index is None:
+        return True
+    m = _CUDA_INDEX.search(device)
+    return m is None or int(m.group(1)) == index
+
+
+def _describe_pid(snap: MemorySnapshot | None, pid: int) -> str:
+    for p in snap.processes if snap else ():
+        if p.pid == pid:
+            return p.description
+    from jupyter_gpumem.readings.snapshot import describe_process
+
+    return describe_process(pid)

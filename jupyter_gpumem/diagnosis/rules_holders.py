@@ -1,0 +1,226 @@
+"""The rules about who holds the memory and where else it could go: variables from earlier cells,
+old values a cell rebuilds, other processes, another GPU with room, the allocator's fragmented
+cache, IPython's output cache, what the failure pinned, and the cell's own working set.
+
+Each names the holders and the bytes, and says whether its action frees enough to close the gap
+(:func:`~jupyter_gpumem.diagnosis.cause._closes`), which is what the ranking reads.
+"""
+
+from __future__ import annotations
+
+from jupyter_gpumem.diagnosis.cause import Cause, Facts, _closes, _names
+from jupyter_gpumem.units import format_bytes as fmt
+
+
+def old_variables(f: Facts) -> Cause | None:
+    unused = [h for h in f.d.unused_variables() if h.total_bytes >= f.big]
+    if not unused:
+        return None
+    held = sum(h.total_bytes for h in unused)
+    return Cause(
+        "old_variables",
+        "Variables from earlier cells hold memory",
+        (
+            f"`{unused[0].name}` holds {fmt(held)} on the GPU; this cell does not use it."
+            if len(unused) == 1
+            else f"{_names(unused)} ({fmt(held)} in all) stay on the GPU; this cell does not "
+            "use them."
+        ),
+        f"Delete what you no longer need (`del {unused[0].name}`) and re-run, or use Clear cache, "
+        "which offers them one by one.",
+        float(held),
+        held,
+        _closes(held, f),
+    )
+
+
+def recreated_variables(f: Facts) -> Cause | None:
+    stale = [h for h in f.d.recreated_variables() if h.total_bytes >= f.big]
+    if not stale:
+        return None
+    held = sum(h.total_bytes for h in stale)
+    one = len(stale) == 1
+    return Cause(
+        "recreated_variables",
+        "Old values of variables this cell rebuilds",
+        f"{_names(stale)} from an earlier run {'stays' if one else 'stay'} allocated while this "
+        f"cell builds {'a new one' if one else 'new ones'}: {fmt(held)} needed twice.",
+        f"`del {', '.join(h.name for h in stale[:3])}` before re-running, or Clear cache (it drops "
+        "them, since this cell recreates them).",
+        float(held),
+        held,
+        _closes(held, f),
+    )
+
+
+def other_processes(f: Facts) -> Cause | None:
+    big_others = [p for p in f.d.other_processes if p.used_bytes >= f.big]
+    if not big_others:
+        return None
+    who = ", ".join(f"pid {p.pid} ({p.description}) {fmt(p.used_bytes)}" for p in big_others[:3])
+    named = [p for p in big_others if "the kernel of notebook" in p.description]
+    kernel = named or any("notebook kernel" in p.description for p in big_others)
+    if named:
+        action = (
+            f"Shut down {named[0].description.split(' (')[0]} if you are done with it: "
+            f"`%gpumem shutdown {named[0].pid}` (it asks first), then re-run."
+        )
+    elif kernel:
+        action = "Shut down the other notebook's kernel (Kernel > Shut Down Kernel) and re-run."
+    else:
+        action = "Stop those processes or move to a free GPU (CUDA_VISIBLE_DEVICES)."
+    return Cause(
+        "other_processes",
+        "Other processes use the GPU",
+        f"{who}: {fmt(f.others_bytes)} this process cannot use.",
+        action,
+        float(f.others_bytes),
+        f.others_bytes,
+        _closes(f.others_bytes, f),
+    )
+
+
+def other_gpu(f: Facts) -> Cause | None:
+    """Another visible GPU has room for everything this one holds for the process and the
+    request: moving the work there makes the cell fit without changing it."""
+    d = f.d
+    snap, req = d.snapshot, d.requested_bytes
+    if snap is None or req is None or d.report.backend == "CPU" or len(snap.all_devices) < 2:
+        return None
+    need = (d.allocated_bytes or 0) + req
+    best, room = None, 0
+    for other in snap.all_devices:
+        if other.device_index == snap.device_index or other.free_bytes is None:
+            continue
+        free = other.free_bytes
+        if other.allowed_bytes is not None:
+            free = min(free, max(other.allowed_bytes - (other.reserved_bytes or 0), 0))
+        if free > room:
+            best, room = other, free
+    if best is None:
+        return None
+    k = best.device_index
+    own = f.cell_bytes + req  # what this cell itself needs, leaving earlier cells' memory be
+    if room < need:
+        if not f.resident_bytes or room < own:
+            return None
+        return Cause(
+            "other_gpu",
+            f"GPU {k} has room for this cell's work",
+            f"GPU {k} has {fmt(room)} free; this cell allocated {fmt(f.cell_bytes)} and asked "
+            f"for {fmt(req)} more ({fmt(own)} together), while the {fmt(f.resident_bytes)} "
+            f"earlier cells hold stays on GPU {snap.device_index}.",
+            f"Run this cell's work on GPU {k}: make its model and tensors with "
+            f"`device='cuda:{k}'` (or `.to('cuda:{k}')`), inputs included.",
+            float(own),
+            room,
+            True,
+        )
+    models = [h for h in d.holders.holders if h.kind == "model" and h.where == "variable"]
+    name = models[0].name if models else "model"
+    return Cause(
+        "other_gpu",
+        f"GPU {k} has room",
+        f"GPU {k} has {fmt(room)} free; this cell needs about {fmt(need)} there "
+        f"({fmt(d.allocated_bytes or 0)} allocated on GPU {snap.device_index} plus the "
+        f"{fmt(req)} it asked for).",
+        f"GPU {k} has {fmt(room)} free: `{name}.to('cuda:{k}')` (and its inputs), or "
+        f'`device_map="auto"` for a Hugging Face model.',
+        float(need),
+        room,
+        True,
+    )
+
+
+def fragmentation(f: Facts) -> Cause | None:
+    d = f.d
+    req = d.requested_bytes
+    unalloc = d.report.reserved_unallocated_bytes
+    if unalloc is None and d.reserved_bytes is not None and d.allocated_bytes is not None:
+        unalloc = d.reserved_bytes - d.allocated_bytes
+    if not unalloc or not req or not (unalloc >= req or unalloc >= f.big):
+        return None
+    closes = _closes(unalloc, f)
+    evidence = (
+        f"{fmt(unalloc)} is reserved by PyTorch but unallocated"
+        + (f", more than the {fmt(req)} requested" if unalloc >= req else "")
+        + ": the free blocks are too small or scattered."
+    )
+    if closes is False:
+        evidence += f" Returning it gives {fmt(unalloc)} of the {fmt(f.short)} missing."
+    return Cause(
+        "fragmentation",
+        "Memory is fragmented",
+        evidence,
+        "Clear cache returns them to the driver; for good, set "
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before torch starts (restart the "
+        "kernel).",
+        float(unalloc),
+        unalloc,
+        closes,
+    )
+
+
+def output_cache(f: Facts) -> Cause | None:
+    if f.cache_bytes < f.big:
+        return None
+    return Cause(
+        "output_cache",
+        "The output cache holds tensors",
+        f"IPython's output cache (`Out`, `_`) holds {fmt(f.cache_bytes)} of cell results.",
+        "Clear cache can drop it (`%reset -f out` does the same).",
+        float(f.cache_bytes),
+        f.cache_bytes,
+        _closes(f.cache_bytes, f),
+    )
+
+
+def pinned_by_failure(f: Facts) -> Cause | None:
+    d = f.d
+    if not f.frames_bytes:
+        return None
+    if d.released and d.freed_bytes is not None:
+        return Cause(
+            "pinned_by_failure",
+            "The failure pinned memory",
+            f"The failed call's locals held {fmt(f.frames_bytes)}, and kept alive what they "
+            f"reference (saved activations, the autograd graph): {fmt(d.freed_bytes)} was freed "
+            "after the failure.",
+            "Nothing to do: that memory is already back.",
+            0.0,
+            0,
+            None,
+            tier=3,
+        )
+    return Cause(
+        "pinned_by_failure",
+        "The failure pinned memory",
+        f"The failed call's locals hold {fmt(f.frames_bytes)} until they are freed.",
+        "Run `%gpumem release` when done with `%debug` to get it back.",
+        float(f.frames_bytes),
+        f.frames_bytes,
+        None,  # it was needed by the failing run itself: freeing it does not make the cell fit
+    )
+
+
+def working_set(f: Facts) -> Cause | None:
+    d = f.d
+    req = d.requested_bytes
+    if req is None or d.report.backend == "CPU":
+        return None
+    ws = f.cell_bytes + req
+    held = f" (on top of {fmt(f.resident_bytes)} held before it ran)" if f.resident_bytes else ""
+    short = f": {fmt(f.short)} more than there was room for" if f.short else ""
+    batch = f" The batch: {f.batch}." if f.batch else ""
+    return Cause(
+        "working_set",
+        "The cell's own working set is too big",
+        f"This cell had allocated {fmt(f.cell_bytes)}{held} when it asked for {fmt(req)} more"
+        f"{short}.{batch}",
+        "Reduce the batch size, enable autocast (bf16) or move the work to the CPU: the fixes "
+        "below predict what each saves.",
+        float(ws),
+        ws,
+        # a smaller batch shrinks what the cell allocates: enough if the cell's part covers it
+        _closes(ws, f),
+    )

@@ -1,0 +1,314 @@
+"""Reduce batch: find the batch size, then search with a memory model for the largest that fits.
+
+The model starts from the OOM's own numbers (the batch that failed, what was allocated, what was
+requested) and learns from each run's measured peak, instead of halving blindly; see
+``batch_search``. The batch that fit is remembered per cell, so running the same cell again starts
+there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import re
+from typing import Any
+
+from jupyter_gpumem import backends
+from jupyter_gpumem.backends import _torch
+from jupyter_gpumem.backends.allocator import SizeLog
+from jupyter_gpumem.fixes.base import Attempt, Check, Fix, FixContext, FixOutcome
+from jupyter_gpumem.fixes.batch.evidence import failing_tensors, sized_by, variables_sized_by
+from jupyter_gpumem.fixes.batch.search import BatchSearch, Observation
+from jupyter_gpumem.fixes.batch.source import (
+    BatchFinding,
+    accumulation_plan,
+    apply_batch,
+    describe_change,
+    find_batch,
+)
+from jupyter_gpumem.rescue.rerun import Plan, RunResult, capacity_bytes
+from jupyter_gpumem.units import format_bytes
+
+
+class _ReservedPeak:
+    """Around the cell's code (inside the run, before any rollback): the peak of *reserved*
+    memory, which is what runs out (allocated plus the allocator's rounding and fragmentation),
+    and the log of what the run allocated and freed, for the replay (``batch_replay``)."""
+
+    def __init__(self) -> None:
+        self.peak_bytes: int | None = None
+        self.log: SizeLog | None = None
+        self._stack = contextlib.ExitStack()
+
+    def __call__(self) -> _ReservedPeak:
+        return self
+
+    def __enter__(self) -> _ReservedPeak:
+        self.peak_bytes = self.log = None
+        try:
+            self.log = self._stack.enter_context(backends.active().record_sizes())
+        except Exception:  # no log: the search falls back to its line through the peaks
+            self.log = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._stack.close()
+        except Exception:
+            self.log = None
+        stats = _torch.allocator_stats() or {}
+        self.peak_bytes = stats.get("reserved_bytes.all.peak")
+
+
+# A batch for evaluation (`test_loader`, `args.test_batch_size`, `val_bs`): no learning rate to tune.
+_EVALUATION = re.compile(r"(?i)(test|val|eval|infer|predict)")
+
+# Real runs allowed after a real run failed where its rehearsal fitted (bisecting down).
+_REAL_RETRIES = 3
+
+
+def _need(result: RunResult, probe: _ReservedPeak) -> int | None:
+    """What a run that fitted needed: its reserved peak where known, else its allocated peak."""
+    peaks = [p for p in (result.peak_bytes, probe.peak_bytes) if p is not None]
+    return max(peaks) if peaks else None
+
+
+def _reserved_now() -> int:
+    stats = _torch.allocator_stats() or {}
+    return stats.get("reserved_bytes.all.current") or _torch.allocated_bytes() or 0
+
+
+def cell_key(source: str) -> str:
+    return hashlib.sha1(source.strip().encode()).hexdigest()[:16]
+
+
+def _finding(ctx: FixContext) -> BatchFinding:
+    from jupyter_gpumem.cells.failure import names_used
+
+    source = ctx.failed.source
+    return find_batch(
+        source,
+        ctx.user_ns,
+        batch_var=ctx.batch_var,
+        evidence=failing_tensors(ctx.failed),
+        used=names_used(source, ctx.user_ns),
+    )
+
+
+class ReduceBatch(Fix):
+    key = "batch"
+    label = "Reduce batch"
+
+    def check(self, ctx: FixContext) -> Check:
+        finding = _finding(ctx)
+        if not finding.sites:
+            return Check(False, "", finding.reason_not_found or "no batch size found in this cell")
+        d = ctx.failed.diagnosis
+        if finding.value <= ctx.min_batch:
+            return Check(
+                False, "", f"the batch size is already {finding.value}, the smallest allowed"
+            )
+        saving = None
+        if d is not None and d.working_set_bytes is not None and d.shortfall_bytes is not None:
+            # the part of the working set that scales with the batch must shrink by the shortfall
+            saving = min(d.shortfall_bytes + d.working_set_bytes // 20, d.working_set_bytes)
+        action = (
+            f"Find the largest batch that fits, starting from {finding.how}, with a memory model "
+            "from the OOM's numbers and each run's peak (a few runs), then keep it."
+        )
+        return Check(True, action, "", saving, evidence=finding.evidence)
+
+    def apply(self, ctx: FixContext) -> FixOutcome:
+        """Rehearsals (stopped after two passes of the failing loop, rolled back) find the batch;
+        then one real run at that batch, kept if it fits.
+
+        A real run that fails where its rehearsal fitted (a later epoch needs more than the first
+        two passes) makes rehearsals untrustworthy at that size: from then on each probe is a
+        real run, bisecting below the failure."""
+        check = self.check(ctx)
+        finding = _finding(ctx)
+        search = _start_search(ctx, finding)
+        attempts: list[Attempt] = []
+        outcome = FixOutcome(
+            fix=self.key,
+            ok=False,
+            attempts=attempts,
+            predicted_saving_bytes=check.predicted_saving_bytes,
+        )
+        last_failure = untouched = None
+        accumulate = None
+        final: RunResult | None = None
+        rehearse = True
+        budget = ctx.max_runs + 1
+        probe = _ReservedPeak()
+        while len(attempts) < budget and final is None:
+            b = search.next_batch() if len(attempts) < budget - 1 else None
+            real = b is None or not rehearse
+            b = search.best() if b is None else b
+            if b is None:
+                break
+            if real:
+                plan, accumulate = _real_plan(ctx, finding, b)
+            else:
+                plan = _rehearsal_plan(ctx, finding, b, search, probe)
+            plan.contexts.append(probe)
+            result, attempt = self._run(ctx, plan)
+            attempts.append(attempt)
+            if result.kept or (real and result.ok):
+                final = result
+            elif result.ok:
+                if not (plan.keep is not None and result.passes is None):  # else: settles() saw it
+                    search.observe(Observation(b, True, _need(result, probe), log=probe.log))
+            else:
+                last_failure = result.failure
+                search.observe(_failed(b, result))
+                if (untouched := _untouched(finding, b, result)) is not None:
+                    break  # smaller batches cannot reach what still has the old size
+                if real and rehearse:
+                    # rehearsals cannot see what a later phase needs (epoch 2, a test() with
+                    # its own batch): real runs decide now, bisecting, with a few more allowed
+                    rehearse = False
+                    search.bisect_from_now()
+                    budget = max(budget, len(attempts) + _REAL_RETRIES)
+        if final is None:
+            outcome.failure = last_failure
+            outcome.message = untouched or _unsettled(ctx, attempts)
+            return outcome
+        _settled(ctx, finding, outcome, attempts[-1].batch or 0, accumulate, search.replay_note())
+        return outcome
+
+    def _run(self, ctx: FixContext, plan: Plan) -> tuple[RunResult, Attempt]:
+        """One run, its line showing the memory resident when it started (the same for every
+        attempt: each starts from the rolled-back notebook) and no peak for a run that failed."""
+        assert ctx.run is not None
+        gc.collect()
+        resident = _torch.allocated_bytes()
+        if resident is not None:
+            start = f"from {format_bytes(resident)} resident"
+            plan.note = f"{plan.note}, {start}" if plan.note else start
+        return self.run_once(ctx, plan)
+
+
+def _start_search(ctx: FixContext, finding: BatchFinding) -> BatchSearch:
+    """The search, knowing the card, what stays resident and the run that failed."""
+    d = ctx.failed.diagnosis
+    report = ctx.failed.report
+    gc.collect()
+    search = BatchSearch(
+        capacity_bytes=capacity_bytes() or 0,
+        # what stays resident across runs (the failed run's own variables are gone by now)
+        baseline_bytes=_reserved_now(),
+        min_batch=ctx.min_batch,
+        max_batch=finding.value - 1,
+        replay_logs=True,  # where a run cannot be logged, the line model goes on alone
+    )
+    search.observe(
+        Observation(
+            batch=finding.value,
+            fit=False,
+            peak_bytes=None,
+            requested_bytes=report.requested_bytes,
+            allocated_at_failure_bytes=d.allocated_bytes if d else report.allocated_bytes,
+        )
+    )
+    return search
+
+
+def _real_plan(ctx: FixContext, finding: BatchFinding, b: int) -> tuple[Plan, Any]:
+    """The run that counts, at ``b`` (with gradient accumulation where asked and possible)."""
+    source = ctx.failed.source
+    accumulate = accumulation_plan(source, finding, b) if ctx.accumulate else None
+    if accumulate is not None:
+        return Plan(accumulate.source, batch=b, note="with gradient accumulation"), accumulate
+    new_source, updates = apply_batch(source, finding, b)
+    return Plan(new_source, namespace_updates=updates, batch=b), None
+
+
+def _rehearsal_plan(
+    ctx: FixContext, finding: BatchFinding, b: int, search: BatchSearch, probe: _ReservedPeak
+) -> Plan:
+    """A rehearsal at ``b``; kept as the real run if it ran whole and the search settles on it."""
+    new_source, updates = apply_batch(ctx.failed.source, finding, b)
+    plan = Plan(new_source, namespace_updates=updates, batch=b, rehearsal=True)
+
+    def settles(result: RunResult) -> bool:
+        search.observe(Observation(b, True, _need(result, probe), log=probe.log))
+        return search.next_batch() is None and search.best() == b and not ctx.accumulate
+
+    plan.keep = settles
+    return plan
+
+
+def _unsettled(ctx: FixContext, attempts: list[Attempt]) -> str:
+    if not any(a.ok for a in attempts):
+        return f"Even batch {ctx.min_batch} does not fit: reducing the batch is not enough."
+    return f"No batch fitted for the whole run in {len(attempts)} runs."
+
+
+def _untouched(finding: BatchFinding, b: int, result: RunResult) -> str | None:
+    """A run at ``b`` that ran out on a tensor still sized by the old batch, and by nothing at
+    ``b``: it was made outside what Reduce batch changes (DCGAN's ``fixed_noise``, made in the
+    setup cell with ``opt.batchSize``), and no smaller batch will reach it."""
+    tensors = failing_tensors(result.failure, frames_only=True)  # what the failing call had
+    old = sized_by(finding.value, tensors)
+    if old is None or b == finding.value or sized_by(b, tensors) is not None:
+        return None
+    held = ", ".join(t.text() for t in variables_sized_by(result.failure, finding.value)[:3])
+    return (
+        f"Reduce batch stopped: at batch {b} the cell still ran out on {old.text()}, sized by the "
+        f"old batch {finding.value}"
+        + (f"; the notebook's {held} still has it" if held else "")
+        + f". Reduce batch changes only {finding.how}: make that tensor with the same batch, or "
+        "name the variable that sets both with `--batch-var`."
+    )
+
+
+def _failed(b: int, result: RunResult) -> Observation:
+    r = result.failure.report if result.failure else None
+    d = result.failure.diagnosis if result.failure else None
+    return Observation(
+        b,
+        False,
+        None,  # only fits give peaks: a failed run's peak is not its need
+        requested_bytes=r.requested_bytes if r else None,
+        allocated_at_failure_bytes=d.allocated_bytes if d else None,
+    )
+
+
+def _settled(
+    ctx: FixContext,
+    finding: BatchFinding,
+    outcome: FixOutcome,
+    best: int,
+    accumulate: Any,
+    how: str | None,
+) -> None:
+    """The outcome of a search that settled on ``best``: the message, the change, the notes."""
+    source = ctx.failed.source
+    outcome.ok = True
+    outcome.batch = best
+    ctx.remembered[cell_key(source)] = best
+    outcome.message = f"Fits at batch {best} (was {finding.value}), {outcome.peak_text()}."
+    if how:
+        outcome.notes.append(how)
+    if finding.evidence:
+        outcome.notes.append(f"The batch: {finding.evidence}.")
+    outcome.change = describe_change(finding, best)
+    if accumulate is not None:
+        outcome.new_source = accumulate.source
+        outcome.change = "use the cell below (gradient accumulation keeps the effective batch)"
+        outcome.notes.append(accumulate.explanation)
+        return
+    plan_acc = accumulation_plan(source, finding, best)
+    if plan_acc is not None:
+        outcome.notes.append(
+            plan_acc.explanation
+            + f" To keep the effective batch: `%gpumem retry batch --accumulate` "
+            f"(it searches again and may settle on another batch than {best})."
+        )
+    elif not _EVALUATION.search(finding.sites[0].name):
+        outcome.notes.append(
+            f"The effective batch changed from {finding.value} to {best}: "
+            "tune the learning rate if this is training."
+        )

@@ -1,0 +1,180 @@
+"""Reduce batch's model from sizes: a recorded run replayed, at another batch, through the allocator.
+
+A line through measured peaks cannot see the allocator's blocks: on a small card a tensor that
+grows past 1 MiB takes a 20 MiB block of its own, and the peak jumps by a sixth of the card between
+two batches that a line puts a few MiB apart (measured on the MLP workload of
+``benchmarks/batch_search.py``: reserved 98 MiB at batch 4000, 124 MiB at 4220, while allocated
+went from 95 to 101). So Reduce batch also records what each run allocated and freed, in order
+(``MemoryBackend.record_sizes()``), and predicts the need at a batch ``b`` by replaying that log
+with each allocation resized for ``b``, through :class:`~..backends.allocator.Pools`.
+
+How an allocation's size follows the batch:
+
+- from two runs of the same code (the same events, other sizes): a line through its two sizes,
+  exact for every tensor whose size is affine in the batch;
+- from one run at a prime batch ``p``: a size divisible by ``p`` is ``p`` times a per-sample size,
+  anything else does not depend on the batch (a weight, a loss, the optimizer's state). A size that
+  happens to be a multiple of a prime near a thousand is rare; the search makes its first probe a
+  prime for this reason, so that one fit is enough to aim at the largest batch.
+
+The replay is calibrated on the run it came from: what the real run measured, less what the
+replay gives at its batch, is added to every prediction (zero on the simulated card, which counts
+with the same arithmetic; on CUDA, the cache and fragmentation the arithmetic leaves out).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from jupyter_gpumem.backends.allocator import MIN_LARGE_ALLOC, Pools, SizeLog
+from jupyter_gpumem.units import format_bytes
+
+__all__ = ["MIN_PRIME_BATCH", "REPLAY_MARGIN", "Replay", "is_prime", "prime_at_most", "replay_note"]
+
+# One run tells which allocations grow with the batch from a prime batch this large. A constant
+# size that is a multiple of it by chance (a 7x7 kernel's weights at 7) counts as growing: the
+# replay then overstates the need and proposes a batch that fits, never one that does not.
+MIN_PRIME_BATCH = 7
+# The search aims where the replay leaves this much of the card free: the replay counts the
+# allocator's blocks, so the head-room covers only what the arithmetic leaves out.
+REPLAY_MARGIN = 0.01
+
+# A log with more events than this is not replayed: each prediction walks it once (about 1 µs an
+# event) and a proposal asks for a few dozen, so this keeps one under a second or two.
+_MAX_EVENTS = 50_000
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Predicts the reserved peak of the recorded code at any batch."""
+
+    # (size at batch 0, bytes per sample) of each allocation, by number
+    sizes: tuple[tuple[float, float], ...]
+    log: SizeLog
+    offset: int  # measured less replayed, at the run the replay came from
+    how: str  # for people: "two runs" or "one run at a prime batch"
+    batches: tuple[int, ...] = ()  # of the runs it came from
+
+    @classmethod
+    def from_runs(cls, runs: list[tuple[int, int, SizeLog | None]]) -> Replay | None:
+        """From fitted runs ``(batch, measured peak, log)``, the largest batches first."""
+        logged = [(b, p, log) for b, p, log in runs if log is not None and _usable(log)]
+        if not logged:
+            return None
+        b2, p2, log2 = max(logged, key=lambda r: r[0])
+        shape = log2.shape()
+        pair = [r for r in logged if r[0] < b2 and r[2].shape() == shape]
+        batches: tuple[int, ...]
+        if pair:
+            b1, _, log1 = max(pair, key=lambda r: r[0])
+            sizes = tuple(
+                (s1 - (s2 - s1) / (b2 - b1) * b1, (s2 - s1) / (b2 - b1))
+                for s1, s2 in zip(log1.sizes(), log2.sizes(), strict=True)
+            )
+            how, batches = "two runs", (b1, b2)
+        elif b2 >= MIN_PRIME_BATCH and is_prime(b2):
+            sizes = tuple(
+                (0.0, s / b2) if s and s % b2 == 0 else (float(s), 0.0) for s in log2.sizes()
+            )
+            how, batches = "one run at a prime batch", (b2,)
+        else:
+            return None
+        if not any(k > 0 for _, k in sizes):
+            return None  # nothing grows with the batch: the batch is not what fills the card
+        replay = cls(sizes, log2, 0, how, batches)
+        return cls(sizes, log2, p2 - replay.need(b2), how, batches)
+
+    def need(self, batch: int) -> int:
+        """The reserved peak at ``batch``: the log replayed with each allocation resized."""
+        pools = Pools()
+        for nbytes in self.log.resident:
+            pools.grow(nbytes, 1)
+        peak = pools.reserved()
+        live: dict[int, int] = {}
+        sizes = self.sizes
+        for n, value in self.log.events:
+            if n >= 0:
+                base, k = sizes[n]
+                nbytes = max(0, round(base + k * batch))
+                live[n] = nbytes
+                pools.grow(nbytes, 1)
+                reserved = pools.reserved()
+                if reserved > peak:
+                    peak = reserved
+            elif n == -1:
+                pools.grow(live.pop(value, 0), -1)
+            else:
+                pools.grow(value, -1)
+        return peak + self.offset
+
+    def largest(self, budget: float, lo: int, hi: int) -> int:
+        """The largest batch in ``[lo, hi)`` whose need is within ``budget`` (``lo`` if none).
+
+        The need is not monotonic: where a tensor passes 10 MiB it leaves the shared 20 MiB
+        blocks for a block of its own, and the total can drop (the benchmark's convnet needs
+        126 MiB at 832 and at 896, more at 839). Between two such crossings it only grows. So the
+        range is cut at every crossing, the segments tried from the top, and the need bisected
+        in the highest segment that starts within the budget."""
+        if self.need(lo) > budget:
+            return lo
+        starts = {lo}
+        for base, k in self.sizes:
+            if k > 0:
+                at = math.ceil((MIN_LARGE_ALLOC - 512 - base) / k)
+                starts.update(c for c in (at - 1, at, at + 1) if lo < c < hi)
+        edges = sorted(starts)
+        for start, end in reversed(list(zip(edges, [*edges[1:], hi], strict=True))):
+            if self.need(start) <= budget:
+                return self._bisect(budget, start, end)
+        return lo
+
+    def largest_below(self, capacity: float, lo: int, failed: int) -> int | None:
+        """The largest batch under ``failed`` (a batch that ran out) that fits ``capacity``; None
+        when the replay says ``failed`` fits too: it is wrong about this code."""
+        full = self.largest(capacity, lo, failed)
+        return None if full >= failed - 1 and self.need(failed) <= capacity else full
+
+    def _bisect(self, budget: float, lo: int, hi: int) -> int:
+        """``lo`` fits the budget: the largest that does below ``hi``, if the need grows."""
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.need(mid) <= budget else (lo, mid)
+        return lo
+
+
+def replay_note(batches: tuple[int, ...], full: int, chosen: int, capacity: int) -> str:
+    """How the replay placed ``chosen``, for people."""
+    runs = " and ".join(map(str, batches))
+    note = (
+        f"How: the allocations of the run at batch {runs}, replayed at other batches with the "
+        f"allocator's block sizes, put the largest batch that fits at {full}"
+    )
+    if chosen < full:
+        return f"{note}; {chosen} leaves {format_bytes(int(capacity * REPLAY_MARGIN))} of the card free."
+    return note + "."
+
+
+def _usable(log: SizeLog) -> bool:
+    return log.complete and 0 < len(log.events) <= _MAX_EVENTS
+
+
+def is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    f = 3
+    while f * f <= n:
+        if n % f == 0:
+            return False
+        f += 2
+    return True
+
+
+def prime_at_most(n: int, floor: int = 2) -> int:
+    """The largest prime in ``[floor, n]``, or ``n`` when there is none."""
+    for m in range(n, max(floor, 2) - 1, -1):
+        if is_prime(m):
+            return m
+    return n

@@ -1,0 +1,357 @@
+"""Apply a fix to a failed cell (a button, ``%gpumem retry``) or climb the ladder of fixes
+(``%%oomsafe``), with the side-effect guard in front of every re-run.
+
+Each fix is a transaction (``transaction.Transaction``): the failed run's own leftovers are
+dropped, a snapshot is taken, rehearsals are rolled back after each run, and the real run is kept
+only when it fits. A final run that runs out of memory or raises, and Ctrl-C at any moment, put
+the notebook back as it was before the fix; Ctrl-C then raises :class:`Interrupted`, whose
+``message`` says what was undone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
+
+from jupyter_gpumem.cells.failure import FailedCell, NamespaceMark
+from jupyter_gpumem.fixes import FIXES, LADDER, Attempt, Check, FixContext, FixOutcome
+from jupyter_gpumem.fixes.batch.reduce import cell_key
+from jupyter_gpumem.fixes.batch.source import apply_batch, find_batch
+from jupyter_gpumem.rescue.rerun import Plan, RunResult, failed_run_leftovers, run_plan
+from jupyter_gpumem.rescue.transaction import SnapshotTooLarge, Transaction
+from jupyter_gpumem.units import format_bytes
+
+if TYPE_CHECKING:
+    from jupyter_gpumem.guard.analyse import GuardVerdict
+
+
+@dataclass
+class Options:
+    batch_var: str | None = None
+    min_batch: int = 1
+    max_runs: int = 6
+    force: bool = False
+    drop: tuple[str, ...] = ()
+    drop_output_cache: bool = False
+    accumulate: bool = False
+
+
+@dataclass
+class LadderResult:
+    ok: bool
+    outcomes: list[FixOutcome] = field(default_factory=list)
+    first_run_ok: bool = False
+    refused: GuardVerdict | None = None
+    failure: FailedCell | None = None  # the last OOM, when nothing fit
+    lines: list[str] = field(default_factory=list)  # what was printed
+
+    @property
+    def runs(self) -> int:
+        return sum(o.runs for o in self.outcomes)
+
+
+class _Line(Protocol):
+    """How the ladder says a line: printed unless quiet (``always``: printed anyway), and kept."""
+
+    def __call__(self, text: str, *, always: bool = False) -> None: ...
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a fix, after the notebook was put back; ``message`` says what was undone,
+    ``whole`` whether everything was (nothing left out of the rollback)."""
+
+    def __init__(self, message: str, whole: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.whole = whole
+
+
+def guard(failed: FailedCell, namespace: dict[str, Any] | None = None) -> GuardVerdict:
+    """What the failed run already did that a re-run would do again."""
+    from jupyter_gpumem.guard.analyse import analyse_rerun
+
+    return analyse_rerun(
+        failed.source,
+        failed_lineno=failed.failed_lineno,
+        preexisting=failed.preexisting,
+        earlier_passes=failed.earlier_passes,
+        namespace=namespace,
+        failed_frames=failed.frames,
+        values_at_failure=failed.plain_values,
+    )
+
+
+def make_context(
+    shell: Any,
+    failed: FailedCell,
+    options: Options,
+    remembered: dict[str, int],
+    on_attempt: Callable[[Attempt], None] | None = None,
+    keep_traceback: bool = False,
+) -> FixContext:
+    ctx: FixContext
+
+    def run(plan: Plan) -> RunResult:
+        ctx.running = plan
+        result = run_plan(
+            shell,
+            plan,
+            preexisting=failed.preexisting,
+            keep_traceback=keep_traceback,
+            loop=failed.loop,
+            rng=failed.rng,
+        )
+        if plan.rehearsal and result.ok and result.passes is None and plan.keep is not None:
+            # it ran whole: if it is the run the fix settles on, running it again changes nothing
+            result.kept = plan.keep(result)
+        if ctx.txn is not None and (plan.rehearsal or not result.ok) and not result.kept:
+            ctx.txn.rollback()
+        return result
+
+    ctx = FixContext(
+        shell=shell,
+        failed=failed,
+        batch_var=options.batch_var,
+        min_batch=options.min_batch,
+        max_runs=options.max_runs,
+        drop=options.drop,
+        drop_output_cache=options.drop_output_cache,
+        accumulate=options.accumulate,
+        remembered=remembered,
+        run=run,
+        on_attempt=on_attempt,
+    )
+    return ctx
+
+
+def check_all(
+    shell: Any, failed: FailedCell, options: Options, remembered: dict[str, int]
+) -> dict[str, Check]:
+    """What each fix would do and save, for the panel's buttons and the text diagnosis."""
+    ctx = make_context(shell, failed, options, remembered)
+    out = {}
+    for key, fix in FIXES.items():
+        try:
+            out[key] = fix.check(ctx)
+        except Exception as exc:  # a fix that cannot tell is disabled, never a crash
+            out[key] = Check(False, "", f"could not check ({type(exc).__name__}: {exc})")
+    return out
+
+
+def apply_fix(
+    shell: Any,
+    failed: FailedCell,
+    key: str,
+    options: Options,
+    remembered: dict[str, int],
+    on_attempt: Callable[[Attempt], None] | None = None,
+) -> FixOutcome:
+    fix = FIXES[key]
+    verdict = guard(failed, shell.user_ns)
+    if not verdict.safe and not options.force:
+        return FixOutcome(
+            fix=key,
+            ok=False,
+            refused=True,
+            message=verdict.summary(),
+            notes=[f"{verdict.question()} `%gpumem retry {key} --force` re-runs it anyway."],
+        )
+    ctx = make_context(shell, failed, options, remembered, on_attempt)
+    check = fix.check(ctx)
+    if not check.applies:
+        return FixOutcome(fix=key, ok=False, message=f"{fix.label} does not apply: {check.reason}")
+    return in_transaction(shell, failed, ctx, key)
+
+
+def in_transaction(shell: Any, failed: FailedCell, ctx: FixContext, key: str) -> FixOutcome:
+    """``FIXES[key].apply(ctx)`` with the notebook put back unless its real run fits."""
+    from jupyter_gpumem.cells.failure import names_used
+
+    ns = shell.user_ns
+    try:
+        txn = Transaction(
+            ns,
+            names_used(failed.source, ns),
+            leftovers=failed_run_leftovers(ns, failed.created),
+        )
+    except SnapshotTooLarge as exc:
+        return FixOutcome(
+            fix=key,
+            ok=False,
+            message=f"Not re-run: {exc}. Free host memory, or re-run the cell by hand.",
+        )
+    ctx.txn = txn
+    try:
+        outcome = FIXES[key].apply(ctx)
+    except KeyboardInterrupt:
+        txn.rollback(everything=True)
+        raise Interrupted(
+            f"Interrupted: {txn.undo_message(everything=True)}",
+            whole=not txn.problems and not txn.released,
+        ) from None
+    except Exception as exc:  # the cell's own error in a re-run (or ours): all put back, said so
+        txn.rollback(everything=True)
+        plan = ctx.running
+        batch = plan.batch if plan is not None else None
+        raise RerunRaised(exc, txn.undo_message(everything=True), batch) from None
+    except BaseException:
+        txn.rollback(everything=True)
+        raise
+    finally:
+        ctx.txn = None
+    if not outcome.ok and outcome.attempts:
+        outcome.notes.append("Nothing was kept: " + txn.undo_message())
+    if outcome.rehearsals and txn.snapshot.bytes >= 1 << 30:
+        outcome.notes.append(
+            f"Rehearsals were undone from a copy of {format_bytes(txn.snapshot.bytes)} of model "
+            "and optimizer state in host memory."
+        )
+    return outcome
+
+
+def run_ladder(
+    shell: Any,
+    source: str,
+    *,
+    fixes: Sequence[str] = LADDER,
+    options: Options,
+    remembered: dict[str, int],
+    say: Callable[[str], None],
+    quiet: bool = False,
+) -> LadderResult:
+    """``%%oomsafe``: run the cell; on OOM apply fixes in order until one fits."""
+    mark = NamespaceMark.take(shell.user_ns)
+    result = LadderResult(ok=False)
+
+    def line(text: str, *, always: bool = False) -> None:
+        result.lines.append(text)
+        if always or not quiet:
+            say(text)
+
+    plan = _starting_plan(shell, source, options, remembered, line)
+    first = run_plan(shell, plan, preexisting=mark.preexisting(shell.user_ns), rng=None)
+    if first.ok:
+        result.ok = result.first_run_ok = True
+        return result
+    failed = first.failure
+    assert failed is not None
+    d = failed.diagnosis
+    line(f"oomsafe: out of memory: {d.headline if d else failed.report.message[:120]}")
+    runs_left = options.max_runs
+    for key in fixes:
+        if runs_left <= 0:
+            line("oomsafe: no runs left (--max-retries).")
+            break
+        verdict = guard(failed, shell.user_ns)
+        if not verdict.safe and not options.force:
+            result.refused, result.failure = verdict, failed
+            force = " Use --force to re-run anyway."
+            line("oomsafe: stopped before re-running: " + verdict.summary() + force, always=True)
+            return result
+        budget = Options(**{**options.__dict__, "max_runs": runs_left})
+        outcome = _climb(shell, failed, key, budget, remembered, line)
+        if outcome is None:
+            continue
+        result.outcomes.append(outcome)
+        runs_left -= outcome.runs
+        if outcome.ok:
+            result.ok = True
+            _say_kept(outcome, line)
+            return result
+        line(f"oomsafe: {outcome.message}")
+        if outcome.failure is not None:
+            failed = outcome.failure
+    result.failure = failed
+    line(f"oomsafe: no fix made the cell fit in {result.runs} re-runs.", always=True)
+    return result
+
+
+def _starting_plan(
+    shell: Any, source: str, options: Options, remembered: dict[str, int], line: _Line
+) -> Plan:
+    """The cell as written, or at the batch that fit it last time: a ladder that already found
+    a size that fits starts there instead of running out of memory again to find it."""
+    known = remembered.get(cell_key(source))
+    if known is not None:
+        finding = find_batch(source, shell.user_ns, batch_var=options.batch_var)
+        if finding.sites and finding.value > known:
+            new_source, updates = apply_batch(source, finding, known)
+            line(f"oomsafe: starting at batch {known}, which fit this cell last time.")
+            return Plan(new_source, namespace_updates=updates, batch=known)
+    return Plan(source)
+
+
+def _climb(
+    shell: Any,
+    failed: FailedCell,
+    key: str,
+    options: Options,
+    remembered: dict[str, int],
+    line: _Line,
+) -> FixOutcome | None:
+    """One rung of the ladder: the fix ``key`` in a transaction, rehearsing first; None when it
+    does not apply (said, and no run spent)."""
+    ctx = make_context(
+        shell, failed, options, remembered, on_attempt=lambda a: line("  " + a.line())
+    )
+    ctx.rehearse_first = True
+    fix = FIXES[key]
+    check = fix.check(ctx)
+    if not check.applies:
+        line(f"oomsafe: {fix.label.lower()}: skipped, {check.reason}")
+        return None
+    saving = (
+        f" (predicted to save {format_bytes(check.predicted_saving_bytes)})"
+        if check.predicted_saving_bytes
+        else ""
+    )
+    line(f"oomsafe: {fix.label.lower()}{saving}")
+    return in_transaction(shell, failed, ctx, key)
+
+
+def _say_kept(outcome: FixOutcome, line: _Line) -> None:
+    """The fix that fit, how to make it permanent, and its notes."""
+    summary = f"oomsafe: {outcome.message}"
+    if outcome.change:
+        summary += f" To make it permanent: {outcome.change}"
+    line(summary, always=True)
+    for note in outcome.notes:
+        line(f"  note: {note}")
+
+
+class RerunRaised(Exception):
+    """A fix's run raised something other than an out-of-memory error (the cell's own error at
+    the new setting, or ours); the notebook was put back: ``undo`` says what that restored."""
+
+    def __init__(self, error: Exception, undo: str, batch: int | None) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error, self.undo, self.batch = error, undo, batch
+
+
+def report_raised(shell: Any, label: str, raised: RerunRaised) -> str:
+    """The cell's own error shown as the cell would show it (from its own frame on, none of
+    ours); one line for the status: what was raised, at which batch, and that nothing was kept.
+    Raised by jupyter_gpumem itself: that one line only."""
+    from jupyter_gpumem.ipython.hook import without_dispatch_frames
+
+    exc = raised.error
+    brief = f"{type(exc).__name__}: {str(exc)[:200]}"
+    tb = cell_traceback(exc.__traceback__, shell.user_ns)
+    if tb is None:
+        return f"jupyter_gpumem: {label} failed ({brief}). Nothing was kept: {raised.undo}"
+    try:
+        shell.showtraceback((type(exc), exc, without_dispatch_frames(tb)), tb_offset=0)
+    except Exception:
+        pass
+    at = f" at batch {raised.batch}" if raised.batch else ""
+    return f"✗ {label}: the re-run{at} raised {brief}. Nothing was kept: {raised.undo}"
+
+
+def cell_traceback(tb: TracebackType | None, user_ns: dict[str, Any]) -> TracebackType | None:
+    """The traceback from the cell's own frame on (None if it never reached the cell): what the
+    cell would show, without the re-run machinery above it."""
+    while tb is not None and tb.tb_frame.f_globals is not user_ns:
+        tb = tb.tb_next
+    return tb

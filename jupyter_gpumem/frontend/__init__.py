@@ -1,0 +1,1 @@
+"""What the JupyterLab extension talks to: the meter's comm and the display bundles it renders."""

@@ -1,0 +1,153 @@
+"""Samples for JupyterLab's status-bar meter (the ``jupyter-gpumem`` lab extension), sent by the kernel.
+
+The kernel opens a comm (target ``jupyter_gpumem.frontend.meter``) and a daemon thread sends one small JSON
+sample a second over it. Kernel-to-front-end messages go out on iopub, which a running cell does not
+block (front-end-to-kernel messages wait for the cell), so the meter moves while a cell allocates.
+A sample is sent when the reading changed, and at least every ``_HEARTBEAT_S`` so a page opened later
+catches up: the lab extension reads samples from any comm message that carries ``"meter"``, comm
+known to it or not. A sample lists every visible GPU and the device of the shell's last OOM, which
+the meter shows when there are several.
+
+Without ipykernel (a terminal IPython, a plain ``InteractiveShell``) ``start`` does nothing. Without
+the lab extension the front end closes the comm on arrival, and the thread stops.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from jupyter_gpumem.readings.snapshot import MemorySnapshot, read_snapshot
+
+TARGET = "jupyter_gpumem.frontend.meter"
+MARKER = "jupyter_gpumem"  # the sample's "meter" field: what the front end looks for
+INTERVAL_S = 1.0
+_HEARTBEAT_S = 5.0
+
+_lock = threading.Lock()
+_meter: _Meter | None = None
+
+
+def sample(snap: MemorySnapshot, oom_device: int | None = None) -> dict[str, Any]:
+    """The JSON sample for one reading. ``used_bytes`` is the whole device's use (nvidia-smi's
+    number) where the driver answers, else what this kernel's allocator reserved. ``devices`` lists
+    every visible GPU (one GPU: just this one); ``oom_device`` is the device of the last OOM, if any,
+    which the meter marks when it shows several."""
+    return {
+        "meter": MARKER,
+        "device_index": snap.device_index,
+        "device_name": snap.device_name,
+        "simulated": snap.simulated,
+        "used_bytes": _used(snap),
+        "total_bytes": snap.total_bytes,
+        "allocated_bytes": snap.allocated_bytes,
+        "reserved_bytes": snap.reserved_bytes,
+        "error": None if snap.available else (snap.nvml_error or "no GPU reading in this kernel"),
+        "title": snap.label,
+        "devices": [
+            {
+                "device_index": d.device_index,
+                "used_bytes": _used(d),
+                "total_bytes": d.total_bytes,
+                "allocated_bytes": d.allocated_bytes,
+                "reserved_bytes": d.reserved_bytes,
+                "title": d.label,
+                "simulated": d.simulated,
+            }
+            for d in snap.all_devices
+        ],
+        "oom_device": oom_device,
+    }
+
+
+def _used(snap: MemorySnapshot) -> int | None:
+    return snap.used_bytes if snap.used_bytes is not None else snap.reserved_bytes
+
+
+def oom_device(shell: Any) -> int | None:
+    """The device the shell's last OOM ran out on (as ``%gpumem status`` marks it), else None."""
+    from jupyter_gpumem import last_failure
+
+    failed = last_failure(shell)
+    if failed is None:
+        return None
+    if failed.report.device_index is not None:
+        return failed.report.device_index
+    return failed.snapshot.device_index if failed.snapshot is not None else None
+
+
+class _Meter:
+    def __init__(self, comm: Any, interval: float, shell: Any = None) -> None:
+        self.comm = comm
+        self.shell = shell
+        self.interval = interval
+        self.stopped = threading.Event()
+        self.sent = 0  # samples sent (for tests)
+        comm.on_close(lambda _msg: self.stopped.set())
+        self.thread = threading.Thread(target=self._loop, name="jupyter_gpumem-meter", daemon=True)
+
+    def _loop(self) -> None:
+        last: dict[str, Any] | None = None
+        quiet_s = 0.0
+        while True:
+            try:
+                data = sample(read_snapshot(), oom_device(self.shell))
+            except Exception as exc:  # a reading must never kill the thread
+                data = {"meter": MARKER, "error": f"reading failed: {type(exc).__name__}: {exc}"}
+            if data != last or quiet_s >= _HEARTBEAT_S:
+                if self.stopped.is_set():
+                    return
+                try:
+                    self.comm.send(data)
+                except Exception:
+                    return  # kernel shutting down: nothing left to tell
+                self.sent += 1
+                last, quiet_s = data, 0.0
+            if self.stopped.wait(self.interval):
+                return
+            quiet_s += self.interval
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive() and not self.stopped.is_set()
+
+
+def _open_comm() -> Any:
+    from comm import create_comm
+
+    return create_comm(target_name=TARGET, data={"meter": MARKER})
+
+
+def start(shell: Any, interval: float = INTERVAL_S) -> None:
+    """Start sending samples from this kernel. Idempotent; never raises; a no-op outside ipykernel."""
+    global _meter
+    try:
+        if getattr(shell, "kernel", None) is None:
+            return  # no front end to send to
+        with _lock:
+            if _meter is not None and _meter.running:
+                return
+            _meter = _Meter(_open_comm(), interval, shell)
+            _meter.thread.start()
+    except Exception as exc:
+        print(f"jupyter_gpumem: the status-bar meter did not start ({type(exc).__name__}: {exc})")
+
+
+def stop() -> None:
+    """Stop the thread and close the comm. Idempotent; never raises."""
+    global _meter
+    with _lock:
+        m, _meter = _meter, None
+    if m is None:
+        return
+    m.stopped.set()
+    if m.thread is not threading.current_thread() and m.thread.ident is not None:
+        m.thread.join(timeout=5)
+    try:
+        m.comm.close()
+    except Exception:
+        pass  # kernel shutting down
+
+
+def running() -> bool:
+    return _meter is not None and _meter.running

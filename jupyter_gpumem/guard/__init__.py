@@ -1,0 +1,1 @@
+"""The side-effect guard: what the failed run already did that a re-run would repeat."""

@@ -1,0 +1,99 @@
+"""Before a failed cell is re-run: which of its lines already changed something a re-run changes again.
+
+Static, from the cell's text and the names that existed before it ran; nothing is executed. A line
+counts when it ran before the failing line, or anywhere in a loop around it (earlier passes ran the
+whole body), unless the caller says the failing pass was the first (``earlier_passes=False``). The
+failing statement's own effect did not happen (``step += f()`` where ``f`` raised), except
+``X.step()`` and ``.backward()``, which may have run part way before running out of memory.
+A name the cell binds from scratch (``acc = 0`` before ``acc += 1``) is recreated by the re-run,
+and so is an optimizer built in the cell over a model built in the cell. ``x = x.to(device)``,
+``.cuda()``, ``.eval()`` are not rebinds: doing them twice is doing them once. Given the user
+namespace, the functions and methods defined in the notebook that the cell calls are read too
+(``guard_calls``), up to five calls deep: a parameter stands for the object the caller passed, a
+``global`` name for the global; a call before the failing line ran all of its body, the failing call
+ran up to its own failing line when ``failed_frames`` names it, else all of it may have.
+
+Which branch of an ``if`` ran is read from the values its names hold at the failure where that is
+certain (``guard_branch``: a test of names, constants and operators, none of whose names anything
+may have rebound since, in the failing pass); elsewhere both branches count.
+
+Limits, by design: ``obj.add(x)`` or ``t.sort()`` count as mutations even where the receiver's
+type makes them pure; aliasing is followed
+only through plain names, attributes, items, views and bound methods (``w = model.weight``,
+``add = L.append``), not through containers; a pre-existing name passed to a call (``crit(out, y)``)
+is taken to carry state into the result, so a ``.backward()`` with no ``zero_grad()`` is counted
+unless everything it reads was made in the cell. Code that is not the notebook's (a library, a
+module on disk) is judged by its name only, and notebook code is read only where the call names it
+plainly (``f(x)``, ``obj.method()``, ``Cls(...)``), not through ``model(x)`` reaching a
+``forward``, a callback, or a function kept in a container; a notebook function whose source cannot
+be read is a call not looked into; a function's assignments to globals do not carry back to the
+cell. ``next(it)`` counts only on a pre-existing iterator, not on a ``for`` loop over one;
+``exec``/``eval`` of a string (not a call-free constant) and ``globals()`` used other than as
+``globals()["name"]`` are effects we cannot read, so they count; SQL counts unless its text starts
+with a read (``SELECT``, ``PRAGMA``...). ``del name`` of a name the cell did not make counts even if
+the names before the cell missed it: the failed run could not have deleted it otherwise.
+
+Here the entry point; the work is in ``guard_walk`` (the statements, in execution order),
+``guard_effects`` (what each call does), ``guard_words`` (the vocabulary, IPython syntax as
+effects) and ``guard_verdict`` (what is said about it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+from jupyter_gpumem.cells import source as cellsource
+from jupyter_gpumem.guard import calls
+from jupyter_gpumem.guard.effects import Reach
+from jupyter_gpumem.guard.verdict import GuardVerdict, SideEffect, unknown
+from jupyter_gpumem.guard.walk import Walker
+from jupyter_gpumem.guard.words import read_cell
+
+__all__ = ["GuardVerdict", "SideEffect", "analyse_rerun"]
+
+
+def analyse_rerun(
+    source: str,
+    *,
+    failed_lineno: int | None,
+    preexisting: Collection[str],
+    earlier_passes: bool | None = None,
+    namespace: Mapping[str, Any] | None = None,
+    failed_frames: Sequence[tuple[str, int]] | None = None,
+    values_at_failure: Mapping[str, Any] | None = None,
+) -> GuardVerdict:
+    """The side effects a re-run of ``source`` would repeat, given where it failed.
+
+    ``earlier_passes``: whether loops around the failing line had run passes before the failing
+    one; False means it failed in the first pass of each, None that it is unknown (as True).
+    ``namespace``: the user namespace; given, the functions and methods defined in the notebook
+    that the cell calls are read too. ``failed_frames``: (qualname, line in its cell) of each
+    notebook function the failure went through, outermost first, for where each one stopped.
+    ``values_at_failure``: the plain values of the cell's names when it failed, from which ``if``
+    tests are read (a later cell may have rebound them in ``namespace``).
+    """
+    lines = cellsource.lines(source)
+    limit = (
+        failed_lineno if failed_lineno is not None and 1 <= failed_lineno <= len(lines) else None
+    )
+    try:
+        tree = read_cell(source)
+        if isinstance(tree, SideEffect):
+            return GuardVerdict((tree,), limit)
+        if tree is None:
+            return unknown(limit, "could not read the cell; re-running may repeat its effects")
+        walker = Walker(lines, preexisting, limit, earlier_passes is not False)
+        if namespace is not None:
+            walker.reach = Reach(namespace, at_failure=values_at_failure)
+            walker.frames = tuple((str(q), int(n)) for q, n in failed_frames or ())
+        walker.root = calls.GlobalsAsNames().visit(tree).body
+        walker.ipython = cellsource.read(source).changed
+        walker.block(walker.root)
+    except Exception as exc:  # fail closed: a cell we cannot read is one we ask about
+        why = f"could not read the cell ({type(exc).__name__}); re-running may repeat its effects"
+        return unknown(limit, why)
+    found = {(e.lineno, e.kind, e.name): e for e in walker.effects}
+    return GuardVerdict(
+        tuple(sorted(found.values(), key=lambda e: e.lineno)), limit, walker.in_loop
+    )

@@ -1,0 +1,297 @@
+"""Which branch of an ``if`` ran in the failing pass, read from the values its test's names hold at
+the failure, for the guard: ``if iter_num > 0:`` on the first pass of nanoGPT's loop was false, so
+the ``torch.save`` under it never ran.
+
+Only where that is certain; anything else is None, and the walk then counts both branches, as it
+does for any test it cannot read. Certain means:
+
+- the test is made of names, constants, comparisons, boolean and arithmetic operators (no calls,
+  attributes, items, walrus), and every value in it is a plain ``int``, ``float``, ``bool``,
+  ``str``, ``bytes`` or ``None`` (exactly: a subclass could run code): immutable, so only a
+  rebinding changes what the test says, and evaluating it here runs no user code;
+- the walk is in the failing pass (no loop around the failing line whose earlier passes ran all of
+  it), and the test ran once there or in loops none of whose lines rebind its names;
+- no line between the test (or the start of the finished loops around it) and the failing line,
+  or the end of the loops around that line when earlier passes ran, binds or deletes one of its
+  names, names ``exec``/``globals``/``get_ipython``... or is IPython syntax (``%run`` runs code);
+- no notebook code (functions and methods defined in the notebook, generators they started) may
+  rebind one of its names as a global (``global n`` then ``n += 1``) or names ``exec``,
+  ``globals()``...;
+- in a notebook function, the names are globals of the notebook, not the function's own locals
+  nor those of the functions around it.
+
+The values are those the names held when the cell failed (``FailedCell.plain_values``, recorded
+then: plain values are immutable, so keeping them is keeping what the test saw), whatever a cell
+run since has set; without that record (``analyse_rerun`` called on its own), the namespace's. Code outside the
+notebook (a library) rebinding a notebook global, or the notebook's module reached under another
+name (``m.n = 1``), is not looked for.
+"""
+
+from __future__ import annotations
+
+import ast
+import dis
+import functools
+import operator
+import types
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from jupyter_gpumem.guard.calls import MISSING
+
+if TYPE_CHECKING:
+    from jupyter_gpumem.guard.effects import CallReader
+    from jupyter_gpumem.guard.state import Reach
+
+PLAIN = (int, float, bool, str, bytes, type(None))
+NUMBERS = (int, float, bool)
+# names through which code may bind any global: a line or a function using one is read as binding all
+ANY_NAME = {"exec", "eval", "globals", "vars", "locals", "get_ipython", "__import__", "__main__"}
+ARITH: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+    ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+}  # fmt: skip
+COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], Any]] = {
+    ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+    ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Is: operator.is_, ast.IsNot: operator.is_not,
+    ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b,
+}  # fmt: skip
+PLAIN_NODES = (
+    ast.Constant, ast.Name, ast.Compare, ast.BoolOp, ast.UnaryOp, ast.BinOp, ast.Tuple, ast.List,
+    ast.Set, ast.expr_context, ast.boolop, ast.unaryop, ast.operator, ast.cmpop,
+)  # fmt: skip
+NAMESPACE_LIMIT = 20_000  # values of the namespace read for notebook code
+CODE_LIMIT = 5_000  # code objects of notebook code read for the globals they bind
+
+
+class Unsure(Exception):
+    """The test is not one we evaluate."""
+
+
+def taken(w: CallReader, s: ast.If) -> bool | None:
+    """Whether ``s``'s body ran (True) or its ``else`` (False) in the failing pass; None: unknown."""
+    if w.full or w.limit is None or w.reach is None:
+        return None
+    names = plain_names(s.test)
+    if names is None or (w.fn is not None and names & (w.fn.local | w.fn.free)):
+        return None
+    start = w.loops[0] if w.loops else s.lineno
+    end = span_end(w.root, w.limit, w.earlier)
+    if any(start <= line <= end for line in w.ipython):
+        return None
+    bound = bound_in(w.root, start, end)
+    if bound is None or names & bound:
+        return None
+    rebound = rebound_globals(w.reach)
+    if rebound is None or names & rebound:
+        return None
+    at_failure = w.reach.at_failure
+    if at_failure is not None:
+        return truth(s.test, {n: at_failure.get(n, MISSING) for n in names})
+    return truth(s.test, {n: w.lookup(n) for n in names})
+
+
+# ---- the test --------------------------------------------------------------------------------------
+
+
+def plain_names(test: ast.expr) -> frozenset[str] | None:
+    """The names a plain test reads; None when it is not plain (a call, an attribute, ...)."""
+    nodes = list(ast.walk(test))
+    plain = (
+        all(isinstance(n, PLAIN_NODES) for n in nodes)
+        and all(type(n.op) in ARITH for n in nodes if isinstance(n, ast.BinOp))
+        and all(type(op) in COMPARE for n in nodes if isinstance(n, ast.Compare) for op in n.ops)
+    )
+    return frozenset(n.id for n in nodes if isinstance(n, ast.Name)) if plain else None
+
+
+def truth(test: ast.expr, values: Mapping[str, Any]) -> bool | None:
+    """What ``test`` says with ``values`` for its names; None when it cannot be told here."""
+    try:
+        return bool(_value(test, values))
+    except (Unsure, ArithmeticError, TypeError, ValueError, RecursionError):
+        return None
+
+
+def _value(n: ast.expr, values: Mapping[str, Any]) -> Any:
+    if isinstance(n, ast.Constant):
+        return _plain(n.value)
+    if isinstance(n, ast.Name):
+        return _plain(values.get(n.id, MISSING))
+    if isinstance(n, ast.Tuple):
+        return tuple(_value(e, values) for e in n.elts)
+    if isinstance(n, ast.BoolOp):
+        v: Any = None
+        for e in n.values:  # short-circuit as Python does
+            v = _value(e, values)
+            if bool(v) == isinstance(n.op, ast.Or):
+                return v
+        return v
+    if isinstance(n, ast.UnaryOp):
+        v = _value(n.operand, values)
+        if isinstance(n.op, ast.Not):
+            return not v
+        if type(v) not in NUMBERS or isinstance(n.op, ast.Invert):
+            raise Unsure
+        return -v if isinstance(n.op, ast.USub) else +v
+    if isinstance(n, ast.BinOp) and type(n.op) in ARITH:
+        a, b = _value(n.left, values), _value(n.right, values)
+        if not all(type(x) in NUMBERS and abs(x) < 2**64 for x in (a, b)):
+            raise Unsure  # numbers only, of sizes that take no time
+        return ARITH[type(n.op)](a, b)
+    if isinstance(n, ast.Compare):
+        return _compare(n, values)
+    raise Unsure
+
+
+def _compare(n: ast.Compare, values: Mapping[str, Any]) -> bool:
+    left = _value(n.left, values)
+    for op, e in zip(n.ops, n.comparators, strict=True):
+        if isinstance(op, (ast.In, ast.NotIn)) and isinstance(e, (ast.List, ast.Set)):
+            right: Any = tuple(_value(x, values) for x in e.elts)
+        else:
+            right = _value(e, values)
+        if isinstance(op, (ast.Is, ast.IsNot)) and not {type(left), type(right)} & {
+            bool,
+            type(None),
+        }:
+            raise Unsure  # `x is 1000`: identity of numbers depends on how they were made
+        if not COMPARE[type(op)](left, right):
+            return False
+        left = right
+    return True
+
+
+def _plain(v: Any) -> Any:
+    if type(v) not in PLAIN:
+        raise Unsure
+    return v
+
+
+# ---- what may rebind its names ----------------------------------------------------------------------
+
+
+def span_end(body: list[ast.stmt], limit: int, earlier: bool) -> int:
+    """The last line that may have run after a test before ``limit``: ``limit`` in the first pass,
+    else the end of the outermost loop around it (its earlier passes ran all of it)."""
+    if not earlier:
+        return limit
+    ends = [
+        n.end_lineno or n.lineno
+        for b in body
+        for n in ast.walk(b)
+        if isinstance(n, (ast.For, ast.AsyncFor, ast.While))
+        and n.lineno <= limit <= (n.end_lineno or n.lineno)
+    ]
+    return max([limit, *ends])
+
+
+def bound_in(body: list[ast.stmt], start: int, end: int) -> frozenset[str] | None:
+    """The names lines ``start``..``end`` of ``body`` bind or delete, nested scopes included; None
+    when one of them may bind any name (``exec``, ``globals()``, ``import *``)."""
+    out: set[str] = set()
+    for b in body:
+        for n in ast.walk(b):
+            if not start <= getattr(n, "lineno", 0) <= end:
+                continue
+            if isinstance(n, ast.Name):
+                if n.id in ANY_NAME:
+                    return None
+                if not isinstance(n.ctx, ast.Load):
+                    out.add(n.id)
+            elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                out.add(n.name)
+            elif isinstance(n, (ast.Import, ast.ImportFrom)):
+                if any(a.name == "*" or a.name.split(".")[0] in ANY_NAME for a in n.names):
+                    return None
+                out.update((a.asname or a.name).split(".")[0] for a in n.names)
+            elif isinstance(n, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and n.name:
+                out.add(n.name)
+            elif isinstance(n, ast.MatchMapping) and n.rest:
+                out.add(n.rest)
+    return frozenset(out)
+
+
+def rebound_globals(reach: Reach) -> frozenset[str] | None:
+    """The globals notebook code may rebind (read once per guard run); None: it may rebind any."""
+    if not reach.rebound_read:
+        reach.rebound, reach.rebound_read = _notebook_rebinds(reach.namespace), True
+    return reach.rebound
+
+
+def _notebook_rebinds(namespace: Mapping[str, Any]) -> frozenset[str] | None:
+    try:
+        values = list(namespace.values()) if type(namespace) is dict else None
+        if values is None or len(values) > NAMESPACE_LIMIT:
+            return None
+        codes = list(_notebook_codes(values, namespace))
+        if len(codes) > CODE_LIMIT:
+            return None
+        out: set[str] = set()
+        for code in codes:
+            for ins in dis.get_instructions(code):
+                if ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"):
+                    out.add(str(ins.argval))
+                elif ins.opname in ("LOAD_GLOBAL", "LOAD_NAME", "IMPORT_NAME") and (
+                    str(ins.argval).split(".")[0] in ANY_NAME
+                ):
+                    return None
+        return frozenset(out)
+    except Exception:  # what cannot be read may rebind anything
+        return None
+
+
+def _notebook_codes(values: list[Any], namespace: Mapping[str, Any]) -> Iterator[types.CodeType]:
+    """The code objects of the notebook's functions, methods and generators, nested ones included,
+    found without running user code (static lookups only); more than ``CODE_LIMIT`` stops early."""
+    seen: set[int] = set()
+    todo: list[Any] = [x for v in values for x in (v, type(v))]
+    found = 0
+    while todo and found <= CODE_LIMIT:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        code = _own_code(obj, namespace)
+        if code is not None:
+            for c in _nested(code):
+                found += 1
+                yield c
+        todo.extend(_parts(obj))
+
+
+def _own_code(obj: Any, namespace: Mapping[str, Any]) -> types.CodeType | None:
+    if type(obj) is types.FunctionType:
+        return obj.__code__ if obj.__globals__ is namespace else None
+    for kind, code, frame in (
+        (types.GeneratorType, "gi_code", "gi_frame"),
+        (types.CoroutineType, "cr_code", "cr_frame"),
+        (types.AsyncGeneratorType, "ag_code", "ag_frame"),
+    ):
+        if type(obj) is kind:
+            f = getattr(obj, frame)
+            return getattr(obj, code) if f is not None and f.f_globals is namespace else None
+    return None
+
+
+def _parts(obj: Any) -> list[Any]:
+    """What ``obj`` runs besides its own code: a method's function, a property's accessors, a
+    class's attributes (its own and its bases', read from their ``__dict__``)."""
+    t = type(obj)
+    if t in (types.MethodType, staticmethod, classmethod):
+        return [obj.__func__]
+    if t is property:
+        return [obj.fget, obj.fset, obj.fdel]
+    if t is functools.partial:
+        return [obj.func]
+    if issubclass(t, type):  # a class (not `list[int]`, which passes for one with isinstance)
+        mro = type.__dict__["__mro__"].__get__(obj)
+        return [v for k in mro for v in type.__dict__["__dict__"].__get__(k).values()]
+    return []
+
+
+def _nested(code: types.CodeType) -> Iterator[types.CodeType]:
+    yield code
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            yield from _nested(c)

@@ -1,0 +1,259 @@
+"""The notebook code a cell calls, read for the side-effect guard: a function or method defined in
+the notebook, found through the user namespace, its source read back with ``inspect`` (IPython keeps
+every cell's text in ``linecache``), parsed, and its local names listed.
+
+Nothing here runs user code: objects are looked at with ``type()`` and ``inspect.getattr_static``,
+never through their own attributes. Anything that cannot be read is ``None``, and the guard then
+treats the call as it treats any other call it cannot look into.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import FunctionType
+from typing import Any
+
+from jupyter_gpumem.cells import source as cellsource
+
+__all__ = [
+    "MISSING",
+    "Callee",
+    "GlobalsAsNames",
+    "NotebookFunction",
+    "is_globals",
+    "notebook_callee",
+]
+
+MISSING = object()  # what ``lookup`` gives for a name that holds no known object
+
+
+@dataclass(frozen=True)
+class NotebookFunction:
+    """One function or method defined in the notebook, as the guard walks it."""
+
+    qualname: str  # "train", "Trainer.fit": how messages and failing frames name it
+    node: ast.FunctionDef | ast.AsyncFunctionDef  # with ``globals()["n"]`` read as ``n``
+    lines: list[str]  # its source; ``node``'s line 1 is ``lines[0]``
+    first_lineno: int  # the line of ``lines[0]`` in its cell, as ``inspect.getsourcelines`` says
+    key: int  # id of its code object: a function already being walked is not walked again
+    local: frozenset[str]  # parameters and names it binds, less those it declares global
+    declared: frozenset[str]  # names it declares ``global``
+    free: frozenset[str] = frozenset()  # names of the functions around it (a closure's cells)
+
+    def file_line(self, lineno: int) -> int:
+        """A line of ``node`` as a line of its cell."""
+        return self.first_lineno + lineno - 1
+
+    def node_line(self, file_lineno: int) -> int | None:
+        """A line of its cell as a line of ``node``, None outside the function."""
+        lineno = file_lineno - self.first_lineno + 1
+        end = self.node.end_lineno or self.node.lineno
+        return lineno if self.node.lineno <= lineno <= end else None
+
+
+@dataclass(frozen=True)
+class Callee:
+    """What a call runs: the function, and how its first parameter is bound."""
+
+    fn: NotebookFunction
+    receiver: ast.expr | None  # ``trainer`` in ``trainer.fit()``: bound to the first parameter
+    skips_first: bool  # the first parameter is bound to something new (``Cls(...)``'s self)
+
+
+def notebook_callee(
+    func: ast.expr,
+    namespace: Mapping[str, Any],
+    lookup: Callable[[str], Any],
+    cache: dict[int, NotebookFunction | None],
+) -> Callee | None:
+    """The notebook function ``func(...)`` runs: ``f``, ``obj.method``, ``Cls``, ``Cls.method``.
+
+    ``lookup(name)`` is the object a name holds where the call is, or ``MISSING``.
+    """
+    if isinstance(func, ast.Name):
+        obj = lookup(func.id)
+        if _is_class(obj):  # Cls(...) runs Cls.__init__ on a new object
+            return _callee(_static(obj, "__init__"), namespace, cache, None, first_is_new=True)
+        return _callee(obj, namespace, cache, None, first_is_new=False)
+    if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+        obj = lookup(func.value.id)
+        if obj is MISSING:
+            return None
+        if _is_class(obj):  # Cls.method(x): a plain function, unless a classmethod
+            attr = _static(obj, func.attr)
+            return _callee(attr, namespace, cache, None, first_is_new=isinstance(attr, classmethod))
+        attr = _static(type(obj), func.attr)
+        if isinstance(attr, staticmethod):
+            return _callee(attr, namespace, cache, None, first_is_new=False)
+        if isinstance(attr, classmethod):
+            return _callee(attr, namespace, cache, None, first_is_new=True)
+        return _callee(attr, namespace, cache, func.value, first_is_new=False)
+    return None
+
+
+@dataclass(frozen=True)
+class Arguments:
+    """What a call gives each parameter of the function it runs."""
+
+    names: list[str]  # every parameter
+    bound: dict[str, ast.expr]  # parameter -> the expression given for it
+    spread: list[ast.expr]  # ``*xs``, ``**kw``, surplus: may reach any parameter not bound
+    defaults: dict[str, str]  # parameter not given -> the global its default names
+
+
+def match_args(callee: Callee, c: ast.Call) -> Arguments:
+    a = callee.fn.node.args
+    positional = [p.arg for p in [*a.posonlyargs, *a.args]]
+    names = [*positional, *(p.arg for p in a.kwonlyargs)]
+    names += [p.arg for p in (a.vararg, a.kwarg) if p is not None]
+    given: list[ast.expr | None] = [*c.args]
+    if callee.receiver is not None or callee.skips_first:
+        given.insert(0, callee.receiver)  # None: a new object (``Cls(...)``), or the class
+    bound: dict[str, ast.expr] = {}
+    spread: list[ast.expr] = []
+    for i, expr in enumerate(given):
+        if isinstance(expr, ast.Starred) or spread or i >= len(positional):
+            spread += [expr.value if isinstance(expr, ast.Starred) else expr] if expr else []
+        elif expr is not None:
+            bound[positional[i]] = expr
+    for k in c.keywords:
+        if k.arg is not None and k.arg in names:
+            bound[k.arg] = k.value
+        else:
+            spread.append(k.value)
+    first_default = len(positional) - len(a.defaults)
+    pairs = [*zip(positional[first_default:], a.defaults, strict=True)]
+    pairs += [(p.arg, d) for p, d in zip(a.kwonlyargs, a.kw_defaults, strict=True) if d]
+    defaults = {n: d.id for n, d in pairs if n not in bound and isinstance(d, ast.Name)}
+    return Arguments(names, bound, spread, defaults)
+
+
+def _callee(
+    obj: Any,
+    namespace: Mapping[str, Any],
+    cache: dict[int, NotebookFunction | None],
+    receiver: ast.expr | None,
+    *,
+    first_is_new: bool,
+) -> Callee | None:
+    if isinstance(obj, (staticmethod, classmethod)):
+        obj = obj.__func__
+    if type(obj) is not FunctionType:
+        return None
+    try:
+        obj = inspect.unwrap(obj)
+    except ValueError:
+        return None
+    if type(obj) is not FunctionType or obj.__globals__ is not namespace:
+        return None  # defined in a module, not in the notebook
+    key = id(obj.__code__)
+    if key not in cache:
+        cache[key] = _read(obj)
+    fn = cache[key]
+    if fn is None:
+        return None
+    return Callee(fn, receiver, first_is_new)
+
+
+def _read(obj: FunctionType) -> NotebookFunction | None:
+    try:
+        source_lines, first = inspect.getsourcelines(obj)
+    except (OSError, TypeError):
+        return None
+    source = textwrap.dedent("".join(source_lines))
+    reading = cellsource.read(source)
+    if reading.changed or reading.magic is not None:
+        return None  # IPython syntax in a function: a call not looked into
+    tree = reading.new_tree()  # its own: globals()["n"] is rewritten below
+    if tree is None:
+        return None
+    defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    if len(defs) != 1 or defs[0].name != obj.__name__:
+        return None  # a lambda, or a source we cannot line up with the function
+    node = defs[0]
+    declared = frozenset(
+        name for n in _own_nodes(node) if isinstance(n, ast.Global) for name in n.names
+    )
+    local = frozenset(_params(node) | _bound(node)) - declared
+    GlobalsAsNames().visit(node)
+    lines = cellsource.lines(source)
+    return NotebookFunction(obj.__qualname__, node, lines, max(first, 1), id(obj.__code__),
+                            local, declared, frozenset(obj.__code__.co_freevars))  # fmt: skip
+
+
+def _is_class(obj: Any) -> bool:
+    return obj is not MISSING and issubclass(type(obj), type)
+
+
+def _static(owner: Any, attr: str) -> Any:
+    try:
+        return inspect.getattr_static(owner, attr)
+    except AttributeError:
+        return None
+
+
+def _params(node: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
+    a = node.args
+    names = {p.arg for p in [*a.posonlyargs, *a.args, *a.kwonlyargs]}
+    names |= {p.arg for p in (a.vararg, a.kwarg) if p is not None}
+    return names
+
+
+def _own_nodes(node: ast.AST) -> list[ast.AST]:
+    """The nodes of a function's body, not those of functions, classes, lambdas in it."""
+    out: list[ast.AST] = []
+    todo = list(ast.iter_child_nodes(node))
+    while todo:
+        n = todo.pop()
+        out.append(n)
+        if not isinstance(
+            n,
+            (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.comprehension),
+        ):
+            todo.extend(ast.iter_child_nodes(n))
+    return out
+
+
+def _bound(node: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
+    """The names a function's body binds: its locals (comprehension variables are their own)."""
+    out: set[str] = set()
+    for n in _own_nodes(node):
+        if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)):
+            out.add(n.id)
+        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(n.name)
+        elif isinstance(n, (ast.Import, ast.ImportFrom)):
+            out.update((a.asname or a.name).split(".")[0] for a in n.names if a.name != "*")
+        elif isinstance(n, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and n.name:
+            out.add(n.name)
+    return out
+
+
+def is_globals(node: ast.AST) -> bool:
+    """``globals()``."""
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "globals"
+        and not node.args
+    )
+
+
+class GlobalsAsNames(ast.NodeTransformer):
+    """``globals()["n"]`` is the name ``n``: ``globals()["n"] += 1`` adds to ``n``."""
+
+    def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
+        key = node.slice
+        if (
+            is_globals(node.value)
+            and isinstance(key, ast.Constant)
+            and isinstance(key.value, str)
+            and key.value.isidentifier()
+        ):
+            return ast.copy_location(ast.Name(id=key.value, ctx=node.ctx), node)
+        self.generic_visit(node)
+        return node

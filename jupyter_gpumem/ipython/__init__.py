@@ -1,0 +1,1 @@
+"""The host's idioms: the extension, the exception hook, tracebacks, magics, per-cell stats."""

@@ -1,0 +1,1 @@
+"""Recognising an out-of-memory error anywhere in an exception chain, and parsing its message. Stdlib only."""

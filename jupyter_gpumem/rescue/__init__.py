@@ -1,0 +1,1 @@
+"""A fix as a transaction: snapshot, rollback, and running a plan in the user namespace."""

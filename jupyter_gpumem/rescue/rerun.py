@@ -1,0 +1,221 @@
+"""Run a cell's source in the user namespace under a plan (new source, context managers, namespace
+changes), measure its peak, and turn an OOM into the next diagnosis.
+
+This is what a fix button, ``%gpumem retry`` and ``%%oomsafe`` share. The source is executed here,
+in the user namespace, as ``%%time`` does: a retry is not a nested ``run_cell``. A non-OOM error is
+raised unchanged to the caller. A rehearsal (``Plan.rehearsal``) stops once the failing loop has
+run two passes (``rehearsal.LoopStopper``); undoing what it changed is the caller's transaction.
+Every run starts from the random number generators the failed cell started from.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from types import CodeType
+from typing import Any
+
+from jupyter_gpumem import backends
+from jupyter_gpumem.backends import _torch
+from jupyter_gpumem.backends._state import RngState, read_rng, restore_rng
+from jupyter_gpumem.cells import source as cellsource
+from jupyter_gpumem.cells.failure import FailedCell, build_failure
+from jupyter_gpumem.cells.loop import LoopSite, LoopStopper, RehearsalDone, relocate
+from jupyter_gpumem.oom.report import OOMReport, find_oom
+from jupyter_gpumem.readings.release import release_failed_cell
+
+ContextFactory = Callable[[], AbstractContextManager[Any]]
+
+
+@dataclass
+class Plan:
+    """What a fix changes for one run."""
+
+    source: str
+    contexts: list[ContextFactory] = field(default_factory=list)
+    namespace_updates: dict[str, Any] = field(default_factory=dict)
+    batch: int | None = None  # the batch size this run uses, for reduce-batch
+    note: str = ""  # what this run does differently, shown on its line
+    rehearsal: bool = False  # a probe: stopped once the fit is proven, then rolled back
+    # a rehearsal that ran whole (no loop to stop) may turn out to be the run to keep: asked
+    # with its result before it would be rolled back
+    keep: Callable[[RunResult], bool] | None = None
+
+
+@dataclass
+class RunResult:
+    ok: bool
+    peak_bytes: int | None  # peak allocated during the run (torch's allocated_bytes.all.peak)
+    capacity_bytes: int | None  # what the process may use: the card or its cap
+    seconds: float
+    failure: FailedCell | None = None  # the next diagnosis, when it ran out of memory again
+    value: Any = None  # the value of the cell's last expression
+    passes: int | None = None  # a rehearsal stopped after this many passes of the failing loop
+    kept: bool = False  # a rehearsal kept as the real run (see Plan.keep)
+
+
+def _split_last_expr(tree: ast.Module) -> tuple[ast.Module, ast.Expression | None]:
+    """The statements, and the last expression whose value is shown; ``tree`` is not changed."""
+    last = tree.body[-1] if tree.body else None
+    if isinstance(last, ast.Expr):
+        return ast.Module(body=tree.body[:-1], type_ignores=tree.type_ignores), ast.Expression(
+            body=last.value
+        )
+    return tree, None
+
+
+def capacity_bytes() -> int | None:
+    from jupyter_gpumem.readings.snapshot import read_snapshot
+
+    snap = read_snapshot()
+    caps = [v for v in (snap.total_bytes, snap.allowed_bytes) if v is not None]
+    budget = min(caps) if caps else None
+    if budget is not None:
+        budget -= snap.other_processes_bytes
+    return budget
+
+
+def run_plan(
+    shell: Any,
+    plan: Plan,
+    *,
+    preexisting: frozenset[str] | None = None,
+    display_result: bool = True,
+    keep_traceback: bool = False,
+    loop: LoopSite | None = None,
+    rng: RngState | None = None,
+    passes: int = 2,
+) -> RunResult:
+    """Run once. Returns ok / the measured peak, or the new FailedCell on an OOM."""
+    user_ns = shell.user_ns
+    if preexisting is None:
+        preexisting = frozenset(user_ns)
+    if rng is None:
+        rng = read_rng()
+    else:
+        restore_rng(rng)
+    user_ns.update(plan.namespace_updates)
+    run = _compile(shell, plan, loop, passes)
+    _torch.reset_peak()
+    t0 = time.perf_counter()
+    value = None
+    try:
+        with backends.active().on_this_thread(), contextlib.ExitStack() as stack:
+            _enter(stack, plan, run.stopper)
+            exec(run.body, user_ns)
+            if run.last is not None:
+                value = eval(run.last, user_ns)
+    except RehearsalDone as done:
+        # the fit is proven: the frames it stopped (activations, the batch) go at once
+        traceback.clear_frames(done.__traceback__)
+        del done
+        elapsed = time.perf_counter() - t0
+        assert run.stopper is not None
+        completed = run.stopper.completed or passes
+        return RunResult(True, _peak(), capacity_bytes(), elapsed, passes=completed)
+    except Exception as exc:
+        found = find_oom(exc)
+        if found is None:
+            raise
+        elapsed = time.perf_counter() - t0
+        failure = _failure(shell, plan, exc, found[1], preexisting, keep_traceback, rng)
+        del exc
+        return RunResult(False, _peak(), capacity_bytes(), elapsed, failure=failure)
+    elapsed = time.perf_counter() - t0
+    if display_result and value is not None and not plan.rehearsal:
+        from IPython.display import display
+
+        display(value)
+    # it ran whole (the loop, if any, ended before the rehearsal had seen enough): passes=None
+    return RunResult(True, _peak(), capacity_bytes(), elapsed, value=value)
+
+
+@dataclass
+class _Compiled:
+    """A plan's source made ready to run: compiled once, before the clock starts."""
+
+    body: CodeType  # the statements
+    last: CodeType | None  # the last expression, whose value is shown
+    stopper: LoopStopper | None  # a rehearsal's, where the failing loop is found again
+
+
+def _compile(shell: Any, plan: Plan, loop: LoopSite | None, passes: int) -> _Compiled:
+    """The shell's own Python for the source, registered with its compile cache as a cell is
+    (tracebacks and ``linecache`` show the re-run's lines), and the failing loop found again in
+    it: a fix's edits may have moved it."""
+    code = cellsource.to_python(plan.source, shell)
+    filename = shell.compile.cache(code, shell.execution_count, raw_code=plan.source)
+    tree = cellsource.parse(code, filename)
+    body, last = _split_last_expr(tree)
+    body_code = compile(body, filename, "exec")
+    last_code = compile(last, filename, "eval") if last is not None else None
+    stopper = None
+    if plan.rehearsal and loop is not None:
+        site = relocate(loop, code, filename)
+        if site is not None:
+            stopper = LoopStopper(site.filename if not site.in_cell else filename, site, passes)
+    return _Compiled(body_code, last_code, stopper)
+
+
+def _enter(stack: contextlib.ExitStack[Any], plan: Plan, stopper: LoopStopper | None) -> None:
+    """The fix's context managers, then the rehearsal's stopper and its silence."""
+    for factory in plan.contexts:
+        stack.enter_context(factory())
+    if stopper is not None:
+        stack.enter_context(stopper)
+    if plan.rehearsal:
+        # a rehearsal's prints (losses, progress bars) are not results: not shown
+        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+
+
+def _failure(
+    shell: Any,
+    plan: Plan,
+    exc: BaseException,
+    report: OOMReport,
+    preexisting: frozenset[str],
+    keep_traceback: bool,
+    rng: RngState,
+) -> FailedCell:
+    """The OOM of a re-run as the next diagnosis; its frames freed unless the caller keeps the
+    traceback."""
+    return build_failure(
+        shell,
+        exc,
+        report,
+        exc.__traceback__,
+        source=plan.source,
+        preexisting=preexisting,
+        release=None if keep_traceback else lambda e: release_failed_cell(None, e),
+        rng=rng,
+        execution_count=getattr(shell, "execution_count", None),
+    )
+
+
+def failed_run_leftovers(user_ns: dict[str, Any], created: dict[str, int]) -> list[str]:
+    """The variables the failed run itself created that still hold what it left.
+
+    A re-run makes them again, and while the old `x = torch.randn(...)` is alive the re-run
+    needs room for both. Only names the failed run created (as recorded when it failed), and only
+    while they still hold that value: a name a later cell made, or set again, is the user's.
+    """
+    return [n for n, ident in created.items() if n in user_ns and id(user_ns[n]) == ident]
+
+
+def _peak() -> int | None:
+    stats = _torch.allocator_stats()
+    return None if stats is None else stats.get("allocated_bytes.all.peak")
+
+
+def names_read(source: str) -> Iterable[str]:
+    tree = cellsource.read(source).tree
+    if tree is None:
+        return ()
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
