@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from jupyter_gpumem import backends as _backends
 from jupyter_gpumem.backends import MemoryBackend
-from jupyter_gpumem.backends import simulated as _simulated
 from jupyter_gpumem.config import GpuMem
 from jupyter_gpumem.diagnosis.diagnose import Cause, Diagnosis, diagnose
 from jupyter_gpumem.diagnosis.render import render_html, render_text
@@ -63,19 +63,19 @@ __all__ = [
 _loaded: dict[int, Any] = {}
 
 
-def simulate(size: str | int, **kwargs: Any) -> _simulated.SimulatedGPU:
+def simulate(size: str | int, **kwargs: Any) -> _backends.SimulatedGPU:
     """Run as if on a GPU of ``size`` (``"2GiB"`` or bytes): see ``%gpumem simulate``.
 
     ``with simulate("2GiB", devices=2) as gpu:`` ends it with the block, leaving torch as it
-    was; ``devices``, ``other_processes`` and ``allowed_bytes`` as ``backends.simulated.start``
+    was; ``devices``, ``other_processes`` and ``allowed_bytes`` as ``backends.simulate``
     takes them. The returned ``SimulatedGPU`` is a :class:`MemoryBackend`.
     """
     total = parse_size(size) if isinstance(size, str) else int(size)
-    return _simulated.start(total, **kwargs)
+    return _backends.simulate(total, **kwargs)
 
 
 def stop_simulation() -> None:
-    _simulated.stop()
+    _backends.stop_simulation()
 
 
 def _jupyter_labextension_paths() -> list[dict[str, str]]:

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import (  # noqa: E402
     _get_current_dispatch_mode_stack,
 )
 
-from jupyter_gpumem.backends import _cuda_to_cpu, simulated  # noqa: E402
+from jupyter_gpumem.backends import cuda_to_cpu, simulated  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
 UNITS = {"bytes": 1, "KiB": 1 << 10, "MiB": MiB, "GiB": GiB}
@@ -431,14 +431,14 @@ def test_pin_memory_does_nothing() -> None:
 
 def test_cuda_to_cpu_on_its_own_moves_without_copying_and_says_what_it_moved() -> None:
     x = torch.ones(3)
-    with _cuda_to_cpu.cuda_to_cpu() as mode:
+    with cuda_to_cpu.cuda_to_cpu() as mode:
         assert x.to("cuda") is x and x.cuda() is x
         assert torch.zeros(2, device="cuda").device.type == "cpu"
         assert x.to(torch.float64).dtype == torch.float64  # untouched
     assert mode.redirected == {"torch.Tensor.to": 1, "torch.Tensor.cuda": 1, "torch.zeros": 1}
-    assert isinstance(mode, _cuda_to_cpu.cuda_to_cpu_mode_class())
-    assert _cuda_to_cpu.is_cuda_device("cuda:1") and not _cuda_to_cpu.is_cuda_device(True)
-    assert not _cuda_to_cpu.is_cuda_device("cpu") and not _cuda_to_cpu.is_cuda_device(None)
+    assert isinstance(mode, cuda_to_cpu.cuda_to_cpu_mode_class())
+    assert cuda_to_cpu.is_cuda_device("cuda:1") and not cuda_to_cpu.is_cuda_device(True)
+    assert not cuda_to_cpu.is_cuda_device("cpu") and not cuda_to_cpu.is_cuda_device(None)
 
 
 # ---- torch.cuda ------------------------------------------------------------------------------
@@ -494,7 +494,7 @@ def test_set_limit() -> None:
 
 
 def ours(stack: list[Any]) -> list[Any]:
-    kinds = (_cuda_to_cpu.cuda_to_cpu_mode_class(), simulated._counting_mode_class())
+    kinds = (cuda_to_cpu.cuda_to_cpu_mode_class(), simulated._counting_mode_class())
     return [m for m in stack if isinstance(m, kinds)]
 
 

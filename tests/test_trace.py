@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_gpumem.backends import _trace
+from jupyter_gpumem.backends import alloc_history
 from jupyter_gpumem.readings import trace
 from tests.conftest import Kernel
 
@@ -110,7 +110,7 @@ def test_an_oom_inside_forward_leaves_no_module_running(traced: Any) -> None:
     _cell(traced, "big = torch.nn.Sequential(torch.nn.Linear(8, 2**20)).cuda()")
     _n, result = _cell(traced, "big(torch.randn(64, 8, device='cuda'))")
     assert type(result.error_in_exec).__name__ == "OutOfMemoryError"
-    assert _trace.current_module() is None
+    assert alloc_history.current_module() is None
     n, _ = _cell(traced, "after = torch.empty(2**20, dtype=torch.uint8, device='cuda')")
     assert (f"In [{n}], line 1", None) in {
         (r.where, r.module) for r in trace.allocated_by_line(traced)
@@ -155,7 +155,7 @@ def test_the_history_is_a_ring_of_max_entries(shell: Any) -> None:
     shell.run_cell("%gpumem simulate 160MiB\nimport torch", store_history=False)
     trace.start(max_entries=10, shell=shell)
     _cell(shell, "for _ in range(20):\n    t = torch.empty(1000, device='cuda')")
-    data = _trace.snapshot()
+    data = alloc_history.snapshot()
     assert len(data["device_traces"][0]) == 10
 
 

@@ -3,9 +3,42 @@
 ``base.MemoryBackend`` is what the rest of the package reads GPU memory through, and
 ``base.active()`` the backend that answers now: ``cuda.CudaBackend`` (torch's allocator and NVML)
 or the simulated GPU (``simulated``), a GPU of any size that lives on the CPU, with the same
-readings as a real one, selected while it runs.
+readings as a real one, selected while it runs. Code outside this package starts and stops the
+simulated GPU through the three functions below and never imports ``simulated`` itself
+(an import-linter contract in ``pyproject.toml``).
 """
 
-from jupyter_gpumem.backends.base import DeviceReading, MemoryBackend, RawProcess, active
+from __future__ import annotations
 
-__all__ = ["DeviceReading", "MemoryBackend", "RawProcess", "active"]
+from typing import Any
+
+from jupyter_gpumem.backends import simulated as _simulated
+from jupyter_gpumem.backends.base import DeviceReading, MemoryBackend, RawProcess, active
+from jupyter_gpumem.backends.simulated import SimulatedGPU
+
+__all__ = [
+    "DeviceReading",
+    "MemoryBackend",
+    "RawProcess",
+    "SimulatedGPU",
+    "active",
+    "simulate",
+    "simulation",
+    "stop_simulation",
+]
+
+
+def simulate(total_bytes: int, **kwargs: Any) -> SimulatedGPU:
+    """Start a simulated GPU of ``total_bytes`` per card (``devices``, ``other_processes``,
+    ``allowed_bytes`` as ``simulated.start`` takes them); it is the active backend until stopped."""
+    return _simulated.start(total_bytes, **kwargs)
+
+
+def simulation() -> SimulatedGPU | None:
+    """The simulated GPU running now, if any."""
+    return _simulated.current()
+
+
+def stop_simulation() -> None:
+    """Stop the simulated GPU, if one runs, leaving torch as it was."""
+    _simulated.stop()

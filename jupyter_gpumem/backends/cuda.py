@@ -15,9 +15,9 @@ from types import TracebackType
 from typing import Any
 
 from jupyter_gpumem.backends import _nvml
-from jupyter_gpumem.backends._torch import cuda_ready, move_objects, torch_module
 from jupyter_gpumem.backends.allocator import SizeLog
 from jupyter_gpumem.backends.base import DeviceReading, RawProcess, StorageInfo
+from jupyter_gpumem.backends.torch_objects import cuda_ready, move_objects, torch_module
 
 __all__ = ["CudaBackend", "size_log_from_snapshot", "visible_count"]
 
@@ -257,10 +257,10 @@ class CudaBackend:
     def record_sizes(self) -> Iterator[SizeLog | None]:
         """torch's own allocation history, without stacks (a few µs an event), read when the block
         ends. None while ``%gpumem trace`` records (the history is its) or where torch cannot."""
-        from jupyter_gpumem.backends import _trace
+        from jupyter_gpumem.backends import alloc_history
 
         torch = torch_module()
-        if torch is None or not cuda_ready() or _trace.active():
+        if torch is None or not cuda_ready() or alloc_history.active():
             yield None
             return
         memory = torch.cuda.memory

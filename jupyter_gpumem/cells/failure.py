@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from jupyter_gpumem.cells import source as cellsource
 from jupyter_gpumem.cells.loop import LoopSite, find_loop
 from jupyter_gpumem.diagnosis.diagnose import Diagnosis, diagnose
-from jupyter_gpumem.guard.branch import PLAIN
 from jupyter_gpumem.oom.report import OOMReport
 from jupyter_gpumem.readings import holders as holders_mod
 from jupyter_gpumem.readings import trace
@@ -23,7 +22,11 @@ from jupyter_gpumem.readings.release import ReleaseResult
 from jupyter_gpumem.readings.snapshot import MemorySnapshot, read_snapshot
 
 if TYPE_CHECKING:
-    from jupyter_gpumem.backends._state import RngState
+    from jupyter_gpumem.backends.torch_state import RngState
+
+
+# the values a failed cell's names held that the guard may read as constants (immutable, plain)
+PLAIN = (int, float, bool, str, bytes, type(None))
 
 
 @dataclass

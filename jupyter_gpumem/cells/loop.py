@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import Any
 
-from jupyter_gpumem.backends import _torch
+from jupyter_gpumem.backends import torch_objects
 from jupyter_gpumem.cells import source as cellsource
 
 _LOOPS = (ast.For, ast.While, ast.AsyncFor)
@@ -138,7 +138,7 @@ def _inside_model(frame: FrameType) -> bool:
         self = frame.f_locals.get("self")
     except Exception:
         return False
-    return self is not None and _torch.is_module(self)
+    return self is not None and torch_objects.is_module(self)
 
 
 def find_loop(
@@ -284,7 +284,7 @@ def _steps_after(loop: ast.AST, lineno: int, scope: dict[str, Any]) -> list[Any]
         if not (isinstance(f, ast.Attribute) and f.attr == "step"):
             continue
         for cand in (f.value, *node.args):
-            if isinstance(cand, ast.Name) and _torch.is_optimizer(scope.get(cand.id)):
+            if isinstance(cand, ast.Name) and torch_objects.is_optimizer(scope.get(cand.id)):
                 found.append(scope[cand.id])
     return found
 

@@ -77,9 +77,7 @@ def trace_hint(d: Diagnosis) -> str | None:
     )
 
 
-def render_text(d: Diagnosis, fix_lines: list[str] | None = None) -> str:
-    d, folded = for_display(d)
-    out = [f"GPU out of memory: {d.headline}"]
+def _numbers_text(d: Diagnosis) -> list[str]:
     nums = []
     if d.allocated_bytes is not None:
         nums.append(f"PyTorch allocated {fmt(d.allocated_bytes)}")
@@ -87,25 +85,26 @@ def render_text(d: Diagnosis, fix_lines: list[str] | None = None) -> str:
         nums.append(f"reserved {fmt(d.reserved_bytes)}")
     if d.other_processes:
         nums.append(f"other processes {fmt(sum(p.used_bytes for p in d.other_processes))}")
-    if nums:
-        out.append("  " + ", ".join(nums) + ".")
+    out = ["  " + ", ".join(nums) + "."] if nums else []
     freed = _freed_line(d)
-    if freed:
-        out.append("  " + freed)
+    return out + (["  " + freed] if freed else [])
+
+
+def _holders_text(d: Diagnosis) -> list[str]:
+    out: list[str] = []
     rows = _holder_rows(d)
     if rows:
-        out.append("")
-        out.append("Where the memory went")
+        out += ["", "Where the memory went"]
         w = max(len(r[0]) for r in rows)
-        for name, kind, size, where, what in rows:
-            out.append(f"  {name:<{w}}  {size:>10}  {kind}, {where}: {what}")
+        out += [
+            f"  {name:<{w}}  {size:>10}  {kind}, {where}: {what}"
+            for name, kind, size, where, what in rows
+        ]
         more = len(d.holders.holders) - len(rows)
         if more > 0:
             out.append(f"  ... and {more} more")
     if d.allocated_by:
-        out.append("")
-        out.append("Allocated by (tracing on)")
-        out.extend(f"  {line}" for line in d.allocated_by)
+        out += ["", "Allocated by (tracing on)"] + [f"  {line}" for line in d.allocated_by]
     elif trace_hint(d):
         out.append(f"  ({trace_hint(d)})")
     skipped = getattr(d.holders, "skipped", 0)
@@ -115,6 +114,12 @@ def render_text(d: Diagnosis, fix_lines: list[str] | None = None) -> str:
             f"  ({skipped} object{'s' if skipped > 1 else ''} not read: reading "
             f"{'them' if skipped > 1 else 'it'} would run its own code{': ' + why if why else ''})"
         )
+    return out
+
+
+def render_text(d: Diagnosis, fix_lines: list[str] | None = None) -> str:
+    d, folded = for_display(d)
+    out = [f"GPU out of memory: {d.headline}", *_numbers_text(d), *_holders_text(d)]
     out.append("")
     out.append("Likely cause" + ("s" if len(d.causes) > 1 else ""))
     for i, c in enumerate(d.causes, 1):
@@ -122,12 +127,9 @@ def render_text(d: Diagnosis, fix_lines: list[str] | None = None) -> str:
         out.append(f"     -> {c.action}")
     for c in folded:
         out.append(f"  ({c.title}: {c.action[0].lower()}{c.action[1:]})")
-    for note in d.notes:
-        out.append(f"  {note}")
+    out.extend(f"  {note}" for note in d.notes)
     if fix_lines:
-        out.append("")
-        out.append("Fixes")
-        out.extend("  " + line for line in fix_lines)
+        out += ["", "Fixes"] + ["  " + line for line in fix_lines]
     return "\n".join(out)
 
 
@@ -147,7 +149,7 @@ _CSS = """
 """
 
 
-def _md_code(text: str) -> str:
+def md_code(text: str) -> str:
     """Escape, then turn `name` into <code>name</code>."""
     parts = escape(text).split("`")
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
@@ -158,7 +160,7 @@ def render_html(d: Diagnosis, *, with_style: bool = True) -> str:
     h.append(f"<h4>GPU out of memory: {escape(d.headline)}</h4>")
     freed = _freed_line(d)
     if freed:
-        h.append(f"<div>{_md_code(freed)}</div>")
+        h.append(f"<div>{md_code(freed)}</div>")
     rows = _holder_rows(d)
     if rows:
         h.append("<table><tr><th>holder</th><th>kind</th><th>size</th><th>where</th><th></th></tr>")
@@ -172,15 +174,15 @@ def render_html(d: Diagnosis, *, with_style: bool = True) -> str:
     h.append("<ol>")
     for c in d.causes:
         h.append(
-            f"<li><b>{escape(c.title)}.</b> {_md_code(c.evidence)}<br>"
-            f'<span class="action">&rarr; {_md_code(c.action)}</span></li>'
+            f"<li><b>{escape(c.title)}.</b> {md_code(c.evidence)}<br>"
+            f'<span class="action">&rarr; {md_code(c.action)}</span></li>'
         )
     h.append("</ol>")
     if d.allocated_by:
         h.append("<div><b>Allocated by</b> (tracing on)<ul>")
-        h.extend(f"<li>{_md_code(line)}</li>" for line in d.allocated_by)
+        h.extend(f"<li>{md_code(line)}</li>" for line in d.allocated_by)
         h.append("</ul></div>")
-    h.extend(f"<div>{_md_code(note)}</div>" for note in d.notes)
+    h.extend(f"<div>{md_code(note)}</div>" for note in d.notes)
     h.append("</div>")
     return "".join(h)
 

@@ -7,7 +7,7 @@ from the diagnosis and reports the measured peak beside the prediction.
 
 from __future__ import annotations
 
-from jupyter_gpumem.backends import _torch, active
+from jupyter_gpumem.backends import active, torch_objects
 from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome
 from jupyter_gpumem.rescue.rerun import Plan
 from jupyter_gpumem.units import format_bytes
@@ -18,7 +18,7 @@ class Autocast(Fix):
     label = "Enable autocast"
 
     def check(self, ctx: FixContext) -> Check:
-        if _torch.torch_module() is None:
+        if torch_objects.torch_module() is None:
             return Check(False, "", "torch is not imported in this kernel")
         d = ctx.failed.diagnosis
         dtype = "bfloat16" if active().supports_bf16() else "float16"
@@ -39,7 +39,7 @@ class Autocast(Fix):
 
     def apply(self, ctx: FixContext) -> FixOutcome:
         check = self.check(ctx)
-        factory, dtype = _torch.autocast_factory()
+        factory, dtype = torch_objects.autocast_factory()
         outcome = self._single_run(
             ctx, Plan(ctx.failed.source, contexts=[factory], note=f"autocast {dtype}"), check
         )

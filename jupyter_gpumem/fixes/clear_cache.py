@@ -8,7 +8,7 @@ from __future__ import annotations
 import gc
 import sys
 
-from jupyter_gpumem.backends import _torch
+from jupyter_gpumem.backends import torch_objects
 from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome
 from jupyter_gpumem.readings.release import release_failed_cell
 from jupyter_gpumem.rescue.rerun import Plan
@@ -111,11 +111,11 @@ class ClearCache(Fix):
         if ctx.drop_output_cache:
             drop_output_cache(ctx.shell)
             notes.append("cleared the output cache")
-        before = _torch.allocated_bytes()
+        before = torch_objects.allocated_bytes()
         release_failed_cell(ctx.shell, getattr(sys, "last_value", None))
         gc.collect()
-        _torch.empty_cache()
-        after = _torch.allocated_bytes()
+        torch_objects.empty_cache()
+        after = torch_objects.allocated_bytes()
         if before is not None and after is not None and before > after:
             notes.append(f"freed {format_bytes(before - after)}")
         outcome = self._single_run(ctx, Plan(ctx.failed.source, note="after clearing"), check)

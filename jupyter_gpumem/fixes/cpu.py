@@ -11,7 +11,7 @@ import re
 from contextlib import AbstractContextManager
 from typing import Any
 
-from jupyter_gpumem.backends import _cuda_to_cpu, _torch, active
+from jupyter_gpumem.backends import active, cuda_to_cpu, torch_objects
 from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome
 from jupyter_gpumem.rescue.rerun import Plan, names_read
 from jupyter_gpumem.units import format_bytes
@@ -36,7 +36,7 @@ class MoveToCpu(Fix):
     label = "Move to CPU"
 
     def check(self, ctx: FixContext) -> Check:
-        if _torch.torch_module() is None:
+        if torch_objects.torch_module() is None:
             return Check(False, "", "torch is not imported in this kernel")
         if ctx.failed.report.backend == "CPU":
             return Check(False, "", "it is the CPU's memory (RAM) that ran out")
@@ -74,7 +74,7 @@ class MoveToCpu(Fix):
         mode_holder: list[Any] = []
 
         def redirect() -> AbstractContextManager[Any]:
-            mode = _cuda_to_cpu.cuda_to_cpu()
+            mode = cuda_to_cpu.cuda_to_cpu()
             mode_holder.append(mode)
             return mode
 

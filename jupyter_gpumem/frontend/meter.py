@@ -15,6 +15,7 @@ the lab extension the front end closes the comm on arrival, and the thread stops
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from jupyter_gpumem.readings.snapshot import MemorySnapshot, read_snapshot
@@ -64,11 +65,9 @@ def _used(snap: MemorySnapshot) -> int | None:
     return snap.used_bytes if snap.used_bytes is not None else snap.reserved_bytes
 
 
-def oom_device(shell: Any) -> int | None:
-    """The device the shell's last OOM ran out on (as ``%gpumem status`` marks it), else None."""
-    from jupyter_gpumem import last_failure
-
-    failed = last_failure(shell)
+def oom_device(failed: Any) -> int | None:
+    """The device a failed cell (a ``FailedCell``, or None) ran out on, as ``%gpumem status``
+    marks it; else None."""
     if failed is None:
         return None
     if failed.report.device_index is not None:
@@ -77,9 +76,11 @@ def oom_device(shell: Any) -> int | None:
 
 
 class _Meter:
-    def __init__(self, comm: Any, interval: float, shell: Any = None) -> None:
+    def __init__(
+        self, comm: Any, interval: float, last_failure: Callable[[], Any] | None = None
+    ) -> None:
         self.comm = comm
-        self.shell = shell
+        self.last_failure = last_failure
         self.interval = interval
         self.stopped = threading.Event()
         self.sent = 0  # samples sent (for tests)
@@ -91,7 +92,8 @@ class _Meter:
         quiet_s = 0.0
         while True:
             try:
-                data = sample(read_snapshot(), oom_device(self.shell))
+                failed = self.last_failure() if self.last_failure is not None else None
+                data = sample(read_snapshot(), oom_device(failed))
             except Exception as exc:  # a reading must never kill the thread
                 data = {"meter": MARKER, "error": f"reading failed: {type(exc).__name__}: {exc}"}
             if data != last or quiet_s >= _HEARTBEAT_S:
@@ -118,8 +120,13 @@ def _open_comm() -> Any:
     return create_comm(target_name=TARGET, data={"meter": MARKER})
 
 
-def start(shell: Any, interval: float = INTERVAL_S) -> None:
-    """Start sending samples from this kernel. Idempotent; never raises; a no-op outside ipykernel."""
+def start(
+    shell: Any,
+    interval: float = INTERVAL_S,
+    last_failure: Callable[[], Any] | None = None,
+) -> None:
+    """Start sending samples from this kernel. Idempotent; never raises; a no-op outside
+    ipykernel. ``last_failure`` returns the shell's last failed cell (its device is marked)."""
     global _meter
     try:
         if getattr(shell, "kernel", None) is None:
@@ -127,7 +134,7 @@ def start(shell: Any, interval: float = INTERVAL_S) -> None:
         with _lock:
             if _meter is not None and _meter.running:
                 return
-            _meter = _Meter(_open_comm(), interval, shell)
+            _meter = _Meter(_open_comm(), interval, last_failure)
             _meter.thread.start()
     except Exception as exc:
         print(f"jupyter_gpumem: the status-bar meter did not start ({type(exc).__name__}: {exc})")

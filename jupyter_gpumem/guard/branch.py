@@ -37,13 +37,13 @@ import types
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from jupyter_gpumem.cells.failure import PLAIN
 from jupyter_gpumem.guard.calls import MISSING
 
 if TYPE_CHECKING:
     from jupyter_gpumem.guard.effects import CallReader
     from jupyter_gpumem.guard.state import Reach
 
-PLAIN = (int, float, bool, str, bytes, type(None))
 NUMBERS = (int, float, bool)
 # names through which code may bind any global: a line or a function using one is read as binding all
 ANY_NAME = {"exec", "eval", "globals", "vars", "locals", "get_ipython", "__import__", "__main__"}

@@ -151,7 +151,7 @@ class CallReader:
 
     # ---- calls
 
-    def call(self, c: ast.Call, *, partial: bool = False) -> None:
+    def call(self, c: ast.Call, *, partial: bool = False) -> None:  # noqa: C901 (issue 17: to be split)
         f = c.func
         if isinstance(f, ast.Name) and f.id in self.st.methods:  # add = L.append; add(1)
             f = self.st.methods[f.id]

@@ -46,7 +46,7 @@ class Walker(CallReader):
                 return True
         return False
 
-    def stmt(self, s: ast.stmt, *, failing: bool) -> bool:
+    def stmt(self, s: ast.stmt, *, failing: bool) -> bool:  # noqa: C901 (issue 17: to be split)
         """One statement; ``failing``: it holds the failing line. True when the walk stops here."""
         lim = self.limit or 0
         if isinstance(s, (ast.For, ast.AsyncFor, ast.While)):

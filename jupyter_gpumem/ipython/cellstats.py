@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from jupyter_gpumem.backends import _torch
+from jupyter_gpumem.backends import torch_objects
 from jupyter_gpumem.units import format_bytes
 
 
@@ -61,7 +61,7 @@ class CellRecord:
 
 
 def _reading(device: int | None = None) -> tuple[int, int] | None:
-    stats = _torch.allocator_stats(device)
+    stats = torch_objects.allocator_stats(device)
     if not stats:
         return None
     return (
@@ -121,11 +121,11 @@ class CellStats:
 
     def _pre(self, info: Any) -> None:
         try:
-            self._device = device = _torch.current_device_index()
+            self._device = device = torch_objects.current_device_index()
             r = _reading(device)
             self._before = None if r is None else r[0]
             if r is not None:
-                _torch.reset_peak(device)
+                torch_objects.reset_peak(device)
                 self._elsewhere = _allocated_elsewhere(device)
             self._count = getattr(self.shell, "execution_count", None)
             self._t0 = time.perf_counter()

@@ -75,7 +75,9 @@ class Extension:
     def load(self) -> None:
         self.hook.install()
         try:
-            meter.start(self.shell)  # the JupyterLab status-bar meter's samples (a no-op elsewhere)
+            meter.start(
+                self.shell, last_failure=lambda: self.hook.last_failure
+            )  # the JupyterLab status-bar meter's samples (a no-op elsewhere)
         except Exception:
             pass
         self.shell.register_magics(self.magics)
@@ -204,10 +206,10 @@ class Extension:
 
     def _end_simulation(self) -> None:
         """Stop the simulated GPU the magics started (one started from Python is the caller's)."""
-        from jupyter_gpumem.backends import active, simulated
+        from jupyter_gpumem.backends import active, simulation, stop_simulation
 
-        if self.simulation is not None and simulated.current() is self.simulation:
-            simulated.stop()  # puts back every torch.cuda function it replaced
+        if self.simulation is not None and simulation() is self.simulation:
+            stop_simulation()  # puts back every torch.cuda function it replaced
         self.simulation = None
         limited, self.limited = self.limited, None
         if limited is not None and limited is active():

@@ -19,8 +19,8 @@ from types import TracebackType
 from typing import Any
 
 from jupyter_gpumem.backends import active
-from jupyter_gpumem.backends._frames import without_dispatch_frames as without_dispatch_frames
-from jupyter_gpumem.backends._state import read_rng
+from jupyter_gpumem.backends.tb_frames import without_dispatch_frames as without_dispatch_frames
+from jupyter_gpumem.backends.torch_state import read_rng
 from jupyter_gpumem.cells.failure import FailedCell, NamespaceMark, build_failure
 from jupyter_gpumem.frontend.labext import current_cell_id
 from jupyter_gpumem.ipython.tracebacks import fold_library_frames, through
@@ -323,7 +323,7 @@ class OOMHook:
 
 def _held_now() -> tuple[int, int] | None:
     """(current device, bytes allocated on it) when torch is in use; one counter read."""
-    from jupyter_gpumem.backends._torch import torch_module
+    from jupyter_gpumem.backends.torch_objects import torch_module
 
     if torch_module() is None:
         return None

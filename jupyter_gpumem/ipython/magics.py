@@ -11,7 +11,8 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from jupyter_gpumem.backends import active, simulated
+from jupyter_gpumem import backends
+from jupyter_gpumem.backends import active
 from jupyter_gpumem.diagnosis.render import render_snapshot_text
 from jupyter_gpumem.fixes import FIXES, LADDER
 from jupyter_gpumem.fixes.ladder import (
@@ -209,12 +210,12 @@ class GpuMemMagics(Magics):
             raise UsageError("%gpumem simulate off takes no --devices")
         devices = asked or 1
         if size is None:
-            was = simulated.current()
-            simulated.stop()
+            was = backends.simulation()
+            backends.stop_simulation()
             self.ext.simulation = None
             print("Simulated GPU off." if was else "No simulated GPU was running.")
             return
-        sim = simulated.start(size, devices=devices)
+        sim = backends.simulate(size, devices=devices)
         self.ext.simulation = sim
         cards = (
             f"{devices} simulated GPUs of {format_bytes(sim.total_bytes)} each (cuda:0 to "

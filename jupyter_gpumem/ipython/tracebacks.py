@@ -12,7 +12,7 @@ import re
 import sysconfig
 from types import TracebackType
 
-from jupyter_gpumem.backends._frames import linked as _linked
+from jupyter_gpumem.backends.tb_frames import linked as _linked
 
 
 def through(outer: TracebackType | None, inner: TracebackType | None) -> TracebackType | None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, cast
 
-from jupyter_gpumem.backends import MemoryBackend, _torch
+from jupyter_gpumem.backends import MemoryBackend, torch_objects
 from jupyter_gpumem.readings.holder_frames import failed_frames, frame_locals
 from jupyter_gpumem.readings.holder_scan import (
     _ALIEN,
@@ -215,7 +215,7 @@ def find_holders(
     ``HolderSet.skipped`` what could not be read.
     """
     result = HolderSet()
-    torch = _torch.torch_module()
+    torch = torch_objects.torch_module()
     if torch is None:
         return result
     # the scan allocates a tuple per variable: with gc on, that triggers collections that walk
@@ -223,7 +223,7 @@ def find_holders(
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        with _torch.no_torch_function():
+        with torch_objects.no_torch_function():
             scan = Scan(torch, budget_s, hard_s, backend)
             return _find(scan, user_ns, hidden, frames, cell_names, recreated, describe)
     finally:

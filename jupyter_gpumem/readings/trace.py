@@ -1,6 +1,6 @@
 """Where the memory was allocated: live allocations grouped by the notebook line that made them.
 
-``start()`` records a Python stack for every allocation (``backends/_trace.py``: torch's own
+``start()`` records a Python stack for every allocation (``backends/alloc_history.py``: torch's own
 history on CUDA, the simulated GPU's recorder otherwise); ``allocated_by_line()`` reads what is
 live now and folds each stack into the user's own line, the innermost frame in notebook code
 (library frames fold into the line that called them), and the model module whose forward was
@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
-from jupyter_gpumem.backends import _trace
+from jupyter_gpumem.backends import alloc_history
 from jupyter_gpumem.units import format_bytes
 
 __all__ = [
@@ -69,16 +69,16 @@ def start(max_entries: int = 100_000, *, modules: bool = True, shell: Any = None
         raise ValueError(f"max_entries must be positive, not {max_entries}")
     shell = _shell(shell)
     files = getattr(getattr(shell, "compile", None), "_filename_map", None)
-    _trace.start(max_entries, stop_files=files if files is not None else (), modules=modules)
+    alloc_history.start(max_entries, stop_files=files if files is not None else (), modules=modules)
 
 
 def stop() -> None:
     """Stop recording and forget the history."""
-    _trace.stop()
+    alloc_history.stop()
 
 
 def active() -> bool:
-    return _trace.active()
+    return alloc_history.active()
 
 
 def allocated_by_line(shell: Any = None) -> list[LineAlloc]:
@@ -88,8 +88,8 @@ def allocated_by_line(shell: Any = None) -> list[LineAlloc]:
     shell = _shell(shell)
     files: Mapping[str, int] = getattr(getattr(shell, "compile", None), "_filename_map", None) or {}
     user_ns: Mapping[str, Any] = getattr(shell, "user_ns", None) or {}
-    groups: dict[tuple[str, _trace.ModuleToken | None], list[int]] = {}
-    for alloc in _trace.live_allocations():
+    groups: dict[tuple[str, alloc_history.ModuleToken | None], list[int]] = {}
+    for alloc in alloc_history.live_allocations():
         where = _where(alloc.frames, files)
         group = groups.setdefault((where, alloc.module), [0, 0])
         group[0] += alloc.nbytes
@@ -153,7 +153,7 @@ def save_snapshot(path: str = "gpumem_snapshot.pickle", shell: Any = None) -> st
 
     torch's own format (``torch.cuda.memory._dump_snapshot``), with the notebook's cell files
     named as cells (``In [7]``) so the viewer's stacks read like the notebook."""
-    data = _trace.snapshot()
+    data = alloc_history.snapshot()
     shell = _shell(shell)
     files: Mapping[str, int] = getattr(getattr(shell, "compile", None), "_filename_map", None) or {}
     renamed: dict[str, str] = {}
@@ -209,7 +209,7 @@ def _is_library(filename: str) -> bool:
     return any(filename.startswith(p + os.sep) for p in prefixes if p)
 
 
-def _where(frames: tuple[_trace.Frame, ...], files: Mapping[str, int]) -> str:
+def _where(frames: tuple[alloc_history.Frame, ...], files: Mapping[str, int]) -> str:
     """The user's own line of a stack (innermost first): the first frame in notebook code, else
     the first outside libraries."""
     if not frames:
@@ -238,16 +238,16 @@ def _root_names(roots: set[int], user_ns: Mapping[str, Any]) -> dict[int, str]:
     for name, value in list(user_ns.items()):
         key = id(value)
         fresh = key in roots and key not in names and not name.startswith("_")
-        if fresh and _trace.module_root((key, "")) is value:  # the id may be a dead model's
+        if fresh and alloc_history.module_root((key, "")) is value:  # the id may be a dead model's
             names[key] = name
     for root_id in roots - names.keys():
-        root = _trace.module_root((root_id, ""))
+        root = alloc_history.module_root((root_id, ""))
         if root is not None:
             names[root_id] = type(root).__name__
     return names
 
 
-def _module_name(token: _trace.ModuleToken | None, names: Mapping[int, str]) -> str | None:
+def _module_name(token: alloc_history.ModuleToken | None, names: Mapping[int, str]) -> str | None:
     if token is None:
         return None
     root = names.get(token[0], "<model>")

@@ -20,7 +20,7 @@ import types
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from jupyter_gpumem.backends import _state, _torch
+from jupyter_gpumem.backends import torch_objects, torch_state
 
 # A CPU tensor larger than this is not copied: its version counter tells whether a rehearsal
 # wrote to it (then the rollback says so). GPU tensors are always copied: they fit in host memory.
@@ -39,9 +39,9 @@ def _reachable(ns: dict[str, Any], names: Iterable[str]) -> Iterator[tuple[str, 
             continue
         seen.add(id(obj))
         yield name, obj, depth
-        if depth >= _DEPTH or _torch.is_tensor(obj) or _torch.is_module(obj):
+        if depth >= _DEPTH or torch_objects.is_tensor(obj) or torch_objects.is_module(obj):
             continue
-        if _torch.is_optimizer(obj):
+        if torch_objects.is_optimizer(obj):
             continue
         children: Iterable[Any] = ()
         if isinstance(obj, dict):
@@ -63,20 +63,22 @@ def plan_snapshot(ns: dict[str, Any], names: Iterable[str]) -> tuple[list[tuple[
     """What :func:`transaction.take` would copy, and how many bytes of host memory it needs."""
     chosen: list[tuple[str, Any]] = []
     nbytes = 0
-    torch_in_use = _torch.torch_module() is not None
+    torch_in_use = torch_objects.torch_module() is not None
     for name, obj, _depth in _reachable(ns, names):
-        if torch_in_use and _torch.is_module(obj):
-            nbytes += sum(_state.tensor_bytes(p) for p in obj.parameters())
+        if torch_in_use and torch_objects.is_module(obj):
+            nbytes += sum(torch_state.tensor_bytes(p) for p in obj.parameters())
             nbytes += sum(
-                _state.tensor_bytes(p.grad) for p in obj.parameters() if p.grad is not None
+                torch_state.tensor_bytes(p.grad) for p in obj.parameters() if p.grad is not None
             )
-            nbytes += sum(_state.tensor_bytes(b) for b in obj.buffers())
-        elif torch_in_use and _torch.is_optimizer(obj):
+            nbytes += sum(torch_state.tensor_bytes(b) for b in obj.buffers())
+        elif torch_in_use and torch_objects.is_optimizer(obj):
             for s in obj.state.values():
-                nbytes += sum(_state.tensor_bytes(v) for v in s.values() if _torch.is_tensor(v))
-        elif torch_in_use and _torch.is_tensor(obj):
-            size = _state.tensor_bytes(obj)
-            if _state.on_gpu(obj) or size <= BIG_HOST_TENSOR_BYTES:
+                nbytes += sum(
+                    torch_state.tensor_bytes(v) for v in s.values() if torch_objects.is_tensor(v)
+                )
+        elif torch_in_use and torch_objects.is_tensor(obj):
+            size = torch_state.tensor_bytes(obj)
+            if torch_state.on_gpu(obj) or size <= BIG_HOST_TENSOR_BYTES:
                 nbytes += size
         chosen.append((name, obj))
     return chosen, nbytes
@@ -84,15 +86,15 @@ def plan_snapshot(ns: dict[str, Any], names: Iterable[str]) -> tuple[list[tuple[
 
 def holds_gpu(obj: Any) -> bool:
     """A model, optimizer or container with tensors on the GPU (looked at shallowly)."""
-    if _torch.torch_module() is None:
+    if torch_objects.torch_module() is None:
         return False
-    if _torch.is_module(obj):
-        return any(_state.on_gpu(p) for p in obj.parameters())
-    if _torch.is_optimizer(obj):
+    if torch_objects.is_module(obj):
+        return any(torch_state.on_gpu(p) for p in obj.parameters())
+    if torch_objects.is_optimizer(obj):
         return bool(obj.state)
     items: Iterable[Any] = ()
     if isinstance(obj, dict):
         items = list(obj.values())[:_MAX_ITEMS]
     elif isinstance(obj, (list, tuple, set, collections.deque)):
         items = list(obj)[:_MAX_ITEMS]
-    return any(_torch.is_tensor(v) and _state.on_gpu(v) for v in items)
+    return any(torch_objects.is_tensor(v) and torch_state.on_gpu(v) for v in items)

@@ -22,8 +22,8 @@ from types import CodeType
 from typing import Any
 
 from jupyter_gpumem import backends
-from jupyter_gpumem.backends import _torch
-from jupyter_gpumem.backends._state import RngState, read_rng, restore_rng
+from jupyter_gpumem.backends import torch_objects
+from jupyter_gpumem.backends.torch_state import RngState, read_rng, restore_rng
 from jupyter_gpumem.cells import source as cellsource
 from jupyter_gpumem.cells.failure import FailedCell, build_failure
 from jupyter_gpumem.cells.loop import LoopSite, LoopStopper, RehearsalDone, relocate
@@ -102,7 +102,7 @@ def run_plan(
         restore_rng(rng)
     user_ns.update(plan.namespace_updates)
     run = _compile(shell, plan, loop, passes)
-    _torch.reset_peak()
+    torch_objects.reset_peak()
     t0 = time.perf_counter()
     value = None
     try:
@@ -210,7 +210,7 @@ def failed_run_leftovers(user_ns: dict[str, Any], created: dict[str, int]) -> li
 
 
 def _peak() -> int | None:
-    stats = _torch.allocator_stats()
+    stats = torch_objects.allocator_stats()
     return None if stats is None else stats.get("allocated_bytes.all.peak")
 
 

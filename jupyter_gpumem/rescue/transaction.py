@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from jupyter_gpumem.backends import _state, _torch
+from jupyter_gpumem.backends import torch_objects, torch_state
 from jupyter_gpumem.rescue.reach import BIG_HOST_TENSOR_BYTES, holds_gpu, plan_snapshot
 from jupyter_gpumem.units import format_bytes
 
@@ -61,7 +61,7 @@ class Snapshot:
     state_dicts: list[Any] = field(default_factory=list)
     tensors: list[Any] = field(default_factory=list)
     watched: list[tuple[str, Any, int]] = field(default_factory=list)  # (name, tensor, version)
-    rng: _state.RngState | None = None
+    rng: torch_state.RngState | None = None
     bytes: int = 0
     # names whose GPU-holding values the snapshot must not keep alive (a re-run that rebinds
     # `x = torch.randn(...)` or `model = Net().cuda()` frees the old one, as a real run does):
@@ -91,7 +91,7 @@ def _is_notebook_object(obj: Any) -> bool:
     return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
 
 
-def take(ns: dict[str, Any], names: Iterable[str], *, check_host: bool = True) -> Snapshot:
+def take(ns: dict[str, Any], names: Iterable[str], *, check_host: bool = True) -> Snapshot:  # noqa: C901 (issue 17: to be split)
     """Copy what a re-run of a cell reading ``names`` can change. Raises SnapshotTooLarge."""
     chosen, nbytes = plan_snapshot(ns, names)
     if check_host and nbytes:
@@ -102,21 +102,21 @@ def take(ns: dict[str, Any], names: Iterable[str], *, check_host: bool = True) -
                 f"state in host memory, and only {format_bytes(avail)} is available"
             )
     snap = Snapshot(namespace=dict(ns), bytes=nbytes)
-    torch_in_use = _torch.torch_module() is not None
+    torch_in_use = torch_objects.torch_module() is not None
     copies: dict[int, Any] = {}
     for name, obj in chosen:
-        if torch_in_use and _torch.is_module(obj):
-            snap.modules.append(_state.copy_module(obj))
-        elif torch_in_use and _torch.is_optimizer(obj):
-            snap.optimizers.append(_state.copy_optimizer(obj))
-        elif torch_in_use and _torch.is_tensor(obj):
-            if _state.on_gpu(obj) or _state.tensor_bytes(obj) <= BIG_HOST_TENSOR_BYTES:
-                copies[id(obj)] = _state.copy_tensor(obj)
+        if torch_in_use and torch_objects.is_module(obj):
+            snap.modules.append(torch_state.copy_module(obj))
+        elif torch_in_use and torch_objects.is_optimizer(obj):
+            snap.optimizers.append(torch_state.copy_optimizer(obj))
+        elif torch_in_use and torch_objects.is_tensor(obj):
+            if torch_state.on_gpu(obj) or torch_state.tensor_bytes(obj) <= BIG_HOST_TENSOR_BYTES:
+                copies[id(obj)] = torch_state.copy_tensor(obj)
                 snap.tensors.append(copies[id(obj)])
             else:
-                snap.watched.append((name, obj, _state.tensor_version(obj)))
-        elif torch_in_use and _state.has_plain_state(obj):
-            c = _state.copy_state_dict(obj)
+                snap.watched.append((name, obj, torch_state.tensor_version(obj)))
+        elif torch_in_use and torch_state.has_plain_state(obj):
+            c = torch_state.copy_state_dict(obj)
             if c is not None:
                 snap.state_dicts.append(c)
         elif isinstance(obj, _MUTABLE):
@@ -127,9 +127,9 @@ def take(ns: dict[str, Any], names: Iterable[str], *, check_host: bool = True) -
     if torch_in_use:
         for name in set(names) & set(ns):
             value = ns[name]
-            if _torch.is_tensor(value) and id(value) in copies:
+            if torch_objects.is_tensor(value) and id(value) in copies:
                 snap.weak[name] = copies[id(value)]
-            elif holds_gpu(value) and not _torch.is_tensor(value):
+            elif holds_gpu(value) and not torch_objects.is_tensor(value):
                 try:
                     snap.weak[name] = weakref.ref(value)
                 except TypeError:
@@ -137,7 +137,7 @@ def take(ns: dict[str, Any], names: Iterable[str], *, check_host: bool = True) -
             else:
                 continue
             del snap.namespace[name]
-    snap.rng = _state.read_rng()
+    snap.rng = torch_state.read_rng()
     return snap
 
 
@@ -188,7 +188,7 @@ def _no_interrupt() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
-def restore(snap: Snapshot, ns: dict[str, Any]) -> list[str]:
+def restore(snap: Snapshot, ns: dict[str, Any]) -> list[str]:  # noqa: C901 (issue 17: to be split)
     """Put everything back; returns what could not be (tensors too large to copy, written to)."""
     problems: list[str] = []
     with _no_interrupt():
@@ -211,7 +211,7 @@ def restore(snap: Snapshot, ns: dict[str, Any]) -> list[str]:
                     ns[k] = obj
                 continue
             try:
-                ns[k] = _state.restore_tensor(held)  # the same tensor, or rebuilt where it was
+                ns[k] = torch_state.restore_tensor(held)  # the same tensor, or rebuilt where it was
             except RuntimeError as exc:  # no room on the GPU for it any more
                 ns[k] = held.data
                 problems.append(f"`{k}` is back in host memory ({type(exc).__name__})")
@@ -226,24 +226,24 @@ def restore(snap: Snapshot, ns: dict[str, Any]) -> list[str]:
                     object.__setattr__(obj, k, v)
         if snap.modules or snap.optimizers or snap.tensors or snap.state_dicts:
             for m in snap.modules:
-                _state.restore_module(m)
+                torch_state.restore_module(m)
             for o in snap.optimizers:
-                _state.restore_optimizer(o)
+                torch_state.restore_optimizer(o)
             for s in snap.state_dicts:
                 with contextlib.suppress(Exception):
-                    _state.restore_state_dict(s)
+                    torch_state.restore_state_dict(s)
             for t in snap.tensors:
-                _state.restore_tensor_if_alive(t)  # a freed one comes back only through a name
+                torch_state.restore_tensor_if_alive(t)  # a freed one comes back only through a name
         for name, t, version in snap.watched:
-            if _state.tensor_version(t) != version:
+            if torch_state.tensor_version(t) != version:
                 problems.append(
-                    f"`{name}` ({format_bytes(_state.tensor_bytes(t))} in host memory, too large "
+                    f"`{name}` ({format_bytes(torch_state.tensor_bytes(t))} in host memory, too large "
                     "to copy) was written to and keeps the re-run's values"
                 )
         if snap.rng is not None:
-            _state.restore_rng(snap.rng)
+            torch_state.restore_rng(snap.rng)
         gc.collect()
-        _torch.empty_cache()
+        torch_objects.empty_cache()
     return problems
 
 
@@ -272,8 +272,8 @@ class Transaction:
         value = None
         for name in leftovers:
             value = ns[name]
-            if _torch.is_tensor(value) and _state.on_gpu(value):
-                self.evicted[name] = _state.copy_tensor(value)
+            if torch_objects.is_tensor(value) and torch_state.on_gpu(value):
+                self.evicted[name] = torch_state.copy_tensor(value)
                 del ns[name]
             elif holds_gpu(value):
                 self.released.append(name)
@@ -284,7 +284,7 @@ class Transaction:
         except BaseException:
             # refused (no host memory) or interrupted before anything ran: put the leftovers back
             for name, copied in self.evicted.items():
-                ns[name] = _state.restore_tensor(copied)
+                ns[name] = torch_state.restore_tensor(copied)
             raise
 
     def release(self, name: str) -> None:
@@ -296,9 +296,9 @@ class Transaction:
         """The fix replaces the tensor ``name`` (Move to CPU): keep its values in host memory
         only, and rebuild it where it was on a rollback."""
         value = self.snapshot.namespace.get(name, _MISSING)
-        if value is _MISSING or not _torch.is_tensor(value):
+        if value is _MISSING or not torch_objects.is_tensor(value):
             return
-        self.evicted[name] = _state.copy_tensor(value)
+        self.evicted[name] = torch_state.copy_tensor(value)
         del self.snapshot.namespace[name]
 
     def rollback(self, *, everything: bool = False) -> None:
@@ -308,7 +308,7 @@ class Transaction:
         self.problems = restore(self.snapshot, self.ns)
         if everything:
             for name, copied in self.evicted.items():
-                self.ns[name] = _state.restore_tensor(copied)
+                self.ns[name] = torch_state.restore_tensor(copied)
         self.rollbacks += 1
 
     def undo_message(self, *, everything: bool = False) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import ipywidgets as W
 
 from jupyter_gpumem.diagnosis.diagnose import Diagnosis
-from jupyter_gpumem.diagnosis.render import _md_code, trace_hint
+from jupyter_gpumem.diagnosis.render import md_code, trace_hint
 from jupyter_gpumem.readings import trace
 from jupyter_gpumem.units import format_bytes
 
@@ -47,7 +47,7 @@ def _row(label: str, nbytes: int, tensors: int | None, share: float, sub: bool =
     td = '<td class="gpumem-module">' if sub else "<td>"
     count = "" if tensors is None else str(tensors)
     return (
-        f'<tr{cls}>{td}{_md_code(label)}</td><td class="num">{escape(format_bytes(nbytes))}'
+        f'<tr{cls}>{td}{md_code(label)}</td><td class="num">{escape(format_bytes(nbytes))}'
         f'</td><td class="num">{count}</td><td>{_bar(share)}</td></tr>'
     )
 
@@ -111,7 +111,7 @@ class AllocatedBy:
         hint = trace_hint(d)
         if hint:
             self.widget = W.HTML(
-                f"<div class='gpumem-why'>{_md_code(hint[0].upper() + hint[1:])}.</div>"
+                f"<div class='gpumem-why'>{md_code(hint[0].upper() + hint[1:])}.</div>"
             )
 
     def click(self) -> str | None:

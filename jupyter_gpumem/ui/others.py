@@ -17,7 +17,7 @@ from pathlib import PurePosixPath
 import ipywidgets as W
 
 from jupyter_gpumem.diagnosis.diagnose import Diagnosis
-from jupyter_gpumem.diagnosis.render import _md_code
+from jupyter_gpumem.diagnosis.render import md_code
 from jupyter_gpumem.readings import kernels
 from jupyter_gpumem.readings.kernels import KernelInfo
 from jupyter_gpumem.readings.snapshot import ProcessInfo
@@ -84,7 +84,7 @@ class OtherKernels:
         no.on_click(lambda _b: self._keep(info))
         self.confirm_box.children = (
             W.HTML(
-                f"<div class='gpumem-ask'>⚠ Shut down {_md_code(info.describe())}? It holds "
+                f"<div class='gpumem-ask'>⚠ Shut down {md_code(info.describe())}? It holds "
                 f"{escape(format_bytes(p.used_bytes))} on this GPU (pid {p.pid}). Its variables "
                 "are lost; the notebook itself stays and can start a new kernel.</div>"
             ),
@@ -93,12 +93,12 @@ class OtherKernels:
 
     def _keep(self, info: KernelInfo) -> None:
         self.confirm_box.children = ()
-        self.set_status(f"Not shut down: {_md_code(info.describe())} keeps running.", "")
+        self.set_status(f"Not shut down: {md_code(info.describe())} keeps running.", "")
 
     def shut_down(self, p: ProcessInfo, info: KernelInfo) -> bool:
         """Shut it down through its server; the result in the status line. Whether it worked."""
         self.confirm_box.children = ()
-        what = _md_code(info.describe())
+        what = md_code(info.describe())
         try:
             kernels.shutdown(info)
         except Exception as exc:

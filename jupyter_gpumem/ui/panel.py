@@ -23,7 +23,7 @@ import ipywidgets as W
 from jupyter_gpumem import backends
 from jupyter_gpumem.cells.failure import FailedCell
 from jupyter_gpumem.diagnosis.display import for_display
-from jupyter_gpumem.diagnosis.render import _md_code, render_html
+from jupyter_gpumem.diagnosis.render import md_code, render_html
 from jupyter_gpumem.fixes import FIXES, Attempt, Check, FixOutcome
 from jupyter_gpumem.fixes.ask import question_before_rerun
 from jupyter_gpumem.fixes.ladder import Options, RerunRaised, apply_fix, check_all, report_raised
@@ -131,7 +131,7 @@ class DiagnosisPanel:
         """What each button does, in the page and not only in a tooltip: the reasons a fix is
         unavailable in sight, the rest one click away (keyboard and screen readers included)."""
         why = [
-            f"<b>{escape(FIXES[k].label)}</b> not available: {_md_code(c.reason)}"
+            f"<b>{escape(FIXES[k].label)}</b> not available: {md_code(c.reason)}"
             for k, c in self.checks.items()
             if not c.applies
         ]
@@ -141,7 +141,7 @@ class DiagnosisPanel:
                 continue
             note = wording.shortfall_note(c, short)
             items.append(
-                f"<dt><b>{escape(FIXES[k].label)}</b></dt><dd>{_md_code(c.action)}"
+                f"<dt><b>{escape(FIXES[k].label)}</b></dt><dd>{md_code(c.action)}"
                 + (f" <i>{escape(note.capitalize())}.</i>" if note else "")
                 + "</dd>"
             )
@@ -198,7 +198,7 @@ class DiagnosisPanel:
         yes.on_click(lambda _b: self.click(key, force=True))
         no.on_click(lambda _b: self._cancel())
         self.confirm_box.children = (
-            W.HTML(f"<div class='gpumem-ask'>⚠ {_md_code(summary)}<br>{_md_code(question)}</div>"),
+            W.HTML(f"<div class='gpumem-ask'>⚠ {md_code(summary)}<br>{md_code(question)}</div>"),
             W.HBox([yes, no]),
         )
 
@@ -231,7 +231,7 @@ class DiagnosisPanel:
         ticker = Ticker(self._progress)
         try:
             self.set_status(
-                f"Running <b>{escape(fix.label)}</b>: {_md_code(self.checks[key].action)}", "run"
+                f"Running <b>{escape(fix.label)}</b>: {md_code(self.checks[key].action)}", "run"
             )
             self.output.clear_output()
             ticker.start()
@@ -291,7 +291,7 @@ class DiagnosisPanel:
                 self.outcomes.append(ended)
             self._report(label, ended)
             return ended
-        self.set_status(f"✗ {_md_code(wording.cancelled_line(exc))}", "ask")
+        self.set_status(f"✗ {md_code(wording.cancelled_line(exc))}", "ask")
         return FixOutcome(fix=key, ok=False, message="cancelled")
 
     def _report(self, label: str, outcome: FixOutcome) -> None:
@@ -301,11 +301,11 @@ class DiagnosisPanel:
             self.ext.hook.last_failure = outcome.failure
             self.show(outcome.failure)
             self.set_status(
-                f"✗ {escape(label)}: {_md_code(outcome.message)} The new diagnosis is above.",
+                f"✗ {escape(label)}: {md_code(outcome.message)} The new diagnosis is above.",
                 "bad",
             )
         else:
-            self.set_status(f"✗ {_md_code(outcome.message)}", "bad")
+            self.set_status(f"✗ {md_code(outcome.message)}", "bad")
 
     def _report_error(self, label: str, exc: BaseException) -> None:
         if isinstance(exc, RerunRaised):  # the notebook was put back; the cell's error is shown
@@ -321,13 +321,13 @@ class DiagnosisPanel:
             b.disabled = not self.checks[key].applies
 
     def _success(self, o: FixOutcome) -> None:
-        lines = [f"✓ <b>{_md_code(o.message)}</b>"]
+        lines = [f"✓ <b>{md_code(o.message)}</b>"]
         if o.change:
-            lines.append(f"To make it permanent: {_md_code(o.change)}")
+            lines.append(f"To make it permanent: {md_code(o.change)}")
         measured = wording.measured_line(o)
         if measured:
             lines.append(escape(measured))
-        lines += [_md_code(n) for n in wording.unique_notes(o.notes)]
+        lines += [md_code(n) for n in wording.unique_notes(o.notes)]
         if self.log:
             lines.append(f"<pre>{escape(chr(10).join(self.log))}</pre>")
         lines.append(

@@ -20,11 +20,11 @@ from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from jupyter_gpumem.backends._cuda_to_cpu import cuda_index
-from jupyter_gpumem.backends._frames import without_dispatch_frames
 from jupyter_gpumem.backends.allocator import SizeLog, SizeRecorder
 from jupyter_gpumem.backends.base import DeviceReading, RawProcess, StorageInfo
+from jupyter_gpumem.backends.cuda_to_cpu import cuda_index
 from jupyter_gpumem.backends.simulated.card import SimulatedCard, format_size
+from jupyter_gpumem.backends.tb_frames import without_dispatch_frames
 
 if TYPE_CHECKING:
     import torch
@@ -357,7 +357,7 @@ class SimulatedGPU:
         self.card(index).reset_peak()
 
     def move_to_cpu(self, obj: Any) -> tuple[Any, int]:
-        from jupyter_gpumem.backends._torch import move_objects
+        from jupyter_gpumem.backends.torch_objects import move_objects
 
         return move_objects(obj, self.storage_of, self.untrack)  # already on the CPU: uncounted
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from jupyter_gpumem.backends import base
-from jupyter_gpumem.backends._cuda_to_cpu import cuda_to_cpu_mode_class
+from jupyter_gpumem.backends.cuda_to_cpu import cuda_to_cpu_mode_class
 from jupyter_gpumem.backends.simulated import cuda_api
 from jupyter_gpumem.backends.simulated.counting import _counting_mode_class
 from jupyter_gpumem.backends.simulated.gpu import SimulatedGPU

@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from jupyter_gpumem import backends
-from jupyter_gpumem.backends import _torch
+from jupyter_gpumem.backends import torch_objects
 from jupyter_gpumem.backends.allocator import SizeLog
 from jupyter_gpumem.fixes.base import Attempt, Check, Fix, FixContext, FixOutcome
 from jupyter_gpumem.fixes.batch.evidence import failing_tensors, sized_by, variables_sized_by
@@ -57,7 +57,7 @@ class _ReservedPeak:
             self._stack.close()
         except Exception:
             self.log = None
-        stats = _torch.allocator_stats() or {}
+        stats = torch_objects.allocator_stats() or {}
         self.peak_bytes = stats.get("reserved_bytes.all.peak")
 
 
@@ -75,8 +75,8 @@ def _need(result: RunResult, probe: _ReservedPeak) -> int | None:
 
 
 def _reserved_now() -> int:
-    stats = _torch.allocator_stats() or {}
-    return stats.get("reserved_bytes.all.current") or _torch.allocated_bytes() or 0
+    stats = torch_objects.allocator_stats() or {}
+    return stats.get("reserved_bytes.all.current") or torch_objects.allocated_bytes() or 0
 
 
 def cell_key(source: str) -> str:
@@ -183,7 +183,7 @@ class ReduceBatch(Fix):
         attempt: each starts from the rolled-back notebook) and no peak for a run that failed."""
         assert ctx.run is not None
         gc.collect()
-        resident = _torch.allocated_bytes()
+        resident = torch_objects.allocated_bytes()
         if resident is not None:
             start = f"from {format_bytes(resident)} resident"
             plan.note = f"{plan.note}, {start}" if plan.note else start

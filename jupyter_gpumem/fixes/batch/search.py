@@ -305,7 +305,7 @@ class BatchSearch:
             safe = max(safe, _AIM_FULL * (b_top + (self.capacity_bytes - p_top) / k_safe))
         return safe
 
-    def next_batch(self) -> int | None:
+    def next_batch(self) -> int | None:  # noqa: C901 (issue 17: to be split)
         """The batch to try next; None when the search is done."""
         if not self.observations:
             return self.max_batch

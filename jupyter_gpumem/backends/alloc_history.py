@@ -41,7 +41,10 @@ Frame = tuple[str, int, str]  # (filename, line, function), as torch's snapshot 
 _MAX_FRAMES = 64  # a walk stops at the first notebook frame; this bounds it elsewhere
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _OWN_FILES = frozenset(
-    [os.path.join(_HERE, name) for name in ("_cuda_to_cpu.py", "_trace.py", "_trace_modules.py")]
+    [
+        os.path.join(_HERE, name)
+        for name in ("cuda_to_cpu.py", "alloc_history.py", "_trace_modules.py")
+    ]
     + [
         os.path.join(_HERE, "simulated", name)
         for name in ("card.py", "counting.py", "gpu.py", "lifecycle.py", "cuda_api.py")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jupyter_gpumem.backends import simulated
-from jupyter_gpumem.backends._torch import (
+from jupyter_gpumem.backends.torch_objects import (
     gpu_storage,
     is_module,
     is_optimizer,
