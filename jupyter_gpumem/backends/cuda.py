@@ -19,7 +19,13 @@ from jupyter_gpumem.backends.allocator import SizeLog
 from jupyter_gpumem.backends.base import DeviceReading, RawProcess, StorageInfo
 from jupyter_gpumem.backends.torch_objects import cuda_ready, move_objects, torch_module
 
-__all__ = ["CudaBackend", "size_log_from_snapshot", "visible_count"]
+__all__ = [
+    "CudaBackend",
+    "history_recording",
+    "size_log_from_snapshot",
+    "trace_since",
+    "visible_count",
+]
 
 # torch's allocation history holds this many events for ``record_sizes`` (two passes of a
 # transformer's training step are a few thousand); past it the ring buffer wraps and the log is
@@ -27,17 +33,27 @@ __all__ = ["CudaBackend", "size_log_from_snapshot", "visible_count"]
 _MAX_EVENTS = 200_000
 
 
-def size_log_from_snapshot(snapshot: dict[str, Any], device: int, max_events: int) -> SizeLog:
-    """A :class:`SizeLog` from ``torch.cuda.memory._snapshot()`` after recording started with an
-    empty history: resident blocks are those the trace never allocated."""
-    events = snapshot.get("device_traces", [])
-    trace = events[device] if device < len(events) else []
+def size_log_from_snapshot(
+    snapshot: dict[str, Any],
+    device: int,
+    max_events: int,
+    trace: list[dict[str, Any]] | None = None,
+) -> SizeLog:
+    """A :class:`SizeLog` from ``torch.cuda.memory._snapshot()``: resident blocks are those the
+    trace never allocated. ``trace``: the device's entries since the run started, where the
+    history was already recording before it (default: the whole trace, recording started empty)."""
+    if trace is None:
+        trace = _device_trace(snapshot, device)
+    # a history recorded with skip_actions=["free_completed"] still has the requests
+    freed = "free_completed"
+    if not any(e.get("action") == freed for e in trace):
+        freed = "free_requested"
     log, numbers = SizeLog(), {}
     for entry in trace:
         action, addr = entry.get("action"), entry.get("addr")
         if action == "alloc":
             numbers[addr] = log.alloc(int(entry.get("size", 0)))
-        elif action == "free_completed":
+        elif action == freed:
             n = numbers.pop(addr, None)
             log.events.append((-1, n) if n is not None else (-2, int(entry.get("size", 0))))
     allocated_here = set(numbers)
@@ -53,6 +69,43 @@ def size_log_from_snapshot(snapshot: dict[str, Any], device: int, max_events: in
     log.resident.extend(size for n, size in log.events if n == -2)
     log.complete = len(trace) < max_events
     return log
+
+
+def _device_trace(snapshot: dict[str, Any], device: int) -> list[dict[str, Any]]:
+    traces = snapshot.get("device_traces") or []
+    return list(traces[device]) if device < len(traces) else []
+
+
+def _entry_key(entry: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(entry.get(k) for k in ("action", "addr", "size", "stream", "time_us"))
+
+
+def trace_since(
+    before: list[dict[str, Any]], after: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], bool]:
+    """The entries of ``after`` recorded since ``before`` was read (the same ring buffer read
+    twice), and whether none were lost: False when the buffer wrapped past ``before``'s last
+    entries (a history with fewer ``max_entries`` than the run made events, or ``"state"`` only)."""
+    if not before:
+        return after, True
+    mark = [_entry_key(e) for e in before[-2:]]
+    keys = [_entry_key(e) for e in after]
+    for end in range(len(keys), len(mark) - 1, -1):
+        if keys[end - len(mark) : end] == mark:
+            return after[end:], True
+    return after, False
+
+
+def history_recording(torch: Any) -> bool | None:
+    """Whether torch's allocation history is being recorded (by the notebook, ``%gpumem trace``,
+    cudagraph trees); None where this torch cannot tell (older than 2.1)."""
+    probe = getattr(torch._C, "_cuda_isHistoryEnabled", None)
+    if probe is None:
+        return None
+    try:
+        return bool(probe())
+    except Exception:
+        return None
 
 
 def visible_count(visible: str | None, physical: int) -> int:
@@ -74,6 +127,11 @@ def visible_count(visible: str | None, physical: int) -> int:
     return count
 
 
+def _fill(log: SizeLog, read: SizeLog) -> None:
+    log.resident, log.events = read.resident, read.events
+    log.allocations, log.complete = read.allocations, read.complete
+
+
 def _gpus(visible: tuple[int, ...]) -> str:
     if not visible:
         return "no GPU"
@@ -84,6 +142,7 @@ class CudaBackend:
     """Real GPUs. Anything that cannot be read is None; nothing here raises on a reading."""
 
     note: str | None = None
+    sizes_note: str | None = None  # why the last ``record_sizes`` gave no log, or an incomplete one
 
     def visible_devices(self) -> tuple[int, ...]:
         torch = torch_module()
@@ -256,19 +315,34 @@ class CudaBackend:
     @contextlib.contextmanager
     def record_sizes(self) -> Iterator[SizeLog | None]:
         """torch's own allocation history, without stacks (a few µs an event), read when the block
-        ends. None while ``%gpumem trace`` records (the history is its) or where torch cannot."""
-        from jupyter_gpumem.backends import alloc_history
-
+        ends. Where a history is already being recorded (the notebook's own, to debug this OOM, or
+        ``%gpumem trace``'s) it is read, never changed, cleared or stopped: the block's entries
+        are those after the ones it found. None where torch cannot say whether one is recorded;
+        ``sizes_note`` says why."""
         torch = torch_module()
-        if torch is None or not cuda_ready() or alloc_history.active():
+        self.sizes_note = None
+        if torch is None or not cuda_ready():
             yield None
+            return
+        recording = history_recording(torch)
+        if recording is None:
+            self.sizes_note = (
+                "this torch cannot say whether a memory history is being recorded, and starting "
+                "one would clear it: no replay (torch 2.1 or later has one)"
+            )
+            yield None
+            return
+        if recording:
+            with self._read_history(torch) as log:
+                yield log
             return
         memory = torch.cuda.memory
         try:
             memory._record_memory_history(
                 "all", context=None, stacks="python", max_entries=_MAX_EVENTS, clear_history=True
             )
-        except Exception:  # an older torch: no model from sizes, the line model runs instead
+        except Exception as exc:  # no model from sizes: the line model runs instead
+            self.sizes_note = f"torch's memory history could not start: {exc}"
             yield None
             return
         log = SizeLog(complete=False)
@@ -279,13 +353,41 @@ class CudaBackend:
                 read = size_log_from_snapshot(
                     memory._snapshot(), torch.cuda.current_device(), _MAX_EVENTS
                 )
-                log.resident, log.events = read.resident, read.events
-                log.allocations, log.complete = read.allocations, read.complete
+                _fill(log, read)
             except Exception:
                 pass
             finally:
                 with contextlib.suppress(Exception):
                     memory._record_memory_history(None)
+
+    @contextlib.contextmanager
+    def _read_history(self, torch: Any) -> Iterator[SizeLog | None]:
+        """A log from a history someone else records: two snapshots, the entries between them."""
+        memory = torch.cuda.memory
+        try:
+            device = int(torch.cuda.current_device())
+            before = _device_trace(memory._snapshot(), device)
+        except Exception as exc:
+            self.sizes_note = f"the memory history being recorded could not be read: {exc}"
+            yield None
+            return
+        log = SizeLog(complete=False)
+        try:
+            yield log
+        finally:
+            try:
+                snapshot = memory._snapshot()
+                entries, whole = trace_since(before, _device_trace(snapshot, device))
+                read = size_log_from_snapshot(snapshot, device, _MAX_EVENTS, entries)
+                _fill(log, read)
+                log.complete = read.complete and whole
+                if not whole:
+                    self.sizes_note = (
+                        "the memory history being recorded kept fewer events than the run made "
+                        "(its max_entries, or context 'state'): no replay"
+                    )
+            except Exception:
+                pass
 
     def supports_bf16(self) -> bool:
         torch = torch_module()

@@ -1,14 +1,15 @@
 """What each cell cost on the GPU: ``%gpumem cells on``.
 
-Before a cell: the allocator's ``allocated`` and a peak reset on the current device, and
-``allocated`` on each other visible one; after it: the same again, the peak and the time. Two
-allocator readings per device (~0.1 ms each on an H100), whatever the notebook holds. One quiet
-line after each cell (``In [12]: +1.20 GiB, peak 9.84 GiB of 80 GiB, 3.2 s``; what it added on
-other GPUs after the peak), ``%gpumem history`` for the table, and the diagnosis of an OOM names
-the cells over which the card that ran out filled (``filled_by(device=...)``).
+Before a cell: the allocator's counters on the current device, and ``allocated`` on each other
+visible one; after it: the same again, the peak and the time. Two allocator readings per device
+(~0.1 ms each on an H100), whatever the notebook holds. One quiet line after each cell
+(``In [12]: +1.20 GiB, peak 9.84 GiB of 80 GiB, 3.2 s``; what it added on other GPUs after the
+peak), ``%gpumem history`` for the table, and the diagnosis of an OOM names the cells over which
+the card that ran out filled (``filled_by(device=...)``).
 
-The peak reset is the cost: a notebook that reads ``torch.cuda.max_memory_allocated()`` across
-cells sees it per cell while this is on.
+torch's peak counters are the notebook's and are never reset here (``backends.peaks``): a cell
+that stays under an earlier cell's peak is shown as ``peak ≤`` that peak, the most it can have
+reached; a cell that sets a new peak is shown exactly.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jupyter_gpumem.backends import torch_objects
+from jupyter_gpumem.backends.peaks import PeakWatch
 from jupyter_gpumem.units import format_bytes
 
 
@@ -33,6 +35,8 @@ class CellRecord:
     seconds: float
     failed: bool
     device: int = 0  # the device the numbers above are: the current one when the cell started
+    # False: an earlier peak hides this cell's; ``peak_bytes`` is then the most it can have been
+    peak_exact: bool = True
     # (device, bytes the cell added there) for every other visible device
     others: tuple[tuple[int, int], ...] = ()
 
@@ -55,9 +59,12 @@ class CellRecord:
         )
         tail = ", out of memory" if self.failed else ""
         return (
-            f"{label}: {sign}{format_bytes(abs(self.delta_bytes))}, peak "
-            f"{format_bytes(self.peak_bytes)}{cap}{elsewhere}, {self.seconds:.1f} s{tail}"
+            f"{label}: {sign}{format_bytes(abs(self.delta_bytes))}, peak {self.peak_text()}"
+            f"{cap}{elsewhere}, {self.seconds:.1f} s{tail}"
         )
+
+    def peak_text(self) -> str:
+        return ("" if self.peak_exact else "≤ ") + format_bytes(self.peak_bytes)
 
 
 def _reading(device: int | None = None) -> tuple[int, int] | None:
@@ -98,6 +105,7 @@ class CellStats:
         self._t0 = 0.0
         self._before: int | None = None
         self._device = 0
+        self._watch = PeakWatch()
         self._elsewhere: dict[int, int] = {}
         self._count: int | None = None
 
@@ -122,10 +130,11 @@ class CellStats:
     def _pre(self, info: Any) -> None:
         try:
             self._device = device = torch_objects.current_device_index()
+            self._watch = PeakWatch(device)
             r = _reading(device)
             self._before = None if r is None else r[0]
             if r is not None:
-                torch_objects.reset_peak(device)
+                self._watch.start()
                 self._elsewhere = _allocated_elsewhere(device)
             self._count = getattr(self.shell, "execution_count", None)
             self._t0 = time.perf_counter()
@@ -137,8 +146,9 @@ class CellStats:
         if before is None:
             return
         try:
+            peaks = self._watch.stop()
             r = _reading(self._device)
-            if r is None:
+            if r is None or peaks is None:
                 return
             from jupyter_gpumem.rescue.rerun import capacity_bytes
 
@@ -152,7 +162,8 @@ class CellStats:
                 count=count,
                 before_bytes=before,
                 after_bytes=r[0],
-                peak_bytes=max(r[1], r[0], before),
+                peak_bytes=peaks.at_most_bytes,
+                peak_exact=peaks.exact,
                 capacity_bytes=capacity_bytes(),
                 seconds=time.perf_counter() - self._t0,
                 failed=err is not None and type(err).__name__.endswith("OutOfMemoryError"),
@@ -176,7 +187,7 @@ class CellStats:
                     f"In [{r.count}]" if r.count is not None else "?",
                     f"{sign}{format_bytes(abs(r.delta_bytes))}",
                     format_bytes(r.after_bytes),
-                    format_bytes(r.peak_bytes) + (" OOM" if r.failed else ""),
+                    r.peak_text() + (" OOM" if r.failed else ""),
                     f"{r.seconds:.1f} s",
                 )
             )

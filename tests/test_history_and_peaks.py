@@ -1,0 +1,169 @@
+"""The notebook's own memory history and peak counters are left as they were.
+
+The history tests drive ``CudaBackend.record_sizes`` against a stand-in for ``torch.cuda.memory``
+that keeps the history as ``c10/cuda/CUDACachingAllocator.cpp`` does (a ring buffer of
+``max_entries``, cleared when recording stops or ``clear_history=True``, ``isHistoryEnabled``):
+nothing real can run here (no GPU). The peak tests run in a real InteractiveShell on the
+simulated GPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from jupyter_gpumem.backends import cuda
+from jupyter_gpumem.backends.allocator import SizeLog
+from jupyter_gpumem.backends.cuda import CudaBackend, trace_since
+from jupyter_gpumem.backends.peaks import peak_from_log
+from jupyter_gpumem.units import format_bytes
+
+MiB = 1 << 20
+
+
+class FakeHistory:
+    """``torch.cuda.memory``'s history calls, with the allocator's ring buffer behind them."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.max_entries = 1
+        self.entries: list[dict[str, Any]] = []
+        self.calls: list[tuple[Any, ...]] = []
+        self.clock = 0
+
+    def _record_memory_history(
+        self,
+        enabled: str | None = "all",
+        context: str | None = "all",
+        stacks: str = "all",
+        max_entries: int = sys.maxsize,
+        clear_history: bool = False,
+        **_: Any,
+    ) -> None:
+        self.calls.append((enabled, context, max_entries, clear_history))
+        self.enabled = enabled is not None
+        # memory_snapshot.cpp: "state" keeps no trace beyond one entry
+        self.max_entries = max(1, max_entries) if enabled == "all" else 1
+        if not self.enabled or clear_history:
+            self.entries.clear()
+
+    def _event(self, action: str, addr: int, size: int) -> None:
+        self.clock += 1
+        if not self.enabled:
+            return
+        self.entries.append(
+            {"action": action, "addr": addr, "size": size, "stream": 0, "time_us": self.clock}
+        )
+        del self.entries[: max(0, len(self.entries) - self.max_entries)]
+
+    def alloc(self, addr: int, size: int) -> None:
+        self._event("alloc", addr, size)
+
+    def free(self, addr: int, size: int) -> None:
+        self._event("free_requested", addr, size)
+        self._event("free_completed", addr, size)
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {"segments": [], "device_traces": [list(self.entries)]}
+
+
+@pytest.fixture
+def history(monkeypatch: Any) -> FakeHistory:
+    hist = FakeHistory()
+    fake_torch = SimpleNamespace(
+        _C=SimpleNamespace(_cuda_isHistoryEnabled=lambda: hist.enabled),
+        cuda=SimpleNamespace(memory=hist, current_device=lambda: 0),
+    )
+    monkeypatch.setattr(cuda, "torch_module", lambda: fake_torch)
+    monkeypatch.setattr(cuda, "cuda_ready", lambda: True)
+    return hist
+
+
+def test_a_history_the_notebook_records_is_read_and_never_cleared_or_stopped(
+    history: FakeHistory,
+) -> None:
+    history._record_memory_history("all", max_entries=1000)  # the user's, to debug the OOM
+    history.alloc(0x100, 4 * MiB)
+    history.alloc(0x200, 2 * MiB)
+    theirs = list(history.entries)
+    backend = CudaBackend()
+    with backend.record_sizes() as log:
+        history.alloc(0x300, 8 * MiB)
+        history.free(0x300, 8 * MiB)
+        history.free(0x100, 4 * MiB)  # allocated before the run: resident
+    assert history.calls == [("all", "all", 1000, False)]  # only the user's own call
+    assert history.enabled and history.entries[: len(theirs)] == theirs
+    assert log is not None and log.complete
+    assert log.events == [(0, 8 * MiB), (-1, 0), (-2, 4 * MiB)]
+    assert backend.sizes_note is None
+
+
+def test_a_history_too_short_for_the_run_gives_an_incomplete_log_and_says_why(
+    history: FakeHistory,
+) -> None:
+    history._record_memory_history("all", max_entries=4)
+    history.alloc(0x100, MiB)
+    backend = CudaBackend()
+    with backend.record_sizes() as log:
+        for i in range(5):
+            history.alloc(0x1000 + i, MiB)
+    assert history.enabled and history.calls == [("all", "all", 4, False)]
+    assert log is not None and not log.complete
+    assert backend.sizes_note is not None and "max_entries" in backend.sizes_note
+
+
+def test_without_a_history_one_is_recorded_for_the_run_and_stopped(history: FakeHistory) -> None:
+    with CudaBackend().record_sizes() as log:
+        history.alloc(0x300, 8 * MiB)
+    assert not history.enabled and [c[0] for c in history.calls] == ["all", None]
+    assert log is not None and log.complete and log.events == [(0, 8 * MiB)]
+
+
+def test_a_torch_that_cannot_say_whether_history_records_is_left_alone(monkeypatch: Any) -> None:
+    hist = FakeHistory()
+    old_torch = SimpleNamespace(_C=SimpleNamespace(), cuda=SimpleNamespace(memory=hist))
+    monkeypatch.setattr(cuda, "torch_module", lambda: old_torch)
+    monkeypatch.setattr(cuda, "cuda_ready", lambda: True)
+    backend = CudaBackend()
+    with backend.record_sizes() as log:
+        pass
+    assert log is None and hist.calls == [] and "torch 2.1" in (backend.sizes_note or "")
+
+
+def test_trace_since_finds_the_entries_after_the_mark_even_once_the_ring_wrapped() -> None:
+    entries = [{"action": "alloc", "addr": i, "size": 1, "time_us": i} for i in range(10)]
+    assert trace_since(entries[:6], entries[2:]) == (entries[6:], True)
+    assert trace_since(entries[:6], entries[6:]) == (entries[6:], False)  # the mark was overwritten
+    assert trace_since([], entries) == (entries, True)
+
+
+def test_the_peak_is_walked_from_the_log() -> None:
+    log = SizeLog(resident=[5], events=[(0, 10), (1, 20), (-1, 0), (-2, 5), (2, 30), (-1, 1)])
+    assert peak_from_log(100, log) == 100 + 10 + 20 - 10 - 5 + 30
+
+
+# ---- the peak counters, in a real shell on the simulated GPU ------------------------------------
+
+
+def test_cell_stats_leave_the_notebooks_peak_counter_alone(shell: Any, capsys: Any) -> None:
+    pytest.importorskip("torch")
+    shell.run_cell("%gpumem simulate 256MiB")
+    shell.run_cell("import torch")
+    shell.run_cell("torch.cuda.reset_peak_memory_stats()")
+    shell.run_cell('big = torch.zeros(32 << 20, device="cuda"); del big  # 128 MiB, gone')
+    shell.run_cell("%gpumem cells on")
+    capsys.readouterr()
+    shell.run_cell('a = torch.zeros(1 << 20, device="cuda")  # 4 MiB')
+    out = capsys.readouterr().out
+    # the cell stayed under the notebook's 128 MiB peak: a bound, said as one
+    assert f"+4.00 MiB, peak ≤ {format_bytes(128 * MiB)} of" in out, out
+    shell.run_cell("seen = torch.cuda.max_memory_allocated()")
+    assert shell.user_ns["seen"] == 128 * MiB  # the notebook's own peak, not the cell's
+    shell.run_cell('b = torch.zeros(48 << 20, device="cuda")  # 192 MiB: a new peak')
+    out = capsys.readouterr().out
+    assert f"+{format_bytes(192 * MiB)}, peak {format_bytes(196 * MiB)} of" in out, out
+    shell.run_cell("%gpumem history")
+    assert f"≤ {format_bytes(128 * MiB)}" in capsys.readouterr().out
