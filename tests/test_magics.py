@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from IPython.core.magic_arguments import parse_argstring
 
 from jupyter_gpumem.backends import simulated
+from jupyter_gpumem.fixes.base import MAX_RUNS
+from jupyter_gpumem.ipython.magic_args import parse_gpumem, parse_oomsafe
 
 
 def _run(shell: Any, capsys: Any, cell: str) -> tuple[Any, str]:
@@ -49,8 +50,48 @@ def test_bad_input_is_one_usage_error_line(shell: Any, capsys: Any, cell: str, s
 def test_help_is_shown_not_refused(shell: Any, capsys: Any, cell: str) -> None:
     result, out = _run(shell, capsys, cell)
     assert result.success and "UsageError" not in out
-    assert "%gpumem [command]" in out and "simulate SIZE|off" in out
+    assert "%gpumem [command]" in out and "simulate SIZE|CARD|off" in out
     assert out.count("positional arguments") == 1, "the help once"
+    # every command, retry (what every fix prints) included, with its options
+    for command in ("status", "retry", "simulate", "limit", "trace", "cells", "shutdown"):
+        assert f"%gpumem {command}" in out, command
+    assert "--batch-var NAME" in out and "--max-retries N" in out and "--devices N" in out
+
+
+@pytest.mark.parametrize(
+    "cell, says",
+    [
+        ("%gpumem retry cpu --accumulate", "--accumulate is for `retry batch` only"),
+        ("%gpumem retry autocast --min-batch 5", "--min-batch is for `retry batch` only"),
+        ("%gpumem retry batch --drop x", "--drop is for `retry clear` only"),
+        ("%gpumem retry teleport", "invalid choice: 'teleport'"),
+        ("%gpumem simulate 8MiB --devices 2 --devices 3", "given twice"),
+        ("%gpumem cells maybe", "invalid choice: 'maybe'"),
+        ("%gpumem trace off here.pickle", "takes no path"),
+        ("%gpumem status now", "unrecognized arguments: now"),
+        ("%%oomsafe --batch-var 1x\nx = 1", "not a variable: '1x'"),
+    ],
+)
+def test_options_that_do_not_apply_are_refused_not_ignored(
+    shell: Any, capsys: Any, cell: str, says: str
+) -> None:
+    result, out = _run(shell, capsys, cell)
+    assert not result.success
+    assert says in _one_usage_error(out)
+    assert "x" not in shell.user_ns, "the cell did not run"
+
+
+def test_trace_save_to_a_missing_folder_is_one_line(shell: Any, capsys: Any, tmp_path: Any) -> None:
+    pytest.importorskip("torch")
+    _run(shell, capsys, "%gpumem simulate 64MiB")
+    try:
+        _run(shell, capsys, "%gpumem trace on")
+        result, out = _run(shell, capsys, f"%gpumem trace save {tmp_path}/no/such/dir/x.pickle")
+        assert not result.success
+        assert "cannot write" in _one_usage_error(out)
+    finally:
+        _run(shell, capsys, "%gpumem trace off")
+        _run(shell, capsys, "%gpumem simulate off")
 
 
 def test_help_texts_show_each_magic_with_its_own_percent_signs(shell: Any, capsys: Any) -> None:
@@ -68,17 +109,20 @@ def test_oomsafe_help_from_the_question_mark_lists_its_options(shell: Any, capsy
     assert "--force" in out and "--quiet" in out
 
 
-def test_oomsafe_keeps_its_options_and_defaults(shell: Any) -> None:
-    magic = shell.magics_manager.magics["cell"]["oomsafe"]
-    opts = parse_argstring(magic, "")
+def test_oomsafe_keeps_its_options_and_defaults() -> None:
+    opts = parse_oomsafe("")
+    assert not isinstance(opts, str)
     assert (opts.fixes, opts.max_retries, opts.batch_var, opts.min_batch) == (
-        "clear,batch,autocast,cpu",
-        8,
+        ["clear", "batch", "autocast", "cpu"],
+        MAX_RUNS,
         None,
         1,
     )
     assert (opts.force, opts.quiet) == (False, False)
-    opts = parse_argstring(magic, "--max-retries 3 --batch-var bs --min-batch 2 --force --quiet")
+    retry = parse_gpumem("retry batch")
+    assert not isinstance(retry, str) and retry.max_retries == MAX_RUNS, "one default for both"
+    opts = parse_oomsafe("--max-retries 3 --batch-var bs --min-batch 2 --force --quiet")
+    assert not isinstance(opts, str)
     assert (opts.max_retries, opts.batch_var, opts.min_batch, opts.force, opts.quiet) == (
         3,
         "bs",

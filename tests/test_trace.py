@@ -223,7 +223,7 @@ def test_cells_are_named_in_a_real_kernel(kernel: Kernel, tmp_path: Path) -> Non
     k = kernel
     k.run("%load_ext jupyter_gpumem")
     k.run("%gpumem simulate 160MiB")
-    k.run("import torch\nfrom jupyter_gpumem import trace\ntrace.start()")
+    k.run("import torch\nfrom jupyter_gpumem.readings import trace\ntrace.start()")
     defined = k.run("def make():\n    return torch.empty(2**20, dtype=torch.uint8, device='cuda')")
     called = k.run(
         "x = 1\nkept = make()\nacts = torch.empty(3 * 2**20, dtype=torch.uint8, device='cuda')"

@@ -23,6 +23,7 @@ __all__ = [
     "SimulatedGPU",
     "active",
     "simulate",
+    "simulated_profiles",
     "simulation",
     "stop_simulation",
 ]
@@ -42,3 +43,9 @@ def simulation() -> SimulatedGPU | None:
 def stop_simulation() -> None:
     """Stop the simulated GPU, if one runs, leaving torch as it was."""
     _simulated.stop()
+
+
+def simulated_profiles() -> tuple[str, ...]:
+    """The card profiles ``simulate(profile=...)`` takes (``T4``, ``A100-40GB``, ...)."""
+    profiles = getattr(_simulated, "PROFILES", None)
+    return tuple(profiles) if profiles else ()

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from jupyter_gpumem.rescue.transaction import Transaction
 
 
+MAX_RUNS = 8  # re-runs a fix (or the %%oomsafe ladder) may make, unless told otherwise
+
 @dataclass(frozen=True)
 class Check:
     applies: bool
@@ -138,7 +140,7 @@ class FixContext:
     failed: FailedCell
     batch_var: str | None = None
     min_batch: int = 1
-    max_runs: int = 6
+    max_runs: int = MAX_RUNS
     drop: tuple[str, ...] = ()  # clear: variables to delete, named by the user
     drop_output_cache: bool = False
     accumulate: bool = False  # reduce batch: keep the effective batch with gradient accumulation

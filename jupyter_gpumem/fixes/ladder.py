@@ -13,10 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from jupyter_gpumem.cells.failure import FailedCell, NamespaceMark
 from jupyter_gpumem.fixes import FIXES, LADDER, Attempt, Check, FixContext, FixOutcome
+from jupyter_gpumem.fixes.base import MAX_RUNS
 from jupyter_gpumem.fixes.batch.reduce import cell_key
 from jupyter_gpumem.fixes.batch.source import apply_batch, find_batch
 from jupyter_gpumem.rescue.rerun import Plan, RunResult, failed_run_leftovers, run_plan
@@ -27,11 +28,14 @@ if TYPE_CHECKING:
     from jupyter_gpumem.guard.analyse import GuardVerdict
 
 
+T = TypeVar("T")
+
+
 @dataclass
 class Options:
     batch_var: str | None = None
     min_batch: int = 1
-    max_runs: int = 6
+    max_runs: int = MAX_RUNS
     force: bool = False
     drop: tuple[str, ...] = ()
     drop_output_cache: bool = False
@@ -355,3 +359,27 @@ def cell_traceback(tb: TracebackType | None, user_ns: dict[str, Any]) -> Traceba
     while tb is not None and tb.tb_frame.f_globals is not user_ns:
         tb = tb.tb_next
     return tb
+
+
+def error_line(shell: Any, label: str, exc: BaseException) -> str:
+    """The one line a front end shows when a fix ended in an error other than Ctrl-C: the
+    cell's own error (shown above it, as the cell would) or ours, and what was put back."""
+    if isinstance(exc, RerunRaised):
+        return report_raised(shell, label, exc)
+    return f"jupyter_gpumem: {label} failed ({type(exc).__name__}: {str(exc)[:200]})"
+
+
+def run_reported(
+    shell: Any, label: str, run: Callable[[], T], say: Callable[[str], None]
+) -> T | None:
+    """``run()`` a fix for a terminal front end (``%gpumem retry``, ``%%oomsafe``): Ctrl-C says
+    what was undone and re-raises as a plain KeyboardInterrupt (IPython's one ``Interrupted``
+    line, no traceback through the extension); an error of the re-run is one line; None then."""
+    try:
+        return run()
+    except Interrupted as exc:
+        say(exc.message)
+        raise KeyboardInterrupt from None
+    except RerunRaised as raised:
+        say(error_line(shell, label, raised))
+        return None

@@ -9,29 +9,19 @@ from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments
 
 from jupyter_gpumem import backends
 from jupyter_gpumem.backends import active
 from jupyter_gpumem.diagnosis.render import render_snapshot_text
-from jupyter_gpumem.fixes import FIXES, LADDER
-from jupyter_gpumem.fixes.ladder import (
-    Interrupted,
-    Options,
-    RerunRaised,
-    apply_fix,
-    report_raised,
-    run_ladder,
-)
+from jupyter_gpumem.fixes import FIXES
+from jupyter_gpumem.fixes.ladder import Options, apply_fix, run_ladder, run_reported
 from jupyter_gpumem.ipython.magic_args import (
-    MAX_SIMULATED_BYTES,
-    RETRY_PARSER,
-    devices_option,
-    number_option,
-    parse_line,
-    parse_or_help,
-    positive,
-    size_or_off,
+    GPUMEM_PARSER,
+    OOMSAFE_PARSER,
+    doc,
+    full_help,
+    parse_gpumem,
+    parse_oomsafe,
 )
 from jupyter_gpumem.readings.release import release_failed_cell
 from jupyter_gpumem.readings.snapshot import read_snapshot
@@ -40,20 +30,7 @@ from jupyter_gpumem.units import format_bytes
 if TYPE_CHECKING:
     from jupyter_gpumem.ipython.extension import Extension
 
-COMMANDS = (
-    "status",
-    "retry",
-    "gauge",
-    "sidebar",
-    "simulate",
-    "limit",
-    "release",
-    "cells",
-    "history",
-    "shutdown",
-    "trace",
-    "help",
-)
+from jupyter_gpumem.ipython.magic_args import COMMANDS as COMMANDS
 
 
 @magics_class
@@ -62,106 +39,81 @@ class GpuMemMagics(Magics):
         super().__init__(shell)
         self.ext = ext
 
-    @magic_arguments()
-    @argument(
-        "command",
-        nargs="?",
-        default="status",
-        help="status (default): the GPU's memory now. "
-        "gauge: a live memory gauge under this cell. "
-        "sidebar [off]: the gauge in JupyterLab's right sidebar. "
-        "simulate SIZE|off [--devices N]: run the following cells on a simulated GPU of that "
-        "size (N cards of that size: cuda:0 ... cuda:N-1). "
-        "limit SIZE|off [--device N]: cap what this process may use on every GPU (or GPU N "
-        "only), to rehearse a smaller card. "
-        "release: free what the last failed cell pinned (when keep_traceback is on). "
-        "cells on|off [--quiet]: after each cell, what it added to GPU memory, its peak and time. "
-        "history: those numbers for every cell since. "
-        "shutdown PID [--yes]: shut down another notebook's kernel that holds GPU memory. "
-        "trace on|off|save [PATH]: record which source line allocates each tensor; an OOM then "
-        "says which lines hold the memory; save writes PyTorch's memory-viewer snapshot. "
-        "help: this text.",
-    )
-    @argument("args", nargs=argparse.REMAINDER, help="the command's arguments and options")
     @line_magic
     def gpumem(self, line: str = "") -> None:
-        """Show and control GPU memory from a notebook (jupyter_gpumem)."""
-        line = line.split(" #", 1)[0]  # a trailing comment is not an argument
-        if line.split()[:1] in (["-h"], ["--help"]):
-            line = "help"
-        opts = parse_line(self.gpumem, line)
-        command, args = opts.command, list(opts.args)
-        handler = getattr(self, f"_cmd_{command}", None)
-        if command not in self.ext.commands() or handler is None:
+        parsed = parse_gpumem(line)
+        if isinstance(parsed, str):
+            print(parsed)
+            return
+        if parsed.command not in self.ext.commands():
             raise UsageError(
-                f"%gpumem: unknown command {command!r}; try one of: {', '.join(self.ext.commands())}"
+                f"%gpumem: unknown command {parsed.command!r}; "
+                f"try one of: {', '.join(self.ext.commands())}"
             )
-        handler(args)
+        getattr(self, f"_cmd_{parsed.command}")(parsed)
 
-    def _no_args(self, command: str, args: list[str]) -> None:
-        if args:
-            raise UsageError(f"%gpumem {command} takes no arguments (got {' '.join(args)!r})")
+    gpumem.__doc__ = doc(GPUMEM_PARSER, "Show and control GPU memory from a notebook.")
 
-    def _cmd_help(self, args: list[str]) -> None:
-        self._no_args("help", args)
-        print(self.gpumem.__doc__)  # @magic_arguments made it the full help
+    def _cmd_help(self, opts: argparse.Namespace) -> None:
+        print(full_help())
 
-    def _cmd_status(self, args: list[str]) -> None:
-        self._no_args("status", args)
+    def _cmd_status(self, opts: argparse.Namespace) -> None:
         last = self.ext.hook.last_failure
         marked = last.report.device_index if last is not None else None
         print(render_snapshot_text(read_snapshot(), marked=marked))
 
-    def _cmd_cells(self, args: list[str]) -> None:
-        if args not in (["on"], ["off"], ["on", "--quiet"]):
-            raise UsageError("%gpumem cells takes on [--quiet], or off")
+    def _cmd_cells(self, opts: argparse.Namespace) -> None:
+        if opts.switch == "off" and opts.quiet:
+            raise UsageError("%gpumem cells off takes no --quiet")
         stats = self.ext.cell_stats()
-        if args[0] == "off":
+        if opts.switch == "off":
             stats.stop()
             print("Per-cell GPU memory off (`%gpumem history` keeps what was recorded).")
             return
-        stats.start(quiet="--quiet" in args)
+        stats.start(quiet=opts.quiet)
         print(
             "Per-cell GPU memory on: one line after each cell (its change, peak and time); "
             "`%gpumem history` for the table. It resets PyTorch's peak counter before each cell."
         )
 
-    def _cmd_history(self, args: list[str]) -> None:
-        self._no_args("history", args)
+    def _cmd_history(self, opts: argparse.Namespace) -> None:
         print(self.ext.cell_stats().table())
 
-    def _cmd_trace(self, args: list[str]) -> None:
+    def _cmd_trace(self, opts: argparse.Namespace) -> None:
         from jupyter_gpumem.readings import trace
 
-        if args == ["on"] or args == ["on", "--no-modules"]:
-            trace.start(modules="--no-modules" not in args, shell=self.shell)
+        if opts.action != "save" and opts.path is not None:
+            raise UsageError(f"%gpumem trace {opts.action} takes no path (only save does)")
+        if opts.action != "on" and opts.no_modules:
+            raise UsageError("%gpumem trace: --no-modules goes with on")
+        if opts.action == "on":
+            self._needs_torch("trace on")
+            trace.start(modules=not opts.no_modules, shell=self.shell)
             print(
                 "Tracing allocations: an OOM now says which lines of your cells hold the memory; "
                 "`%gpumem trace save` writes a snapshot for pytorch.org/memory_viz. It slows each "
                 "allocation a little; `%gpumem trace off` ends it."
             )
-        elif args == ["off"]:
+        elif opts.action == "off":
             was = trace.active()
             trace.stop()
             print("Tracing off." if was else "Tracing was not on.")
-        elif args[:1] == ["save"] and len(args) <= 2:
+        else:
             if not trace.active():
                 raise UsageError("%gpumem trace save: tracing is off (`%gpumem trace on` first)")
-            path = trace.save_snapshot(
-                args[1] if len(args) == 2 else "gpumem_snapshot.pickle", shell=self.shell
-            )
+            target = opts.path or "gpumem_snapshot.pickle"
+            try:
+                path = trace.save_snapshot(target, shell=self.shell)
+            except OSError as exc:
+                raise UsageError(
+                    f"%gpumem trace save: cannot write {target}: {exc.strerror or exc}"
+                ) from None
             print(f"Saved {path}: open it at https://pytorch.org/memory_viz (nothing is uploaded).")
-        else:
-            raise UsageError("%gpumem trace takes on [--no-modules], off, or save [PATH]")
 
-    def _cmd_shutdown(self, args: list[str]) -> None:
+    def _cmd_shutdown(self, opts: argparse.Namespace) -> None:
         from jupyter_gpumem.readings.kernels import find_kernel, shutdown
 
-        if not args or len(args) > 2 or (len(args) == 2 and args[1] != "--yes"):
-            raise UsageError("%gpumem shutdown takes a pid, then --yes to confirm")
-        if not args[0].isascii() or not args[0].isdigit():
-            raise UsageError(f"%gpumem shutdown: not a pid: {args[0]!r}")
-        pid = int(args[0])
+        pid = opts.pid
         if pid == os.getpid():
             raise UsageError("%gpumem shutdown: that is this kernel")
         info = find_kernel(pid)
@@ -169,7 +121,7 @@ class GpuMemMagics(Magics):
             raise UsageError(f"%gpumem shutdown: pid {pid} is not a Jupyter kernel seen from here")
         if not info.notebook:
             raise UsageError(f"%gpumem shutdown: pid {pid} is {info.describe()}")
-        if args[1:] != ["--yes"]:
+        if not opts.yes:
             print(
                 f"This would shut down {info.describe()}: its variables are lost. "
                 f"To confirm: %gpumem shutdown {pid} --yes"
@@ -181,6 +133,12 @@ class GpuMemMagics(Magics):
             raise UsageError(f"%gpumem shutdown: {type(exc).__name__}: {exc}") from None
         print(f"Shut down {info.describe()}.")
 
+    def _needs_torch(self, command: str) -> None:
+        import importlib.util
+
+        if "torch" not in sys.modules and importlib.util.find_spec("torch") is None:
+            raise UsageError(f"%gpumem {command} needs PyTorch: pip install torch")
+
     def _needs_widgets(self, command: str) -> None:
         if not self.ext.widgets_available():
             raise UsageError(
@@ -188,34 +146,34 @@ class GpuMemMagics(Magics):
                 "use %gpumem status"
             )
 
-    def _cmd_gauge(self, args: list[str]) -> None:
-        self._no_args("gauge", args)
+    def _cmd_gauge(self, opts: argparse.Namespace) -> None:
         self._needs_widgets("gauge")
         self.ext.show_gauge()
 
-    def _cmd_sidebar(self, args: list[str]) -> None:
-        if args not in ([], ["off"]):
-            raise UsageError("%gpumem sidebar takes no argument, or off")
-        if args == ["off"]:
+    def _cmd_sidebar(self, opts: argparse.Namespace) -> None:
+        if opts.off:
             closed = self.ext.close_sidebar()
             print("Sidebar gauge closed." if closed else "No sidebar gauge was open.")
             return
         self._needs_widgets("sidebar")
         print(self.ext.open_sidebar())
 
-    def _cmd_simulate(self, args: list[str]) -> None:
-        args, asked = devices_option(args)
-        size = size_or_off("simulate", args, most=MAX_SIMULATED_BYTES)
-        if size is None and asked is not None:
+    def _cmd_simulate(self, opts: argparse.Namespace) -> None:
+        card, asked = opts.card, opts.devices
+        if card is None and asked is not None:
             raise UsageError("%gpumem simulate off takes no --devices")
         devices = asked or 1
-        if size is None:
+        if card is None:
             was = backends.simulation()
             backends.stop_simulation()
             self.ext.simulation = None
             print("Simulated GPU off." if was else "No simulated GPU was running.")
             return
-        sim = backends.simulate(size, devices=devices)
+        self._needs_torch("simulate")
+        if isinstance(card, str):
+            sim = backends.simulate(0, profile=card, devices=devices)
+        else:
+            sim = backends.simulate(card, devices=devices)
         self.ext.simulation = sim
         cards = (
             f"{devices} simulated GPUs of {format_bytes(sim.total_bytes)} each (cuda:0 to "
@@ -228,9 +186,8 @@ class GpuMemMagics(Magics):
             "it. `%gpumem simulate off` ends it."
         )
 
-    def _cmd_limit(self, args: list[str]) -> None:
-        args, device = number_option(args, "limit", "--device", "--device 1")
-        size = size_or_off("limit", args)
+    def _cmd_limit(self, opts: argparse.Namespace) -> None:
+        size, device = opts.size, opts.device
         backend = active()
         try:
             total = backend.set_limit(size, device)
@@ -255,8 +212,7 @@ class GpuMemMagics(Magics):
                 "`%gpumem limit off` lifts it."
             )
 
-    def _cmd_release(self, args: list[str]) -> None:
-        self._no_args("release", args)
+    def _cmd_release(self, opts: argparse.Namespace) -> None:
         exc = getattr(sys, "last_value", None)
         result = release_failed_cell(self.shell, exc)
         if self.ext.hook.last_failure is not None:
@@ -269,10 +225,7 @@ class GpuMemMagics(Magics):
                 f"{format_bytes(result.allocated_after_bytes)} allocated."
             )
 
-    def _cmd_retry(self, args: list[str]) -> None:
-        opts = parse_or_help(RETRY_PARSER, args)
-        if opts is None:
-            return
+    def _cmd_retry(self, opts: argparse.Namespace) -> None:
         failed = self.ext.hook.last_failure
         if failed is None:
             raise UsageError("%gpumem retry: no cell has run out of memory yet")
@@ -285,59 +238,35 @@ class GpuMemMagics(Magics):
             drop_output_cache=opts.drop_output_cache,
             accumulate=opts.accumulate,
         )
-        try:
-            outcome = apply_fix(
+        fix = FIXES[opts.fix]
+        outcome = run_reported(
+            self.shell,
+            fix.label,
+            lambda: apply_fix(
                 self.shell,
                 failed,
                 opts.fix,
                 options,
                 self.ext.remembered,
                 on_attempt=lambda a: print("  " + a.line()),
-            )
-        except Interrupted as exc:
-            print(exc.message, file=sys.stderr)
-            raise KeyboardInterrupt from None
-        except RerunRaised as raised:  # the cell's error as the cell shows it, then one line
-            print(report_raised(self.shell, FIXES[opts.fix].label, raised), file=sys.stderr)
+            ),
+            say=lambda text: print(text, file=sys.stderr),
+        )
+        if outcome is None:
             return
         self.ext.report_outcome(outcome, failed)
 
-    @magic_arguments(name="%oomsafe")  # shown as %%oomsafe: IPython's help prefixes one %
-    @argument(
-        "--fixes",
-        default=",".join(LADDER),
-        metavar="LIST",
-        help=f"the fixes to try, in order, comma-separated (default: {','.join(LADDER)})",
-    )
-    @argument("--max-retries", type=positive, default=8, metavar="N", help="at most N re-runs")
-    @argument("--batch-var", metavar="NAME", help="the batch size is this variable")
-    @argument("--min-batch", type=positive, default=1, metavar="N", help="smallest batch to try")
-    @argument("--force", action="store_true", help="re-run despite side effects")
-    @argument("--quiet", action="store_true", help="say only what worked")
     @cell_magic
     def oomsafe(self, line: str, cell: str) -> None:
-        """Run the cell; on out-of-memory, apply fixes in order until one fits, then say what
-        worked and what to change in the cell.
-
-        Before re-running, a cell that already changed state (`step += 1`, `opt.step()`,
-        `history.append(...)`, file writes) up to the failing line stops with an explanation,
-        unless --force. Errors other than out-of-memory pass through unchanged.
-        """
-        if line.split()[:1] in (["-h"], ["--help"]):
-            print(self.oomsafe.__doc__)
+        parsed = parse_oomsafe(line)
+        if isinstance(parsed, str):
+            print(parsed)
             return
-        opts = parse_line(self.oomsafe, line)
-        # IPython's splitter keeps the quotes of --fixes "clear, batch"
-        fixes = [f.strip(" \t'\"") for f in opts.fixes.split(",")]
-        fixes = [f for f in fixes if f]
-        unknown = [f for f in fixes if f not in FIXES]
-        if unknown or not fixes:
-            raise UsageError(
-                f"%%oomsafe --fixes: unknown fix {', '.join(unknown) or '(none)'}; "
-                f"choose from {','.join(LADDER)}"
-            )
-        try:
-            result = run_ladder(
+        opts, fixes = parsed, parsed.fixes
+        result = run_reported(
+            self.shell,
+            "a fix",
+            lambda: run_ladder(
                 self.shell,
                 cell,
                 fixes=fixes,
@@ -350,14 +279,14 @@ class GpuMemMagics(Magics):
                 remembered=self.ext.remembered,
                 say=print,
                 quiet=opts.quiet,
-            )
-        except Interrupted as exc:
-            print(f"oomsafe: {exc.message}", file=sys.stderr)
-            raise KeyboardInterrupt from None
-        except RerunRaised as raised:
-            print("oomsafe: " + report_raised(self.shell, "a fix", raised), file=sys.stderr)
+            ),
+            say=lambda text: print(f"oomsafe: {text}", file=sys.stderr),
+        )
+        if result is None:
             return
         if not result.ok and result.failure is not None:
             self.ext.hook.last_failure = result.failure
             if result.refused is None:
                 self.ext.present(result.failure)
+
+    oomsafe.__doc__ = doc(OOMSAFE_PARSER, "Run the cell; on out-of-memory, apply fixes in order.")
