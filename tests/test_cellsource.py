@@ -97,3 +97,76 @@ def test_ipython_call_reads_only_what_ipython_writes() -> None:
     assert call("get_ipython().system(cmd)") is None
     assert call("shell.system('ls')") is None
     assert call("get_ipython().run_cell('x')") is None
+
+
+# ---- the names a cell uses: one reading for the failure record, the snapshot and Move to CPU ----
+
+
+def _notebook(code: str) -> dict[str, object]:
+    ns: dict[str, object] = {"__name__": "__main__"}
+    exec(compile(code, "<cell>", "exec"), ns)
+    return ns
+
+
+def test_names_used_are_the_cells_scopes_read_by_the_symbol_table() -> None:
+    src = (
+        "import os\n"
+        "x = trainer.model.fc(batch)\n"
+        "def f(a):\n"
+        "    global g\n"
+        "    g = a + y\n"
+        "    return [q for q in rows]\n"
+        "lam = lambda t: t + u\n"
+        "class C:\n"
+        "    k = m\n"
+        "del old\n"
+    )
+    names = cellsource.names_used(src)
+    # a chain by its root, globals of functions, lambdas, classes; no parameter, no local
+    assert {
+        "os",
+        "x",
+        "trainer",
+        "batch",
+        "f",
+        "g",
+        "y",
+        "rows",
+        "lam",
+        "u",
+        "C",
+        "m",
+        "old",
+    } <= names
+    assert not {"a", "q", "t", "k", "model", "fc"} & names
+
+
+def test_names_used_reach_the_notebook_code_the_cell_calls() -> None:
+    """`trainer.fit()` uses what `Trainer.fit` reads, `step()` what its helper reads; a bound
+    method and a partial lead to their functions. Nothing of a module's code is read."""
+    ns = _notebook(
+        "import functools, json\n"
+        "class Trainer:\n"
+        "    def fit(self):\n"
+        "        return helper() + self.model\n"
+        "def helper():\n"
+        "    return cfg\n"
+        "def step(n):\n"
+        "    return history\n"
+        "trainer = Trainer()\n"
+        "fit = trainer.fit\n"
+        "part = functools.partial(step, 1)\n"
+    )
+    assert {"trainer", "helper", "cfg"} <= cellsource.names_used("trainer.fit()\n", ns)
+    assert {"fit", "helper", "cfg"} <= cellsource.names_used("fit()\n", ns)
+    assert {"part", "history"} <= cellsource.names_used("part()\n", ns)
+    assert "model" not in cellsource.names_used("trainer.fit()\n", ns)  # an attribute, not a name
+    assert cellsource.names_used("json.dumps(1)\n", ns) == {"json"}
+
+
+def test_names_used_fall_back_where_the_symbol_table_refuses() -> None:
+    """Top-level `await` parses but the compiler refuses it; a cell that does not parse is read
+    by its words. Neither raises."""
+    assert cellsource.names_used("x = await fetch(url)\n") == {"x", "fetch", "url"}
+    assert {"model", "x"} <= cellsource.names_used("y = model(x\n")
+    assert {"step"} <= cellsource.names_used("%time step += 1\n")

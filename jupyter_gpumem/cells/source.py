@@ -18,14 +18,21 @@ change.
 from __future__ import annotations
 
 import ast
+import dis
+import functools
 import re
+import symtable
+import types
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 __all__ = [
+    "MAGIC_OPTIONS",
     "PYTHON_CELL_MAGICS",
     "SHELL_CELL_MAGICS",
+    "STATEMENT_MAGICS",
     "TEXT_CELL_MAGICS",
     "CellReading",
     "IPythonCall",
@@ -34,6 +41,7 @@ __all__ = [
     "ipython_call",
     "lines",
     "lines_with_ends",
+    "names_used",
     "parse",
     "parse_or_none",
     "read",
@@ -217,3 +225,152 @@ def dotted(node: ast.AST) -> str | None:
 def short(text: str, width: int = 60) -> str:
     """``text`` cut to ``width`` characters, an ellipsis last."""
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# ---- the names a cell uses ------------------------------------------------------------------------
+
+# line magics whose argument is a Python statement, and their leading options (`%timeit -n 3 f()`)
+STATEMENT_MAGICS = frozenset({"time", "timeit", "prun", "memit", "debug"})
+MAGIC_OPTIONS = re.compile(r"^(?:-[A-Za-z]\s*\d*\s+)*")
+NAMES_DEPTH = 3  # calls followed into notebook code, one inside another
+NAMES_CODES = 500  # code objects of notebook code read for one cell, all depths together
+GLOBAL_OPS = frozenset(
+    {"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_NAME", "STORE_NAME", "DELETE_NAME"}
+)
+
+
+def names_used(
+    source: str, namespace: Mapping[str, Any] | None = None, depth: int = NAMES_DEPTH
+) -> set[str]:
+    """The notebook's names a cell uses (reads, binds or deletes), the one reading of them.
+
+    The cell's own: every name of its module scope and the globals its functions, classes, lambdas
+    and comprehensions use (stdlib ``symtable``: ``def f(a): return a + y`` uses ``y``, not ``a``);
+    an attribute chain by its root (``trainer.model.fc`` uses ``trainer``). A cell whose syntax the
+    symbol table refuses (``await`` at the top level) by every name in its tree; one that does not
+    parse by every word that could be a name. Given the ``namespace``, the globals used by the
+    notebook code those names reach are added, ``depth`` calls deep: a function defined in the
+    notebook, the methods of a notebook class and of an object whose class is one, a bound method,
+    a ``functools.partial`` (``train()`` uses ``model`` when ``train``'s body reads it). Nothing
+    runs: objects are read by their type, code by its instructions.
+    """
+    names = _cell_names(source)
+    if namespace is None:
+        return names
+    todo = sorted(names)
+    seen: set[int] = set()
+    budget = [NAMES_CODES]
+    for _ in range(depth):
+        found: set[str] = set()
+        for name in todo:
+            if name not in namespace:
+                continue
+            for code in _notebook_code(namespace[name], namespace, seen, budget):
+                found.update(_globals_of(code))
+        todo = sorted(found - names)
+        names |= found
+        if not todo:
+            break
+    return names
+
+
+def _cell_names(source: str) -> set[str]:
+    reading = read(source)
+    if reading.python is None or reading.tree is None:
+        return set(re.findall(r"[^\W\d]\w*", source))
+    try:
+        table = symtable.symtable(reading.python, "<cell>", "exec")
+    except (SyntaxError, ValueError):  # valid syntax the compiler refuses (top-level await, ...)
+        return {n.id for n in ast.walk(reading.tree) if isinstance(n, ast.Name)}
+    names = {s.get_name() for s in table.get_symbols()}
+    todo = list(table.get_children())
+    while todo:
+        t = todo.pop()
+        names.update(s.get_name() for s in t.get_symbols() if s.is_global())
+        todo.extend(t.get_children())
+    return names | _magic_statement_names(reading)
+
+
+def _magic_statement_names(reading: CellReading) -> set[str]:
+    """The names in the Python a line magic runs (``%time step += 1``), which the rewritten line
+    holds as a string."""
+    out: set[str] = set()
+    if not reading.changed or reading.tree is None:
+        return out
+    for node in ast.walk(reading.tree):
+        call = ipython_call(node) if getattr(node, "lineno", 0) in reading.changed else None
+        if call is None or call.kind != "magic" or call.name not in STATEMENT_MAGICS:
+            continue
+        try:
+            tree = ast.parse(MAGIC_OPTIONS.sub("", call.arg.strip()))
+        except (SyntaxError, ValueError):
+            continue
+        out.update(n.id for n in ast.walk(tree) if isinstance(n, ast.Name))
+    return out
+
+
+def _notebook_code(
+    obj: Any, namespace: Mapping[str, Any], seen: set[int], budget: list[int]
+) -> Iterator[types.CodeType]:
+    """The code of the notebook functions ``obj`` is or runs, nested ones included; read by type
+    only (an instance's class through ``type()``, a class's methods from its own ``__dict__``)."""
+    todo = [obj]
+    while todo and budget[0] > 0:
+        o = todo.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        t = type(o)
+        if t is types.FunctionType:
+            if o.__globals__ is namespace:
+                budget[0] -= 1
+                yield from _nested_code(o.__code__)
+        elif t in (types.MethodType, staticmethod, classmethod):
+            todo.append(o.__func__)
+        elif t is property:
+            todo += [o.fget, o.fset, o.fdel]
+        elif t is functools.partial:
+            todo.append(o.func)
+        elif issubclass(t, type):
+            todo += _own_functions(o, namespace)
+        elif _is_notebook_class(t, namespace):
+            todo.append(t)
+
+
+def _own_functions(cls: type, namespace: Mapping[str, Any]) -> list[Any]:
+    """What a notebook class defines (its own ``__dict__``, read without its metaclass); nothing
+    for a class from a module."""
+    if not _is_notebook_class(cls, namespace):
+        return []
+    return list(type.__dict__["__dict__"].__get__(cls).values())
+
+
+def _is_notebook_class(cls: type, namespace: Mapping[str, Any]) -> bool:
+    """Defined in the notebook: one of its own functions has the notebook's globals."""
+    try:
+        own = type.__dict__["__dict__"].__get__(cls)
+    except TypeError:
+        return False
+    return any(
+        type(v) is types.FunctionType and v.__globals__ is namespace
+        for v in list(own.values())[:200]
+    )
+
+
+def _nested_code(code: types.CodeType) -> Iterator[types.CodeType]:
+    yield code
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            yield from _nested_code(c)
+
+
+def _globals_of(code: types.CodeType) -> set[str]:
+    """The global names one code object uses (not its attributes: ``self.model`` is ``self``'s)."""
+    try:
+        return {
+            str(i.argval).split(".")[0]
+            for i in dis.get_instructions(code)
+            if i.opname in GLOBAL_OPS and isinstance(i.argval, str)
+        }
+    except Exception:  # an instruction this Python's dis cannot read: the names it lists
+        return set(code.co_names)
