@@ -4,8 +4,13 @@ changes), measure its peak, and turn an OOM into the next diagnosis.
 This is what a fix button, ``%gpumem retry`` and ``%%oomsafe`` share. The source is executed here,
 in the user namespace, as ``%%time`` does: a retry is not a nested ``run_cell``. A non-OOM error is
 raised unchanged to the caller. A rehearsal (``Plan.rehearsal``) stops once the failing loop has
-run two passes (``rehearsal.LoopStopper``); undoing what it changed is the caller's transaction.
-Every run starts from the random number generators the failed cell started from.
+run two passes (``rehearsal.LoopStopper``), or at its first write outside the kernel's memory
+(``sandbox``); undoing what it changed is the caller's transaction. Every run starts from the
+random number generators the failed cell started from.
+
+Peaks and capacity are read on the device that ran out of memory (``run_plan(device=...)``; when
+not given, the device where the run allocated most), never merely the current one: a cell on
+``cuda:1`` measured on ``cuda:0`` reads a peak of 0 B.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from jupyter_gpumem.cells.failure import FailedCell, build_failure
 from jupyter_gpumem.cells.loop import LoopSite, LoopStopper, RehearsalDone, relocate
 from jupyter_gpumem.oom.report import OOMReport, find_oom
 from jupyter_gpumem.readings.release import release_failed_cell
+from jupyter_gpumem.rescue import sandbox
 
 ContextFactory = Callable[[], AbstractContextManager[Any]]
 
@@ -58,6 +64,10 @@ class RunResult:
     value: Any = None  # the value of the cell's last expression
     passes: int | None = None  # a rehearsal stopped after this many passes of the failing loop
     kept: bool = False  # a rehearsal kept as the real run (see Plan.keep)
+    # a rehearsal cut short before a write outside the kernel's memory: what it was stopped
+    # before ("`open('log.txt', 'a')`"); its peak is what it measured until then
+    stopped: str | None = None
+    device: int | None = None  # the device its peak and capacity were read on
 
 
 def _split_last_expr(tree: ast.Module) -> tuple[ast.Module, ast.Expression | None]:
@@ -70,14 +80,21 @@ def _split_last_expr(tree: ast.Module) -> tuple[ast.Module, ast.Expression | Non
     return tree, None
 
 
-def capacity_bytes() -> int | None:
+def capacity_bytes(device_index: int | None = None) -> int | None:
+    """What this process may use on the device: free plus what PyTorch reserves (so the memory
+    other processes and this process's context hold outside PyTorch is left out), capped by a
+    per-process limit."""
     from jupyter_gpumem.readings.snapshot import read_snapshot
 
-    snap = read_snapshot()
-    caps = [v for v in (snap.total_bytes, snap.allowed_bytes) if v is not None]
-    budget = min(caps) if caps else None
-    if budget is not None:
-        budget -= snap.other_processes_bytes
+    snap = read_snapshot(device_index)
+    if snap.free_bytes is not None and snap.reserved_bytes is not None:
+        budget: int | None = snap.free_bytes + snap.reserved_bytes
+    elif snap.total_bytes is not None:
+        budget = snap.total_bytes - snap.other_processes_bytes
+    else:
+        budget = None
+    if snap.allowed_bytes is not None:
+        budget = snap.allowed_bytes if budget is None else min(budget, snap.allowed_bytes)
     return budget
 
 
@@ -91,8 +108,10 @@ def run_plan(
     loop: LoopSite | None = None,
     rng: RngState | None = None,
     passes: int = 2,
+    device: int | None = None,
 ) -> RunResult:
-    """Run once. Returns ok / the measured peak, or the new FailedCell on an OOM."""
+    """Run once. Returns ok / the measured peak on ``device`` (None: where the run allocated
+    most), or the new FailedCell on an OOM."""
     user_ns = shell.user_ns
     if preexisting is None:
         preexisting = frozenset(user_ns)
@@ -102,23 +121,22 @@ def run_plan(
         restore_rng(rng)
     user_ns.update(plan.namespace_updates)
     run = _compile(shell, plan, loop, passes)
-    torch_objects.reset_peak()
+    meter = _Meter(device)
     t0 = time.perf_counter()
     value = None
     try:
         with backends.active().on_this_thread(), contextlib.ExitStack() as stack:
-            _enter(stack, plan, run.stopper)
+            sandboxed = _enter(stack, plan, run.stopper)
             exec(run.body, user_ns)
             if run.last is not None:
                 value = eval(run.last, user_ns)
     except RehearsalDone as done:
-        # the fit is proven: the frames it stopped (activations, the batch) go at once
+        # the fit is proven, or the rehearsal reached a write outside memory: the frames it
+        # stopped (activations, the batch) go at once
         traceback.clear_frames(done.__traceback__)
+        stopped = done.what if isinstance(done, sandbox.WorldTouched) else None
         del done
-        elapsed = time.perf_counter() - t0
-        assert run.stopper is not None
-        completed = run.stopper.completed or passes
-        return RunResult(True, _peak(), capacity_bytes(), elapsed, passes=completed)
+        return _stopped(plan, run, meter, time.perf_counter() - t0, passes, stopped)
     except Exception as exc:
         found = find_oom(exc)
         if found is None:
@@ -126,14 +144,69 @@ def run_plan(
         elapsed = time.perf_counter() - t0
         failure = _failure(shell, plan, exc, found[1], preexisting, keep_traceback, rng)
         del exc
-        return RunResult(False, _peak(), capacity_bytes(), elapsed, failure=failure)
+        meter.device = failure.report.device_index if meter.device is None else meter.device
+        return meter.result(False, elapsed, failure=failure)
     elapsed = time.perf_counter() - t0
     if display_result and value is not None and not plan.rehearsal:
         from IPython.display import display
 
         display(value)
+    if sandboxed is not None and sandboxed.stopped is not None:
+        # the code caught WorldTouched and went on: it ran whole, but not everything it meant to
+        return _stopped(plan, run, meter, elapsed, passes, sandboxed.stopped)
     # it ran whole (the loop, if any, ended before the rehearsal had seen enough): passes=None
-    return RunResult(True, _peak(), capacity_bytes(), elapsed, value=value)
+    return meter.result(True, elapsed, value=value)
+
+
+def _stopped(
+    plan: Plan, run: _Compiled, meter: _Meter, elapsed: float, passes: int, what: str | None
+) -> RunResult:
+    """A rehearsal that ended early: its passes, and what it was stopped before (said on its
+    line, and never kept as the real run)."""
+    completed = run.stopper.completed if run.stopper is not None else 0
+    if what is None:
+        completed = completed or passes
+    else:
+        note = sandbox.stopped_text(what)
+        plan.note = f"{plan.note}, {note}" if plan.note else note
+    return meter.result(True, elapsed, passes=completed, stopped=what)
+
+
+class _Meter:
+    """Peaks read on the device the run used: reset on every visible device before it, read on
+    ``device`` after it (None: the device whose allocations rose most)."""
+
+    def __init__(self, device: int | None) -> None:
+        self.device = device
+        self.start: dict[int | None, int] = {}
+        indexes = _devices() if device is None else (device,)
+        for index in indexes:
+            torch_objects.reset_peak(index)
+            stats = torch_objects.allocator_stats(index) or {}
+            self.start[index] = stats.get("allocated_bytes.all.current", 0)
+
+    def _chosen(self) -> int | None:
+        if self.device is not None or len(self.start) <= 1:
+            return self.device if self.device is not None else next(iter(self.start), None)
+        rise = {}
+        for index, before in self.start.items():
+            stats = torch_objects.allocator_stats(index) or {}
+            rise[index] = stats.get("allocated_bytes.all.peak", 0) - before
+        return max(rise, key=lambda i: rise[i])
+
+    def result(self, ok: bool, elapsed: float, **fields: Any) -> RunResult:
+        device = self._chosen()
+        return RunResult(
+            ok, _peak(device), capacity_bytes(device), elapsed, device=device, **fields
+        )
+
+
+def _devices() -> tuple[int | None, ...]:
+    try:
+        visible: tuple[int | None, ...] = tuple(backends.active().visible_devices())
+    except Exception:
+        visible = ()
+    return visible or (None,)
 
 
 @dataclass
@@ -163,16 +236,20 @@ def _compile(shell: Any, plan: Plan, loop: LoopSite | None, passes: int) -> _Com
     return _Compiled(body_code, last_code, stopper)
 
 
-def _enter(stack: contextlib.ExitStack[Any], plan: Plan, stopper: LoopStopper | None) -> None:
-    """The fix's context managers, then the rehearsal's stopper and its silence."""
+def _enter(stack: contextlib.ExitStack[Any], plan: Plan, stopper: LoopStopper | None) -> Any | None:
+    """The fix's context managers, then the rehearsal's stopper, its sandbox and its silence;
+    returns the sandbox's state (None for a real run)."""
     for factory in plan.contexts:
         stack.enter_context(factory())
     if stopper is not None:
         stack.enter_context(stopper)
-    if plan.rehearsal:
-        # a rehearsal's prints (losses, progress bars) are not results: not shown
-        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-        stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    if not plan.rehearsal:
+        return None
+    state = stack.enter_context(sandbox.rehearsing())
+    # a rehearsal's prints (losses, progress bars) are not results: not shown
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    return state
 
 
 def _failure(
@@ -209,8 +286,8 @@ def failed_run_leftovers(user_ns: dict[str, Any], created: dict[str, int]) -> li
     return [n for n, ident in created.items() if n in user_ns and id(user_ns[n]) == ident]
 
 
-def _peak() -> int | None:
-    stats = torch_objects.allocator_stats()
+def _peak(device: int | None = None) -> int | None:
+    stats = torch_objects.allocator_stats(device)
     return None if stats is None else stats.get("allocated_bytes.all.peak")
 
 

@@ -1,0 +1,194 @@
+"""Rehearsals cannot touch the world: the first write that would leave the kernel's memory ends one.
+
+A rehearsal (a probe of a fix) runs the user's code for real and is rolled back afterwards; a
+rollback can put back what lives in the kernel's memory, never a line appended to a file, a row
+sent to a database or a command run by the shell. So while a rehearsal runs, a Python audit hook
+(``sys.addaudithook``: installed once per process, since an audit hook cannot be removed, and
+idle outside a rehearsal) raises :class:`WorldTouched` at the first such event on the rehearsal's
+thread: ``open`` for writing, appending or creating, removing, renaming or making files and
+folders, ``shutil``'s copies and moves, starting a process (``subprocess``, ``os.system``, the
+pseudo-terminal IPython's ``!cmd`` runs in), connecting or sending on a socket, opening an
+SQLite database. The rehearsal ends there with what it measured; reading files stays allowed.
+
+What the hook cannot see (writes through a file object opened before the rehearsal:
+``print(..., file=f)``, a ``csv.writer``, a logging handler's stream) is undone by the
+transaction, which puts such files back to their size and position (``transaction``).
+
+Other threads are not stopped (a DataLoader's workers, IPython's history): only the thread that
+runs the rehearsal. Python's own caches (``__pycache__``) and torch.compile's are allowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+from jupyter_gpumem.cells.loop import RehearsalDone
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+_ALLOWED_PARTS = ("__pycache__", "torchinductor_", os.sep + ".triton" + os.sep)
+
+# event -> how many of its first arguments name what it touches
+_EVENTS: dict[str, int] = {
+    "os.remove": 1,
+    "os.rename": 2,
+    "os.rmdir": 1,
+    "os.mkdir": 1,
+    "os.truncate": 1,
+    "os.link": 2,
+    "os.symlink": 2,
+    "os.chmod": 1,
+    "os.chown": 1,
+    "os.utime": 1,
+    "shutil.copyfile": 2,
+    "shutil.copymode": 2,
+    "shutil.copystat": 2,
+    "shutil.copytree": 2,
+    "shutil.rmtree": 1,
+    "shutil.move": 2,
+    "shutil.chown": 1,
+    "shutil.make_archive": 1,
+    "shutil.unpack_archive": 2,
+    "subprocess.Popen": 0,
+    "os.system": 1,
+    "os.exec": 1,
+    "os.spawn": 2,
+    "os.posix_spawn": 1,
+    "os.forkpty": 0,
+    "pty.spawn": 1,
+    "os.kill": 2,
+    "os.killpg": 2,
+    "socket.connect": 0,
+    "socket.sendto": 0,
+    "socket.sendmsg": 0,
+    "socket.bind": 0,
+    "sqlite3.connect": 1,
+    "webbrowser.open": 1,
+}
+
+
+class WorldTouched(RehearsalDone):
+    """Raised into a rehearsal at its first write outside the kernel's memory."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+class _State:
+    thread: int | None = None  # the rehearsal's thread, while one runs
+    stopped: str | None = None  # what the running rehearsal was stopped before
+
+
+_state = _State()
+_installed = False
+_install_lock = threading.Lock()
+
+
+def _install() -> None:
+    global _installed
+    with _install_lock:
+        if not _installed:
+            sys.addaudithook(_hook)
+            _installed = True
+
+
+def _hook(event: str, args: tuple[Any, ...]) -> None:
+    thread = _state.thread
+    if thread is None or (event != "open" and event not in _EVENTS):
+        return
+    if threading.get_ident() != thread:
+        return
+    what = describe(event, args)
+    if what is None:
+        return
+    if _state.stopped is None:
+        _state.stopped = what
+    raise WorldTouched(what)
+
+
+def describe(event: str, args: tuple[Any, ...]) -> str | None:
+    """The call as code (``open('log.txt', 'a')``), or None when the event leaves the world alone."""
+    if event == "open":
+        return _describe_open(args)
+    if event in ("subprocess.Popen", "os.forkpty", "os.system", "pty.spawn"):
+        command = _shell_command() or _command(event, args)
+        return f"running `{command}`" if command else f"`{event}`"
+    if event.startswith("socket."):
+        address = args[1] if len(args) > 1 else None
+        return f"`{event}({address!r})`"
+    n = _EVENTS[event]
+    shown = ", ".join(repr(_plain(a)) for a in args[:n])
+    return f"`{event}({shown})`"
+
+
+def _describe_open(args: tuple[Any, ...]) -> str | None:
+    path, mode, flags = (*args, None, None, None)[:3]
+    if path is None or isinstance(path, int):
+        return None  # a descriptor already open: nothing new is reached
+    writes = isinstance(mode, str) and any(c in mode for c in "wax+")
+    if not writes and isinstance(flags, int):
+        writes = bool(flags & _WRITE_FLAGS)
+    if not writes:
+        return None
+    text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)
+    if text == os.devnull or any(part in text for part in _ALLOWED_PARTS):
+        return None
+    if isinstance(mode, str):
+        return f"`open({text!r}, {mode!r})`"
+    return f"`os.open({text!r}, ...)` for writing"
+
+
+def _plain(value: Any) -> Any:
+    return os.fsdecode(value) if isinstance(value, (bytes, os.PathLike)) else value
+
+
+def _command(event: str, args: tuple[Any, ...]) -> str | None:
+    if event == "subprocess.Popen" and len(args) > 1:
+        argv = args[1]
+        if isinstance(argv, (list, tuple)):
+            return " ".join(str(a) for a in argv)
+        return str(argv)
+    if args and isinstance(args[0], (str, bytes)):
+        return str(_plain(args[0]))
+    return None
+
+
+def _shell_command() -> str | None:
+    """The command IPython's ``!cmd`` / ``%sx`` is running, read from its own frame's locals."""
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(12):
+        if frame is None:
+            return None
+        if frame.f_code.co_name in ("system", "system_piped", "system_raw", "getoutput"):
+            cmd = frame.f_locals.get("cmd")
+            if isinstance(cmd, str):
+                return cmd.strip()
+        frame = frame.f_back
+    return None
+
+
+@contextlib.contextmanager
+def rehearsing() -> Iterator[_State]:
+    """While the block runs on this thread, the first write outside memory raises WorldTouched;
+    ``.stopped`` says what it was (None if nothing was stopped)."""
+    _install()
+    previous = (_state.thread, _state.stopped)
+    _state.thread, _state.stopped = threading.get_ident(), None
+    result = _State()
+    try:
+        yield result
+    finally:
+        result.stopped = _state.stopped
+        _state.thread, _state.stopped = previous
+        result.thread = None
+
+
+def stopped_text(what: str) -> str:
+    """What a rehearsal's line says: ``stopped before `open('log.txt', 'a')```."""
+    return f"stopped before {what}"
