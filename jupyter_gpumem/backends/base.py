@@ -120,7 +120,12 @@ class MemoryBackend(Protocol):
         :class:`~.allocator.SizeLog`, filled when the block ends); None where they cannot be."""
         ...
 
-    def supports_bf16(self) -> bool: ...
+    def supports_bf16(self) -> bool:
+        """The current device computes in bfloat16 natively (compute capability 8.0 or later on
+        CUDA), not by emulation, which is slower than float16. A backend may take an ``index``
+        (``supports_bf16(index=None)``) to answer for another device: ``torch_objects`` asks the
+        device that ran out where it does."""
+        ...
 
     def user_traceback(self, tb: TracebackType | None) -> TracebackType | None:
         """The traceback as the user should see it (the backend's own frames left out)."""

@@ -389,12 +389,24 @@ class CudaBackend:
             except Exception:
                 pass
 
-    def supports_bf16(self) -> bool:
+    def supports_bf16(self, index: int | None = None) -> bool:
+        """bfloat16 in hardware on device ``index``: compute capability 8.0 or later (Ampere on),
+        or a ROCm device. ``torch.cuda.is_bf16_supported()`` also says True where it is emulated
+        (a T4 or V100 runs it several times slower than float16), and asks the current device."""
         torch = torch_module()
-        if torch is None:
+        if torch is None or not cuda_ready():
             return False
         try:
-            return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+            if getattr(torch.version, "hip", None):
+                return True
+            device = self.current_device() if index is None else index
+            return int(torch.cuda.get_device_properties(device).major) >= 8
+        except Exception:
+            pass
+        try:  # no properties: the current device, asked without emulation where torch takes it
+            if index is not None and index != self.current_device():
+                return False
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
         except Exception:
             return False
 

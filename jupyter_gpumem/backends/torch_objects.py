@@ -9,6 +9,7 @@ backend (``base.active()``); new code calls the backend itself.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -74,8 +75,17 @@ def allocated_bytes() -> int | None:
     return None if stats is None else stats.get("allocated_bytes.all.current", 0)
 
 
-def supports_bf16() -> bool:
-    return torch_module() is not None and active().supports_bf16()
+def supports_bf16(device_index: int | None = None) -> bool:
+    """Device ``device_index`` (None: the current one) computes in bfloat16 natively."""
+    if torch_module() is None:
+        return False
+    ask: Any = active().supports_bf16
+    try:
+        takes_index = "index" in inspect.signature(ask).parameters
+    except (TypeError, ValueError):
+        takes_index = False
+    # a backend that cannot be asked about another device answers for its current one
+    return bool(ask(device_index) if takes_index else ask())
 
 
 def autocast_device_type() -> str:
@@ -117,17 +127,17 @@ def no_torch_function() -> Any:
     return disable() if disable is not None else contextlib.nullcontext()
 
 
-def autocast_factory() -> tuple[Any, str]:
+def autocast_factory(device_index: int | None = None) -> tuple[Any, str]:
     """A factory of ``torch.autocast`` contexts for the re-run, and the dtype's name.
 
-    bf16 where the device supports it (no GradScaler needed), else fp16.
+    bf16 where device ``device_index`` (the one that ran out; None: the current one) has it in
+    hardware (no GradScaler needed), else fp16.
     """
     torch = torch_module()
     if torch is None:
         raise RuntimeError("torch is not imported")
-    backend = active()
-    device_type = backend.autocast_device_type()
-    dtype = torch.bfloat16 if backend.supports_bf16() else torch.float16
+    device_type = active().autocast_device_type()
+    dtype = torch.bfloat16 if supports_bf16(device_index) else torch.float16
 
     def factory() -> Any:
         return torch.autocast(device_type=device_type, dtype=dtype)

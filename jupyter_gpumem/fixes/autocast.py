@@ -1,4 +1,6 @@
-"""Enable autocast: re-run the cell under ``torch.autocast`` (bf16 where supported, else fp16).
+"""Enable autocast: re-run the cell under ``torch.autocast``: bf16 where the GPU that ran out has
+it in hardware (compute capability 8.0 on), else fp16 with a GradScaler note (a T4 or V100
+emulates bf16, slower than fp16).
 
 Autocast is not a sure saving: it halves activations of matmul-heavy layers, but fp32 weights,
 gradients and optimizer state stay (an 8-layer 4096-wide MLP saved 5%, findings §5). So it predicts
@@ -7,10 +9,21 @@ from the diagnosis and reports the measured peak beside the prediction.
 
 from __future__ import annotations
 
-from jupyter_gpumem.backends import active, torch_objects
+from jupyter_gpumem.backends import torch_objects
 from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome
 from jupyter_gpumem.rescue.rerun import Plan
 from jupyter_gpumem.units import format_bytes
+
+
+def _dtype(ctx: FixContext) -> str:
+    """bfloat16 where the GPU that ran out computes it natively, else float16."""
+    native = torch_objects.supports_bf16(ctx.failed.report.device_index)
+    return "bfloat16" if native else "float16"
+
+
+def _gpu(ctx: FixContext) -> str:
+    index = ctx.failed.report.device_index
+    return "This GPU" if index is None else f"GPU {index}"
 
 
 class Autocast(Fix):
@@ -21,7 +34,7 @@ class Autocast(Fix):
         if torch_objects.torch_module() is None:
             return Check(False, "", "torch is not imported in this kernel")
         d = ctx.failed.diagnosis
-        dtype = "bfloat16" if active().supports_bf16() else "float16"
+        dtype = _dtype(ctx)
         action = (
             f"Re-run the cell under torch.autocast ({dtype}): matmuls and convolutions compute in "
             f"{dtype}, so activations take about half the memory. Numerics change."
@@ -39,14 +52,15 @@ class Autocast(Fix):
 
     def apply(self, ctx: FixContext) -> FixOutcome:
         check = self.check(ctx)
-        factory, dtype = torch_objects.autocast_factory()
+        factory, dtype = torch_objects.autocast_factory(ctx.failed.report.device_index)
         outcome = self._single_run(
             ctx, Plan(ctx.failed.source, contexts=[factory], note=f"autocast {dtype}"), check
         )
         outcome.notes.append(
             f"Numerics change: matmuls ran in {dtype}."
             + (
-                " For fp16 training, use torch.amp.GradScaler to avoid underflowing gradients."
+                f" {_gpu(ctx)} has no bfloat16 in hardware (compute capability below 8.0). "
+                "For fp16 training, use torch.amp.GradScaler to avoid underflowing gradients."
                 if dtype == "float16"
                 else ""
             )
