@@ -74,13 +74,20 @@ def test_a_simulation_started_from_python_is_the_callers(bare_shell: Any) -> Non
     jupyter_gpumem.stop_simulation()
 
 
-def test_reload_after_a_simulation_starts_clean(bare_shell: Any) -> None:
+def test_reload_keeps_a_running_simulation_and_unload_then_ends_it(bare_shell: Any) -> None:
+    """`%reload_ext` is unload then load: the cells after it still run on the simulated card (was:
+    "Torch not compiled with CUDA enabled"); the reloaded extension owns it, so unload ends it."""
     pytest.importorskip("torch")
     from jupyter_gpumem.backends import simulated
 
     bare_shell.run_cell("%load_ext jupyter_gpumem")
     bare_shell.run_cell("%gpumem simulate 160MiB")
+    sim = simulated.current()
+    bare_shell.run_cell("import torch\nx = torch.ones(4, device='cuda')")
     bare_shell.run_cell("%reload_ext jupyter_gpumem")
-    assert simulated.current() is None
+    assert simulated.current() is sim
+    assert bare_shell.run_cell("y = torch.ones(4, device='cuda') + x").success
     assert bare_shell.run_cell("%gpumem status").success
+    bare_shell.run_cell("del x, y")
     bare_shell.run_cell("%unload_ext jupyter_gpumem")
+    assert simulated.current() is None

@@ -17,6 +17,23 @@ from jupyter_gpumem.ipython.cellstats import CellStats
 from jupyter_gpumem.ipython.hook import OOMHook
 from jupyter_gpumem.ipython.magics import COMMANDS, GpuMemMagics
 
+# `%reload_ext jupyter_gpumem` unloads, then loads again: what the magics started (a simulated GPU,
+# a cap) is handed from the one to the other, by shell, instead of being ended in between.
+_carried: dict[int, tuple[Any, Any]] = {}
+
+
+def _reloading() -> bool:
+    """Whether this unload is the first half of IPython's ``reload_extension``."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "reload_extension" and frame.f_globals.get("__name__", "").startswith(
+            "IPython.core.extensions"
+        ):
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
 
 def fix_lines(checks: dict[str, Any], shortfall_bytes: int | None = None) -> list[str]:
     """One line per fix for the text diagnosis: the command, what it saves, or why it cannot.
@@ -74,6 +91,7 @@ class Extension:
 
     def load(self) -> None:
         self.hook.install()
+        self.simulation, self.limited = _carried.pop(id(self.shell), (None, None))
         try:
             meter.start(
                 self.shell, last_failure=lambda: self.hook.last_failure
@@ -208,6 +226,10 @@ class Extension:
         """Stop the simulated GPU the magics started (one started from Python is the caller's)."""
         from jupyter_gpumem.backends import active, simulation, stop_simulation
 
+        if _reloading():  # the extension loaded next takes them over; the cells go on as they were
+            _carried[id(self.shell)] = (self.simulation, self.limited)
+            self.simulation = self.limited = None
+            return
         if self.simulation is not None and simulation() is self.simulation:
             stop_simulation()  # puts back every torch.cuda function it replaced
         self.simulation = None
