@@ -76,6 +76,10 @@ class OOMHook:
         self._cell_id: str | None = None
         self._cell_count: int | None = None
         self._pending_release: BaseException | None = None
+        # the error IPython last showed when the cell started, and the last one the handler saw:
+        # an OOM shown between them without the handler (`%run`) is diagnosed after the cell
+        self._last_seen: BaseException | None = None
+        self._handled: BaseException | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -142,8 +146,13 @@ class OOMHook:
         except Exception:
             self._cell_rng = None
         self._cell_held = _held_now()
+        self._last_seen = getattr(sys, "last_value", None)
 
     def _post_run_cell(self, result: Any) -> None:
+        try:
+            self._diagnose_shown_elsewhere()
+        except BaseException:
+            pass  # never raises out of a post_run_cell callback
         exc = self._pending_release
         if exc is None:
             return
@@ -155,6 +164,28 @@ class OOMHook:
 
             result.error_in_exec = detached_copy(err)
         exc.__traceback__ = None
+
+    def _diagnose_shown_elsewhere(self) -> None:
+        """An OOM that IPython showed itself, not through the handler: ``%run script.py`` (and
+        other magics that catch an error and call ``showtraceback``). The traceback is on
+        screen; the diagnosis follows it, and what the failed frames pinned is freed."""
+        value = getattr(sys, "last_value", None)
+        if value is None or value is self._last_seen or value is self._handled:
+            return
+        self._handled = value
+        found = find_oom(value)
+        if found is None:
+            return
+        oom = found[0]
+        tb = getattr(sys, "last_traceback", None)
+        frames = tb if oom is value else through(tb, oom.__traceback__)
+        try:
+            failed = self.diagnose_failure(oom, found[1], frames, outer=value)
+        finally:
+            del frames, tb
+        self.last_failure = failed
+        if self.present is not None:
+            self.present(failed)
 
     # ---- the handler --------------------------------------------------------------------------
 
@@ -232,6 +263,7 @@ class OOMHook:
     ) -> Any:
         # BaseException throughout: IPython drops a custom handler that raises (Ctrl-C included),
         # and the hook must stay installed for the rest of the session
+        self._handled = value
         try:
             found = find_oom(value)
         except BaseException:

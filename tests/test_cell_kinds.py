@@ -1,0 +1,90 @@
+"""Every kind of cell an OOM can come from, in a real InteractiveShell on the simulated GPU: a
+script run with ``%run`` (IPython shows its error itself, without the custom handler), an
+ExceptionGroup holding the OOM, and a cell with top-level ``await``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import jupyter_gpumem
+
+torch = pytest.importorskip("torch")
+
+SCRIPT = """\
+import torch
+
+def step():
+    kept = torch.empty(8 << 20, device="cuda")  # 32 MiB held by the failing frame
+    more = torch.empty(64 << 20, device="cuda")  # 256 MiB: out of memory
+    return kept, more
+
+step()
+"""
+
+
+def _run(shell: Any, capsys: Any, cell: str) -> str:
+    capsys.readouterr()
+    shell.run_cell(cell)
+    cap = capsys.readouterr()
+    return cap.out + cap.err
+
+
+@pytest.mark.parametrize("flag", ["", "-i "])
+def test_an_oom_in_a_run_script_is_diagnosed_and_its_memory_freed(
+    shell: Any, capsys: Any, tmp_path: Path, flag: str
+) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    shell.run_cell("%gpumem simulate 64MiB")
+    out = _run(shell, capsys, f"%run {flag}{script}")
+    assert "OutOfMemoryError" in out, "IPython's own traceback is still shown"
+    assert "GPU out of memory: Tried to allocate 256 MiB" in out
+    assert "Freed 32.00 MiB that the failed cell pinned" in out
+    assert torch.cuda.memory_allocated() == 0, "the failed frame no longer holds `kept`"
+    failed = jupyter_gpumem.last_failure(shell)
+    assert failed is not None and failed.report.requested_bytes == 256 << 20
+    # the next cell is not diagnosed again for the same error
+    assert "GPU out of memory" not in _run(shell, capsys, "x = 1")
+
+
+def test_a_run_script_that_fails_otherwise_is_left_as_ipython_shows_it(
+    shell: Any, capsys: Any, tmp_path: Path
+) -> None:
+    script = tmp_path / "bad.py"
+    script.write_text("raise ValueError('not memory')\n")
+    out = _run(shell, capsys, f"%run {script}")
+    assert "ValueError: not memory" in out and "GPU out of memory" not in out
+    assert jupyter_gpumem.last_failure(shell) is None
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="ExceptionGroup is Python 3.11+")
+def test_an_exception_group_holding_an_oom_is_diagnosed(shell: Any, capsys: Any) -> None:
+    shell.run_cell("%gpumem simulate 64MiB")
+    out = _run(
+        shell,
+        capsys,
+        "import torch\n"
+        "try:\n"
+        "    y = torch.empty(64 << 20, device='cuda')\n"
+        "except Exception as e:\n"
+        "    raise ExceptionGroup('workers', [e, ValueError('other')])",
+    )
+    assert "ExceptionGroup" in out and "ValueError: other" in out
+    assert "GPU out of memory: Tried to allocate 256 MiB" in out
+    assert jupyter_gpumem.last_failure(shell) is not None
+
+
+def test_a_cell_with_top_level_await_is_diagnosed(shell: Any, capsys: Any) -> None:
+    shell.run_cell("%gpumem simulate 64MiB")
+    out = _run(
+        shell,
+        capsys,
+        "import asyncio, torch\nawait asyncio.sleep(0)\nz = torch.empty(64 << 20, device='cuda')",
+    )
+    assert "GPU out of memory: Tried to allocate 256 MiB" in out
+    failed = jupyter_gpumem.last_failure(shell)
+    assert failed is not None and "await asyncio.sleep(0)" in failed.source
