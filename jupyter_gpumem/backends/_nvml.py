@@ -6,10 +6,14 @@ None; nothing here raises.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
+
+from jupyter_gpumem.backends.visible_devices import Gpu, Mapping, Target, map_devices
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"tried": False, "nvml": None, "error": None}
@@ -17,7 +21,7 @@ _state: dict[str, Any] = {"tried": False, "nvml": None, "error": None}
 
 @dataclass(frozen=True)
 class NvmlDevice:
-    index: int  # physical NVML index (what nvidia-smi shows)
+    index: int  # physical NVML index (what nvidia-smi shows); a MIG device's GPU's
     uuid: str | None
     name: str | None
     total_bytes: int
@@ -49,38 +53,90 @@ def _as_str(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def physical_index(logical: int, visible: str | None = None) -> int | str:
-    """Map torch's device index through CUDA_VISIBLE_DEVICES to NVML's index (or a UUID prefix)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
-    if not visible:
-        return logical
-    entries = [e.strip() for e in visible.split(",") if e.strip()]
-    if logical >= len(entries):
-        return logical
-    entry = entries[logical]
-    return int(entry) if entry.isdigit() else entry  # "GPU-8a3f..." or "MIG-..."
-
-
-def _handle(nvml: Any, logical: int) -> Any:
-    target = physical_index(logical)
-    if isinstance(target, int):
-        return nvml.nvmlDeviceGetHandleByIndex(target)
-    count = nvml.nvmlDeviceGetCount()
-    for i in range(count):  # CUDA accepts unique UUID prefixes
+def _gpus(nvml: Any) -> list[Gpu]:
+    """Every GPU NVML sees, with its MIG devices; read once (they do not change under a kernel)."""
+    cached = _state.get("gpus")
+    if cached is not None:
+        return cast("list[Gpu]", cached)
+    gpus = []
+    for i in range(int(nvml.nvmlDeviceGetCount())):
         h = nvml.nvmlDeviceGetHandleByIndex(i)
-        if _as_str(nvml.nvmlDeviceGetUUID(h)).startswith(target):
-            return h
-    return nvml.nvmlDeviceGetHandleByUUID(target)
+        name = None
+        with contextlib.suppress(Exception):
+            name = _as_str(nvml.nvmlDeviceGetName(h))
+        mig_enabled, migs = _migs(nvml, h)
+        uuid = _as_str(nvml.nvmlDeviceGetUUID(h))
+        gpus.append(Gpu(i, uuid, name, mig_enabled, migs))
+    _state["gpus"] = gpus
+    return gpus
 
 
-def read_device(logical_index: int = 0) -> NvmlDevice | None:
+def _migs(nvml: Any, handle: Any) -> tuple[bool, tuple[str, ...]]:
+    """Whether the GPU is in MIG mode, and its MIG devices' UUIDs."""
+    try:
+        current, _pending = nvml.nvmlDeviceGetMigMode(handle)
+    except Exception:  # not supported (pre-Ampere), or an older pynvml
+        return False, ()
+    if current != getattr(nvml, "NVML_DEVICE_MIG_ENABLE", 1):
+        return False, ()
+    uuids = []
+    try:
+        count = int(nvml.nvmlDeviceGetMaxMigDeviceCount(handle))
+    except Exception:
+        return True, ()
+    for j in range(count):
+        try:
+            mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, j)
+            uuids.append(_as_str(nvml.nvmlDeviceGetUUID(mig)))
+        except Exception:
+            continue  # an empty slot
+    return True, tuple(uuids)
+
+
+def mapping(torch_uuids: Sequence[str] | None = None) -> Mapping | None:
+    """torch's devices mapped to NVML's (``CUDA_VISIBLE_DEVICES`` and ``CUDA_DEVICE_ORDER``
+    applied), or None without NVML."""
     nvml = _nvml()
     if nvml is None:
         return None
     try:
-        handle = _handle(nvml, logical_index)
+        gpus = _gpus(nvml)
+    except Exception as exc:
+        _state["error"] = f"{type(exc).__name__}: {exc}"
+        return None
+    env = os.environ
+    return map_devices(
+        env.get("CUDA_VISIBLE_DEVICES"), env.get("CUDA_DEVICE_ORDER"), gpus, torch_uuids
+    )
+
+
+def _handle(nvml: Any, target: Target) -> tuple[Any, int]:
+    """NVML's handle of a GPU or MIG device, and the physical GPU's index."""
+    if isinstance(target, int):
+        return nvml.nvmlDeviceGetHandleByIndex(target), target
+    handle = nvml.nvmlDeviceGetHandleByUUID(target)
+    parent = nvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
+    return handle, int(nvml.nvmlDeviceGetIndex(parent))
+
+
+def read_device(
+    logical_index: int = 0, torch_uuids: Sequence[str] | None = None
+) -> NvmlDevice | None:
+    """torch's device ``logical_index`` as NVML reads it; None where NVML cannot tell, or cannot
+    tell which GPU it is (then :func:`error` says why)."""
+    nvml = _nvml()
+    found = mapping(torch_uuids)
+    if nvml is None or found is None:
+        return None
+    if found.uncertain is not None:
+        _state["error"] = found.uncertain
+        return None
+    if logical_index >= len(found.targets):
+        _state["error"] = f"CUDA_VISIBLE_DEVICES shows no GPU {logical_index} to this process"
+        return None
+    try:
+        handle, index = _handle(nvml, found.targets[logical_index])
         mem = nvml.nvmlDeviceGetMemoryInfo(handle)
-        index = int(nvml.nvmlDeviceGetIndex(handle))
     except Exception as exc:
         _state["error"] = f"{type(exc).__name__}: {exc}"
         return None
@@ -108,6 +164,12 @@ def read_device(logical_index: int = 0) -> NvmlDevice | None:
         free_bytes=int(mem.free),
         processes=tuple(sorted(procs.items(), key=lambda kv: -kv[1])),
     )
+
+
+def visible_count(torch_uuids: Sequence[str] | None = None) -> int | None:
+    """How many devices CUDA shows this process (``CUDA_VISIBLE_DEVICES`` applied), or None."""
+    found = mapping(torch_uuids)
+    return None if found is None else len(found.targets)
 
 
 def device_count() -> int | None:

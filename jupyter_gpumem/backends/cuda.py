@@ -1,14 +1,14 @@
 """The CUDA backend: torch's allocator (``_torch``) and the driver through NVML (``_nvml``).
 
 Reading never creates a CUDA context: ``torch.cuda.is_initialized()`` gates every torch call that
-would, and NVML needs none. Devices are torch's (logical) indices: ``CUDA_VISIBLE_DEVICES`` decides
-which physical GPUs they are, and NVML is asked about those only.
+would, and NVML needs none. Devices are torch's (logical) indices: ``CUDA_VISIBLE_DEVICES`` and
+``CUDA_DEVICE_ORDER`` decide which physical GPUs they are (``visible_devices.py``), and NVML is
+asked about those only; where that cannot be told, NVML's numbers are left out and said why.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from types import TracebackType
@@ -24,7 +24,6 @@ __all__ = [
     "history_recording",
     "size_log_from_snapshot",
     "trace_since",
-    "visible_count",
 ]
 
 # torch's allocation history holds this many events for ``record_sizes`` (two passes of a
@@ -108,25 +107,6 @@ def history_recording(torch: Any) -> bool | None:
         return None
 
 
-def visible_count(visible: str | None, physical: int) -> int:
-    """How many devices torch sees: CUDA_VISIBLE_DEVICES's entries up to the first invalid one
-    (as CUDA reads it), or every physical device when it is unset."""
-    if visible is None:
-        return physical
-    count = 0
-    for entry in visible.split(","):
-        entry = entry.strip()
-        if not entry:
-            break
-        if entry.isdigit():
-            if int(entry) >= physical:
-                break
-        elif not entry.startswith(("GPU-", "MIG-")):
-            break
-        count += 1
-    return count
-
-
 def _fill(log: SizeLog, read: SizeLog) -> None:
     log.resident, log.events = read.resident, read.events
     log.allocations, log.complete = read.allocations, read.complete
@@ -143,6 +123,7 @@ class CudaBackend:
 
     note: str | None = None
     sizes_note: str | None = None  # why the last ``record_sizes`` gave no log, or an incomplete one
+    _uuids: tuple[str, ...] | None = None
 
     def visible_devices(self) -> tuple[int, ...]:
         torch = torch_module()
@@ -152,10 +133,22 @@ class CudaBackend:
                     return tuple(range(int(torch.cuda.device_count())))
             except Exception:
                 pass
-        physical = _nvml.device_count()
-        if physical is None:
-            return ()
-        return tuple(range(visible_count(os.environ.get("CUDA_VISIBLE_DEVICES"), physical)))
+        count = _nvml.visible_count()
+        return () if count is None else tuple(range(count))
+
+    def _torch_uuids(self) -> tuple[str, ...] | None:
+        """The UUID of each of torch's devices, once torch has a context (reading them then
+        creates none): they tell which NVML GPU each is whatever CUDA_DEVICE_ORDER says."""
+        if self._uuids is None and cuda_ready():
+            torch = torch_module()
+            try:
+                count = int(torch.cuda.device_count())
+                self._uuids = tuple(
+                    str(torch.cuda.get_device_properties(i).uuid) for i in range(count)
+                )
+            except Exception:
+                return None
+        return self._uuids
 
     def current_device(self) -> int:
         if cuda_ready():
@@ -168,7 +161,7 @@ class CudaBackend:
     def read(self, index: int | None = None) -> DeviceReading:
         index = self.current_device() if index is None else index
         stats = self.allocator_stats(index)
-        dev = _nvml.read_device(index)
+        dev = _nvml.read_device(index, self._torch_uuids())
         total = free = used = None
         name = uuid = None
         procs: tuple[RawProcess, ...] = ()
