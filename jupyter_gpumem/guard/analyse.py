@@ -40,12 +40,14 @@ effects) and ``guard_verdict`` (what is said about it).
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from jupyter_gpumem.cells import source as cellsource
 from jupyter_gpumem.guard import calls
-from jupyter_gpumem.guard.effects import Reach
+from jupyter_gpumem.guard.state import Reach
 from jupyter_gpumem.guard.verdict import GuardVerdict, SideEffect, unknown
 from jupyter_gpumem.guard.walk import Walker
 from jupyter_gpumem.guard.words import read_cell
@@ -83,17 +85,83 @@ def analyse_rerun(
             return GuardVerdict((tree,), limit)
         if tree is None:
             return unknown(limit, "could not read the cell; re-running may repeat its effects")
-        walker = Walker(lines, preexisting, limit, earlier_passes is not False)
-        if namespace is not None:
-            walker.reach = Reach(namespace, at_failure=values_at_failure)
-            walker.frames = tuple((str(q), int(n)) for q, n in failed_frames or ())
-        walker.root = calls.GlobalsAsNames().visit(tree).body
-        walker.ipython = cellsource.read(source).changed
-        walker.block(walker.root)
+        body = calls.GlobalsAsNames().visit(tree).body
+        reach = Reach(namespace, at_failure=values_at_failure) if namespace is not None else None
+        walker = _walker(source, lines, preexisting, limit, earlier_passes is not False, reach)
+        walker.frames = tuple((str(q), int(n)) for q, n in failed_frames or ())
+        walker.root = body
+        walker.block(body)
+        ahead = _rehearsal(source, lines, preexisting, limit, reach, body)
     except Exception as exc:  # fail closed: a cell we cannot read is one we ask about
         why = f"could not read the cell ({type(exc).__name__}); re-running may repeat its effects"
         return unknown(limit, why)
     found = {(e.lineno, e.kind, e.name): e for e in walker.effects}
-    return GuardVerdict(
-        tuple(sorted(found.values(), key=lambda e: e.lineno)), limit, walker.in_loop
-    )
+    ran = sorted(found.values(), key=lambda e: e.lineno)
+    coming = {
+        (e.lineno, e.kind, e.name): e for e in ahead if (e.lineno, e.kind, e.name) not in found
+    }
+    rehearsed = [
+        replace(e, rehearsal=True) for e in sorted(coming.values(), key=lambda e: e.lineno)
+    ]
+    return GuardVerdict(tuple(ran + rehearsed), limit, walker.in_loop)
+
+
+def _walker(
+    source: str,
+    lines: list[str],
+    preexisting: Collection[str],
+    limit: int | None,
+    earlier: bool,
+    reach: Reach | None,
+) -> Walker:
+    walker = Walker(lines, preexisting, limit, earlier)
+    walker.reach = reach
+    walker.ipython = cellsource.read(source).changed
+    return walker
+
+
+def _rehearsal(
+    source: str,
+    lines: list[str],
+    preexisting: Collection[str],
+    limit: int | None,
+    reach: Reach | None,
+    body: list[ast.stmt],
+) -> list[SideEffect]:
+    """What a rehearsal runs (the cell from the top through the loop around the failing line, or
+    all of it), every line and every notebook function in full, that no rollback undoes and no
+    audit hook stops: an iterator or generator advanced, a thread started, code that cannot be
+    read, a queue, a database on an open connection, a service's client."""
+    end = _rehearsal_end(body, limit)
+    walker = _walker(source, lines, preexisting, None, True, reach)
+    walker.root = body
+    walker.block(body)
+    return [e for e in walker.effects if e.lineno <= end and kept_by_rehearsal(e)]
+
+
+def _rehearsal_end(body: list[ast.stmt], limit: int | None) -> int:
+    """The last line a rehearsal may run: the end of the innermost loop around the failing line
+    (it stops after two passes of it), else the end of the cell."""
+    last = max((s.end_lineno or s.lineno for s in body), default=0)
+    if limit is None:
+        return last
+    around = [
+        n.end_lineno or n.lineno
+        for s in body
+        for n in ast.walk(s)
+        if isinstance(n, (ast.For, ast.AsyncFor, ast.While))
+        and n.body[0].lineno <= limit <= (n.end_lineno or n.lineno)
+    ]
+    return min(around, default=last)
+
+
+def kept_by_rehearsal(e: SideEffect) -> bool:
+    """An effect of a rehearsal that is neither stopped (the audit hooks end it at the first file
+    opened for writing, process, socket connection) nor undone (the transaction's snapshot)."""
+    if e.kind in ("iterator", "thread", "exec", "queue", "database"):
+        return True
+    return e.kind == "io_call" and not e.name.startswith(STOPPED_CALLS)
+
+
+# started by the calls the audit hooks stop: a new process
+STOPPED_CALLS = ("shell command", "subprocess.", "os.system", "os.popen")

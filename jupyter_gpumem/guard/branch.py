@@ -35,10 +35,12 @@ import functools
 import operator
 import types
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from jupyter_gpumem.cells.failure import PLAIN
 from jupyter_gpumem.guard.calls import MISSING
+from jupyter_gpumem.guard.words import zeroes
 
 if TYPE_CHECKING:
     from jupyter_gpumem.guard.effects import CallReader
@@ -60,6 +62,8 @@ PLAIN_NODES = (
     ast.Constant, ast.Name, ast.Compare, ast.BoolOp, ast.UnaryOp, ast.BinOp, ast.Tuple, ast.List,
     ast.Set, ast.expr_context, ast.boolop, ast.unaryop, ast.operator, ast.cmpop,
 )  # fmt: skip
+SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
+STATEMENT_PARTS = (ast.stmt, ast.excepthandler, ast.match_case)
 NAMESPACE_LIMIT = 20_000  # values of the namespace read for notebook code
 CODE_LIMIT = 5_000  # code objects of notebook code read for the globals they bind
 
@@ -69,26 +73,250 @@ class Unsure(Exception):
 
 
 def taken(w: CallReader, s: ast.If) -> bool | None:
-    """Whether ``s``'s body ran (True) or its ``else`` (False) in the failing pass; None: unknown."""
-    if w.full or w.limit is None or w.reach is None:
+    """Whether ``s``'s body ran (True) or its ``else`` (False) in the passes that ran: the failing
+    one, and inside a loop around the failing line whose counter's values are known, every earlier
+    pass; None: unknown, or the one in some passes and the other in others."""
+    if w.limit is None or w.reach is None or (w.full and not w.passes):
         return None
     names = plain_names(s.test)
     if names is None or (w.fn is not None and names & (w.fn.local | w.fn.free)):
         return None
+    counters = frozenset(w.passes[0]) if w.full and w.passes else frozenset()
     start = w.loops[0] if w.loops else s.lineno
-    end = span_end(w.root, w.limit, w.earlier)
+    end = span_end(w.root, w.limit, w.earlier or w.full > 0)
     if any(start <= line <= end for line in w.ipython):
         return None
     bound = bound_in(w.root, start, end)
-    if bound is None or names & bound:
+    if bound is None or (names - counters) & bound:
         return None
     rebound = rebound_globals(w.reach)
     if rebound is None or names & rebound:
         return None
-    at_failure = w.reach.at_failure
-    if at_failure is not None:
-        return truth(s.test, {n: at_failure.get(n, MISSING) for n in names})
-    return truth(s.test, {n: w.lookup(n) for n in names})
+    values = {n: at_failure(w, n) for n in names - counters}
+    if not counters or not w.passes:
+        return truth(s.test, values)
+    # the passes that reached the test: the failing one only if the test is before its line
+    envs = w.passes if s.lineno <= w.limit else w.passes[:-1]
+    seen = {truth(s.test, {**values, **env}) for env in envs}
+    return seen.pop() if len(seen) == 1 else None
+
+
+def at_failure(w: CallReader, name: str) -> Any:
+    """The plain value ``name`` held when the cell failed (the namespace's without a record)."""
+    if w.reach is not None and w.reach.at_failure is not None:
+        return w.reach.at_failure.get(name, MISSING)
+    return w.lookup(name)
+
+
+def zeroes_in(w: CallReader, body: list[ast.stmt]) -> bool:
+    """Whether ``body`` zeroes the gradients in the passes that ran: ``zero_grad()``, ``p.grad =
+    None``; under an ``if`` only where the branch with it ran (``taken``)."""
+    for s in body:
+        if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        if zeroes(s):
+            return True
+        if isinstance(s, ast.If):
+            ran = taken(w, s)
+            blocks = [s.body, s.orelse] if ran is None else [s.body if ran else s.orelse]
+            heads: list[ast.AST] = [s.test]
+        else:
+            blocks = [
+                b
+                for f in ("body", "orelse", "finalbody")
+                if isinstance(b := getattr(s, f, None), list)
+            ]
+            blocks += [h.body for h in getattr(s, "handlers", [])]
+            blocks += [c.body for c in getattr(s, "cases", [])]
+            heads = [n for n in ast.iter_child_nodes(s) if not isinstance(n, STATEMENT_PARTS)]
+        if any(zeroes(n) for h in heads for n in ast.walk(h)):
+            return True
+        if any(zeroes_in(w, b) for b in blocks):
+            return True
+    return False
+
+
+# ---- how many passes of a loop ran before the failing one --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Counted:
+    """The passes of a loop around the failing line that ran before the failing one, read from the
+    values at the failure."""
+
+    passes: int
+    # the loop counter's value in each pass that ran, the failing one last; [] when not known
+    values: list[dict[str, Any]]
+
+
+def passes_before(w: CallReader, loop: ast.For | ast.AsyncFor | ast.While) -> Counted | None:
+    """How many passes of ``loop`` (around the failing line, in the cell) ran before the failing
+    one, where the values at the failure tell it for certain; None elsewhere.
+
+    - ``for i in range(a, b, k)`` / ``for i, x in enumerate(xs, a)``: ``i``'s value at the failure,
+      unless the body rebinds ``i`` before the failing line; a name the loop sets again each pass,
+      so one that existed before the cell tells it as well;
+    - a counter the cell sets to a number just before the loop and adds a number to once per pass,
+      in the loop's own body, with no ``continue`` that could skip it (nanoGPT's
+      ``local_iter_num``);
+
+    and neither rebound by notebook code, ``exec`` or IPython syntax anywhere in the loop."""
+    if w.fn is not None or w.reach is None or w.limit is None:
+        return None
+    end = loop.end_lineno or loop.lineno
+    if any(loop.lineno <= line <= end for line in w.ipython):
+        return None
+    if bound_in(loop.body, loop.lineno, end) is None:
+        return None  # exec, globals(), import *: anything may be rebound
+    return _range_counter(w, loop) or _step_counter(w, loop)
+
+
+PASS_VALUES = 4096  # earlier passes whose counter values are listed, for the tests of ``if``s
+
+
+def _range_counter(w: CallReader, loop: ast.AST) -> Counted | None:
+    head = _counter_head(w, loop)
+    if head is None:
+        return None
+    name, start, step = head
+    value = at_failure(w, name)
+    assert isinstance(loop, (ast.For, ast.AsyncFor))
+    rebinds = bound_in(loop.body, loop.body[0].lineno, w.limit or 0)
+    if type(value) is not int or rebinds is None or name in rebinds or _rebound(w, name):
+        return None
+    passes, off = divmod(value - start, step)
+    if off or passes < 0:
+        return None
+    values = [{name: start + j * step} for j in range(passes + 1)] if passes < PASS_VALUES else []
+    return Counted(passes, values)
+
+
+def _counter_head(w: CallReader, loop: ast.AST) -> tuple[str, int, int] | None:
+    """(counter, first value, step) of ``for i in range(...)`` / ``for i, x in enumerate(...)``."""
+    if not isinstance(loop, (ast.For, ast.AsyncFor)) or not isinstance(loop.iter, ast.Call):
+        return None
+    call, target = loop.iter, loop.target
+    fn = call.func.id if isinstance(call.func, ast.Name) else None
+    if fn == "range" and isinstance(target, ast.Name) and not call.keywords and call.args:
+        start = _number(w, loop, call.args[0]) if len(call.args) > 1 else 0
+        step = _number(w, loop, call.args[2]) if len(call.args) > 2 else 1
+        if start is None or not step:
+            return None
+        return target.id, start, step
+    if fn == "enumerate" and isinstance(target, ast.Tuple) and target.elts:
+        idx = target.elts[0]
+        first: ast.expr | None = call.args[1] if len(call.args) > 1 else None
+        first = next((k.value for k in call.keywords if k.arg == "start"), first)
+        start = 0 if first is None else _number(w, loop, first)
+        if not isinstance(idx, ast.Name) or start is None:
+            return None
+        return idx.id, start, 1
+    return None
+
+
+def _number(w: CallReader, loop: ast.For | ast.AsyncFor, node: ast.expr) -> int | None:
+    """An ``int`` constant, or a name holding one that nothing in the loop rebinds."""
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        n = _number(w, loop, node.operand)
+        return None if n is None else -n
+    if isinstance(node, ast.Constant):
+        return node.value if type(node.value) is int else None
+    if isinstance(node, ast.Name):
+        value = at_failure(w, node.id)
+        bound = bound_in([loop], loop.lineno, loop.end_lineno or loop.lineno)
+        if type(value) is int and bound is not None and node.id not in bound:
+            return None if _rebound(w, node.id) else value
+    return None
+
+
+def _step_counter(w: CallReader, loop: ast.For | ast.AsyncFor | ast.While) -> Counted | None:
+    """``n = 0`` just before the loop, ``n += 1`` once per pass in its body: passes from ``n``."""
+    body, at = w.here
+    if at >= len(body) or body[at] is not loop or _continues(loop.body):
+        return None
+    limit = w.limit or 0
+    failing = next(
+        (j for j, b in enumerate(loop.body) if b.lineno <= limit <= (b.end_lineno or b.lineno)),
+        None,
+    )
+    for j, b in enumerate(loop.body):
+        got = _increment(b)
+        if got is None or failing is None or _stores(loop, got[0]) != 1 or _rebound(w, got[0]):
+            continue
+        name, k = got
+        start = _set_before(body, at, name)
+        value = at_failure(w, name)
+        if start is None or type(value) is not int:
+            continue
+        done, off = divmod(value - start, k)
+        passes = done - 1 if j < failing else done  # this pass added already: one fewer before
+        if not off and passes >= 0:
+            return Counted(passes, [])
+    return None
+
+
+def _increment(s: ast.stmt) -> tuple[str, int] | None:
+    """``n += k`` with ``k`` a positive ``int``: (n, k)."""
+    if not (isinstance(s, ast.AugAssign) and isinstance(s.op, ast.Add)):
+        return None
+    if not isinstance(s.target, ast.Name) or not isinstance(s.value, ast.Constant):
+        return None
+    k = s.value.value
+    return (s.target.id, k) if type(k) is int and k > 0 else None
+
+
+def _set_before(body: list[ast.stmt], at: int, name: str) -> int | None:
+    """The number ``name`` was set to by the last statement before ``body[at]`` binding it, when
+    that is ``name = <int>`` in the same block."""
+    for s in reversed(body[:at]):
+        lines = bound_in([s], s.lineno, s.end_lineno or s.lineno)
+        if lines is None:
+            return None
+        if name not in lines:
+            continue
+        if (
+            isinstance(s, ast.Assign)
+            and len(s.targets) == 1
+            and isinstance(s.targets[0], ast.Name)
+            and isinstance(s.value, ast.Constant)
+            and type(s.value.value) is int
+        ):
+            return s.value.value
+        return None
+    return None
+
+
+def _stores(loop: ast.AST, name: str) -> int:
+    """How many places in ``loop``'s body bind ``name`` (its header aside)."""
+    body = getattr(loop, "body", [])
+    return sum(
+        1
+        for b in body
+        for n in ast.walk(b)
+        if (isinstance(n, ast.Name) and n.id == name and not isinstance(n.ctx, ast.Load))
+        or (isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name == name)
+    )
+
+
+def _continues(body: list[ast.stmt]) -> bool:
+    """A ``continue`` of this loop (not of a loop inside it)."""
+    todo: list[ast.AST] = list(body)
+    while todo:
+        n = todo.pop()
+        if isinstance(n, ast.Continue):
+            return True
+        if not isinstance(n, (ast.For, ast.AsyncFor, ast.While, *SCOPES)):
+            todo.extend(ast.iter_child_nodes(n))
+        elif isinstance(n, (ast.For, ast.AsyncFor, ast.While)):
+            todo.extend(n.orelse)  # a loop's else belongs to the loop around it
+    return False
+
+
+def _rebound(w: CallReader, name: str) -> bool:
+    """Notebook code may rebind ``name`` as a global."""
+    assert w.reach is not None
+    rebound = rebound_globals(w.reach)
+    return rebound is None or name in rebound
 
 
 # ---- the test --------------------------------------------------------------------------------------

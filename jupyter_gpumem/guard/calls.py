@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import ast
 import inspect
+import logging
+import sys
 import textwrap
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import threading
+import types
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from types import FunctionType
 from typing import Any
 
@@ -24,8 +28,16 @@ __all__ = [
     "Callee",
     "GlobalsAsNames",
     "NotebookFunction",
+    "bound_method",
+    "is_executor",
     "is_globals",
+    "is_iterator",
+    "is_thread",
+    "is_thread_class",
+    "logger_writes_to",
+    "name_of",
     "notebook_callee",
+    "root_logger",
 ]
 
 MISSING = object()  # what ``lookup`` gives for a name that holds no known object
@@ -62,6 +74,7 @@ class Callee:
     fn: NotebookFunction
     receiver: ast.expr | None  # ``trainer`` in ``trainer.fit()``: bound to the first parameter
     skips_first: bool  # the first parameter is bound to something new (``Cls(...)``'s self)
+    closure: dict[str, Any] = field(default_factory=dict)  # a closure's cells: name -> value
 
 
 def notebook_callee(
@@ -156,7 +169,18 @@ def _callee(
     fn = cache[key]
     if fn is None:
         return None
-    return Callee(fn, receiver, first_is_new)
+    return Callee(fn, receiver, first_is_new, _cells(obj))
+
+
+def _cells(fn: FunctionType) -> dict[str, Any]:
+    """A closure's variables and what they hold (an empty cell left out)."""
+    out: dict[str, Any] = {}
+    for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=False):
+        try:
+            out[name] = cell.cell_contents
+        except ValueError:
+            continue
+    return out
 
 
 def _read(obj: FunctionType) -> NotebookFunction | None:
@@ -257,3 +281,142 @@ class GlobalsAsNames(ast.NodeTransformer):
             return ast.copy_location(ast.Name(id=key.value, ctx=node.ctx), node)
         self.generic_visit(node)
         return node
+
+
+# ---- objects of the notebook, read by their type (nothing of theirs runs) ------------------------
+
+NAME_SCAN = 20_000  # names of the namespace looked through for the one holding an object
+
+
+def bound_method(obj: Any, name: str, owner: Callable[[Any], str | None]) -> ast.expr | None:
+    """``add`` holding ``L.append`` (or ``trainer.fit``), as the expression ``L.append``: its
+    object by the notebook's name for it (``owner``), else ``add.__self__``. None for anything
+    else (a function, a builtin such as ``print``)."""
+    t = type(obj)
+    if t not in (types.MethodType, types.BuiltinMethodType, types.MethodWrapperType):
+        return None
+    receiver = obj.__self__
+    if receiver is None or isinstance(receiver, (types.ModuleType, type)):
+        return None  # `print`, a classmethod: nothing of the notebook's changes through them
+    method = obj.__func__.__name__ if t is types.MethodType else obj.__name__
+    held = owner(receiver)
+    root: ast.expr = (
+        ast.Name(held, ast.Load())
+        if held
+        else ast.Attribute(ast.Name(name, ast.Load()), "__self__", ast.Load())
+    )
+    return ast.Attribute(root, str(method), ast.Load())
+
+
+def name_of(obj: Any, namespace: Mapping[str, Any], names: Collection[str]) -> str | None:
+    """The first of ``names`` whose value in ``namespace`` is ``obj`` (looked through by identity,
+    up to ``NAME_SCAN`` names)."""
+    for i, name in enumerate(names):
+        if i >= NAME_SCAN:
+            return None
+        if namespace.get(name, MISSING) is obj:
+            return name
+    return None
+
+
+def _mro_has(obj: Any, attr: str) -> bool:
+    try:
+        inspect.getattr_static(type(obj), attr)
+    except AttributeError:
+        return False
+    return True
+
+
+def is_iterator(obj: Any) -> bool:
+    """An iterator (a generator, ``iter(xs)``, an open file): taking an item from it is gone for a
+    re-run. Read from its type; a class that is its own iterator by ``__next__`` counts."""
+    if obj is MISSING or isinstance(obj, type):
+        return False
+    return _mro_has(obj, "__next__")
+
+
+def is_thread(obj: Any) -> bool:
+    return obj is not MISSING and is_thread_class(type(obj))
+
+
+def is_thread_class(cls: Any) -> bool:
+    """``threading.Thread`` or ``multiprocessing.Process``, or a subclass (read from the MRO)."""
+    if not isinstance(cls, type):
+        return False
+    bases = [threading.Thread]
+    mp = sys.modules.get("multiprocessing.process")
+    if mp is not None:
+        bases.append(mp.BaseProcess)
+    mro = type.__dict__["__mro__"].__get__(cls)
+    return any(b in mro for b in bases)
+
+
+def is_executor(obj: Any) -> bool:
+    """A ``concurrent.futures`` executor or a ``multiprocessing`` pool: what it is given runs
+    beside the cell."""
+    if obj is MISSING:
+        return False
+    mro = type.__dict__["__mro__"].__get__(type(obj))
+    bases = []
+    for module, name in (("concurrent.futures", "Executor"), ("multiprocessing.pool", "Pool")):
+        m = sys.modules.get(module)
+        base = getattr(m, name, None) if m is not None else None
+        if isinstance(base, type):
+            bases.append(base)
+    return any(b in mro for b in bases)
+
+
+def root_logger() -> logging.Logger:
+    return logging.getLogger()
+
+
+def logger_writes_to(obj: Any, level: int) -> str | None:
+    """Where a ``logging.Logger`` writes a record of ``level`` (0: any level) other than the
+    terminal: ``'train.log'`` for a ``FileHandler``, a handler's class name otherwise. None when it
+    writes nowhere else (no such handler, its level above, ``propagate`` off) or ``obj`` is no
+    logger. Read from the loggers' own attributes (``getattr_static``)."""
+    if obj is MISSING or not isinstance(obj, logging.Logger):
+        return None
+    if level and level < _effective_level(obj):
+        return None
+    seen = 0
+    node: Any = obj
+    while isinstance(node, logging.Logger) and seen < 50:
+        seen += 1
+        for h in list(_static(node, "handlers") or ()):
+            where = _handler_target(h, level)
+            if where is not None:
+                return where
+        if not _static(node, "propagate"):
+            return None
+        node = _static(node, "parent")
+    return None
+
+
+def _effective_level(logger: logging.Logger) -> int:
+    node: Any = logger
+    for _ in range(50):
+        if not isinstance(node, logging.Logger):
+            break
+        lvl = _static(node, "level")
+        if isinstance(lvl, int) and lvl:
+            return lvl
+        node = _static(node, "parent")
+    return logging.WARNING
+
+
+def _handler_target(h: Any, level: int) -> str | None:
+    if not isinstance(h, logging.Handler) or isinstance(h, logging.NullHandler):
+        return None
+    lvl = _static(h, "level")
+    if level and isinstance(lvl, int) and level < lvl:
+        return None
+    if isinstance(h, logging.FileHandler):
+        return repr(_static(h, "baseFilename"))
+    if isinstance(h, logging.StreamHandler):
+        stream = _static(h, "stream")
+        std = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)}
+        if id(stream) in std or type(stream).__module__.startswith(("ipykernel", "IPython")):
+            return None
+        return f"the stream of a `{type(h).__name__}`"
+    return f"a `{type(h).__name__}`"

@@ -26,9 +26,13 @@ class State:
     alias: dict[str, str] = field(default_factory=dict)  # cell name -> pre-existing object it is
     deps: dict[str, frozenset[str]] = field(default_factory=dict)  # pre-existing state it came from
     zeroed: bool = False  # gradients were zeroed before this point
-    methods: dict[str, ast.Attribute] = field(
-        default_factory=dict
-    )  # add = L.append: name -> L.append
+    # add = L.append: name -> L.append
+    methods: dict[str, ast.expr] = field(default_factory=dict)
+    # bufs = [history]: a container the cell made -> a pre-existing object in it
+    holds: dict[str, str] = field(default_factory=dict)
+    threads: set[str] = field(default_factory=set)  # names of threads and processes made here
+    # def get(): ... in the code walked: name -> the function, read where it is called
+    defs: dict[str, ast.FunctionDef | ast.AsyncFunctionDef] = field(default_factory=dict)
 
     def copy(self) -> State:
         return State(
@@ -38,7 +42,16 @@ class State:
             dict(self.deps),
             self.zeroed,
             dict(self.methods),
+            dict(self.holds),
+            set(self.threads),
+            dict(self.defs),
         )
+
+    def forget(self, name: str) -> None:
+        """``name`` is bound to something new: what was known of its old value goes."""
+        for d in (self.alias, self.methods, self.holds, self.defs, self.deps):
+            d.pop(name, None)
+        self.threads.discard(name)
 
     @staticmethod
     def merge(states: list[State]) -> State:
@@ -52,6 +65,9 @@ class State:
                 out.deps[k] = out.deps.get(k, frozenset()) | v
             out.zeroed = out.zeroed and s.zeroed
             out.methods.update(s.methods)
+            out.holds.update(s.holds)
+            out.threads |= s.threads
+            out.defs.update(s.defs)
         return out
 
 

@@ -13,8 +13,10 @@ from jupyter_gpumem.guard.verdict import SideEffect, quoted
 # ---- reading IPython cells -------------------------------------------------------------------------
 
 SHELL = "__gpumem_shell__"  # stands for a `!command` line, so it counts only where it ran
-STMT_MAGICS = {"time", "timeit", "prun", "memit", "debug"}  # line magics running a statement
-OPTIONS = re.compile(r"^(?:-[A-Za-z]\s*\d*\s+)*")  # `%timeit -n 3 -r 2 f()`: the options
+RUN_IN_NAMESPACE = "__gpumem_run_i__"  # stands for `%run -i script.py`, given the script
+STMT_MAGICS = cellsource.STATEMENT_MAGICS  # line magics running a statement
+OPTIONS = cellsource.MAGIC_OPTIONS  # `%timeit -n 3 -r 2 f()`: the options
+RUN_OPTIONS = re.compile(r"^(?:-[A-Za-z]+\s+)*")  # `%run -i -e script.py`: the flags
 HARMLESS_SHELL = re.compile(
     r"^\s*(?:nvidia-smi|ls|pwd|cat|head|tail|echo|which|df|du|free|nvcc|uname|hostname|date|"
     r"whoami|wc|grep|ps|nproc|lscpu|pip3? +(?:install|list|show|freeze))\b[^>;&]*$"
@@ -92,7 +94,15 @@ class IPythonEffects(ast.NodeTransformer):
 
     @staticmethod
     def value(call: cellsource.IPythonCall, at: ast.expr) -> ast.expr:
-        """A shell command that changes things is a call of ``SHELL``; anything else nothing."""
+        """A shell command that changes things is a call of ``SHELL``, ``%run -i script.py`` one
+        of ``RUN_IN_NAMESPACE`` given the script; anything else nothing."""
+        if call.kind == "magic" and call.name == "run":
+            arg = call.arg.strip()
+            flags = RUN_OPTIONS.match(arg)
+            if flags is not None and "i" in flags.group(0).replace("-", ""):
+                script = ast.Constant(arg[flags.end() :].strip() or "a script")
+                marker = ast.Call(ast.Name(RUN_IN_NAMESPACE, ast.Load()), [script], [])
+                return ast.copy_location(marker, at)
         shell = call.kind == "shell" or (call.kind == "magic" and call.name in ("sx", "system"))
         if not shell or HARMLESS_SHELL.match(call.arg):
             return ast.copy_location(ast.Constant(None), at)
@@ -140,6 +150,12 @@ HEAPQ = {"heappush", "heappop", "heapify", "heapreplace", "heappushpop", "heappu
           "heappop_max", "heapify_max", "heapreplace_max", "heappushpop_max"}  # fmt: skip
 RUN_CELL = {"run_cell", "run_line_magic", "run_cell_magic"}  # get_ipython().run_cell(...)
 SQL_CALLS = {"execute", "executemany", "executescript", "commit"}
+LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "exception": 40,
+              "critical": 50, "fatal": 50, "log": 0}  # fmt: skip
+THREAD_CALLS = {"_thread.start_new_thread", "_thread.start_new"}
+# calls a `for` header takes items through, and how many leading arguments are not iterated
+WRAPPERS = {"enumerate": 0, "zip": 0, "tqdm": 0, "islice": 0, "chain": 0, "map": 1,
+            "filter": 1, "starmap": 1, "cycle": 0}  # fmt: skip
 SQL_READS = {"SELECT", "WITH", "PRAGMA", "EXPLAIN", "SHOW", "DESCRIBE", "DESC", "VALUES"}
 SQL_WRITES = {"INSERT", "UPDATE", "DELETE", "REPLACE", "UPSERT", "MERGE", "CREATE", "DROP",
                "ALTER", "TRUNCATE", "COPY", "GRANT", "REVOKE", "VACUUM"}  # fmt: skip
@@ -236,8 +252,8 @@ def pure(node: ast.expr) -> bool:
     return not any(isinstance(n, (ast.Call, ast.NamedExpr, ast.Await)) for n in ast.walk(tree))
 
 
-def sql_verb(node: ast.expr) -> str | None:
-    """The first keyword of the SQL text ``node`` starts with, when it starts with a constant."""
+def sql_text(node: ast.expr) -> str | None:
+    """The constant SQL text ``node`` starts with."""
     while isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mod)):
         node = node.left
     if isinstance(node, ast.JoinedStr) and node.values:
@@ -246,6 +262,25 @@ def sql_verb(node: ast.expr) -> str | None:
         node = node.args[0]  # text("INSERT ...") in SQLAlchemy
     if not isinstance(node, ast.Constant) or not isinstance(node.value, str):
         return None
-    text = re.sub(r"^(?:\s+|--[^\n]*\n?|/\*.*?\*/|\()*", "", node.value, flags=re.S)
+    return node.value
+
+
+def sql_verb(node: ast.expr) -> str | None:
+    """The first keyword of the SQL text ``node`` starts with, when it starts with a constant."""
+    text = sql_text(node)
+    if text is None:
+        return None
+    text = re.sub(r"^(?:\s+|--[^\n]*\n?|/\*.*?\*/|\()*", "", text, flags=re.S)
     m = re.match(r"[A-Za-z]+", text)
     return m.group(0).upper() if m else None
+
+
+SQL_WRITE_WORD = re.compile(r"\b(?:INSERT|UPDATE|DELETE|REPLACE|MERGE|UPSERT)\b", re.I)
+SQL_LITERAL = re.compile(r"'(?:[^']|'')*'")
+
+
+def sql_writes(node: ast.expr) -> bool:
+    """A ``WITH`` statement that ends in a write: ``WITH t AS (...) INSERT INTO ...`` (the words
+    in its string literals aside)."""
+    text = sql_text(node)
+    return text is not None and bool(SQL_WRITE_WORD.search(SQL_LITERAL.sub("''", text)))
