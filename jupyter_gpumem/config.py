@@ -1,7 +1,7 @@
 """Settings, as traitlets config, so they can live in ``ipython_config.py`` like IPython's own::
 
 c.InteractiveShellApp.extensions = ["jupyter_gpumem"]
-c.GpuMem.keep_traceback = True     # keep the failed frames for %debug (memory stays pinned)
+c.GpuMem.keep_traceback = True     # keep the failed frames' tensors on the GPU (memory stays pinned)
 c.GpuMem.gauge_interval = 0.5      # seconds between gauge samples
 c.GpuMem.sidebar_on_load = True    # open the gauge in JupyterLab's sidebar on load
 c.GpuMem.trace = True              # record which line allocated what, from load (%gpumem trace on)
@@ -18,8 +18,10 @@ class GpuMem(Configurable):
 
     keep_traceback = Bool(
         False,
-        help="Keep the failed cell's frames after an OOM so %debug works. The memory they hold "
-        "stays pinned until `%gpumem release`.",
+        help="Keep the failed frames' tensors on the GPU after an OOM. By default they move to "
+        "host memory in place (a tensor too large for it is described instead), so the GPU "
+        "memory comes back and %debug still shows every local. With this on, the memory stays "
+        "pinned until `%gpumem release`.",
     ).tag(config=True)
     traceback_context = Int(
         1, help="Lines of source shown around each frame of an OOM's traceback."

@@ -1,5 +1,5 @@
 """The failed frames: which a failed cell left behind, how each is named in a holder ("forward()
-in linear.py"), and their locals read without running code.
+in linear.py"), their locals read without running code, and rebound (what ``%debug`` shows).
 
 From Python 3.13 ``frame.f_locals`` is a proxy over the fast locals (PEP 667), before it a dict;
 anything else (a class body's ``__prepare__`` mapping) could run user code, so it is skipped.
@@ -7,6 +7,7 @@ anything else (a class body's ``__prepare__`` mapping) could run user code, so i
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from types import FrameType, TracebackType
 from typing import Any
@@ -16,8 +17,6 @@ from jupyter_gpumem.readings.holder_scan import Scan, type_name
 
 def _locals_types() -> tuple[type, ...]:
     # a plain dict up to 3.12, a C proxy over the fast locals from 3.13 (PEP 667)
-    import sys
-
     return (dict, type(sys._getframe().f_locals))
 
 
@@ -65,3 +64,58 @@ def frame_locals(scan: Scan, frames: Iterable[FrameType]) -> Iterator[tuple[str,
             continue
         for name, obj in local_items:
             yield f"{name} in {label}", obj
+
+
+def _locals_to_fast() -> Any:
+    """CPython's ``PyFrame_LocalsToFast`` (before 3.13), or None where ctypes cannot reach it."""
+    try:
+        import ctypes
+
+        fn = ctypes.pythonapi.PyFrame_LocalsToFast
+        fn.argtypes = (ctypes.py_object, ctypes.c_int)
+        fn.restype = None
+        return lambda frame: fn(ctypes.py_object(frame), ctypes.c_int(0))
+    except Exception:  # PyPy, or a CPython without the symbol
+        return None
+
+
+_LOCALS_TO_FAST = None if sys.version_info >= (3, 13) else _locals_to_fast()
+
+
+def can_write_locals() -> bool:
+    """Whether :func:`write_locals` can rebind a finished frame's locals on this Python."""
+    return sys.version_info >= (3, 13) or _LOCALS_TO_FAST is not None
+
+
+def write_locals(frame: FrameType, values: Mapping[str, Any]) -> bool:
+    """Rebind some of a finished frame's locals, as ``%debug`` will then see them; False where
+    this Python cannot (nothing changed).
+
+    From 3.13 ``f_locals`` writes through to the fast locals (PEP 667). Before it, ``f_locals``
+    is a dict copy refreshed on each read: the new values go into it, then
+    ``PyFrame_LocalsToFast`` copies it back into the frame's slots (cells included), as debuggers
+    did for ``locals()`` edits.
+    """
+    if sys.version_info >= (3, 13):
+        proxy = frame.f_locals
+        for name, value in values.items():
+            proxy[name] = value
+        return True
+    if _LOCALS_TO_FAST is None:
+        return False
+    f_locals = frame.f_locals  # the dict, refreshed from the fast locals
+    if type(f_locals) is not dict:
+        return False
+    dict.update(f_locals, values)
+    _LOCALS_TO_FAST(frame)
+    return True
+
+
+def running_frames() -> set[int]:
+    """ids of the frames on the calling thread's stack: still executing, never rewritten."""
+    ids = set()
+    f: FrameType | None = sys._getframe()
+    while f is not None:
+        ids.add(id(f))
+        f = f.f_back
+    return ids
