@@ -28,7 +28,7 @@ step()
 
 def _run(shell: Any, capsys: Any, cell: str) -> str:
     capsys.readouterr()
-    shell.run_cell(cell)
+    shell.run_cell(cell, store_history=True)  # a cell as a notebook runs it: In [N] counts
     cap = capsys.readouterr()
     return cap.out + cap.err
 
@@ -88,3 +88,36 @@ def test_a_cell_with_top_level_await_is_diagnosed(shell: Any, capsys: Any) -> No
     assert "GPU out of memory: Tried to allocate 256 MiB" in out
     failed = jupyter_gpumem.last_failure(shell)
     assert failed is not None and "await asyncio.sleep(0)" in failed.source
+
+
+def _fail_on_a_leftover(shell: Any) -> None:
+    shell.run_cell("%gpumem simulate 64MiB", store_history=True)
+    shell.run_cell(
+        "import torch\nold = torch.empty(40 << 20, dtype=torch.uint8, device='cuda')",
+        store_history=True,
+    )
+    shell.run_cell(
+        "y = torch.empty(40 << 20, dtype=torch.uint8, device='cuda')", store_history=True
+    )
+    assert jupyter_gpumem.last_failure(shell) is not None
+
+
+def test_a_retry_after_other_cells_asks_first_in_the_terminal(shell: Any, capsys: Any) -> None:
+    """The panel asks before re-running a stale failure; `%gpumem retry` does too (was: ran)."""
+    _fail_on_a_leftover(shell)
+    shell.run_cell("note = 'a cell in between'", store_history=True)
+    out = _run(shell, capsys, "%gpumem retry clear --drop old")
+    assert "1 cell ran since" in out and "--force` re-runs it anyway" in out
+    assert "old" in shell.user_ns and "y" not in shell.user_ns, "nothing ran"
+    out = _run(shell, capsys, "%gpumem retry clear --drop old --force")
+    assert "y" in shell.user_ns and "old" not in shell.user_ns, out
+
+
+def test_a_retry_of_a_failure_already_fixed_asks_first(shell: Any, capsys: Any) -> None:
+    _fail_on_a_leftover(shell)
+    out = _run(shell, capsys, "%gpumem retry clear --drop old")
+    assert "y" in shell.user_ns, out
+    shell.user_ns["y"] = "kept by the user"
+    out = _run(shell, capsys, "%gpumem retry clear")
+    assert "was already fixed (Clear cache)" in out, out
+    assert shell.user_ns["y"] == "kept by the user", "the fixed cell did not run again"

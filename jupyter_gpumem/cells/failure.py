@@ -83,6 +83,7 @@ class FailedCell:
     frames: tuple[tuple[str, int], ...] = ()
     # the notebook cell's id (JupyterLab 4, Notebook 7), so "Apply to cell" can edit that cell
     cell_id: str | None = None
+    fixed_by: str | None = None  # the fix that settled this failure (kept), by its label
     # the names the cell uses that held a plain value (int, float, bool, str, bytes, None) when
     # it failed: the guard reads ``if iter_num > 0:`` from these, not from what a later cell set
     plain_values: dict[str, Any] | None = None

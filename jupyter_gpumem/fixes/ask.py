@@ -86,3 +86,20 @@ def question_before_rerun(
         else "Re-run anyway? The cell would run again on the namespace as it is now."
     )
     return summary, question
+
+
+def question_in_a_cell(shell: Any, failed: FailedCell, fixed_by: str | None) -> str | None:
+    """Why ``%gpumem retry``, typed in a cell, should not re-run ``failed`` unasked: cells ran
+    between the failure and this one, or a fix already settled it; None when neither. (A
+    terminal has no button: the caller says how to go on.)"""
+    mine, here = _prompt(failed.execution_count), _prompt(getattr(shell, "execution_count", None))
+    at = f"In [{mine}]" if mine is not None else "The failed cell"
+    if fixed_by is not None:
+        return f"{at} was already fixed ({fixed_by}); a retry would run it again."
+    if mine is None or here is None or here <= mine + 1:
+        return None
+    n = here - mine - 1
+    return (
+        f"{n} cell{'s' if n > 1 else ''} ran since {at} failed ({_span(mine + 1, here - 1)}): "
+        "a retry runs it on the notebook as it is now."
+    )

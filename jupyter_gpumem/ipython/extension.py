@@ -335,6 +335,8 @@ class Extension:
     def report_outcome(self, outcome: FixOutcome, failed: FailedCell | None = None) -> None:
         """The end of a `%gpumem retry`: what happened, what to change, what to know."""
         print(outcome.message)
+        if outcome.ok and failed is not None:
+            failed.fixed_by = FIXES[outcome.fix].label if outcome.fix in FIXES else outcome.fix
         if outcome.change:
             print(f"To make it permanent: {outcome.change}")
             offer = self.apply_offer(failed, outcome) if failed is not None else None

@@ -14,6 +14,7 @@ from jupyter_gpumem import backends
 from jupyter_gpumem.backends import active
 from jupyter_gpumem.diagnosis.render import render_snapshot_text
 from jupyter_gpumem.fixes import FIXES
+from jupyter_gpumem.fixes.ask import question_in_a_cell
 from jupyter_gpumem.fixes.ladder import Options, apply_fix, run_ladder, run_reported
 from jupyter_gpumem.ipython.magic_args import (
     GPUMEM_PARSER,
@@ -239,6 +240,10 @@ class GpuMemMagics(Magics):
             accumulate=opts.accumulate,
         )
         fix = FIXES[opts.fix]
+        asked = question_in_a_cell(self.shell, failed, failed.fixed_by)
+        if asked is not None and not opts.force:
+            print(f"{asked} `%gpumem retry {opts.fix} --force` re-runs it anyway.")
+            return
         outcome = run_reported(
             self.shell,
             fix.label,
