@@ -366,11 +366,3 @@ def relocate(site: LoopSite, code: str, filename: str) -> LoopSite | None:
     if site.index >= len(loops):
         return None
     return site_of(loops[site.index], tree, filename, True)
-
-
-def iter_loops(code: str) -> Iterator[int]:
-    """Line numbers of the loops in ``code`` (for tests and messages)."""
-    tree = cellsource.parse_or_none(code)
-    if tree is None:
-        return iter(())
-    return iter(n.lineno for n in _loops(tree))

@@ -46,7 +46,6 @@ class Options:
 class LadderResult:
     ok: bool
     outcomes: list[FixOutcome] = field(default_factory=list)
-    first_run_ok: bool = False
     refused: GuardVerdict | None = None
     failure: FailedCell | None = None  # the last OOM, when nothing fit
     lines: list[str] = field(default_factory=list)  # what was printed
@@ -237,7 +236,7 @@ def run_ladder(
     plan = _starting_plan(shell, source, options, remembered, line)
     first = run_plan(shell, plan, preexisting=mark.preexisting(shell.user_ns), rng=None)
     if first.ok:
-        result.ok = result.first_run_ok = True
+        result.ok = True
         return result
     failed = first.failure
     assert failed is not None
