@@ -32,8 +32,11 @@ memory on the card (``Process N has ...`` in the message) and a per-process cap 
 counting for a while (CPU work in the middle of a simulation); ``SimulatedGPU.track`` and
 ``untrack`` put a tensor on the card or take it off.
 
-How it counts: ``card.py`` (the allocator's arithmetic, the message) and ``counting.py`` (the
-dispatch mode). ``start(size, devices=2)`` makes two cards: ``cuda:1`` placements go to the
+How it counts: ``caching_allocator.py`` (PyTorch's caching allocator, ported: blocks, cached
+segments, ``PYTORCH_CUDA_ALLOC_CONF``'s settings), ``card.py`` (one card on it, the message) and
+``counting.py`` (the dispatch mode). ``start("T4")`` (or ``profile="A100-40GB"``, ...) makes cards
+like real ones (``profiles.py``): name, memory, compute capability, and a CUDA context that
+``mem_get_info`` sees and ``memory_allocated`` does not. ``start(size, devices=2)`` makes two cards: ``cuda:1`` placements go to the
 second one, and an OOM there says ``GPU 1`` (``gpu.py``).
 
 Limits:
@@ -83,12 +86,16 @@ from jupyter_gpumem.backends.simulated.lifecycle import (
     start,
     stop,
 )
+from jupyter_gpumem.backends.simulated.profiles import PROFILES, CardProfile, find_profile
 
 __all__ = [
+    "PROFILES",
+    "CardProfile",
     "SimulatedCard",
     "SimulatedGPU",
     "allocation_size",
     "current",
+    "find_profile",
     "format_size",
     "on_this_thread",
     "oom_message",

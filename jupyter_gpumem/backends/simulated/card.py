@@ -1,11 +1,14 @@
-"""One simulated card: the caching allocator's arithmetic, what is counted, torch's OOM message.
+"""One simulated card: PyTorch's caching allocator on it, what is counted, torch's OOM message.
 
-How it counts. *allocated* is live storage bytes: views count once with their base, and a storage
-stops counting when its last tensor dies. *reserved* models the caching allocator without its
-cache: tensors up to 1 MiB pack into 2 MiB blocks, those under 10 MiB into 20 MiB blocks, larger
-ones take their size rounded up to 2 MiB, and freed memory goes back at once (so ``empty_cache``
-has nothing to do). An allocation fails when reserved memory would pass the card less the other
-processes, or the cap.
+How it counts. Each storage allocated on the card is one request to the card's
+:class:`~.caching_allocator.CachingAllocator` (torch's, ported): views count once with their
+base, and a storage's block goes back to the allocator's cache when its last tensor dies.
+*allocated* and *reserved* are the allocator's (blocks rounded as torch rounds them; freed blocks
+stay reserved until ``empty_cache`` or an allocation that needs their room). An allocation fails
+as torch's does: no cached block fits, and the driver has no room for a new segment even after the
+allocator gave back what it could. The driver's room is the card less its CUDA context
+(``context_bytes``: memory of this process outside PyTorch, as ``mem_get_info`` sees it), the
+other processes, and the cap.
 """
 
 from __future__ import annotations
@@ -23,26 +26,35 @@ if TYPE_CHECKING:
 
 __all__ = ["SimulatedCard", "allocation_size", "format_size", "oom_message"]
 
-from jupyter_gpumem.backends.allocator import LARGE_BUFFER as _LARGE_BUFFER
-from jupyter_gpumem.backends.allocator import MIN_LARGE_ALLOC as _MIN_LARGE_ALLOC
-from jupyter_gpumem.backends.allocator import ROUND_LARGE as _ROUND_LARGE
-from jupyter_gpumem.backends.allocator import SMALL_BUFFER as _SMALL_BUFFER
-from jupyter_gpumem.backends.allocator import SMALL_SIZE as _SMALL_SIZE
-from jupyter_gpumem.backends.allocator import Pools
-from jupyter_gpumem.backends.allocator import ceil_to as _ceil
-from jupyter_gpumem.backends.allocator import rounded as _rounded
+from jupyter_gpumem.backends.alloc_conf import AllocConf
+from jupyter_gpumem.backends.simulated import caching_allocator as _ca
+from jupyter_gpumem.backends.simulated.caching_allocator import AllocatorOOM, Block
+from jupyter_gpumem.backends.simulated.profiles import CardProfile
+
+# the allocator's constants, under the names backends/alloc_history.py reads them by
+_SMALL_SIZE = _ca.K_SMALL_SIZE
+_SMALL_BUFFER = _ca.K_SMALL_BUFFER
+_LARGE_BUFFER = _ca.K_LARGE_BUFFER
+_MIN_LARGE_ALLOC = _ca.K_MIN_LARGE_ALLOC
+_ROUND_LARGE = _ca.K_ROUND_LARGE
+
+
+def _ceil(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
+def _rounded(nbytes: int) -> int:
+    """``round_size()`` under torch's default settings: 512-byte granularity."""
+    return _ca.round_size(nbytes, AllocConf())
+
 
 _DOCS = "https://docs.pytorch.org/docs/stable/notes/cuda.html#optimizing-memory-usage-with-pytorch-cuda-alloc-conf"
 
 
-def allocation_size(nbytes: int) -> int:
-    """What torch says it "tried to allocate" for a tensor of ``nbytes`` (a whole block)."""
-    size = _rounded(nbytes)
-    if size <= _SMALL_SIZE:
-        return _SMALL_BUFFER
-    if size < _MIN_LARGE_ALLOC:
-        return _LARGE_BUFFER
-    return _ceil(size, _ROUND_LARGE)
+def allocation_size(nbytes: int, conf: AllocConf | None = None) -> int:
+    """What torch says it "tried to allocate" for a tensor of ``nbytes`` (the segment it needed)."""
+    conf = conf or AllocConf()
+    return _ca.allocation_size(_ca.round_size(nbytes, conf), conf)
 
 
 def format_size(nbytes: int) -> str:
@@ -66,8 +78,10 @@ def oom_message(
     allocated: int,
     allowed: int | None = None,
     other_processes: Iterable[tuple[int, int]] = (),
+    non_pytorch: int = 0,
 ) -> str:
-    """torch 2.x's CUDA OOM message, clause for clause (``Process N ...`` as NVML lists them)."""
+    """torch 2.x's CUDA OOM message, clause for clause (``Process N ...`` as NVML lists them;
+    this process's memory is what PyTorch reserved and ``non_pytorch``, its CUDA context)."""
     procs = "".join(
         f"Process {pid} has {format_size(n)} memory in use. " for pid, n in other_processes
     )
@@ -75,7 +89,8 @@ def oom_message(
     return (
         f"CUDA out of memory. Tried to allocate {format_size(requested)}. GPU {device} has a total "
         f"capacity of {format_size(total)} of which {format_size(free)} is free. {procs}"
-        f"Including non-PyTorch memory, this process has {format_size(reserved)} memory in use. "
+        f"Including non-PyTorch memory, this process has {format_size(reserved + non_pytorch)} "
+        "memory in use. "
         f"{cap}Of the allocated memory {format_size(allocated)} is allocated by PyTorch, and "
         f"{format_size(reserved - allocated)} is reserved by PyTorch but unallocated. If reserved "
         "but unallocated memory is large try setting "
@@ -89,15 +104,22 @@ class _StorageRef(weakref.ref):
     counted where it was made, no placement naming a card (real torch would have made it on the
     CPU), until a placement sends it to a card (``SimulatedGPU._moved``)."""
 
-    __slots__ = ("homeless", "key", "nbytes")
+    __slots__ = ("block", "homeless", "key", "nbytes")
 
     def __init__(
-        self, ob: Any, callback: Callable[[Any], Any], key: int, nbytes: int, homeless: bool
+        self,
+        ob: Any,
+        callback: Callable[[Any], Any],
+        key: int,
+        nbytes: int,
+        homeless: bool,
+        block: Block | None = None,
     ) -> None:
         super().__init__(ob, callback)  # type: ignore[call-arg]
         self.key, self.nbytes, self.homeless = key, nbytes, homeless
+        self.block = block  # the allocator's block; None for an empty storage (no memory)
 
-    def __new__(cls, ob: Any, callback: Callable[[Any], Any], *_: int) -> _StorageRef:
+    def __new__(cls, ob: Any, callback: Callable[[Any], Any], *_: Any) -> _StorageRef:
         return super().__new__(cls, ob, callback)
 
 
@@ -112,6 +134,9 @@ class SimulatedCard:
         allowed_bytes: int | None = None,
         device_index: int = 0,
         history: Any = None,
+        context_bytes: int = 0,
+        conf: AllocConf | None = None,
+        profile: CardProfile | None = None,
     ) -> None:
         if total_bytes <= 0:
             raise ValueError(f"a simulated GPU needs a positive size, not {total_bytes}")
@@ -119,17 +144,55 @@ class SimulatedCard:
             raise ValueError(f"the cap cannot be negative: {allowed_bytes}")
         self.total_bytes = int(total_bytes)
         self.device_index = device_index
-        self.name = f"Simulated GPU ({format_bytes(self.total_bytes)})"  # 24 MiB, not 0.02 GiB
-        self.other_processes = other_processes
-        self.allowed_bytes = allowed_bytes
         self._lock = threading.Lock()
+        self._alloc = _ca.CachingAllocator(conf, capacity=self.total_bytes)
         self._live: dict[int, _StorageRef] = {}  # StorageImpl address -> its reference
         self._dead: collections.deque[_StorageRef] = collections.deque()  # freed, not yet drained
         self._on_free = self._dead.append  # weakref callbacks only queue: they may run anywhere
-        self._allocated = 0
-        self._pools = Pools()  # the allocator's blocks (backends/allocator.py)
-        self._peak_allocated = self._peak_reserved = self._num_ooms = 0
         self._history: Any = history  # backends/_trace.py's recorder while tracing, else None
+        self._allowed: int | None = None
+        self._context = 0
+        self.profile: CardProfile | None = None
+        self.name = f"Simulated GPU ({format_bytes(self.total_bytes)})"  # 24 MiB, not 0.02 GiB
+        self.other_processes = other_processes
+        self.allowed_bytes = allowed_bytes
+        self.configure(context_bytes=context_bytes, profile=profile)
+
+    def configure(
+        self,
+        *,
+        context_bytes: int | None = None,
+        conf: AllocConf | None = None,
+        profile: CardProfile | None = None,
+    ) -> None:
+        """Set the card's profile (name, compute capability), its CUDA context's memory and the
+        allocator's settings; the settings only before anything is allocated, as torch reads
+        them once at start-up."""
+        with self._lock:
+            if profile is not None:
+                self.profile = profile
+                self.name = profile.name
+            if context_bytes is not None:
+                if not 0 <= context_bytes < self.total_bytes:
+                    raise ValueError(
+                        f"a CUDA context of {format_bytes(context_bytes)} does not fit a card of "
+                        f"{format_bytes(self.total_bytes)}"
+                    )
+                self._context = int(context_bytes)
+            if conf is not None:
+                if self._live or self._alloc.reserved:
+                    raise RuntimeError("the allocator's settings are read before it allocates")
+                self._alloc.conf = conf
+            self._sync_limits()
+
+    @property
+    def alloc_conf(self) -> AllocConf:
+        return self._alloc.conf
+
+    @property
+    def context_bytes(self) -> int:
+        """This process's memory on the card outside PyTorch's allocator (its CUDA context)."""
+        return self._context
 
     def __repr__(self) -> str:
         return (
@@ -143,53 +206,64 @@ class SimulatedCard:
     def allocated_bytes(self) -> int:
         with self._lock:
             self._drain()
-            return self._allocated
+            return self._alloc.allocated_bytes
 
     @property
     def reserved_bytes(self) -> int:
         with self._lock:
             self._drain()
-            return self._reserved()
+            return self._alloc.reserved
 
     @property
     def peak_allocated_bytes(self) -> int:
         with self._lock:
-            return self._peak_allocated
+            return self._alloc.stat("allocated_bytes", "all", "peak")
 
     @property
     def peak_reserved_bytes(self) -> int:
         with self._lock:
-            return self._peak_reserved
+            return self._alloc.stat("reserved_bytes", "all", "peak")
 
     @property
     def num_ooms(self) -> int:
-        return self._num_ooms
+        return int(self._alloc.stats["num_ooms"])
 
     @property
     def free_bytes(self) -> int:
-        """What the driver would report free: the card less our reserved and other processes."""
-        return max(self.total_bytes - self.reserved_bytes - self._others, 0)
+        """What the driver reports free: the card less our reserved memory and CUDA context, and
+        the other processes."""
+        return max(self.total_bytes - self.reserved_bytes - self._context - self._others, 0)
 
     def mem_get_info(self) -> tuple[int, int]:
         return self.free_bytes, self.total_bytes
 
     def memory_stats(self) -> dict[str, int]:
+        """``torch.cuda.memory_stats()``: the allocator's statistics, under torch's keys."""
         with self._lock:
             self._drain()
-            return {
-                "allocated_bytes.all.current": self._allocated,
-                "allocated_bytes.all.peak": self._peak_allocated,
-                "reserved_bytes.all.current": self._reserved(),
-                "reserved_bytes.all.peak": self._peak_reserved,
-                "allocation.all.current": len(self._live),
-                "num_ooms": self._num_ooms,
-                "num_alloc_retries": 0,
-            }
+            return self._alloc.memory_stats()
+
+    def memory_snapshot(self) -> list[dict[str, Any]]:
+        """``torch.cuda.memory_snapshot()``'s segments on this card, with their blocks."""
+        with self._lock:
+            self._drain()
+            return self._alloc.snapshot(self.device_index)
+
+    def empty_cache(self) -> None:
+        """``torch.cuda.empty_cache()``: cached segments that are wholly free go back."""
+        with self._lock:
+            self._drain()
+            self._alloc.empty_cache()
 
     def reset_peak(self) -> None:
         with self._lock:
             self._drain()
-            self._peak_allocated, self._peak_reserved = self._allocated, self._reserved()
+            self._alloc.reset_peak_stats()
+
+    def reset_accumulated(self) -> None:
+        with self._lock:
+            self._drain()
+            self._alloc.reset_accumulated_stats()
 
     def holds(self, tensor: torch.Tensor) -> bool:
         """Whether the tensor's storage is counted on this card."""
@@ -234,9 +308,7 @@ class SimulatedCard:
             ref = self._live.get(storage._cdata)
             if ref is not None and ref() is storage:
                 del self._live[ref.key]
-                self._grow(ref.nbytes, -1)
-                if self._history is not None:
-                    self._history.free(ref.key, ref.nbytes)
+                self._release(ref)
         return tensor
 
     # ---- the model, called by the dispatch mode ---------------------------------------------
@@ -250,17 +322,31 @@ class SimulatedCard:
     def other_processes(self, value: Iterable[tuple[int, int]]) -> None:
         self._other_processes = tuple((int(pid), int(n)) for pid, n in value)
         self._others = sum(n for _pid, n in self._other_processes)
+        if hasattr(self, "_alloc"):
+            self._sync_limits()
 
-    def _budget(self) -> int:
-        card = self.total_bytes - self._others
-        return card if self.allowed_bytes is None else min(card, self.allowed_bytes)
+    @property
+    def allowed_bytes(self) -> int | None:
+        """The per-process cap (``set_per_process_memory_fraction``), or None."""
+        return self._allowed
 
-    def _reserved(self) -> int:
-        return self._pools.reserved()
+    @allowed_bytes.setter
+    def allowed_bytes(self, value: int | None) -> None:
+        self._allowed = None if value is None else int(value)
+        self._sync_limits()
 
-    def _grow(self, nbytes: int, sign: int) -> None:
-        self._allocated += sign * nbytes
-        self._pools.grow(nbytes, sign)
+    def _sync_limits(self) -> None:
+        alloc = self._alloc
+        alloc.capacity = self.total_bytes - self._context - getattr(self, "_others", 0)
+        alloc.total_memory = self.total_bytes
+        alloc.allowed = self._allowed
+
+    def _release(self, ref: _StorageRef) -> None:  # caller holds the lock
+        if ref.block is not None:
+            self._alloc.free(ref.block)
+            ref.block = None
+        if self._history is not None:
+            self._history.free(ref.key, ref.nbytes)
 
     def _drain(self) -> None:  # caller holds the lock
         dead, live = self._dead, self._live
@@ -268,39 +354,37 @@ class SimulatedCard:
             ref = dead.popleft()
             if live.get(ref.key) is ref:
                 del live[ref.key]
-                self._grow(ref.nbytes, -1)
-                if self._history is not None:
-                    self._history.free(ref.key, ref.nbytes)
+                self._release(ref)
 
-    def _note_peaks(self) -> None:
-        self._peak_allocated = max(self._peak_allocated, self._allocated)
-        self._peak_reserved = max(self._peak_reserved, self._reserved())
-
-    def _fail(self, nbytes: int) -> str:  # caller holds the lock
-        self._num_ooms += 1
-        reserved = self._reserved()
+    def _fail(self, oom: AllocatorOOM) -> str:  # caller holds the lock
+        alloc = self._alloc
+        free = max(self.total_bytes - alloc.reserved - self._context - self._others, 0)
         if self._history is not None:
-            free = max(self.total_bytes - reserved - self._others, 0)
-            self._history.oom(allocation_size(nbytes), free)
+            self._history.oom(oom.alloc_size, free)
         return oom_message(
-            allocation_size(nbytes),
+            oom.alloc_size,
             device=self.device_index,
             total=self.total_bytes,
-            free=max(self.total_bytes - reserved - self._others, 0),
-            reserved=reserved,
-            allocated=self._allocated,
-            allowed=self.allowed_bytes,
+            free=free,
+            reserved=alloc.reserved,
+            allocated=alloc.allocated_bytes,
+            allowed=self._allowed,
             other_processes=self.other_processes,
+            non_pytorch=self._context,
         )
 
     def _precheck(self, nbytes: int) -> str | None:
         """Before an allocation of known size: the OOM message if it would not fit."""
         with self._lock:
             self._drain()
-            self._grow(nbytes, 1)
-            fits = self._reserved() <= self._budget()
-            self._grow(nbytes, -1)
-            return None if fits else self._fail(nbytes)
+            alloc = self._alloc
+            if alloc.would_fit(nbytes):
+                return None
+            try:  # the real request, with the allocator's retries: torch's own numbers if it fails
+                alloc.free(alloc.malloc(nbytes))
+            except AllocatorOOM as oom:
+                return self._fail(oom)
+            return None
 
     def _count(
         self,
@@ -343,27 +427,22 @@ class SimulatedCard:
         with self._lock:
             if self._dead:
                 self._drain()
-            budget, reserved = self._budget(), 0
-            added: list[int] = []
+            alloc = self._alloc
+            blocks: list[Block | None] = []
             for _storage, nbytes in new.values():
-                self._grow(nbytes, 1)
-                reserved = self._reserved()
-                if reserved > budget:
-                    self._grow(nbytes, -1)
-                    message = self._fail(nbytes)  # earlier outputs of the op still count here
-                    for n in added:
-                        self._grow(n, -1)
+                try:
+                    blocks.append(alloc.malloc(nbytes) if nbytes else None)
+                except AllocatorOOM as oom:
+                    message = self._fail(oom)  # earlier outputs of the op still count here
+                    for block in blocks:
+                        if block is not None:
+                            alloc.free(block)
                     return message
-                added.append(nbytes)
             live, on_free = self._live, self._on_free
-            for key, (storage, nbytes) in new.items():
-                live[key] = _StorageRef(storage, on_free, key, nbytes, homeless)
+            for (key, (storage, nbytes)), block in zip(new.items(), blocks, strict=True):
+                live[key] = _StorageRef(storage, on_free, key, nbytes, homeless, block)
             if self._history is not None:
                 self._history.alloc(new)
-            if self._allocated > self._peak_allocated:
-                self._peak_allocated = self._allocated
-            if reserved > self._peak_reserved:
-                self._peak_reserved = reserved
         return None
 
     def _recount(self, storage: Any) -> bool:
@@ -376,8 +455,11 @@ class SimulatedCard:
         return False
 
     def _resized(self, ref: _StorageRef, nbytes: int) -> None:
+        """A storage grown or shrunk in place: a block of the new size (the driver never refuses:
+        the storage already exists), the old one freed."""
         with self._lock:
-            self._grow(ref.nbytes, -1)
-            self._grow(nbytes, 1)
+            alloc = self._alloc
+            if ref.block is not None:
+                alloc.free(ref.block)
+            ref.block = alloc.malloc(nbytes, force=True) if nbytes else None
             ref.nbytes = nbytes
-            self._note_peaks()

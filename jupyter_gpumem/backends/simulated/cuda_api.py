@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from jupyter_gpumem.backends.simulated.card import SimulatedCard, format_size
+from jupyter_gpumem.units import MiB
 
 if TYPE_CHECKING:
     from jupyter_gpumem.backends.simulated.gpu import SimulatedGPU
@@ -23,12 +24,67 @@ __all__ = ["patch", "unpatch"]
 
 @dataclass(frozen=True)
 class _DeviceProperties:
+    """``torch.cuda.get_device_properties()``: the fields torch's ``_CudaDeviceProperties`` has
+    that code reads (a plain size: an A100-like card, compute capability 8.0)."""
+
     name: str
     total_memory: int
     major: int = 8
     minor: int = 0
     multi_processor_count: int = 108
     is_integrated: bool = False
+    is_multi_gpu_board: bool = False
+    max_threads_per_multi_processor: int = 2048
+    warp_size: int = 32
+    L2_cache_size: int = 40 * MiB
+    regs_per_multiprocessor: int = 65536
+
+    def __repr__(self) -> str:  # torch's own layout
+        return (
+            f"_CudaDeviceProperties(name='{self.name}', major={self.major}, minor={self.minor}, "
+            f"total_memory={self.total_memory // MiB}MB, "
+            f"multi_processor_count={self.multi_processor_count}, "
+            f"L2_cache_size={self.L2_cache_size // MiB}MB)"
+        )
+
+
+_THREADS_PER_SM = {(7, 0): 2048, (7, 5): 1024, (8, 0): 2048, (8, 6): 1536, (8, 9): 1536}
+
+
+def _properties(card: SimulatedCard) -> _DeviceProperties:
+    profile = card.profile
+    if profile is None:
+        return _DeviceProperties(card.name, card.total_bytes)
+    return _DeviceProperties(
+        card.name,
+        card.total_bytes,
+        profile.major,
+        profile.minor,
+        profile.multi_processor_count,
+        max_threads_per_multi_processor=_THREADS_PER_SM.get(profile.capability, 2048),
+        L2_cache_size=profile.l2_cache_size,
+    )
+
+
+def _capability(card: SimulatedCard) -> tuple[int, int]:
+    return (8, 0) if card.profile is None else card.profile.capability
+
+
+def _bf16(sim: SimulatedGPU, including_emulation: bool = True) -> bool:
+    # torch.cuda.is_bf16_supported: native from compute capability 8.0; below, emulated, which
+    # torch counts unless including_emulation=False (a tensor can be made: _check_bf16_tensor_supported)
+    return _capability(sim.card(None))[0] >= 8 or bool(including_emulation)
+
+
+def _empty_cache(sim: SimulatedGPU) -> None:
+    for card in sim.devices:  # torch empties every device's cache
+        card.empty_cache()
+
+
+def _snapshot(
+    sim: SimulatedGPU, mempool_id: object = None, include_traces: bool = True
+) -> list[dict[str, Any]]:
+    return [segment for card in sim.devices for segment in card.memory_snapshot()]
 
 
 def _set_fraction(card: SimulatedCard, fraction: float) -> None:
@@ -65,13 +121,13 @@ _CUDA: dict[str, Callable[..., Any]] = {
     "_exchange_device": lambda sim, device: sim.exchange_device(device),
     "_maybe_exchange_device": lambda sim, device: sim.exchange_device(device),
     "synchronize": lambda sim, device=None: None,
-    "empty_cache": lambda sim: None,  # freed blocks already went back
+    "empty_cache": _empty_cache,
     "get_device_name": lambda sim, device=None: sim.card(device).name,
-    "get_device_capability": lambda sim, device=None: (8, 0),
-    "get_device_properties": lambda sim, device=None: _DeviceProperties(
-        sim.card(device).name, sim.card(device).total_bytes
-    ),
-    "is_bf16_supported": lambda sim, including_emulation=True: True,
+    "get_device_capability": lambda sim, device=None: _capability(sim.card(device)),
+    "get_device_properties": lambda sim, device=None: _properties(sim.card(device)),
+    "is_bf16_supported": _bf16,
+    "get_allocator_backend": lambda sim: "native",
+    "memory_snapshot": _snapshot,
     "memory_allocated": lambda sim, device=None: sim.card(device).allocated_bytes,
     "max_memory_allocated": lambda sim, device=None: sim.card(device).peak_allocated_bytes,
     "memory_reserved": lambda sim, device=None: sim.card(device).reserved_bytes,
@@ -79,6 +135,7 @@ _CUDA: dict[str, Callable[..., Any]] = {
     "memory_stats": lambda sim, device=None: sim.card(device).memory_stats(),
     "memory_summary": lambda sim, device=None, abbreviated=False: _summary(sim.card(device)),
     "reset_peak_memory_stats": lambda sim, device=None: sim.card(device).reset_peak(),
+    "reset_accumulated_memory_stats": lambda sim, device=None: sim.card(device).reset_accumulated(),
     "reset_max_memory_allocated": lambda sim, device=None: sim.card(device).reset_peak(),
     "mem_get_info": lambda sim, device=None: sim.card(device).mem_get_info(),
     "set_per_process_memory_fraction": lambda sim, fraction, device=None: _set_fraction(

@@ -20,10 +20,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from jupyter_gpumem.backends import base
+from jupyter_gpumem.backends.alloc_conf import AllocConf, parse_alloc_conf, read_alloc_conf
 from jupyter_gpumem.backends.cuda_to_cpu import cuda_to_cpu_mode_class
 from jupyter_gpumem.backends.simulated import cuda_api
 from jupyter_gpumem.backends.simulated.counting import _counting_mode_class
 from jupyter_gpumem.backends.simulated.gpu import SimulatedGPU
+from jupyter_gpumem.backends.simulated.profiles import PROFILES, CardProfile, find_profile
 
 __all__ = ["current", "on_this_thread", "paused", "record_history", "set_limit", "start", "stop"]
 
@@ -59,26 +61,43 @@ def _new_modes(sim: SimulatedGPU, holds: Any) -> tuple[Any, Any]:
 
 
 def start(
-    total_bytes: int,
+    total_bytes: int | str | None = None,
     *,
+    profile: str | CardProfile | None = None,
+    context_bytes: int | None = None,
+    alloc_conf: AllocConf | str | None = None,
     other_processes: Iterable[tuple[int, int]] = (),
     allowed_bytes: int | None = None,
     devices: int = 1,
 ) -> SimulatedGPU:
-    """Simulate a GPU of ``devices`` cards of ``total_bytes`` each until :func:`stop`; replaces
-    any running one."""
+    """Simulate a GPU of ``devices`` cards until :func:`stop`; replaces any running one.
+
+    Each card is ``total_bytes`` with no CUDA context (``context_bytes`` to give it one), or a
+    ``profile`` (``"T4"``, ``"A100-40GB"``, ``"H100-80GB"``, ... see ``profiles.PROFILES``; also
+    taken as ``total_bytes``): its name, memory, compute capability and CUDA context.
+    ``alloc_conf``: the caching allocator's settings (an ``AllocConf`` or the text of
+    ``PYTORCH_CUDA_ALLOC_CONF``); by default read from the environment, as torch reads them. A
+    setting torch refuses raises its ``AllocConfError`` (a ``ValueError``), and so does
+    ``backend:cudaMallocAsync``, which the simulation does not model."""
     global _sim, _modes, _thread, _previous_profile
     import torch
 
+    card_profile, size = _card(total_bytes, profile)
+    conf = _alloc_conf(alloc_conf)
+    context = (
+        card_profile.context_bytes if context_bytes is None and card_profile else context_bytes
+    )
     with _state_lock:
         stop()
         sim = SimulatedGPU(
-            total_bytes,
+            size,
             other_processes=other_processes,
             allowed_bytes=allowed_bytes,
             devices=devices,
             history=_recorder,
         )
+        for card in sim.devices:
+            card.configure(context_bytes=context or 0, conf=conf, profile=card_profile)
         function_mode, dispatch_mode = _new_modes(sim, sim._held_at_target)
         _remove_inert_modes()
         function_mode.__enter__()
@@ -93,6 +112,44 @@ def start(
         threading.setprofile(_adopt)
         base.select(sim)
         return sim
+
+
+def _card(total_bytes: int | str | None, profile: str | CardProfile | None) -> tuple[Any, int]:
+    """(the profile or None, the card's size) from ``start``'s arguments."""
+    if isinstance(total_bytes, str):
+        if profile is not None:
+            raise ValueError("give a profile or a size, not both")
+        total_bytes, profile = None, total_bytes
+    if isinstance(profile, str):
+        found = find_profile(profile)
+        if found is None:
+            names = ", ".join(PROFILES)
+            raise ValueError(f"no simulated card is called {profile!r} (the profiles: {names})")
+        profile = found
+    if profile is not None:
+        if total_bytes is not None:
+            raise ValueError("give a profile or a size, not both")
+        return profile, profile.total_bytes
+    if total_bytes is None:
+        raise ValueError("a simulated GPU needs a size or a profile")
+    return None, int(total_bytes)
+
+
+def _alloc_conf(alloc_conf: AllocConf | str | None) -> AllocConf:
+    conf = (
+        read_alloc_conf()
+        if alloc_conf is None
+        else parse_alloc_conf(alloc_conf)
+        if isinstance(alloc_conf, str)
+        else alloc_conf
+    )
+    if not conf.native:
+        where = f"{conf.source}={conf.text!r}" if conf.source else "backend:cudaMallocAsync"
+        raise ValueError(
+            f"{where}: the simulated GPU models PyTorch's native caching allocator, not "
+            "cudaMallocAsync; unset the backend (or set backend:native) to simulate."
+        )
+    return conf
 
 
 def stop() -> None:
