@@ -11,8 +11,8 @@ alone when its action cannot make the cell fit.
 from __future__ import annotations
 
 from jupyter_gpumem.diagnosis.cause import Cause, CauseKey, Facts, Rule, Tier, tensor_upper_bound
+from jupyter_gpumem.diagnosis.rules_allocator import fragmentation, settings_advice
 from jupyter_gpumem.diagnosis.rules_holders import (
-    fragmentation,
     old_variables,
     other_gpu,
     other_processes,
@@ -52,6 +52,7 @@ __all__ = [
     "rank",
     "recreated_variables",
     "request_exceeds_card",
+    "settings_advice",
     "tensor_upper_bound",
     "working_set",
 ]

@@ -1,19 +1,28 @@
-"""``diagnose(report, snapshot, holders) -> Diagnosis``: pure, so it is tested without a GPU.
+"""``diagnose(report, snapshot, holders, ...) -> Diagnosis``: pure, so it is tested without a GPU.
 
 A Diagnosis holds the numbers (the message's first, the readings' where the message is silent), where
 the memory went, and the causes ranked by how much of the shortfall each explains. Every cause carries
 its evidence in numbers and one concrete action.
+
+Everything it reads comes in as an argument, read by the layers below (snapshot, holders, the
+release, the allocator's settings and blocks, other processes' names) or learnt later by the caller
+(the batch that sizes the failing tensors, notes): nothing here touches the GPU, ``/proc`` or a
+server. What is learnt after the first diagnosis is given to :meth:`Diagnosis.again`, which runs
+``diagnose`` once more with it: the diagnosis shown is always one ``diagnose`` returned.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from jupyter_gpumem.diagnosis.causes import Cause, Facts, find_causes
 from jupyter_gpumem.oom.report import OOMReport
+from jupyter_gpumem.readings.allocator_state import AllocatorState
 from jupyter_gpumem.readings.holders import Holder, HolderSet
+from jupyter_gpumem.readings.release import ReleaseResult
 from jupyter_gpumem.readings.snapshot import MemorySnapshot, ProcessInfo
 from jupyter_gpumem.readings.trace import LineTotal
 from jupyter_gpumem.units import format_bytes as fmt
@@ -50,6 +59,13 @@ class Diagnosis:
     freed_bytes: int | None = None  # what releasing the failed cell gave back
     allocated_after_bytes: int | None = None
     released: bool = False
+    # the failed frames kept for %debug, their GPU tensors copied to host memory: what the copies
+    # take there, and the locals too big for it (described in their place)
+    frames_kept: bool = False
+    host_copies_bytes: int = 0
+    moved_out: list[str] = field(default_factory=list)
+    # the caching allocator's settings and free blocks at the failure (None: not read)
+    allocator: AllocatorState | None = None
     notes: list[str] = field(default_factory=list)
     # `%gpumem trace on`: live memory by the source line that allocated it ("In [7], line 3: ...")
     allocated_by: list[str] = field(default_factory=list)
@@ -57,13 +73,30 @@ class Diagnosis:
     tracing: bool = False
     # what the rules read: kept so that later evidence (the batch) can re-rank the causes
     facts: Facts | None = field(default=None, repr=False, compare=False)
+    # diagnose()'s arguments, for again()
+    inputs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def again(self, **more: Any) -> Diagnosis:
+        """The diagnosis ``diagnose`` makes of the same failure with more inputs: what the caller
+        learnt since (``batch``, ``notes``, ``insert_cells``, ``process_names``, ...). The trace
+        lines set on this one after it was made are kept."""
+        inputs = {
+            "allocated_by": self.allocated_by,
+            "allocated_lines": self.allocated_lines,
+            "tracing": self.tracing,
+            **self.inputs,
+            **more,
+        }
+        return diagnose(**inputs)
 
     def add_batch(self, evidence: str) -> None:
         """The number that sized the failing tensors, found by Reduce batch at presentation
-        (it reads the namespace, which the pure diagnosis does not): the causes name it."""
+        (it reads the namespace, which the pure diagnosis does not): the causes name it.
+        Prefer ``again(batch=evidence)``, which returns the finished diagnosis."""
         if not evidence or self.facts is None or self.facts.batch == evidence:
             return
         self.facts = replace(self.facts, batch=evidence)
+        self.inputs["batch"] = evidence
         self.causes = find_causes(self.facts)
 
     @property
@@ -170,19 +203,43 @@ def diagnose(
     snapshot: MemorySnapshot | None,
     holders: HolderSet,
     *,
+    release: ReleaseResult | None = None,
     freed_bytes: int | None = None,
     allocated_after_bytes: int | None = None,
     released: bool = False,
     created: Collection[str] = (),
     held_at_start: int | None = None,
+    allocator: AllocatorState | None = None,
+    process_names: Mapping[int, str] | None = None,
+    batch: str = "",
+    notes: Sequence[str] = (),
+    insert_cells: bool | None = None,
+    allocated_by: Sequence[str] = (),
+    allocated_lines: Sequence[LineTotal] = (),
+    tracing: bool = False,
 ) -> Diagnosis:
     """Rank the causes of one OOM. ``snapshot`` is the reading taken at the failure, before release.
-    ``created``: the variables the failing cell itself made (the rest was there before it ran);
-    ``held_at_start``: bytes allocated on that device as the cell started, when read."""
+
+    ``release``: what releasing the failed frames did (``freed_bytes``, ``allocated_after_bytes``
+    and ``released`` say part of it, for callers without one); ``created``: the variables the
+    failing cell itself made (the rest was there before it ran); ``held_at_start``: bytes allocated
+    on that device as the cell started, when read; ``allocator``: the caching allocator's settings
+    and free blocks at the failure; ``process_names``: pid -> what it is, for the processes the
+    message names; ``batch``: the number that sized the failing tensors and where it lives;
+    ``notes``: said after the causes; ``insert_cells``: whether a ready cell a cause offers is
+    inserted below the failed one (a note says so; False: the note carries the cell; None: no
+    note); ``allocated_by``, ``allocated_lines``, ``tracing``: `%gpumem trace on`'s lines."""
+    inputs = {k: v for k, v in locals().items() if k != "inputs"}
+    if release is not None:
+        freed_bytes, allocated_after_bytes, released = (
+            release.freed_bytes,
+            release.allocated_after_bytes,
+            True,
+        )
     snap = _device_that_ran_out(report, snapshot)
     n = _numbers(report, snap)
     requested = report.requested_bytes
-    others = _other_processes(report, snap)
+    others = _other_processes(report, snap, process_names or {})
     others_bytes = sum(p.used_bytes for p in others)
     resident = _resident_bytes(holders, snap, created, held_at_start, n.allocated)
     cell_bytes = max((n.allocated or 0) - resident, 0)
@@ -207,7 +264,16 @@ def diagnose(
         freed_bytes=freed_bytes,
         allocated_after_bytes=allocated_after_bytes,
         released=released,
+        allocator=allocator,
+        allocated_by=list(allocated_by),
+        allocated_lines=list(allocated_lines),
+        tracing=tracing,
+        inputs=inputs,
     )
+    if release is not None and release.frames_kept:
+        diag.frames_kept = True
+        diag.host_copies_bytes = release.host_bytes
+        diag.moved_out = [f"`{m.name}` ({m.what}, {fmt(m.gpu_bytes)})" for m in release.moved_out]
     diag.facts = Facts(
         d=diag,
         frames_bytes=holders.where_bytes("failed frame"),
@@ -217,9 +283,23 @@ def diagnose(
         short=diag.shortfall_bytes or 0,
         resident_bytes=resident,
         cell_bytes=cell_bytes,
+        batch=batch,
     )
     diag.causes = find_causes(diag.facts)
+    diag.notes = [*notes, *_ready_cell_note(diag.causes, insert_cells)]
     return diag
+
+
+def _ready_cell_note(causes: list[Cause], insert_cells: bool | None) -> list[str]:
+    """What to say of the ready cell a cause offers (the multi-GPU launch)."""
+    ready = next((c.cell for c in causes if c.cell), "")
+    if not ready or insert_cells is None:
+        return []
+    if insert_cells:
+        return [
+            "A ready cell that launches the training on several GPUs is inserted below (not run)."
+        ]
+    return ["A cell that launches the training on several GPUs:\n" + ready]
 
 
 def _device_that_ran_out(
@@ -259,12 +339,14 @@ def _numbers(report: OOMReport, snap: MemorySnapshot | None) -> _Numbers:
     return _Numbers(total, free, allowed, allocated, reserved)
 
 
-def _other_processes(report: OOMReport, snap: MemorySnapshot | None) -> tuple[ProcessInfo, ...]:
-    """The message's list of other processes when it has one (described from the reading, or by
-    asking the system), else the reading's."""
+def _other_processes(
+    report: OOMReport, snap: MemorySnapshot | None, names: Mapping[int, str]
+) -> tuple[ProcessInfo, ...]:
+    """The message's list of other processes when it has one (described from the reading, else
+    from ``names``, else not at all), else the reading's."""
     if report.other_processes:
         return tuple(
-            ProcessInfo(p.pid, p.used_bytes, _describe_pid(snap, p.pid))
+            ProcessInfo(p.pid, p.used_bytes, _describe_pid(snap, p.pid, names))
             for p in report.other_processes
         )
     return snap.other_processes if snap else ()
@@ -304,10 +386,8 @@ def _on_device(device: str, index: int | None) -> bool:
     return m is None or int(m.group(1)) == index
 
 
-def _describe_pid(snap: MemorySnapshot | None, pid: int) -> str:
+def _describe_pid(snap: MemorySnapshot | None, pid: int, names: Mapping[int, str]) -> str:
     for p in snap.processes if snap else ():
         if p.pid == pid:
             return p.description
-    from jupyter_gpumem.readings.snapshot import describe_process
-
-    return describe_process(pid)
+    return names.get(pid, "")

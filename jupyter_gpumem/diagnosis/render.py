@@ -22,19 +22,40 @@ MAX_HOLDERS = 8
 def _freed_line(d: Diagnosis) -> str | None:
     if not d.released:
         return (
-            "The failed frames are kept for %debug (keep_traceback is on): "
-            "run `%gpumem release` to free what they hold."
+            "The failed frames keep their tensors on the GPU for %debug (keep_traceback is on): "
+            "`%gpumem release` moves them to host memory, and %debug still shows them."
         )
+    moved = _moved_text(d)
     if d.freed_bytes is None:
-        return None
+        return moved or None
     after = (
         f"; PyTorch now has {fmt(d.allocated_after_bytes)} allocated"
         if d.allocated_after_bytes is not None
         else ""
     )
     if d.freed_bytes == 0:
-        return f"Nothing was pinned by the failure{after}."
-    return f"Freed {fmt(d.freed_bytes)} that the failed cell pinned{after}."
+        freed = f"Nothing was pinned by the failure{after}."
+    else:
+        freed = f"Freed {fmt(d.freed_bytes)} that the failed cell pinned{after}."
+    return f"{freed} {moved}" if moved else freed
+
+
+def _moved_text(d: Diagnosis) -> str:
+    """What the failed frames kept for %debug now hold in host memory."""
+    if not d.frames_kept or not (d.host_copies_bytes or d.moved_out):
+        return ""
+    out = []
+    if d.host_copies_bytes:
+        out.append(
+            f"Moved {fmt(d.host_copies_bytes)} of the failed frames' tensors to host memory "
+            "(%debug still works)."
+        )
+    if d.moved_out:
+        shown = ", ".join(d.moved_out[:3]) + (
+            f" and {len(d.moved_out) - 3} more" if len(d.moved_out) > 3 else ""
+        )
+        out.append(f"Too large for host memory, described in their place: {shown}.")
+    return " ".join(out)
 
 
 def _holder_rows(d: Diagnosis) -> list[tuple[str, str, str, str, str]]:

@@ -1,6 +1,6 @@
 """The rules about who holds the memory and where else it could go: variables from earlier cells,
-old values a cell rebuilds, other processes, another GPU with room, the allocator's fragmented
-cache, IPython's output cache, what the failure pinned, and the cell's own working set.
+old values a cell rebuilds, other processes, another GPU with room, IPython's output cache, what
+the failure pinned, and the cell's own working set (fragmentation: ``rules_allocator``).
 
 Each names the holders and the bytes, and says whether its action frees enough to close the gap
 (:func:`~jupyter_gpumem.diagnosis.cause._closes`), which is what the ranking reads.
@@ -57,7 +57,10 @@ def other_processes(f: Facts) -> Cause | None:
     big_others = [p for p in f.d.other_processes if p.used_bytes >= f.big]
     if not big_others:
         return None
-    who = ", ".join(f"pid {p.pid} ({p.description}) {fmt(p.used_bytes)}" for p in big_others[:3])
+    who = ", ".join(
+        f"pid {p.pid}{f' ({p.description})' if p.description else ''} {fmt(p.used_bytes)}"
+        for p in big_others[:3]
+    )
     named = [p for p in big_others if "the kernel of notebook" in p.description]
     kernel = named or any("notebook kernel" in p.description for p in big_others)
     if named:
@@ -132,35 +135,6 @@ def other_gpu(f: Facts) -> Cause | None:
     )
 
 
-def fragmentation(f: Facts) -> Cause | None:
-    d = f.d
-    req = d.requested_bytes
-    unalloc = d.report.reserved_unallocated_bytes
-    if unalloc is None and d.reserved_bytes is not None and d.allocated_bytes is not None:
-        unalloc = d.reserved_bytes - d.allocated_bytes
-    if not unalloc or not req or not (unalloc >= req or unalloc >= f.big):
-        return None
-    closes = _closes(unalloc, f)
-    evidence = (
-        f"{fmt(unalloc)} is reserved by PyTorch but unallocated"
-        + (f", more than the {fmt(req)} requested" if unalloc >= req else "")
-        + ": the free blocks are too small or scattered."
-    )
-    if closes is False:
-        evidence += f" Returning it gives {fmt(unalloc)} of the {fmt(f.short)} missing."
-    return Cause(
-        "fragmentation",
-        "Memory is fragmented",
-        evidence,
-        "Clear cache returns them to the driver; for good, set "
-        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before torch starts (restart the "
-        "kernel).",
-        float(unalloc),
-        unalloc,
-        closes,
-    )
-
-
 def output_cache(f: Facts) -> Cause | None:
     if f.cache_bytes < f.big:
         return None
@@ -196,7 +170,8 @@ def pinned_by_failure(f: Facts) -> Cause | None:
         "pinned_by_failure",
         "The failure pinned memory",
         f"The failed call's locals hold {fmt(f.frames_bytes)} until they are freed.",
-        "Run `%gpumem release` when done with `%debug` to get it back.",
+        "Run `%gpumem release` to get it back: their tensors move to host memory, and `%debug` "
+        "still shows them.",
         float(f.frames_bytes),
         f.frames_bytes,
         None,  # it was needed by the failing run itself: freeing it does not make the cell fit
