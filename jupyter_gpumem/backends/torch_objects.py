@@ -150,37 +150,59 @@ def move_objects(
     storage_of: Callable[[Any], StorageInfo | None],
     to_host: Callable[[Any], Any],
 ) -> tuple[Any, int]:
-    """Move a GPU tensor, model or optimizer's state to the CPU; returns (object, bytes moved).
+    """Move a GPU tensor, model or optimizer to the CPU; returns (object, bytes moved).
 
-    Models and optimizers move in place (the same object); a tensor comes back as ``to_host``
-    gives it. The backends supply what is on the GPU and how one tensor leaves it.
+    Models, optimizers and parameters move in place (the same object, so that an optimizer still
+    steps the model's parameters): parameters, gradients, buffers, optimizer state, and the
+    parameters of an optimizer's groups. Any other tensor comes back as ``to_host`` gives it. The
+    backends supply what is on the GPU and how one tensor leaves it.
     """
-    moved = 0
+    move = _HostMove(storage_of, to_host)
+    torch = torch_module()
+    if torch is not None and isinstance(obj, torch.nn.Parameter):
+        move.parameter(obj)
+        return obj, move.moved
+    if is_tensor(obj):
+        return move.tensor(obj), move.moved
+    if is_module(obj):
+        move.module(obj)
+    elif is_optimizer(obj):
+        move.optimizer(obj)
+    return obj, move.moved
 
-    def _move(t: Any) -> Any:
-        nonlocal moved
-        info = storage_of(t)
+
+class _HostMove:
+    def __init__(
+        self, storage_of: Callable[[Any], StorageInfo | None], to_host: Callable[[Any], Any]
+    ) -> None:
+        self.storage_of, self.to_host = storage_of, to_host
+        self.moved = 0
+
+    def tensor(self, t: Any) -> Any:
+        info = self.storage_of(t)
         if info is None:
             return t
-        moved += info[1]
-        return to_host(t)
+        self.moved += info[1]
+        return self.to_host(t)
 
-    if is_tensor(obj):
-        return _move(obj), moved
-    if is_module(obj):
-        for p in obj.parameters():
-            p.data = _move(p.data)
-            if p.grad is not None:
-                p.grad = _move(p.grad)
-        for mod in obj.modules():
+    def parameter(self, p: Any) -> None:
+        p.data = self.tensor(p.data)
+        if p.grad is not None:
+            p.grad = self.tensor(p.grad)
+
+    def module(self, model: Any) -> None:
+        for p in model.parameters():
+            self.parameter(p)
+        for mod in model.modules():
             for name, b in list(mod._buffers.items()):
                 if b is not None:
-                    mod._buffers[name] = _move(b)
-        return obj, moved
-    if is_optimizer(obj):
-        for state in obj.state.values():
+                    mod._buffers[name] = self.tensor(b)
+
+    def optimizer(self, opt: Any) -> None:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                self.parameter(p)
+        for state in opt.state.values():
             for k, v in list(state.items()):
                 if is_tensor(v):
-                    state[k] = _move(v)
-        return obj, moved
-    return obj, 0
+                    state[k] = self.tensor(v)

@@ -1,5 +1,14 @@
 """Move to CPU: re-run with CUDA placements sent to the CPU (a torch function mode) after moving
-the GPU objects the cell reads (models, tensors, optimizer state) to the CPU.
+to the CPU everything on the GPU that the cell reaches.
+
+What it reaches is what the fix's transaction snapshots (``rescue.reach``): the names the cell
+reads, the globals the notebook functions it calls read, and what those hold (``trainer.model``,
+``cache["emb"]``, a dataclass's or a namespace's fields, closure cells). Models and optimizers
+move in place (parameters, gradients, buffers, optimizer state, and parameters only an optimizer
+holds); a tensor held by a container or an object is replaced there by its CPU copy (one copy
+per tensor, wherever it is held); torch state objects (a ``GradScaler``'s scale, a scheduler's
+tensors) have their tensors replaced the same way. Anything left on the GPU would make the re-run
+fail with "Expected all tensors to be on the same device".
 
 What the mode cannot redirect is said, not hidden: ``torch.cuda.*`` calls, ``torch.load`` with a
 CUDA ``map_location``, the legacy ``torch.cuda.FloatTensor`` types.
@@ -7,13 +16,19 @@ CUDA ``map_location``, the legacy ``torch.cuda.FloatTensor`` types.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import re
+import types
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from jupyter_gpumem.backends import active, cuda_to_cpu, torch_objects
+from jupyter_gpumem.backends import MemoryBackend, active, cuda_to_cpu, torch_objects
+from jupyter_gpumem.cells.failure import names_used
 from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome
-from jupyter_gpumem.rescue.rerun import Plan, names_read
+from jupyter_gpumem.rescue.reach import plan_snapshot
+from jupyter_gpumem.rescue.rerun import Plan
 from jupyter_gpumem.units import format_bytes
 
 _UNREDIRECTABLE = (
@@ -24,11 +39,110 @@ _UNREDIRECTABLE = (
 
 
 def _gpu_names(ctx: FixContext) -> list[str]:
-    read = set(names_read(ctx.failed.source))
+    """The variables holding GPU memory (the diagnosis's holders) that the cell uses."""
+    read = names_used(ctx.failed.source, ctx.user_ns)
     d = ctx.failed.diagnosis
     if d is None:
         return []
     return [h.name for h in d.holders.holders if h.where == "variable" and h.name in read]
+
+
+_DEPTH = 4  # tuples and dicts inside a torch state object's fields, looked into
+
+
+class _Mover:
+    """Moves what a cell reaches to the CPU, each tensor once, and counts what moved where."""
+
+    def __init__(self, backend: MemoryBackend) -> None:
+        self.backend = backend
+        self.hosted: dict[int, Any] = {}  # id of a GPU tensor -> its CPU copy
+        self.keep: list[Any] = []  # the GPU tensors of ``hosted``, so that their ids stay theirs
+        self.moved: collections.Counter[str] = collections.Counter()  # root name -> bytes
+
+    def tensor(self, t: Any, where: str) -> Any:
+        """``t``'s CPU copy (the same one wherever ``t`` is held); ``t`` if it is not on the GPU."""
+        copy = self.hosted.get(id(t))
+        if copy is not None:
+            return copy
+        new, n = self.backend.move_to_cpu(t)
+        if not n:
+            return t
+        self.hosted[id(t)] = new
+        self.keep.append(t)
+        self.moved[where] += n
+        return new
+
+    def value(self, v: Any, where: str, depth: int = 1) -> Any:
+        """``v`` with its GPU tensors replaced: a tensor, or a tuple holding some (rebuilt)."""
+        if torch_objects.is_tensor(v):
+            return self.tensor(v, where)
+        if type(v) is tuple and depth > 0:
+            items = tuple(self.value(x, where, depth - 1) for x in v)
+            return v if all(a is b for a, b in zip(items, v, strict=True)) else items
+        return v
+
+    def in_place(self, obj: Any, where: str) -> None:
+        """A model or optimizer moved as it is (the same object)."""
+        _new, n = self.backend.move_to_cpu(obj)
+        self.moved[where] += n
+
+    def contents(self, obj: Any, where: str, depth: int = 1) -> None:
+        """The GPU tensors held by a container or an object's fields replaced where they are."""
+        if isinstance(obj, dict):
+            for k, v in list(obj.items()):
+                self._set(obj.__setitem__, k, v, where, depth)
+        elif isinstance(obj, (list, collections.deque)):
+            for i, v in enumerate(list(obj)):
+                self._set(obj.__setitem__, i, v, where, depth)
+        elif isinstance(obj, types.FunctionType):
+            for cell in obj.__closure__ or ():
+                with contextlib.suppress(ValueError):  # an empty cell
+                    cell.cell_contents = self.value(cell.cell_contents, where)
+            if obj.__defaults__:
+                obj.__defaults__ = self.value(obj.__defaults__, where)
+        else:
+            fields = _fields(obj)
+            if fields is not None:
+                for k, v in list(fields.items()):
+                    self._set(fields.__setitem__, k, v, where, depth)
+
+    def _set(self, put: Callable[[Any, Any], None], k: Any, v: Any, where: str, depth: int) -> None:
+        new = self.value(v, where)
+        if new is not v:
+            put(k, new)
+        elif depth < _DEPTH and isinstance(v, (dict, list)):
+            self.contents(v, where, depth + 1)  # inside a torch state object: not walked by reach
+
+
+def _fields(obj: Any) -> dict[str, Any] | None:
+    """An object's ``__dict__`` read without running its code (no ``__getattr__``)."""
+    try:
+        d = object.__getattribute__(obj, "__dict__")
+    except Exception:
+        return None
+    return d if type(d) is dict else None
+
+
+def move_reached(ns: dict[str, Any], names: set[str], backend: MemoryBackend) -> _Mover:
+    """Everything on the GPU that ``names`` reach, moved to the CPU (see the module's docstring);
+    the namespace's own tensors are left to the caller (they go in as the run's updates)."""
+    mover = _Mover(backend)
+    reached, _nbytes = plan_snapshot(ns, names)
+    for where, obj in reached:
+        if torch_objects.is_module(obj) or torch_objects.is_optimizer(obj):
+            mover.in_place(obj, where)
+        elif not torch_objects.is_tensor(obj) and not isinstance(obj, types.ModuleType):
+            mover.contents(obj, where)
+    return mover
+
+
+def _moved_text(names: list[str], ns: dict[str, Any]) -> str:
+    """`model`, `cache` and what `train` uses: a function moves nothing itself, what it reads does."""
+    held = [f"`{n}`" for n in names if not callable(ns.get(n)) or torch_objects.is_module(ns[n])]
+    used = [f"`{n}`" for n in names if f"`{n}`" not in held]
+    if used:
+        held.append(f"what {', '.join(used)} use{'s' if len(used) == 1 else ''}")
+    return ", ".join(held[:-1]) + (" and " if len(held) > 1 else "") + held[-1]
 
 
 class MoveToCpu(Fix):
@@ -57,20 +171,21 @@ class MoveToCpu(Fix):
         check = self.check(ctx)
         ns = ctx.user_ns
         backend = active()
-        moved_names = []
-        moved_bytes = 0
+        names = names_used(ctx.failed.source, ns)
+        mover = move_reached(ns, names, backend)
         updates: dict[str, Any] = {}
-        for name in _gpu_names(ctx):
-            if name not in ns:
-                continue  # the failed run's own variable, dropped before the re-run makes it again
-            obj, n = backend.move_to_cpu(ns[name])
-            if n:
-                moved_names.append(name)
-                moved_bytes += n
-                if obj is not ns[name]:
-                    updates[name] = obj
-                    if ctx.txn is not None:
-                        ctx.txn.evict(name)  # the GPU copy must not stay alive in the snapshot
+        for name in sorted(names):
+            value = ns.get(name)
+            if name.startswith("_") or value is None:
+                continue
+            new = mover.value(value, name)
+            if new is not value:
+                updates[name] = new
+                if ctx.txn is not None:
+                    ctx.txn.evict(name)  # the GPU copy must not stay alive in the snapshot
+        moved_names = [n for n, size in sorted(mover.moved.items()) if size]
+        moved_bytes = sum(mover.moved.values())
+        mover.keep.clear()
         mode_holder: list[Any] = []
 
         def redirect() -> AbstractContextManager[Any]:
@@ -87,8 +202,8 @@ class MoveToCpu(Fix):
         )
         if moved_names:
             outcome.notes.append(
-                f"Moved to the CPU: {', '.join(f'`{n}`' for n in moved_names)} "
-                f"({format_bytes(moved_bytes)}); they stay there."
+                f"Moved to the CPU: {_moved_text(moved_names, ns)} ({format_bytes(moved_bytes)}); "
+                "they stay there."
             )
         redirected = getattr(mode_holder[0], "redirected", None) if mode_holder else None
         if redirected:
