@@ -267,7 +267,8 @@ class CallReader:
                 "adds to the gradients in `.grad`, with no `zero_grad()` before it: they stay "
                 "there, and a re-run adds its own to them"
             )
-        self.add(s.call, "backward", name, why, "add its gradients to those left in `.grad`")
+        left = "the failed backward left" if partial else "left"
+        self.add(s.call, "backward", name, why, f"add its gradients to those {left} in `.grad`")
 
     def step(self, c: ast.Call, recv: ast.expr, partial: bool) -> None:
         x = shown(recv)

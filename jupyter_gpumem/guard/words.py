@@ -117,6 +117,8 @@ CHANGES = {
     "discard": "discard from", "clear": "clear", "update": "update", "add": "add to",
     "setdefault": "set a default in", "sort": "sort", "reverse": "reverse", "rotate": "rotate",
     "__setitem__": "set an item of", "__delitem__": "delete an item of", "__iadd__": "add to",
+    "addHandler": "add a handler to", "removeHandler": "remove a handler from",
+    "addFilter": "add a filter to",
 }  # fmt: skip
 INPLACE = re.compile(r"^[a-z][a-z0-9_]*(?<!_)_$")  # torch's in-place methods: add_, mul_, copy_
 NOT_DATA = {"requires_grad_", "share_memory_", "retain_grad_"}
