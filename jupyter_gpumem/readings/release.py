@@ -187,7 +187,10 @@ def _move(
     shell: Any, exc: BaseException | None, backend: MemoryBackend, budget: int | None
 ) -> ReleaseResult:
     frames = debug_frames(shell, exc)
-    moved, unwritten = move_to_host(frames, backend, budget)
+    try:
+        moved, unwritten = move_to_host(frames, backend, budget)
+    except Exception:  # a copy or a write we did not foresee: free the memory as before
+        return _drop(shell, exc)
     cleared = ["frame locals"] if _clear(unwritten) else []
     return ReleaseResult(None, None, None, cleared, moved, frames_kept=True)
 
