@@ -186,7 +186,9 @@ def test_ctrl_c_in_the_second_run_of_oomsafe_restores_the_batch_variable(
     )
     captured = capsys.readouterr()
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
-    assert shell.user_ns["tick"].calls == 3
+    # the interrupt came from the third call; the function's attribute is put back too, to what
+    # the failed first run left (a counter on a notebook function is the notebook's state)
+    assert shell.user_ns["tick"].calls == 1
     assert shell.user_ns["batch_size"] == 64  # as the failed first run left it
     assert shell.user_ns["kept"] == [1, 2, 64]
     assert "Interrupted: restored" in captured.err, captured
@@ -235,7 +237,7 @@ def test_a_final_run_that_fails_puts_the_notebook_back(shell: Any, capsys: Any) 
     assert "Still out of memory" in out, out
     assert "Nothing was kept" in out, out
     assert shell.user_ns["counter"] == {"n": 1}
-    assert torch.equal(shell.user_ns["w"], torch.ones(4))
+    assert shell.user_ns["w"].cpu().tolist() == [1.0] * 4
 
 
 @pytest.mark.slow

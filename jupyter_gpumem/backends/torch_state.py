@@ -10,6 +10,10 @@ Restoring writes into the same tensor objects (``copy_`` under ``no_grad``), so 
 the notebook holds (an optimizer's params, a view, a closure) sees the old values again. A tensor
 the probe freed or moved off the GPU (``.grad`` set to None, optimizer state created lazily, the
 Move to CPU fix) is rebuilt on the device it was on.
+
+Models and optimizers are read through their own dictionaries (``_modules``, ``_parameters``,
+``_buffers``, ``state``, ``param_groups``) taken with the C ``__dict__`` descriptor, never through
+a method a subclass may override (``parameters()``, ``modules()``): copying runs no user code.
 """
 
 from __future__ import annotations
@@ -25,8 +29,6 @@ from typing import Any
 from jupyter_gpumem.backends import simulated
 from jupyter_gpumem.backends.torch_objects import (
     gpu_storage,
-    is_module,
-    is_optimizer,
     is_tensor,
     torch_module,
 )
@@ -69,6 +71,7 @@ class _TensorCopy:
     device: Any
     version: int
     ptr: int  # data_ptr: `p.data = other` changes it without a new version
+    requires_grad: bool = False  # a leaf that requires grad: rebuilt as one
 
 
 def _ptr(t: Any) -> int:
@@ -87,7 +90,13 @@ def _device_of(t: Any) -> Any:
 
 def _copy_tensor(t: Any) -> _TensorCopy:
     return _TensorCopy(
-        weakref.ref(t), _host_copy(t), _on_gpu(t), _device_of(t), t._version, _ptr(t)
+        weakref.ref(t),
+        _host_copy(t),
+        _on_gpu(t),
+        _device_of(t),
+        t._version,
+        _ptr(t),
+        bool(t.requires_grad and t.is_leaf),
     )
 
 
@@ -97,7 +106,8 @@ def _put_back(c: _TensorCopy) -> Any:
     torch = torch_module()
     t = c.ref()
     if t is None:
-        return _rebuild(c.data, c.device, c.on_gpu)
+        rebuilt = _rebuild(c.data, c.device, c.on_gpu)
+        return rebuilt.requires_grad_(True) if c.requires_grad else rebuilt
     if c.on_gpu and not _on_gpu(t):
         # moved off the GPU (Move to CPU): back where it was
         sim = simulated.current()
@@ -117,6 +127,86 @@ def _put_back(c: _TensorCopy) -> Any:
     return t
 
 
+# ---- reading models and optimizers by their own dictionaries ----------------------------------
+
+
+def _instance_dict(obj: Any, cls: type) -> dict[str, Any]:
+    """``obj.__dict__`` through ``cls``'s C descriptor (``cls`` a torch base class of ``obj``)."""
+    getter = type.__dict__["__dict__"].__get__(cls, type).get("__dict__")
+    if getter is None:
+        return {}
+    try:
+        d = getter.__get__(obj, type(obj))
+    except Exception:
+        return {}
+    return d if type(d) is dict else {}
+
+
+def _own(obj: Any, cls: type, key: str) -> dict[Any, Any]:
+    """A dictionary the object keeps (``_parameters``), or an empty one."""
+    v = dict.get(_instance_dict(obj, cls), key)
+    return v if isinstance(v, dict) else {}
+
+
+def submodules(m: Any) -> list[Any]:
+    """``m`` and every module below it, each once, through ``_modules`` (``modules()`` unrun)."""
+    module_cls = torch_module().nn.Module
+    found, seen, todo = [], set(), [m]
+    while todo:
+        sub = todo.pop()
+        if sub is None or id(sub) in seen:
+            continue
+        seen.add(id(sub))
+        found.append(sub)
+        todo.extend(reversed(list(dict.values(_own(sub, module_cls, "_modules")))))
+    return found
+
+
+def module_tensors(m: Any) -> tuple[list[Any], list[Any]]:
+    """(parameters, buffers) of ``m`` and its submodules, each once."""
+    module_cls = torch_module().nn.Module
+    params: dict[int, Any] = {}
+    buffers: dict[int, Any] = {}
+    for sub in submodules(m):
+        for p in dict.values(_own(sub, module_cls, "_parameters")):
+            if p is not None:
+                params.setdefault(id(p), p)
+        for b in dict.values(_own(sub, module_cls, "_buffers")):
+            if b is not None:
+                buffers.setdefault(id(b), b)
+    return list(params.values()), list(buffers.values())
+
+
+def module_bytes(m: Any) -> int:
+    """Host memory a copy of the model takes: parameters, their gradients, buffers."""
+    params, buffers = module_tensors(m)
+    grads = [p.grad for p in params if p.grad is not None]
+    return sum(_nbytes(t) for t in (*params, *grads, *buffers))
+
+
+def module_on_gpu(m: Any) -> bool:
+    params, buffers = module_tensors(m)
+    return any(_on_gpu(t) for t in (*params, *buffers))
+
+
+def _optimizer_state(opt: Any) -> dict[Any, Any]:
+    return _own(opt, torch_module().optim.Optimizer, "state")
+
+
+def optimizer_bytes(opt: Any) -> int:
+    return sum(
+        _nbytes(v)
+        for s in dict.values(_optimizer_state(opt))
+        if isinstance(s, dict)
+        for v in dict.values(s)
+        if is_tensor(v)
+    )
+
+
+def optimizer_has_state(opt: Any) -> bool:
+    return bool(len(_optimizer_state(opt)))
+
+
 # ---- models ------------------------------------------------------------------------------------
 
 
@@ -132,16 +222,17 @@ class _ModuleCopy:
 
 
 def copy_module(m: Any) -> _ModuleCopy:
+    module_cls = torch_module().nn.Module
     structure = []
     params: dict[int, _TensorCopy] = {}
     grads: dict[int, _TensorCopy | None] = {}
     buffers: dict[int, _TensorCopy] = {}
     nbytes = 0
-    for sub in m.modules():
-        structure.append(
-            (sub, sub.training, dict(sub._parameters), dict(sub._buffers), dict(sub._modules))
-        )
-        for p in sub._parameters.values():
+    for sub in submodules(m):
+        own = [dict(_own(sub, module_cls, k)) for k in ("_parameters", "_buffers", "_modules")]
+        training = bool(dict.get(_instance_dict(sub, module_cls), "training", True))
+        structure.append((sub, training, own[0], own[1], own[2]))
+        for p in own[0].values():
             if p is None or id(p) in params:
                 continue
             params[id(p)] = _copy_tensor(p)
@@ -149,7 +240,7 @@ def copy_module(m: Any) -> _ModuleCopy:
             g = p.grad
             grads[id(p)] = _copy_tensor(g) if g is not None else None
             nbytes += _nbytes(g) if g is not None else 0
-        for b in sub._buffers.values():
+        for b in own[1].values():
             if b is None or id(b) in buffers:
                 continue
             buffers[id(b)] = _copy_tensor(b)
@@ -159,9 +250,11 @@ def copy_module(m: Any) -> _ModuleCopy:
 
 def restore_module(c: _ModuleCopy) -> None:
     torch = torch_module()
+    module_cls = torch.nn.Module
     for sub, training, ps, bs, ms in c.structure:
-        sub.training = training
-        for d, saved in ((sub._parameters, ps), (sub._buffers, bs), (sub._modules, ms)):
+        dict.__setitem__(_instance_dict(sub, module_cls), "training", training)
+        own = [_own(sub, module_cls, k) for k in ("_parameters", "_buffers", "_modules")]
+        for d, saved in ((own[0], ps), (own[1], bs), (own[2], ms)):
             # by identity: `!=` on dicts of tensors would compare tensors
             if list(d) != list(saved) or any(d[k] is not v for k, v in saved.items()):
                 d.clear()
@@ -205,21 +298,22 @@ class _OptimizerCopy:
 def copy_optimizer(opt: Any) -> _OptimizerCopy:
     state: dict[Any, dict[str, Any]] = {}
     nbytes = 0
-    for p, s in opt.state.items():
+    own = _instance_dict(opt, torch_module().optim.Optimizer)
+    for p, s in dict.items(_optimizer_state(opt)):
         entry = {}
         for k, v in s.items():
             entry[k], n = _copy_value(v)
             nbytes += n
         state[p] = entry
-    groups = [dict(g) for g in opt.param_groups]
-    attrs = {k: v for k, v in vars(opt).items() if isinstance(v, (int, float, bool, str))}
+    groups = [dict(g) for g in own.get("param_groups", ())]
+    attrs = {k: v for k, v in own.items() if type(v) in (int, float, bool, str)}
     return _OptimizerCopy(opt, state, groups, attrs, nbytes)
 
 
 def restore_optimizer(c: _OptimizerCopy) -> None:
     torch = torch_module()
     opt = c.opt
-    live = opt.state
+    live = _optimizer_state(opt)
     for p in [p for p in live if p not in c.state]:
         del live[p]  # state the probe created lazily (Adam's first step)
     with torch.no_grad():
@@ -232,10 +326,11 @@ def restore_optimizer(c: _OptimizerCopy) -> None:
                     cur[k] = _put_back(v)  # the same object where it still exists
                 else:
                     cur[k] = copy.deepcopy(v)
-    for g, saved in zip(opt.param_groups, c.groups, strict=False):
+    own = _instance_dict(opt, torch.optim.Optimizer)
+    for g, saved in zip(own.get("param_groups", ()), c.groups, strict=False):
         g.clear()
         g.update(saved)
-    vars(opt).update(c.attrs)
+    own.update(c.attrs)
 
 
 @dataclass
@@ -247,12 +342,22 @@ class _StateDictCopy:
 
 
 def has_plain_state(obj: Any) -> bool:
-    if isinstance(obj, type) or is_module(obj) or is_optimizer(obj):
+    tp = type(obj)
+    mod = type.__dict__["__dict__"].__get__(tp, type).get("__module__") or ""
+    return isinstance(mod, str) and mod.startswith("torch.") and has_plain_state_type(tp)
+
+
+def has_plain_state_type(tp: type) -> bool:
+    """A torch class with ``state_dict`` and ``load_state_dict`` (a scheduler, a scaler), read
+    from the classes' own dictionaries; models and optimizers have their own copies."""
+    torch = torch_module()
+    mro = type.__dict__["__mro__"].__get__(tp, type)
+    if torch is None or type in mro or torch.nn.Module in mro or torch.optim.Optimizer in mro:
         return False
-    if not (callable(getattr(obj, "state_dict", None)) and hasattr(obj, "load_state_dict")):
-        return False
-    mod = type(obj).__module__ or ""
-    return mod.startswith("torch.")
+    defined = set()
+    for cls in mro:
+        defined.update(type.__dict__["__dict__"].__get__(cls, type))
+    return {"state_dict", "load_state_dict"} <= defined
 
 
 def copy_state_dict(obj: Any) -> _StateDictCopy | None:
@@ -351,6 +456,67 @@ def restore_tensor(c: _TensorCopy) -> Any:
     torch = torch_module()
     with torch.no_grad():
         return _put_back(c)
+
+
+@dataclass
+class Evicted:
+    """A failed run's leftover tensor while a fix runs: the same object, its GPU storage swapped
+    for an empty one (so the re-run has the room), its values and gradient in host memory."""
+
+    tensor: Any
+    data: Any
+    device: Any
+    on_gpu: bool
+    grad: _TensorCopy | None
+    detached: bool  # it had an autograd graph, let go with the activations it held
+
+
+def evict_tensor(t: Any) -> Evicted | _TensorCopy:
+    """Free what the tensor holds on the GPU and keep the object, or (a view, which cannot be
+    detached in place) its host copy, rebuilt as a new tensor."""
+    torch = torch_module()
+    grad = t.grad if t.is_leaf else None
+    saved = Evicted(
+        t, _host_copy(t), _device_of(t), _on_gpu(t), None if grad is None else _copy_tensor(grad),
+        t.grad_fn is not None,
+    )  # fmt: skip
+    try:
+        with torch.no_grad():
+            if saved.detached:
+                t.detach_()  # the graph (the failed run's activations) goes now
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+            if grad is not None:
+                t.grad = None
+    except RuntimeError:
+        return _copy_tensor(t)
+    return saved
+
+
+def restore_evicted(e: Evicted | _TensorCopy) -> Any:
+    """The evicted tensor back with its values (and gradient): the same object where it could
+    be kept."""
+    if isinstance(e, _TensorCopy):
+        return restore_tensor(e)
+    torch = torch_module()
+    t = e.tensor
+    with torch.no_grad():
+        t.data = _rebuild(e.data, e.device, e.on_gpu)
+        if e.grad is not None:
+            t.grad = _rebuild(e.grad.data, e.grad.device, e.grad.on_gpu)
+    return t
+
+
+def bn_and_grads(m: Any) -> tuple[bool, bool]:
+    """(BatchNorm statistics kept while training, gradients present): what a failed run's
+    forward and backward passes leave in a model before it runs out."""
+    params, _ = module_tensors(m)
+    module_cls = torch_module().nn.Module
+    training = any(
+        dict.get(_instance_dict(sub, module_cls), "training", False)
+        and "num_batches_tracked" in _own(sub, module_cls, "_buffers")
+        for sub in submodules(m)
+    )
+    return training, any(p.grad is not None for p in params)
 
 
 def tensor_version(t: Any) -> int:

@@ -1,100 +1,561 @@
-"""What a fix's snapshot must cover: the objects a cell's names reach, and what copying them costs.
+"""What a fix's snapshot must cover: every object a cell's names reach, what copying them costs, and
+what cannot be copied at all.
 
-A re-run can change only what the cell (or the notebook functions it calls) reaches through the
-names it reads, so the snapshot walks from those names, and only two levels down
-(``trainer.model``, ``models["a"]``, ``cfg.opt``) and 2000 elements into a container, so that
-taking it stays quick on a large namespace. Models, optimizers and tensors end the walk: their
-state is copied whole (``backends._state``). The host memory that copy takes is counted here,
-before anything is copied, so that ``transaction.take`` can refuse a snapshot that would not fit
-instead of running the machine out of memory.
+A re-run can change only what the cell (or the notebook code it calls) reaches through the names
+it uses, so the snapshot walks from those names, at any depth and length (``d["a"]["b"][2]``,
+item 2500 of a list), through containers, objects' ``__dict__`` and ``__slots__``, closure cells,
+default arguments and attributes of notebook functions, ``functools.partial``s, bound methods, the
+class attributes of notebook classes, and the globals that notebook functions and methods read.
+The attributes of modules the notebook imported from its own folder, and the logging handlers'
+streams, are reached too. Models, optimizers and tensors end the walk: their state is copied
+whole (``backends.torch_state``). Nothing of the user's runs: objects are read by their type
+(``safe``), under a time budget; an object that cannot be read is skipped and counted.
 
-Which values hold GPU memory is decided here too: the snapshot must not keep those alive (a
-re-run that rebinds ``model = Net().cuda()`` frees the old model, as a real run does), and the
-failed run's own leftovers that hold it leave the namespace before the re-run.
+What the walk finds that no copy can put back is named (``Reach.not_covered``): generators,
+iterators without a state to set, sockets, databases, threads, a NumPy array too large to copy.
+The host memory the copy takes is counted here, before anything is copied, so that
+``transaction.take`` can refuse a snapshot that would not fit instead of running the machine out
+of memory.
 """
 
 from __future__ import annotations
 
+import _io
 import collections
+import functools
+import gc
+import io
+import os
+import random
+import sys
 import types
+import weakref
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from jupyter_gpumem.backends import torch_objects, torch_state
+from jupyter_gpumem.rescue import safe
 
-# A CPU tensor larger than this is not copied: its version counter tells whether a rehearsal
-# wrote to it (then the rollback says so). GPU tensors are always copied: they fit in host memory.
+# A CPU tensor or NumPy array larger than this is not copied: a tensor's version counter tells
+# whether a rehearsal wrote to it (then the rollback says so); an array is named as not covered.
+# GPU tensors are always copied: they fit in host memory.
 BIG_HOST_TENSOR_BYTES = 256 << 20
-_MAX_ITEMS = 2000  # elements of one container looked into
-_DEPTH = 2  # levels below a name: `trainer.model`, `models["a"]`, `cfg.opt`
+WALK_SECONDS = 5.0  # the walk's budget: past it, what it did not reach is named
+MAX_OBJECTS = 2_000_000
+_OPAQUE_REFERENTS = 64  # what an object without a __dict__ refers to (a csv.writer's file)
+
+(
+    SKIP, WALK, LIST, DICT, SET, DEQUE, BYTEARRAY, OBJECT, CLASS, FUNCTION, PARTIAL, METHOD,
+    TENSOR, MODEL, OPTIMIZER, TORCH_STATE, RNG, NDARRAY, FILE, GENERATOR, ITERATOR, EXTERNAL,
+    OPAQUE, BUILTIN_METHOD,
+) = range(24)  # fmt: skip
+# the host's own objects (the shell behind `get_ipython`, its history) and ours are not the notebook's
+_HOSTS = ("IPython", "ipykernel", "traitlets", "zmq", "jupyter_client", "jupyter_gpumem", "_pytest")
+CONTAINERS = (LIST, DICT, SET, DEQUE, BYTEARRAY)
+_PLAIN = (
+    str, bytes, int, float, complex, bool, type(None), range, slice, type(Ellipsis),
+    types.ModuleType, types.CodeType,
+    types.MappingProxyType, memoryview,
+    weakref.ReferenceType, weakref.ProxyType, weakref.CallableProxyType,
+)  # fmt: skip
+_GENERATORS = (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)
+# external state, by (module, class): what a re-run does through them stays done
+_EXTERNAL = {
+    ("socket", "socket"): "a socket",
+    ("sqlite3", "Connection"): "an SQLite connection",
+    ("sqlite3", "Cursor"): "an SQLite cursor",
+    ("threading", "Thread"): "a thread",
+    ("subprocess", "Popen"): "a process",
+    ("multiprocessing.pool", "Pool"): "a process pool",
+}
+_ITERATE = ((list, list.__iter__), (tuple, tuple.__iter__), (set, set.__iter__),
+            (frozenset, frozenset.__iter__), (collections.deque, collections.deque.__iter__))  # fmt: skip
+_FUNC = {k: types.FunctionType.__dict__[k] for k in ("__closure__", "__defaults__", "__kwdefaults__", "__globals__", "__code__")}  # fmt: skip
+_METHOD = {k: types.MethodType.__dict__[k] for k in ("__self__", "__func__")}
+_BUILTIN_SELF = types.BuiltinMethodType.__dict__["__self__"]
+_PARTIAL = {k: functools.partial.__dict__[k] for k in ("func", "args", "keywords")}
 
 
-def _reachable(ns: dict[str, Any], names: Iterable[str]) -> Iterator[tuple[str, Any, int]]:
-    """(name, object, depth) for what the names reach, each object once."""
-    seen: set[int] = set()
-    todo = [(n, ns[n], 0) for n in sorted(names) if n in ns and not n.startswith("_")]
-    while todo:
-        name, obj, depth = todo.pop()
-        if id(obj) in seen or isinstance(obj, (types.ModuleType, type, types.FunctionType)):
-            continue
-        seen.add(id(obj))
-        yield name, obj, depth
-        if depth >= _DEPTH or torch_objects.is_tensor(obj) or torch_objects.is_module(obj):
-            continue
-        if torch_objects.is_optimizer(obj):
-            continue
-        children: Iterable[Any] = ()
-        if isinstance(obj, dict):
-            children = list(obj.values())[:_MAX_ITEMS]
-        elif isinstance(obj, (list, tuple, collections.deque, set, frozenset)):
-            children = list(obj)[:_MAX_ITEMS]
-        elif hasattr(obj, "__dict__") and not callable(obj):
-            try:
-                children = [v for k, v in vars(obj).items() if not k.startswith("__")][:_MAX_ITEMS]
-            except TypeError:
-                children = ()
-        for child in children:
-            if isinstance(child, (str, bytes, int, float, bool, type(None))):
-                continue
-            todo.append((name, child, depth + 1))
+@dataclass
+class Reached:
+    where: str  # the name it was reached from
+    obj: Any
+    kind: int
+
+
+@dataclass
+class Reach:
+    """What the snapshot will copy (``items``), the host memory that takes, and what it cannot."""
+
+    items: list[Reached] = field(default_factory=list)
+    nbytes: int = 0
+    not_covered: list[str] = field(default_factory=list)
+    skipped: int = 0  # objects that could not be read (a raising __class__, a dead proxy, ...)
+    modules: list[types.ModuleType] = field(default_factory=list)  # the notebook's own modules
+
+
+def survey(ns: dict[str, Any], names: Iterable[str], *, seconds: float = WALK_SECONDS) -> Reach:
+    """What a re-run of a cell using ``names`` can change, walked from them; nothing is copied.
+    ``Reach.not_covered`` says, before a fix runs, what no rollback could put back."""
+    walker = _Walker(ns, seconds)
+    roots = [(n, ns[n]) for n in sorted(names) if n in ns and not n.startswith("_")]
+    modules = walker.local
+    for module in modules:
+        d = safe.instance_dict(module) or {}
+        roots += [(module.__name__ + "." + k, v) for k, v in d.items() if not k.startswith("__")]
+    roots += [("a logging handler", h) for h in logging_handlers()]
+    walker.walk(roots)
+    reach = walker.reach
+    reach.modules = modules
+    if walker.budget.skipped:
+        reach.skipped = walker.budget.skipped
+        reach.not_covered += walker.budget.reasons
+        more = walker.budget.skipped - len(walker.budget.reasons)
+        if more > 0:
+            reach.not_covered.append(f"{more} more object{'s' if more > 1 else ''} not readable")
+    return reach
 
 
 def plan_snapshot(ns: dict[str, Any], names: Iterable[str]) -> tuple[list[tuple[str, Any]], int]:
-    """What :func:`transaction.take` would copy, and how many bytes of host memory it needs."""
-    chosen: list[tuple[str, Any]] = []
-    nbytes = 0
-    torch_in_use = torch_objects.torch_module() is not None
-    for name, obj, _depth in _reachable(ns, names):
-        if torch_in_use and torch_objects.is_module(obj):
-            nbytes += sum(torch_state.tensor_bytes(p) for p in obj.parameters())
-            nbytes += sum(
-                torch_state.tensor_bytes(p.grad) for p in obj.parameters() if p.grad is not None
-            )
-            nbytes += sum(torch_state.tensor_bytes(b) for b in obj.buffers())
-        elif torch_in_use and torch_objects.is_optimizer(obj):
-            for s in obj.state.values():
-                nbytes += sum(
-                    torch_state.tensor_bytes(v) for v in s.values() if torch_objects.is_tensor(v)
+    """(name, object) of what the snapshot copies, and the host memory that takes."""
+    reach = survey(ns, names)
+    return [(r.where, r.obj) for r in reach.items], reach.nbytes
+
+
+class _Walker:
+    """One walk: each object once, each type classified once."""
+
+    def __init__(self, ns: dict[str, Any], seconds: float) -> None:
+        self.ns = ns
+        self.reach = Reach()
+        self.budget = safe.Budget(seconds)
+        self.seen: set[int] = set()
+        self.kinds: dict[int, int] = {}
+        self._types: list[type] = []  # keeps the ids above meaning the same types
+        self.local = local_modules(ns)
+        self.local_names = {"__main__"} | {m.__name__ for m in self.local}
+        self.notebook_globals: list[dict[str, Any] | None] = [ns]
+        self.notebook_globals += [safe.instance_dict(m) for m in self.local]
+        self.torch = torch_objects.torch_module()
+        self.np = sys.modules.get("numpy")
+
+    def walk(self, roots: list[tuple[str, Any]]) -> None:
+        todo: collections.deque[tuple[str, Any]] = collections.deque(reversed(roots))
+        count = 0
+        while todo:
+            where, obj = todo.pop()
+            if id(obj) in self.seen:
+                continue
+            count += 1
+            if count > MAX_OBJECTS or (count % 256 == 0 and self.budget.expired()):
+                left = sorted({w for w, _ in todo} | {where})
+                self.reach.not_covered.append(
+                    f"what {_names(left)} reach beyond the first {count - 1:,} objects "
+                    "(the snapshot's walk ran out of time)"
                 )
-        elif torch_in_use and torch_objects.is_tensor(obj):
-            size = torch_state.tensor_bytes(obj)
-            if torch_state.on_gpu(obj) or size <= BIG_HOST_TENSOR_BYTES:
-                nbytes += size
-        chosen.append((name, obj))
-    return chosen, nbytes
+                return
+            self.seen.add(id(obj))
+            try:
+                children = self.visit(where, obj)
+            except Exception as exc:  # a hostile object: skipped and counted
+                self.budget.skip(where, exc)
+                continue
+            todo.extend((where, c) for c in children if type(c) not in _PLAIN)
+
+    def kind(self, obj: Any) -> int:
+        tp = type(obj)
+        k = self.kinds.get(id(tp))
+        if k is None:
+            k = self.kinds[id(tp)] = self._classify(tp)
+            self._types.append(tp)
+        return k
+
+    def _classify(self, tp: type) -> int:
+        if issubclass(tp, _PLAIN) or safe.type_module(tp).split(".")[0] in _HOSTS:
+            return SKIP
+        if tp is types.BuiltinMethodType:
+            return BUILTIN_METHOD
+        k = self._torch_kind(tp) or self._numpy_kind(tp) or _container_kind(tp)
+        if k:
+            return k
+        if safe.is_a(tp, random.Random):
+            return RNG
+        return _object_kind(tp)
+
+    def _torch_kind(self, tp: type) -> int:
+        torch = self.torch
+        if torch is None:
+            return 0
+        for base, k in (
+            (torch.Tensor, TENSOR),
+            (torch.nn.Module, MODEL),
+            (torch.optim.Optimizer, OPTIMIZER),
+            (torch.Generator, RNG),
+        ):
+            if safe.is_a(tp, base):
+                return k
+        if safe.type_module(tp).startswith("torch.") and torch_state.has_plain_state_type(tp):
+            return TORCH_STATE
+        return 0
+
+    def _numpy_kind(self, tp: type) -> int:
+        np = self.np
+        if np is None:
+            return 0
+        if safe.is_a(tp, np.ndarray):
+            return NDARRAY
+        if safe.is_a(tp, np.random.Generator) or safe.is_a(tp, np.random.RandomState):
+            return RNG
+        return 0
+
+    def visit(self, where: str, obj: Any) -> Iterable[Any]:
+        """Count what copying ``obj`` takes; returns what it refers to, to walk next."""
+        k = self.kind(obj)
+        if k == SKIP:
+            return ()
+        handler = _VISITORS.get(k)
+        if handler is not None:
+            return handler(self, where, obj, k)
+        return ()
+
+    def keep(self, where: str, obj: Any, kind: int, nbytes: int) -> None:
+        self.reach.items.append(Reached(where, obj, kind))
+        self.reach.nbytes += nbytes
+
+    def uncovered(self, where: str, what: str) -> None:
+        self.reach.not_covered.append(f"`{where}` ({what})" if where else what)
+
+    def is_notebook(self, namespace: Any) -> bool:
+        return any(namespace is g for g in self.notebook_globals if g is not None)
+
+
+# ---- one visitor per kind ---------------------------------------------------------------------
+
+
+def _visit_container(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
+    w.keep(where, obj, k, container_bytes(obj, k))
+    if k == DICT:
+        return [x for kv in dict.items(obj) for x in kv]
+    if k == BYTEARRAY:
+        return ()
+    return iterate(obj)
+
+
+def _visit_walk(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
+    return iterate(obj)
+
+
+def _visit_object(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
+    d = safe.instance_dict(obj)
+    slots = safe.slot_descriptors(type(obj))
+    if d is None and not slots:
+        return _visit_opaque(w, where, obj, k)
+    values = safe.slot_values(obj, slots)
+    w.keep(where, obj, OBJECT, (dict.__sizeof__(d) if d is not None else 0) + 8 * len(values))
+    children = list(dict.values(d)) if d is not None else []
+    children += values.values()
+    children.append(type(obj))  # its class: the class attributes of a notebook class
+    return children
+
+
+def _visit_class(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
+    if safe.type_module(obj) not in w.local_names:
+        return ()
+    ns = safe.class_dict(obj)
+    w.keep(where, obj, CLASS, 64 * len(ns))
+    children = [v for key, v in ns.items() if not key.startswith("__")]
+    for v in list(children):
+        if type(v) in (staticmethod, classmethod):
+            children.append(v.__func__)
+    return children
+
+
+def _visit_function(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
+    g = _FUNC["__globals__"].__get__(obj)
+    if not w.is_notebook(g):
+        return ()  # a library's function: its state is the library's
+    cells = _FUNC["__closure__"].__get__(obj) or ()
+    d = safe.instance_dict(obj) or {}
+    w.keep(where, obj, FUNCTION, 8 * len(cells) + dict.__sizeof__(d))
+    children: list[Any] = []
+    for cell in cells:
+        try:
+            children.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    children += [_FUNC["__defaults__"].__get__(obj), _FUNC["__kwdefaults__"].__get__(obj)]
+    children += dict.values(d)
+    # the globals it reads: a global list a method appends to
+    for name in code_names(_FUNC["__code__"].__get__(obj)):
+        if name in g and not name.startswith("__"):
+            children.append(dict.__getitem__(g, name))
+    return [c for c in children if c is not None]
+
+
+def _visit_method(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
+    return [_METHOD["__self__"].__get__(obj), _METHOD["__func__"].__get__(obj)]
+
+
+def _visit_builtin_method(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
+    # `add = history.append`: the list behind it (a builtin function's is its module: skipped)
+    return [_BUILTIN_SELF.__get__(obj)]
+
+
+def _visit_partial(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
+    fn, args, keywords = (_PARTIAL[a].__get__(obj) for a in ("func", "args", "keywords"))
+    return [fn, *args, keywords]
+
+
+def _visit_torch(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
+    if k == MODEL:
+        w.keep(where, obj, k, torch_state.module_bytes(obj))
+    elif k == OPTIMIZER:
+        w.keep(where, obj, k, torch_state.optimizer_bytes(obj))
+    elif k == TENSOR:
+        size = torch_state.tensor_bytes(obj)
+        small = torch_state.on_gpu(obj) or size <= BIG_HOST_TENSOR_BYTES
+        w.keep(where, obj, k, size if small else 0)
+    else:
+        w.keep(where, obj, k, 4096)
+    return ()
+
+
+def _visit_ndarray(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
+    np = w.np
+    assert np is not None
+    nbytes = int(np.ndarray.nbytes.__get__(obj))
+    if not np.ndarray.flags.__get__(obj).writeable:
+        return ()
+    if nbytes > BIG_HOST_TENSOR_BYTES:
+        w.uncovered(where, f"a NumPy array of {nbytes:,} bytes, too large to copy")
+        return ()
+    w.keep(where, obj, k, nbytes)
+    return ()
+
+
+def _visit_keep(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
+    w.keep(where, obj, k, 4096)  # a random generator's state, a file's size and position
+    return ()
+
+
+# the files whose size and position can be put back (a library's file-like object cannot)
+FILE_TYPES = (
+    io.TextIOWrapper,
+    io.BufferedWriter,
+    io.BufferedRandom,
+    io.FileIO,
+    io.StringIO,
+    io.BytesIO,
+)
+
+
+def _visit_file(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
+    if type(obj) in FILE_TYPES:
+        w.keep(where, obj, k, 4096)
+    else:
+        w.uncovered(where, f"a {safe.type_name(type(obj))}: what is written to it stays")
+    return ()
+
+
+def _visit_generator(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
+    w.keep(where, obj, k, 0)
+    w.uncovered(where, "a generator: where it stands cannot be put back")
+    return ()
+
+
+def _visit_iterator(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
+    w.keep(where, obj, k, 64)
+    return gc.get_referents(obj)[:_OPAQUE_REFERENTS]
+
+
+def _visit_external(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
+    tp = type(obj)
+    what = next(
+        (
+            text
+            for (module, name), text in _EXTERNAL.items()
+            if any(
+                safe.type_module(c) == module and safe.type_name(c) == name for c in safe.mro(tp)
+            )
+        ),
+        "an iterator: where it stands cannot be put back",
+    )
+    w.uncovered(where, f"{what}: what a re-run does through it stays done")
+    return ()
+
+
+def _visit_opaque(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
+    # what a C object refers to (a csv.writer's bound write method, and through it its file)
+    return gc.get_referents(obj)[:_OPAQUE_REFERENTS]
+
+
+_VISITORS = {
+    **dict.fromkeys(CONTAINERS, _visit_container),
+    WALK: _visit_walk,
+    OBJECT: _visit_object,
+    CLASS: _visit_class,
+    FUNCTION: _visit_function,
+    METHOD: _visit_method,
+    BUILTIN_METHOD: _visit_builtin_method,
+    PARTIAL: _visit_partial,
+    **dict.fromkeys((TENSOR, MODEL, OPTIMIZER, TORCH_STATE), _visit_torch),
+    NDARRAY: _visit_ndarray,
+    RNG: _visit_keep,
+    FILE: _visit_file,
+    GENERATOR: _visit_generator,
+    ITERATOR: _visit_iterator,
+    EXTERNAL: _visit_external,
+    OPAQUE: _visit_opaque,
+}
+
+
+# ---- classification helpers -------------------------------------------------------------------
+
+
+def _container_kind(tp: type) -> int:
+    for base, k in (
+        (dict, DICT),
+        (list, LIST),
+        (set, SET),
+        (collections.deque, DEQUE),
+        (bytearray, BYTEARRAY),
+        (tuple, WALK),
+        (frozenset, WALK),
+    ):
+        if safe.is_a(tp, base):
+            return k
+    return 0
+
+
+def _object_kind(tp: type) -> int:
+    for base, k in (
+        (type, CLASS),
+        (types.FunctionType, FUNCTION),
+        (types.MethodType, METHOD),
+        (functools.partial, PARTIAL),
+        (_io._IOBase, FILE),
+    ):
+        if safe.is_a(tp, base):
+            return k
+    if issubclass(tp, _GENERATORS):
+        return GENERATOR
+    if any(
+        safe.type_module(c) == m and safe.type_name(c) == n
+        for c in safe.mro(tp)
+        for m, n in _EXTERNAL
+    ):
+        return EXTERNAL
+    if safe.class_attr(tp, "__next__") is not safe.MISSING:
+        restorable = safe.class_attr(tp, "__setstate__") is not safe.MISSING
+        return ITERATOR if restorable and safe.type_module(tp) == "builtins" else EXTERNAL
+    return OBJECT
+
+
+def iterate(obj: Any) -> Iterable[Any]:
+    for base, iterator in _ITERATE:
+        if safe.is_a(type(obj), base):
+            return list(iterator(obj))
+    return ()
+
+
+def container_bytes(obj: Any, k: int) -> int:
+    """The host memory a shallow copy of the container takes (its own size, as the C type counts)."""
+    base: Any = {LIST: list, DICT: dict, SET: set, DEQUE: collections.deque, BYTEARRAY: bytearray}
+    return int(base[k].__sizeof__(obj))
+
+
+def code_names(code: types.CodeType) -> set[str]:
+    """The global (and attribute) names a function's code and its nested code read."""
+    names: set[str] = set()
+    stack = [code]
+    while stack:
+        c = stack.pop()
+        names.update(c.co_names)
+        stack += [k for k in c.co_consts if isinstance(k, types.CodeType)]
+    return names
+
+
+def _names(names: list[str]) -> str:
+    shown = [f"`{n}`" for n in names[:3]]
+    if len(names) > 3:
+        shown.append(f"{len(names) - 3} more")
+    return ", ".join(shown)
+
+
+# ---- the notebook's own modules, logging --------------------------------------------------------
+
+
+def local_modules(ns: dict[str, Any] | None = None) -> list[types.ModuleType]:
+    """Modules the notebook imported from its own folder (the kernel's working directory), not
+    from an installed package: their attributes are the notebook's state too. With ``ns``, only
+    those the namespace refers to (``import helpers``, ``from helpers import log``)."""
+    here = os.getcwd() + os.sep
+    wanted = _referred_modules(ns) if ns is not None else None
+    prefixes = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
+    found = []
+    for name, module in list(sys.modules.items()):
+        if name == "__main__" or name.split(".")[0] == "jupyter_gpumem":
+            continue
+        if wanted is not None and name not in wanted:
+            continue
+        d = safe.instance_dict(module) if type(module) is types.ModuleType else None
+        path = d.get("__file__") if d is not None else None
+        if not isinstance(path, str) or not path.startswith(here):
+            continue
+        if path.startswith(prefixes) or "site-packages" in path or "dist-packages" in path:
+            continue
+        found.append(module)
+    return found
+
+
+def _referred_modules(ns: dict[str, Any]) -> set[str]:
+    """The modules the namespace's values are, or come from (read by type, nothing run)."""
+    found = set()
+    for v in list(dict.values(ns)):
+        tp = type(v)
+        if tp is types.ModuleType:
+            d = safe.instance_dict(v) or {}
+            found.add(d.get("__name__"))
+        elif tp is types.FunctionType:
+            found.add(types.FunctionType.__dict__["__module__"].__get__(v))
+        elif safe.is_a(tp, type):
+            found.add(safe.type_module(v))
+    return {m for m in found if isinstance(m, str)}
+
+
+def logging_handlers() -> Iterator[Any]:
+    """The handlers of every logger (their streams: files a rehearsal writes to), read by type."""
+    logging = sys.modules.get("logging")
+    if logging is None:
+        return
+    d = safe.instance_dict(logging) or {}
+    root = d.get("root")
+    manager = (safe.instance_dict(root) or {}).get("manager") if root is not None else None
+    loggers = [root, *dict.values((safe.instance_dict(manager) or {}).get("loggerDict", {}))]
+    for logger in loggers:
+        handlers = (
+            (safe.instance_dict(logger) or {}).get("handlers") if logger is not None else None
+        )
+        if type(handlers) is list:
+            yield from handlers
 
 
 def holds_gpu(obj: Any) -> bool:
-    """A model, optimizer or container with tensors on the GPU (looked at shallowly)."""
-    if torch_objects.torch_module() is None:
+    """A model, optimizer or container with tensors on the GPU (looked at shallowly, by type)."""
+    torch = torch_objects.torch_module()
+    if torch is None:
         return False
-    if torch_objects.is_module(obj):
-        return any(torch_state.on_gpu(p) for p in obj.parameters())
-    if torch_objects.is_optimizer(obj):
-        return bool(obj.state)
-    items: Iterable[Any] = ()
-    if isinstance(obj, dict):
-        items = list(obj.values())[:_MAX_ITEMS]
-    elif isinstance(obj, (list, tuple, set, collections.deque)):
-        items = list(obj)[:_MAX_ITEMS]
-    return any(torch_objects.is_tensor(v) and torch_state.on_gpu(v) for v in items)
+    tp = type(obj)
+    if safe.is_a(tp, torch.nn.Module):
+        return torch_state.module_on_gpu(obj)
+    if safe.is_a(tp, torch.optim.Optimizer):
+        return torch_state.optimizer_has_state(obj)
+    k = _container_kind(tp)
+    if k == DICT:
+        items: Iterable[Any] = list(dict.values(obj))[:2000]
+    elif k:
+        items = list(iterate(obj))[:2000]
+    else:
+        return False
+    return any(safe.is_a(type(v), torch.Tensor) and torch_state.on_gpu(v) for v in items)

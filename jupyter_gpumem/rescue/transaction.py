@@ -1,50 +1,45 @@
 """A fix as a transaction on the notebook: what it may change, put back if it does not work out.
 
-Before a fix re-runs a cell, :func:`begin` takes a snapshot of what the cell can reach:
+Before a fix re-runs a cell, :class:`Transaction` takes a snapshot of what the cell can reach
+(``reach.survey``: the names it uses and every object below them, the notebook's own modules,
+the logging handlers' files):
 
 - the user namespace, shallow (every name and the object it is bound to), so a re-run that
   rebinds or creates globals (the batch variable included) can be undone;
-- the contents of the plain containers the cell reads (lists, dicts, sets, deques; argparse and
-  simple namespaces, dataclasses and objects of classes defined in the notebook), so that
-  ``history.append(...)`` in a rehearsal leaves no trace;
-- the torch objects the cell reads, directly or one or two levels down (``trainer.model``):
-  models (parameters, buffers, ``.grad``, train/eval), optimizers, LR schedulers, grad scalers,
-  tensors; copied to host memory by ``backends._state``;
-- the random number generators.
+- containers at any depth, objects' ``__dict__`` and ``__slots__``, closure cells, class
+  attributes of notebook classes, attributes of the notebook's own modules (``copies``);
+- random generators: the global ones and every ``random.Random``, NumPy ``Generator`` and
+  ``torch.Generator`` reached; NumPy arrays (in place); open files (size and position);
+- the torch objects reached: models (parameters, buffers, ``.grad``, train/eval), optimizers,
+  LR schedulers, grad scalers, tensors; copied to host memory by ``backends.torch_state``.
 
 Rehearsals (probes of a fix) are rolled back after each run; the final run is kept when it fits
-and rolled back when it does not, or when anything interrupts it (Ctrl-C included). Only what
-the notebook reaches through the names the cell (or the notebook functions it calls) reads is
-covered: files, sockets, databases, iterators and objects of unknown libraries are not, and the
-side-effect guard asks about those before anything runs. What the names reach, and what copying
-it costs, is ``transaction_reach``'s.
+and rolled back when it does not, or when anything interrupts it (Ctrl-C included, deferred while
+the rollback runs). What no copy can put back (a generator, a socket, a database) is named before
+anything runs (``Transaction.not_covered``) and again after (``undo_message``). Reading and
+writing the user's objects runs none of their code (``safe``).
 """
 
 from __future__ import annotations
 
-import argparse
-import collections
 import contextlib
-import dataclasses
 import gc
 import os
 import signal
 import threading
-import types
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from jupyter_gpumem.backends import torch_objects, torch_state
-from jupyter_gpumem.rescue.reach import BIG_HOST_TENSOR_BYTES, holds_gpu, plan_snapshot
+from jupyter_gpumem.rescue import copies, safe
+from jupyter_gpumem.rescue import reach as r
+from jupyter_gpumem.rescue.reach import BIG_HOST_TENSOR_BYTES, holds_gpu, survey
 from jupyter_gpumem.units import format_bytes
 
 # Refuse when the snapshot would take more than this share of the available host memory.
 HOST_SHARE = 0.8
-
-_PLAIN_NS = (argparse.Namespace, types.SimpleNamespace)
-_MUTABLE = (list, dict, set, collections.deque, bytearray)
 
 
 class SnapshotTooLarge(Exception):
@@ -54,8 +49,7 @@ class SnapshotTooLarge(Exception):
 @dataclass
 class Snapshot:
     namespace: dict[str, Any]
-    containers: list[tuple[Any, Any]] = field(default_factory=list)
-    objects: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)  # __dict__ copies
+    saved: list[copies.Saved] = field(default_factory=list)  # containers, objects, files, ...
     modules: list[Any] = field(default_factory=list)
     optimizers: list[Any] = field(default_factory=list)
     state_dicts: list[Any] = field(default_factory=list)
@@ -67,6 +61,11 @@ class Snapshot:
     # `x = torch.randn(...)` or `model = Net().cuda()` frees the old one, as a real run does):
     # a tensor by its host copy, anything else by a weak reference
     weak: dict[str, Any] = field(default_factory=dict)
+    # what no rollback puts back, found before anything ran: "`gen` (a generator: ...)"
+    not_covered: list[str] = field(default_factory=list)
+
+    def count(self, kind: type[copies.Saved]) -> int:
+        return sum(type(s) is kind for s in self.saved)
 
 
 def host_available_bytes() -> int | None:
@@ -84,94 +83,132 @@ def host_available_bytes() -> int | None:
         return None
 
 
-def _is_notebook_object(obj: Any) -> bool:
-    cls = type(obj)
-    if cls.__module__ == "__main__":
-        return True
-    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+def check_host(nbytes: int) -> None:
+    """Raise SnapshotTooLarge when copying ``nbytes`` would take most of the host's memory."""
+    avail = host_available_bytes()
+    if nbytes and avail is not None and nbytes > HOST_SHARE * avail:
+        raise SnapshotTooLarge(
+            f"undoing a re-run needs a copy of {format_bytes(nbytes)} of model and optimizer "
+            f"state in host memory, and only {format_bytes(avail)} is available"
+        )
 
 
-def take(ns: dict[str, Any], names: Iterable[str], *, check_host: bool = True) -> Snapshot:  # noqa: C901 (issue 17: to be split)
-    """Copy what a re-run of a cell reading ``names`` can change. Raises SnapshotTooLarge."""
-    chosen, nbytes = plan_snapshot(ns, names)
-    if check_host and nbytes:
-        avail = host_available_bytes()
-        if avail is not None and nbytes > HOST_SHARE * avail:
-            raise SnapshotTooLarge(
-                f"undoing a re-run needs a copy of {format_bytes(nbytes)} of model and optimizer "
-                f"state in host memory, and only {format_bytes(avail)} is available"
-            )
-    snap = Snapshot(namespace=dict(ns), bytes=nbytes)
-    torch_in_use = torch_objects.torch_module() is not None
-    copies: dict[int, Any] = {}
-    for name, obj in chosen:
-        if torch_in_use and torch_objects.is_module(obj):
-            snap.modules.append(torch_state.copy_module(obj))
-        elif torch_in_use and torch_objects.is_optimizer(obj):
-            snap.optimizers.append(torch_state.copy_optimizer(obj))
-        elif torch_in_use and torch_objects.is_tensor(obj):
-            if torch_state.on_gpu(obj) or torch_state.tensor_bytes(obj) <= BIG_HOST_TENSOR_BYTES:
-                copies[id(obj)] = torch_state.copy_tensor(obj)
-                snap.tensors.append(copies[id(obj)])
-            else:
-                snap.watched.append((name, obj, torch_state.tensor_version(obj)))
-        elif torch_in_use and torch_state.has_plain_state(obj):
-            c = torch_state.copy_state_dict(obj)
-            if c is not None:
-                snap.state_dicts.append(c)
-        elif isinstance(obj, _MUTABLE):
-            snap.containers.append((obj, _shallow(obj)))
-        elif isinstance(obj, _PLAIN_NS) or _is_notebook_object(obj):
-            with contextlib.suppress(TypeError):
-                snap.objects.append((obj, dict(vars(obj))))
-    if torch_in_use:
-        for name in set(names) & set(ns):
-            value = ns[name]
-            if torch_objects.is_tensor(value) and id(value) in copies:
-                snap.weak[name] = copies[id(value)]
-            elif holds_gpu(value) and not torch_objects.is_tensor(value):
-                try:
-                    snap.weak[name] = weakref.ref(value)
-                except TypeError:
-                    continue  # not weakly referable (a list of tensors): kept alive
-            else:
-                continue
-            del snap.namespace[name]
+def take(
+    ns: dict[str, Any],
+    names: Iterable[str],
+    *,
+    check_host: bool = True,
+    extra_bytes: int = 0,
+    exclude: Iterable[str] = (),
+) -> Snapshot:
+    """Copy what a re-run of a cell using ``names`` can change. ``extra_bytes``: host memory
+    the caller copies besides (the failed run's leftovers), counted in the check; ``exclude``:
+    names the caller takes out of the namespace itself. Raises SnapshotTooLarge before anything
+    is copied."""
+    excluded = set(exclude)
+    names = set(names) - excluded
+    found = survey(ns, names)
+    nbytes = found.nbytes + extra_bytes
+    if check_host:
+        _check(nbytes)
+    snap = Snapshot(
+        namespace={k: v for k, v in ns.items() if k not in excluded},
+        bytes=nbytes,
+        not_covered=list(found.not_covered),
+    )
+    copied: dict[int, Any] = {}
+    for item in found.items:
+        try:
+            _copy(snap, item, copied)
+        except Exception as exc:  # a hostile object: named, never a traceback
+            snap.not_covered.append(f"`{item.where}` could not be copied ({type(exc).__name__})")
+    snap.saved += [copies.copy_module_attrs(m) for m in found.modules]
+    _hold_weakly(snap, ns, names, copied)
     snap.rng = torch_state.read_rng()
     return snap
 
 
-def _shallow(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return list(obj.items())
-    return list(obj)
+def _check(nbytes: int) -> None:
+    check_host(nbytes)  # looked up at call time: tests replace host_available_bytes
 
 
-def _put_container(obj: Any, saved: Any) -> None:
-    if isinstance(obj, dict):
-        cur = list(obj.items())
-        if len(cur) == len(saved) and all(
-            k is k2 and v is v2 for (k, v), (k2, v2) in zip(cur, saved, strict=True)
-        ):
-            return  # untouched (values compared by identity: tensors have no plain ==)
-        obj.clear()
-        obj.update(saved)
-    elif isinstance(obj, list):
-        obj[:] = saved
-    elif isinstance(obj, set):
-        obj.clear()
-        obj.update(saved)
-    elif isinstance(obj, collections.deque):
-        obj.clear()
-        obj.extend(saved)
-    elif isinstance(obj, bytearray):
-        obj[:] = bytes(saved)
+def _copy(snap: Snapshot, item: r.Reached, copied: dict[int, Any]) -> None:
+    """One reached object into the snapshot, by its kind."""
+    k, obj = item.kind, item.obj
+    if k in (r.MODEL, r.OPTIMIZER, r.TENSOR, r.TORCH_STATE):
+        _copy_torch(snap, item, copied)
+        return
+    make = _COPIERS.get(k)
+    saved = make(obj, k, item.where) if make is not None else None
+    if saved is not None:
+        saved.where = item.where
+        snap.saved.append(saved)
+
+
+_COPIERS: dict[int, Callable[[Any, int, str], copies.Saved | None]] = {
+    **dict.fromkeys(r.CONTAINERS, lambda o, k, w: copies.copy_container(o, k)),
+    r.OBJECT: lambda o, k, w: copies.copy_object(o, k),
+    r.FUNCTION: lambda o, k, w: copies.copy_object(o, k),
+    r.CLASS: lambda o, k, w: copies.Class(o, dict(safe.class_dict(o))),
+    r.RNG: lambda o, k, w: copies.copy_rng(o),
+    r.NDARRAY: lambda o, k, w: copies.copy_array(o),
+    r.FILE: lambda o, k, w: copies.copy_file(o, w),
+    r.ITERATOR: lambda o, k, w: copies.copy_iterator(o),
+    r.GENERATOR: lambda o, k, w: copies.Generator(o, copies.generator_mark(o)),
+}
+
+
+def _copy_torch(snap: Snapshot, item: r.Reached, copied: dict[int, Any]) -> None:
+    obj = item.obj
+    if item.kind == r.MODEL:
+        snap.modules.append(torch_state.copy_module(obj))
+    elif item.kind == r.OPTIMIZER:
+        snap.optimizers.append(torch_state.copy_optimizer(obj))
+    elif item.kind == r.TENSOR:
+        if torch_state.on_gpu(obj) or torch_state.tensor_bytes(obj) <= BIG_HOST_TENSOR_BYTES:
+            copied[id(obj)] = torch_state.copy_tensor(obj)
+            snap.tensors.append(copied[id(obj)])
+        else:
+            snap.watched.append((item.where, obj, torch_state.tensor_version(obj)))
+    else:
+        c = torch_state.copy_state_dict(obj)
+        if c is not None:
+            snap.state_dicts.append(c)
+
+
+def _hold_weakly(
+    snap: Snapshot, ns: dict[str, Any], names: set[str], copied: dict[int, Any]
+) -> None:
+    """The names whose values hold GPU memory leave the snapshot's namespace: a tensor is kept
+    by its host copy, anything else by a weak reference."""
+    if torch_objects.torch_module() is None:
+        return
+    tensor_cls = torch_objects.torch_module().Tensor
+    for name in names & set(ns):
+        value = ns[name]
+        is_tensor = safe.is_a(type(value), tensor_cls)
+        if is_tensor and id(value) in copied:
+            snap.weak[name] = copied[id(value)]
+        elif not is_tensor and holds_gpu(value):
+            try:
+                snap.weak[name] = weakref.ref(value)
+            except TypeError:
+                continue  # not weakly referable (a list of tensors): kept alive
+        else:
+            continue
+        snap.namespace.pop(name, None)
+
+
+_deferring = threading.local()
 
 
 @contextlib.contextmanager
 def _no_interrupt() -> Iterator[None]:
-    """Ctrl-C waits until the state is whole again, then is raised."""
-    if threading.current_thread() is not threading.main_thread():
+    """Ctrl-C (any number of times) waits until the state is whole again, then is raised once.
+    Nested uses defer to the outermost."""
+    if threading.current_thread() is not threading.main_thread() or getattr(
+        _deferring, "on", False
+    ):
         yield
         return
     pending: list[Any] = []
@@ -180,66 +217,30 @@ def _no_interrupt() -> Iterator[None]:
     except (ValueError, TypeError):
         yield
         return
+    _deferring.on = True
     try:
         yield
     finally:
+        _deferring.on = False
         signal.signal(signal.SIGINT, old)
         if pending:
             raise KeyboardInterrupt
 
 
-def restore(snap: Snapshot, ns: dict[str, Any]) -> list[str]:  # noqa: C901 (issue 17: to be split)
-    """Put everything back; returns what could not be (tensors too large to copy, written to)."""
+def restore(snap: Snapshot, ns: dict[str, Any]) -> list[str]:
+    """Put everything back; returns what could not be (a tensor too large to copy that was
+    written to, a generator the re-run advanced, a value with no room left on the GPU)."""
     problems: list[str] = []
     with _no_interrupt():
-        saved = snap.namespace
-        for k in [k for k in ns if k not in saved]:
-            del ns[k]  # the weakly held names too: what the re-run bound there must go first
-        for k, v in saved.items():
-            if ns.get(k, _MISSING) is not v:
-                ns[k] = v
-        gc.collect()  # the re-run's values are gone before anything is rebuilt in their place
-        for k, held in snap.weak.items():
-            if isinstance(held, weakref.ref):
-                obj = held()
-                if obj is None:
-                    problems.append(
-                        f"`{k}` was replaced by the re-run and its GPU memory given back: "
-                        "run the cell that made it to get it back"
-                    )
-                else:
-                    ns[k] = obj
-                continue
+        _restore_namespace(snap, ns, problems)
+        for saved in snap.saved:
             try:
-                ns[k] = torch_state.restore_tensor(held)  # the same tensor, or rebuilt where it was
-            except RuntimeError as exc:  # no room on the GPU for it any more
-                ns[k] = held.data
-                problems.append(f"`{k}` is back in host memory ({type(exc).__name__})")
-        for obj, content in snap.containers:
-            _put_container(obj, content)
-        for obj, attrs in snap.objects:
-            d = vars(obj)
-            for k in [k for k in d if k not in attrs]:
-                delattr(obj, k)
-            for k, v in attrs.items():
-                if d.get(k, _MISSING) is not v:
-                    object.__setattr__(obj, k, v)
-        if snap.modules or snap.optimizers or snap.tensors or snap.state_dicts:
-            for m in snap.modules:
-                torch_state.restore_module(m)
-            for o in snap.optimizers:
-                torch_state.restore_optimizer(o)
-            for s in snap.state_dicts:
-                with contextlib.suppress(Exception):
-                    torch_state.restore_state_dict(s)
-            for t in snap.tensors:
-                torch_state.restore_tensor_if_alive(t)  # a freed one comes back only through a name
-        for name, t, version in snap.watched:
-            if torch_state.tensor_version(t) != version:
-                problems.append(
-                    f"`{name}` ({format_bytes(torch_state.tensor_bytes(t))} in host memory, too large "
-                    "to copy) was written to and keeps the re-run's values"
-                )
+                problem = saved.restore()
+            except Exception as exc:
+                problem = f"`{saved.where}` could not be put back ({type(exc).__name__}: {exc})"
+            if problem:
+                problems.append(problem)
+        _restore_torch(snap, problems)
         if snap.rng is not None:
             torch_state.restore_rng(snap.rng)
         gc.collect()
@@ -247,12 +248,59 @@ def restore(snap: Snapshot, ns: dict[str, Any]) -> list[str]:  # noqa: C901 (iss
     return problems
 
 
+def _restore_namespace(snap: Snapshot, ns: dict[str, Any], problems: list[str]) -> None:
+    saved = snap.namespace
+    for k in [k for k in ns if k not in saved]:
+        del ns[k]  # the weakly held names too: what the re-run bound there must go first
+    for k, v in saved.items():
+        if ns.get(k, _MISSING) is not v:
+            ns[k] = v
+    gc.collect()  # the re-run's values are gone before anything is rebuilt in their place
+    for k, held in snap.weak.items():
+        if isinstance(held, weakref.ref):
+            obj = held()
+            if obj is None:
+                problems.append(
+                    f"`{k}` was replaced by the re-run and its GPU memory given back: "
+                    "run the cell that made it to get it back"
+                )
+            else:
+                ns[k] = obj
+            continue
+        try:
+            ns[k] = torch_state.restore_tensor(held)  # the same tensor, or rebuilt where it was
+        except RuntimeError as exc:  # no room on the GPU for it any more
+            ns[k] = held.data
+            problems.append(f"`{k}` is back in host memory ({type(exc).__name__})")
+
+
+def _restore_torch(snap: Snapshot, problems: list[str]) -> None:
+    for m in snap.modules:
+        torch_state.restore_module(m)
+    for o in snap.optimizers:
+        torch_state.restore_optimizer(o)
+    for s in snap.state_dicts:
+        with contextlib.suppress(Exception):
+            torch_state.restore_state_dict(s)
+    for t in snap.tensors:
+        torch_state.restore_tensor_if_alive(t)  # a freed one comes back only through a name
+    for name, t, version in snap.watched:
+        if torch_state.tensor_version(t) != version:
+            problems.append(
+                f"`{name}` ({format_bytes(torch_state.tensor_bytes(t))} in host memory, too large "
+                "to copy) was written to and keeps the re-run's values"
+            )
+
+
 _MISSING = object()
 
 
 class Transaction:
     """One fix on one notebook: a snapshot taken once, put back after each rehearsal and after a
-    final run that does not fit, is interrupted or raises."""
+    final run that does not fit, is interrupted or raises.
+
+    ``not_covered`` (before anything runs) names what no rollback puts back; ``problems`` (after
+    a rollback) what this one could not; ``whole`` is True when nothing is in either."""
 
     def __init__(
         self,
@@ -264,28 +312,24 @@ class Transaction:
     ):
         self.ns = ns
         self.released: list[str] = []  # names deleted for good (as the fix said): not put back
-        self.evicted: dict[str, Any] = {}  # name -> host copy of a tensor, rebuilt on rollback
+        self.evicted: dict[str, Any] = {}  # name -> the tensor kept aside, put back on rollback
         self.problems: list[str] = []
         self.rollbacks = 0
         # The failed run's own leftovers: what holds GPU memory leaves the namespace before the
-        # re-run (a tensor as a host copy, put back on a rollback); the rest stays where it is.
-        value = None
-        for name in leftovers:
-            value = ns[name]
-            if torch_objects.is_tensor(value) and torch_state.on_gpu(value):
-                self.evicted[name] = torch_state.copy_tensor(value)
-                del ns[name]
-            elif holds_gpu(value):
+        # re-run (a tensor kept aside in host memory, put back on a rollback); the rest stays.
+        evict, release = _sort_leftovers(ns, leftovers)
+        leftover_bytes = sum(torch_state.tensor_bytes(ns[n]) for n in evict)
+        self.snapshot = take(
+            ns, names, check_host=check_host, extra_bytes=leftover_bytes, exclude=evict + release
+        )
+        with _no_interrupt():
+            for name in evict:
+                self.evicted[name] = torch_state.evict_tensor(ns.pop(name))
+            for name in release:
                 self.released.append(name)
                 del ns[name]
-        del value
-        try:
-            self.snapshot = take(ns, names, check_host=check_host)
-        except BaseException:
-            # refused (no host memory) or interrupted before anything ran: put the leftovers back
-            for name, copied in self.evicted.items():
-                ns[name] = torch_state.restore_tensor(copied)
-            raise
+        self.not_covered = self.snapshot.not_covered
+        self.not_covered += _failed_run_traces(self.snapshot)
 
     def release(self, name: str) -> None:
         """The fix deletes ``name`` on purpose: the snapshot must not keep it alive."""
@@ -304,28 +348,28 @@ class Transaction:
     def rollback(self, *, everything: bool = False) -> None:
         """Put back the snapshot: after a rehearsal, or a final run that did not fit (the failed
         run's leftovers stay out: they only held memory). ``everything``: the leftovers too, for
-        an interrupt or an error, so the notebook is exactly as before the fix."""
-        self.problems = restore(self.snapshot, self.ns)
-        if everything:
-            for name, copied in self.evicted.items():
-                self.ns[name] = torch_state.restore_tensor(copied)
-        self.rollbacks += 1
+        an interrupt or an error, so the notebook is exactly as before the fix. Ctrl-C waits
+        until all of it is done."""
+        with _no_interrupt():
+            self.problems = restore(self.snapshot, self.ns)
+            if everything:
+                for name, kept in self.evicted.items():
+                    self.ns[name] = torch_state.restore_evicted(kept)
+                    if getattr(kept, "detached", False):
+                        self.problems.append(
+                            f"`{name}` is back without its autograd graph (the graph held the "
+                            "failed run's activations, freed for the re-run)"
+                        )
+            self.rollbacks += 1
+
+    @property
+    def whole(self) -> bool:
+        """Everything the fix could have changed was put back (nothing named, nothing released)."""
+        return not self.problems and not self.not_covered and not self.released
 
     def undo_message(self, *, everything: bool = False) -> str:
         """One line: what a rollback put back, and what it could not."""
-        snap = self.snapshot
-        parts = ["the notebook's variables"]
-        if snap.modules:
-            parts.append(f"{len(snap.modules)} model{'s' if len(snap.modules) > 1 else ''}")
-        if snap.optimizers:
-            parts.append("optimizer state")
-        if snap.state_dicts:
-            parts.append("schedulers and scalers")
-        parts.append("the random generators")
-        # "schedulers and scalers" is one item: a comma before the last "and" keeps it one
-        text = (
-            f"restored {_listed(parts, serial=bool(snap.state_dicts))}, as they were before the fix"
-        )
+        text = f"restored {self._restored()}, as they were before the fix"
         if self.evicted and not everything:
             names = list(self.evicted)
             text += f"; the failed run's {_listed([f'`{n}`' for n in names])}"
@@ -337,7 +381,67 @@ class Transaction:
             text += _listed([f"`{n}`" for n in self.released])
         if self.problems:
             text += "; " + "; ".join(self.problems)
+        said = " ".join(self.problems)
+        left = [n for n in self.not_covered if n.split(" ", 1)[0] not in said]
+        if left:
+            text += "; not put back: " + _listed(left)
         return text + "."
+
+    def _restored(self) -> str:
+        snap = self.snapshot
+        parts = ["the notebook's variables"]
+        if snap.modules:
+            parts.append(f"{len(snap.modules)} model{'s' if len(snap.modules) > 1 else ''}")
+        if snap.optimizers:
+            parts.append("optimizer state")
+        if snap.state_dicts:
+            parts.append("schedulers and scalers")
+        files = snap.count(copies.File) + snap.count(copies.Memory)
+        if files:
+            parts.append(f"{files} open file{'s' if files > 1 else ''} (size and position)")
+        local = [f"`{s.module.__name__}`" for s in snap.saved if isinstance(s, copies.Module)]
+        if local:
+            parts.append(f"the attributes of {_listed(local)}")
+        parts.append("the random generators")
+        # "schedulers and scalers" is one item: a comma before the last "and" keeps it one
+        return _listed(parts, serial=bool(snap.state_dicts) or len(local) > 1)
+
+
+def _sort_leftovers(ns: dict[str, Any], leftovers: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The failed run's leftovers that hold GPU memory: (tensors to keep aside, others to drop)."""
+    evict, release = [], []
+    for name in leftovers:
+        if name not in ns:
+            continue
+        value = ns[name]
+        if torch_objects.is_tensor(value) and torch_state.on_gpu(value):
+            evict.append(name)
+        elif holds_gpu(value):
+            release.append(name)
+    return evict, release
+
+
+def _failed_run_traces(snap: Snapshot) -> list[str]:
+    """What the failed run may have left in the models the cell uses before it ran out, which
+    no copy from before that cell exists to put back."""
+    found = []
+    for m in snap.modules:
+        name = _name_of(snap, m.module)
+        bn, grads = torch_state.bn_and_grads(m.module)
+        if bn:
+            found.append(
+                f"`{name}`'s BatchNorm running statistics (the failed run's forward passes "
+                "updated them before it ran out)"
+            )
+        if grads:
+            found.append(
+                f"the gradients in `{name}`'s `.grad` (the failed run's, if it got to backward)"
+            )
+    return found
+
+
+def _name_of(snap: Snapshot, obj: Any) -> str:
+    return next((k for k, v in snap.namespace.items() if v is obj), "the model")
 
 
 def _listed(items: list[str], *, serial: bool = False) -> str:
