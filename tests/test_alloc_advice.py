@@ -251,3 +251,24 @@ def test_an_oom_in_a_cell_measures_the_blocks_and_advises_what_is_not_on(
     out = capsys.readouterr().out
     assert "free block of the large pool too small for the 60.00 MiB request" in out, out
     assert said in out
+
+
+@pytest.mark.parametrize(
+    ("segments", "said"),
+    [
+        ([_segment([(20, "inactive")]), _segment([(2, "active_allocated")], "small")], "Clear cache returns 20.00 MiB"),
+        ([_segment([(5, "inactive"), (15, "active_allocated")])], "Clear cache has nothing to return"),
+    ],
+    ids=["free-segment", "none"],
+)  # fmt: skip
+def test_a_library_failure_says_what_clear_cache_returns(
+    segments: list[dict[str, Any]], said: str
+) -> None:
+    """cuBLAS's workspace: Clear cache's saving is the segments with no tensor, measured."""
+    report = parse_oom_message(
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
+    )
+    assert report is not None
+    state = _state(blocks=measure_blocks(segments, 0))
+    lib = next(c for c in diagnose(report, None, HolderSet(), allocator=state).causes)
+    assert lib.key == "library" and said in lib.action

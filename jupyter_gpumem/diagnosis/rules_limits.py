@@ -36,14 +36,29 @@ def library(f: Facts) -> Cause | None:
     r = f.d.report
     if r.kind != "library" or r.probable:
         return None
+    blocks = f.d.allocator.blocks if f.d.allocator is not None else None
+    action = (
+        "Clear cache returns PyTorch's cached blocks so the library can get memory; if it still "
+        "fails, reduce the batch size."
+    )
+    if blocks is not None and blocks.releasable_bytes:
+        action = (
+            f"Clear cache returns {fmt(blocks.releasable_bytes)} that PyTorch holds in segments "
+            "with no tensor, for the library to use; if it still fails, reduce the batch size."
+        )
+    elif blocks is not None:
+        action = (
+            "PyTorch holds no segment without tensors, so Clear cache has nothing to return: "
+            "free variables or reduce the batch size."
+        )
     return Cause(
         "library",
         "A GPU library could not get its workspace",
         f"{r.status}: cuBLAS, cuDNN and cuFFT allocate their own workspace outside PyTorch's "
         "tensors, from what the allocator has left.",
-        "Clear cache returns PyTorch's cached blocks so the library can get memory; if it still "
-        "fails, reduce the batch size.",
+        action,
         0.0,
+        saving_bytes=blocks.releasable_bytes if blocks is not None else None,
     )
 
 

@@ -150,9 +150,8 @@ def read_allocator_state(
             snapshot = {}
     own = _from_settings(snapshot.get("allocator_settings") or {})
     segments = snapshot.get("segments")
-    blocks = None
-    if segments and request_bytes:
-        blocks = measure_blocks(segments, request_bytes, device)
+    # no request (a library's failed workspace): the blocks still say what Clear cache returns
+    blocks = measure_blocks(segments, request_bytes or 0, device) if segments else None
     return AllocatorState(
         conf=own if own is not None else env_conf,
         env_conf=env_conf,
