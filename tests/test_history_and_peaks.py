@@ -154,6 +154,7 @@ def test_cell_stats_leave_the_notebooks_peak_counter_alone(shell: Any, capsys: A
     shell.run_cell("import torch")
     shell.run_cell("torch.cuda.reset_peak_memory_stats()")
     shell.run_cell('big = torch.zeros(32 << 20, device="cuda"); del big  # 128 MiB, gone')
+    shell.run_cell("torch.cuda.empty_cache()")
     shell.run_cell("%gpumem cells on")
     capsys.readouterr()
     shell.run_cell('a = torch.zeros(1 << 20, device="cuda")  # 4 MiB')

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+import types
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, cast
 
 from jupyter_gpumem.backends.base import StorageInfo, active
 
@@ -125,6 +127,66 @@ def no_torch_function() -> Any:
     torch = torch_module()
     disable = getattr(getattr(torch, "_C", None), "DisableTorchFunction", None)
     return disable() if disable is not None else contextlib.nullcontext()
+
+
+def compiled_original(obj: Any) -> Any:
+    """What ``torch.compile`` wrapped: the model of an ``OptimizedModule``, the function of a
+    compiled function; None for anything else. Read without running the object's code."""
+    if "torch._dynamo" not in sys.modules:
+        return None  # nothing was compiled in this process
+    tp = type(obj)
+    if tp.__name__ == "OptimizedModule" and tp.__module__.startswith("torch._dynamo"):
+        modules = vars(obj).get("_modules") or {}
+        return modules.get("_orig_mod")
+    if isinstance(obj, types.FunctionType):
+        return vars(obj).get("_torchdynamo_orig_callable")
+    return None
+
+
+def compiled_names(ns: dict[str, Any], names: Iterable[str]) -> list[str]:
+    """The names among ``names`` bound to something ``torch.compile`` made."""
+    return sorted(n for n in names if compiled_original(ns.get(n)) is not None)
+
+
+def read_by_compiled(ns: dict[str, Any], names: Iterable[str]) -> set[str]:
+    """The notebook's globals read by the functions that the compiled functions among ``names``
+    wrap: a compiled ``train_step`` reads the optimizer through code its wrapper does not show."""
+    found: set[str] = set()
+    for n in names:
+        original = compiled_original(ns.get(n))
+        code = getattr(original, "__code__", None)
+        stack = [code] if isinstance(code, types.CodeType) else []
+        while stack:
+            c = stack.pop()
+            found.update(k for k in c.co_names if k in ns)
+            stack += [k for k in c.co_consts if isinstance(k, types.CodeType)]
+    return found
+
+
+def compiled_graphs() -> int | None:
+    """How many graphs dynamo has compiled in this process (recompiles included), or None where
+    nothing was compiled; the difference around a run is what the run compiled."""
+    dynamo_utils = sys.modules.get("torch._dynamo.utils")
+    counters = getattr(dynamo_utils, "counters", None)
+    if counters is None:
+        return None
+    try:
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:
+        return None
+
+
+def eager_compiled() -> AbstractContextManager[Any]:
+    """A block where ``torch.compile``d code runs eagerly (``torch.compiler.set_stance``, torch
+    2.6 on): a re-run on the CPU does not compile again what was compiled for the GPU."""
+    torch = torch_module()
+    stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
+    if stance is None or "torch._dynamo" not in sys.modules:
+        return contextlib.nullcontext()
+    try:
+        return cast("AbstractContextManager[Any]", stance("force_eager"))
+    except Exception:
+        return contextlib.nullcontext()
 
 
 def autocast_factory(device_index: int | None = None) -> tuple[Any, str]:

@@ -10,6 +10,7 @@ from the diagnosis and reports the measured peak beside the prediction.
 from __future__ import annotations
 
 from jupyter_gpumem.backends import torch_objects
+from jupyter_gpumem.cells.failure import names_used
 from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome
 from jupyter_gpumem.rescue.rerun import Plan
 from jupyter_gpumem.units import format_bytes
@@ -24,6 +25,24 @@ def _dtype(ctx: FixContext) -> str:
 def _gpu(ctx: FixContext) -> str:
     index = ctx.failed.report.device_index
     return "This GPU" if index is None else f"GPU {index}"
+
+
+def _compiled(ctx: FixContext) -> list[str]:
+    ns = ctx.user_ns
+    names = names_used(ctx.failed.source, ns)
+    return torch_objects.compiled_names(ns, names | torch_objects.read_by_compiled(ns, names))
+
+
+def _compiled_note(compiled: list[str], graphs_before: int | None) -> str:
+    """Autocast is part of what dynamo guards on: a compiled model compiles again under it."""
+    after = torch_objects.compiled_graphs()
+    made = (after or 0) - (graphs_before or 0)
+    measured = f" ({made} graph{'s' if made != 1 else ''} compiled in this run)" if made > 0 else ""
+    names = ", ".join(f"`{n}`" for n in compiled)
+    return (
+        f"{names} {'is' if len(compiled) == 1 else 'are'} compiled (torch.compile): under autocast "
+        f"it compiles again at its first run{measured}; later runs reuse that."
+    )
 
 
 class Autocast(Fix):
@@ -53,9 +72,13 @@ class Autocast(Fix):
     def apply(self, ctx: FixContext) -> FixOutcome:
         check = self.check(ctx)
         factory, dtype = torch_objects.autocast_factory(ctx.failed.report.device_index)
+        graphs = torch_objects.compiled_graphs()
         outcome = self._single_run(
             ctx, Plan(ctx.failed.source, contexts=[factory], note=f"autocast {dtype}"), check
         )
+        compiled = _compiled(ctx)
+        if compiled:
+            outcome.notes.append(_compiled_note(compiled, graphs))
         outcome.notes.append(
             f"Numerics change: matmuls ran in {dtype}."
             + (

@@ -58,6 +58,7 @@ class _Mover:
         self.hosted: dict[int, Any] = {}  # id of a GPU tensor -> its CPU copy
         self.keep: list[Any] = []  # the GPU tensors of ``hosted``, so that their ids stay theirs
         self.moved: collections.Counter[str] = collections.Counter()  # root name -> bytes
+        self.compiled: set[str] = set()  # root names through which a compiled model is reached
 
     def tensor(self, t: Any, where: str) -> Any:
         """``t``'s CPU copy (the same one wherever ``t`` is held); ``t`` if it is not on the GPU."""
@@ -131,9 +132,16 @@ def move_reached(ns: dict[str, Any], names: set[str], backend: MemoryBackend) ->
     for where, obj in reached:
         if torch_objects.is_module(obj) or torch_objects.is_optimizer(obj):
             mover.in_place(obj, where)
+            if torch_objects.compiled_original(obj) is not None:
+                mover.compiled.add(where)
         elif not torch_objects.is_tensor(obj) and not isinstance(obj, types.ModuleType):
             mover.contents(obj, where)
     return mover
+
+
+def _listed(names: list[str]) -> str:
+    quoted = [f"`{n}`" for n in names]
+    return ", ".join(quoted[:-1]) + (" and " if len(quoted) > 1 else "") + quoted[-1]
 
 
 def _moved_text(names: list[str], ns: dict[str, Any]) -> str:
@@ -172,6 +180,7 @@ class MoveToCpu(Fix):
         ns = ctx.user_ns
         backend = active()
         names = names_used(ctx.failed.source, ns)
+        names |= torch_objects.read_by_compiled(ns, names)
         mover = move_reached(ns, names, backend)
         updates: dict[str, Any] = {}
         for name in sorted(names):
@@ -195,6 +204,9 @@ class MoveToCpu(Fix):
 
         # CPU tensors must not count against the GPU (they would on the simulated one)
         contexts = [backend.host_only, redirect]
+        compiled = sorted(set(torch_objects.compiled_names(ns, names)) | mover.compiled)
+        if compiled:
+            contexts.append(torch_objects.eager_compiled)
         outcome = self._single_run(
             ctx,
             Plan(ctx.failed.source, contexts=contexts, namespace_updates=updates, note="on CPU"),
@@ -204,6 +216,11 @@ class MoveToCpu(Fix):
             outcome.notes.append(
                 f"Moved to the CPU: {_moved_text(moved_names, ns)} ({format_bytes(moved_bytes)}); "
                 "they stay there."
+            )
+        if compiled:
+            outcome.notes.append(
+                f"{_listed(compiled)} {'is' if len(compiled) == 1 else 'are'} compiled "
+                "(torch.compile): run eagerly on the CPU, not compiled again for it."
             )
         redirected = getattr(mode_holder[0], "redirected", None) if mode_holder else None
         if redirected:
