@@ -124,8 +124,11 @@ def test_requested_size_is_rounded_as_torch_prints_it() -> None:
     simulated.start(1 * GiB)
     keep = torch.empty(1023 * MiB, dtype=torch.uint8, device="cuda")  # reserves all 1024 MiB
     assert parse(oom_of(lambda: torch.empty(10, device="cuda")))["requested"] == 2 * MiB
-    assert parse(oom_of(lambda: torch.empty(3 * MiB, dtype=torch.uint8)))["requested"] == 20 * MiB
-    big = oom_of(lambda: torch.empty(25 * MiB + 1, dtype=torch.uint8))
+    assert (
+        parse(oom_of(lambda: torch.empty(3 * MiB, dtype=torch.uint8, device="cuda")))["requested"]
+        == 20 * MiB
+    )
+    big = oom_of(lambda: torch.empty(25 * MiB + 1, dtype=torch.uint8, device="cuda"))
     assert parse(big)["requested"] == 26 * MiB
     assert simulated.allocation_size(100) == 2 * MiB
     assert simulated.format_size(0) == "0 bytes" and simulated.format_size(1024) == "1024 bytes"
@@ -167,10 +170,15 @@ def test_other_processes_count_against_free_and_are_named() -> None:
         (lambda: torch.randint(0, 9, (50, GiB), device="cuda"), 400 * GiB),
         (lambda: torch.empty_strided((GiB, 4), (4, 1), device="cuda"), 16 * GiB),
         (lambda: torch.ones(2, device="cuda").new_zeros(GiB, 8), 32 * GiB),
-        (lambda: torch.ones(2).new_full((GiB, 2), 1.0), 8 * GiB),
-        (lambda: torch.ones(2).new_empty_strided((GiB, 2), (2, 1)), 8 * GiB),
-        (lambda: torch.zeros_like(torch.ones(1).expand(10 * GiB)), 40 * GiB),
-        (lambda: torch.randn_like(torch.ones(1).expand(10 * GiB), dtype=torch.float64), 80 * GiB),
+        (lambda: torch.ones(2, device="cuda").new_full((GiB, 2), 1.0), 8 * GiB),
+        (lambda: torch.ones(2, device="cuda").new_empty_strided((GiB, 2), (2, 1)), 8 * GiB),
+        (lambda: torch.zeros_like(torch.ones(1, device="cuda").expand(10 * GiB)), 40 * GiB),
+        (
+            lambda: torch.randn_like(
+                torch.ones(1, device="cuda").expand(10 * GiB), dtype=torch.float64
+            ),
+            80 * GiB,
+        ),
     ],
 )
 def test_factories_are_refused_before_any_host_memory_is_touched(make: Any, nbytes: int) -> None:
@@ -278,10 +286,12 @@ def test_freed_on_another_thread_is_released() -> None:
     assert gpu.allocated_bytes == 0
 
 
-def test_tensors_made_on_the_cpu_by_torch_tensor_count_too() -> None:
+def test_tensors_made_on_the_host_count_nowhere() -> None:
     gpu = simulated.start(1 * GiB)
-    t = torch.tensor([1.0, 2.0, 3.0])
-    assert gpu.holds(t) and gpu.allocated_bytes == 512  # torch's smallest block
+    t = torch.tensor([1.0, 2.0, 3.0])  # a host tensor, as torch makes it on a real machine
+    assert not gpu.holds(t) and gpu.allocated_bytes == 0 and t.device.type == "cpu"
+    c = torch.tensor([1.0, 2.0, 3.0], device="cuda")
+    assert gpu.holds(c) and c.is_cuda and torch.cuda.memory_allocated() == gpu.allocated_bytes > 0
 
 
 def test_storages_resized_in_place_count_at_their_new_size() -> None:
@@ -368,7 +378,7 @@ def test_placements_of_a_host_tensor_copy_it_to_the_card(place: Any) -> None:
     host = torch.ones(1000)
     gpu = simulated.start(1 * GiB)
     placed = place(host)
-    assert placed.device.type == "cpu"
+    assert placed.device == torch.device("cuda", 0) and placed.is_cuda
     assert gpu.holds(placed) and not gpu.holds(host)
     assert placed.untyped_storage().data_ptr() != host.untyped_storage().data_ptr()
     placed.add_(1)
@@ -390,7 +400,7 @@ def test_placements_of_a_host_tensor_copy_it_to_the_card(place: Any) -> None:
 def test_factories_with_a_cuda_device(make: Any) -> None:
     gpu = simulated.start(1 * GiB)
     t = make()
-    assert t.device.type == "cpu" and gpu.holds(t)
+    assert t.device == torch.device("cuda", 0) and gpu.holds(t)
 
 
 @pytest.mark.parametrize("move", [lambda m: m.cuda(), lambda m: m.to("cuda")])
@@ -415,7 +425,7 @@ def test_default_device_cuda() -> None:
         layer = torch.nn.Linear(3, 3)
     finally:
         torch.set_default_device(None)
-    assert t.device.type == "cpu" and gpu.holds(t) and gpu.holds(layer.weight)
+    assert t.device.type == "cuda" and gpu.holds(t) and gpu.holds(layer.weight)
     with torch.device("cuda"):
         u = torch.ones(2)
     assert gpu.holds(u)
@@ -429,7 +439,7 @@ def test_default_device_set_before_the_simulation() -> None:
         t = torch.ones(3)
     finally:
         torch.set_default_device(None)
-    assert t.device.type == "cpu" and gpu.holds(t)
+    assert t.device.type == "cuda" and gpu.holds(t)
 
 
 def test_pin_memory_does_nothing() -> None:
@@ -491,9 +501,11 @@ def test_set_limit() -> None:
     gpu = simulated.start(1 * GiB)
     simulated.set_limit(100 * MiB)
     assert gpu.allowed_bytes == 100 * MiB
-    assert "100.00 MiB allowed;" in oom_of(lambda: torch.empty(101 * MiB, dtype=torch.uint8))
+    assert "100.00 MiB allowed;" in oom_of(
+        lambda: torch.empty(101 * MiB, dtype=torch.uint8, device="cuda")
+    )
     simulated.set_limit(None)
-    keep = torch.empty(101 * MiB, dtype=torch.uint8)
+    keep = torch.empty(101 * MiB, dtype=torch.uint8, device="cuda")
     assert gpu.allocated_bytes == 102 * MiB  # a 102 MiB segment, its last 1 MiB not split off
     with pytest.raises(ValueError):
         simulated.set_limit(-1)
@@ -592,9 +604,9 @@ def test_a_thread_running_before_the_start_counts_only_under_on_this_thread() ->
 
     def elsewhere() -> None:
         go.wait()
-        seen.append(torch.empty(MiB, dtype=torch.uint8))
+        seen.append(torch.empty(MiB, dtype=torch.uint8))  # no modes here: a host tensor
         with simulated.on_this_thread():
-            seen.append(torch.empty(MiB, dtype=torch.uint8))
+            seen.append(torch.empty(MiB, dtype=torch.uint8, device="cuda"))
         done.set()
 
     worker = threading.Thread(target=elsewhere)
@@ -618,7 +630,7 @@ def test_a_threads_profile_function_is_kept_and_restored() -> None:
         seen: list[Any] = []
 
         def counted_here() -> None:
-            seen.append(torch.empty(MiB, dtype=torch.uint8))
+            seen.append(torch.empty(MiB, dtype=torch.uint8, device="cuda"))
 
         worker = threading.Thread(target=counted_here)
         worker.start()
@@ -643,7 +655,9 @@ def test_forked_children_redirect_but_count_nothing() -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert simulated.current() is gpu
-    assert parse(oom_of(torch.empty, 64 * MiB, dtype=torch.uint8))["total"] == 16 * MiB
+    assert (
+        parse(oom_of(torch.empty, 64 * MiB, dtype=torch.uint8, device="cuda"))["total"] == 16 * MiB
+    )
 
 
 def test_bad_sizes_are_refused() -> None:

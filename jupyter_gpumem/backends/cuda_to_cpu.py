@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 
 __all__ = ["cuda_index", "cuda_to_cpu", "cuda_to_cpu_mode_class", "is_cuda_device"]
 
-_NOWHERE = -1  # a placement that names no CUDA device (``.to(other_tensor)``, ``pin_memory``)
+_NOWHERE = -2  # a placement that names no CUDA device (``pin_memory``)
+_HOST = -1  # a tensor on a simulated card sent to the host (``x.cpu()``); gpu.py's ``_HOST``
 
 
 def is_cuda_device(device: object) -> bool:
@@ -72,6 +73,10 @@ class _Torch(NamedTuple):
     tensor_cuda: Any
     tensor_to: Any
     tensor_pin: Any
+    tensor_cpu: Any
+    tensor_new_tensor: Any
+    tensor_repr: Any
+    dtype: Any
     constructors: Any  # the factories that follow the default device
     cpu: Any
     Tensor: Any
@@ -90,6 +95,10 @@ def _torch_names() -> _Torch:
         torch.Tensor.cuda,
         torch.Tensor.to,
         torch.Tensor.pin_memory,
+        torch.Tensor.cpu,
+        torch.Tensor.new_tensor,
+        torch.Tensor.__repr__,
+        torch.dtype,
         _device_constructors(),
         torch.device("cpu"),
         torch.Tensor,
@@ -116,13 +125,28 @@ def _name_of(func: Any) -> str:
     return str(resolve_name(func) or getattr(func, "__qualname__", func))
 
 
-def _on_cpu(
-    t: _Torch, holds: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[bool, int | None, Any, tuple[Any, ...], dict[str, Any]]:
-    """The call as it runs on the CPU: (moved, the CUDA index it named, func, args, kwargs).
+def _is_cpu_device(device: object) -> bool:
+    if isinstance(device, str):
+        return device == "cpu" or device.startswith("cpu:")
+    return getattr(device, "type", None) == "cpu"
 
-    ``moved``: the call placed something on the GPU, so it is counted and run in ``place``;
-    the index is ``_NOWHERE`` where the placement names no card (``.to(other)``, pinning)."""
+
+def _to_destination(t: _Torch, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Where ``Tensor.to(...)`` sends the tensor: a device argument, a tensor, or None."""
+    device = kwargs.get("device")
+    if device is None and len(args) > 1 and not isinstance(args[1], t.dtype):
+        device = args[1]
+    return device
+
+
+def _on_cpu(
+    t: _Torch, index_of: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[bool, int | None, Any, tuple[Any, ...], dict[str, Any]]:
+    """The call as it runs on the CPU: (moved, where it goes, func, args, kwargs).
+
+    ``moved``: the call places something on the GPU (counted, run in ``place``) or, with the
+    simulated GPU's ``index_of``, sends a tensor on a card to the host (``_HOST``); where it goes:
+    the CUDA index it named (None for plain ``"cuda"``), ``_HOST``, or ``_NOWHERE`` (pinning)."""
     moved = False
     target: int | None = _NOWHERE
     if func is t.tensor_cuda:
@@ -133,14 +157,27 @@ def _on_cpu(
         kwargs = {"non_blocking": non_blocking, "memory_format": fmt}
         moved = True
     elif func is t.tensor_to:
-        if len(args) > 1 and is_cuda_device(args[1]):
-            target = cuda_index(args[1])
-            args = (args[0], t.cpu, *args[2:])
-            moved = True
-        elif (
-            holds is not None and len(args) > 1 and isinstance(args[1], t.Tensor) and holds(args[1])
-        ):
-            moved = True  # .to(other) where other is "on the GPU"
+        dest = _to_destination(t, args, kwargs)
+        if is_cuda_device(dest):
+            target = cuda_index(dest)
+            if "device" in kwargs:
+                kwargs = {**kwargs, "device": t.cpu}
+            else:
+                args = (args[0], t.cpu, *args[2:])
+            return True, target, func, args, kwargs
+        if index_of is not None and dest is not None:
+            on_card = index_of(dest) if isinstance(dest, t.Tensor) else None
+            if on_card is not None:  # .to(other) where other is on a card
+                return True, on_card, func, args, kwargs
+            if (isinstance(dest, t.Tensor) or _is_cpu_device(dest)) and index_of(
+                args[0]
+            ) is not None:
+                return True, _HOST, func, args, kwargs  # a tensor on a card sent to the host
+        return False, target, func, args, kwargs
+    elif func is t.tensor_cpu:
+        if index_of is not None and index_of(args[0]) is not None:
+            return True, _HOST, func, args, kwargs
+        return False, target, func, args, kwargs
     device = kwargs.get("device")
     if device is not None:
         if is_cuda_device(device):
@@ -157,6 +194,87 @@ def _on_cpu(
     return moved, target, func, args, kwargs
 
 
+def _refuse_numpy(index: int) -> TypeError:
+    return TypeError(
+        f"can't convert cuda:{index} device type tensor to numpy. Use Tensor.cpu() to copy the "
+        "tensor to host memory first."
+    )
+
+
+def _on_card_answers(t: _Torch) -> dict[Any, Callable[..., Any]]:
+    """What a tensor on a simulated card answers, as CUDA's would (see ``_OnCard``)."""
+    import torch
+
+    devices: dict[int, Any] = {}
+
+    def device(mode: Any, func: Any, index: int, args: Any, kwargs: Any) -> Any:
+        d = devices.get(index)
+        if d is None:
+            d = devices[index] = torch.device("cuda", index)
+        return d
+
+    def numpy(mode: Any, func: Any, index: int, args: Any, kwargs: Any) -> Any:
+        raise _refuse_numpy(index)
+
+    def legacy_type(mode: Any, func: Any, index: int, args: Any, kwargs: Any) -> Any:
+        name = func(*args, **kwargs)
+        if len(args) == 1 and not kwargs.get("dtype") and isinstance(name, str):
+            return name.replace("torch.", "torch.cuda.", 1)  # torch.cuda.FloatTensor
+        return name
+
+    def pin(mode: Any, func: Any, index: int, args: Any, kwargs: Any) -> Any:
+        scalar = args[0].type()[len("torch.") : -len("Tensor")]
+        raise RuntimeError(f"cannot pin 'CUDA{scalar}Type' only dense CPU tensors can be pinned")
+
+    def text(mode: Any, func: Any, index: int, args: Any, kwargs: Any) -> Any:
+        # torch's own formatting, with this mode answering `.device` (device='cuda:0')
+        with mode:
+            if func is t.tensor_repr:
+                return torch._tensor_str._str(
+                    args[0], tensor_contents=kwargs.get("tensor_contents")
+                )
+            if args[0].dim() == 0:
+                return args[0].item().__format__(*args[1:])
+            return object.__format__(args[0], *args[1:])
+
+    def deepcopy(mode: Any, func: Any, index: int, args: Any, kwargs: Any) -> Any:
+        out = func(*args, **kwargs)
+        if isinstance(out, t.Tensor) and mode.place is not None:
+            mode.place.track(out, index)  # a copy on the same card, as CUDA's deepcopy makes
+        return out
+
+    return {
+        torch.Tensor.device.__get__: device,
+        getattr(torch.Tensor, "is_cuda").__get__: lambda *a: True,  # noqa: B009 (a descriptor)
+        getattr(torch.Tensor, "is_cpu").__get__: lambda *a: False,  # noqa: B009
+        torch.Tensor.get_device: lambda mode, func, index, args, kwargs: index,
+        torch.Tensor.numpy: numpy,
+        torch.Tensor.__array__: numpy,
+        torch.Tensor.type: legacy_type,
+        torch.Tensor.pin_memory: pin,
+        torch.Tensor.__repr__: text,
+        torch.Tensor.__format__: text,
+        torch.Tensor.__deepcopy__: deepcopy,
+    }
+
+
+def _on_its_card(index_of: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``x.new_tensor(data)`` of a tensor on a card: on that card, as CUDA puts it."""
+    index = index_of(args[0])
+    if index is not None and kwargs.get("device") is None:
+        return {**kwargs, "device": f"cuda:{index}"}
+    return kwargs
+
+
+def _to_host(place: Any, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``x.cpu()``, ``x.to("cpu")`` of a tensor on a card: a host copy, counted nowhere."""
+    with place.host():
+        out = call(*args, **kwargs)
+        if place.index_of(out) is not None:
+            out = out.clone()  # still the card's storage (the CPU's `.to` returned it): a copy
+    return out
+
+
 @functools.cache
 def cuda_to_cpu_mode_class() -> type[Any]:
     """The ``CudaToCpuMode`` class (a ``TorchFunctionMode``), built on first use."""
@@ -165,6 +283,7 @@ def cuda_to_cpu_mode_class() -> type[Any]:
 
     t = _torch_names()
     Tensor = torch.Tensor
+    on_card = _on_card_answers(t)
 
     class CudaToCpuMode(TorchFunctionMode):
         """Redirect CUDA placements to the CPU; ``redirected`` counts them by function name."""
@@ -172,11 +291,12 @@ def cuda_to_cpu_mode_class() -> type[Any]:
         def __init__(
             self,
             holds: Callable[[torch.Tensor], bool] | None = None,
-            place: Callable[[int | None], Any] | None = None,
+            place: Any = None,
         ) -> None:
             super().__init__()
             self.holds = holds
             self.place = place
+            self.index_of = getattr(place, "index_of", None)  # the simulated GPU's cards
             self.active = True  # False: pass everything through (a stopped simulation's mode)
             self.redirected: collections.Counter[str] = collections.Counter()
 
@@ -187,26 +307,34 @@ def cuda_to_cpu_mode_class() -> type[Any]:
                 kwargs = {}
             if not self.active:
                 return func(*args, **kwargs)
+            index_of = self.index_of
+            if index_of is not None and args and isinstance(args[0], Tensor):
+                answer = on_card.get(func)
+                if answer is not None:
+                    index = index_of(args[0])
+                    if index is not None:
+                        return answer(self, func, index, args, kwargs)
+                if func is t.tensor_new_tensor:
+                    kwargs = _on_its_card(index_of, args, kwargs)
             if func is t.tensor_pin:
                 self.redirected[_name_of(func)] += 1
                 return args[0]
-            moved, target, call, args, kwargs = _on_cpu(t, self.holds, func, args, kwargs)
+            moved, target, call, args, kwargs = _on_cpu(t, index_of, func, args, kwargs)
             if not moved:
                 return call(*args, **kwargs)
+            if target == _HOST:
+                return _to_host(self.place, call, args, kwargs)
             self.redirected[_name_of(func)] += 1
             place = self.place
             if place is None or target == _NOWHERE:
                 return self._placed(call, args, kwargs)
-            with place(target) as placement:
-                out = self._placed(call, args, kwargs)
-            if call is t.tensor_to and placement is not None and isinstance(args[0], Tensor):
-                placement.moved(args[0], out)  # a tensor sent to the card named
-            return out
+            with place(target):
+                return self._placed(call, args, kwargs)
 
         def _placed(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             out = func(*args, **kwargs)
             holds = self.holds
-            if holds is not None and isinstance(out, Tensor) and out.is_cpu and not holds(out):
+            if holds is not None and isinstance(out, Tensor) and not holds(out):
                 out = out.clone()  # a placement on the GPU is a copy: never alias host memory
             return out
 

@@ -1,4 +1,8 @@
-"""The counting mode: a torch dispatch mode that counts every new storage on the simulated GPU.
+"""The counting mode: a torch dispatch mode that counts every new storage on a simulated card.
+
+An op's new storages count on the card its placement names or the card of the tensors it reads
+(``SimulatedGPU._target``, which also refuses an op mixing devices, as CUDA does); an op on host
+tensors alone counts nowhere.
 
 Factories whose size is known beforehand (``empty``, ``zeros``, ``ones``, ``full``, ``rand*``,
 ``new_*``, ``*_like``) are checked before anything is allocated, so
@@ -16,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from jupyter_gpumem.backends.simulated.card import SimulatedCard
     from jupyter_gpumem.backends.simulated.gpu import SimulatedGPU
 
 
@@ -132,40 +137,40 @@ def _return_kinds(func: Any) -> tuple[int, ...]:
 
 
 def _predicted_oom(
-    sim: SimulatedGPU, predict: Predictor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    card: SimulatedCard, predict: Predictor, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> str | None:
     """The OOM message for a factory whose output would not fit, before it allocates anything."""
     try:
         nbytes = predict(args, kwargs)
     except Exception:  # symbolic sizes and the like: count after the fact
         nbytes = 0
-    return sim._precheck(nbytes, args) if nbytes > 0 else None
+    return card._precheck(nbytes) if nbytes > 0 else None
 
 
 def _count_output(
     sim: SimulatedGPU,
+    card: SimulatedCard,
     out: Any,
     kinds: tuple[int, ...],
-    args: tuple[Any, ...],
     tensor: type[torch.Tensor],
 ) -> str | None:
-    """Count an op's output on ``sim``: its new storages, and those it wrote in place (which may
-    have been resized); a view is no new memory. The OOM message when it does not fit."""
+    """Count an op's output on ``card``: its new storages, and those it wrote in place (which
+    may have been resized); a view is no new memory. The OOM message when it does not fit."""
     if isinstance(out, tensor):
         kind = kinds[0] if kinds else _FRESH
         if kind == _VIEW:
             return None
-        return sim._count((out,), kind == _FRESH, args)
+        return sim._count(card, (out,), kind == _FRESH)
     if not isinstance(out, (tuple, list)):
         return None
     if len(kinds) == 1:  # one return, a list of tensors
         if kinds[0] == _VIEW:
             return None
-        return sim._count(_flat(out, tensor, []), kinds[0] == _FRESH, args)
+        return sim._count(card, _flat(out, tensor, []), kinds[0] == _FRESH)
     message = None
     for kind in (_FRESH, _WRITTEN):
         part = [o for o, k in zip(out, kinds, strict=False) if k == kind]
-        message = message or sim._count(_flat(part, tensor, []), kind == _FRESH, args)
+        message = message or sim._count(card, _flat(part, tensor, []), kind == _FRESH)
     return message
 
 
@@ -175,6 +180,7 @@ def _counting_mode_class() -> type[Any]:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     Tensor, OutOfMemoryError = torch.Tensor, torch.OutOfMemoryError
+    no_torch_function = torch._C.DisableTorchFunction
     predictors = _size_predictors(torch)
     kinds_of: dict[Any, tuple[int, ...]] = {}
 
@@ -193,16 +199,25 @@ def _counting_mode_class() -> type[Any]:
             sim = self.sim
             if not sim._active:
                 return func(*args, **kwargs)
+            with no_torch_function():  # what we read of a tensor is its own, not the mode's answer
+                return self._counted(sim, func, args, kwargs)
+
+        def _counted(
+            self, sim: SimulatedGPU, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> Any:
+            card = sim._target(func, args, kwargs)  # raises torch's error on mixed devices
+            if card is None:  # a host op: nothing on a card
+                return func(*args, **kwargs)
             predict = predictors.get(func)
             if predict is not None:
-                message = _predicted_oom(sim, predict, args, kwargs)
+                message = _predicted_oom(card, predict, args, kwargs)
                 if message is not None:
                     raise OutOfMemoryError(message)
             out = func(*args, **kwargs)
             kinds = kinds_of.get(func)
             if kinds is None:
                 kinds = kinds_of[func] = _return_kinds(func)
-            message = _count_output(sim, out, kinds, args, Tensor)
+            message = _count_output(sim, card, out, kinds, Tensor)
             if message is not None:
                 del out  # the allocation failed: its output must not outlive the error
                 raise OutOfMemoryError(message)

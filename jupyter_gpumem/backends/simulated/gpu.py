@@ -1,13 +1,15 @@
 """The simulated machine: its cards, where each allocation goes, and the ``MemoryBackend`` on it.
 
 A :class:`SimulatedGPU` has one or more :class:`~.card.SimulatedCard`\\ s (``cuda:0``,
-``cuda:1``, ...). An allocation goes to the card a placement names (``device="cuda:1"``,
-``.to("cuda:1")``), else to the card of the tensors it reads (``x1 @ w1`` stays on card 1), else
-to the current device (``torch.cuda.set_device``, ``with torch.cuda.device(1):``; per thread,
-as torch's is), "homeless": real torch would have made it on the CPU, so a placement that sends it
-to a card moves it there (``x = torch.randn(n); y = x.to("cuda:1")`` counts ``y`` on card 1 and
-``x`` nowhere). Its own readings (``gpu.allocated_bytes``, ``gpu.memory_stats()``, ...) are the
-current device's, like ``torch.cuda.memory_allocated()``; ``gpu.devices[i]`` is each card.
+``cuda:1``, ...). A tensor is on card N while its storage is counted there, and it says so
+(``x.device == torch.device("cuda", N)``, ``x.is_cuda``: ``cuda_to_cpu.py`` answers for it); every
+other tensor is a host tensor and counts nowhere, as on a real machine. A new storage goes to the
+card a placement names (``device="cuda:1"``, ``.to("cuda:1")``; plain ``"cuda"``: the current
+device, per thread as torch's is), else to the card of the tensors the op reads (``x1 @ w1``
+stays on card 1), else to the host (``torch.randn(n)``, ``torch.from_numpy(a)``, ``x.cpu()``). An op
+reading tensors on two devices raises torch's own error (``devices.py``). Its own readings
+(``gpu.allocated_bytes``, ``gpu.memory_stats()``, ...) are the current device's, like
+``torch.cuda.memory_allocated()``; ``gpu.devices[i]`` is each card.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from jupyter_gpumem.backends.allocator import SizeLog, SizeRecorder
 from jupyter_gpumem.backends.base import DeviceReading, RawProcess, StorageInfo
 from jupyter_gpumem.backends.cuda_to_cpu import cuda_index
 from jupyter_gpumem.backends.simulated.card import SimulatedCard, format_size
+from jupyter_gpumem.backends.simulated.devices import MIXES, mixing_error
 from jupyter_gpumem.backends.tb_frames import without_dispatch_frames
 
 if TYPE_CHECKING:
@@ -32,8 +35,23 @@ if TYPE_CHECKING:
 __all__ = ["SimulatedGPU"]
 
 
+def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any], tensor: type) -> Iterator[Any]:
+    """The tensors an op reads: its arguments, in lists too, and its keyword arguments."""
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(a, tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            for t in a:
+                if isinstance(t, tensor):
+                    yield t
+
+
+_HOST = -1  # a placement target: what is made goes to the host (``x.cpu()``), counted nowhere
+
+
 class _Placement:
-    """While a placement names a card (``x.to("cuda:1")``), new storages on this thread go there."""
+    """While a placement names a card (``x.to("cuda:1")``) or the host (``x.cpu()``), new storages
+    on this thread go there."""
 
     __slots__ = ("gpu", "index", "saved")
 
@@ -44,18 +62,37 @@ class _Placement:
         local = self.gpu._local
         self.saved = getattr(local, "target", None)
         index = self.gpu.current_device() if self.index is None else self.index
-        self.gpu.card(index)  # an ordinal past the last card fails as torch's does
+        if index != _HOST:
+            self.gpu.card(index)  # an ordinal past the last card fails as torch's does
         local.target = index
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.gpu._local.target = self.saved
 
-    def moved(self, source: torch.Tensor, out: torch.Tensor) -> None:
-        """``source.to(card)`` gave ``out``: a homeless source was a CPU tensor in real torch, so
-        only ``out``, its copy, counts now; one already on this card (``out`` is itself) is
-        placed there from now on."""
-        self.gpu._moved(source, out)
+
+class _Cards:
+    """What the redirecting function mode (``cuda_to_cpu.py``) asks the simulated GPU: called
+    with the CUDA index a placement names (None: the current device), a context in which new
+    storages go to that card; ``host()``, one in which they stay on the host; ``index_of``, the
+    card a tensor is on (None: the host); ``track``, count a copy on a card."""
+
+    __slots__ = ("gpu",)
+
+    def __init__(self, gpu: SimulatedGPU) -> None:
+        self.gpu = gpu
+
+    def __call__(self, index: int | None) -> _Placement:
+        return _Placement(self.gpu, index)
+
+    def host(self) -> _Placement:
+        return _Placement(self.gpu, _HOST)
+
+    def index_of(self, tensor: torch.Tensor) -> int | None:
+        return self.gpu.index_of(tensor)
+
+    def track(self, tensor: torch.Tensor, index: int) -> None:
+        self.gpu.card(index).track(tensor)
 
 
 class SimulatedGPU:
@@ -92,6 +129,14 @@ class SimulatedGPU:
         self._device_names = tuple(f"cuda:{i} (simulated)" for i in range(devices))
         self._active = True  # False once stopped: the modes, if still stacked, pass through
         self._local = threading.local()  # current device and placement target, per thread
+        self.placement = _Cards(self)  # what the redirecting function mode asks (cuda_to_cpu.py)
+        self._mixes: dict[Any, bool] = {}  # aten op -> whether it may mix devices (devices.py)
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - the simulation starts only with torch
+            self._tensor_type: Any = ()
+        else:
+            self._tensor_type = torch.Tensor
 
     def __enter__(self) -> SimulatedGPU:
         return self
@@ -136,68 +181,82 @@ class SimulatedGPU:
             self.set_device(device)
         return old
 
-    def placement(self, index: int | None) -> _Placement:
-        """New storages on this thread go to card ``index`` (None: the current one) in the block."""
-        return _Placement(self, index)
+    def index_of(self, tensor: torch.Tensor) -> int | None:
+        """The card the tensor is on (its storage is counted there), else None: a host tensor."""
+        try:
+            storage = tensor.untyped_storage()
+        except Exception:  # sparse, nested: no plain storage
+            return None
+        key = storage._cdata
+        for card in self.devices:
+            ref = card._live.get(key)
+            if ref is not None and ref() is storage:
+                return card.device_index
+        return None
 
-    def _target(self, args: tuple[Any, ...]) -> tuple[SimulatedCard, bool]:
-        """The card new storages go to, and whether they are homeless there (``card.py``'s
-        ``_StorageRef``): the placement's card; else the card of the tensors they read, placed
-        ones first; else the current device, homeless (real torch would make them on the CPU)."""
+    def _device_name(self, tensor: torch.Tensor) -> str:
+        index = self.index_of(tensor)
+        return "cpu" if index is None else f"cuda:{index}"
+
+    def _target(
+        self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> SimulatedCard | None:
+        """The card an op's new storages go to, None for the host: the placement's; else the
+        card of the tensors it reads; else the host (a host op counts nowhere). An op reading
+        tensors on two devices raises torch's error (``devices.py``), as on CUDA."""
         target = getattr(self._local, "target", None)
         if target is not None:
-            return self.devices[target], False
-        homeless = None
-        for a in args:
-            for t in a if isinstance(a, (list, tuple)) else (a,):
-                try:
-                    storage = t.untyped_storage()
-                except Exception:
-                    continue
-                for card in self.devices:
-                    ref = card._live.get(storage._cdata)
-                    if ref is not None and ref() is storage:
-                        if not ref.homeless:
-                            return card, False
-                        homeless = homeless or card
-                        break
-        return homeless or self.devices[self.current_device()], True
-
-    def _moved(self, source: torch.Tensor, out: torch.Tensor) -> None:
-        """``source`` was sent to a card as ``out``: see ``_Placement.moved``."""
-        if self._single:
-            return  # one card: a homeless source and its copy would count on the same card
-        for card in self.devices:
-            ref = card._ref(source)
-            if ref is None:
+            return None if target == _HOST else self.devices[target]
+        found: int | None = None
+        mixed = self._mixes.get(func)
+        if mixed is None:
+            mixed = self._mixes[func] = func._schema.name in MIXES
+        host_seen = False
+        for t in _tensors(args, kwargs, self._tensor_type):
+            index = self.index_of(t)
+            if index is None:
+                if not host_seen and t.dim() != 0:
+                    host_seen = True  # a 0-dim host tensor is a scalar: it goes anywhere
+                    if found is not None and not mixed:
+                        self._mixing(func, args, kwargs)
                 continue
-            if ref.homeless:
-                if card._ref(out) is ref:
-                    ref.homeless = False
-                else:
-                    card.untrack(source)
-            return
+            if found is None:
+                found = index
+                if host_seen and not mixed:
+                    self._mixing(func, args, kwargs)
+            elif index != found and not mixed:
+                self._mixing(func, args, kwargs)
+        return None if found is None else self.devices[found]
+
+    def _mixing(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        devices: list[str] = []
+        for t in _tensors(args, kwargs, self._tensor_type):
+            index = self.index_of(t)
+            if index is None and t.dim() == 0:
+                continue
+            name = "cpu" if index is None else f"cuda:{index}"
+            if name not in devices:
+                devices.append(name)
+        first, second = [*devices, "cpu", "cpu"][:2]
+        raise mixing_error(func, args, kwargs, self._device_name, first, second, self._tensor_type)
 
     # ---- called by the counting mode ---------------------------------------------------------
 
-    def _precheck(self, nbytes: int, args: tuple[Any, ...] = ()) -> str | None:
-        card = self.devices[0] if self._single else self._target(args)[0]
-        return card._precheck(nbytes)
-
     def _count(
-        self, tensors: Iterable[torch.Tensor], fresh: bool = True, args: tuple[Any, ...] = ()
+        self, card: SimulatedCard, tensors: Iterable[torch.Tensor], fresh: bool = True
     ) -> str | None:
+        """Count an op's output storages on ``card``; the OOM message when they do not fit."""
         if self._single:
-            return self.devices[0]._count(tensors, fresh)
-        card, homeless = self._target(args)
-        others = tuple(c for c in self.devices if c is not card)
-        return card._count(tensors, fresh, others, homeless)
+            return card._count(tensors, fresh)
+        return card._count(tensors, fresh, tuple(c for c in self.devices if c is not card))
 
     def _held_at_target(self, tensor: torch.Tensor) -> bool:
         """For a placement: is the result already on the card it names (so no copy is due)?"""
         target = getattr(self._local, "target", None)
         if target is None:
             return self.holds(tensor)
+        if target == _HOST:
+            return self.index_of(tensor) is None
         return self.devices[target].holds(tensor)
 
     def _set_history(self, recorder: Any) -> None:
