@@ -26,15 +26,7 @@ from typing import Any, NamedTuple
 from jupyter_gpumem.backends import _trace_modules, simulated
 from jupyter_gpumem.backends._trace_modules import ModuleToken, current_module, token
 from jupyter_gpumem.backends._trace_modules import module_root as module_root
-from jupyter_gpumem.backends.simulated.card import (
-    _LARGE_BUFFER,
-    _MIN_LARGE_ALLOC,
-    _ROUND_LARGE,
-    _SMALL_BUFFER,
-    _SMALL_SIZE,
-    _ceil,
-    _rounded,
-)
+from jupyter_gpumem.backends.simulated.card import _rounded
 
 Frame = tuple[str, int, str]  # (filename, line, function), as torch's snapshot has them
 
@@ -65,9 +57,8 @@ class Allocation(NamedTuple):
 
 
 def _block_size(nbytes: int) -> int:
-    """The block the caching allocator gives, as the simulated card counts it."""
-    size = _rounded(nbytes)
-    return size if size < _MIN_LARGE_ALLOC else _ceil(size, _ROUND_LARGE)
+    """The block the caching allocator gives a request (``round_size``: 512-byte granularity)."""
+    return _rounded(nbytes)
 
 
 class Recorder:
@@ -100,13 +91,6 @@ class Recorder:
             frame = frame.f_back
         stack = tuple(frames)
         return self._stacks.setdefault(stack, stack)
-
-    def address(self, key: int, nbytes: int) -> int:
-        """The made-up address of a storage, assigned on first sight (frames () if untraced)."""
-        record = self.records.get(key)
-        if record is None:
-            record = self.records[key] = (self._claim(nbytes), (), None)
-        return record[0]
 
     def _claim(self, nbytes: int) -> int:
         addr = self._next
@@ -147,77 +131,58 @@ def _frame_dicts(frames: tuple[Frame, ...]) -> list[dict[str, Any]]:
     return [{"filename": f, "line": line, "name": name} for f, line, name in frames]
 
 
-def _segment(
-    device: int, addr: int, size: int, nbytes: int, frames: list[Any], live: bool
-) -> dict[str, Any]:
-    return {
-        "device": device,
-        "address": addr,
-        "total_size": size,
-        "allocated_size": size if live else 0,
-        "active_size": size if live else 0,
-        "requested_size": nbytes,
-        "stream": 0,
-        "segment_type": "small" if size <= _SMALL_SIZE else "large",
-        "segment_pool_id": (0, 0),
-        "is_expandable": False,
-        "frames": frames,
-        "blocks": [
-            {
-                "address": addr,
-                "size": size,
-                "requested_size": nbytes,
-                "state": "active_allocated" if live else "inactive",
-                "frames": frames,
-            }
-        ],
-    }
-
-
 def simulated_snapshot(sim: simulated.SimulatedGPU, recorder: Recorder | None) -> dict[str, Any]:
-    """``torch.cuda.memory._snapshot()``'s format for the simulated card.
+    """``torch.cuda.memory._snapshot()``'s format for the simulated cards.
 
-    Each live storage is drawn as a segment of its own holding one block; what the card reserves
-    beyond that (the 2 MiB and 20 MiB pools' slack) is one free segment per pool, so the
-    segments add up to the card's reserved bytes, as ``_memory_viz.segsum`` checks.
+    The segments and blocks are the cards' own (their caching allocator's, ``memory_snapshot``),
+    each live block given the stack that allocated its storage; the events are the recorder's,
+    with the addresses and sizes of the blocks still live, so that the trace and the segments
+    agree where the memory viewer joins them.
     """
     recorder = recorder if recorder is not None else Recorder(1)
-    device = sim.device_index
-    segments = []
+    segments: list[dict[str, Any]] = []
+    real: dict[int, tuple[int, int]] = {}  # the recorder's address -> (block address, size)
     for card in sim.devices:
-        small = mid = 0
-        for key, nbytes in card.live_storages():
-            addr = recorder.address(key, nbytes)
-            frames = _frame_dicts(recorder.records[key][1])
-            size = _block_size(nbytes)
-            if nbytes:
-                if size <= _SMALL_SIZE:
-                    small += size
-                elif size < _MIN_LARGE_ALLOC:
-                    mid += size
-            segments.append(_segment(card.device_index, addr, size, nbytes, frames, live=True))
-        for used, pool in ((small, _SMALL_BUFFER), (mid, _LARGE_BUFFER)):
-            slack = _ceil(used, pool) - used
-            if slack:
-                addr = recorder._claim(slack)
-                segments.append(_segment(card.device_index, addr, slack, 0, [], live=False))
-    trace = []
-    for event in recorder.events:
-        entry = {
-            "action": event[0],
-            "addr": event[1],
-            "size": event[2],
-            "stream": 0,
-            "frames": _frame_dicts(event[3]),
-            "time_us": event[4],
-        }
-        if event[0] == "oom":
-            entry["device_free"] = event[5]
-            del entry["addr"]
-        trace.append(entry)
+        frames_at: dict[int, list[dict[str, Any]]] = {}
+        for key, block in _live_blocks(card):
+            record = recorder.records.get(key)
+            if record is not None:
+                frames_at[block.ptr] = _frame_dicts(record[1])
+                real[record[0]] = (block.ptr, block.size)
+        for segment in card.memory_snapshot():
+            for b in segment.get("blocks", ()):
+                if b.get("state") == "active_allocated":
+                    b["frames"] = frames_at.get(b["address"], [])
+                    # the segment's stack: its first live block's (the cudaMalloc's is not kept)
+                    segment["frames"] = segment.get("frames") or b["frames"]
+            segments.append(segment)
+    trace = [_trace_entry(event, real) for event in recorder.events]
+    device = sim.device_index
     traces: list[list[dict[str, Any]]] = [[] for _ in range(max(len(sim.devices), device + 1))]
     traces[device] = trace
     return {"segments": segments, "device_traces": traces, "allocator_settings": {}}
+
+
+def _live_blocks(card: Any) -> list[tuple[int, Any]]:
+    """(storage key, allocator block) of each storage counted on the card."""
+    refs = list(getattr(card, "_live", {}).items())
+    return [(key, ref.block) for key, ref in refs if getattr(ref, "block", None) is not None]
+
+
+def _trace_entry(event: tuple[Any, ...], real: dict[int, tuple[int, int]]) -> dict[str, Any]:
+    addr, size = real.get(event[1], (event[1], event[2]))
+    entry = {
+        "action": event[0],
+        "addr": addr,
+        "size": size,
+        "stream": 0,
+        "frames": _frame_dicts(event[3]),
+        "time_us": event[4],
+    }
+    if event[0] == "oom":
+        entry["device_free"] = event[5]
+        del entry["addr"]
+    return entry
 
 
 # ---- tracing on and off ---------------------------------------------------------------------------
