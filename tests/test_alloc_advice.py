@@ -272,3 +272,17 @@ def test_a_library_failure_says_what_clear_cache_returns(
     state = _state(blocks=measure_blocks(segments, 0))
     lib = next(c for c in diagnose(report, None, HolderSet(), allocator=state).causes)
     assert lib.key == "library" and said in lib.action
+
+
+def test_the_allocators_own_record_wins_over_the_environment() -> None:
+    """``memory_snapshot()['allocator_settings']`` on CUDA: the string the allocator was set up
+    with, and the expandable flag as it is now (``_set_allocator_settings`` may have changed it)."""
+    from jupyter_gpumem.readings.allocator_state import _from_settings
+
+    conf = _from_settings(
+        {"PYTORCH_ALLOC_CONF": "max_split_size_mb:128", "expandable_segments": True}
+    )
+    assert conf is not None and conf.expandable_segments and conf.max_split_size == 128 * MiB
+    assert _from_settings({}) is None  # the simulated GPU's and older torches': the environment
+    advice = settings_advice(_state(conf=conf, env_conf=parse_alloc_conf("")))
+    assert "already on (the allocator runs with it)" in advice and SET_IT not in advice

@@ -18,7 +18,7 @@ before raising the OOM); a free block inside a segment that holds live tensors i
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from jupyter_gpumem.backends import MemoryBackend, active, alloc_history
@@ -122,7 +122,7 @@ def _from_settings(settings: Mapping[str, Any]) -> AllocConf | None:
     expandable = settings.get("expandable_segments")
     if isinstance(expandable, bool) and expandable != conf.expandable_segments:
         # set at run time (torch.cuda.memory._set_allocator_settings): the flag is the truth
-        conf = AllocConf(**{**conf.__dict__, "expandable_segments": expandable})
+        conf = replace(conf, expandable_segments=expandable)
     return conf
 
 
