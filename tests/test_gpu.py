@@ -154,3 +154,89 @@ def test_reduce_batch_replays_a_real_cards_allocations(shell, capsys) -> None:  
     print(out)
     assert re.search(r"Fits at batch \d+ \(was 262144\)", out), out
     shell.run_cell("%gpumem limit off")
+
+
+# ---- issue 18: what the simulated GPU cannot show ----------------------------------------------
+
+
+def test_a_history_the_user_records_survives_record_sizes() -> None:
+    import torch
+
+    from jupyter_gpumem import backends
+
+    torch.zeros(1, device="cuda")
+    memory = torch.cuda.memory
+    memory._record_memory_history(max_entries=100_000)
+    try:
+        before = torch.ones(4096, device="cuda")
+        theirs = memory._snapshot()["device_traces"][torch.cuda.current_device()]
+        with backends.active().record_sizes() as log:
+            ours = torch.ones(8192, device="cuda")
+        assert torch._C._cuda_isHistoryEnabled()
+        trace = memory._snapshot()["device_traces"][torch.cuda.current_device()]
+        assert trace[: len(theirs)] == theirs  # nothing cleared
+        assert log is not None and log.complete and len(log.sizes()) == 1
+        del before, ours
+    finally:
+        memory._record_memory_history(None)
+
+
+def test_cell_stats_leave_max_memory_allocated_alone(shell, capsys) -> None:  # type: ignore[no-untyped-def]
+    shell.run_cell("import torch; torch.cuda.reset_peak_memory_stats()")
+    shell.run_cell("big = torch.empty(2**30, dtype=torch.uint8, device='cuda'); del big")
+    shell.run_cell("%gpumem cells on")
+    shell.run_cell("small = torch.empty(2**20, dtype=torch.uint8, device='cuda')")
+    shell.run_cell("seen = torch.cuda.max_memory_allocated()")
+    assert shell.user_ns["seen"] >= 2**30
+    assert "peak ≤" in capsys.readouterr().out
+
+
+def test_bf16_is_native_from_compute_capability_8() -> None:
+    import torch
+
+    from jupyter_gpumem import backends
+
+    torch.zeros(1, device="cuda")
+    major = torch.cuda.get_device_capability()[0]
+    assert backends.active().supports_bf16() == (major >= 8)
+
+
+def test_nvml_reads_the_gpu_torch_uses() -> None:
+    import torch
+
+    from jupyter_gpumem import backends
+
+    torch.zeros(1, device="cuda")
+    reading = backends.active().read(0)
+    torch_uuid = str(torch.cuda.get_device_properties(0).uuid).removeprefix("GPU-")
+    assert reading.uuid is None or reading.uuid.removeprefix("GPU-") == torch_uuid
+
+
+CPU_SETUP = """
+import dataclasses, torch
+@dataclasses.dataclass
+class Trainer:
+    model: torch.nn.Module
+trainer = Trainer(torch.nn.Sequential(*[torch.nn.Linear(4096, 4096) for _ in range(4)]).cuda())
+opt = torch.optim.Adam(trainer.model.parameters())
+cache = {"bias": torch.zeros(4096, device="cuda")}
+def step(x):
+    loss = (trainer.model(x) + cache["bias"]).sum()
+    loss.backward(); opt.step(); opt.zero_grad()
+step(torch.randn(8, 4096, device="cuda"))
+"""
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_move_to_cpu_on_cuda_moves_what_the_cell_reaches(shell, capsys, compiled) -> None:  # type: ignore[no-untyped-def]
+    setup = CPU_SETUP + ("step = torch.compile(step)\n" if compiled else "")
+    shell.run_cell(setup)
+    shell.run_cell("%gpumem limit 1GiB")
+    assert not shell.run_cell("x = torch.randn(65536, 4096, device='cuda')\nstep(x)\n").success
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry cpu")
+    out = capsys.readouterr().out
+    shell.run_cell("%gpumem limit off")
+    assert "The cell ran on the CPU" in out and "same device" not in out, out
+    assert next(shell.user_ns["trainer"].model.parameters()).device.type == "cpu"
+    assert shell.user_ns["cache"]["bias"].device.type == "cpu"
