@@ -26,6 +26,7 @@ import contextlib
 import gc
 import os
 import signal
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -204,8 +205,9 @@ _deferring = threading.local()
 
 @contextlib.contextmanager
 def _no_interrupt() -> Iterator[None]:
-    """Ctrl-C (any number of times) waits until the state is whole again, then is raised once.
-    Nested uses defer to the outermost."""
+    """Ctrl-C (any number of times) waits until the state is whole again, then is raised once;
+    not at all when the rollback is itself the answer to a Ctrl-C (pressing it again while the
+    notebook is put back asks for nothing more). Nested uses defer to the outermost."""
     if threading.current_thread() is not threading.main_thread() or getattr(
         _deferring, "on", False
     ):
@@ -218,12 +220,13 @@ def _no_interrupt() -> Iterator[None]:
         yield
         return
     _deferring.on = True
+    answering = isinstance(sys.exc_info()[1], KeyboardInterrupt)
     try:
         yield
     finally:
         _deferring.on = False
         signal.signal(signal.SIGINT, old)
-        if pending:
+        if pending and not answering:
             raise KeyboardInterrupt
 
 
