@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from jupyter_gpumem.fixes.batch.replay import is_prime
 from jupyter_gpumem.fixes.batch.search import BatchSearch, Observation
 
 GiB = 1 << 30
@@ -309,3 +310,25 @@ def test_a_failed_guess_halves_the_bracket() -> None:
     assert all(after <= 0.75 * before + 1 for before, after in brackets[1:2])
     assert all(after <= 0.5 * before + 1 for before, after in brackets[2:])
     assert len(brackets) >= 2
+
+
+def test_after_a_failed_prime_probe_small_batches_get_a_prime_too() -> None:
+    """word_language_model: 160 failed, the first probe at 19 failed, then 4, 5, 15, 16 and 16
+    (a composite 4 is no model alone, and 4 and 5 give a short line). The probe after a failed
+    prime is a prime in the lower half of the bracket, so that one fit aims at the largest."""
+    s = BatchSearch(capacity_bytes=32 * MiB, baseline_bytes=4 * MiB, replay_logs=True)
+    s.max_batch = 159
+    s.observe(Observation(160, False, None, 68 * MiB, 18 * MiB))
+    first = s.next_batch()
+    assert first is not None and is_prime(first)
+    s.observe(Observation(first, False, None, 2 * MiB, 30 * MiB))
+    second = s.next_batch()
+    assert second is not None and is_prime(second) and 7 <= second <= first // 2, (first, second)
+
+
+def test_small_brackets_are_not_lifted_to_a_prime() -> None:
+    s = BatchSearch(capacity_bytes=32 * MiB, replay_logs=True, max_batch=11)
+    s.observe(Observation(12, False, None, 30 * MiB, 2 * MiB))
+    s.observe(Observation(11, False, None, 30 * MiB, 2 * MiB))
+    b = s.next_batch()
+    assert b is not None and b <= 5  # the lower half of a bracket of 11 holds no prime >= 7

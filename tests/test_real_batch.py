@@ -835,12 +835,14 @@ def test_word_language_model_batchified_in_the_cell_lands_on_the_largest(
 ) -> None:
     """The same notebook with `train_data = batchify(corpus.train, args.batch_size)` at the top
     of the training cell: Reduce batch changes args.batch_size and keeps 16, the largest batch
-    that fits (measured: 16 fits, 17 does not), in 5 rehearsals + 1 real run."""
+    that fits (measured: 16 fits, 17 does not). The first probe (a prime) fails: the next is a
+    prime too, and one fit there aims at the largest; 4 runs (was 6: 19, 4, 5, 15, 16, 16)."""
     _wlm(shell, tmp_path, "train_data = batchify(corpus.train, args.batch_size)\n" + WLM_LOOP)
     capsys.readouterr()
     shell.run_cell("%gpumem retry batch")
     out = capsys.readouterr().out
     assert "Fits at batch 16 (was 160)" in out, out
+    assert _runs(out) <= 4, out
     ns = shell.user_ns
     assert ns["args"].batch_size == 16 and tuple(ns["train_data"].shape) == (750, 16)
     assert ns["best_val_loss"] is not None  # the real run ran whole, checkpoint and all

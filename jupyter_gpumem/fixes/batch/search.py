@@ -305,36 +305,41 @@ class BatchSearch:
             safe = max(safe, _AIM_FULL * (b_top + (self.capacity_bytes - p_top) / k_safe))
         return safe
 
-    def next_batch(self) -> int | None:  # noqa: C901 (issue 17: to be split)
+    def next_batch(self) -> int | None:
         """The batch to try next; None when the search is done."""
         if not self.observations:
             return self.max_batch
         if any(not o.fit and o.batch <= self.min_batch for o in self.observations):
             return None
         lo, hi = self._bracket()
-        if hi - lo <= 1:
+        if hi - lo <= 1 or (lo >= self.min_batch and lo >= _GOOD_ENOUGH * (hi - 1)):
             return None
-        if lo >= self.min_batch and lo >= _GOOD_ENOUGH * (hi - 1):
+        guess = self._proposal(lo, hi)
+        if guess is None:
             return None
-        est = None if self.bisecting else self._estimate()
-        replayed = None if self.bisecting or lo < self.min_batch else self._from_replay(lo, hi)
-        if replayed is not None and replayed < 0:
-            return None
+        return self._as_batch(self._safeguarded(guess, lo, hi), lo, hi)
+
+    def _proposal(self, lo: int, hi: float) -> float | None:
+        """The model's guess (bisection once the peaks no longer predict); None: done."""
         if self.bisecting:
-            guess = (max(lo, 0) + hi) / 2 if math.isfinite(hi) else 2 * max(lo, 1)
-        elif replayed is not None:
-            guess = replayed
-        elif est is None:
-            guess = self._blind_probe(hi) if lo < self.min_batch else (lo + hi) / 2
-        else:
-            # The model ends the search only when two fits on its line agree and a failure lies
-            # above (allocator rounding bends measured peaks; a slope from one fit and the fixed
-            # part, "lower", has stopped searches at 21-67% of what fits: it never stops one).
-            if est.kind == "line" and lo >= self.min_batch and est.k > 0 and math.isfinite(hi):
-                full = (self.capacity_bytes - est.base) / est.k
-                if lo >= _STOP_FRACTION * full:
-                    return None
-            guess = self._guess(est, hi)
+            return (max(lo, 0) + hi) / 2 if math.isfinite(hi) else 2 * max(lo, 1)
+        replayed = None if lo < self.min_batch else self._from_replay(lo, hi)
+        if replayed is not None:
+            return None if replayed < 0 else replayed
+        est = self._estimate()
+        if est is None:
+            return self._blind_probe(hi) if lo < self.min_batch else (lo + hi) / 2
+        # The model ends the search only when two fits on its line agree and a failure lies
+        # above (allocator rounding bends measured peaks; a slope from one fit and the fixed
+        # part, "lower", has stopped searches at 21-67% of what fits: it never stops one).
+        if est.kind == "line" and lo >= self.min_batch and est.k > 0 and math.isfinite(hi):
+            full = (self.capacity_bytes - est.base) / est.k
+            if lo >= _STOP_FRACTION * full:
+                return None
+        return self._guess(est, hi)
+
+    def _safeguarded(self, guess: float, lo: int, hi: float) -> float:
+        """The guess inside the bracket's safeguards."""
         if not math.isfinite(guess):
             guess = (lo + hi) / 2 if math.isfinite(hi) else 2 * max(lo, 1)
         misses = sum(not o.fit for o in self.observations[1:])
@@ -349,13 +354,32 @@ class BatchSearch:
         if lo >= self.min_batch:
             # Steps of one sample near a soft limit would take forever: grow by a few % at least.
             guess = max(guess, lo * (1 + _MIN_STEP))
+        return guess
+
+    def _as_batch(self, guess: float, lo: int, hi: float) -> int | None:
+        """The guess as a batch not tried yet; a prime while nothing has fitted (one logged fit at
+        a prime is a model, see batch_replay)."""
         tried = {o.batch for o in self.observations}
         b = int(max(lo + 1, self.min_batch, min(math.floor(guess), hi - 1)))
-        if self.replay_logs and lo < self.min_batch and not self.bisecting and b > MIN_PRIME_BATCH:
-            b = prime_at_most(b, floor=max(lo + 1, self.min_batch, MIN_PRIME_BATCH, b // 2))
+        if self.replay_logs and lo < self.min_batch and not self.bisecting:
+            b = self._prime_probe(b, lo, hi)
         while b in tried and b < hi - 1:
             b += 1
         return None if b in tried else b
+
+    def _prime_probe(self, b: int, lo: int, hi: float) -> int:
+        """Before the first fit: a prime at most ``b``; or, when a probe has already failed and
+        the blind cut lands under the smallest prime one fit models from, that prime, where it
+        lies in the lower half of the bracket (word_language_model: 19 failed, then 4, 5, 15,
+        16 and 16; now 7, then the largest). A failure there still halves the bracket."""
+        floor = max(lo + 1, self.min_batch, MIN_PRIME_BATCH)
+        if b > MIN_PRIME_BATCH:
+            return prime_at_most(b, floor=max(floor, b // 2))
+        half = (max(lo, 0) + hi) / 2 if math.isfinite(hi) else 0.0
+        failed_probes = any(not o.fit for o in self.observations[1:])
+        if failed_probes and b < MIN_PRIME_BATCH <= half and lo < MIN_PRIME_BATCH:
+            return MIN_PRIME_BATCH
+        return b
 
     def explain(self) -> str:
         """One line for people: the model and what it predicts."""
