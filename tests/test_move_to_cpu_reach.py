@@ -90,6 +90,7 @@ class _CopyingBackend:
 
 
 def test_each_tensor_gets_one_cpu_copy_and_parameters_stay_themselves() -> None:
+    import dataclasses
     import types
 
     import torch
@@ -100,7 +101,17 @@ def test_each_tensor_gets_one_cpu_copy_and_parameters_stay_themselves() -> None:
     extra = torch.nn.Parameter(torch.ones(4))
     opt = torch.optim.SGD([*model.parameters(), extra], lr=0.1)
     shared = torch.zeros(3)
+
+    @dataclasses.dataclass(slots=True)
+    class Slotted:
+        t: Any
+
+    class Config:
+        table = shared  # a class attribute
+
     ns: dict[str, Any] = {
+        "slotted": Slotted(shared),
+        "Config": Config,
         "model": model,
         "opt": opt,
         "cache": {"a": shared, "pair": (shared, 2), "more": [shared]},
@@ -113,6 +124,7 @@ def test_each_tensor_gets_one_cpu_copy_and_parameters_stay_themselves() -> None:
     assert copy is not shared and backend.storage_of(copy) is None
     assert ns["cache"]["pair"] == (copy, 2) and ns["cache"]["more"][0] is copy
     assert ns["bag"].t is copy  # the same copy wherever the tensor was held
+    assert ns["slotted"].t is copy and Config.table is copy
     assert model.weight is weight and backend.storage_of(weight) is None  # moved in place
     assert opt.param_groups[0]["params"][-1] is extra and backend.storage_of(extra) is None
     # each counted once: the shared tensor, the model's two parameters and `extra`

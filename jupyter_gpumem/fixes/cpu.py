@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import re
 import types
 from collections.abc import Callable
@@ -101,11 +102,19 @@ class _Mover:
                     cell.cell_contents = self.value(cell.cell_contents, where)
             if obj.__defaults__:
                 obj.__defaults__ = self.value(obj.__defaults__, where)
+        elif isinstance(obj, type):
+            for k, v in list(vars(obj).items()):  # a notebook class's attributes
+                if not k.startswith("__"):
+                    self._set(functools.partial(type.__setattr__, obj), k, v, where, depth)
         else:
             fields = _fields(obj)
             if fields is not None:
                 for k, v in list(fields.items()):
                     self._set(fields.__setitem__, k, v, where, depth)
+            for k in _slots(type(obj)):
+                with contextlib.suppress(AttributeError):  # an unset slot
+                    v = object.__getattribute__(obj, k)
+                    self._set(functools.partial(object.__setattr__, obj), k, v, where, depth)
 
     def _set(self, put: Callable[[Any, Any], None], k: Any, v: Any, where: str, depth: int) -> None:
         new = self.value(v, where)
@@ -122,6 +131,15 @@ def _fields(obj: Any) -> dict[str, Any] | None:
     except Exception:
         return None
     return d if type(d) is dict else None
+
+
+def _slots(tp: type) -> list[str]:
+    """The ``__slots__`` names along the class's MRO (a dataclass with ``slots=True``)."""
+    names: list[str] = []
+    for c in tp.__mro__:
+        slots = vars(c).get("__slots__", ())
+        names += [slots] if isinstance(slots, str) else [n for n in slots if isinstance(n, str)]
+    return [n for n in names if n not in ("__dict__", "__weakref__")]
 
 
 def move_reached(ns: dict[str, Any], names: set[str], backend: MemoryBackend) -> _Mover:
