@@ -2,7 +2,7 @@
 which were deleted, what each is made from), and what it shares while it reads the notebook
 functions a cell calls (``Reach``, with its limits).
 
-Kept apart from ``guard_effects`` (the calls judged) and ``guard_walk`` (the statements): both read
+Kept apart from ``effects`` (the calls judged) and ``walk`` (the statements): both read
 and change a ``State``, and a branch copies it and merges the copies (``State.merge``), so it is
 plain data with no walking in it.
 """

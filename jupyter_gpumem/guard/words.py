@@ -24,7 +24,7 @@ HARMLESS_SHELL = re.compile(
 
 
 def read_cell(source: str) -> ast.Module | SideEffect | None:
-    """The cell's syntax tree (``cellsource``'s reading, its IPython syntax as the Python effects
+    """The cell's syntax tree (``cells.source``'s reading, its IPython syntax as the Python effects
     it has), or a whole-cell effect; None for a cell that cannot be read."""
     reading = cellsource.read(source)
     name = reading.magic
