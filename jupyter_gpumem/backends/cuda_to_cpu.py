@@ -14,8 +14,9 @@ Under the mode, code that places tensors on ``cuda`` gets CPU tensors instead:
 Not redirected (say so to users): ``torch.load(map_location="cuda")``, legacy types
 (``torch.cuda.FloatTensor``, ``x.type("torch.cuda.FloatTensor")``), a device passed positionally
 to a factory (``torch.as_tensor(data, None, "cuda")``), ``torch.Generator("cuda")``, and
-``torch.cuda.*`` calls. Tensors report ``device == cpu``, so code that checks ``x.is_cuda`` sees
-False. Function modes are thread-local: the mode covers the thread that entered it.
+``torch.cuda.*`` calls. On its own (Move to CPU) tensors report ``device == cpu``, so code that
+checks ``x.is_cuda`` sees False. Function modes are thread-local: the mode covers the thread that
+entered it.
 
 Usage::
 
@@ -23,12 +24,18 @@ Usage::
         run_the_cell()
     print(mode.redirected)
 
-``holds`` (used by the simulated GPU): a predicate telling whether a tensor is already "on the
-GPU". A placement whose result is not, such as ``cpu_tensor.to("cuda")`` (which on the CPU returns
-the tensor itself), returns a copy instead, as a real host-to-device copy does. ``place`` (also the
-simulated GPU's): given the CUDA index a placement names (None for plain ``"cuda"``), a context
-the placement runs in, so the simulated GPU counts it on that card; what it enters as, if not None,
-is told of each tensor sent there (``moved(source, result)``).
+``holds`` (used by the simulated GPU): a predicate telling whether a tensor is already where a
+placement sends it. A placement whose result is not, such as ``cpu_tensor.to("cuda")`` (which on
+the CPU returns the tensor itself), returns a copy instead, as a real host-to-device copy does.
+``place`` (the simulated GPU's ``gpu._Cards``): called with the CUDA index a placement names
+(None for plain ``"cuda"``), a context the placement runs in, so the simulated GPU counts it on
+that card; ``place.host()``, one where what is made stays on the host (``x.cpu()``, ``x.to("cpu")``
+of a tensor on a card: a host copy); ``place.index_of(tensor)``, the card a tensor is on. With it,
+a tensor on a card answers as CUDA's would (``_on_card_answers``): ``device``, ``is_cuda``,
+``is_cpu``, ``get_device()``, ``type()``, its repr and format (``device='cuda:0'``); ``.numpy()``
+and ``np.asarray`` are refused with torch's ``TypeError``, ``pin_memory()`` with its
+``RuntimeError``; ``copy.deepcopy`` makes a copy on the same card; ``x.new_tensor(data)`` lands
+on ``x``'s card. The answers are Python's: C++ sees host tensors (``torch.save`` writes ``cpu``).
 """
 
 from __future__ import annotations
