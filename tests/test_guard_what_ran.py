@@ -101,6 +101,26 @@ def test_next_inside_a_nested_notebook_function() -> None:
     assert guard(cell, 5, ns).safe
 
 
+def test_a_function_s_own_names_are_not_read_from_the_notebook_s_values() -> None:
+    """`i` in a function the cell defines is its own: the notebook's `i` = 0 at the failure says
+    nothing of which pass the function's loop was in."""
+    cell = (
+        "def train():\n    for i in range(3):\n        y = model(i)\n        opt.step()\ntrain()\n"
+    )
+    ns = _names("model", "opt", "i")
+    v = guard(cell, 5, ns, earlier=True, values={"i": 0}, frames=[("train", 3)])
+    assert kinds(v) == {(5, "optimizer_step", "opt")}
+    v = guard(cell, 5, ns, earlier=False, values={"i": 0}, frames=[("train", 3)])
+    assert v.safe  # the record says first pass: the step after the failing line did not run
+
+
+def test_a_library_s_bound_method_is_read_by_its_name() -> None:
+    """`from random import shuffle` is a bound method of random's own generator: read as
+    `shuffle(xs)` always was, a change to `xs`."""
+    ns = notebook("from random import shuffle\nxs = [1, 2, 3]\n")
+    assert kinds(guard("shuffle(xs)\ny = f()\n", 2, ns)) == {(1, "mutate_global", "xs")}
+
+
 def test_a_for_loop_over_an_iterator_made_before_the_cell() -> None:
     """A generator, ``iter(...)``, an open file: a pass takes an item; a list or a loader starts
     over for the re-run."""

@@ -79,7 +79,9 @@ def taken(w: CallReader, s: ast.If) -> bool | None:
     if w.limit is None or w.reach is None or (w.full and not w.passes):
         return None
     names = plain_names(s.test)
-    if names is None or (w.fn is not None and names & (w.fn.local | w.fn.free)):
+    if names is None or names & w.own:
+        return None
+    if w.fn is not None and names & (w.fn.local | w.fn.free):
         return None
     counters = frozenset(w.passes[0]) if w.full and w.passes else frozenset()
     start = w.loops[0] if w.loops else s.lineno
@@ -161,8 +163,8 @@ def passes_before(w: CallReader, loop: ast.For | ast.AsyncFor | ast.While) -> Co
       ``local_iter_num``);
 
     and neither rebound by notebook code, ``exec`` or IPython syntax anywhere in the loop."""
-    if w.fn is not None or w.reach is None or w.limit is None:
-        return None
+    if w.fn is not None or w.own or w.reach is None or w.limit is None:
+        return None  # a function's counters are its locals, which the record does not hold
     end = loop.end_lineno or loop.lineno
     if any(loop.lineno <= line <= end for line in w.ipython):
         return None

@@ -34,6 +34,7 @@ __all__ = [
     "is_iterator",
     "is_thread",
     "is_thread_class",
+    "locals_of",
     "logger_writes_to",
     "name_of",
     "notebook_callee",
@@ -209,6 +210,12 @@ def _read(obj: FunctionType) -> NotebookFunction | None:
                             local, declared, frozenset(obj.__code__.co_freevars))  # fmt: skip
 
 
+def locals_of(node: ast.FunctionDef | ast.AsyncFunctionDef) -> frozenset[str]:
+    """A function's own names: its parameters and what its body binds, less its ``global``s."""
+    declared = {name for n in _own_nodes(node) if isinstance(n, ast.Global) for name in n.names}
+    return frozenset(_params(node) | _bound(node)) - declared
+
+
 def _is_class(obj: Any) -> bool:
     return obj is not MISSING and issubclass(type(obj), type)
 
@@ -288,12 +295,19 @@ class GlobalsAsNames(ast.NodeTransformer):
 NAME_SCAN = 20_000  # names of the namespace looked through for the one holding an object
 
 
-def bound_method(obj: Any, name: str, owner: Callable[[Any], str | None]) -> ast.expr | None:
-    """``add`` holding ``L.append`` (or ``trainer.fit``), as the expression ``L.append``: its
-    object by the notebook's name for it (``owner``), else ``add.__self__``. None for anything
-    else (a function, a builtin such as ``print``)."""
+def bound_method(
+    obj: Any, name: str, owner: Callable[[Any], str | None], namespace: Mapping[str, Any]
+) -> ast.expr | None:
+    """``add`` holding ``L.append`` (or ``trainer.fit``, a method of a notebook class), as the
+    expression ``L.append``: its object by the notebook's name for it (``owner``), else
+    ``add.__self__``. None for anything else: a function, a builtin such as ``print``, a method of
+    a library's object (``from random import shuffle`` is read by its name, as before)."""
     t = type(obj)
-    if t not in (types.MethodType, types.BuiltinMethodType, types.MethodWrapperType):
+    if t is types.MethodType:
+        func = obj.__func__
+        if type(func) is not FunctionType or func.__globals__ is not namespace:
+            return None
+    elif t not in (types.BuiltinMethodType, types.MethodWrapperType):
         return None
     receiver = obj.__self__
     if receiver is None or isinstance(receiver, (types.ModuleType, type)):

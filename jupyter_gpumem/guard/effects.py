@@ -99,6 +99,9 @@ class CallReader:
         self.ipython: frozenset[int] = frozenset()
         self.passes: list[dict[str, Any]] | None = None
         self.here: tuple[list[ast.stmt], int] = ([], 0)  # the statement walked: its block, index
+        # the locals of a function defined in the code walked and read where it is called: not
+        # the notebook's names, whatever the values at the failure hold under the same name
+        self.own: frozenset[str] = frozenset()
 
     # ---- names
 
@@ -137,7 +140,7 @@ class CallReader:
         """The object ``name`` holds, from the namespace or the caller; MISSING if unknown."""
         if self.reach is None:
             return MISSING
-        if self.fn is not None and name in self.fn.local:
+        if name in self.own or (self.fn is not None and name in self.fn.local | self.fn.free):
             return self.values.get(name, MISSING)
         return self.reach.namespace.get(name, MISSING)
 
@@ -228,8 +231,9 @@ class CallReader:
         if not isinstance(f, ast.Name):
             return c
         method: ast.expr | None = self.st.methods.get(f.id)
-        if method is None and self.is_outer(f.id):
-            method = calls.bound_method(self.lookup(f.id), f.id, self.owner_name)
+        if method is None and self.reach is not None and self.is_outer(f.id):
+            obj = self.lookup(f.id)
+            method = calls.bound_method(obj, f.id, self.owner_name, self.reach.namespace)
         if method is None:
             return c
         return ast.copy_location(ast.Call(func=method, args=c.args, keywords=c.keywords), c)

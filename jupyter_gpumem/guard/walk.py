@@ -401,6 +401,7 @@ class Walker(CallReader):
         inner = Walker(self.lines, self.pre, limit, self.earlier)
         inner.reach, inner.fn, inner.gpre, inner.frames = self.reach, self.fn, self.gpre, frames
         inner.values, inner.modules = self.values, self.modules
+        inner.own = self.own | calls.locals_of(node)
         inner.depth, inner.active = self.depth + 1, self.active | {id(node)}
         inner.st, inner.root = self.st.copy(), node.body
         a = node.args
