@@ -223,11 +223,6 @@ def test_measured_blocks_that_fit_the_request_are_no_fragmentation() -> None:
     assert "not measured" in frag.evidence
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs cells/failure.py: build_failure reads read_allocator_state() before the release "
-    "and passes it to diagnose(allocator=...)",
-)
 @pytest.mark.parametrize(
     ("env", "said"),
     [

@@ -182,11 +182,6 @@ def test_a_rerun_failure_without_a_shell_is_dropped() -> None:
         assert not result.frames_kept and "frame locals" in result.cleared
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs ipython/hook.py: _post_run_cell must keep exc.__traceback__ when the release "
-    "kept the frames (IPython 9's %debug reads sys.last_value.__traceback__)",
-)
 def test_debug_magic_prints_the_moved_locals(shell: Any, monkeypatch: Any, capsys: Any) -> None:
     shell.run_cell("%gpumem simulate 1GiB")
     shell.run_cell(WORK)
@@ -235,10 +230,6 @@ def test_a_move_that_fails_frees_the_memory_as_before(shell: Any, monkeypatch: A
     assert not release.frames_kept and "frame locals" in release.cleared
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs cells/failure.py: build_failure passes release=released to diagnose()",
-)
 def test_the_diagnosis_says_what_moved_and_its_host_cost(shell: Any, capsys: Any) -> None:
     shell.run_cell("%gpumem simulate 1GiB")
     capsys.readouterr()

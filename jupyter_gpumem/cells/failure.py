@@ -19,7 +19,8 @@ from jupyter_gpumem.oom.report import OOMReport
 from jupyter_gpumem.readings import holders as holders_mod
 from jupyter_gpumem.readings import trace
 from jupyter_gpumem.readings.release import ReleaseResult
-from jupyter_gpumem.readings.snapshot import MemorySnapshot, read_snapshot
+from jupyter_gpumem.readings.allocator_state import read_allocator_state
+from jupyter_gpumem.readings.snapshot import MemorySnapshot, describe_process, read_snapshot
 
 if TYPE_CHECKING:
     from jupyter_gpumem.backends.torch_state import RngState
@@ -176,6 +177,12 @@ def build_failure(
     t0 = time.perf_counter()
     user_ns = shell.user_ns
     snapshot = read_snapshot()
+    # before anything is released: the cache's free blocks as the failure left them
+    allocator = read_allocator_state(report.requested_bytes, report.device_index)
+    known = {p.pid for p in snapshot.processes} if snapshot is not None else set()
+    process_names = {
+        p.pid: describe_process(p.pid) for p in report.other_processes if p.pid not in known
+    }
     created = {n: id(v) for n, v in user_ns.items() if n not in preexisting and n[:1] != "_"}
     used = names_used(source, user_ns)
     found = _find_holders(shell, tb, source, created, used)
@@ -189,14 +196,16 @@ def build_failure(
         report,
         snapshot,
         found,
-        freed_bytes=released.freed_bytes if released else None,
-        allocated_after_bytes=released.allocated_after_bytes if released else None,
+        release=released,
         released=released is not None,
         created=created,
         held_at_start=_held_on(held_at_start, report, snapshot),
+        allocator=allocator,
+        process_names=process_names,
+        allocated_by=allocated_by,
+        allocated_lines=trace.by_line(allocated_rows),
+        tracing=tracing,
     )
-    diag.allocated_by, diag.tracing = allocated_by, tracing
-    diag.allocated_lines = trace.by_line(allocated_rows)
     return FailedCell(
         source=source,
         exc_type=type(value),

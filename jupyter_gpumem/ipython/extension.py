@@ -248,30 +248,31 @@ class Extension:
 
             mark_oom(failed.report.device_index)
 
+        notes = []
         stats = self._cell_stats
         # only while recording: after `cells off` the cells recorded may hold none of this memory
         if stats is not None and stats.active and stats.records:
             filled = stats.filled_by(device=failed.report.device_index)
-            if filled and filled not in d.notes:
-                d.notes.append(filled)
-        ready = next((c.cell for c in d.causes if c.cell), "")
-        if ready and getattr(self.shell, "kernel", None) is not None:
-            note = "A ready cell that launches the training on several GPUs is inserted below (not run)."
-            if note not in d.notes:
-                d.notes.append(note)
-                try:
-                    self.shell.set_next_input(ready, replace=False)  # a new cell below, not run
-                except Exception:
-                    d.notes.remove(note)
-        elif ready:
-            note = "A cell that launches the training on several GPUs:\n" + ready
-            if note not in d.notes:
-                d.notes.append(note)
+            if filled:
+                notes.append(filled)
         # the one run of the fixes' checks for this OOM: the text's lines and the panel's buttons
         checks = check_all(self.shell, failed, Options(), self.remembered)
         batch = checks.get("batch")
-        if batch is not None and batch.applies:
-            d.add_batch(batch.evidence)  # name the batch in the causes (the mnist test() case)
+        ready = next((c.cell for c in d.causes if c.cell), "")
+        inserted = False
+        if ready and getattr(self.shell, "kernel", None) is not None:
+            try:
+                self.shell.set_next_input(ready, replace=False)  # a new cell below, not run
+                inserted = True
+            except Exception:
+                pass
+        # the diagnosis finished with what was learnt here: the batch named in the causes (the
+        # mnist test() case), the notes, the ready cell inserted or shown
+        d = failed.diagnosis = d.again(
+            notes=notes,
+            batch=batch.evidence if batch is not None and batch.applies else "",
+            insert_cells=inserted,
+        )
         text = render_text(d, fix_lines(checks, d.shortfall_bytes))
         if self.widgets_available():
             from jupyter_gpumem.ui.panel import show_panel

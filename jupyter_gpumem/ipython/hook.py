@@ -350,7 +350,12 @@ class OOMHook:
 
     def _release(self, value: BaseException) -> ReleaseResult:
         self._pending_release = value
-        return release_failed_cell(self.shell, value, backend=active())
+        result = release_failed_cell(self.shell, value, backend=active())
+        if result.frames_kept:
+            # the frames stay for %debug (IPython 9 reads sys.last_value.__traceback__); they
+            # hold no GPU memory now
+            self._pending_release = None
+        return result
 
 
 def _held_now() -> tuple[int, int] | None:
