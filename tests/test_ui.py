@@ -351,6 +351,64 @@ def test_cancel_while_a_fix_runs_puts_the_notebook_back(shell: Any) -> None:
     assert (ns["total"], ns["batch_size"]) == (0, 64), "the state from before the fix"
 
 
+class _MainLoop:
+    """The kernel's main event loop as ``status.interruptible`` sees it (``add_callback``)."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[tuple[Any, tuple[Any, ...]]] = []
+
+    def add_callback(self, fn: Any, *args: Any) -> None:
+        self.callbacks.append((fn, args))
+
+
+@pytest.mark.slow
+def test_a_click_on_a_subshell_thread_runs_on_the_main_thread_where_cancel_lands(
+    shell: Any, monkeypatch: Any
+) -> None:
+    """Issue 21 §1: "Re-run anyway" (a button drawn during a click) calls back on ipykernel 7's
+    subshell thread, where the server's SIGINT never lands: the fix ran on and was kept. The click
+    is handed to the kernel's main loop, where Ctrl-C raises (ipykernel ignores SIGINT between
+    requests), and Cancel puts the notebook back."""
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    shell.run_cell(SLOW_SETUP)
+    shell.run_cell(SLOW_CELL)
+    ext = jupyter_gpumem._extension_for(shell)
+    panel = _panel(ext)
+    panel.status.kernel_id = "0d1e"
+    loop = _MainLoop()
+    monkeypatch.setattr(shell, "kernel", SimpleNamespace(io_loop=loop), raising=False)
+    ns = shell.user_ns
+
+    assert _in_thread(lambda: panel.click("batch", force=True)) is None, "handed over"
+    assert len(loop.callbacks) == 1 and panel.busy
+    assert panel.click("batch", force=True) is None, "a second click while it waits: nothing"
+
+    def cancel() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (panel.busy and ns.get("total", 0) >= 3):
+            time.sleep(0.05)
+        if panel.busy:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the kernel's main loop, idle
+    try:
+        canceller = threading.Thread(target=cancel)
+        canceller.start()
+        fn, args = loop.callbacks[0]
+        fn(*args)
+        canceller.join()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN, "put back as it was"
+    finally:
+        signal.signal(signal.SIGINT, old)
+    status = html.unescape(panel.status.value)
+    assert "✗ Cancelled: nothing changed. Restored the notebook's variables" in status, status
+    assert not panel.busy and not panel.status.running and not panel.buttons["batch"].disabled
+    assert (ns["total"], ns["batch_size"]) == (0, 64), "the state from before the fix"
+
+
 def test_a_cancel_that_lands_after_the_fix_ended_keeps_its_outcome(
     failed: Any, monkeypatch: Any
 ) -> None:

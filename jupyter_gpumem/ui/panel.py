@@ -32,7 +32,7 @@ from jupyter_gpumem.ui import chart, devices, wording
 from jupyter_gpumem.ui.allocations import AllocatedBy
 from jupyter_gpumem.ui.others import OtherKernels, kernels_to_offer
 from jupyter_gpumem.ui.panel_style import STYLE
-from jupyter_gpumem.ui.status import StatusLine, Ticker
+from jupyter_gpumem.ui.status import StatusLine, Ticker, interruptible
 
 
 class DiagnosisPanel:
@@ -166,7 +166,9 @@ class DiagnosisPanel:
     # ---- clicks ----------------------------------------------------------------------------------
 
     def click(self, key: str, *, force: bool = False) -> FixOutcome | None:
-        """What a button does (also callable from tests, as the browser's click is)."""
+        """What a button does (also callable from tests, as the browser's click is). Returns
+        the outcome, or None when it asked first or the fix was handed to the kernel's main
+        thread (``status.interruptible``: where Cancel and ■ can stop it)."""
         if self.busy:
             return None
         if not force:
@@ -182,7 +184,21 @@ class DiagnosisPanel:
             if asked:
                 return None
         self.confirm_box.children = ()
-        return self.run(key)
+        ran: list[FixOutcome] = []
+
+        def work() -> None:
+            try:
+                ran.append(self.run(key))
+            finally:
+                self.busy = False
+
+        self.busy = True  # until the fix ends, wherever it runs: another click does nothing
+        try:
+            interruptible(self.shell, work)
+        except BaseException:
+            self.busy = False
+            raise
+        return ran[0] if ran else None
 
     def _ask_first(self, key: str) -> bool:
         """Ask before a re-run that may not be what the user expects; whether it asked."""

@@ -11,13 +11,22 @@ itself, through the Jupyter server's REST API (``POST {baseUrl}api/kernels/{id}/
 the toolbar's ■ does): the KeyboardInterrupt lands in the fix, whose transaction puts the notebook
 back (``rescue.Interrupted``). The kernel id comes from the kernel (its connection file's name);
 without one (a console, a front end that is not a Jupyter server) there is no Cancel button.
+
+The interrupt is a SIGINT, which only the kernel's main thread receives, and a click may arrive on
+another one: ipykernel 7 routes a comm's messages to the subshell of the request that last
+published on it, and JupyterLab 4.6 and Notebook 7 send widget messages on a subshell, so a
+button drawn (or redrawn) during a click, "Re-run anyway" first of all, calls back on a subshell
+thread, where no interrupt ever lands. ``interruptible`` hands such a click to the main thread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import anywidget
 import traitlets
@@ -131,3 +140,48 @@ class Ticker:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=2)
+
+
+def interruptible(shell: Any, work: Callable[[], object]) -> bool:
+    """Run ``work`` where Cancel and the toolbar's ■ reach it: on the main thread, with Ctrl-C
+    raising ``KeyboardInterrupt``. Returns whether it ran now; False: it was handed to the
+    kernel's main event loop (a click on a subshell thread), where it runs once the loop is free.
+
+    Without a kernel (a terminal, a test's shell) it runs now on whatever thread called."""
+    if threading.current_thread() is threading.main_thread():
+        with _ctrl_c_raises():
+            work()
+        return True
+    loop = getattr(getattr(shell, "kernel", None), "io_loop", None)
+    if loop is None:
+        work()
+        return True
+    # the callback runs in a copy of this thread's context: the click's parent message, so
+    # what the fix prints and displays goes where the click's output goes
+    loop.add_callback(_on_main_thread, work)
+    return False
+
+
+def _on_main_thread(work: Callable[[], object]) -> None:
+    try:
+        with _ctrl_c_raises():
+            work()
+    except KeyboardInterrupt:
+        pass  # a Cancel that came after the work ended: it already said how it ended
+
+
+@contextlib.contextmanager
+def _ctrl_c_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt here. ipykernel ignores it between requests and turns it
+    on only while a request's handler runs, which a callback on its event loop is not."""
+    try:
+        old = signal.getsignal(signal.SIGINT)
+        if old is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    except (ValueError, TypeError):  # not the main thread after all, or no signals here
+        old = None
+    try:
+        yield
+    finally:
+        if old is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, old)
