@@ -213,3 +213,21 @@ def test_a_list_iterator_is_put_back_where_it_stood() -> None:
     txn.rollback()
     assert next(ns["it"]) == 1
     assert txn.whole
+
+
+def test_the_failed_runs_batchnorm_statistics_are_named(shell: Any, capsys: Any) -> None:
+    """No copy from before the failed cell exists (the hook keeps none per cell): what its
+    forward pass did to a BatchNorm model is named, never claimed as put back."""
+    shell.run_cell("%gpumem simulate 160MiB")
+    shell.run_cell(
+        "import torch\nmodel = torch.nn.Sequential(torch.nn.Linear(16, 16), "
+        "torch.nn.BatchNorm1d(16)).cuda()\nhold = torch.zeros(15 << 20, device='cuda')"
+    )
+    cell = "out = model(torch.randn(64, 16, device='cuda'))\nbig = torch.randn(30 << 20, device='cuda')"
+    assert not shell.run_cell(cell).success
+    tracked = int(shell.user_ns["model"][1].num_batches_tracked)
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry clear --force")
+    out = capsys.readouterr().out
+    assert "not put back: `model`'s BatchNorm running statistics" in out, out
+    assert int(shell.user_ns["model"][1].num_batches_tracked) == tracked  # the re-run's undone

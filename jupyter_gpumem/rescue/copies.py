@@ -21,7 +21,7 @@ import types
 from dataclasses import dataclass
 from typing import Any
 
-from jupyter_gpumem.rescue import reach as r
+from jupyter_gpumem.rescue import kinds as r
 from jupyter_gpumem.rescue import safe
 
 _MISSING = safe.MISSING

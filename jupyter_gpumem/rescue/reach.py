@@ -20,22 +20,51 @@ of memory.
 
 from __future__ import annotations
 
-import _io
 import collections
 import functools
 import gc
-import io
-import os
-import random
 import sys
 import types
-import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from jupyter_gpumem.backends import torch_objects, torch_state
 from jupyter_gpumem.rescue import safe
+from jupyter_gpumem.rescue.kinds import (
+    BUILTIN_METHOD,
+    BYTEARRAY,
+    CLASS,
+    CONTAINERS,
+    DICT,
+    EXTERNAL,
+    EXTERNAL_TYPES,
+    FILE,
+    FILE_TYPES,
+    FUNCTION,
+    GENERATOR,
+    ITERATOR,
+    METHOD,
+    MODEL,
+    NDARRAY,
+    OBJECT,
+    OPAQUE,
+    OPTIMIZER,
+    PARTIAL,
+    PLAIN,
+    RNG,
+    SKIP,
+    TENSOR,
+    TORCH_STATE,
+    WALK,
+    classify,
+    code_names,
+    container_bytes,
+    container_kind,
+    iterate,
+    local_modules,
+    logging_handlers,
+)
 
 # A CPU tensor or NumPy array larger than this is not copied: a tensor's version counter tells
 # whether a rehearsal wrote to it (then the rollback says so); an array is named as not covered.
@@ -45,32 +74,6 @@ WALK_SECONDS = 5.0  # the walk's budget: past it, what it did not reach is named
 MAX_OBJECTS = 2_000_000
 _OPAQUE_REFERENTS = 64  # what an object without a __dict__ refers to (a csv.writer's file)
 
-(
-    SKIP, WALK, LIST, DICT, SET, DEQUE, BYTEARRAY, OBJECT, CLASS, FUNCTION, PARTIAL, METHOD,
-    TENSOR, MODEL, OPTIMIZER, TORCH_STATE, RNG, NDARRAY, FILE, GENERATOR, ITERATOR, EXTERNAL,
-    OPAQUE, BUILTIN_METHOD,
-) = range(24)  # fmt: skip
-# the host's own objects (the shell behind `get_ipython`, its history) and ours are not the notebook's
-_HOSTS = ("IPython", "ipykernel", "traitlets", "zmq", "jupyter_client", "jupyter_gpumem", "_pytest")
-CONTAINERS = (LIST, DICT, SET, DEQUE, BYTEARRAY)
-_PLAIN = (
-    str, bytes, int, float, complex, bool, type(None), range, slice, type(Ellipsis),
-    types.ModuleType, types.CodeType,
-    types.MappingProxyType, memoryview,
-    weakref.ReferenceType, weakref.ProxyType, weakref.CallableProxyType,
-)  # fmt: skip
-_GENERATORS = (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)
-# external state, by (module, class): what a re-run does through them stays done
-_EXTERNAL = {
-    ("socket", "socket"): "a socket",
-    ("sqlite3", "Connection"): "an SQLite connection",
-    ("sqlite3", "Cursor"): "an SQLite cursor",
-    ("threading", "Thread"): "a thread",
-    ("subprocess", "Popen"): "a process",
-    ("multiprocessing.pool", "Pool"): "a process pool",
-}
-_ITERATE = ((list, list.__iter__), (tuple, tuple.__iter__), (set, set.__iter__),
-            (frozenset, frozenset.__iter__), (collections.deque, collections.deque.__iter__))  # fmt: skip
 _FUNC = {k: types.FunctionType.__dict__[k] for k in ("__closure__", "__defaults__", "__kwdefaults__", "__globals__", "__code__")}  # fmt: skip
 _METHOD = {k: types.MethodType.__dict__[k] for k in ("__self__", "__func__")}
 _BUILTIN_SELF = types.BuiltinMethodType.__dict__["__self__"]
@@ -161,53 +164,15 @@ class _Walker:
             except Exception as exc:  # a hostile object: skipped and counted
                 self.budget.skip(where, exc)
                 continue
-            todo.extend((where, c) for c in children if type(c) not in _PLAIN)
+            todo.extend((where, c) for c in children if type(c) not in PLAIN)
 
     def kind(self, obj: Any) -> int:
         tp = type(obj)
         k = self.kinds.get(id(tp))
         if k is None:
-            k = self.kinds[id(tp)] = self._classify(tp)
+            k = self.kinds[id(tp)] = classify(tp)
             self._types.append(tp)
         return k
-
-    def _classify(self, tp: type) -> int:
-        if issubclass(tp, _PLAIN) or safe.type_module(tp).split(".")[0] in _HOSTS:
-            return SKIP
-        if tp is types.BuiltinMethodType:
-            return BUILTIN_METHOD
-        k = self._torch_kind(tp) or self._numpy_kind(tp) or _container_kind(tp)
-        if k:
-            return k
-        if safe.is_a(tp, random.Random):
-            return RNG
-        return _object_kind(tp)
-
-    def _torch_kind(self, tp: type) -> int:
-        torch = self.torch
-        if torch is None:
-            return 0
-        for base, k in (
-            (torch.Tensor, TENSOR),
-            (torch.nn.Module, MODEL),
-            (torch.optim.Optimizer, OPTIMIZER),
-            (torch.Generator, RNG),
-        ):
-            if safe.is_a(tp, base):
-                return k
-        if safe.type_module(tp).startswith("torch.") and torch_state.has_plain_state_type(tp):
-            return TORCH_STATE
-        return 0
-
-    def _numpy_kind(self, tp: type) -> int:
-        np = self.np
-        if np is None:
-            return 0
-        if safe.is_a(tp, np.ndarray):
-            return NDARRAY
-        if safe.is_a(tp, np.random.Generator) or safe.is_a(tp, np.random.RandomState):
-            return RNG
-        return 0
 
     def visit(self, where: str, obj: Any) -> Iterable[Any]:
         """Count what copying ``obj`` takes; returns what it refers to, to walk next."""
@@ -339,17 +304,6 @@ def _visit_keep(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
     return ()
 
 
-# the files whose size and position can be put back (a library's file-like object cannot)
-FILE_TYPES = (
-    io.TextIOWrapper,
-    io.BufferedWriter,
-    io.BufferedRandom,
-    io.FileIO,
-    io.StringIO,
-    io.BytesIO,
-)
-
-
 def _visit_file(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
     if type(obj) in FILE_TYPES:
         w.keep(where, obj, k, 4096)
@@ -374,7 +328,7 @@ def _visit_external(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
     what = next(
         (
             text
-            for (module, name), text in _EXTERNAL.items()
+            for (module, name), text in EXTERNAL_TYPES.items()
             if any(
                 safe.type_module(c) == module and safe.type_name(c) == name for c in safe.mro(tp)
             )
@@ -410,135 +364,11 @@ _VISITORS = {
 }
 
 
-# ---- classification helpers -------------------------------------------------------------------
-
-
-def _container_kind(tp: type) -> int:
-    for base, k in (
-        (dict, DICT),
-        (list, LIST),
-        (set, SET),
-        (collections.deque, DEQUE),
-        (bytearray, BYTEARRAY),
-        (tuple, WALK),
-        (frozenset, WALK),
-    ):
-        if safe.is_a(tp, base):
-            return k
-    return 0
-
-
-def _object_kind(tp: type) -> int:
-    for base, k in (
-        (type, CLASS),
-        (types.FunctionType, FUNCTION),
-        (types.MethodType, METHOD),
-        (functools.partial, PARTIAL),
-        (_io._IOBase, FILE),
-    ):
-        if safe.is_a(tp, base):
-            return k
-    if issubclass(tp, _GENERATORS):
-        return GENERATOR
-    if any(
-        safe.type_module(c) == m and safe.type_name(c) == n
-        for c in safe.mro(tp)
-        for m, n in _EXTERNAL
-    ):
-        return EXTERNAL
-    if safe.class_attr(tp, "__next__") is not safe.MISSING:
-        restorable = safe.class_attr(tp, "__setstate__") is not safe.MISSING
-        return ITERATOR if restorable and safe.type_module(tp) == "builtins" else EXTERNAL
-    return OBJECT
-
-
-def iterate(obj: Any) -> Iterable[Any]:
-    for base, iterator in _ITERATE:
-        if safe.is_a(type(obj), base):
-            return list(iterator(obj))
-    return ()
-
-
-def container_bytes(obj: Any, k: int) -> int:
-    """The host memory a shallow copy of the container takes (its own size, as the C type counts)."""
-    base: Any = {LIST: list, DICT: dict, SET: set, DEQUE: collections.deque, BYTEARRAY: bytearray}
-    return int(base[k].__sizeof__(obj))
-
-
-def code_names(code: types.CodeType) -> set[str]:
-    """The global (and attribute) names a function's code and its nested code read."""
-    names: set[str] = set()
-    stack = [code]
-    while stack:
-        c = stack.pop()
-        names.update(c.co_names)
-        stack += [k for k in c.co_consts if isinstance(k, types.CodeType)]
-    return names
-
-
 def _names(names: list[str]) -> str:
     shown = [f"`{n}`" for n in names[:3]]
     if len(names) > 3:
         shown.append(f"{len(names) - 3} more")
     return ", ".join(shown)
-
-
-# ---- the notebook's own modules, logging --------------------------------------------------------
-
-
-def local_modules(ns: dict[str, Any] | None = None) -> list[types.ModuleType]:
-    """Modules the notebook imported from its own folder (the kernel's working directory), not
-    from an installed package: their attributes are the notebook's state too. With ``ns``, only
-    those the namespace refers to (``import helpers``, ``from helpers import log``)."""
-    here = os.getcwd() + os.sep
-    wanted = _referred_modules(ns) if ns is not None else None
-    prefixes = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
-    found = []
-    for name, module in list(sys.modules.items()):
-        if name == "__main__" or name.split(".")[0] == "jupyter_gpumem":
-            continue
-        if wanted is not None and name not in wanted:
-            continue
-        d = safe.instance_dict(module) if type(module) is types.ModuleType else None
-        path = d.get("__file__") if d is not None else None
-        if not isinstance(path, str) or not path.startswith(here):
-            continue
-        if path.startswith(prefixes) or "site-packages" in path or "dist-packages" in path:
-            continue
-        found.append(module)
-    return found
-
-
-def _referred_modules(ns: dict[str, Any]) -> set[str]:
-    """The modules the namespace's values are, or come from (read by type, nothing run)."""
-    found = set()
-    for v in list(dict.values(ns)):
-        tp = type(v)
-        if tp is types.ModuleType:
-            d = safe.instance_dict(v) or {}
-            found.add(d.get("__name__"))
-        elif tp is types.FunctionType:
-            found.add(types.FunctionType.__dict__["__module__"].__get__(v))
-        elif safe.is_a(tp, type):
-            found.add(safe.type_module(v))
-    return {m for m in found if isinstance(m, str)}
-
-
-def logging_handlers() -> Iterator[Any]:
-    """The handlers of every logger (their streams: files a rehearsal writes to), read by type."""
-    logging = sys.modules.get("logging")
-    if logging is None:
-        return
-    d = safe.instance_dict(logging) or {}
-    root = d.get("root")
-    manager = (safe.instance_dict(root) or {}).get("manager") if root is not None else None
-    loggers = [root, *dict.values((safe.instance_dict(manager) or {}).get("loggerDict", {}))]
-    for logger in loggers:
-        handlers = (
-            (safe.instance_dict(logger) or {}).get("handlers") if logger is not None else None
-        )
-        if type(handlers) is list:
-            yield from handlers
 
 
 def holds_gpu(obj: Any) -> bool:
@@ -551,7 +381,7 @@ def holds_gpu(obj: Any) -> bool:
         return torch_state.module_on_gpu(obj)
     if safe.is_a(tp, torch.optim.Optimizer):
         return torch_state.optimizer_has_state(obj)
-    k = _container_kind(tp)
+    k = container_kind(tp)
     if k == DICT:
         items: Iterable[Any] = list(dict.values(obj))[:2000]
     elif k:

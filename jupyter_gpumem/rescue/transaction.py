@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jupyter_gpumem.backends import torch_objects, torch_state
-from jupyter_gpumem.rescue import copies, safe
-from jupyter_gpumem.rescue import reach as r
-from jupyter_gpumem.rescue.reach import BIG_HOST_TENSOR_BYTES, holds_gpu, survey
+from jupyter_gpumem.rescue import copies, kinds, safe
+from jupyter_gpumem.rescue.reach import BIG_HOST_TENSOR_BYTES, Reached, holds_gpu, survey
 from jupyter_gpumem.units import format_bytes
 
 # Refuse when the snapshot would take more than this share of the available host memory.
@@ -64,6 +63,9 @@ class Snapshot:
     weak: dict[str, Any] = field(default_factory=dict)
     # what no rollback puts back, found before anything ran: "`gen` (a generator: ...)"
     not_covered: list[str] = field(default_factory=list)
+    where: dict[int, str] = field(
+        default_factory=dict
+    )  # id of a model -> the name it was reached by
 
     def count(self, kind: type[copies.Saved]) -> int:
         return sum(type(s) is kind for s in self.saved)
@@ -133,10 +135,10 @@ def _check(nbytes: int) -> None:
     check_host(nbytes)  # looked up at call time: tests replace host_available_bytes
 
 
-def _copy(snap: Snapshot, item: r.Reached, copied: dict[int, Any]) -> None:
+def _copy(snap: Snapshot, item: Reached, copied: dict[int, Any]) -> None:
     """One reached object into the snapshot, by its kind."""
     k, obj = item.kind, item.obj
-    if k in (r.MODEL, r.OPTIMIZER, r.TENSOR, r.TORCH_STATE):
+    if k in (kinds.MODEL, kinds.OPTIMIZER, kinds.TENSOR, kinds.TORCH_STATE):
         _copy_torch(snap, item, copied)
         return
     make = _COPIERS.get(k)
@@ -147,25 +149,26 @@ def _copy(snap: Snapshot, item: r.Reached, copied: dict[int, Any]) -> None:
 
 
 _COPIERS: dict[int, Callable[[Any, int, str], copies.Saved | None]] = {
-    **dict.fromkeys(r.CONTAINERS, lambda o, k, w: copies.copy_container(o, k)),
-    r.OBJECT: lambda o, k, w: copies.copy_object(o, k),
-    r.FUNCTION: lambda o, k, w: copies.copy_object(o, k),
-    r.CLASS: lambda o, k, w: copies.Class(o, dict(safe.class_dict(o))),
-    r.RNG: lambda o, k, w: copies.copy_rng(o),
-    r.NDARRAY: lambda o, k, w: copies.copy_array(o),
-    r.FILE: lambda o, k, w: copies.copy_file(o, w),
-    r.ITERATOR: lambda o, k, w: copies.copy_iterator(o),
-    r.GENERATOR: lambda o, k, w: copies.Generator(o, copies.generator_mark(o)),
+    **dict.fromkeys(kinds.CONTAINERS, lambda o, k, w: copies.copy_container(o, k)),
+    kinds.OBJECT: lambda o, k, w: copies.copy_object(o, k),
+    kinds.FUNCTION: lambda o, k, w: copies.copy_object(o, k),
+    kinds.CLASS: lambda o, k, w: copies.Class(o, dict(safe.class_dict(o))),
+    kinds.RNG: lambda o, k, w: copies.copy_rng(o),
+    kinds.NDARRAY: lambda o, k, w: copies.copy_array(o),
+    kinds.FILE: lambda o, k, w: copies.copy_file(o, w),
+    kinds.ITERATOR: lambda o, k, w: copies.copy_iterator(o),
+    kinds.GENERATOR: lambda o, k, w: copies.Generator(o, copies.generator_mark(o)),
 }
 
 
-def _copy_torch(snap: Snapshot, item: r.Reached, copied: dict[int, Any]) -> None:
+def _copy_torch(snap: Snapshot, item: Reached, copied: dict[int, Any]) -> None:
     obj = item.obj
-    if item.kind == r.MODEL:
+    if item.kind == kinds.MODEL:
         snap.modules.append(torch_state.copy_module(obj))
-    elif item.kind == r.OPTIMIZER:
+        snap.where[id(obj)] = item.where
+    elif item.kind == kinds.OPTIMIZER:
         snap.optimizers.append(torch_state.copy_optimizer(obj))
-    elif item.kind == r.TENSOR:
+    elif item.kind == kinds.TENSOR:
         if torch_state.on_gpu(obj) or torch_state.tensor_bytes(obj) <= BIG_HOST_TENSOR_BYTES:
             copied[id(obj)] = torch_state.copy_tensor(obj)
             snap.tensors.append(copied[id(obj)])
@@ -343,7 +346,7 @@ class Transaction:
         """The fix replaces the tensor ``name`` (Move to CPU): keep its values in host memory
         only, and rebuild it where it was on a rollback."""
         value = self.snapshot.namespace.get(name, _MISSING)
-        if value is _MISSING or not torch_objects.is_tensor(value):
+        if value is _MISSING or not _is_tensor(value):
             return
         self.evicted[name] = torch_state.copy_tensor(value)
         del self.snapshot.namespace[name]
@@ -368,7 +371,17 @@ class Transaction:
     @property
     def whole(self) -> bool:
         """Everything the fix could have changed was put back (nothing named, nothing released)."""
-        return not self.problems and not self.not_covered and not self.released
+        return self.nothing_kept and not self.released
+
+    @property
+    def nothing_kept(self) -> bool:
+        """No effect of the fix's runs can have stayed: what "Nothing was kept" may claim."""
+        return not self.problems and not self.not_covered
+
+    def not_undone(self) -> list[str]:
+        """What the last rollback could not put back, then what no rollback covers (each once)."""
+        said = " ".join(self.problems)
+        return self.problems + [n for n in self.not_covered if n.split(" ", 1)[0] not in said]
 
     def undo_message(self, *, everything: bool = False) -> str:
         """One line: what a rollback put back, and what it could not."""
@@ -384,8 +397,7 @@ class Transaction:
             text += _listed([f"`{n}`" for n in self.released])
         if self.problems:
             text += "; " + "; ".join(self.problems)
-        said = " ".join(self.problems)
-        left = [n for n in self.not_covered if n.split(" ", 1)[0] not in said]
+        left = self.not_undone()[len(self.problems) :]
         if left:
             text += "; not put back: " + _listed(left)
         return text + "."
@@ -417,11 +429,17 @@ def _sort_leftovers(ns: dict[str, Any], leftovers: Iterable[str]) -> tuple[list[
         if name not in ns:
             continue
         value = ns[name]
-        if torch_objects.is_tensor(value) and torch_state.on_gpu(value):
+        if _is_tensor(value) and torch_state.on_gpu(value):
             evict.append(name)
         elif holds_gpu(value):
             release.append(name)
     return evict, release
+
+
+def _is_tensor(value: Any) -> bool:
+    """By its type (``isinstance`` would ask the object's own ``__class__``)."""
+    torch = torch_objects.torch_module()
+    return torch is not None and safe.is_a(type(value), torch.Tensor)
 
 
 def _failed_run_traces(snap: Snapshot) -> list[str]:
@@ -444,7 +462,7 @@ def _failed_run_traces(snap: Snapshot) -> list[str]:
 
 
 def _name_of(snap: Snapshot, obj: Any) -> str:
-    return next((k for k, v in snap.namespace.items() if v is obj), "the model")
+    return snap.where.get(id(obj), "model")
 
 
 def _listed(items: list[str], *, serial: bool = False) -> str:
