@@ -431,9 +431,10 @@ def test_failing_inside_a_function_defined_in_the_cell_counts_everything_after()
     assert found(cell, 2, {"step", "model", "x"}) == {(3, "augassign_global", "step")}
 
 
-def test_effects_in_function_bodies_are_not_read() -> None:
+def test_a_function_the_cell_defines_is_read_where_it_is_called() -> None:
     cell = "def bump():\n    global step\n    step += 1\nbump()\nf()\n"
-    assert found(cell, 5, {"step"}) == set()
+    assert found(cell, 5, {"step"}) == {(4, "augassign_global", "step")}
+    assert found(cell.replace("bump()\n", ""), 4, {"step"}) == set()  # defined, never called
 
 
 def test_side_effect_fields_and_messages() -> None:

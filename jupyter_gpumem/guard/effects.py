@@ -211,7 +211,8 @@ class CallReader:
         statement's call, which may have run part way (a step, a backward); nothing else of it
         happened."""
         c = self.unalias(c)
-        if self.reach is not None and not partial and self.enter(c, ()):
+        local = isinstance(c.func, ast.Name) and c.func.id in self.st.defs
+        if (self.reach is not None or local) and not partial and self.enter(c, ()):
             return  # its body was read: what its name suggests does not matter
         f = c.func
         recv = f.value if isinstance(f, ast.Attribute) else None
