@@ -582,3 +582,31 @@ def test_the_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:10")
     with pytest.raises(ValueError, match="max_split_size_mb too small"):
         simulated.start(1 * GiB)
+
+
+def test_the_card_shares_no_arithmetic_with_the_batch_replay() -> None:
+    """Issue 18: the predictor must not check itself. The simulated card counts with the ported
+    allocator; from backends/allocator.py it takes only the log types of the backend protocol,
+    and the batch replay imports nothing of the card's."""
+    import ast
+    from pathlib import Path
+
+    import jupyter_gpumem
+
+    root = Path(jupyter_gpumem.__file__).parent
+
+    def imports(path: Path) -> Iterator[tuple[str, set[str]]]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                yield node.module, {a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    yield alias.name, set()
+
+    for path in (root / "backends" / "simulated").glob("*.py"):
+        for module, names in imports(path):
+            if module == "jupyter_gpumem.backends.allocator":
+                assert names <= {"SizeLog", "SizeRecorder"}, path.name
+    for module, names in imports(root / "fixes" / "batch" / "replay.py"):
+        assert "simulated" not in module and "caching_allocator" not in module
+        assert not names & {"simulated", "caching_allocator"}
