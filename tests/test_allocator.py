@@ -610,3 +610,21 @@ def test_the_card_shares_no_arithmetic_with_the_batch_replay() -> None:
     for module, names in imports(root / "fixes" / "batch" / "replay.py"):
         assert "simulated" not in module and "caching_allocator" not in module
         assert not names & {"simulated", "caching_allocator"}
+
+
+def test_per_process_memory_fraction_setting_caps_the_card() -> None:
+    """CUDAAllocatorConfig's per_process_memory_fraction: the cap set_per_process_memory_fraction
+    sets, from the environment (and garbage_collection_threshold's base)."""
+    torch = pytest.importorskip("torch")
+    from jupyter_gpumem.backends import simulated
+
+    try:
+        gpu = simulated.start(1 * GiB, alloc_conf="per_process_memory_fraction:0.25")
+        assert gpu.devices[0]._alloc.allowed == GiB // 4
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(300 * MiB, dtype=torch.uint8, device="cuda")
+        torch.cuda.set_per_process_memory_fraction(0.5)  # the call wins over the setting
+        t = torch.empty(300 * MiB, dtype=torch.uint8, device="cuda")
+        del t
+    finally:
+        simulated.stop()

@@ -339,7 +339,9 @@ class SimulatedCard:
         alloc = self._alloc
         alloc.capacity = self.total_bytes - self._context - getattr(self, "_others", 0)
         alloc.total_memory = self.total_bytes
-        alloc.allowed = self._allowed
+        fraction = alloc.conf.per_process_memory_fraction  # PYTORCH_CUDA_ALLOC_CONF's cap
+        from_conf = None if fraction >= 1.0 else int(fraction * self.total_bytes)
+        alloc.allowed = self._allowed if self._allowed is not None else from_conf
 
     def _release(self, ref: _StorageRef) -> None:  # caller holds the lock
         if ref.block is not None:
@@ -368,7 +370,7 @@ class SimulatedCard:
             free=free,
             reserved=alloc.reserved,
             allocated=alloc.allocated_bytes,
-            allowed=self._allowed,
+            allowed=alloc.allowed,
             other_processes=self.other_processes,
             non_pytorch=self._context,
         )
