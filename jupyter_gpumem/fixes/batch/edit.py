@@ -3,6 +3,7 @@ settings replaced, and "make it permanent" in words."""
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
@@ -50,7 +51,11 @@ def apply_batch(
     for s in finding.sites:
         if s.lineno is not None:
             continue
-        if s.kind == "dataloader":
+        if s.kind == "dataloader" and s.name in finding.entries:
+            var, key, how, holder = finding.entries[s.name]
+            new_loader = rebuild_loader(finding.loaders[s.name], new_value)
+            updates[var] = _with_entry(updates.get(var, holder), key, how, new_loader)
+        elif s.kind == "dataloader":
             updates[s.name] = rebuild_loader(finding.loaders[s.name], new_value)
         elif s.kind == "config":
             var, key, is_item, obj = finding.configs[s.name]
@@ -58,6 +63,23 @@ def apply_batch(
         else:
             updates[s.name] = new_value
     return new_source, updates
+
+
+def _with_entry(holder: object, key: object, how: str, value: object) -> object:
+    """A copy of the dict, list, tuple or object with one entry set: bound to the same name, so
+    the transaction's rollback puts the original back, and nothing else holding the original
+    sees a loader it did not ask for."""
+    if isinstance(holder, dict):
+        new = dict(holder)
+        new[key] = value
+        return new
+    if isinstance(holder, (list, tuple)) and isinstance(key, int):
+        items = list(holder)
+        items[key] = value
+        return type(holder)(items) if isinstance(holder, tuple) else items
+    new_obj = copy.copy(holder)
+    object.__setattr__(new_obj, str(key), value)
+    return new_obj
 
 
 # Passed on to the new DataLoader when the old one has them (and they are not the default).
@@ -127,6 +149,11 @@ def describe_change(finding: BatchFinding, new_value: int) -> str:
             if where not in done:
                 parts.append(_change_origin(where, s.value, new_value))
             done.add(where)
+        elif s.kind == "dataloader" and s.name in finding.entries:
+            parts.append(
+                f"set {s.name} = DataLoader({s.name}.dataset, batch_size={new_value}, ...) "
+                "where it is made (only this one)"
+            )
         elif s.kind == "dataloader":
             parts.append(
                 f"build {s.name} with batch_size={new_value} "

@@ -94,10 +94,17 @@ def _assigns(tree: ast.AST, name: str) -> list[ast.stmt]:
 
 
 def origin(
-    history: Sequence[str] | None, var: str, key: str | None, value: int, skip_last: bool = True
+    history: Sequence[str] | None,
+    var: str,
+    key: str | None,
+    value: int,
+    skip_last: bool = True,
+    own_line: bool = False,
 ) -> str | None:
     """``In [3], line 2: <the line>``: the latest cell that set ``var`` (and the line with the
-    number ``value``, or with ``key`` in it, when the statement spans several lines)."""
+    number ``value``, or with ``key`` in it, when the statement spans several lines).
+    ``own_line``: the line that makes ``var`` itself, never an earlier setting it shares with
+    others (an evaluation loader built from the training ``batch_size``)."""
     if not history:
         return None
     cells = list(history)
@@ -120,7 +127,7 @@ def origin(
         last_line = max((s.end_lineno or s.lineno) for s in stmts)
         window = range(1, last_line + 1)
         for want in (
-            lambda t: number.search(t) and any(k in t for k in key_words),
+            lambda t: not own_line and number.search(t) and any(k in t for k in key_words),
             lambda t: number.search(t) and var in t,
             lambda t: any(k in t for k in key_words) if key_words else False,
         ):

@@ -21,6 +21,7 @@ from jupyter_gpumem.backends.allocator import SizeLog
 from jupyter_gpumem.cells import source as cellsource
 from jupyter_gpumem.fixes.base import Attempt, Check, Fix, FixContext, FixOutcome
 from jupyter_gpumem.fixes.batch.evidence import failing_tensors, sized_by, variables_sized_by
+from jupyter_gpumem.fixes.batch.phase import evaluation_reason
 from jupyter_gpumem.fixes.batch.search import BatchSearch, Observation
 from jupyter_gpumem.fixes.batch.source import (
     BatchFinding,
@@ -95,6 +96,7 @@ def _finding(ctx: FixContext) -> BatchFinding:
         batch_var=ctx.batch_var,
         evidence=failing_tensors(ctx.failed),
         used=names_used(source, ctx.user_ns),
+        evaluation=evaluation_reason(ctx.failed),
     )
 
 
@@ -327,6 +329,12 @@ def _settled(
         outcome.notes.append(how)
     if finding.evidence:
         outcome.notes.append(f"The batch: {finding.evidence}.")
+    if finding.evaluation:
+        names = ", ".join(f"`{s.name}`" for s in finding.sites)
+        outcome.notes.append(
+            f"Changed the evaluation batch only ({names}): the cell ran out of memory "
+            f"{finding.evaluation}; the training batch is as it was."
+        )
     outcome.change = describe_change(finding, best)
     if accumulate is not None:
         outcome.new_source = accumulate.source
@@ -340,7 +348,7 @@ def _settled(
             + f" To keep the effective batch: `%gpumem retry batch --accumulate` "
             f"(it searches again and may settle on another batch than {best})."
         )
-    elif not _EVALUATION.search(finding.sites[0].name):
+    elif not finding.evaluation and not _EVALUATION.search(finding.sites[0].name):
         outcome.notes.append(
             f"The effective batch changed from {finding.value} to {best}: "
             "tune the learning rate if this is training."

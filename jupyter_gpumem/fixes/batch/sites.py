@@ -10,7 +10,17 @@ from dataclasses import dataclass, field
 
 from jupyter_gpumem.cells import source as cellsource
 
-_EVAL_NAME = re.compile(r"(^|_)(eval|val|valid|validation|test|infer|inference|predict)(_|$)", re.I)
+_EVAL_NAME = re.compile(
+    r"(^|[_\W])(eval|evaluate|val|valid|validate|validation|test|infer|inference|predict)([_\W]|$)",
+    re.I,
+)
+
+
+def is_eval_name(name: str) -> bool:
+    """``test_loader``, ``dataloaders['val']``, ``trainer.eval_loader``, ``evaluate``."""
+    return bool(_EVAL_NAME.search(name))
+
+
 _FACTORIES = {"randn", "rand", "zeros", "ones", "empty", "full", "randint", "normal"}
 _TORCH_MODULES = {"torch", "th"}
 _PRIORITY = (
@@ -78,6 +88,13 @@ class BatchFinding:
     evidence: str = ""
     # where the value was set, for "make it permanent": site name -> "In [3], line 2: ..."
     origins: Mapping[str, str] = field(default_factory=dict, compare=False)
+    # DataLoaders kept in a container or an object: site name -> (variable, key, how, holder),
+    # ``how`` "item" (a dict or list entry) or "attr" (an attribute)
+    entries: Mapping[str, tuple[str, object, str, object]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    # why the failure was in evaluation ("in `test()`"), when it was: only that batch changes
+    evaluation: str | None = None
 
 
 @dataclass(frozen=True)

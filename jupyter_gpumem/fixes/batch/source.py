@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from jupyter_gpumem.fixes.batch.accumulate import accumulation_plan, try_accumulation
@@ -40,7 +41,6 @@ from jupyter_gpumem.fixes.batch.namespace import (
     origin,
 )
 from jupyter_gpumem.fixes.batch.sites import (
-    _EVAL_NAME,
     _NAMED_KINDS,
     _NAMESPACE_KINDS,
     _NOT_FOUND,
@@ -51,6 +51,7 @@ from jupyter_gpumem.fixes.batch.sites import (
     BatchSite,
     _parse,
     _split_lines,
+    is_eval_name,
 )
 
 __all__ = [
@@ -107,14 +108,74 @@ def _loader_batch(obj: object) -> int | None:
     return None
 
 
+_MAX_ENTRIES = 50
+
+
+def _loader_entries(
+    name: str, obj: object
+) -> list[tuple[str, int, tuple[str, object, str, object]]]:
+    """The DataLoaders a dict, list or tuple holds, or an object keeps as attributes (torchvision's
+    fine-tuning tutorial: ``dataloaders = {"train": ..., "val": ...}``; ``trainer.train_loader``):
+    (site name, batch size, (variable, key, how, holder)). Read without running their code."""
+    found: list[tuple[str, int, tuple[str, object, str, object]]] = []
+    items: list[tuple[object, object]]
+    how = "item"
+    try:
+        if isinstance(obj, dict) and type(obj) is dict:
+            items = list(obj.items())[:_MAX_ENTRIES]
+        elif isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+            items = [(i, v) for i, v in enumerate(obj[:_MAX_ENTRIES])]
+        else:
+            attrs = object.__getattribute__(obj, "__dict__")  # no __getattr__ of its own
+            if (
+                type(attrs) is not dict
+                or isinstance(obj, type)
+                or type(obj).__module__
+                in (
+                    "builtins",
+                    "types",
+                )
+            ):
+                return found
+            items, how = list(attrs.items())[:_MAX_ENTRIES], "attr"
+    except Exception:  # a user object may raise anything
+        return found
+    for key, value in items:
+        batch = _loader_batch(value)
+        if batch is None or not isinstance(key, (str, int)):
+            continue
+        site = f"{name}.{key}" if how == "attr" else f"{name}[{key!r}]"
+        found.append((site, batch, (name, key, how, obj)))
+    return found
+
+
+def _base_name(expr: str | None) -> str | None:
+    """``dataloaders`` of ``dataloaders['train']`` or ``trainer.train_loader``."""
+    if not expr:
+        return None
+    m = re.match(r"\s*([A-Za-z_]\w*)", expr)
+    return m.group(1) if m else None
+
+
+def canonical(expr: str) -> str:
+    """``--batch-var dataloaders["train"]`` as the site is named (``dataloaders['train']``)."""
+    try:
+        return ast.unparse(ast.parse(expr.strip(), mode="eval"))
+    except SyntaxError:
+        return expr
+
+
 def _namespace_sites(
     tree: ast.Module,
     namespace: Mapping[str, object],
     batch_var: str | None,
     used: Iterable[str] = (),
+    held: dict[str, tuple[str, object, str, object]] | None = None,
 ) -> tuple[list[BatchSite], dict[str, tuple[str, str, bool, object]]]:
-    """Sites in the namespace: DataLoaders, batch-named ints and configs the cell reads (or, in
-    ``used``, the notebook functions it calls read)."""
+    """Sites in the namespace: DataLoaders (alone, in a dict or list, or an object's
+    attributes: their (variable, key, how, holder) go to ``held``), batch-named ints and configs
+    the cell reads (or, in ``used``, the notebook functions it calls read)."""
+    held = {} if held is None else held
     sites: list[BatchSite] = []
     configs: dict[str, tuple[str, str, bool, object]] = {}
     read = {n.id for n in _first_loads(tree)}
@@ -122,8 +183,9 @@ def _namespace_sites(
     iterated = _iterated(tree)
     deeper = set(used) - read - stored
     names = sorted(read) + sorted(deeper)
-    if batch_var and batch_var not in read:
-        names.append(batch_var)
+    base_var = _base_name(batch_var)
+    if base_var and base_var not in read:
+        names.append(base_var)
     for name in names:
         if name not in namespace or name.startswith("_"):
             continue
@@ -134,6 +196,12 @@ def _namespace_sites(
             # the last kind only counts when it sizes the failing tensors
             kind = "dataloader" if name in iterated or name == batch_var else "dataloader_used"
             sites.append(BatchSite(kind, name, loader, None, None, None, None))
+        elif entries := _loader_entries(name, obj):
+            for site_name, batch, entry in entries:
+                named = site_name == batch_var or (name in iterated and not batch_var)
+                kind = "dataloader" if named else "dataloader_used"
+                sites.append(BatchSite(kind, site_name, batch, None, None, None, None))
+                held[site_name] = entry
         elif type(obj) is int and obj > 1 and (name == batch_var or is_batch_name(name)):
             kind = "named" if name == batch_var else "global"
             sites.append(BatchSite(kind, name, obj, None, None, None, None))
@@ -146,7 +214,10 @@ def _namespace_sites(
 
 
 def _choose(
-    sites: list[BatchSite], batch_var: str | None, evidence: Sequence[SizedTensor] = ()
+    sites: list[BatchSite],
+    batch_var: str | None,
+    evidence: Sequence[SizedTensor] = (),
+    evaluating: bool = False,
 ) -> tuple[BatchSite, ...]:
     """The sites to change: the most trusted one, and every literal that carries its value.
 
@@ -183,8 +254,10 @@ def _choose(
     kind = min((_kind(s) for s in primary), key=order.index)
     group = [s for s in primary if _kind(s) == kind]
     counts = {s.value: sum(t.value == s.value for t in group) for s in group}
-    # The training batch before an evaluation one, then the most common value, then the first.
-    top = min(group, key=lambda s: (bool(_EVAL_NAME.search(s.name)), -counts[s.value]))
+    # The training batch before an evaluation one (the evaluation one first when the failure
+    # was in evaluation), then the most common value, then the first.
+    top = min(group, key=lambda s: (is_eval_name(s.name) != evaluating, -counts[s.value]))
+    top_eval = is_eval_name(top.name)
     from_ns = kind in _NAMESPACE_KINDS
     chosen = [
         s
@@ -195,7 +268,7 @@ def _choose(
             and (
                 (s.lineno is not None and (s.kind != "named" or s.name == top.name))
                 or (kind == "global" and s.kind == "global")
-                or (from_ns and _kind(s) in _NAMESPACE_KINDS and not _EVAL_NAME.search(s.name))
+                or (from_ns and _kind(s) in _NAMESPACE_KINDS and is_eval_name(s.name) == top_eval)
             )
             and (s.kind != "assign_any" or s.name == top.name)
         )
@@ -271,21 +344,27 @@ def find_batch(
     batch_var: str | None = None,
     evidence: Sequence[SizedTensor] = (),
     used: Iterable[str] = (),
+    evaluation: str | None = None,
 ) -> BatchFinding:
     """Find the batch size of a cell; see the module docstring for where and in which order.
 
     ``evidence``: the failing tensors with their shapes (``batch_evidence.failing_tensors``);
-    ``used``: names the notebook functions the cell calls read (``failure.names_used``)."""
+    ``used``: names the notebook functions the cell calls read (``failure.names_used``);
+    ``evaluation``: why the failure was in evaluation (``phase.evaluation_reason``): then an
+    evaluation batch is changed before, and without, the training one."""
+    if batch_var:
+        batch_var = canonical(batch_var)
     tree, offset, skip, why = _parse(source)
     if tree is None:
         return BatchFinding((), 0, "", f"{why}: use %gpumem retry batch --batch-var NAME")
     finder = _Finder(tree, _split_lines(source), offset, skip)
     finder.scan(batch_var)
     ns = namespace or {}
-    ns_sites, configs = _namespace_sites(tree, ns, batch_var, used)
+    held: dict[str, tuple[str, object, str, object]] = {}
+    ns_sites, configs = _namespace_sites(tree, ns, batch_var, used, held)
     sites = finder.sites + ns_sites
     sites.sort(key=lambda s: (s.lineno or 0, s.col or 0))
-    chosen = _choose(sites, batch_var, evidence)
+    chosen = _choose(sites, batch_var, evidence, evaluating=evaluation is not None)
     if not chosen:
         if batch_var:
             return BatchFinding((), 0, "", _why_not_named(batch_var, finder, namespace))
@@ -294,19 +373,31 @@ def find_batch(
             shapes = ", ".join(t.text() for t in evidence[:3])
             hint += f" (no number in it, or in what it reads, sizes the failing tensors: {shapes})"
         return BatchFinding((), 0, "", _NOT_FOUND.replace(":", hint + ":", 1))
-    loaders = {s.name: ns[s.name] for s in chosen if s.kind == "dataloader"}
+    loaders = {
+        s.name: _held_value(held[s.name]) if s.name in held else ns[s.name]
+        for s in chosen
+        if s.kind == "dataloader"
+    }
     main = _main(chosen)
-    iterated = main.kind != "dataloader" or main.name in _iterated(tree) or main.name == batch_var
+    iterated = (
+        main.kind != "dataloader"
+        or _base_name(main.name) in _iterated(tree)
+        or main.name == batch_var
+    )
     history = history_of(ns)
     origins = {}
     for s in chosen:
-        if s.lineno is not None:
+        if s.lineno is not None or s.name in held:
             continue
         var, key = (
             (configs[s.name][0], configs[s.name][1]) if s.kind == "config" else (s.name, None)
         )
         where = origin(
-            history, var, key or ("batch_size" if s.kind == "dataloader" else None), s.value
+            history,
+            var,
+            key or ("batch_size" if s.kind == "dataloader" else None),
+            s.value,
+            own_line=evaluation is not None and is_eval_name(s.name),
         )
         if where:
             origins[s.name] = where
@@ -319,7 +410,16 @@ def find_batch(
         {s.name: configs[s.name] for s in chosen if s.kind == "config"},
         _evidence_text(main, evidence),
         origins,
+        {s.name: held[s.name] for s in chosen if s.name in held},
+        evaluation if any(is_eval_name(s.name) for s in chosen) else None,
     )
+
+
+def _held_value(entry: tuple[str, object, str, object]) -> object:
+    _var, key, how, holder = entry
+    if how == "attr":
+        return inspect.getattr_static(holder, str(key))
+    return holder[key]  # type: ignore[index]
 
 
 def _why_not_named(name: str, finder: _Finder, namespace: Mapping[str, object] | None) -> str:
