@@ -59,3 +59,33 @@ def test_names_left_deleted_or_not_restored_are_listed_with_and() -> None:
 )
 def test_listed(items: list[str], text: str) -> None:
     assert _listed(items) == text
+
+
+def test_what_was_not_put_back_is_said_once_and_nothing_kept_is_not_claimed() -> None:
+    t = _transaction()
+    assert t.nothing_kept and t.whole
+    t.not_covered = ["`gen` (a generator: where it stands cannot be put back)", "`db` (x)"]
+    t.problems = ["`gen` (a generator) was advanced by the re-run and cannot be put back"]
+    assert not t.nothing_kept
+    assert t.undo_message().endswith(
+        "as they were before the fix; `gen` (a generator) was advanced by the re-run and cannot "
+        "be put back; not put back: `db` (x)."
+    )
+    assert t.not_undone() == [t.problems[0], "`db` (x)"]
+
+
+def test_open_files_and_the_notebooks_modules_are_listed() -> None:
+    import io
+    import types
+
+    from jupyter_gpumem.rescue import copies
+
+    t = _transaction()
+    t.snapshot.saved = [
+        copies.Memory(io.StringIO(), "", 0),
+        copies.Module(types.ModuleType("helpers"), {}),
+    ]
+    assert t.undo_message() == (
+        "restored the notebook's variables, 1 open file (size and position), the attributes of "
+        "`helpers` and the random generators, as they were before the fix."
+    )

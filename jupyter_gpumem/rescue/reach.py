@@ -65,6 +65,7 @@ from jupyter_gpumem.rescue.kinds import (
     local_modules,
     logging_handlers,
 )
+from jupyter_gpumem.units import format_bytes
 
 # A CPU tensor or NumPy array larger than this is not copied: a tensor's version counter tells
 # whether a rehearsal wrote to it (then the rollback says so); an array is named as not covered.
@@ -293,7 +294,7 @@ def _visit_ndarray(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
     if not np.ndarray.flags.__get__(obj).writeable:
         return ()
     if nbytes > BIG_HOST_TENSOR_BYTES:
-        w.uncovered(where, f"a NumPy array of {nbytes:,} bytes, too large to copy")
+        w.uncovered(where, f"a NumPy array of {format_bytes(nbytes)}, too large to copy")
         return ()
     w.keep(where, obj, k, nbytes)
     return ()
