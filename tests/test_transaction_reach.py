@@ -231,3 +231,31 @@ def test_the_failed_runs_batchnorm_statistics_are_named(shell: Any, capsys: Any)
     out = capsys.readouterr().out
     assert "not put back: `model`'s BatchNorm running statistics" in out, out
     assert int(shell.user_ns["model"][1].num_batches_tracked) == tracked  # the re-run's undone
+
+
+@pytest.mark.slow
+def test_a_compiled_steps_rehearsals_are_rolled_back_like_eager_ones(
+    shell: Any, capsys: Any
+) -> None:
+    """The cell calls only the `torch.compile`d step: the optimizer it steps is reached through
+    the function it wraps, and Adam's step count is one clean run's."""
+    shell.run_cell("%gpumem simulate 160MiB")
+    setup = (
+        "import torch\ntorch.manual_seed(0)\nnet = torch.nn.Linear(256, 256).cuda()\n"
+        "opt = torch.optim.Adam(net.parameters())\n"
+        "@torch.compile\ndef step(x):\n    loss = net(x).sum()\n    opt.zero_grad()\n"
+        "    loss.backward()\n    opt.step()\n"
+    )
+    cell = (
+        "batch_size = 64\nfor i in range(3):\n"
+        "    pad = torch.empty(batch_size, 1 << 20, device='cuda')\n"
+        "    step(torch.randn(batch_size, 256, device='cuda'))\n"
+    )
+    assert shell.run_cell(setup).success
+    assert not shell.run_cell(cell).success
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry batch --force")
+    out = capsys.readouterr().out
+    assert "Fits at batch" in out and "rehearsal" in out, out
+    ns = shell.user_ns
+    assert int(ns["opt"].state[ns["net"].weight]["step"]) == 3

@@ -78,6 +78,7 @@ _OPAQUE_REFERENTS = 64  # what an object without a __dict__ refers to (a csv.wri
 _FUNC = {k: types.FunctionType.__dict__[k] for k in ("__closure__", "__defaults__", "__kwdefaults__", "__globals__", "__code__")}  # fmt: skip
 _METHOD = {k: types.MethodType.__dict__[k] for k in ("__self__", "__func__")}
 _BUILTIN_SELF = types.BuiltinMethodType.__dict__["__self__"]
+_WRAPPED = ("__wrapped__", "_torchdynamo_orig_callable")
 _PARTIAL = {k: functools.partial.__dict__[k] for k in ("func", "args", "keywords")}
 
 
@@ -240,7 +241,10 @@ def _visit_class(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
 def _visit_function(w: _Walker, where: str, obj: Any, k: int) -> Iterable[Any]:
     g = _FUNC["__globals__"].__get__(obj)
     if not w.is_notebook(g):
-        return ()  # a library's function: its state is the library's
+        # a library's function: its state is the library's, but a decorator's or
+        # torch.compile's wrapper leads to the notebook function it wraps
+        d = safe.instance_dict(obj) or {}
+        return [v for k, v in d.items() if k in _WRAPPED]
     cells = _FUNC["__closure__"].__get__(obj) or ()
     d = safe.instance_dict(obj) or {}
     w.keep(where, obj, FUNCTION, 8 * len(cells) + dict.__sizeof__(d))
