@@ -58,7 +58,7 @@ def test_panel_shows_numbers_chart_causes_and_four_buttons(failed: Any) -> None:
     labels = [b.description for b in panel.buttons.values()]
     assert labels[0].startswith("Clear cache") and labels[1].startswith("Reduce batch")
     assert labels[2].startswith("Enable autocast") and labels[3].startswith("Move to CPU")
-    assert "(~" in panel.buttons["batch"].description, "the predicted saving is on the button"
+    assert "(saves ~" in panel.buttons["batch"].description, "the saving, said to be one"
     assert all(b.tooltip for b in panel.buttons.values()), "every button says what it will do"
     # the chart is HTML in the same units as the text (no plotly, no GiB axis on MiB numbers)
     assert text.count('class="gpumem-chart"') == 1
@@ -496,7 +496,8 @@ def test_a_click_after_other_cells_ran_asks_first_and_cancel_runs_nothing(shell:
     assert f"3 cells ran since this failure (In [{failed_at + 1}]..In [{failed_at + 3}])" in text
     assert "Re-run anyway?" in text
     buttons = {w.description: w for w in panel.confirm_box.children[1].children}
-    buttons["Cancel"].click()
+    assert "Cancel" not in buttons, "Cancel stops a running fix; declining is another word"
+    buttons["Don't re-run"].click()
     assert panel.status.value == "Not re-run." and shell.user_ns["runs"] == [1]
     assert panel.click("batch") is None
     ran: list[str] = []

@@ -8,8 +8,10 @@ catches up: the lab extension reads samples from any comm message that carries `
 known to it or not. A sample lists every visible GPU and the device of the shell's last OOM, which
 the meter shows when there are several.
 
-Without ipykernel (a terminal IPython, a plain ``InteractiveShell``) ``start`` does nothing. Without
-the lab extension the front end closes the comm on arrival, and the thread stops.
+Without ipykernel (a terminal IPython, a plain ``InteractiveShell``) ``start`` does nothing. A front
+end that shows no meter closes the comm on arrival, and the thread stops: one without the lab
+extension, Notebook 7 (no status bar), JupyterLab with the meter off in the Settings Editor. The
+lab extension sends ``{"interval": seconds}`` (its "Refresh" setting): how often to read and send.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from jupyter_gpumem.readings.snapshot import MemorySnapshot, read_snapshot
 TARGET = "jupyter_gpumem.frontend.meter"
 MARKER = "jupyter_gpumem"  # the sample's "meter" field: what the front end looks for
 INTERVAL_S = 1.0
+_INTERVALS_S = (0.2, 60.0)  # what the front end may ask for (its settings schema's bounds)
 _HEARTBEAT_S = 5.0
 
 _lock = threading.Lock()
@@ -85,7 +88,17 @@ class _Meter:
         self.stopped = threading.Event()
         self.sent = 0  # samples sent (for tests)
         comm.on_close(lambda _msg: self.stopped.set())
+        comm.on_msg(self._on_msg)
         self.thread = threading.Thread(target=self._loop, name="jupyter_gpumem-meter", daemon=True)
+
+    def _on_msg(self, msg: dict[str, Any]) -> None:
+        """The front end's refresh setting; anything else is ignored."""
+        try:
+            seconds = float(msg["content"]["data"]["interval"])
+        except (KeyError, TypeError, ValueError):
+            return
+        if seconds == seconds:  # not NaN
+            self.interval = min(max(seconds, _INTERVALS_S[0]), _INTERVALS_S[1])
 
     def _loop(self) -> None:
         last: dict[str, Any] | None = None

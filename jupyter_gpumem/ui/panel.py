@@ -51,7 +51,7 @@ class DiagnosisPanel:
         self.widget = W.VBox([W.HTML(STYLE), self.body], layout=W.Layout(width="100%"))
         self.widget.add_class("gpumem-panel")
         self.buttons: dict[str, W.Button] = {}
-        self.status = StatusLine(kernel_id=own_kernel_id() or "")
+        self.status = StatusLine(kernel_id=own_kernel_id() or "", reveal=True)
         self.status.add_class("gpumem-status")
         self.output = W.Output(layout=W.Layout(max_height="320px", overflow="auto"))
         self.confirm_box = W.VBox()
@@ -79,7 +79,7 @@ class DiagnosisPanel:
             shown = replace(shown, allocated_by=[])
         parts: list[W.Widget] = [
             W.HTML(
-                render_html(shown)
+                wording.diagnosis_html(render_html(shown), d.report.backend == "CPU")
                 + devices.devices_html(d)
                 + chart.breakdown_html(d)
                 + wording.folded_html(folded)
@@ -142,7 +142,7 @@ class DiagnosisPanel:
             note = wording.shortfall_note(c, short)
             items.append(
                 f"<dt><b>{escape(FIXES[k].label)}</b></dt><dd>{md_code(c.action)}"
-                + (f" <i>{escape(note.capitalize())}.</i>" if note else "")
+                + (f" <i>{escape(wording.sentence(note))}.</i>" if note else "")
                 + "</dd>"
             )
         html = "<br>".join(why)
@@ -160,8 +160,11 @@ class DiagnosisPanel:
         top = d.causes[0].key if d.causes else ""
         return wording.recommended(self.checks, top, d.shortfall_bytes)
 
-    def set_status(self, html: str, kind: str = "") -> None:
+    def set_status(self, html: str, kind: str = "", *, announce: bool = True) -> None:
+        """Show ``html``; a screen reader hears its text once (``announce``), a tick never."""
         self.status.value = f"<div class='gpumem-{kind}'>{html}</div>" if kind else html
+        if announce:
+            self.status.announce = wording.plain(html)
 
     # ---- clicks ----------------------------------------------------------------------------------
 
@@ -210,17 +213,21 @@ class DiagnosisPanel:
 
     def ask(self, key: str, summary: str, question: str) -> None:
         yes = W.Button(description="Re-run anyway", button_style="warning")
-        no = W.Button(description="Cancel")
+        no = W.Button(description="Don't re-run")  # "Cancel" stops a running fix
         yes.on_click(lambda _b: self.click(key, force=True))
         no.on_click(lambda _b: self._cancel())
+        self._before_ask = self.status.value
         self.confirm_box.children = (
             W.HTML(f"<div class='gpumem-ask'>⚠ {md_code(summary)}<br>{md_code(question)}</div>"),
             W.HBox([yes, no]),
         )
 
     def _cancel(self) -> None:
+        """Declined: the question goes, and the status says again what it said before."""
         self.confirm_box.children = ()
-        self.set_status("Not re-run.")
+        self.status.value = getattr(self, "_before_ask", "") or "Not re-run."
+        self.status.announce = "Not re-run."
+        self.status.focus += 1
 
     def _on_attempt(self, a: Attempt) -> None:
         self.log.append(wording.attempt_line(a))
@@ -233,10 +240,13 @@ class DiagnosisPanel:
         how = "click Cancel or interrupt" if self.status.kernel_id else "interrupt"
         self.set_status(
             f"Running <b>{escape(self._running)}</b>: attempt {n} in progress, "
-            f"{elapsed:.0f} s so far.{done}<span class='gpumem-why'>To stop it, {how} the "
-            "kernel (■ in the toolbar): what the re-run changed is put back.</span>",
+            f"{elapsed:.0f} s so far.{done}<br><span class='gpumem-why'>To stop it, {how} "
+            "the kernel (■ in the toolbar): what the re-run changed is put back.</span>",
             "run",
+            announce=False,
         )
+        if self.status.announce != f"{self._running}: attempt {n}.":  # a change, not a second
+            self.status.announce = f"{self._running}: attempt {n}."
 
     def run(self, key: str) -> FixOutcome:
         """Apply one fix. Always ends with a status line and the buttons usable again."""
@@ -285,6 +295,7 @@ class DiagnosisPanel:
             self.status.running = False
             self.busy = False
             self._enable()
+            self.status.focus += 1  # the page puts the focus on the result, if it was ours
         return outcome
 
     def _begin(self, label: str) -> None:

@@ -52,12 +52,41 @@ async function interrupt(kernelId) {
   const r = await fetch(url, { method: "POST", headers, credentials: "same-origin" });
   if (!r.ok) throw new Error("HTTP " + r.status);
 }
+function scroller(node) {
+  for (let n = node.parentElement; n; n = n.parentElement) {
+    const y = getComputedStyle(n).overflowY;
+    if ((y === "auto" || y === "scroll") && n.scrollHeight > n.clientHeight) return n;
+  }
+  return document.scrollingElement;
+}
+// After an OOM, bring the headline and the first fix button into view (they come after the
+// traceback, and JupyterLab has moved on to the next cell): once, when the panel first shows.
+function reveal(el, tries) {
+  const panel = el.closest(".gpumem-panel");
+  const head = panel && panel.querySelector(".gpumem-headline, .gpumem-diag h4");
+  const button = panel && panel.querySelector(".gpumem-buttons button");
+  if (!head || !button || !button.getBoundingClientRect().height) {
+    if (tries > 0) setTimeout(() => reveal(el, tries - 1), 100);
+    return;
+  }
+  const box = scroller(panel);
+  const view = box === document.scrollingElement
+    ? { top: 0, bottom: window.innerHeight } : box.getBoundingClientRect();
+  const top = head.getBoundingClientRect().top;
+  const bottom = button.getBoundingClientRect().bottom;
+  if (top >= view.top && bottom <= view.bottom) return;
+  box.scrollTop += top - view.top - 12;  // the headline at the top, the buttons below it
+}
 function render({ model, el }) {
+  const shown = document.createElement("div");
+  shown.className = "gpumem-live";
+  shown.tabIndex = -1;  // where the focus goes when a fix ends
+  // what a screen reader hears: a change of state, once, never the ticking seconds
   const region = document.createElement("div");
   region.setAttribute("role", "status");
   region.setAttribute("aria-live", "polite");
   region.setAttribute("aria-atomic", "true");
-  region.className = "gpumem-live";
+  region.className = "gpumem-sr";
   const bar = document.createElement("div");
   bar.className = "gpumem-cancel-bar";
   const button = document.createElement("button");
@@ -80,22 +109,45 @@ function render({ model, el }) {
         + "toolbar's stop button.";
     }
   });
-  const draw = () => { region.innerHTML = model.get("value"); };
+  const panel = () => el.closest(".gpumem-panel");
+  let ours = false;  // the focus was in the panel (or nowhere) when the fix started
+  const draw = () => { shown.innerHTML = model.get("value"); };
+  const say = () => { region.textContent = model.get("announce"); };
   const drawCancel = () => {
     const on = model.get("running") && !!model.get("kernel_id");
+    if (model.get("running")) {
+      const a = document.activeElement;
+      ours = !a || a === document.body || !!(panel() && panel().contains(a));
+    }
     bar.style.display = on ? "" : "none";
     if (!on) { idle(); note.textContent = ""; }
   };
+  const focus = () => {
+    const a = document.activeElement;
+    const lost = !a || a === document.body || (panel() && panel().contains(a) && a.disabled);
+    if (ours || lost) shown.focus({ preventScroll: false });
+    ours = false;
+  };
   draw();
+  say();
   drawCancel();
   model.on("change:value", draw);
+  model.on("change:announce", say);
   model.on("change:running", drawCancel);
   model.on("change:kernel_id", drawCancel);
-  el.append(region, bar);
+  model.on("change:focus", focus);
+  el.append(shown, region, bar);
+  if (model.get("reveal")) {
+    model.set("reveal", false);  // not again on a reload of the page
+    model.save_changes();
+    requestAnimationFrame(() => reveal(el, 30));
+  }
   return () => {
     model.off("change:value", draw);
+    model.off("change:announce", say);
     model.off("change:running", drawCancel);
     model.off("change:kernel_id", drawCancel);
+    model.off("change:focus", focus);
   };
 }
 export default { render };
@@ -103,13 +155,20 @@ export default { render };
 
 
 class StatusLine(anywidget.AnyWidget):
-    """HTML in ``value`` (escaped by the caller), shown in a live region; a Cancel button while
-    ``running``, for the kernel ``kernel_id`` ("" where it is not known: no button)."""
+    """HTML in ``value`` (escaped by the caller), shown; ``announce``, the text a screen reader
+    hears (a polite live region: set it on a change of state, not on every tick); a Cancel
+    button while ``running``, for the kernel ``kernel_id`` ("" where it is not known: no
+    button). Each increment of ``focus`` puts the focus on the status when a fix has left it
+    nowhere (its button was disabled) or it was in the panel. ``reveal``: scroll the headline
+    and the first fix button into view when first shown."""
 
     _esm = _ESM
     value = traitlets.Unicode("").tag(sync=True)
+    announce = traitlets.Unicode("").tag(sync=True)
     running = traitlets.Bool(False).tag(sync=True)
     kernel_id = traitlets.Unicode("").tag(sync=True)
+    focus = traitlets.Int(0).tag(sync=True)
+    reveal = traitlets.Bool(False).tag(sync=True)
 
 
 class Ticker:

@@ -7,7 +7,8 @@ causes with nothing to do are folded away. The diagnosis itself is left as it is
 
 from __future__ import annotations
 
-from html import escape
+import re
+from html import escape, unescape
 
 from jupyter_gpumem.diagnosis.diagnose import Cause
 from jupyter_gpumem.fixes import Attempt, FixOutcome
@@ -41,12 +42,30 @@ def shortfall_note(check: Check, shortfall_bytes: int | None) -> str:
 
 
 def button_text(label: str, check: Check, shortfall_bytes: int | None) -> str:
+    """The label with what its number is: "Reduce batch (saves ~42.00 MiB)"."""
     short = shortfall_note(check, shortfall_bytes)
     if short:
         return f"{label} ({short})"
     if check.applies and check.predicted_saving_bytes:
-        return f"{label} (~{format_bytes(check.predicted_saving_bytes)})"
+        return f"{label} (saves ~{format_bytes(check.predicted_saving_bytes)})"
     return label
+
+
+def sentence(text: str) -> str:
+    """``text`` with its first letter capital and the rest as written ("MiB", not "mib")."""
+    return text[:1].upper() + text[1:]
+
+
+def diagnosis_html(html: str, host_memory: bool) -> str:
+    """The rendered diagnosis as the panel shows it: the headline alone is the alert (a screen
+    reader hears one sentence, not the whole diagnosis), and a host-memory failure is headed as
+    one. ``html`` is ``render_html``'s, whose whole diagnosis is one ``role="alert"``."""
+    html = html.replace(' role="alert"', "", 1)
+    if host_memory:  # its headline says "Out of host memory (RAM): ..." itself
+        html = html.replace("<h4>GPU out of memory: ", "<h4>", 1)
+    return html.replace("<h4>", "<div role='alert' class='gpumem-headline'><h4>", 1).replace(
+        "</h4>", "</h4></div>", 1
+    )
 
 
 def recommended(
@@ -124,3 +143,9 @@ FIX_RUN_NAMES = {
     "autocast": "under autocast",
     "cpu": "on the CPU",
 }
+
+
+def plain(html: str) -> str:
+    """What a screen reader hears of a status line: its first line, as text."""
+    first = re.split(r"<br|<pre|<details|<span class='gpumem-why'", html, maxsplit=1)[0]
+    return " ".join(unescape(re.sub(r"<[^>]+>", " ", first)).split())

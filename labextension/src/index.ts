@@ -11,11 +11,14 @@ import { ICommandPalette } from '@jupyterlab/apputils';
 import { IMainMenu } from '@jupyterlab/mainmenu';
 import { INotebookTracker } from '@jupyterlab/notebook';
 import { IRenderMimeRegistry } from '@jupyterlab/rendermime';
+import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 import { Signal } from '@lumino/signaling';
 
 import { changeRendererFactory } from './change';
-import { MeterWidget } from './meter';
+import { DEFAULT_OPTIONS, IMeterOptions, MeterWidget } from './meter';
+
+const PLUGIN_ID = 'jupyter-gpumem:plugin';
 
 const OPEN_SIDEBAR = 'jupyter-gpumem:open-sidebar';
 
@@ -31,11 +34,11 @@ const OPEN_SIDEBAR_CODE = [
 ].join('\n');
 
 const plugin: JupyterFrontEndPlugin<void> = {
-  id: 'jupyter-gpumem:plugin',
+  id: PLUGIN_ID,
   description: 'GPU memory meter in the status bar, a GPU memory sidebar command, Apply to cell.',
   autoStart: true,
   requires: [INotebookTracker, IRenderMimeRegistry],
-  optional: [IStatusBar, ICommandPalette, IMainMenu, ILabShell],
+  optional: [IStatusBar, ICommandPalette, IMainMenu, ILabShell, ISettingRegistry],
   activate: (
     app: JupyterFrontEnd,
     tracker: INotebookTracker,
@@ -43,14 +46,35 @@ const plugin: JupyterFrontEndPlugin<void> = {
     statusBar: IStatusBar | null,
     palette: ICommandPalette | null,
     mainMenu: IMainMenu | null,
-    labShell: ILabShell | null
+    labShell: ILabShell | null,
+    settings: ISettingRegistry | null
   ) => {
     // Registered here, not as a mime extension, because applying needs the notebook tracker.
     // Notebooks clone this registry when they open, after plugins have activated.
     rendermime.addFactory(changeRendererFactory(tracker));
 
+    // Every page with this extension answers the kernel's meter comm (no "Exception opening new
+    // comm"); one without a status bar (Notebook 7) closes it, so the kernel stops sending.
+    const meter = new MeterWidget(
+      tracker,
+      statusBar !== null,
+      labShell ? () => void app.commands.execute(OPEN_SIDEBAR) : undefined
+    );
+    if (settings) {
+      const apply = (s: ISettingRegistry.ISettings) =>
+        meter.setOptions({
+          ...DEFAULT_OPTIONS,
+          ...(s.composite as unknown as Partial<IMeterOptions>)
+        });
+      settings
+        .load(PLUGIN_ID)
+        .then(s => {
+          apply(s);
+          s.changed.connect(apply);
+        })
+        .catch(reason => console.warn('jupyter-gpumem: settings not loaded', reason));
+    }
     if (statusBar) {
-      const meter = new MeterWidget(tracker);
       const activeChanged = new Signal<MeterWidget, void>(meter);
       tracker.currentChanged.connect(() => activeChanged.emit());
       labShell?.currentChanged.connect(() => activeChanged.emit());
@@ -59,6 +83,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
         align: 'left',
         rank: 10,
         isActive: () =>
+          !meter.isHidden &&
           tracker.currentWidget !== null &&
           (!labShell || labShell.currentWidget === tracker.currentWidget),
         activeStateChanged: activeChanged

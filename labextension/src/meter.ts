@@ -1,21 +1,34 @@
 /**
- * The status-bar GPU memory meter: "GPU 3.1/16.0 GiB" for the current notebook's kernel; with
- * several GPUs every one, "GPU0 3.1/16.0 · GPU1 0.2/16.0 GiB", the last OOM's device marked "⚠".
+ * The status-bar GPU memory meter: "GPU 3.1/16.0 GiB" for the current notebook's kernel ("GPU
+ * 34/160 MiB" on a card under 1 GiB, the numbers `%gpumem status` prints); with several GPUs
+ * every one, "GPU0 3.1/16.0 · GPU1 0.2/16.0 GiB", the last OOM's device marked "⚠". A click (or
+ * Enter) opens the GPU memory sidebar.
  *
- * The kernel (jupyter_gpumem/meter.py) opens a comm with target `jupyter_gpumem.meter` and sends
- * a sample about once a second. Samples are read from the kernel's iopub stream, so a page opened
- * after the comm was (a reload, a second tab) picks them up too.
+ * The kernel (jupyter_gpumem/frontend/meter.py) opens a comm with target
+ * `jupyter_gpumem.frontend.meter` and sends a sample about once a second. Samples are read from
+ * the kernel's iopub stream, so a page opened after the comm was (a reload, a second tab) picks
+ * them up too. A page that shows no meter (Notebook 7 has no status bar; the setting off) closes
+ * the comm at once, and the kernel stops sending.
  */
 import { ISessionContext } from '@jupyterlab/apputils';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { Kernel, KernelMessage } from '@jupyterlab/services';
 import { Widget } from '@lumino/widgets';
 
-export const COMM_TARGET = 'jupyter_gpumem.meter';
+export const COMM_TARGET = 'jupyter_gpumem.frontend.meter';
 const MARKER = 'jupyter_gpumem';
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
 export const OOM_MARK = '⚠';
+
+/** The front end's options (the Settings Editor's "GPU memory" entry). */
+export interface IMeterOptions {
+  meter: boolean; // show the status-bar meter
+  unit: 'auto' | 'MiB' | 'GiB'; // auto: MiB while no card reaches 1 GiB
+  refreshSeconds: number; // how often the kernel sends a reading
+}
+
+export const DEFAULT_OPTIONS: IMeterOptions = { meter: true, unit: 'auto', refreshSeconds: 1 };
 
 /** One GPU's reading, as the sample's `devices` lists every visible one. */
 export interface IDevice {
@@ -78,11 +91,22 @@ function level(frac: number): string {
 
 /** Several GPUs: "GPU0 3.1/16.0 · ⚠GPU1 15.9/16.0 GiB" (MiB when no card reaches 1 GiB), the
  * meter's level the fullest device's, a tooltip with each device's numbers. */
-function describeAll(s: ISample, devices: IDevice[]): IDescription {
-  const inGiB = devices.some(d => (d.total_bytes ?? d.used_bytes ?? 0) >= GiB);
-  const unit = inGiB ? 'GiB' : 'MiB';
+function inGiB(unit: IMeterOptions['unit'], sizes: (number | null | undefined)[]): boolean {
+  return unit === 'auto' ? sizes.some(b => (b ?? 0) >= GiB) : unit === 'GiB';
+}
+
+function describeAll(
+  s: ISample,
+  devices: IDevice[],
+  unitOption: IMeterOptions['unit'] = 'auto'
+): IDescription {
+  const inGiB_ = inGiB(
+    unitOption,
+    devices.map(d => d.total_bytes ?? d.used_bytes)
+  );
+  const unit = inGiB_ ? 'GiB' : 'MiB';
   const num = (b: number | null | undefined) =>
-    b === null || b === undefined ? '?' : inGiB ? (b / GiB).toFixed(1) : (b / MiB).toFixed(0);
+    b === null || b === undefined ? '?' : inGiB_ ? (b / GiB).toFixed(1) : (b / MiB).toFixed(0);
   const oom = s.oom_device ?? null;
   const parts: IPart[] = [];
   const lines = [`${devices.length} GPUs${s.simulated ? ' (simulated)' : ''}`];
@@ -104,7 +128,8 @@ function describeAll(s: ISample, devices: IDevice[]): IDescription {
     const current = d.device_index === s.device_index ? ' (current device)' : '';
     lines.push(
       '',
-      title + current +
+      title +
+        current +
         (marked ? `  ${OOM_MARK} the last OOM ran out here` : ''),
       used === null
         ? '  no reading'
@@ -123,7 +148,10 @@ function describeAll(s: ISample, devices: IDevice[]): IDescription {
 }
 
 /** The meter's text and tooltip for one sample (or none yet). */
-export function describe(s: ISample | undefined): IDescription {
+export function describe(
+  s: ISample | undefined,
+  unit: IMeterOptions['unit'] = 'auto'
+): IDescription {
   if (!s) {
     return {
       text: 'GPU –',
@@ -136,19 +164,24 @@ export function describe(s: ISample | undefined): IDescription {
     return { text: 'GPU –', title: `GPU memory: ${s.error ?? 'no reading'}`, level: 'none' };
   }
   if (s.devices && s.devices.length > 1) {
-    return describeAll(s, s.devices);
+    return describeAll(s, s.devices, unit);
   }
   const total = s.total_bytes ?? null;
   const frac = total ? s.used_bytes / total : 0;
   const name = s.device_name ?? `GPU ${s.device_index ?? 0}`;
   const lines = [
     `${name}${s.simulated ? ' (simulated)' : ''}`,
-    `used on the device: ${gib(s.used_bytes)} of ${gib(total)} GiB` +
+    `used on the device: ${size(s.used_bytes)} of ${size(total)}` +
       (total ? ` (${Math.round(frac * 100)}%)` : ''),
-    `PyTorch allocated: ${gib(s.allocated_bytes)} GiB, reserved: ${gib(s.reserved_bytes)} GiB`
+    `PyTorch allocated: ${size(s.allocated_bytes)}, reserved: ${size(s.reserved_bytes)}`,
+    'Click to open the GPU memory sidebar.'
   ];
+  const big = inGiB(unit, [total ?? s.used_bytes]);
+  const num = (b: number | null | undefined) =>
+    big ? gib(b) : b === null || b === undefined ? '?' : (b / MiB).toFixed(0);
+  const u = big ? 'GiB' : 'MiB';
   return {
-    text: total ? `GPU ${gib(s.used_bytes)}/${gib(total)} GiB` : `GPU ${gib(s.used_bytes)} GiB`,
+    text: total ? `GPU ${num(s.used_bytes)}/${num(total)} ${u}` : `GPU ${num(s.used_bytes)} ${u}`,
     title: lines.join('\n'),
     level: level(frac)
   };
@@ -158,20 +191,67 @@ export function describe(s: ISample | undefined): IDescription {
 export class MeterWidget extends Widget {
   readonly samples = new Map<string, ISample>();
   private _watched = new WeakSet<Kernel.IKernelConnection>();
+  private _comms = new Map<string, Kernel.IComm>(); // the open meter comm of each kernel
+  private _options: IMeterOptions = { ...DEFAULT_OPTIONS };
 
-  constructor(private _tracker: INotebookTracker) {
+  /**
+   * `shown`: whether this page shows the meter (false in a front end without a status bar):
+   * the kernel's comm is then closed on arrival, and it stops sending. `open`: what a click does.
+   */
+  constructor(
+    private _tracker: INotebookTracker,
+    private _shown: boolean,
+    open?: () => void
+  ) {
     super();
     this.addClass('jp-gpumem-meter');
-    this.node.setAttribute('role', 'status');
+    if (open) {
+      // a button, not a live region: a reading a second is not something to announce
+      this.node.setAttribute('role', 'button');
+      this.node.tabIndex = 0;
+      this.node.addEventListener('click', () => open());
+      this.node.addEventListener('keydown', (e: KeyboardEvent) => {
+        if (e.key === 'Enter' || e.key === ' ') {
+          e.preventDefault();
+          open();
+        }
+      });
+    }
     _tracker.widgetAdded.connect((_, panel) => this._watch(panel));
     _tracker.forEach(panel => this._watch(panel));
     _tracker.currentChanged.connect(() => this.refresh());
     this.refresh();
   }
 
+  /** The Settings Editor's options: shown or not, the unit, the kernel's refresh interval. */
+  setOptions(options: IMeterOptions): void {
+    const refreshChanged = options.refreshSeconds !== this._options.refreshSeconds;
+    this._options = { ...options };
+    this.setHidden(!options.meter);
+    if (!options.meter) {
+      for (const comm of this._comms.values()) {
+        comm.close();
+      }
+      this._comms.clear();
+    } else if (refreshChanged) {
+      for (const comm of this._comms.values()) {
+        this._sendInterval(comm);
+      }
+    }
+    this.refresh();
+  }
+
+  private _sendInterval(comm: Kernel.IComm): void {
+    try {
+      comm.send({ interval: this._options.refreshSeconds });
+    } catch (e) {
+      // a kernel going away: nothing to tell it
+    }
+  }
+
   refresh(): void {
     const kernel = this._tracker.currentWidget?.sessionContext.session?.kernel;
-    const d = describe(kernel ? this.samples.get(kernel.id) : undefined);
+    const d = describe(kernel ? this.samples.get(kernel.id) : undefined, this._options.unit);
     if (d.parts) {
       // one span per device, the same text as d.text; each coloured by its own level (the
       // stylesheet's rules colour the whole meter by its level: not with several devices)
@@ -183,24 +263,17 @@ export class MeterWidget extends Widget {
         span.dataset.level = p.level;
         span.dataset.oom = String(p.oom);
         const alarm = p.oom || p.level === 'high';
-        span.style.color = alarm
-          ? 'var(--jp-error-color1)'
-          : p.level === 'mid'
-            ? 'var(--jp-warn-color1)'
-            : '';
-        span.style.fontWeight = alarm ? 'bold' : '';
+        // colours from the stylesheet (.jp-gpumem-device[data-level]), >= 4.5:1 on both themes
+        span.dataset.alarm = String(alarm);
         this.node.append(...(i ? [' · ', span] : [span]));
       });
       this.node.append(` ${d.unit}`);
       this.node.dataset.devices = String(d.parts.length);
-      this.node.style.color = 'inherit';
-      this.node.style.fontWeight = 'normal';
     } else {
       this.node.textContent = d.text;
       delete this.node.dataset.devices;
-      this.node.style.color = '';
-      this.node.style.fontWeight = '';
     }
+    this.node.setAttribute('aria-label', `${d.text}. ${d.title.split('\n')[0]}`);
     this.node.title = d.title;
     this.node.dataset.level = d.level;
   }
@@ -211,8 +284,24 @@ export class MeterWidget extends Widget {
       const kernel = ctx.session?.kernel;
       if (kernel && !this._watched.has(kernel)) {
         this._watched.add(kernel);
-        // Registered so the comm stays open; the samples themselves are read from iopub.
-        kernel.registerCommTarget(COMM_TARGET, () => undefined);
+        // Registered so the comm opens without an error in the page; the samples themselves
+        // are read from iopub. Not shown here: closed, so the kernel stops sending.
+        kernel.registerCommTarget(COMM_TARGET, comm => {
+          if (!this._shown || !this._options.meter) {
+            comm.close();
+            return;
+          }
+          this._comms.get(kernel.id)?.dispose();
+          this._comms.set(kernel.id, comm);
+          comm.onClose = () => {
+            if (this._comms.get(kernel.id) === comm) {
+              this._comms.delete(kernel.id);
+            }
+          };
+          if (this._options.refreshSeconds !== DEFAULT_OPTIONS.refreshSeconds) {
+            this._sendInterval(comm);
+          }
+        });
         kernel.iopubMessage.connect(this._onIOPub, this);
         kernel.statusChanged.connect((k, status) => {
           if (status === 'restarting' || status === 'autorestarting' || status === 'dead') {

@@ -1,0 +1,203 @@
+"""Issue 21, the notebook experience, in a real JupyterLab 4 and Notebook 7 (Chromium through
+Playwright, tests/_browser.py): Cancel after "Re-run anyway" puts the notebook back; the headline
+and a fix button in the first viewport after Shift+Enter; no table cell breaks inside a word at
+800 px; a fix run from the keyboard keeps the focus; no console errors.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import pytest
+
+from tests import _browser
+from tests._browser import (
+    BROWSER_MARKS,
+    KERNEL_READY_JS,
+    ROOT,
+    T_RUN,
+    expect,
+    outputs,
+    run_cell,
+    serve,
+)
+from tests.test_browser import SLOW_CELL, SLOW_CHECK, SLOW_SETUP
+
+BUILT = ROOT / "jupyter_gpumem" / "labextension"  # the lab extension as this checkout builds it
+
+pytestmark = BROWSER_MARKS
+
+browser = _browser.browser
+open_notebook = _browser.open_notebook
+shots = _browser.shots
+
+
+@pytest.fixture(scope="module", params=["lab", "notebook"])
+def lab(request: Any, tmp_path_factory: Any) -> Any:
+    """JupyterLab 4, then Notebook 7 (the fixture's name is the one open_notebook asks for)."""
+    yield from serve(request.param, tmp_path_factory, labextension=BUILT)
+
+
+OUTPUT_JS = """([i, text]) => {
+  const cell = document.querySelectorAll('.jp-Notebook .jp-Cell')[i];
+  const outs = cell ? [...cell.querySelectorAll('.jp-OutputArea-output')] : [];
+  return outs.some(o => (o.textContent || '').includes(text));
+}"""
+
+
+def wait_output(page: Any, index: int, text: str) -> None:
+    """Until cell ``index``'s outputs contain ``text`` (read in the page)."""
+    page.wait_for_function(OUTPUT_JS, arg=[index, text], timeout=T_RUN, polling=200)
+
+
+def _ready(page: Any) -> None:
+    page.wait_for_function(KERNEL_READY_JS, timeout=T_RUN)
+
+
+# --------------------------------------------------------------------------- #
+# Cancel after "Re-run anyway"
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("width", [1280, 800])
+def test_cancel_after_rerun_anyway_puts_the_notebook_back(open_notebook, width):
+    """Another cell ran after the OOM, so Reduce batch asks first; "Re-run anyway", then Cancel
+    while the fix runs: the fix stops and nothing it did is kept."""
+    page = open_notebook(
+        f"cancel-asked-{width}.ipynb", [SLOW_SETUP, SLOW_CELL, SLOW_CHECK], viewport=(width, 1200)
+    )
+    setup = run_cell(page, 0)
+    expect(outputs(setup).first).to_contain_text("Simulated GPU", timeout=T_RUN)
+    cell = run_cell(page, 1)
+    panel = cell.locator(".gpumem-panel")
+    expect(panel).to_contain_text("out of memory", timeout=T_RUN)
+    _ready(page)
+    page.wait_for_timeout(1000)
+    run_cell(page, 2)  # another cell ran since: the fix asks first
+    wait_output(page, 2, "total now 0 batch 64")
+    _ready(page)
+    panel.get_by_role("button", name=re.compile("^Reduce batch")).click()
+    anyway = panel.get_by_role("button", name="Re-run anyway")
+    expect(anyway).to_be_visible(timeout=T_RUN)
+    anyway.click()
+    status = panel.locator(".gpumem-status")
+    expect(status).to_contain_text("click Cancel", timeout=T_RUN)  # a re-run is under way
+    page.wait_for_timeout(1500)
+    cancel = panel.locator("button.gpumem-cancel")
+    t0 = time.monotonic()
+    cancel.click()
+    expect(status).to_contain_text("Cancelled", timeout=T_RUN)
+    took = time.monotonic() - t0
+    expect(status).not_to_contain_text("kept")
+    expect(status).to_contain_text("nothing changed")
+    _ready(page)
+    run_cell(page, 2)
+    wait_output(page, 2, "total now 0 batch 64")
+    print(f"{width} px: Cancel -> 'Cancelled' in {took:.2f} s")
+    no_console_errors(page)
+
+
+def no_console_errors(page: Any) -> None:
+    errors = [line for line in page.console_lines if line.startswith(("error", "pageerror"))]
+    assert not errors, errors
+
+
+# --------------------------------------------------------------------------- #
+# The quickstart: the answer in view, a table that does not break words, the keyboard
+# --------------------------------------------------------------------------- #
+QUICKSTART = ROOT / "notebooks" / "quickstart.ipynb"
+
+# the box of an element, and the visible part of the notebook (its scroller, the window)
+IN_VIEW_JS = """e => {
+  let box = null;
+  for (let n = e.parentElement; n; n = n.parentElement) {
+    const y = getComputedStyle(n).overflowY;
+    if ((y === 'auto' || y === 'scroll') && n.scrollHeight > n.clientHeight) { box = n; break; }
+  }
+  const v = box ? box.getBoundingClientRect() : {top: 0, bottom: window.innerHeight};
+  const r = e.getBoundingClientRect();
+  return {top: r.top, bottom: r.bottom, viewTop: Math.max(v.top, 0),
+          viewBottom: Math.min(v.bottom, window.innerHeight)};
+}"""
+
+# every table cell of the panel whose text runs over more lines than it has words: a word or a
+# number broken inside
+BROKEN_WORDS_JS = """p => {
+  const bad = [];
+  for (const td of p.querySelectorAll('td, th')) {
+    const text = (td.textContent || '').trim();
+    if (!text || td.offsetParent === null) continue;
+    const range = document.createRange();
+    range.selectNodeContents(td);
+    const tops = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+    for (const word of text.split(/\\s+/)) {
+      // a word on two lines: its characters' boxes at two heights
+      const walker = document.createTreeWalker(td, NodeFilter.SHOW_TEXT);
+      let node;
+      while ((node = walker.nextNode())) {
+        const at = node.textContent.indexOf(word);
+        if (at < 0 || word.length < 2) continue;
+        const r = document.createRange();
+        r.setStart(node, at);
+        r.setEnd(node, at + word.length);
+        const lines = new Set([...r.getClientRects()].map(x => Math.round(x.top)));
+        if (lines.size > 1) bad.push(word);
+        break;
+      }
+    }
+  }
+  return bad;
+}"""
+
+
+@pytest.mark.parametrize("width", [1280, 800])
+def test_the_answer_in_view_and_a_fix_from_the_keyboard(open_notebook, shots, lab, width):
+    """Shift+Enter on the quickstart's failing cell: the headline and a fix button in the first
+    viewport, without scrolling; no table cell broken inside a word; a fix run from the keyboard
+    ends with the focus on its result (not the page), and Tab goes on to the next button."""
+    page = open_notebook(f"quickstart-{width}.ipynb", QUICKSTART, viewport=(width, 900))
+    setup = run_cell(page, 1)
+    expect(outputs(setup).first).to_contain_text("Simulated GPU", timeout=T_RUN)
+    _ready(page)
+    run_cell(page, 3)
+    _ready(page)
+    cell = run_cell(page, 5)  # Shift+Enter: out of memory
+    panel = cell.locator(".gpumem-panel")
+    expect(panel.locator(".gpumem-headline")).to_contain_text("out of memory", timeout=T_RUN)
+    first = panel.locator(".gpumem-buttons button:enabled").first
+    expect(first).to_be_visible()
+    page.wait_for_timeout(1500)  # the page settles (JupyterLab scrolls on to the next cell)
+    for name, loc in (("headline", panel.locator(".gpumem-headline")), ("fix button", first)):
+        box = loc.evaluate(IN_VIEW_JS)
+        assert box["top"] >= box["viewTop"] - 1 and box["bottom"] <= box["viewBottom"] + 1, (
+            f"{width} px: the {name} is not in view: {box}"
+        )
+    # one short alert: the headline
+    alerts = panel.locator("[role=alert]")
+    expect(alerts).to_have_count(1)
+    assert len(alerts.text_content() or "") < 200
+    if width == 800:
+        broken = panel.evaluate(BROKEN_WORDS_JS)
+        assert broken == [], f"table cells broken inside a word at 800 px: {broken}"
+    shots(page, f"answer-in-view-{lab.app}-{width}.png")
+
+    # the keyboard alone: focus the recommended fix, Enter, and the focus stays with the panel
+    reduce = panel.get_by_role("button", name=re.compile("^Reduce batch"))
+    reduce.focus()
+    ring = reduce.evaluate("e => getComputedStyle(e).outlineWidth")
+    assert ring == "2px", ring
+    page.keyboard.press("Enter")
+    anyway = panel.get_by_role("button", name="Re-run anyway")
+    status = panel.locator(".gpumem-status")
+    deadline = time.monotonic() + T_RUN / 1000
+    while "✓" not in (status.text_content() or "") and time.monotonic() < deadline:
+        if anyway.count() and anyway.is_visible():
+            anyway.focus()
+            page.keyboard.press("Enter")
+        page.wait_for_timeout(200)
+    expect(status).to_contain_text("✓ Fits at batch", timeout=T_RUN)
+    page.wait_for_timeout(500)
+    inside = panel.evaluate("p => p.contains(document.activeElement)")
+    assert inside, page.evaluate("document.activeElement.outerHTML.slice(0, 200)")
+    assert page.evaluate("document.activeElement.classList.contains('gpumem-live')")
+    no_console_errors(page)
