@@ -272,6 +272,33 @@ def test_run_i_runs_code_in_the_notebook() -> None:
     assert guard("%run setup.py\ny = f()\n", 2, ns).safe  # its own namespace
 
 
+def test_objects_that_lie_about_themselves_run_nothing() -> None:
+    """The namespace is read by type: an object whose `__class__` and attributes raise (or count
+    how often they are asked) is judged by what the cell says, and nothing of it runs."""
+    asked: list[str] = []
+
+    class Hostile:
+        @property  # type: ignore[misc]
+        def __class__(self) -> type:
+            asked.append("__class__")
+            raise RuntimeError("no")
+
+        def __getattr__(self, name: str) -> Any:
+            asked.append(name)
+            raise RuntimeError(name)
+
+        def __iter__(self) -> Any:
+            asked.append("__iter__")
+            return iter(())
+
+    ns = notebook("", h=Hostile(), log=Hostile())
+    cell = "for b in h:\n    y = f(b)\nlog.info('x')\nadd = h.append\nadd(1)\nz = f()\n"
+    v = guard(cell, 6, ns, earlier=False)
+    assert not any(e.kind == "unknown" for e in v.effects), v.summary()
+    assert kinds(v) == {(5, "append", "h")}
+    assert asked == []
+
+
 # ---- first-pass failures judged by what ran ------------------------------------------------------------
 
 EPOCHS = """\

@@ -295,6 +295,12 @@ class GlobalsAsNames(ast.NodeTransformer):
 NAME_SCAN = 20_000  # names of the namespace looked through for the one holding an object
 
 
+def _is(obj: Any, kind: type | tuple[type, ...]) -> bool:
+    """``isinstance`` by the object's type alone: a class that lies about ``__class__`` (a
+    property that raises, a proxy) runs nothing here."""
+    return issubclass(type(obj), kind)
+
+
 def bound_method(
     obj: Any, name: str, owner: Callable[[Any], str | None], namespace: Mapping[str, Any]
 ) -> ast.expr | None:
@@ -310,7 +316,7 @@ def bound_method(
     elif t not in (types.BuiltinMethodType, types.MethodWrapperType):
         return None
     receiver = obj.__self__
-    if receiver is None or isinstance(receiver, (types.ModuleType, type)):
+    if receiver is None or _is(receiver, (types.ModuleType, type)):
         return None  # `print`, a classmethod: nothing of the notebook's changes through them
     method = obj.__func__.__name__ if t is types.MethodType else obj.__name__
     held = owner(receiver)
@@ -344,7 +350,7 @@ def _mro_has(obj: Any, attr: str) -> bool:
 def is_iterator(obj: Any) -> bool:
     """An iterator (a generator, ``iter(xs)``, an open file): taking an item from it is gone for a
     re-run. Read from its type; a class that is its own iterator by ``__next__`` counts."""
-    if obj is MISSING or isinstance(obj, type):
+    if obj is MISSING or _is(obj, type):
         return False
     return _mro_has(obj, "__next__")
 
@@ -355,7 +361,7 @@ def is_thread(obj: Any) -> bool:
 
 def is_thread_class(cls: Any) -> bool:
     """``threading.Thread`` or ``multiprocessing.Process``, or a subclass (read from the MRO)."""
-    if not isinstance(cls, type):
+    if not _is(cls, type):
         return False
     bases = [threading.Thread]
     mp = sys.modules.get("multiprocessing.process")
@@ -389,13 +395,13 @@ def logger_writes_to(obj: Any, level: int) -> str | None:
     terminal: ``'train.log'`` for a ``FileHandler``, a handler's class name otherwise. None when it
     writes nowhere else (no such handler, its level above, ``propagate`` off) or ``obj`` is no
     logger. Read from the loggers' own attributes (``getattr_static``)."""
-    if obj is MISSING or not isinstance(obj, logging.Logger):
+    if obj is MISSING or not _is(obj, logging.Logger):
         return None
     if level and level < _effective_level(obj):
         return None
     seen = 0
     node: Any = obj
-    while isinstance(node, logging.Logger) and seen < 50:
+    while _is(node, logging.Logger) and seen < 50:
         seen += 1
         for h in list(_static(node, "handlers") or ()):
             where = _handler_target(h, level)
@@ -410,24 +416,24 @@ def logger_writes_to(obj: Any, level: int) -> str | None:
 def _effective_level(logger: logging.Logger) -> int:
     node: Any = logger
     for _ in range(50):
-        if not isinstance(node, logging.Logger):
+        if not _is(node, logging.Logger):
             break
         lvl = _static(node, "level")
-        if isinstance(lvl, int) and lvl:
+        if type(lvl) is int and lvl:
             return lvl
         node = _static(node, "parent")
     return logging.WARNING
 
 
 def _handler_target(h: Any, level: int) -> str | None:
-    if not isinstance(h, logging.Handler) or isinstance(h, logging.NullHandler):
+    if not _is(h, logging.Handler) or _is(h, logging.NullHandler):
         return None
     lvl = _static(h, "level")
-    if level and isinstance(lvl, int) and level < lvl:
+    if level and type(lvl) is int and level < lvl:
         return None
-    if isinstance(h, logging.FileHandler):
+    if _is(h, logging.FileHandler):
         return repr(_static(h, "baseFilename"))
-    if isinstance(h, logging.StreamHandler):
+    if _is(h, logging.StreamHandler):
         stream = _static(h, "stream")
         std = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)}
         if id(stream) in std or type(stream).__module__.startswith(("ipykernel", "IPython")):

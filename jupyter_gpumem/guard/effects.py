@@ -134,7 +134,7 @@ class CallReader:
             return False
         if root in self.modules or (root in MODULES and root not in self.st.fresh):
             return True
-        return root not in self.st.fresh and isinstance(self.lookup(root), ModuleType)
+        return root not in self.st.fresh and issubclass(type(self.lookup(root)), ModuleType)
 
     def lookup(self, name: str) -> Any:
         """The object ``name`` holds, from the namespace or the caller; MISSING if unknown."""
