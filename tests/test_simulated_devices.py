@@ -171,3 +171,22 @@ def test_simulate_from_python_and_torch_as_it_was_after() -> None:
             torch.empty(128 * MiB, dtype=torch.uint8, device="cuda")
         torch.empty(128 * MiB, dtype=torch.uint8)  # a host tensor: the card's size is no limit
     assert not x.is_cuda and x.device.type == "cpu"  # no simulation: torch as it was
+
+
+def test_torchs_own_intermediates_go_to_the_card(card: Any) -> None:
+    """C++ makes a composite op's intermediates on its inputs' device: scaled_dot_product_attention's
+    causal mask (nanoGPT's attention in training) is on the card, not a host tensor that mixes;
+    pack_padded_sequence's lengths stay on the CPU, as CUDA wants them."""
+    _ok(
+        card,
+        "q = torch.randn(2, 2, 8, 4, device='cuda', requires_grad=True)\n"
+        "y = torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.2,\n"
+        "                                                     is_causal=True)\n"
+        "y.sum().backward()\n"
+        "seqs = torch.randn(3, 5, 4, device='cuda')\n"
+        "packed = torch.nn.utils.rnn.pack_padded_sequence(seqs, torch.tensor([5, 3, 2]),\n"
+        "                                                 batch_first=True)\n"
+        "out, _ = torch.nn.LSTM(4, 6, batch_first=True).cuda()(packed)",
+    )
+    ns = card.user_ns
+    assert ns["y"].is_cuda and ns["q"].grad.is_cuda and ns["out"].data.is_cuda

@@ -265,6 +265,74 @@ def _on_card_answers(t: _Torch) -> dict[Any, Callable[..., Any]]:
     }
 
 
+def _card_of(index_of: Any, args: tuple[Any, ...], kwargs: dict[str, Any], tensor: type) -> Any:
+    """The card of the first tensor a call reads that is on one, else None."""
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(a, tensor):
+            index = index_of(a)
+            if index is not None:
+                return index
+        elif isinstance(a, (list, tuple)):
+            for x in a:
+                if isinstance(x, tensor):
+                    index = index_of(x)
+                    if index is not None:
+                        return index
+    return None
+
+
+def _metadata_reads(torch: Any) -> frozenset[Any]:
+    """Calls that read a tensor and make none: no need to look for the card of their inputs."""
+    T = torch.Tensor
+    getters = (
+        "shape",
+        "dtype",
+        "requires_grad",
+        "grad",
+        "grad_fn",
+        "is_leaf",
+        "ndim",
+        "names",
+        "layout",
+        "is_sparse",
+        "is_quantized",
+        "is_meta",
+        "data",
+        "_version",
+        "T",
+        "mT",
+    )
+    methods = (
+        "dim",
+        "size",
+        "numel",
+        "stride",
+        "item",
+        "tolist",
+        "data_ptr",
+        "untyped_storage",
+        "element_size",
+        "is_contiguous",
+        "is_floating_point",
+        "is_complex",
+        "__len__",
+        "storage_offset",
+        "nelement",
+        "__hash__",
+        "__bool__",
+        "__index__",
+        "__int__",
+        "__float__",
+        "requires_grad_",
+        "retain_grad",
+        "register_hook",
+        "nbytes",
+    )
+    reads = [getattr(T, n).__get__ for n in getters if hasattr(T, n)]
+    reads += [getattr(T, n) for n in methods if hasattr(T, n)]
+    return frozenset(reads)
+
+
 def _on_its_card(index_of: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """``x.new_tensor(data)`` of a tensor on a card: on that card, as CUDA puts it."""
     index = index_of(args[0])
@@ -282,6 +350,41 @@ def _to_host(place: Any, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any
     return out
 
 
+def _redirect(
+    mode: Any, t: _Torch, metadata: frozenset[Any], func: Any, args: Any, kwargs: dict[str, Any]
+) -> Any:
+    """``mode``'s call once a tensor on a card has had its own answers: pinning, placements on a
+    card or the host, and, on the simulated GPU, any other call reading a tensor on a card run
+    with that card for what it makes from nothing (``gpu._Within``)."""
+    if func is t.tensor_pin:
+        mode.redirected[_name_of(func)] += 1
+        return args[0]
+    index_of = mode.index_of
+    moved, target, call, args, kwargs = _on_cpu(t, index_of, func, args, kwargs)
+    if not moved:
+        if index_of is not None and func not in metadata:
+            index = _card_of(index_of, args, kwargs, t.Tensor)
+            if index is not None:
+                with mode.place.within(index):
+                    return call(*args, **kwargs)
+        return call(*args, **kwargs)
+    if target == _HOST:
+        return _to_host(mode.place, call, args, kwargs)
+    mode.redirected[_name_of(func)] += 1
+    place = mode.place
+    if place is None or target == _NOWHERE:
+        return _placed(mode.holds, call, args, kwargs, t.Tensor)
+    with place(target):
+        return _placed(mode.holds, call, args, kwargs, t.Tensor)
+
+
+def _placed(holds: Any, func: Any, args: Any, kwargs: dict[str, Any], tensor: Any) -> Any:
+    out = func(*args, **kwargs)
+    if holds is not None and isinstance(out, tensor) and not holds(out):
+        out = out.clone()  # a placement on the GPU is a copy: never alias host memory
+    return out
+
+
 @functools.cache
 def cuda_to_cpu_mode_class() -> type[Any]:
     """The ``CudaToCpuMode`` class (a ``TorchFunctionMode``), built on first use."""
@@ -291,6 +394,7 @@ def cuda_to_cpu_mode_class() -> type[Any]:
     t = _torch_names()
     Tensor = torch.Tensor
     on_card = _on_card_answers(t)
+    metadata = _metadata_reads(torch)
 
     class CudaToCpuMode(TorchFunctionMode):
         """Redirect CUDA placements to the CPU; ``redirected`` counts them by function name."""
@@ -323,27 +427,7 @@ def cuda_to_cpu_mode_class() -> type[Any]:
                         return answer(self, func, index, args, kwargs)
                 if func is t.tensor_new_tensor:
                     kwargs = _on_its_card(index_of, args, kwargs)
-            if func is t.tensor_pin:
-                self.redirected[_name_of(func)] += 1
-                return args[0]
-            moved, target, call, args, kwargs = _on_cpu(t, index_of, func, args, kwargs)
-            if not moved:
-                return call(*args, **kwargs)
-            if target == _HOST:
-                return _to_host(self.place, call, args, kwargs)
-            self.redirected[_name_of(func)] += 1
-            place = self.place
-            if place is None or target == _NOWHERE:
-                return self._placed(call, args, kwargs)
-            with place(target):
-                return self._placed(call, args, kwargs)
-
-        def _placed(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            out = func(*args, **kwargs)
-            holds = self.holds
-            if holds is not None and isinstance(out, Tensor) and not holds(out):
-                out = out.clone()  # a placement on the GPU is a copy: never alias host memory
-            return out
+            return _redirect(self, t, metadata, func, args, kwargs)
 
     return CudaToCpuMode
 

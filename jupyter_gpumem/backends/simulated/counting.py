@@ -17,6 +17,8 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from jupyter_gpumem.backends.simulated.devices import HOST_OUTPUTS
+
 if TYPE_CHECKING:
     import torch
 
@@ -122,17 +124,26 @@ def _size_predictors(torch: Any) -> dict[Any, Predictor]:
     return table
 
 
-_FRESH, _VIEW, _WRITTEN = 0, 1, 2  # what an op's return is: new memory, a view, written in place
+# what an op's return is: new memory, a view, written in place, made on the host
+_FRESH, _VIEW, _WRITTEN, _HOST_OUT = 0, 1, 2, 3
 
 
 def _return_kinds(func: Any) -> tuple[int, ...]:
     """From the op's schema: which returns may be new storages (``Tensor(a)`` is a view of an
-    input, ``Tensor(a!)`` an input written in place, which may have been resized)."""
+    input, ``Tensor(a!)`` an input written in place, which may have been resized), and which
+    torch makes on the CPU whatever the inputs' device (``HOST_OUTPUTS``)."""
     if func.__name__.startswith("lift_fresh"):  # torch.tensor(...): made outside the dispatcher
         return (_FRESH,)
+    host = HOST_OUTPUTS.get(func._schema.name, ())
     return tuple(
-        _FRESH if r.alias_info is None else _WRITTEN if r.alias_info.is_write else _VIEW
-        for r in func._schema.returns
+        _HOST_OUT
+        if i in host
+        else _FRESH
+        if r.alias_info is None
+        else _WRITTEN
+        if r.alias_info.is_write
+        else _VIEW
+        for i, r in enumerate(func._schema.returns)
     )
 
 
@@ -158,7 +169,7 @@ def _count_output(
     may have been resized); a view is no new memory. The OOM message when it does not fit."""
     if isinstance(out, tensor):
         kind = kinds[0] if kinds else _FRESH
-        if kind == _VIEW:
+        if kind in (_VIEW, _HOST_OUT):
             return None
         return sim._count(card, (out,), kind == _FRESH)
     if not isinstance(out, (tuple, list)):

@@ -15,7 +15,8 @@ words, in one of the two forms torch 2.13 has (``libtorch_cpu``'s strings):
 
 As on CUDA, a 0-dim host tensor goes with any device (a CPU scalar), and the operators that move
 data between devices (``copy_``, ``_to_copy``) or take host indices (``index``, ``index_put_``)
-mix freely.
+mix freely, as do those neither check covers (``may_mix``: composite kernels without a device
+guard, such as ``_pack_padded_sequence``, whose lengths stay on the CPU).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import os
 import re
 from typing import Any
 
-__all__ = ["MIXES", "mixing_error"]
+__all__ = ["HOST_OUTPUTS", "MIXES", "may_mix", "mixing_error"]
 
 # aten operators that take tensors on different devices on CUDA too
 MIXES = frozenset(
@@ -39,13 +40,22 @@ MIXES = frozenset(
     }
 )  # fmt: skip
 
+# aten operators whose outputs at these positions torch makes on the CPU whatever the inputs'
+# device (aten/src/ATen/native/PackedSequence.cpp: batch_sizes and lengths are CPU tensors)
+HOST_OUTPUTS: dict[str, tuple[int, ...]] = {
+    "aten::_pack_padded_sequence": (1,),
+    "aten::_pad_packed_sequence": (1,),
+}
+
 _ENTRY = re.compile(r"^- func: ([\w.]+)\(")
 
 
 @functools.cache
 def _checked_ops() -> dict[str, str]:
     """``name.overload`` -> the CUDA wrapper's name, for the operators whose generated CUDA kernel
-    checks its arguments' devices (read once, on the first mixing error)."""
+    checks its arguments' devices, and -> "" for ``TensorIterator``'s (``device_check: NoCheck  #
+    TensorIterator``: it checks them itself, CPU scalars allowed); read once. Empty where torch
+    came without ``torchgen``."""
     spec = importlib.util.find_spec("torchgen")
     if spec is None or spec.origin is None:
         return {}
@@ -74,7 +84,10 @@ def _read_entry(entry: list[str], checked: dict[str, str]) -> None:
     if m is None:
         return
     body = "\n".join(entry[1:])
-    if "device_check: NoCheck" in body:
+    no_check = re.search(r"device_check: NoCheck(.*)", body)
+    if no_check is not None:
+        if "TensorIterator" in no_check.group(1):
+            checked[m.group(1)] = ""
         return
     full = m.group(1)
     name, _, overload = full.partition(".")
@@ -88,6 +101,17 @@ def _read_entry(entry: list[str], checked: dict[str, str]) -> None:
         checked[full] = f"wrapper_CUDA_{cpp_name}"
     else:  # gen_unstructured: wrapper_kernel_sig, prefix="wrapper_CUDA_{overload}_"
         checked[full] = f"wrapper_CUDA_{overload}_{cpp_name}"
+
+
+def may_mix(func: Any) -> bool:
+    """Whether the aten op takes tensors on different devices without an error on CUDA: the
+    ones that move data (``MIXES``), and those neither torchgen's check nor ``TensorIterator``
+    covers (``_pack_padded_sequence``'s lengths stay on the CPU). Without ``torchgen``: only
+    ``MIXES``."""
+    if func._schema.name in MIXES:
+        return True
+    rules = _checked_ops()
+    return bool(rules) and _op_key(func) not in rules
 
 
 def _op_key(func: Any) -> str:
@@ -122,7 +146,7 @@ def mixing_error(
 ) -> RuntimeError:
     """torch's error for ``func`` reading tensors on ``first`` and ``second``."""
     method = _checked_ops().get(_op_key(func))
-    if method is not None:
+    if method:
         common = None
         for name, t in _named_tensors(func, args, kwargs, tensor):
             device = device_of(t)

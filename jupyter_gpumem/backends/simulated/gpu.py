@@ -26,7 +26,7 @@ from jupyter_gpumem.backends.allocator import SizeLog, SizeRecorder
 from jupyter_gpumem.backends.base import DeviceReading, RawProcess, StorageInfo
 from jupyter_gpumem.backends.cuda_to_cpu import cuda_index
 from jupyter_gpumem.backends.simulated.card import SimulatedCard, format_size
-from jupyter_gpumem.backends.simulated.devices import MIXES, mixing_error
+from jupyter_gpumem.backends.simulated.devices import may_mix, mixing_error
 from jupyter_gpumem.backends.tb_frames import without_dispatch_frames
 
 if TYPE_CHECKING:
@@ -71,11 +71,32 @@ class _Placement:
         self.gpu._local.target = self.saved
 
 
+class _Within:
+    """While a torch call reads tensors on card ``index``, what it makes from no tensor on its
+    inputs' device goes there: torch's C++ makes intermediates with its inputs' options (the
+    causal mask of ``scaled_dot_product_attention``, ``ones(..., query.options())``), whose device
+    is the CPU here and the card on CUDA. A factory given no device stays on the host, as on CUDA
+    (``pack_padded_sequence``'s ``batch_sizes``, ``at::empty({n}, kLong)``)."""
+
+    __slots__ = ("index", "local", "saved")
+
+    def __init__(self, local: threading.local, index: int) -> None:
+        self.local, self.index, self.saved = local, index, None
+
+    def __enter__(self) -> None:
+        self.saved = getattr(self.local, "within", None)
+        self.local.within = self.index
+
+    def __exit__(self, *exc: object) -> None:
+        self.local.within = self.saved
+
+
 class _Cards:
     """What the redirecting function mode (``cuda_to_cpu.py``) asks the simulated GPU: called
     with the CUDA index a placement names (None: the current device), a context in which new
-    storages go to that card; ``host()``, one in which they stay on the host; ``index_of``, the
-    card a tensor is on (None: the host); ``track``, count a copy on a card."""
+    storages go to that card; ``host()``, one in which they stay on the host; ``within(index)``,
+    one for a torch call reading tensors on that card (``_Within``); ``index_of``, the card a
+    tensor is on (None: the host); ``track``, count a copy on a card."""
 
     __slots__ = ("gpu",)
 
@@ -87,6 +108,9 @@ class _Cards:
 
     def host(self) -> _Placement:
         return _Placement(self.gpu, _HOST)
+
+    def within(self, index: int) -> _Within:
+        return _Within(self.gpu._local, index)
 
     def index_of(self, tensor: torch.Tensor) -> int | None:
         return self.gpu.index_of(tensor)
@@ -202,7 +226,8 @@ class SimulatedGPU:
         self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> SimulatedCard | None:
         """The card an op's new storages go to, None for the host: the placement's; else the
-        card of the tensors it reads; else the host (a host op counts nowhere). An op reading
+        card of the tensors it reads; else, for an op that reads no tensor, the card of the torch
+        call it is part of (``_Within``); else the host (a host op counts nowhere). An op reading
         tensors on two devices raises torch's error (``devices.py``), as on CUDA."""
         target = getattr(self._local, "target", None)
         if target is not None:
@@ -210,9 +235,10 @@ class SimulatedGPU:
         found: int | None = None
         mixed = self._mixes.get(func)
         if mixed is None:
-            mixed = self._mixes[func] = func._schema.name in MIXES
-        host_seen = False
+            mixed = self._mixes[func] = may_mix(func)
+        host_seen = tensors = False
         for t in _tensors(args, kwargs, self._tensor_type):
+            tensors = True
             index = self.index_of(t)
             if index is None:
                 if not host_seen and t.dim() != 0:
@@ -226,7 +252,12 @@ class SimulatedGPU:
                     self._mixing(func, args, kwargs)
             elif index != found and not mixed:
                 self._mixing(func, args, kwargs)
-        return None if found is None else self.devices[found]
+        if found is None:
+            if tensors or kwargs.get("device") is None:  # at::empty({n}, kLong): the CPU's
+                return None
+            within = getattr(self._local, "within", None)
+            return None if within is None else self.devices[within]
+        return self.devices[found]
 
     def _mixing(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         devices: list[str] = []
