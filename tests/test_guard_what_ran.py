@@ -579,3 +579,63 @@ def test_retry_asks_before_a_rehearsal_takes_from_a_generator(sim: Any, capsys: 
     assert "rehearsals would" in out and "`stream`" in out, out
     assert "Fits at batch" not in out
     assert next(sim.user_ns["stream"]) == 1, "no rehearsal took from it"
+
+
+TRAIN_MODEL = """\
+def train_model(model, criterion, optimizer, scheduler, num_epochs=25):
+    best_acc = 0.0
+    for epoch in range(num_epochs):
+        for phase in ['train', 'val']:
+            if phase == 'train':
+                model.train()
+            else:
+                model.eval()
+            running_loss = 0.0
+            for inputs, labels in dataloaders[phase]:
+                optimizer.zero_grad()
+                with torch.set_grad_enabled(phase == 'train'):
+                    outputs = model(inputs)
+                    loss = criterion(outputs, labels)
+                    if phase == 'train':
+                        loss.backward()
+                        optimizer.step()
+                running_loss += loss.item() * inputs.size(0)
+            if phase == 'train':
+                scheduler.step()
+            epoch_acc = running_loss / dataset_sizes[phase]
+            if phase == 'val' and epoch_acc > best_acc:
+                best_acc = epoch_acc
+                torch.save(model.state_dict(), best_model_params_path)
+    return model
+"""
+
+
+def test_a_notebook_function_s_loops_are_read_from_its_frame_s_values() -> None:
+    """pytorch/tutorials' transfer-learning `train_model` (its checkpoint directory aside), failing
+    in the first backward of epoch 0's training phase. The record says earlier passes ran (it
+    cannot tell for the loader's loop); the function's frame says `epoch` 0 and `phase` 'train':
+    the scheduler's step and the checkpoint under `phase == 'val'` never ran. Given only the
+    cell's values, the function's loops are not known, and those lines count."""
+    ns = notebook(TRAIN_MODEL, dataloaders=None, torch=None, dataset_sizes=None)
+    ns.update(_names("model_ft", "criterion", "optimizer_ft", "exp_lr_scheduler"))
+    cell = "model_ft = train_model(model_ft, criterion, optimizer_ft, exp_lr_scheduler)\n"
+    line = 1 + next(i for i, t in enumerate(TRAIN_MODEL.splitlines()) if "loss.backward()" in t)
+    frames = [("train_model", line)]
+    local = {"epoch": 0, "phase": "train", "num_epochs": 25, "best_acc": 0.0}
+    v = analyse_rerun(
+        cell, failed_lineno=1, preexisting=set(ns), namespace=ns, earlier_passes=False,
+        failed_frames=frames, frame_values=[local],
+    )  # fmt: skip
+    assert v.safe, v.summary()
+    # the loader's loop may have run earlier passes: their steps count, not the scheduler's
+    v = analyse_rerun(
+        cell, failed_lineno=1, preexisting=set(ns), namespace=ns, earlier_passes=True,
+        failed_frames=frames, frame_values=[local],
+    )  # fmt: skip
+    said = v.summary()
+    assert "optimizer.step()" in said and "scheduler" not in said and "torch.save" not in said
+    v = analyse_rerun(
+        cell, failed_lineno=1, preexisting=set(ns), namespace=ns, earlier_passes=True,
+        failed_frames=frames,
+    )  # fmt: skip
+    assert "torch.save" in v.summary()

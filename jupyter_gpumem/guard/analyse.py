@@ -84,6 +84,7 @@ def analyse_rerun(
     namespace: Mapping[str, Any] | None = None,
     failed_frames: Sequence[tuple[str, int]] | None = None,
     values_at_failure: Mapping[str, Any] | None = None,
+    frame_values: Sequence[Mapping[str, Any]] | None = None,
 ) -> GuardVerdict:
     """The side effects a re-run of ``source`` would repeat, given where it failed, then those
     its rehearsals would have that nothing stops or undoes (``SideEffect.rehearsal``).
@@ -97,6 +98,8 @@ def analyse_rerun(
     through, outermost first, for where each one stopped. ``values_at_failure``: the plain values
     of the cell's names when it failed (``FailedCell.plain_values``), from which ``if`` tests and
     loop counters are read (a later cell may have rebound them in ``namespace``).
+    ``frame_values``: the plain values of each failing notebook frame's locals, in the order of
+    ``failed_frames``, from which the loops and tests inside those functions are read the same way.
     """
     lines = cellsource.lines(source)
     limit = (
@@ -109,9 +112,13 @@ def analyse_rerun(
         if tree is None:
             return unknown(limit, "could not read the cell; re-running may repeat its effects")
         body = calls.GlobalsAsNames().visit(tree).body
-        reach = Reach(namespace, at_failure=values_at_failure) if namespace is not None else None
+        frames = tuple((str(q), int(n)) for q, n in failed_frames or ())
+        reach = None
+        if namespace is not None:
+            reach = Reach(namespace, at_failure=values_at_failure)
+            reach.frame_values = dict(zip(frames, frame_values or (), strict=False))
         walker = _walker(source, lines, preexisting, limit, earlier_passes is not False, reach)
-        walker.frames = tuple((str(q), int(n)) for q, n in failed_frames or ())
+        walker.frames = frames
         walker.root = body
         walker.block(body)
         ahead = _rehearsal(source, lines, preexisting, limit, reach, body)

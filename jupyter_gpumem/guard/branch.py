@@ -79,10 +79,10 @@ def taken(w: CallReader, s: ast.If) -> bool | None:
     if w.limit is None or w.reach is None or (w.full and not w.passes):
         return None
     names = plain_names(s.test)
-    if names is None or names & w.own:
+    if names is None or names & local_names(w) and w.local_values is None:
         return None
-    if w.fn is not None and names & (w.fn.local | w.fn.free):
-        return None
+    if w.fn is not None and names & w.fn.free:
+        return None  # a closure's: what the function around it set
     counters = frozenset(w.passes[0]) if w.full and w.passes else frozenset()
     start = w.loops[0] if w.loops else s.lineno
     end = span_end(w.root, w.limit, w.earlier or w.full > 0)
@@ -92,7 +92,7 @@ def taken(w: CallReader, s: ast.If) -> bool | None:
     if bound is None or (names - counters) & bound:
         return None
     rebound = rebound_globals(w.reach)
-    if rebound is None or names & rebound:
+    if rebound is None or (names - local_names(w)) & rebound:
         return None
     values = {n: at_failure(w, n) for n in names - counters}
     if not counters or not w.passes:
@@ -103,8 +103,16 @@ def taken(w: CallReader, s: ast.If) -> bool | None:
     return seen.pop() if len(seen) == 1 else None
 
 
+def local_names(w: CallReader) -> frozenset[str]:
+    """The names of the function walked (none for the cell)."""
+    return w.own | (w.fn.local if w.fn is not None else frozenset())
+
+
 def at_failure(w: CallReader, name: str) -> Any:
-    """The plain value ``name`` held when the cell failed (the namespace's without a record)."""
+    """The plain value ``name`` held when the cell failed (the namespace's without a record); a
+    function's own name, from its failing frame's record (MISSING without one)."""
+    if name in local_names(w):
+        return MISSING if w.local_values is None else w.local_values.get(name, MISSING)
     if w.reach is not None and w.reach.at_failure is not None:
         return w.reach.at_failure.get(name, MISSING)
     return w.lookup(name)
@@ -163,14 +171,16 @@ def passes_before(w: CallReader, loop: ast.For | ast.AsyncFor | ast.While) -> Co
       ``local_iter_num``);
 
     and neither rebound by notebook code, ``exec`` or IPython syntax anywhere in the loop."""
-    if w.fn is not None or w.own or w.reach is None or w.limit is None:
-        return None  # a function's counters are its locals, which the record does not hold
+    if w.reach is None or w.limit is None:
+        return None
+    if (w.fn is not None or w.own) and w.local_values is None:
+        return None  # a function's counters are its locals: known only from its frame's record
     end = loop.end_lineno or loop.lineno
     if any(loop.lineno <= line <= end for line in w.ipython):
         return None
     if bound_in(loop.body, loop.lineno, end) is None:
         return None  # exec, globals(), import *: anything may be rebound
-    return _range_counter(w, loop) or _step_counter(w, loop)
+    return _range_counter(w, loop) or _listed_counter(w, loop) or _step_counter(w, loop)
 
 
 PASS_VALUES = 4096  # earlier passes whose counter values are listed, for the tests of ``if``s
@@ -191,6 +201,27 @@ def _range_counter(w: CallReader, loop: ast.AST) -> Counted | None:
         return None
     values = [{name: start + j * step} for j in range(passes + 1)] if passes < PASS_VALUES else []
     return Counted(passes, values)
+
+
+def _listed_counter(w: CallReader, loop: ast.AST) -> Counted | None:
+    """``for phase in ['train', 'val']``: the pass is where the value at the failure stands in the
+    list (its values all plain and different)."""
+    if not isinstance(loop, (ast.For, ast.AsyncFor)) or not isinstance(loop.target, ast.Name):
+        return None
+    if not isinstance(loop.iter, (ast.List, ast.Tuple)):
+        return None
+    items = [e.value if isinstance(e, ast.Constant) else MISSING for e in loop.iter.elts]
+    if MISSING in items or len(set(map(repr, items))) != len(items):
+        return None
+    name = loop.target.id
+    value = at_failure(w, name)
+    rebinds = bound_in(loop.body, loop.body[0].lineno, w.limit or 0)
+    if type(value) not in PLAIN or rebinds is None or name in rebinds or _rebound(w, name):
+        return None
+    at = [i for i, x in enumerate(items) if type(x) is type(value) and x == value]
+    if len(at) != 1:
+        return None
+    return Counted(at[0], [{name: x} for x in items[: at[0] + 1]])
 
 
 def _counter_head(w: CallReader, loop: ast.AST) -> tuple[str, int, int] | None:
@@ -315,7 +346,9 @@ def _continues(body: list[ast.stmt]) -> bool:
 
 
 def _rebound(w: CallReader, name: str) -> bool:
-    """Notebook code may rebind ``name`` as a global."""
+    """Notebook code may rebind ``name`` as a global (a function's own name: not as a global)."""
+    if name in local_names(w):
+        return False
     assert w.reach is not None
     rebound = rebound_globals(w.reach)
     return rebound is None or name in rebound

@@ -7,7 +7,7 @@ SQL, ``exec``. The statements around the calls are ``walk``'s; what the walk kno
 from __future__ import annotations
 
 import ast
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -102,6 +102,9 @@ class CallReader:
         # the locals of a function defined in the code walked and read where it is called: not
         # the notebook's names, whatever the values at the failure hold under the same name
         self.own: frozenset[str] = frozenset()
+        # the plain values of this function's own names at the failure, when it is on the failing
+        # path and the record has them; None: unknown
+        self.local_values: Mapping[str, Any] | None = None
 
     # ---- names
 

@@ -79,6 +79,9 @@ class Reach:
     # the plain values the cell's names held at the failure (FailedCell.plain_values): what an
     # ``if`` test said then, whatever a later cell set since; None: read them from ``namespace``
     at_failure: Mapping[str, Any] | None = None
+    # the plain values of the locals of each notebook function the failure went through, by its
+    # failing frame (qualname, line): what its loop counters and tests said there
+    frame_values: Mapping[tuple[str, int], Mapping[str, Any]] = field(default_factory=dict)
     cache: dict[int, NotebookFunction | None] = field(default_factory=dict)
     walks: int = 0  # function bodies walked so far
     rebound: frozenset[str] | None = None  # globals notebook code may rebind (None: any)

@@ -372,8 +372,9 @@ class Walker(CallReader):
         self.reach.walks += 1
         limit: int | None = None
         below: tuple[tuple[str, int], ...] = ()
+        here = None
         if frames and frames[0][0] == fn.qualname:  # where it stopped, when it failed in it
-            limit, below = fn.node_line(frames[0][1]), frames[1:]
+            limit, below, here = fn.node_line(frames[0][1]), frames[1:], frames[0]
         pre = self.global_view()
         # a closure made before the cell: what its cells hold existed before the cell too
         cells = callee.closure if self.outer(c.func) else {}
@@ -382,6 +383,8 @@ class Walker(CallReader):
         inner.depth, inner.active = self.depth + 1, self.active | {fn.key}
         inner.st.zeroed, inner.root = self.st.zeroed, fn.node.body
         inner.values.update(cells)
+        if here is not None and limit is not None:
+            inner.local_values = self.reach.frame_values.get(here)
         self.pass_args(c, callee, inner)
         return inner
 
@@ -396,9 +399,12 @@ class Walker(CallReader):
         if self.depth >= DEPTH or id(node) in self.active:
             return True
         limit: int | None = None
+        here = None
         if frames and frames[0][0].rpartition(".")[2] == node.name:
-            limit, frames = frames[0][1], frames[1:]
+            limit, frames, here = frames[0][1], frames[1:], frames[0]
         inner = Walker(self.lines, self.pre, limit, self.earlier)
+        if here is not None and self.reach is not None:
+            inner.local_values = self.reach.frame_values.get(here)
         inner.reach, inner.fn, inner.gpre, inner.frames = self.reach, self.fn, self.gpre, frames
         inner.values, inner.modules = self.values, self.modules
         inner.own = self.own | calls.locals_of(node)
