@@ -79,7 +79,7 @@ def taken(w: CallReader, s: ast.If) -> bool | None:
     if w.limit is None or w.reach is None or (w.full and not w.passes):
         return None
     names = plain_names(s.test)
-    if names is None or names & local_names(w) and w.local_values is None:
+    if names is None or (names & local_names(w) and w.local_values is None):
         return None
     if w.fn is not None and names & w.fn.free:
         return None  # a closure's: what the function around it set
