@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -158,3 +159,23 @@ def test_bad_arguments_are_one_line(args: tuple, kwargs: dict, words: str) -> No
         backends.simulate(*args, **kwargs)
     assert words in str(raised.value) and "\n" not in str(raised.value)
     assert backends.simulation() is None
+
+
+def test_gpumem_simulate_a_profile_in_a_notebook(shell: Any, capsys: Any) -> None:
+    shell.run_cell("%gpumem simulate T4")
+    assert "Simulated GPU of 14.56 GiB" in capsys.readouterr().out
+    result = shell.run_cell(
+        "import torch\n"
+        "name = torch.cuda.get_device_name()\n"
+        "native = torch.cuda.is_bf16_supported(including_emulation=False)\n"
+        "free, total = torch.cuda.mem_get_info()\n"
+        "try:\n"
+        "    torch.empty(15 * 2**30, dtype=torch.uint8, device='cuda')\n"
+        "except torch.OutOfMemoryError as e:\n"
+        "    message = str(e)\n"
+    )
+    assert result.success
+    ns = shell.user_ns
+    assert ns["name"] == "Tesla T4" and ns["native"] is False
+    assert ns["total"] - ns["free"] == 150 * MiB  # the context, before anything is allocated
+    assert "this process has 150.00 MiB memory in use" in ns["message"]

@@ -127,7 +127,7 @@ def _card(total_bytes: int | str | None, profile: str | CardProfile | None) -> t
             raise ValueError(f"no simulated card is called {profile!r} (the profiles: {names})")
         profile = found
     if profile is not None:
-        if total_bytes is not None:
+        if total_bytes:  # None or 0: no size given
             raise ValueError("give a profile or a size, not both")
         return profile, profile.total_bytes
     if total_bytes is None:
