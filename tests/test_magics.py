@@ -148,3 +148,22 @@ def test_sizes_take_ascii_digits_only_everywhere(text: str) -> None:
 
     with pytest.raises(ValueError, match="not a size"):
         parse_size(text)
+
+
+def test_simulate_a_card_by_name_and_a_bad_allocator_setting(
+    shell: Any, capsys: Any, monkeypatch: Any
+) -> None:
+    """`%gpumem simulate T4` is a T4 (its name, its memory outside PyTorch); a setting torch
+    would refuse is one UsageError line in torch's words, not a traceback."""
+    torch = pytest.importorskip("torch")
+    result, out = _run(shell, capsys, "%gpumem simulate t4")
+    assert result.success, out
+    assert "T4" in torch.cuda.get_device_name(0)
+    free, total = torch.cuda.mem_get_info(0)
+    assert total - free > 0 == torch.cuda.memory_reserved(0), "the CUDA context is outside PyTorch"
+    _run(shell, capsys, "%gpumem simulate off")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
+    result, out = _run(shell, capsys, "%gpumem simulate 1GiB")
+    assert not result.success
+    assert "cudaMallocAsync" in _one_usage_error(out)
+    assert simulated.current() is None

@@ -29,9 +29,12 @@ __all__ = [
 ]
 
 
-def simulate(total_bytes: int, **kwargs: Any) -> SimulatedGPU:
-    """Start a simulated GPU of ``total_bytes`` per card (``devices``, ``other_processes``,
-    ``allowed_bytes`` as ``simulated.start`` takes them); it is the active backend until stopped."""
+def simulate(total_bytes: int | None, **kwargs: Any) -> SimulatedGPU:
+    """Start a simulated GPU of ``total_bytes`` per card, or a real card's profile
+    (``profile="T4"``: its memory, CUDA context, compute capability, bf16; ``total_bytes`` None);
+    ``devices``, ``other_processes``, ``allowed_bytes``, ``context_bytes`` and ``alloc_conf`` as
+    ``simulated.start`` takes them. It is the active backend until stopped. A setting torch would
+    refuse (``PYTORCH_CUDA_ALLOC_CONF``, an unknown profile) raises ``ValueError`` in one line."""
     return _simulated.start(total_bytes, **kwargs)
 
 

@@ -171,10 +171,13 @@ class GpuMemMagics(Magics):
             print("Simulated GPU off." if was else "No simulated GPU was running.")
             return
         self._needs_torch("simulate")
-        if isinstance(card, str):
-            sim = backends.simulate(0, profile=card, devices=devices)
-        else:
-            sim = backends.simulate(card, devices=devices)
+        try:
+            if isinstance(card, str):
+                sim = backends.simulate(None, profile=card, devices=devices)
+            else:
+                sim = backends.simulate(card, devices=devices)
+        except ValueError as exc:  # a bad PYTORCH_CUDA_ALLOC_CONF, cudaMallocAsync: torch's words
+            raise UsageError(f"%gpumem simulate: {exc}") from None
         self.ext.simulation = sim
         cards = (
             f"{devices} simulated GPUs of {format_bytes(sim.total_bytes)} each (cuda:0 to "
