@@ -639,3 +639,24 @@ def test_a_notebook_function_s_loops_are_read_from_its_frame_s_values() -> None:
         failed_frames=frames,
     )  # fmt: skip
     assert "torch.save" in v.summary()
+
+
+def test_an_attribute_of_the_notebook_s_own_module(tmp_path: Any, monkeypatch: Any) -> None:
+    """`helpers.py` beside the notebook keeps its state across cells (the import system holds the
+    module): a count the failed run added to is added to again. A library's module is settings."""
+    import importlib
+    import json
+    import sys
+
+    (tmp_path / "guard_helpers.py").write_text("count = 0\nseen = []\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    helpers = importlib.import_module("guard_helpers")
+    try:
+        ns = notebook("", helpers=helpers, json=json)
+        v = guard("helpers.count += 1\nhelpers.seen.append(1)\ny = f()\n", 3, ns)
+        assert kinds(v) == {(1, "augassign_global", "helpers.count"), (2, "append", "helpers.seen")}
+        assert guard("helpers.count = 0\ny = f()\n", 2, ns).safe  # set again to the same
+        assert guard("json.x = json.x + 1\ny = f()\n", 2, ns).safe
+    finally:
+        sys.modules.pop("guard_helpers", None)

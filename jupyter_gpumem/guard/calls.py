@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import inspect
 import logging
+import os
 import sys
 import textwrap
 import threading
@@ -38,6 +39,7 @@ __all__ = [
     "logger_writes_to",
     "name_of",
     "notebook_callee",
+    "own_module",
     "root_logger",
 ]
 
@@ -384,6 +386,23 @@ def is_executor(obj: Any) -> bool:
         if isinstance(base, type):
             bases.append(base)
     return any(b in mro for b in bases)
+
+
+def own_module(obj: Any) -> bool:
+    """A module from the notebook's own directory (under the working directory, not installed):
+    ``import helpers`` of ``./helpers.py``."""
+    if type(obj) is not types.ModuleType:
+        return False
+    try:
+        path = inspect.getattr_static(obj, "__file__")
+    except AttributeError:
+        return False
+    if type(path) is not str:
+        return False
+    path = os.path.abspath(path)
+    here = os.path.abspath(os.getcwd())
+    installed = ("site-packages", "dist-packages")
+    return path.startswith(here + os.sep) and not any(p in path.split(os.sep) for p in installed)
 
 
 def root_logger() -> logging.Logger:

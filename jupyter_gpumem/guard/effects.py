@@ -118,10 +118,15 @@ class CallReader:
     def reached(self, node: ast.expr) -> str | None:
         """The pre-existing object ``node`` is or is part of: through its root's name, or an item
         of a container the cell made around pre-existing objects (``bufs = [history]``,
-        ``bufs[0]``); None when it is the cell's own or a module."""
+        ``bufs[0]``), an attribute of a module from the notebook's own directory (the import
+        system keeps it: a re-run finds what the failed run left); None when it is the cell's own
+        or a library's module."""
         root = chain_root(node, calls=False)
-        if root is None or self.is_module(node):
+        if root is None:
             return None
+        if self.is_module(node):  # a library's settings, but a module of the notebook's own
+            own = not isinstance(node, ast.Name) and calls.own_module(self.lookup(root))
+            return root if own else None
         origin = self.origin(root)
         if origin is None and root in self.st.holds and not isinstance(node, ast.Name):
             origin = self.st.holds[root]
@@ -220,7 +225,7 @@ class CallReader:
         f = c.func
         recv = f.value if isinstance(f, ast.Attribute) else None
         attr = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
-        plain = recv is None or self.is_module(recv)
+        plain = recv is None or (self.is_module(recv) and self.reached(recv) is None)
         site = Site(c, recv, attr, _dotted(f) or "", plain, c.args[0] if c.args else None)
         if self.training(site, partial) or partial:
             return
