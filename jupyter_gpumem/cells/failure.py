@@ -5,21 +5,21 @@ freed. Built the same way for a cell the hook caught and for a re-run that ran o
 from __future__ import annotations
 
 import ast
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import CodeType, FunctionType, TracebackType
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from jupyter_gpumem.backends import torch_objects
 from jupyter_gpumem.cells import source as cellsource
 from jupyter_gpumem.cells.loop import LoopSite, find_loop
 from jupyter_gpumem.diagnosis.diagnose import Diagnosis, diagnose
 from jupyter_gpumem.oom.report import OOMReport
 from jupyter_gpumem.readings import holders as holders_mod
 from jupyter_gpumem.readings import trace
-from jupyter_gpumem.readings.release import ReleaseResult
 from jupyter_gpumem.readings.allocator_state import read_allocator_state
+from jupyter_gpumem.readings.release import ReleaseResult
 from jupyter_gpumem.readings.snapshot import MemorySnapshot, describe_process, read_snapshot
 
 if TYPE_CHECKING:
@@ -101,38 +101,12 @@ def cell_lineno(tb: TracebackType | None, user_ns: dict[str, Any]) -> int | None
     return line
 
 
-def cell_names(source: str) -> set[str]:
-    tree = cellsource.read(source).tree
-    if tree is None:
-        return set(re.findall(r"[A-Za-z_]\w*", source))
-    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
-
-
-def names_used(source: str, ns: dict[str, Any], depth: int = 3) -> set[str]:
-    """Names the cell reads, plus the globals read by the functions (and methods of the classes)
-    it calls, a few levels deep: `forward(x)` uses `model` if `forward`'s body reads it."""
-    names = cell_names(source)
-    todo = list(names)
-    for _ in range(depth):
-        nxt = []
-        for name in todo:
-            obj = ns.get(name)
-            codes = []
-            if isinstance(obj, FunctionType):
-                codes.append(obj.__code__)
-            elif isinstance(obj, type) and getattr(obj, "__module__", "") == "__main__":
-                codes += [f.__code__ for f in vars(obj).values() if isinstance(f, FunctionType)]
-            for code in codes:
-                stack = [code]
-                while stack:
-                    c = stack.pop()
-                    for n in c.co_names:
-                        if n not in names:
-                            names.add(n)
-                            nxt.append(n)
-                    stack += [k for k in c.co_consts if isinstance(k, CodeType)]
-        todo = nxt
-    return names
+def names_used(source: str, ns: dict[str, Any]) -> set[str]:
+    """The notebook's names the cell uses, and the globals the notebook code it calls reads
+    (``cells.source.names_used``, the one reading), and what a ``torch.compile``d function among
+    them reads through the function it wraps (its optimizer, its model)."""
+    names = cellsource.names_used(source, ns)
+    return names | torch_objects.read_by_compiled(ns, names)
 
 
 def names_recreated(source: str) -> set[str]:
