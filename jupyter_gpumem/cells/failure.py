@@ -88,6 +88,8 @@ class FailedCell:
     # the names the cell uses that held a plain value (int, float, bool, str, bytes, None) when
     # it failed: the guard reads ``if iter_num > 0:`` from these, not from what a later cell set
     plain_values: dict[str, Any] | None = None
+    # the plain locals of each notebook function it failed in (as ``frames``), for the guard
+    frame_values: tuple[dict[str, Any], ...] = ()
 
 
 def cell_lineno(tb: TracebackType | None, user_ns: dict[str, Any]) -> int | None:
@@ -165,6 +167,7 @@ def build_failure(
     allocated_by, allocated_rows = _traced(shell) if tracing else ([], [])
     loop, earlier = _failing_loop(tb, user_ns, preexisting)
     notebook_frames = _notebook_frames(tb, user_ns)
+    frame_values = _frame_values(tb, user_ns)  # before the release moves or clears the locals
     released = release(value) if release is not None else None
     diag = diagnose(
         report,
@@ -197,6 +200,7 @@ def build_failure(
         rng=rng,
         frames=notebook_frames,
         plain_values={n: v for n in used if type(v := user_ns.get(n, PLAIN)) in PLAIN},
+        frame_values=frame_values,
     )
 
 
@@ -245,6 +249,22 @@ def _notebook_frames(
         code = tb.tb_frame.f_code
         if tb.tb_frame.f_globals is user_ns and code.co_name != "<module>":
             found.append((getattr(code, "co_qualname", code.co_name), tb.tb_lineno))
+        tb = tb.tb_next
+    return tuple(found)
+
+
+def _frame_values(tb: TracebackType | None, user_ns: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """The plain locals (int, float, str, ...) of each notebook function the failure went
+    through, in the order of ``_notebook_frames``: the guard counts a loop's passes from them."""
+    found = []
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_globals is user_ns and frame.f_code.co_name != "<module>":
+            try:
+                local = dict(frame.f_locals)
+            except Exception:
+                local = {}
+            found.append({n: v for n, v in local.items() if type(v) in PLAIN})
         tb = tb.tb_next
     return tuple(found)
 

@@ -83,6 +83,7 @@ def guard(failed: FailedCell, namespace: dict[str, Any] | None = None) -> GuardV
         namespace=namespace,
         failed_frames=failed.frames,
         values_at_failure=failed.plain_values,
+        frame_values=failed.frame_values,
     )
 
 
