@@ -58,9 +58,14 @@ def test_a_tensor_on_the_card_says_it_is_on_cuda(card: Any) -> None:
     assert ns["v"] == 0.0 and ns["l"] == [0.0, 0.0, 0.0]
 
 
-def test_mixing_cuda_and_cpu_raises_torchs_error(card: Any) -> None:
+def test_mixing_cuda_and_cpu_raises_torchs_error(card: Any, capsys: Any) -> None:
     _ok(card, "x = torch.ones(4, device='cuda')\nh = torch.ones(4)")
+    capsys.readouterr()
     err = _error(card, "x + h")
+    shown = capsys.readouterr()
+    assert "Expected all tensors" in shown.out + shown.err
+    # the user's error, not ours: IPython hides our frames but the one that raises it
+    assert (shown.out + shown.err).count("jupyter_gpumem") == 1
     assert isinstance(err, RuntimeError)
     assert str(err) == (
         "Expected all tensors to be on the same device, but found at least two devices, "

@@ -221,6 +221,7 @@ def _on_card_answers(t: _Torch) -> dict[Any, Callable[..., Any]]:
         return d
 
     def numpy(mode: Any, func: Any, index: int, args: Any, kwargs: Any) -> Any:
+        __tracebackhide__ = True  # IPython hides this frame: torch's error is the user's
         raise _refuse_numpy(index)
 
     def legacy_type(mode: Any, func: Any, index: int, args: Any, kwargs: Any) -> Any:
@@ -230,6 +231,7 @@ def _on_card_answers(t: _Torch) -> dict[Any, Callable[..., Any]]:
         return name
 
     def pin(mode: Any, func: Any, index: int, args: Any, kwargs: Any) -> Any:
+        __tracebackhide__ = True  # IPython hides this frame: torch's error is the user's
         scalar = args[0].type()[len("torch.") : -len("Tensor")]
         raise RuntimeError(f"cannot pin 'CUDA{scalar}Type' only dense CPU tensors can be pinned")
 
@@ -343,6 +345,7 @@ def _on_its_card(index_of: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
 
 def _to_host(place: Any, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``x.cpu()``, ``x.to("cpu")`` of a tensor on a card: a host copy, counted nowhere."""
+    __tracebackhide__ = True  # IPython hides this frame: torch's error is the user's
     with place.host():
         out = call(*args, **kwargs)
         if place.index_of(out) is not None:
@@ -356,6 +359,7 @@ def _redirect(
     """``mode``'s call once a tensor on a card has had its own answers: pinning, placements on a
     card or the host, and, on the simulated GPU, any other call reading a tensor on a card run
     with that card for what it makes from nothing (``gpu._Within``)."""
+    __tracebackhide__ = True  # IPython hides this frame: torch's error is the user's
     if func is t.tensor_pin:
         mode.redirected[_name_of(func)] += 1
         return args[0]
@@ -379,6 +383,7 @@ def _redirect(
 
 
 def _placed(holds: Any, func: Any, args: Any, kwargs: dict[str, Any], tensor: Any) -> Any:
+    __tracebackhide__ = True  # IPython hides this frame: torch's error is the user's
     out = func(*args, **kwargs)
     if holds is not None and isinstance(out, tensor) and not holds(out):
         out = out.clone()  # a placement on the GPU is a copy: never alias host memory
@@ -414,6 +419,7 @@ def cuda_to_cpu_mode_class() -> type[Any]:
         def __torch_function__(
             self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
         ) -> Any:
+            __tracebackhide__ = True  # IPython hides this frame: torch's error is the user's
             if kwargs is None:
                 kwargs = {}
             if not self.active:

@@ -205,6 +205,7 @@ def _counting_mode_class() -> type[Any]:
         def __torch_dispatch__(
             self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
         ) -> Any:
+            __tracebackhide__ = True  # IPython hides this frame: torch's error is the user's
             if kwargs is None:
                 kwargs = {}
             sim = self.sim
@@ -216,6 +217,7 @@ def _counting_mode_class() -> type[Any]:
         def _counted(
             self, sim: SimulatedGPU, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
         ) -> Any:
+            __tracebackhide__ = True  # IPython hides this frame: torch's error is the user's
             card = sim._target(func, args, kwargs)  # raises torch's error on mixed devices
             if card is None:  # a host op: nothing on a card
                 return func(*args, **kwargs)

@@ -229,6 +229,7 @@ class SimulatedGPU:
         card of the tensors it reads; else, for an op that reads no tensor, the card of the torch
         call it is part of (``_Within``); else the host (a host op counts nowhere). An op reading
         tensors on two devices raises torch's error (``devices.py``), as on CUDA."""
+        __tracebackhide__ = True  # IPython hides this frame: torch's error is the user's
         target = getattr(self._local, "target", None)
         if target is not None:
             return None if target == _HOST else self.devices[target]
@@ -260,6 +261,7 @@ class SimulatedGPU:
         return self.devices[found]
 
     def _mixing(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        __tracebackhide__ = True  # IPython hides this frame: torch's error is the user's
         devices: list[str] = []
         for t in _tensors(args, kwargs, self._tensor_type):
             index = self.index_of(t)
