@@ -33,7 +33,7 @@ def panel(shell: Any) -> Any:
 
 
 def _diagnosis(panel: Any) -> str:
-    return str(panel.body.children[0].value)
+    return str(panel.body.children[0].value) + str(panel.details.value)
 
 
 def test_only_the_headline_is_an_alert(panel: Any) -> None:
@@ -42,6 +42,18 @@ def test_only_the_headline_is_an_alert(panel: Any) -> None:
     alert = re.search(r"role='alert' class='gpumem-headline'><h4>(.*?)</h4></div>", text)
     assert alert and alert.group(1).startswith("GPU out of memory: Tried to allocate"), text[:400]
     assert len(html.unescape(re.sub("<[^>]+>", "", alert.group(1)))) < 200
+
+
+def test_the_answer_comes_first_then_why(panel: Any) -> None:
+    """Issue 21 §2: the headline, then the fixes and the status, then the explanation (holders,
+    causes, chart): a long diagnosis no longer pushes the buttons out of the first screen."""
+    children = list(panel.body.children)
+    head = str(children[0].value).split("</style>")[-1]
+    assert "gpumem-headline" in head and "<ol>" not in head and "gpumem-chart" not in head
+    assert panel.buttons["batch"] in children[1].children, "the buttons right under it"
+    assert children.index(panel.status) < children.index(panel.details)
+    assert children.index(panel.details) > children.index(panel.status)
+    assert "<ol>" in panel.details.value and "gpumem-chart" in panel.details.value
 
 
 def test_a_host_memory_failure_is_not_headed_gpu() -> None:
@@ -60,9 +72,7 @@ def test_a_host_memory_failure_is_not_headed_gpu() -> None:
 def test_button_numbers_say_what_they_are(panel: Any) -> None:
     label = panel.buttons["batch"].description
     assert re.search(r"\(saves ~[\d.]+ [KMG]iB\)|\(not enough: saves ~", label), label
-    helps = str(panel.body.children[-4].value) + "".join(
-        str(getattr(w, "value", "")) for w in panel.body.children
-    )
+    helps = "".join(str(getattr(w, "value", "")) for w in panel.body.children)
     assert " mib" not in helps and " gib" not in helps, "units keep their case"
 
 

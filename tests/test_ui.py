@@ -177,7 +177,7 @@ def test_buttons_say_whether_they_are_enough_and_the_primary_one_is(shell: Any) 
 
 def test_panel_words_holders_and_folds_causes_with_nothing_to_do(failed: Any) -> None:
     panel = _panel(failed)
-    html = panel.body.children[0].value
+    html = panel.details.value
     assert "locals of the failed call in torch" in html
     assert "_call_impl() in" not in html and "() in container.py" not in html
     folded = html[html.index("<details") :]

@@ -48,7 +48,7 @@ class DiagnosisPanel:
         self.ext = ext
         self.shell = ext.shell
         self.body = W.VBox(layout=W.Layout(width="100%", min_width="0"))
-        self.widget = W.VBox([W.HTML(STYLE), self.body], layout=W.Layout(width="100%"))
+        self.widget = W.VBox([self.body], layout=W.Layout(width="100%"))
         self.widget.add_class("gpumem-panel")
         self.buttons: dict[str, W.Button] = {}
         self.status = StatusLine(kernel_id=own_kernel_id() or "", reveal=True)
@@ -77,24 +77,32 @@ class DiagnosisPanel:
         self.allocations = AllocatedBy(d, self.shell, self.set_status)
         if d.allocated_lines:  # the table below says it with numbers and bars
             shown = replace(shown, allocated_by=[])
-        parts: list[W.Widget] = [
-            W.HTML(
-                wording.diagnosis_html(render_html(shown), d.report.backend == "CPU")
-                + devices.devices_html(d)
-                + chart.breakdown_html(d)
-                + wording.folded_html(folded)
-            )
-        ]
+        head, rest = wording.split_headline(
+            wording.diagnosis_html(render_html(shown), d.report.backend == "CPU")
+        )
+        # the answer first: the headline, the fixes and how the last click ended; then why
+        self.details = W.HTML(
+            rest + devices.devices_html(d) + chart.breakdown_html(d) + wording.folded_html(folded)
+        )
+        short = d.shortfall_bytes
+        parts: list[W.Widget] = [W.HTML(STYLE + head), self._buttons(short)]
+        self.others = self._others(d)
+        if self.others is not None:
+            parts.append(self.others.widget)
+        parts += [W.HTML(self._help_html(short)), self.confirm_box, self.status, self.output]
+        parts.append(self.details)
         if self.allocations.widget is not None:
             parts.append(self.allocations.widget)
-        short = d.shortfall_bytes
+        self.body.children = tuple(parts)
+
+    def _buttons(self, short: int | None) -> W.Widget:
+        """The fixes' buttons, the recommended one primary; each says what it saves."""
         primary = self._recommended()
-        rows = []
         self.buttons = {}
         for key, fix in FIXES.items():
             check = self.checks[key]
             b = W.Button(
-                description=wording.button_text(fix.label, check, short),
+                description=wording.button_text(fix.label, check, short, key),
                 tooltip=self._tooltip(fix.label, check, short),
                 disabled=not check.applies,
                 layout=W.Layout(width="auto"),
@@ -102,16 +110,9 @@ class DiagnosisPanel:
             )
             b.on_click(lambda _b, k=key: self.click(k))
             self.buttons[key] = b
-            rows.append(b)
-        box = W.HBox(rows, layout=W.Layout(flex_flow="row wrap"))
+        box = W.HBox(list(self.buttons.values()), layout=W.Layout(flex_flow="row wrap"))
         box.add_class("gpumem-buttons")
-        parts.append(box)
-        self.others = self._others(d)
-        if self.others is not None:
-            parts.append(self.others.widget)
-        parts.append(W.HTML(self._help_html(short)))
-        parts += [self.confirm_box, self.status, self.output]
-        self.body.children = tuple(parts)
+        return box
 
     def _others(self, d: Any) -> OtherKernels | None:
         """ "Shut down the kernel of X" for each other notebook's kernel holding memory here."""

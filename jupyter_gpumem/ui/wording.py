@@ -41,13 +41,17 @@ def shortfall_note(check: Check, shortfall_bytes: int | None) -> str:
     return f"not enough: saves ~{format_bytes(saving)} of {format_bytes(shortfall_bytes)} needed"
 
 
-def button_text(label: str, check: Check, shortfall_bytes: int | None) -> str:
-    """The label with what its number is: "Reduce batch (saves ~42.00 MiB)"."""
+def button_text(label: str, check: Check, shortfall_bytes: int | None, key: str = "") -> str:
+    """The label with what its number is: "Reduce batch (saves ~42.00 MiB)"; Move to CPU's is
+    what leaves the GPU, which may be more than the card ("takes ~180 MiB off the GPU")."""
     short = shortfall_note(check, shortfall_bytes)
     if short:
         return f"{label} ({short})"
     if check.applies and check.predicted_saving_bytes:
-        return f"{label} (saves ~{format_bytes(check.predicted_saving_bytes)})"
+        size = format_bytes(check.predicted_saving_bytes)
+        return (
+            f"{label} (takes ~{size} off the GPU)" if key == "cpu" else f"{label} (saves ~{size})"
+        )
     return label
 
 
@@ -143,6 +147,20 @@ FIX_RUN_NAMES = {
     "autocast": "under autocast",
     "cpu": "on the CPU",
 }
+
+
+_HEADLINE = re.compile(r"<div role='alert' class='gpumem-headline'>.*?</h4></div>", re.S)
+
+
+def split_headline(html: str) -> tuple[str, str]:
+    """``diagnosis_html``'s output as (the headline, the rest): the panel shows the fix buttons
+    between them, so the answer is in view right under the traceback."""
+    m = _HEADLINE.search(html)
+    if m is None:
+        return "", html
+    return f"<div class='gpumem-diag gpumem-top'>{m.group(0)}</div>", html[: m.start()] + html[
+        m.end() :
+    ]
 
 
 def plain(html: str) -> str:
