@@ -175,6 +175,25 @@ for step in range(2):
     opt.step()
 """
     body = _MLP_STEP
+    step_setup = (
+        _IMPORTS
+        + """\
+model = torch.nn.Sequential(
+    torch.nn.Linear(512, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 2048), torch.nn.ReLU(),
+    torch.nn.Linear(2048, 10),
+).cuda()
+opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+"""
+    )
+    step_cell = """\
+batch = 8192
+x = torch.randn(batch, 512, device="cuda")
+y = torch.randint(0, 10, (batch,), device="cuda")
+opt.zero_grad()
+loss = F.cross_entropy(model(x), y)
+loss.backward()
+opt.step()
+"""
     return [
         Workload("MLP + SGD, `batch_size = 16384` in the cell", CARD, 16384, sgd_setup,
                  mlp_cell, _literal(mlp_cell, 16384)),
@@ -196,6 +215,8 @@ for step in range(2):
                             loader_cell)),
         Workload("LSTM, `torch.randn(8, bs, 32)` (batch in dim 1)", CARD, 8192, lstm_setup,
                  lstm_cell, _literal(lstm_cell, 8192)),
+        Workload("one Adam step, no loop (state made by the first run)", CARD, 8192, step_setup,
+                 step_cell, _literal(step_cell, 8192)),
     ]  # fmt: skip
 
 
@@ -311,6 +332,25 @@ class Result:
     batch: int
     next_fits: bool
     seconds: float
+    # the replay's predicted reserved peak at the batch settled on, less the card's, as a share
+    # of the card's (jupyter_gpumem only; None where no replay placed it)
+    replay_error: float | None = None
+
+
+def _reserved_peak(w: Workload, b: int) -> int:
+    """The reserved peak of the run the replay predicts at ``b``: from a fresh card and setup,
+    the cell (twice for a cell without a loop: its rehearsal runs it twice)."""
+    import ast
+
+    import torch
+
+    ns = _fresh(w)
+    runs = 1 if any(isinstance(n, (ast.For, ast.While)) for n in ast.walk(ast.parse(w.cell))) else 2
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(runs):
+        if not _runs_at(ns, w, b):
+            break
+    return int(torch.cuda.memory_stats().get("reserved_bytes.all.peak", 0))
 
 
 def ours(w: Workload) -> Result:
@@ -319,7 +359,17 @@ def ours(w: Workload) -> Result:
     import jupyter_gpumem
     from jupyter_gpumem.backends import simulated
     from jupyter_gpumem.fixes import ladder as rescue
+    from jupyter_gpumem.fixes.batch.search import BatchSearch
 
+    replays: list[Any] = []
+    built = BatchSearch.replay
+
+    def replay(self: BatchSearch) -> Any:  # the replays the search builds, for their error
+        r = built(self)
+        replays.append(r)
+        return r
+
+    BatchSearch.replay = replay  # type: ignore[method-assign]
     simulated.stop()
     InteractiveShell.clear_instance()
     shell = InteractiveShell.instance(colors="nocolor")
@@ -341,8 +391,17 @@ def ours(w: Workload) -> Result:
         batch = outcome.batch or 0
         ns = shell.user_ns
         next_fits = bool(batch) and _runs_at(ns, w, batch)
-        return Result(outcome.runs, batch, next_fits, secs)
+        # the replay that proposed the batch: built before the run at it (one built from that
+        # run is calibrated on it, and its error there is nil by construction)
+        last = next((r for r in reversed(replays) if r and batch not in r.batches), None)
+        error = None
+        if last is not None and batch:
+            predicted = last.need(batch)
+            actual = _reserved_peak(w, batch)  # a fresh card of its own
+            error = (predicted - actual) / actual if actual else None
+        return Result(outcome.runs, batch, next_fits, secs, error)
     finally:
+        BatchSearch.replay = built  # type: ignore[method-assign]
         shell.run_cell("%unload_ext jupyter_gpumem", store_history=False)
         simulated.stop()
         InteractiveShell.clear_instance()
@@ -409,7 +468,10 @@ def main() -> None:
             r = results[tool] = fn(w)
             pct = 100 * r.batch / best if best else 0
             nxt = "yes" if r.next_fits else "**no**"
-            cells.append(f"{r.runs} runs, {r.batch} ({pct:.0f}%), next: {nxt}, {r.seconds:.0f} s")
+            err = "" if r.replay_error is None else f", replay error {100 * r.replay_error:+.1f}%"
+            cells.append(
+                f"{r.runs} runs, {r.batch} ({pct:.0f}%), next: {nxt}, {r.seconds:.0f} s{err}"
+            )
             print(f"  {tool}: {cells[-1]}", flush=True)
         verdicts.append(_meets_goal(results, best))
         card = f"{w.card_bytes / GiB:.2f} GiB" if _GPU else f"{w.card_bytes // MiB} MiB"
@@ -430,7 +492,10 @@ def main() -> None:
             f"`python benchmarks/batch_search.py{' --gpu' if _GPU else ''}`.",
             "Each cell: re-runs after the failing one, the batch settled on (its share of the",
             "largest that fits, found by bisection from a fresh card each time), whether the",
-            "next two steps fit at that batch from the state the tool left, and the wall time."
+            "next two steps fit at that batch from the state the tool left, and the wall time;"
+            " for jupyter_gpumem, the replay error: the reserved peak its replay (its own"
+            " allocator model, fixes/batch/blocks.py) predicts at the batch settled on, against"
+            " the card's, from a fresh card."
             + ("" if _GPU else f" One card of {CARD // MiB} MiB for every workload."),
             "",
             "| workload | card | largest that fits | "

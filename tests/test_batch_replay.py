@@ -1,7 +1,8 @@
-"""Reduce batch's replay of a run's allocations (fixes/batch_replay.py, backends/allocator.py).
+"""Reduce batch's replay of a run's allocations (fixes/batch/replay.py, fixes/batch/blocks.py).
 
-The replay's predictions are checked against what the simulated card itself counts at batches
-the replay never saw; `%gpumem retry batch` on a workload where the allocator's blocks make a line
+The replay's predictions are checked against what the simulated card counts at batches the replay
+never saw: the replay counts with its own model of the allocator (blocks.py, not the card's
+arithmetic), so they agree to within its measured error, one small-pool segment (2 MiB); `%gpumem retry batch` on a workload where the allocator's blocks make a line
 through the peaks overshoot; the prime first probe; tracing keeps recording while Reduce batch
 logs sizes. Torch's CUDA history is parsed from a snapshot written by hand in torch's format (no
 GPU here: the only mock in this file, and it says so).
@@ -23,6 +24,9 @@ from jupyter_gpumem.fixes.batch.replay import Replay, is_prime  # noqa: E402
 from jupyter_gpumem.fixes.batch.search import BatchSearch, Observation  # noqa: E402
 
 MiB = 1 << 20
+# The replay's error against the simulated card on these runs, measured (2.13 CPU, this file's
+# MLP at 700 to 9000): one small-pool segment, either way.
+_ERROR = 2 * MiB
 
 
 def _run(gpu: Any, batch: int, adam: bool = True, hidden: int = 512) -> tuple[int, SizeLog | None]:
@@ -55,7 +59,7 @@ def test_one_run_at_a_prime_batch_predicts_the_card_at_other_batches() -> None:
         replay = Replay.from_runs([(509, peak, log)])
         assert replay is not None and replay.how == "one run at a prime batch"
         for batch in (700, 2048, 4097, 9000):  # 4097: the input passes 1 MiB, a 20 MiB block
-            assert replay.need(batch) == _run(gpu, batch)[0], batch
+            assert abs(replay.need(batch) - _run(gpu, batch)[0]) <= _ERROR, batch
 
 
 def test_two_runs_give_each_allocation_its_line() -> None:
@@ -63,7 +67,7 @@ def test_two_runs_give_each_allocation_its_line() -> None:
         runs = [(b, *_run(gpu, b, adam=False)) for b in (600, 1000)]
         replay = Replay.from_runs(runs)
         assert replay is not None and replay.how == "two runs"
-        assert replay.need(5000) == _run(gpu, 5000, adam=False)[0]
+        assert abs(replay.need(5000) - _run(gpu, 5000, adam=False)[0]) <= _ERROR
 
 
 def test_one_run_at_a_composite_batch_is_no_model() -> None:
@@ -82,7 +86,8 @@ def test_a_line_through_the_peaks_cannot_see_the_blocks() -> None:
         measured = _run(gpu, 4220, hidden=2048)[0]
         assert measured > p2 + (p2 - p1) / 1997 * 220 + 15 * MiB
         replay = Replay.from_runs([(2003, p1, log)])
-        assert replay is not None and replay.need(4220) == measured
+        assert replay is not None and abs(replay.need(4220) - measured) <= _ERROR
+        assert replay.need(4220) > p2 + (p2 - p1) / 1997 * 220 + 15 * MiB
 
 
 def test_the_first_probe_is_a_prime() -> None:
@@ -177,7 +182,8 @@ for step in range(2):
     assert not shell.run_cell(cell).success
     capsys.readouterr()
     shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    cap = capsys.readouterr()
+    out = cap.out + cap.err
     m = re.search(r"Fits at batch (\d+) \(was 16384\).*?(\d+) rehearsals? \+ 1 real run", out)
     assert m, out
     batch, rehearsals = int(m.group(1)), int(m.group(2))

@@ -110,7 +110,9 @@ def test_retry_batch_one_step_adam_survives_two_more_runs(
     out = capsys.readouterr().out
     batch = shell.user_ns["batch"]
     assert f"Fits at batch {batch} (was {START})" in out, out
-    assert _runs(out) <= 4, out
+    # the replay counts with its own allocator model (blocks.py), not the card's: one probe may
+    # land above what fits
+    assert _runs(out) <= 5, out
     assert batch >= 0.9 * largest_steady, (batch, largest_steady, out)
     _two_more_runs(shell, batch)
     assert "the cell twice" in out, out  # the rehearsals say they ran it twice

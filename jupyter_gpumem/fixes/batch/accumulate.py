@@ -6,6 +6,7 @@ import ast
 import itertools
 import math
 import re
+from collections.abc import Mapping
 
 from jupyter_gpumem.cells.source import dotted as _dotted
 from jupyter_gpumem.fixes.batch.edit import _batch_edits, _Edit, _splice
@@ -204,3 +205,94 @@ def accumulation_plan(
     """:func:`try_accumulation` for callers that only want a plan; None where none is possible."""
     plan = try_accumulation(source, finding, new_value)
     return plan if isinstance(plan, AccumulationPlan) else None
+
+
+# -- accumulation the cell already does -------------------------------------------------------
+
+_ACCUM_NAME = re.compile(r"(?i)accum")
+
+
+def existing_accumulation(
+    source: str, namespace: Mapping[str, object] | None = None
+) -> tuple[int, str] | None:
+    """(micro-batches per step, what sets it) where the cell already accumulates gradients:
+    ``if (i + 1) % accum_steps == 0: optimizer.step()`` with the number written there, or held
+    by the name there in the cell or the namespace; None where it does not, or the number cannot
+    be read without running code."""
+    tree = _parse(source)[0]
+    if tree is None:
+        return None
+    assigned = _int_assignments(tree)
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.If) or not any(
+            isinstance(n, ast.Call) and _callee(n) == "step"
+            for st in node.body
+            for n in ast.walk(st)
+        ):
+            continue
+        for cmp in ast.walk(node.test):
+            if isinstance(cmp, ast.BinOp) and isinstance(cmp.op, ast.Mod):
+                found = _steps_of(cmp.right, assigned, namespace or {})
+                if found is not None:
+                    return found
+    return None
+
+
+def _int_assignments(tree: ast.Module) -> dict[str, int]:
+    out = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            t, v = node.targets[0], node.value
+            if isinstance(t, ast.Name) and isinstance(v, ast.Constant) and type(v.value) is int:
+                out[t.id] = v.value
+    return out
+
+
+def _steps_of(
+    node: ast.expr, assigned: Mapping[str, int], namespace: Mapping[str, object]
+) -> tuple[int, str] | None:
+    if isinstance(node, ast.Constant) and type(node.value) is int and node.value > 1:
+        return node.value, f"`% {node.value}`"
+    name = _dotted(node)
+    if name is None:
+        return None
+    if name in assigned and assigned[name] > 1:
+        return assigned[name], f"`{name}`"
+    head, _, attr = name.partition(".")
+    value = namespace.get(head)
+    if attr and value is not None and "." not in attr:
+        value = vars(value).get(attr) if hasattr(value, "__dict__") else None
+    if type(value) is int and value > 1 and (_ACCUM_NAME.search(name) or not attr):
+        return value, f"`{name}`"
+    return None
+
+
+def effective_batch_note(
+    source: str,
+    namespace: Mapping[str, object],
+    old: int,
+    new: int,
+    asked: bool,
+) -> str | None:
+    """What the batch change did to the effective batch of a cell that already accumulates
+    (was said as if it did not: "from 4096 to 1341" for 2 micro-batches of 4096, to 2 of 1341),
+    and what keeps it; with ``--accumulate``, why the cell was not rewritten."""
+    found = existing_accumulation(source, namespace)
+    if found is None:
+        return None
+    steps, where = found
+    keep = math.ceil(old * steps / new)
+    change = (
+        f"change {where} to `% {keep}`"
+        if where.startswith("`%")
+        else f"set {where.strip('`')} = {keep}"
+    )
+    note = (
+        f"The effective batch changed from {old * steps} to {new * steps}: the cell accumulates "
+        f"{steps} micro-batches ({where}), now of {new} instead of {old}. To keep "
+        f"{old * steps}, accumulate {keep} micro-batches of {new} ({change}; the effective "
+        f"batch is then {keep * new})."
+    )
+    if asked:
+        note += " `--accumulate` did not rewrite the cell, which accumulates already."
+    return note

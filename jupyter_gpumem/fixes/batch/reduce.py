@@ -20,8 +20,10 @@ from jupyter_gpumem.backends import torch_objects
 from jupyter_gpumem.backends.allocator import SizeLog
 from jupyter_gpumem.cells import source as cellsource
 from jupyter_gpumem.fixes.base import Attempt, Check, Fix, FixContext, FixOutcome
+from jupyter_gpumem.fixes.batch.accumulate import effective_batch_note
 from jupyter_gpumem.fixes.batch.evidence import failing_tensors, sized_by, variables_sized_by
 from jupyter_gpumem.fixes.batch.phase import evaluation_reason
+from jupyter_gpumem.fixes.batch.schedule import schedule_notes
 from jupyter_gpumem.fixes.batch.search import BatchSearch, Observation
 from jupyter_gpumem.fixes.batch.source import (
     BatchFinding,
@@ -29,6 +31,7 @@ from jupyter_gpumem.fixes.batch.source import (
     apply_batch,
     describe_change,
     find_batch,
+    try_accumulation,
 )
 from jupyter_gpumem.rescue.rerun import Plan, RunResult, capacity_bytes
 from jupyter_gpumem.units import format_bytes
@@ -299,6 +302,20 @@ def _untouched(finding: BatchFinding, b: int, result: RunResult) -> str | None:
     )
 
 
+def _schedules(ctx: FixContext, finding: BatchFinding, best: int) -> list[str]:
+    """Notes on the learning-rate schedules the cell reaches that were sized in steps of a
+    loader this fix changed."""
+    from jupyter_gpumem.cells.failure import names_used
+
+    if not finding.loaders:
+        return []
+    try:
+        used = names_used(ctx.failed.source, ctx.user_ns)
+        return schedule_notes(ctx.user_ns, used, finding.loaders, finding.value, best)
+    except Exception:  # a note, never a reason for the fix to fail
+        return []
+
+
 def _failed(b: int, result: RunResult) -> Observation:
     r = result.failure.report if result.failure else None
     d = result.failure.diagnosis if result.failure else None
@@ -336,12 +353,21 @@ def _settled(
             f"{finding.evaluation}; the training batch is as it was."
         )
     outcome.change = describe_change(finding, best)
+    outcome.notes.extend(_schedules(ctx, finding, best))
     if accumulate is not None:
         outcome.new_source = accumulate.source
         outcome.change = "use the cell below (gradient accumulation keeps the effective batch)"
         outcome.notes.append(accumulate.explanation)
         return
+    already = effective_batch_note(source, ctx.user_ns, finding.value, best, ctx.accumulate)
     plan_acc = accumulation_plan(source, finding, best)
+    if already is not None:
+        outcome.notes.append(already)
+        return
+    if ctx.accumulate:
+        why = try_accumulation(source, finding, best)
+        if isinstance(why, str):  # asked for, and not done: say why
+            outcome.notes.append(f"`--accumulate` did not rewrite the cell: {why}.")
     if plan_acc is not None:
         outcome.notes.append(
             plan_acc.explanation
