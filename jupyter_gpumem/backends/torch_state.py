@@ -484,7 +484,8 @@ def evict_tensor(t: Any) -> Evicted | _TensorCopy:
         with torch.no_grad():
             if saved.detached:
                 t.detach_()  # the graph (the failed run's activations) goes now
-            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+            with simulated.paused():  # a host placeholder: nothing of it on the card
+                t.data = torch.empty(0, dtype=t.dtype, device="cpu")
             if grad is not None:
                 t.grad = None
     except RuntimeError:
@@ -504,6 +505,19 @@ def restore_evicted(e: Evicted | _TensorCopy) -> Any:
         if e.grad is not None:
             t.grad = _rebuild(e.grad.data, e.grad.device, e.grad.on_gpu)
     return t
+
+
+def release_cached() -> None:
+    """Give the allocator's free cached blocks back (``torch.cuda.empty_cache()``), where CUDA
+    (or the simulated card, which answers for it) is in use: never starts CUDA."""
+    torch = torch_module()
+    if torch is None:
+        return
+    try:
+        if simulated.current() is not None or torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
 
 
 def bn_and_grads(m: Any) -> tuple[bool, bool]:

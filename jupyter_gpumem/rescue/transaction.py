@@ -334,6 +334,9 @@ class Transaction:
             for name in release:
                 self.released.append(name)
                 del ns[name]
+        if evict or release:
+            gc.collect()
+            torch_state.release_cached()  # their blocks go back to the card, as the hook's release does
         self.not_covered = self.snapshot.not_covered
         self.not_covered += _failed_run_traces(self.snapshot)
 
