@@ -329,7 +329,7 @@ class DiagnosisPanel:
             self.ext.hook.last_failure = outcome.failure
             self.show(outcome.failure)
             self.set_status(
-                f"✗ {escape(label)}: {md_code(outcome.message)} The new diagnosis is above.",
+                f"✗ {escape(label)}: {md_code(outcome.message)} The panel now shows the new diagnosis.",
                 "bad",
             )
         else:
