@@ -243,6 +243,7 @@ def test_the_meter_agrees_with_status_opens_the_sidebar_and_has_settings(open_no
     expect(outputs(cell).first).to_contain_text("34.00 MiB used", timeout=T_RUN)
     meter = page.locator("#jp-main-statusbar .jp-gpumem-meter")
     expect(meter).to_have_text("GPU 34/160 MiB", timeout=T_RUN)
+    expect(meter).to_be_visible()
     assert meter.get_attribute("role") == "button"
     bar = page.locator("#jp-main-statusbar").bounding_box()
     shots(_browser_clip(page, {**bar, "width": min(bar["width"], 640)}), "meter-mib.png")

@@ -78,12 +78,13 @@ const plugin: JupyterFrontEndPlugin<void> = {
       const activeChanged = new Signal<MeterWidget, void>(meter);
       tracker.currentChanged.connect(() => activeChanged.emit());
       labShell?.currentChanged.connect(() => activeChanged.emit());
+      meter.optionsChanged.connect(() => activeChanged.emit());
       statusBar.registerStatusItem('jupyter-gpumem:meter', {
         item: meter,
         align: 'left',
         rank: 10,
         isActive: () =>
-          !meter.isHidden &&
+          meter.enabled &&
           tracker.currentWidget !== null &&
           (!labShell || labShell.currentWidget === tracker.currentWidget),
         activeStateChanged: activeChanged

@@ -13,6 +13,7 @@
 import { ISessionContext } from '@jupyterlab/apputils';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { Kernel, KernelMessage } from '@jupyterlab/services';
+import { Signal } from '@lumino/signaling';
 import { Widget } from '@lumino/widgets';
 
 export const COMM_TARGET = 'jupyter_gpumem.frontend.meter';
@@ -193,6 +194,13 @@ export class MeterWidget extends Widget {
   private _watched = new WeakSet<Kernel.IKernelConnection>();
   private _comms = new Map<string, Kernel.IComm>(); // the open meter comm of each kernel
   private _options: IMeterOptions = { ...DEFAULT_OPTIONS };
+  /** Emitted when the options change (the status bar asks `enabled` again). */
+  readonly optionsChanged = new Signal<this, void>(this);
+
+  /** Whether the settings want the meter shown (the status bar hides it otherwise). */
+  get enabled(): boolean {
+    return this._options.meter;
+  }
 
   /**
    * `shown`: whether this page shows the meter (false in a front end without a status bar):
@@ -227,7 +235,6 @@ export class MeterWidget extends Widget {
   setOptions(options: IMeterOptions): void {
     const refreshChanged = options.refreshSeconds !== this._options.refreshSeconds;
     this._options = { ...options };
-    this.setHidden(!options.meter);
     if (!options.meter) {
       for (const comm of this._comms.values()) {
         comm.close();
@@ -239,6 +246,7 @@ export class MeterWidget extends Widget {
       }
     }
     this.refresh();
+    this.optionsChanged.emit();
   }
 
   private _sendInterval(comm: Kernel.IComm): void {
