@@ -1,6 +1,6 @@
 # Copied from the Hugging Face course, chapter 3, "A full training loop":
 # https://github.com/huggingface/course/blob/main/chapters/en/chapter3/4.mdx (Apache-2.0)
-# and get_linear_schedule_with_warmup from
+# and get_linear_schedule_with_warmup (its current functools.partial form and an older closure) from
 # https://github.com/huggingface/transformers/blob/main/src/transformers/optimization.py (Apache-2.0,
 # Copyright 2018 The Google AI Language Team Authors and The HuggingFace Inc. team).
 #
@@ -42,6 +42,43 @@ eval_dataloader = DataLoader(
     tokenized_datasets["validation"], batch_size=8, collate_fn=data_collator
 )
 
+# %% scheduler
+# transformers/optimization.py today: the lambda is a functools.partial (picklable schedulers);
+# get_scheduler("linear", ...) returns get_linear_schedule_with_warmup(...)
+from functools import partial
+
+
+def _get_linear_schedule_with_warmup_lr_lambda(current_step: int, *, num_warmup_steps: int, num_training_steps: int):
+    if current_step < num_warmup_steps:
+        return float(current_step) / float(max(1, num_warmup_steps))
+    return max(0.0, float(num_training_steps - current_step) / float(max(1, num_training_steps - num_warmup_steps)))
+
+
+def get_linear_schedule_with_warmup(optimizer, num_warmup_steps, num_training_steps, last_epoch=-1):
+    lr_lambda = partial(
+        _get_linear_schedule_with_warmup_lr_lambda,
+        num_warmup_steps=num_warmup_steps,
+        num_training_steps=num_training_steps,
+    )
+    return LambdaLR(optimizer, lr_lambda, last_epoch)
+
+
+def get_scheduler(name, optimizer, num_warmup_steps=None, num_training_steps=None):
+    assert name == "linear"  # the one schedule used here
+    return get_linear_schedule_with_warmup(optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps)
+
+# %% scheduler_closure
+# transformers/optimization.py before the schedulers were made picklable (e.g. v4.26): a closure
+def get_linear_schedule_with_warmup(optimizer, num_warmup_steps, num_training_steps, last_epoch=-1):
+    def lr_lambda(current_step: int):
+        if current_step < num_warmup_steps:
+            return float(current_step) / float(max(1, num_warmup_steps))
+        return max(
+            0.0, float(num_training_steps - current_step) / float(max(1, num_training_steps - num_warmup_steps))
+        )
+
+    return LambdaLR(optimizer, lr_lambda, last_epoch)
+
 # %% setup
 class SequenceClassifierOutput:
     def __init__(self, loss, logits):
@@ -61,17 +98,6 @@ class TinyBert(nn.Module):  # AutoModelForSequenceClassification stand-in
         logits = self.classifier(x[:, 0])
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss, logits)
-
-# transformers.optimization.get_linear_schedule_with_warmup / get_scheduler("linear", ...)
-def get_scheduler(name, optimizer, num_warmup_steps, num_training_steps, last_epoch=-1):
-    assert name == "linear"
-    def lr_lambda(current_step: int):
-        if current_step < num_warmup_steps:
-            return float(current_step) / float(max(1, num_warmup_steps))
-        return max(
-            0.0, float(num_training_steps - current_step) / float(max(1, num_training_steps - num_warmup_steps))
-        )
-    return LambdaLR(optimizer, lr_lambda, last_epoch)
 
 class tqdm:  # tqdm.auto.tqdm stand-in: counts updates
     def __init__(self, iterable):
