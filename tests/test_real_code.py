@@ -38,7 +38,10 @@ def _weights(model: Any) -> list[Any]:
 
 
 def _same(a: list[Any], b: list[Any]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    # by value: one side may be on the simulated card, the other a host copy
+    return len(a) == len(b) and all(
+        torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b, strict=True)
+    )
 
 
 # ------------------------------------------------------------------------------------------------
