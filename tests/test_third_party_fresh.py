@@ -149,12 +149,6 @@ def test_transfer_learning_move_to_cpu_batchnorm_statistics_as_clean_or_told(
     assert "BatchNorm running statistics" in out or _same(buffers, clean), out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="After `%gpumem retry autocast` ran out of memory under autocast ('Still out of memory "
-    "under autocast.'), the new diagnosis's Fixes list offers `%gpumem retry autocast  Enable "
-    "autocast (saves ~32 MiB)` again, a saving predicted for a cell that just failed with it",
-)
 def test_transfer_learning_failed_autocast_is_not_offered_again(shell: Any, capsys: Any) -> None:
     _setup(shell, TL, TL_CARD)
     assert not shell.run_cell(TL["train"]).success
@@ -228,14 +222,6 @@ TS = _cells("time_sequence_prediction.py")
 TS_CARD = "12MiB"  # the first closure's forward through 99 steps of 97 sequences runs out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="The model and data are float64 (Sequence().double()); autocast casts only float32 "
-    "ops ('Ops that run in float64 ... are not eligible', torch.amp docs), yet the diagnosis "
-    "offers `%gpumem retry autocast  Enable autocast (saves ~6.74 MiB)` (of 2 MiB needed); "
-    "the retry then fails 'Still out of memory under autocast' and notes 'Numerics change: "
-    "matmuls ran in bfloat16', which did not happen",
-)
 def test_time_sequence_float64_model_is_not_offered_autocast(
     shell: Any, capsys: Any, monkeypatch: Any, tmp_path: Any
 ) -> None:

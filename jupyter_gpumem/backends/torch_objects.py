@@ -268,3 +268,19 @@ class _HostMove:
             for k, v in list(state.items()):
                 if is_tensor(v):
                     state[k] = self.tensor(v)
+
+
+def parameter_dtypes(module: Any) -> set[str]:
+    """The dtypes of a model's floating-point parameters, as ``str(dtype)`` (``torch.float64``);
+    read from its parameters' own dicts, nothing of the model's class runs."""
+    found: set[str] = set()
+    stack, seen = [module], 0
+    while stack and seen < 10_000:
+        m = stack.pop()
+        seen += 1
+        d = getattr(m, "__dict__", {})
+        for p in (d.get("_parameters") or {}).values():
+            if p is not None and getattr(p, "is_floating_point", lambda: False)():
+                found.add(str(p.dtype))
+        stack.extend(c for c in (d.get("_modules") or {}).values() if c is not None)
+    return found

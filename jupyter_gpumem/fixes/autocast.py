@@ -9,6 +9,8 @@ from the diagnosis and reports the measured peak beside the prediction.
 
 from __future__ import annotations
 
+import hashlib
+
 from jupyter_gpumem.backends import torch_objects
 from jupyter_gpumem.cells.failure import names_used
 from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome
@@ -25,6 +27,27 @@ def _dtype(ctx: FixContext) -> str:
 def _gpu(ctx: FixContext) -> str:
     index = ctx.failed.report.device_index
     return "This GPU" if index is None else f"GPU {index}"
+
+
+def _failed_key(source: str) -> str:
+    """Where a fix context remembers that this cell already ran out of memory under autocast."""
+    return "autocast-failed:" + hashlib.sha1(source.strip().encode()).hexdigest()[:16]
+
+
+def _float64_only(ctx: FixContext) -> list[str]:
+    """The models the cell uses whose floating-point weights are all float64: autocast casts
+    float32 work to bf16/fp16 and leaves float64 as it is, so it saves nothing there."""
+    names = names_used(ctx.failed.source, ctx.user_ns)
+    dtypes: dict[str, set[str]] = {}
+    for name in sorted(names):
+        value = ctx.user_ns.get(name)
+        if torch_objects.is_module(value):
+            found = torch_objects.parameter_dtypes(value)
+            if found:
+                dtypes[name] = found
+    if not dtypes or any(d - {"torch.float64"} for d in dtypes.values()):
+        return []
+    return sorted(dtypes)
 
 
 def _compiled(ctx: FixContext) -> list[str]:
@@ -64,6 +87,14 @@ class Autocast(Fix):
             return Check(False, action, "the cell already uses autocast")
         if d is not None and d.causes and d.causes[0].key == "request_exceeds_card":
             return Check(False, action, "one allocation is larger than the card even at half size")
+        if ctx.remembered.get(_failed_key(ctx.failed.source)):
+            return Check(False, action, "this cell already ran out of memory under autocast")
+        wide = _float64_only(ctx)
+        if wide:
+            names = ", ".join(f"`{n}`" for n in wide)
+            return Check(
+                False, action, f"{names} computes in float64, which autocast leaves as it is"
+            )
         saving = None
         if d is not None and d.working_set_bytes is not None:
             saving = d.working_set_bytes // 2
@@ -102,4 +133,5 @@ class Autocast(Fix):
                 )
         else:
             outcome.message = "Still out of memory under autocast."
+            ctx.remembered[_failed_key(ctx.failed.source)] = 1
         return outcome
