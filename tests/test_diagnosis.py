@@ -471,8 +471,8 @@ def test_the_frames_kept_for_debug_are_said_with_their_host_cost() -> None:
     assert (
         "Freed 96.00 MiB that the failed cell pinned; PyTorch now has 804 MiB allocated. "
         "Moved 33.00 MiB of the failed frames' tensors to host memory (%debug still works). "
-        "Too large for host memory, described in their place: `a in work()` "
-        "(cuda:0 float32 [4096, 4096], 64.00 MiB)."
+        "Not kept in host memory, described in their place: `a in work()` "
+        "(cuda:0 float32 [4096, 4096], 64.00 MiB: host memory too small)."
     ) in text
     assert "Moved 33.00 MiB of the failed frames&#x27; tensors to host memory" in render_html(d)
 

@@ -273,7 +273,10 @@ def diagnose(
     if release is not None and release.frames_kept:
         diag.frames_kept = True
         diag.host_copies_bytes = release.host_bytes
-        diag.moved_out = [f"`{m.name}` ({m.what}, {fmt(m.gpu_bytes)})" for m in release.moved_out]
+        diag.moved_out = [
+            f"`{m.name}` ({m.what}, {fmt(m.gpu_bytes)}{': ' + m.why if m.why else ''})"
+            for m in release.moved_out
+        ]
     diag.facts = Facts(
         d=diag,
         frames_bytes=holders.where_bytes("failed frame"),

@@ -54,7 +54,7 @@ def _moved_text(d: Diagnosis) -> str:
         shown = ", ".join(d.moved_out[:3]) + (
             f" and {len(d.moved_out) - 3} more" if len(d.moved_out) > 3 else ""
         )
-        out.append(f"Too large for host memory, described in their place: {shown}.")
+        out.append(f"Not kept in host memory, described in their place: {shown}.")
     return " ".join(out)
 
 
