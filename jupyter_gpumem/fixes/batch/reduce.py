@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from jupyter_gpumem import backends
@@ -22,6 +24,7 @@ from jupyter_gpumem.cells import source as cellsource
 from jupyter_gpumem.fixes.base import Attempt, Check, Fix, FixContext, FixOutcome
 from jupyter_gpumem.fixes.batch.accumulate import effective_batch_note
 from jupyter_gpumem.fixes.batch.evidence import failing_tensors, sized_by, variables_sized_by
+from jupyter_gpumem.fixes.batch.namespace import history_of, origin
 from jupyter_gpumem.fixes.batch.phase import evaluation_reason
 from jupyter_gpumem.fixes.batch.schedule import schedule_notes
 from jupyter_gpumem.fixes.batch.search import BatchSearch, Observation
@@ -170,7 +173,17 @@ class ReduceBatch(Fix):
             else:
                 last_failure = result.failure
                 search.observe(_failed(b, result))
-                if (untouched := _untouched(finding, b, result)) is not None:
+                if (wider := _widened(ctx, finding, result)) is not None:
+                    # another loader made from the same setting ran out at its old batch: it
+                    # changes too, and this run says nothing about batch b
+                    added = [s.name for s in wider.sites if s not in finding.sites]
+                    search.observations.pop()
+                    finding = wider
+                    outcome.notes.append(_widened_note(added, b, finding.value, result))
+                    continue
+                if (
+                    untouched := _untouched(finding, b, result, history_of(ctx.user_ns))
+                ) is not None:
                     break  # smaller batches cannot reach what still has the old size
                 if real and rehearse:
                     # rehearsals cannot see what a later phase needs (epoch 2, a test() with
@@ -284,21 +297,87 @@ def _unsettled(ctx: FixContext, attempts: list[Attempt]) -> str:
     return f"No batch fitted for the whole run in {len(attempts)} runs."
 
 
-def _untouched(finding: BatchFinding, b: int, result: RunResult) -> str | None:
+def _widened(ctx: FixContext, finding: BatchFinding, result: RunResult) -> BatchFinding | None:
+    """The finding with the other DataLoaders that hold the old batch, where a run ran out on a
+    tensor one of them sized (pytorch/examples VAE: ``test_loader`` made from ``args.batch_size``
+    beside ``train_loader``; torchvision's tutorial: ``dataloaders['val']``); None otherwise."""
+    from jupyter_gpumem.cells.failure import names_used
+
+    failure = result.failure
+    tensors = failing_tensors(failure, frames_only=True)
+    if failure is None or sized_by(finding.value, tensors) is None:
+        return None
+    other = find_batch(
+        failure.source,
+        ctx.user_ns,
+        evidence=tensors,
+        used=names_used(failure.source, ctx.user_ns),
+        evaluation=evaluation_reason(failure),
+    )
+    have = {s.name for s in finding.sites}
+    new = tuple(
+        s
+        for s in other.sites
+        if s.kind == "dataloader"
+        and s.lineno is None
+        and s.name not in have
+        and s.value == finding.value
+    )
+    if not new:
+        return None
+    names = {s.name for s in new}
+    return dataclasses.replace(
+        finding,
+        sites=finding.sites + new,
+        how=finding.how + " and " + ", ".join(f"{n}.batch_size" for n in sorted(names)),
+        loaders={**finding.loaders, **{n: other.loaders[n] for n in names}},
+        origins={**finding.origins, **{n: o for n, o in other.origins.items() if n in names}},
+        entries={**finding.entries, **{n: e for n, e in other.entries.items() if n in names}},
+    )
+
+
+def _widened_note(added: list[str], b: int, old: int, result: RunResult) -> str:
+    hit = sized_by(old, failing_tensors(result.failure, frames_only=True))
+    where = f" on {hit.text()}" if hit is not None else ""
+    loaders = ", ".join(f"`{n}`" for n in added)
+    return (
+        f"Also changed {loaders}: made from the same batch setting, it ran out at the old batch "
+        f"{old}{where} when the rest ran at {b}."
+    )
+
+
+def _untouched(
+    finding: BatchFinding, b: int, result: RunResult, history: Sequence[str] | None = None
+) -> str | None:
     """A run at ``b`` that ran out on a tensor still sized by the old batch, and by nothing at
     ``b``: it was made outside what Reduce batch changes (DCGAN's ``fixed_noise``, made in the
-    setup cell with ``opt.batchSize``), and no smaller batch will reach it."""
+    setup cell with ``opt.batchSize``), and no smaller batch will reach it. Says which earlier
+    cell made it, to re-run at the new batch."""
     tensors = failing_tensors(result.failure, frames_only=True)  # what the failing call had
     old = sized_by(finding.value, tensors)
     if old is None or b == finding.value or sized_by(b, tensors) is not None:
         return None
-    held = ", ".join(t.text() for t in variables_sized_by(result.failure, finding.value)[:3])
+    variables = variables_sized_by(result.failure, finding.value)[:3]
+    held = ", ".join(t.text() for t in variables)
+    made = [
+        (t, where)
+        for t in variables
+        if (where := origin(history, t.name.split(" in ", 1)[0], None, finding.value)) is not None
+    ]
+    remedy = "make that tensor with the same batch, or name the variable that sets both with "
+    remedy += "`--batch-var`."
+    if made:
+        t, where = made[0]
+        cell, _, line = where.partition(": ")
+        remedy = (
+            f"{t.text().split(' ', 1)[0]} is made in {cell}: `{line}`; make it with batch {b} "
+            f"there and re-run {cell.split(',', 1)[0]}, then this cell at batch {b}."
+        )
     return (
         f"Reduce batch stopped: at batch {b} the cell still ran out on {old.text()}, sized by the "
         f"old batch {finding.value}"
         + (f"; the notebook's {held} still has it" if held else "")
-        + f". Reduce batch changes only {finding.how}: make that tensor with the same batch, or "
-        "name the variable that sets both with `--batch-var`."
+        + f". Reduce batch changes only {finding.how}: {remedy}"
     )
 
 
