@@ -114,3 +114,53 @@ def test_rehearsal_peaks_are_read_on_the_gpu_that_ran_out(shell: Any, capsys: An
     fits = re.findall(r"fits  peak ([\d.]+) (MiB|KiB|B) of ([\d.]+) MiB", out)
     assert fits, out
     assert all(unit == "MiB" and float(peak) > 1 for peak, unit, _ in fits), out
+
+
+def test_oomsafe_leaves_one_clean_runs_lines(
+    shell: Any, tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
+    """`%%oomsafe` rehearses every fix before its real run: the log gets the 3 lines of the run
+    that is kept, none from the rehearsals (issue 19: 7 where 3 belong)."""
+    monkeypatch.chdir(tmp_path)
+    shell.run_cell("%gpumem simulate 160MiB")
+    shell.run_cell("import torch")
+    capsys.readouterr()
+    result = shell.run_cell(
+        "%%oomsafe --force\n"
+        "batch_size = 64\n"
+        "for step in range(3):\n"
+        "    x = torch.randn(batch_size, 1 << 20, device='cuda')\n"
+        "    with open('log.txt', 'a') as f:\n"
+        "        print(step, x.shape[0], file=f)\n"
+    )
+    out = capsys.readouterr().out
+    assert result.success, out
+    assert "stopped before `open('log.txt', 'a')`" in out, out
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    batch = shell.user_ns["batch_size"]
+    assert lines == [f"{step} {batch}" for step in range(3)], out
+
+
+def test_a_real_run_is_journaled_and_a_rollback_takes_its_writes_back(tmp_path: Path) -> None:
+    """A real run is not stopped; if it fails, its rollback puts the files it wrote back and
+    names what it cannot take back."""
+    import os
+
+    from jupyter_gpumem.rescue import sandbox
+
+    log, new, kept = tmp_path / "log.txt", tmp_path / "new.txt", tmp_path / "kept.txt"
+    log.write_text("before\n")
+    kept.write_text("old content\n")
+    with sandbox.journaling():
+        with open(log, "a") as f:
+            f.write("during\n")
+        new.write_text("made\n")
+        kept.write_text("overwritten\n")
+        os.system("true")
+    journal = sandbox.take_journal()
+    assert journal is not None and sandbox.take_journal() is None
+    problems = journal.undo()
+    assert log.read_text() == "before\n"
+    assert not new.exists()
+    assert kept.read_text() == "old content\n"
+    assert problems == ["running `true` ran in a real run that failed: not undone"]

@@ -244,6 +244,7 @@ def _enter(stack: contextlib.ExitStack[Any], plan: Plan, stopper: LoopStopper | 
     if stopper is not None:
         stack.enter_context(stopper)
     if not plan.rehearsal:
+        stack.enter_context(sandbox.journaling())  # undone if this real run is rolled back
         return None
     state = stack.enter_context(sandbox.rehearsing())
     # a rehearsal's prints (losses, progress bars) are not results: not shown

@@ -16,15 +16,22 @@ transaction, which puts such files back to their size and position (``transactio
 
 Other threads are not stopped (a DataLoader's workers, IPython's history): only the thread that
 runs the rehearsal. Python's own caches (``__pycache__``) and torch.compile's are allowed.
+
+A fix's real run is not stopped, but journaled (``journaling``): each file it opens for writing is
+noted with its size (and, when it is truncated, its content) before the open happens, so that a
+real run that fails and is rolled back takes its lines back out (``take_journal().undo()``);
+what cannot be undone (a removed file, a command run) is named.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -83,6 +90,100 @@ class WorldTouched(RehearsalDone):
 class _State:
     thread: int | None = None  # the rehearsal's thread, while one runs
     stopped: str | None = None  # what the running rehearsal was stopped before
+    journal_thread: int | None = None  # a real run's thread, while one runs
+    journal: Journal | None = None  # what the last real run wrote
+
+
+_SHELL_EVENTS = ("subprocess.Popen", "os.forkpty", "os.system", "pty.spawn")
+_WRITES_ONLY = ("echo", "printf", "true", ":")  # shell commands whose only effect is their output
+_KEEP_CONTENT = 64 << 20  # a file truncated by a real run is copied first up to this size
+
+
+@dataclass
+class _FileBefore:
+    path: str
+    existed: bool
+    size: int
+    content: bytes | None  # kept where the run truncated it
+
+
+class Journal:
+    """What one real run did outside memory: files it wrote (as they were before), and what it
+    did that no journal can take back."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, _FileBefore] = {}
+        self.other: list[str] = []
+
+    def record(self, event: str, args: tuple[Any, ...], what: str) -> None:
+        if event == "open":
+            mode, flags = args[1], args[2] if len(args) > 2 else 0
+            truncates = (isinstance(mode, str) and ("w" in mode)) or bool(
+                isinstance(flags, int) and flags & os.O_TRUNC
+            )
+            self._file(os.fsdecode(args[0]), truncates)
+            return
+        command = _shell_command() if event in _SHELL_EVENTS else None
+        if command is not None and self._shell(command):
+            return  # `!echo ... >> log.txt`: only writes files, each noted
+        if what not in self.other:
+            self.other.append(what)
+
+    def _shell(self, command: str) -> bool:
+        """Note the files a shell command redirects into; True when that is all it does."""
+        try:
+            lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+            tokens = list(lexer)
+        except ValueError:
+            return False
+        only_writes, first = True, True
+        for i, token in enumerate(tokens):
+            if token in (">", ">>") and i + 1 < len(tokens):
+                self._file(tokens[i + 1], token == ">")
+            elif token in (";", "&&", "||", "|", "&"):
+                first = True
+                continue
+            elif first and token not in _WRITES_ONLY:
+                only_writes = False
+            first = False
+        return only_writes
+
+    def _file(self, name: str, truncates: bool) -> None:
+        path = os.path.abspath(name)
+        if path in self.files:
+            return
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            self.files[path] = _FileBefore(path, False, 0, None)
+            return
+        content = None
+        if truncates and size <= _KEEP_CONTENT:
+            with open(path, "rb") as f:
+                content = f.read()
+        self.files[path] = _FileBefore(path, True, size, content)
+
+    def undo(self) -> list[str]:
+        """Put the files back as they were; returns what could not be."""
+        problems = []
+        for before in self.files.values():
+            try:
+                _put_file(before)
+            except OSError as exc:
+                problems.append(f"`{before.path}` could not be put back ({exc.strerror})")
+        problems += [f"{what} ran in a real run that failed: not undone" for what in self.other]
+        return problems
+
+
+def _put_file(before: _FileBefore) -> None:
+    if not before.existed:
+        if os.path.exists(before.path):
+            os.remove(before.path)
+    elif before.content is not None:
+        with open(before.path, "wb") as f:
+            f.write(before.content)
+    elif os.path.exists(before.path) and os.stat(before.path).st_size > before.size:
+        os.truncate(before.path, before.size)
 
 
 _state = _State()
@@ -99,10 +200,21 @@ def _install() -> None:
 
 
 def _hook(event: str, args: tuple[Any, ...]) -> None:
-    thread = _state.thread
-    if thread is None or (event != "open" and event not in _EVENTS):
+    if _state.thread is None and _state.journal_thread is None:
         return
-    if threading.get_ident() != thread:
+    if event != "open" and event not in _EVENTS:
+        return
+    ident = threading.get_ident()
+    if ident == _state.journal_thread and _state.journal is not None:
+        journal, _state.journal_thread = _state.journal, None  # its own reads are not journaled
+        try:
+            what = describe(event, args)
+            if what is not None:
+                journal.record(event, args, what)
+        finally:
+            _state.journal_thread = ident
+        return
+    if ident != _state.thread:
         return
     what = describe(event, args)
     if what is None:
@@ -187,6 +299,24 @@ def rehearsing() -> Iterator[_State]:
         result.stopped = _state.stopped
         _state.thread, _state.stopped = previous
         result.thread = None
+
+
+@contextlib.contextmanager
+def journaling() -> Iterator[Journal]:
+    """While a real run runs on this thread, note what it writes (``take_journal`` reads it)."""
+    _install()
+    journal = Journal()
+    _state.journal, _state.journal_thread = journal, threading.get_ident()
+    try:
+        yield journal
+    finally:
+        _state.journal_thread = None
+
+
+def take_journal() -> Journal | None:
+    """The last real run's journal, once: a rollback undoes it, anything else forgets it."""
+    journal, _state.journal = _state.journal, None
+    return journal
 
 
 def stopped_text(what: str) -> str:

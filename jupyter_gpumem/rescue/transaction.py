@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jupyter_gpumem.backends import torch_objects, torch_state
-from jupyter_gpumem.rescue import copies, kinds, safe
+from jupyter_gpumem.rescue import copies, kinds, safe, sandbox
 from jupyter_gpumem.rescue.reach import BIG_HOST_TENSOR_BYTES, Reached, holds_gpu, survey
 from jupyter_gpumem.units import format_bytes
 
@@ -328,6 +328,7 @@ class Transaction:
         self.snapshot = take(
             ns, names, check_host=check_host, extra_bytes=leftover_bytes, exclude=evict + release
         )
+        sandbox.take_journal()  # what runs before the fix wrote is theirs, not the fix's
         with _no_interrupt():
             for name in evict:
                 self.evicted[name] = torch_state.evict_tensor(ns.pop(name))
@@ -361,6 +362,9 @@ class Transaction:
         until all of it is done."""
         with _no_interrupt():
             self.problems = restore(self.snapshot, self.ns)
+            journal = sandbox.take_journal()  # a real run that failed: its files put back
+            if journal is not None:
+                self.problems += journal.undo()
             if everything:
                 for name, kept in self.evicted.items():
                     self.ns[name] = torch_state.restore_evicted(kept)
