@@ -433,6 +433,27 @@ def test_fold_keeps_user_frames_and_the_innermost() -> None:
     ]
 
 
+def test_torch_frames_before_a_notebook_class_forward_are_folded() -> None:
+    """The quickstart's traceback: the cell, torch's two call frames, then the notebook's own
+    ``forward`` (a "Cell In[..]" frame, not a "File" one): the two torch frames fold."""
+    from jupyter_gpumem.ipython.hook import fold_library_frames
+
+    site = "/env/lib/python3.11/site-packages"
+    stb = [
+        "Cell In[4], line 3\n----> 3 logits = model(x)\n",
+        f"File {site}/torch/nn/modules/module.py:1778, in Module._wrapped_call_impl(self)\n",
+        f"File {site}/torch/nn/modules/module.py:1789, in Module._call_impl(self)\n",
+        "Cell In[1], line 13, in Classifier.forward(self, x)\n---> 13 h = self.enc(x)\n",
+        "OutOfMemoryError: CUDA out of memory.",
+    ]
+    assert fold_library_frames(stb) == [
+        stb[0],
+        "... 2 frames in torch ...\n",
+        stb[3],
+        stb[4],
+    ]
+
+
 def test_a_fix_that_saves_less_than_the_shortfall_says_not_enough() -> None:
     from jupyter_gpumem.fixes.base import Check
     from jupyter_gpumem.ipython.extension import fix_lines

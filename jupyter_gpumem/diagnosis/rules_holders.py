@@ -192,8 +192,8 @@ def working_set(f: Facts) -> Cause | None:
         "The cell's own working set is too big",
         f"This cell had allocated {fmt(f.cell_bytes)}{held} when it asked for {fmt(req)} more"
         f"{short}.{batch}",
-        "Reduce the batch size, enable autocast (bf16) or move the work to the CPU: the fixes "
-        "below predict what each saves.",
+        "Reduce the batch size, enable autocast (bf16) or move the work to the CPU: the fix "
+        "buttons (or `%gpumem retry`) predict what each saves.",
         float(ws),
         ws,
         # a smaller batch shrinks what the cell allocates: enough if the cell's part covers it

@@ -38,6 +38,8 @@ def through(outer: TracebackType | None, inner: TracebackType | None) -> Traceba
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m|\x1b\]8;[^\x1b]*\x1b\\")
 _FRAME = re.compile(r"\s*File (?P<path>.+?):\d+, in ")
+# any frame's first line: a file's, or a notebook cell's ("Cell In[1], line 13, in forward")
+_ANY_FRAME = re.compile(r"\s*(File .+?:\d+, in |Cell In\[\d+\], line \d+)")
 _STDLIB = sysconfig.get_paths()["stdlib"].replace("\\", "/").rstrip("/") + "/"
 
 
@@ -79,7 +81,7 @@ def fold_library_frames(stb: list[str], note: str = "") -> list[str]:
 
     for i, entry in enumerate(stb):
         pkg = library_of(entry)
-        innermost = i + 1 >= len(stb) or not _FRAME.match(_ANSI.sub("", stb[i + 1]))
+        innermost = i + 1 >= len(stb) or not _ANY_FRAME.match(_ANSI.sub("", stb[i + 1]))
         if pkg is not None and not innermost:
             run.append((entry, pkg))
             continue
