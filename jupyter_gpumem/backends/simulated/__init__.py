@@ -41,16 +41,18 @@ second one, and an OOM there says ``GPU 1`` (``gpu.py``).
 
 Limits:
 
-- Every tensor allocated while it runs counts, including ones meant for the CPU: a large CPU-side
-  dataset fills the simulated card too (the rehearsal errs towards an OOM). With several cards it
-  counts on the current device until a placement sends it to one (``data.to("cuda:1")``); from
-  then on only the copy counts, there (``gpu.py``).
+- A tensor on the card reports ``cuda:N`` (``device``, ``is_cuda``, ``get_device()``, its repr)
+  while its data lives on the CPU; host tensors (``torch.randn(n)``, ``from_numpy``, a
+  ``get_batch``'s per-sample tensors) count nowhere; an op mixing the card with the host (beyond a
+  0-dim scalar) or two cards raises torch's own "Expected all tensors to be on the same device"
+  error; ``.numpy()`` of a card tensor is refused as torch refuses it (``devices.py``).
 - Tensors made before ``start`` count once moved with ``.cuda()`` / ``.to("cuda")`` (which copy,
   as a real transfer does) or handed to ``SimulatedGPU.track``.
-- ``x.device`` is ``cpu`` and ``x.is_cuda`` False; ``x.cpu()`` returns ``x`` itself. Not simulated:
-  ``torch.load(map_location="cuda")``, ``torch.cuda.FloatTensor``, streams, events,
-  ``torch.Generator("cuda")``, ``torch.autocast("cuda")`` (no effect on CPU tensors);
-  ``torch.compile`` was only tried with its ``eager`` backend.
+- Not simulated: ``torch.save`` writes the location ``cpu``; ``torch.load(map_location="cuda")``
+  is not redirected; ``pin_memory()`` returns the same tensor; streams, events,
+  ``torch.Generator("cuda")``; ``torch.autocast("cuda")`` has no effect on the host data;
+  ``torch.compile`` runs eagerly (dynamo skips frames under a dispatch mode); code that runs
+  after ``stop`` or on a thread without the modes sees the data's own device, ``cpu``.
 - Storages grown in place (``resize_``, ``out=``) count at their new size but never raise.
 - torch's modes are per thread: threads started while the simulation runs count like the one
   that started it; threads that were running before count under ``on_this_thread()`` (see
