@@ -195,3 +195,21 @@ def test_torchs_own_intermediates_go_to_the_card(card: Any) -> None:
     )
     ns = card.user_ns
     assert ns["y"].is_cuda and ns["q"].grad.is_cuda and ns["out"].data.is_cuda
+
+
+def test_an_lstm_on_the_card_runs_without_looking_for_cudnn() -> None:
+    """Card tensors report ``is_cuda``; a CPU build has no cuDNN, so an LSTM warned at each call
+    ("PyTorch was compiled without cuDNN") until the simulation turned cuDNN off while it runs."""
+    import warnings
+
+    import jupyter_gpumem
+
+    enabled = torch.backends.cudnn.enabled
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with jupyter_gpumem.simulate("256MiB"):
+            lstm = torch.nn.LSTM(8, 16).cuda()
+            out, _ = lstm(torch.randn(5, 3, 8, device="cuda"))
+            assert out.is_cuda
+    assert not [w for w in caught if "cuDNN" in str(w.message)]
+    assert torch.backends.cudnn.enabled == enabled, "left as it was found"

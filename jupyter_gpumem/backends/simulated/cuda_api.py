@@ -167,9 +167,18 @@ def _stand_in(impl: Callable[..., Any], original: Callable[..., Any]) -> Callabl
     return stand_in
 
 
+# cuDNN's switch as the simulation found it: off while it runs, since card tensors report
+# ``is_cuda`` and an LSTM would otherwise look for cuDNN in a CPU build (a warning per call)
+_cudnn_was: list[bool] = []
+
+
 def patch(torch: Any, sim: SimulatedGPU) -> None:
     """Make ``torch.cuda`` answer for ``sim`` (the caller holds the simulation's lock)."""
     _running[:] = [sim]
+    cudnn = getattr(getattr(torch, "backends", None), "cudnn", None)
+    if cudnn is not None and not _cudnn_was:
+        _cudnn_was.append(bool(cudnn.enabled))
+        cudnn.enabled = False
     for name, impl in _CUDA.items():
         original = getattr(torch.cuda, name, None)
         if original is not None:
@@ -180,7 +189,11 @@ def patch(torch: Any, sim: SimulatedGPU) -> None:
 def unpatch() -> None:
     """Put back every function still ours (the caller holds the simulation's lock)."""
     _running.clear()
-    cuda = getattr(sys.modules.get("torch"), "cuda", None)
+    torch = sys.modules.get("torch")
+    cudnn = getattr(getattr(torch, "backends", None), "cudnn", None)
+    if cudnn is not None and _cudnn_was:
+        cudnn.enabled = _cudnn_was.pop()
+    cuda = getattr(torch, "cuda", None)
     for name, (original, stand_in) in _patched.items():
         if getattr(cuda, name, None) is stand_in:
             setattr(cuda, name, original)
