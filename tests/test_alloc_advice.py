@@ -281,3 +281,26 @@ def test_the_allocators_own_record_wins_over_the_environment() -> None:
     assert _from_settings({}) is None  # the simulated GPU's and older torches': the environment
     advice = settings_advice(_state(conf=conf, env_conf=parse_alloc_conf("")))
     assert "already on (the allocator runs with it)" in advice and SET_IT not in advice
+
+
+def test_clear_cache_promises_only_what_the_allocator_can_give_back(
+    shell: Any, capsys: Any
+) -> None:
+    """PyTorch's fragmentation case, through the user's surface: two freed 5 MiB blocks share a
+    segment with live tensors, so empty_cache returns neither. The cause says so, and the Clear
+    cache line agrees with it (was: 'Clear cache (saves ~10.00 MiB)' beside 'Clear cache cannot
+    return them', the reserved-but-unallocated bytes taken for what it frees)."""
+    pytest.importorskip("torch")
+    shell.run_cell("%gpumem simulate 64MiB")
+    shell.run_cell(
+        "import torch\nMiB = 1 << 20\n"
+        "parts = [torch.empty(5 * MiB, dtype=torch.uint8, device='cuda') for _ in range(4)]\n"
+        "del parts[2], parts[0]\n"
+        "big = torch.empty(40 * MiB, dtype=torch.uint8, device='cuda')"
+    )
+    capsys.readouterr()
+    shell.run_cell("x = torch.empty(6 * MiB, dtype=torch.uint8, device='cuda')")
+    out = capsys.readouterr().out
+    assert "Clear cache cannot return them" in out, out
+    clear = next(line for line in out.splitlines() if "retry clear" in line)
+    assert "saves ~0 B" in clear, clear

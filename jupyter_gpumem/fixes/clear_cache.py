@@ -9,7 +9,9 @@ import gc
 import sys
 
 from jupyter_gpumem.backends import torch_objects
+from jupyter_gpumem.diagnosis.diagnose import Diagnosis
 from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome
+from jupyter_gpumem.readings.allocator_state import read_allocator_state
 from jupyter_gpumem.readings.release import release_failed_cell
 from jupyter_gpumem.rescue.rerun import Plan
 from jupyter_gpumem.units import format_bytes
@@ -43,6 +45,18 @@ def drop_output_cache(shell: object) -> None:
                 setattr(dh, attr, "")
 
 
+def _releasable_now(d: Diagnosis) -> int | None:
+    """What ``empty_cache`` would give back now: the bytes in segments with no live block, from
+    the allocator's own snapshot (the failed frames already released); None where unreadable."""
+    if torch_objects.torch_module() is None:
+        return None
+    try:
+        state = read_allocator_state(d.requested_bytes, d.report.device_index)
+    except Exception:
+        return None
+    return state.blocks.releasable_bytes if state.blocks is not None else None
+
+
 class ClearCache(Fix):
     key = "clear"
     label = "Clear cache"
@@ -55,6 +69,9 @@ class ClearCache(Fix):
         cache = 0
         if d.reserved_bytes is not None and d.allocated_bytes is not None:
             cache = max(d.reserved_bytes - d.allocated_bytes, 0)
+        releasable = _releasable_now(d)
+        if releasable is not None:  # the allocator's own blocks: a free block in a segment that
+            cache = releasable  # also holds a tensor stays reserved after empty_cache
         dropped = sum(
             h.total_bytes for h in d.holders.holders if h.where == "variable" and h.name in ctx.drop
         )
