@@ -76,6 +76,30 @@ def test_the_memory_comes_back_and_debug_sees_every_local(shell: Any) -> None:
     assert release.freed_bytes == (64 + 16 + 8) * MiB
 
 
+def test_a_tensor_several_frames_hold_is_moved_and_counted_once(shell: Any, capsys: Any) -> None:
+    """A model's input is held by every frame it passes through (``x``, ``args``, ``t``): one host
+    copy, counted once (the quickstart's panel said "Moved 308 MiB" on a 160 MiB card)."""
+    shell.run_cell("%gpumem simulate 256MiB")
+    capsys.readouterr()
+    shell.run_cell(
+        "import torch\n"
+        "def inner(t, *args):\n"
+        "    return t + torch.empty(512 << 20, dtype=torch.uint8, device='cuda')\n"
+        "def outer():\n"
+        "    x = torch.ones(2 << 20, device='cuda')  # 8 MiB\n"
+        "    return inner(x, x, [x])\n"
+        "outer()"
+    )
+    out = capsys.readouterr().out
+    release = jupyter_gpumem.last_failure(shell).release
+    assert release is not None and release.frames_kept
+    assert len([m for m in release.moved if m.kept]) >= 3, "every local that held it is listed"
+    assert release.host_bytes == 8 * MiB
+    assert "Moved 8.00 MiB of the failed frames' tensors to host memory" in out, out
+    f_locals = _frame("inner").f_locals
+    assert f_locals["t"] is f_locals["args"][0], "one copy, as one tensor was"
+
+
 def test_a_tensor_too_big_for_host_memory_is_described_in_its_place(
     shell: Any, monkeypatch: Any
 ) -> None:

@@ -289,15 +289,19 @@ def move_to_host(
         if frame not in unwritten and any(id(x) in shared for _, x in _leaves_of(p)):
             _write(frame, p, settled=True)  # the originals something else holds, back in place
     moved = []
+    counted: set[int] = set()  # a tensor several frames hold (args, x, self's input) is one copy
     for frame, p in plans:
         label = _frame_label(frame)
         for name, node in p.items():
-            moved += [
-                MovedLocal(f"{path} in {label}", x.what, x.gpu_bytes, x.host_bytes if x.kept else 0,
-                           x.kept, x.why)
-                for path, x in _leaves_of({name: node})
-                if id(x) not in shared
-            ]  # fmt: skip
+            for path, x in _leaves_of({name: node}):
+                if id(x) in shared:
+                    continue
+                first = id(x) not in counted
+                counted.add(id(x))
+                moved.append(
+                    MovedLocal(f"{path} in {label}", x.what, x.gpu_bytes if first else 0,
+                               x.host_bytes if x.kept and first else 0, x.kept, x.why)
+                )  # fmt: skip
     return moved, unwritten
 
 
