@@ -134,7 +134,8 @@ def test():
     with torch.no_grad():
         for x, y in test_loader:
             # test-time augmentation: 8 noisy views of each sample, their logits averaged
-            views = x.cuda().repeat(8, 1) + 0.01 * torch.randn(8 * len(x), 64, device="cuda")
+            x = x.cuda()
+            views = x.repeat(8, 1) + 0.01 * torch.randn(8 * len(x), 64, device="cuda")
             out = model(views).view(8, len(x), 10).mean(0)
             hits += (out.argmax(1) == y.cuda()).sum().item()
     return hits

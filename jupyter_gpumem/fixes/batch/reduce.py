@@ -45,7 +45,8 @@ class _ReservedPeak:
     memory, which is what runs out (allocated plus the allocator's rounding and fragmentation),
     and the log of what the run allocated and freed, for the replay (``batch_replay``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: int | None = None) -> None:
+        self.device = device  # the device that ran out: its peak, not the current device's
         self.peak_bytes: int | None = None
         self.log: SizeLog | None = None
         self._stack = contextlib.ExitStack()
@@ -66,7 +67,7 @@ class _ReservedPeak:
             self._stack.close()
         except Exception:
             self.log = None
-        stats = torch_objects.allocator_stats() or {}
+        stats = torch_objects.allocator_stats(self.device) or {}
         self.peak_bytes = stats.get("reserved_bytes.all.peak")
 
 
@@ -83,9 +84,9 @@ def _need(result: RunResult, probe: _ReservedPeak) -> int | None:
     return max(peaks) if peaks else None
 
 
-def _reserved_now() -> int:
-    stats = torch_objects.allocator_stats() or {}
-    return stats.get("reserved_bytes.all.current") or torch_objects.allocated_bytes() or 0
+def _reserved_now(device: int | None = None) -> int:
+    stats = torch_objects.allocator_stats(device) or {}
+    return stats.get("reserved_bytes.all.current") or stats.get("allocated_bytes.all.current") or 0
 
 
 def cell_key(source: str) -> str:
@@ -151,7 +152,7 @@ class ReduceBatch(Fix):
         final: RunResult | None = None
         rehearse = True
         budget = ctx.max_runs + 1
-        probe = _ReservedPeak()
+        probe = _ReservedPeak(ctx.failed.report.device_index)
         while len(attempts) < budget and final is None:
             b = search.next_batch() if len(attempts) < budget - 1 else None
             real = b is None or not rehearse
@@ -203,7 +204,8 @@ class ReduceBatch(Fix):
         attempt: each starts from the rolled-back notebook) and no peak for a run that failed."""
         assert ctx.run is not None
         gc.collect()
-        resident = torch_objects.allocated_bytes()
+        stats = torch_objects.allocator_stats(ctx.failed.report.device_index)
+        resident = None if stats is None else stats.get("allocated_bytes.all.current", 0)
         if resident is not None:
             start = f"from {format_bytes(resident)} resident"
             plan.note = f"{plan.note}, {start}" if plan.note else start
@@ -215,10 +217,11 @@ def _start_search(ctx: FixContext, finding: BatchFinding) -> BatchSearch:
     d = ctx.failed.diagnosis
     report = ctx.failed.report
     gc.collect()
+    device = report.device_index  # the device that ran out, not the current one
     search = BatchSearch(
-        capacity_bytes=capacity_bytes() or 0,
+        capacity_bytes=capacity_bytes(device) or 0,
         # what stays resident across runs (the failed run's own variables are gone by now)
-        baseline_bytes=_reserved_now(),
+        baseline_bytes=_reserved_now(device),
         min_batch=ctx.min_batch,
         max_batch=finding.value - 1,
         replay_logs=True,  # where a run cannot be logged, the line model goes on alone

@@ -158,11 +158,16 @@ def _base_name(expr: str | None) -> str | None:
 
 
 def canonical(expr: str) -> str:
-    """``--batch-var dataloaders["train"]`` as the site is named (``dataloaders['train']``)."""
+    """``--batch-var dataloaders["train"]`` as the site is named (``dataloaders['train']``); a
+    bare key, as a shell's quoting leaves ``dataloaders['train']``, is the string it names."""
     try:
-        return ast.unparse(ast.parse(expr.strip(), mode="eval"))
+        tree = ast.parse(expr.strip(), mode="eval")
     except SyntaxError:
         return expr
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Name):
+            node.slice = ast.Constant(node.slice.id)
+    return ast.unparse(tree)
 
 
 def _namespace_sites(
