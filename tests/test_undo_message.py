@@ -89,3 +89,26 @@ def test_open_files_and_the_notebooks_modules_are_listed() -> None:
         "restored the notebook's variables, 1 open file (size and position), the attributes of "
         "`helpers` and the random generators, as they were before the fix."
     )
+
+
+def test_a_failed_fix_says_nothing_was_kept_only_when_true(shell: Any, capsys: Any) -> None:
+    """A re-run that advanced a generator made before the cell: the outcome does not say
+    "Nothing was kept" (was: it did, with the generator advanced); it says what was put back and
+    names what could not be."""
+    pytest.importorskip("torch")
+    shell.run_cell("%gpumem simulate 64MiB", store_history=True)
+    shell.run_cell(
+        "import torch\ngen = (i for i in range(100))\n"
+        "keep = torch.empty(40 << 20, dtype=torch.uint8, device='cuda')",
+        store_history=True,
+    )
+    shell.run_cell(
+        "n = next(gen)\nx = torch.empty(40 << 20, dtype=torch.uint8, device='cuda')",
+        store_history=True,
+    )
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry clear --force", store_history=True)
+    out = capsys.readouterr().out
+    assert "Still out of memory after clearing" in out, out
+    assert "Nothing was kept" not in out
+    assert "Put back what could be:" in out and "`gen` (a generator)" in out

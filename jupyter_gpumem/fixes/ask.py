@@ -12,8 +12,9 @@ from typing import Any
 
 from IPython import version_info as _ipython_version
 
-from jupyter_gpumem.cells.failure import FailedCell
+from jupyter_gpumem.cells.failure import FailedCell, names_used
 from jupyter_gpumem.fixes.ladder import guard
+from jupyter_gpumem.rescue.reach import survey
 
 # IPython 9.8 (commit aaa5a45, "execution count more atomic") counts a cell before running it:
 # while In [5] runs, and at its pre_run_cell where the hook reads it, execution_count is already 6.
@@ -67,6 +68,16 @@ def _is_cell(shell: Any, prompt: int, failed: FailedCell | None) -> bool:
     return bool(history[prompt].strip() == failed.source.strip())
 
 
+def _not_covered(ns: dict[str, Any], failed: FailedCell) -> list[str]:
+    """What no rollback of this cell's re-run could put back (a generator it advances, a socket),
+    said before the fix runs; nothing where the walk cannot tell."""
+    try:
+        missing = survey(ns, names_used(failed.source, ns)).not_covered
+    except Exception:
+        return []
+    return [f"A re-run cannot put back: {'; '.join(missing)}."] if missing else []
+
+
 def question_before_rerun(
     shell: Any, failed: FailedCell, latest: FailedCell | None
 ) -> tuple[str, str] | None:
@@ -79,6 +90,7 @@ def question_before_rerun(
     summary = " ".join(
         ([f"{changed[0].upper()}{changed[1:]}."] if changed else [])
         + ([verdict.summary()] if not verdict.safe else [])
+        + _not_covered(shell.user_ns, failed)
     )
     question = (
         verdict.question()

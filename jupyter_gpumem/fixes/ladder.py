@@ -106,6 +106,7 @@ def make_context(
             keep_traceback=keep_traceback,
             loop=failed.loop,
             rng=failed.rng,
+            device=failed.report.device_index,
         )
         if plan.rehearsal and result.ok and result.passes is None and plan.keep is not None:
             # it ran whole: if it is the run the fix settles on, running it again changes nothing
@@ -192,21 +193,24 @@ def in_transaction(shell: Any, failed: FailedCell, ctx: FixContext, key: str) ->
     except KeyboardInterrupt:
         txn.rollback(everything=True)
         raise Interrupted(
-            f"Interrupted: {txn.undo_message(everything=True)}",
-            whole=not txn.problems and not txn.released,
+            f"Interrupted: {txn.undo_message(everything=True)}", whole=txn.whole
         ) from None
     except Exception as exc:  # the cell's own error in a re-run (or ours): all put back, said so
         txn.rollback(everything=True)
         plan = ctx.running
         batch = plan.batch if plan is not None else None
-        raise RerunRaised(exc, txn.undo_message(everything=True), batch) from None
+        raise RerunRaised(
+            exc, txn.undo_message(everything=True), batch, nothing_kept=txn.nothing_kept
+        ) from None
     except BaseException:
         txn.rollback(everything=True)
         raise
     finally:
         ctx.txn = None
     if not outcome.ok and outcome.attempts:
-        outcome.notes.append("Nothing was kept: " + txn.undo_message())
+        outcome.notes.append(_kept_words(txn.nothing_kept) + txn.undo_message())
+    elif outcome.ok and outcome.rehearsals and txn.not_undone():
+        outcome.notes.append("The rehearsals could not undo: " + "; ".join(txn.not_undone()) + ".")
     if outcome.rehearsals and txn.snapshot.bytes >= 1 << 30:
         outcome.notes.append(
             f"Rehearsals were undone from a copy of {format_bytes(txn.snapshot.bytes)} of model "
@@ -325,13 +329,21 @@ def _say_kept(outcome: FixOutcome, line: _Line) -> None:
         line(f"  note: {note}")
 
 
+def _kept_words(nothing_kept: bool) -> str:
+    """ "Nothing was kept" only where it is true: else what could be put back, then what not."""
+    return "Nothing was kept: " if nothing_kept else "Put back what could be: "
+
+
 class RerunRaised(Exception):
     """A fix's run raised something other than an out-of-memory error (the cell's own error at
     the new setting, or ours); the notebook was put back: ``undo`` says what that restored."""
 
-    def __init__(self, error: Exception, undo: str, batch: int | None) -> None:
+    def __init__(
+        self, error: Exception, undo: str, batch: int | None, *, nothing_kept: bool = True
+    ) -> None:
         super().__init__(f"{type(error).__name__}: {error}")
         self.error, self.undo, self.batch = error, undo, batch
+        self.nothing_kept = nothing_kept
 
 
 def report_raised(shell: Any, label: str, raised: RerunRaised) -> str:
@@ -344,13 +356,14 @@ def report_raised(shell: Any, label: str, raised: RerunRaised) -> str:
     brief = f"{type(exc).__name__}: {str(exc)[:200]}"
     tb = cell_traceback(exc.__traceback__, shell.user_ns)
     if tb is None:
-        return f"jupyter_gpumem: {label} failed ({brief}). Nothing was kept: {raised.undo}"
+        return f"jupyter_gpumem: {label} failed ({brief}). {_kept_words(raised.nothing_kept)}{raised.undo}"
     try:
         shell.showtraceback((type(exc), exc, without_dispatch_frames(tb)), tb_offset=0)
     except Exception:
         pass
     at = f" at batch {raised.batch}" if raised.batch else ""
-    return f"✗ {label}: the re-run{at} raised {brief}. Nothing was kept: {raised.undo}"
+    kept = _kept_words(raised.nothing_kept)
+    return f"✗ {label}: the re-run{at} raised {brief}. {kept}{raised.undo}"
 
 
 def cell_traceback(tb: TracebackType | None, user_ns: dict[str, Any]) -> TracebackType | None:
