@@ -213,3 +213,18 @@ def test_an_lstm_on_the_card_runs_without_looking_for_cudnn() -> None:
             assert out.is_cuda
     assert not [w for w in caught if "cuDNN" in str(w.message)]
     assert torch.backends.cudnn.enabled == enabled, "left as it was found"
+
+
+def test_the_backend_empties_the_cards_caches_as_torch_does() -> None:
+    """``MemoryBackend.empty_cache`` (what Clear cache and the release call) gives the cards'
+    wholly free cached segments back, as ``torch.cuda.empty_cache()`` does (was: a no-op since
+    the card caches blocks as PyTorch's allocator does)."""
+    import jupyter_gpumem
+    from jupyter_gpumem.backends import active
+
+    with jupyter_gpumem.simulate("256MiB", devices=2):
+        x = torch.empty(30 << 20, dtype=torch.uint8, device="cuda:1")
+        del x
+        assert torch.cuda.memory_reserved(1) > 0, "freed blocks stay cached"
+        active().empty_cache()
+        assert torch.cuda.memory_reserved(1) == 0

@@ -443,7 +443,9 @@ class SimulatedGPU:
         return None
 
     def empty_cache(self) -> None:
-        """Nothing to give back: freed blocks went back at once."""
+        """``torch.cuda.empty_cache()`` on every card: cached segments wholly free go back."""
+        for card in self.devices:
+            card.empty_cache()
 
     def reset_peak(self, index: int | None = None) -> None:
         self.card(index).reset_peak()
