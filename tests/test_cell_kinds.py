@@ -121,3 +121,24 @@ def test_a_retry_of_a_failure_already_fixed_asks_first(shell: Any, capsys: Any) 
     out = _run(shell, capsys, "%gpumem retry clear")
     assert "was already fixed (Clear cache)" in out, out
     assert shell.user_ns["y"] == "kept by the user", "the fixed cell did not run again"
+
+
+def test_a_cell_naming_hostile_objects_still_gets_its_diagnosis(shell: Any, capsys: Any) -> None:
+    """An object whose ``__class__`` raises and a dead ``weakref.proxy``, both named by the cell:
+    the diagnosis is built (was: 'could not build the diagnosis (RuntimeError: ...)')."""
+    shell.run_cell("%gpumem simulate 64MiB")
+    shell.run_cell(
+        "import torch, weakref\n"
+        "class Evil:\n"
+        "    @property\n"
+        "    def __class__(self):\n"
+        "        raise RuntimeError('no class for you')\n"
+        "class T:\n"
+        "    pass\n"
+        "t = T()\nproxy = weakref.proxy(t)\ndel t\nevil = Evil()"
+    )
+    out = _run(
+        shell, capsys, "y = torch.empty(80 << 20, dtype=torch.uint8, device='cuda')\nevil; proxy"
+    )
+    assert "could not build the diagnosis" not in out
+    assert "GPU out of memory: Tried to allocate 80.00 MiB" in out, out

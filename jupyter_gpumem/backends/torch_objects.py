@@ -138,7 +138,7 @@ def compiled_original(obj: Any) -> Any:
     if tp.__name__ == "OptimizedModule" and tp.__module__.startswith("torch._dynamo"):
         modules = vars(obj).get("_modules") or {}
         return modules.get("_orig_mod")
-    if isinstance(obj, types.FunctionType):
+    if issubclass(tp, types.FunctionType):  # not isinstance: that reads a proxy's __class__
         return vars(obj).get("_torchdynamo_orig_callable")
     return None
 
