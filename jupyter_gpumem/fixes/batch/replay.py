@@ -22,9 +22,9 @@ How an allocation's size follows the batch:
 The replay is calibrated on the run it came from: what the run measured, less what the replay
 gives at its batch, is added to every prediction (what the model leaves out or adds: memory
 outside the allocator's blocks, a cache the run found warm, holes the card did not leave).
-Measured against the simulated card, which counts without a cache (a one-step Adam cell run twice,
-1 GiB card): the model alone says 6-19% more than the card at 1021-2048; calibrated at 1021,
-from 3% less to 9% more. ``benchmarks/batch_search.py`` reports the error that remains at the
+Measured against the simulated card with PyTorch's caching allocator ported (f566edc), as the
+smallest card a run fits on: exact on an MLP at 700 to 9000 from one run at 509
+(``tests/test_batch_replay.py``). Against the card before it (no cache), 6-19% over alone. ``benchmarks/batch_search.py`` reports the error that remains at the
 batch proposed (the "replay error" column).
 """
 
