@@ -167,3 +167,12 @@ def test_simulate_a_card_by_name_and_a_bad_allocator_setting(
     assert not result.success
     assert "cudaMallocAsync" in _one_usage_error(out)
     assert simulated.current() is None
+
+
+def test_a_batch_var_with_a_subscript_keeps_its_quotes() -> None:
+    """``--batch-var dataloaders['train']`` names that entry (was read as ``dataloaders[train]``,
+    the shell's quote removal); a path quoted whole still loses its quotes."""
+    opts = parse_gpumem("retry batch --batch-var dataloaders['train']")
+    assert not isinstance(opts, str) and opts.batch_var == "dataloaders['train']"
+    opts = parse_gpumem('trace save "my file.pickle"')
+    assert not isinstance(opts, str) and opts.path == "my file.pickle"

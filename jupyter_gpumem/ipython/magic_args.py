@@ -219,11 +219,18 @@ def full_help() -> str:
 
 
 def split(line: str, prog: str) -> list[str]:
-    """The line as arguments; an unbalanced quote is a one-line UsageError."""
+    """The line as arguments, split as a shell would, except that quotes inside an argument
+    stay (``--batch-var dataloaders['train']`` is that expression, not ``dataloaders[train]``);
+    an argument that is all one quoted string loses its quotes. An unbalanced quote is a
+    one-line UsageError."""
+    lexer = shlex.shlex(line, posix=False)
+    lexer.whitespace_split = True
+    lexer.commenters = ""
     try:
-        return shlex.split(line)
+        words = list(lexer)
     except ValueError as exc:  # shlex: "No closing quotation"
         raise UsageError(f"%{prog}: {exc}: {line.strip()}") from None
+    return [w[1:-1] if len(w) >= 2 and w[0] == w[-1] and w[0] in "'\"" else w for w in words]
 
 
 def parse_gpumem(line: str) -> argparse.Namespace | str:
