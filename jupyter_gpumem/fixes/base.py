@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 MAX_RUNS = 8  # re-runs a fix (or the %%oomsafe ladder) may make, unless told otherwise
 
+
 @dataclass(frozen=True)
 class Check:
     applies: bool
