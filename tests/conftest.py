@@ -44,6 +44,11 @@ def _has_cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    # under pytest-xdist (`-n 2 --dist loadgroup`, as .ci/test runs): the browser tests share one
+    # worker, one after the other, so two JupyterLabs never compete for the page timeouts
+    for item in items:
+        if "browser" in item.keywords:
+            item.add_marker(pytest.mark.xdist_group("browser"))
     if _has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
