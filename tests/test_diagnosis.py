@@ -235,9 +235,15 @@ def test_causes_table(case: Case, keys: set[str], first: str) -> None:
     assert found[0].key == first, [(c.key, c.closes_gap, c.weight) for c in found]
 
 
-def test_another_gpu_without_room_for_everything_is_no_cause() -> None:
+def test_another_gpu_with_room_for_the_failed_tensor_only_says_that() -> None:
+    """100 MiB + 300 MiB do not fit the 350 MiB free on GPU 1, the 300 MiB asked for does: put
+    that tensor there (issue 21); with 250 MiB free there, GPU 1 is no cause at all."""
     found = causes(Case(cuda_message(300, 10, 1024, 100, 4), snapshot=gpus(10, 350)))
-    assert "other_gpu" not in {c.key for c in found}  # 100 MiB + 300 MiB do not fit in 350 MiB
+    other = next(c for c in found if c.key == "other_gpu")
+    assert other.title == "GPU 1 has room for the tensor that did not fit"
+    assert "`device='cuda:1'`" in other.action
+    found = causes(Case(cuda_message(300, 10, 1024, 100, 4), snapshot=gpus(10, 250)))
+    assert "other_gpu" not in {c.key for c in found}
 
 
 def test_every_rule_has_a_row() -> None:

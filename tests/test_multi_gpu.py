@@ -451,3 +451,21 @@ def test_variables_on_another_gpu_are_not_a_cause(shell: Any, capsys: Any) -> No
     assert not result.success and _last_failure(shell).report.device_index == 1
     cause = next(line for line in out.splitlines() if "Variables from earlier cells" in line)
     assert "`b` holds 40.00 MiB" in cause and "`a`" not in cause, cause
+
+
+def test_a_tensor_that_fits_on_the_other_gpu_is_named_there(shell: Any, capsys: Any) -> None:
+    """700 MiB then 600 MiB on cuda:0 of two 1 GiB cards: the cell's work as a whole fits neither,
+    but the 600 MiB that failed fits GPU 1, and the diagnosis says to put it there (was: GPU 1
+    never mentioned)."""
+    pytest.importorskip("torch")
+    shell.run_cell("%gpumem simulate 1GiB --devices 2")
+    result, out = _run(
+        shell,
+        capsys,
+        "import torch\nu = torch.empty(700 << 20, dtype=torch.uint8, device='cuda:0')\n"
+        "v = torch.empty(600 << 20, dtype=torch.uint8, device='cuda:0')",
+    )
+    assert not result.success
+    assert "GPU 1 has room for the tensor that did not fit" in out, out
+    assert "`device='cuda:1'`" in out and "the rest stays on GPU 0" in out
+    assert "Move to CPU (takes ~" in out, "what leaves the GPU, not a saving larger than the card"

@@ -105,8 +105,8 @@ def other_gpu(f: Facts) -> Cause | None:
     k = best.device_index
     own = f.cell_bytes + req  # what this cell itself needs, leaving earlier cells' memory be
     if room < need:
-        if not f.resident_bytes or room < own:
-            return None
+        if room < own or not f.resident_bytes:
+            return _tensor_elsewhere(f, k, room) if room >= req else None
         return Cause(
             "other_gpu",
             f"GPU {k} has room for this cell's work",
@@ -130,6 +130,25 @@ def other_gpu(f: Facts) -> Cause | None:
         f"GPU {k} has {fmt(room)} free: `{name}.to('cuda:{k}')` (and its inputs), or "
         f'`device_map="auto"` for a Hugging Face model.',
         float(need),
+        room,
+        True,
+    )
+
+
+def _tensor_elsewhere(f: Facts, k: int, room: int) -> Cause:
+    """The cell's work does not fit GPU ``k`` whole, but the tensor that did not fit does: put
+    that one there (the rest stays), and move what it is combined with."""
+    d, here = f.d, f.d.snapshot.device_index if f.d.snapshot is not None else 0
+    req = d.requested_bytes or 0
+    return Cause(
+        "other_gpu",
+        f"GPU {k} has room for the tensor that did not fit",
+        f"The allocation that failed ({fmt(req)}) fits on GPU {k}, which has {fmt(room)} free; "
+        f"this cell's work as a whole ({fmt(f.cell_bytes + req)}) does not.",
+        f"Make that tensor on GPU {k}: `device='cuda:{k}'` where the failing line creates it "
+        f"(or `.to('cuda:{k}')`), and move what it is combined with there too (an op mixing "
+        f"cuda:{here} and cuda:{k} tensors raises); the rest stays on GPU {here}.",
+        float(req),
         room,
         True,
     )

@@ -51,6 +51,8 @@ def fix_lines(checks: dict[str, Any], shortfall_bytes: int | None = None) -> lis
             lines.append(f"{cmd:<24} {FIXES[key].label}: not available: {check.reason}")
             continue
         note = shortfall_note(check, shortfall_bytes) or check.saving_text
+        if key == "cpu" and note == check.saving_text and note:  # may be more than the card
+            note = note.replace("saves ~", "takes ~", 1) + " off the GPU"
         lines.append(f"{cmd:<24} {FIXES[key].label}" + (f" ({note})" if note else ""))
     return lines
 
