@@ -648,3 +648,28 @@ def test_save_snapshot_from_the_panel_writes_the_file(lab, open_notebook):
     assert path.name == "gpumem_snapshot.pickle" and path.is_absolute(), path
     assert path.exists() and path.stat().st_size > 0, path
     assert path.parent == lab.root, (path, lab.root)  # the notebook's folder: the kernel's cwd
+
+
+TWO_GPUS = """\
+%load_ext jupyter_gpumem
+%gpumem simulate 1GiB --devices 2
+import torch
+"""
+ON_GPU_0 = """\
+u = torch.empty(700 << 20, dtype=torch.uint8, device="cuda:0")
+v = torch.empty(600 << 20, dtype=torch.uint8, device="cuda:0")
+"""
+
+
+def test_the_panel_names_the_other_gpu_for_the_tensor_that_did_not_fit(open_notebook, shots):
+    """Two 1 GiB cards, 700 then 600 MiB on cuda:0: the panel says where the 600 MiB fits."""
+    page = open_notebook("two-gpus.ipynb", [TWO_GPUS, ON_GPU_0])
+    cell0 = run_cell(page, 0)
+    expect(outputs(cell0).first).to_contain_text("2 simulated GPUs", timeout=T_RUN)
+    cell = run_cell(page, 1)
+    panel = cell.locator(".gpumem-panel")
+    expect(panel).to_contain_text("GPU out of memory", timeout=T_RUN)
+    expect(panel).to_contain_text("GPU 1 has room for the tensor that did not fit", timeout=T_RUN)
+    expect(panel).to_contain_text("device='cuda:1'")
+    cell.scroll_into_view_if_needed()
+    shots(panel, "panel-two-gpus.png")
