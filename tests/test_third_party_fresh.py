@@ -79,14 +79,6 @@ def _tl_state(ns: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Reduce batch finds `dataloaders['train'].batch_size` = 64 but changes only that "
-    "loader: its rehearsals (2 passes of the train phase) fit at 7-8, then each real run runs the "
-    "train phase (~30 s) and runs out in the val phase on `dataloaders['val']` (64, 3, 64, 64); "
-    "after two such runs: 'Reduce batch stopped: at batch 7 the cell still ran out on `inputs` "
-    "(64, 3, 64, 64), sized by the old batch 64'. The val loader of the same dict is never reduced",
-)
 def test_transfer_learning_reduce_batch_fits_both_phases(shell: Any, capsys: Any) -> None:
     """The tutorial's `dataloaders = {x: DataLoader(..., batch_size=64) for x in ['train', 'val']}`
     read as dataloaders[phase] inside train_model(): Reduce batch ends with the cell run through,

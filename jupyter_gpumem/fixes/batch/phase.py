@@ -52,7 +52,7 @@ def evaluation_reason(failed: FailedCell) -> str | None:
     iterated = ast.unparse(node.iter)
     names = {n.id for n in ast.walk(node.iter) if isinstance(n, ast.Name)}
     plain = dict(failed.plain_values or {})
-    for values in failed.frame_values:  # a loop in a notebook function reads its own locals
+    for values in getattr(failed, "frame_values", ()):  # a loop in a function: its own locals
         plain.update(values)
     keys = [
         plain.get(n.slice.id)
