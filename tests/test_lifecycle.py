@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
+import re
 import weakref
 from typing import Any
 
 import pytest
 
 import jupyter_gpumem
+from tests.conftest import Kernel
 
 
 def _state(sh: Any) -> dict[str, Any]:
@@ -91,3 +93,38 @@ def test_reload_keeps_a_running_simulation_and_unload_then_ends_it(bare_shell: A
     bare_shell.run_cell("del x, y")
     bare_shell.run_cell("%unload_ext jupyter_gpumem")
     assert simulated.current() is None
+
+
+def _live(result: dict[str, Any]) -> int:
+    m = re.search(r"live=(\d+)", Kernel.text(result))
+    assert m, Kernel.text(result)
+    return int(m.group(1))
+
+
+@pytest.mark.kernel
+def test_live_widgets_stay_flat_over_twenty_ooms_and_unload_closes_them(kernel: Any) -> None:
+    """In a real ipykernel: each OOM's panel retires the one before (its output becomes the
+    diagnosis as HTML, its widgets closed), so the kernel's live widgets do not grow with OOMs
+    (was: about 33 more per OOM, 254 -> 584 over 10), and unload leaves none of ours."""
+    pytest.importorskip("torch")
+    pytest.importorskip("ipywidgets")
+    k = kernel
+    k.run("%load_ext jupyter_gpumem\n%gpumem simulate 64MiB\nimport torch")
+    count = "from ipywidgets.widgets import widget as _w\nprint(f'live={len(_w._instances)}')"
+    oom = "x = torch.empty(80 << 20, dtype=torch.uint8, device='cuda')"
+    k.run(oom)
+    after_one = _live(k.run(count))
+    for _ in range(20):
+        k.run(oom)
+    after_many = _live(k.run(count))
+    assert after_many <= after_one + 2, (after_one, after_many)
+    retired = k.run(oom)
+    updates = [o for o in retired["outputs"] if o["type"] == "update_display_data"]
+    assert (
+        updates
+        and "A newer out-of-memory diagnosis replaced this panel"
+        in (updates[0]["data"]["text/html"])
+    ), "the replaced panel's output reads as the diagnosis, and says why"
+    k.run("%unload_ext jupyter_gpumem")
+    gone = _live(k.run(count))
+    assert gone < after_one, (after_one, gone)

@@ -74,7 +74,8 @@ class Extension:
         self.remembered: dict[str, int] = {}  # cell hash -> batch size that fit
         self._cell_stats: CellStats | None = None  # `%gpumem cells on`
         self.sidebar: Any = None
-        self.panel: Any = None  # the last diagnosis panel shown
+        self.panel: Any = None  # the last diagnosis panel shown (the one live one)
+        self.loaded = False
         self.simulation: Any = None  # the simulated GPU `%gpumem simulate` started, until unload
         # the backend `%gpumem limit` capped: lifted on unload if it still answers (a simulated
         # GPU's cap ends with it)
@@ -92,6 +93,7 @@ class Extension:
         return COMMANDS
 
     def load(self) -> None:
+        self.loaded = True
         self.hook.install()
         self.simulation, self.limited = _carried.pop(id(self.shell), (None, None))
         try:
@@ -157,6 +159,7 @@ class Extension:
 
     def unload(self) -> None:
         """Undo everything load and the magics did; each step runs even if one before failed."""
+        self.loaded = False
         try:
             self.settings.unobserve(self._trace_setting, names="trace")
         except ValueError:  # never observed (load failed before)
@@ -206,6 +209,8 @@ class Extension:
         if self.sidebar is not None:
             self.sidebar.close()
             self.sidebar = None
+        if self.panel is not None:
+            self.panel.retire("jupyter_gpumem was unloaded: this panel's buttons are gone.")
         self.panel = None
         if "jupyter_gpumem.ui.gauge" in sys.modules:
             from jupyter_gpumem.ui.gauge import stop_all
@@ -279,6 +284,8 @@ class Extension:
         if self.widgets_available():
             from jupyter_gpumem.ui.panel import show_panel
 
+            if self.panel is not None:  # one live panel: the newest
+                self.panel.retire("A newer out-of-memory diagnosis replaced this panel.")
             self.panel = show_panel(self, failed, display, text, checks)
             return
         if self.settings.display == "text":

@@ -58,6 +58,11 @@ class DiagnosisPanel:
         self.log: list[str] = []
         self.outcomes: list[FixOutcome] = []
         self.busy = False
+        # the output the panel was displayed in (a DisplayHandle) and what it reads without
+        # widgets: a panel retired by a newer one, or by unload, becomes that, and closes
+        self.handle: Any = None
+        self.static: dict[str, str] = {}
+        self.retired = ""
         self._running, self._t0 = "", time.monotonic()  # the fix in progress, since when
         self.show(failed, checks)
 
@@ -169,11 +174,40 @@ class DiagnosisPanel:
 
     # ---- clicks ----------------------------------------------------------------------------------
 
+    def retire(self, why: str) -> int:
+        """Replace the panel in its output by the diagnosis as HTML and text, with ``why`` (a
+        newer panel, the extension unloaded), and close its widgets, so that OOM after OOM the
+        kernel does not keep a growing set of live widgets; how many widgets were closed."""
+        if self.retired:
+            return 0
+        self.retired = why
+        if self.handle is not None and self.static:
+            note = f"<p><i>{escape(why)}</i></p>"
+            try:
+                self.handle.update(
+                    {
+                        "text/plain": self.static["text/plain"] + "\n" + why,
+                        "text/html": self.static["text/html"] + note,
+                    },
+                    raw=True,
+                )
+            except Exception:
+                pass
+        return _close_tree(self.widget)
+
     def click(self, key: str, *, force: bool = False) -> FixOutcome | None:
         """What a button does (also callable from tests, as the browser's click is). Returns
         the outcome, or None when it asked first or the fix was handed to the kernel's main
         thread (``status.interruptible``: where Cancel and ■ can stop it)."""
         if self.busy:
+            return None
+        if self.retired or not getattr(self.ext, "loaded", True):
+            self.set_status(
+                escape(self.retired or "jupyter_gpumem is not loaded in this kernel any more")
+                + ": this panel's buttons do nothing (`%load_ext jupyter_gpumem`, then re-run "
+                "the cell, for a live one).",
+                "bad",
+            )
             return None
         if not force:
             try:
@@ -389,5 +423,27 @@ def show_panel(
     bundle["text/plain"] = text
     assert failed.diagnosis is not None
     bundle["text/html"] = render_html(failed.diagnosis)
-    display(bundle, raw=True)
+    panel.static = {"text/plain": text, "text/html": bundle["text/html"]}
+    try:
+        panel.handle = display(bundle, raw=True, display_id=True)
+    except TypeError:  # a display without display ids (a test's stand-in)
+        display(bundle, raw=True)
     return panel
+
+
+def _close_tree(widget: Any) -> int:
+    """Close a widget, every widget inside it, and their layout and style widgets (each a
+    widget of its own, with its own comm); how many were closed."""
+    closed = sum(_close_tree(child) for child in getattr(widget, "children", ()) or ())
+    for part in (getattr(widget, "layout", None), getattr(widget, "style", None)):
+        if isinstance(part, W.Widget) and part.comm is not None:
+            try:
+                part.close()
+                closed += 1
+            except Exception:
+                pass
+    try:
+        widget.close()
+    except Exception:
+        return closed
+    return closed + 1
