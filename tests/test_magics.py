@@ -36,6 +36,7 @@ def _one_usage_error(out: str) -> str:
         ("%gpumem limit ２GiB", "digits 0-9"),
         ("%%oomsafe --fixes clear,teleport\nx = 1", "unknown fix teleport"),
         ("%%oomsafe --max-retries 0\nx = 1", "expected a number >= 1"),
+        ("%%oomsafe\nx = (1,\ny = 2", "the cell does not parse: '(' was never closed"),
     ],
 )
 def test_bad_input_is_one_usage_error_line(shell: Any, capsys: Any, cell: str, says: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import sys
 from typing import TYPE_CHECKING, Any
@@ -271,6 +272,18 @@ class GpuMemMagics(Magics):
             print(parsed)
             return
         opts, fixes = parsed, parsed.fixes
+        try:  # a body that does not parse is the user's typo: one line, nothing run
+            compile(
+                self.shell.transform_cell(cell),  # type: ignore[union-attr]
+                "<%%oomsafe>",
+                "exec",
+                flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT,
+                dont_inherit=True,
+            )
+        except SyntaxError as exc:
+            raise UsageError(
+                f"%%oomsafe: the cell does not parse: {exc.msg} (line {exc.lineno}); nothing ran"
+            ) from None
         result = run_reported(
             self.shell,
             "a fix",
