@@ -414,6 +414,7 @@ def run_reported(
     """``run()`` a fix for a terminal front end (``%gpumem retry``, ``%%oomsafe``): Ctrl-C says
     what was undone and re-raises as a plain KeyboardInterrupt (IPython's one ``Interrupted``
     line, no traceback through the extension); an error of the re-run is one line; None then."""
+    __tracebackhide__ = True  # IPython's tracebacks leave this frame out
     try:
         return run()
     except Interrupted as exc:

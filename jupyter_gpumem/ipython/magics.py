@@ -43,6 +43,7 @@ class GpuMemMagics(Magics):
 
     @line_magic
     def gpumem(self, line: str = "") -> None:
+        __tracebackhide__ = True  # a Ctrl-C during a fix: IPython's line, none of our frames
         parsed = parse_gpumem(line)
         if isinstance(parsed, str):
             print(parsed)
@@ -231,6 +232,7 @@ class GpuMemMagics(Magics):
             )
 
     def _cmd_retry(self, opts: argparse.Namespace) -> None:
+        __tracebackhide__ = True
         failed = self.ext.hook.last_failure
         if failed is None:
             raise UsageError("%gpumem retry: no cell has run out of memory yet")
@@ -267,6 +269,7 @@ class GpuMemMagics(Magics):
 
     @cell_magic
     def oomsafe(self, line: str, cell: str) -> None:
+        __tracebackhide__ = True
         parsed = parse_oomsafe(line)
         if isinstance(parsed, str):
             print(parsed)
