@@ -126,6 +126,66 @@ def test_meter_sample_lists_every_gpu_and_the_last_oom_device():
     assert meter_module.oom_device(None) is None
 
 
+class _Comm:
+    """Stands in for an ipykernel comm (no kernel in this test): records what the meter sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+
+    def on_close(self, _cb) -> None: ...
+
+    def on_msg(self, _cb) -> None: ...
+
+    def send(self, data: dict) -> None:
+        self.sent.append(data)
+
+
+def test_meter_samples_do_not_describe_other_processes_each_second(monkeypatch):
+    """A sample is numbers only: describing another process reads /proc and may ask the Jupyter
+    server's REST API which notebook it is; the meter does that never, the diagnosis does.
+    NVML lists processes as (pid, bytes), undescribed; there is no NVML here, so the simulated
+    GPU's reading is given as the CUDA backend gives it, its descriptions taken off (a stand-in
+    for the driver, the one part of this test that is not real)."""
+    import dataclasses
+    import os
+
+    import jupyter_gpumem.readings.snapshot as snapshot_module
+    from jupyter_gpumem import backends
+    from jupyter_gpumem.backends import base
+
+    described: list[int] = []
+    real = snapshot_module.describe_process
+    monkeypatch.setattr(
+        snapshot_module, "describe_process", lambda pid: described.append(pid) or real(pid)
+    )
+    gpu = backends.simulate(1 << 30, other_processes=[(os.getppid(), 256 << 20)])
+    real_read = gpu.read
+
+    def nvml_like_read(index=None):
+        r = real_read(index)
+        procs = tuple(p._replace(description=None) for p in r.processes)
+        return dataclasses.replace(r, processes=procs)
+
+    monkeypatch.setattr(gpu, "read", nvml_like_read)
+    try:
+        assert base.active() is gpu
+        m = meter_module._Meter(_Comm(), 0.2)
+        m.thread.start()
+        deadline = time.monotonic() + 10
+        while len(m.comm.sent) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        m.stopped.set()
+        m.thread.join(timeout=5)
+        assert m.comm.sent and m.comm.sent[-1]["error"] is None
+        assert described == []  # the meter described nobody
+        # the same reading for the diagnosis or `%gpumem status` names the other process
+        snap = snapshot_module.read_snapshot()
+        assert described == [os.getppid()]
+        assert [p.used_bytes for p in snap.other_processes] == [256 << 20]
+    finally:
+        backends.stop_simulation()
+
+
 def run_collecting(kc, code: str, timeout: float = 60) -> list[dict]:
     """Run `code`; every iopub message (any parent) from its busy to its idle."""
     msg_id = kc.execute(code, store_history=False)

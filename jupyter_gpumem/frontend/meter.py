@@ -4,7 +4,8 @@ The kernel opens a comm (target ``jupyter_gpumem.frontend.meter``) and a daemon 
 sample a second over it. Kernel-to-front-end messages go out on iopub, which a running cell does not
 block (front-end-to-kernel messages wait for the cell), so the meter moves while a cell allocates.
 A sample is sent when the reading changed, and at least every ``_HEARTBEAT_S`` so a page opened later
-catches up: the lab extension reads samples from any comm message that carries ``"meter"``, comm
+catches up (a sample reads the numbers only: other processes are not described, which costs a
+``/proc`` read and a Jupyter server request each): the lab extension reads samples from any comm message that carries ``"meter"``, comm
 known to it or not. A sample lists every visible GPU and the device of the shell's last OOM, which
 the meter shows when there are several.
 
@@ -106,7 +107,7 @@ class _Meter:
         while True:
             try:
                 failed = self.last_failure() if self.last_failure is not None else None
-                data = sample(read_snapshot(), oom_device(failed))
+                data = sample(read_snapshot(describe_processes=False), oom_device(failed))
             except Exception as exc:  # a reading must never kill the thread
                 data = {"meter": MARKER, "error": f"reading failed: {type(exc).__name__}: {exc}"}
             if data != last or quiet_s >= _HEARTBEAT_S:

@@ -15,6 +15,7 @@ from pathlib import Path
 from jupyter_gpumem.backends import DeviceReading, MemoryBackend, active
 
 _CONTEXT_SLACK_BYTES = 768 << 20  # a CUDA context plus cuBLAS/cuDNN handles is about 0.3-0.7 GiB
+NOT_DESCRIBED = "another process"  # a reading taken without describing processes (the meter's)
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,9 @@ def describe_process(pid: int) -> str:
     return short[:60]
 
 
-def _processes(raw: tuple[tuple[int, int], ...], reserved: int | None) -> tuple[ProcessInfo, ...]:
+def _processes(
+    raw: tuple[tuple[int, int], ...], reserved: int | None, describe: bool = True
+) -> tuple[ProcessInfo, ...]:
     me = os.getpid()
     out = []
     has_self = any(pid == me for pid, _ in raw)
@@ -116,12 +119,12 @@ def _processes(raw: tuple[tuple[int, int], ...], reserved: int | None) -> tuple[
                 0 <= used - reserved <= _CONTEXT_SLACK_BYTES and not Path(f"/proc/{pid}").exists()
             )
             has_self = is_self
-        desc = "this kernel" if is_self else describe_process(pid)
+        desc = "this kernel" if is_self else describe_process(pid) if describe else NOT_DESCRIBED
         out.append(ProcessInfo(pid=pid, used_bytes=used, description=desc, is_self=is_self))
     return tuple(out)
 
 
-def _snapshot(r: DeviceReading) -> MemorySnapshot:
+def _snapshot(r: DeviceReading, describe: bool = True) -> MemorySnapshot:
     stats = r.stats
     allocated = reserved = peak_alloc = peak_res = ooms = None
     if stats is not None:
@@ -149,7 +152,7 @@ def _snapshot(r: DeviceReading) -> MemorySnapshot:
         peak_reserved_bytes=peak_res,
         num_ooms=ooms,
         allowed_bytes=r.allowed_bytes,
-        processes=described + _processes(raw, reserved),
+        processes=described + _processes(raw, reserved, describe),
         uuid=r.uuid,
         nvml_error=r.error,
         title=r.title,
@@ -164,11 +167,15 @@ def read_device(index: int | None = None, backend: MemoryBackend | None = None) 
 
 
 def read_snapshot(
-    device_index: int | None = None, *, backend: MemoryBackend | None = None
+    device_index: int | None = None,
+    *,
+    backend: MemoryBackend | None = None,
+    describe_processes: bool = True,
 ) -> MemorySnapshot:
     """Read the allocator and the driver once: device ``device_index`` (None: the current one),
     with every visible device's reading in ``devices``. Never raises; unavailable numbers are
-    None."""
+    None. ``describe_processes=False`` leaves other processes undescribed (``NOT_DESCRIBED``):
+    no ``/proc`` and no Jupyter server request, for readings taken every second (the meter)."""
     backend = backend or active()
     index = backend.current_device() if device_index is None else device_index
     try:
@@ -176,7 +183,7 @@ def read_snapshot(
     except Exception:
         visible = ()
     if len(visible) <= 1 or index not in visible:
-        return _snapshot(backend.read(index))
-    devices = tuple(_snapshot(backend.read(i)) for i in visible)
+        return _snapshot(backend.read(index), describe_processes)
+    devices = tuple(_snapshot(backend.read(i), describe_processes) for i in visible)
     this = next(d for d in devices if d.device_index == index)
     return replace(this, devices=devices)
