@@ -660,3 +660,53 @@ def test_an_attribute_of_the_notebook_s_own_module(tmp_path: Any, monkeypatch: A
         assert guard("json.x = json.x + 1\ny = f()\n", 2, ns).safe
     finally:
         sys.modules.pop("guard_helpers", None)
+
+
+CLOSURE_STEP = """\
+for i in range(steps):
+    def closure():
+        optimizer.zero_grad()
+        loss = criterion(model(x), y)
+        loss.backward()
+        return loss
+    optimizer.step(closure)
+"""
+
+
+def test_a_step_that_failed_inside_its_closure_before_any_update() -> None:
+    """`optimizer.step(closure)` that ran out of memory in the closure's forward: torch.optim's
+    optimizers evaluate the closure before they change any weight, and an LBFGS that has not
+    iterated (`n_iter` 0) has changed none; judged by the failure's frames, not by what a step
+    could do. An LBFGS that had iterated, or a failure in the step itself, is still named."""
+    torch = pytest.importorskip("torch")
+    p = torch.nn.Parameter(torch.zeros(3))
+    lbfgs = torch.optim.LBFGS([p])
+    ns = _names("criterion", "model", "x", "y", steps=1, optimizer=lbfgs)
+    inside = [("closure", 4)]
+    assert guard(CLOSURE_STEP, 7, ns, values={"i": 0, "steps": 1}, frames=inside).safe
+    ns["optimizer"] = torch.optim.Adam([p])
+    assert guard(CLOSURE_STEP, 7, ns, values={"i": 0, "steps": 1}, frames=inside).safe
+    # an LBFGS past its first iteration: its later evaluations follow an update
+    lbfgs.state[p].update(n_iter=3, func_evals=4)
+    ns["optimizer"] = lbfgs
+    v = guard(CLOSURE_STEP, 7, ns, values={"i": 0, "steps": 1}, frames=inside)
+    assert kinds(v) == {(7, "optimizer_step", "optimizer")}, v.summary()
+    assert "part of it" in v.effects[0].why
+    # the failure was not in the closure (no notebook frame below the step, or another one)
+    ns["optimizer"] = torch.optim.Adam([p])
+    for frames in ([], [("helper", 2)]):
+        v = guard(CLOSURE_STEP, 7, ns, values={"i": 0, "steps": 1}, frames=frames)
+        assert kinds(v) == {(7, "optimizer_step", "optimizer")}, v.summary()
+
+    # an optimizer that is not torch's (its own step may update before it evaluates)
+    class Mine(torch.optim.SGD):
+        def step(self, closure: Any = None) -> Any:
+            return closure()
+
+    ns["optimizer"] = Mine([p], lr=0.1)
+    v = guard(CLOSURE_STEP, 7, ns, values={"i": 0, "steps": 1}, frames=inside)
+    assert kinds(v) == {(7, "optimizer_step", "optimizer")}, v.summary()
+    # a lambda given as the closure, keyword form
+    cell = "optimizer.step(closure=lambda: criterion(model(x), y))\n"
+    ns["optimizer"] = torch.optim.Adam([p])
+    assert guard(cell, 1, ns, frames=[("<lambda>", 1)]).safe

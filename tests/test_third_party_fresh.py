@@ -225,16 +225,12 @@ def test_time_sequence_float64_model_is_not_offered_autocast(
     assert not re.search(r"retry autocast\s+Enable autocast \(saves", out), out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="The cell failed inside line 11 `optimizer.step(closure)`, in the first closure's "
-    "forward, before LBFGS changed any weight (n_iter 0), yet every retry refuses: 'this cell "
-    "already ran 1 line with side effects before it failed at line 11: line 11 "
-    "`optimizer.step(closure)` (updates the weights again)' and asks for --force",
-)
 def test_time_sequence_lbfgs_first_closure_failure_reruns_without_force(
     shell: Any, capsys: Any, monkeypatch: Any, tmp_path: Any
 ) -> None:
+    """The cell failed inside line 11 `optimizer.step(closure)`, in the first closure's forward,
+    before LBFGS changed any weight (n_iter 0): the guard reads that from the failure's frames
+    and the optimizer's state, and the retry runs without asking for --force."""
     monkeypatch.chdir(tmp_path)
     _setup(shell, TS, TS_CARD)
     assert not shell.run_cell(TS["train"]).success

@@ -30,6 +30,7 @@ __all__ = [
     "GlobalsAsNames",
     "NotebookFunction",
     "bound_method",
+    "closure_runs_first",
     "is_executor",
     "is_globals",
     "is_iterator",
@@ -403,6 +404,43 @@ def own_module(obj: Any) -> bool:
     here = os.path.abspath(os.getcwd())
     installed = ("site-packages", "dist-packages")
     return path.startswith(here + os.sep) and not any(p in path.split(os.sep) for p in installed)
+
+
+def closure_runs_first(opt: Any) -> bool:
+    """An optimizer whose ``step(closure)``, stopped by an error inside the closure, had changed
+    no parameter yet: one of ``torch.optim``'s, whose ``step`` evaluates the closure before any
+    update (read in torch/optim/*.py: ``loss = closure()`` opens every ``step``), except an
+    ``LBFGS`` that has iterated (its later evaluations follow an update; ``n_iter`` is counted
+    before the first, so 0 at the failure means none). Read from the type and the state dict,
+    as torch keeps them; a subclass that defines its own ``step`` is not one."""
+    if opt is MISSING:
+        return False
+    try:
+        step = inspect.getattr_static(type(opt), "step")
+    except AttributeError:
+        return False
+    module = getattr(step, "__module__", None)
+    if type(module) is not str or not module.startswith("torch.optim."):
+        return False
+    if module != "torch.optim.lbfgs":
+        return True
+    state = _instance_state(opt)
+    if state is None:
+        return False
+    for per_param in dict.values(state):
+        if type(per_param) is dict and per_param.get("n_iter", 0) != 0:
+            return False
+    return True
+
+
+def _instance_state(opt: Any) -> dict[Any, Any] | None:
+    """``opt.state`` (a dict, or torch's defaultdict) from the instance's own ``__dict__``."""
+    try:
+        d = object.__getattribute__(opt, "__dict__")
+    except Exception:
+        return None
+    state = dict.get(d, "state") if type(d) is dict else None
+    return state if isinstance(state, dict) else None
 
 
 def root_logger() -> logging.Logger:

@@ -284,6 +284,8 @@ class CallReader:
         self.add(s.call, "backward", name, why, f"add its gradients to those {left} in `.grad`")
 
     def step(self, c: ast.Call, recv: ast.expr, partial: bool) -> None:
+        if partial and self.closure_failed(c, recv):
+            return  # it ran out of memory in its closure, before it changed any weight
         x = shown(recv)
         low = x.lower()
         if "sched" in low or "lr" in low:
@@ -294,6 +296,26 @@ class CallReader:
             did, again = f"steps `{x}`", f"step `{x}` again"
         why = did + (PARTLY if partial else "") + ": a re-run does it again"
         self.add(c, "optimizer_step", x, why, again)
+
+    def closure_failed(self, c: ast.Call, recv: ast.expr) -> bool:
+        """The failing ``opt.step(closure)`` ran out of memory inside its closure (the failure
+        went through the notebook function it was given, by the failure record's frames) while
+        ``opt`` had changed no weight yet (``calls.closure_runs_first``): the step did not
+        happen. Read from what ran, not from what a step could do."""
+        given = arg_of(c, 0, "closure")
+        if given is None or not self.frames:
+            return False
+        if isinstance(given, ast.Lambda):
+            name = "<lambda>"
+        elif isinstance(given, (ast.Name, ast.Attribute)):
+            name = given.id if isinstance(given, ast.Name) else given.attr
+        else:
+            return False
+        if self.frames[0][0].rpartition(".")[2] != name:
+            return False
+        root = chain_root(recv, calls=False)
+        opt = self.lookup(root) if isinstance(recv, ast.Name) and root is not None else MISSING
+        return calls.closure_runs_first(opt)
 
     def out_arg(self, c: ast.Call) -> None:
         """``torch.add(a, b, out=x)``: ``x`` changed in place, whatever the call is otherwise."""
