@@ -1,6 +1,7 @@
 """Every kind of cell an OOM can come from, in a real InteractiveShell on the simulated GPU: a
 script run with ``%run`` (IPython shows its error itself, without the custom handler), an
-ExceptionGroup holding the OOM, and a cell with top-level ``await``."""
+ExceptionGroup holding the OOM, and a cell with top-level ``await`` (its fixes:
+``test_await_cells.py``)."""
 
 from __future__ import annotations
 
@@ -142,22 +143,3 @@ def test_a_cell_naming_hostile_objects_still_gets_its_diagnosis(shell: Any, caps
     )
     assert "could not build the diagnosis" not in out
     assert "GPU out of memory: Tried to allocate 80.00 MiB" in out, out
-
-
-def test_a_fix_on_an_await_cell_says_it_cannot_rerun_it(shell: Any, capsys: Any) -> None:
-    """A cell with top-level await: the fixes say in one line that they cannot re-run it yet
-    (was: 'Reduce batch failed (SyntaxError: 'await' outside function)'), and %%oomsafe says it
-    cannot run such a body (was: a SyntaxError traceback through the extension)."""
-    shell.run_cell("%gpumem simulate 64MiB", store_history=True)
-    shell.run_cell("import asyncio, torch", store_history=True)
-    shell.run_cell(
-        "batch_size = 80\nawait asyncio.sleep(0)\n"
-        "x = torch.empty(batch_size << 20, dtype=torch.uint8, device='cuda')",
-        store_history=True,
-    )
-    out = _run(shell, capsys, "%gpumem retry batch")
-    assert "uses top-level `await`, which a fix cannot re-run yet" in out, out
-    assert "SyntaxError" not in out and "Traceback" not in out
-    out = _run(shell, capsys, "%%oomsafe\nawait asyncio.sleep(0)\ny = 1")
-    assert "which %%oomsafe cannot run" in out and "Traceback" not in out, out
-    assert "y" not in shell.user_ns

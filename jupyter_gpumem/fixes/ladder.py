@@ -154,13 +154,6 @@ def apply_fix(
     on_attempt: Callable[[Attempt], None] | None = None,
 ) -> FixOutcome:
     fix = FIXES[key]
-    if _awaits(failed.source):
-        return FixOutcome(
-            fix=key,
-            ok=False,
-            message=f"{fix.label} not run: this cell uses top-level `await`, which a fix cannot "
-            "re-run yet. Apply the change by hand (the diagnosis above says what each fix saves).",
-        )
     verdict = guard(failed, shell.user_ns)
     if not verdict.safe and not options.force:
         return FixOutcome(
@@ -175,17 +168,6 @@ def apply_fix(
     if not check.applies:
         return FixOutcome(fix=key, ok=False, message=f"{fix.label} does not apply: {check.reason}")
     return in_transaction(shell, failed, ctx, key)
-
-
-def _awaits(source: str) -> bool:
-    """The cell awaits at its top level (IPython runs it as a coroutine; a re-run cannot yet)."""
-    try:
-        compile(source, "<cell>", "exec", dont_inherit=True)
-    except SyntaxError as exc:
-        return "'await' outside" in str(exc.msg) or "'async for' outside" in str(exc.msg)
-    except Exception:
-        return False
-    return False
 
 
 def in_transaction(shell: Any, failed: FailedCell, ctx: FixContext, key: str) -> FixOutcome:
@@ -250,14 +232,6 @@ def run_ladder(
     """``%%oomsafe``: run the cell; on OOM apply fixes in order until one fits."""
     mark = NamespaceMark.take(shell.user_ns)
     result = LadderResult(ok=False)
-    if _awaits(source):
-        text = (
-            "this cell uses top-level `await`, which %%oomsafe cannot run (a cell magic's body "
-            "is not awaited): nothing ran. Run it without %%oomsafe."
-        )
-        result.lines.append(text)
-        say(text)
-        return result
 
     def line(text: str, *, always: bool = False) -> None:
         result.lines.append(text)

@@ -11,12 +11,16 @@ random number generators the failed cell started from.
 Peaks and capacity are read on the device that ran out of memory (``run_plan(device=...)``; when
 not given, the device where the run allocated most), never merely the current one: a cell on
 ``cuda:1`` measured on ``cuda:0`` reads a peak of 0 B.
+
+A cell with top-level ``await`` is compiled as IPython compiles it (``PyCF_ALLOW_TOP_LEVEL_AWAIT``)
+and its coroutine run to the end on this thread, as IPython runs such a cell (``run_coroutine``).
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import inspect
 import io
 import time
 import traceback
@@ -127,9 +131,9 @@ def run_plan(
     try:
         with backends.active().on_this_thread(), contextlib.ExitStack() as stack:
             sandboxed = _enter(stack, plan, run.stopper)
-            exec(run.body, user_ns)
+            _execute(shell, run.body, user_ns, plan.rehearsal)
             if run.last is not None:
-                value = eval(run.last, user_ns)
+                value = _execute(shell, run.last, user_ns, plan.rehearsal)
     except RehearsalDone as done:
         # the fit is proven, or the rehearsal reached a write outside memory: the frames it
         # stopped (activations, the batch) go at once
@@ -226,14 +230,90 @@ def _compile(shell: Any, plan: Plan, loop: LoopSite | None, passes: int) -> _Com
     filename = shell.compile.cache(code, shell.execution_count, raw_code=plan.source)
     tree = cellsource.parse(code, filename)
     body, last = _split_last_expr(tree)
-    body_code = compile(body, filename, "exec")
-    last_code = compile(last, filename, "eval") if last is not None else None
+    # the flags the shell compiles its cells with (the notebook's own ``from __future__``
+    # imports, not this module's), and top-level await where the shell allows it, as it does
+    flags = getattr(shell.compile, "flags", 0) & ~ast.PyCF_ONLY_AST
+    if getattr(shell, "autoawait", True):
+        flags |= ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    body_code = compile(body, filename, "exec", flags, dont_inherit=True)
+    last_code = None if last is None else compile(last, filename, "eval", flags, dont_inherit=True)
     stopper = None
     if plan.rehearsal and loop is not None:
         site = relocate(loop, code, filename)
         if site is not None:
             stopper = LoopStopper(site.filename if not site.in_cell else filename, site, passes)
     return _Compiled(body_code, last_code, stopper)
+
+
+def _execute(shell: Any, code: CodeType, user_ns: dict[str, Any], rehearsal: bool) -> Any:
+    """Run compiled cell code in the namespace; code that awaits (its code is a coroutine's, as
+    IPython tells it) is run to the end as IPython runs such a cell."""
+    if code.co_flags & inspect.CO_COROUTINE:
+        return run_coroutine(shell, eval(code, user_ns), rehearsal=rehearsal)
+    return eval(code, user_ns)
+
+
+def run_coroutine(shell: Any, coro: Any, *, rehearsal: bool = False) -> Any:
+    """Run a cell's coroutine to its end on this thread and return its value.
+
+    On the shell's ``loop_runner``: for asyncio (the default), IPython's own event loop, the one
+    the terminal runs ``await`` cells on (``get_asyncio_loop``). In ipykernel the kernel's loop is
+    running this very call (a fix runs inside a cell or a click) and cannot be entered again, so
+    it is set aside on this thread while the coroutine runs on IPython's loop, then put back.
+    Tasks the run started and left running are cancelled unless it is a real run that ended
+    well (a rehearsal's, or a failed run's, would go on after the rollback)."""
+    import asyncio
+
+    running = asyncio.events._get_running_loop()
+    asyncio.events._set_running_loop(None)
+    try:
+        runner = getattr(shell, "loop_runner", None)
+        if runner is not None and str(runner) != "asyncio":
+            return runner(coro)  # %autoawait trio / curio / a runner of the user's
+        return _run_on_asyncio(coro, keep_tasks=not rehearsal)
+    finally:
+        asyncio.events._set_running_loop(running)
+
+
+def _run_on_asyncio(coro: Any, *, keep_tasks: bool) -> Any:
+    import asyncio
+
+    from IPython.core.async_helpers import get_asyncio_loop
+
+    loop = get_asyncio_loop()
+    private = loop.is_running()  # a fix started from inside an await cell: not that loop
+    if private:
+        loop = asyncio.new_event_loop()
+    before = asyncio.all_tasks(loop)
+    task = loop.create_task(coro)
+    ended_well = False
+    try:
+        value = loop.run_until_complete(task)
+        ended_well = True
+        return value
+    finally:
+        if task.done() and not task.cancelled():
+            task.exception()  # read: no "Task exception was never retrieved" later
+        left = [t for t in asyncio.all_tasks(loop) - before if not t.done()]
+        if left and not (keep_tasks and ended_well):
+            _cancel(loop, left)
+        if private:
+            loop.close()
+        del task
+
+
+def _cancel(loop: Any, tasks: list[Any]) -> None:
+    """Cancel what a run left running and let it finish (a second at most), as ``asyncio.run``
+    does on its way out."""
+    import asyncio
+
+    for t in tasks:
+        t.cancel()
+    with contextlib.suppress(Exception, RehearsalDone):
+        loop.run_until_complete(asyncio.wait(tasks, timeout=1.0))
+    for t in tasks:
+        if t.done() and not t.cancelled():
+            t.exception()
 
 
 def _enter(stack: contextlib.ExitStack[Any], plan: Plan, stopper: LoopStopper | None) -> Any | None:
