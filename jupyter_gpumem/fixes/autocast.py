@@ -3,19 +3,42 @@ it in hardware (compute capability 8.0 on), else fp16 with a GradScaler note (a 
 emulates bf16, slower than fp16).
 
 Autocast is not a sure saving: it halves activations of matmul-heavy layers, but fp32 weights,
-gradients and optimizer state stay (an 8-layer 4096-wide MLP saved 5%, findings §5). So it predicts
-from the diagnosis and reports the measured peak beside the prediction.
+gradients and optimizer state stay, and the weights' half-precision copies are added (an 8-layer
+4096-wide MLP saved 5%, findings §5; a model whose weights dominate needs more under autocast,
+transformers issue 29354). So a click first rehearses the cell as it was, recording its ops
+(``backends/op_log.py``), replays them as autocast would run them (``fixes/predict.py``), then
+runs the cell under autocast and sets the measured peak beside the predicted one. Until a
+recording of the cell exists, the button's number is an estimate (half the cell's working set)
+and says so; once one exists (the cell failed again), it is the replay's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from typing import Any
 
+from jupyter_gpumem import backends
 from jupyter_gpumem.backends import torch_objects
+from jupyter_gpumem.backends.op_log import OpLog, record_ops
 from jupyter_gpumem.cells.failure import names_used
-from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome
+from jupyter_gpumem.fixes import predict
+from jupyter_gpumem.fixes.base import (
+    Attempt,
+    Check,
+    Fix,
+    FixContext,
+    FixOutcome,
+    predicted_vs_measured,
+)
+from jupyter_gpumem.fixes.batch.evidence import failing_tensors
+from jupyter_gpumem.fixes.batch.phase import evaluation_reason
+from jupyter_gpumem.fixes.batch.replay import MIN_PRIME_BATCH, prime_at_most
+from jupyter_gpumem.fixes.batch.source import apply_batch, find_batch
 from jupyter_gpumem.rescue.rerun import Plan
 from jupyter_gpumem.units import format_bytes
+
+_RECORDING_NOTE = "as it was, recorded for the prediction"
 
 
 def _dtype(ctx: FixContext) -> str:
@@ -68,6 +91,71 @@ def _compiled_note(compiled: list[str], graphs_before: int | None) -> str:
     )
 
 
+class _Recording:
+    """A plan's context: the run's ops recorded (``record_ops``); ``log`` None where it failed."""
+
+    def __init__(self) -> None:
+        self.log: OpLog | None = None
+        self._cm: Any = None
+
+    def __call__(self) -> _Recording:
+        return self
+
+    def __enter__(self) -> _Recording:
+        try:
+            self._cm = record_ops()
+            self.log = self._cm.__enter__()
+        except Exception:
+            self._cm = self.log = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._cm is not None:
+            try:
+                self._cm.__exit__(*exc)
+            except Exception:
+                self.log = None
+
+
+def _recording_plan(ctx: FixContext, recording: _Recording) -> tuple[Plan, int | None, int | None]:
+    """The rehearsal that records: at a smaller prime batch where the cell's batch is found (it
+    fits, so the whole pass is recorded, then scaled back to the cell's batch), else the cell as
+    it was (recorded up to where it runs out). (plan, the cell's batch, the batch recorded at)."""
+    source = ctx.failed.source
+    whole = Plan(source, contexts=[recording], rehearsal=True, note=_RECORDING_NOTE)
+    try:
+        finding = find_batch(
+            source,
+            ctx.user_ns,
+            batch_var=ctx.batch_var,
+            evidence=failing_tensors(ctx.failed),
+            used=names_used(source, ctx.user_ns),
+            evaluation=evaluation_reason(ctx.failed),
+        )
+    except Exception:
+        return whole, None, None
+    batch = finding.value
+    if not finding.sites or batch < 4 * MIN_PRIME_BATCH:
+        return whole, None, None
+    at = prime_at_most(batch // 4, MIN_PRIME_BATCH)
+    try:
+        new_source, updates = apply_batch(source, finding, at)
+    except Exception:
+        return whole, None, None
+    note = f"batch {at}, recorded for the prediction at {batch}"
+    plan = Plan(
+        new_source, [recording], namespace_updates=updates, batch=at, rehearsal=True, note=note
+    )
+    return plan, batch, at
+
+
+def _device_type() -> str:
+    try:
+        return backends.active().autocast_device_type()
+    except Exception:
+        return "cuda"
+
+
 class Autocast(Fix):
     key = "autocast"
     label = "Enable autocast"
@@ -95,18 +183,52 @@ class Autocast(Fix):
             return Check(
                 False, action, f"{names} computes in float64, which autocast leaves as it is"
             )
+        known = predict.remembered(ctx.failed.source)
+        if known is not None:
+            return Check(True, action, "", known.saving_bytes, basis=predict.REPLAYED)
         saving = None
         if d is not None and d.working_set_bytes is not None:
             saving = d.working_set_bytes // 2
-        return Check(True, action, "", saving)
+        return Check(True, action, "", saving, basis=predict.ESTIMATE if saving else "")
+
+    def _record(self, ctx: FixContext) -> tuple[predict.Prediction | None, list[Attempt]]:
+        """The cell as it was, rehearsed with its ops recorded, replayed under autocast: the
+        prediction made before the real run (None where no recording could be made)."""
+        known = predict.remembered(ctx.failed.source)
+        if known is not None:
+            return known, []
+        if ctx.run is None or ctx.max_runs < 2:
+            return None, []
+        recording = _Recording()
+        plan, batch, at = _recording_plan(ctx, recording)
+        result, attempt = self.run_once(ctx, plan)
+        log = recording.log
+        if log is None or not log.complete:
+            return None, [attempt]
+        report = result.failure.report if result.failure is not None else None
+        failed = report.requested_bytes if report is not None else None
+        if at is not None and batch is not None:
+            log = predict.scaled(log, at, batch)
+            failed = failed * batch // at if failed and failed % at == 0 else failed
+        prediction = predict.replay_autocast(log, _device_type(), failed)
+        if at is not None:
+            prediction = dataclasses.replace(prediction, recorded_at=at, batch=batch)
+        predict.remember(ctx.failed.source, prediction)
+        return prediction, [attempt]
 
     def apply(self, ctx: FixContext) -> FixOutcome:
         check = self.check(ctx)
+        prediction, recorded = self._record(ctx)
         factory, dtype = torch_objects.autocast_factory(ctx.failed.report.device_index)
         graphs = torch_objects.compiled_graphs()
         outcome = self._single_run(
             ctx, Plan(ctx.failed.source, contexts=[factory], note=f"autocast {dtype}"), check
         )
+        outcome.attempts[:0] = recorded
+        if prediction is not None:
+            outcome.predicted_saving_bytes = prediction.saving_bytes
+            outcome.predicted_peak_bytes = prediction.peak_after
+            outcome.prediction_basis = predict.basis_words(prediction)
         compiled = _compiled(ctx)
         if compiled:
             outcome.notes.append(_compiled_note(compiled, graphs))
@@ -124,14 +246,30 @@ class Autocast(Fix):
             outcome.change = (
                 f"wrap the cell's work in `with torch.autocast('cuda', dtype=torch.{dtype}):`."
             )
-            d = ctx.failed.diagnosis
-            if d is not None and d.working_set_bytes and outcome.peak_bytes is not None:
-                before = (d.allocated_bytes or 0) + (d.requested_bytes or 0)
-                outcome.notes.append(
-                    f"Predicted saving {format_bytes(check.predicted_saving_bytes)}; peak now "
-                    f"{format_bytes(outcome.peak_bytes)} (it needed more than {format_bytes(before)})."
-                )
         else:
             outcome.message = "Still out of memory under autocast."
             ctx.remembered[_failed_key(ctx.failed.source)] = 1
+        outcome.notes.append(_prediction_note(ctx, prediction, outcome, check))
         return outcome
+
+
+def _prediction_note(
+    ctx: FixContext, prediction: predict.Prediction | None, outcome: FixOutcome, check: Check
+) -> str:
+    """Predicted against measured: the replay's peak where a recording was made, else the
+    estimate's saving against the peak the run reached."""
+    measured = outcome.peak_bytes if outcome.ok else None
+    if prediction is None:
+        d = ctx.failed.diagnosis
+        if check.predicted_saving_bytes is None or d is None:
+            return ""
+        before = (d.allocated_bytes or 0) + (d.requested_bytes or 0)
+        peak = f"; peak now {format_bytes(measured)}" if measured is not None else ""
+        return (
+            f"Predicted saving ~{format_bytes(check.predicted_saving_bytes)} ({predict.ESTIMATE})"
+            f"{peak} (it needed more than {format_bytes(before)})."
+        )
+    line = predicted_vs_measured(
+        prediction.peak_after, measured, "peak", predict.basis_words(prediction)
+    )
+    return f"{line} {predict.need_words(prediction)}"

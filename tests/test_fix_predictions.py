@@ -1,0 +1,77 @@
+"""Fixes proven before they are offered (issue 22, item 3): each fix's prediction comes from the
+failed cell's recorded ops replayed under the fix, and the outcome sets it beside what the re-run
+measured. In a real InteractiveShell on the simulated GPU, through `%gpumem retry`."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from jupyter_gpumem.units import parse_size
+
+IMPORTS = "import torch\nimport torch.nn.functional as F\ntorch.manual_seed(0)\n"
+
+MLP = IMPORTS + (
+    "model = torch.nn.Sequential(torch.nn.Linear(64, 2048), torch.nn.ReLU(),"
+    " torch.nn.Linear(2048, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 10)).cuda()\n"
+    "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+)
+MLP_CELL = (
+    "for step in range(2):\n"
+    '    x = torch.randn(3000, 64, device="cuda")\n'
+    '    y = torch.randint(0, 10, (3000,), device="cuda")\n'
+    "    loss = F.cross_entropy(model(x), y)\n"
+    "    opt.zero_grad()\n"
+    "    loss.backward()\n"
+    "    opt.step()\n"
+)
+
+CONV = IMPORTS + (
+    "model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),"
+    " torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),"
+    " torch.nn.Flatten(), torch.nn.Linear(16, 10)).cuda()\n"
+    "opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)\n"
+)
+CONV_CELL = (
+    "for step in range(2):\n"
+    '    imgs = torch.randn(600, 3, 32, 32, device="cuda")\n'
+    '    labels = torch.randint(0, 10, (600,), device="cuda")\n'
+    "    loss = F.cross_entropy(model(imgs), labels)\n"
+    "    opt.zero_grad()\n"
+    "    loss.backward()\n"
+    "    opt.step()\n"
+)
+
+_PREDICTED = re.compile(
+    r"Predicted peak ~([\d.]+ [KMG]i?B) \(([^)]*)\), measured ([\d.]+ [KMG]i?B)"
+)
+
+
+def predicted_and_measured(out: str) -> tuple[int, int, str]:
+    m = _PREDICTED.search(out)
+    assert m, out
+    return parse_size(m[1]), parse_size(m[3]), m[2]
+
+
+@pytest.mark.parametrize(
+    ("setup", "cell", "card"),
+    [(MLP, MLP_CELL, "105MiB"), (CONV, CONV_CELL, "140MiB")],
+    ids=["mlp", "convnet"],
+)
+def test_autocast_prediction_is_within_15_percent_of_the_measured_peak(
+    shell: Any, capsys: Any, setup: str, cell: str, card: str
+) -> None:
+    shell.run_cell(f"%gpumem simulate {card}")
+    shell.run_cell(setup)
+    shell.run_cell(cell)
+    out = capsys.readouterr().out
+    assert "out of memory" in out.lower(), out
+    shell.run_cell("%gpumem retry autocast")
+    out = capsys.readouterr().out
+    print(out)
+    assert "The cell fits under autocast" in out, out
+    predicted, measured, basis = predicted_and_measured(out)
+    assert "recorded ops" in basis
+    assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
