@@ -24,6 +24,7 @@ from jupyter_gpumem.cells import source as cellsource
 from jupyter_gpumem.fixes.base import Attempt, Check, Fix, FixContext, FixOutcome
 from jupyter_gpumem.fixes.batch.accumulate import effective_batch_note
 from jupyter_gpumem.fixes.batch.evidence import failing_tensors, sized_by, variables_sized_by
+from jupyter_gpumem.fixes.batch.longest import WorstFirst
 from jupyter_gpumem.fixes.batch.namespace import history_of, origin
 from jupyter_gpumem.fixes.batch.phase import evaluation_reason
 from jupyter_gpumem.fixes.batch.schedule import schedule_notes
@@ -153,6 +154,7 @@ class ReduceBatch(Fix):
         rehearse = True
         budget = ctx.max_runs + 1
         probe = _ReservedPeak(ctx.failed.report.device_index)
+        worst = WorstFirst(ctx.user_ns)  # rehearsals run the data's largest batch first
         while len(attempts) < budget and final is None:
             b = search.next_batch() if len(attempts) < budget - 1 else None
             real = b is None or not rehearse
@@ -162,7 +164,8 @@ class ReduceBatch(Fix):
             if real:
                 plan, accumulate = _real_plan(ctx, finding, b)
             else:
-                plan = _rehearsal_plan(ctx, finding, b, search, probe)
+                plan = _rehearsal_plan(ctx, finding, b, search, probe, worst)
+                plan.contexts.append(worst)
             plan.contexts.append(probe)
             result, attempt = self._run(ctx, plan)
             attempts.append(attempt)
@@ -196,7 +199,9 @@ class ReduceBatch(Fix):
             outcome.failure = last_failure
             outcome.message = untouched or _unsettled(ctx, attempts)
             return outcome
-        _settled(ctx, finding, outcome, attempts[-1].batch or 0, accumulate, search.replay_note())
+        best = attempts[-1].batch or 0
+        _settled(ctx, finding, outcome, best, accumulate, search.replay_note())
+        outcome.notes[0:0] = worst.notes(best)  # what it was sized for, first
         return outcome
 
     def _run(self, ctx: FixContext, plan: Plan) -> tuple[RunResult, Attempt]:
@@ -249,9 +254,15 @@ def _real_plan(ctx: FixContext, finding: BatchFinding, b: int) -> tuple[Plan, An
 
 
 def _rehearsal_plan(
-    ctx: FixContext, finding: BatchFinding, b: int, search: BatchSearch, probe: _ReservedPeak
+    ctx: FixContext,
+    finding: BatchFinding,
+    b: int,
+    search: BatchSearch,
+    probe: _ReservedPeak,
+    worst: WorstFirst,
 ) -> Plan:
-    """A rehearsal at ``b``; kept as the real run if it ran whole and the search settles on it."""
+    """A rehearsal at ``b``; kept as the real run if it ran whole and the search settles on it
+    (and ran the loader's own batches: not its worst batch first, see ``longest.py``)."""
     new_source, updates = apply_batch(ctx.failed.source, finding, b)
     twice = _twice(new_source) if ctx.failed.loop is None else None
     if twice is not None:
@@ -262,7 +273,8 @@ def _rehearsal_plan(
 
     def settles(result: RunResult) -> bool:
         search.observe(Observation(b, True, _need(result, probe), log=probe.log))
-        return search.next_batch() is None and search.best() == b and not ctx.accumulate
+        settled = search.next_batch() is None and search.best() == b
+        return settled and not ctx.accumulate and not worst.applied
 
     plan.keep = settles
     return plan

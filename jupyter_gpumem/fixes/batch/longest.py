@@ -1,0 +1,493 @@
+"""The worst batch, not the first: Reduce batch's rehearsals run the largest batch the data makes.
+
+A rehearsal stops after two passes of the failing loop, so it sees the loader's first two batches.
+Where the batch's other dimensions follow the data (a ``collate_fn`` that pads to the longest
+sequence in the batch, images of several sizes), those two say nothing about the longest batch of
+the epoch: a batch found on them runs out later, on a long one (Lightning's BatchSizeFinder,
+issues 8028, 20231 and 21154; tensor2tensor 581).
+
+So while a rehearsal runs, a DataLoader over data whose items vary in size starts every epoch with
+its worst batch, twice: the sample with the most elements ``b`` times (with the longest sample of
+each varying dimension among them, so that a collate that pads each dimension to its longest pads
+them all), then the epoch from its third batch in the loader's own order. Why rehearse the worst
+shape rather than scale what the first batches needed by worst/seen length:
+
+- the need of a padded batch is not linear in its length (attention is quadratic, an LSTM's
+  workspace and the allocator's block sizes step), and the part that does not grow with the length
+  (weights, the optimizer's state) must not be scaled; a run at the worst shape measures all of it;
+- a sample repeated ``b`` times is the largest batch of ``b`` the data can make for any collate
+  that pads or stacks (every row as long as the longest), and its shape is affine in ``b``, so the
+  search's replay of the rehearsals' allocation logs (``replay.py``) still holds from one run to the
+  next; ``b`` of the longest distinct samples would not be;
+- the real run that follows is the user's own order, whole: it meets the worst batch where it lies.
+
+The sizes come from the dataset itself where they can be read without running the notebook's code
+(a list or tuple of tensors, token lists, tuples or dicts of them; a ``Subset`` of one; a
+``SubsetRandomSampler``'s indices), else from ``dataset[i]`` over the loader's index order (the
+dataset's own code runs, inside the rehearsal; all of it within a time budget, else a sample of it,
+and the outcome says which). A loader that makes its own batches (a ``batch_sampler``) or streams
+(an ``IterableDataset``) is not reordered: where its batches' shapes differ in the rehearsal, the
+outcome says in one line that it sized for the batches it saw.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from jupyter_gpumem.backends import torch_objects
+from jupyter_gpumem.rescue import safe
+
+Shape = tuple[int, ...]
+Signature = tuple[Shape | None, ...]
+
+# Reading item sizes without running code: at most this long per dataset (a list of a million
+# token lists is read in about a second); past it, the items read so far, in a seeded random order.
+_READ_BUDGET_S = 1.5
+# Through ``dataset[i]`` (the dataset's own code): at most this long per dataset.
+_SAMPLE_BUDGET_S = 3.0
+# Above this many items (and always through ``dataset[i]``) the order read is shuffled (seeded), so
+# that a budget cut short samples the whole epoch, not its start.
+_SHUFFLE_ABOVE = 20_000
+_MAX_FIELDS = 16
+# Through ``dataset[i]``, items of one shape this many times in a row (spread over the epoch) end
+# the reading: a dataset of images of one size is not read for seconds.
+_FIRST_LOOK = 64
+# The longest batch is "rare" when at most this share of the items is over half its length.
+_RARE_SHARE = 0.05
+# The passes of each epoch that run the worst batch (a rehearsal sees two).
+_WORST_PASSES = 2
+
+
+@dataclass
+class _Sizes:
+    """One dataset's item sizes, as read: the worst batch and how it was found."""
+
+    dataset: Any  # held, so that its id keys the cache for the whole fix
+    name: str  # "`dataset`", "`tokenized_datasets['train']`", "`train_loader`'s dataset"
+    total: int  # the items the loader draws from
+    read: int  # of them, whose sizes were read
+    ran_code: bool  # read through ``dataset[i]``
+    worst: list[int] = field(default_factory=list)  # positions: the largest first, then per dim
+    longest: Shape = ()  # the varying field's shape in the largest item
+    unit: str = ""  # "tokens" for integer sequences
+    median: float = 0.0  # elements of that field, the median item
+    over_half: int = 0  # items whose field is over half the longest
+
+    def batch(self, b: int) -> list[int]:
+        """``b`` positions: the worst items, the largest repeated to fill the batch."""
+        head = self.worst[: max(1, b)]
+        return head + [self.worst[0]] * (b - len(head))
+
+    def describe(self) -> str:
+        """``400 tokens``, ``3×512×640``."""
+        if len(self.longest) == 1:
+            return f"{self.longest[0]} {self.unit}" if self.unit else f"length {self.longest[0]}"
+        return "×".join(map(str, self.longest))
+
+
+class WorstFirst:
+    """A rehearsal's context (``Plan.contexts``): DataLoaders over data of varying sizes start
+    each epoch with their worst batch. One per fix: sizes read once, kept across its runs."""
+
+    def __init__(self, user_ns: Mapping[str, Any]) -> None:
+        self.user_ns = user_ns
+        self._sizes: dict[int, tuple[Any, _Sizes | None]] = {}  # id -> (dataset, its sizes)
+        self.applied = False  # in the last run entered
+        self.used: dict[int, _Sizes] = {}  # over every run
+        self.unknown: dict[str, str] = {}  # loader -> why its largest batch cannot be known
+        self._patched: tuple[type, Any] | None = None
+
+    def __call__(self) -> WorstFirst:
+        return self
+
+    def __enter__(self) -> WorstFirst:
+        self.applied = False
+        cls = _loader_class()
+        if cls is None:
+            return self
+        original = safe.class_attr(cls, "__iter__")
+        if not callable(original):
+            return self
+        own = "__iter__" in safe.class_dict(cls)
+        owner = self
+
+        def __iter__(loader: Any) -> Any:  # DataLoader.__iter__ while a rehearsal runs
+            return owner._iterate(loader, original)
+
+        type.__setattr__(cls, "__iter__", __iter__)
+        self._patched = (cls, original if own else None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._patched is not None:
+            cls, original = self._patched
+            if original is not None:
+                type.__setattr__(cls, "__iter__", original)
+            else:
+                type.__delattr__(cls, "__iter__")
+            self._patched = None
+
+    # -- one loader ------------------------------------------------------------------------
+
+    def _iterate(self, loader: Any, original: Callable[[Any], Any]) -> Any:
+        try:
+            sizes, b = self._for(loader)
+        except Exception:  # reading the data is ours: never a reason for the cell to fail
+            sizes, b = None, None
+        if sizes is None or b is None:
+            it = original(loader)
+            why = self._unknown_why(loader)
+            return it if why is None else self._watch(loader, it, why)
+        self.applied = True
+        self.used[id(sizes.dataset)] = sizes
+        return _worst_then_rest(loader, original, sizes.batch(b))
+
+    def _for(self, loader: Any) -> tuple[_Sizes | None, int | None]:
+        attrs = safe.instance_dict(loader) or {}
+        b = attrs.get("batch_size")
+        dataset = attrs.get("dataset")
+        if type(b) is not int or b < 1 or dataset is None or _iterable_style(dataset):
+            return None, None
+        key = id(dataset)
+        if key not in self._sizes:
+            name = self._name(loader, dataset)
+            self._sizes[key] = (dataset, _read(dataset, attrs.get("sampler"), name))
+        return self._sizes[key][1], b
+
+    def _unknown_why(self, loader: Any) -> str | None:
+        attrs = safe.instance_dict(loader) or {}
+        dataset = attrs.get("dataset")
+        if dataset is not None and _iterable_style(dataset):
+            return "it streams an IterableDataset"
+        if attrs.get("batch_size") is None and dataset is not None:
+            return "its batch_sampler makes the batches"
+        return None
+
+    def _watch(self, loader: Any, it: Any, why: str) -> Iterator[Any]:
+        """The loader's own batches, noting when their shapes differ (the largest is unknown)."""
+        seen: set[Shape] = set()
+        for batch in it:
+            shape = _first_shape(batch)
+            if shape is not None:
+                seen.add(shape)
+                if len(seen) > 1:
+                    self.unknown.setdefault(self._name(loader, None, own=True), why)
+            yield batch
+
+    def _name(self, loader: Any, dataset: Any, own: bool = False) -> str:
+        for target in (dataset, loader) if not own else (loader,):
+            if target is None:
+                continue
+            found = _name_in(self.user_ns, target)
+            if found is not None:
+                return f"`{found}`" if target is dataset or own else f"`{found}`'s dataset"
+        return "the loader" if own else "the loader's dataset"
+
+    # -- for people ------------------------------------------------------------------------
+
+    def notes(self, batch: int) -> list[str]:
+        """What the batch was sized for, and what to do when that size is rare; one line for a
+        loader whose largest batch could not be known."""
+        out = []
+        for sizes in self.used.values():
+            out.extend(_sized_notes(sizes, batch))
+        for name, why in self.unknown.items():
+            out.append(
+                f"{name}'s batches differ in shape and its largest cannot be known ({why}): "
+                "sized for the batches the rehearsals ran; a larger one later may still run out."
+            )
+        return out
+
+
+def _sized_notes(s: _Sizes, batch: int) -> list[str]:
+    median = f"{_round(s.median)} {s.unit}".rstrip() if len(s.longest) == 1 else None
+    if s.ran_code and s.read < s.total:
+        which = (
+            f"the largest of {s.read:,} of {s.name}'s {s.total:,} items, sampled through its "
+            "own `__getitem__` across the loader's order; an item not sampled could be larger"
+        )
+    elif s.ran_code:
+        which = f"the largest of {s.name}'s {s.total:,} items, read through its own `__getitem__`"
+    elif s.read < s.total:
+        which = (
+            f"the largest of {s.read:,} of {s.name}'s {s.total:,} items read in the time allowed; "
+            "an item not read could be larger"
+        )
+    else:
+        which = f"the largest of {s.name}'s {s.total:,} items, read without running its code"
+    what = "longest" if len(s.longest) == 1 else "largest"
+    notes = [
+        f"Sized for the {what} batch: {s.describe()} a sample ({which}"
+        + (f"; the median is {median}" if median else "")
+        + f"). The rehearsals ran {batch} samples that size first, so every batch fits."
+    ]
+    half = math.prod(s.longest) / 2
+    if s.over_half and s.over_half <= _RARE_SHARE * s.read:
+        over = f"{_round(half)} {s.unit}".rstrip() if len(s.longest) == 1 else "half of it"
+        notes.append(
+            f"That size is rare ({s.over_half:,} of {s.read:,} items "
+            f"{'is' if s.over_half == 1 else 'are'} over {over}): sorting "
+            "by length, or batches of similar lengths (a `batch_sampler` that buckets them), "
+            f"would let the other batches run larger than {batch}."
+        )
+    return notes
+
+
+def _round(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}".rstrip("0").rstrip(".")
+
+
+# -- iterating ------------------------------------------------------------------------------
+
+
+def _worst_then_rest(loader: Any, original: Callable[[Any], Any], positions: list[int]) -> Any:
+    """The worst batch for the first passes, then the loader's own batches from the next one on
+    (an epoch of as many batches as the loader has)."""
+    dataset = loader.dataset
+    collate = loader.collate_fn
+    try:
+        count = len(loader)
+    except TypeError:
+        count = _WORST_PASSES
+    for _ in range(min(_WORST_PASSES, count)):
+        yield collate([dataset[i] for i in positions])
+    for k, batch in enumerate(original(loader)):
+        if k >= _WORST_PASSES:
+            yield batch
+
+
+# -- reading sizes --------------------------------------------------------------------------
+
+
+def _read(dataset: Any, sampler: Any, name: str) -> _Sizes | None:
+    """The dataset's item sizes, without running its code where it can be read so; None when its
+    items do not vary in size (nothing to rehearse) or cannot be read."""
+    getter, total, ran_code = _getter(dataset)
+    if getter is None:
+        return None
+    positions = _positions(sampler, total)
+    if not positions:
+        return None
+    order = positions
+    if ran_code or len(order) > _SHUFFLE_ABOVE:
+        order = list(order)
+        random.Random(0).shuffle(order)
+    deadline = time.perf_counter() + (_SAMPLE_BUDGET_S if ran_code else _READ_BUDGET_S)
+    read: list[tuple[int, Signature]] = []
+    for n, i in enumerate(order):
+        if n % 64 == 0 and read:
+            if time.perf_counter() > deadline:
+                break
+            if ran_code and n >= _FIRST_LOOK and len({sig for _, sig in read}) == 1:
+                return None  # the dataset's own code, and one shape so far: not worth seconds
+        read.append((i, _signature(getter(i))))
+    return _summarise(dataset, name, len(positions), read, ran_code)
+
+
+def _getter(dataset: Any) -> tuple[Callable[[int], Any] | None, int, bool]:
+    """(item at a position, how many, whether reading runs the dataset's code)."""
+    tp = type(dataset)
+    if tp is list or tp is tuple:
+        return (lambda i: tp.__getitem__(dataset, i)), tp.__len__(dataset), False
+    attrs = safe.instance_dict(dataset)
+    torch = torch_objects.torch_module()
+    data = getattr(getattr(torch, "utils", None), "data", None)
+    subset = getattr(data, "Subset", None)
+    if attrs is not None and subset is not None and safe.is_a(tp, subset):
+        inner, inner_len, ran = _getter(attrs.get("dataset"))
+        indices: Any = attrs.get("indices")
+        if inner is not None and not ran and type(indices) in (list, tuple, range):
+            idx = list(indices)
+            if all(type(i) is int and 0 <= i < inner_len for i in idx):
+                return (lambda i, get=inner: get(idx[i])), len(idx), False
+    tensor_dataset = getattr(data, "TensorDataset", None)
+    if tensor_dataset is not None and safe.is_a(tp, tensor_dataset):
+        return None, 0, False  # every item the same shape
+    if safe.class_attr(tp, "__getitem__") is safe.MISSING:
+        return None, 0, False
+    try:
+        total = len(dataset)
+    except Exception:
+        return None, 0, True
+    return (lambda i: dataset[i]), total, True
+
+
+def _positions(sampler: Any, total: int) -> list[int] | range:
+    """The positions the loader draws from: a ``SubsetRandomSampler``'s indices, else all."""
+    attrs = safe.instance_dict(sampler) if sampler is not None else None
+    indices: Any = (attrs or {}).get("indices")
+    if safe.type_name(type(sampler)) == "SubsetRandomSampler" and type(indices) in (list, range):
+        return [i for i in indices if type(i) is int and 0 <= i < total]
+    return range(total)
+
+
+def _signature(item: Any) -> Signature:
+    """The shapes of an item's fields: a tensor, a token list, a tuple or dict of them."""
+    if type(item) is dict:
+        values = [v for _, v in sorted(dict.items(item), key=lambda kv: str(kv[0]))]
+        return tuple(_shape(v) for v in values[:_MAX_FIELDS])
+    if type(item) in (list, tuple) and not _scalars(item):
+        return tuple(_shape(v) for v in item[:_MAX_FIELDS])
+    return (_shape(item),)
+
+
+def _scalars(seq: list[Any] | tuple[Any, ...]) -> bool:
+    return bool(seq) and all(type(v) in (int, float, bool) for v in (seq[0], seq[-1]))
+
+
+_READERS: dict[str, Any] = {}
+
+
+def _tensor_reader(name: str) -> Any:
+    """``TensorBase``'s own getter (``shape``, ``dtype``): no subclass's code runs."""
+    if name not in _READERS:
+        torch = torch_objects.torch_module()
+        base = getattr(getattr(torch, "_C", None), "TensorBase", None)
+        _READERS[name] = safe.class_dict(base).get(name) if base is not None else None
+    return _READERS[name]
+
+
+def _shape(value: Any) -> Shape | None:
+    if type(value) in (list, tuple):
+        return (len(value),) if _scalars(value) else None
+    if type(value) in (int, float, bool):
+        return ()
+    getter = _tensor_reader("shape")
+    if getter is None or not torch_objects.is_tensor(value):
+        return None
+    try:
+        return tuple(getter.__get__(value))
+    except Exception:
+        return None
+
+
+def _is_integer(value: Any) -> bool:
+    if type(value) in (list, tuple):
+        return bool(value) and type(value[0]) is int
+    getter = _tensor_reader("dtype")
+    try:
+        return getter is not None and not getter.__get__(value).is_floating_point
+    except Exception:
+        return False
+
+
+def _summarise(
+    dataset: Any, name: str, total: int, read: list[tuple[int, Signature]], ran_code: bool
+) -> _Sizes | None:
+    """The worst items of those read; None when no field's shape varies."""
+    if not read:
+        return None
+    common = statistics.mode(len(sig) for _, sig in read)
+    rows = [(i, sig) for i, sig in read if len(sig) == common]
+    varying = _varying_fields(rows, common)
+    if not varying:
+        return None
+
+    def size(sig: Signature) -> int:
+        return sum(math.prod(sig[f] or ()) for f in varying)
+
+    largest = max(rows, key=lambda r: size(r[1]))
+    worst = [largest[0]]
+    for f in varying:
+        for d in range(len(largest[1][f] or ())):
+            if len({_dim(sig, f, d) for _, sig in rows}) < 2:
+                continue  # the channels of every image: no item is the widest
+            top = max(rows, key=lambda r: _dim(r[1], f, d))
+            if top[0] not in worst:
+                worst.append(top[0])
+    main = max(varying, key=lambda f: math.prod(largest[1][f] or ()))
+    longest = largest[1][main] or ()
+    numels = [math.prod(sig[main] or ()) for _, sig in rows]
+    half = math.prod(longest) / 2
+    first = _item_field(dataset, largest[0], main, ran_code)
+    return _Sizes(
+        dataset=dataset,
+        name=name,
+        total=total,
+        read=len(read),
+        ran_code=ran_code,
+        worst=worst,
+        longest=longest,
+        unit="tokens" if len(longest) == 1 and first is not None and _is_integer(first) else "",
+        median=statistics.median(numels),
+        over_half=sum(1 for n in numels if n > half),
+    )
+
+
+def _dim(sig: Signature, f: int, d: int) -> int:
+    shape = sig[f]
+    return shape[d] if shape is not None and d < len(shape) else 0
+
+
+def _varying_fields(rows: list[tuple[int, Signature]], width: int) -> list[int]:
+    """The fields whose shape differs between items (the same number of dimensions in all)."""
+    out = []
+    for f in range(width):
+        shapes = {sig[f] for _, sig in rows}
+        if None in shapes or len(shapes) < 2 or len({len(s or ()) for s in shapes}) != 1:
+            continue
+        if all(len(s or ()) for s in shapes):
+            out.append(f)
+    return out
+
+
+def _item_field(dataset: Any, position: int, f: int, ran_code: bool) -> Any:
+    """Field ``f`` of the item at ``position``, read again the way its size was."""
+    getter, _, ran = _getter(dataset)
+    if getter is None or ran != ran_code:
+        return None
+    try:
+        item = getter(position)
+    except Exception:
+        return None
+    if type(item) is dict:
+        values = [v for _, v in sorted(dict.items(item), key=lambda kv: str(kv[0]))]
+        return values[f] if f < len(values) else None
+    if type(item) in (list, tuple) and not _scalars(item):
+        return item[f] if f < len(item) else None
+    return item
+
+
+# -- small readings -------------------------------------------------------------------------
+
+
+def _loader_class() -> type | None:
+    torch = torch_objects.torch_module()
+    data = getattr(getattr(torch, "utils", None), "data", None)
+    cls = getattr(data, "DataLoader", None)
+    return cls if isinstance(cls, type) else None
+
+
+def _iterable_style(dataset: Any) -> bool:
+    torch = torch_objects.torch_module()
+    data = getattr(getattr(torch, "utils", None), "data", None)
+    return safe.is_a(type(dataset), getattr(data, "IterableDataset", None))
+
+
+def _first_shape(batch: Any) -> Shape | None:
+    """The shape of the first tensor in a batch (a tensor, a tuple, list or dict of them)."""
+    if type(batch) is dict:
+        batch = [v for _, v in dict.items(batch)]
+    if type(batch) in (list, tuple):
+        return next((s for v in batch[:_MAX_FIELDS] if (s := _shape(v))), None)
+    return _shape(batch)
+
+
+def _name_in(user_ns: Mapping[str, Any], target: Any) -> str | None:
+    """How the notebook reaches ``target``: a name, or a name's dict entry."""
+    items = list(dict.items(user_ns)) if type(user_ns) is dict else list(user_ns.items())
+    for name, value in items:
+        if value is target and not name.startswith("_"):
+            return name
+    for name, value in items:
+        if type(value) is dict and not name.startswith("_"):
+            for key, entry in list(dict.items(value))[:64]:
+                if entry is target:
+                    return f"{name}[{key!r}]"
+    return None

@@ -1,0 +1,316 @@
+"""Reduce batch sizes for the longest batch of the epoch, not the first two (issue 20, item 2).
+
+A padded-sequence loader (a ``collate_fn`` that pads to the longest sequence in the batch) whose
+longest sequence lies in its 5th batch: a rehearsal of two passes sees two short batches, and the
+batch it finds runs out later in the epoch (was: "No batch fitted for the whole run in 9 runs" on
+this loop, 6 real runs out of memory). Now the rehearsals run the data's largest batch first; the
+batch found finishes the epoch in one real run, and the outcome says what it was sized for.
+Measured against the largest batch whose whole epoch fits (bisection, each probe a fresh card).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+MiB = 1 << 20
+CARD = "32MiB"
+N, LONG, START = 320, 280, 64  # at batch 64 the longest sequence is in the 5th batch
+
+DATA = f"""\
+import torch
+from torch.utils.data import DataLoader
+g = torch.Generator().manual_seed(0)
+lengths = torch.randint(8, 40, ({N},), generator=g)
+lengths[{LONG}] = 400
+seqs = [torch.randint(1, 1000, (int(n),), generator=g) for n in lengths]
+labels = torch.randint(0, 2, ({N},), generator=g)
+dataset = list(zip(seqs, labels))
+
+def pad_collate(batch):
+    xs, ys = zip(*batch)
+    return torch.nn.utils.rnn.pad_sequence(xs, batch_first=True), torch.stack(ys)
+"""
+
+MODEL = """\
+import torch.nn.functional as F
+torch.manual_seed(0)
+
+class Classifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(1000, 32, padding_idx=0)
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(32, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32)
+        )
+        self.out = torch.nn.Linear(32, 2)
+
+    def forward(self, x):
+        return self.out(self.mlp(self.emb(x)).mean(1))
+
+model = Classifier().cuda()
+opt = torch.optim.Adam(model.parameters())
+"""
+
+LOADER = "loader = DataLoader(dataset, batch_size={b}, collate_fn=pad_collate)\n"
+
+# one epoch; `steps` counts the batches trained
+TRAIN = """\
+steps = 0
+for x, y in loader:
+    x, y = x.cuda(), y.cuda()
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    steps += 1
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """On a shared 2-core machine torch's thread pool makes each step 30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _setup(shell: Any, loader: bool = True, b: int = START) -> None:
+    shell.run_cell("%gpumem simulate off")
+    assert shell.run_cell(DATA).success  # host data, made before the card
+    shell.run_cell(f"%gpumem simulate {CARD}")
+    assert shell.run_cell(
+        MODEL + (LOADER.format(b=b) if loader else ""), store_history=True
+    ).success
+
+
+def _epoch_fits(shell: Any, b: int) -> bool:
+    _setup(shell, b=b)
+    return bool(shell.run_cell(TRAIN, silent=True).success)
+
+
+@pytest.fixture(scope="module")
+def largest_epoch() -> int:
+    """The largest batch whose whole epoch fits, by bisection (a fresh card and model each)."""
+    from tests.conftest import _end_shell, _new_shell
+
+    sh = _new_shell()
+    sh.run_cell("%load_ext jupyter_gpumem", store_history=False)
+    try:
+        lo, hi = 1, START
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if _epoch_fits(sh, mid) else (lo, mid)
+        return lo
+    finally:
+        sh.run_cell("%unload_ext jupyter_gpumem", store_history=False)
+        _end_shell(sh)
+
+
+def _runs(out: str) -> tuple[int, int]:
+    """(rehearsals, real runs) the outcome reports."""
+    m = re.search(r"(\d+) rehearsals? \+ (\d+) real runs?", out)
+    assert m, out
+    return int(m.group(1)), int(m.group(2))
+
+
+def _finished_the_epoch(shell: Any, batch: int, out: str, largest: int) -> None:
+    ns = shell.user_ns
+    assert 2 * batch <= LONG, "the longest batch must not be among the first two"
+    assert ns["steps"] == len(ns["loader"]) == -(-N // batch), out  # the whole epoch ran
+    assert _runs(out)[1] == 1, out  # the one real run finished: none ran out
+    assert batch >= 0.9 * largest, (batch, largest, out)
+    assert "Sized for the longest batch: 400 tokens a sample" in out, out
+    assert "read without running its code" in out, out
+    assert "sorting by length" in out, out  # 1 of 320 is that long: bucketing is offered
+
+
+def test_retry_batch_padded_loop_finishes_the_epoch(
+    shell: Any, capsys: Any, largest_epoch: int
+) -> None:
+    """Was: rehearsals fitted at 63 on two short batches, then 6 real runs ran out on the 400-token
+    batch: 'No batch fitted for the whole run in 9 runs'."""
+    _setup(shell)
+    assert not shell.run_cell(TRAIN, store_history=True).success  # out in the 5th batch
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry batch --force")  # four steps ran before the failure
+    out = capsys.readouterr().out
+    batch = shell.user_ns["loader"].batch_size
+    assert f"Fits at batch {batch} (was {START})" in out, out
+    _finished_the_epoch(shell, batch, out, largest_epoch)
+    # the next epoch, run by the user, fits too
+    assert shell.run_cell(TRAIN, store_history=True).success
+
+
+def test_oomsafe_padded_loop_finishes_the_epoch(
+    shell: Any, capsys: Any, largest_epoch: int
+) -> None:
+    _setup(shell)
+    capsys.readouterr()
+    assert shell.run_cell("%%oomsafe --fixes batch --force\n" + TRAIN).success
+    out = capsys.readouterr().out
+    batch = shell.user_ns["loader"].batch_size
+    assert f"Fits at batch {batch} (was {START})" in out, out
+    _finished_the_epoch(shell, batch, out, largest_epoch)
+
+
+def test_loader_made_in_the_cell(shell: Any, capsys: Any, largest_epoch: int) -> None:
+    """The batch is a literal of the failing cell and the loader is made there: the rehearsals'
+    loader is the cell's own, reordered all the same."""
+    _setup(shell, loader=False)
+    cell = LOADER.format(b=START) + TRAIN
+    assert not shell.run_cell(cell, store_history=True).success
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry batch --force")
+    out = capsys.readouterr().out
+    m = re.search(rf"Fits at batch (\d+) \(was {START}\)", out)
+    assert m, out
+    _finished_the_epoch(shell, int(m.group(1)), out, largest_epoch)
+
+
+DATASET_CLASS = """\
+class Sequences(torch.utils.data.Dataset):
+    def __init__(self, seqs, labels):
+        self.seqs, self.labels = seqs, labels
+    def __len__(self):
+        return len(self.seqs)
+    def __getitem__(self, i):
+        return self.seqs[i], self.labels[i]
+
+dataset = Sequences(seqs, labels)
+"""
+
+
+def test_a_dataset_with_its_own_getitem_is_read_through_it_and_says_so(
+    shell: Any, capsys: Any, largest_epoch: int
+) -> None:
+    shell.run_cell("%gpumem simulate off")
+    assert shell.run_cell(DATA + DATASET_CLASS).success
+    shell.run_cell(f"%gpumem simulate {CARD}")
+    assert shell.run_cell(MODEL + LOADER.format(b=START), store_history=True).success
+    assert not shell.run_cell(TRAIN, store_history=True).success
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry batch --force")
+    out = capsys.readouterr().out
+    batch = shell.user_ns["loader"].batch_size
+    assert f"Fits at batch {batch} (was {START})" in out, out
+    assert f"the largest of `dataset`'s {N} items, read through its own `__getitem__`" in out, out
+    assert shell.user_ns["steps"] == len(shell.user_ns["loader"]), out
+    assert _runs(out)[1] == 1 and batch >= 0.9 * largest_epoch, (batch, largest_epoch, out)
+
+
+# ------------------------------------------------------------------------------------------------
+# The Hugging Face course's full training loop (tests/data/fresh/hf_course_training_loop.py): its
+# DataCollatorWithPadding-style collate, AdamW, a linear schedule, 3 epochs, shuffled; the data
+# (seeded random token ids) made 96 examples of 16-64 tokens and one of 384.
+
+
+def _hf() -> dict[str, str]:
+    from tests.test_third_party_fresh import _cells
+
+    cells = _cells("hf_course_training_loop.py")
+    data = cells["data"]
+    for old, new in (
+        (
+            "n = int(torch.randint(16, 129, ()).item())",
+            "n = 384 if i == 70 else int(torch.randint(16, 65, ()).item())",
+        ),
+        ('"train": [_example(i) for i in range(24)]', '"train": [_example(i) for i in range(96)]'),
+    ):
+        assert old in data
+        data = data.replace(old, new)
+    return {**cells, "data": data}
+
+
+@pytest.mark.slow
+def test_hf_course_loop_with_one_long_example_trains_three_epochs(shell: Any, capsys: Any) -> None:
+    """Was (on a 96 MiB card): rehearsals fitted at 7 on short batches, three real runs ran out
+    (7, 6, 5) and it settled at 3. The largest batch whose three epochs fit is 4 (each batch size
+    run on a fresh card, shuffled as the notebook is)."""
+    cells = _hf()
+    shell.run_cell("%gpumem simulate off")
+    assert shell.run_cell(cells["data"]).success
+    shell.run_cell("%gpumem simulate 96MiB")
+    for name in ("scheduler", "setup"):
+        assert shell.run_cell(cells[name]).success
+    assert not shell.run_cell(cells["train"]).success
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry batch --force")
+    out = capsys.readouterr().out
+    ns = shell.user_ns
+    batch = ns["train_dataloader"].batch_size
+    assert f"Fits at batch {batch} (was 8)" in out, out
+    assert batch == 4, out
+    assert _runs(out)[1] == 1, out
+    assert ns["progress_bar"].n == 3 * len(ns["train_dataloader"]), out  # every epoch whole
+    assert "Sized for the longest batch: 384 tokens a sample" in out, out
+    assert "`tokenized_datasets['train']`" in out, out
+
+
+# ------------------------------------------------------------------------------------------------
+# the readings alone
+
+
+def _read(dataset: Any, sampler: Any = None) -> Any:
+    from jupyter_gpumem.fixes.batch.longest import _read
+
+    return _read(dataset, sampler, "`ds`")
+
+
+def test_data_of_one_shape_is_not_reordered() -> None:
+    from torch.utils.data import TensorDataset
+
+    assert _read(TensorDataset(torch.zeros(10, 4), torch.zeros(10))) is None
+    assert _read([(torch.zeros(4), 1) for _ in range(10)]) is None
+    assert _read([]) is None
+
+
+def test_token_lists_dicts_and_subsets_are_read_without_their_code() -> None:
+    from torch.utils.data import Subset, SubsetRandomSampler
+
+    lists = [[1] * n for n in (3, 9, 5)]
+    s = _read(lists)
+    assert (s.longest, s.unit, s.worst[0], s.ran_code) == ((9,), "tokens", 1, False)
+    assert s.batch(4) == [1, 1, 1, 1]
+    dicts = [{"input_ids": torch.ones(n, dtype=torch.long), "label": 0} for n in (3, 9, 5)]
+    assert _read(dicts).longest == (9,)
+    # a Subset: positions are the subset's own
+    sub = _read(Subset(lists, [0, 2]))
+    assert (sub.longest, sub.worst[0], sub.total) == ((5,), 1, 2)
+    # a sampler that draws from some items only: the longest of those
+    s = _read(lists, SubsetRandomSampler([0, 2]))
+    assert (s.longest, s.worst[0]) == ((5,), 2)
+
+
+def test_images_of_several_sizes_pad_every_dimension() -> None:
+    """A collate that pads each dimension to its longest: the worst batch holds the tallest and
+    the widest image, filled with the largest."""
+    images = [torch.zeros(3, h, w) for h, w in ((8, 8), (30, 10), (10, 28), (20, 20))]
+    s = _read(images)
+    assert s.worst[0] == 3 and set(s.worst) == {1, 2, 3}
+    assert s.describe() == "3×20×20"
+    assert sorted(s.batch(5)) == [1, 2, 3, 3, 3]
+
+
+def test_the_loader_class_is_put_back_after_a_rehearsal() -> None:
+    from torch.utils.data import DataLoader
+
+    from jupyter_gpumem.fixes.batch.longest import WorstFirst
+
+    original = DataLoader.__dict__["__iter__"]
+    data = [torch.zeros(n) for n in (2, 7, 3, 4)]
+    worst = WorstFirst({"data": data})
+    loader = DataLoader(data, batch_size=2, collate_fn=lambda b: [len(x) for x in b])
+    with worst:
+        assert list(loader) == [[7, 7], [7, 7]]  # two batches: both the worst
+    assert worst.applied and DataLoader.__dict__["__iter__"] is original
+    assert list(loader) == [[2, 7], [3, 4]]
+    loader = DataLoader(data, batch_size=1, collate_fn=lambda b: [len(x) for x in b])
+    with worst:
+        assert list(loader) == [[7], [7], [3], [4]]  # an epoch is as long as the loader's
