@@ -120,16 +120,12 @@ def test_transfer_learning_move_to_cpu_equals_one_clean_run(shell: Any, capsys: 
     assert fixed["epoch"] == clean["epoch"] == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`%gpumem retry cpu` keeps the BatchNorm running statistics the failed run's forward "
-    "moved before it ran out (stem's BN saw one more batch): the val losses printed differ from "
-    "one clean run (e.g. 'val Loss: 2.3543' vs '2.3536') and nothing says so ('retry autocast' "
-    "says 'not put back: `model_ft`'s BatchNorm running statistics'; 'retry cpu' does not)",
-)
 def test_transfer_learning_move_to_cpu_batchnorm_statistics_as_clean_or_told(
     shell: Any, capsys: Any
 ) -> None:
+    """The failed run's forward moved the BatchNorm running statistics before it ran out (stem's
+    BN saw one more batch) and no copy from before that cell exists: Move to CPU's outcome says
+    it kept them, as a failed fix says it could not put them back."""
     _setup(shell, TL, TL_CARD)
     assert not shell.run_cell(TL["train"]).success
     capsys.readouterr()

@@ -9,7 +9,11 @@ failure is not inside a loop runs whole.
 
 The same reading tells whether the loop had run earlier passes when it failed
 (:func:`earlier_passes`), so the side-effect guard does not count the rest of the loop body as
-already done when the failure was on the first pass.
+already done when the failure was on the first pass. It is judged by what ran: the loop target's
+value at the failure (a counter past its start, the item of a list it takes, whether or not the
+name existed before the cell), names the body binds after the failing line, and the state of an
+optimizer stepped after it, which tells only for one the failed run made (an optimizer from an
+earlier cell may have had its state then).
 """
 
 from __future__ import annotations
@@ -256,26 +260,83 @@ def _earlier(
             return False  # bound before the cell: says nothing about this run
         return name in scope
 
-    counter = _counter_start(loop)
-    if counter is not None and bound(counter[0]):
-        value = scope.get(counter[0])
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value != counter[1]
+    # the loop's own target was bound by this run's pass (the failing line is in its body),
+    # whether or not the name existed before the cell
+    told = _pass_of(loop, lineno, scope)
+    if told is not None:
+        return told
     after = {n for n in _stores_after(loop, done_to, tree) if not (module and n in preexisting)}
     after -= {n.id for n in _stores(tree) if n.lineno <= lineno}
     if any(bound(n) for n in after):
         return True
-    # an optimizer stepped after the failing line has no state yet: no pass got that far
+    # an optimizer stepped after the failing line has no state yet: no pass got that far; state
+    # tells only of an optimizer this run made (one from before the cell may have had it then)
     stepped = _steps_after(loop, done_to, scope)
-    if stepped and not any(_has_state(o) for o in stepped):
+    if stepped and not any(_has_state(o) for _, o in stepped):
         return False
-    if stepped:
+    made_here = _made_before(tree, loop, {n for n, _ in stepped}, preexisting if module else None)
+    if any(n in made_here and _has_state(o) for n, o in stepped):
         return True
     return False if after else None
 
 
-def _steps_after(loop: ast.AST, lineno: int, scope: dict[str, Any]) -> list[Any]:
-    """Optimizers the loop body steps (``opt.step()``, ``scaler.step(opt)``) after ``lineno``."""
+def _pass_of(loop: ast.AST, lineno: int, scope: dict[str, Any]) -> bool | None:
+    """Whether the failing pass of ``loop`` was past its first, read from its target's value at
+    the failure: a counter (``range``, ``enumerate``) past its start, or the item of a list or
+    tuple the loop takes (by identity, where it stands once in it); None when neither tells or
+    the body rebinds the target before the failing line."""
+    if not isinstance(loop, (ast.For, ast.AsyncFor)):
+        return None
+    rebound = {n.id for n in _stores(loop) if n.lineno <= lineno and n.lineno > loop.lineno}
+    counter = _counter_start(loop)
+    if counter is not None:
+        value = scope.get(counter[0])
+        if counter[0] not in rebound and type(value) is int:
+            return value != counter[1]
+        return None
+    return _item_pass(loop, scope, rebound)
+
+
+def _item_pass(
+    loop: ast.For | ast.AsyncFor, scope: dict[str, Any], rebound: set[str]
+) -> bool | None:
+    """``for x in xs`` / ``for x, y in pairs`` over a list or tuple the scope holds: the pass is
+    where the target's value stands in it, by identity (its first name, for a tuple target)."""
+    target, it = loop.target, loop.iter
+    if not isinstance(it, ast.Name) or type(scope.get(it.id)) not in (list, tuple):
+        return None
+    items: list[Any] | tuple[Any, ...] = scope[it.id]
+    first = target.elts[0] if isinstance(target, (ast.Tuple, ast.List)) and target.elts else target
+    if not isinstance(first, ast.Name) or first.id in rebound or first.id not in scope:
+        return None
+    value = scope[first.id]
+    if first is not target:
+        items = [x[0] if type(x) in (list, tuple) and x else _NOTHING for x in items]
+    at = [i for i, x in enumerate(items) if x is value]
+    if len(at) != 1:
+        return None
+    return at[0] != 0
+
+
+_NOTHING = object()
+
+
+def _made_before(
+    tree: ast.AST, loop: ast.AST, names: set[str], preexisting: frozenset[str] | None
+) -> set[str]:
+    """Of ``names``, those the failed run made before ``loop``: assigned in the scope's own code
+    above the loop (not a parameter); at the cell's top level, also a name that did not exist
+    before the cell (``preexisting`` given)."""
+    start = getattr(loop, "lineno", 0)
+    made = {n.id for n in _stores(tree) if n.lineno < start and n.id in names}
+    if preexisting is not None:
+        made |= {n for n in names if n not in preexisting}
+    return made
+
+
+def _steps_after(loop: ast.AST, lineno: int, scope: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(name, optimizer) the loop body steps (``opt.step()``, ``scaler.step(opt)``) after
+    ``lineno``."""
     found = []
     for node in ast.walk(loop):
         if not (isinstance(node, ast.Call) and getattr(node, "lineno", 0) > lineno):
@@ -285,7 +346,7 @@ def _steps_after(loop: ast.AST, lineno: int, scope: dict[str, Any]) -> list[Any]
             continue
         for cand in (f.value, *node.args):
             if isinstance(cand, ast.Name) and torch_objects.is_optimizer(scope.get(cand.id)):
-                found.append(scope[cand.id])
+                found.append((cand.id, scope[cand.id]))
     return found
 
 

@@ -249,6 +249,10 @@ class MoveToCpu(Fix):
         if missed:
             outcome.notes.append("Not redirected (still CUDA): " + ", ".join(missed))
         outcome.notes.append("Runs on the CPU: expect it to be much slower than on the GPU.")
+        # (after rehearsals, the runner names them among what the rehearsals could not undo)
+        kept = ctx.txn.failed_run_note() if ctx.txn is not None and outcome.ok else None
+        if kept and not outcome.rehearsals:
+            outcome.notes.append(kept)
         if outcome.ok:
             outcome.message = f"The cell ran on the CPU ({outcome.runs} run)."
             outcome.change = "Use device = 'cpu' in the cell (or keep running it this way)."

@@ -9,7 +9,9 @@ judged by what ran, not by what the body could do: the loop counters' values at 
 ``branch.passes_before``), else the failure record's ``earlier_passes``. The failing statement's
 own effect did not happen (``step += f()`` where ``f`` raised), except ``X.step()`` and
 ``.backward()``, which may have run part way: a backward that ran out of memory is named for the
-gradients it left in ``.grad``. A name the cell binds from scratch (``acc = 0`` before ``acc +=
+gradients it left in ``.grad``; a ``opt.step(closure)`` that ran out of memory inside its closure
+(the failure's frames go through the function it was given) before a ``torch.optim`` optimizer
+changed any weight (its closure is evaluated first; an LBFGS with ``n_iter`` 0) did not step. A name the cell binds from scratch (``acc = 0`` before ``acc +=
 1``) is recreated by the re-run, and so is an optimizer built in the cell over a model built in the
 cell. ``x = x.to(device)``, ``.cuda()``, ``.eval()`` are not rebinds, and ``obj.attr = v`` with a
 ``v`` not made from ``obj`` sets the same again: doing them twice is doing them once.

@@ -16,8 +16,11 @@ the logging handlers' files):
 Rehearsals (probes of a fix) are rolled back after each run; the final run is kept when it fits
 and rolled back when it does not, or when anything interrupts it (Ctrl-C included, deferred while
 the rollback runs). What no copy can put back (a generator, a socket, a database) is named before
-anything runs (``Transaction.not_covered``) and again after (``undo_message``). Reading and
-writing the user's objects runs none of their code (``safe``).
+anything runs (``Transaction.not_covered``) and again after (``undo_message``). What the failed
+run itself left in the models before it ran out (BatchNorm running statistics, gradients in
+``.grad``) has no copy from before that cell: it is named the same way, and a kept run says it
+started from it (``failed_run_note``). Reading and writing the user's objects runs none of their
+code (``safe``).
 """
 
 from __future__ import annotations
@@ -339,7 +342,10 @@ class Transaction:
             gc.collect()
             torch_state.release_cached()  # their blocks go back to the card, as the hook's release does
         self.not_covered = self.snapshot.not_covered
-        self.not_covered += _failed_run_traces(self.snapshot)
+        # what the failed run itself left in the models before it ran out: no copy from before
+        # that cell exists, so neither a rollback nor a kept run puts it back
+        self.failed_run = _failed_run_traces(self.snapshot)
+        self.not_covered += self.failed_run
 
     def release(self, name: str) -> None:
         """The fix deletes ``name`` on purpose: the snapshot must not keep it alive."""
@@ -389,6 +395,17 @@ class Transaction:
         """What the last rollback could not put back, then what no rollback covers (each once)."""
         said = " ".join(self.problems)
         return self.problems + [n for n in self.not_covered if n.split(" ", 1)[0] not in said]
+
+    def failed_run_note(self) -> str | None:
+        """For a run the fix keeps: what of the failed run's own work it started from, which one
+        clean run from before that cell would not have; None when there is none."""
+        if not self.failed_run:
+            return None
+        return (
+            "Kept from the failed run (it changed them before it ran out, and nothing copied "
+            "them before that cell): " + _listed(self.failed_run) + "; one clean run from "
+            "before that cell would not have them."
+        )
 
     def undo_message(self, *, everything: bool = False) -> str:
         """One line: what a rollback put back, and what it could not."""
@@ -458,12 +475,13 @@ def _failed_run_traces(snap: Snapshot) -> list[str]:
         bn, grads = torch_state.bn_and_grads(m.module)
         if bn:
             found.append(
-                f"`{name}`'s BatchNorm running statistics (the failed run's forward passes "
-                "updated them before it ran out)"
+                f"`{name}`'s BatchNorm running statistics (as the failed run's forward passes "
+                "in training mode left them)"
             )
         if grads:
             found.append(
-                f"the gradients in `{name}`'s `.grad` (the failed run's, if it got to backward)"
+                f"the gradients in `{name}`'s `.grad` (as the failed run left them, if it got "
+                "to backward)"
             )
     return found
 
