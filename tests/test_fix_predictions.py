@@ -75,3 +75,20 @@ def test_autocast_prediction_is_within_15_percent_of_the_measured_peak(
     predicted, measured, basis = predicted_and_measured(out)
     assert "recorded ops" in basis
     assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
+
+
+def test_clear_cache_with_nothing_cached_says_not_enough_then_measures(
+    shell: Any, capsys: Any
+) -> None:
+    shell.run_cell("%gpumem simulate 160MiB")
+    shell.run_cell(
+        'import torch\nkeep = torch.empty(100 * 2**20, dtype=torch.uint8, device="cuda")'
+    )
+    shell.run_cell('y = torch.empty(80 * 2**20, dtype=torch.uint8, device="cuda")')
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("%gpumem retry clear"))
+    assert re.search(r"not enough: saves ~0 B of [\d.]+ [KMG]iB needed, measured now", line), line
+    shell.run_cell("%gpumem retry clear")
+    out = capsys.readouterr().out
+    assert "Still out of memory after clearing" in out, out
+    assert re.search(r"Predicted saving ~0 B \([^)]*\), measured 0 B", out), out

@@ -175,15 +175,18 @@ class Autocast(Fix):
             return Check(False, action, "the cell already uses autocast")
         if d is not None and d.causes and d.causes[0].key == "request_exceeds_card":
             return Check(False, action, "one allocation is larger than the card even at half size")
+        known = predict.remembered(ctx.failed.source)
         if ctx.remembered.get(_failed_key(ctx.failed.source)):
-            return Check(False, action, "this cell already ran out of memory under autocast")
+            why = "this cell already ran out of memory under autocast"
+            if known is not None:
+                why += f" ({predict.need_words(known)[:-1]})"
+            return Check(False, action, why)
         wide = _float64_only(ctx)
         if wide:
             names = ", ".join(f"`{n}`" for n in wide)
             return Check(
                 False, action, f"{names} computes in float64, which autocast leaves as it is"
             )
-        known = predict.remembered(ctx.failed.source)
         if known is not None:
             return Check(True, action, "", known.saving_bytes, basis=predict.REPLAYED)
         saving = None
@@ -211,8 +214,12 @@ class Autocast(Fix):
             log = predict.scaled(log, at, batch)
             failed = failed * batch // at if failed and failed % at == 0 else failed
         prediction = predict.replay_autocast(log, _device_type(), failed)
-        if at is not None:
-            prediction = dataclasses.replace(prediction, recorded_at=at, batch=batch)
+        prediction = dataclasses.replace(
+            prediction,
+            recorded_at=at,
+            batch=batch if at is not None else None,
+            capacity=result.capacity_bytes,
+        )
         predict.remember(ctx.failed.source, prediction)
         return prediction, [attempt]
 

@@ -10,7 +10,8 @@ import sys
 
 from jupyter_gpumem.backends import torch_objects
 from jupyter_gpumem.diagnosis.diagnose import Diagnosis
-from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome
+from jupyter_gpumem.fixes import predict
+from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome, predicted_vs_measured
 from jupyter_gpumem.readings.allocator_state import read_allocator_state
 from jupyter_gpumem.readings.release import release_failed_cell
 from jupyter_gpumem.rescue.rerun import Plan
@@ -55,6 +56,12 @@ def _releasable_now(d: Diagnosis) -> int | None:
     except Exception:
         return None
     return state.blocks.releasable_bytes if state.blocks is not None else None
+
+
+def _reserved(d: Diagnosis | None) -> int | None:
+    """What PyTorch reserves now on the device that ran out."""
+    stats = torch_objects.allocator_stats(d.report.device_index if d is not None else None)
+    return None if stats is None else stats.get("reserved_bytes.all.current")
 
 
 class ClearCache(Fix):
@@ -106,7 +113,8 @@ class ClearCache(Fix):
             offers = [h for h in d.unused_variables() if h.total_bytes]
             if offers or output_cache_bytes(ctx):
                 action += " It can also delete variables this cell does not use: choose them."
-        return Check(True, action, "", saving)
+        basis = predict.MEASURED if releasable is not None else ""
+        return Check(True, action, "", saving, basis=basis)
 
     def apply(self, ctx: FixContext) -> FixOutcome:
         check = self.check(ctx)
@@ -129,12 +137,25 @@ class ClearCache(Fix):
             drop_output_cache(ctx.shell)
             notes.append("cleared the output cache")
         before = torch_objects.allocated_bytes()
+        reserved = _reserved(d)
         release_failed_cell(ctx.shell, getattr(sys, "last_value", None))
         gc.collect()
         torch_objects.empty_cache()
         after = torch_objects.allocated_bytes()
         if before is not None and after is not None and before > after:
             notes.append(f"freed {format_bytes(before - after)}")
+        left = _reserved(d)
+        if check.predicted_saving_bytes is not None and reserved is not None and left is not None:
+            notes.append(  # what clearing gave back, before the re-run: the saving it predicted
+                predicted_vs_measured(
+                    check.predicted_saving_bytes,
+                    max(reserved - left, 0),
+                    "saving",
+                    "the allocator's blocks read before clearing"
+                    if check.basis == predict.MEASURED
+                    else "",
+                )
+            )
         outcome = self._single_run(ctx, Plan(ctx.failed.source, note="after clearing"), check)
         outcome.notes = notes
         outcome.message = (

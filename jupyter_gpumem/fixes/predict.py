@@ -40,10 +40,12 @@ from jupyter_gpumem.units import format_bytes
 
 __all__ = [
     "ESTIMATE",
+    "MEASURED",
     "REPLAYED",
     "Prediction",
     "basis_words",
     "need_words",
+    "not_enough",
     "remember",
     "remembered",
     "replay_as_is",
@@ -54,6 +56,7 @@ __all__ = [
 # how a button's number was made, said beside it
 ESTIMATE = "estimate"  # a rule of thumb: no recording of the cell yet
 REPLAYED = "replayed"  # a recording of the cell replayed under the fix
+MEASURED = "measured now"  # read from the allocator as it stands (Clear cache)
 
 # ops autocast computes in the lower precision, as a dispatch mode sees them (linear and matmul
 # arrive as addmm/mm/bmm; conv2d as convolution)
@@ -172,6 +175,7 @@ class Prediction:
     partial: bool  # replayed up to an OOM: the rest of the pass is not in it
     casts: int = 0  # bytes of cast copies the fix adds (weights' and inputs' copies)
     recorded_at: int | None = None  # the batch the cell was recorded at, when not its own
+    capacity: int | None = None  # what the process may use on the card, read at the recording
     batch: int | None = None  # the cell's own batch, the recording scaled to it
 
     @property
@@ -352,15 +356,23 @@ def basis_words(p: Prediction) -> str:
 
 
 def need_words(p: Prediction) -> str:
-    """The replay's need before and after, in one sentence."""
+    """The replay's need before and after, in one sentence, and "not enough" where the need
+    under autocast is more than the card has."""
     before, after = format_bytes(p.need_before), format_bytes(p.need_after)
+    text = f"The replay put the need at ~{after} under autocast against ~{before} as it was"
     if p.saving_bytes < 0:
-        return (
-            f"The replay put the need at ~{after} under autocast against ~{before} as it was: "
-            f"the weights' half-precision copies ({format_bytes(p.casts)} of casts) add more "
-            "than the activations save."
+        text += (
+            f": the half-precision copies ({format_bytes(p.casts)} of casts) add more than the "
+            "activations save"
         )
-    return f"The replay put the need at ~{after} under autocast against ~{before} as it was."
+    if not_enough(p):
+        text += f"; not enough: the card has {format_bytes(p.capacity)}"
+    return text + "."
+
+
+def not_enough(p: Prediction) -> bool:
+    """The replay says the need under the fix is more than the card has."""
+    return p.capacity is not None and p.need_after > p.capacity
 
 
 _REMEMBERED: OrderedDict[str, Prediction] = OrderedDict()

@@ -34,11 +34,17 @@ def folded_html(folded: list[Cause]) -> str:
 
 
 def shortfall_note(check: Check, shortfall_bytes: int | None) -> str:
-    """ "not enough: saves ~X of Y needed" when the predicted saving is below the shortfall."""
+    """ "not enough: saves ~X of Y needed" when the predicted saving is below the shortfall
+    ("adds ~X" where the fix raises the need), with how it was predicted ("estimate",
+    "replayed", "measured now")."""
     saving = check.predicted_saving_bytes
     if not check.applies or saving is None or not shortfall_bytes or saving >= shortfall_bytes:
         return ""
-    return f"not enough: saves ~{format_bytes(saving)} of {format_bytes(shortfall_bytes)} needed"
+    basis = f", {check.basis}" if check.basis else ""
+    short = format_bytes(shortfall_bytes)
+    if saving < 0:  # autocast where the weights' half copies outweigh what it halves
+        return f"not enough: adds ~{format_bytes(-saving)} to the {short} needed{basis}"
+    return f"not enough: saves ~{format_bytes(saving)} of {short} needed{basis}"
 
 
 def button_text(label: str, check: Check, shortfall_bytes: int | None, key: str = "") -> str:
@@ -50,7 +56,9 @@ def button_text(label: str, check: Check, shortfall_bytes: int | None, key: str 
     if check.applies and check.predicted_saving_bytes:
         size = format_bytes(check.predicted_saving_bytes)
         return (
-            f"{label} (takes ~{size} off the GPU)" if key == "cpu" else f"{label} (saves ~{size})"
+            f"{label} (takes ~{size} off the GPU)"
+            if key == "cpu"
+            else f"{label} ({check.saving_text})"
         )
     return label
 
@@ -95,7 +103,8 @@ def measured_line(o: FixOutcome) -> str:
     peak = fits[-1].peak_bytes if fits else None
     cap = fits[-1].capacity_bytes if fits else None
     parts = []
-    if o.predicted_saving_bytes and not any("Predicted saving" in n for n in o.notes):
+    said = any(n.startswith("Predicted") or "Predicted saving" in n for n in o.notes)
+    if o.predicted_saving_bytes and not said:  # a fix's own prediction note says it better
         parts.append(f"Predicted saving ~{format_bytes(o.predicted_saving_bytes)}.")
     if peak:
         of = f" of {format_bytes(cap)} ({100 * peak / cap:.0f}%)" if cap else ""
