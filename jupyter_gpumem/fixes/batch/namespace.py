@@ -2,7 +2,9 @@
 
 - a config the cell (or a notebook function it calls) reads: ``args.batch_size`` (an argparse or
   simple namespace), ``cfg["batch_size"]`` (a dict), a dataclass field; changed on a copy bound to
-  the same name, so the transaction's rollback puts the original back;
+  the same name, so the transaction's rollback puts the original back. Read and copied as
+  ``rescue.safe`` reads the user's objects: no property, ``__getattr__``, ``items()``, ``__init__``
+  or ``__copy__`` of theirs runs (a dataclass's ``__post_init__`` does not run for the copy);
 - where a value was set, for "make it permanent": the latest cell of the history (``In``) that
   assigns the name, and the line in it that carries the number
   (``In [3], line 2: train_loader = DataLoader(ds, batch_size=144)``).
@@ -12,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import ast
-import copy
-import dataclasses
 import re
 import types
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from itertools import islice
+from typing import Any, cast
 
 from jupyter_gpumem.cells import source as cellsource
+from jupyter_gpumem.rescue import safe
 
 _BATCH_NAME = re.compile(r"(^|_)(batch_?size|bs|bsz|micro_?batch(_size)?)$", re.IGNORECASE)
 _MAX_KEYS = 200
@@ -31,24 +33,66 @@ def is_batch_name(name: str) -> bool:
 
 
 def config_items(obj: object) -> Iterator[tuple[str, int, bool]]:
-    """(key, value, is_item) of the batch-named int settings of a config object."""
-    items: list[tuple[Any, Any]]
-    is_item = isinstance(obj, dict)
-    try:
-        if is_item:
-            assert isinstance(obj, dict)
-            items = list(obj.items())[:_MAX_KEYS]
-        elif isinstance(obj, (argparse.Namespace, types.SimpleNamespace)):
-            items = list(vars(obj).items())[:_MAX_KEYS]
-        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            items = [(f.name, getattr(obj, f.name, None)) for f in dataclasses.fields(obj)]
-        else:
-            return
-    except Exception:  # a user object may raise anything
+    """(key, value, is_item) of the batch-named int settings of a config object: a dict (its
+    entries read as ``dict`` stores them, never a subclass's own ``items()``), an argparse or
+    simple namespace, or a dataclass (their attributes read from the instance dictionary and
+    slots, never through a property or ``__getattr__``). Only settings a copy can change
+    without running the object's code (``with_setting``)."""
+    tp = type(obj)
+    if safe.is_a(tp, dict):
+        for key, value in islice(dict.items(cast(dict, obj)), _MAX_KEYS):
+            if (setting := _setting(key, value)) is not None:
+                yield *setting, True
         return
-    for key, value in items:
-        if isinstance(key, str) and type(value) is int and value >= 1 and is_batch_name(key):
-            yield key, value, is_item
+    fields = safe.class_attr(tp, "__dataclass_fields__")
+    if type(fields) is not dict and not any(safe.is_a(tp, c) for c in _NAMESPACES):
+        return
+    attrs = _attributes(obj)
+    if attrs is None:
+        return
+    names = list(fields) if type(fields) is dict else list(attrs)
+    for key in names[:_MAX_KEYS]:
+        setting = _setting(key, attrs.get(key))
+        if setting is not None and _settable(tp, setting[0], attrs):
+            yield *setting, False
+
+
+_NAMESPACES = (argparse.Namespace, types.SimpleNamespace)
+
+
+def _setting(key: object, value: object) -> tuple[str, int] | None:
+    """(key, value) where it is a batch-named int setting."""
+    if type(key) is str and type(value) is int and value >= 1 and is_batch_name(key):
+        return key, value
+    return None
+
+
+def _attributes(obj: object) -> dict[str, Any] | None:
+    """The instance's own attributes (dictionary and slots), read through C descriptors."""
+    tp = type(obj)
+    d = safe.instance_dict(obj)
+    attrs = dict(dict.items(d)) if d is not None else {}
+    attrs.update(safe.slot_values(obj, safe.slot_descriptors(tp)))
+    return attrs if d is not None or attrs else None
+
+
+def _settable(tp: type, key: str, attrs: dict[str, Any]) -> bool:
+    """A copy can be made and ``key`` set on it without running the class's code: the class is
+    made by a C ``__new__`` (``object``'s, a builtin's), and ``key`` is a plain attribute (in the
+    instance dictionary, not shadowed by a property or other data descriptor) or a slot."""
+    if _c_new(tp) is None or key not in attrs:
+        return False
+    if any(name == key for name, _desc in safe.slot_descriptors(tp)):
+        return True
+    on_class = safe.class_attr(tp, key)
+    return on_class is safe.MISSING or safe.class_attr(type(on_class), "__set__") is safe.MISSING
+
+
+def _c_new(tp: type) -> Any:
+    """The class's ``__new__`` where it is C code (``object.__new__``, ``SimpleNamespace``'s), else
+    None (a ``__new__`` written in Python is the class's own code)."""
+    new = safe.class_attr(tp, "__new__")
+    return new if type(new) is types.BuiltinFunctionType else None
 
 
 def config_name(var: str, key: str, is_item: bool) -> str:
@@ -56,20 +100,51 @@ def config_name(var: str, key: str, is_item: bool) -> str:
 
 
 def with_setting(obj: object, key: str, value: int, is_item: bool) -> object:
-    """A copy of the config with ``key`` set to ``value``."""
+    """A copy of the config with ``key`` set to ``value``, made without running its code (no
+    ``__init__``, ``__copy__``, ``__setattr__``, property or ``items()`` of the object's): an
+    instance of the same class whose entries and attributes are the original's. ``ValueError``
+    where that cannot be done (``config_items`` offers no such key)."""
     if is_item:
-        assert isinstance(obj, dict)
-        new = dict(obj)
-        new[key] = value
-        return new
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        try:
-            return dataclasses.replace(obj, **{key: value})
-        except (TypeError, ValueError):  # init=False fields: copy and set
-            pass
-    new_obj = copy.copy(obj)
-    object.__setattr__(new_obj, key, value)
-    return new_obj
+        return _dict_with(cast(dict, obj), key, value)
+    return copy_with(obj, key, value)
+
+
+def _dict_with(d: dict[Any, Any], key: str, value: object) -> dict[Any, Any]:
+    """A copy of the dict with one entry set: of the same class where a C ``__new__`` makes it
+    (its attributes copied too), else a plain dict."""
+    tp = type(d)
+    new_fn = _c_new(tp) if tp is not dict else None
+    new: dict[Any, Any] = new_fn(tp) if new_fn is not None else {}
+    dict.update(new, dict(dict.items(d)))
+    dict.__setitem__(new, key, value)
+    attrs, target = safe.instance_dict(d), safe.instance_dict(new)
+    if attrs is not None and target is not None:
+        target.update(attrs)
+    return new
+
+
+def copy_with(obj: object, key: str, value: object) -> object:
+    """A shallow copy of ``obj`` with its attribute ``key`` set to ``value``, made without running
+    the object's code; ``ValueError`` where that cannot be done."""
+    tp = type(obj)
+    attrs = _attributes(obj)
+    new_fn = _c_new(tp)
+    if attrs is None or new_fn is None or not _settable(tp, key, attrs):
+        raise ValueError(f"{key} cannot be changed on a copy without running its class's code")
+    new = new_fn(tp)
+    slots = safe.slot_descriptors(tp)
+    d, target = safe.instance_dict(obj), safe.instance_dict(new)
+    if d is not None:
+        if target is None:
+            raise ValueError(f"a copy of {safe.type_name(tp)} has no attributes of its own")
+        dict.update(target, d)
+    safe.put_slots(new, slots, safe.slot_values(obj, slots))
+    slot = dict(slots).get(key)
+    if slot is not None:
+        slot.__set__(new, value)
+    elif target is not None:
+        target[key] = value
+    return new
 
 
 # -- where a value was set --------------------------------------------------------------------
@@ -143,4 +218,4 @@ def origin(
 def history_of(namespace: Mapping[str, object]) -> Sequence[str] | None:
     """IPython's input history (``In``), if the namespace has it."""
     hist = namespace.get("In")
-    return hist if isinstance(hist, list) else None
+    return hist if type(hist) is list else None

@@ -28,6 +28,8 @@ import ast
 import inspect
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import islice
+from typing import cast
 
 from jupyter_gpumem.fixes.batch.accumulate import accumulation_plan, try_accumulation
 from jupyter_gpumem.fixes.batch.edit import apply_batch, describe_change, rebuild_loader
@@ -53,6 +55,7 @@ from jupyter_gpumem.fixes.batch.sites import (
     _split_lines,
     is_eval_name,
 )
+from jupyter_gpumem.rescue import safe
 
 __all__ = [
     "AccumulationPlan",
@@ -120,29 +123,19 @@ def _loader_entries(
     found: list[tuple[str, int, tuple[str, object, str, object]]] = []
     items: list[tuple[object, object]]
     how = "item"
-    try:
-        if isinstance(obj, dict) and type(obj) is dict:
-            items = list(obj.items())[:_MAX_ENTRIES]
-        elif isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
-            items = [(i, v) for i, v in enumerate(obj[:_MAX_ENTRIES])]
-        else:
-            attrs = object.__getattribute__(obj, "__dict__")  # no __getattr__ of its own
-            if (
-                type(attrs) is not dict
-                or isinstance(obj, type)
-                or type(obj).__module__
-                in (
-                    "builtins",
-                    "types",
-                )
-            ):
-                return found
-            items, how = list(attrs.items())[:_MAX_ENTRIES], "attr"
-    except Exception:  # a user object may raise anything
-        return found
+    tp = type(obj)
+    if tp is dict:
+        items = list(islice(dict.items(cast(dict, obj)), _MAX_ENTRIES))
+    elif tp is list or tp is tuple:
+        items = list(enumerate(islice(cast(Sequence[object], obj), _MAX_ENTRIES)))
+    else:
+        attrs = safe.instance_dict(obj)  # no property or __getattr__ of its own runs
+        if attrs is None or safe.is_a(tp, type) or safe.type_module(tp) in ("builtins", "types"):
+            return found
+        items, how = list(islice(attrs.items(), _MAX_ENTRIES)), "attr"
     for key, value in items:
         batch = _loader_batch(value)
-        if batch is None or not isinstance(key, (str, int)):
+        if batch is None or type(key) not in (str, int):
             continue
         site = f"{name}.{key}" if how == "attr" else f"{name}[{key!r}]"
         found.append((site, batch, (name, key, how, obj)))
@@ -436,5 +429,6 @@ def _why_not_named(name: str, finder: _Finder, namespace: Mapping[str, object] |
         in_ns = f"the namespace has no {name}"
     else:
         obj = namespace[name]
-        in_ns = f"the global {name} is a {type(obj).__name__}, not an int > 1 or a DataLoader"
+        kind = safe.type_name(type(obj))
+        in_ns = f"the global {name} is a {kind}, not an int > 1 or a DataLoader"
     return f"batch variable {name!r} not found: {in_cell}, and {in_ns}"
