@@ -140,9 +140,15 @@ def test_trace_since_finds_the_entries_after_the_mark_even_once_the_ring_wrapped
     assert trace_since([], entries) == (entries, True)
 
 
-def test_the_peak_is_walked_from_the_log() -> None:
-    log = SizeLog(resident=[5], events=[(0, 10), (1, 20), (-1, 0), (-2, 5), (2, 30), (-1, 1)])
-    assert peak_from_log(100, log) == 100 + 10 + 20 - 10 - 5 + 30
+def test_the_peak_is_walked_from_the_log_in_the_blocks_torch_counts() -> None:
+    # allocated_bytes counts blocks: round_size() gives 512-byte granularity
+    # (c10/cuda/CUDACachingAllocator.cpp, kMinBlockSize = 512)
+    k = 1024
+    log = SizeLog(
+        resident=[5 * k], events=[(0, 10), (1, 20 * k), (-1, 0), (-2, 5 * k), (2, 30 * k + 1)]
+    )
+    assert peak_from_log(100 * k, log) == 100 * k + 512 + 20 * k - 512 - 5 * k + 30 * k + 512
+    assert peak_from_log(0, SizeLog(events=[(0, 0)])) == 0  # an empty storage takes no block
 
 
 # ---- the peak counters, in a real shell on the simulated GPU ------------------------------------

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 from jupyter_gpumem.backends import _trace_modules, simulated
 from jupyter_gpumem.backends._trace_modules import ModuleToken, current_module, token
 from jupyter_gpumem.backends._trace_modules import module_root as module_root
-from jupyter_gpumem.backends.simulated.card import _rounded
+from jupyter_gpumem.backends.allocator import rounded
 
 Frame = tuple[str, int, str]  # (filename, line, function), as torch's snapshot has them
 
@@ -57,8 +57,10 @@ class Allocation(NamedTuple):
 
 
 def _block_size(nbytes: int) -> int:
-    """The block the caching allocator gives a request (``round_size``: 512-byte granularity)."""
-    return _rounded(nbytes)
+    """The block the caching allocator gives a request (``round_size`` under torch's default
+    settings: 512-byte granularity); the snapshot puts each live block's real address and size
+    in its place."""
+    return rounded(nbytes)
 
 
 class Recorder:
@@ -241,8 +243,9 @@ def active() -> bool:
     return _active
 
 
-def live_allocations() -> list[Allocation]:
-    """What is allocated now, each with the stack that allocated it ([] when tracing is off)."""
+def live_allocations(device: int | None = None) -> list[Allocation]:
+    """What is allocated now on ``device`` (None: on every device), each with the stack that
+    allocated it ([] when tracing is off)."""
     if not _active:
         return []
     sim = simulated.current()
@@ -250,7 +253,8 @@ def live_allocations() -> list[Allocation]:
         recorder = _recorder
         records = recorder.records if recorder is not None else {}
         out = []
-        for key, nbytes in sim.live_storages():
+        cards = sim.devices if device is None else (sim.card(device),)
+        for key, nbytes in (s for card in cards for s in card.live_storages()):
             record = records.get(key)
             if record is None:
                 out.append(Allocation(nbytes, (), None))
@@ -258,25 +262,29 @@ def live_allocations() -> list[Allocation]:
                 out.append(Allocation(nbytes, record[1], record[2]))
         return out
     if _cuda:
-        return _cuda_allocations()
+        return _cuda_allocations(device)
     return []
 
 
-def _cuda_allocations() -> list[Allocation]:
+def _cuda_allocations(device: int | None) -> list[Allocation]:
+    """The live blocks of torch's snapshot on ``device`` (None: every device's), with their
+    stacks and the module each came from."""
     torch = sys.modules["torch"]
     try:
         snap = torch.cuda.memory._snapshot()
-        device = torch.cuda.current_device()
     except Exception:
         return []
-    meta_at: dict[int, Any] = {}
-    traces = snap.get("device_traces") or []
-    for entry in traces[device] if device < len(traces) else ():
-        if entry.get("action") == "alloc" and "user_metadata" in entry:
-            meta_at[entry.get("addr", -1)] = entry["user_metadata"]
+    meta_at: dict[tuple[int, int], Any] = {}  # (device, address) -> the allocation's metadata
+    for index, trace in enumerate(snap.get("device_traces") or ()):
+        if device is not None and index != device:
+            continue
+        for entry in trace:
+            if entry.get("action") == "alloc" and "user_metadata" in entry:
+                meta_at[(index, entry.get("addr", -1))] = entry["user_metadata"]
     out = []
     for seg in snap.get("segments", ()):
-        if seg.get("device", device) != device:
+        on = seg.get("device", 0)
+        if device is not None and on != device:
             continue
         addr = seg.get("address", 0)
         for block in seg.get("blocks", ()):
@@ -285,7 +293,7 @@ def _cuda_allocations() -> list[Allocation]:
                     (str(f.get("filename", "")), int(f.get("line", 0)), str(f.get("name", "")))
                     for f in block.get("frames", ())
                 )
-                meta = block.get("user_metadata", meta_at.get(addr))
+                meta = block.get("user_metadata", meta_at.get((on, addr)))
                 nbytes = int(block.get("requested_size", block.get("size", 0)))
                 out.append(Allocation(nbytes, frames, token(meta)))
             addr += int(block.get("size", 0))

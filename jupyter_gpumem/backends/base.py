@@ -115,16 +115,16 @@ class MemoryBackend(Protocol):
         """Where ``torch.autocast`` must act for tensors "on the GPU"."""
         ...
 
-    def record_sizes(self) -> AbstractContextManager[SizeLog | None]:
-        """A block whose allocations and frees on the current device are logged, in order (a
-        :class:`~.allocator.SizeLog`, filled when the block ends); None where they cannot be."""
+    def record_sizes(self, index: int | None = None) -> AbstractContextManager[SizeLog | None]:
+        """A block whose allocations and frees on device ``index`` (None: the current one) are
+        logged, in order (a :class:`~.allocator.SizeLog`, filled when the block ends); None where
+        they cannot be."""
         ...
 
-    def supports_bf16(self) -> bool:
-        """The current device computes in bfloat16 natively (compute capability 8.0 or later on
-        CUDA), not by emulation, which is slower than float16. A backend may take an ``index``
-        (``supports_bf16(index=None)``) to answer for another device: ``torch_objects`` asks the
-        device that ran out where it does."""
+    def supports_bf16(self, index: int | None = None) -> bool:
+        """Device ``index`` (None: the current one) computes in bfloat16 natively (compute
+        capability 8.0 or later on CUDA), not by emulation, which is slower than float16:
+        ``torch.cuda.is_bf16_supported(including_emulation=False)`` for that device."""
         ...
 
     def user_traceback(self, tb: TracebackType | None) -> TracebackType | None:

@@ -306,9 +306,10 @@ class CudaBackend:
         return "cuda"
 
     @contextlib.contextmanager
-    def record_sizes(self) -> Iterator[SizeLog | None]:
-        """torch's own allocation history, without stacks (a few µs an event), read when the block
-        ends. Where a history is already being recorded (the notebook's own, to debug this OOM, or
+    def record_sizes(self, index: int | None = None) -> Iterator[SizeLog | None]:
+        """torch's own allocation history of device ``index`` (None: the current one), without
+        stacks (a few µs an event), read when the block ends. torch records every device at once;
+        the log is that device's trace and segments. Where a history is already being recorded (the notebook's own, to debug this OOM, or
         ``%gpumem trace``'s) it is read, never changed, cleared or stopped: the block's entries
         are those after the ones it found. None where torch cannot say whether one is recorded;
         ``sizes_note`` says why."""
@@ -325,8 +326,9 @@ class CudaBackend:
             )
             yield None
             return
+        device = self.current_device() if index is None else index
         if recording:
-            with self._read_history(torch) as log:
+            with self._read_history(torch, device) as log:
                 yield log
             return
         memory = torch.cuda.memory
@@ -343,9 +345,7 @@ class CudaBackend:
             yield log
         finally:
             try:
-                read = size_log_from_snapshot(
-                    memory._snapshot(), torch.cuda.current_device(), _MAX_EVENTS
-                )
+                read = size_log_from_snapshot(memory._snapshot(), device, _MAX_EVENTS)
                 _fill(log, read)
             except Exception:
                 pass
@@ -354,11 +354,11 @@ class CudaBackend:
                     memory._record_memory_history(None)
 
     @contextlib.contextmanager
-    def _read_history(self, torch: Any) -> Iterator[SizeLog | None]:
-        """A log from a history someone else records: two snapshots, the entries between them."""
+    def _read_history(self, torch: Any, device: int) -> Iterator[SizeLog | None]:
+        """A log of ``device`` from a history someone else records: two snapshots, the entries
+        between them."""
         memory = torch.cuda.memory
         try:
-            device = int(torch.cuda.current_device())
             before = _device_trace(memory._snapshot(), device)
         except Exception as exc:
             self.sizes_note = f"the memory history being recorded could not be read: {exc}"

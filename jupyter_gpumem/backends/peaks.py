@@ -16,13 +16,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from jupyter_gpumem.backends.allocator import SizeLog
+from jupyter_gpumem.backends.allocator import SizeLog, rounded
 from jupyter_gpumem.backends.base import active
 
 __all__ = ["PeakWatch", "Peaks", "peak_from_log"]
 
 _ALLOCATED, _ALLOCATED_PEAK = "allocated_bytes.all.current", "allocated_bytes.all.peak"
 _RESERVED, _RESERVED_PEAK = "reserved_bytes.all.current", "reserved_bytes.all.peak"
+# memory given back to the driver (cudaFree, and the unmapping of expandable segments; older
+# torch: segments freed)
+_GIVEN_BACK = ("num_device_free", "segment.all.freed")
 
 
 @dataclass(frozen=True)
@@ -33,23 +36,35 @@ class Peaks:
     reserved_bytes: int  # exact when the counter rose, else the least it can have been
     exact: bool
     at_most_bytes: int  # the allocated peak is at most this (== allocated_bytes when exact)
+    start_bytes: int = 0  # allocated when the stretch started
+    # reserved never fell during the stretch (no segment given back), so its peak is exact
+    reserved_exact: bool = False
 
 
 def peak_from_log(start_bytes: int, log: SizeLog) -> int:
     """The highest ``allocated`` reached while ``log`` ran, from ``start_bytes`` allocated at its
-    start: the log's allocations and frees summed in order."""
+    start: the log's allocations and frees summed in order, each as the block torch counts for it
+    (``round_size``: 512-byte granularity; a large block torch leaves unsplit counts up to 1 MiB
+    more, so the value is a floor within that)."""
     sizes: dict[int, int] = {}
     now = peak = start_bytes
     for n, size in log.events:
         if n >= 0:
-            sizes[n] = size
-            now += size
+            sizes[n] = block = rounded(size) if size else 0
+            now += block
             peak = max(peak, now)
         elif n == -1:
             now -= sizes.pop(size, 0)
         else:
-            now -= size
+            now -= rounded(size) if size else 0
     return peak
+
+
+def _nothing_given_back(before: dict[str, int], after: dict[str, int]) -> bool:
+    for key in _GIVEN_BACK:
+        if key in before and key in after:
+            return before[key] == after[key]
+    return False  # this torch does not count it
 
 
 class PeakWatch:
@@ -76,12 +91,16 @@ class PeakWatch:
         old_peak, new_peak = before.get(_ALLOCATED_PEAK, 0), after.get(_ALLOCATED_PEAK, 0)
         least_reserved = max(after.get(_RESERVED, 0), before.get(_RESERVED, 0))
         reserved = after.get(_RESERVED_PEAK, 0)
-        if reserved <= before.get(_RESERVED_PEAK, 0):
+        reserved_exact = reserved > before.get(_RESERVED_PEAK, 0)
+        if not reserved_exact:
             reserved = least_reserved
+            # reserved falls only when memory goes back to the driver: none did, so it rose
+            # monotonically and ended at its peak
+            reserved_exact = _nothing_given_back(before, after)
         least = max(start, end)
         if new_peak > old_peak:
-            return Peaks(new_peak, reserved, True, new_peak)
+            return Peaks(new_peak, reserved, True, new_peak, start, reserved_exact)
         if log is not None and log.complete:
             value = min(max(peak_from_log(start, log), least), max(new_peak, least))
-            return Peaks(value, max(reserved, value), True, value)
-        return Peaks(least, reserved, False, max(new_peak, least))
+            return Peaks(value, max(reserved, value), True, value, start, reserved_exact)
+        return Peaks(least, reserved, False, max(new_peak, least), start, reserved_exact)

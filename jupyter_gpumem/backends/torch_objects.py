@@ -9,7 +9,6 @@ backend (``base.active()``); new code calls the backend itself.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import sys
 import types
 from collections.abc import Callable, Iterable
@@ -81,13 +80,7 @@ def supports_bf16(device_index: int | None = None) -> bool:
     """Device ``device_index`` (None: the current one) computes in bfloat16 natively."""
     if torch_module() is None:
         return False
-    ask: Any = active().supports_bf16
-    try:
-        takes_index = "index" in inspect.signature(ask).parameters
-    except (TypeError, ValueError):
-        takes_index = False
-    # a backend that cannot be asked about another device answers for its current one
-    return bool(ask(device_index) if takes_index else ask())
+    return bool(active().supports_bf16(device_index))
 
 
 def autocast_device_type() -> str:

@@ -265,6 +265,12 @@ class SimulatedCard:
             self._drain()
             self._alloc.reset_accumulated_stats()
 
+    def settle(self) -> None:
+        """Free the blocks of storages that died since the last reading (their weakref callbacks
+        only queue them), telling the history what they were."""
+        with self._lock:
+            self._drain()
+
     def holds(self, tensor: torch.Tensor) -> bool:
         """Whether the tensor's storage is counted on this card."""
         return self._ref(tensor) is not None

@@ -404,8 +404,12 @@ class SimulatedGPU:
         procs = tuple(
             RawProcess(pid, used, "simulated other process") for pid, used in card.other_processes
         )
-        procs += (RawProcess(os.getpid(), reserved, "this kernel", is_self=True),)
-        free = max(card.total_bytes - reserved - sum(n for _, n in card.other_processes), 0)
+        procs += (
+            RawProcess(os.getpid(), reserved + card.context_bytes, "this kernel", is_self=True),
+        )
+        # the driver's reading (NVML, mem_get_info): this process's CUDA context is used memory
+        others = sum(n for _, n in card.other_processes)
+        free = max(card.total_bytes - reserved - card.context_bytes - others, 0)
         title = card.name if self._single else f"{card.name}, GPU {card.device_index}"
         return DeviceReading(
             index=card.device_index,
@@ -469,18 +473,25 @@ class SimulatedGPU:
         return "cpu"  # the tensors are on the CPU
 
     @contextlib.contextmanager
-    def record_sizes(self) -> Iterator[SizeLog | None]:
-        card = self.card(None)
+    def record_sizes(self, index: int | None = None) -> Iterator[SizeLog | None]:
+        """What card ``index`` (None: the current device) allocates and frees while the block
+        runs, whichever thread allocates it."""
+        card = self.card(index)
         recorder = SizeRecorder(card.live_storages(), chained=card._history)
         card._history = recorder  # tracing's recorder, if any, is chained: it misses nothing
         try:
             yield recorder.log
         finally:
+            card.settle()  # the run's last frees are in the log
             if card._history is recorder:  # else tracing was turned on or off meanwhile
                 card._history = recorder._chained
 
-    def supports_bf16(self) -> bool:
-        return True
+    def supports_bf16(self, index: int | None = None) -> bool:
+        """As ``torch.cuda.is_bf16_supported(including_emulation=False)`` answers on the card:
+        compute capability 8.0 on (a plain size is an A100-like 8.0; a T4 or V100 profile only
+        emulates it)."""
+        profile = self.card(index).profile
+        return profile is None or profile.native_bf16
 
     def user_traceback(self, tb: TracebackType | None) -> TracebackType | None:
         return without_dispatch_frames(tb)
