@@ -77,6 +77,45 @@ def test_autocast_prediction_is_within_15_percent_of_the_measured_peak(
     assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
 
 
+WIDE = IMPORTS + (
+    "model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(6)]).cuda()\n"
+    "opt = torch.optim.Adam(model.parameters(), lr=1e-3)\n"
+    'model(torch.randn(8, 2048, device="cuda")).sum().backward()\n'
+    "opt.step()  # Adam's state made here, not by the cell\n"
+)
+WIDE_CELL = (
+    "batch = 64\n"
+    "for step in range(2):\n"
+    '    x = torch.randn(batch, 2048, device="cuda")\n'
+    "    loss = model(x).pow(2).mean()\n"
+    "    opt.zero_grad()\n"
+    "    loss.backward()\n"
+    "    opt.step()\n"
+)
+
+
+@pytest.mark.slow
+def test_autocast_that_adds_memory_says_not_enough(shell: Any, capsys: Any) -> None:
+    """Weights, gradients and Adam's state dominate: autocast halves little and adds the weights'
+    half copies (transformers issue 29354). The replay says so, with its numbers; the run agrees."""
+    shell.run_cell("%gpumem simulate 470MiB")
+    shell.run_cell(WIDE)
+    shell.run_cell(WIDE_CELL)
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry autocast --force")  # it failed at opt.step()
+    out = capsys.readouterr().out
+    print(out)
+    assert "Still out of memory under autocast" in out, out
+    note = next(ln for ln in out.splitlines() if "Predicted peak" in ln)
+    assert "not measured (the run did not fit)" in note, note
+    assert "not enough, the half-precision copies" in note, note
+    after = re.search(r"need at ~([\d.]+ [KMG]i?B) under autocast against ~([\d.]+ [KMG]i?B)", note)
+    assert after and parse_size(after[1]) > parse_size(after[2]), note
+    # the next diagnosis says why autocast is not offered again, with the replay's numbers
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("%gpumem retry autocast"))
+    assert "already ran out of memory under autocast" in line and "not enough" in line, line
+
+
 def test_clear_cache_with_nothing_cached_says_not_enough_then_measures(
     shell: Any, capsys: Any
 ) -> None:

@@ -240,11 +240,11 @@ def record_ops() -> Iterator[OpLog]:
         try:
             with _mode_class(torch)(recorder):
                 yield log
-        finally:
+        finally:  # an OOM ends the run: what it recorded up to there is the log
             recorder.sync()
             recorder.closed = True
             stack.close()
-        if recorder.sizes is not None:
-            log.resident_sizes = list(recorder.sizes.resident)
-        if recorder.live:  # the size log had every resident's death
-            log.events = [e for e in log.events if e.op or e.outputs[0][2] != "seen"]
+            if recorder.sizes is not None:
+                log.resident_sizes = list(recorder.sizes.resident)
+            if recorder.live:  # the size log had every resident's death
+                log.events = [e for e in log.events if e.op or e.outputs[0][2] != "seen"]

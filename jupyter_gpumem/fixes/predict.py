@@ -362,11 +362,13 @@ def need_words(p: Prediction) -> str:
     text = f"The replay put the need at ~{after} under autocast against ~{before} as it was"
     if p.saving_bytes < 0:
         text += (
-            f": the half-precision copies ({format_bytes(p.casts)} of casts) add more than the "
-            "activations save"
+            f": not enough, the half-precision copies ({format_bytes(p.casts)} of casts) add "
+            "more than the activations save"
         )
-    if not_enough(p):
-        text += f"; not enough: the card has {format_bytes(p.capacity)}"
+    elif not_enough(p):
+        text += f": not enough, the card has {format_bytes(p.capacity)}"
+    if p.partial:
+        text += "; the rest of the pass, after where it ran out, may need more"
     return text + "."
 
 
