@@ -314,3 +314,46 @@ def test_the_loader_class_is_put_back_after_a_rehearsal() -> None:
     loader = DataLoader(data, batch_size=1, collate_fn=lambda b: [len(x) for x in b])
     with worst:
         assert list(loader) == [[7], [7], [3], [4]]  # an epoch is as long as the loader's
+
+
+def test_a_collate_that_refuses_the_worst_batch_keeps_the_loaders_order() -> None:
+    from torch.utils.data import DataLoader
+
+    from jupyter_gpumem.fixes.batch.longest import WorstFirst
+
+    def distinct(batch: list[Any]) -> list[int]:
+        if len({id(x) for x in batch}) < len(batch):
+            raise ValueError("the same item twice")
+        return [len(x) for x in batch]
+
+    data = [torch.zeros(n) for n in (2, 7, 3, 4)]
+    worst = WorstFirst(
+        {"data": data, "loader": (loader := DataLoader(data, 2, collate_fn=distinct))}
+    )
+    with worst:
+        assert list(loader) == [[2, 7], [3, 4]]
+    assert not worst.applied
+    (line,) = worst.notes(2)
+    assert (
+        line.startswith("`loader`'s batches") and "refused its largest batch (ValueError)" in line
+    )
+
+
+def test_a_batch_sampler_is_not_reordered_and_says_it_cannot_know() -> None:
+    """A loader that makes its own batches: the rehearsal runs them as they come, and where their
+    shapes differ the outcome says in one line that the largest is unknown."""
+    from torch.utils.data import DataLoader
+
+    from jupyter_gpumem.fixes.batch.longest import WorstFirst
+
+    data = [torch.zeros(n) for n in (2, 7, 3, 4)]
+    loader = DataLoader(
+        data, batch_sampler=[[0, 2], [1, 3]], collate_fn=torch.nn.utils.rnn.pad_sequence
+    )
+    worst = WorstFirst({"loader": loader})
+    with worst:
+        assert [tuple(b.shape) for b in loader] == [(3, 2), (7, 2)]
+    assert not worst.applied
+    (line,) = worst.notes(2)
+    assert "`loader`'s batches differ in shape and its largest cannot be known" in line, line
+    assert "its batch_sampler makes the batches" in line

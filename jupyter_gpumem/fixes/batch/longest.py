@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jupyter_gpumem.backends import torch_objects
+from jupyter_gpumem.oom.report import is_oom
 from jupyter_gpumem.rescue import safe
 
 Shape = tuple[int, ...]
@@ -144,9 +145,39 @@ class WorstFirst:
             it = original(loader)
             why = self._unknown_why(loader)
             return it if why is None else self._watch(loader, it, why)
+        return self._worst_then_rest(loader, original, sizes, b)
+
+    def _worst_then_rest(
+        self, loader: Any, original: Callable[[Any], Any], sizes: _Sizes, b: int
+    ) -> Iterator[Any]:
+        """The worst batch for the first passes, then the loader's own batches from the next one
+        on (an epoch of as many batches as the loader has). A collate that refuses the worst
+        batch (not out of memory) leaves the loader's own order, and says so."""
+        try:
+            worst = loader.collate_fn([loader.dataset[i] for i in sizes.batch(b)])
+        except Exception as exc:
+            if is_oom(exc):
+                raise
+            self.unknown.setdefault(
+                self._name(loader, None, own=True),
+                f"its collate_fn refused its largest batch ({type(exc).__name__})",
+            )
+            yield from original(loader)
+            return
         self.applied = True
         self.used[id(sizes.dataset)] = sizes
-        return _worst_then_rest(loader, original, sizes.batch(b))
+        try:
+            passes = min(_WORST_PASSES, len(loader))
+        except TypeError:
+            passes = _WORST_PASSES
+        for n in range(passes):
+            yield worst
+            if n + 1 < passes:
+                worst = loader.collate_fn([loader.dataset[i] for i in sizes.batch(b)])
+        del worst
+        for k, batch in enumerate(original(loader)):
+            if k >= passes:
+                yield batch
 
     def _for(self, loader: Any) -> tuple[_Sizes | None, int | None]:
         attrs = safe.instance_dict(loader) or {}
@@ -225,7 +256,8 @@ def _sized_notes(s: _Sizes, batch: int) -> list[str]:
     notes = [
         f"Sized for the {what} batch: {s.describe()} a sample ({which}"
         + (f"; the median is {median}" if median else "")
-        + f"). The rehearsals ran {batch} samples that size first, so every batch fits."
+        + f"). The rehearsals ran {batch} samples that size first"
+        + (", so every batch fits." if s.read == s.total else ".")
     ]
     half = math.prod(s.longest) / 2
     if s.over_half and s.over_half <= _RARE_SHARE * s.read:
@@ -241,25 +273,6 @@ def _sized_notes(s: _Sizes, batch: int) -> list[str]:
 
 def _round(x: float) -> str:
     return f"{x:.0f}" if x >= 10 else f"{x:.1f}".rstrip("0").rstrip(".")
-
-
-# -- iterating ------------------------------------------------------------------------------
-
-
-def _worst_then_rest(loader: Any, original: Callable[[Any], Any], positions: list[int]) -> Any:
-    """The worst batch for the first passes, then the loader's own batches from the next one on
-    (an epoch of as many batches as the loader has)."""
-    dataset = loader.dataset
-    collate = loader.collate_fn
-    try:
-        count = len(loader)
-    except TypeError:
-        count = _WORST_PASSES
-    for _ in range(min(_WORST_PASSES, count)):
-        yield collate([dataset[i] for i in positions])
-    for k, batch in enumerate(original(loader)):
-        if k >= _WORST_PASSES:
-            yield batch
 
 
 # -- reading sizes --------------------------------------------------------------------------

@@ -193,6 +193,7 @@ class ReduceBatch(Fix):
                     # rehearsals cannot see what a later phase needs (epoch 2, a test() with
                     # its own batch): real runs decide now, bisecting, with a few more allowed
                     rehearse = False
+                    outcome.notes.append(_LATER_NOTE.format(b=b))
                     search.bisect_from_now()
                     budget = max(budget, len(attempts) + _REAL_RETRIES)
         if final is None:
@@ -304,6 +305,13 @@ def _twice(source: str) -> str | None:
         return None  # a loop the rehearsal could not stop on: the cell once (it may be long)
     sep = "" if source.endswith("\n") else "\n"
     return f"{source}{sep}{source}"
+
+
+_LATER_NOTE = (
+    "The whole run at batch {b} ran out where its rehearsal (the first passes of the loop) "
+    "fitted: something later in the run needs more (a longer batch, another epoch, an "
+    "evaluation), which the rehearsals could not see; from then on whole runs decided."
+)
 
 
 def _unsettled(ctx: FixContext, attempts: list[Attempt]) -> str:
