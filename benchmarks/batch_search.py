@@ -1,21 +1,34 @@
-"""Reduce batch against accelerate's ``find_executable_batch_size`` and toma, on one simulated card.
+"""Reduce batch against accelerate's ``find_executable_batch_size`` and toma, on simulated cards.
 
-Eight notebook workloads (issue 8's seven and an LSTM), each from the same start on a fresh
-simulated GPU: a setup cell, then a training (or inference) cell of two steps that runs out of
-memory at its batch. For each tool: the re-runs after the failing one, the batch it settles on,
-that batch as a share of the largest batch that fits, and whether the next two steps fit at it
-(the cell run again, from the state the tool left: optimizer state and all).
+Ten notebook workloads (issue 8's seven, an LSTM, issue 20's one Adam step and padded sequences),
+each from the same start on a fresh simulated GPU: a setup cell, then a training (or inference)
+cell that runs out of memory at its batch. For each tool: the re-runs after the failing one, the
+batch it settles on, that batch as a share of the largest batch that fits, whether the next steps
+fit at it (the cell run again from the state the tool left, optimizer state and all; twice for a
+cell without a loop) and whether the epoch finishes at it (where the workload has data: its whole
+loader, longest batch included).
 
 - jupyter_gpumem: the cell fails in a real ``InteractiveShell``; then ``%gpumem retry batch``'s
   code path (``rescue.apply_fix``), which finds the batch where the cell keeps it;
-- accelerate 1.15: the cell's body as the decorated function (the batch set at its top), x0.9 per OOM;
+- accelerate: the cell's body as the decorated function (the batch set at its top), x0.9 per OOM;
 - toma 1.1: the same function under ``toma.simple.batch`` (halves per OOM).
 
-The largest batch that fits is found by bisection, each probe from a fresh card and a fresh setup,
-and must fit the cell and the next two steps. Needs the ``bench`` extra (``pip install -e
-.[bench]``). ``--write`` replaces the batch-search section of ``docs/benchmarks.md``.
+The cards (``--cards``): a plain 128 MiB card (no CUDA context), and the T4 and A100-40GB profiles
+(``backends/simulated/profiles.py``) at 1/48 and 1/64 of their memory with their CUDA context in
+full (the memory outside PyTorch that ``mem_get_info`` sees): the simulated card holds its tensors'
+data in this machine's RAM and computes on its CPU, so a whole 14.56 GiB T4 filled by workloads
+sized for it does not fit a shared 2-core machine. ``--expandable``: the plain card again with
+``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (jupyter_gpumem and the largest batch only).
 
-    python benchmarks/batch_search.py [--write] [--only NAME] [--tools jupyter_gpumem,accelerate]
+The largest batch that fits is found by bisection, each probe from a fresh card and a fresh setup,
+and must fit the cell and the next steps. The replay error: the need that jupyter_gpumem's replay
+(its own allocator model, ``fixes/batch/blocks.py``) predicts at the batch settled on, against the
+smallest card (to 1 MiB, less any context) the run fits on with the card's allocator settings.
+Needs the ``bench`` extra (``pip install -e .[bench]``). ``--write`` replaces this benchmark's
+section of ``docs/benchmarks.md``.
+
+    python benchmarks/batch_search.py [--write] [--only NAME] [--cards plain,T4,A100-40GB]
+        [--expandable] [--tools jupyter_gpumem,accelerate]
 
 ``--gpu`` (a CUDA machine): bert-large (24 layers, hidden 1024, seq 512, AdamW, built from a config:
 no download) from batch 64 and resnet50 (224 px, SGD with momentum) from batch 512, on the real card
@@ -25,14 +38,19 @@ capped to 11.17 GiB with ``set_per_process_memory_fraction``; the same three too
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import gc
+import os
 import platform
 import re
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import date
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +58,92 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MiB = 1 << 20
-# One card for every workload, large enough that the allocator's rounding (2 MiB blocks, 20 MiB
-# segments for mid-sized tensors) is a few % of it, as on a real card, not the whole story.
-CARD = 128 * MiB
 GiB = 1 << 30
+# The plain card, large enough that the allocator's rounding (2 MiB blocks, 20 MiB segments for
+# mid-sized tensors) is a few % of it, as on a real card, not the whole story.
+CARD = 128 * MiB
+# A profile's memory is divided by this (its CUDA context is not): a T4 of 310 MiB (160 MiB for
+# PyTorch), an A100-40GB of 630 MiB (210 MiB), so the workloads below still run out at their start,
+# one Adam step of the 512-2048-2048-10 MLP (84 MiB of weights, gradients and state) still runs at
+# a small batch, and a run of them fits this machine's RAM and time.
+PROFILE_SCALE = {"T4": 48, "A100-40GB": 64}
+EXPANDABLE = "expandable_segments:True"
 # --gpu: the seed scenario's card (findings §2)
 GPU_CARD = int(11.17 * GiB)
 _GPU = False  # set by --gpu: real CUDA, no simulation
+
+
+@dataclass(frozen=True)
+class Card:
+    """A simulated card: its memory, its CUDA context, the profile it answers as, the allocator's
+    settings (``PYTORCH_CUDA_ALLOC_CONF``, set in the environment while it runs)."""
+
+    key: str
+    total_bytes: int
+    context_bytes: int = 0
+    profile: str | None = None
+    alloc_conf: str = ""
+
+    @property
+    def capacity_bytes(self) -> int:
+        """What PyTorch may reserve: the card less its CUDA context."""
+        return self.total_bytes - self.context_bytes
+
+    @property
+    def label(self) -> str:
+        size = f"{self.total_bytes // MiB} MiB"
+        if self.profile is None:
+            text = f"plain {size}"
+        else:
+            text = (
+                f"{self.profile} / {PROFILE_SCALE[self.profile]}: {size}, context"
+                f" {self.context_bytes // MiB} MiB, {self.capacity_bytes // MiB} MiB for PyTorch"
+            )
+        return text + (f", `{self.alloc_conf}`" if self.alloc_conf else "")
+
+    def start(self) -> Any:
+        """A fresh simulation of this card (the settings read from the environment, as torch
+        reads them: run it inside :meth:`settings`)."""
+        from jupyter_gpumem.backends import simulated
+
+        simulated.stop()
+        gc.collect()
+        sim = simulated.start(self.total_bytes, context_bytes=self.context_bytes)
+        if self.profile is not None:
+            for card in sim.devices:
+                card.configure(profile=simulated.PROFILES[self.profile])
+        return sim
+
+    @contextlib.contextmanager
+    def settings(self) -> Iterator[None]:
+        """``PYTORCH_CUDA_ALLOC_CONF`` as this card's, for the process (the extension and the
+        simulation read it from there)."""
+        old = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+        if self.alloc_conf:
+            os.environ["PYTORCH_CUDA_ALLOC_CONF"] = self.alloc_conf
+        else:
+            os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+            else:
+                os.environ["PYTORCH_CUDA_ALLOC_CONF"] = old
+
+
+def _profile_card(key: str) -> Card:
+    from jupyter_gpumem.backends import simulated
+
+    p = simulated.PROFILES[key]
+    total = p.total_bytes // PROFILE_SCALE[key] // MiB * MiB
+    return Card(key, total, p.context_bytes, key)
+
+
+def cards(keys: list[str], expandable: bool) -> list[Card]:
+    out = [Card("plain", CARD) if k == "plain" else _profile_card(k) for k in keys]
+    return out + ([Card("plain", CARD, alloc_conf=EXPANDABLE)] if expandable else [])
+
 
 _IMPORTS = """\
 import argparse
@@ -69,18 +166,66 @@ for step in range(2):
     loss.backward()
     opt.step()
 """
+# The padded-sequence workload (issue 20): 4096 sequences of 16 to 64 tokens, four of 256 at
+# 3000-3003, in order (no shuffle), so at any batch up to the start's 1024 the longest batch is not
+# among the first two; the collate function pads each batch to its longest sequence.
+_PADDED_SETUP = """\
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader
+torch.manual_seed(0)
+lengths = torch.randint(16, 65, (4096,))
+lengths[3000:3004] = 256
+labels = torch.randint(0, 10, (4096,))
+data = [(torch.randint(1, 1000, (int(n),)), int(c)) for n, c in zip(lengths, labels)]
+def pad(batch):
+    seqs, ys = zip(*batch)
+    return pad_sequence(seqs, batch_first=True), torch.tensor(ys)
+model = torch.nn.Sequential(
+    torch.nn.Embedding(1000, 64), torch.nn.Linear(64, 256), torch.nn.ReLU(),
+    torch.nn.Linear(256, 10),
+).cuda()
+opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+loader = DataLoader(data, batch_size=1024, collate_fn=pad)
+"""
+_PADDED_CELL = """\
+for tokens, y in loader:
+    tokens, y = tokens.cuda(), y.cuda()
+    loss = F.cross_entropy(model(tokens).mean(1), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+# The DataLoader workload's whole epoch (its cell runs two steps of it)
+_LOADER_EPOCH = """\
+for x, y in train_loader:
+    x, y = x.cuda(), y.cuda()
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+CELL_IS_EPOCH = "the cell"  # Workload.epoch: the cell is the whole epoch (its next run is one)
 
 
 @dataclass(frozen=True)
 class Workload:
     name: str
-    card_bytes: int
     start: int
     setup: str
     cell: str  # the cell as the user wrote it, failing at ``start``
     # (code run before the cell, the cell) at batch b: how the other tools (and the ground truth)
     # set the batch, as a user would in the function they decorate
     at: Callable[[int], tuple[str, str]]
+    # one whole epoch over the workload's data, after ``at(b)``'s first part; None: no data (the
+    # steps make their tensors, every step alike), CELL_IS_EPOCH: the cell loops over all of it
+    epoch: str | None = None
+    card_bytes: int = 0  # --gpu: the cap
+
+    @property
+    def loops(self) -> bool:
+        return any(isinstance(n, (ast.For, ast.While)) for n in ast.walk(ast.parse(self.cell)))
 
 
 def _literal(cell: str, start: int) -> Callable[[int], tuple[str, str]]:
@@ -195,28 +340,33 @@ loss.backward()
 opt.step()
 """
     return [
-        Workload("MLP + SGD, `batch_size = 16384` in the cell", CARD, 16384, sgd_setup,
+        Workload("MLP + SGD, `batch_size = 16384` in the cell", 16384, sgd_setup,
                  mlp_cell, _literal(mlp_cell, 16384)),
-        Workload("MLP + Adam (state made on the first step)", CARD, 16384, adam_setup,
+        Workload("MLP + Adam (state made on the first step)", 16384, adam_setup,
                  mlp_cell, _literal(mlp_cell, 16384)),
-        Workload("convnet, `batch = 4096` then `torch.randn(batch, 3, 32, 32)`", CARD, 4096,
+        Workload("convnet, `batch = 4096` then `torch.randn(batch, 3, 32, 32)`", 4096,
                  conv_setup, conv_cell, _literal(conv_cell, 4096)),
-        Workload("transformer encoder inference, `torch.randn(4096, 32, 64)`", CARD, 4096,
+        Workload("transformer encoder inference, `torch.randn(4096, 32, 64)`", 4096,
                  enc_setup, enc_cell, _literal(enc_cell, 4096)),
-        Workload("`args.batch_size` (argparse, an earlier cell)", CARD, 16384, args_setup,
+        Workload("`args.batch_size` (argparse, an earlier cell)", 16384, args_setup,
                  body.replace("{b}", "args.batch_size"),
                  lambda b: (f"args.batch_size = {b}\n", body.replace("{b}", "args.batch_size"))),
-        Workload('`cfg["batch_size"]`', CARD, 16384, cfg_setup,
+        Workload('`cfg["batch_size"]`', 16384, cfg_setup,
                  body.replace("{b}", 'cfg["batch_size"]'),
                  lambda b: (f'cfg["batch_size"] = {b}\n', body.replace("{b}", 'cfg["batch_size"]'))),
-        Workload("DataLoader from an earlier cell; `torch.randn(64, 20)` in the cell", CARD,
+        Workload("DataLoader from an earlier cell; `torch.randn(64, 20)` in the cell",
                  16384, loader_setup, loader_cell,
                  lambda b: (f"train_loader = DataLoader(ds, batch_size={b}, shuffle=True)\n",
-                            loader_cell)),
-        Workload("LSTM, `torch.randn(8, bs, 32)` (batch in dim 1)", CARD, 8192, lstm_setup,
+                            loader_cell), epoch=_LOADER_EPOCH),
+        Workload("LSTM, `torch.randn(8, bs, 32)` (batch in dim 1)", 8192, lstm_setup,
                  lstm_cell, _literal(lstm_cell, 8192)),
-        Workload("one Adam step, no loop (state made by the first run)", CARD, 8192, step_setup,
+        Workload("one Adam step, no loop (state made by the first run)", 8192, step_setup,
                  step_cell, _literal(step_cell, 8192)),
+        Workload("padded sequences, `DataLoader(data, batch_size=1024, collate_fn=pad)`; the"
+                 " longest batch (256 tokens) after the first two (16-64)", 1024, _PADDED_SETUP,
+                 _PADDED_CELL,
+                 lambda b: (f"loader = DataLoader(data, batch_size={b}, collate_fn=pad)\n",
+                            _PADDED_CELL), epoch=CELL_IS_EPOCH),
     ]  # fmt: skip
 
 
@@ -258,10 +408,10 @@ for step in range(2):
     opt.step()
 """
     return [
-        Workload("bert-large, seq 512, AdamW, `batch_size = 64`", GPU_CARD, 64, bert_setup,
-                 bert_cell, _literal(bert_cell, 64)),
-        Workload("resnet50, 224 px, SGD + momentum, `batch = 512`", GPU_CARD, 512, resnet_setup,
-                 resnet_cell, _literal(resnet_cell, 512)),
+        Workload("bert-large, seq 512, AdamW, `batch_size = 64`", 64, bert_setup, bert_cell,
+                 _literal(bert_cell, 64), card_bytes=GPU_CARD),
+        Workload("resnet50, 224 px, SGD + momentum, `batch = 512`", 512, resnet_setup,
+                 resnet_cell, _literal(resnet_cell, 512), card_bytes=GPU_CARD),
     ]  # fmt: skip
 
 
@@ -278,48 +428,62 @@ def _cap_gpu(card_bytes: int) -> None:
 # -- one fresh card -------------------------------------------------------------------------------
 
 
-def _fresh(w: Workload) -> dict[str, Any]:
-    from jupyter_gpumem.backends import simulated
-
-    if _GPU:
+def _fresh(w: Workload, card: Card | None) -> dict[str, Any]:
+    if card is None:
         _cap_gpu(w.card_bytes)
     else:
-        simulated.stop()
-        gc.collect()
-        simulated.start(w.card_bytes)
+        card.start()
     ns: dict[str, Any] = {"__name__": "__main__"}
     exec(w.setup, ns)
     return ns
 
 
-def _runs_at(ns: dict[str, Any], w: Workload, b: int) -> bool:
-    """The cell at batch b in ``ns``; False on an OOM (its frames freed)."""
+def _exec(code: str, ns: dict[str, Any]) -> bool:
+    """``code`` in ``ns``; False on an OOM (its frames freed)."""
     import torch
 
-    prep, cell = w.at(b)
     try:
-        exec(prep + cell, ns)
+        exec(code, ns)
         return True
     except torch.OutOfMemoryError as exc:
-        import traceback
-
         traceback.clear_frames(exc.__traceback__)
         del exc
         gc.collect()
         return False
 
 
-def _fits(w: Workload, b: int) -> bool:
-    """The cell and the next two steps at batch b, from a fresh card and setup."""
-    ns = _fresh(w)
-    return _runs_at(ns, w, b) and _runs_at(ns, w, b)
+def _runs_at(ns: dict[str, Any], w: Workload, b: int) -> bool:
+    """The cell at batch b in ``ns``; False on an OOM."""
+    prep, cell = w.at(b)
+    return _exec(prep + cell, ns)
 
 
-def largest_fit(w: Workload) -> int:
+def _next_fits(ns: dict[str, Any], w: Workload, b: int) -> bool:
+    """The next steps at b from the state in ``ns``: the cell again (twice for a cell without a
+    loop: one step each)."""
+    return all(_runs_at(ns, w, b) for _ in range(1 if w.loops else 2))
+
+
+def _epoch_fits(ns: dict[str, Any], w: Workload, b: int, next_fits: bool) -> bool | None:
+    """One whole epoch at b from the state in ``ns`` (after the next steps); None: no data."""
+    if w.epoch is None:
+        return None
+    if w.epoch == CELL_IS_EPOCH:
+        return next_fits  # the next run of the cell was a whole epoch
+    return _exec(w.at(b)[0] + w.epoch, ns)
+
+
+def _fits(w: Workload, card: Card | None, b: int) -> bool:
+    """The cell and the next steps at batch b, from a fresh card and setup."""
+    ns = _fresh(w, card)
+    return _runs_at(ns, w, b) and _next_fits(ns, w, b)
+
+
+def largest_fit(w: Workload, card: Card | None) -> int:
     lo, hi = 0, w.start
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _fits(w, mid) else (lo, mid)
+        lo, hi = (mid, hi) if _fits(w, card, mid) else (lo, mid)
     return lo
 
 
@@ -331,29 +495,53 @@ class Result:
     runs: int
     batch: int
     next_fits: bool
+    epoch_fits: bool | None  # None: the workload has no data to make an epoch of
     seconds: float
-    # the replay's predicted reserved peak at the batch settled on, less the card's, as a share
-    # of the card's (jupyter_gpumem only; None where no replay placed it)
-    replay_error: float | None = None
+    # jupyter_gpumem only, where a replay placed the batch: its predicted need at the batch
+    # settled on, and the smallest capacity the run fits on (bytes)
+    predicted: int | None = None
+    actual: int | None = None
+
+    @property
+    def replay_error(self) -> float | None:
+        if self.predicted is None or not self.actual:
+            return None
+        return (self.predicted - self.actual) / self.actual
 
 
-def _reserved_peak(w: Workload, b: int) -> int:
-    """The reserved peak of the run the replay predicts at ``b``: from a fresh card and setup,
-    the cell (twice for a cell without a loop: its rehearsal runs it twice)."""
-    import ast
+def _need(w: Workload, card: Card, b: int) -> int | None:
+    """The smallest capacity (to 1 MiB) on which the run the replay predicts fits at ``b``, with
+    the card's allocator settings: from a fresh card (no context) and setup, the cell (twice for
+    a cell without a loop: its rehearsal runs it twice). At the limit the allocator gives its
+    free cached segments back before it reserves a new one, which a roomy card's reserved peak
+    does not show. None: it does not fit 4x the card."""
 
-    import torch
+    def fits(mib: int) -> bool:
+        ns = _fresh(w, Card("need", mib * MiB, alloc_conf=card.alloc_conf))
+        return all(_runs_at(ns, w, b) for _ in range(1 if w.loops else 2))
 
-    ns = _fresh(w)
-    runs = 1 if any(isinstance(n, (ast.For, ast.While)) for n in ast.walk(ast.parse(w.cell))) else 2
-    torch.cuda.reset_peak_memory_stats()
-    for _ in range(runs):
-        if not _runs_at(ns, w, b):
-            break
-    return int(torch.cuda.memory_stats().get("reserved_bytes.all.peak", 0))
+    lo, hi = 0, card.capacity_bytes // MiB
+    while not fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > 4 * card.capacity_bytes // MiB:
+            return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi * MiB
 
 
-def ours(w: Workload) -> Result:
+def _start_in_shell(shell: Any, w: Workload, card: Card | None) -> None:
+    if card is None:
+        _cap_gpu(w.card_bytes)
+    elif card.profile is None:  # as a user starts it
+        ok = shell.run_cell(f"%gpumem simulate {card.total_bytes // MiB}MiB", store_history=False)
+        assert ok.success
+    else:  # a profile at another size: from Python (the magic takes the profile's own size)
+        card.start()
+
+
+def ours(w: Workload, card: Card | None) -> Result:
     from IPython.core.interactiveshell import InteractiveShell
 
     import jupyter_gpumem
@@ -375,13 +563,11 @@ def ours(w: Workload) -> Result:
     shell = InteractiveShell.instance(colors="nocolor")
     shell.run_cell("%load_ext jupyter_gpumem", store_history=False)
     try:
-        if _GPU:
-            _cap_gpu(w.card_bytes)
-        else:
-            shell.run_cell(f"%gpumem simulate {w.card_bytes // MiB}MiB", store_history=False)
+        _start_in_shell(shell, w, card)
         assert shell.run_cell(w.setup, store_history=True).success
         assert not shell.run_cell(w.cell, store_history=True).success
         failed = jupyter_gpumem.last_failure(shell)
+        assert failed is not None
         t0 = time.perf_counter()
         outcome = rescue.apply_fix(shell, failed, "batch", rescue.Options(), {})
         secs = time.perf_counter() - t0
@@ -390,16 +576,16 @@ def ours(w: Workload) -> Result:
         print(f"    {outcome.message} {outcome.change}", flush=True)
         batch = outcome.batch or 0
         ns = shell.user_ns
-        next_fits = bool(batch) and _runs_at(ns, w, batch)
+        nxt = bool(batch) and _next_fits(ns, w, batch)
+        epoch = _epoch_fits(ns, w, batch, nxt) if batch else (None if w.epoch is None else False)
         # the replay that proposed the batch: built before the run at it (one built from that
         # run is calibrated on it, and its error there is nil by construction)
         last = next((r for r in reversed(replays) if r and batch not in r.batches), None)
-        error = None
-        if last is not None and batch:
+        predicted = actual = None
+        if last is not None and batch and card is not None:
             predicted = last.need(batch)
-            actual = _reserved_peak(w, batch)  # a fresh card of its own
-            error = (predicted - actual) / actual if actual else None
-        return Result(outcome.runs, batch, next_fits, secs, error)
+            actual = _need(w, card, batch)  # fresh cards of its own
+        return Result(outcome.runs, batch, nxt, epoch, secs, predicted, actual)
     finally:
         BatchSearch.replay = built  # type: ignore[method-assign]
         shell.run_cell("%unload_ext jupyter_gpumem", store_history=False)
@@ -407,8 +593,10 @@ def ours(w: Workload) -> Result:
         InteractiveShell.clear_instance()
 
 
-def _competitor(w: Workload, search: Callable[[Callable[[int], int]], int]) -> Result:
-    ns = _fresh(w)
+def _competitor(
+    w: Workload, card: Card | None, search: Callable[[Callable[[int], int]], int]
+) -> Result:
+    ns = _fresh(w, card)
     calls: list[int] = []
 
     def train(batch_size: int) -> int:
@@ -420,22 +608,179 @@ def _competitor(w: Workload, search: Callable[[Callable[[int], int]], int]) -> R
     t0 = time.perf_counter()
     batch = search(train)
     secs = time.perf_counter() - t0
-    return Result(len(calls) - 1, batch, _runs_at(ns, w, batch), secs)
+    nxt = _next_fits(ns, w, batch)
+    return Result(len(calls) - 1, batch, nxt, _epoch_fits(ns, w, batch, nxt), secs)
 
 
-def accelerate(w: Workload) -> Result:
+def accelerate(w: Workload, card: Card | None) -> Result:
     from accelerate.utils import find_executable_batch_size
 
-    return _competitor(w, lambda f: find_executable_batch_size(f, starting_batch_size=w.start)())
+    return _competitor(
+        w, card, lambda f: find_executable_batch_size(f, starting_batch_size=w.start)()
+    )
 
 
-def toma_(w: Workload) -> Result:
+def toma_(w: Workload, card: Card | None) -> Result:
     import toma
 
-    return _competitor(w, lambda f: toma.simple.batch(f, w.start))
+    return _competitor(w, card, lambda f: toma.simple.batch(f, w.start))
 
 
 TOOLS = (("jupyter_gpumem", ours), ("accelerate", accelerate), ("toma", toma_))
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    workload: Workload
+    card: Card | None
+    best: int
+    results: dict[str, Result]
+
+
+def _yes(ok: bool | None) -> str:
+    return "–" if ok is None else "yes" if ok else "**no**"
+
+
+def _cell(r: Result, best: int) -> str:
+    pct = 100 * r.batch / best if best else 0
+    return (
+        f"{r.runs} runs, {r.batch} ({pct:.0f}%), next: {_yes(r.next_fits)},"
+        f" epoch: {_yes(r.epoch_fits)}, {r.seconds:.0f} s"
+    )
+
+
+def measure(w: Workload, card: Card | None, tools: list[str]) -> Row:
+    with card.settings() if card is not None else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        best = largest_fit(w, card)
+        where = "" if card is None else f" [{card.label}]"
+        print(f"{w.name}{where}: largest that fits {best}"
+              f" ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+        results = {}
+        for tool, fn in TOOLS:
+            if tool in tools:
+                r = results[tool] = fn(w, card)
+                err = "" if r.replay_error is None else f", replay error {r.replay_error:+.1%}"
+                print(f"  {tool}: {_cell(r, best)}{err}", flush=True)
+        return Row(w, card, best, results)
+
+
+def _meets_goal(results: dict[str, Result], best: int) -> bool:
+    """Issue 8's goal for jupyter_gpumem on one row, with issue 20's epoch."""
+    ours = results.get("jupyter_gpumem")
+    if ours is None or not best:
+        return False
+    theirs = results.get("accelerate")
+    return (
+        ours.batch >= 0.95 * best
+        and ours.runs <= 4
+        and ours.next_fits
+        and ours.epoch_fits is not False
+        and (theirs is None or ours.batch >= theirs.batch or not theirs.next_fits)
+    )
+
+
+def _table(rows: list[Row], tools: list[str]) -> list[str]:
+    lines = [
+        "| workload | largest that fits | " + " | ".join(tools) + " |",
+        "|---|---|" + "---|" * len(tools),
+    ]
+    for row in rows:
+        cells = [_cell(row.results[t], row.best) for t in tools]
+        lines.append(f"| {row.workload.name} | {row.best} | " + " | ".join(cells) + " |")
+    met = [_meets_goal(r.results, r.best) for r in rows]
+    missed = "; ".join(r.workload.name for r, ok in zip(rows, met, strict=True) if not ok)
+    lines += [
+        "",
+        f"Against the goal (>= 95% of the largest batch in <= 4 re-runs, the next steps and the"
+        f" epoch fit, never fewer % than accelerate): met on {sum(met)} of {len(met)} rows by"
+        " jupyter_gpumem" + (f"; not on: {missed}." if missed else "."),
+    ]
+    return lines
+
+
+def _replay_table(rows: list[Row]) -> list[str]:
+    lines = [
+        "| workload | card | batch settled on (of the largest) | predicted need | actual need"
+        " | replay error |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        r = row.results.get("jupyter_gpumem")
+        if r is None or row.card is None:
+            continue
+        share = f"{r.batch} ({100 * r.batch / row.best:.0f}% of {row.best})" if row.best else "–"
+        pred = "–" if r.predicted is None else f"{r.predicted / MiB:.1f} MiB"
+        act = "–" if r.actual is None else f"{r.actual / MiB:.0f} MiB"
+        err = "no replay placed it" if r.replay_error is None else f"{r.replay_error:+.1%}"
+        lines.append(
+            f"| {row.workload.name} | {row.card.label} | {share} | {pred} | {act} | {err} |"
+        )
+    return lines
+
+
+def _commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "jupyter_gpumem", "benchmarks/batch_search.py")
+    return git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if dirty else "")
+
+
+def report(rows: list[Row], tools: list[str], seconds: float) -> str:
+    import accelerate as acc
+    import torch
+
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if _GPU:
+        where = f"{torch.cuda.get_device_name(0)} capped to {GPU_CARD / GiB:.2f} GiB"
+    else:
+        where = (
+            f"simulated GPU, {os.cpu_count()}-core {platform.machine()} shared with other sessions"
+        )
+    text = [
+        _heading(_GPU),
+        "",
+        f"{now}, the code at {_commit()}; {where}; torch {torch.__version__}, accelerate"
+        f" {acc.__version__}, toma 1.1, Python {platform.python_version()};"
+        f" `python {' '.join(['benchmarks/batch_search.py', *sys.argv[1:]])}`, {seconds / 60:.0f}"
+        " min in all (the times are rough: the cores were shared).",
+        "",
+        "Each cell: re-runs after the failing one, the batch settled on (its share of the largest"
+        " that fits, found by bisection from a fresh card and setup each time, the cell and its"
+        " next steps), whether the next steps fit at that batch from the state the tool left (the"
+        " cell again; twice for a cell without a loop), whether one whole epoch then fits (only"
+        " where the workload has data: the DataLoader row's loader, and the padded row, whose cell"
+        " is the epoch; – where every step makes tensors alike), and the tool's wall time.",
+    ]
+    by_card: dict[str, list[Row]] = {}
+    for row in rows:
+        key = "GPU" if row.card is None else row.card.label
+        by_card.setdefault(key, []).append(row)
+    for label, group in by_card.items():
+        present = [t for t in tools if t in group[0].results]
+        only = "" if present == tools else f" ({', '.join(present)} only)"
+        text += ["", f"**{label}**{only}", "", *_table(group, present)]
+    if not _GPU and "jupyter_gpumem" in tools:
+        text += [
+            "",
+            "**The replay's error against the ported caching allocator.** Predicted: the need at"
+            " the batch settled on, from the replay that proposed it (built before the run at"
+            " it), through the replay's own allocator model (`fixes/batch/blocks.py`, default"
+            " settings only). Actual: the smallest capacity (to 1 MiB) the run fits on, from a"
+            " fresh card with the same `PYTORCH_CUDA_ALLOC_CONF` (the card's ported allocator"
+            " gives its free cached segments back before it reserves a new one there). The run"
+            " is the cell (twice for a cell without a loop, as its rehearsal); for the padded row"
+            " that is the whole epoch, while the replay saw the rehearsal's first two batches.",
+            "",
+            *_replay_table(rows),
+        ]
+    return "\n".join(text) + "\n"
 
 
 def main() -> None:
@@ -446,6 +791,10 @@ def main() -> None:
     ap.add_argument(
         "--tools", default=",".join(t for t, _ in TOOLS), help="comma-separated, of: %(default)s"
     )
+    ap.add_argument("--cards", default="plain,T4,A100-40GB", help="comma-separated: %(default)s")
+    ap.add_argument(
+        "--expandable", action="store_true", help=f"the plain card again with {EXPANDABLE}"
+    )
     ap.add_argument("--gpu", action="store_true", help="bert-large and resnet50 on a real GPU")
     args = ap.parse_args()
     import torch
@@ -455,87 +804,21 @@ def main() -> None:
         sys.exit("--gpu needs a CUDA GPU: nothing measured")
     if not _GPU:
         torch.set_num_threads(1)
-    rows, verdicts = [], []
-    for w in _gpu_workloads() if _GPU else _workloads():
-        if args.only and args.only not in w.name:
-            continue
-        best = largest_fit(w)
-        print(f"{w.name}: largest that fits {best}", flush=True)
-        cells, results = [], {}
-        for tool, fn in TOOLS:
-            if tool not in args.tools.split(","):
-                continue
-            r = results[tool] = fn(w)
-            pct = 100 * r.batch / best if best else 0
-            nxt = "yes" if r.next_fits else "**no**"
-            err = "" if r.replay_error is None else f", replay error {100 * r.replay_error:+.1f}%"
-            cells.append(
-                f"{r.runs} runs, {r.batch} ({pct:.0f}%), next: {nxt}, {r.seconds:.0f} s{err}"
-            )
-            print(f"  {tool}: {cells[-1]}", flush=True)
-        verdicts.append(_meets_goal(results, best))
-        card = f"{w.card_bytes / GiB:.2f} GiB" if _GPU else f"{w.card_bytes // MiB} MiB"
-        rows.append(f"| {w.name} | {card} | {best} | " + " | ".join(cells) + " |")
-    import accelerate as acc
-
-    where = (
-        f"{torch.cuda.get_device_name(0)} capped to {GPU_CARD / GiB:.2f} GiB"
-        if _GPU
-        else "simulated GPU"
-    )
-    text = "\n".join(
-        [
-            _heading(_GPU),
-            "",
-            f"{date.today()}, {where}, torch {torch.__version__}, accelerate {acc.__version__},"
-            f" toma 1.1, Python {platform.python_version()}, {platform.machine()}; "
-            f"`python benchmarks/batch_search.py{' --gpu' if _GPU else ''}`.",
-            "Each cell: re-runs after the failing one, the batch settled on (its share of the",
-            "largest that fits, found by bisection from a fresh card each time), whether the",
-            "next two steps fit at that batch from the state the tool left, and the wall time;"
-            " for jupyter_gpumem, the replay error: the reserved peak its replay (its own"
-            " allocator model, fixes/batch/blocks.py) predicts at the batch settled on, against"
-            " the card's, from a fresh card."
-            + ("" if _GPU else f" One card of {CARD // MiB} MiB for every workload."),
-            "",
-            "| workload | card | largest that fits | "
-            + " | ".join(t for t, _ in TOOLS if t in args.tools.split(","))
-            + " |",
-            "|---|---|---|" + "---|" * len(args.tools.split(",")),
-            *rows,
-            "",
-            f"**Against the goal** (>= 95% of the largest batch in <= 4 re-runs, the next steps"
-            f" fit, never fewer % than accelerate): met on {sum(verdicts)} of {len(verdicts)}"
-            " rows by jupyter_gpumem"
-            + (
-                "."
-                if all(verdicts)
-                else "; not on: "
-                + "; ".join(
-                    r.split(" | ")[0][2:] for r, ok in zip(rows, verdicts, strict=True) if not ok
-                )
-                + "."
-            ),
-            "",
-        ]
-    )
+    tools = [t for t, _ in TOOLS if t in args.tools.split(",")]
+    t0 = time.perf_counter()
+    rows = []
+    chosen = [w for w in (_gpu_workloads() if _GPU else _workloads())
+              if not args.only or args.only in w.name]  # fmt: skip
+    for card in [None] if _GPU else cards(args.cards.split(","), args.expandable):
+        for w in chosen:
+            # the extra card: the search and its replay only (the other tools do not read the
+            # allocator's settings)
+            extra = card is not None and bool(card.alloc_conf)
+            rows.append(measure(w, card, ["jupyter_gpumem"] if extra else tools))
+    text = report(rows, tools, time.perf_counter() - t0)
     print(text)
     if args.write:
         write_section(text, _heading(_GPU))
-
-
-def _meets_goal(results: dict[str, Result], best: int) -> bool:
-    """Issue 8's goal for jupyter_gpumem on one row."""
-    ours = results.get("jupyter_gpumem")
-    if ours is None or not best:
-        return False
-    theirs = results.get("accelerate")
-    return (
-        ours.batch >= 0.95 * best
-        and ours.runs <= 4
-        and ours.next_fits
-        and (theirs is None or ours.batch >= theirs.batch or not theirs.next_fits)
-    )
 
 
 def _heading(gpu: bool) -> str:
