@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
