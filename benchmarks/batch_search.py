@@ -723,13 +723,19 @@ def _replay_table(rows: list[Row]) -> list[str]:
 
 
 def _commit() -> str:
+    """The code measured: ``git describe`` of this checkout, or ``$GPUMEM_COMMIT`` for a copy
+    (``git archive HEAD``) run outside the repository."""
+
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
         ).stdout.strip()
 
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
+        return os.environ.get("GPUMEM_COMMIT", "unknown") + " (a clean copy of it)"
     dirty = git("status", "--porcelain", "--", "jupyter_gpumem", "benchmarks/batch_search.py")
-    return git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if dirty else "")
+    return head + (" (with uncommitted changes)" if dirty else "")
 
 
 def report(rows: list[Row], tools: list[str], seconds: float) -> str:
@@ -787,6 +793,7 @@ def main() -> None:
     global _GPU
     ap = argparse.ArgumentParser()
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md", help="%(default)s")
     ap.add_argument("--only", help="run the workloads whose name contains this")
     ap.add_argument(
         "--tools", default=",".join(t for t, _ in TOOLS), help="comma-separated, of: %(default)s"
@@ -818,7 +825,7 @@ def main() -> None:
     text = report(rows, tools, time.perf_counter() - t0)
     print(text)
     if args.write:
-        write_section(text, _heading(_GPU))
+        write_section(text, _heading(_GPU), args.doc)
 
 
 def _heading(gpu: bool) -> str:
@@ -827,9 +834,8 @@ def _heading(gpu: bool) -> str:
     return "### Reduce batch vs accelerate and toma, end to end (simulated GPU)"
 
 
-def write_section(text: str, head: str) -> None:
+def write_section(text: str, head: str, doc: Path = ROOT / "docs" / "benchmarks.md") -> None:
     """Replace this benchmark's section of docs/benchmarks.md (or add it)."""
-    doc = ROOT / "docs" / "benchmarks.md"
     old = doc.read_text()
     if head in old:  # replace this section only
         before, _, after = old.partition(head)
