@@ -184,3 +184,41 @@ def test_await_cells_fixed_in_a_real_kernel(kernel: Kernel) -> None:
     safe = k.run("%%oomsafe --fixes batch\n" + CELL.replace("80", "96"))
     assert safe["reply"]["status"] == "ok", Kernel.text(safe)
     assert "oomsafe: Fits at batch" in Kernel.text(safe)
+
+
+def test_a_task_started_in_the_cell_and_awaited_last(shell: Any, capsys: Any) -> None:
+    """The cell starts a task and awaits it as its last expression: the whole cell is one
+    coroutine, as IPython runs it, so the task is still there when the last line awaits it
+    (a rehearsal's tasks are cancelled only once the cell has ended)."""
+    shell.run_cell(
+        "async def make(n):\n"
+        "    await asyncio.sleep(0.01)\n"
+        "    return torch.empty(n << 20, dtype=torch.uint8, device='cuda').numel() >> 20"
+    )
+    _fail(shell, "batch_size = 80\nt = asyncio.ensure_future(make(batch_size))\nawait t")
+    out = _run(shell, capsys, "%gpumem retry batch")
+    assert "Fits at batch" in out and "Traceback" not in out, out
+    assert shell.user_ns["t"].result() == shell.user_ns["batch_size"] < 80
+
+
+def test_an_await_rehearsal_stops_before_a_write(
+    shell: Any, capsys: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """The sandbox holds inside the coroutine too: a rehearsal of an async loop stops before its
+    first write to a file, and the fix leaves one clean run's lines."""
+    monkeypatch.chdir(tmp_path)
+    cell = (
+        "batch_size = 48\n"
+        "for step in range(3):\n"
+        "    x = torch.empty(batch_size << 20, dtype=torch.uint8, device='cuda')\n"
+        "    y = torch.empty(batch_size << 20, dtype=torch.uint8, device='cuda')\n"
+        "    del x, y\n"
+        "    await asyncio.sleep(0)\n"
+        "    with open('log.txt', 'a') as f:\n"
+        "        f.write(f'{step}\\n')\n"
+    )
+    _fail(shell, cell)
+    out = _run(shell, capsys, "%gpumem retry batch")
+    assert "Fits at batch" in out, out
+    assert "stopped before `open('log.txt', 'a')`" in out, out
+    assert (tmp_path / "log.txt").read_text() == "0\n1\n2\n", "one clean run's lines"

@@ -131,9 +131,7 @@ def run_plan(
     try:
         with backends.active().on_this_thread(), contextlib.ExitStack() as stack:
             sandboxed = _enter(stack, plan, run.stopper)
-            _execute(shell, run.body, user_ns, plan.rehearsal)
-            if run.last is not None:
-                value = _execute(shell, run.last, user_ns, plan.rehearsal)
+            value = _execute(shell, run, user_ns, plan.rehearsal)
     except RehearsalDone as done:
         # the fit is proven, or the rehearsal reached a write outside memory: the frames it
         # stopped (activations, the batch) go at once
@@ -245,12 +243,25 @@ def _compile(shell: Any, plan: Plan, loop: LoopSite | None, passes: int) -> _Com
     return _Compiled(body_code, last_code, stopper)
 
 
-def _execute(shell: Any, code: CodeType, user_ns: dict[str, Any], rehearsal: bool) -> Any:
-    """Run compiled cell code in the namespace; code that awaits (its code is a coroutine's, as
-    IPython tells it) is run to the end as IPython runs such a cell."""
-    if code.co_flags & inspect.CO_COROUTINE:
-        return run_coroutine(shell, eval(code, user_ns), rehearsal=rehearsal)
-    return eval(code, user_ns)
+def _execute(shell: Any, run: _Compiled, user_ns: dict[str, Any], rehearsal: bool) -> Any:
+    """Run the compiled cell in the namespace; returns its last expression's value. A cell that
+    awaits (its code is a coroutine's, as IPython tells it) runs as one coroutine, each part
+    awaited in turn as IPython's ``run_cell_async`` does, so a task its statements start is
+    still running when its last line awaits it."""
+    parts = (run.body,) if run.last is None else (run.body, run.last)
+    if not any(code.co_flags & inspect.CO_COROUTINE for code in parts):
+        exec(run.body, user_ns)
+        return None if run.last is None else eval(run.last, user_ns)
+
+    async def cell() -> Any:
+        value = None
+        for code in parts:
+            value = eval(code, user_ns)
+            if code.co_flags & inspect.CO_COROUTINE:
+                value = await value
+        return value if run.last is not None else None
+
+    return run_coroutine(shell, cell(), rehearsal=rehearsal)
 
 
 def run_coroutine(shell: Any, coro: Any, *, rehearsal: bool = False) -> Any:
