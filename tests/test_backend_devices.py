@@ -212,3 +212,34 @@ def test_the_recorder_rounds_as_torchs_round_size() -> None:
     sizes = [e[2] for e in recorder.events if e[0] == "alloc"]
     assert sizes == [512, 512, 1024, 3 * MiB + 512]
     assert allocator.rounded(0) == 512  # torch rounds an empty request too (no block is made)
+
+
+def test_the_saved_snapshot_keeps_each_cards_events_in_its_own_trace(
+    shell: Any, tmp_path: Any
+) -> None:
+    """``%gpumem trace save`` on two simulated cards: what the cell allocated on cuda:1 is in
+    ``device_traces[1]``, as torch's ``_snapshot()`` keeps it (it was all in the current
+    device's trace, cuda:0's), and its live block's address is that card's segment's."""
+    pytest.importorskip("torch")
+    import pickle
+
+    shell.run_cell("%gpumem simulate 64MiB --devices 2")
+    shell.run_cell("%gpumem trace on")
+    shell.run_cell("import torch\na = torch.zeros(1 << 18, device='cuda:0')")
+    shell.run_cell("b = torch.zeros(3 << 18, device='cuda:1')")
+    path = tmp_path / "snap.pickle"
+    shell.run_cell(f"%gpumem trace save {path}")
+    shell.run_cell("%gpumem trace off")
+    with open(path, "rb") as f:
+        snap = pickle.load(f)
+    on_0, on_1 = snap["device_traces"]
+    assert [e["size"] for e in on_0 if e["action"] == "alloc"] == [MiB]
+    assert [e["size"] for e in on_1 if e["action"] == "alloc"] == [3 * MiB]
+    (live,) = [e["addr"] for e in on_1 if e["action"] == "alloc"]
+    blocks = [
+        (s["device"], b["address"])
+        for s in snap["segments"]
+        for b in s["blocks"]
+        if b["state"] == "active_allocated" and b["size"] == 3 * MiB
+    ]
+    assert blocks == [(1, live)]

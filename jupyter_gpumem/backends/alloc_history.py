@@ -71,7 +71,7 @@ class Recorder:
     """
 
     def __init__(self, max_entries: int, stop_files: Container[str] = (), modules: bool = True):
-        # (action, addr, size, frames, time_us[, device_free])
+        # (action, addr, size, frames, time_us, device[, device_free])
         self.events: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=max_entries)
         self.records: dict[int, tuple[int, tuple[Frame, ...], ModuleToken | None]] = {}
         self.stop_files = stop_files
@@ -99,7 +99,7 @@ class Recorder:
         self._next += max(_block_size(nbytes), 512)
         return addr
 
-    def alloc(self, new: dict[int, tuple[Any, int]]) -> None:
+    def alloc(self, new: dict[int, tuple[Any, int]], device: int = 0) -> None:
         frames = self._stack()
         module = current_module() if self.modules else None
         now = time.time_ns() // 1000
@@ -108,10 +108,10 @@ class Recorder:
             addr = self._claim(nbytes)
             records[key] = (addr, frames, module)
             size = _block_size(nbytes)
-            append(("segment_alloc", addr, size, frames, now))
-            append(("alloc", addr, size, frames, now))
+            append(("segment_alloc", addr, size, frames, now, device))
+            append(("alloc", addr, size, frames, now, device))
 
-    def free(self, key: int, nbytes: int) -> None:
+    def free(self, key: int, nbytes: int, device: int = 0) -> None:
         record = self.records.pop(key, None)
         if record is None:
             return
@@ -121,12 +121,13 @@ class Recorder:
             time.time_ns() // 1000,
             self.events.append,
         )
-        append(("free_requested", addr, size, (), now))
-        append(("free_completed", addr, size, (), now))
-        append(("segment_free", addr, size, (), now))
+        append(("free_requested", addr, size, (), now, device))
+        append(("free_completed", addr, size, (), now, device))
+        append(("segment_free", addr, size, (), now, device))
 
-    def oom(self, size: int, device_free: int) -> None:
-        self.events.append(("oom", 0, size, self._stack(), time.time_ns() // 1000, device_free))
+    def oom(self, size: int, device_free: int, device: int = 0) -> None:
+        now = time.time_ns() // 1000
+        self.events.append(("oom", 0, size, self._stack(), now, device, device_free))
 
 
 def _frame_dicts(frames: tuple[Frame, ...]) -> list[dict[str, Any]]:
@@ -143,14 +144,15 @@ def simulated_snapshot(sim: simulated.SimulatedGPU, recorder: Recorder | None) -
     """
     recorder = recorder if recorder is not None else Recorder(1)
     segments: list[dict[str, Any]] = []
-    real: dict[int, tuple[int, int]] = {}  # the recorder's address -> (block address, size)
+    # (device, the recorder's address) -> (the live block's address, size)
+    real: dict[tuple[int, int], tuple[int, int]] = {}
     for card in sim.devices:
         frames_at: dict[int, list[dict[str, Any]]] = {}
         for key, block in _live_blocks(card):
             record = recorder.records.get(key)
             if record is not None:
                 frames_at[block.ptr] = _frame_dicts(record[1])
-                real[record[0]] = (block.ptr, block.size)
+                real[(card.device_index, record[0])] = (block.ptr, block.size)
         for segment in card.memory_snapshot():
             for b in segment.get("blocks", ()):
                 if b.get("state") == "active_allocated":
@@ -158,10 +160,10 @@ def simulated_snapshot(sim: simulated.SimulatedGPU, recorder: Recorder | None) -
                     # the segment's stack: its first live block's (the cudaMalloc's is not kept)
                     segment["frames"] = segment.get("frames") or b["frames"]
             segments.append(segment)
-    trace = [_trace_entry(event, real) for event in recorder.events]
-    device = sim.device_index
-    traces: list[list[dict[str, Any]]] = [[] for _ in range(max(len(sim.devices), device + 1))]
-    traces[device] = trace
+    traces: list[list[dict[str, Any]]] = [[] for _ in sim.devices]
+    for event in recorder.events:  # each card's events in its own trace, as torch keeps them
+        if 0 <= event[5] < len(traces):
+            traces[event[5]].append(_trace_entry(event, real.get((event[5], event[1]))))
     return {"segments": segments, "device_traces": traces, "allocator_settings": {}}
 
 
@@ -171,8 +173,8 @@ def _live_blocks(card: Any) -> list[tuple[int, Any]]:
     return [(key, ref.block) for key, ref in refs if getattr(ref, "block", None) is not None]
 
 
-def _trace_entry(event: tuple[Any, ...], real: dict[int, tuple[int, int]]) -> dict[str, Any]:
-    addr, size = real.get(event[1], (event[1], event[2]))
+def _trace_entry(event: tuple[Any, ...], block: tuple[int, int] | None) -> dict[str, Any]:
+    addr, size = block if block is not None else (event[1], event[2])
     entry = {
         "action": event[0],
         "addr": addr,
@@ -182,7 +184,7 @@ def _trace_entry(event: tuple[Any, ...], real: dict[int, tuple[int, int]]) -> di
         "time_us": event[4],
     }
     if event[0] == "oom":
-        entry["device_free"] = event[5]
+        entry["device_free"] = event[6]
         del entry["addr"]
     return entry
 

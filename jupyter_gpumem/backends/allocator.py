@@ -93,8 +93,9 @@ class SizeLog:
 
 
 class SizeRecorder:
-    """The simulated card's history hooks (``alloc(new)``, ``free(key, nbytes)``, ``oom(...)``)
-    writing a :class:`SizeLog`; ``resident`` is ``card.live_storages()`` at the start."""
+    """The simulated card's history hooks (``alloc(new, device)``, ``free(key, nbytes, device)``,
+    ``oom(size, free, device)``) writing a :class:`SizeLog`; ``resident`` is
+    ``card.live_storages()`` at the start."""
 
     def __init__(self, resident: list[tuple[int, int]], chained: Any = None) -> None:
         self.log = SizeLog(resident=[nbytes for _, nbytes in resident])
@@ -102,13 +103,13 @@ class SizeRecorder:
         self._numbers: dict[int, int] = {}
         self._chained = chained  # the tracing recorder that had the hook, still told everything
 
-    def alloc(self, new: dict[int, tuple[Any, int]]) -> None:
+    def alloc(self, new: dict[int, tuple[Any, int]], device: int = 0) -> None:
         for key, (_storage, nbytes) in new.items():
             self._numbers[key] = self.log.alloc(nbytes)
         if self._chained is not None:
-            self._chained.alloc(new)
+            self._chained.alloc(new, device)
 
-    def free(self, key: int, nbytes: int) -> None:
+    def free(self, key: int, nbytes: int, device: int = 0) -> None:
         n = self._numbers.pop(key, None)
         if n is not None:
             self.log.events.append((-1, n))
@@ -116,8 +117,8 @@ class SizeRecorder:
             self._resident.discard(key)
             self.log.events.append((-2, nbytes))
         if self._chained is not None:
-            self._chained.free(key, nbytes)
+            self._chained.free(key, nbytes, device)
 
-    def oom(self, size: int, free: int) -> None:
+    def oom(self, size: int, free: int, device: int = 0) -> None:
         if self._chained is not None:
-            self._chained.oom(size, free)
+            self._chained.oom(size, free, device)

@@ -354,7 +354,7 @@ class SimulatedCard:
             self._alloc.free(ref.block)
             ref.block = None
         if self._history is not None:
-            self._history.free(ref.key, ref.nbytes)
+            self._history.free(ref.key, ref.nbytes, self.device_index)
 
     def _drain(self) -> None:  # caller holds the lock
         dead, live = self._dead, self._live
@@ -368,7 +368,7 @@ class SimulatedCard:
         alloc = self._alloc
         free = max(self.total_bytes - alloc.reserved - self._context - self._others, 0)
         if self._history is not None:
-            self._history.oom(oom.alloc_size, free)
+            self._history.oom(oom.alloc_size, free, self.device_index)
         return oom_message(
             oom.alloc_size,
             device=self.device_index,
@@ -450,7 +450,7 @@ class SimulatedCard:
             for (key, (storage, nbytes)), block in zip(new.items(), blocks, strict=True):
                 live[key] = _StorageRef(storage, on_free, key, nbytes, homeless, block)
             if self._history is not None:
-                self._history.alloc(new)
+                self._history.alloc(new, self.device_index)
         return None
 
     def _recount(self, storage: Any) -> bool:
