@@ -198,6 +198,7 @@ class _Replay:
         self.cached: dict[int, int] = {}  # a weight's cast copy: weight -> copy
         self.follow: dict[int, list[int]] = {}  # an input -> its copies that die with it
         self.casts = 0
+        self.lowered: set[int] = set()  # the outputs of the last op computed in half precision
 
     def dtype(self, i: OpInput) -> str:
         """The input's dtype under the fix: a weight read after its cast is its half copy."""
@@ -241,8 +242,11 @@ class _Replay:
             transient.append(copy)
 
     def op(self, ev: OpEvent) -> None:
+        self.bias(ev)
         floats = [i for i in ev.inputs if self.dtype(i) in _FLOAT]
         kind = self.kind(ev, floats)
+        if kind == "lower":
+            self.lowered = {n for n, _b, _d in ev.outputs}
         transient: list[int] = []
         if kind == "lower":
             for i in {i.storage: i for i in floats if self.dtype(i) == "float32"}.values():
@@ -262,6 +266,21 @@ class _Replay:
             self.events.append((n, self.size[n]))
         for copy in transient:
             self.free(copy)
+
+    def bias(self, ev: OpEvent) -> None:
+        """``linear`` on a 3-D input reaches the dispatcher as ``mm`` then ``add`` of the bias;
+        autocast cast the bias with the weight, before the split: its half copy is the add's."""
+        if not self.autocast or ev.op not in ("add", "add_") or ev.backward:
+            return
+        storages = {i.storage for i in ev.inputs}
+        if not storages & self.lowered:
+            return
+        for i in ev.inputs:
+            param = i.storage in self.log.params and i.dtype == "float32"
+            if param and i.storage not in self.cached:
+                nbytes = self.log.resident.get(i.storage, 0) // 2
+                self.cached[i.storage] = self.alloc(nbytes)
+                self.casts += nbytes
 
     def kind(self, ev: OpEvent, floats: list[OpInput]) -> str:
         """How the fix runs the op: "lower", "fp32", "follow" (half in, half out), or "same"."""
