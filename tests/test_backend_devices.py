@@ -243,3 +243,20 @@ def test_the_saved_snapshot_keeps_each_cards_events_in_its_own_trace(
         if b["state"] == "active_allocated" and b["size"] == 3 * MiB
     ]
     assert blocks == [(1, live)]
+
+
+def test_an_op_recording_reads_the_residents_of_the_device_asked(shell: Any) -> None:
+    """Enable autocast's recording (``record_ops``) beside the sizes of the card that ran out:
+    ``record_ops(1)`` on a cell on cuda:1 has cuda:1's resident weights, not cuda:0's."""
+    pytest.importorskip("torch")
+    from jupyter_gpumem.backends.op_log import record_ops
+
+    shell.run_cell("%gpumem simulate 64MiB --devices 2")
+    shell.run_cell("import torch\nw0 = torch.zeros(1 << 18, device='cuda:0')")  # 1 MiB
+    shell.run_cell("w1 = torch.zeros(1 << 19, device='cuda:1')")  # 2 MiB
+    with record_ops(1) as on_1:
+        assert shell.run_cell("y = (w1 * 2).sum()").success
+    with record_ops() as current:
+        assert shell.run_cell("z = (w1 * 2).sum()").success
+    assert on_1.resident_sizes == [2 * MiB]
+    assert current.resident_sizes == [MiB]  # cuda:0's, the current device

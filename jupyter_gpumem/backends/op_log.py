@@ -226,15 +226,17 @@ def _mode_class(torch: Any) -> type:
 
 
 @contextlib.contextmanager
-def record_ops() -> Iterator[OpLog]:
-    """A block whose ops on the GPU are logged (:class:`OpLog`, filled as it runs)."""
+def record_ops(device: int | None = None) -> Iterator[OpLog]:
+    """A block whose ops on the GPU are logged (:class:`OpLog`, filled as it runs); the sizes
+    and residents beside them are device ``device``'s (None: the current one), the one that ran
+    out where the caller knows it."""
     import torch
 
     log = OpLog()
     recorder = _Recorder(torch, log)
     with contextlib.ExitStack() as stack:
         try:
-            recorder.sizes = stack.enter_context(active().record_sizes())
+            recorder.sizes = stack.enter_context(active().record_sizes(device))
         except Exception:
             recorder.sizes = None
         try:
