@@ -652,11 +652,15 @@ def _cell(r: Result, best: int) -> str:
     )
 
 
-def measure(w: Workload, card: Card | None, tools: list[str]) -> Row:
+def measure(
+    w: Workload, card: Card | None, tools: list[str], earlier: Earlier | None = None
+) -> Row:
+    """The row of ``w`` on ``card``: the largest batch that fits and each tool in ``tools``;
+    those measured by an ``earlier`` run of this script are taken from it."""
+    where = "" if card is None else f" [{card.label}]"
     with card.settings() if card is not None else contextlib.nullcontext():
         t0 = time.perf_counter()
-        best = largest_fit(w, card)
-        where = "" if card is None else f" [{card.label}]"
+        best = earlier.best if earlier is not None else largest_fit(w, card)
         print(f"{w.name}{where}: largest that fits {best}"
               f" ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
         results = {}
@@ -664,8 +668,46 @@ def measure(w: Workload, card: Card | None, tools: list[str]) -> Row:
             if tool in tools:
                 r = results[tool] = fn(w, card)
                 err = "" if r.replay_error is None else f", replay error {r.replay_error:+.1%}"
+                if r.predicted is not None and r.actual:
+                    err += f" ({r.predicted / MiB:.1f} MiB for {r.actual / MiB:.0f} MiB)"
                 print(f"  {tool}: {_cell(r, best)}{err}", flush=True)
+            elif earlier is not None and tool in earlier.results:
+                results[tool] = earlier.results[tool]
         return Row(w, card, best, results)
+
+
+@dataclass
+class Earlier:
+    """A row as an earlier run of this script printed it (``--reuse LOG``)."""
+
+    best: int
+    results: dict[str, Result]
+
+
+_ROW = re.compile(r"^(?P<name>.*) \[(?P<card>.*)\]: largest that fits (?P<best>\d+) \(")
+_TOOL = re.compile(
+    r"^  (?P<tool>\S+): (?P<runs>\d+) runs, (?P<batch>\d+) \(\d+%\), next: (?P<next>\S+),"
+    r" epoch: (?P<epoch>\S+), (?P<secs>\d+) s"
+)
+
+
+def read_log(path: Path) -> tuple[dict[tuple[str, str], Earlier], str]:
+    """The rows an earlier run printed, by (workload, card label), and the code it measured."""
+    rows: dict[tuple[str, str], Earlier] = {}
+    row: Earlier | None = None
+    code = "unknown"
+    flag = {"yes": True, "**no**": False, "–": None}
+    for line in path.read_text().splitlines():
+        if m := _ROW.match(line):
+            row = rows[(m["name"], m["card"])] = Earlier(int(m["best"]), {})
+        elif (m := _TOOL.match(line)) and row is not None:
+            nxt = flag[m["next"]]
+            row.results[m["tool"]] = Result(
+                int(m["runs"]), int(m["batch"]), bool(nxt), flag[m["epoch"]], float(m["secs"])
+            )
+        elif found := re.search(r", the code at (.+?); ", line):
+            code = found[1]
+    return rows, code
 
 
 def _meets_goal(results: dict[str, Result], best: int) -> bool:
@@ -689,7 +731,7 @@ def _table(rows: list[Row], tools: list[str]) -> list[str]:
         "|---|---|" + "---|" * len(tools),
     ]
     for row in rows:
-        cells = [_cell(row.results[t], row.best) for t in tools]
+        cells = [_cell(row.results[t], row.best) if t in row.results else "not run" for t in tools]
         lines.append(f"| {row.workload.name} | {row.best} | " + " | ".join(cells) + " |")
     met = [_meets_goal(r.results, r.best) for r in rows]
     missed = "; ".join(r.workload.name for r, ok in zip(rows, met, strict=True) if not ok)
@@ -738,7 +780,7 @@ def _commit() -> str:
     return head + (" (with uncommitted changes)" if dirty else "")
 
 
-def report(rows: list[Row], tools: list[str], seconds: float) -> str:
+def report(rows: list[Row], tools: list[str], seconds: float, earlier_code: str = "") -> str:
     import accelerate as acc
     import torch
 
@@ -764,15 +806,25 @@ def report(rows: list[Row], tools: list[str], seconds: float) -> str:
         " where the workload has data: the DataLoader row's loader, and the padded row, whose cell"
         " is the epoch; – where every step makes tensors alike), and the tool's wall time.",
     ]
+    if earlier_code:
+        reused = [t for t, _ in TOOLS if t not in tools]
+        text += [
+            "",
+            f"Measured in this run: {', '.join(tools)}. The largest batches that fit"
+            + (f" and {', '.join(reused)}" if reused else "")
+            + f": from an earlier run of this script, on the code at {earlier_code} (`--reuse`;"
+            " they run the workloads' own cells on the simulated card, not jupyter_gpumem's"
+            " fixes).",
+        ]
     by_card: dict[str, list[Row]] = {}
     for row in rows:
         key = "GPU" if row.card is None else row.card.label
         by_card.setdefault(key, []).append(row)
     for label, group in by_card.items():
-        present = [t for t in tools if t in group[0].results]
-        only = "" if present == tools else f" ({', '.join(present)} only)"
+        present = [t for t, _ in TOOLS if t in group[0].results]
+        only = "" if len(present) == len(TOOLS) else f" ({', '.join(present)} only)"
         text += ["", f"**{label}**{only}", "", *_table(group, present)]
-    if not _GPU and "jupyter_gpumem" in tools:
+    if not _GPU and any("jupyter_gpumem" in row.results for row in rows):
         text += [
             "",
             "**The replay's error against the ported caching allocator.** Predicted: the need at"
@@ -802,6 +854,11 @@ def main() -> None:
     ap.add_argument(
         "--expandable", action="store_true", help=f"the plain card again with {EXPANDABLE}"
     )
+    ap.add_argument(
+        "--reuse",
+        type=Path,
+        help="the log of an earlier run: its largest batches and the tools not in --tools",
+    )
     ap.add_argument("--gpu", action="store_true", help="bert-large and resnet50 on a real GPU")
     args = ap.parse_args()
     import torch
@@ -816,13 +873,15 @@ def main() -> None:
     rows = []
     chosen = [w for w in (_gpu_workloads() if _GPU else _workloads())
               if not args.only or args.only in w.name]  # fmt: skip
+    earlier, earlier_code = read_log(args.reuse) if args.reuse else ({}, "")
     for card in [None] if _GPU else cards(args.cards.split(","), args.expandable):
         for w in chosen:
             # the extra card: the search and its replay only (the other tools do not read the
             # allocator's settings)
             extra = card is not None and bool(card.alloc_conf)
-            rows.append(measure(w, card, ["jupyter_gpumem"] if extra else tools))
-    text = report(rows, tools, time.perf_counter() - t0)
+            before = earlier.get((w.name, "" if card is None else card.label))
+            rows.append(measure(w, card, ["jupyter_gpumem"] if extra else tools, before))
+    text = report(rows, tools, time.perf_counter() - t0, earlier_code)
     print(text)
     if args.write:
         write_section(text, _heading(_GPU), args.doc)
