@@ -291,11 +291,18 @@ def test_token_lists_dicts_and_subsets_are_read_without_their_code() -> None:
 def test_images_of_several_sizes_pad_every_dimension() -> None:
     """A collate that pads each dimension to its longest: the worst batch holds the tallest and
     the widest image, filled with the largest."""
+    from torch.utils.data import RandomSampler, SequentialSampler
+
     images = [torch.zeros(3, h, w) for h, w in ((8, 8), (30, 10), (10, 28), (20, 20))]
-    s = _read(images)
+    # shuffled: the tallest and the widest can meet in one batch
+    s = _read(images, RandomSampler(images))
     assert s.worst[0] == 3 and set(s.worst) == {1, 2, 3}
-    assert s.describe() == "3×20×20"
     assert sorted(s.batch(5)) == [1, 2, 3, 3, 3]
+    assert s.describe() == "3×30×28"
+    # in order: the batches are known, and at 2 the worst is the second, (10, 28) with (20, 20)
+    s = _read(images, SequentialSampler(images))
+    assert sorted(s.batch(2)) == [2, 3] and s.describe() == "3×20×28"
+    assert sorted(s.batch(3)) == [1, 1, 2] and s.describe() == "3×30×28"
 
 
 def test_the_loader_class_is_put_back_after_a_rehearsal() -> None:
@@ -357,3 +364,88 @@ def test_a_batch_sampler_is_not_reordered_and_says_it_cannot_know() -> None:
     (line,) = worst.notes(2)
     assert "`loader`'s batches differ in shape and its largest cannot be known" in line, line
     assert "its batch_sampler makes the batches" in line
+
+
+def test_a_collate_that_truncates_is_named_with_what_it_makes() -> None:
+    from torch.utils.data import DataLoader
+
+    from jupyter_gpumem.fixes.batch.longest import WorstFirst
+
+    def pad_to_5(batch: list[Any]) -> Any:
+        return torch.nn.utils.rnn.pad_sequence(batch, batch_first=True)[:, :5]
+
+    data = [torch.zeros(n, dtype=torch.long) for n in (2, 70, 3, 4)]
+    worst = WorstFirst({"data": data})
+    with worst:
+        assert [tuple(b.shape) for b in DataLoader(data, 2, collate_fn=pad_to_5)] == [(2, 5)] * 2
+    line = worst.notes(2)[0]
+    assert line.startswith("Sized for the longest batch: 70 tokens a sample, which the "), line
+    assert "collate_fn makes 5 (the largest of `data`'s 4 items" in line, line
+
+
+# ------------------------------------------------------------------------------------------------
+# images of several sizes, padded to the tallest and the widest of each batch, read in order: a
+# wide image in the 5th batch at 32 and a tall one in the 6th (never in one batch at 32 or below)
+
+IMAGES = """\
+import torch
+from torch.utils.data import DataLoader
+g = torch.Generator().manual_seed(0)
+sizes = [(int(h), int(w)) for h, w in torch.randint(16, 40, (200, 2), generator=g)]
+sizes[150], sizes[190] = (40, 160), (160, 40)
+images = [(torch.randn(3, h, w, generator=g), i % 10) for i, (h, w) in enumerate(sizes)]
+
+def pad_images(batch):
+    h = max(x.shape[1] for x, _ in batch)
+    w = max(x.shape[2] for x, _ in batch)
+    out = torch.zeros(len(batch), 3, h, w)
+    for i, (x, _) in enumerate(batch):
+        out[i, :, : x.shape[1], : x.shape[2]] = x
+    return out, torch.tensor([y for _, y in batch])
+"""
+
+CONVNET = """\
+import torch.nn.functional as F
+torch.manual_seed(0)
+model = torch.nn.Sequential(
+    torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+    torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+    torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10),
+).cuda()
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+loader = DataLoader(images, batch_size={b}, collate_fn=pad_images)
+"""
+
+
+def _images(shell: Any, b: int) -> None:
+    shell.run_cell("%gpumem simulate off")
+    assert shell.run_cell(IMAGES).success
+    shell.run_cell(f"%gpumem simulate {CARD}")
+    assert shell.run_cell(CONVNET.format(b=b), store_history=True).success
+
+
+def test_images_of_several_sizes_finish_the_epoch(shell: Any, capsys: Any) -> None:
+    from tests.conftest import _end_shell, _new_shell
+
+    sh = _new_shell()  # the largest batch whose epoch fits, each probe on a fresh card
+    sh.run_cell("%load_ext jupyter_gpumem", store_history=False)
+    lo, hi = 1, 32
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        _images(sh, mid)
+        lo, hi = (mid, hi) if sh.run_cell(TRAIN, silent=True).success else (lo, mid)
+    sh.run_cell("%unload_ext jupyter_gpumem", store_history=False)
+    _end_shell(sh)
+
+    _images(shell, 32)
+    assert not shell.run_cell(TRAIN, store_history=True).success
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry batch --force")
+    out = capsys.readouterr().out
+    batch = shell.user_ns["loader"].batch_size
+    assert f"Fits at batch {batch} (was 32)" in out, out
+    assert 2 * batch <= 150 and shell.user_ns["steps"] == len(shell.user_ns["loader"]), out
+    assert _runs(out)[1] == 1 and batch >= 0.9 * lo, (batch, lo, out)
+    # in order, the wide and the tall image never share a batch: not sized for 160×160
+    assert "Sized for the largest batch: 3×" in out and "160×160" not in out, out
+    assert "sorting by size" in out, out

@@ -79,17 +79,36 @@ class _Sizes:
     unit: str = ""  # "tokens" for integer sequences
     median: float = 0.0  # elements of that field, the median item
     over_half: int = 0  # items whose field is over half the longest
+    collated: Shape | None = None  # the first tensor of the worst batch, as the collate made it
+
+    # Where the loader reads in order (no shuffling) and more than one dimension varies: every
+    # item's signature by position, so that the batches it will make are known (the tallest and
+    # the widest image in one batch only where they share one).
+    in_order: list[Signature] | None = None
+    varying: list[int] = field(default_factory=list)
+    main: int = 0
+    padded: Shape | None = None  # the worst batch's sample, as a collate that pads makes it
 
     def batch(self, b: int) -> list[int]:
         """``b`` positions: the worst items, the largest repeated to fill the batch."""
-        head = self.worst[: max(1, b)]
-        return head + [self.worst[0]] * (b - len(head))
+        worst = self.worst
+        if self.in_order is not None:
+            rows = list(enumerate(self.in_order))
+            chunks = [rows[k : k + b] for k in range(0, len(rows), max(1, b))]
+            chunk = max(chunks, key=lambda c: _padded_size(c, self.varying))
+            worst = _worst_of(chunk, self.varying)
+        head = worst[: max(1, b)]
+        positions = head + [worst[0]] * (b - len(head))
+        shapes = [self.in_order[p] if self.in_order is not None else None for p in head]
+        if all(sig is not None for sig in shapes):
+            self.padded = _padded([sig[self.main] for sig in shapes if sig is not None])
+        return positions
 
     def describe(self) -> str:
         """``400 tokens``, ``3×512×640``."""
         if len(self.longest) == 1:
             return f"{self.longest[0]} {self.unit}" if self.unit else f"length {self.longest[0]}"
-        return "×".join(map(str, self.longest))
+        return "×".join(map(str, self.padded or self.longest))
 
 
 class WorstFirst:
@@ -166,6 +185,7 @@ class WorstFirst:
             return
         self.applied = True
         self.used[id(sizes.dataset)] = sizes
+        sizes.collated = _first_shape(worst)
         try:
             passes = min(_WORST_PASSES, len(loader))
         except TypeError:
@@ -237,6 +257,7 @@ class WorstFirst:
 
 
 def _sized_notes(s: _Sizes, batch: int) -> list[str]:
+    s.batch(batch)  # the worst batch at the batch kept: its padded shape
     median = f"{_round(s.median)} {s.unit}".rstrip() if len(s.longest) == 1 else None
     if s.ran_code and s.read < s.total:
         which = (
@@ -253,8 +274,15 @@ def _sized_notes(s: _Sizes, batch: int) -> list[str]:
     else:
         which = f"the largest of {s.name}'s {s.total:,} items, read without running its code"
     what = "longest" if len(s.longest) == 1 else "largest"
+    sample = f"{s.describe()} a sample"
+    if len(s.longest) > 1 and s.in_order is None and s.padded not in (None, s.longest):
+        sample += (
+            " (the longest of each dimension in one batch, as a shuffled loader can draw them)"
+        )
+    if s.collated and s.longest and max(s.longest) not in s.collated[1:]:
+        sample += f", which the collate_fn makes {'×'.join(map(str, s.collated[1:]))}"
     notes = [
-        f"Sized for the {what} batch: {s.describe()} a sample ({which}"
+        f"Sized for the {what} batch: {sample} ({which}"
         + (f"; the median is {median}" if median else "")
         + f"). The rehearsals ran {batch} samples that size first"
         + (", so every batch fits." if s.read == s.total else ".")
@@ -264,8 +292,13 @@ def _sized_notes(s: _Sizes, batch: int) -> list[str]:
         over = f"{_round(half)} {s.unit}".rstrip() if len(s.longest) == 1 else "half of it"
         notes.append(
             f"That size is rare ({s.over_half:,} of {s.read:,} items "
-            f"{'is' if s.over_half == 1 else 'are'} over {over}): sorting "
-            "by length, or batches of similar lengths (a `batch_sampler` that buckets them), "
+            f"{'is' if s.over_half == 1 else 'are'} over {over}): sorting by "
+            + (
+                "length, or batches of similar lengths"
+                if len(s.longest) == 1
+                else "size, or batches of similar sizes"
+            )
+            + " (a `batch_sampler` that buckets them), "
             f"would let the other batches run larger than {batch}."
         )
     return notes
@@ -300,7 +333,8 @@ def _read(dataset: Any, sampler: Any, name: str) -> _Sizes | None:
             if ran_code and n >= _FIRST_LOOK and len({sig for _, sig in read}) == 1:
                 return None  # the dataset's own code, and one shape so far: not worth seconds
         read.append((i, _signature(getter(i))))
-    return _summarise(dataset, name, len(positions), read, ran_code)
+    in_order = safe.type_name(type(sampler)) == "SequentialSampler" and positions == range(total)
+    return _summarise(dataset, name, len(positions), read, ran_code, in_order)
 
 
 def _getter(dataset: Any) -> tuple[Callable[[int], Any] | None, int, bool]:
@@ -391,7 +425,12 @@ def _is_integer(value: Any) -> bool:
 
 
 def _summarise(
-    dataset: Any, name: str, total: int, read: list[tuple[int, Signature]], ran_code: bool
+    dataset: Any,
+    name: str,
+    total: int,
+    read: list[tuple[int, Signature]],
+    ran_code: bool,
+    in_order: bool = False,
 ) -> _Sizes | None:
     """The worst items of those read; None when no field's shape varies."""
     if not read:
@@ -401,6 +440,38 @@ def _summarise(
     varying = _varying_fields(rows, common)
     if not varying:
         return None
+
+    worst = _worst_of(rows, varying)
+    largest = dict(rows)[worst[0]]
+    main = max(varying, key=lambda f: math.prod(largest[f] or ()))
+    longest = largest[main] or ()
+    numels = [math.prod(sig[main] or ()) for _, sig in rows]
+    half = math.prod(longest) / 2
+    first = _item_field(dataset, worst[0], main, ran_code)
+    sigs = dict(rows)
+    dims = sum(len(largest[f] or ()) for f in varying)
+    ordered = in_order and len(rows) == len(read) == total and dims > 1
+    return _Sizes(
+        dataset=dataset,
+        name=name,
+        total=total,
+        read=len(read),
+        ran_code=ran_code,
+        worst=worst,
+        longest=longest,
+        unit="tokens" if len(longest) == 1 and first is not None and _is_integer(first) else "",
+        median=statistics.median(numels),
+        over_half=sum(1 for n in numels if n > half),
+        in_order=[sigs[p] for p in range(total)] if ordered else None,
+        varying=varying,
+        main=main,
+        padded=_padded([sigs[p][main] for p in worst]),
+    )
+
+
+def _worst_of(rows: list[tuple[int, Signature]], varying: list[int]) -> list[int]:
+    """The positions of the worst batch's items: the largest first, then the longest of each
+    dimension that varies among ``rows``."""
 
     def size(sig: Signature) -> int:
         return sum(math.prod(sig[f] or ()) for f in varying)
@@ -414,23 +485,24 @@ def _summarise(
             top = max(rows, key=lambda r: _dim(r[1], f, d))
             if top[0] not in worst:
                 worst.append(top[0])
-    main = max(varying, key=lambda f: math.prod(largest[1][f] or ()))
-    longest = largest[1][main] or ()
-    numels = [math.prod(sig[main] or ()) for _, sig in rows]
-    half = math.prod(longest) / 2
-    first = _item_field(dataset, largest[0], main, ran_code)
-    return _Sizes(
-        dataset=dataset,
-        name=name,
-        total=total,
-        read=len(read),
-        ran_code=ran_code,
-        worst=worst,
-        longest=longest,
-        unit="tokens" if len(longest) == 1 and first is not None and _is_integer(first) else "",
-        median=statistics.median(numels),
-        over_half=sum(1 for n in numels if n > half),
-    )
+    return worst
+
+
+def _padded(shapes: list[Shape | None]) -> Shape | None:
+    """Each dimension's longest: what a collate that pads makes of these samples."""
+    known = [s for s in shapes if s is not None]
+    if not known or len({len(s) for s in known}) != 1:
+        return None
+    return tuple(max(dims) for dims in zip(*known, strict=True))
+
+
+def _padded_size(rows: list[tuple[int, Signature]], varying: list[int]) -> int:
+    """Elements of a batch of ``rows`` padded: what sizes the batch's activations."""
+    total = 0
+    for f in varying:
+        shape = _padded([sig[f] for _, sig in rows])
+        total += len(rows) * math.prod(shape or ())
+    return total
 
 
 def _dim(sig: Signature, f: int, d: int) -> int:
