@@ -1,6 +1,6 @@
 """Reduce batch reads and copies the notebook's objects without running their code: a property
 that raises, a ``__getattr__`` that sleeps, a dict subclass with its own ``items()``, a config
-whose ``__post_init__``, ``__setattr__`` or ``__copy__`` would run, all in the namespace of a cell
+whose ``__setattr__`` or ``__copy__`` would run, all in the namespace of a cell
 that runs out of memory. ``%gpumem retry batch`` calls none of them and shows no traceback.
 
 The hostile classes live in this module, not in the notebook, so what they record is out of
@@ -87,19 +87,30 @@ class Config:
     batch_size: int = 80
     lr: float = 0.1
 
-    def __post_init__(self) -> None:
-        if CALLS is not None and getattr(Config, "armed", False):
-            CALLS.append("Config.__post_init__")
-
     def __setattr__(self, name: str, value: Any) -> None:
         if getattr(Config, "armed", False):
             CALLS.append(f"Config.__setattr__({name})")
         object.__setattr__(self, name, value)
 
+    def __copy__(self) -> Any:
+        CALLS.append("Config.__copy__")
+        raise RuntimeError("no copies")
+
     @property
     def boom(self) -> Any:
         CALLS.append("Config.boom")
         raise RuntimeError("boom")
+
+
+@dataclasses.dataclass
+class Derived:
+    """A dataclass that derives a setting from the batch: its copy is its own ``replace``."""
+
+    batch_size: int = 80
+    steps: int = dataclasses.field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.steps = 960 // self.batch_size
 
 
 def _retry(shell: Any, capsys: Any, namespace: dict[str, Any], cell: str) -> str:
@@ -108,7 +119,7 @@ def _retry(shell: Any, capsys: Any, namespace: dict[str, Any], cell: str) -> str
     shell.user_ns.update(namespace)
     assert not shell.run_cell(cell, store_history=True).success
     CALLS.clear()
-    Config.armed = True  # type: ignore[attr-defined]
+    Config.armed = True  # type: ignore[attr-defined]  # from here, its __setattr__ records
     capsys.readouterr()
     started = time.perf_counter()
     try:
@@ -149,12 +160,20 @@ def test_a_namespace_config_with_a_hostile_property(shell: Any, capsys: Any) -> 
 
 
 def test_a_dataclass_config_is_copied_without_its_code(shell: Any, capsys: Any) -> None:
-    """Was: `dataclasses.replace`, which runs ``__init__``, ``__setattr__`` and ``__post_init__``."""
+    """Was: `dataclasses.replace`, which runs ``__init__`` and the class's ``__setattr__``."""
     conf = Config()
     _retry(shell, capsys, {"conf": conf}, ALLOC.format("conf.batch_size"))
     assert CALLS == []
     new = shell.user_ns["conf"]
     assert type(new) is Config and new.batch_size < 80 and new.lr == 0.1
+
+
+def test_a_dataclass_that_derives_from_the_batch_keeps_deriving(shell: Any, capsys: Any) -> None:
+    """Its ``__post_init__`` runs for the copy (``dataclasses.replace``), as the user's own
+    ``replace`` would: the steps it derives follow the new batch."""
+    _retry(shell, capsys, {"conf": Derived()}, ALLOC.format("conf.batch_size"))
+    new = shell.user_ns["conf"]
+    assert new.batch_size < 80 and new.steps == 960 // new.batch_size
 
 
 def test_hostile_objects_beside_a_plain_batch(shell: Any, capsys: Any) -> None:
@@ -165,3 +184,29 @@ def test_hostile_objects_beside_a_plain_batch(shell: Any, capsys: Any) -> None:
     assert CALLS == []
     assert shell.user_ns["batch_size"] < 80
     assert shell.user_ns["lazy"] is hostile["lazy"]
+
+
+class Trainer:
+    """An object that keeps the DataLoader the cell iterates, with a recording ``__getattr__``."""
+
+    def __init__(self, loader: Any) -> None:
+        self.train_loader = loader
+
+    def __getattr__(self, name: str) -> Any:
+        CALLS.append(f"Trainer.__getattr__({name})")
+        raise AttributeError(name)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: fixes/batch/edit.py's _with_entry copies the holder with copy.copy, which asks "
+    "its __getattr__ for __setstate__; namespace.copy_with makes the copy without its code",
+)
+def test_a_loader_kept_by_a_hostile_object(shell: Any, capsys: Any) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    trainer = Trainer(DataLoader(TensorDataset(torch.zeros(400, 1)), batch_size=80))
+    cell = "for (b,) in trainer.train_loader:\n    " + ALLOC.format("b.shape[0]")
+    _retry(shell, capsys, {"trainer": trainer}, cell)
+    assert shell.user_ns["trainer"].train_loader.batch_size < 80
+    assert CALLS == []

@@ -4,7 +4,8 @@
   simple namespace), ``cfg["batch_size"]`` (a dict), a dataclass field; changed on a copy bound to
   the same name, so the transaction's rollback puts the original back. Read and copied as
   ``rescue.safe`` reads the user's objects: no property, ``__getattr__``, ``items()``, ``__init__``
-  or ``__copy__`` of theirs runs (a dataclass's ``__post_init__`` does not run for the copy);
+  or ``__copy__`` of theirs runs, except a dataclass's own ``__post_init__`` (the copy is its
+  ``dataclasses.replace``, so what it derives from the batch follows);
 - where a value was set, for "make it permanent": the latest cell of the history (``In``) that
   assigns the name, and the line in it that carries the number
   (``In [3], line 2: train_loader = DataLoader(ds, batch_size=144)``).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import re
 import types
 from collections.abc import Iterator, Mapping, Sequence
@@ -45,7 +47,7 @@ def config_items(obj: object) -> Iterator[tuple[str, int, bool]]:
                 yield *setting, True
         return
     fields = safe.class_attr(tp, "__dataclass_fields__")
-    if type(fields) is not dict and not any(safe.is_a(tp, c) for c in _NAMESPACES):
+    if not _is_dataclass(tp) and not any(safe.is_a(tp, c) for c in _NAMESPACES):
         return
     attrs = _attributes(obj)
     if attrs is None:
@@ -102,11 +104,25 @@ def config_name(var: str, key: str, is_item: bool) -> str:
 def with_setting(obj: object, key: str, value: int, is_item: bool) -> object:
     """A copy of the config with ``key`` set to ``value``, made without running its code (no
     ``__init__``, ``__copy__``, ``__setattr__``, property or ``items()`` of the object's): an
-    instance of the same class whose entries and attributes are the original's. ``ValueError``
-    where that cannot be done (``config_items`` offers no such key)."""
+    instance of the same class whose entries and attributes are the original's. A dataclass
+    with a ``__post_init__`` is the exception: ``dataclasses.replace``, so that what it derives
+    follows. ``ValueError`` where no copy can be made (``config_items`` offers no such key)."""
     if is_item:
         return _dict_with(cast(dict, obj), key, value)
+    tp = type(obj)
+    if _is_dataclass(tp) and safe.class_attr(tp, "__post_init__") is not safe.MISSING:
+        # what it derives from its fields (steps per epoch from the batch) follows the new
+        # value: its own ``replace``, which runs ``__init__`` and ``__post_init__``, as the
+        # user's ``dataclasses.replace(cfg, batch_size=...)`` would
+        try:
+            return dataclasses.replace(obj, **{key: value})  # type: ignore[type-var]
+        except (TypeError, ValueError):  # an init=False field: set on a copy
+            pass
     return copy_with(obj, key, value)
+
+
+def _is_dataclass(tp: type) -> bool:
+    return type(safe.class_attr(tp, "__dataclass_fields__")) is dict
 
 
 def _dict_with(d: dict[Any, Any], key: str, value: object) -> dict[Any, Any]:
