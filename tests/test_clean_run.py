@@ -96,6 +96,24 @@ def test_a_second_pass_over_the_list_is_not_first(trained: Any) -> None:
     assert failed is not None and failed.earlier_passes is True
 
 
+def test_a_first_pass_over_a_list_of_pairs(trained: Any) -> None:
+    """`for xb, yb in pairs`: the pass is where `xb` stands among the pairs' first items."""
+    cell = """\
+pairs = [(torch.randn(n, 256), torch.randn(n, 256)) for n in (40000, 8)]
+for xb, yb in pairs:
+    loss = (model(xb.cuda()) - yb.cuda()).square().mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+"""
+    assert not trained.run_cell(cell).success
+    failed = jupyter_gpumem.last_failure(trained)
+    assert failed is not None and failed.earlier_passes is False
+    assert not trained.run_cell(cell.replace("(40000, 8)", "(8, 40000)")).success
+    failed = jupyter_gpumem.last_failure(trained)
+    assert failed is not None and failed.earlier_passes is True
+
+
 def test_a_counter_whose_name_existed_before_the_cell(trained: Any) -> None:
     """`i` exists from the earlier cell and Adam has state: the counter, 0 at the failure, says
     the first pass (was: the name's existing before the cell hid the counter, and the optimizer's

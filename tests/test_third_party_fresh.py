@@ -190,15 +190,11 @@ def test_hf_course_loop_reduce_batch_says_the_schedule_was_sized_for_the_old_bat
     assert f"num_training_steps={steps}" in out, out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A linear schedule whose LambdaLR lambda is a closure over num_training_steps "
-    "(transformers' get_linear_schedule_with_warmup before its schedulers became functools."
-    "partial, and the usual hand-written `def lr_lambda(step)`) is not read: after Reduce batch "
-    "the loop trains past num_training_steps at lr 0.0 and nothing names lr_scheduler or "
-    "num_training_steps (the partial form is named)",
-)
 def test_hf_course_loop_reduce_batch_reads_a_closure_schedule(shell: Any, capsys: Any) -> None:
+    """A linear schedule whose LambdaLR lambda is a closure over num_training_steps (transformers'
+    get_linear_schedule_with_warmup before its schedulers became functools.partial, and the usual
+    hand-written `def lr_lambda(step)`) is read: after Reduce batch the outcome names
+    lr_scheduler and num_training_steps, as for the partial form."""
     out = _hf_reduce_batch(shell, capsys, ("scheduler", "scheduler_closure"))
     assert "`lr_scheduler`" in out and "num_training_steps" in out, out
 

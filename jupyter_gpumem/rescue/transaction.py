@@ -345,6 +345,7 @@ class Transaction:
         # what the failed run itself left in the models before it ran out: no copy from before
         # that cell exists, so neither a rollback nor a kept run puts it back
         self.failed_run = _failed_run_traces(self.snapshot)
+        self._failed_run_said = False
         self.not_covered += self.failed_run
 
     def release(self, name: str) -> None:
@@ -398,9 +399,11 @@ class Transaction:
 
     def failed_run_note(self) -> str | None:
         """For a run the fix keeps: what of the failed run's own work it started from, which one
-        clean run from before that cell would not have; None when there is none."""
-        if not self.failed_run:
+        clean run from before that cell would not have; None when there is none, or once said
+        (a fix and its runner may both ask)."""
+        if not self.failed_run or self._failed_run_said:
             return None
+        self._failed_run_said = True
         return (
             "Kept from the failed run (it changed them before it ran out, and nothing copied "
             "them before that cell): " + _listed(self.failed_run) + "; one clean run from "
