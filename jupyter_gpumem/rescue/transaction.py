@@ -405,9 +405,9 @@ class Transaction:
             return None
         self._failed_run_said = True
         return (
-            "Kept from the failed run (it changed them before it ran out, and nothing copied "
-            "them before that cell): " + _listed(self.failed_run) + "; one clean run from "
-            "before that cell would not have them."
+            "Kept from the failed run: the re-run started from what it changed before it ran "
+            "out, which nothing copied before that cell: " + _listed(self.failed_run) + "; one "
+            "clean run would start from their values before that cell."
         )
 
     def undo_message(self, *, everything: bool = False) -> str:
