@@ -222,3 +222,55 @@ def test_an_await_rehearsal_stops_before_a_write(
     assert "Fits at batch" in out, out
     assert "stopped before `open('log.txt', 'a')`" in out, out
     assert (tmp_path / "log.txt").read_text() == "0\n1\n2\n", "one clean run's lines"
+
+
+def test_a_write_handed_to_a_thread_stops_the_rehearsal_too(
+    shell: Any, capsys: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """``await asyncio.to_thread(write)``: the worker thread runs in the rehearsal's context, so
+    its write ends the rehearsal as the cell's own would (was: written by every rehearsal)."""
+    monkeypatch.chdir(tmp_path)
+    shell.run_cell(
+        "def write(step):\n    with open('log.txt', 'a') as f:\n        f.write(f'{step}\\n')"
+    )
+    cell = (
+        "batch_size = 48\n"
+        "for step in range(3):\n"
+        "    x = torch.empty(batch_size << 20, dtype=torch.uint8, device='cuda')\n"
+        "    y = torch.empty(batch_size << 20, dtype=torch.uint8, device='cuda')\n"
+        "    del x, y\n"
+        "    await asyncio.to_thread(write, step)\n"
+    )
+    _fail(shell, cell)
+    out = _run(shell, capsys, "%gpumem retry batch --force")
+    assert "Fits at batch" in out, out
+    assert "stopped before `open('log.txt', 'a')`" in out, out
+    assert (tmp_path / "log.txt").read_text() == "0\n1\n2\n", "one clean run's lines"
+
+
+def test_a_real_runs_writes_from_a_thread_in_its_context_are_journaled(tmp_path: Any) -> None:
+    """A real run's write handed to ``asyncio.to_thread`` (the run's context goes with it) is
+    journaled as the run's own, so a rollback takes it back; a thread outside the run's context
+    is not the run's."""
+    import asyncio
+    import contextvars
+
+    from jupyter_gpumem.rescue import sandbox
+
+    log, other = tmp_path / "log.txt", tmp_path / "other.txt"
+    log.write_text("before\n")
+    unrelated = contextvars.copy_context()  # a thread started before the run carries this one
+
+    def write(path: Any) -> None:
+        with open(path, "a") as f:
+            f.write("during\n")
+
+    with sandbox.journaling():
+        asyncio.run(asyncio.to_thread(write, log))
+        worker = threading.Thread(target=unrelated.run, args=(write, other))
+        worker.start()
+        worker.join()
+    journal = sandbox.take_journal()
+    assert journal is not None and journal.undo() == []
+    assert log.read_text() == "before\n"
+    assert other.read_text() == "during\n", "not the run's"

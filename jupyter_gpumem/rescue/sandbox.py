@@ -15,7 +15,9 @@ What the hook cannot see (writes through a file object opened before the rehears
 transaction, which puts such files back to their size and position (``transaction``).
 
 Other threads are not stopped (a DataLoader's workers, IPython's history): only the thread that
-runs the rehearsal. Python's own caches (``__pycache__``) and torch.compile's are allowed.
+runs the rehearsal, and the threads that run code in its context (``asyncio.to_thread`` in a cell
+that awaits, ``contextvars.copy_context().run``: a context variable marks them). Python's own
+caches (``__pycache__``) and torch.compile's are allowed.
 
 A fix's real run is not stopped, but journaled (``journaling``): each file it opens for writing is
 noted with its size (and, when it is truncated, its content) before the open happens, so that a
@@ -26,6 +28,7 @@ what cannot be undone (a removed file, a command run) is named.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import shlex
 import sys
@@ -85,6 +88,13 @@ class WorldTouched(RehearsalDone):
     def __init__(self, what: str) -> None:
         super().__init__(what)
         self.what = what
+
+
+# what runs in this context: "rehearsal" or "journal" while one does, so the threads a cell hands
+# its work to in the same context (asyncio.to_thread) are stopped or journaled as its own thread is
+_RUN: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "jupyter_gpumem_run", default=None
+)
 
 
 class _State:
@@ -187,6 +197,7 @@ def _put_file(before: _FileBefore) -> None:
 
 
 _state = _State()
+_recording = threading.local()  # this thread is noting a journal entry
 _installed = False
 _install_lock = threading.Lock()
 
@@ -204,17 +215,22 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
         return
     if event != "open" and event not in _EVENTS:
         return
-    ident = threading.get_ident()
-    if ident == _state.journal_thread and _state.journal is not None:
-        journal, _state.journal_thread = _state.journal, None  # its own reads are not journaled
+    ident, run = threading.get_ident(), _RUN.get()
+    journaled = ident == _state.journal_thread or (
+        run == "journal" and _state.journal_thread is not None
+    )
+    if journaled and _state.journal is not None:
+        if getattr(_recording, "on", False):
+            return  # the journal's own reads of the files it notes
+        _recording.on = True
         try:
             what = describe(event, args)
             if what is not None:
-                journal.record(event, args, what)
+                _state.journal.record(event, args, what)
         finally:
-            _state.journal_thread = ident
+            _recording.on = False
         return
-    if ident != _state.thread:
+    if ident != _state.thread and not (run == "rehearsal" and _state.thread is not None):
         return
     what = describe(event, args)
     if what is None:
@@ -292,10 +308,12 @@ def rehearsing() -> Iterator[_State]:
     _install()
     previous = (_state.thread, _state.stopped)
     _state.thread, _state.stopped = threading.get_ident(), None
+    token = _RUN.set("rehearsal")
     result = _State()
     try:
         yield result
     finally:
+        _RUN.reset(token)
         result.stopped = _state.stopped
         _state.thread, _state.stopped = previous
         result.thread = None
@@ -307,9 +325,11 @@ def journaling() -> Iterator[Journal]:
     _install()
     journal = Journal()
     _state.journal, _state.journal_thread = journal, threading.get_ident()
+    token = _RUN.set("journal")
     try:
         yield journal
     finally:
+        _RUN.reset(token)
         _state.journal_thread = None
 
 
