@@ -66,6 +66,7 @@ def trained(shell: Any) -> Any:
     return shell
 
 
+@pytest.mark.slow
 def test_a_first_pass_over_a_list_is_first_whatever_the_optimizer_held_before(
     trained: Any, capsys: Any
 ) -> None:
@@ -167,6 +168,7 @@ sgd.step()
 """
 
 
+@pytest.mark.slow
 def test_batchnorm_statistics_the_failed_forward_moved_are_named_by_every_kept_fix(
     shell: Any, capsys: Any
 ) -> None:
