@@ -184,6 +184,14 @@ def test_await_cells_fixed_in_a_real_kernel(kernel: Kernel) -> None:
     safe = k.run("%%oomsafe --fixes batch\n" + CELL.replace("80", "96"))
     assert safe["reply"]["status"] == "ok", Kernel.text(safe)
     assert "oomsafe: Fits at batch" in Kernel.text(safe)
+    # a task the kept run starts and leaves: IPython's loop runs no more after the fix, so it is
+    # cancelled, and the run's line says so (was: left pending there, silently, for good)
+    k.run("del x")
+    r = k.run("t = asyncio.ensure_future(asyncio.sleep(30))\n" + CELL.replace("80", "72"))
+    assert r["reply"]["status"] == "error"
+    cpu = Kernel.text(k.run("%gpumem retry cpu"))
+    assert "1 task it started and did not await cancelled" in cpu, cpu
+    assert Kernel.text(k.run("print(t.cancelled())")).strip() == "True"
 
 
 def test_a_task_started_in_the_cell_and_awaited_last(shell: Any, capsys: Any) -> None:

@@ -131,7 +131,7 @@ def run_plan(
     try:
         with backends.active().on_this_thread(), contextlib.ExitStack() as stack:
             sandboxed = _enter(stack, plan, run.stopper)
-            value = _execute(shell, run, user_ns, plan.rehearsal)
+            value = _execute(shell, run, user_ns, plan)
     except RehearsalDone as done:
         # the fit is proven, or the rehearsal reached a write outside memory: the frames it
         # stopped (activations, the batch) go at once
@@ -243,7 +243,7 @@ def _compile(shell: Any, plan: Plan, loop: LoopSite | None, passes: int) -> _Com
     return _Compiled(body_code, last_code, stopper)
 
 
-def _execute(shell: Any, run: _Compiled, user_ns: dict[str, Any], rehearsal: bool) -> Any:
+def _execute(shell: Any, run: _Compiled, user_ns: dict[str, Any], plan: Plan) -> Any:
     """Run the compiled cell in the namespace; returns its last expression's value. A cell that
     awaits (its code is a coroutine's, as IPython tells it) runs as one coroutine, each part
     awaited in turn as IPython's ``run_cell_async`` does, so a task its statements start is
@@ -261,18 +261,31 @@ def _execute(shell: Any, run: _Compiled, user_ns: dict[str, Any], rehearsal: boo
                 value = await value
         return value if run.last is not None else None
 
-    return run_coroutine(shell, cell(), rehearsal=rehearsal)
+    cancelled: list[int] = []
+    value = run_coroutine(shell, cell(), rehearsal=plan.rehearsal, cancelled=cancelled)
+    if cancelled:
+        n = sum(cancelled)
+        note = f"{n} task{'s' if n > 1 else ''} it started and did not await cancelled"
+        if not plan.rehearsal:  # in a kernel: IPython's loop, which runs no more after the fix
+            note += " (a fix runs an await cell on an event loop that stops with it)"
+        plan.note = f"{plan.note}, {note}" if plan.note else note
+    return value
 
 
-def run_coroutine(shell: Any, coro: Any, *, rehearsal: bool = False) -> Any:
+def run_coroutine(
+    shell: Any, coro: Any, *, rehearsal: bool = False, cancelled: list[int] | None = None
+) -> Any:
     """Run a cell's coroutine to its end on this thread and return its value.
 
     On the shell's ``loop_runner``: for asyncio (the default), IPython's own event loop, the one
     the terminal runs ``await`` cells on (``get_asyncio_loop``). In ipykernel the kernel's loop is
     running this very call (a fix runs inside a cell or a click) and cannot be entered again, so
     it is set aside on this thread while the coroutine runs on IPython's loop, then put back.
-    Tasks the run started and left running are cancelled unless it is a real run that ended
-    well (a rehearsal's, or a failed run's, would go on after the rollback)."""
+
+    Tasks the run started and left running are cancelled (their number added to ``cancelled``)
+    unless it is a real run that ended well in a terminal, where IPython's loop runs them on at
+    the next await cell as it would have: a rehearsal's, or a failed run's, would go on after
+    the rollback, and in a kernel IPython's loop does not run again after the fix."""
     import asyncio
 
     running = asyncio.events._get_running_loop()
@@ -281,12 +294,13 @@ def run_coroutine(shell: Any, coro: Any, *, rehearsal: bool = False) -> Any:
         runner = getattr(shell, "loop_runner", None)
         if runner is not None and str(runner) != "asyncio":
             return runner(coro)  # %autoawait trio / curio / a runner of the user's
-        return _run_on_asyncio(coro, keep_tasks=not rehearsal)
+        keep = not rehearsal and running is None
+        return _run_on_asyncio(coro, keep_tasks=keep, cancelled=cancelled)
     finally:
         asyncio.events._set_running_loop(running)
 
 
-def _run_on_asyncio(coro: Any, *, keep_tasks: bool) -> Any:
+def _run_on_asyncio(coro: Any, *, keep_tasks: bool, cancelled: list[int] | None) -> Any:
     import asyncio
 
     from IPython.core.async_helpers import get_asyncio_loop
@@ -306,8 +320,10 @@ def _run_on_asyncio(coro: Any, *, keep_tasks: bool) -> Any:
         if task.done() and not task.cancelled():
             task.exception()  # read: no "Task exception was never retrieved" later
         left = [t for t in asyncio.all_tasks(loop) - before if not t.done()]
-        if left and not (keep_tasks and ended_well):
+        if left and not (keep_tasks and ended_well and not private):
             _cancel(loop, left)
+            if cancelled is not None and ended_well:
+                cancelled.append(len(left))
         if private:
             loop.close()
         del task
