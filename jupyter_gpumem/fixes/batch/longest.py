@@ -36,7 +36,7 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,9 +56,13 @@ _SAMPLE_BUDGET_S = 3.0
 # that a budget cut short samples the whole epoch, not its start.
 _SHUFFLE_ABOVE = 20_000
 _MAX_FIELDS = 16
-# Through ``dataset[i]``, items of one shape this many times in a row (spread over the epoch) end
-# the reading: a dataset of images of one size is not read for seconds.
+# Items of one shape this many times in a row (spread over the epoch: shuffled) end the reading: a
+# dataset of images of one size is not read for seconds. Through ``dataset[i]`` (its own code) and
+# without running code (a list of over ``_SHUFFLE_ABOVE`` items).
 _FIRST_LOOK = 64
+_FIRST_LOOK_READ = 4096
+# At most this many items are read (a seeded random sample of them): what the budgets allow.
+_MAX_READ = 300_000
 # The longest batch is "rare" when at most this share of the items is over half its length.
 _RARE_SHARE = 0.05
 # The passes of each epoch that run the worst batch (a rehearsal sees two).
@@ -320,18 +324,19 @@ def _read(dataset: Any, sampler: Any, name: str) -> _Sizes | None:
     positions = _positions(sampler, total)
     if not positions:
         return None
-    order = positions
-    if ran_code or len(order) > _SHUFFLE_ABOVE:
-        order = list(order)
-        random.Random(0).shuffle(order)
+    order: Sequence[int] = positions
+    spread = ran_code or len(order) > _SHUFFLE_ABOVE
+    if spread:
+        order = random.Random(0).sample(order, min(len(order), _MAX_READ))
     deadline = time.perf_counter() + (_SAMPLE_BUDGET_S if ran_code else _READ_BUDGET_S)
     read: list[tuple[int, Signature]] = []
     for n, i in enumerate(order):
         if n % 64 == 0 and read:
             if time.perf_counter() > deadline:
                 break
-            if ran_code and n >= _FIRST_LOOK and len({sig for _, sig in read}) == 1:
-                return None  # the dataset's own code, and one shape so far: not worth seconds
+            look = _FIRST_LOOK if ran_code else _FIRST_LOOK_READ
+            if spread and n == look and len({sig for _, sig in read}) == 1:
+                return None  # one shape so far, spread over the epoch: not worth seconds
         read.append((i, _signature(getter(i))))
     in_order = safe.type_name(type(sampler)) == "SequentialSampler" and positions == range(total)
     return _summarise(dataset, name, len(positions), read, ran_code, in_order)
@@ -400,16 +405,31 @@ def _tensor_reader(name: str) -> Any:
     return _READERS[name]
 
 
+# id(type) -> (the type, is it a tensor): told by the MRO once per type (``isinstance`` would ask
+# a subclass's ``__class__``); the type is held so that its id keeps meaning it
+_TENSOR_TYPES: dict[int, tuple[type, bool]] = {}
+
+
+def _is_tensor_type(tp: type) -> bool:
+    known = _TENSOR_TYPES.get(id(tp))
+    if known is None:
+        torch = torch_objects.torch_module()
+        known = (tp, torch is not None and safe.is_a(tp, torch.Tensor))
+        _TENSOR_TYPES[id(tp)] = known
+    return known[1]
+
+
 def _shape(value: Any) -> Shape | None:
-    if type(value) in (list, tuple):
-        return (len(value),) if _scalars(value) else None
-    if type(value) in (int, float, bool):
+    tp = type(value)
+    if tp is int or tp is float or tp is bool:
         return ()
-    getter = _tensor_reader("shape")
-    if getter is None or not torch_objects.is_tensor(value):
+    if tp is list or tp is tuple:
+        return (len(value),) if _scalars(value) else None
+    if not _is_tensor_type(tp):
         return None
+    getter = _tensor_reader("shape")
     try:
-        return tuple(getter.__get__(value))
+        return tuple(getter.__get__(value)) if getter is not None else None
     except Exception:
         return None
 
