@@ -354,16 +354,24 @@ def test_a_batch_sampler_is_not_reordered_and_says_it_cannot_know() -> None:
     from jupyter_gpumem.fixes.batch.longest import WorstFirst
 
     data = [torch.zeros(n) for n in (2, 7, 3, 4)]
-    loader = DataLoader(
-        data, batch_sampler=[[0, 2], [1, 3]], collate_fn=torch.nn.utils.rnn.pad_sequence
-    )
+
+    def pad(batch: list[Any]) -> Any:
+        return torch.nn.utils.rnn.pad_sequence(batch, batch_first=True)
+
+    loader = DataLoader(data, batch_sampler=[[0, 2], [1, 3]], collate_fn=pad)
     worst = WorstFirst({"loader": loader})
     with worst:
-        assert [tuple(b.shape) for b in loader] == [(3, 2), (7, 2)]
+        assert [tuple(b.shape) for b in loader] == [(2, 3), (2, 7)]
     assert not worst.applied
     (line,) = worst.notes(2)
     assert "`loader`'s batches differ in shape and its largest cannot be known" in line, line
     assert "its batch_sampler makes the batches" in line
+    # batches of one sample shape, only fewer in the last: nothing to say
+    fixed = DataLoader([torch.zeros(3)] * 5, batch_sampler=[[0, 1], [2, 3], [4]], collate_fn=pad)
+    worst = WorstFirst({"fixed": fixed})
+    with worst:
+        assert len(list(fixed)) == 3
+    assert worst.notes(2) == []
 
 
 def test_a_collate_that_truncates_is_named_with_what_it_makes() -> None:
