@@ -272,6 +272,7 @@ def test_data_of_one_shape_is_not_reordered() -> None:
 
 
 def test_token_lists_dicts_and_subsets_are_read_without_their_code() -> None:
+    import numpy as np
     from torch.utils.data import Subset, SubsetRandomSampler
 
     lists = [[1] * n for n in (3, 9, 5)]
@@ -284,8 +285,10 @@ def test_token_lists_dicts_and_subsets_are_read_without_their_code() -> None:
     sub = _read(Subset(lists, [0, 2]))
     assert (sub.longest, sub.worst[0], sub.total) == ((5,), 1, 2)
     # a sampler that draws from some items only: the longest of those
-    s = _read(lists, SubsetRandomSampler([0, 2]))
-    assert (s.longest, s.worst[0]) == ((5,), 2)
+    for indices in ([0, 2], torch.tensor([0, 2]), np.array([0, 2])):
+        s = _read(lists, SubsetRandomSampler(indices))
+        assert (s.longest, s.worst[0]) == ((5,), 2)
+    assert _read(Subset(lists, torch.tensor([0, 2]))).longest == (5,)
 
 
 def test_images_of_several_sizes_pad_every_dimension() -> None:

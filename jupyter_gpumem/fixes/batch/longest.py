@@ -359,11 +359,14 @@ def _getter(dataset: Any) -> tuple[Callable[[int], Any] | None, int, bool]:
     subset = getattr(data, "Subset", None)
     if attrs is not None and subset is not None and safe.is_a(tp, subset):
         inner, inner_len, ran = _getter(attrs.get("dataset"))
-        indices: Any = attrs.get("indices")
-        if inner is not None and not ran and type(indices) in (list, tuple, range):
-            idx = list(indices)
-            if all(type(i) is int and 0 <= i < inner_len for i in idx):
-                return (lambda i, get=inner: get(idx[i])), len(idx), False
+        idx = _index_list(attrs.get("indices"))
+        if (
+            inner is not None
+            and not ran
+            and idx is not None
+            and all(0 <= i < inner_len for i in idx)
+        ):
+            return (lambda i, get=inner: get(idx[i])), len(idx), False
     tensor_dataset = getattr(data, "TensorDataset", None)
     if tensor_dataset is not None and safe.is_a(tp, tensor_dataset):
         return None, 0, False  # every item the same shape
@@ -379,10 +382,28 @@ def _getter(dataset: Any) -> tuple[Callable[[int], Any] | None, int, bool]:
 def _positions(sampler: Any, total: int) -> list[int] | range:
     """The positions the loader draws from: a ``SubsetRandomSampler``'s indices, else all."""
     attrs = safe.instance_dict(sampler) if sampler is not None else None
-    indices: Any = (attrs or {}).get("indices")
-    if safe.type_name(type(sampler)) == "SubsetRandomSampler" and type(indices) in (list, range):
-        return [i for i in indices if type(i) is int and 0 <= i < total]
+    indices = _index_list((attrs or {}).get("indices"))
+    if safe.type_name(type(sampler)) == "SubsetRandomSampler" and indices is not None:
+        return [i for i in indices if 0 <= i < total]
     return range(total)
+
+
+def _index_list(indices: Any) -> list[int] | None:
+    """Indices as ints: a list, tuple or range, or a tensor or NumPy array of integers (read by
+    torch's and NumPy's ``tolist``); None for anything else."""
+    tp = type(indices)
+    if tp not in (list, tuple, range):
+        module = safe.type_module(tp)
+        if not (_is_tensor_type(tp) or (module == "numpy" and safe.type_name(tp) == "ndarray")):
+            return None
+        try:
+            indices = indices.tolist()
+        except Exception:
+            return None
+        if type(indices) is not list:
+            return None
+    out = list(indices)
+    return out if all(type(i) is int for i in out) else None
 
 
 def _signature(item: Any) -> Signature:
