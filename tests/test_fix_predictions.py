@@ -131,3 +131,20 @@ def test_clear_cache_with_nothing_cached_says_not_enough_then_measures(
     out = capsys.readouterr().out
     assert "Still out of memory after clearing" in out, out
     assert re.search(r"Predicted saving ~0 B \([^)]*\), measured 0 B", out), out
+
+
+@pytest.mark.slow
+def test_the_panel_shows_predicted_against_measured(shell: Any) -> None:
+    import jupyter_gpumem
+    from jupyter_gpumem.ui.panel import DiagnosisPanel
+
+    shell.run_cell("%gpumem simulate 140MiB")
+    shell.run_cell(CONV)
+    shell.run_cell(CONV_CELL)
+    ext = jupyter_gpumem._extension_for(shell)
+    panel = DiagnosisPanel(ext, ext.hook.last_failure)
+    assert "estimate" in panel.buttons["autocast"].description, "no recording yet: said so"
+    outcome = panel.click("autocast")
+    assert outcome is not None and outcome.ok
+    predicted, measured, basis = predicted_and_measured(panel.status.value)
+    assert "recorded ops" in basis and abs(predicted - measured) <= 0.15 * measured

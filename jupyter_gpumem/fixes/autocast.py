@@ -5,11 +5,14 @@ emulates bf16, slower than fp16).
 Autocast is not a sure saving: it halves activations of matmul-heavy layers, but fp32 weights,
 gradients and optimizer state stay, and the weights' half-precision copies are added (an 8-layer
 4096-wide MLP saved 5%, findings §5; a model whose weights dominate needs more under autocast,
-transformers issue 29354). So a click first rehearses the cell as it was, recording its ops
-(``backends/op_log.py``), replays them as autocast would run them (``fixes/predict.py``), then
-runs the cell under autocast and sets the measured peak beside the predicted one. Until a
-recording of the cell exists, the button's number is an estimate (half the cell's working set)
-and says so; once one exists (the cell failed again), it is the replay's.
+transformers issue 29354). So a click first rehearses the cell, recording its ops
+(``backends/op_log.py``): at a quarter of its batch (a prime) where Reduce batch finds the batch,
+so that the whole pass fits and is recorded, else as it was, up to where it runs out. The replay
+scales the recording to the cell's batch, runs it as autocast would (``fixes/predict.py``), and
+the cell then runs under autocast with the measured peak set beside the predicted one. Until a
+recording of the cell exists in this kernel, the button's number is an estimate (half the cell's
+working set) and says so; when the cell fails again, it is the replay's. A click always records
+anew: the notebook may have changed since.
 """
 
 from __future__ import annotations
@@ -175,7 +178,7 @@ class Autocast(Fix):
             return Check(False, action, "the cell already uses autocast")
         if d is not None and d.causes and d.causes[0].key == "request_exceeds_card":
             return Check(False, action, "one allocation is larger than the card even at half size")
-        known = predict.remembered(ctx.failed.source)
+        known = predict.remembered(ctx.failed.source, ctx.remembered)
         if ctx.remembered.get(_failed_key(ctx.failed.source)):
             why = "this cell already ran out of memory under autocast"
             if known is not None:
@@ -197,9 +200,6 @@ class Autocast(Fix):
     def _record(self, ctx: FixContext) -> tuple[predict.Prediction | None, list[Attempt]]:
         """The cell as it was, rehearsed with its ops recorded, replayed under autocast: the
         prediction made before the real run (None where no recording could be made)."""
-        known = predict.remembered(ctx.failed.source)
-        if known is not None:
-            return known, []
         if ctx.run is None or ctx.max_runs < 2:
             return None, []
         recording = _Recording()
@@ -220,7 +220,7 @@ class Autocast(Fix):
             batch=batch if at is not None else None,
             capacity=result.capacity_bytes,
         )
-        predict.remember(ctx.failed.source, prediction)
+        predict.remember(ctx.failed.source, ctx.remembered, prediction)
         return prediction, [attempt]
 
     def apply(self, ctx: FixContext) -> FixOutcome:

@@ -400,19 +400,21 @@ _REMEMBERED: OrderedDict[str, Prediction] = OrderedDict()
 _KEEP = 32
 
 
-def _key(source: str) -> str:
-    return hashlib.sha1(source.strip().encode()).hexdigest()
+def _key(source: str, scope: object) -> str:
+    """One kernel's cell: ``scope`` is the loaded extension's own memory of its cells (a new
+    load, another shell: another scope)."""
+    return f"{id(scope)}:" + hashlib.sha1(source.strip().encode()).hexdigest()
 
 
-def remember(source: str, p: Prediction) -> None:
+def remember(source: str, scope: object, p: Prediction) -> None:
     """The prediction for the cell ``source``, for its buttons when it fails again."""
-    key = _key(source)
+    key = _key(source, scope)
     _REMEMBERED[key] = p
     _REMEMBERED.move_to_end(key)
     while len(_REMEMBERED) > _KEEP:
         _REMEMBERED.popitem(last=False)
 
 
-def remembered(source: str) -> Prediction | None:
-    """The prediction a recording of this cell gave, if one was made in this kernel."""
-    return _REMEMBERED.get(_key(source))
+def remembered(source: str, scope: object) -> Prediction | None:
+    """The prediction a recording of this cell gave, if one was made in this scope."""
+    return _REMEMBERED.get(_key(source, scope))

@@ -362,8 +362,10 @@ class DiagnosisPanel:
         elif outcome.failure is not None and outcome.failure.diagnosis is not None:
             self.ext.hook.last_failure = outcome.failure
             self.show(outcome.failure)
+            predicted = wording.prediction_note(outcome)  # what the fix predicted, beside it
             self.set_status(
-                f"✗ {escape(label)}: {md_code(outcome.message)} The panel now shows the new diagnosis.",
+                f"✗ {escape(label)}: {md_code(outcome.message)} The panel now shows the new diagnosis."
+                + (f"<br>{md_code(predicted)}" if predicted else ""),
                 "bad",
             )
         else:

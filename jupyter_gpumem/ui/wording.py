@@ -112,6 +112,12 @@ def measured_line(o: FixOutcome) -> str:
     return " ".join(parts)
 
 
+def prediction_note(o: FixOutcome) -> str:
+    """The fix's prediction set beside what it measured ("Predicted peak ~X (...), measured Y"),
+    where it made one: shown with the outcome whether the re-run fitted or not."""
+    return next((n for n in o.notes if n.startswith("Predicted")), "")
+
+
 def cancelled_line(exc: BaseException) -> str:
     """How a cancelled fix ended (Cancel, or the kernel's ■): what the transaction put back, or
     that nothing had changed yet (stopped before the re-run began)."""
