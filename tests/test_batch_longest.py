@@ -460,3 +460,23 @@ def test_images_of_several_sizes_finish_the_epoch(shell: Any, capsys: Any) -> No
     # in order, the wide and the tall image never share a batch: not sized for 160×160
     assert "Sized for the largest batch: 3×" in out and "160×160" not in out, out
     assert "sorting by size" in out, out
+
+
+def test_a_streamed_dataset_says_in_one_line_that_it_cannot_know(shell: Any, capsys: Any) -> None:
+    """An IterableDataset cannot be read ahead: the rehearsals see two short batches, and the
+    outcome says the largest batch cannot be known instead of claiming a size."""
+    shell.run_cell("%gpumem simulate off")
+    stream = "class Stream(torch.utils.data.IterableDataset):\n"
+    stream += "    def __iter__(self):\n        return iter(dataset)\n"
+    assert shell.run_cell(DATA + stream).success
+    shell.run_cell(f"%gpumem simulate {CARD}")
+    loader = "loader = DataLoader(Stream(), batch_size=64, collate_fn=pad_collate)\n"
+    assert shell.run_cell(MODEL + loader, store_history=True).success
+    assert not shell.run_cell(TRAIN, store_history=True).success
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry batch --force")
+    out = capsys.readouterr().out
+    line = "`loader`'s batches differ in shape and its largest cannot be known (it streams an "
+    assert out.count(line + "IterableDataset)") == 1, out
+    assert "Sized for" not in out, out
+    assert "ran out where its rehearsal (the first passes of the loop) fitted" in out, out

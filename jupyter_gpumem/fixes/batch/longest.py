@@ -253,17 +253,20 @@ class WorstFirst:
     # -- for people ------------------------------------------------------------------------
 
     def notes(self, batch: int) -> list[str]:
-        """What the batch was sized for, and what to do when that size is rare; one line for a
-        loader whose largest batch could not be known."""
+        """What the batch was sized for, and what to do when that size is rare; then
+        ``unknown_notes``."""
         out = []
         for sizes in self.used.values():
             out.extend(_sized_notes(sizes, batch))
-        for name, why in self.unknown.items():
-            out.append(
-                f"{name}'s batches differ in shape and its largest cannot be known ({why}): "
-                "sized for the batches the rehearsals ran; a larger one later may still run out."
-            )
-        return out
+        return out + self.unknown_notes()
+
+    def unknown_notes(self) -> list[str]:
+        """One line for each loader whose largest batch could not be known."""
+        return [
+            f"{name}'s batches differ in shape and its largest cannot be known ({why}): "
+            "sized for the batches the rehearsals ran; a larger one later may still run out."
+            for name, why in self.unknown.items()
+        ]
 
 
 def _sized_notes(s: _Sizes, batch: int) -> list[str]:

@@ -199,6 +199,7 @@ class ReduceBatch(Fix):
         if final is None:
             outcome.failure = last_failure
             outcome.message = untouched or _unsettled(ctx, attempts)
+            outcome.notes.extend(worst.unknown_notes())
             return outcome
         best = attempts[-1].batch or 0
         _settled(ctx, finding, outcome, best, accumulate, search.replay_note())
