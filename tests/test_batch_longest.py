@@ -462,20 +462,52 @@ def test_images_of_several_sizes_finish_the_epoch(shell: Any, capsys: Any) -> No
     assert "sorting by size" in out, out
 
 
-def test_a_streamed_dataset_says_in_one_line_that_it_cannot_know(shell: Any, capsys: Any) -> None:
-    """An IterableDataset cannot be read ahead: the rehearsals see two short batches, and the
-    outcome says the largest batch cannot be known instead of claiming a size."""
+def _stream(shell: Any, capsys: Any, stream: str, collate: str = "pad_collate") -> str:
     shell.run_cell("%gpumem simulate off")
-    stream = "class Stream(torch.utils.data.IterableDataset):\n"
-    stream += "    def __iter__(self):\n        return iter(dataset)\n"
     assert shell.run_cell(DATA + stream).success
     shell.run_cell(f"%gpumem simulate {CARD}")
-    loader = "loader = DataLoader(Stream(), batch_size=64, collate_fn=pad_collate)\n"
+    loader = f"loader = DataLoader(Stream(), batch_size={START}, collate_fn={collate})\n"
     assert shell.run_cell(MODEL + loader, store_history=True).success
     assert not shell.run_cell(TRAIN, store_history=True).success
     capsys.readouterr()
     shell.run_cell("%gpumem retry batch --force")
-    out = capsys.readouterr().out
+    return str(capsys.readouterr().out)
+
+
+def test_a_streamed_dataset_is_read_through_its_iter(
+    shell: Any, capsys: Any, largest_epoch: int
+) -> None:
+    """An IterableDataset cannot be indexed: its items are read as it yields them, and the
+    rehearsals collate the longest of them."""
+    stream = "class Stream(torch.utils.data.IterableDataset):\n"
+    stream += "    def __iter__(self):\n        return iter(dataset)\n"
+    out = _stream(shell, capsys, stream)
+    m = re.search(rf"Fits at batch (\d+) \(was {START}\)", out)
+    assert m, out
+    batch = int(m.group(1))
+    assert shell.user_ns["steps"] == -(-N // batch), out  # the whole epoch ran
+    assert _runs(out)[1] == 1 and batch >= 0.9 * largest_epoch, (batch, largest_epoch, out)
+    assert "Sized for the longest batch: 400 tokens a sample (the largest of the 320 items" in out
+    assert "read through its own `__iter__`" in out, out
+
+
+def test_a_stream_it_cannot_read_says_so_in_one_line(shell: Any, capsys: Any) -> None:
+    """Items of the notebook's own class are not read (their code would run): the rehearsals see
+    two short batches, and the outcome says the largest batch cannot be known instead of claiming
+    a size."""
+    stream = """\
+class Sample:
+    def __init__(self, tokens, label):
+        self.tokens, self.label = tokens, label
+
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return (Sample(x, y) for x, y in dataset)
+
+def pad_samples(batch):
+    return pad_collate([(s.tokens, s.label) for s in batch])
+"""
+    out = _stream(shell, capsys, stream, "pad_samples")
     line = "`loader`'s batches differ in shape and its largest cannot be known (it streams an "
     assert out.count(line + "IterableDataset)") == 1, out
     assert "Sized for" not in out, out

@@ -29,9 +29,12 @@ The sizes come from the dataset itself where they can be read without running th
 (a list or tuple of tensors, token lists, tuples or dicts of them; a ``Subset`` of one; a
 ``SubsetRandomSampler``'s indices), else from ``dataset[i]`` over the loader's index order (the
 dataset's own code runs, inside the rehearsal; all of it within a time budget, else a sample of it,
-and the outcome says which). A loader that makes its own batches (a ``batch_sampler``) or streams
-(an ``IterableDataset``) is not reordered: where its batches' shapes differ in the rehearsal, the
-outcome says in one line that it sized for the batches it saw.
+and the outcome says which). A stream (an ``IterableDataset``) is read through its own
+``__iter__``, as it yields its items, within the same budget, and the few items that may make its
+worst batch are kept to collate it. A loader that makes its own batches (a ``batch_sampler``), or
+whose items cannot be read (the notebook's own classes), is not reordered: where its batches'
+shapes differ in the rehearsal, the outcome says in one line that its largest batch cannot be
+known and that it sized for the batches it saw.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ class _Sizes:
     name: str  # "`dataset`", "`tokenized_datasets['train']`", "`train_loader`'s dataset"
     total: int  # the items the loader draws from
     read: int  # of them, whose sizes were read
-    ran_code: bool  # read through ``dataset[i]``
+    ran_code: bool  # read through ``dataset[i]`` or the dataset's own ``__iter__``
     worst: list[int] = field(default_factory=list)  # positions: the largest first, then per dim
     longest: Shape = ()  # the varying field's shape in the largest item
     unit: str = ""  # "tokens" for integer sequences
@@ -97,6 +100,16 @@ class _Sizes:
     varying: list[int] = field(default_factory=list)
     main: int = 0
     padded: Shape | None = None  # the worst batch's sample, as a collate that pads makes it
+    # A stream (an IterableDataset) cannot be indexed: the items that may make its worst batch,
+    # kept as it yielded them, by position; ``total`` is -1 where it was not read to its end.
+    items: dict[int, Any] | None = None
+
+    def fetch(self, loader: Any) -> Callable[[int], Any]:
+        """The item at a position: the kept item of a stream, else ``dataset[i]``."""
+        if self.items is not None:
+            return self.items.__getitem__
+        dataset = loader.dataset
+        return lambda i: dataset[i]
 
     def batch(self, b: int) -> list[int]:
         """``b`` positions: the worst items, the largest repeated to fill the batch."""
@@ -182,7 +195,8 @@ class WorstFirst:
         on (an epoch of as many batches as the loader has). A collate that refuses the worst
         batch (not out of memory) leaves the loader's own order, and says so."""
         try:
-            worst = loader.collate_fn([loader.dataset[i] for i in sizes.batch(b)])
+            fetch = sizes.fetch(loader)
+            worst = loader.collate_fn([fetch(i) for i in sizes.batch(b)])
         except Exception as exc:
             if is_oom(exc):
                 raise
@@ -202,7 +216,7 @@ class WorstFirst:
         for n in range(passes):
             yield worst
             if n + 1 < passes:
-                worst = loader.collate_fn([loader.dataset[i] for i in sizes.batch(b)])
+                worst = loader.collate_fn([fetch(i) for i in sizes.batch(b)])
         del worst
         for k, batch in enumerate(original(loader)):
             if k >= passes:
@@ -212,12 +226,16 @@ class WorstFirst:
         attrs = safe.instance_dict(loader) or {}
         b = attrs.get("batch_size")
         dataset = attrs.get("dataset")
-        if type(b) is not int or b < 1 or dataset is None or _iterable_style(dataset):
+        if type(b) is not int or b < 1 or dataset is None:
             return None, None
         key = id(dataset)
         if key not in self._sizes:
+            self._sizes[key] = (dataset, None)  # read once per fix, even where it fails
             name = self._name(loader, dataset)
-            self._sizes[key] = (dataset, _read(dataset, attrs.get("sampler"), name))
+            if _iterable_style(dataset):
+                self._sizes[key] = (dataset, _read_stream(dataset, name))
+            else:
+                self._sizes[key] = (dataset, _read(dataset, attrs.get("sampler"), name))
         return self._sizes[key][1], b
 
     def _unknown_why(self, loader: Any) -> str | None:
@@ -272,7 +290,13 @@ class WorstFirst:
 def _sized_notes(s: _Sizes, batch: int) -> list[str]:
     s.batch(batch)  # the worst batch at the batch kept: its padded shape
     median = f"{_round(s.median)} {s.unit}".rstrip() if len(s.longest) == 1 else None
-    if s.ran_code and s.read < s.total:
+    if s.items is not None:
+        which = (
+            f"the largest of the {s.read:,} items {s.name} streamed, read through its own "
+            "`__iter__`"
+            + ("" if s.read == s.total else " in the time allowed; a later item could be larger")
+        )
+    elif s.ran_code and s.read < s.total:
         which = (
             f"the largest of {s.read:,} of {s.name}'s {s.total:,} items, sampled through its "
             "own `__getitem__` across the loader's order; an item not sampled could be larger"
@@ -349,6 +373,34 @@ def _read(dataset: Any, sampler: Any, name: str) -> _Sizes | None:
         read.append((i, _signature(getter(i))))
     in_order = safe.type_name(type(sampler)) == "SequentialSampler" and positions == range(total)
     return _summarise(dataset, name, len(positions), read, ran_code, in_order)
+
+
+def _read_stream(dataset: Any, name: str) -> _Sizes | None:
+    """An IterableDataset's item sizes, read through its own ``__iter__`` as it yields them
+    (within the time budget; a stream may not end), keeping the items that may make its worst
+    batch: each new largest, and each new longest of any dimension."""
+    deadline = time.perf_counter() + _SAMPLE_BUDGET_S
+    read: list[tuple[int, Signature]] = []
+    kept: dict[int, Any] = {}
+    top: dict[object, int] = {}
+    ended = True
+    for n, item in enumerate(iter(dataset)):
+        if n % 64 == 0 and n:
+            if n >= _MAX_READ or time.perf_counter() > deadline:
+                ended = False
+                break
+            if n == _FIRST_LOOK and len({sig for _, sig in read}) == 1:
+                return None  # one shape so far: not worth seconds
+        sig = _signature(item)
+        read.append((n, sig))
+        marks: list[tuple[object, int]] = [("size", sum(math.prod(x) for x in sig if x))]
+        marks += [((f, d), v) for f, x in enumerate(sig) if x for d, v in enumerate(x)]
+        for key, value in marks:
+            if value > top.get(key, -1):
+                top[key] = value
+                kept[n] = item
+    total = len(read) if ended else -1
+    return _summarise(dataset, name, total, read, True, items=kept)
 
 
 def _getter(dataset: Any) -> tuple[Callable[[int], Any] | None, int, bool]:
@@ -481,6 +533,7 @@ def _summarise(
     read: list[tuple[int, Signature]],
     ran_code: bool,
     in_order: bool = False,
+    items: dict[int, Any] | None = None,
 ) -> _Sizes | None:
     """The worst items of those read; None when no field's shape varies."""
     if not read:
@@ -492,12 +545,20 @@ def _summarise(
         return None
 
     worst = _worst_of(rows, varying)
+    if items is not None:
+        worst = [p for p in worst if p in items]  # a stream: only what was kept can be used
+        if not worst:
+            return None
     largest = dict(rows)[worst[0]]
     main = max(varying, key=lambda f: math.prod(largest[f] or ()))
     longest = largest[main] or ()
     numels = [math.prod(sig[main] or ()) for _, sig in rows]
     half = math.prod(longest) / 2
-    first = _item_field(dataset, worst[0], main, ran_code)
+    first = (
+        _field_of(items[worst[0]], main)
+        if items
+        else _item_field(dataset, worst[0], main, ran_code)
+    )
     sigs = dict(rows)
     dims = sum(len(largest[f] or ()) for f in varying)
     ordered = in_order and len(rows) == len(read) == total and dims > 1
@@ -516,6 +577,7 @@ def _summarise(
         varying=varying,
         main=main,
         padded=_padded([sigs[p][main] for p in worst]),
+        items=None if items is None else {p: items[p] for p in worst},
     )
 
 
@@ -581,6 +643,11 @@ def _item_field(dataset: Any, position: int, f: int, ran_code: bool) -> Any:
         item = getter(position)
     except Exception:
         return None
+    return _field_of(item, f)
+
+
+def _field_of(item: Any, f: int) -> Any:
+    """Field ``f`` of an item, as ``_signature`` numbers them."""
     if type(item) is dict:
         values = [v for _, v in sorted(dict.items(item), key=lambda kv: str(kv[0]))]
         return values[f] if f < len(values) else None
