@@ -9,6 +9,7 @@ simulated GPU.
 
 from __future__ import annotations
 
+import re
 import sys
 from types import SimpleNamespace
 from typing import Any
@@ -133,6 +134,23 @@ def test_a_torch_that_cannot_say_whether_history_records_is_left_alone(monkeypat
     assert log is None and hist.calls == [] and "torch 2.1" in (backend.sizes_note or "")
 
 
+def test_a_run_measured_inside_a_measured_run_shares_one_history(history: FakeHistory) -> None:
+    """A fix's run is measured twice (the re-run's meter, and Reduce batch's probe inside it):
+    the outer block starts torch's history, the inner one reads it, and both logs hold the run;
+    the history is stopped once, at the end, as it was found."""
+    backend = CudaBackend()
+    with backend.record_sizes(0) as outer:
+        history.alloc(0x100, 4 * MiB)
+        with backend.record_sizes(0) as inner:
+            history.alloc(0x200, 8 * MiB)
+            history.free(0x200, 8 * MiB)
+        assert history.enabled
+    assert outer is not None and inner is not None and outer.complete and inner.complete
+    assert outer.events == [(0, 4 * MiB), (1, 8 * MiB), (-1, 1)]
+    assert inner.events == [(0, 8 * MiB), (-1, 0)]
+    assert not history.enabled and [c[0] for c in history.calls] == ["all", None]
+
+
 def test_trace_since_finds_the_entries_after_the_mark_even_once_the_ring_wrapped() -> None:
     entries = [{"action": "alloc", "addr": i, "size": 1, "time_us": i} for i in range(10)]
     assert trace_since(entries[:6], entries[2:]) == (entries[6:], True)
@@ -174,3 +192,75 @@ def test_cell_stats_leave_the_notebooks_peak_counter_alone(shell: Any, capsys: A
     assert f"+{format_bytes(192 * MiB)}, peak {format_bytes(196 * MiB)} of" in out, out
     shell.run_cell("%gpumem history")
     assert f"≤ {format_bytes(128 * MiB)}" in capsys.readouterr().out
+
+
+MLP_SETUP = """\
+import torch
+import torch.nn.functional as F
+torch.manual_seed(0)
+model = torch.nn.Sequential(
+    torch.nn.Linear(64, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 10),
+).to("cuda")
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+"""
+
+MLP_CELL = """\
+batch_size = 16384
+for step in range(2):
+    x = torch.randn(batch_size, 64, device="cuda")
+    y = torch.randint(0, 10, (batch_size,), device="cuda")
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="rescue/rerun.py's _Meter resets the peak counters before each run; its fix (PeakWatch "
+    "and a size log instead) lands with _ReservedPeak's in fixes/batch/reduce.py (H4's report)",
+)
+def test_retry_batch_leaves_the_notebooks_peak_counters_alone(shell: Any, capsys: Any) -> None:
+    """`%gpumem retry batch` re-runs the cell several times and measures each run's peak without
+    resetting torch's counters: the notebook's max_memory_allocated() and max_memory_reserved()
+    (here 128 MiB, from a tensor the size of the card it made and dropped earlier, which no run
+    can pass) read the same after the fix as before it (were the last run's peak), and the fix
+    still settles on a batch using most of the card."""
+    pytest.importorskip("torch")
+    shell.run_cell("%gpumem simulate 128MiB")
+    assert shell.run_cell(
+        "import torch\n"
+        "whole = torch.empty(128 << 20, dtype=torch.uint8, device='cuda')\n"
+        "del whole\n"
+        "torch.cuda.empty_cache()\n"
+    ).success
+    assert shell.run_cell(MLP_SETUP, store_history=True).success
+    assert not shell.run_cell(MLP_CELL, store_history=True).success
+    peaks = "(torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())"
+    shell.run_cell(f"before = {peaks}")
+    assert shell.user_ns["before"] == (128 * MiB, 128 * MiB)
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry batch")
+    out = capsys.readouterr().out
+    m = re.search(r"Fits at batch \d+ \(was 16384\), peak ([\d.]+) MiB of 128 MiB", out)
+    assert m and float(m.group(1)) >= 64, out  # at least half the card
+    shell.run_cell(f"after = {peaks}")
+    assert shell.user_ns["after"] == shell.user_ns["before"], out
+
+
+def test_a_stretch_that_started_cuda_counts_from_zero(monkeypatch: Any) -> None:
+    """No counters at the start (no CUDA context yet: a re-run whose cell is the first to use the
+    GPU) and counters at the end: the peak is the counters' own, exact."""
+    from jupyter_gpumem.backends import peaks
+
+    readings: list[dict[str, int] | None] = [
+        None,
+        {"allocated_bytes.all.current": MiB, "allocated_bytes.all.peak": 3 * MiB},
+    ]
+    backend = SimpleNamespace(allocator_stats=lambda index=None: readings.pop(0))
+    monkeypatch.setattr(peaks, "active", lambda: backend)
+    watch = peaks.PeakWatch(0)
+    assert not watch.start()
+    seen = watch.stop()
+    assert seen is not None and seen.exact and seen.allocated_bytes == 3 * MiB

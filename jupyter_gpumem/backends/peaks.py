@@ -76,7 +76,8 @@ class PeakWatch:
         self._before: dict[str, int] | None = None
 
     def start(self) -> bool:
-        """Read the counters; False where the device has none to read (no CUDA context)."""
+        """Read the counters; False where the device has none to read yet (no CUDA context:
+        :meth:`stop` then counts from zero, as the counters will)."""
         self._before = active().allocator_stats(self.index)
         return self._before is not None
 
@@ -85,8 +86,10 @@ class PeakWatch:
         they were logged (a complete log turns a bound into the value)."""
         before, self._before = self._before, None
         after = active().allocator_stats(self.index)
-        if before is None or after is None:
+        if after is None:
             return None
+        if before is None:  # CUDA started during the stretch: every counter started at 0
+            before = dict.fromkeys(after, 0)
         start, end = before.get(_ALLOCATED, 0), after.get(_ALLOCATED, 0)
         old_peak, new_peak = before.get(_ALLOCATED_PEAK, 0), after.get(_ALLOCATED_PEAK, 0)
         least_reserved = max(after.get(_RESERVED, 0), before.get(_RESERVED, 0))
