@@ -148,3 +148,35 @@ def test_the_panel_shows_predicted_against_measured(shell: Any) -> None:
     assert outcome is not None and outcome.ok
     predicted, measured, basis = predicted_and_measured(panel.status.value)
     assert "recorded ops" in basis and abs(predicted - measured) <= 0.15 * measured
+
+
+WIDE64 = IMPORTS + (
+    "big = torch.nn.Linear(256, 4096).double().cuda()\nhead = torch.nn.Linear(4096, 10).cuda()\n"
+)
+WIDE64_CELL = (
+    "batch = 2048\n"
+    "for step in range(2):\n"
+    '    x = torch.randn(batch, 256, dtype=torch.float64, device="cuda")\n'
+    "    h = torch.relu(big(x))\n"
+    "    loss = head(h.float()).sum()\n"
+    "    loss.backward()\n"
+)
+
+
+@pytest.mark.slow
+def test_autocast_on_float64_work_says_not_enough(shell: Any, capsys: Any) -> None:
+    """Autocast leaves float64 as it is: the float64 layer's activations stay whole, only the
+    float32 head's halve. The replay says not enough; the run agrees."""
+    shell.run_cell("%gpumem simulate 150MiB")
+    shell.run_cell(WIDE64)
+    shell.run_cell(WIDE64_CELL)
+    out = capsys.readouterr().out
+    assert "retry autocast" in out and "float64" not in out.split("retry autocast", 1)[1][:80]
+    shell.run_cell("%gpumem retry autocast --force")
+    out = capsys.readouterr().out
+    print(out)
+    note = next(ln for ln in out.splitlines() if "Predicted peak" in ln)
+    assert "not enough, the card has" in note, note
+    after = re.search(r"need at ~([\d.]+ [KMG]i?B) under autocast against ~([\d.]+ [KMG]i?B)", note)
+    assert after and parse_size(after[1]) > 0.8 * parse_size(after[2]), "float64 kept whole"
+    assert "Still out of memory under autocast" in out, out
