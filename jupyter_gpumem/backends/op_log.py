@@ -11,6 +11,12 @@ finalizer on its storage object, which torch keeps alive as long as the storage 
 
 An op that runs out of memory ends the log there (``failed``): a run that fails is recorded up to
 its failure, which is what a rehearsal of the failed cell gives.
+
+The deaths of storages live before the run come from the backend's size log where it fills as the
+run goes (the simulated GPU's): all of them, gradients set to None before any op read them
+included. On CUDA that log is read at the end, so only the residents the run read are seen dying:
+a gradient dropped by ``zero_grad()`` before it was read stays counted, and the replay overstates
+the need by it. Measured on the simulated GPU only (no GPU in the session that wrote this).
 """
 
 from __future__ import annotations
