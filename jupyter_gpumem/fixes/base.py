@@ -239,8 +239,8 @@ def predicted_vs_measured(
         error = 100 * (predicted_bytes - measured_bytes) / measured_bytes
         side = "over" if error > 0 else "under"
         off = (
-            " (the prediction exact)"
-            if round(error) == 0
+            " (the prediction within 0.5%)"
+            if abs(error) < 0.5
             else f" (the prediction {abs(error):.0f}% {side})"
         )
     return f"{head}, measured {format_bytes(measured_bytes)}{off}."
