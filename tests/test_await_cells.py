@@ -17,11 +17,8 @@ from tests.conftest import Kernel
 torch = pytest.importorskip("torch")
 
 SETUP = "import asyncio, torch"
-CELL = (
-    "batch_size = 80\n"
-    "await asyncio.sleep(0)\n"
-    "x = torch.empty(batch_size << 20, dtype=torch.uint8, device='cuda')\n"
-)
+ALLOC = "x = torch.empty(batch_size << 20, dtype=torch.uint8, device='cuda')\n"
+CELL = "batch_size = 80\nawait asyncio.sleep(0)\n" + ALLOC
 
 
 def _run(shell: Any, capsys: Any, cell: str) -> str:
@@ -192,6 +189,18 @@ def test_await_cells_fixed_in_a_real_kernel(kernel: Kernel) -> None:
     cpu = Kernel.text(k.run("%gpumem retry cpu"))
     assert "1 task it started and did not await cancelled" in cpu, cpu
     assert Kernel.text(k.run("print(t.cancelled())")).strip() == "True"
+    # what only the kernel's loop can deliver: said in one sentence (was: the task's repr)
+    k.run(
+        "del x\nfut = asyncio.get_running_loop().create_future()\n"
+        "asyncio.get_running_loop().call_later(0.2, fut.set_result, 1)"
+    )
+    r = k.run("batch_size = 80\nawait asyncio.sleep(0)\nif not fut.done(): await fut\n" + ALLOC)
+    assert r["reply"]["status"] == "error"
+    k.run("fut = asyncio.get_running_loop().create_future()  # pending, and nothing sets it")
+    other = Kernel.text(k.run("%gpumem retry cpu --force"))
+    assert "raised RuntimeError: Future <Future pending> attached to a different loop" in other
+    assert "made on the kernel's event loop by an earlier cell" in other, other
+    assert "rerun.py" not in other.splitlines()[-1], "the line names no frame of ours"
 
 
 def test_a_task_started_in_the_cell_and_awaited_last(shell: Any, capsys: Any) -> None:

@@ -363,7 +363,27 @@ def report_raised(shell: Any, label: str, raised: RerunRaised) -> str:
         pass
     at = f" at batch {raised.batch}" if raised.batch else ""
     kept = _kept_words(raised.nothing_kept)
-    return f"✗ {label}: the re-run{at} raised {brief}. {kept}{raised.undo}"
+    brief, hint = _other_loop(exc, brief)
+    return f"✗ {label}: the re-run{at} raised {brief}. {hint}{kept}{raised.undo}"
+
+
+_OTHER_LOOP = ("attached to a different loop", "bound to a different event loop")
+
+
+def _other_loop(exc: BaseException, brief: str) -> tuple[str, str]:
+    """An await cell that awaited what the kernel's event loop made: the error in its own words
+    (not the task's repr), and why, in a sentence."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not any(w in text for w in _OTHER_LOOP):
+        return brief, ""
+    start = text.find("got Future ")
+    brief = f"RuntimeError: {text[start + 4 :] if start >= 0 else text[:200]}"
+    hint = (
+        "The cell awaits something made on the kernel's event loop by an earlier cell (a "
+        "future, an event, a client's connection); a fix runs an await cell on IPython's own "
+        "loop beside it, so re-run this one by hand. "
+    )
+    return brief, hint
 
 
 def cell_traceback(tb: TracebackType | None, user_ns: dict[str, Any]) -> TracebackType | None:
