@@ -228,25 +228,51 @@ def _hf() -> dict[str, str]:
     return {**cells, "data": data}
 
 
-@pytest.mark.slow
-def test_hf_course_loop_with_one_long_example_trains_three_epochs(shell: Any, capsys: Any) -> None:
-    """Was (on a 96 MiB card): rehearsals fitted at 7 on short batches, three real runs ran out
-    (7, 6, 5) and it settled at 3. The largest batch whose three epochs fit is 4 (each batch size
-    run on a fresh card, shuffled as the notebook is)."""
-    cells = _hf()
+def _hf_setup(shell: Any, cells: dict[str, str], b: int = 8) -> None:
     shell.run_cell("%gpumem simulate off")
-    assert shell.run_cell(cells["data"]).success
-    shell.run_cell("%gpumem simulate 96MiB")
+    data = cells["data"].replace("shuffle=True, batch_size=8", f"shuffle=True, batch_size={b}")
+    assert shell.run_cell(data).success
+    shell.run_cell(f"%gpumem simulate {HF_CARD}")
     for name in ("scheduler", "setup"):
         assert shell.run_cell(cells[name]).success
+
+
+def _hf_largest(cells: dict[str, str]) -> int:
+    """The largest batch whose three epochs fit, by bisection, each on a fresh card."""
+    from tests.conftest import _end_shell, _new_shell
+
+    sh = _new_shell()
+    sh.run_cell("%load_ext jupyter_gpumem", store_history=False)
+    try:
+        lo, hi = 1, 8
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            _hf_setup(sh, cells, mid)
+            lo, hi = (mid, hi) if sh.run_cell(cells["train"], silent=True).success else (lo, mid)
+        return lo
+    finally:
+        sh.run_cell("%unload_ext jupyter_gpumem", store_history=False)
+        _end_shell(sh)
+
+
+HF_CARD = "96MiB"
+
+
+@pytest.mark.slow
+def test_hf_course_loop_with_one_long_example_trains_three_epochs(shell: Any, capsys: Any) -> None:
+    """Was (96 MiB): rehearsals fitted at 7 on short batches, three real runs ran out (7, 6, 5)
+    and it settled at 3; the largest batch whose three epochs fit was 4."""
+    cells = _hf()
+    largest = _hf_largest(cells)
+    _hf_setup(shell, cells)
     assert not shell.run_cell(cells["train"]).success
     capsys.readouterr()
-    shell.run_cell("%gpumem retry batch --force")
+    shell.run_cell("%gpumem retry batch --force")  # steps ran before the long example
     out = capsys.readouterr().out
     ns = shell.user_ns
     batch = ns["train_dataloader"].batch_size
     assert f"Fits at batch {batch} (was 8)" in out, out
-    assert batch == 4, out
+    assert batch >= 0.9 * largest, (batch, largest, out)
     assert _runs(out)[1] == 1, out
     assert ns["progress_bar"].n == 3 * len(ns["train_dataloader"]), out  # every epoch whole
     assert "Sized for the longest batch: 384 tokens a sample" in out, out
