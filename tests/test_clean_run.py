@@ -246,3 +246,19 @@ def test_gradients_a_failed_backward_left_are_named_or_as_one_clean_run(
     shell.run_cell("%gpumem simulate 1GiB")
     assert shell.run_cell(GRAD_SETUP).success and shell.run_cell(zeroed).success
     assert _same(fixed, _grads(shell))
+
+
+def test_a_kept_reduce_batch_run_names_the_statistics_the_failed_run_moved(
+    shell: Any, capsys: Any
+) -> None:
+    """Every fix whose run is kept says what that run started from that the failed run left (not
+    only Move to CPU's), once, and not as something the rehearsals could not undo."""
+    shell.run_cell("%gpumem simulate 64MiB")
+    assert shell.run_cell(BN_SETUP).success
+    assert not shell.run_cell(BN_TRAIN).success
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry batch")
+    out = capsys.readouterr().out
+    assert "Kept from the failed run" in out, out
+    assert out.count("`net`'s BatchNorm running statistics") == 1, out
+    assert "could not undo" not in out, out

@@ -209,8 +209,14 @@ def in_transaction(shell: Any, failed: FailedCell, ctx: FixContext, key: str) ->
         ctx.txn = None
     if not outcome.ok and outcome.attempts:
         outcome.notes.append(_kept_words(txn.nothing_kept) + txn.undo_message())
-    elif outcome.ok and outcome.rehearsals and txn.not_undone():
-        outcome.notes.append("The rehearsals could not undo: " + "; ".join(txn.not_undone()) + ".")
+    elif outcome.ok:
+        # the failed run's own leftovers are not the rehearsals': said apart, once
+        not_undone = [n for n in txn.not_undone() if n not in txn.failed_run]
+        if outcome.rehearsals and not_undone:
+            outcome.notes.append("The rehearsals could not undo: " + "; ".join(not_undone) + ".")
+        kept_note = txn.failed_run_note()
+        if kept_note:
+            outcome.notes.append(kept_note)
     if outcome.rehearsals and txn.snapshot.bytes >= 1 << 30:
         outcome.notes.append(
             f"Rehearsals were undone from a copy of {format_bytes(txn.snapshot.bytes)} of model "
