@@ -7,9 +7,9 @@ the epoch: a batch found on them runs out later, on a long one (Lightning's Batc
 issues 8028, 20231 and 21154; tensor2tensor 581).
 
 So while a rehearsal runs, a DataLoader over data whose items vary in size starts every epoch with
-its worst batch, twice: the sample with the most elements ``b`` times (with the longest sample of
-each varying dimension among them, so that a collate that pads each dimension to its longest pads
-them all), then the epoch from its third batch in the loader's own order. Where the loader reads
+its worst batch, twice: the ``b`` largest samples (with the longest of each varying dimension among
+them, so that a collate that pads each dimension to its longest pads them all), then the epoch from
+its third batch in the loader's own order. Where the loader reads
 in order (no shuffling) and more than one dimension varies, the batches it will make are known, and
 the worst is the worst of those (a tall and a wide image pad each other only where they share a
 batch); a shuffled loader can draw any items together, so there it is the longest of each
@@ -19,10 +19,12 @@ worst/seen length:
 - the need of a padded batch is not linear in its length (attention is quadratic, an LSTM's
   workspace and the allocator's block sizes step), and the part that does not grow with the length
   (weights, the optimizer's state) must not be scaled; a run at the worst shape measures all of it;
-- a sample repeated ``b`` times is the largest batch of ``b`` the data can make for any collate
-  that pads or stacks (every row as long as the longest), and its shape is affine in ``b``, so the
-  search's replay of the rehearsals' allocation logs (``replay.py``) still holds from one run to the
-  next; ``b`` of the longest distinct samples would not be;
+- the ``b`` largest samples are the largest batch of ``b`` the data can make, for a collate that
+  pads (every row as long as the longest: a shape affine in ``b``, so the search's replay of the
+  rehearsals' allocation logs, ``replay.py``, holds from one run to the next) and for one that
+  concatenates (EmbeddingBag's offsets: the largest sum of lengths; ``b`` copies of the longest
+  would be far more than any batch). A stream keeps only the largest few items it yielded: its
+  batch is those, then copies of the largest, more than its epoch can make;
 - the real run that follows is the user's own order, whole: it meets the worst batch where it lies.
 
 The sizes come from the dataset itself where they can be read without running the notebook's code
@@ -103,6 +105,7 @@ class _Sizes:
     # A stream (an IterableDataset) cannot be indexed: the items that may make its worst batch,
     # kept as it yielded them, by position; ``total`` is -1 where it was not read to its end.
     items: dict[int, Any] | None = None
+    ranked: list[int] | None = None  # positions by size, the largest first (not of a stream)
 
     def fetch(self, loader: Any) -> Callable[[int], Any]:
         """The item at a position: the kept item of a stream, else ``dataset[i]``."""
@@ -120,6 +123,11 @@ class _Sizes:
             chunk = max(chunks, key=lambda c: _padded_size(c, self.varying))
             worst = _worst_of(chunk, self.varying)
         head = worst[: max(1, b)]
+        if self.in_order is None and self.ranked:
+            # then the next largest: a collate that concatenates (EmbeddingBag's offsets) sums
+            # the lengths, and b copies of the longest would be more than any batch can be
+            taken = set(head)
+            head += [p for p in self.ranked[: b + len(taken)] if p not in taken][: b - len(head)]
         positions = head + [worst[0]] * (b - len(head))
         shapes = [self.in_order[p] if self.in_order is not None else None for p in head]
         if all(sig is not None for sig in shapes):
@@ -321,7 +329,7 @@ def _sized_notes(s: _Sizes, batch: int) -> list[str]:
     notes = [
         f"Sized for the {what} batch: {sample} ({which}"
         + (f"; the median is {median}" if median else "")
-        + f"). The rehearsals ran {batch} samples that size first"
+        + f"). The rehearsals ran the data's largest batch of {batch} first"
         + (", so every batch fits." if s.read == s.total else ".")
     ]
     half = math.prod(s.longest) / 2
@@ -578,7 +586,14 @@ def _summarise(
         main=main,
         padded=_padded([sigs[p][main] for p in worst]),
         items=None if items is None else {p: items[p] for p in worst},
+        ranked=None if items is not None or ordered else _ranked(rows, varying),
     )
+
+
+def _ranked(rows: list[tuple[int, Signature]], varying: list[int]) -> list[int]:
+    """Positions by the elements of their varying fields, the largest first (ties in order)."""
+    sizes = [(-sum(math.prod(sig[f] or ()) for f in varying), p) for p, sig in rows]
+    return [p for _, p in sorted(sizes)]
 
 
 def _worst_of(rows: list[tuple[int, Signature]], varying: list[int]) -> list[int]:
