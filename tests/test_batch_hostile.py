@@ -197,11 +197,6 @@ class Trainer:
         raise AttributeError(name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: fixes/batch/edit.py's _with_entry copies the holder with copy.copy, which asks "
-    "its __getattr__ for __setstate__; namespace.copy_with makes the copy without its code",
-)
 def test_a_loader_kept_by_a_hostile_object(shell: Any, capsys: Any) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 

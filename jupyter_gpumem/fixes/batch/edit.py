@@ -3,11 +3,10 @@ settings replaced, and "make it permanent" in words."""
 
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any
 
-from jupyter_gpumem.fixes.batch.namespace import with_setting
+from jupyter_gpumem.fixes.batch.namespace import copy_with, with_setting
 from jupyter_gpumem.fixes.batch.sites import _NOT_FOUND, BatchFinding, _split_lines
 
 # -- changing -----------------------------------------------------------------------------
@@ -68,18 +67,21 @@ def apply_batch(
 def _with_entry(holder: object, key: object, how: str, value: object) -> object:
     """A copy of the dict, list, tuple or object with one entry set: bound to the same name, so
     the transaction's rollback puts the original back, and nothing else holding the original
-    sees a loader it did not ask for."""
+    sees a loader it did not ask for. Made without running the holder's code (no ``items()`` of a
+    dict subclass, no ``__getattr__``, ``__copy__`` or ``__setstate__``): ``ValueError`` where an
+    object cannot be copied so."""
     if isinstance(holder, dict):
-        new = dict(holder)
+        new = dict(dict.items(holder))
         new[key] = value
         return new
     if isinstance(holder, (list, tuple)) and isinstance(key, int):
-        items = list(holder)
+        items = list(list.__iter__(holder) if isinstance(holder, list) else tuple.__iter__(holder))
         items[key] = value
-        return type(holder)(items) if isinstance(holder, tuple) else items
-    new_obj = copy.copy(holder)
-    object.__setattr__(new_obj, str(key), value)
-    return new_obj
+        if isinstance(holder, list):
+            return items
+        maker = getattr(type(holder), "_make", None)  # a namedtuple: its fields kept
+        return maker(items) if callable(maker) else type(holder)(items)
+    return copy_with(holder, str(key), value)
 
 
 # Passed on to the new DataLoader when the old one has them (and they are not the default).
