@@ -260,7 +260,7 @@ class WorstFirst:
         unknown); how many samples a batch holds may differ (the last one of an epoch)."""
         seen: set[Shape] = set()
         for batch in it:
-            shape = _first_shape(batch)
+            shape = _first_shape(batch) if len(seen) < 2 else None
             if shape is not None:
                 seen.add(shape[1:])
                 if len(seen) > 1:
