@@ -43,6 +43,15 @@ def _has_cuda() -> bool:
         return False
 
 
+def pytest_configure(config: Any) -> None:
+    # one torch thread per test process (and per kernel a test starts, which inherits it): CI has
+    # 2 cores and runs 2 workers, and a small model's step with torch's default threads took 35x
+    # as long on a loaded 2-core machine (0.32 s against 0.009 s). A user's own setting is kept.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if "torch" in sys.modules and os.environ["OMP_NUM_THREADS"] == "1":
+        sys.modules["torch"].set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     # under pytest-xdist (`-n 2 --dist loadgroup`, as .ci/test runs): the browser tests share one
     # worker, one after the other, so two JupyterLabs never compete for the page timeouts
