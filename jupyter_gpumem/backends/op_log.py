@@ -219,6 +219,8 @@ def _mode_class(torch: Any) -> type:
             try:
                 made, weights = rec.outputs(out, before)
                 rec.sync(bool(made))
+                if made and rec.log.failed is not None:  # an OOM something caught: it went on
+                    rec.log.failed = None
                 if made:
                     event = OpEvent(
                         name, tuple(made), inputs, _in_backward(torch), saved, tuple(weights)

@@ -197,17 +197,18 @@ class Autocast(Fix):
             saving = d.working_set_bytes // 2
         return Check(True, action, "", saving, basis=predict.ESTIMATE if saving else "")
 
-    def _record(self, ctx: FixContext) -> tuple[predict.Prediction | None, list[Attempt]]:
+    def _record(self, ctx: FixContext) -> tuple[predict.Prediction | None, list[Attempt], str]:
         """The cell as it was, rehearsed with its ops recorded, replayed under autocast: the
-        prediction made before the real run (None where no recording could be made)."""
+        prediction made before the real run (None where no recording could be made, or it does
+        not hold for this cell: then why, for the outcome)."""
         if ctx.run is None or ctx.max_runs < 2:
-            return None, []
+            return None, [], ""
         recording = _Recording()
         plan, batch, at = _recording_plan(ctx, recording)
         result, attempt = self.run_once(ctx, plan)
         log = recording.log
         if log is None or not log.complete:
-            return None, [attempt]
+            return None, [attempt], ""
         report = result.failure.report if result.failure is not None else None
         failed = report.requested_bytes if report is not None else None
         if at is not None and batch is not None:
@@ -220,12 +221,29 @@ class Autocast(Fix):
             batch=batch if at is not None else None,
             capacity=result.capacity_bytes,
         )
+        d = ctx.failed.diagnosis
+        held = (d.allocated_bytes or 0) + (d.requested_bytes or 0) if d is not None else 0
+        reached = max(prediction.peak_before, prediction.need_before)
+        if not prediction.partial and reached < 0.9 * held:
+            # a whole pass replayed as it was does not reach what the failed run held when it
+            # ran out: the recording does not scale to this cell's batch (sizes that are not a
+            # per-sample size times the batch), so its prediction would be wrong too. (A
+            # recording that ran out itself reached its own limit: the state it started from
+            # may differ, what a rollback could not put back, so it is not held to this.)
+            how = predict.basis_words(prediction).removeprefix("replayed from ")
+            return (
+                None,
+                [attempt],
+                f"No prediction: the cell's recorded ops ({how}) replayed as they were reach "
+                f"{format_bytes(reached)}, less than the "
+                f"{format_bytes(held)} the failed run held when it ran out.",
+            )
         predict.remember(ctx.failed.source, ctx.remembered, prediction)
-        return prediction, [attempt]
+        return prediction, [attempt], ""
 
     def apply(self, ctx: FixContext) -> FixOutcome:
         check = self.check(ctx)
-        prediction, recorded = self._record(ctx)
+        prediction, recorded, unsure = self._record(ctx)
         factory, dtype = torch_objects.autocast_factory(ctx.failed.report.device_index)
         graphs = torch_objects.compiled_graphs()
         outcome = self._single_run(
@@ -256,7 +274,7 @@ class Autocast(Fix):
         else:
             outcome.message = "Still out of memory under autocast."
             ctx.remembered[_failed_key(ctx.failed.source)] = 1
-        outcome.notes.append(_prediction_note(ctx, prediction, outcome, check))
+        outcome.notes.append(unsure or _prediction_note(ctx, prediction, outcome, check))
         return outcome
 
 
