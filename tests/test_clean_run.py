@@ -5,9 +5,10 @@ What the failed run changed before it ran out, and what the fix's re-run starts 
 - the failure record judges a first pass by what ran, not by what an optimizer from an earlier
   cell holds: a loop over a list whose target is its first item, a counter at its start even when
   its name existed before the cell;
-- what the failed run left in the models (BatchNorm running statistics, gradients in ``.grad``)
-  cannot be put back, since no copy from before that cell exists: a kept fix says so, as a failed
-  one does, and where the cell makes it irrelevant the result is that of one clean run.
+- what the failed run changed in the models the cell names (BatchNorm running statistics and
+  `num_batches_tracked`, gradients in ``.grad``) is put back from the hook's record of that cell
+  before the fix runs, so the kept run is one clean run; a model the record did not see (reached
+  through an object) is named instead, by a kept fix as by a failed one.
 
 Each test drives a real IPython InteractiveShell with the extension loaded, on the simulated GPU.
 """
@@ -168,13 +169,27 @@ sgd.step()
 """
 
 
+def _stats(model: Any) -> list[Any]:
+    """The BatchNorm statistics, `num_batches_tracked` included, and the parameters."""
+    return [t.detach().cpu().clone() for t in (*model.buffers(), *model.parameters())]
+
+
+def _clean_run(shell: Any, *cells: str, card: str = "1GiB") -> None:
+    """One clean run: the same cells from the start on a card where they fit."""
+    shell.run_cell("%gpumem simulate off")
+    shell.run_cell(f"%gpumem simulate {card}")
+    for cell in cells:
+        assert shell.run_cell(cell).success
+
+
 @pytest.mark.slow
-def test_batchnorm_statistics_the_failed_forward_moved_are_named_by_every_kept_fix(
+def test_batchnorm_statistics_the_failed_forward_moved_are_put_back_before_every_fix(
     shell: Any, capsys: Any
 ) -> None:
     """The failed forward moved the BatchNorm's running statistics and `num_batches_tracked`
-    before it ran out; nothing copied them before the cell. Move to CPU keeps a run that starts
-    from them, and says so; a fix that fails says it could not put them back."""
+    before it ran out. The hook copied them before the cell: a fix that fails leaves them as
+    they were before that cell, and one that fits keeps one clean run's (was: named, and the
+    kept run started from them, `num_batches_tracked` 2 where one clean run has 1)."""
     shell.run_cell("%gpumem simulate 64MiB")
     assert shell.run_cell(BN_SETUP).success
     assert not shell.run_cell(BN_TRAIN).success
@@ -183,14 +198,67 @@ def test_batchnorm_statistics_the_failed_forward_moved_are_named_by_every_kept_f
     capsys.readouterr()
     shell.run_cell("%gpumem retry autocast")
     out = capsys.readouterr().out
-    assert "not put back" in out and "`net`'s BatchNorm running statistics" in out, out
+    assert "Nothing was kept" in out, out
+    assert "`net`'s BatchNorm running statistics as they were before the failed cell" in out, out
+    assert int(bn.num_batches_tracked) == 0 and float(bn.running_var.sum()) == 64.0
+    shell.run_cell("%gpumem retry cpu")
+    out = capsys.readouterr().out
+    assert "The cell ran on the CPU" in out, out
+    # the failed fix left them as before the failed cell: this run starts there, nothing to say
+    assert "Kept from the failed run" not in out and "BatchNorm" not in out, out
+    fixed = _stats(shell.user_ns["net"])
+    _clean_run(shell, BN_SETUP, BN_TRAIN)
+    clean = shell.user_ns["net"]
+    assert int(clean[1].num_batches_tracked) == 1
+    assert _same(fixed, _stats(clean))  # running mean and variance too: one clean run's
+
+
+def test_statistics_a_later_cell_moved_are_not_put_back(shell: Any, capsys: Any) -> None:
+    """After the failure a cell of the user's trained the BatchNorm on: its work is not undone,
+    and what the failed run left under it is named, as before the record existed."""
+    shell.run_cell("%gpumem simulate 64MiB")
+    assert shell.run_cell(BN_SETUP).success
+    assert not shell.run_cell(BN_TRAIN).success
+    assert shell.run_cell("net(torch.randn(8, 64, device='cuda'));").success
+    bn = shell.user_ns["net"][1]
+    assert int(bn.num_batches_tracked) == 2
     capsys.readouterr()
     shell.run_cell("%gpumem retry cpu")
     out = capsys.readouterr().out
     assert "The cell ran on the CPU" in out, out
-    assert "Kept from the failed run" in out, out
-    assert "`net`'s BatchNorm running statistics" in out, out
-    assert int(bn.num_batches_tracked) == 2  # one clean run would have 1: said, not hidden
+    assert "Put back" not in out and "Kept from the failed run" in out, out
+    assert int(bn.num_batches_tracked) == 3  # the later cell's forward and the re-run's
+
+
+def test_a_cell_pays_for_a_record_only_while_it_runs_and_only_for_models_it_names(
+    shell: Any,
+) -> None:
+    """A cell that fits keeps no copy after it; a cell naming no model takes none; a failed
+    cell's record travels with its failure."""
+    from jupyter_gpumem.rescue import before_cell
+
+    shell.run_cell("%gpumem simulate 64MiB")
+    assert shell.run_cell(BN_SETUP).success
+    hook = jupyter_gpumem._extension_for(shell).hook
+    seen: list[Any] = []
+    shell.events.register("pre_run_cell", lambda info: seen.append(hook._cell_before))
+    assert shell.run_cell("y = net(torch.randn(8, 64, device='cuda'))").success
+    assert shell.run_cell("z = 1 + 1").success
+    assert hook._cell_before is None  # released after the cell
+    assert before_cell.take("z = 1 + 1\nprint('net')", shell.user_ns) is None
+    assert not shell.run_cell(BN_TRAIN).success
+    failed = jupyter_gpumem.last_failure(shell)
+    assert failed is not None and isinstance(failed.before, before_cell.Before)
+    assert hook._cell_before is None
+
+
+# the same model, reached only through an object the cell names: no record of it before the cell
+BOXED = """class Box:
+    pass
+box = Box()
+box.net = net
+"""
+BOXED_TRAIN = BN_TRAIN.replace("net(x)", "box.net(x)")
 
 
 GRAD_SETUP = """\
@@ -211,13 +279,14 @@ def _grads(shell: Any) -> list[Any]:
     return [p.grad.detach().cpu().clone() for p in shell.user_ns["net"].parameters()]
 
 
-def test_gradients_a_failed_backward_left_are_named_or_as_one_clean_run(
+def test_gradients_a_failed_backward_left_are_put_back_and_the_run_is_one_clean_run(
     shell: Any, capsys: Any
 ) -> None:
     """The backward ran out of memory after it wrote the last layer's gradients: the re-run's
-    backward adds to them. The guard asks first; forced, Move to CPU's run is kept and says that
-    the failed run's gradients stayed in `.grad`. A cell that zeroes the gradients first gets one
-    clean run's, unasked."""
+    backward would add to them. The guard asks first; forced, Move to CPU's run starts from the
+    gradients as they were before the cell (none) and its `.grad` is one clean run's (was: kept
+    the failed run's and said so). A cell that zeroes the gradients first gets one clean run's,
+    unasked."""
     shell.run_cell("%gpumem simulate 40MiB")
     assert shell.run_cell(GRAD_SETUP).success
     assert not shell.run_cell(GRAD_TRAIN).success
@@ -230,35 +299,60 @@ def test_gradients_a_failed_backward_left_are_named_or_as_one_clean_run(
     shell.run_cell("%gpumem retry cpu --force")
     out = capsys.readouterr().out
     assert "The cell ran on the CPU" in out, out
-    assert "Kept from the failed run" in out and "the gradients in `net`'s `.grad`" in out, out
+    assert "Put back before the re-run" in out and "the gradients in `net`'s `.grad`" in out, out
+    assert "Kept from the failed run" not in out, out
+    fixed = _grads(shell)
+    _clean_run(shell, GRAD_SETUP, GRAD_TRAIN)
+    assert _same(fixed, _grads(shell))
     # zeroed first: whatever the failed run left, the kept run's gradients are one clean run's
     zeroed = "sgd.zero_grad()\n" + GRAD_TRAIN
-    shell.run_cell("%gpumem simulate off")
-    shell.run_cell("%gpumem simulate 40MiB")
-    assert shell.run_cell(GRAD_SETUP).success
+    _clean_run(shell, GRAD_SETUP, card="40MiB")
     assert not shell.run_cell(zeroed).success
     capsys.readouterr()
     shell.run_cell("%gpumem retry cpu")
     out = capsys.readouterr().out
     assert "The cell ran on the CPU" in out and "--force" not in out, out
     fixed = _grads(shell)
-    shell.run_cell("%gpumem simulate off")
-    shell.run_cell("%gpumem simulate 1GiB")
-    assert shell.run_cell(GRAD_SETUP).success and shell.run_cell(zeroed).success
+    _clean_run(shell, GRAD_SETUP, zeroed)
     assert _same(fixed, _grads(shell))
 
 
-def test_a_kept_reduce_batch_run_names_the_statistics_the_failed_run_moved(
+def test_a_kept_reduce_batch_run_names_the_statistics_it_could_not_put_back(
     shell: Any, capsys: Any
 ) -> None:
-    """Every fix whose run is kept says what that run started from that the failed run left (not
-    only Move to CPU's), once, and not as something the rehearsals could not undo."""
+    """A model the cell reaches only through an object had no record before the cell: its
+    statistics as the failed run moved them are named by every fix whose run is kept (not only
+    Move to CPU's), once, and not as something the rehearsals could not undo."""
     shell.run_cell("%gpumem simulate 64MiB")
-    assert shell.run_cell(BN_SETUP).success
-    assert not shell.run_cell(BN_TRAIN).success
+    assert shell.run_cell(BN_SETUP).success and shell.run_cell(BOXED).success
+    assert not shell.run_cell(BOXED_TRAIN).success
     capsys.readouterr()
     shell.run_cell("%gpumem retry batch")
     out = capsys.readouterr().out
-    assert "Kept from the failed run" in out, out
-    assert out.count("`net`'s BatchNorm running statistics") == 1, out
+    assert "Kept from the failed run" in out and "Put back" not in out, out
+    assert out.count("BatchNorm running statistics") == 1, out
     assert "could not undo" not in out, out
+
+
+def test_a_fix_that_does_not_fit_leaves_the_statistics_as_before_the_failed_cell(
+    shell: Any, capsys: Any
+) -> None:
+    """The forward ran, then a later line of the cell ran out: Clear cache does not help, and
+    what it puts back is the notebook before the fix with the BatchNorm statistics as they were
+    before the failed cell, said so ("Nothing was kept" is true: was "not put back: `model`'s
+    BatchNorm running statistics")."""
+    shell.run_cell("%gpumem simulate 160MiB")
+    shell.run_cell(
+        "import torch\nmodel = torch.nn.Sequential(torch.nn.Linear(16, 16), "
+        "torch.nn.BatchNorm1d(16)).cuda()\nhold = torch.zeros(15 << 20, device='cuda')"
+    )
+    cell = "out = model(torch.randn(64, 16, device='cuda'))\nbig = torch.randn(30 << 20, device='cuda')"
+    assert not shell.run_cell(cell).success
+    bn = shell.user_ns["model"][1]
+    assert int(bn.num_batches_tracked) == 1
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry clear --force")
+    out = capsys.readouterr().out
+    assert "Nothing was kept" in out, out
+    assert "`model`'s BatchNorm running statistics as they were before the failed cell" in out
+    assert int(bn.num_batches_tracked) == 0 and float(bn.running_mean.abs().sum()) == 0.0

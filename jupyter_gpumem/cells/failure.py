@@ -90,6 +90,9 @@ class FailedCell:
     plain_values: dict[str, Any] | None = None
     # the plain locals of each notebook function it failed in (as ``frames``), for the guard
     frame_values: tuple[dict[str, Any], ...] = ()
+    # the BatchNorm statistics and gradients of the models the cell names, as the cell found them
+    # (``rescue.before_cell.Before``, sealed when it failed): a fix puts them back before it runs
+    before: Any = None
 
 
 def cell_lineno(tb: TracebackType | None, user_ns: dict[str, Any]) -> int | None:

@@ -180,6 +180,7 @@ def in_transaction(shell: Any, failed: FailedCell, ctx: FixContext, key: str) ->
             ns,
             names_used(failed.source, ns),
             leftovers=failed_run_leftovers(ns, failed.created),
+            before=failed.before,
         )
     except SnapshotTooLarge as exc:
         return FixOutcome(
@@ -207,6 +208,9 @@ def in_transaction(shell: Any, failed: FailedCell, ctx: FixContext, key: str) ->
         raise
     finally:
         ctx.txn = None
+    if outcome.failure is not None and outcome.failure.before is None:
+        # the re-run that ran out started from the record's values: a next fix starts there too
+        outcome.failure.before = failed.before
     if not outcome.ok and outcome.attempts:
         outcome.notes.append(_kept_words(txn.nothing_kept) + txn.undo_message())
     elif outcome.ok:

@@ -27,6 +27,7 @@ from jupyter_gpumem.ipython.tracebacks import fold_library_frames, through
 from jupyter_gpumem.ipython.tracebacks import library_of as library_of  # where it was first
 from jupyter_gpumem.oom.report import OOMReport, find_oom, walk_chain
 from jupyter_gpumem.readings.release import ReleaseResult, release_failed_cell
+from jupyter_gpumem.rescue import before_cell
 
 Presenter = Callable[["FailedCell"], None]
 
@@ -73,6 +74,9 @@ class OOMHook:
         # (device, bytes allocated) as the cell started: what it found held, read from the
         # allocator's counter (a variable's gradients made by this cell are this cell's)
         self._cell_held: tuple[int, int] | None = None
+        # the models' BatchNorm statistics and gradients as the cell found them, for the models
+        # it names (rescue.before_cell): dropped after the cell, kept by a FailedCell
+        self._cell_before: Any = None
         self._cell_id: str | None = None
         self._cell_count: int | None = None
         self._pending_release: BaseException | None = None
@@ -147,12 +151,19 @@ class OOMHook:
             self._cell_rng = None
         self._cell_held = _held_now()
         self._last_seen = getattr(sys, "last_value", None)
+        # a scan of the cell's words when it names no model; else host copies of its models'
+        # BatchNorm statistics (ResNet-50: 0.2 MiB) and which parameters had no .grad
+        try:
+            self._cell_before = before_cell.take(self._cell_source, self.shell.user_ns)
+        except Exception:
+            self._cell_before = None
 
     def _post_run_cell(self, result: Any) -> None:
         try:
             self._diagnose_shown_elsewhere()
         except BaseException:
             pass  # never raises out of a post_run_cell callback
+        self._cell_before = None  # a failed cell's record went with its FailedCell
         exc = self._pending_release
         if exc is None:
             return
@@ -346,6 +357,7 @@ class OOMHook:
             held_at_start=self._cell_held,
         )
         failed.cell_id = self._cell_id
+        failed.before = _sealed(self._cell_before)
         return failed
 
     def _release(self, value: BaseException) -> ReleaseResult:
@@ -356,6 +368,17 @@ class OOMHook:
             # hold no GPU memory now
             self._pending_release = None
         return result
+
+
+def _sealed(before: Any) -> Any:
+    """The cell's record, with what its failed run left read in; None where that fails."""
+    if before is None:
+        return None
+    try:
+        before.seal()
+    except Exception:
+        return None
+    return before
 
 
 def _held_now() -> tuple[int, int] | None:

@@ -17,9 +17,11 @@ Rehearsals (probes of a fix) are rolled back after each run; the final run is ke
 and rolled back when it does not, or when anything interrupts it (Ctrl-C included, deferred while
 the rollback runs). What no copy can put back (a generator, a socket, a database) is named before
 anything runs (``Transaction.not_covered``) and again after (``undo_message``). What the failed
-run itself left in the models before it ran out (BatchNorm running statistics, gradients in
-``.grad``) has no copy from before that cell: it is named the same way, and a kept run says it
-started from it (``failed_run_note``). Reading and writing the user's objects runs none of their
+run itself changed in the models before it ran out (BatchNorm running statistics, gradients in
+``.grad``) is put back from the hook's record of that cell (``before_cell``) before the first run
+and after each rehearsal, so the kept run is one clean run; what the record does not cover (a
+model reached only through an object, gradients there before the cell and too large to copy) is
+named the same way, and a kept run says it started from it (``failed_run_note``). Reading and writing the user's objects runs none of their
 code (``safe``).
 """
 
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jupyter_gpumem.backends import torch_objects, torch_state
-from jupyter_gpumem.rescue import copies, kinds, safe, sandbox
+from jupyter_gpumem.rescue import before_cell, copies, kinds, safe, sandbox
 from jupyter_gpumem.rescue.reach import BIG_HOST_TENSOR_BYTES, Reached, holds_gpu, survey
 from jupyter_gpumem.units import format_bytes
 
@@ -318,6 +320,7 @@ class Transaction:
         *,
         leftovers: Iterable[str] = (),
         check_host: bool = True,
+        before: before_cell.Before | None = None,
     ):
         self.ns = ns
         self.released: list[str] = []  # names deleted for good (as the fix said): not put back
@@ -342,9 +345,15 @@ class Transaction:
             gc.collect()
             torch_state.release_cached()  # their blocks go back to the card, as the hook's release does
         self.not_covered = self.snapshot.not_covered
-        # what the failed run itself left in the models before it ran out: no copy from before
-        # that cell exists, so neither a rollback nor a kept run puts it back
-        self.failed_run = _failed_run_traces(self.snapshot)
+        # what the failed run itself changed in the models before it ran out: put back where the
+        # hook recorded it before that cell (every run of the fix then starts as one clean run
+        # would), named where it could not be
+        self.before = before
+        self.put_back, plans = _put_back_plans(self.snapshot, before)
+        with _no_interrupt():
+            for plan in self.put_back:
+                plan.apply()
+        self.failed_run = _failed_run_traces(self.snapshot, plans)
         self._failed_run_said = False
         self.not_covered += self.failed_run
 
@@ -369,6 +378,11 @@ class Transaction:
         until all of it is done."""
         with _no_interrupt():
             self.problems = restore(self.snapshot, self.ns)
+            if not everything:
+                for plan in self.put_back:  # as before the failed cell again, not as it left them
+                    plan.apply()
+            elif self.put_back and self.before is not None:
+                self.before.seal()  # as the failed run left them again: a next fix puts them back
             journal = sandbox.take_journal()  # a real run that failed: its files put back
             if journal is not None:
                 self.problems += journal.undo()
@@ -398,17 +412,26 @@ class Transaction:
         return self.problems + [n for n in self.not_covered if n.split(" ", 1)[0] not in said]
 
     def failed_run_note(self) -> str | None:
-        """For a run the fix keeps: what of the failed run's own work it started from, which one
-        clean run from before that cell would not have; None when there is none, or once said
-        (a fix and its runner may both ask)."""
-        if not self.failed_run or self._failed_run_said:
+        """For a run the fix keeps: what of the failed run's own work was put back before it ran,
+        and what it started from that one clean run from before that cell would not have; None
+        when there is neither, or once said (a fix and its runner may both ask)."""
+        if self._failed_run_said or not (self.failed_run or self.put_back):
             return None
         self._failed_run_said = True
-        return (
-            "Kept from the failed run: the re-run started from what it changed before it ran "
-            "out, which nothing copied before that cell: " + _listed(self.failed_run) + "; one "
-            "clean run would start from their values before that cell."
-        )
+        notes = []
+        if self.put_back:
+            notes.append(
+                "Put back before the re-run, as they were before the failed cell: "
+                + _listed(_put_back_items(self.put_back))
+                + " (the failed run changed them before it ran out)."
+            )
+        if self.failed_run:
+            notes.append(
+                "Kept from the failed run: the re-run started from what it changed before it "
+                "ran out, which nothing copied before that cell: " + _listed(self.failed_run) + "; "
+                "one clean run would start from their values before that cell."
+            )
+        return " ".join(notes)
 
     def undo_message(self, *, everything: bool = False) -> str:
         """One line: what a rollback put back, and what it could not."""
@@ -419,6 +442,9 @@ class Transaction:
             text += f" stay{'s' if len(names) == 1 else ''} deleted "
             text += f"({'it' if len(names) == 1 else 'they'} held GPU memory; the cell makes "
             text += f"{'it' if len(names) == 1 else 'them'} again)"
+        if self.put_back and not everything:
+            text += "; " + _listed(_put_back_items(self.put_back))
+            text += " as they were before the failed cell"
         if self.released:
             text += "; not restored (they held GPU memory; the cell makes them again): "
             text += _listed([f"`{n}`" for n in self.released])
@@ -469,13 +495,45 @@ def _is_tensor(value: Any) -> bool:
     return torch is not None and safe.is_a(type(value), torch.Tensor)
 
 
-def _failed_run_traces(snap: Snapshot) -> list[str]:
+def _put_back_plans(
+    snap: Snapshot, before: before_cell.Before | None
+) -> tuple[list[before_cell.PutBack], dict[int, before_cell.PutBack]]:
+    """(the put-backs that change something, every model's plan by id): what of the failed run's
+    changes to the snapshot's models the record from before that cell can undo."""
+    plans: dict[int, before_cell.PutBack] = {}
+    if before is None:
+        return [], plans
+    for m in snap.modules:
+        try:
+            plan = before.plan(m.module)
+        except Exception:  # a model that cannot be read: named, as without a record
+            continue
+        if plan is not None:
+            plan.name = snap.where.get(id(m.module), plan.name)
+            plans[id(m.module)] = plan
+    return [p for p in plans.values() if p.changed], plans
+
+
+def _put_back_items(plans: list[before_cell.PutBack]) -> list[str]:
+    items = []
+    for p in plans:
+        if p.stats:
+            items.append(f"`{p.name}`'s BatchNorm running statistics")
+        if p.grads:
+            items.append(f"the gradients in `{p.name}`'s `.grad`")
+    return items
+
+
+def _failed_run_traces(snap: Snapshot, plans: dict[int, before_cell.PutBack]) -> list[str]:
     """What the failed run may have left in the models the cell uses before it ran out, which
-    no copy from before that cell exists to put back."""
+    no record from before that cell puts back."""
     found = []
     for m in snap.modules:
         name = _name_of(snap, m.module)
         bn, grads = torch_state.bn_and_grads(m.module)
+        plan = plans.get(id(m.module))
+        if plan is not None:
+            bn, grads = bn and plan.stats_left, grads and plan.grads_left
         if bn:
             found.append(
                 f"`{name}`'s BatchNorm running statistics (as the failed run's forward passes "
