@@ -501,6 +501,7 @@ class Result:
     # settled on, and the smallest capacity the run fits on (bytes)
     predicted: int | None = None
     actual: int | None = None
+    note: str = ""  # how it was run, where not as the others
 
     @property
     def replay_error(self) -> float | None:
@@ -570,6 +571,10 @@ def ours(w: Workload, card: Card | None) -> Result:
         assert failed is not None
         t0 = time.perf_counter()
         outcome = rescue.apply_fix(shell, failed, "batch", rescue.Options(), {})
+        forced = not outcome.runs and not outcome.batch
+        if forced:  # refused (the loop's earlier passes stepped the optimizer): as the user would
+            print(f"    refused: {outcome.message}; again with --force", flush=True)
+            outcome = rescue.apply_fix(shell, failed, "batch", rescue.Options(force=True), {})
         secs = time.perf_counter() - t0
         for a in outcome.attempts:
             print("    " + a.line(), flush=True)
@@ -585,7 +590,8 @@ def ours(w: Workload, card: Card | None) -> Result:
         if last is not None and batch and card is not None:
             predicted = last.need(batch)
             actual = _need(w, card, batch)  # fresh cards of its own
-        return Result(outcome.runs, batch, nxt, epoch, secs, predicted, actual)
+        note = "after `--force`" if forced else ""
+        return Result(outcome.runs, batch, nxt, epoch, secs, predicted, actual, note)
     finally:
         BatchSearch.replay = built  # type: ignore[method-assign]
         shell.run_cell("%unload_ext jupyter_gpumem", store_history=False)
@@ -648,7 +654,7 @@ def _cell(r: Result, best: int) -> str:
     pct = 100 * r.batch / best if best else 0
     return (
         f"{r.runs} runs, {r.batch} ({pct:.0f}%), next: {_yes(r.next_fits)},"
-        f" epoch: {_yes(r.epoch_fits)}, {r.seconds:.0f} s"
+        f" epoch: {_yes(r.epoch_fits)}, {r.seconds:.0f} s" + (f", {r.note}" if r.note else "")
     )
 
 
