@@ -356,3 +356,37 @@ def test_a_fix_that_does_not_fit_leaves_the_statistics_as_before_the_failed_cell
     assert "Nothing was kept" in out, out
     assert "`model`'s BatchNorm running statistics as they were before the failed cell" in out
     assert int(bn.num_batches_tracked) == 0 and float(bn.running_mean.abs().sum()) == 0.0
+
+
+def test_the_record_puts_back_after_each_rehearsal_and_an_interrupt_keeps_the_fix_exact() -> None:
+    """The transaction with a cell's record, as a fix drives it: the failed run's statistics and
+    gradients (there before the cell, small: copied) are put back before the first run and after
+    each rehearsal; a rollback of everything (Ctrl-C, an error) leaves the notebook exactly as
+    before the fix, and the next fix puts them back again."""
+    from jupyter_gpumem.rescue import before_cell
+    from jupyter_gpumem.rescue.transaction import Transaction
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
+    net(torch.randn(4, 8)).sum().backward()  # an earlier cell: gradients left in .grad
+    ns: dict[str, Any] = {"net": net}
+    start = _stats(net) + [p.grad.clone() for p in net.parameters()]
+    record = before_cell.take("net(x).sum().backward()", ns)
+    assert record is not None
+    net(torch.randn(4, 8)).sum().backward()  # the failed run got through its backward
+    record.seal()
+    failed = _stats(net) + [p.grad.clone() for p in net.parameters()]
+
+    def now() -> list[Any]:
+        return _stats(net) + [p.grad.clone() for p in net.parameters()]
+
+    txn = Transaction(ns, ["net"], check_host=False, before=record)
+    assert _same(now(), start) and not txn.failed_run
+    net(torch.randn(4, 8)).sum().backward()  # a rehearsal
+    txn.rollback()
+    assert _same(now(), start)
+    net(torch.randn(4, 8)).sum().backward()  # the final run, interrupted
+    txn.rollback(everything=True)
+    assert _same(now(), failed)  # exactly as before the fix
+    Transaction(ns, ["net"], check_host=False, before=record)
+    assert _same(now(), start)
