@@ -59,12 +59,6 @@ def test_the_second_card_is_read_where_it_ran_out(shell: Any, capsys: Any) -> No
     assert batch >= 0.9 * first, (batch, first, out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="9 runs on cuda:1 (2 on cuda:0): MemoryBackend.record_sizes() logs the current "
-    "device's allocations only, so the replay has no log of cuda:1 and the line model searches "
-    "alone (needs a device argument in backends)",
-)
 def test_the_second_card_is_searched_in_as_few_runs_as_the_first(shell: Any, capsys: Any) -> None:
     _, out = _retry(shell, capsys, 1)
     assert len(re.findall(r"reduce batch\s+batch \d+", out)) <= 3, out

@@ -216,11 +216,6 @@ for step in range(2):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rescue/rerun.py's _Meter resets the peak counters before each run; its fix (PeakWatch "
-    "and a size log instead) lands with _ReservedPeak's in fixes/batch/reduce.py (H4's report)",
-)
 def test_retry_batch_leaves_the_notebooks_peak_counters_alone(shell: Any, capsys: Any) -> None:
     """`%gpumem retry batch` re-runs the cell several times and measures each run's peak without
     resetting torch's counters: the notebook's max_memory_allocated() and max_memory_reserved()

@@ -31,7 +31,8 @@ from types import CodeType
 from typing import Any
 
 from jupyter_gpumem import backends
-from jupyter_gpumem.backends import torch_objects
+from jupyter_gpumem.backends.allocator import SizeLog
+from jupyter_gpumem.backends.peaks import Peaks, PeakWatch
 from jupyter_gpumem.backends.torch_state import RngState, read_rng, restore_rng
 from jupyter_gpumem.cells import source as cellsource
 from jupyter_gpumem.cells.failure import FailedCell, build_failure
@@ -129,7 +130,7 @@ def run_plan(
     t0 = time.perf_counter()
     value = None
     try:
-        with backends.active().on_this_thread(), contextlib.ExitStack() as stack:
+        with backends.active().on_this_thread(), meter, contextlib.ExitStack() as stack:
             sandboxed = _enter(stack, plan, run.stopper)
             value = _execute(shell, run, user_ns, plan)
     except RehearsalDone as done:
@@ -175,32 +176,49 @@ def _stopped(
 
 
 class _Meter:
-    """Peaks read on the device the run used: reset on every visible device before it, read on
-    ``device`` after it (None: the device whose allocations rose most)."""
+    """Peaks read on the device the run used, without resetting the notebook's peak counters
+    (``backends.peaks.PeakWatch``): around the run, each device's counters are read and its
+    allocations logged (``record_sizes``); after it, the peak on ``device`` (None: the device
+    whose allocations rose most). The log turns the counter, where an earlier peak (the OOM's)
+    hides the run's, back into the run's own peak."""
 
     def __init__(self, device: int | None) -> None:
         self.device = device
-        self.start: dict[int | None, int] = {}
-        indexes = _devices() if device is None else (device,)
-        for index in indexes:
-            torch_objects.reset_peak(index)
-            stats = torch_objects.allocator_stats(index) or {}
-            self.start[index] = stats.get("allocated_bytes.all.current", 0)
+        self.watches = {i: PeakWatch(i) for i in (_devices() if device is None else (device,))}
+        self.peaks: dict[int | None, Peaks | None] = {}
+        self._logs: dict[int | None, SizeLog | None] = {}
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> _Meter:
+        gpu = backends.active()
+        for index, watch in self.watches.items():
+            try:
+                self._logs[index] = self._stack.enter_context(gpu.record_sizes(index))
+            except Exception:  # no log: a peak hidden by an earlier one is a bound
+                self._logs[index] = None
+            watch.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._stack.close()
+        except Exception:
+            self._logs.clear()
+        for index, watch in self.watches.items():
+            self.peaks[index] = watch.stop(self._logs.get(index))
+        self._logs.clear()
 
     def _chosen(self) -> int | None:
-        if self.device is not None or len(self.start) <= 1:
-            return self.device if self.device is not None else next(iter(self.start), None)
-        rise = {}
-        for index, before in self.start.items():
-            stats = torch_objects.allocator_stats(index) or {}
-            rise[index] = stats.get("allocated_bytes.all.peak", 0) - before
-        return max(rise, key=lambda i: rise[i])
+        if self.device is not None or len(self.peaks) <= 1:
+            return self.device if self.device is not None else next(iter(self.peaks), None)
+        rise = {i: p.allocated_bytes - p.start_bytes for i, p in self.peaks.items() if p}
+        return max(rise, key=lambda i: rise[i]) if rise else next(iter(self.peaks), None)
 
     def result(self, ok: bool, elapsed: float, **fields: Any) -> RunResult:
         device = self._chosen()
-        return RunResult(
-            ok, _peak(device), capacity_bytes(device), elapsed, device=device, **fields
-        )
+        peaks = self.peaks.get(device)
+        peak = None if peaks is None else peaks.at_most_bytes  # exact, or the most it can be
+        return RunResult(ok, peak, capacity_bytes(device), elapsed, device=device, **fields)
 
 
 def _devices() -> tuple[int | None, ...]:
@@ -392,11 +410,6 @@ def failed_run_leftovers(user_ns: dict[str, Any], created: dict[str, int]) -> li
     while they still hold that value: a name a later cell made, or set again, is the user's.
     """
     return [n for n, ident in created.items() if n in user_ns and id(user_ns[n]) == ident]
-
-
-def _peak(device: int | None = None) -> int | None:
-    stats = torch_objects.allocator_stats(device)
-    return None if stats is None else stats.get("allocated_bytes.all.peak")
 
 
 def names_read(source: str) -> Iterable[str]:

@@ -20,6 +20,7 @@ from typing import Any
 from jupyter_gpumem import backends
 from jupyter_gpumem.backends import torch_objects
 from jupyter_gpumem.backends.allocator import SizeLog
+from jupyter_gpumem.backends.peaks import PeakWatch
 from jupyter_gpumem.cells import source as cellsource
 from jupyter_gpumem.fixes.base import Attempt, Check, Fix, FixContext, FixOutcome
 from jupyter_gpumem.fixes.batch.accumulate import effective_batch_note
@@ -51,6 +52,7 @@ class _ReservedPeak:
         self.peak_bytes: int | None = None
         self.log: SizeLog | None = None
         self._stack = contextlib.ExitStack()
+        self._watch = PeakWatch(device)  # the notebook's peak counters are read, never reset
 
     def __call__(self) -> _ReservedPeak:
         return self
@@ -58,9 +60,10 @@ class _ReservedPeak:
     def __enter__(self) -> _ReservedPeak:
         self.peak_bytes = self.log = None
         try:
-            self.log = self._stack.enter_context(backends.active().record_sizes())
+            self.log = self._stack.enter_context(backends.active().record_sizes(self.device))
         except Exception:  # no log: the search falls back to its line through the peaks
             self.log = None
+        self._watch.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -68,8 +71,8 @@ class _ReservedPeak:
             self._stack.close()
         except Exception:
             self.log = None
-        stats = torch_objects.allocator_stats(self.device) or {}
-        self.peak_bytes = stats.get("reserved_bytes.all.peak")
+        peaks = self._watch.stop(self.log)
+        self.peak_bytes = None if peaks is None else peaks.reserved_bytes
 
 
 # A batch for evaluation (`test_loader`, `args.test_batch_size`, `val_bs`): no learning rate to tune.
