@@ -88,6 +88,14 @@ def make_schedule(optimizer, num_training_steps):
 
 sched = make_schedule(opt, epochs * len(loader))
 """
+PARTIAL = """\
+import functools
+
+def decay(step, *, total_steps):
+    return max(0.0, 1 - step / total_steps)
+
+sched = LambdaLR(opt, functools.partial(decay, total_steps=epochs * len(loader)))
+"""
 GLOBAL = """\
 num_training_steps = epochs * len(loader)
 sched = LambdaLR(opt, lambda step: max(0.0, 1 - step / num_training_steps))
@@ -105,19 +113,25 @@ for epoch in range(epochs):
 
 
 @pytest.mark.parametrize(
-    ("schedule", "advice"),
+    ("schedule", "setting", "advice"),
     [
-        (CLOSURE, r"Build it again with num_training_steps=(\d+) \(len\(loader\) \* 2\)\."),
+        (
+            CLOSURE,
+            "num_training_steps",
+            r"Build it again with num_training_steps=(\d+) \(len\(loader\) \* 2\)\.",
+        ),
         (
             GLOBAL,
+            "num_training_steps",
             r"Set num_training_steps = (\d+) \(len\(loader\) \* 2\): the schedule's function "
             r"reads it at each step\.",
         ),
+        (PARTIAL, "total_steps", r"Build it again with total_steps=(\d+) \(len\(loader\) \* 2\)\."),
     ],
-    ids=["closure", "global"],
+    ids=["closure", "global", "partial-total_steps"],
 )
 def test_hand_written_linear_decay_is_named(
-    shell: Any, capsys: Any, schedule: str, advice: str
+    shell: Any, capsys: Any, schedule: str, setting: str, advice: str
 ) -> None:
     shell.run_cell("%gpumem simulate off")
     assert shell.run_cell(DATA).success
@@ -132,7 +146,7 @@ def test_hand_written_linear_decay_is_named(
     batch = ns["loader"].batch_size
     assert batch < 128
     assert re.search(
-        rf"`sched` \(LambdaLR\) was built for 8 steps \(num_training_steps: 2 epochs of 4 steps "
+        rf"`sched` \(LambdaLR\) was built for 8 steps \({setting}: 2 epochs of 4 steps "
         rf"of `loader` at batch 128\); at batch {batch} an epoch is {len(ns['loader'])} steps",
         out,
     ), out

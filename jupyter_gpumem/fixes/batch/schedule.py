@@ -1,16 +1,16 @@
 """What a smaller batch does to a learning-rate schedule sized in steps.
 
 A schedule built for ``len(train_loader) * epochs`` steps (``OneCycleLR(total_steps=...)``,
-Hugging Face's ``get_scheduler(..., num_training_steps=...)``, a ``LambdaLR`` over a ``partial``
-that carries ``num_training_steps``, over a closure that holds it, as transformers' schedules
-were before v4.27 and as a hand-written ``def lr_lambda(step)`` inside a function is, or over a
-function that reads a global ``num_training_steps``) was sized at the old batch: at a smaller one an epoch has more
-steps, so the schedule ends before the training does (OneCycleLR then raises; a linear decay
-trains the rest at a learning rate of 0). Reduce batch does not rebuild it (the code that built
-it may do more than that); it says which schedule, for how many steps it was built, and for how
-many to build it. Read without running the schedule's code: a ``partial``'s keywords, a
-closure's cells (``__closure__`` against ``__code__.co_freevars``) and a function's globals are
-data, looked at, never called.
+Hugging Face's ``get_scheduler(..., num_training_steps=...)``, a ``LambdaLR`` whose lambda holds
+the number of steps as ``num_training_steps``, ``total_steps``, ``max_steps`` or ``t_total``: a
+``partial``'s keyword, a closure's cell, as in transformers' schedules before v4.27 and a
+hand-written ``def lr_lambda(step)`` inside a helper, or a global the function reads) was sized
+at the old batch: at a smaller one an epoch has more steps, so the schedule ends before the
+training does (OneCycleLR then raises; a linear decay trains the rest at a learning rate of 0).
+Reduce batch does not rebuild it (the code that built it may do more than that); it says which
+schedule, for how many steps it was built, and for how many to build it. Read without running
+the schedule's code: a ``partial``'s keywords, a closure's cells (``__closure__`` against
+``__code__.co_freevars``) and a function's globals are data, looked at, never called.
 """
 
 from __future__ import annotations
@@ -53,8 +53,11 @@ def _lambda_steps(fn: object) -> tuple[int, str, bool] | None:
     """The steps a LambdaLR's lambda was sized for: a ``partial``'s keyword, a closure's cell or
     a global the function reads (a method: its function's)."""
     if isinstance(fn, functools.partial):
-        total = fn.keywords.get("num_training_steps")
-        return (total, "num_training_steps", False) if type(total) is int else None
+        for name in _STEP_NAMES:
+            total = fn.keywords.get(name)
+            if type(total) is int:
+                return total, name, False
+        return None
     if type(fn) is types.MethodType:
         fn = fn.__func__
     if type(fn) is not types.FunctionType:
