@@ -274,7 +274,9 @@ class Autocast(Fix):
         else:
             outcome.message = "Still out of memory under autocast."
             ctx.remembered[_failed_key(ctx.failed.source)] = 1
-        outcome.notes.append(unsure or _prediction_note(ctx, prediction, outcome, check))
+        said = unsure or _prediction_note(ctx, prediction, outcome, check)
+        if said:
+            outcome.notes.append(said)
         return outcome
 
 
