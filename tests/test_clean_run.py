@@ -392,11 +392,6 @@ def test_the_record_puts_back_after_each_rehearsal_and_an_interrupt_keeps_the_fi
     assert _same(now(), start)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs in fixes/ladder.py run_ladder: the record of the body before its first run "
-    "(/work/notes/H8-needs-oomsafe.patch)",
-)
 def test_oomsafe_puts_back_the_statistics_its_first_run_moved(shell: Any, capsys: Any) -> None:
     """`%%oomsafe` runs the body itself: its first run's forward moved the statistics before it
     ran out, and the fix that fits starts from before it (`num_batches_tracked` of one run)."""

@@ -215,9 +215,9 @@ def test_a_list_iterator_is_put_back_where_it_stood() -> None:
     assert txn.whole
 
 
-def test_the_failed_runs_batchnorm_statistics_are_named(shell: Any, capsys: Any) -> None:
-    """No copy from before the failed cell exists (the hook keeps none per cell): what its
-    forward pass did to a BatchNorm model is named, never claimed as put back."""
+def test_the_failed_runs_batchnorm_statistics_are_put_back(shell: Any, capsys: Any) -> None:
+    """The hook copied the BatchNorm statistics of the model the cell names before it ran: what
+    the failed forward did to them is put back, and said so (was: named as not put back)."""
     shell.run_cell("%gpumem simulate 160MiB")
     shell.run_cell(
         "import torch\nmodel = torch.nn.Sequential(torch.nn.Linear(16, 16), "
@@ -229,8 +229,8 @@ def test_the_failed_runs_batchnorm_statistics_are_named(shell: Any, capsys: Any)
     capsys.readouterr()
     shell.run_cell("%gpumem retry clear --force")
     out = capsys.readouterr().out
-    assert "not put back: `model`'s BatchNorm running statistics" in out, out
-    assert int(shell.user_ns["model"][1].num_batches_tracked) == tracked  # the re-run's undone
+    assert "`model`'s BatchNorm running statistics as they were before the failed cell" in out, out
+    assert int(shell.user_ns["model"][1].num_batches_tracked) == tracked - 1  # before the cell
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from jupyter_gpumem.fixes import FIXES, LADDER, Attempt, Check, FixContext, FixO
 from jupyter_gpumem.fixes.base import MAX_RUNS
 from jupyter_gpumem.fixes.batch.reduce import cell_key
 from jupyter_gpumem.fixes.batch.source import apply_batch, find_batch
+from jupyter_gpumem.rescue import before_cell
 from jupyter_gpumem.rescue.rerun import Plan, RunResult, failed_run_leftovers, run_plan
 from jupyter_gpumem.rescue.transaction import SnapshotTooLarge, Transaction
 from jupyter_gpumem.units import format_bytes
@@ -249,12 +250,14 @@ def run_ladder(
             say(text)
 
     plan = _starting_plan(shell, source, options, remembered, line)
+    before = _record_before(plan.source, shell.user_ns)
     first = run_plan(shell, plan, preexisting=mark.preexisting(shell.user_ns), rng=None)
     if first.ok:
         result.ok = True
         return result
     failed = first.failure
     assert failed is not None
+    failed.before = _sealed(before)
     d = failed.diagnosis
     line(f"oomsafe: out of memory: {d.headline if d else failed.report.message[:120]}")
     runs_left = options.max_runs
@@ -284,6 +287,26 @@ def run_ladder(
     result.failure = failed
     line(f"oomsafe: no fix made the cell fit in {result.runs} re-runs.", always=True)
     return result
+
+
+def _record_before(source: str, ns: dict[str, Any]) -> before_cell.Before | None:
+    """What the body's models hold before its first run (``before_cell``), as the hook records
+    for a cell; None where it cannot be read."""
+    try:
+        return before_cell.take(source, ns)
+    except Exception:
+        return None
+
+
+def _sealed(before: before_cell.Before | None) -> before_cell.Before | None:
+    """The record with what the failed first run left read in; None where that fails."""
+    if before is None:
+        return None
+    try:
+        before.seal()
+    except Exception:
+        return None
+    return before
 
 
 def _starting_plan(
