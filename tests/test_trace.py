@@ -271,3 +271,22 @@ def test_trace_magic_puts_the_lines_in_the_diagnosis_and_saves(
     assert not shell.run_cell("d = torch.zeros(60 << 20, device='cuda')").success
     out = capsys.readouterr().out
     assert "Allocated by" not in out
+
+
+def test_allocated_by_lists_the_card_that_ran_out(shell: Any, capsys: Any) -> None:
+    """Two cards, tracing on: the memory a line holds on cuda:0 is not where cuda:1's OOM went."""
+    shell.run_cell("%gpumem simulate 160MiB --devices 2")
+    shell.run_cell("import torch")
+    shell.run_cell("%gpumem trace on")
+    capsys.readouterr()
+    assert not shell.run_cell(
+        "a = torch.zeros(10 << 20, device='cuda:0')  # 40 MiB on the other card\n"
+        "b = torch.zeros(15 << 20, device='cuda:1')  # 60 MiB\n"
+        "c = torch.zeros(30 << 20, device='cuda:1')  # 120 MiB: out of memory on cuda:1\n",
+        store_history=True,
+    ).success
+    out = capsys.readouterr().out
+    assert "Allocated by (tracing on)" in out, out
+    assert re.search(r"In \[\d+\], line 2: 60\.00 MiB", out), out
+    assert not re.search(r"In \[\d+\], line 1: 40\.00 MiB", out), out
+    shell.run_line_magic("gpumem", "trace off")

@@ -167,7 +167,7 @@ def build_failure(
     found = _find_holders(shell, tb, source, created, used)
     lineno = cell_lineno(tb, user_ns)
     tracing = trace.active()
-    allocated_by, allocated_rows = _traced(shell) if tracing else ([], [])
+    allocated_by, allocated_rows = _traced(shell, report.device_index) if tracing else ([], [])
     loop, earlier = _failing_loop(tb, user_ns, preexisting)
     notebook_frames = _notebook_frames(tb, user_ns)
     frame_values = _frame_values(tb, user_ns)  # before the release moves or clears the locals
@@ -223,11 +223,12 @@ def _find_holders(
     )
 
 
-def _traced(shell: Any) -> tuple[list[str], list[trace.LineAlloc]]:
-    """Live memory by the line that allocated it (tracing on): the summary and the rows. Read
-    while the failed frames' tensors are still alive; nothing when it cannot be read."""
+def _traced(shell: Any, device: int | None) -> tuple[list[str], list[trace.LineAlloc]]:
+    """Live memory on the failing device by the line that allocated it (tracing on): the summary
+    and the rows. Read while the failed frames' tensors are still alive; nothing when it cannot
+    be read."""
     try:
-        rows = trace.allocated_by_line(shell)
+        rows = trace.allocated_by_line(shell, device)
         return trace.summary_lines(5, rows=rows), rows
     except Exception:
         return [], []

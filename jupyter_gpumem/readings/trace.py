@@ -81,15 +81,16 @@ def active() -> bool:
     return alloc_history.active()
 
 
-def allocated_by_line(shell: Any = None) -> list[LineAlloc]:
+def allocated_by_line(shell: Any = None, device: int | None = None) -> list[LineAlloc]:
     """The live memory by notebook line and module, largest first; what was allocated before
     tracing started comes last. [] when tracing is off. ``shell``: the IPython shell (default: the
-    running one), for its cell files and the names of its models."""
+    running one), for its cell files and the names of its models; ``device``: that GPU's memory
+    only (None: every GPU's)."""
     shell = _shell(shell)
     files: Mapping[str, int] = getattr(getattr(shell, "compile", None), "_filename_map", None) or {}
     user_ns: Mapping[str, Any] = getattr(shell, "user_ns", None) or {}
     groups: dict[tuple[str, alloc_history.ModuleToken | None], list[int]] = {}
-    for alloc in alloc_history.live_allocations():
+    for alloc in alloc_history.live_allocations(device):
         where = _where(alloc.frames, files)
         group = groups.setdefault((where, alloc.module), [0, 0])
         group[0] += alloc.nbytes
