@@ -249,6 +249,15 @@ def table(rows: list[Row]) -> str:
         "retries before it raises), so it predicts 0 and saves 0; the run-twice row is the case "
         "where it has something to give back.",
     ]
+    for r in rows:
+        if r.name == TWICE_NAME and r.clear_predicted is not None and r.clear_measured:
+            lines[-1] += (
+                f" There it predicted {_mib(r.clear_predicted)} MiB (the old `x` it drops) and "
+                f"clearing gave back {_mib(r.clear_measured)} MiB: it under-counts what else the "
+                "failed run left behind (not yet explained); both were below the shortfall, the "
+                "button said 'not enough' and the re-run ran out of memory."
+            )
+    lines[-1] += " A '-0%' error is a prediction under by less than 0.5%."
     return "\n".join(lines) + "\n"
 
 
