@@ -18,10 +18,7 @@ The passing tests pin what works; the xfail(strict) ones are what a user met (se
 The largest batches below were re-measured on the strict simulated card with PyTorch's caching
 allocator ported (2-core x86_64, torch 2.13 CPU), each probe a fresh card and a fresh setup, the
 training cell run whole. The VAE, word_language_model and DCGAN copies choose their device with
-``torch.accelerator``, which the simulated GPU does not answer yet: they were measured with
-``torch.accelerator.is_available``/``current_accelerator``/``device_count``/
-``current_device_index``/``synchronize`` answering as ``torch.cuda`` does under the simulation and
-``current_stream().is_capturing()`` False (what Adam's step asks), patched for the measurement only.
+``torch.accelerator``, which the simulated GPU answers as a CUDA machine does (``cuda``).
 """
 
 from __future__ import annotations
@@ -796,13 +793,6 @@ def _vae(shell: Any) -> None:
     assert not shell.run_cell(VAE_LOOP).success
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the simulated GPU does not answer torch.accelerator (is_available() False, "
-    "current_accelerator() None; on a CUDA machine: True, cuda): the example picks device cpu, "
-    "runs whole on the card and nothing runs out of memory, so the test cannot start. With "
-    "torch.accelerator answering for the card (see the module docstring) it passes (1904, the largest, in 5 runs)",
-)
 def test_vae_example_both_loaders_from_one_setting_are_changed(shell: Any, capsys: Any) -> None:
     """train_loader and test_loader are both built from args.batch_size. A run at a smaller batch
     runs out in test() on `data` sized by test_loader's 4096: test_loader changes too, and the
@@ -838,13 +828,6 @@ def _wlm(shell: Any, tmp_path: Any, cell: str = WLM_LOOP) -> None:
     assert not shell.run_cell(cell).success
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the simulated GPU does not answer torch.accelerator (is_available() False, "
-    "current_accelerator() None; on a CUDA machine: True, cuda): the example picks device cpu, "
-    "runs whole on the card and nothing runs out of memory, so the test cannot start. With "
-    "torch.accelerator answering for the card (see the module docstring) it passes",
-)
 def test_word_language_model_retry_that_breaks_the_cell_is_rolled_back(
     shell: Any, capsys: Any, tmp_path: Any
 ) -> None:
@@ -856,13 +839,6 @@ def test_word_language_model_retry_that_breaks_the_cell_is_rolled_back(
     assert ns["best_val_loss"] is None and ns["lr"] == 20
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the simulated GPU does not answer torch.accelerator (is_available() False, "
-    "current_accelerator() None; on a CUDA machine: True, cuda): the example picks device cpu, "
-    "runs whole on the card and nothing runs out of memory, so the test cannot start. With "
-    "torch.accelerator answering for the card (see the module docstring) it passes (16, within 4 runs)",
-)
 def test_word_language_model_batchified_in_the_cell_lands_on_the_largest(
     shell: Any, capsys: Any, tmp_path: Any
 ) -> None:
@@ -882,13 +858,6 @@ def test_word_language_model_batchified_in_the_cell_lands_on_the_largest(
     assert ns["best_val_loss"] is not None  # the real run ran whole, checkpoint and all
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the simulated GPU does not answer torch.accelerator (is_available() False, "
-    "current_accelerator() None; on a CUDA machine: True, cuda): the example picks device cpu, "
-    "runs whole on the card and nothing runs out of memory, so the test cannot start. With "
-    "torch.accelerator answering for the card (see the module docstring) it passes",
-)
 def test_word_language_model_a_rehearsal_that_raises_is_told_in_one_line(
     shell: Any, capsys: Any, tmp_path: Any
 ) -> None:
@@ -919,15 +888,12 @@ def test_word_language_model_a_rehearsal_that_raises_is_told_in_one_line(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="two bugs. (1) The simulated GPU does not answer torch.accelerator (is_available() "
-    "False; True on a CUDA machine): the example picks device cpu and nothing runs out on the "
-    "card. (2) With torch.accelerator answering (see the module docstring) the search stops one "
-    "rehearsal late, 3 probes (61, 7, 2): at 7 the rehearsal runs out in Generator.forward, "
-    "`output = self.main(input)`, with `input` the notebook's fixed_noise (512, 100, 1, 1); the "
-    "diagnosis lists that tensor as the variable fixed_noise, not as a tensor of the failed "
-    "frame, so Reduce batch's check for a tensor still sized by the old batch (frames only) "
-    "finds none and goes on; at 2 the failure is one call deeper (`input` (512, 16, 16, 16) "
-    "in Sequential.forward) and it stops there, with the right message",
+    reason="the search stops one rehearsal late, 3 probes (61, 7, 2): at 7 the rehearsal runs "
+    "out in Generator.forward, `output = self.main(input)`, with `input` the notebook's "
+    "fixed_noise (512, 100, 1, 1); the diagnosis lists that tensor as the variable fixed_noise, "
+    "not as a tensor of the failed frame, so Reduce batch's check for a tensor still sized by "
+    "the old batch (frames only) finds none and goes on; at 2 the failure is one call deeper "
+    "(`input` (512, 16, 16, 16) in Sequential.forward) and it stops there, with the right message",
 )
 def test_dcgan_example_does_not_say_batch_1_does_not_fit(
     shell: Any, capsys: Any, tmp_path: Any

@@ -228,3 +228,34 @@ def test_the_backend_empties_the_cards_caches_as_torch_does() -> None:
         assert torch.cuda.memory_reserved(1) > 0, "freed blocks stay cached"
         active().empty_cache()
         assert torch.cuda.memory_reserved(1) == 0
+
+
+def test_torch_accelerator_answers_for_the_card_as_on_a_cuda_machine(shell: Any) -> None:
+    """pytorch/examples choose their device with ``torch.accelerator`` (``is_available()``,
+    ``current_accelerator()``), and torch.optim asks its ``current_stream().is_capturing()``
+    before a step on an accelerator: on a CUDA machine they answer ``cuda``, so they do on the
+    simulated one, its memory functions included; after ``simulate off``, torch's own again."""
+    before = (torch.accelerator.is_available(), torch.accelerator.current_accelerator())
+    _ok(shell, "%gpumem simulate 64MiB --devices 2")
+    _ok(
+        shell,
+        "import torch\n"
+        "device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() "
+        "else torch.device('cpu')\n"
+        "model = torch.nn.Linear(64, 64).to(device)\n"
+        "opt = torch.optim.Adam(model.parameters())\n"
+        "model(torch.randn(32, 64, device=device)).sum().backward()\n"
+        "opt.step()\n"
+        "on = (device.type, torch.accelerator.device_count(), next(model.parameters()).is_cuda)\n"
+        "mem = (torch.accelerator.memory_allocated(), torch.cuda.memory_allocated())\n"
+        "torch.accelerator.set_device_index(1)\n"
+        "idx = (torch.accelerator.current_device_index(), torch.cuda.current_device())\n"
+        "torch.accelerator.set_device_index(0)",
+    )
+    ns = shell.user_ns
+    assert ns["on"] == ("cuda", 2, True)
+    assert ns["mem"][0] == ns["mem"][1] > 0
+    assert ns["idx"] == (1, 1)
+    _ok(shell, "%gpumem simulate off")
+    after = (torch.accelerator.is_available(), torch.accelerator.current_accelerator())
+    assert after == before

@@ -1,6 +1,8 @@
-"""``torch.cuda`` while a simulation runs: its functions answer for the simulated cards.
+"""``torch.cuda`` and ``torch.accelerator`` while a simulation runs: their functions answer for
+the simulated cards (``torch.accelerator``: as on a CUDA machine, the current accelerator is
+``cuda``, which is how pytorch/examples and torch.optim choose their device).
 
-Patched on the module by :func:`patch` and put back by :func:`unpatch`: code that ran ``from
+Patched on the modules by :func:`patch` and put back by :func:`unpatch`: code that ran ``from
 torch.cuda import memory_allocated`` earlier keeps the real one. A function someone else patched
 over ours is left alone, and ours, left behind, behaves as torch's own once the simulation ends.
 """
@@ -152,7 +154,68 @@ _CUDA: dict[str, Callable[..., Any]] = {
     ),
 }
 
-_patched: dict[str, tuple[Any, Any]] = {}  # torch.cuda name -> (original, stand-in)
+
+class _Stream:
+    """``torch.accelerator.current_stream()`` on the simulated card: the default stream, which
+    never captures a graph and has nothing queued (the card runs eagerly on the CPU). torch.optim
+    asks ``is_capturing()`` before each step on an accelerator."""
+
+    def __init__(self, device: int) -> None:
+        self.device_index = device
+        self.device_type = "cuda"
+
+    @property
+    def device(self) -> Any:
+        return sys.modules["torch"].device("cuda", self.device_index)
+
+    def is_capturing(self) -> bool:
+        return False
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        return None
+
+    def wait_stream(self, stream: object) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"<torch.Stream device_type=cuda device_index={self.device_index} (simulated)>"
+
+
+def _stream(sim: SimulatedGPU, device: object = None) -> _Stream:
+    return _Stream(sim.card(device).device_index)
+
+
+# torch.accelerator (and torch.accelerator.memory) function -> what it does while a simulation
+# runs, as torch.accelerator answers on a machine whose accelerator is CUDA
+_MEMORY: dict[str, Callable[..., Any]] = {
+    "empty_cache": lambda sim: _empty_cache(sim),
+    "get_memory_info": lambda sim, device=None: sim.card(device).mem_get_info(),
+    "memory_allocated": _CUDA["memory_allocated"],
+    "max_memory_allocated": _CUDA["max_memory_allocated"],
+    "memory_reserved": _CUDA["memory_reserved"],
+    "max_memory_reserved": _CUDA["max_memory_reserved"],
+    "memory_stats": _CUDA["memory_stats"],
+    "reset_peak_memory_stats": _CUDA["reset_peak_memory_stats"],
+    "reset_accumulated_memory_stats": _CUDA["reset_accumulated_memory_stats"],
+}
+_ACCELERATOR: dict[str, Callable[..., Any]] = {
+    "is_available": lambda sim: True,
+    "current_accelerator": lambda sim, check_available=False: sys.modules["torch"].device("cuda"),
+    "device_count": lambda sim: len(sim.devices),
+    "current_device_index": lambda sim: sim.current_device(),
+    "current_device_idx": lambda sim: sim.current_device(),
+    "set_device_index": lambda sim, device: sim.set_device(device),
+    "set_device_idx": lambda sim, device: sim.set_device(device),
+    "synchronize": lambda sim, device=None: None,
+    "current_stream": _stream,
+    **_MEMORY,
+}
+
+# (module, name) -> (original, stand-in)
+_patched: dict[tuple[str, str], tuple[Any, Any]] = {}
 _running: list[SimulatedGPU] = []  # the simulation the stand-ins answer for (one at most)
 
 
@@ -172,18 +235,31 @@ def _stand_in(impl: Callable[..., Any], original: Callable[..., Any]) -> Callabl
 _cudnn_was: list[bool] = []
 
 
+def _tables(torch: Any) -> list[tuple[str, Any, dict[str, Callable[..., Any]]]]:
+    accelerator = getattr(torch, "accelerator", None)  # torch 2.6+
+    return [
+        ("torch.cuda", torch.cuda, _CUDA),
+        ("torch.accelerator", accelerator, _ACCELERATOR),
+        ("torch.accelerator.memory", getattr(accelerator, "memory", None), _MEMORY),
+    ]
+
+
 def patch(torch: Any, sim: SimulatedGPU) -> None:
-    """Make ``torch.cuda`` answer for ``sim`` (the caller holds the simulation's lock)."""
+    """Make ``torch.cuda`` and ``torch.accelerator`` answer for ``sim`` (the caller holds the
+    simulation's lock)."""
     _running[:] = [sim]
     cudnn = getattr(getattr(torch, "backends", None), "cudnn", None)
     if cudnn is not None and not _cudnn_was:
         _cudnn_was.append(bool(cudnn.enabled))
         cudnn.enabled = False
-    for name, impl in _CUDA.items():
-        original = getattr(torch.cuda, name, None)
-        if original is not None:
-            _patched[name] = (original, _stand_in(impl, original))
-            setattr(torch.cuda, name, _patched[name][1])
+    for where, module, table in _tables(torch):
+        if module is None:
+            continue
+        for name, impl in table.items():
+            original = getattr(module, name, None)
+            if original is not None:
+                _patched[(where, name)] = (original, _stand_in(impl, original))
+                setattr(module, name, _patched[(where, name)][1])
 
 
 def unpatch() -> None:
@@ -193,8 +269,9 @@ def unpatch() -> None:
     cudnn = getattr(getattr(torch, "backends", None), "cudnn", None)
     if cudnn is not None and _cudnn_was:
         cudnn.enabled = _cudnn_was.pop()
-    cuda = getattr(torch, "cuda", None)
-    for name, (original, stand_in) in _patched.items():
-        if getattr(cuda, name, None) is stand_in:
-            setattr(cuda, name, original)
+    modules = {where: module for where, module, _ in _tables(torch)} if torch is not None else {}
+    for (where, name), (original, stand_in) in _patched.items():
+        module = modules.get(where)
+        if module is not None and getattr(module, name, None) is stand_in:
+            setattr(module, name, original)
     _patched.clear()
