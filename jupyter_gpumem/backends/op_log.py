@@ -84,6 +84,7 @@ class _Recorder:
         self.param_shapes: set[tuple[int, ...]] = set()
         self._next_resident = -1
         self.closed = False  # the block ended: deaths after it are not the run's
+        self.finalizers: list[weakref.finalize] = []  # detached at the end: nothing left behind
         # the backend's size log, where it fills as the run goes: every resident's death is in
         # it, those the recorder never saw included (gradients set to None before any op read
         # them); else (CUDA fills it at the end) the deaths of residents the run read
@@ -112,7 +113,7 @@ class _Recorder:
     def _watch(self, t: Any, key: Any, n: int) -> None:
         try:
             storage = t.untyped_storage()
-            weakref.finalize(storage, self._died, key, n)
+            self.finalizers.append(weakref.finalize(storage, self._died, key, n))
         except Exception:
             self.log.complete = False
 
@@ -253,6 +254,8 @@ def record_ops(device: int | None = None) -> Iterator[OpLog]:
         finally:  # an OOM ends the run: what it recorded up to there is the log
             recorder.sync()
             recorder.closed = True
+            for f in recorder.finalizers:
+                f.detach()
             stack.close()
             if recorder.sizes is not None:
                 log.resident_sizes = list(recorder.sizes.resident)
