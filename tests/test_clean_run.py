@@ -402,3 +402,25 @@ def test_oomsafe_puts_back_the_statistics_its_first_run_moved(shell: Any, capsys
     out = capsys.readouterr().out
     assert "oomsafe: move to cpu" in out.lower(), out
     assert int(shell.user_ns["net"][1].num_batches_tracked) == 1, out
+
+
+def test_the_record_before_a_cell_allocates_nothing_on_the_card(
+    shell: Any, monkeypatch: Any
+) -> None:
+    """The statistics are copied to host memory straight from the card, never joined there
+    first: on a real card (where nothing keeps new tensors off the card, unlike the simulated
+    one's host_only, replaced here by CUDA's) the record before each cell must not raise the peak."""
+    import contextlib
+
+    from jupyter_gpumem import backends
+
+    shell.run_cell("%gpumem simulate 64MiB")
+    assert shell.run_cell(
+        "import torch\n"
+        "m = torch.nn.Sequential(*[torch.nn.BatchNorm1d(1 << 18) for _ in range(4)]).cuda()\n"
+        "torch.cuda.reset_peak_memory_stats()\n"
+        "start = torch.cuda.memory_allocated()"
+    ).success
+    monkeypatch.setattr(backends.active(), "host_only", contextlib.nullcontext)
+    assert shell.run_cell("m.eval()\npeak = torch.cuda.max_memory_allocated()").success
+    assert shell.user_ns["peak"] == shell.user_ns["start"]

@@ -286,8 +286,9 @@ def _nbytes(t: Any) -> int:
 
 
 def _host_copies(tensors: Iterable[Any]) -> list[Any]:
-    """Detached flat host copies, none counted on the GPU: the tensors of one device and dtype
-    are joined first, so a real card makes one transfer for each (ResNet-50's statistics: two)."""
+    """Detached flat host copies, nothing allocated on the GPU: the tensors of one device and
+    dtype are copied into one host buffer, each into its slice (joining them on the card first
+    would allocate there, on a card that may be full)."""
     tensors = list(tensors)
     out: list[Any] = [None] * len(tensors)
     torch = torch_objects.torch_module()
@@ -298,10 +299,10 @@ def _host_copies(tensors: Iterable[Any]) -> list[Any]:
         for i, t in enumerate(tensors):
             groups.setdefault((str(t.device), t.dtype), []).append(i)
         for idx in groups.values():
-            parts = [t if t.dim() == 1 else t.reshape(-1) for t in map(tensors.__getitem__, idx)]
-            flat = torch.cat(parts)  # a new tensor: the copy itself where it is in host memory
-            if flat.device.type != "cpu":
-                flat = flat.to("cpu")
-            for i, piece in zip(idx, flat.split([p.numel() for p in parts]), strict=True):
+            parts = [tensors[i] for i in idx]
+            sizes = [p.numel() for p in parts]
+            flat = torch.empty(sum(sizes), dtype=parts[0].dtype, device="cpu")
+            for i, part, piece in zip(idx, parts, flat.split(sizes), strict=True):
+                piece.view(part.shape).copy_(part)  # device to host, into the buffer
                 out[i] = piece
     return out
