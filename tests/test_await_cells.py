@@ -291,3 +291,31 @@ def test_a_real_runs_writes_from_a_thread_in_its_context_are_journaled(tmp_path:
     assert journal is not None and journal.undo() == []
     assert log.read_text() == "before\n"
     assert other.read_text() == "during\n", "not the run's"
+
+
+def test_a_background_task_an_earlier_cell_started_is_not_stopped_by_a_rehearsal(
+    shell: Any, capsys: Any, tmp_path: Any
+) -> None:
+    """A logger task started by an earlier await cell runs on IPython's loop whenever an await
+    cell does, on the same thread as a rehearsal: its writes are its own, not the rehearsal's.
+    Was: the rehearsal raised WorldTouched inside it and the task died."""
+    log = tmp_path / "bg.log"
+    shell.run_cell("%gpumem simulate 64MiB", store_history=True)
+    shell.run_cell(SETUP, store_history=True)
+    assert shell.run_cell(
+        "async def logger():\n"
+        "    while True:\n"
+        "        await asyncio.sleep(0.001)\n"
+        f"        with open({str(log)!r}, 'a') as f:\n"
+        "            f.write('tick\\n')\n"
+        "bg = asyncio.ensure_future(logger())\n"
+        "await asyncio.sleep(0.01)",
+        store_history=True,
+    ).success
+    cell = "batch_size = 80\nfor i in range(3):\n    await asyncio.sleep(0.005)\n    " + ALLOC
+    assert not shell.run_cell(cell, store_history=True).success
+    out = _run(shell, capsys, "%gpumem retry batch")
+    assert "Fits at batch" in out, out
+    bg = shell.user_ns["bg"]
+    assert not bg.done(), bg.exception() if not bg.cancelled() else "cancelled"
+    bg.cancel()

@@ -215,10 +215,11 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
         return
     if event != "open" and event not in _EVENTS:
         return
-    ident, run = threading.get_ident(), _RUN.get()
-    journaled = ident == _state.journal_thread or (
-        run == "journal" and _state.journal_thread is not None
-    )
+    # judged by the run's context, not the thread: the cell's own code and what it hands on in
+    # its context (asyncio.to_thread, its tasks) is the run's; a task an earlier cell started,
+    # which runs on the same thread while an await cell's re-run drives the loop, is not
+    run = _RUN.get()
+    journaled = run == "journal" and _state.journal_thread is not None
     if journaled and _state.journal is not None:
         if getattr(_recording, "on", False):
             return  # the journal's own reads of the files it notes
@@ -230,7 +231,7 @@ def _hook(event: str, args: tuple[Any, ...]) -> None:
         finally:
             _recording.on = False
         return
-    if ident != _state.thread and not (run == "rehearsal" and _state.thread is not None):
+    if run != "rehearsal" or _state.thread is None:
         return
     what = describe(event, args)
     if what is None:
