@@ -150,6 +150,25 @@ def test_a_dict_subclass_config_is_changed_without_its_methods(shell: Any, capsy
     assert dict.__getitem__(cfg, "batch_size") == 80, "the original is not changed"
 
 
+def test_ordered_and_default_dict_configs_keep_what_they_are(shell: Any, capsys: Any) -> None:
+    """An OrderedDict config keeps its order (was: the copy listed no keys: `list(cfg)` [],
+    `dict(**cfg)` {}), a defaultdict its default_factory (was: None). Found by review."""
+    from collections import OrderedDict, defaultdict
+
+    cfg = OrderedDict(lr=0.1, batch_size=80)
+    cfg.move_to_end("lr")
+    _retry(shell, capsys, {"cfg": cfg}, ALLOC.format("cfg['batch_size']"))
+    new = shell.user_ns["cfg"]
+    assert type(new) is OrderedDict and list(new) == ["batch_size", "lr"]
+    assert dict(**new) == {"batch_size": new["batch_size"], "lr": 0.1} and new["batch_size"] < 80
+    shell.run_cell("%gpumem simulate off", store_history=True)
+    dd: defaultdict[str, Any] = defaultdict(lambda: "unset", batch_size=80)
+    _retry(shell, capsys, {"dd": dd}, ALLOC.format("dd['batch_size']"))
+    new_dd = shell.user_ns["dd"]
+    assert type(new_dd) is defaultdict and new_dd["missing"] == "unset"
+    assert new_dd["batch_size"] < 80
+
+
 def test_a_namespace_config_with_a_hostile_property(shell: Any, capsys: Any) -> None:
     """Was: `vars(args)` and `copy.copy(args)` (its ``__copy__`` raised: the fix failed)."""
     args = Args(batch_size=80, epochs=3)

@@ -18,6 +18,7 @@ import ast
 import dataclasses
 import re
 import types
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Any, cast
@@ -131,8 +132,16 @@ def _dict_with(d: dict[Any, Any], key: str, value: object) -> dict[Any, Any]:
     tp = type(d)
     new_fn = _c_new(tp) if tp is not dict else None
     new: dict[Any, Any] = new_fn(tp) if new_fn is not None else {}
-    dict.update(new, dict(dict.items(d)))
-    dict.__setitem__(new, key, value)
+    items, setitem = list(dict.items(d)), dict.__setitem__
+    if isinstance(d, OrderedDict) and isinstance(new, OrderedDict):
+        # the C methods of OrderedDict keep its own order (dict's would leave it empty to list())
+        items, setitem = list(OrderedDict.items(d)), OrderedDict.__setitem__
+    for k, v in items:
+        setitem(new, k, v)
+    setitem(new, key, value)
+    if isinstance(d, defaultdict) and isinstance(new, defaultdict):
+        factory = defaultdict.__dict__["default_factory"]  # a C member: no user code
+        factory.__set__(new, factory.__get__(d))
     attrs, target = safe.instance_dict(d), safe.instance_dict(new)
     if attrs is not None and target is not None:
         target.update(attrs)
