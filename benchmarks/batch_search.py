@@ -21,7 +21,8 @@ sized for it does not fit a shared 2-core machine. ``--expandable``: the plain c
 ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (jupyter_gpumem and the largest batch only).
 
 The largest batch that fits is found by bisection, each probe from a fresh card and a fresh setup,
-and must fit the cell and the next steps. The replay error: the need that jupyter_gpumem's replay
+and must fit the cell and the next steps; a tool's batch above it that passes the same check
+raises it (the need is not monotonic in the batch, so the bisection's edge may be a lower one). The replay error: the need that jupyter_gpumem's replay
 (its own allocator model, ``fixes/batch/blocks.py``) predicts at the batch settled on, against the
 smallest card (to 1 MiB, less any context) the run fits on with the card's allocator settings.
 Needs the ``bench`` extra (``pip install -e .[bench]``). ``--write`` replaces this benchmark's
@@ -571,7 +572,7 @@ def ours(w: Workload, card: Card | None) -> Result:
         assert failed is not None
         t0 = time.perf_counter()
         outcome = rescue.apply_fix(shell, failed, "batch", rescue.Options(), {})
-        forced = not outcome.runs and not outcome.batch
+        forced = outcome.refused and not outcome.runs
         if forced:  # refused (the loop's earlier passes stepped the optimizer): as the user would
             print(f"    refused: {outcome.message}; again with --force", flush=True)
             outcome = rescue.apply_fix(shell, failed, "batch", rescue.Options(force=True), {})
@@ -579,6 +580,8 @@ def ours(w: Workload, card: Card | None) -> Result:
         for a in outcome.attempts:
             print("    " + a.line(), flush=True)
         print(f"    {outcome.message} {outcome.change}", flush=True)
+        for note in outcome.notes:
+            print(f"    note: {note}", flush=True)
         batch = outcome.batch or 0
         ns = shell.user_ns
         nxt = bool(batch) and _next_fits(ns, w, batch)
@@ -679,6 +682,12 @@ def measure(
                 print(f"  {tool}: {_cell(r, best)}{err}", flush=True)
             elif earlier is not None and tool in earlier.results:
                 results[tool] = earlier.results[tool]
+        # the need is not monotonic in the batch (a tensor past 10 MiB leaves the shared 20 MiB
+        # segments), so the bisection's edge can be under a batch a tool found: checked the same way
+        for b in sorted({r.batch for r in results.values() if r.batch > best}):
+            if _fits(w, card, b):
+                print(f"  largest that fits: {b}, above the bisection's {best}", flush=True)
+                best = b
         return Row(w, card, best, results)
 
 
@@ -807,7 +816,8 @@ def report(rows: list[Row], tools: list[str], seconds: float, earlier_code: str 
         "",
         "Each cell: re-runs after the failing one, the batch settled on (its share of the largest"
         " that fits, found by bisection from a fresh card and setup each time, the cell and its"
-        " next steps), whether the next steps fit at that batch from the state the tool left (the"
+        " next steps, and raised to a tool's batch above it that passes the same check: the need is"
+        " not monotonic in the batch), whether the next steps fit at that batch from the state the tool left (the"
         " cell again; twice for a cell without a loop), whether one whole epoch then fits (only"
         " where the workload has data: the DataLoader row's loader, and the padded row, whose cell"
         " is the epoch; – where every step makes tensors alike), and the tool's wall time.",
