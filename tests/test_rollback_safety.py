@@ -189,3 +189,36 @@ def test_the_host_check_counts_containers_and_the_failed_runs_leftovers(
     out = capsys.readouterr().out
     assert "Not re-run: undoing a re-run needs a copy of 104" in out, out
     assert "left" in shell.user_ns and shell.user_ns["buf"][0] == 1
+
+
+def test_a_rollback_on_a_full_card_lets_go_of_the_run_before_rebuilding(
+    shell: Any, capsys: Any
+) -> None:
+    """A rehearsal made Adam's state (192 MiB) and the gradients; the rollback rebuilt `.grad`
+    beside them on a card with 2 MiB free and ran out of memory through `%gpumem retry`
+    (a traceback through the extension). It lets go of what the run made first, and a rebuild
+    that still finds no room is one line, never a traceback."""
+    shell.run_cell("%gpumem simulate 420MiB")
+    assert shell.run_cell(
+        "import torch\ntorch.manual_seed(0)\n"
+        "model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(6)]).cuda()\n"
+        "opt = torch.optim.Adam(model.parameters())"
+    ).success
+    cell = (
+        "for step in range(2):\n"
+        "    x = torch.randn(64, 2048, device='cuda')\n"
+        "    loss = model(x).square().mean()\n"
+        "    loss.backward()\n"
+        "    opt.step()\n"
+        "    opt.zero_grad()\n"
+    )
+    assert not shell.run_cell(cell).success
+    capsys.readouterr()
+    result = shell.run_cell("%gpumem retry autocast --force")
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "Traceback" not in text.split("GPU out of memory")[0], text
+    assert "rescue/transaction.py" not in text and "torch_state.py" not in text, text
+    assert "Put back" in text or "restored" in text, text
+    assert not (result.error_in_exec is not None and "transaction" in str(result.error_in_exec))
+    assert len(shell.user_ns["opt"].state) == 12  # as the failed run left it, put back

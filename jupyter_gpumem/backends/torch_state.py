@@ -248,6 +248,18 @@ def copy_module(m: Any) -> _ModuleCopy:
     return _ModuleCopy(m, structure, params, grads, buffers, nbytes)
 
 
+def drop_replaced_grads(c: _ModuleCopy) -> None:
+    """Let go of every gradient ``restore_module`` will not keep as it is (a probe's, or one
+    that must be rebuilt): their memory is free before any is rebuilt."""
+    for key, tc in c.params.items():
+        p = tc.ref()
+        if p is None:
+            continue
+        g = c.grads[key]
+        if g is None or p.grad is None or p.grad is not g.ref():
+            p.grad = None
+
+
 def restore_module(c: _ModuleCopy) -> None:
     torch = torch_module()
     module_cls = torch.nn.Module

@@ -286,10 +286,15 @@ def _restore_namespace(snap: Snapshot, ns: dict[str, Any], problems: list[str]) 
 
 
 def _restore_torch(snap: Snapshot, problems: list[str]) -> None:
-    for m in snap.modules:
-        torch_state.restore_module(m)
+    # what the run made is let go before anything is rebuilt in its place: the optimizers' state
+    # a rehearsal created (Adam's first step) and the gradients it left, then the models; on a
+    # full card a rebuild beside them ran out of memory through %gpumem retry
     for o in snap.optimizers:
-        torch_state.restore_optimizer(o)
+        _put_back(snap, o.opt, torch_state.restore_optimizer, o, problems)
+    for m in snap.modules:
+        torch_state.drop_replaced_grads(m)
+    for m in snap.modules:
+        _put_back(snap, m.module, torch_state.restore_module, m, problems)
     for s in snap.state_dicts:
         with contextlib.suppress(Exception):
             torch_state.restore_state_dict(s)
@@ -301,6 +306,18 @@ def _restore_torch(snap: Snapshot, problems: list[str]) -> None:
                 f"`{name}` ({format_bytes(torch_state.tensor_bytes(t))} in host memory, too large "
                 "to copy) was written to and keeps the re-run's values"
             )
+
+
+def _put_back(snap: Snapshot, obj: Any, restore_one: Any, saved: Any, problems: list[str]) -> None:
+    """``restore_one(saved)``, or one line in ``problems`` where it fails (no room left on the
+    GPU for a rebuilt tensor): a rollback never raises through the fix."""
+    try:
+        restore_one(saved)
+    except Exception as exc:
+        first = str(exc).split("\n", 1)[0].split(". ", 1)[0]
+        problems.append(
+            f"`{_name_of(snap, obj)}` could not be put back whole ({type(exc).__name__}: {first})"
+        )
 
 
 _MISSING = object()
