@@ -212,8 +212,8 @@ class Autocast(Fix):
         report = result.failure.report if result.failure is not None else None
         failed = report.requested_bytes if report is not None else None
         if at is not None and batch is not None:
+            failed = predict.scaled_request(log, failed, at, batch)
             log = predict.scaled(log, at, batch)
-            failed = failed * batch // at if failed and failed % at == 0 else failed
         prediction = predict.replay_autocast(log, _device_type(), failed)
         prediction = dataclasses.replace(
             prediction,

@@ -51,6 +51,7 @@ __all__ = [
     "replay_as_is",
     "replay_autocast",
     "scaled",
+    "scaled_request",
 ]
 
 # how a button's number was made, said beside it
@@ -335,19 +336,60 @@ class _Replay:
         return peak
 
 
+def _fixed(log: OpLog) -> set[int]:
+    """The storages whose size does not follow the batch: the weights (``log.params``) and the
+    residents of a weight's size (the optimizer's state from an earlier step); a weight's gradient
+    (``grad_of_param``); what is made from these alone (``zeros_like(weight)``: Adam's state, its
+    ``sqrt``, a cast copy); what is made from nothing on the GPU at a weight's size. The rest
+    derives from a storage that may follow the batch (the batch made in the cell, a slice of a
+    dataset on the card) or is made from nothing (``randn(batch, ...)``)."""
+    weights = {log.resident[n] for n in log.params if n in log.resident}
+    fixed = {n for n, b in log.resident.items() if n in log.params or b in weights}
+    for e in log.events:
+        if not e.op:
+            continue
+        reads = {i.storage for i in e.inputs}
+        grads = e.grad_of_param or (False,) * len(e.outputs)
+        for (n, nbytes, _d), grad in zip(e.outputs, grads, strict=False):
+            made_from_fixed = bool(reads) and reads <= fixed
+            if grad or made_from_fixed or (not reads and nbytes in weights):
+                fixed.add(n)
+    return fixed
+
+
 def scaled(log: OpLog, at: int, to: int) -> OpLog:
     """``log``, recorded at batch ``at`` (a prime), as the same code at batch ``to``: a storage
-    whose size ``at`` divides is ``at`` samples of a per-sample size (Reduce batch's replay reads
-    one run the same way, ``batch/replay.py``); any other size does not follow the batch."""
+    whose size ``at`` divides is ``at`` samples of a per-sample size, unless it is the weights',
+    their gradients', the optimizer's state or made from these alone (``_fixed``: a 784x1024
+    weight's gradient is divisible by 7 and does not follow the batch); any other size does not
+    follow the batch either."""
+    fixed = _fixed(log)
 
-    def size(nbytes: int) -> int:
-        return nbytes * to // at if nbytes and nbytes % at == 0 else nbytes
+    def size(n: int, nbytes: int) -> int:
+        per_sample = nbytes and nbytes % at == 0 and n not in fixed
+        return nbytes * to // at if per_sample else nbytes
 
     events = [
-        e._replace(outputs=tuple((n, size(b), d) for n, b, d in e.outputs)) if e.op else e
+        e._replace(outputs=tuple((n, size(n, b), d) for n, b, d in e.outputs)) if e.op else e
         for e in log.events
     ]
     return dataclasses.replace(log, events=events)
+
+
+def scaled_request(log: OpLog, nbytes: int | None, at: int, to: int) -> int | None:
+    """The allocation that ran out (``log.failed``, of ``nbytes`` at batch ``at``) at batch
+    ``to``: scaled as ``scaled`` scales a storage, but for a weight's size in the backward (a
+    gradient: its shape is not known for an op that did not finish) or an op that reads only
+    what does not follow the batch (Adam's state being made)."""
+    ev = log.failed
+    if not nbytes or nbytes % at or ev is None:
+        return nbytes
+    fixed = _fixed(log)
+    weights = {log.resident[n] for n in log.params if n in log.resident}
+    reads = {i.storage for i in ev.inputs}
+    if (reads and reads <= fixed) or (nbytes in weights and (ev.backward or not reads)):
+        return nbytes
+    return nbytes * to // at
 
 
 def replay_as_is(log: OpLog, failed_bytes: int | None = None) -> tuple[int, int]:
