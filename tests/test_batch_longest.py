@@ -538,3 +538,93 @@ def pad_samples(batch):
     assert out.count(line + "IterableDataset)") == 1, out
     assert "Sized for" not in out, out
     assert "ran out where its rehearsal (the first passes of the loop) fitted" in out, out
+
+
+@pytest.mark.parametrize(
+    "iter_body",
+    ["return self.src  # a generator it holds", "return source  # a generator made once"],
+)
+def test_a_one_shot_stream_is_not_used_up_by_reading(
+    shell: Any, capsys: Any, iter_body: str
+) -> None:
+    """A stream whose ``__iter__`` hands out an iterator made once (a generator, a file opened
+    earlier) is not read ahead: reading it would use up the user's data, and the kept run would
+    train nothing while the outcome said every batch fits (was: 0 steps, 'so every batch fits').
+    The outcome says in one line that its largest batch cannot be known."""
+    stream = f"""\
+source = (item for _ in range(3) for item in dataset)  # one pass over three copies, made once
+
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self):
+        self.src = source
+    def __iter__(self):
+        {iter_body}
+"""
+    out = _stream(shell, capsys, stream)
+    line = (
+        "`loader`'s largest batch cannot be known (it streams an IterableDataset that can be "
+        "read once only, not read ahead so as not to use it up)"
+    )
+    assert out.count(line) == 1, out
+    assert "every batch fits" not in out and "Sized for" not in out, out
+    if "Fits at batch" in out:
+        assert shell.user_ns["steps"] > 0, out  # the kept run trained on what was left
+
+
+SLOW_DATASET = """\
+lengths[::2] = 400  # every other sequence is long: a sample of a few finds the longest
+seqs = [torch.randint(1, 1000, (int(n),), generator=g) for n in lengths]
+clock = [0.0]
+
+class Slow(torch.utils.data.Dataset):
+    calls = 0
+    def __len__(self):
+        return len(seqs)
+    def __getitem__(self, i):  # a quarter of a second an item (decoding an image, tokenizing)
+        Slow.calls += 1
+        clock[0] += 0.25
+        return seqs[i], labels[i]
+
+dataset = Slow()
+"""
+
+
+def test_reading_through_a_slow_getitem_stays_within_its_budget(
+    shell: Any, capsys: Any, monkeypatch: Any
+) -> None:
+    """Reading sizes through ``dataset[i]`` checks its time budget at every item: items of a
+    quarter of a second are read for about the budget, not 64 of them (16 s) before the first
+    check. The clock is the dataset's own: each item moves it on by 0.25 s."""
+    from types import SimpleNamespace
+
+    from jupyter_gpumem.fixes.batch import longest
+
+    shell.run_cell("%gpumem simulate off")
+    assert shell.run_cell(DATA + SLOW_DATASET).success
+    shell.run_cell(f"%gpumem simulate {CARD}")
+    assert shell.run_cell(MODEL + LOADER.format(b=START), store_history=True).success
+    assert not shell.run_cell(TRAIN, store_history=True).success
+    ns = shell.user_ns
+    monkeypatch.setattr(longest, "time", SimpleNamespace(perf_counter=lambda: ns["clock"][0]))
+    calls: list[int] = []
+    read = longest._read
+
+    def counted(*args: Any) -> Any:
+        before = ns["Slow"].calls
+        try:
+            return read(*args)
+        finally:
+            calls.append(ns["Slow"].calls - before)
+
+    monkeypatch.setattr(longest, "_read", counted)
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry batch --force")
+    out = capsys.readouterr().out
+    m = re.search(rf"the largest of (\d+) of `dataset`'s {N} items, sampled through its own", out)
+    assert m, out
+    sampled = int(m.group(1))  # items read: those the budget allows, the last one past it
+    assert 2 <= sampled <= longest._SAMPLE_BUDGET_S / 0.25 + 1, (sampled, out)
+    assert len(calls) == 1, (calls, out)  # read once for the whole fix
+    assert calls[0] <= sampled + 1, (calls, out)  # and the longest again, for its dtype
+    assert "Sized for the longest batch: 400 tokens a sample" in out, out
+    assert shell.user_ns["steps"] == len(shell.user_ns["loader"]), out

@@ -33,9 +33,13 @@ The sizes come from the dataset itself where they can be read without running th
 dataset's own code runs, inside the rehearsal; all of it within a time budget, else a sample of it,
 and the outcome says which). A stream (an ``IterableDataset``) is read through its own
 ``__iter__``, as it yields its items, within the same budget, and the few items that may make its
-worst batch are kept to collate it. A loader that makes its own batches (a ``batch_sampler``), or
-whose items cannot be read (the notebook's own classes), is not reordered: where its batches'
-shapes differ in the rehearsal, the outcome says in one line that its largest batch cannot be
+worst batch are kept to collate it. A one-shot stream (its ``__iter__`` hands out an iterator
+made once: a generator, a file opened earlier) is not read, as reading would use it up; and as a
+stream read again may yield other items, the outcome never says that every batch of one fits.
+Through the dataset's code the budget is checked at every item (one may take a second). A loader
+that makes its own batches (a ``batch_sampler``), whose items cannot be read (the notebook's own
+classes) or that streams once only is not reordered: where its batches' shapes differ in the
+rehearsal (a one-shot stream: always), the outcome says in one line that its largest batch cannot be
 known and that it sized for the batches it saw.
 """
 
@@ -44,6 +48,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -241,7 +246,10 @@ class WorstFirst:
             self._sizes[key] = (dataset, None)  # read once per fix, even where it fails
             name = self._name(loader, dataset)
             if _iterable_style(dataset):
-                self._sizes[key] = (dataset, _read_stream(dataset, name))
+                try:
+                    self._sizes[key] = (dataset, _read_stream(dataset, name))
+                except _UsedUp:
+                    self.unknown.setdefault(self._name(loader, None, own=True), _ONE_SHOT)
             else:
                 self._sizes[key] = (dataset, _read(dataset, attrs.get("sampler"), name))
         return self._sizes[key][1], b
@@ -289,10 +297,20 @@ class WorstFirst:
     def unknown_notes(self) -> list[str]:
         """One line for each loader whose largest batch could not be known."""
         return [
-            f"{name}'s batches differ in shape and its largest cannot be known ({why}): "
+            f"{name}'s largest batch cannot be known ({why}): sized for the batches the "
+            "rehearsals ran (which, like the failed run, used up part of it); a larger one later "
+            "may still run out."
+            if why == _ONE_SHOT
+            else f"{name}'s batches differ in shape and its largest cannot be known ({why}): "
             "sized for the batches the rehearsals ran; a larger one later may still run out."
             for name, why in self.unknown.items()
         ]
+
+
+_ONE_SHOT = (
+    "it streams an IterableDataset that can be read once only, not read ahead so as not to use "
+    "it up"
+)
 
 
 def _sized_notes(s: _Sizes, batch: int) -> list[str]:
@@ -330,7 +348,8 @@ def _sized_notes(s: _Sizes, batch: int) -> list[str]:
         f"Sized for the {what} batch: {sample} ({which}"
         + (f"; the median is {median}" if median else "")
         + f"). The rehearsals ran the data's largest batch of {batch} first"
-        + (", so every batch fits." if s.read == s.total else ".")
+        # a stream yields afresh each time it is read: what the run reads may not be what was read
+        + (", so every batch fits." if s.read == s.total and s.items is None else ".")
     ]
     half = math.prod(s.longest) / 2
     if s.over_half and s.over_half <= _RARE_SHARE * s.read:
@@ -372,7 +391,8 @@ def _read(dataset: Any, sampler: Any, name: str) -> _Sizes | None:
     deadline = time.perf_counter() + (_SAMPLE_BUDGET_S if ran_code else _READ_BUDGET_S)
     read: list[tuple[int, Signature]] = []
     for n, i in enumerate(order):
-        if n % 64 == 0 and read:
+        # through the dataset's own code an item may take long (decoding an image): every item
+        if read and (ran_code or n % 64 == 0):
             if time.perf_counter() > deadline:
                 break
             look = _FIRST_LOOK if ran_code else _FIRST_LOOK_READ
@@ -386,19 +406,26 @@ def _read(dataset: Any, sampler: Any, name: str) -> _Sizes | None:
 def _read_stream(dataset: Any, name: str) -> _Sizes | None:
     """An IterableDataset's item sizes, read through its own ``__iter__`` as it yields them
     (within the time budget; a stream may not end), keeping the items that may make its worst
-    batch: each new largest, and each new longest of any dimension."""
+    batch: each new largest, and each new longest of any dimension.
+
+    Raises ``_UsedUp`` where the stream is one-shot (see ``_holds_an_iterator``, ``_FRESH_REFS``): reading it would use up
+    the user's data, so it is not read."""
+    if _holds_an_iterator(dataset):
+        raise _UsedUp
     deadline = time.perf_counter() + _SAMPLE_BUDGET_S
+    it = iter(dataset)  # its own __iter__, once, as the loader calls it
+    if it is dataset or sys.getrefcount(it) > _FRESH_REFS:
+        raise _UsedUp  # an iterator someone else holds too: what it yields, theirs is missing
     read: list[tuple[int, Signature]] = []
     kept: dict[int, Any] = {}
     top: dict[object, int] = {}
     ended = True
-    for n, item in enumerate(iter(dataset)):
-        if n % 64 == 0 and n:
-            if n >= _MAX_READ or time.perf_counter() > deadline:
-                ended = False
-                break
-            if n == _FIRST_LOOK and len({sig for _, sig in read}) == 1:
-                return None  # one shape so far: not worth seconds
+    for n, item in enumerate(it):
+        if n and (n >= _MAX_READ or time.perf_counter() > deadline):  # its code, every item
+            ended = False
+            break
+        if n == _FIRST_LOOK and len({sig for _, sig in read}) == 1:
+            return None  # one shape so far: not worth seconds
         sig = _signature(item)
         read.append((n, sig))
         marks: list[tuple[object, int]] = [("size", sum(math.prod(x) for x in sig if x))]
@@ -409,6 +436,33 @@ def _read_stream(dataset: Any, name: str) -> _Sizes | None:
                 kept[n] = item
     total = len(read) if ended else -1
     return _summarise(dataset, name, total, read, True, items=kept)
+
+
+class _UsedUp(Exception):
+    """A stream that reading would use up: not read."""
+
+
+def _fresh_refs() -> int:
+    it = iter(())
+    return sys.getrefcount(it)
+
+
+# References to an iterator that only its maker's caller holds (``iter(self.items)``, a generator
+# ``__iter__`` made): an iterator returned with more is held elsewhere too (``return self.src``, a
+# generator or a file the notebook made once), and whatever reading takes from it is gone for the
+# run. Counted in the same shape as ``_read_stream`` holds it.
+_FRESH_REFS = _fresh_refs()
+
+
+def _holds_an_iterator(dataset: Any) -> bool:
+    """Whether a stream is its own iterator or keeps one among its attributes (a generator, a
+    file opened once, ``iter(data)``): its ``__iter__`` may hand it out or read from it, and what
+    reading takes is then gone for the run. Told by types, without running its code."""
+    attrs = safe.instance_dict(dataset) or {}
+    return any(
+        safe.class_attr(type(value), "__next__") is not safe.MISSING
+        for value in (dataset, *attrs.values())
+    )
 
 
 def _getter(dataset: Any) -> tuple[Callable[[int], Any] | None, int, bool]:
