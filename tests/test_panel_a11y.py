@@ -71,7 +71,7 @@ def test_a_host_memory_failure_is_not_headed_gpu() -> None:
 
 def test_button_numbers_say_what_they_are(panel: Any) -> None:
     label = panel.buttons["batch"].description
-    assert re.search(r"\(saves ~[\d.]+ [KMG]iB\)|\(not enough: saves ~", label), label
+    assert re.search(r"\(saves ~[\d.]+ [KMG]iB(, estimate)?\)|\(not enough: saves ~", label), label
     helps = "".join(str(getattr(w, "value", "")) for w in panel.body.children)
     assert " mib" not in helps and " gib" not in helps, "units keep their case"
 

@@ -22,12 +22,20 @@ from jupyter_gpumem.backends import torch_objects
 from jupyter_gpumem.backends.allocator import SizeLog
 from jupyter_gpumem.backends.peaks import PeakWatch
 from jupyter_gpumem.cells import source as cellsource
-from jupyter_gpumem.fixes.base import Attempt, Check, Fix, FixContext, FixOutcome
+from jupyter_gpumem.fixes.base import (
+    Attempt,
+    Check,
+    Fix,
+    FixContext,
+    FixOutcome,
+    predicted_vs_measured,
+)
 from jupyter_gpumem.fixes.batch.accumulate import effective_batch_note
 from jupyter_gpumem.fixes.batch.evidence import failing_tensors, sized_by, variables_sized_by
 from jupyter_gpumem.fixes.batch.longest import WorstFirst
 from jupyter_gpumem.fixes.batch.namespace import history_of, origin
 from jupyter_gpumem.fixes.batch.phase import evaluation_reason
+from jupyter_gpumem.fixes.batch.replay import Replay
 from jupyter_gpumem.fixes.batch.schedule import schedule_notes
 from jupyter_gpumem.fixes.batch.search import BatchSearch, Observation
 from jupyter_gpumem.fixes.batch.source import (
@@ -38,6 +46,7 @@ from jupyter_gpumem.fixes.batch.source import (
     find_batch,
     try_accumulation,
 )
+from jupyter_gpumem.fixes.predict import ESTIMATE
 from jupyter_gpumem.rescue.rerun import Plan, RunResult, capacity_bytes
 from jupyter_gpumem.units import format_bytes
 
@@ -132,7 +141,7 @@ class ReduceBatch(Fix):
             f"Find the largest batch that fits, starting from {finding.how}, with a memory model "
             "from the OOM's numbers and each run's peak (a few runs), then keep it."
         )
-        return Check(True, action, "", saving, evidence=finding.evidence)
+        return Check(True, action, "", saving, evidence=finding.evidence, basis=ESTIMATE)
 
     def apply(self, ctx: FixContext) -> FixOutcome:
         """Rehearsals (stopped after two passes of the failing loop, rolled back) find the batch;
@@ -158,6 +167,9 @@ class ReduceBatch(Fix):
         budget = ctx.max_runs + 1
         probe = _ReservedPeak(ctx.failed.report.device_index)
         worst = WorstFirst(ctx.user_ns)  # rehearsals run the data's largest batch first
+        # the replay as it stood when each batch was first run: the kept batch's is what
+        # predicted it (the runs at that batch itself are not in it)
+        replays: dict[int, Replay | None] = {}
         while len(attempts) < budget and final is None:
             b = search.next_batch() if len(attempts) < budget - 1 else None
             real = b is None or not rehearse
@@ -170,6 +182,8 @@ class ReduceBatch(Fix):
                 plan = _rehearsal_plan(ctx, finding, b, search, probe, worst)
                 plan.contexts.append(worst)
             plan.contexts.append(probe)
+            if b not in replays:
+                replays[b] = search.replay()
             result, attempt = self._run(ctx, plan)
             attempts.append(attempt)
             if result.kept or (real and result.ok):
@@ -205,7 +219,11 @@ class ReduceBatch(Fix):
             outcome.notes.extend(worst.unknown_notes())
             return outcome
         best = attempts[-1].batch or 0
-        _settled(ctx, finding, outcome, best, accumulate, search.replay_note())
+        how = search.replay_note()
+        _settled(ctx, finding, outcome, best, accumulate, how)
+        if how is not None and (replay := replays.get(best)) is not None:
+            at = outcome.notes.index(how) + 1 if how in outcome.notes else len(outcome.notes)
+            outcome.notes.insert(at, _prediction_note(replay, best, _need(final, probe)))
         outcome.notes[0:0] = worst.notes(best)  # what it was sized for, first
         return outcome
 
@@ -220,6 +238,17 @@ class ReduceBatch(Fix):
             start = f"from {format_bytes(resident)} resident"
             plan.note = f"{plan.note}, {start}" if plan.note else start
         return self.run_once(ctx, plan)
+
+
+def _prediction_note(replay: Replay, best: int, measured: int | None) -> str:
+    """``Predicted need ~X (replayed from the rehearsal at batch p), measured Y``: the replay that
+    placed the batch against the reserved peak of the run that was kept."""
+    runs = " and ".join(map(str, replay.batches))
+    many = len(replay.batches) > 1
+    basis = (
+        f"replayed from the rehearsal{'s' if many else ''} at batch{'es' if many else ''} {runs}"
+    )
+    return predicted_vs_measured(replay.need(best), measured, "need", basis)
 
 
 def _start_search(ctx: FixContext, finding: BatchFinding) -> BatchSearch:
