@@ -230,6 +230,27 @@ def test_weights_gradients_and_adam_state_are_not_scaled_with_the_batch(shell: A
     assert need_scaled <= need * 1.05, (need_scaled, need)
 
 
+def test_a_weight_repeated_to_the_batch_is_scaled(shell: Any) -> None:
+    """Made from a weight alone but larger than it: DETR's ``query_embed.weight.unsqueeze(1)
+    .repeat(1, bs, 1)`` follows the batch, and is scaled with it."""
+    shell.run_cell("%gpumem simulate 512MiB")
+    import torch
+
+    from jupyter_gpumem.backends.op_log import record_ops
+    from jupyter_gpumem.fixes import predict
+
+    def logged(batch: int) -> Any:
+        query = torch.nn.Parameter(torch.randn(100, 7 * 256, device="cuda"))
+        with record_ops() as log:
+            q = query.unsqueeze(1).repeat(1, batch, 1)
+            (q * 2).sum().backward()
+        return log
+
+    _need, peak = predict.replay_as_is(logged(32))
+    _need_scaled, peak_scaled = predict.replay_as_is(predict.scaled(logged(7), 7, 32))
+    assert abs(peak_scaled - peak) <= 0.05 * peak, (peak_scaled, peak)
+
+
 _NEED = re.compile(
     r"Predicted need ~([\d.]+ [KMG]i?B) \(replayed from the rehearsals? at batch(?:es)? "
     r"(\d+(?: and \d+)?)\), "

@@ -339,19 +339,27 @@ class _Replay:
 def _fixed(log: OpLog) -> set[int]:
     """The storages whose size does not follow the batch: the weights (``log.params``) and the
     residents of a weight's size (the optimizer's state from an earlier step); a weight's gradient
-    (``grad_of_param``); what is made from these alone (``zeros_like(weight)``: Adam's state, its
-    ``sqrt``, a cast copy); what is made from nothing on the GPU at a weight's size. The rest
-    derives from a storage that may follow the batch (the batch made in the cell, a slice of a
+    (``grad_of_param``, or of a weight's size in the backward); what is made from these alone, no larger than they are
+    (``zeros_like(weight)``: Adam's state, its ``sqrt``, a cast copy); what is made from nothing
+    on the GPU at a weight's size. The rest derives from a storage that may follow the batch (the batch made in the cell, a slice of a
     dataset on the card) or is made from nothing (``randn(batch, ...)``)."""
     weights = {log.resident[n] for n in log.params if n in log.resident}
     fixed = {n for n, b in log.resident.items() if n in log.params or b in weights}
+    size = dict(log.resident)
     for e in log.events:
         if not e.op:
             continue
         reads = {i.storage for i in e.inputs}
+        largest = max((size.get(r, 0) for r in reads), default=0)
         grads = e.grad_of_param or (False,) * len(e.outputs)
         for (n, nbytes, _d), grad in zip(e.outputs, grads, strict=False):
-            made_from_fixed = bool(reads) and reads <= fixed
+            size[n] = nbytes
+            # made from these alone and no larger than one of them: a ``repeat(1, batch, 1)``
+            # of a weight (DETR's queries) is larger, and follows the batch
+            made_from_fixed = bool(reads) and reads <= fixed and nbytes <= largest
+            # a weight's gradient shaped otherwise (the sum that reduces a ``repeat``'s
+            # gradient keeps its dims) is of the weight's size, in the backward
+            grad = grad or (e.backward and nbytes in weights)
             if grad or made_from_fixed or (not reads and nbytes in weights):
                 fixed.add(n)
     return fixed
