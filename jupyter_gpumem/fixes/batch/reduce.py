@@ -47,6 +47,7 @@ from jupyter_gpumem.fixes.batch.source import (
     try_accumulation,
 )
 from jupyter_gpumem.fixes.predict import ESTIMATE
+from jupyter_gpumem.readings.allocator_state import read_allocator_state
 from jupyter_gpumem.rescue.rerun import Plan, RunResult, capacity_bytes
 from jupyter_gpumem.units import format_bytes
 
@@ -220,6 +221,12 @@ class ReduceBatch(Fix):
             return outcome
         best = attempts[-1].batch or 0
         how = search.replay_note()
+        if how is not None and (unmodelled := unmodelled_settings(ctx.failed.report.device_index)):
+            how += (
+                f" The replay models the caching allocator's default settings, not {unmodelled}: "
+                "its need is less sure there (measured off by -62% to +8%), and the real run is "
+                "the check."
+            )
         _settled(ctx, finding, outcome, best, accumulate, how)
         if how is not None and (replay := replays.get(best)) is not None:
             at = outcome.notes.index(how) + 1 if how in outcome.notes else len(outcome.notes)
@@ -514,3 +521,30 @@ def _settled(
             f"The effective batch changed from {finding.value} to {best}: "
             "tune the learning rate if this is training."
         )
+
+
+def unmodelled_settings(device: int | None) -> str | None:
+    """The allocator settings in force that the replay's model (``blocks.py``: the defaults)
+    does not follow, in words ("PYTORCH_CUDA_ALLOC_CONF's `expandable_segments:True`"), or None.
+    Measured against the ported allocator (docs/benchmarks.md), expandable segments put the
+    replay's need off by -62% to +8%."""
+    try:
+        conf = read_allocator_state(None, device).conf
+    except Exception:
+        return None
+    if conf is None:
+        return None
+    found = []
+    if not conf.native:
+        found.append(f"backend:{conf.backend}")
+    if conf.expandable_segments:
+        found.append("expandable_segments:True")
+    if conf.split_limited:
+        found.append(f"max_split_size_mb:{conf.max_split_size >> 20}")
+    if any(conf.roundup_power2_divisions):
+        found.append("roundup_power2_divisions")
+    if conf.garbage_collection_threshold > 0:
+        found.append(f"garbage_collection_threshold:{conf.garbage_collection_threshold:g}")
+    if not found:
+        return None
+    return "PYTORCH_CUDA_ALLOC_CONF's " + ", ".join(f"`{f}`" for f in found)
