@@ -486,3 +486,24 @@ def test_the_text_diagnosis_marks_fixes_that_are_not_enough(shell: Any, capsys: 
     assert "%gpumem retry clear" in out
     fixes = out[out.index("%gpumem retry clear") :]
     assert "not enough: saves ~" in fixes, fixes
+
+
+def test_del_in_a_cell_with_a_magic_frees_the_model_at_once(shell: Any) -> None:
+    """`del model` in a cell that also has a line magic: the memory comes back when the cell
+    ends, not at the garbage collector's next pass. Was: reading the cell (a SyntaxError kept in a
+    local, whose traceback held the frame) kept the hook's record of the cell's models alive, and
+    the notebook's next 128 MiB allocation ran out (notebooks/beyond.ipynb)."""
+    import gc
+
+    shell.run_cell("%gpumem simulate 512MiB")
+    assert shell.run_cell(
+        "import torch\nmodel = torch.nn.Linear(4096, 4096, device='cuda')  # 64 MiB"
+    ).success
+    gc.collect()
+    gc.disable()
+    try:
+        assert shell.run_cell("del model\n%gpumem status").success
+        assert shell.run_cell("left = torch.cuda.memory_allocated()").success
+    finally:
+        gc.enable()
+    assert shell.user_ns["left"] < 1 << 20

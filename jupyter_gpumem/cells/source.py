@@ -112,7 +112,10 @@ def _read(
     try:
         return source, ast.parse(source), set(), None
     except (SyntaxError, ValueError) as e:
-        error = e
+        # read here, not kept: the error's traceback holds this frame and, through it, every
+        # caller's (their locals alive until the garbage collector runs)
+        line = getattr(e, "lineno", None)
+        msg = getattr(e, "msg", str(e))
     magic = cell_magic(source)
     if magic is not None:
         if magic not in PYTHON_CELL_MAGICS:
@@ -123,9 +126,7 @@ def _read(
             return None, None, set(), why
         ast.increment_lineno(tree, 1)  # the body's own tree, made for this reading
         return "\n" + python, tree, {n + 1 for n in changed}, None
-    line = getattr(error, "lineno", None)
     line = None if line is None else line + offset
-    msg = getattr(error, "msg", str(error))
     why = f"this cell does not parse (line {line}: {msg})"
     try:
         python = _transform(source)

@@ -315,7 +315,10 @@ class DiagnosisPanel:
                         raised = exc
                 ticker.stop()  # before the outcome, so no tick overwrites it
                 if raised is not None:
-                    raise raised
+                    try:
+                        raise raised
+                    finally:  # not kept in this frame: its traceback holds the frame (a cycle)
+                        raised = None
                 self.outcomes.append(outcome)
                 self._report(fix.label, outcome)
         except KeyboardInterrupt as exc:  # Cancel or ■: the engine undid what it could, says what
