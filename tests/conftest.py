@@ -68,10 +68,17 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 
 @pytest.fixture(autouse=True)
 def _no_simulation_left() -> Iterator[None]:
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
     yield
     from jupyter_gpumem.backends import simulated
 
     simulated.stop()
+    # each test starts with the Ctrl-C handler the one before it found (a test that drives an
+    # event loop or a kernel may leave its own; tests of Ctrl-C need Python's)
+    if signal.getsignal(signal.SIGINT) is not handler and handler is not None:
+        signal.signal(signal.SIGINT, handler)
 
 
 @pytest.fixture

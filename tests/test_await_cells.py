@@ -141,12 +141,14 @@ def test_ctrl_c_while_an_await_rehearsal_waits(shell: Any, capsys: Any) -> None:
         "    nap.calls += 1\n"
         "    if nap.calls == 2:  # the first re-run: Ctrl-C while it sleeps\n"
         "        _press_ctrl_c()\n"
+        "        await asyncio.sleep(20)  # ended by the Ctrl-C, however late it comes\n"
         "    await asyncio.sleep(0.6)\n"
         "nap.calls = 0\n"
         "afters = []"
     )
     cell = "batch_size = 80\nawait nap()\nafters.append(batch_size)\n" + CELL.split("\n")[2]
     _fail(shell, cell)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's, as in a notebook
     result = shell.run_cell("%gpumem retry batch --force", store_history=True)
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
     assert "Interrupted" in capsys.readouterr().err

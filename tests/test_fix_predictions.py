@@ -327,4 +327,6 @@ def test_reduce_batch_says_when_the_allocator_runs_settings_its_replay_does_not_
     assert "Fits at batch" in out, out
     said = "not PYTORCH_CUDA_ALLOC_CONF's `expandable_segments:True`" in out
     assert said == bool(conf), out
+    # rehearsed twice in a row, kept after one run: no "predicted vs measured" across the two
+    assert "Predicted need" not in out, out
     assert all(shell.run_cell(STEP_CELL).success for _ in range(2))  # the next runs fit

@@ -228,7 +228,10 @@ class ReduceBatch(Fix):
                 "the check."
             )
         _settled(ctx, finding, outcome, best, accumulate, how)
-        if how is not None and (replay := replays.get(best)) is not None:
+        # a cell without a loop is rehearsed twice in a row and kept after one run: the replay's
+        # need (two runs) and the kept run's peak (one) are not the same thing to compare
+        twice = ctx.failed.loop is None and _twice(ctx.failed.source) is not None
+        if how is not None and not twice and (replay := replays.get(best)) is not None:
             at = outcome.notes.index(how) + 1 if how in outcome.notes else len(outcome.notes)
             outcome.notes.insert(at, _prediction_note(replay, best, _need(final, probe)))
         outcome.notes[0:0] = worst.notes(best)  # what it was sized for, first
