@@ -257,7 +257,7 @@ def run_ladder(
         return result
     failed = first.failure
     assert failed is not None
-    failed.before = _sealed(before)
+    failed.before = before_cell.sealed(before)
     d = failed.diagnosis
     line(f"oomsafe: out of memory: {d.headline if d else failed.report.message[:120]}")
     runs_left = options.max_runs
@@ -296,17 +296,6 @@ def _record_before(source: str, ns: dict[str, Any]) -> before_cell.Before | None
         return before_cell.take(source, ns)
     except Exception:
         return None
-
-
-def _sealed(before: before_cell.Before | None) -> before_cell.Before | None:
-    """The record with what the failed first run left read in; None where that fails."""
-    if before is None:
-        return None
-    try:
-        before.seal()
-    except Exception:
-        return None
-    return before
 
 
 def _starting_plan(

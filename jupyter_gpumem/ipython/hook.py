@@ -357,7 +357,7 @@ class OOMHook:
             held_at_start=self._cell_held,
         )
         failed.cell_id = self._cell_id
-        failed.before = _sealed(self._cell_before)
+        failed.before = before_cell.sealed(self._cell_before)
         return failed
 
     def _release(self, value: BaseException) -> ReleaseResult:
@@ -368,17 +368,6 @@ class OOMHook:
             # hold no GPU memory now
             self._pending_release = None
         return result
-
-
-def _sealed(before: Any) -> Any:
-    """The cell's record, with what its failed run left read in; None where that fails."""
-    if before is None:
-        return None
-    try:
-        before.seal()
-    except Exception:
-        return None
-    return before
 
 
 def _held_now() -> tuple[int, int] | None:

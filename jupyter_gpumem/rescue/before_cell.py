@@ -198,6 +198,18 @@ def take(source: str, ns: dict[str, Any]) -> Before | None:
     return _record(torch, list(models.values()))
 
 
+def sealed(before: Before | None) -> Before | None:
+    """A failed cell's record with what its run left read in (``Before.seal``); None where there
+    is none or reading fails (the record is a help, never a reason for a traceback)."""
+    if before is None:
+        return None
+    try:
+        before.seal()
+    except Exception:
+        return None
+    return before
+
+
 def _record(torch: Any, models: list[tuple[str, Any]]) -> Before:
     out: dict[int, _Model] = {}
     stats_to_copy: list[tuple[_Model, Any]] = []
