@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from jupyter_gpumem import backends
-from jupyter_gpumem.backends import cuda, torch_objects
+from jupyter_gpumem.backends import cuda
 from jupyter_gpumem.backends.cuda import CudaBackend
 
 
@@ -78,7 +78,7 @@ def test_autocast_asks_the_gpu_that_ran_out_not_the_current_one(shell: Any, caps
     assert gpu is not None
     # GPU 0 (current) has bf16 in hardware, GPU 1 (where the cell runs out) is a T4
     gpu.supports_bf16 = lambda index=None: index != 1  # type: ignore[method-assign]
-    assert torch_objects.supports_bf16() and not torch_objects.supports_bf16(1)
+    assert backends.active().supports_bf16() and not backends.active().supports_bf16(1)
     shell.run_cell(SETUP)
     result = shell.run_cell(CELL)
     assert not result.success

@@ -74,13 +74,13 @@ def test_the_backend_answers_as_torch_for_the_card_asked(key: str, native: bool)
     on that card (compute capability 8.0 on), whichever card is current."""
     torch = pytest.importorskip("torch")
     from jupyter_gpumem import backends
-    from jupyter_gpumem.backends import simulated, torch_objects
+    from jupyter_gpumem.backends import simulated
 
     gpu = backends.simulate(None, profile=key, devices=2)
     gpu.devices[1].configure(profile=simulated.PROFILES["A100-40GB"])  # a second, newer card
     assert gpu.supports_bf16(0) is native is torch.cuda.is_bf16_supported(False)
-    assert gpu.supports_bf16() is native and torch_objects.supports_bf16(0) is native
-    assert gpu.supports_bf16(1) and torch_objects.supports_bf16(1)
+    assert gpu.supports_bf16() is native and backends.active().supports_bf16(0) is native
+    assert gpu.supports_bf16(1) and backends.active().supports_bf16(1)
     torch.cuda.set_device(1)
     assert torch.cuda.is_bf16_supported(including_emulation=False)
     assert gpu.supports_bf16(0) is native  # asked for card 0 while card 1 is current

@@ -1,9 +1,8 @@
-"""torch, read without importing it: what a Python object is and holds, and the readings the
-rest of the package asked for before there was a :class:`~.base.MemoryBackend`.
+"""torch, read without importing it: what a Python object is and holds.
 
 torch is never imported to find out whether it is in use: if the user has not imported it, nothing
-here runs. The readings below (``allocator_stats``, ``empty_cache``, ...) answer through the active
-backend (``base.active()``); new code calls the backend itself.
+here runs. Readings of the card go through the active backend (``backends.active()``), never
+through here.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 from jupyter_gpumem.backends.base import StorageInfo, active
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 
 def torch_module() -> Any:
@@ -35,65 +34,6 @@ def cuda_ready() -> bool:
         return bool(torch.cuda.is_initialized())
     except Exception:
         return False
-
-
-# ---- through the active backend ------------------------------------------------------------------
-
-
-def current_device_index() -> int:
-    return active().current_device()
-
-
-def allocator_stats(device_index: int | None = None) -> dict[str, int] | None:
-    """torch.cuda.memory_stats() of the device, or None when there is nothing to read."""
-    return active().allocator_stats(device_index)
-
-
-def mem_get_info(device_index: int | None = None) -> tuple[int, int] | None:
-    return active().mem_get_info(device_index)
-
-
-def allowed_bytes(device_index: int | None = None) -> int | None:
-    return active().process_cap(device_index)
-
-
-def set_memory_limit(limit_bytes: int | None, device_index: int | None = None) -> int:
-    """Cap what this process may reserve on the device, on every visible one when it is None (a
-    limit of None lifts the cap); returns the device's total bytes (None: the current one's)."""
-    return active().set_limit(limit_bytes, device_index)
-
-
-def empty_cache() -> None:
-    active().empty_cache()
-
-
-def reset_peak(device_index: int | None = None) -> None:
-    active().reset_peak(device_index)
-
-
-def allocated_bytes() -> int | None:
-    stats = allocator_stats()
-    return None if stats is None else stats.get("allocated_bytes.all.current", 0)
-
-
-def supports_bf16(device_index: int | None = None) -> bool:
-    """Device ``device_index`` (None: the current one) computes in bfloat16 natively."""
-    if torch_module() is None:
-        return False
-    return bool(active().supports_bf16(device_index))
-
-
-def autocast_device_type() -> str:
-    return active().autocast_device_type()
-
-
-def gpu_storage(tensor: torch.Tensor) -> StorageInfo | None:
-    """(key, nbytes, device) of the storage behind a GPU tensor; None for anything not on a GPU."""
-    return active().storage_of(tensor)
-
-
-def move_to_cpu(obj: Any) -> tuple[Any, int]:
-    return active().move_to_cpu(obj)
 
 
 # ---- what a Python object holds on the GPU ------------------------------------------------------
@@ -192,7 +132,7 @@ def autocast_factory(device_index: int | None = None) -> tuple[Any, str]:
     if torch is None:
         raise RuntimeError("torch is not imported")
     device_type = active().autocast_device_type()
-    dtype = torch.bfloat16 if supports_bf16(device_index) else torch.float16
+    dtype = torch.bfloat16 if active().supports_bf16(device_index) else torch.float16
 
     def factory() -> Any:
         return torch.autocast(device_type=device_type, dtype=dtype)

@@ -27,11 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jupyter_gpumem.backends import simulated
-from jupyter_gpumem.backends.torch_objects import (
-    gpu_storage,
-    is_tensor,
-    torch_module,
-)
+from jupyter_gpumem.backends.base import active
+from jupyter_gpumem.backends.torch_objects import is_tensor, torch_module
 
 
 def _host_copy(t: Any) -> Any:
@@ -48,7 +45,7 @@ def _nbytes(t: Any) -> int:
 
 
 def _on_gpu(t: Any) -> bool:
-    return gpu_storage(t) is not None
+    return active().storage_of(t) is not None
 
 
 def _rebuild(saved: Any, like_device: Any, on_gpu: bool) -> Any:

@@ -46,7 +46,7 @@ _RECORDING_NOTE = "as it was, recorded for the prediction"
 
 def _dtype(ctx: FixContext) -> str:
     """bfloat16 where the GPU that ran out computes it natively, else float16."""
-    native = torch_objects.supports_bf16(ctx.failed.report.device_index)
+    native = backends.active().supports_bf16(ctx.failed.report.device_index)
     return "bfloat16" if native else "float16"
 
 

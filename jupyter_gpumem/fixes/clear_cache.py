@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import sys
 
+from jupyter_gpumem import backends
 from jupyter_gpumem.backends import torch_objects
 from jupyter_gpumem.diagnosis.diagnose import Diagnosis
 from jupyter_gpumem.fixes import predict
@@ -60,8 +61,14 @@ def _releasable_now(d: Diagnosis) -> int | None:
 
 def _reserved(d: Diagnosis | None) -> int | None:
     """What PyTorch reserves now on the device that ran out."""
-    stats = torch_objects.allocator_stats(d.report.device_index if d is not None else None)
+    stats = backends.active().allocator_stats(d.report.device_index if d is not None else None)
     return None if stats is None else stats.get("reserved_bytes.all.current")
+
+
+def _allocated() -> int | None:
+    """What PyTorch's tensors hold now on the current device."""
+    stats = backends.active().allocator_stats()
+    return None if stats is None else stats.get("allocated_bytes.all.current", 0)
 
 
 class ClearCache(Fix):
@@ -136,12 +143,12 @@ class ClearCache(Fix):
         if ctx.drop_output_cache:
             drop_output_cache(ctx.shell)
             notes.append("cleared the output cache")
-        before = torch_objects.allocated_bytes()
+        before = _allocated()
         reserved = _reserved(d)
         release_failed_cell(ctx.shell, getattr(sys, "last_value", None))
         gc.collect()
-        torch_objects.empty_cache()
-        after = torch_objects.allocated_bytes()
+        backends.active().empty_cache()
+        after = _allocated()
         if before is not None and after is not None and before > after:
             notes.append(f"freed {format_bytes(before - after)}")
         left = _reserved(d)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from jupyter_gpumem.backends import torch_objects
+from jupyter_gpumem import backends
 from jupyter_gpumem.backends.peaks import PeakWatch
 from jupyter_gpumem.units import format_bytes
 
@@ -68,7 +68,7 @@ class CellRecord:
 
 
 def _reading(device: int | None = None) -> tuple[int, int] | None:
-    stats = torch_objects.allocator_stats(device)
+    stats = backends.active().allocator_stats(device)
     if not stats:
         return None
     return (
@@ -129,7 +129,7 @@ class CellStats:
 
     def _pre(self, info: Any) -> None:
         try:
-            self._device = device = torch_objects.current_device_index()
+            self._device = device = backends.active().current_device()
             self._watch = PeakWatch(device)
             r = _reading(device)
             self._before = None if r is None else r[0]

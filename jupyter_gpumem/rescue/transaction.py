@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from jupyter_gpumem import backends
 from jupyter_gpumem.backends import torch_objects, torch_state
 from jupyter_gpumem.rescue import before_cell, copies, kinds, safe, sandbox
 from jupyter_gpumem.rescue.reach import BIG_HOST_TENSOR_BYTES, Reached, holds_gpu, survey
@@ -255,7 +256,7 @@ def restore(snap: Snapshot, ns: dict[str, Any]) -> list[str]:
         if snap.rng is not None:
             torch_state.restore_rng(snap.rng)
         gc.collect()
-        torch_objects.empty_cache()
+        backends.active().empty_cache()
     return problems
 
 

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from jupyter_gpumem import backends
-from jupyter_gpumem.backends import torch_objects
 from jupyter_gpumem.backends.allocator import SizeLog
 from jupyter_gpumem.backends.peaks import PeakWatch
 from jupyter_gpumem.cells import source as cellsource
@@ -99,7 +98,7 @@ def _need(result: RunResult, probe: _ReservedPeak) -> int | None:
 
 
 def _reserved_now(device: int | None = None) -> int:
-    stats = torch_objects.allocator_stats(device) or {}
+    stats = backends.active().allocator_stats(device) or {}
     return stats.get("reserved_bytes.all.current") or stats.get("allocated_bytes.all.current") or 0
 
 
@@ -242,7 +241,7 @@ class ReduceBatch(Fix):
         attempt: each starts from the rolled-back notebook) and no peak for a run that failed."""
         assert ctx.run is not None
         gc.collect()
-        stats = torch_objects.allocator_stats(ctx.failed.report.device_index)
+        stats = backends.active().allocator_stats(ctx.failed.report.device_index)
         resident = None if stats is None else stats.get("allocated_bytes.all.current", 0)
         if resident is not None:
             start = f"from {format_bytes(resident)} resident"
