@@ -26,7 +26,7 @@ from jupyter_gpumem.diagnosis.display import for_display
 from jupyter_gpumem.diagnosis.render import md_code, render_html
 from jupyter_gpumem.fixes import FIXES, Attempt, Check, FixOutcome
 from jupyter_gpumem.fixes.ask import question_before_rerun
-from jupyter_gpumem.fixes.ladder import Options, RerunRaised, apply_fix, check_all, report_raised
+from jupyter_gpumem.fixes.ladder import Options, apply_fix, check_all, error_line
 from jupyter_gpumem.readings.kernels import own_kernel_id
 from jupyter_gpumem.ui import chart, devices, wording
 from jupyter_gpumem.ui.allocations import AllocatedBy
@@ -375,13 +375,9 @@ class DiagnosisPanel:
             self.set_status(f"✗ {md_code(outcome.message)}", "bad")
 
     def _report_error(self, label: str, exc: BaseException) -> None:
-        if isinstance(exc, RerunRaised):  # the notebook was put back; the cell's error is shown
-            with self.output:
-                line = report_raised(self.shell, label, exc)
-            self.set_status(escape(line), "bad")
-            return
-        brief = f"{escape(type(exc).__name__)}: {escape(str(exc)[:200])}"
-        self.set_status(f"jupyter_gpumem: {escape(label)} failed ({brief})", "bad")
+        with self.output:  # a re-run's own error is shown as the cell would show it, above
+            line = error_line(self.shell, label, exc)
+        self.set_status(escape(line), "bad")
 
     def _enable(self) -> None:
         for key, b in self.buttons.items():
