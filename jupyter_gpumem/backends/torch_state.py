@@ -66,16 +66,7 @@ class _TensorCopy:
     data: Any  # host copy
     on_gpu: bool
     device: Any
-    version: int
-    ptr: int  # data_ptr: `p.data = other` changes it without a new version
     requires_grad: bool = False  # a leaf that requires grad: rebuilt as one
-
-
-def _ptr(t: Any) -> int:
-    try:
-        return int(t.data_ptr())
-    except Exception:
-        return -1
 
 
 def _device_of(t: Any) -> Any:
@@ -91,8 +82,6 @@ def _copy_tensor(t: Any) -> _TensorCopy:
         _host_copy(t),
         _on_gpu(t),
         _device_of(t),
-        t._version,
-        _ptr(t),
         bool(t.requires_grad and t.is_leaf),
     )
 
@@ -115,12 +104,11 @@ def _put_back(c: _TensorCopy) -> Any:
             return t
     # Always written back: a write through `.data` (EMA code: `p.data.mul_(...)`) does not
     # advance the version counter, so the counter cannot tell what is unchanged.
-    if True:
-        with torch.no_grad():
-            if t.shape != c.data.shape:
-                t.data = _rebuild(c.data, c.device, c.on_gpu)
-            else:
-                t.copy_(c.data)
+    with torch.no_grad():
+        if t.shape != c.data.shape:
+            t.data = _rebuild(c.data, c.device, c.on_gpu)
+        else:
+            t.copy_(c.data)
     return t
 
 

@@ -24,7 +24,7 @@ import inspect
 import io
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from types import CodeType
@@ -410,10 +410,3 @@ def failed_run_leftovers(user_ns: dict[str, Any], created: dict[str, int]) -> li
     while they still hold that value: a name a later cell made, or set again, is the user's.
     """
     return [n for n, ident in created.items() if n in user_ns and id(user_ns[n]) == ident]
-
-
-def names_read(source: str) -> Iterable[str]:
-    tree = cellsource.read(source).tree
-    if tree is None:
-        return ()
-    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}

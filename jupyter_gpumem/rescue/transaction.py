@@ -344,7 +344,6 @@ class Transaction:
         self.released: list[str] = []  # names deleted for good (as the fix said): not put back
         self.evicted: dict[str, Any] = {}  # name -> the tensor kept aside, put back on rollback
         self.problems: list[str] = []
-        self.rollbacks = 0
         # The failed run's own leftovers: what holds GPU memory leaves the namespace before the
         # re-run (a tensor kept aside in host memory, put back on a rollback); the rest stays.
         evict, release = _sort_leftovers(ns, leftovers)
@@ -412,7 +411,6 @@ class Transaction:
                             f"`{name}` is back without its autograd graph (the graph held the "
                             "failed run's activations, freed for the re-run)"
                         )
-            self.rollbacks += 1
 
     @property
     def whole(self) -> bool:
