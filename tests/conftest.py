@@ -4,7 +4,8 @@ import atexit
 import os
 import queue
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -92,6 +93,65 @@ def shell() -> Iterator[Any]:
         if hasattr(sys, name):
             setattr(sys, name, None)
     _end_shell(sh)
+
+
+@dataclass
+class Seen:
+    """What a user sees of one cell: what it printed (``out``), its error output and traceback
+    (``err``), IPython's result (``result``: ``success``, ``error_in_exec``, ``result``), the
+    bundles displayed while it ran (``displayed``: the hook's diagnosis, a gauge), and the
+    ``In [N]`` it ran as (``number``)."""
+
+    result: Any
+    out: str
+    err: str
+    number: int
+    displayed: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """Everything the cell showed, as one text: its output, then its error output."""
+        return self.out + self.err
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.result.error_in_exec
+
+    @property
+    def success(self) -> bool:
+        return bool(self.result.success)
+
+
+@pytest.fixture
+def run(capsys: Any) -> Callable[..., Seen]:
+    """``run(shell, source)``: run one cell in ``shell`` as a notebook does (``In [N]`` counts;
+    ``store_history=False`` for a cell the user's history does not keep) and return what the user
+    sees of it (:class:`Seen`). Output printed before the cell is not part of it."""
+
+    def _run(sh: Any, source: str, store_history: bool = True) -> Seen:
+        displayed: list[dict[str, Any]] = []
+        pub = sh.display_pub
+        publish = pub.publish
+
+        def _publish(data: Any, *args: Any, **kwargs: Any) -> Any:
+            displayed.append(dict(data))
+            return publish(data, *args, **kwargs)
+
+        patched = "publish" in vars(pub)  # a test's own stand-in, put back as it was
+        capsys.readouterr()
+        number = sh.execution_count
+        pub.publish = _publish
+        try:
+            result = sh.run_cell(source, store_history=store_history)
+        finally:
+            if patched:
+                pub.publish = publish
+            else:
+                del pub.publish  # the class's method again
+        cap = capsys.readouterr()
+        return Seen(result, cap.out, cap.err, number, displayed)
+
+    return _run
 
 
 @pytest.fixture

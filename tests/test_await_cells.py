@@ -21,13 +21,6 @@ ALLOC = "x = torch.empty(batch_size << 20, dtype=torch.uint8, device='cuda')\n"
 CELL = "batch_size = 80\nawait asyncio.sleep(0)\n" + ALLOC
 
 
-def _run(shell: Any, capsys: Any, cell: str) -> str:
-    capsys.readouterr()
-    shell.run_cell(cell, store_history=True)
-    cap = capsys.readouterr()
-    return cap.out + cap.err
-
-
 def _fail(shell: Any, cell: str = CELL, card: str = "64MiB") -> None:
     shell.run_cell(f"%gpumem simulate {card}", store_history=True)
     shell.run_cell(SETUP, store_history=True)
@@ -35,11 +28,11 @@ def _fail(shell: Any, cell: str = CELL, card: str = "64MiB") -> None:
     assert jupyter_gpumem.last_failure(shell) is not None
 
 
-def test_reduce_batch_reruns_an_await_cell(shell: Any, capsys: Any) -> None:
+def test_reduce_batch_reruns_an_await_cell(shell: Any, run: Any) -> None:
     """Was: 'Reduce batch not run: this cell uses top-level `await`, which a fix cannot re-run
     yet' (and before that, 'Reduce batch failed (SyntaxError: 'await' outside function)')."""
     _fail(shell)
-    out = _run(shell, capsys, "%gpumem retry batch")
+    out = run(shell, "%gpumem retry batch").text
     assert "Fits at batch" in out, out
     assert "SyntaxError" not in out and "Traceback" not in out and "cannot re-run" not in out
     batch = shell.user_ns["batch_size"]
@@ -49,35 +42,35 @@ def test_reduce_batch_reruns_an_await_cell(shell: Any, capsys: Any) -> None:
     assert "rehearsal" in out, "the rehearsals ran the cell's coroutine too"
 
 
-def test_move_to_cpu_reruns_an_await_cell(shell: Any, capsys: Any) -> None:
+def test_move_to_cpu_reruns_an_await_cell(shell: Any, run: Any) -> None:
     _fail(shell)
-    out = _run(shell, capsys, "%gpumem retry cpu")
+    out = run(shell, "%gpumem retry cpu").text
     assert "ran on the CPU" in out, out
     assert shell.user_ns["x"].device.type == "cpu"
     assert shell.user_ns["x"].numel() == 80 << 20, "the batch was not changed"
 
 
-def test_an_awaited_last_expression_is_shown(shell: Any, capsys: Any) -> None:
+def test_an_awaited_last_expression_is_shown(shell: Any, run: Any) -> None:
     shell.run_cell("async def answer():\n    await asyncio.sleep(0)\n    return 4242")
     _fail(shell, CELL + "await answer()")
-    out = _run(shell, capsys, "%gpumem retry cpu")
+    out = run(shell, "%gpumem retry cpu").text
     assert "4242" in out, out
 
 
-def test_oomsafe_runs_an_await_body(shell: Any, capsys: Any) -> None:
+def test_oomsafe_runs_an_await_body(shell: Any, run: Any) -> None:
     """Was: "this cell uses top-level `await`, which %%oomsafe cannot run": the body's coroutine
     now runs as the cell's would, and the ladder fixes it."""
     shell.run_cell("%gpumem simulate 64MiB")
     shell.run_cell(SETUP)
-    out = _run(shell, capsys, "%%oomsafe --fixes batch\n" + CELL)
+    out = run(shell, "%%oomsafe --fixes batch\n" + CELL).text
     assert "oomsafe: Fits at batch" in out, out
     assert "Traceback" not in out
     assert 0 < shell.user_ns["batch_size"] < 80
-    out = _run(shell, capsys, "%%oomsafe\nawait asyncio.sleep(0)\ny = 1")
+    out = run(shell, "%%oomsafe\nawait asyncio.sleep(0)\ny = 1").text
     assert shell.user_ns["y"] == 1 and out.strip() == "", out
 
 
-def test_an_async_loop_is_rehearsed_and_left_as_one_clean_run(shell: Any, capsys: Any) -> None:
+def test_an_async_loop_is_rehearsed_and_left_as_one_clean_run(shell: Any, run: Any) -> None:
     """A loop that awaits in every pass: the rehearsals stop after their passes (the coroutine's
     frame is resumed at each await), and what they left is rolled back."""
     shell.run_cell("%gpumem simulate 64MiB")
@@ -92,13 +85,13 @@ def test_an_async_loop_is_rehearsed_and_left_as_one_clean_run(shell: Any, capsys
         "    del x, y\n"
     )
     assert not shell.run_cell(cell, store_history=True).success
-    out = _run(shell, capsys, "%gpumem retry batch")
+    out = run(shell, "%gpumem retry batch").text
     assert "Fits at batch" in out, out
     assert "stopped after 2 passes" in out or "2 passes" in out, out
     assert shell.user_ns["log"] == [0, 1, 2, 3], "one clean run of four passes, nothing more"
 
 
-def test_tasks_a_rehearsal_started_do_not_run_after_it(shell: Any, capsys: Any) -> None:
+def test_tasks_a_rehearsal_started_do_not_run_after_it(shell: Any, run: Any) -> None:
     """A task the cell starts and does not await: a rehearsal's is cancelled when the rehearsal
     ends (it would run later and append after the rollback); the real run's goes on, as the
     cell's would."""
@@ -120,7 +113,7 @@ def test_tasks_a_rehearsal_started_do_not_run_after_it(shell: Any, capsys: Any) 
         "    await asyncio.sleep(0)\n"
     )
     assert not shell.run_cell(cell, store_history=True).success
-    out = _run(shell, capsys, "%gpumem retry batch --force")
+    out = run(shell, "%gpumem retry batch --force").text
     assert "Fits at batch" in out, out
     shell.run_cell("await asyncio.sleep(0.3)")
     assert sorted(shell.user_ns["done"]) == [0, 1, 2], "the real run's three tasks, no more"
@@ -205,7 +198,7 @@ def test_await_cells_fixed_in_a_real_kernel(kernel: Kernel) -> None:
     assert "rerun.py" not in other.splitlines()[-1], "the line names no frame of ours"
 
 
-def test_a_task_started_in_the_cell_and_awaited_last(shell: Any, capsys: Any) -> None:
+def test_a_task_started_in_the_cell_and_awaited_last(shell: Any, run: Any) -> None:
     """The cell starts a task and awaits it as its last expression: the whole cell is one
     coroutine, as IPython runs it, so the task is still there when the last line awaits it
     (a rehearsal's tasks are cancelled only once the cell has ended)."""
@@ -215,13 +208,13 @@ def test_a_task_started_in_the_cell_and_awaited_last(shell: Any, capsys: Any) ->
         "    return torch.empty(n << 20, dtype=torch.uint8, device='cuda').numel() >> 20"
     )
     _fail(shell, "batch_size = 80\nt = asyncio.ensure_future(make(batch_size))\nawait t")
-    out = _run(shell, capsys, "%gpumem retry batch")
+    out = run(shell, "%gpumem retry batch").text
     assert "Fits at batch" in out and "Traceback" not in out, out
     assert shell.user_ns["t"].result() == shell.user_ns["batch_size"] < 80
 
 
 def test_an_await_rehearsal_stops_before_a_write(
-    shell: Any, capsys: Any, tmp_path: Any, monkeypatch: Any
+    shell: Any, run: Any, tmp_path: Any, monkeypatch: Any
 ) -> None:
     """The sandbox holds inside the coroutine too: a rehearsal of an async loop stops before its
     first write to a file, and the fix leaves one clean run's lines."""
@@ -237,14 +230,14 @@ def test_an_await_rehearsal_stops_before_a_write(
         "        f.write(f'{step}\\n')\n"
     )
     _fail(shell, cell)
-    out = _run(shell, capsys, "%gpumem retry batch")
+    out = run(shell, "%gpumem retry batch").text
     assert "Fits at batch" in out, out
     assert "stopped before `open('log.txt', 'a')`" in out, out
     assert (tmp_path / "log.txt").read_text() == "0\n1\n2\n", "one clean run's lines"
 
 
 def test_a_write_handed_to_a_thread_stops_the_rehearsal_too(
-    shell: Any, capsys: Any, tmp_path: Any, monkeypatch: Any
+    shell: Any, run: Any, tmp_path: Any, monkeypatch: Any
 ) -> None:
     """``await asyncio.to_thread(write)``: the worker thread runs in the rehearsal's context, so
     its write ends the rehearsal as the cell's own would (was: written by every rehearsal)."""
@@ -261,7 +254,7 @@ def test_a_write_handed_to_a_thread_stops_the_rehearsal_too(
         "    await asyncio.to_thread(write, step)\n"
     )
     _fail(shell, cell)
-    out = _run(shell, capsys, "%gpumem retry batch --force")
+    out = run(shell, "%gpumem retry batch --force").text
     assert "Fits at batch" in out, out
     assert "stopped before `open('log.txt', 'a')`" in out, out
     assert (tmp_path / "log.txt").read_text() == "0\n1\n2\n", "one clean run's lines"
@@ -296,7 +289,7 @@ def test_a_real_runs_writes_from_a_thread_in_its_context_are_journaled(tmp_path:
 
 
 def test_a_background_task_an_earlier_cell_started_is_not_stopped_by_a_rehearsal(
-    shell: Any, capsys: Any, tmp_path: Any
+    shell: Any, run: Any, tmp_path: Any
 ) -> None:
     """A logger task started by an earlier await cell runs on IPython's loop whenever an await
     cell does, on the same thread as a rehearsal: its writes are its own, not the rehearsal's.
@@ -316,7 +309,7 @@ def test_a_background_task_an_earlier_cell_started_is_not_stopped_by_a_rehearsal
     ).success
     cell = "batch_size = 80\nfor i in range(3):\n    await asyncio.sleep(0.005)\n    " + ALLOC
     assert not shell.run_cell(cell, store_history=True).success
-    out = _run(shell, capsys, "%gpumem retry batch")
+    out = run(shell, "%gpumem retry batch").text
     assert "Fits at batch" in out, out
     bg = shell.user_ns["bg"]
     assert not bg.done(), bg.exception() if not bg.cancelled() else "cancelled"

@@ -27,21 +27,14 @@ step()
 """
 
 
-def _run(shell: Any, capsys: Any, cell: str) -> str:
-    capsys.readouterr()
-    shell.run_cell(cell, store_history=True)  # a cell as a notebook runs it: In [N] counts
-    cap = capsys.readouterr()
-    return cap.out + cap.err
-
-
 @pytest.mark.parametrize("flag", ["", "-i "])
 def test_an_oom_in_a_run_script_is_diagnosed_and_its_memory_freed(
-    shell: Any, capsys: Any, tmp_path: Path, flag: str
+    shell: Any, run: Any, tmp_path: Path, flag: str
 ) -> None:
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     shell.run_cell("%gpumem simulate 64MiB")
-    out = _run(shell, capsys, f"%run {flag}{script}")
+    out = run(shell, f"%run {flag}{script}").text
     assert "OutOfMemoryError" in out, "IPython's own traceback is still shown"
     assert "GPU out of memory: Tried to allocate 256 MiB" in out
     assert "Freed 32.00 MiB that the failed cell pinned" in out
@@ -49,43 +42,41 @@ def test_an_oom_in_a_run_script_is_diagnosed_and_its_memory_freed(
     failed = jupyter_gpumem.last_failure(shell)
     assert failed is not None and failed.report.requested_bytes == 256 << 20
     # the next cell is not diagnosed again for the same error
-    assert "GPU out of memory" not in _run(shell, capsys, "x = 1")
+    assert "GPU out of memory" not in run(shell, "x = 1").text
 
 
 def test_a_run_script_that_fails_otherwise_is_left_as_ipython_shows_it(
-    shell: Any, capsys: Any, tmp_path: Path
+    shell: Any, run: Any, tmp_path: Path
 ) -> None:
     script = tmp_path / "bad.py"
     script.write_text("raise ValueError('not memory')\n")
-    out = _run(shell, capsys, f"%run {script}")
+    out = run(shell, f"%run {script}").text
     assert "ValueError: not memory" in out and "GPU out of memory" not in out
     assert jupyter_gpumem.last_failure(shell) is None
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="ExceptionGroup is Python 3.11+")
-def test_an_exception_group_holding_an_oom_is_diagnosed(shell: Any, capsys: Any) -> None:
+def test_an_exception_group_holding_an_oom_is_diagnosed(shell: Any, run: Any) -> None:
     shell.run_cell("%gpumem simulate 64MiB")
-    out = _run(
+    out = run(
         shell,
-        capsys,
         "import torch\n"
         "try:\n"
         "    y = torch.empty(64 << 20, device='cuda')\n"
         "except Exception as e:\n"
         "    raise ExceptionGroup('workers', [e, ValueError('other')])",
-    )
+    ).text
     assert "ExceptionGroup" in out and "ValueError: other" in out
     assert "GPU out of memory: Tried to allocate 256 MiB" in out
     assert jupyter_gpumem.last_failure(shell) is not None
 
 
-def test_a_cell_with_top_level_await_is_diagnosed(shell: Any, capsys: Any) -> None:
+def test_a_cell_with_top_level_await_is_diagnosed(shell: Any, run: Any) -> None:
     shell.run_cell("%gpumem simulate 64MiB")
-    out = _run(
+    out = run(
         shell,
-        capsys,
         "import asyncio, torch\nawait asyncio.sleep(0)\nz = torch.empty(64 << 20, device='cuda')",
-    )
+    ).text
     assert "GPU out of memory: Tried to allocate 256 MiB" in out
     failed = jupyter_gpumem.last_failure(shell)
     assert failed is not None and "await asyncio.sleep(0)" in failed.source
@@ -103,28 +94,28 @@ def _fail_on_a_leftover(shell: Any) -> None:
     assert jupyter_gpumem.last_failure(shell) is not None
 
 
-def test_a_retry_after_other_cells_asks_first_in_the_terminal(shell: Any, capsys: Any) -> None:
+def test_a_retry_after_other_cells_asks_first_in_the_terminal(shell: Any, run: Any) -> None:
     """The panel asks before re-running a stale failure; `%gpumem retry` does too (was: ran)."""
     _fail_on_a_leftover(shell)
     shell.run_cell("note = 'a cell in between'", store_history=True)
-    out = _run(shell, capsys, "%gpumem retry clear --drop old")
+    out = run(shell, "%gpumem retry clear --drop old").text
     assert "1 cell ran since" in out and "--force` re-runs it anyway" in out
     assert "old" in shell.user_ns and "y" not in shell.user_ns, "nothing ran"
-    out = _run(shell, capsys, "%gpumem retry clear --drop old --force")
+    out = run(shell, "%gpumem retry clear --drop old --force").text
     assert "y" in shell.user_ns and "old" not in shell.user_ns, out
 
 
-def test_a_retry_of_a_failure_already_fixed_asks_first(shell: Any, capsys: Any) -> None:
+def test_a_retry_of_a_failure_already_fixed_asks_first(shell: Any, run: Any) -> None:
     _fail_on_a_leftover(shell)
-    out = _run(shell, capsys, "%gpumem retry clear --drop old")
+    out = run(shell, "%gpumem retry clear --drop old").text
     assert "y" in shell.user_ns, out
     shell.user_ns["y"] = "kept by the user"
-    out = _run(shell, capsys, "%gpumem retry clear")
+    out = run(shell, "%gpumem retry clear").text
     assert "was already fixed (Clear cache)" in out, out
     assert shell.user_ns["y"] == "kept by the user", "the fixed cell did not run again"
 
 
-def test_a_cell_naming_hostile_objects_still_gets_its_diagnosis(shell: Any, capsys: Any) -> None:
+def test_a_cell_naming_hostile_objects_still_gets_its_diagnosis(shell: Any, run: Any) -> None:
     """An object whose ``__class__`` raises and a dead ``weakref.proxy``, both named by the cell:
     the diagnosis is built (was: 'could not build the diagnosis (RuntimeError: ...)')."""
     shell.run_cell("%gpumem simulate 64MiB")
@@ -138,8 +129,8 @@ def test_a_cell_naming_hostile_objects_still_gets_its_diagnosis(shell: Any, caps
         "    pass\n"
         "t = T()\nproxy = weakref.proxy(t)\ndel t\nevil = Evil()"
     )
-    out = _run(
-        shell, capsys, "y = torch.empty(80 << 20, dtype=torch.uint8, device='cuda')\nevil; proxy"
-    )
+    out = run(
+        shell, "y = torch.empty(80 << 20, dtype=torch.uint8, device='cuda')\nevil; proxy"
+    ).text
     assert "could not build the diagnosis" not in out
     assert "GPU out of memory: Tried to allocate 80.00 MiB" in out, out

@@ -31,48 +31,40 @@ def configured() -> Iterator[Any]:
     InteractiveShell.clear_instance()
 
 
-def _run(shell: Any, capsys: Any, cell: str) -> str:
-    capsys.readouterr()
-    shell.run_cell(cell, store_history=True)
-    cap = capsys.readouterr()
-    return cap.out + cap.err
-
-
 def test_trace_setting_traces_from_load_and_the_oom_says_which_line(
-    configured: Any, capsys: Any
+    configured: Any, run: Any
 ) -> None:
     assert not trace.active()
-    _run(configured, capsys, "%load_ext jupyter_gpumem")
+    run(configured, "%load_ext jupyter_gpumem")
     assert trace.active()  # torch is imported here already: tracing starts with the extension
-    _run(configured, capsys, "%gpumem simulate 64MiB")
-    out = _run(
+    run(configured, "%gpumem simulate 64MiB")
+    out = run(
         configured,
-        capsys,
         "import torch\n"
         "big = torch.zeros(10 * 2**20, device='cuda')\n"
         "more = torch.zeros(10 * 2**20, device='cuda')",
-    )
+    ).text
     assert "Allocated by (tracing on)" in out and "line 2" in out, out
-    _run(configured, capsys, "%unload_ext jupyter_gpumem")
+    run(configured, "%unload_ext jupyter_gpumem")
     assert not trace.active()
 
 
 def test_trace_setting_waits_for_torch_and_never_imports_it(
-    configured: Any, capsys: Any, monkeypatch: Any
+    configured: Any, run: Any, monkeypatch: Any
 ) -> None:
     torch = sys.modules["torch"]
     monkeypatch.delitem(sys.modules, "torch")  # a kernel that has not imported torch yet
-    _run(configured, capsys, "%load_ext jupyter_gpumem")
-    _run(configured, capsys, "x = 1")
+    run(configured, "%load_ext jupyter_gpumem")
+    run(configured, "x = 1")
     assert not trace.active() and "torch" not in sys.modules
     monkeypatch.setitem(sys.modules, "torch", torch)  # the user's `import torch`
-    _run(configured, capsys, "import torch")
+    run(configured, "import torch")
     assert trace.active()
 
 
-def test_setting_it_later_turns_tracing_on_and_off(shell: Any, capsys: Any) -> None:
+def test_setting_it_later_turns_tracing_on_and_off(shell: Any, run: Any) -> None:
     assert not trace.active()
-    _run(shell, capsys, "%config GpuMem.trace = True")
+    run(shell, "%config GpuMem.trace = True")
     assert trace.active()
-    _run(shell, capsys, "%config GpuMem.trace = False")
+    run(shell, "%config GpuMem.trace = False")
     assert not trace.active()

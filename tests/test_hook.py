@@ -119,13 +119,6 @@ def test_globals_the_cell_created_stay(shell: Any) -> None:
     assert d.causes[0].key == "request_exceeds_card"
 
 
-def _run_capture(sh: Any, capsys: Any, code: str) -> str:
-    capsys.readouterr()
-    sh.run_cell(code)
-    captured = capsys.readouterr()
-    return captured.out + captured.err
-
-
 @pytest.mark.parametrize(
     "code",
     [
@@ -146,12 +139,12 @@ def _run_capture(sh: Any, capsys: Any, code: str) -> str:
     ],
 )
 def test_other_errors_look_exactly_as_without_the_extension(
-    bare_shell: Any, capsys: Any, code: str
+    bare_shell: Any, run: Any, code: str
 ) -> None:
-    without = _run_capture(bare_shell, capsys, code)
+    without = run(bare_shell, code, store_history=False).text
     bare_shell.run_cell("%load_ext jupyter_gpumem")
     try:
-        with_ext = _run_capture(bare_shell, capsys, code)
+        with_ext = run(bare_shell, code, store_history=False).text
     finally:
         bare_shell.run_cell("%unload_ext jupyter_gpumem")
     # execution counts differ between the two runs; nothing else may

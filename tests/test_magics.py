@@ -12,13 +12,6 @@ from jupyter_gpumem.fixes.base import MAX_RUNS
 from jupyter_gpumem.ipython.magic_args import parse_gpumem, parse_oomsafe
 
 
-def _run(shell: Any, capsys: Any, cell: str) -> tuple[Any, str]:
-    capsys.readouterr()
-    result = shell.run_cell(cell)
-    cap = capsys.readouterr()
-    return result, cap.out + cap.err
-
-
 def _one_usage_error(out: str) -> str:
     lines = [ln for ln in out.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("UsageError: "), out
@@ -39,8 +32,9 @@ def _one_usage_error(out: str) -> str:
         ("%%oomsafe\nx = (1,\ny = 2", "the cell does not parse: '(' was never closed"),
     ],
 )
-def test_bad_input_is_one_usage_error_line(shell: Any, capsys: Any, cell: str, says: str) -> None:
-    result, out = _run(shell, capsys, cell)
+def test_bad_input_is_one_usage_error_line(shell: Any, run: Any, cell: str, says: str) -> None:
+    seen = run(shell, cell)
+    result, out = seen.result, seen.text
     assert not result.success
     assert says in _one_usage_error(out)
     assert simulated.current() is None
@@ -48,8 +42,9 @@ def test_bad_input_is_one_usage_error_line(shell: Any, capsys: Any, cell: str, s
 
 
 @pytest.mark.parametrize("cell", ["%gpumem -h", "%gpumem --help", "%gpumem help"])
-def test_help_is_shown_not_refused(shell: Any, capsys: Any, cell: str) -> None:
-    result, out = _run(shell, capsys, cell)
+def test_help_is_shown_not_refused(shell: Any, run: Any, cell: str) -> None:
+    seen = run(shell, cell)
+    result, out = seen.result, seen.text
     assert result.success and "UsageError" not in out
     assert "%gpumem [command]" in out and "simulate SIZE|CARD|off" in out
     assert out.count("positional arguments") == 1, "the help once"
@@ -74,37 +69,39 @@ def test_help_is_shown_not_refused(shell: Any, capsys: Any, cell: str) -> None:
     ],
 )
 def test_options_that_do_not_apply_are_refused_not_ignored(
-    shell: Any, capsys: Any, cell: str, says: str
+    shell: Any, run: Any, cell: str, says: str
 ) -> None:
-    result, out = _run(shell, capsys, cell)
+    seen = run(shell, cell)
+    result, out = seen.result, seen.text
     assert not result.success
     assert says in _one_usage_error(out)
     assert "x" not in shell.user_ns, "the cell did not run"
 
 
-def test_trace_save_to_a_missing_folder_is_one_line(shell: Any, capsys: Any, tmp_path: Any) -> None:
+def test_trace_save_to_a_missing_folder_is_one_line(shell: Any, run: Any, tmp_path: Any) -> None:
     pytest.importorskip("torch")
-    _run(shell, capsys, "%gpumem simulate 64MiB")
+    run(shell, "%gpumem simulate 64MiB")
     try:
-        _run(shell, capsys, "%gpumem trace on")
-        result, out = _run(shell, capsys, f"%gpumem trace save {tmp_path}/no/such/dir/x.pickle")
+        run(shell, "%gpumem trace on")
+        seen = run(shell, f"%gpumem trace save {tmp_path}/no/such/dir/x.pickle")
+        result, out = seen.result, seen.text
         assert not result.success
         assert "cannot write" in _one_usage_error(out)
     finally:
-        _run(shell, capsys, "%gpumem trace off")
-        _run(shell, capsys, "%gpumem simulate off")
+        run(shell, "%gpumem trace off")
+        run(shell, "%gpumem simulate off")
 
 
-def test_help_texts_show_each_magic_with_its_own_percent_signs(shell: Any, capsys: Any) -> None:
-    _, retry = _run(shell, capsys, "%gpumem retry -h")
-    _, oomsafe = _run(shell, capsys, "%%oomsafe --help\nx = 1")
+def test_help_texts_show_each_magic_with_its_own_percent_signs(shell: Any, run: Any) -> None:
+    retry = run(shell, "%gpumem retry -h").text
+    oomsafe = run(shell, "%%oomsafe --help\nx = 1").text
     assert "\n  %gpumem retry [--batch-var NAME]" in retry and "%%gpumem" not in retry
     assert "\n  %%oomsafe [--fixes LIST]" in oomsafe and "%%%" not in oomsafe
     assert "UsageError" not in retry + oomsafe and "x" not in shell.user_ns
 
 
-def test_oomsafe_help_from_the_question_mark_lists_its_options(shell: Any, capsys: Any) -> None:
-    _, out = _run(shell, capsys, "%%oomsafe?")
+def test_oomsafe_help_from_the_question_mark_lists_its_options(shell: Any, run: Any) -> None:
+    out = run(shell, "%%oomsafe?").text
     for option in ("--fixes LIST", "--max-retries N", "--batch-var NAME", "--min-batch N"):
         assert option in out, option
     assert "--force" in out and "--quiet" in out
@@ -136,8 +133,9 @@ def test_oomsafe_keeps_its_options_and_defaults() -> None:
 @pytest.mark.parametrize(
     "line", ['--fixes "clear, batch"', "--fixes 'clear, batch'", "--fixes clear,batch"]
 )
-def test_oomsafe_fixes_may_be_quoted_with_spaces(shell: Any, capsys: Any, line: str) -> None:
-    result, out = _run(shell, capsys, f"%%oomsafe {line}\nx = 41 + 1")
+def test_oomsafe_fixes_may_be_quoted_with_spaces(shell: Any, run: Any, line: str) -> None:
+    seen = run(shell, f"%%oomsafe {line}\nx = 41 + 1")
+    result, out = seen.result, seen.text
     assert result.success, out
     assert shell.user_ns["x"] == 42
 
@@ -152,19 +150,21 @@ def test_sizes_take_ascii_digits_only_everywhere(text: str) -> None:
 
 
 def test_simulate_a_card_by_name_and_a_bad_allocator_setting(
-    shell: Any, capsys: Any, monkeypatch: Any
+    shell: Any, run: Any, monkeypatch: Any
 ) -> None:
     """`%gpumem simulate T4` is a T4 (its name, its memory outside PyTorch); a setting torch
     would refuse is one UsageError line in torch's words, not a traceback."""
     torch = pytest.importorskip("torch")
-    result, out = _run(shell, capsys, "%gpumem simulate t4")
+    seen = run(shell, "%gpumem simulate t4")
+    result, out = seen.result, seen.text
     assert result.success, out
     assert "T4" in torch.cuda.get_device_name(0)
     free, total = torch.cuda.mem_get_info(0)
     assert total - free > 0 == torch.cuda.memory_reserved(0), "the CUDA context is outside PyTorch"
-    _run(shell, capsys, "%gpumem simulate off")
+    run(shell, "%gpumem simulate off")
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
-    result, out = _run(shell, capsys, "%gpumem simulate 1GiB")
+    seen = run(shell, "%gpumem simulate 1GiB")
+    result, out = seen.result, seen.text
     assert not result.success
     assert "cudaMallocAsync" in _one_usage_error(out)
     assert simulated.current() is None

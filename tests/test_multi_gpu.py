@@ -28,23 +28,17 @@ FILL_GPU_0 = (
 )
 
 
-def _run(shell: Any, capsys: Any, cell: str) -> tuple[Any, str]:
-    capsys.readouterr()
-    result = shell.run_cell(cell, store_history=True)
-    cap = capsys.readouterr()
-    return result, cap.out + cap.err
-
-
 def _last_failure(shell: Any) -> Any:
     failed = jupyter_gpumem.last_failure(shell)
     assert failed is not None
     return failed
 
 
-def test_an_oom_on_gpu_0_with_gpu_1_free_says_to_use_gpu_1(shell: Any, capsys: Any) -> None:
-    _, out = _run(shell, capsys, "%gpumem simulate 256MiB --devices 2")
+def test_an_oom_on_gpu_0_with_gpu_1_free_says_to_use_gpu_1(shell: Any, run: Any) -> None:
+    out = run(shell, "%gpumem simulate 256MiB --devices 2").text
     assert "2 simulated GPUs of 256 MiB each (cuda:0 to cuda:1)" in out
-    result, out = _run(shell, capsys, FILL_GPU_0)
+    seen = run(shell, FILL_GPU_0)
+    result, out = seen.result, seen.text
     assert not result.success and "GPU 0 has a total capacity" in out
     assert "GPU 1 has 256 MiB free: `model.to('cuda:1')`" in out
     assert '`device_map="auto"` for a Hugging Face model' in out
@@ -52,36 +46,35 @@ def test_an_oom_on_gpu_0_with_gpu_1_free_says_to_use_gpu_1(shell: Any, capsys: A
     assert causes[0].key == "other_gpu" and causes[0].closes_gap
 
 
-def test_no_other_gpu_cause_with_one_gpu_or_when_the_other_is_full(shell: Any, capsys: Any) -> None:
-    _run(shell, capsys, "%gpumem simulate 256MiB")
-    result, out = _run(shell, capsys, FILL_GPU_0)
+def test_no_other_gpu_cause_with_one_gpu_or_when_the_other_is_full(shell: Any, run: Any) -> None:
+    run(shell, "%gpumem simulate 256MiB")
+    seen = run(shell, FILL_GPU_0)
+    result, out = seen.result, seen.text
     assert not result.success and "has room" not in out
     assert "other_gpu" not in [c.key for c in _last_failure(shell).diagnosis.causes]
 
-    _run(shell, capsys, "%gpumem simulate 256MiB --devices 2")
-    _run(
+    run(shell, "%gpumem simulate 256MiB --devices 2")
+    run(
         shell,
-        capsys,
         "import torch\ntaken = torch.empty(200 * 2**20, dtype=torch.uint8, device='cuda:1')",
     )
-    result, out = _run(shell, capsys, FILL_GPU_0)
+    seen = run(shell, FILL_GPU_0)
+    result, out = seen.result, seen.text
     assert not result.success and "GPU 1 has" not in out
     assert "other_gpu" not in [c.key for c in _last_failure(shell).diagnosis.causes]
 
 
-def test_cuda_1_is_counted_on_gpu_1_and_its_oom_names_gpu_1(shell: Any, capsys: Any) -> None:
-    _run(shell, capsys, "%gpumem simulate 256MiB --devices 2")
-    result, _ = _run(
+def test_cuda_1_is_counted_on_gpu_1_and_its_oom_names_gpu_1(shell: Any, run: Any) -> None:
+    run(shell, "%gpumem simulate 256MiB --devices 2")
+    result = run(
         shell,
-        capsys,
         "import torch\n"
         "w = torch.zeros(16 * 2**20 // 4, device='cuda:1')\n"
         "on = (torch.cuda.memory_allocated(0), torch.cuda.memory_allocated(1))",
-    )
+    ).result
     assert result.success and shell.user_ns["on"] == (0, 16 * MiB)
-    result, out = _run(
-        shell, capsys, "y = torch.empty(250 * 2**20, dtype=torch.uint8, device='cuda:1')"
-    )
+    seen = run(shell, "y = torch.empty(250 * 2**20, dtype=torch.uint8, device='cuda:1')")
+    result, out = seen.result, seen.text
     assert not result.success
     assert "GPU 1 has a total capacity of 256.00 MiB" in out
     failed = _last_failure(shell)
@@ -94,36 +87,34 @@ def test_cuda_1_is_counted_on_gpu_1_and_its_oom_names_gpu_1(shell: Any, capsys: 
     assert cause.title == "GPU 0 has room for this cell's work"
 
 
-def test_status_shows_every_gpu_with_the_ooms_marked(shell: Any, capsys: Any) -> None:
-    _run(shell, capsys, "%gpumem simulate 256MiB --devices 2")
-    _, out = _run(shell, capsys, "%gpumem status")
+def test_status_shows_every_gpu_with_the_ooms_marked(shell: Any, run: Any) -> None:
+    run(shell, "%gpumem simulate 256MiB --devices 2")
+    out = run(shell, "%gpumem status").text
     assert "2 GPUs visible" in out and "GPU 0" in out and "GPU 1" in out
     assert "the last OOM" not in out
-    _run(
+    run(
         shell,
-        capsys,
         "import torch\ny = torch.empty(300 * 2**20, dtype=torch.uint8, device='cuda:1')",
     )
-    _, out = _run(shell, capsys, "%gpumem status")
+    out = run(shell, "%gpumem status").text
     marked = [line for line in out.splitlines() if "◀ the last OOM" in line]
     assert len(marked) == 1 and "GPU 1" in marked[0]
     assert "the last OOM was on GPU 1" in out
 
 
-def test_gauge_and_sidebar_show_every_gpu_with_the_ooms_marked(shell: Any, capsys: Any) -> None:
+def test_gauge_and_sidebar_show_every_gpu_with_the_ooms_marked(shell: Any, run: Any) -> None:
     pytest.importorskip("plotly")
     from jupyter_gpumem.ui.gauge import Gauge
     from jupyter_gpumem.ui.sidebar import Sidebar
 
-    _run(shell, capsys, "%gpumem simulate 256MiB --devices 2")
+    run(shell, "%gpumem simulate 256MiB --devices 2")
     gauge = Gauge()
     sidebar = Sidebar(interval=1.0, history_s=10.0)
     try:
         title = gauge.widget.data[0].title.text
         assert "GPU 0" in title and "GPU 1" in title and "OOM" not in title
-        _run(
+        run(
             shell,
-            capsys,
             FILL_GPU_0.replace("device='cuda'", "device='cuda:1'").replace(
                 ".cuda()", ".to('cuda:1')"
             ),
@@ -143,14 +134,15 @@ def test_gauge_and_sidebar_show_every_gpu_with_the_ooms_marked(shell: Any, capsy
         sidebar.close()
 
 
-def test_devices_option_is_checked(shell: Any, capsys: Any) -> None:
+def test_devices_option_is_checked(shell: Any, run: Any) -> None:
     for bad in (
         "256MiB --devices 0",
         "256MiB --devices two",
         "256MiB --devices 99",
         "off --devices 2",
     ):
-        result, out = _run(shell, capsys, f"%gpumem simulate {bad}")
+        seen = run(shell, f"%gpumem simulate {bad}")
+        result, out = seen.result, seen.text
         assert not result.success and "UsageError" in out and "--devices" in out
 
 
@@ -234,20 +226,21 @@ def test_the_diagnosis_names_the_other_gpu_by_torchs_index(
     assert other.closes_gap
 
 
-def test_a_second_model_that_does_not_fit_gpu_0_is_sent_to_gpu_1(shell: Any, capsys: Any) -> None:
+def test_a_second_model_that_does_not_fit_gpu_0_is_sent_to_gpu_1(shell: Any, run: Any) -> None:
     """Two equal cards: a first model fills GPU 0, the next cell's model does not fit beside it.
     Moving everything would not fit GPU 1, but this cell's own work does: the diagnosis says so."""
-    _run(shell, capsys, "%gpumem simulate 256MiB --devices 2")
-    assert _run(shell, capsys, "import torch\nfirst = torch.nn.Linear(4096, 8192, device='cuda')")[
-        0
-    ].success
-    result, out = _run(shell, capsys, "second = torch.nn.Linear(4096, 8192, device='cuda')")
+    run(shell, "%gpumem simulate 256MiB --devices 2")
+    assert run(
+        shell, "import torch\nfirst = torch.nn.Linear(4096, 8192, device='cuda')"
+    ).result.success
+    seen = run(shell, "second = torch.nn.Linear(4096, 8192, device='cuda')")
+    result, out = seen.result, seen.text
     assert not result.success
     cause = next(c for c in _last_failure(shell).diagnosis.causes if c.key == "other_gpu")
     assert cause.title == "GPU 1 has room for this cell's work" and cause.closes_gap, out
     assert "make its model and tensors with `device='cuda:1'`" in cause.action
     assert "GPU 1 has room for this cell's work" in out
-    assert _run(shell, capsys, "second = torch.nn.Linear(4096, 8192, device='cuda:1')")[0].success
+    assert run(shell, "second = torch.nn.Linear(4096, 8192, device='cuda:1')").result.success
 
 
 # ---- %gpumem limit: every GPU, or the one named --------------------------------------------------
@@ -257,27 +250,28 @@ def _caps(out: str) -> list[str]:
     return [line.split()[1] + " " + line.split()[2] for line in out.splitlines() if "cap " in line]
 
 
-def test_limit_caps_every_simulated_gpu_or_the_one_named(shell: Any, capsys: Any) -> None:
-    _run(shell, capsys, "%gpumem simulate 64MiB --devices 2")
-    _, out = _run(shell, capsys, "%gpumem limit 32MiB")
+def test_limit_caps_every_simulated_gpu_or_the_one_named(shell: Any, run: Any) -> None:
+    run(shell, "%gpumem simulate 64MiB --devices 2")
+    out = run(shell, "%gpumem limit 32MiB").text
     assert "32.00 MiB of 64.00 MiB on each of the 2 GPUs" in out, out
-    assert _caps(_run(shell, capsys, "%gpumem status")[1]) == ["32.00 MiB", "32.00 MiB"]
-    _, out = _run(shell, capsys, "%gpumem limit 16MiB --device 1")
+    assert _caps(run(shell, "%gpumem status").text) == ["32.00 MiB", "32.00 MiB"]
+    out = run(shell, "%gpumem limit 16MiB --device 1").text
     assert "16.00 MiB of 64.00 MiB on GPU 1" in out, out
-    assert _caps(_run(shell, capsys, "%gpumem status")[1]) == ["32.00 MiB", "16.00 MiB"]
-    result, out = _run(
+    assert _caps(run(shell, "%gpumem status").text) == ["32.00 MiB", "16.00 MiB"]
+    seen = run(
         shell,
-        capsys,
         "torch = __import__('torch')\nx = torch.empty(20 << 20, dtype=torch.uint8, device='cuda:1')",
     )
+    result, out = seen.result, seen.text
     assert not result.success and "GPU 1 has a total capacity" in out and "16.00 MiB allowed" in out
-    _run(shell, capsys, "%gpumem limit off --device=0")
-    assert _caps(_run(shell, capsys, "%gpumem status")[1]) == ["16.00 MiB"]
+    run(shell, "%gpumem limit off --device=0")
+    assert _caps(run(shell, "%gpumem status").text) == ["16.00 MiB"]
     for bad in ("8MiB --device 2", "8MiB --device x", "8MiB --device 1 --device 0"):
-        result, out = _run(shell, capsys, f"%gpumem limit {bad}")
+        seen = run(shell, f"%gpumem limit {bad}")
+        result, out = seen.result, seen.text
         assert not result.success and "UsageError" in out and "%gpumem limit" in out, out
-    _run(shell, capsys, "%gpumem limit off")
-    assert _caps(_run(shell, capsys, "%gpumem status")[1]) == []
+    run(shell, "%gpumem limit off")
+    assert _caps(run(shell, "%gpumem status").text) == []
 
 
 class FakeTorchCuda:
@@ -308,7 +302,7 @@ class FakeTorchCuda:
 
 
 def test_limit_caps_every_cuda_gpu_or_the_one_named(
-    monkeypatch: Any, four_gpus: FakeNvml, shell: Any, capsys: Any
+    monkeypatch: Any, four_gpus: FakeNvml, shell: Any, run: Any
 ) -> None:
     """On CUDA, `%gpumem limit` caps every visible GPU as it does every simulated one. Over a fake
     torch.cuda (no GPU here): the fractions torch would be given, device by device, and the caps
@@ -317,37 +311,39 @@ def test_limit_caps_every_cuda_gpu_or_the_one_named(
     monkeypatch.setattr(cuda, "torch_module", lambda: SimpleNamespace(cuda=fake))
     monkeypatch.setattr(cuda, "cuda_ready", lambda: True)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    _, out = _run(shell, capsys, "%gpumem limit 20GiB")
+    out = run(shell, "%gpumem limit 20GiB").text
     assert fake.fractions == {0: 0.25, 1: 0.25, 2: 0.25, 3: 0.25}
     assert "20.00 GiB of 80.00 GiB on each of the 4 GPUs" in out, out
-    assert _caps(_run(shell, capsys, "%gpumem status")[1]) == ["20.00 GiB"] * 4
-    _, out = _run(shell, capsys, "%gpumem limit 40GiB --device 2")
+    assert _caps(run(shell, "%gpumem status").text) == ["20.00 GiB"] * 4
+    out = run(shell, "%gpumem limit 40GiB --device 2").text
     assert fake.fractions == {0: 0.25, 1: 0.25, 2: 0.5, 3: 0.25}
-    assert _caps(_run(shell, capsys, "%gpumem status")[1]) == ["20.00 GiB"] * 2 + [
+    assert _caps(run(shell, "%gpumem status").text) == ["20.00 GiB"] * 2 + [
         "40.00 GiB",
         "20.00 GiB",
     ]
-    result, out = _run(shell, capsys, "%gpumem limit 1GiB --device 4")
+    seen = run(shell, "%gpumem limit 1GiB --device 4")
+    result, out = seen.result, seen.text
     assert not result.success and "no GPU 4 here: this process sees GPU 0 to 3" in out, out
-    _run(shell, capsys, "%gpumem limit off")
+    run(shell, "%gpumem limit off")
     assert fake.fractions == {i: 1.0 for i in range(4)}
-    assert _caps(_run(shell, capsys, "%gpumem status")[1]) == []
+    assert _caps(run(shell, "%gpumem status").text) == []
 
 
 # ---- %gpumem cells: the cells that filled the GPU that ran out -----------------------------------
 
 
-def test_the_cells_that_filled_the_gpu_that_ran_out(shell: Any, capsys: Any) -> None:
+def test_the_cells_that_filled_the_gpu_that_ran_out(shell: Any, run: Any) -> None:
     """An OOM on cuda:1 while the current device is 0: the cells that filled GPU 1, not GPU 0.
     (extension.present passes the OOM's device to filled_by.)"""
-    _run(shell, capsys, "%gpumem simulate 64MiB --devices 2")
-    _run(shell, capsys, "import torch")
-    _run(shell, capsys, "%gpumem cells on")
-    _, out = _run(shell, capsys, "a = torch.zeros(5 << 20, device='cuda:0')  # 20 MiB")
+    run(shell, "%gpumem simulate 64MiB --devices 2")
+    run(shell, "import torch")
+    run(shell, "%gpumem cells on")
+    out = run(shell, "a = torch.zeros(5 << 20, device='cuda:0')  # 20 MiB").text
     assert "+20.00 MiB" in out and "GPU 1" not in out, out
-    _, out = _run(shell, capsys, "b = torch.zeros(10 << 20, device='cuda:1')  # 40 MiB")
+    out = run(shell, "b = torch.zeros(10 << 20, device='cuda:1')  # 40 MiB").text
     assert "+0 B, peak" in out and "GPU 1 +40.00 MiB" in out, out
-    result, out = _run(shell, capsys, "c = torch.zeros(10 << 20, device='cuda:1')")
+    seen = run(shell, "c = torch.zeros(10 << 20, device='cuda:1')")
+    result, out = seen.result, seen.text
     assert not result.success and _last_failure(shell).report.device_index == 1
     stats = jupyter_gpumem._extension_for(shell).cell_stats()
     a_cell, b_cell = (r.count for r in list(stats.records)[:2])
@@ -377,43 +373,45 @@ MOVES = {
 
 
 @pytest.mark.parametrize("move", list(MOVES))
-def test_a_cpu_tensor_sent_to_cuda_1_counts_there_only(shell: Any, capsys: Any, move: str) -> None:
+def test_a_cpu_tensor_sent_to_cuda_1_counts_there_only(shell: Any, run: Any, move: str) -> None:
     """`src` is a CPU tensor in real torch: once sent to cuda:1 only its copy counts, on card 1,
     though `src` lives on (while nothing had placed it, it counted on the current device)."""
-    _run(shell, capsys, "%gpumem simulate 64MiB --devices 2")
-    result, out = _run(shell, capsys, f"import torch\nsrc = torch.randn(1024, 1024)\n{move}")
+    run(shell, "%gpumem simulate 64MiB --devices 2")
+    seen = run(shell, f"import torch\nsrc = torch.randn(1024, 1024)\n{move}")
+    result, out = seen.result, seen.text
     assert result.success, out
     gpu = simulated.current()
     assert (gpu.devices[0].allocated_bytes, gpu.devices[1].allocated_bytes) == (0, MOVES[move])
 
 
-def test_a_cpu_tensor_made_under_device_1_is_not_counted_twice(shell: Any, capsys: Any) -> None:
+def test_a_cpu_tensor_made_under_device_1_is_not_counted_twice(shell: Any, run: Any) -> None:
     """Made while cuda:1 is current, the host tensor counted on card 1; its half-precision copy
     there takes its place (it counted twice)."""
-    _run(shell, capsys, "%gpumem simulate 64MiB --devices 2")
+    run(shell, "%gpumem simulate 64MiB --devices 2")
     cell = (
         "import torch\n"
         "torch.cuda.set_device(1)\n"
         "src = torch.randn(1024, 1024)\n"
         "x = src.to('cuda:1', torch.float16)"
     )
-    result, out = _run(shell, capsys, cell)
+    seen = run(shell, cell)
+    result, out = seen.result, seen.text
     assert result.success, out
     gpu = simulated.current()
     assert (gpu.devices[0].allocated_bytes, gpu.devices[1].allocated_bytes) == (0, 2 * MiB)
 
 
-def test_a_gpu_tensor_copied_to_cuda_1_stays_on_card_0_too(shell: Any, capsys: Any) -> None:
-    _run(shell, capsys, "%gpumem simulate 64MiB --devices 2")
-    result, out = _run(
+def test_a_gpu_tensor_copied_to_cuda_1_stays_on_card_0_too(shell: Any, run: Any) -> None:
+    run(shell, "%gpumem simulate 64MiB --devices 2")
+    seen = run(
         shell,
-        capsys,
         "import torch\n"
         "a = torch.randn(1024, 1024, device='cuda:0')\n"
         "h = a * 2\n"
         "b, c = a.to('cuda:1'), h.cuda(1)\n"
         "model = torch.nn.Linear(1024, 1024).to('cuda:1')",
     )
+    result, out = seen.result, seen.text
     assert result.success, out
     gpu = simulated.current()
     assert gpu.devices[0].allocated_bytes == 8 * MiB  # a and h
@@ -422,10 +420,10 @@ def test_a_gpu_tensor_copied_to_cuda_1_stays_on_card_0_too(shell: Any, capsys: A
     )  # b, c, the model's weight and bias
 
 
-def test_data_sent_to_cuda_1_leaves_room_on_card_0(shell: Any, capsys: Any) -> None:
+def test_data_sent_to_cuda_1_leaves_room_on_card_0(shell: Any, run: Any) -> None:
     """The case that hurt: a CPU dataset sent to cuda:1 stayed counted on card 0 and the next
     allocation there ran out, where real CUDA has room."""
-    _run(shell, capsys, "%gpumem simulate 64MiB --devices 2")
+    run(shell, "%gpumem simulate 64MiB --devices 2")
     cell = (
         "import torch\n"
         "weights = torch.empty(40 << 20, dtype=torch.uint8, device='cuda:0')\n"
@@ -433,38 +431,40 @@ def test_data_sent_to_cuda_1_leaves_room_on_card_0(shell: Any, capsys: Any) -> N
         "on_1 = data.to('cuda:1')\n"
         "act = torch.empty(20 << 20, dtype=torch.uint8, device='cuda:0')"
     )
-    result, out = _run(shell, capsys, cell)
+    seen = run(shell, cell)
+    result, out = seen.result, seen.text
     assert result.success, out
     gpu = simulated.current()
     assert gpu.devices[0].allocated_bytes == 60 * MiB and gpu.devices[1].allocated_bytes == 16 * MiB
 
 
-def test_variables_on_another_gpu_are_not_a_cause(shell: Any, capsys: Any) -> None:
+def test_variables_on_another_gpu_are_not_a_cause(shell: Any, run: Any) -> None:
     """An OOM on cuda:1: a 60 MiB variable on GPU 0 that the cell does not use takes no room on
     GPU 1, so it is not named among the variables to delete for this failure (`b`, on GPU 1, is).
     """
-    _run(shell, capsys, "%gpumem simulate 64MiB --devices 2")
-    _run(shell, capsys, "import torch")
-    _run(shell, capsys, "a = torch.zeros(15 << 20, device='cuda:0')  # 60 MiB")
-    _run(shell, capsys, "b = torch.zeros(10 << 20, device='cuda:1')  # 40 MiB")
-    result, out = _run(shell, capsys, "c = torch.zeros(10 << 20, device='cuda:1')")
+    run(shell, "%gpumem simulate 64MiB --devices 2")
+    run(shell, "import torch")
+    run(shell, "a = torch.zeros(15 << 20, device='cuda:0')  # 60 MiB")
+    run(shell, "b = torch.zeros(10 << 20, device='cuda:1')  # 40 MiB")
+    seen = run(shell, "c = torch.zeros(10 << 20, device='cuda:1')")
+    result, out = seen.result, seen.text
     assert not result.success and _last_failure(shell).report.device_index == 1
     cause = next(line for line in out.splitlines() if "Variables from earlier cells" in line)
     assert "`b` holds 40.00 MiB" in cause and "`a`" not in cause, cause
 
 
-def test_a_tensor_that_fits_on_the_other_gpu_is_named_there(shell: Any, capsys: Any) -> None:
+def test_a_tensor_that_fits_on_the_other_gpu_is_named_there(shell: Any, run: Any) -> None:
     """700 MiB then 600 MiB on cuda:0 of two 1 GiB cards: the cell's work as a whole fits neither,
     but the 600 MiB that failed fits GPU 1, and the diagnosis says to put it there (was: GPU 1
     never mentioned)."""
     pytest.importorskip("torch")
     shell.run_cell("%gpumem simulate 1GiB --devices 2")
-    result, out = _run(
+    seen = run(
         shell,
-        capsys,
         "import torch\nu = torch.empty(700 << 20, dtype=torch.uint8, device='cuda:0')\n"
         "v = torch.empty(600 << 20, dtype=torch.uint8, device='cuda:0')",
     )
+    result, out = seen.result, seen.text
     assert not result.success
     assert "GPU 1 has room for the tensor that did not fit" in out, out
     assert "`device='cuda:1'`" in out and "the rest stays on GPU 0" in out
