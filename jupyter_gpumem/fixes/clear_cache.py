@@ -1,20 +1,30 @@
 """Clear cache: free what the failure pinned, collect garbage, give the allocator's cache (and cuBLAS
 workspaces) back to the driver; on request only, drop the output cache and delete named variables.
 Then re-run the cell as it is.
+
+It also frees what an earlier failure's frames still hold. The hook keeps a failure's frames for
+``%debug`` with their GPU locals moved to host memory, except a tensor a variable also held then
+(copying it would free nothing). When the cell runs again and rebinds that variable, the old tensor
+is held by those frames alone, which ``%debug`` no longer shows (it reads the latest failure): the
+cell run twice, its old ``x`` in the first failure's ``model(x)`` frames. Clearing those frames
+gives it back; the prediction counts it (it was 32 MiB under, 'not yet explained', before).
 """
 
 from __future__ import annotations
 
 import gc
 import sys
+import types
+from typing import Any
 
 from jupyter_gpumem import backends
 from jupyter_gpumem.backends import torch_objects
 from jupyter_gpumem.diagnosis.diagnose import Diagnosis
 from jupyter_gpumem.fixes import predict
 from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome, predicted_vs_measured
+from jupyter_gpumem.oom.report import is_oom, walk_chain
 from jupyter_gpumem.readings.allocator_state import read_allocator_state
-from jupyter_gpumem.readings.release import release_failed_cell
+from jupyter_gpumem.readings.release import clear_frames, release_failed_cell
 from jupyter_gpumem.rescue.rerun import Plan
 from jupyter_gpumem.units import format_bytes
 
@@ -71,6 +81,147 @@ def _allocated() -> int | None:
     return None if stats is None else stats.get("allocated_bytes.all.current", 0)
 
 
+_UNPLACED_BYTES = 1 << 20  # less than this allocated beyond what the holders name: no search
+_CANDIDATES = 16  # tensors of earlier failures' frames looked at, largest first
+
+
+def _current_chain() -> set[int]:
+    ids: set[int] = set()
+    for name in ("last_value", "last_exc"):
+        ids |= {id(e) for e in walk_chain(getattr(sys, name, None))}
+    ids |= {id(e) for e in walk_chain(sys.exc_info()[1])}
+    return ids
+
+
+def _earlier_failures(ns: dict[str, Any]) -> list[BaseException]:
+    """OOM errors of earlier cells still alive with their frames: not the latest failure (what
+    ``%debug`` shows), not one the notebook keeps in a variable (``err = e``)."""
+    skip = _current_chain() | {id(v) for v in ns.values() if isinstance(v, BaseException)}
+    found = []
+    for o in gc.get_objects():
+        if not issubclass(type(o), BaseException) or id(o) in skip:
+            continue
+        if o.__traceback__ is not None and is_oom(o):
+            found.append(o)
+    return found
+
+
+def _frame_tensors(excs: list[BaseException]) -> tuple[list[Any], set[int]]:
+    """The GPU tensors the finished frames of ``excs`` hold (locals, and tuples, lists and dicts
+    among them: ``args``), each storage once, largest first; and the ids of those frames."""
+    backend = backends.active()
+    frames: list[types.FrameType] = []
+    for exc in excs:
+        for e in walk_chain(exc):
+            tb = e.__traceback__
+            while tb is not None and len(frames) < 1000:
+                frames.append(tb.tb_frame)
+                tb = tb.tb_next
+    by_storage: dict[Any, tuple[int, Any]] = {}
+    for f in frames:
+        if not f.f_code.co_flags & 0x0002:  # a module's frame: its locals are a namespace
+            continue
+        try:
+            values = list(f.f_locals.values())
+        except Exception:
+            continue
+        for v in values:
+            items = list(v.values()) if type(v) is dict else v if type(v) in (tuple, list) else [v]
+            for t in items[:64]:
+                if not torch_objects.is_tensor(t):
+                    continue
+                info = backend.storage_of(t)
+                if info is not None:
+                    by_storage.setdefault(info[0], (info[1], t))
+    ranked = sorted(by_storage.values(), key=lambda nt: -nt[0])[:_CANDIDATES]
+    return [t for _n, t in ranked], {id(f) for f in frames}
+
+
+def _running() -> set[int]:
+    f: types.FrameType | None = sys._getframe(1)
+    ids = set()
+    while f is not None:
+        ids.add(id(f))
+        f = f.f_back
+    return ids
+
+
+_BOXES = (tuple, list, dict, types.CellType)
+_LEVELS = 3  # a tensor in a tuple in a frame's cached f_locals dict: three holders up
+
+
+def _only_held_by(frames: set[int], tensors: list[Any]) -> list[bool]:
+    """Whether each tensor is held by these frames alone (directly, or through tuples, lists and
+    dicts that only they hold, ``args`` and a frame's cached ``f_locals`` among them): clearing
+    the frames frees it. Held by anything else (a variable, a model, the running code): False."""
+    running = _running()
+    level: list[Any] = list(tensors)
+    holders: dict[int, list[Any]] = {}
+    scratch: list[Any] = [tensors, level, holders]
+    for _ in range(_LEVELS):
+        wanted = {id(o) for o in level}
+        nxt: list[Any] = []
+        found = gc.get_referrers(*level)
+        scratch += [nxt, found]
+        mine = {id(x) for x in scratch} | running | {id(scratch)}
+        mine |= {id(rs) for rs in holders.values()}
+        for r in found:
+            if id(r) in mine:
+                continue
+            for x in gc.get_referents(r):
+                if id(x) in wanted:
+                    holders.setdefault(id(x), []).append(r)
+            if type(r) in _BOXES and id(r) not in holders and id(r) not in frames:
+                nxt.append(r)
+        level = nxt
+        if not level:
+            break
+    memo: dict[int, bool] = {}
+    out = [_alone(id(t), 0, frames, holders, memo) for t in tensors]
+    holders.clear()  # the referrers found, let go now (not left for the garbage collector)
+    scratch.clear()
+    return out
+
+
+def _alone(
+    obj_id: int, depth: int, frames: set[int], holders: dict[int, list[Any]], memo: dict[int, bool]
+) -> bool:
+    if obj_id in frames:
+        return True
+    if obj_id in memo:
+        return memo[obj_id]
+    memo[obj_id] = False  # a cycle among boxes: not shown to go
+    rs = holders.get(obj_id) or []
+    memo[obj_id] = (
+        bool(rs)
+        and depth < _LEVELS
+        and all(_alone(id(r), depth + 1, frames, holders, memo) for r in rs)
+    )
+    return memo[obj_id]
+
+
+def earlier_failures_bytes(ctx: FixContext) -> tuple[int, list[BaseException]]:
+    """GPU memory held only by the frames of earlier failures (see the module's docstring), and
+    those failures; (0, []) where the diagnosis placed what was allocated (no search then)."""
+    d = ctx.failed.diagnosis
+    if d is None or d.allocated_bytes is None or torch_objects.torch_module() is None:
+        return 0, []
+    if d.allocated_bytes - d.holders.total_bytes < _UNPLACED_BYTES:
+        return 0, []
+    excs = _earlier_failures(ctx.user_ns)
+    if not excs:
+        return 0, []
+    tensors, frames = _frame_tensors(excs)
+    if not tensors:
+        return 0, []
+    backend = backends.active()
+    freed = 0
+    for t, alone in zip(tensors, _only_held_by(frames, tensors), strict=True):
+        info = backend.storage_of(t) if alone else None
+        freed += info[1] if info is not None else 0
+    return freed, excs
+
+
 class ClearCache(Fix):
     key = "clear"
     label = "Clear cache"
@@ -92,8 +243,14 @@ class ClearCache(Fix):
         stale = [h for h in d.recreated_variables() if h.name not in ctx.drop]
         dropped += sum(h.total_bytes for h in stale)
         out = output_cache_bytes(ctx) if ctx.drop_output_cache else 0
-        saving = pinned + cache + dropped + out
+        earlier, _excs = earlier_failures_bytes(ctx)
+        saving = pinned + cache + dropped + out + earlier
         parts = ["free what the failure pinned" if pinned else "collect garbage"]
+        if earlier:
+            parts.append(
+                f"free the {format_bytes(earlier)} an earlier failure's frames still hold "
+                "(%debug shows only the latest)"
+            )
         parts.append("return PyTorch's cached blocks to the driver")
         if stale:
             parts.append(
@@ -145,6 +302,15 @@ class ClearCache(Fix):
             notes.append("cleared the output cache")
         before = _allocated()
         reserved = _reserved(d)
+        _earlier, excs = earlier_failures_bytes(ctx)
+        for exc in excs:
+            for e in walk_chain(exc):
+                clear_frames(e.__traceback__)
+        if excs:
+            notes.append(
+                f"cleared the frames of {len(excs)} earlier failure{'s' if len(excs) > 1 else ''}"
+            )
+        del excs
         release_failed_cell(ctx.shell, getattr(sys, "last_value", None))
         gc.collect()
         backends.active().empty_cache()
