@@ -7,9 +7,12 @@ object the cell did not name."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
+
+from jupyter_gpumem.units import parse_size
 
 pytest.importorskip("torch")
 
@@ -50,7 +53,8 @@ def test_retry_cpu_moves_everything_the_cell_reaches(shell: Any, capsys: Any) ->
     shell.run_cell("%gpumem simulate 160MiB")
     assert shell.run_cell(SETUP.replace("Any = object\n", "")).success
     assert shell.run_cell("held = torch.cuda.memory_allocated()").success
-    assert shell.user_ns["held"] > 0
+    held = shell.user_ns["held"]
+    assert held > 0
     result = shell.run_cell(CELL)
     assert not result.success  # 160 MiB: more than the card holds beside the rest
     capsys.readouterr()
@@ -60,6 +64,14 @@ def test_retry_cpu_moves_everything_the_cell_reaches(shell: Any, capsys: Any) ->
     assert "Moved to the CPU:" in out, out
     assert shell.run_cell("left = torch.cuda.memory_allocated()").success
     assert shell.user_ns["left"] == 0, "something the cell reaches stayed on the GPU"
+    # predicted before moving, by the same walk: what it freed, all the notebook held
+    m = re.search(
+        r"Predicted GPU memory freed by the move ~([\d.]+ [KMG]?i?B) .*measured ([\d.]+ [KMG]?i?B)",
+        out,
+    )
+    assert m, out
+    predicted, measured = parse_size(m[1]), parse_size(m[2])
+    assert abs(measured - held) <= 0.005 * held and abs(predicted - measured) <= 0.005 * held, out
     ns = shell.user_ns
     # one copy per tensor, wherever it is held: the optimizer still steps the model's parameters
     params = {id(p) for g in ns["trainer"].opt.param_groups for p in g["params"]}

@@ -12,6 +12,12 @@ fail with "Expected all tensors to be on the same device".
 
 What the mode cannot redirect is said, not hidden: ``torch.cuda.*`` calls, ``torch.load`` with a
 CUDA ``map_location``, the legacy ``torch.cuda.FloatTensor`` types.
+
+Before it moves anything it predicts the GPU memory the move frees: the storages of what the cell
+reaches, each once, counted by the same walk without moving. After the move, as the re-run starts,
+the allocator's reading gives the measured figure (allocated before the move less allocated then),
+and the outcome sets the two side by side. They differ where something the cell does not reach
+still holds a moved tensor's GPU copy (the output cache, another variable, an autograd graph).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 
 from jupyter_gpumem.backends import MemoryBackend, active, cuda_to_cpu, torch_objects
 from jupyter_gpumem.cells.failure import names_used
-from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome
+from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome, predicted_vs_measured
 from jupyter_gpumem.rescue.reach import plan_snapshot
 from jupyter_gpumem.rescue.rerun import Plan
 from jupyter_gpumem.units import format_bytes
@@ -97,11 +103,7 @@ class _Mover:
             for i, v in enumerate(list(obj)):
                 self._set(obj.__setitem__, i, v, where, depth)
         elif isinstance(obj, types.FunctionType):
-            for cell in obj.__closure__ or ():
-                with contextlib.suppress(ValueError):  # an empty cell
-                    cell.cell_contents = self.value(cell.cell_contents, where)
-            if obj.__defaults__:
-                obj.__defaults__ = self.value(obj.__defaults__, where)
+            self._function(obj, where)
         elif isinstance(obj, type):
             for k, v in list(vars(obj).items()):  # a notebook class's attributes
                 if not k.startswith("__"):
@@ -116,12 +118,63 @@ class _Mover:
                     v = object.__getattribute__(obj, k)
                     self._set(functools.partial(object.__setattr__, obj), k, v, where, depth)
 
+    def _function(self, fn: types.FunctionType, where: str) -> None:
+        """A notebook function's closure cells and defaults (written only where they change)."""
+        for cell in fn.__closure__ or ():
+            with contextlib.suppress(ValueError):  # an empty cell
+                old = cell.cell_contents
+                new = self.value(old, where)
+                if new is not old:
+                    cell.cell_contents = new
+        if fn.__defaults__:
+            new = self.value(fn.__defaults__, where)
+            if new is not fn.__defaults__:
+                fn.__defaults__ = new
+
     def _set(self, put: Callable[[Any, Any], None], k: Any, v: Any, where: str, depth: int) -> None:
         new = self.value(v, where)
         if new is not v:
             put(k, new)
         elif depth < _DEPTH and isinstance(v, (dict, list)):
             self.contents(v, where, depth + 1)  # inside a torch state object: not walked by reach
+
+
+class _Counter(_Mover):
+    """The same walk as :class:`_Mover`, moving nothing: the GPU storages it would move, each
+    once (a view, a tied weight, a tensor held twice count once), for the prediction."""
+
+    def __init__(self, backend: MemoryBackend) -> None:
+        super().__init__(backend)
+        self.storages: set[Any] = set()
+
+    def _count(self, t: Any, where: str) -> None:
+        if t is None or not torch_objects.is_tensor(t):
+            return
+        info = self.backend.storage_of(t)
+        if info is not None and info[0] not in self.storages:
+            self.storages.add(info[0])
+            self.moved[where] += info[1]
+
+    def tensor(self, t: Any, where: str) -> Any:
+        self._count(t, where)
+        return t
+
+    def in_place(self, obj: Any, where: str) -> None:
+        if torch_objects.is_module(obj):
+            for p in obj.parameters():
+                self._count(p, where)
+                self._count(p.grad, where)
+            for mod in obj.modules():
+                for b in list(mod._buffers.values()):
+                    self._count(b, where)
+        elif torch_objects.is_optimizer(obj):
+            for group in obj.param_groups:
+                for p in group["params"]:
+                    self._count(p, where)
+                    self._count(p.grad, where)
+            for state in obj.state.values():
+                for v in list(state.values()):
+                    self._count(v, where)
 
 
 def _fields(obj: Any) -> dict[str, Any] | None:
@@ -142,10 +195,13 @@ def _slots(tp: type) -> list[str]:
     return [n for n in names if n not in ("__dict__", "__weakref__")]
 
 
-def move_reached(ns: dict[str, Any], names: set[str], backend: MemoryBackend) -> _Mover:
+def move_reached(
+    ns: dict[str, Any], names: set[str], backend: MemoryBackend, mover: _Mover | None = None
+) -> _Mover:
     """Everything on the GPU that ``names`` reach, moved to the CPU (see the module's docstring);
-    the namespace's own tensors are left to the caller (they go in as the run's updates)."""
-    mover = _Mover(backend)
+    the namespace's own tensors are left to the caller (they go in as the run's updates). With a
+    :class:`_Counter`, nothing moves: it counts."""
+    mover = mover or _Mover(backend)
     reached, _nbytes = plan_snapshot(ns, names)
     for where, obj in reached:
         if torch_objects.is_module(obj) or torch_objects.is_optimizer(obj):
@@ -155,6 +211,52 @@ def move_reached(ns: dict[str, Any], names: set[str], backend: MemoryBackend) ->
         elif not torch_objects.is_tensor(obj) and not isinstance(obj, types.ModuleType):
             mover.contents(obj, where)
     return mover
+
+
+def _namespace_tensors(mover: _Mover, ns: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    """The namespace's own values among ``names`` as ``mover`` gives them (its CPU copies)."""
+    updates: dict[str, Any] = {}
+    for name in sorted(names):
+        value = ns.get(name)
+        if name.startswith("_") or value is None:
+            continue
+        new = mover.value(value, name)
+        if new is not value:
+            updates[name] = new
+    return updates
+
+
+def reached_gpu_bytes(ns: dict[str, Any], names: set[str], backend: MemoryBackend) -> int:
+    """The GPU memory the move would free: what ``names`` reach on the GPU, each storage once."""
+    counter = _Counter(backend)
+    move_reached(ns, names, backend, counter)
+    _namespace_tensors(counter, ns, names)
+    return sum(counter.moved.values())
+
+
+def _allocated(backend: MemoryBackend, index: int | None) -> int | None:
+    stats = backend.allocator_stats(index)
+    return None if stats is None else stats.get("allocated_bytes.all.current", 0)
+
+
+def _prediction_notes(predicted: int, freed: int | None) -> list[str]:
+    """What the move was predicted to free on the GPU beside what the allocator read after it."""
+    if not predicted and not freed:
+        return []
+    notes = [
+        predicted_vs_measured(
+            predicted,
+            freed,
+            "GPU memory freed by the move",
+            "what the cell reaches on the GPU, counted before moving",
+        )
+    ]
+    if freed is not None and freed < predicted:
+        notes.append(
+            "What the move did not free is still held on the GPU by something the cell does not "
+            "reach (the output cache, another variable, an autograd graph)."
+        )
+    return notes
 
 
 def _listed(names: list[str]) -> str:
@@ -199,17 +301,14 @@ class MoveToCpu(Fix):
         backend = active()
         names = names_used(ctx.failed.source, ns)
         names |= torch_objects.read_by_compiled(ns, names)
+        device = ctx.failed.report.device_index
+        predicted = reached_gpu_bytes(ns, names, backend)
+        before = _allocated(backend, device)
         mover = move_reached(ns, names, backend)
-        updates: dict[str, Any] = {}
-        for name in sorted(names):
-            value = ns.get(name)
-            if name.startswith("_") or value is None:
-                continue
-            new = mover.value(value, name)
-            if new is not value:
-                updates[name] = new
-                if ctx.txn is not None:
-                    ctx.txn.evict(name)  # the GPU copy must not stay alive in the snapshot
+        updates = _namespace_tensors(mover, ns, names)
+        if ctx.txn is not None:
+            for name in updates:
+                ctx.txn.evict(name)  # the GPU copy must not stay alive in the snapshot
         moved_names = [n for n, size in sorted(mover.moved.items()) if size]
         moved_bytes = sum(mover.moved.values())
         mover.keep.clear()
@@ -220,8 +319,17 @@ class MoveToCpu(Fix):
             mode_holder.append(mode)
             return mode
 
+        freed: list[int] = []
+
+        def read_freed() -> AbstractContextManager[Any]:
+            """As the run starts, the move done (the namespace holds the CPU copies)."""
+            after = _allocated(backend, device)
+            if not freed and before is not None and after is not None:
+                freed.append(max(before - after, 0))
+            return contextlib.nullcontext()
+
         # CPU tensors must not count against the GPU (they would on the simulated one)
-        contexts = [backend.host_only, redirect]
+        contexts = [read_freed, backend.host_only, redirect]
         compiled = sorted(set(torch_objects.compiled_names(ns, names)) | mover.compiled)
         if compiled:
             contexts.append(torch_objects.eager_compiled)
@@ -235,6 +343,7 @@ class MoveToCpu(Fix):
                 f"Moved to the CPU: {_moved_text(moved_names, ns)} ({format_bytes(moved_bytes)}); "
                 "they stay there."
             )
+        outcome.notes += _prediction_notes(predicted, freed[0] if freed else None)
         if compiled:
             outcome.notes.append(
                 f"{_listed(compiled)} {'is' if len(compiled) == 1 else 'are'} compiled "

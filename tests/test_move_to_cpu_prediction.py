@@ -1,0 +1,107 @@
+"""Move to CPU predicts the GPU memory the move frees and, once moved, sets it beside what the
+allocator reads (issue 22, item 3: each fix's prediction beside its measurement). Through
+``%gpumem retry cpu`` and the panel's button, in a real InteractiveShell on the simulated GPU."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from jupyter_gpumem.units import parse_size
+
+pytest.importorskip("torch")
+
+SETUP = (
+    "import torch\n"
+    "model = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.ReLU(),"
+    " torch.nn.Linear(2048, 1024)).cuda()\n"
+    'emb = torch.randn(4, 1024, 1024, device="cuda")\n'
+)
+CELL = 'x = torch.randn(256, 32, 1024, device="cuda") + emb[0, 0]\nout = model(x)\n'
+_FREED = re.compile(
+    r"Predicted GPU memory freed by the move ~([\d.]+ [KMG]?i?B) \(([^)]*)\)"
+    r"(?:, measured ([\d.]+ [KMG]?i?B))?"
+)
+
+
+def _size(text: str) -> int:
+    return 0 if text.split()[0] in ("0", "0.0", "0.00") else parse_size(text)
+
+
+def _freed(text: str) -> tuple[int, int]:
+    m = _FREED.search(text)
+    assert m and m[3], text
+    return _size(m[1]), _size(m[3])
+
+
+def _fail(shell: Any, before: str = "") -> int:
+    shell.run_cell("%gpumem simulate 160MiB")
+    assert shell.run_cell(SETUP + before).success
+    held = shell.run_cell("torch.cuda.memory_allocated()").result
+    assert not shell.run_cell(CELL).success
+    return int(held)
+
+
+def test_retry_cpu_predicts_what_the_move_frees(shell: Any, capsys: Any) -> None:
+    held = _fail(shell)
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry cpu")
+    out = capsys.readouterr().out
+    assert "The cell ran on the CPU" in out, out
+    predicted, measured = _freed(out)
+    # the model and `emb`: all the cell reaches, everything the notebook held on the card
+    assert abs(measured - held) <= 0.005 * held, (measured, held)  # as printed, rounded
+    assert abs(predicted - measured) <= 0.005 * measured, out
+    assert "not free" not in out
+
+
+def _copying_moves(monkeypatch: Any) -> None:
+    """Moving as on a real card: a tensor leaves as a new CPU tensor and its GPU copy lives on
+    while anything holds it (the simulated card relabels the storage in place, which frees it
+    whoever holds it)."""
+    from jupyter_gpumem import backends
+    from jupyter_gpumem.backends.torch_objects import move_objects
+
+    backend = backends.active()
+
+    def to_host(t: Any) -> Any:
+        with backend.host_only():
+            return t.detach().clone()
+
+    monkeypatch.setattr(
+        backend, "move_to_cpu", lambda obj: move_objects(obj, backend.storage_of, to_host)
+    )
+
+
+def test_a_copy_held_elsewhere_is_measured_not_freed(
+    shell: Any, capsys: Any, monkeypatch: Any
+) -> None:
+    """``alias`` (not read by the cell) still holds `emb`'s GPU copy: the move cannot free it.
+    The measurement shows it and the outcome says why."""
+    _fail(shell, "alias = emb\n")
+    _copying_moves(monkeypatch)
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry cpu")
+    out = capsys.readouterr().out
+    predicted, measured = _freed(out)
+    emb = 4 * 1024 * 1024 * 4
+    assert abs(predicted - measured - emb) <= 0.005 * emb, out
+    assert "still held on the GPU by something the cell does not reach" in out, out
+    assert shell.user_ns["alias"] is not shell.user_ns["emb"], "the cell's `emb` moved"
+    assert shell.run_cell("torch.cuda.memory_allocated()").result >= emb, "alias kept its own"
+
+
+@pytest.mark.slow
+def test_the_panel_button_shows_what_the_move_freed(shell: Any) -> None:
+    import jupyter_gpumem
+    from jupyter_gpumem.ui.panel import DiagnosisPanel
+
+    held = _fail(shell)
+    ext = jupyter_gpumem._extension_for(shell)
+    panel = DiagnosisPanel(ext, ext.hook.last_failure)
+    outcome = panel.click("cpu", force=True)
+    assert outcome is not None and outcome.ok
+    predicted, measured = _freed(panel.status.value)
+    assert abs(measured - held) <= 0.005 * held and abs(predicted - measured) <= 0.005 * measured
