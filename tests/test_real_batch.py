@@ -786,18 +786,20 @@ def test_nanogpt_lands_near_the_largest(shell: Any, capsys: Any, tmp_path: Any) 
 VAE_LARGEST_48 = 1904
 
 
-def _vae(shell: Any) -> None:
+def _vae(shell: Any, batch: int = 4096, loop_fails: bool = True) -> None:
     assert shell.run_cell(VAE_DATA).success
     shell.run_cell("%gpumem simulate 48MiB")
-    assert shell.run_cell(VAE_SETUP.replace("BATCH", "4096")).success
-    assert not shell.run_cell(VAE_LOOP).success
+    assert shell.run_cell(VAE_SETUP.replace("BATCH", str(batch)), store_history=True).success
+    assert shell.run_cell(VAE_LOOP, store_history=True).success != loop_fails
 
 
 def test_vae_example_both_loaders_from_one_setting_are_changed(shell: Any, capsys: Any) -> None:
-    """train_loader and test_loader are both built from args.batch_size. A run at a smaller batch
-    runs out in test() on `data` sized by test_loader's 4096: test_loader changes too, and the
-    search goes on (issue 20). Was: "Reduce batch stopped" and nothing fixed (and before that,
-    real runs bisecting train_loader until "No batch fitted for the whole run in 7 runs")."""
+    """train_loader and test_loader are both built from args.batch_size in the setup cell; the
+    loop iterates train_loader and test() reads test_loader. Read from the history before any run,
+    test_loader is re-made at each probed batch by its own statement (issue 20), and the result is
+    one clean run of both cells at the batch found. Was: a probe ran out in test() on `data` at
+    4096 before test_loader was changed too ("Also changed `test_loader`"), and before that
+    "Reduce batch stopped" and nothing fixed."""
     _vae(shell)
     ns = shell.user_ns
     shell.run_cell("later = [1, 2, 3]")
@@ -810,9 +812,15 @@ def test_vae_example_both_loaders_from_one_setting_are_changed(shell: Any, capsy
     assert ns["train_loader"].batch_size == ns["test_loader"].batch_size == batch
     assert ns["args"].batch_size == batch  # test() reshapes with it
     assert 0.95 * VAE_LARGEST_48 <= batch <= VAE_LARGEST_48, out
-    assert re.search(r"Also changed `test_loader`: made from the same batch setting", out), out
-    assert len(_probes(out)) <= 8, out
+    assert re.search(rf"Also re-made `test_loader` \(In \[\d+\], line 41\) at batch {batch}", out)
+    assert "new random draws" not in out, out
+    assert _runs(out) <= 4, out
     assert ns["later"] == [1, 2, 3]
+    weights = _weights(ns["model"])
+    # one clean run of both cells at that batch: the same model
+    shell.run_cell("%gpumem simulate off")
+    _vae(shell, batch, loop_fails=False)
+    assert _same(weights, _weights(ns["model"]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -820,23 +828,52 @@ def test_vae_example_both_loaders_from_one_setting_are_changed(shell: Any, capsy
 # hidden state in train(), and train_data was batchified with it in the setup cell
 
 
-def _wlm(shell: Any, tmp_path: Any, cell: str = WLM_LOOP) -> None:
+def _wlm(shell: Any, tmp_path: Any, cell: str = WLM_LOOP, setup: str = WLM_SETUP) -> None:
     shell.run_cell("%gpumem simulate 32MiB")
-    assert shell.run_cell(WLM_MODEL).success
-    setup = WLM_SETUP.replace("BATCH", "160").replace("SAVE_PATH", repr(str(tmp_path / "m.pt")))
-    assert shell.run_cell(setup).success
-    assert not shell.run_cell(cell).success
+    assert shell.run_cell(WLM_MODEL, store_history=True).success
+    setup = setup.replace("BATCH", "160").replace("SAVE_PATH", repr(str(tmp_path / "m.pt")))
+    assert shell.run_cell(setup, store_history=True).success
+    assert not shell.run_cell(cell, store_history=True).success
 
 
-def test_word_language_model_retry_that_breaks_the_cell_is_rolled_back(
+def test_word_language_model_train_data_batchified_in_the_setup_cell_is_re_made(
     shell: Any, capsys: Any, tmp_path: Any
 ) -> None:
+    """`train_data = batchify(corpus.train, args.batch_size)` in the setup cell, read by train():
+    each probe re-makes it at its batch (that statement only: the model is not made again), and
+    the kept state is one clean run of both cells at the batch found: args.batch_size,
+    train_data's shape and the trained model's parameters. 16 is the largest batch that fits
+    (bisected, see below). Was: the first rehearsal raised the hidden-state RuntimeError and
+    "Nothing was kept"."""
     _wlm(shell, tmp_path)
     ns = shell.user_ns
+    model = ns["model"]
+    capsys.readouterr()
     shell.run_cell("%gpumem retry batch")
-    assert ns["args"].batch_size == 160
-    assert tuple(ns["train_data"].shape) == (75, 160)
-    assert ns["best_val_loss"] is None and ns["lr"] == 20
+    out = capsys.readouterr().out
+    assert "Fits at batch 16 (was 160)" in out, out
+    assert _runs(out) <= 4, out
+    assert ns["args"].batch_size == 16 and tuple(ns["train_data"].shape) == (750, 16)
+    assert ns["model"] is model
+    assert ns["best_val_loss"] is not None  # the real run ran whole, checkpoint and all
+    assert re.search(r"Also re-made `train_data` \(In \[\d+\], line 60\) at batch 16", out), out
+    assert "new random draws" not in out, out  # batchify draws nothing: a clean run's data
+    permanent = out.split("To make it permanent:", 1)[1].split("\n", 1)[0]
+    assert re.search(
+        r"change In \[(\d+)\], line 26 to: args = parser\.parse_args\(\[.*'16'", permanent
+    )
+    assert re.search(r"In \[\d+\], line 60 \(`train_data`\) reads the batch setting", permanent)
+    weights, val_loss = _weights(model), ns["best_val_loss"]
+    # one clean run of both cells at 16, on a fresh card
+    shell.run_cell("%gpumem simulate off")
+    shell.run_cell("%gpumem simulate 32MiB")
+    assert shell.run_cell(WLM_MODEL).success
+    setup = WLM_SETUP.replace("BATCH", "16").replace("SAVE_PATH", repr(str(tmp_path / "c.pt")))
+    assert shell.run_cell(setup).success
+    assert shell.run_cell(WLM_LOOP).success
+    assert tuple(ns["train_data"].shape) == (750, 16)
+    assert _same(weights, _weights(ns["model"]))
+    assert ns["best_val_loss"] == val_loss
 
 
 def test_word_language_model_batchified_in_the_cell_lands_on_the_largest(
@@ -861,24 +898,36 @@ def test_word_language_model_batchified_in_the_cell_lands_on_the_largest(
 def test_word_language_model_a_rehearsal_that_raises_is_told_in_one_line(
     shell: Any, capsys: Any, tmp_path: Any
 ) -> None:
-    """The first rehearsal (args.batch_size = 19) raises the cell's own RuntimeError: the hidden
-    state is (2, 19, 200) but train_data was batchified with 160 columns in the setup cell. Told
-    in one line (was: a 60-line traceback through the extension), the notebook put back."""
-    _wlm(shell, tmp_path)
+    """batchify prints here, so `train_data` is not re-made (nothing re-run silently): the first
+    rehearsal (args.batch_size = 19) raises the cell's own RuntimeError, the hidden state (2, 19,
+    200) against train_data's 160 columns. Told in one line (was: a 60-line traceback through the
+    extension), with a note under the cell's traceback naming the cell to re-run; the notebook put
+    back."""
+    printing = WLM_SETUP.replace(
+        "    # Work out how cleanly", "    print('batchify', bsz)\n    # Work out how cleanly"
+    )
+    _wlm(shell, tmp_path, setup=printing)
     capsys.readouterr()
     shell.run_cell("%gpumem retry batch")
     captured = capsys.readouterr()
     text = captured.out + captured.err
     assert "RuntimeError" in text, text
+    assert "batchify 19" not in text, text
     assert not re.search(r"jupyter_gpumem[/\\]", text), text
     # the cell's error as the cell shows it, then one line: the batch, the error, nothing kept
     assert "Expected hidden[0] size (2, 160, 200), got [2, 19, 200]" in captured.err, text
+    assert re.search(
+        r"jupyter_gpumem: Not re-made: `train_data` \(In \[\d+\], line 61\).*would print again "
+        r".*`batchify\(\)` prints\)\. Re-run In \[\d+\] at batch 19 yourself",
+        text,
+    ), text
     assert re.search(
         r"✗ Reduce batch: the re-run at batch 19 raised RuntimeError: Expected hidden\[0\] size "
         r".*\. Nothing was kept: restored",
         captured.err,
     ), text
     assert shell.user_ns["args"].batch_size == 160
+    assert tuple(shell.user_ns["train_data"].shape) == (75, 160)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -886,44 +935,44 @@ def test_word_language_model_a_rehearsal_that_raises_is_told_in_one_line(
 # is made in the setup cell and run through netG at i == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the search stops one rehearsal late, 3 probes (61, 7, 2): at 7 the rehearsal runs "
-    "out in Generator.forward, `output = self.main(input)`, with `input` the notebook's "
-    "fixed_noise (512, 100, 1, 1); the diagnosis lists that tensor as the variable fixed_noise, "
-    "not as a tensor of the failed frame, so Reduce batch's check for a tensor still sized by "
-    "the old batch (frames only) finds none and goes on; at 2 the failure is one call deeper "
-    "(`input` (512, 16, 16, 16) in Sequential.forward) and it stops there, with the right message",
-)
-def test_dcgan_example_does_not_say_batch_1_does_not_fit(
-    shell: Any, capsys: Any, tmp_path: Any
-) -> None:
-    """fixed_noise (opt.batchSize, nz, 1, 1) is made in the setup cell and run through netG at
-    i == 0; Reduce batch changes the dataloader's batch only. Was: 63, 7, 2, 1 and "Even batch 1
-    does not fit" (with opt.batchSize at 21 the whole example fits: bisected from 512, fresh
-    card and setup each probe, 22 does not)."""
+DCGAN_LARGEST_24 = 21  # the whole example fits at opt.batchSize 21, not at 22 (bisected from 512)
+
+
+def _dcgan(shell: Any, tmp_path: Any, batch: int = 512, loop_fails: bool = True) -> None:
     shell.run_cell("%gpumem simulate off")
     assert shell.run_cell(DCGAN_DATA).success
     shell.run_cell("%gpumem simulate 24MiB")
-    setup = DCGAN_SETUP.replace("BATCH", "512").replace("OUT_DIR", repr(str(tmp_path)))
+    setup = DCGAN_SETUP.replace("BATCH", str(batch)).replace("OUT_DIR", repr(str(tmp_path)))
     assert shell.run_cell(setup, store_history=True).success
-    assert not shell.run_cell(DCGAN_LOOP, store_history=True).success
+    assert shell.run_cell(DCGAN_LOOP, store_history=True).success != loop_fails
+
+
+def test_dcgan_example_fixed_noise_is_re_made_at_each_batch(
+    shell: Any, capsys: Any, tmp_path: Any
+) -> None:
+    """fixed_noise (opt.batchSize, nz, 1, 1) is made in the setup cell and run through netG at
+    i == 0: read from the history before any run, its statement is re-run at each probed batch
+    (that statement only: netG and netD are the same objects), and the search lands on the largest
+    batch the whole example fits. The outcome says fixed_noise's values are new random draws (the
+    loop's own random stream as it was), so no claim of one clean run. Was: 61, 7, 2 and "Reduce
+    batch stopped" on `input` (512, 16, 16, 16), and before that "Even batch 1 does not fit"."""
+    _dcgan(shell, tmp_path)
+    ns = shell.user_ns
+    net_g, net_d = ns["netG"], ns["netD"]
     capsys.readouterr()
     shell.run_cell("%gpumem retry batch")
     out = capsys.readouterr().out
-    assert "Even batch 1 does not fit" not in out, out
-    # a rehearsal that runs out on netG's input still sized by 512 stops the search, and says
-    # which variable keeps the old batch
-    assert len(_probes(out)) <= 2, out
+    assert f"Fits at batch {DCGAN_LARGEST_24} (was 512)" in out, out
+    assert _runs(out) <= 4, out
+    assert ns["opt"].batchSize == ns["dataloader"].batch_size == DCGAN_LARGEST_24
+    assert tuple(ns["fixed_noise"].shape) == (DCGAN_LARGEST_24, 100, 1, 1)
+    assert ns["netG"] is net_g and ns["netD"] is net_d
+    assert ns["i"] == len(ns["dataloader"]) - 1  # the kept run went through the epoch
     assert re.search(
-        r"Reduce batch stopped: at batch \d+ the cell still ran out on `input` \(512, 16, 16, 16\), "
-        r"sized by the old batch 512; the notebook's `fixed_noise` \(512, 100, 1, 1\) still has it\.",
-        out,
+        rf"Also re-made `fixed_noise` \(In \[\d+\], line 169\) at batch {DCGAN_LARGEST_24}", out
     ), out
-    # which cell made it, the line, and what to re-run (issue 20)
-    assert re.search(
-        r"`fixed_noise` is made in In \[\d+\], line \d+: `fixed_noise = torch\.randn\(opt\.batchSize, "
-        r"nz, 1, 1, device=device\)`; make it with batch \d+ there and re-run In \[\d+\], then "
-        r"this cell at batch \d+\.",
-        out,
-    ), out
+    assert "new random draws" in out, out
+    permanent = out.split("To make it permanent:", 1)[1].split("\n", 1)[0]
+    assert re.search(r"change In \[\d+\], line 38 to: opt = parser\.parse_args\(.*'21'", permanent)
+    assert re.search(r"In \[\d+\], line 169 \(`fixed_noise`\) reads the batch setting", permanent)
+    assert "make the batch" not in permanent, out  # the loader's line follows opt.batchSize

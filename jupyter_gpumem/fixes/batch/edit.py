@@ -143,10 +143,15 @@ def describe_change(finding: BatchFinding, new_value: int) -> str:
         ]
         parts.append("change " + "; ".join(changed))
     done: set[str] = set()
+    # a line that builds a loader from the setting (`batch_size=opt.batchSize`) follows the line
+    # that sets it: only the line with the number changes
+    written = {w for w in finding.origins.values() if _writes(w, finding.value)}
     for s in finding.sites:
         if s.lineno is not None:
             continue
         where = finding.origins.get(s.name)
+        if where is not None and written and where not in written:
+            continue
         if where is not None:
             if where not in done:
                 parts.append(_change_origin(where, s.value, new_value))
@@ -166,6 +171,12 @@ def describe_change(finding: BatchFinding, new_value: int) -> str:
         else:
             parts.append(f"set {s.name} = {new_value} before the cell (it is a global)")
     return "; ".join(parts)
+
+
+def _writes(where: str, value: int) -> bool:
+    """The origin line ``In [3], line 2: ...`` carries the number ``value`` once."""
+    text = where.partition(": ")[2]
+    return len(re.findall(rf"(?<![\w.]){value}(?![\w.])", text)) == 1
 
 
 def _change_origin(where: str, old: int, new: int) -> str:

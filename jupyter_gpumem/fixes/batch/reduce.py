@@ -34,6 +34,7 @@ from jupyter_gpumem.fixes.batch.evidence import failing_tensors, sized_by, varia
 from jupyter_gpumem.fixes.batch.longest import WorstFirst
 from jupyter_gpumem.fixes.batch.namespace import history_of, origin
 from jupyter_gpumem.fixes.batch.phase import evaluation_reason
+from jupyter_gpumem.fixes.batch.remake import Remake, find_remake
 from jupyter_gpumem.fixes.batch.replay import Replay
 from jupyter_gpumem.fixes.batch.schedule import schedule_notes
 from jupyter_gpumem.fixes.batch.search import BatchSearch, Observation
@@ -170,6 +171,9 @@ class ReduceBatch(Fix):
         # the replay as it stood when each batch was first run: the kept batch's is what
         # predicted it (the runs at that batch itself are not in it)
         replays: dict[int, Replay | None] = {}
+        # what earlier cells made from the batch setting and the cell reads: re-made at each
+        # batch, from before the first run (DCGAN's fixed_noise, word_language_model's train_data)
+        remake = _remake(ctx, finding)
         while len(attempts) < budget and final is None:
             b = search.next_batch() if len(attempts) < budget - 1 else None
             real = b is None or not rehearse
@@ -181,10 +185,11 @@ class ReduceBatch(Fix):
             else:
                 plan = _rehearsal_plan(ctx, finding, b, search, probe, worst)
                 plan.contexts.append(worst)
+            _with_remake(plan, remake, ctx, b)
             plan.contexts.append(probe)
             if b not in replays:
                 replays[b] = search.replay()
-            result, attempt = self._run(ctx, plan)
+            result, attempt = self._run(ctx, plan, remake)
             attempts.append(attempt)
             if result.kept or (real and result.ok):
                 final = result
@@ -200,6 +205,7 @@ class ReduceBatch(Fix):
                     added = [s.name for s in wider.sites if s not in finding.sites]
                     search.observations.pop()
                     finding = wider
+                    remake = _remake(ctx, finding)
                     outcome.notes.append(_widened_note(added, b, finding.value, result))
                     continue
                 if (
@@ -217,6 +223,7 @@ class ReduceBatch(Fix):
             outcome.failure = last_failure
             outcome.message = untouched or _unsettled(ctx, attempts)
             outcome.notes.extend(worst.unknown_notes())
+            _remade(outcome, remake, None, None)
             return outcome
         best = attempts[-1].batch or 0
         how = search.replay_note()
@@ -227,6 +234,7 @@ class ReduceBatch(Fix):
                 "the check."
             )
         _settled(ctx, finding, outcome, best, accumulate, how)
+        _remade(outcome, remake, best, accumulate)
         # a cell without a loop is rehearsed twice in a row and kept after one run: the replay's
         # need (two runs) and the kept run's peak (one) are not the same thing to compare
         twice = ctx.failed.loop is None and _twice(ctx.failed.source) is not None
@@ -236,9 +244,13 @@ class ReduceBatch(Fix):
         outcome.notes[0:0] = worst.notes(best)  # what it was sized for, first
         return outcome
 
-    def _run(self, ctx: FixContext, plan: Plan) -> tuple[RunResult, Attempt]:
+    def _run(
+        self, ctx: FixContext, plan: Plan, remake: Remake | None = None
+    ) -> tuple[RunResult, Attempt]:
         """One run, its line showing the memory resident when it started (the same for every
-        attempt: each starts from the rolled-back notebook) and no peak for a run that failed."""
+        attempt: each starts from the rolled-back notebook) and no peak for a run that failed.
+        A run that raises where an earlier cell's value was left at the old batch (its slice
+        not re-run) carries a note on it, shown under the cell's traceback."""
         assert ctx.run is not None
         gc.collect()
         stats = backends.active().allocator_stats(ctx.failed.report.device_index)
@@ -246,7 +258,51 @@ class ReduceBatch(Fix):
         if resident is not None:
             start = f"from {format_bytes(resident)} resident"
             plan.note = f"{plan.note}, {start}" if plan.note else start
-        return self.run_once(ctx, plan)
+        try:
+            return self.run_once(ctx, plan)
+        except Exception as exc:
+            if remake is not None and remake.refused is not None:
+                remake.tell(exc, plan.batch)
+            raise
+
+
+def _remake(ctx: FixContext, finding: BatchFinding) -> Remake | None:
+    """What the cell reads that earlier cells made from the batch setting (``remake.py``);
+    None where nothing is, or the history cannot be read."""
+    from jupyter_gpumem.cells.failure import names_recreated, names_used
+
+    source = ctx.failed.source
+    try:
+        return find_remake(
+            history_of(ctx.user_ns),
+            source,
+            finding,
+            names_used(source, ctx.user_ns),
+            ctx.user_ns,
+            skip=names_recreated(source),
+        )
+    except Exception:  # the search goes on as before; a run that meets the old size says so
+        return None
+
+
+def _with_remake(plan: Plan, remake: Remake | None, ctx: FixContext, b: int) -> None:
+    """The run re-makes what earlier cells made from the setting, at ``b``, first (before the
+    peak's watch: in a clean run it is resident when the cell starts)."""
+    if remake is not None and remake.refused is None:
+        plan.contexts.insert(0, remake.context(ctx.user_ns, b))
+
+
+def _remade(outcome: FixOutcome, remake: Remake | None, best: int | None, accumulate: Any) -> None:
+    """The outcome's words on what was re-made (or why not), and the lines to make it permanent."""
+    if remake is None:
+        return
+    if best is None:  # nothing kept: only a slice that was not re-run needs saying
+        if remake.refused is not None:
+            outcome.notes.append(remake.refused_note())
+        return
+    outcome.notes.extend(remake.notes(best))
+    if remake.refused is None and accumulate is None:
+        outcome.change += "; " + remake.permanent()
 
 
 def _prediction_note(replay: Replay, best: int, measured: int | None) -> str:
