@@ -95,6 +95,15 @@ def shell() -> Iterator[Any]:
     _end_shell(sh)
 
 
+def extension(sh: Any) -> Any:
+    """The extension loaded in ``sh`` (None when it is not), reached as IPython holds it: the
+    object behind the ``%gpumem`` magics in IPython's magics registry. For tests that click the
+    panel it shows or read what it recorded; settings are set with ``%config GpuMem.x = ...`` and
+    the last failure read with ``jupyter_gpumem.last_failure(shell)``, as a user does."""
+    magics = sh.magics_manager.registry.get("GpuMemMagics")
+    return None if magics is None else magics.ext
+
+
 @dataclass
 class Seen:
     """What a user sees of one cell: what it printed (``out``), its error output and traceback

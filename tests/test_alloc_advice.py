@@ -232,7 +232,7 @@ def test_measured_blocks_that_fit_the_request_are_no_fragmentation() -> None:
     ids=["unset", "others-kept"],
 )  # fmt: skip
 def test_an_oom_in_a_cell_measures_the_blocks_and_advises_what_is_not_on(
-    shell: Any, capsys: Any, monkeypatch: Any, env: dict[str, str], said: str
+    shell: Any, run: Any, monkeypatch: Any, env: dict[str, str], said: str
 ) -> None:
     pytest.importorskip("torch")
     _env(monkeypatch, **env)
@@ -241,9 +241,11 @@ def test_an_oom_in_a_cell_measures_the_blocks_and_advises_what_is_not_on(
         "import torch\n"
         "kept = [torch.empty(3 * 2**19, dtype=torch.uint8, device='cuda') for _ in range(5)]"
     )
-    capsys.readouterr()
-    shell.run_cell("more = torch.empty(60 * 2**20, dtype=torch.uint8, device='cuda')")
-    out = capsys.readouterr().out
+    out = run(
+        shell,
+        "more = torch.empty(60 * 2**20, dtype=torch.uint8, device='cuda')",
+        store_history=False,
+    ).out
     assert "free block of the large pool too small for the 60.00 MiB request" in out, out
     assert said in out
 
@@ -283,9 +285,7 @@ def test_the_allocators_own_record_wins_over_the_environment() -> None:
     assert "already on (the allocator runs with it)" in advice and SET_IT not in advice
 
 
-def test_clear_cache_promises_only_what_the_allocator_can_give_back(
-    shell: Any, capsys: Any
-) -> None:
+def test_clear_cache_promises_only_what_the_allocator_can_give_back(shell: Any, run: Any) -> None:
     """PyTorch's fragmentation case, through the user's surface: two freed 5 MiB blocks share a
     segment with live tensors, so empty_cache returns neither. The cause says so, and the Clear
     cache line agrees with it (was: 'Clear cache (saves ~10.00 MiB)' beside 'Clear cache cannot
@@ -298,9 +298,9 @@ def test_clear_cache_promises_only_what_the_allocator_can_give_back(
         "del parts[2], parts[0]\n"
         "big = torch.empty(40 * MiB, dtype=torch.uint8, device='cuda')"
     )
-    capsys.readouterr()
-    shell.run_cell("x = torch.empty(6 * MiB, dtype=torch.uint8, device='cuda')")
-    out = capsys.readouterr().out
+    out = run(
+        shell, "x = torch.empty(6 * MiB, dtype=torch.uint8, device='cuda')", store_history=False
+    ).out
     assert "Clear cache cannot return them" in out, out
     clear = next(line for line in out.splitlines() if "retry clear" in line)
     assert "saves ~0 B" in clear, clear

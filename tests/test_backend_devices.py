@@ -44,7 +44,7 @@ def test_a_run_on_the_second_card_is_logged_on_it(shell: Any) -> None:
     assert current.events == [] and current.resident == []  # cuda:0: nothing
 
 
-def test_bf16_is_native_per_card_profile(shell: Any, capsys: Any) -> None:
+def test_bf16_is_native_per_card_profile(shell: Any, run: Any) -> None:
     """A T4 emulates bfloat16: Enable autocast picks float16 and says to use a GradScaler (it
     picked bfloat16: the simulated GPU said native bf16 on every card)."""
     pytest.importorskip("torch")
@@ -61,9 +61,7 @@ def test_bf16_is_native_per_card_profile(shell: Any, capsys: Any) -> None:
     assert shell.run_cell(setup).success
     cell = "x = torch.randn(220, 32, 1024, device='cuda')\nout = model(x).sum()\n"
     assert not shell.run_cell(cell).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry autocast")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry autocast", store_history=False).out
     assert "under autocast (float16)" in out, out
     assert "no bfloat16 in hardware" in out and "GradScaler" in out, out
 
@@ -94,7 +92,7 @@ def test_a_plain_size_computes_bf16_natively() -> None:
     assert gpu.supports_bf16() and gpu.supports_bf16(0)  # an A100-like 8.0
 
 
-def test_the_drivers_reading_counts_the_cuda_context(shell: Any, capsys: Any) -> None:
+def test_the_drivers_reading_counts_the_cuda_context(shell: Any, run: Any) -> None:
     """What NVML and ``mem_get_info`` read: the T4's 150 MiB context is used memory, this
     kernel's (``%gpumem status`` said 0 B used on a card where torch says 150 MiB)."""
     pytest.importorskip("torch")
@@ -103,9 +101,7 @@ def test_the_drivers_reading_counts_the_cuda_context(shell: Any, capsys: Any) ->
     shell.run_cell("%gpumem simulate T4")
     shell.run_cell("import torch\nx = torch.zeros(64 << 20, device='cuda')  # 256 MiB")
     shell.run_cell("free, total = torch.cuda.mem_get_info()")
-    capsys.readouterr()
-    shell.run_cell("%gpumem status")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem status", store_history=False).out
     assert "406 MiB used" in out, out  # 256 MiB reserved + the 150 MiB context
     reading = backends.active().read()
     assert (reading.free_bytes, reading.total_bytes) == (

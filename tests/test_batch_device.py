@@ -34,31 +34,29 @@ for step in range(2):
 """
 
 
-def _retry(shell: Any, capsys: Any, n: int) -> tuple[int, str]:
+def _retry(shell: Any, run: Any, n: int) -> tuple[int, str]:
     shell.run_cell("%gpumem simulate 128MiB --devices 2")
     assert shell.run_cell(SETUP.format(n=n), store_history=True).success
     assert not shell.run_cell(CELL, store_history=True).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     m = re.search(r"Fits at batch (\d+) \(was 16384\)", out)
     assert m, out
     return int(m.group(1)), out
 
 
-def test_the_second_card_is_read_where_it_ran_out(shell: Any, capsys: Any) -> None:
+def test_the_second_card_is_read_where_it_ran_out(shell: Any, run: Any) -> None:
     """Peaks, capacity and what stays resident read on cuda:1: no "peak 0 B", the weights
     resident on cuda:1 counted (was "from 0 B resident": the current device's), and the batch
     settled on is within 10% of the one found for the same cell on cuda:0."""
-    batch, out = _retry(shell, capsys, 1)
+    batch, out = _retry(shell, run, 1)
     assert "peak 0 B" not in out, out
     assert "from 0 B resident" not in out, out  # the model's 600 KiB are on cuda:1
     assert re.search(r"batch \d+\s+fits\s+peak [1-9]", out), out
     shell.run_cell("%gpumem simulate off")
-    first, _ = _retry(shell, capsys, 0)
+    first, _ = _retry(shell, run, 0)
     assert batch >= 0.9 * first, (batch, first, out)
 
 
-def test_the_second_card_is_searched_in_as_few_runs_as_the_first(shell: Any, capsys: Any) -> None:
-    _, out = _retry(shell, capsys, 1)
+def test_the_second_card_is_searched_in_as_few_runs_as_the_first(shell: Any, run: Any) -> None:
+    _, out = _retry(shell, run, 1)
     assert len(re.findall(r"reduce batch\s+batch \d+", out)) <= 3, out

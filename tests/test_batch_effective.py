@@ -57,15 +57,15 @@ def test_existing_accumulation_read_from_the_cell(
 
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_the_effective_batch_counts_the_micro_batches(
-    shell: Any, capsys: Any, accumulate: bool
+    shell: Any, run: Any, accumulate: bool
 ) -> None:
     pytest.importorskip("torch")
     shell.run_cell("%gpumem simulate 64MiB")
     assert shell.run_cell(SETUP, store_history=True).success
     assert not shell.run_cell(CELL, store_history=True).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch" + (" --accumulate" if accumulate else ""))
-    out = capsys.readouterr().out
+    out = run(
+        shell, "%gpumem retry batch" + (" --accumulate" if accumulate else ""), store_history=False
+    ).out
     m = re.search(r"Fits at batch (\d+) \(was 4096\)", out)
     assert m, out
     best = int(m.group(1))
@@ -104,7 +104,7 @@ for epoch in range(epochs):
 
 
 def test_a_schedule_sized_in_steps_is_named_with_the_steps_to_build_it_for(
-    shell: Any, capsys: Any
+    shell: Any, run: Any
 ) -> None:
     """A linear schedule (transformers' get_scheduler) built for len(train_loader) * epochs at
     batch 4096: at the smaller batch it reaches a learning rate of 0 in the first epoch and
@@ -121,9 +121,7 @@ def test_a_schedule_sized_in_steps_is_named_with_the_steps_to_build_it_for(
     shell.run_cell("%gpumem simulate 64MiB")
     assert shell.run_cell(SETUP + SCHEDULED, store_history=True).success
     assert not shell.run_cell(SCHEDULED_CELL, store_history=True).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     m = re.search(r"Fits at batch (\d+) \(was 4096\)", out)
     assert m, out
     best = int(m.group(1))

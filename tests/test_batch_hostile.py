@@ -113,21 +113,18 @@ class Derived:
         self.steps = 960 // self.batch_size
 
 
-def _retry(shell: Any, capsys: Any, namespace: dict[str, Any], cell: str) -> str:
+def _retry(shell: Any, run: Any, namespace: dict[str, Any], cell: str) -> str:
     shell.run_cell("%gpumem simulate 64MiB", store_history=True)
     shell.run_cell("import torch", store_history=True)
     shell.user_ns.update(namespace)
     assert not shell.run_cell(cell, store_history=True).success
     CALLS.clear()
     Config.armed = True  # type: ignore[attr-defined]  # from here, its __setattr__ records
-    capsys.readouterr()
     started = time.perf_counter()
     try:
-        shell.run_cell("%gpumem retry batch", store_history=True)
+        out = run(shell, "%gpumem retry batch").text
     finally:
         Config.armed = False  # type: ignore[attr-defined]
-    cap = capsys.readouterr()
-    out = cap.out + cap.err
     assert time.perf_counter() - started < 30
     assert "Traceback" not in out and "could not" not in out, out
     assert "Fits at batch" in out, out
@@ -137,11 +134,11 @@ def _retry(shell: Any, capsys: Any, namespace: dict[str, Any], cell: str) -> str
 ALLOC = "x = torch.empty({} << 20, dtype=torch.uint8, device='cuda')\n"
 
 
-def test_a_dict_subclass_config_is_changed_without_its_methods(shell: Any, capsys: Any) -> None:
+def test_a_dict_subclass_config_is_changed_without_its_methods(shell: Any, run: Any) -> None:
     """Was: `cfg.items()` called (its RuntimeError swallowed: no batch found)."""
     cfg = Settings(batch_size=80, lr=0.1)
     cfg.note = "kept"  # type: ignore[attr-defined]
-    _retry(shell, capsys, {"cfg": cfg}, ALLOC.format("cfg['batch_size']"))
+    _retry(shell, run, {"cfg": cfg}, ALLOC.format("cfg['batch_size']"))
     assert CALLS == []
     new = shell.user_ns["cfg"]
     assert type(new) is Settings and new is not cfg, "a copy of the same class"
@@ -150,56 +147,56 @@ def test_a_dict_subclass_config_is_changed_without_its_methods(shell: Any, capsy
     assert dict.__getitem__(cfg, "batch_size") == 80, "the original is not changed"
 
 
-def test_ordered_and_default_dict_configs_keep_what_they_are(shell: Any, capsys: Any) -> None:
+def test_ordered_and_default_dict_configs_keep_what_they_are(shell: Any, run: Any) -> None:
     """An OrderedDict config keeps its order (was: the copy listed no keys: `list(cfg)` [],
     `dict(**cfg)` {}), a defaultdict its default_factory (was: None). Found by review."""
     from collections import OrderedDict, defaultdict
 
     cfg = OrderedDict(lr=0.1, batch_size=80)
     cfg.move_to_end("lr")
-    _retry(shell, capsys, {"cfg": cfg}, ALLOC.format("cfg['batch_size']"))
+    _retry(shell, run, {"cfg": cfg}, ALLOC.format("cfg['batch_size']"))
     new = shell.user_ns["cfg"]
     assert type(new) is OrderedDict and list(new) == ["batch_size", "lr"]
     assert dict(**new) == {"batch_size": new["batch_size"], "lr": 0.1} and new["batch_size"] < 80
     shell.run_cell("%gpumem simulate off", store_history=True)
     dd: defaultdict[str, Any] = defaultdict(lambda: "unset", batch_size=80)
-    _retry(shell, capsys, {"dd": dd}, ALLOC.format("dd['batch_size']"))
+    _retry(shell, run, {"dd": dd}, ALLOC.format("dd['batch_size']"))
     new_dd = shell.user_ns["dd"]
     assert type(new_dd) is defaultdict and new_dd["missing"] == "unset"
     assert new_dd["batch_size"] < 80
 
 
-def test_a_namespace_config_with_a_hostile_property(shell: Any, capsys: Any) -> None:
+def test_a_namespace_config_with_a_hostile_property(shell: Any, run: Any) -> None:
     """Was: `vars(args)` and `copy.copy(args)` (its ``__copy__`` raised: the fix failed)."""
     args = Args(batch_size=80, epochs=3)
-    _retry(shell, capsys, {"args": args}, ALLOC.format("args.batch_size"))
+    _retry(shell, run, {"args": args}, ALLOC.format("args.batch_size"))
     assert CALLS == []
     new = shell.user_ns["args"]
     assert type(new) is Args and vars(new)["epochs"] == 3 and vars(new)["batch_size"] < 80
 
 
-def test_a_dataclass_config_is_copied_without_its_code(shell: Any, capsys: Any) -> None:
+def test_a_dataclass_config_is_copied_without_its_code(shell: Any, run: Any) -> None:
     """Was: `dataclasses.replace`, which runs ``__init__`` and the class's ``__setattr__``."""
     conf = Config()
-    _retry(shell, capsys, {"conf": conf}, ALLOC.format("conf.batch_size"))
+    _retry(shell, run, {"conf": conf}, ALLOC.format("conf.batch_size"))
     assert CALLS == []
     new = shell.user_ns["conf"]
     assert type(new) is Config and new.batch_size < 80 and new.lr == 0.1
 
 
-def test_a_dataclass_that_derives_from_the_batch_keeps_deriving(shell: Any, capsys: Any) -> None:
+def test_a_dataclass_that_derives_from_the_batch_keeps_deriving(shell: Any, run: Any) -> None:
     """Its ``__post_init__`` runs for the copy (``dataclasses.replace``), as the user's own
     ``replace`` would: the steps it derives follow the new batch."""
-    _retry(shell, capsys, {"conf": Derived()}, ALLOC.format("conf.batch_size"))
+    _retry(shell, run, {"conf": Derived()}, ALLOC.format("conf.batch_size"))
     new = shell.user_ns["conf"]
     assert new.batch_size < 80 and new.steps == 960 // new.batch_size
 
 
-def test_hostile_objects_beside_a_plain_batch(shell: Any, capsys: Any) -> None:
+def test_hostile_objects_beside_a_plain_batch(shell: Any, run: Any) -> None:
     """Objects the cell names but that hold no batch: read as they are, never asked."""
     hostile = {"lazy": Lazy(), "cfg": Settings(lr=0.1), "args": Args(epochs=2)}
     cell = "batch_size = 80\n_ = (lazy, cfg, args)\n" + ALLOC.format("batch_size")
-    _retry(shell, capsys, hostile, cell)
+    _retry(shell, run, hostile, cell)
     assert CALLS == []
     assert shell.user_ns["batch_size"] < 80
     assert shell.user_ns["lazy"] is hostile["lazy"]
@@ -216,11 +213,11 @@ class Trainer:
         raise AttributeError(name)
 
 
-def test_a_loader_kept_by_a_hostile_object(shell: Any, capsys: Any) -> None:
+def test_a_loader_kept_by_a_hostile_object(shell: Any, run: Any) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     trainer = Trainer(DataLoader(TensorDataset(torch.zeros(400, 1)), batch_size=80))
     cell = "for (b,) in trainer.train_loader:\n    " + ALLOC.format("b.shape[0]")
-    _retry(shell, capsys, {"trainer": trainer}, cell)
+    _retry(shell, run, {"trainer": trainer}, cell)
     assert shell.user_ns["trainer"].train_loader.batch_size < 80
     assert CALLS == []

@@ -85,7 +85,7 @@ def test_loaders_in_a_dict_train_reduced_val_left(
     assert "dataloaders['train']" in out.split("To make it permanent", 1)[1], out
 
 
-def test_loader_as_an_attribute(shell: Any, capsys: Any) -> None:
+def test_loader_as_an_attribute(shell: Any, run: Any) -> None:
     _tutorial(shell)
     shell.run_cell(
         "class Run:\n    pass\nrun = Run()\nrun.train_loader = dataloaders['train']\n",
@@ -95,9 +95,9 @@ def test_loader_as_an_attribute(shell: Any, capsys: Any) -> None:
         '["train", "val"]', '["train"]'
     )
     assert not shell.run_cell(cell, store_history=True).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch --force --batch-var run.train_loader")
-    out = capsys.readouterr().out
+    out = run(
+        shell, "%gpumem retry batch --force --batch-var run.train_loader", store_history=False
+    ).out
     m = re.search(r"Fits at batch (\d+) \(was 4096\)", out)
     assert m, out
     assert shell.user_ns["run"].train_loader.batch_size == int(m.group(1))

@@ -160,15 +160,13 @@ def test_oomsafe_padded_loop_finishes_the_epoch(
     _finished_the_epoch(shell, batch, out, largest_epoch)
 
 
-def test_loader_made_in_the_cell(shell: Any, capsys: Any, largest_epoch: int) -> None:
+def test_loader_made_in_the_cell(shell: Any, run: Any, largest_epoch: int) -> None:
     """The batch is a literal of the failing cell and the loader is made there: the rehearsals'
     loader is the cell's own, reordered all the same."""
     _setup(shell, loader=False)
     cell = LOADER.format(b=START) + TRAIN
     assert not shell.run_cell(cell, store_history=True).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch --force")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch --force", store_history=False).out
     m = re.search(rf"Fits at batch (\d+) \(was {START}\)", out)
     assert m, out
     _finished_the_epoch(shell, int(m.group(1)), out, largest_epoch)
@@ -188,16 +186,14 @@ dataset = Sequences(seqs, labels)
 
 
 def test_a_dataset_with_its_own_getitem_is_read_through_it_and_says_so(
-    shell: Any, capsys: Any, largest_epoch: int
+    shell: Any, run: Any, largest_epoch: int
 ) -> None:
     shell.run_cell("%gpumem simulate off")
     assert shell.run_cell(DATA + DATASET_CLASS).success
     shell.run_cell(f"%gpumem simulate {CARD}")
     assert shell.run_cell(MODEL + LOADER.format(b=START), store_history=True).success
     assert not shell.run_cell(TRAIN, store_history=True).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch --force")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch --force", store_history=False).out
     batch = shell.user_ns["loader"].batch_size
     assert f"Fits at batch {batch} (was {START})" in out, out
     assert f"the largest of `dataset`'s {N} items, read through its own `__getitem__`" in out, out
@@ -461,7 +457,7 @@ def _images(shell: Any, b: int) -> None:
     assert shell.run_cell(CONVNET.format(b=b), store_history=True).success
 
 
-def test_images_of_several_sizes_finish_the_epoch(shell: Any, capsys: Any) -> None:
+def test_images_of_several_sizes_finish_the_epoch(shell: Any, run: Any) -> None:
     from tests.conftest import _end_shell, _new_shell
 
     sh = _new_shell()  # the largest batch whose epoch fits, each probe on a fresh card
@@ -476,9 +472,7 @@ def test_images_of_several_sizes_finish_the_epoch(shell: Any, capsys: Any) -> No
 
     _images(shell, 32)
     assert not shell.run_cell(TRAIN, store_history=True).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch --force")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch --force", store_history=False).out
     batch = shell.user_ns["loader"].batch_size
     assert f"Fits at batch {batch} (was 32)" in out, out
     assert 2 * batch <= 150 and shell.user_ns["steps"] == len(shell.user_ns["loader"]), out
@@ -488,26 +482,24 @@ def test_images_of_several_sizes_finish_the_epoch(shell: Any, capsys: Any) -> No
     assert "sorting by size" in out, out
 
 
-def _stream(shell: Any, capsys: Any, stream: str, collate: str = "pad_collate") -> str:
+def _stream(shell: Any, run: Any, stream: str, collate: str = "pad_collate") -> str:
     shell.run_cell("%gpumem simulate off")
     assert shell.run_cell(DATA + stream).success
     shell.run_cell(f"%gpumem simulate {CARD}")
     loader = f"loader = DataLoader(Stream(), batch_size={START}, collate_fn={collate})\n"
     assert shell.run_cell(MODEL + loader, store_history=True).success
     assert not shell.run_cell(TRAIN, store_history=True).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch --force")
-    return str(capsys.readouterr().out)
+    return str(run(shell, "%gpumem retry batch --force").out)
 
 
 def test_a_streamed_dataset_is_read_through_its_iter(
-    shell: Any, capsys: Any, largest_epoch: int
+    shell: Any, run: Any, largest_epoch: int
 ) -> None:
     """An IterableDataset cannot be indexed: its items are read as it yields them, and the
     rehearsals collate the longest of them."""
     stream = "class Stream(torch.utils.data.IterableDataset):\n"
     stream += "    def __iter__(self):\n        return iter(dataset)\n"
-    out = _stream(shell, capsys, stream)
+    out = _stream(shell, run, stream)
     m = re.search(rf"Fits at batch (\d+) \(was {START}\)", out)
     assert m, out
     batch = int(m.group(1))
@@ -517,7 +509,7 @@ def test_a_streamed_dataset_is_read_through_its_iter(
     assert "read through its own `__iter__`" in out, out
 
 
-def test_a_stream_it_cannot_read_says_so_in_one_line(shell: Any, capsys: Any) -> None:
+def test_a_stream_it_cannot_read_says_so_in_one_line(shell: Any, run: Any) -> None:
     """Items of the notebook's own class are not read (their code would run): the rehearsals see
     two short batches, and the outcome says the largest batch cannot be known instead of claiming
     a size."""
@@ -533,7 +525,7 @@ class Stream(torch.utils.data.IterableDataset):
 def pad_samples(batch):
     return pad_collate([(s.tokens, s.label) for s in batch])
 """
-    out = _stream(shell, capsys, stream, "pad_samples")
+    out = _stream(shell, run, stream, "pad_samples")
     line = "`loader`'s batches differ in shape and its largest cannot be known (it streams an "
     assert out.count(line + "IterableDataset)") == 1, out
     assert "Sized for" not in out, out
@@ -544,9 +536,7 @@ def pad_samples(batch):
     "iter_body",
     ["return self.src  # a generator it holds", "return source  # a generator made once"],
 )
-def test_a_one_shot_stream_is_not_used_up_by_reading(
-    shell: Any, capsys: Any, iter_body: str
-) -> None:
+def test_a_one_shot_stream_is_not_used_up_by_reading(shell: Any, run: Any, iter_body: str) -> None:
     """A stream whose ``__iter__`` hands out an iterator made once (a generator, a file opened
     earlier) is not read ahead: reading it would use up the user's data, and the kept run would
     train nothing while the outcome said every batch fits (was: 0 steps, 'so every batch fits').
@@ -560,7 +550,7 @@ class Stream(torch.utils.data.IterableDataset):
     def __iter__(self):
         {iter_body}
 """
-    out = _stream(shell, capsys, stream)
+    out = _stream(shell, run, stream)
     line = (
         "`loader`'s largest batch cannot be known (it streams an IterableDataset that can be "
         "read once only, not read ahead so as not to use it up)"
@@ -590,7 +580,7 @@ dataset = Slow()
 
 
 def test_reading_through_a_slow_getitem_stays_within_its_budget(
-    shell: Any, capsys: Any, monkeypatch: Any
+    shell: Any, run: Any, monkeypatch: Any
 ) -> None:
     """Reading sizes through ``dataset[i]`` checks its time budget at every item: items of a
     quarter of a second are read for about the budget, not 64 of them (16 s) before the first
@@ -617,9 +607,7 @@ def test_reading_through_a_slow_getitem_stays_within_its_budget(
             calls.append(ns["Slow"].calls - before)
 
     monkeypatch.setattr(longest, "_read", counted)
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch --force")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch --force", store_history=False).out
     m = re.search(rf"the largest of (\d+) of `dataset`'s {N} items, sampled through its own", out)
     assert m, out
     sampled = int(m.group(1))  # items read: those the budget allows, the last one past it

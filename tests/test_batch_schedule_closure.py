@@ -32,7 +32,7 @@ def _hf_cells() -> dict[str, str]:
 
 
 def test_hf_course_closure_schedule_is_named_with_the_steps_to_build_it_for(
-    shell: Any, capsys: Any
+    shell: Any, run: Any
 ) -> None:
     """The course's loop with transformers' older get_linear_schedule_with_warmup (a closure over
     num_training_steps), built for 3 epochs of batch 8 on a 16 MiB card."""
@@ -45,9 +45,7 @@ def test_hf_course_closure_schedule_is_named_with_the_steps_to_build_it_for(
     lam = shell.user_ns["lr_scheduler"].lr_lambdas[0]
     assert lam.__closure__ and "num_training_steps" in lam.__code__.co_freevars  # the old form
     assert not shell.run_cell(cells["train"]).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     assert "Fits at batch" in out, out
     ns = shell.user_ns
     batch = ns["train_dataloader"].batch_size
@@ -131,16 +129,14 @@ for epoch in range(epochs):
     ids=["closure", "global", "partial-total_steps"],
 )
 def test_hand_written_linear_decay_is_named(
-    shell: Any, capsys: Any, schedule: str, setting: str, advice: str
+    shell: Any, run: Any, schedule: str, setting: str, advice: str
 ) -> None:
     shell.run_cell("%gpumem simulate off")
     assert shell.run_cell(DATA).success
     shell.run_cell("%gpumem simulate 24MiB")
     assert shell.run_cell(SETUP + schedule).success
     assert not shell.run_cell(TRAIN).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     assert "Fits at batch" in out, out
     ns = shell.user_ns
     batch = ns["loader"].batch_size

@@ -301,8 +301,7 @@ GAUGE = """\
 %load_ext jupyter_gpumem
 %gpumem simulate 1GiB
 import torch, time
-from jupyter_gpumem import _extension_for
-_extension_for(get_ipython()).settings.gauge_interval = 0.3
+%config GpuMem.gauge_interval = 0.3
 %gpumem gauge
 """
 ALLOC = """\

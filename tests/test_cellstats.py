@@ -11,13 +11,11 @@ pytest.importorskip("torch")
 
 
 @pytest.mark.slow
-def test_each_cell_gets_a_line_and_history_a_table(shell: Any, capsys: Any) -> None:
+def test_each_cell_gets_a_line_and_history_a_table(shell: Any, capsys: Any, run: Any) -> None:
     shell.run_cell("%gpumem simulate 256MiB")
     shell.run_cell("import torch")
     shell.run_cell("%gpumem cells on")
-    capsys.readouterr()
-    shell.run_cell('a = torch.zeros(16 << 20, device="cuda")  # 64 MiB')
-    out = capsys.readouterr().out
+    out = run(shell, 'a = torch.zeros(16 << 20, device="cuda")  # 64 MiB', store_history=False).out
     assert "+64.00 MiB, peak 64.00 MiB of 256 MiB" in out, out
     shell.run_cell("del a")
     assert "-64.00 MiB" in capsys.readouterr().out

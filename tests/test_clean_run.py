@@ -22,6 +22,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import jupyter_gpumem  # noqa: E402
+from tests.conftest import extension  # noqa: E402
 
 SETUP = """\
 import torch
@@ -69,7 +70,7 @@ def trained(shell: Any) -> Any:
 
 @pytest.mark.slow
 def test_a_first_pass_over_a_list_is_first_whatever_the_optimizer_held_before(
-    trained: Any, capsys: Any
+    trained: Any, run: Any
 ) -> None:
     """The loop over `batches` failed on its first item; Adam's state is from the earlier cell.
     The record says no earlier pass ran (was: "earlier passes ran", from the optimizer's state),
@@ -77,9 +78,7 @@ def test_a_first_pass_over_a_list_is_first_whatever_the_optimizer_held_before(
     assert not trained.run_cell(OVER_A_LIST).success
     failed = jupyter_gpumem.last_failure(trained)
     assert failed is not None and failed.earlier_passes is False
-    capsys.readouterr()
-    trained.run_cell("%gpumem retry cpu")
-    out = capsys.readouterr().out
+    out = run(trained, "%gpumem retry cpu", store_history=False).out
     assert "The cell ran on the CPU" in out, out
     assert "opt.step()" not in out and "--force" not in out, out
     fixed = _params(trained.user_ns["model"])
@@ -184,7 +183,7 @@ def _clean_run(shell: Any, *cells: str, card: str = "1GiB") -> None:
 
 @pytest.mark.slow
 def test_batchnorm_statistics_the_failed_forward_moved_are_put_back_before_every_fix(
-    shell: Any, capsys: Any
+    shell: Any, capsys: Any, run: Any
 ) -> None:
     """The failed forward moved the BatchNorm's running statistics and `num_batches_tracked`
     before it ran out. The hook copied them before the cell: a fix that fails leaves them as
@@ -195,9 +194,7 @@ def test_batchnorm_statistics_the_failed_forward_moved_are_put_back_before_every
     assert not shell.run_cell(BN_TRAIN).success
     bn = shell.user_ns["net"][1]
     assert int(bn.num_batches_tracked) == 1  # the failed run's forward got through it
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry autocast")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry autocast", store_history=False).out
     assert "Nothing was kept" in out, out
     assert "`net`'s BatchNorm running statistics as they were before the failed cell" in out, out
     assert int(bn.num_batches_tracked) == 0 and float(bn.running_var.sum()) == 64.0
@@ -213,7 +210,7 @@ def test_batchnorm_statistics_the_failed_forward_moved_are_put_back_before_every
     assert _same(fixed, _stats(clean))  # running mean and variance too: one clean run's
 
 
-def test_statistics_a_later_cell_moved_are_not_put_back(shell: Any, capsys: Any) -> None:
+def test_statistics_a_later_cell_moved_are_not_put_back(shell: Any, run: Any) -> None:
     """After the failure a cell of the user's trained the BatchNorm on: its work is not undone,
     and what the failed run left under it is named, as before the record existed."""
     shell.run_cell("%gpumem simulate 64MiB")
@@ -222,9 +219,7 @@ def test_statistics_a_later_cell_moved_are_not_put_back(shell: Any, capsys: Any)
     assert shell.run_cell("net(torch.randn(8, 64, device='cuda'));").success
     bn = shell.user_ns["net"][1]
     assert int(bn.num_batches_tracked) == 2
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry cpu")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry cpu", store_history=False).out
     assert "The cell ran on the CPU" in out, out
     assert "Put back" not in out and "Kept from the failed run" in out, out
     assert int(bn.num_batches_tracked) == 3  # the later cell's forward and the re-run's
@@ -239,7 +234,7 @@ def test_a_cell_pays_for_a_record_only_while_it_runs_and_only_for_models_it_name
 
     shell.run_cell("%gpumem simulate 64MiB")
     assert shell.run_cell(BN_SETUP).success
-    hook = jupyter_gpumem._extension_for(shell).hook
+    hook = extension(shell).hook
     seen: list[Any] = []
     shell.events.register("pre_run_cell", lambda info: seen.append(hook._cell_before))
     assert shell.run_cell("y = net(torch.randn(8, 64, device='cuda'))").success
@@ -280,7 +275,7 @@ def _grads(shell: Any) -> list[Any]:
 
 
 def test_gradients_a_failed_backward_left_are_put_back_and_the_run_is_one_clean_run(
-    shell: Any, capsys: Any
+    shell: Any, capsys: Any, run: Any
 ) -> None:
     """The backward ran out of memory after it wrote the last layer's gradients: the re-run's
     backward would add to them. The guard asks first; forced, Move to CPU's run starts from the
@@ -292,9 +287,7 @@ def test_gradients_a_failed_backward_left_are_put_back_and_the_run_is_one_clean_
     assert not shell.run_cell(GRAD_TRAIN).success
     written = [p.grad is not None for p in shell.user_ns["net"].parameters()]
     assert written == [False, False, True, True]  # part way through the backward
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry cpu")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry cpu", store_history=False).out
     assert "`.grad`" in out and "--force" in out, out  # asked first
     shell.run_cell("%gpumem retry cpu --force")
     out = capsys.readouterr().out
@@ -308,9 +301,7 @@ def test_gradients_a_failed_backward_left_are_put_back_and_the_run_is_one_clean_
     zeroed = "sgd.zero_grad()\n" + GRAD_TRAIN
     _clean_run(shell, GRAD_SETUP, card="40MiB")
     assert not shell.run_cell(zeroed).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry cpu")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry cpu", store_history=False).out
     assert "The cell ran on the CPU" in out and "--force" not in out, out
     fixed = _grads(shell)
     _clean_run(shell, GRAD_SETUP, zeroed)
@@ -318,7 +309,7 @@ def test_gradients_a_failed_backward_left_are_put_back_and_the_run_is_one_clean_
 
 
 def test_a_kept_reduce_batch_run_names_the_statistics_it_could_not_put_back(
-    shell: Any, capsys: Any
+    shell: Any, run: Any
 ) -> None:
     """A model the cell reaches only through an object had no record before the cell: its
     statistics as the failed run moved them are named by every fix whose run is kept (not only
@@ -326,16 +317,14 @@ def test_a_kept_reduce_batch_run_names_the_statistics_it_could_not_put_back(
     shell.run_cell("%gpumem simulate 64MiB")
     assert shell.run_cell(BN_SETUP).success and shell.run_cell(BOXED).success
     assert not shell.run_cell(BOXED_TRAIN).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     assert "Kept from the failed run" in out and "Put back" not in out, out
     assert out.count("BatchNorm running statistics") == 1, out
     assert "could not undo" not in out, out
 
 
 def test_a_fix_that_does_not_fit_leaves_the_statistics_as_before_the_failed_cell(
-    shell: Any, capsys: Any
+    shell: Any, run: Any
 ) -> None:
     """The forward ran, then a later line of the cell ran out: Clear cache does not help, and
     what it puts back is the notebook before the fix with the BatchNorm statistics as they were
@@ -350,9 +339,7 @@ def test_a_fix_that_does_not_fit_leaves_the_statistics_as_before_the_failed_cell
     assert not shell.run_cell(cell).success
     bn = shell.user_ns["model"][1]
     assert int(bn.num_batches_tracked) == 1
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry clear --force")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry clear --force", store_history=False).out
     assert "Nothing was kept" in out, out
     assert "`model`'s BatchNorm running statistics as they were before the failed cell" in out
     assert int(bn.num_batches_tracked) == 0 and float(bn.running_mean.abs().sum()) == 0.0
@@ -392,14 +379,12 @@ def test_the_record_puts_back_after_each_rehearsal_and_an_interrupt_keeps_the_fi
     assert _same(now(), start)
 
 
-def test_oomsafe_puts_back_the_statistics_its_first_run_moved(shell: Any, capsys: Any) -> None:
+def test_oomsafe_puts_back_the_statistics_its_first_run_moved(shell: Any, run: Any) -> None:
     """`%%oomsafe` runs the body itself: its first run's forward moved the statistics before it
     ran out, and the fix that fits starts from before it (`num_batches_tracked` of one run)."""
     shell.run_cell("%gpumem simulate 64MiB")
     assert shell.run_cell(BN_SETUP).success
-    capsys.readouterr()
-    shell.run_cell("%%oomsafe --fixes cpu\n" + BN_TRAIN)
-    out = capsys.readouterr().out
+    out = run(shell, "%%oomsafe --fixes cpu\n" + BN_TRAIN, store_history=False).out
     assert "oomsafe: move to cpu" in out.lower(), out
     assert int(shell.user_ns["net"][1].num_batches_tracked) == 1, out
 

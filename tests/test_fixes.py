@@ -87,16 +87,14 @@ def _attempts(out: str) -> list[tuple[int, bool]]:
 
 @pytest.mark.slow
 def test_retry_batch_lands_near_the_largest_fit_within_4_runs(
-    steady_best: int, sim: Any, capsys: Any
+    steady_best: int, sim: Any, run: Any
 ) -> None:
     """Reduce batch sizes this cell without a loop for two runs in a row: at >= 95% of the largest
     batch that fits twice (bisected on fresh cards: 120), within 4 runs."""
     best = steady_best
     sim.run_cell(CELL)
     assert jupyter_gpumem.last_failure(sim) is not None
-    capsys.readouterr()
-    sim.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(sim, "%gpumem retry batch", store_history=False).out
     runs = _attempts(out)
     assert 1 <= len(runs) <= 4, out
     found = int(re.search(r"Fits at batch (\d+) \(was 256\)", out).group(1))
@@ -108,12 +106,12 @@ def test_retry_batch_lands_near_the_largest_fit_within_4_runs(
 
 
 @pytest.mark.slow
-def test_oomsafe_rescues_and_says_what_to_change(steady_best: int, sim: Any, capsys: Any) -> None:
+def test_oomsafe_rescues_and_says_what_to_change(
+    steady_best: int, sim: Any, capsys: Any, run: Any
+) -> None:
     """As Reduce batch: >= 95% of the largest batch that fits twice in a row, within 4 runs."""
     best = steady_best
-    capsys.readouterr()
-    sim.run_cell("%%oomsafe --fixes batch\n" + CELL)
-    out = capsys.readouterr().out
+    out = run(sim, "%%oomsafe --fixes batch\n" + CELL, store_history=False).out
     assert "oomsafe: out of memory" in out
     runs = _attempts(out)
     assert 1 <= len(runs) <= 4, out
@@ -132,16 +130,14 @@ def test_oomsafe_rescues_and_says_what_to_change(steady_best: int, sim: Any, cap
 
 @pytest.mark.slow
 def test_oomsafe_ladder_order_and_clear_rebuilt_variables(
-    one_run_best: int, sim: Any, capsys: Any
+    one_run_best: int, sim: Any, run: Any
 ) -> None:
     """At the largest batch one run fits (216, bisected on fresh cards), the run leaves `x` and
     `out` (with its autograd graph) behind and the same cell again needs room for both: Clear
     cache, which drops the old `x` and `out` the cell rebuilds, is the first fix that works."""
     best = one_run_best
     sim.run_cell(CELL.replace("256", str(best)))
-    capsys.readouterr()
-    sim.run_cell("%%oomsafe\n" + CELL.replace("256", str(best)))
-    out = capsys.readouterr().out
+    out = run(sim, "%%oomsafe\n" + CELL.replace("256", str(best)), store_history=False).out
     lines = [ln for ln in out.splitlines() if ln.startswith("oomsafe:")]
     assert lines[1].startswith("oomsafe: clear cache"), lines
     assert "fits after clearing" in out
@@ -150,10 +146,8 @@ def test_oomsafe_ladder_order_and_clear_rebuilt_variables(
 
 
 @pytest.mark.slow
-def test_oomsafe_order_follows_fixes_option(sim: Any, capsys: Any) -> None:
-    capsys.readouterr()
-    sim.run_cell("%%oomsafe --fixes autocast,batch\n" + CELL)
-    out = capsys.readouterr().out
+def test_oomsafe_order_follows_fixes_option(sim: Any, run: Any) -> None:
+    out = run(sim, "%%oomsafe --fixes autocast,batch\n" + CELL, store_history=False).out
     names = re.findall(r"^oomsafe: (enable autocast|reduce batch)", out, re.M)
     assert names and names[0] == "enable autocast", out
 
@@ -169,13 +163,11 @@ SIDE_EFFECT_CELL = (
 
 
 @pytest.mark.slow
-def test_retry_refuses_a_cell_with_side_effects(sim: Any, capsys: Any) -> None:
+def test_retry_refuses_a_cell_with_side_effects(sim: Any, capsys: Any, run: Any) -> None:
     sim.run_cell(GLOBAL_STEP)
     sim.run_cell(SIDE_EFFECT_CELL)
     assert sim.user_ns["step"] == 1
-    capsys.readouterr()
-    sim.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(sim, "%gpumem retry batch", store_history=False).out
     assert "step" in out and "history" in out
     assert "Re-run anyway?" in out
     assert "`%gpumem retry batch --force` re-runs it anyway." in out, out  # how, in a terminal
@@ -187,11 +179,9 @@ def test_retry_refuses_a_cell_with_side_effects(sim: Any, capsys: Any) -> None:
 
 
 @pytest.mark.slow
-def test_oomsafe_stops_before_repeating_side_effects(sim: Any, capsys: Any) -> None:
+def test_oomsafe_stops_before_repeating_side_effects(sim: Any, capsys: Any, run: Any) -> None:
     sim.run_cell(GLOBAL_STEP)
-    capsys.readouterr()
-    sim.run_cell("%%oomsafe\n" + SIDE_EFFECT_CELL)
-    out = capsys.readouterr().out
+    out = run(sim, "%%oomsafe\n" + SIDE_EFFECT_CELL, store_history=False).out
     assert "oomsafe: stopped before re-running" in out
     assert "--force" in out
     assert sim.user_ns["step"] == 1 and sim.user_ns["history"] == [1]
@@ -200,22 +190,18 @@ def test_oomsafe_stops_before_repeating_side_effects(sim: Any, capsys: Any) -> N
 
 
 @pytest.mark.slow
-def test_autocast_fix_measures_its_saving(sim: Any, capsys: Any) -> None:
+def test_autocast_fix_measures_its_saving(sim: Any, run: Any) -> None:
     sim.run_cell(CELL.replace("256", "236"))
-    capsys.readouterr()
-    sim.run_cell("%gpumem retry autocast")
-    out = capsys.readouterr().out
+    out = run(sim, "%gpumem retry autocast", store_history=False).out
     assert "Numerics change" in out
     assert "The cell fits under autocast (bfloat16)" in out, out
     assert str(sim.user_ns["out"].dtype) in ("torch.bfloat16", "torch.float32")
 
 
-def test_move_to_cpu_fix_moves_the_model_and_runs(sim: Any, capsys: Any) -> None:
+def test_move_to_cpu_fix_moves_the_model_and_runs(sim: Any, run: Any) -> None:
     sim.run_cell(CELL)
     before = sim.run_cell("torch.cuda.memory_allocated()").result
-    capsys.readouterr()
-    sim.run_cell("%gpumem retry cpu")
-    out = capsys.readouterr().out
+    out = run(sim, "%gpumem retry cpu", store_history=False).out
     assert "The cell ran on the CPU" in out, out
     moved = next(ln for ln in out.splitlines() if "Moved to the CPU:" in ln)
     # `x` was the failed run's own: dropped before the re-run, which makes it on the CPU
@@ -225,31 +211,25 @@ def test_move_to_cpu_fix_moves_the_model_and_runs(sim: Any, capsys: Any) -> None
     assert after < before, "the model no longer counts against the GPU"
 
 
-def test_cpu_allocator_failure_gets_its_own_message(sim: Any, capsys: Any) -> None:
+def test_cpu_allocator_failure_gets_its_own_message(sim: Any, run: Any) -> None:
     sim.run_cell("x = torch.empty(2**46, dtype=torch.uint8, device='cuda')")
-    capsys.readouterr()
-    sim.run_cell("%gpumem retry cpu")
-    out = capsys.readouterr().out
+    out = run(sim, "%gpumem retry cpu", store_history=False).out
     assert "The CPU ran out of memory too" in out, out
 
 
-def test_clear_with_drop_deletes_a_named_variable(sim: Any, capsys: Any) -> None:
+def test_clear_with_drop_deletes_a_named_variable(sim: Any, run: Any) -> None:
     sim.run_cell("leftover = torch.empty(60 * 2**20, dtype=torch.uint8, device='cuda')")
     sim.run_cell(CELL.replace("256", "150"))
-    capsys.readouterr()
-    sim.run_cell("%gpumem retry clear --drop leftover")
-    out = capsys.readouterr().out
+    out = run(sim, "%gpumem retry clear --drop leftover", store_history=False).out
     assert "deleted `leftover`" in out
     assert "fits after clearing" in out, out
     assert "leftover" not in sim.user_ns
 
 
-def test_a_fix_that_does_not_apply_says_why(sim: Any, capsys: Any) -> None:
+def test_a_fix_that_does_not_apply_says_why(sim: Any, run: Any) -> None:
     sim.run_cell("n_rows = 4096")
     sim.run_cell("y = model(torch.randn(n_rows, 32, 1024, device='cuda'))")
-    capsys.readouterr()
-    sim.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(sim, "%gpumem retry batch", store_history=False).out
     assert "Reduce batch does not apply: no batch size found in this cell" in out
     assert "--batch-var" in out
 
@@ -312,16 +292,12 @@ TRAIN_CELL = (
 
 
 @pytest.mark.slow
-def test_reduce_batch_offers_and_applies_gradient_accumulation(sim: Any, capsys: Any) -> None:
+def test_reduce_batch_offers_and_applies_gradient_accumulation(sim: Any, run: Any) -> None:
     sim.run_cell(TRAIN_CELL)
-    capsys.readouterr()
-    sim.run_cell("%gpumem retry batch --force")
-    out = capsys.readouterr().out
+    out = run(sim, "%gpumem retry batch --force", store_history=False).out
     assert "Gradient accumulation " in out and "--accumulate" in out
     sim.run_cell(TRAIN_CELL)
-    capsys.readouterr()
-    sim.run_cell("%gpumem retry batch --force --accumulate")
-    out = capsys.readouterr().out
+    out = run(sim, "%gpumem retry batch --force --accumulate", store_history=False).out
     assert "with gradient accumulation" in out
     assert "_gpumem_accum_i" in out, "the rewritten cell is shown"
     assert "loss" in out and "/ " in out

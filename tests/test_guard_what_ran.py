@@ -521,7 +521,7 @@ def sim(shell: Any) -> Any:
 
 @pytest.mark.slow
 def test_retry_after_a_fix_when_the_rerun_cell_fails_on_its_first_batch(
-    sim: Any, capsys: Any
+    sim: Any, capsys: Any, run: Any
 ) -> None:
     """JupyterLab's case in a terminal: the training cell fails, Reduce batch fixes it, the user runs
     the cell again at the old batch and it fails on the first batch. `step`, `x`, `loss` exist from
@@ -537,28 +537,24 @@ def test_retry_after_a_fix_when_the_rerun_cell_fails_on_its_first_batch(
     failed = jupyter_gpumem.last_failure(sim)
     assert failed is not None and failed.plain_values is not None
     assert failed.plain_values["step"] == 0
-    capsys.readouterr()
-    sim.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(sim, "%gpumem retry batch", store_history=False).out
     assert "opt.step()" not in out and "Re-run anyway?" not in out, out
     assert "Fits at batch" in out, out
 
 
 @pytest.mark.slow
-def test_retry_stops_before_appending_through_a_bound_method(sim: Any, capsys: Any) -> None:
+def test_retry_stops_before_appending_through_a_bound_method(sim: Any, run: Any) -> None:
     sim.run_cell("seen = []\nremember = seen.append\n")
     cell = TRAIN.replace("batch_size = 256\n", "batch_size = 256\nremember(batch_size)\n")
     assert not sim.run_cell(cell).success
     assert sim.user_ns["seen"] == [256]
-    capsys.readouterr()
-    sim.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(sim, "%gpumem retry batch", store_history=False).out
     assert "append to `seen` again" in out and "--force` re-runs it anyway" in out, out
     assert sim.user_ns["seen"] == [256], "not re-run"
 
 
 @pytest.mark.slow
-def test_retry_asks_before_a_rehearsal_takes_from_a_generator(sim: Any, capsys: Any) -> None:
+def test_retry_asks_before_a_rehearsal_takes_from_a_generator(sim: Any, run: Any) -> None:
     """The generator is made before the cell and a notebook function takes from it after the
     failing line: the failed run took nothing, a rehearsal would, and no rollback gives it back."""
     sim.run_cell(
@@ -573,9 +569,7 @@ def test_retry_asks_before_a_rehearsal_takes_from_a_generator(sim: Any, capsys: 
     )
     cell = TRAIN.replace("    opt.step()\n", "    opt.step()\n    b = next_batch()\n")
     assert not sim.run_cell(cell).success
-    capsys.readouterr()
-    sim.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(sim, "%gpumem retry batch", store_history=False).out
     assert "rehearsals would" in out and "`stream`" in out, out
     assert "Fits at batch" not in out
     assert next(sim.user_ns["stream"]) == 1, "no rehearsal took from it"

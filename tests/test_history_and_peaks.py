@@ -172,7 +172,9 @@ def test_the_peak_is_walked_from_the_log_in_the_blocks_torch_counts() -> None:
 # ---- the peak counters, in a real shell on the simulated GPU ------------------------------------
 
 
-def test_cell_stats_leave_the_notebooks_peak_counter_alone(shell: Any, capsys: Any) -> None:
+def test_cell_stats_leave_the_notebooks_peak_counter_alone(
+    shell: Any, capsys: Any, run: Any
+) -> None:
     pytest.importorskip("torch")
     shell.run_cell("%gpumem simulate 256MiB")
     shell.run_cell("import torch")
@@ -180,9 +182,7 @@ def test_cell_stats_leave_the_notebooks_peak_counter_alone(shell: Any, capsys: A
     shell.run_cell('big = torch.zeros(32 << 20, device="cuda"); del big  # 128 MiB, gone')
     shell.run_cell("torch.cuda.empty_cache()")
     shell.run_cell("%gpumem cells on")
-    capsys.readouterr()
-    shell.run_cell('a = torch.zeros(1 << 20, device="cuda")  # 4 MiB')
-    out = capsys.readouterr().out
+    out = run(shell, 'a = torch.zeros(1 << 20, device="cuda")  # 4 MiB', store_history=False).out
     # the cell stayed under the notebook's 128 MiB peak: a bound, said as one
     assert f"+4.00 MiB, peak ≤ {format_bytes(128 * MiB)} of" in out, out
     shell.run_cell("seen = torch.cuda.max_memory_allocated()")
@@ -216,7 +216,7 @@ for step in range(2):
 """
 
 
-def test_retry_batch_leaves_the_notebooks_peak_counters_alone(shell: Any, capsys: Any) -> None:
+def test_retry_batch_leaves_the_notebooks_peak_counters_alone(shell: Any, run: Any) -> None:
     """`%gpumem retry batch` re-runs the cell several times and measures each run's peak without
     resetting torch's counters: the notebook's max_memory_allocated() and max_memory_reserved()
     (here 128 MiB, from a tensor the size of the card it made and dropped earlier, which no run
@@ -235,9 +235,7 @@ def test_retry_batch_leaves_the_notebooks_peak_counters_alone(shell: Any, capsys
     peaks = "(torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())"
     shell.run_cell(f"before = {peaks}")
     assert shell.user_ns["before"] == (128 * MiB, 128 * MiB)
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     m = re.search(r"Fits at batch \d+ \(was 16384\), peak ([\d.]+) MiB of 128 MiB", out)
     assert m and float(m.group(1)) >= 64, out  # at least half the card
     shell.run_cell(f"after = {peaks}")

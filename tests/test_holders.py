@@ -101,23 +101,21 @@ HOSTILE: dict[str, tuple[str, str | None]] = {
 }
 
 
-def _oom(shell: Any, capsys: Any, setup: str) -> tuple[Any, str]:
+def _oom(shell: Any, run: Any, setup: str) -> tuple[Any, str]:
     """Run setup, then the OOM cell; the FailedCell and everything printed while it failed."""
     shell.run_cell("%gpumem simulate 160MiB")
     assert shell.run_cell(SETUP + setup).success
-    capsys.readouterr()
-    result = shell.run_cell(OOM)
-    cap = capsys.readouterr()
-    assert type(result.error_in_exec).__name__ == "OutOfMemoryError"
-    return jupyter_gpumem.last_failure(shell), cap.out + cap.err
+    seen = run(shell, OOM, store_history=False)
+    assert type(seen.error).__name__ == "OutOfMemoryError"
+    return jupyter_gpumem.last_failure(shell), seen.text
 
 
 @pytest.mark.parametrize("kind", list(HOSTILE))
 def test_a_hostile_object_neither_breaks_the_diagnosis_nor_runs(
-    shell: Any, capsys: Any, kind: str
+    shell: Any, run: Any, kind: str
 ) -> None:
     setup, inside = HOSTILE[kind]
-    failed, out = _oom(shell, capsys, setup)
+    failed, out = _oom(shell, run, setup)
     assert "could not build the diagnosis" not in out
     assert RAN not in out, "the scan ran the object's own code"
     assert "Where the memory went" in out
@@ -130,11 +128,11 @@ def test_a_hostile_object_neither_breaks_the_diagnosis_nor_runs(
 
 
 def test_a_tensor_subclass_with_its_own_storage_method_is_skipped_and_counted(
-    shell: Any, capsys: Any
+    shell: Any, run: Any
 ) -> None:
     failed, out = _oom(
         shell,
-        capsys,
+        run,
         "class T(torch.Tensor):\n"
         "    def untyped_storage(self): _ran('untyped_storage'); raise RuntimeError('s')\n"
         "hostile = torch.zeros(2**20, device='cuda').as_subclass(T)\n",
@@ -147,12 +145,12 @@ def test_a_tensor_subclass_with_its_own_storage_method_is_skipped_and_counted(
     assert held.skipped_reasons and held.skipped_reasons[0].startswith("hostile")
 
 
-def test_all_hostile_objects_at_once_with_a_thousand_more(shell: Any, capsys: Any) -> None:
+def test_all_hostile_objects_at_once_with_a_thousand_more(shell: Any, run: Any) -> None:
     setup = "".join(
         s.replace("hostile =", f"hostile_{i} =") for i, (s, _) in enumerate(HOSTILE.values())
     )
     setup += "for _i in range(1000):\n    globals()[f'v{_i}'] = [_i, {'a': _i}]\n"
-    failed, out = _oom(shell, capsys, setup)
+    failed, out = _oom(shell, run, setup)
     assert RAN not in out
     assert "Where the memory went" in out
     names = {h.name for h in failed.diagnosis.holders.holders}
@@ -185,8 +183,8 @@ SLOW = {
 
 
 @pytest.mark.parametrize("kind", list(SLOW))
-def test_a_slow_object_does_not_hold_up_the_diagnosis(shell: Any, capsys: Any, kind: str) -> None:
-    failed, out = _oom(shell, capsys, SLOW[kind])
+def test_a_slow_object_does_not_hold_up_the_diagnosis(shell: Any, run: Any, kind: str) -> None:
+    failed, out = _oom(shell, run, SLOW[kind])
     assert RAN not in out
     assert "Where the memory went" in out
     assert "gpu_x" in {h.name for h in failed.diagnosis.holders.holders}

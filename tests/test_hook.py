@@ -12,6 +12,7 @@ from IPython.core.error import UsageError
 import jupyter_gpumem
 from jupyter_gpumem.cells import failure as failure_mod
 from jupyter_gpumem.units import MiB
+from tests.conftest import extension
 
 OOM_CELL = """\
 import torch
@@ -23,18 +24,13 @@ work()
 """
 
 
-def _ext(shell: Any) -> Any:
-    return jupyter_gpumem._extension_for(shell)
-
-
 @pytest.mark.slow
 def test_oom_cell_gets_traceback_then_diagnosis_with_the_messages_numbers(
-    shell: Any, capsys: Any
+    shell: Any, run: Any
 ) -> None:
     shell.run_cell("%gpumem simulate 1GiB")
-    capsys.readouterr()
-    result = shell.run_cell(OOM_CELL)
-    out = capsys.readouterr().out
+    seen = run(shell, OOM_CELL, store_history=False)
+    result, out = seen.result, seen.out
     assert type(result.error_in_exec).__name__ == "OutOfMemoryError"
     tb_at = out.index("OutOfMemoryError")
     diag_at = out.index("GPU out of memory: Tried to allocate")
@@ -89,7 +85,7 @@ def test_release_frees_a_function_held_tensor(shell: Any) -> None:
 
 def test_without_release_the_frame_keeps_the_tensor(shell: Any) -> None:
     """The same cell with keep_traceback on: the tensor stays (what the extension fixes)."""
-    _ext(shell).settings.keep_traceback = True
+    shell.run_cell("%config GpuMem.keep_traceback = True")
     shell.run_cell("%gpumem simulate 1GiB")
     shell.run_cell(
         "import torch, weakref\n"
@@ -171,7 +167,7 @@ def test_a_failing_diagnosis_still_shows_the_traceback(
         "jupyter_gpumem: could not build the diagnosis (ValueError: injected); "
         "the traceback above is the original error."
     ]
-    assert shell.CustomTB == _ext(shell).hook._our_handler, "the handler is still registered"
+    assert shell.CustomTB == extension(shell).hook._our_handler, "the handler is still registered"
     monkeypatch.undo()
     capsys.readouterr()
     shell.run_cell(OOM_CELL)
@@ -242,12 +238,10 @@ def test_magic_usage_errors_are_one_line_usage_errors(shell: Any) -> None:
         assert "\n" not in str(info.value), bad
 
 
-def test_status_and_simulate_off(shell: Any, capsys: Any) -> None:
+def test_status_and_simulate_off(shell: Any, capsys: Any, run: Any) -> None:
     shell.run_cell("%gpumem simulate 2GiB")
     shell.run_cell("import torch; x = torch.zeros(2**20, device='cuda')")
-    capsys.readouterr()
-    shell.run_cell("%gpumem")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem", store_history=False).out
     assert "Simulated GPU" in out and "4.00 MiB allocated" in out and "of 2.00 GiB" in out
     shell.run_cell("%gpumem simulate off")
     assert "Simulated GPU off." in capsys.readouterr().out
@@ -270,12 +264,10 @@ def test_namespace_mark_finds_the_names_that_existed() -> None:
 
 
 @pytest.mark.slow
-def test_simulated_gpu_frames_are_not_in_the_traceback_shown(shell: Any, capsys: Any) -> None:
+def test_simulated_gpu_frames_are_not_in_the_traceback_shown(shell: Any, run: Any) -> None:
     shell.run_cell("%gpumem simulate 1GiB")
     shell.run_cell("import torch\nlin = torch.nn.Linear(1024, 1024).cuda()")
-    capsys.readouterr()
-    shell.run_cell("y = lin(torch.randn(200000, 1024, device='cuda'))")
-    out = capsys.readouterr().out
+    out = run(shell, "y = lin(torch.randn(200000, 1024, device='cuda'))", store_history=False).out
     assert "OutOfMemoryError" in out and "Linear.forward" in out
     assert "jupyter_gpumem/backends" not in out and "_python_dispatch" not in out
     # %debug still gets the real traceback, frames included
@@ -374,27 +366,23 @@ def test_a_handler_that_was_there_still_sees_every_error_and_the_oom(
 
 @pytest.mark.slow
 def test_library_frames_are_folded_and_the_full_traceback_stays_for_tb(
-    shell: Any, capsys: Any
+    shell: Any, run: Any
 ) -> None:
-    _ext(shell).settings.keep_traceback = True
+    shell.run_cell("%config GpuMem.keep_traceback = True")
     shell.run_cell("%gpumem simulate 1GiB")
     shell.run_cell(
         "import torch\n"
         "net = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(1024, 1024))).cuda()\n"
         "def run(x):\n    return net(x)\n"
     )
-    capsys.readouterr()
-    shell.run_cell("y = run(torch.randn(200000, 1024, device='cuda'))")
-    out = capsys.readouterr().out
+    out = run(shell, "y = run(torch.randn(200000, 1024, device='cuda'))", store_history=False).out
     shown = out[: out.index("GPU out of memory")]
     assert "in run(x)" in shown and "y = run(" in shown, "the user's frames"
     assert "Linear.forward" in shown, "the call that failed"
     assert "_call_impl" not in shown and "Sequential.forward" not in shown
     assert "... 8 frames in torch (%tb shows them) ..." in shown
     assert len(shown.splitlines()) < 25
-    capsys.readouterr()
-    shell.run_cell("%tb")
-    full = capsys.readouterr().out
+    full = run(shell, "%tb", store_history=False).out
     assert full.count("_call_impl") >= 6 and "Sequential.forward" in full
 
 
@@ -465,15 +453,13 @@ def test_a_fix_that_saves_less_than_the_shortfall_says_not_enough() -> None:
     assert fix_lines(checks, None)[0].endswith("(saves ~100 MiB)")
 
 
-def test_the_text_diagnosis_marks_fixes_that_are_not_enough(shell: Any, capsys: Any) -> None:
-    _ext(shell).settings.display = "text"
+def test_the_text_diagnosis_marks_fixes_that_are_not_enough(shell: Any, run: Any) -> None:
+    shell.run_cell("%config GpuMem.display = 'text'")
     shell.run_cell("%gpumem simulate 1GiB")
     shell.run_cell(
         "import torch\nkeep = torch.empty(100 * 2**20, dtype=torch.uint8, device='cuda')"
     )
-    capsys.readouterr()
-    shell.run_cell(OOM_CELL)
-    out = capsys.readouterr().out
+    out = run(shell, OOM_CELL, store_history=False).out
     d = jupyter_gpumem.last_failure(shell).diagnosis
     assert d.shortfall_bytes
     assert "%gpumem retry clear" in out

@@ -17,6 +17,7 @@ import pytest
 
 from jupyter_gpumem.readings import kernels
 from jupyter_gpumem.readings.snapshot import describe_process
+from tests.conftest import extension
 
 pytestmark = pytest.mark.kernel
 
@@ -152,9 +153,9 @@ def test_the_panel_offers_to_shut_down_another_notebooks_kernel_after_asking(
     kid, pid = _other_notebook(url, token)
     jupyter_gpumem.simulate("1GiB", other_processes=[(pid, 600 << 20)])
     shell.run_cell("import torch\nx = torch.empty(600 << 20, dtype=torch.uint8, device='cuda')")
-    ext = jupyter_gpumem._extension_for(shell)
-    assert ext.hook.last_failure is not None
-    panel = DiagnosisPanel(ext, ext.hook.last_failure)
+    failed = jupyter_gpumem.last_failure(shell)
+    assert failed is not None
+    panel = DiagnosisPanel(extension(shell), failed)
     assert panel.others is not None
     button = panel.others.buttons[pid]
     assert button.description == "Shut down the kernel of train.ipynb (~600 MiB)"
@@ -191,6 +192,6 @@ def test_no_shut_down_offer_for_a_process_no_server_names(shell: Any) -> None:
 
     jupyter_gpumem.simulate("1GiB", other_processes=[(1, 600 << 20)])  # pid 1: not a kernel
     shell.run_cell("import torch\nx = torch.empty(600 << 20, dtype=torch.uint8, device='cuda')")
-    ext = jupyter_gpumem._extension_for(shell)
-    assert ext.hook.last_failure is not None
-    assert DiagnosisPanel(ext, ext.hook.last_failure).others is None
+    failed = jupyter_gpumem.last_failure(shell)
+    assert failed is not None
+    assert DiagnosisPanel(extension(shell), failed).others is None

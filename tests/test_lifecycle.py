@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import jupyter_gpumem
-from tests.conftest import Kernel
+from tests.conftest import Kernel, extension
 
 
 def _state(sh: Any) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def test_a_hundred_load_unload_cycles_leave_nothing(bare_shell: Any) -> None:
 
 def test_an_unloaded_extension_is_garbage(bare_shell: Any) -> None:
     bare_shell.run_cell("%load_ext jupyter_gpumem")
-    ext = weakref.ref(jupyter_gpumem._extension_for(bare_shell))
+    ext = weakref.ref(extension(bare_shell))
     bare_shell.run_cell("%unload_ext jupyter_gpumem")
     gc.collect()
     assert ext() is None, gc.get_referrers(ext())

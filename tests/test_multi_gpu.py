@@ -16,6 +16,7 @@ from jupyter_gpumem.diagnosis.diagnose import diagnose
 from jupyter_gpumem.oom.report import parse_oom_message
 from jupyter_gpumem.readings.holders import HolderSet
 from jupyter_gpumem.readings.snapshot import read_snapshot
+from tests.conftest import extension
 
 pytest.importorskip("torch")
 
@@ -345,7 +346,7 @@ def test_the_cells_that_filled_the_gpu_that_ran_out(shell: Any, run: Any) -> Non
     seen = run(shell, "c = torch.zeros(10 << 20, device='cuda:1')")
     result, out = seen.result, seen.text
     assert not result.success and _last_failure(shell).report.device_index == 1
-    stats = jupyter_gpumem._extension_for(shell).cell_stats()
+    stats = extension(shell).cell_stats()
     a_cell, b_cell = (r.count for r in list(stats.records)[:2])
     # what the user reads under the OOM
     assert f"The card filled over these cells: In [{b_cell}] +40.00 MiB." in out, out

@@ -15,6 +15,7 @@ from jupyter_gpumem.diagnosis.render import render_html
 from jupyter_gpumem.oom.report import parse_oom_message
 from jupyter_gpumem.readings.holders import HolderSet
 from jupyter_gpumem.ui import wording
+from tests.conftest import extension
 from tests.test_fixes import CELL, SETUP
 
 pytest.importorskip("ipywidgets")
@@ -27,9 +28,9 @@ def panel(shell: Any) -> Any:
     shell.run_cell("%gpumem simulate 160MiB")
     shell.run_cell(SETUP)
     shell.run_cell(CELL)
-    ext = jupyter_gpumem._extension_for(shell)
-    assert ext.hook.last_failure is not None
-    return DiagnosisPanel(ext, ext.hook.last_failure)
+    ext = extension(shell)
+    assert jupyter_gpumem.last_failure(ext.shell) is not None
+    return DiagnosisPanel(ext, jupyter_gpumem.last_failure(ext.shell))
 
 
 def _diagnosis(panel: Any) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import jupyter_gpumem
+from tests.conftest import extension
 
 pytest.importorskip("torch")
 pytest.importorskip("ipywidgets")
@@ -27,9 +28,9 @@ FILL_GPU_1 = (
 def _panel(shell: Any) -> Any:
     from jupyter_gpumem.ui.panel import DiagnosisPanel
 
-    ext = jupyter_gpumem._extension_for(shell)
-    assert ext.hook.last_failure is not None
-    return DiagnosisPanel(ext, ext.hook.last_failure)
+    ext = extension(shell)
+    assert jupyter_gpumem.last_failure(ext.shell) is not None
+    return DiagnosisPanel(ext, jupyter_gpumem.last_failure(ext.shell))
 
 
 def _html(widget: Any) -> str:

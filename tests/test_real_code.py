@@ -143,7 +143,9 @@ def _printed_losses(text: str) -> list[str]:
     return re.findall(r"^\[\d, +\d+\] loss: [\d.]+$", text, re.M)
 
 
-def test_cifar10_tutorial_reduce_batch_equals_one_clean_run(shell: Any, capsys: Any) -> None:
+def test_cifar10_tutorial_reduce_batch_equals_one_clean_run(
+    shell: Any, capsys: Any, run: Any
+) -> None:
     """The tutorial's loop iterates the notebook's `trainloader`: Reduce batch finds it, needs no
     --force (nothing ran before the first forward), and ends exactly as one clean run at the batch
     it found: weights, momentum buffers, running_loss, the printed losses, the random generator."""
@@ -151,9 +153,7 @@ def test_cifar10_tutorial_reduce_batch_equals_one_clean_run(shell: Any, capsys: 
     assert not shell.run_cell(CIFAR_TRAIN).success
     assert jupyter_gpumem.last_failure(shell).earlier_passes is False
     shell.run_cell("later = [1, 2, 3]\nnotes = 'mine'")
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     assert "Fits at batch" in out, out
     assert "Re-run anyway" not in out, out
     assert len(re.findall(r"\bkept\b", out)) == 1, out
@@ -199,14 +199,10 @@ def test_cifar10_tutorial_oomsafe_equals_one_clean_run(shell: Any, capsys: Any) 
     assert fixed["running_loss"] == clean["running_loss"]
 
 
-def test_cifar10_tutorial_reduce_batch_survives_a_real_run_that_fails(
-    shell: Any, capsys: Any
-) -> None:
+def test_cifar10_tutorial_reduce_batch_survives_a_real_run_that_fails(shell: Any, run: Any) -> None:
     _cifar_setup(shell, n=1024)
     assert not shell.run_cell(CIFAR_TRAIN).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     assert "Fits at batch" in out, out
     assert shell.user_ns["trainloader"].batch_size < 289
 
@@ -421,7 +417,7 @@ def nanogpt(shell: Any, tmp_path: Any) -> Any:
     return shell
 
 
-def test_nanogpt_first_pass_failure_is_known_as_first_pass(nanogpt: Any, capsys: Any) -> None:
+def test_nanogpt_first_pass_failure_is_known_as_first_pass(nanogpt: Any, run: Any) -> None:
     """The forward of iteration 0 fails: only `lr`, the param groups' lr and `best_val_loss` were
     set before it; no optimizer step, no scaler step, no checkpoint had run."""
     shell = nanogpt
@@ -429,9 +425,7 @@ def test_nanogpt_first_pass_failure_is_known_as_first_pass(nanogpt: Any, capsys:
     assert not shell.run_cell(NANOGPT_LOOP).success
     failed = jupyter_gpumem.last_failure(shell)
     assert shell.user_ns["iter_num"] == 0 and not shell.user_ns["optimizer"].state
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     assert "updates the weights again" not in out, out
     assert "torch.save" not in out, out
     assert failed.earlier_passes is False
@@ -605,16 +599,14 @@ def mnist(shell: Any) -> Any:
 
 
 def test_mnist_example_loader_passed_to_a_function_is_found_by_what_it_sizes(
-    mnist: Any, capsys: Any
+    mnist: Any, run: Any
 ) -> None:
     """The example's loop passes `train_loader` to train(): Reduce batch finds it by the number
     that sizes the failing `data`, with no --batch-var; the failure was in the first forward, so
     nothing would repeat, and what it keeps is one real run."""
     shell = mnist
     assert jupyter_gpumem.last_failure(shell).earlier_passes is False
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     assert "Fits at batch" in out, out
     assert "`train_loader.batch_size` = 64 sizes `data` (64, 1, 28, 28)" in out, out
     assert "--batch-var" not in out
@@ -644,11 +636,9 @@ def test_mnist_example_test_batch_size_is_named_as_the_culprit(shell: Any, capsy
     assert "%gpumem retry batch      Reduce batch (saves" in out
 
 
-def test_mnist_example_reduce_batch_ends_at_a_batch_that_fits(mnist: Any, capsys: Any) -> None:
+def test_mnist_example_reduce_batch_ends_at_a_batch_that_fits(mnist: Any, run: Any) -> None:
     shell = mnist
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch --batch-var train_loader")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch --batch-var train_loader", store_history=False).out
     # nothing is kept when it gives up: the notebook is as the failed cell left it
     assert shell.user_ns["scheduler"].last_epoch in (0, 2)
     assert "Fits at batch" in out, out

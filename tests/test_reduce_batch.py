@@ -149,13 +149,11 @@ def _setup(shell: Any, extra: str) -> None:
     ("form", "extra", "cell", "read", "permanent"), FORMS, ids=[f[0] for f in FORMS]
 )
 def test_retry_batch_finds_and_reduces(
-    shell: Any, capsys: Any, form: str, extra: str, cell: str, read: str | None, permanent: str
+    shell: Any, run: Any, form: str, extra: str, cell: str, read: str | None, permanent: str
 ) -> None:
     _setup(shell, extra)
     assert not shell.run_cell(cell, store_history=True).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     m = re.search(r"Fits at batch (\d+) \(was 4096\)", out)
     assert m, out
     batch = int(m.group(1))
@@ -188,16 +186,14 @@ def test_oomsafe_reduces(
     assert shell.ev(read) == int(m.group(1))
 
 
-def test_decoy_alone_is_not_the_batch(shell: Any, capsys: Any) -> None:
+def test_decoy_alone_is_not_the_batch(shell: Any, run: Any) -> None:
     """The cell reaches the loader only through a lambda: the 64 of `torch.randn(64, 20)` sizes
     no failing tensor, so it is never offered; the loader whose 4096 does is found in the
     namespace by what it sizes."""
     _setup(shell, LOADER_SETUP + "get = lambda: train_loader\n")
     cell = LOADER_CELL.replace("in zip(range(2), train_loader)", "in zip(range(2), get())")
     assert not shell.run_cell(cell, store_history=True).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     assert "`train_loader.batch_size` = 4096 sizes `x`" in out, out
     assert "randn(64" not in out.split("To make it permanent")[-1].split("\n")[0], out
 

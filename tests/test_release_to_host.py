@@ -179,7 +179,7 @@ def test_without_a_way_to_write_frame_locals_the_frames_are_dropped(
 
 
 def test_keep_traceback_still_keeps_the_tensors_on_the_gpu(shell: Any) -> None:
-    jupyter_gpumem._extension_for(shell).settings.keep_traceback = True
+    shell.run_cell("%config GpuMem.keep_traceback = True")
     shell.run_cell("%gpumem simulate 1GiB")
     shell.run_cell("import torch")
     before = _allocated(shell)
@@ -254,11 +254,9 @@ def test_a_move_that_fails_frees_the_memory_as_before(shell: Any, monkeypatch: A
     assert not release.frames_kept and "frame locals" in release.cleared
 
 
-def test_the_diagnosis_says_what_moved_and_its_host_cost(shell: Any, capsys: Any) -> None:
+def test_the_diagnosis_says_what_moved_and_its_host_cost(shell: Any, run: Any) -> None:
     shell.run_cell("%gpumem simulate 1GiB")
-    capsys.readouterr()
-    shell.run_cell(WORK)
-    out = capsys.readouterr().out
+    out = run(shell, WORK, store_history=False).out
     assert "Moved 88.00 MiB of the failed frames' tensors to host memory (%debug still works)." in (
         out
     )

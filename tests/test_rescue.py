@@ -61,7 +61,7 @@ def train(shell: Any) -> Any:
 
 
 @pytest.mark.slow
-def test_training_loop_rescued_without_force_equals_one_clean_run(train: Any, capsys: Any) -> None:
+def test_training_loop_rescued_without_force_equals_one_clean_run(train: Any, run: Any) -> None:
     """The issue's "done when": no --force, the optimizer's steps and the weights of one clean
     run at the batch found, rehearsals of at most two passes."""
     shell = train
@@ -69,9 +69,7 @@ def test_training_loop_rescued_without_force_equals_one_clean_run(train: Any, ca
     failed = jupyter_gpumem.last_failure(shell)
     assert failed is not None and failed.loop is not None
     assert failed.earlier_passes is False  # it failed on the first pass: no step had run
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     assert "Fits at batch" in out, out
     assert "Re-run anyway" not in out
     rehearsals = re.findall(r"rehearsal(?: \((\d+) pass(?:es)?\))?, rolled back", out)
@@ -94,16 +92,14 @@ def test_training_loop_rescued_without_force_equals_one_clean_run(train: Any, ca
 
 
 @pytest.mark.slow
-def test_retry_keeps_variables_made_after_the_failure(shell: Any, capsys: Any) -> None:
+def test_retry_keeps_variables_made_after_the_failure(shell: Any, run: Any) -> None:
     shell.run_cell("%gpumem simulate 160MiB")
     shell.run_cell("import torch")
     assert not shell.run_cell(
         'batch_size = 64\nx = torch.randn(batch_size, 2 << 20, device="cuda")'
     ).success
     shell.run_cell('results = {"accuracy": 0.91}\nnotes = "kept"')
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     assert "Fits at batch" in out, out
     assert shell.user_ns["results"] == {"accuracy": 0.91}
     assert shell.user_ns["notes"] == "kept"
@@ -126,7 +122,7 @@ def test_a_later_cell_rebinding_a_name_keeps_its_value(shell: Any, capsys: Any) 
 
 
 @pytest.mark.slow
-def test_rehearsals_leave_no_trace_in_lists_models_and_counters(train: Any, capsys: Any) -> None:
+def test_rehearsals_leave_no_trace_in_lists_models_and_counters(train: Any, run: Any) -> None:
     """nanoGPT's loop shape: `while True`, a global iter_num, micro-steps; the final iter_num
     and the number of logged losses are those of one run."""
     shell = train
@@ -153,9 +149,7 @@ while True:
 """
     assert not shell.run_cell(cell).success
     assert jupyter_gpumem.last_failure(shell).earlier_passes is False
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     assert "Fits at batch" in out, out
     assert shell.user_ns["iter_num"] == 5
     assert len(shell.user_ns["history"]) == 5
@@ -220,7 +214,7 @@ def test_ctrl_c_while_the_diagnosis_is_built_keeps_the_hook(
     assert "GPU out of memory" in capsys.readouterr().out
 
 
-def test_a_final_run_that_fails_puts_the_notebook_back(shell: Any, capsys: Any) -> None:
+def test_a_final_run_that_fails_puts_the_notebook_back(shell: Any, run: Any) -> None:
     """Clear cache cannot help here: its real run fails, and what it changed is undone."""
     shell.run_cell("%gpumem simulate 160MiB")
     shell.run_cell(
@@ -231,9 +225,7 @@ def test_a_final_run_that_fails_puts_the_notebook_back(shell: Any, capsys: Any) 
         "w.add_(1)\ncounter['n'] += 1\nbig = torch.randn(30 << 20, device='cuda')"
     ).success
     assert shell.user_ns["counter"] == {"n": 1}
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry clear --force")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry clear --force", store_history=False).out
     assert "Still out of memory" in out, out
     assert "Nothing was kept" in out, out
     assert shell.user_ns["counter"] == {"n": 1}
@@ -260,7 +252,7 @@ def test_oomsafe_on_a_training_loop_ends_as_one_clean_run(train: Any, capsys: An
 
 
 def test_no_room_in_host_memory_for_the_snapshot_refuses_with_a_line(
-    train: Any, capsys: Any, monkeypatch: Any
+    train: Any, run: Any, monkeypatch: Any
 ) -> None:
     """Host memory is read from the machine; a machine with almost none cannot be made here."""
     import jupyter_gpumem.rescue.transaction as txn_mod
@@ -269,9 +261,7 @@ def test_no_room_in_host_memory_for_the_snapshot_refuses_with_a_line(
     assert not shell.run_cell(TRAIN).success
     before = _weights(shell)
     monkeypatch.setattr(txn_mod, "host_available_bytes", lambda: 64 << 10)
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     assert "Not re-run: undoing a re-run needs a copy of" in out, out
     assert "h" in shell.user_ns, "a refusal leaves even the failed run's leftovers in place"
     assert re.search(r"of model and optimizer state in host memory, and only 64(\.00)? KiB", out), (

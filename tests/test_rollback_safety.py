@@ -170,7 +170,7 @@ def test_hostile_objects_in_a_transaction_are_skipped_and_counted(shell: Any) ->
 
 
 def test_the_host_check_counts_containers_and_the_failed_runs_leftovers(
-    shell: Any, capsys: Any, monkeypatch: Any
+    shell: Any, run: Any, monkeypatch: Any
 ) -> None:
     """A 64 MiB bytearray the cell uses, and a 40 MiB tensor the failed run left: both are
     copied to host memory, so both are counted (were: "0 B", and the leftovers not at all)."""
@@ -184,9 +184,7 @@ def test_the_host_check_counts_containers_and_the_failed_runs_leftovers(
     )
     assert not shell.run_cell(cell).success
     monkeypatch.setattr(txn_mod, "host_available_bytes", lambda: 120 << 20)  # 96 MiB allowed
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch --force")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch --force", store_history=False).out
     assert "Not re-run: undoing a re-run needs a copy of 104" in out, out
     assert "left" in shell.user_ns and shell.user_ns["buf"][0] == 1
 

@@ -38,7 +38,7 @@ def _one_clean_run(shell: Any, cell: str, batch: int, tmp_path: Path) -> dict[st
 
 @pytest.mark.slow
 def test_a_rehearsal_appends_no_line_to_a_file_and_runs_no_shell_command(
-    train: Any, tmp_path: Path, capsys: Any
+    train: Any, tmp_path: Path, run: Any
 ) -> None:
     """`open(..., 'a')` and `!echo >> file` after the failing line: the fix leaves the lines of
     one clean run at the batch it keeps (the rehearsals wrote none)."""
@@ -50,9 +50,7 @@ def test_a_rehearsal_appends_no_line_to_a_file_and_runs_no_shell_command(
     )
     assert not shell.run_cell(cell).success
     assert _lines(tmp_path / "log.txt") == 0
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     assert "Fits at batch" in out, out
     assert re.search(r"rehearsal.*rolled back", out), out
     assert "stopped before `open('log.txt', 'a')`" in out, out
@@ -102,15 +100,13 @@ def test_each_kind_of_write_stops_a_rehearsal(tmp_path: Path, code: str, words: 
 
 
 @pytest.mark.slow
-def test_rehearsal_peaks_are_read_on_the_gpu_that_ran_out(shell: Any, capsys: Any) -> None:
+def test_rehearsal_peaks_are_read_on_the_gpu_that_ran_out(shell: Any, run: Any) -> None:
     """Issue 18: with two cards and the cell on cuda:1, every rehearsal read "peak 0 B" (cuda:0)."""
     shell.run_cell("%gpumem simulate 64MiB --devices 2")
     assert shell.run_cell(SETUP.replace(".cuda()", ".to('cuda:1')")).success
     cell = TRAIN.replace(".cuda()", ".to('cuda:1')").replace("h, h, h, h, h, h", "h, " * 7 + "h")
     assert not shell.run_cell(cell).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     fits = re.findall(r"fits  peak ([\d.]+) (MiB|KiB|B) of ([\d.]+) MiB", out)
     assert fits, out
     assert all(unit == "MiB" and float(peak) > 1 for peak, unit, _ in fits), out

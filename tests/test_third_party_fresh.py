@@ -79,21 +79,21 @@ def _tl_state(ns: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def test_transfer_learning_reduce_batch_fits_both_phases(shell: Any, capsys: Any) -> None:
+def test_transfer_learning_reduce_batch_fits_both_phases(shell: Any, run: Any) -> None:
     """The tutorial's `dataloaders = {x: DataLoader(..., batch_size=64) for x in ['train', 'val']}`
     read as dataloaders[phase] inside train_model(): Reduce batch ends with the cell run through,
     both phases at a batch that fits."""
     _setup(shell, TL, TL_CARD)
     assert not shell.run_cell(TL["train"]).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     assert "Fits at batch" in out, out
     assert "Best val Acc" in out, out
     assert all(dl.batch_size < 64 for dl in shell.user_ns["dataloaders"].values())
 
 
-def test_transfer_learning_move_to_cpu_equals_one_clean_run(shell: Any, capsys: Any) -> None:
+def test_transfer_learning_move_to_cpu_equals_one_clean_run(
+    shell: Any, capsys: Any, run: Any
+) -> None:
     """Move to CPU re-runs train_model once: the weights, the momentum buffers, the scheduler's
     epoch and the printed epoch lines are those of the same cells run once on the CPU without the
     extension; the notebook's other variables are untouched."""
@@ -102,9 +102,7 @@ def test_transfer_learning_move_to_cpu_equals_one_clean_run(shell: Any, capsys: 
     out = capsys.readouterr().out
     assert "Reduce the batch size, enable autocast (bf16) or move the work to the CPU" in out
     shell.run_cell("mine = {'keep': 1}")
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry cpu")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry cpu", store_history=False).out
     assert "Best val Acc" in out, out
     ns = shell.user_ns
     assert ns["mine"] == {"keep": 1}
@@ -121,28 +119,24 @@ def test_transfer_learning_move_to_cpu_equals_one_clean_run(shell: Any, capsys: 
 
 
 def test_transfer_learning_move_to_cpu_batchnorm_statistics_as_clean_or_told(
-    shell: Any, capsys: Any
+    shell: Any, run: Any
 ) -> None:
     """The failed run's forward moved the BatchNorm running statistics before it ran out (stem's
     BN saw one more batch) and no copy from before that cell exists: Move to CPU's outcome says
     it kept them, as a failed fix says it could not put them back."""
     _setup(shell, TL, TL_CARD)
     assert not shell.run_cell(TL["train"]).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry cpu")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry cpu", store_history=False).out
     assert "Best val Acc" in out, out
     buffers = [b.detach().cpu().clone() for b in shell.user_ns["model_ft"].buffers()]
     clean = [b.detach().cpu().clone() for b in _clean_run(shell, TL)["model_ft"].buffers()]
     assert "BatchNorm running statistics" in out or _same(buffers, clean), out
 
 
-def test_transfer_learning_failed_autocast_is_not_offered_again(shell: Any, capsys: Any) -> None:
+def test_transfer_learning_failed_autocast_is_not_offered_again(shell: Any, run: Any) -> None:
     _setup(shell, TL, TL_CARD)
     assert not shell.run_cell(TL["train"]).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry autocast")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry autocast", store_history=False).out
     assert "Still out of memory under autocast" in out, out
     after = out.split("Still out of memory under autocast", 1)[1]
     assert not re.search(r"retry autocast\s+Enable autocast \(saves", after), after
@@ -162,12 +156,10 @@ def _hf_state(ns: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _hf_reduce_batch(shell: Any, capsys: Any, before: tuple[str, ...]) -> str:
+def _hf_reduce_batch(shell: Any, run: Any, before: tuple[str, ...]) -> str:
     _setup(shell, HF, HF_CARD, before)
     assert not shell.run_cell(HF["train"]).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch", store_history=False).out
     assert "Fits at batch" in out, out
     ns = shell.user_ns
     assert 1 <= ns["train_dataloader"].batch_size < 8
@@ -218,7 +210,7 @@ def test_time_sequence_float64_model_is_not_offered_autocast(
 
 
 def test_time_sequence_lbfgs_first_closure_failure_reruns_without_force(
-    shell: Any, capsys: Any, monkeypatch: Any, tmp_path: Any
+    shell: Any, run: Any, monkeypatch: Any, tmp_path: Any
 ) -> None:
     """The cell failed inside line 11 `optimizer.step(closure)`, in the first closure's forward,
     before LBFGS changed any weight (n_iter 0): the guard reads that from the failure's frames
@@ -227,9 +219,7 @@ def test_time_sequence_lbfgs_first_closure_failure_reruns_without_force(
     _setup(shell, TS, TS_CARD)
     assert not shell.run_cell(TS["train"]).success
     assert shell.user_ns["optimizer"].state_dict()["state"].get(0, {}).get("n_iter", 0) == 0
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry cpu")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry cpu", store_history=False).out
     assert "already ran" not in out, out
     assert "test loss:" in out, out
     assert os.path.exists(tmp_path / "predict0.npy")

@@ -132,15 +132,13 @@ def _fresh(shell: Any, folder: Path) -> None:
 
 @pytest.mark.slow
 def test_a_fix_leaves_one_clean_runs_effects_on_everything_the_cell_reaches(
-    notebook: Any, tmp_path: Path, capsys: Any
+    notebook: Any, tmp_path: Path, run: Any
 ) -> None:
     shell = notebook
     shell.run_cell("%gpumem simulate 160MiB")
     _fresh(shell, tmp_path)
     assert not shell.run_cell(CELL).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch --force")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch --force", store_history=False).out
     assert "Fits at batch" in out and "rehearsal" in out, out
     batch = shell.user_ns["batch_size"]
     fixed = _observe(shell, tmp_path)
@@ -154,7 +152,7 @@ def test_a_fix_leaves_one_clean_runs_effects_on_everything_the_cell_reaches(
 
 
 def test_what_cannot_be_put_back_is_named_and_nothing_was_kept_is_not_claimed(
-    shell: Any, capsys: Any
+    shell: Any, run: Any
 ) -> None:
     """A final run that fails: the generator it advanced is named, not silently kept."""
     shell.run_cell("%gpumem simulate 160MiB")
@@ -165,9 +163,7 @@ def test_what_cannot_be_put_back_is_named_and_nothing_was_kept_is_not_claimed(
     assert not shell.run_cell(
         "seen.append(next(gen))\nbig = torch.randn(30 << 20, device='cuda')"
     ).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry clear --force")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry clear --force", store_history=False).out
     assert "Still out of memory" in out, out
     assert "`gen` (a generator) was advanced by the re-run and cannot be put back" in out, out
     assert shell.user_ns["seen"] == [0]  # the list is put back; the generator cannot be
@@ -215,7 +211,7 @@ def test_a_list_iterator_is_put_back_where_it_stood() -> None:
     assert txn.whole
 
 
-def test_the_failed_runs_batchnorm_statistics_are_put_back(shell: Any, capsys: Any) -> None:
+def test_the_failed_runs_batchnorm_statistics_are_put_back(shell: Any, run: Any) -> None:
     """The hook copied the BatchNorm statistics of the model the cell names before it ran: what
     the failed forward did to them is put back, and said so (was: named as not put back)."""
     shell.run_cell("%gpumem simulate 160MiB")
@@ -226,17 +222,13 @@ def test_the_failed_runs_batchnorm_statistics_are_put_back(shell: Any, capsys: A
     cell = "out = model(torch.randn(64, 16, device='cuda'))\nbig = torch.randn(30 << 20, device='cuda')"
     assert not shell.run_cell(cell).success
     tracked = int(shell.user_ns["model"][1].num_batches_tracked)
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry clear --force")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry clear --force", store_history=False).out
     assert "`model`'s BatchNorm running statistics as they were before the failed cell" in out, out
     assert int(shell.user_ns["model"][1].num_batches_tracked) == tracked - 1  # before the cell
 
 
 @pytest.mark.slow
-def test_a_compiled_steps_rehearsals_are_rolled_back_like_eager_ones(
-    shell: Any, capsys: Any
-) -> None:
+def test_a_compiled_steps_rehearsals_are_rolled_back_like_eager_ones(shell: Any, run: Any) -> None:
     """The cell calls only the `torch.compile`d step: the optimizer it steps is reached through
     the function it wraps, and Adam's step count is one clean run's."""
     shell.run_cell("%gpumem simulate 160MiB")
@@ -253,9 +245,7 @@ def test_a_compiled_steps_rehearsals_are_rolled_back_like_eager_ones(
     )
     assert shell.run_cell(setup).success
     assert not shell.run_cell(cell).success
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry batch --force")
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry batch --force", store_history=False).out
     assert "Fits at batch" in out and "rehearsal" in out, out
     ns = shell.user_ns
     assert int(ns["opt"].state[ns["net"].weight]["step"]) == 3

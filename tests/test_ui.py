@@ -16,6 +16,7 @@ import pytest
 
 import jupyter_gpumem
 from jupyter_gpumem.readings.snapshot import MemorySnapshot
+from tests.conftest import extension
 from tests.test_fixes import CELL, SETUP
 
 pytest.importorskip("ipywidgets")
@@ -26,15 +27,15 @@ def failed(shell: Any) -> Any:
     shell.run_cell("%gpumem simulate 160MiB")
     shell.run_cell(SETUP)
     shell.run_cell(CELL)
-    ext = jupyter_gpumem._extension_for(shell)
-    assert ext.hook.last_failure is not None
+    ext = extension(shell)
+    assert jupyter_gpumem.last_failure(ext.shell) is not None
     return ext
 
 
 def _panel(ext: Any) -> Any:
     from jupyter_gpumem.ui.panel import DiagnosisPanel
 
-    return DiagnosisPanel(ext, ext.hook.last_failure)
+    return DiagnosisPanel(ext, jupyter_gpumem.last_failure(ext.shell))
 
 
 def _texts(widget: Any) -> str:
@@ -86,7 +87,7 @@ def test_a_second_oom_replaces_the_panel_content(shell: Any) -> None:
     shell.run_cell("%gpumem simulate 160MiB")
     shell.run_cell(SETUP)
     shell.run_cell(CELL.replace("256", "600"))
-    panel = _panel(jupyter_gpumem._extension_for(shell))
+    panel = _panel(extension(shell))
     first_failure = panel.failed
     # clearing frees little: at batch 600 the re-run runs out of memory again
     outcome = panel.click("clear")
@@ -102,7 +103,7 @@ def test_guard_asks_inside_the_panel(shell: Any) -> None:
     shell.run_cell(SETUP)
     shell.run_cell("step = 0")
     shell.run_cell("step += 1\n" + CELL)
-    ext = jupyter_gpumem._extension_for(shell)
+    ext = extension(shell)
     panel = _panel(ext)
     assert panel.click("batch") is None
     question = _texts(panel.confirm_box)
@@ -134,13 +135,13 @@ def test_each_fix_is_checked_once_per_oom(shell: Any, monkeypatch: Any, capsys: 
 
     for key, fix in FIXES.items():
         monkeypatch.setattr(type(fix), "check", counting(key, type(fix).check))
-    ext = jupyter_gpumem._extension_for(shell)
+    ext = extension(shell)
     monkeypatch.setattr(ext, "widgets_available", lambda: True)  # as under ipykernel
     shell.run_cell("%gpumem simulate 64MiB")
     shell.run_cell(SETUP)
     assert calls == dict.fromkeys(FIXES, 0)
     shell.run_cell(CELL)
-    failure = ext.hook.last_failure
+    failure = jupyter_gpumem.last_failure(ext.shell)
     assert failure is not None and ext.panel is not None, capsys.readouterr()
     assert ext.panel.failed is failure
     assert calls == dict.fromkeys(FIXES, 1), calls
@@ -159,7 +160,7 @@ def test_buttons_say_whether_they_are_enough_and_the_primary_one_is(shell: Any) 
     shell.run_cell("%gpumem simulate 160MiB")
     shell.run_cell(SETUP)
     shell.run_cell(CELL.replace("256", "600"))
-    panel = _panel(jupyter_gpumem._extension_for(shell))
+    panel = _panel(extension(shell))
     short = panel.failed.diagnosis.shortfall_bytes
     assert short
     marked = {k: b.description for k, b in panel.buttons.items() if "not enough" in b.description}
@@ -290,7 +291,7 @@ def test_a_real_interrupt_inside_the_cell_ends_the_click(shell: Any) -> None:
         "if len(runs) > 1:\n"
         "    raise KeyboardInterrupt\n" + CELL
     )  # fmt: skip
-    panel = _panel(jupyter_gpumem._extension_for(shell))
+    panel = _panel(extension(shell))
     outcome = panel.click("batch", force=True)
     assert outcome is not None and not outcome.ok
     assert "✗ Cancelled" in panel.status.value
@@ -321,8 +322,8 @@ def test_cancel_while_a_fix_runs_puts_the_notebook_back(shell: Any) -> None:
 
     shell.run_cell(SLOW_SETUP)
     shell.run_cell(SLOW_CELL)
-    ext = jupyter_gpumem._extension_for(shell)
-    assert ext.hook.last_failure is not None
+    ext = extension(shell)
+    assert jupyter_gpumem.last_failure(ext.shell) is not None
     panel = _panel(ext)
     assert panel.status.kernel_id == ""  # no Jupyter server started this shell: no Cancel button
     panel.status.kernel_id = "0d1e"  # as in a kernel a server started
@@ -375,7 +376,7 @@ def test_a_click_on_a_subshell_thread_runs_on_the_main_thread_where_cancel_lands
 
     shell.run_cell(SLOW_SETUP)
     shell.run_cell(SLOW_CELL)
-    ext = jupyter_gpumem._extension_for(shell)
+    ext = extension(shell)
     panel = _panel(ext)
     panel.status.kernel_id = "0d1e"
     loop = _MainLoop()
@@ -464,7 +465,7 @@ def test_the_cells_own_error_shows_as_the_cell_would_show_it(shell: Any, capsys:
         "if len(runs) > 1:\n"
         "    raise ValueError('second run ' + 'fails')\n" + CELL
     )  # fmt: skip
-    panel = _panel(jupyter_gpumem._extension_for(shell))
+    panel = _panel(extension(shell))
     capsys.readouterr()
     outcome = panel.click("batch", force=True)
     assert outcome is not None and not outcome.ok
@@ -487,7 +488,7 @@ def _cells(shell: Any, *sources: str) -> None:
 
 def test_a_click_after_other_cells_ran_asks_first_and_cancel_runs_nothing(shell: Any) -> None:
     _cells(shell, "%gpumem simulate 160MiB", SETUP, "runs = []", "runs.append(1)\n" + CELL)
-    ext = jupyter_gpumem._extension_for(shell)
+    ext = extension(shell)
     failed_at = shell.execution_count - 1  # the failed cell's In [N]
     panel = _panel(ext)
     _cells(shell, "a = 1", "b = 2", "c = 3")
@@ -512,18 +513,23 @@ def test_a_click_on_a_panel_with_a_newer_failure_says_which(shell: Any) -> None:
     from jupyter_gpumem.fixes.ask import staleness
 
     _cells(shell, "%gpumem simulate 160MiB", SETUP, CELL)
-    ext = jupyter_gpumem._extension_for(shell)
+    ext = extension(shell)
     first = shell.execution_count - 1
     old = _panel(ext)
     _cells(shell, "a = 1", CELL.replace("256", "300"))
     newest = shell.execution_count - 1
-    assert ext.hook.last_failure is not old.failed
+    assert jupyter_gpumem.last_failure(ext.shell) is not old.failed
     assert old.click("batch") is None
     text = _texts(old.confirm_box)
     assert f"1 cell ran since this failure (In [{first + 1}])" in text
     assert f"a newer failure is In [{newest}]" in text
     # the latest failure's panel, nothing ran since: nothing to say, no question
-    assert staleness(shell, ext.hook.last_failure, ext.hook.last_failure) == ""
+    assert (
+        staleness(
+            shell, jupyter_gpumem.last_failure(ext.shell), jupyter_gpumem.last_failure(ext.shell)
+        )
+        == ""
+    )
 
 
 def test_a_fix_that_does_not_apply_is_disabled_and_says_why(shell: Any) -> None:
@@ -531,7 +537,7 @@ def test_a_fix_that_does_not_apply_is_disabled_and_says_why(shell: Any) -> None:
     shell.run_cell(SETUP)
     shell.run_cell("n_rows = 4096")
     shell.run_cell("y = model(torch.randn(n_rows, 32, 1024, device='cuda'))")
-    panel = _panel(jupyter_gpumem._extension_for(shell))
+    panel = _panel(extension(shell))
     b = panel.buttons["batch"]
     assert b.disabled
     assert "no batch size found in this cell" in b.tooltip

@@ -91,7 +91,7 @@ def test_open_files_and_the_notebooks_modules_are_listed() -> None:
     )
 
 
-def test_a_failed_fix_says_nothing_was_kept_only_when_true(shell: Any, capsys: Any) -> None:
+def test_a_failed_fix_says_nothing_was_kept_only_when_true(shell: Any, run: Any) -> None:
     """A re-run that advanced a generator made before the cell: the outcome does not say
     "Nothing was kept" (was: it did, with the generator advanced); it says what was put back and
     names what could not be."""
@@ -106,9 +106,7 @@ def test_a_failed_fix_says_nothing_was_kept_only_when_true(shell: Any, capsys: A
         "n = next(gen)\nx = torch.empty(40 << 20, dtype=torch.uint8, device='cuda')",
         store_history=True,
     )
-    capsys.readouterr()
-    shell.run_cell("%gpumem retry clear --force", store_history=True)
-    out = capsys.readouterr().out
+    out = run(shell, "%gpumem retry clear --force").out
     assert "Still out of memory after clearing" in out, out
     assert "Nothing was kept" not in out
     assert "Put back what could be:" in out and "`gen` (a generator)" in out
