@@ -91,6 +91,7 @@ class BlockModel:
         self._free: dict[bool, list[tuple[int, int, _Block]]] = {True: [], False: []}
         self._live: dict[int, _Block] = {}
         self._uid = 0
+        self._resident: dict[int, list[int]] = {}  # size -> keys of the residents of that size
 
     def alloc(self, key: int, nbytes: int) -> None:
         """Serve request ``key`` of ``nbytes``; ``reserved`` and ``peak`` follow."""
@@ -160,20 +161,30 @@ class BlockModel:
         """The reserved peak of a run at the limit: ``resident`` live at the start, then
         ``events`` as :class:`~..backends.allocator.SizeLog` writes them, sized already:
         ``(n, size)`` an allocation, ``(-1, n)`` its free, ``(-2, size)`` a resident's free."""
+        model = cls.starting(resident)
+        model.replay(events)
+        return model.peak
+
+    @classmethod
+    def starting(cls, resident: Iterable[int]) -> BlockModel:
+        """The pools with ``resident`` live (keys ``-1``, ``-2``, ...), the peak counted from
+        there: the state :meth:`replay` goes on from."""
         model = cls()
-        resident_keys: dict[int, list[int]] = {}
         for i, nbytes in enumerate(resident):
             key = -(i + 1)
             model.alloc(key, nbytes)
-            resident_keys.setdefault(nbytes, []).append(key)
+            model._resident.setdefault(nbytes, []).append(key)
         model.peak = model.reserved
+        return model
+
+    def replay(self, events: Iterable[tuple[int, int]]) -> None:
+        """Go on with ``events`` (as :meth:`need` reads them)."""
         for n, value in events:
             if n >= 0:
-                model.alloc(n, value)
+                self.alloc(n, value)
             elif n == -1:
-                model.free(value)
+                self.free(value)
             else:
-                keys = resident_keys.get(value)
+                keys = self._resident.get(value)
                 if keys:
-                    model.free(keys.pop())
-        return model.peak
+                    self.free(keys.pop())

@@ -19,7 +19,13 @@ How an allocation's size follows the batch:
   happens to be a multiple of a prime near a thousand is rare; the search makes its first probe a
   prime for this reason, so that one fit is enough to aim at the largest batch.
 
-The replay is calibrated on the run it came from: what the run measured, less what the replay
+The steady state: a rehearsal runs two passes of the loop (a cell without one, twice), and the
+allocator's blocks are not always settled by then (the CIFAR-10 tutorial at 1448 on 128 MiB: two
+steps fit, the third runs out). The replay finds the log's last pass and plays it again until the
+peak stops rising (:class:`Cycle`), so that ``need`` is what the rest of the run needs, not the
+rehearsed passes (``recorded_need``); it costs no run.
+
+The replay is calibrated on the run it came from (on the passes it recorded): what the run measured, less what the replay
 gives at its batch, is added to every prediction (what the model leaves out or adds: memory
 outside the allocator's blocks, a cache the run found warm, holes the card did not leave).
 Measured against the simulated card with PyTorch's caching allocator ported (f566edc), as the
@@ -30,6 +36,7 @@ batch proposed (the "replay error" column).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -37,7 +44,15 @@ from jupyter_gpumem.backends.allocator import SizeLog
 from jupyter_gpumem.fixes.batch.blocks import LARGE_ALONE, BlockModel
 from jupyter_gpumem.units import format_bytes
 
-__all__ = ["MIN_PRIME_BATCH", "REPLAY_MARGIN", "Replay", "is_prime", "prime_at_most", "replay_note"]
+__all__ = [
+    "MIN_PRIME_BATCH",
+    "REPLAY_MARGIN",
+    "Cycle",
+    "Replay",
+    "is_prime",
+    "prime_at_most",
+    "replay_note",
+]
 
 # One run tells which allocations grow with the batch from a prime batch this large. A constant
 # size that is a multiple of it by chance (a 7x7 kernel's weights at 7) counts as growing: the
@@ -50,6 +65,9 @@ REPLAY_MARGIN = 0.01
 # A log with more events than this is not replayed: each prediction walks it once (about 1 µs an
 # event) and a proposal asks for a few dozen, so this keeps one under a second or two.
 _MAX_EVENTS = 50_000
+# The last pass played again at most this many times for the steady state (see Cycle); on the
+# CIFAR-10 tutorial and nanoGPT the peak stops rising after the first (the second confirms it).
+_MAX_EXTRA_PASSES = 4
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,12 @@ class Replay:
     offset: int  # measured less replayed, at the run the replay came from
     how: str  # for people: "two runs" or "one run at a prime batch"
     batches: tuple[int, ...] = ()  # of the runs it came from
+    # the recorded run's last pass, repeated after it for the steady state (None: no pass found)
+    cycle: Cycle | None = None
+    # peak(batch, steady) already replayed: a search asks for the same batches again
+    _peaks: dict[tuple[int, bool], int] = dataclasses.field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     @classmethod
     def from_runs(cls, runs: list[tuple[int, int, SizeLog | None]]) -> Replay | None:
@@ -89,18 +113,33 @@ class Replay:
             return None
         if not any(k > 0 for _, k in sizes):
             return None  # nothing grows with the batch: the batch is not what fills the card
-        replay = cls(sizes, log2, 0, how, batches)
-        return cls(sizes, log2, p2 - replay.need(b2), how, batches)
+        replay = cls(sizes, log2, 0, how, batches, Cycle.last_of(log2))
+        # calibrated on what the run measured: the recorded passes, not the steady state
+        return dataclasses.replace(replay, offset=p2 - replay.peak(b2, steady=False))
 
     def need(self, batch: int) -> int:
-        """The reserved peak at ``batch``: the log replayed with each allocation resized,
+        """The reserved peak at ``batch`` in the steady state: the log replayed with each
+        allocation resized, then its last pass again until the allocator's blocks settle,
         through the replay's own model of the caching allocator (``blocks.py``)."""
-        sizes = self.sizes
-        events = [
-            (n, max(0, round(sizes[n][0] + sizes[n][1] * batch))) if n >= 0 else (n, value)
-            for n, value in self.log.events
-        ]
-        return BlockModel.need(self.log.resident, events) + self.offset
+        return self.peak(batch) + self.offset
+
+    def recorded_need(self, batch: int) -> int:
+        """The reserved peak at ``batch`` of the recorded passes alone (what a rehearsal of them
+        measures)."""
+        return self.peak(batch, steady=False) + self.offset
+
+    def peak(self, batch: int, steady: bool = True) -> int:
+        """The replayed reserved peak at ``batch``, uncalibrated."""
+        known = self._peaks.get((batch, steady))
+        if known is not None:
+            return known
+        sized = [max(0, round(base + k * batch)) for base, k in self.sizes]
+        model = BlockModel.starting(self.log.resident)
+        model.replay((n, sized[n]) if n >= 0 else (n, value) for n, value in self.log.events)
+        if steady and self.cycle is not None:
+            self.cycle.repeat(model, sized, self.log.allocations)
+        self._peaks[batch, steady] = model.peak
+        return model.peak
 
     def largest(self, budget: float, lo: int, hi: int) -> int:
         """The largest batch in ``[lo, hi)`` whose need is within ``budget`` (``lo`` if none).
@@ -135,6 +174,110 @@ class Replay:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if self.need(mid) <= budget else (lo, mid)
         return lo
+
+
+@dataclass(frozen=True)
+class Cycle:
+    """The recorded run's last pass, as what every pass after it does.
+
+    A rehearsal stops after two passes of the loop (a cell without a loop runs twice), and the
+    allocator's blocks are not always settled by then: on PyTorch's CIFAR-10 tutorial at 1448 on
+    128 MiB, two steps fit and the third ran out, 26 MiB asked with 42.76 MiB of the 106 MiB
+    reserved free in pieces (the blocks the second step left are laid out otherwise than the
+    first's). So the replay plays the last pass again, as many times as it takes for the peak
+    to stop rising (at least twice, at most :data:`_MAX_EXTRA_PASSES`), which costs no run.
+
+    Found in the log alone: the pass is the longest run of allocation sizes at the end of the log
+    that also occurs, whole, before it (the first pass may do more, as an optimizer making its
+    state does, so the match is the second pass's allocations against the first's). It is the
+    steady state when what it frees from before it (the last pass's inputs, gradients, loss) is,
+    size for size, what it leaves allocated at its end: the next pass frees those in their
+    place. A pass that frees something it does not make again is no steady state: no cycle, and
+    the replay is the recorded passes alone. What a pass leaves allocated and the next one does
+    not free (a list of GPU losses growing) stays, and grows with each pass replayed.
+    """
+
+    # (0, n): allocate a copy of allocation n; (1, n): free this pass's copy of n; (2, n): free
+    # the previous pass's copy of n (what the pass freed from before it, in its place)
+    ops: tuple[tuple[int, int], ...]
+    start: int  # where the last pass starts in the log's events
+
+    @classmethod
+    def last_of(cls, log: SizeLog) -> Cycle | None:
+        """The log's last pass, where it is one of a steady state (see the class)."""
+        where = [i for i, (n, _) in enumerate(log.events) if n >= 0]
+        sizes = [log.events[i][1] for i in where]
+        length, earlier = _repeated_tail(sizes)
+        if length < 2:
+            return None
+        first = len(sizes) - length  # the number of the pass's first allocation
+        window = log.events[where[first] :]
+        made = [n for n, _ in window if n >= 0]
+        freed = {v for n, v in window if n == -1 and v >= first}
+        # what the pass left allocated at its end, by size; an allocation the pass frees from
+        # before it is, next time, the pass's own allocation in the same place of the repeated
+        # sizes (the earlier pass's n-th is this pass's n-th), else one of the same size
+        left: dict[int, list[int]] = {}
+        for n in made:
+            if n not in freed:
+                left.setdefault(sizes[n], []).append(n)
+        ops: list[tuple[int, int]] = []
+        for n, value in window:
+            if n >= 0:
+                ops.append((0, n))
+            elif n == -1 and value >= first:
+                ops.append((1, value))
+            else:
+                size = sizes[value] if n == -1 else value
+                same = left.get(size, [])
+                twin = value - earlier + first if n == -1 and 0 <= value - earlier < length else -1
+                instead = twin if twin in same else (same[0] if same else None)
+                if instead is None:
+                    return None
+                same.remove(instead)
+                ops.append((2, instead))
+        return cls(tuple(ops), where[first])
+
+    def repeat(self, model: BlockModel, sized: list[int], numbered: int) -> None:
+        """Play the pass on ``model`` (which has run the log) until the peak stops rising;
+        ``sized``: each allocation's size at the batch; ``numbered``: the log's allocations."""
+        previous: dict[int, int] | None = None  # the last copy's keys; None: the log's own
+        for extra in range(_MAX_EXTRA_PASSES):
+            before = model.peak
+            copies: dict[int, int] = {}
+            for op, n in self.ops:
+                if op == 0:
+                    copies[n] = numbered
+                    model.alloc(numbered, sized[n])
+                    numbered += 1
+                elif op == 1:
+                    model.free(copies[n])
+                else:
+                    model.free(n if previous is None else previous[n])
+            previous = copies
+            if extra >= 1 and model.peak == before:
+                return
+
+
+def _repeated_tail(values: list[int]) -> tuple[int, int]:
+    """The longest tail of ``values`` that also occurs, whole and apart from it, earlier: its
+    length and where the nearest such occurrence starts (a Z-function over the reversed list:
+    linear)."""
+    r = values[::-1]
+    n = len(r)
+    z = [0] * n
+    left = right = 0
+    best = at = 0
+    for i in range(1, n):
+        if i < right:
+            z[i] = min(right - i, z[i - left])
+        while i + z[i] < n and r[z[i]] == r[i + z[i]]:
+            z[i] += 1
+        if i + z[i] > right:
+            left, right = i, i + z[i]
+        if min(z[i], i) > best:
+            best, at = min(z[i], i), n - i - min(z[i], i)
+    return best, at
 
 
 def replay_note(batches: tuple[int, ...], full: int, chosen: int, capacity: int) -> str:

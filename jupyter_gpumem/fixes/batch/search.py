@@ -30,7 +30,8 @@ after a fit that followed one miss, at most three quarters of the way in); after
 always the midpoint. So a failure at least halves the bracket: bisection is the floor, and the
 search never creeps down one sample under a failure. Only fits give peaks: a failed run says
 "more than the card", never how much. ``bisect_from_now`` (a real run failed where its rehearsal
-fitted: the peaks understate the need) turns the model off.
+fitted: the peaks understate the need) turns the line model off; the replay goes on where it
+agrees with that failure.
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ class BatchSearch:
     replay_logs: bool = False
     # the replay's last proposal: (batches it came from, largest it says fits, the proposal)
     _proposed: tuple[tuple[int, ...], int, int] | None = field(default=None, init=False, repr=False)
+    # the last proposal came from the replay (which agreed with every failure)
+    _steady_guess: bool = field(default=False, init=False, repr=False)
 
     def observe(self, obs: Observation) -> None:
         """Record a run."""
@@ -131,7 +134,9 @@ class BatchSearch:
 
     def bisect_from_now(self) -> None:
         """The measured peaks understate the need (a whole run failed where its rehearsal, two
-        passes, fitted): from now on, halve the bracket."""
+        passes, fitted): from now on, halve the bracket, unless the replay (the steady state of
+        the allocator's blocks, see ``replay.Cycle``) says the failed batch does not fit either,
+        and so places the largest below it."""
         self.bisecting = True
 
     # -- bracket --------------------------------------------------------------------------
@@ -317,15 +322,25 @@ class BatchSearch:
         guess = self._proposal(lo, hi)
         if guess is None:
             return None
-        return self._as_batch(self._safeguarded(guess, lo, hi), lo, hi)
+        if not (self.bisecting and self._steady_guess):
+            guess = self._safeguarded(guess, lo, hi)
+        elif lo >= self.min_batch:  # the steady state's largest, as the replay places it
+            guess = max(guess, lo * (1 + _MIN_STEP))
+        return self._as_batch(guess, lo, hi)
 
     def _proposal(self, lo: int, hi: float) -> float | None:
         """The model's guess (bisection once the peaks no longer predict); None: done."""
+        replayed = None if lo < self.min_batch else self._from_replay(lo, hi)
+        self._steady_guess = replayed is not None
+        if replayed is not None:
+            # After a whole run failed where its rehearsal fitted, a replay still counts only
+            # where it says that batch does not fit (``_from_replay`` gives None otherwise): it
+            # plays the pass until the allocator's blocks settle, which the rehearsal did not;
+            # then its guess is the largest batch that fits in that steady state, not the
+            # bisection's (a replay that misses again disagrees with that failure: no creeping)
+            return None if replayed < 0 else replayed
         if self.bisecting:
             return (max(lo, 0) + hi) / 2 if math.isfinite(hi) else 2 * max(lo, 1)
-        replayed = None if lo < self.min_batch else self._from_replay(lo, hi)
-        if replayed is not None:
-            return None if replayed < 0 else replayed
         est = self._estimate()
         if est is None:
             return self._blind_probe(hi) if lo < self.min_batch else (lo + hi) / 2
