@@ -207,6 +207,8 @@ def earlier_failures_bytes(ctx: FixContext) -> tuple[int, list[BaseException]]:
     d = ctx.failed.diagnosis
     if d is None or d.allocated_bytes is None or torch_objects.torch_module() is None:
         return 0, []
+    if not d.released:  # this failure's own frames still hold theirs (counted as pinned)
+        return 0, []
     if d.allocated_bytes - d.holders.total_bytes < _UNPLACED_BYTES:
         return 0, []
     excs = _earlier_failures(ctx.user_ns)
