@@ -1,10 +1,10 @@
 """``torch.compile``d code under Move to CPU and Enable autocast, in a real InteractiveShell on the
 simulated GPU.
 
-On the simulated GPU dynamo runs compiled code eagerly (it skips frames while a dispatch mode is
-active, and the simulated card counts through one), so these tests check what the fixes do with
-compiled objects, not compile times: the optimizer a compiled ``train_step`` uses is reached
-through the function it wraps, Move to CPU runs compiled code eagerly
+On the simulated GPU dynamo compiles the model and the step (backends/simulated/compiled.py,
+tests/test_compile_simulated.py), so the setup here really compiles; these tests check what the
+fixes do with compiled objects: the optimizer a compiled ``train_step`` uses is reached through
+the function it wraps, Move to CPU runs compiled code eagerly
 (``torch.compiler.set_stance("force_eager")``) instead of compiling it again for the CPU, and
 both fixes say so in one line.
 """
@@ -37,8 +37,12 @@ CELL = 'x = torch.randn(236 * 32, 1024, device="cuda")\nstep(x)\n'
 
 
 def _failed(shell: Any, capsys: Any) -> None:
+    from jupyter_gpumem.backends import torch_objects
+
     shell.run_cell("%gpumem simulate 160MiB")
+    before = torch_objects.compiled_graphs() or 0
     assert shell.run_cell(SETUP).success
+    assert (torch_objects.compiled_graphs() or 0) > before  # compiled on the simulated card
     assert not shell.run_cell(CELL).success
     capsys.readouterr()
 

@@ -36,6 +36,13 @@ a tensor on a card answers as CUDA's would (``_on_card_answers``): ``device``, `
 and ``np.asarray`` are refused with torch's ``TypeError``, ``pin_memory()`` with its
 ``RuntimeError``; ``copy.deepcopy`` makes a copy on the same card; ``x.new_tensor(data)`` lands
 on ``x``'s card. The answers are Python's: C++ sees host tensors (``torch.save`` writes ``cpu``).
+
+While dynamo traces (``torch.compiler.is_compiling()``) the mode passes each call through as
+written: the simulated GPU compiles under it (``backends/simulated/compiled.py``) and the graph's
+calls come back through the mode when the graph runs. Code that dynamo traces reads a tensor's
+own device: ``x.device`` is ``cpu`` there, so ``torch.arange(n, device=x.device)`` in compiled
+code counts on the card of the graph's inputs, as on CUDA, but ``if x.is_cuda:`` takes the CPU's
+branch.
 """
 
 from __future__ import annotations
@@ -400,6 +407,9 @@ def cuda_to_cpu_mode_class() -> type[Any]:
     Tensor = torch.Tensor
     on_card = _on_card_answers(t)
     metadata = _metadata_reads(torch)
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (
+        lambda: False
+    )
 
     class CudaToCpuMode(TorchFunctionMode):
         """Redirect CUDA placements to the CPU; ``redirected`` counts them by function name."""
@@ -422,7 +432,9 @@ def cuda_to_cpu_mode_class() -> type[Any]:
             __tracebackhide__ = True  # IPython hides this frame: torch's error is the user's
             if kwargs is None:
                 kwargs = {}
-            if not self.active:
+            if not self.active or is_compiling():
+                # dynamo tracing through the mode (the simulated GPU compiles under it): the call
+                # as written goes in the graph, which then runs through this mode op by op
                 return func(*args, **kwargs)
             index_of = self.index_of
             if index_of is not None and args and isinstance(args[0], Tensor):

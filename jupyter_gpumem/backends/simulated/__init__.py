@@ -51,8 +51,13 @@ Limits:
 - Not simulated: ``torch.save`` writes the location ``cpu``; ``torch.load(map_location="cuda")``
   is not redirected; ``pin_memory()`` returns the same tensor; streams, events,
   ``torch.Generator("cuda")``; ``torch.autocast("cuda")`` has no effect on the host data;
-  ``torch.compile`` runs eagerly (dynamo skips frames under a dispatch mode); code that runs
-  after ``stop`` or on a thread without the modes sees the data's own device, ``cpu``.
+  code that runs after ``stop`` or on a thread without the modes sees the data's own device,
+  ``cpu``.
+- ``torch.compile`` compiles (dynamo traces, guards, breaks graphs and recompiles as on CUDA;
+  ``compiled.py``), whatever backend was named, the graphs run op by op through the counting
+  mode: a compiled step takes its eager memory (Inductor's fusion, less on CUDA, is not
+  modelled); code dynamo traces reads ``x.device`` as ``cpu``. A torch without the hooks it needs
+  runs compiled code eagerly.
 - Storages grown in place (``resize_``, ``out=``) count at their new size but never raise.
 - torch's modes are per thread: threads started while the simulation runs count like the one
   that started it; threads that were running before count under ``on_this_thread()`` (see

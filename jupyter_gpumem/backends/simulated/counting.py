@@ -8,7 +8,8 @@ Factories whose size is known beforehand (``empty``, ``zeros``, ``ones``, ``full
 ``new_*``, ``*_like``) are checked before anything is allocated, so
 ``torch.empty(400 * 2**30, device="cuda")`` is an OOM and not 400 GiB of host memory; other
 operations are checked once their output exists, which is then dropped. Autograd is counted too:
-on the CPU the backward pass runs on the calling thread, under the same modes.
+on the CPU the backward pass runs on the calling thread, under the same modes. ``torch.compile``d
+code compiles under the mode, and its graphs run through it (``compiled.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from jupyter_gpumem.backends.simulated.compiled import prepare
 from jupyter_gpumem.backends.simulated.devices import HOST_OUTPUTS
 
 if TYPE_CHECKING:
@@ -201,6 +203,13 @@ def _counting_mode_class() -> type[Any]:
         def __init__(self, sim: SimulatedGPU) -> None:
             super().__init__()
             self.sim = sim
+
+        @classmethod
+        def ignore_compile_internals(cls) -> bool:
+            """Asked by dynamo before each frame it would compile: True lets it compile under
+            this mode (``compiled.py``: it traces with the mode off, and the graphs it makes run
+            op by op through it); False, where this torch cannot, and it runs the frame eagerly."""
+            return prepare()
 
         def __torch_dispatch__(
             self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None

@@ -22,7 +22,7 @@ from typing import Any
 from jupyter_gpumem.backends import base
 from jupyter_gpumem.backends.alloc_conf import AllocConf, parse_alloc_conf, read_alloc_conf
 from jupyter_gpumem.backends.cuda_to_cpu import cuda_to_cpu_mode_class
-from jupyter_gpumem.backends.simulated import cuda_api
+from jupyter_gpumem.backends.simulated import compiled, cuda_api
 from jupyter_gpumem.backends.simulated.counting import _counting_mode_class
 from jupyter_gpumem.backends.simulated.gpu import SimulatedGPU
 from jupyter_gpumem.backends.simulated.profiles import PROFILES, CardProfile, find_profile
@@ -163,6 +163,7 @@ def stop() -> None:
             if threading.getprofile() is _adopt:
                 threading.setprofile(_previous_profile)
             _previous_profile = _no_profile
+        compiled.restore()
         if sim is None:
             return
         base.deselect(sim)
