@@ -513,14 +513,15 @@ class Result:
 
 def _need(w: Workload, card: Card, b: int) -> int | None:
     """The smallest capacity (to 1 MiB) on which the run the replay predicts fits at ``b``, with
-    the card's allocator settings: from a fresh card (no context) and setup, the cell (twice for
-    a cell without a loop: its rehearsal runs it twice). At the limit the allocator gives its
-    free cached segments back before it reserves a new one, which a roomy card's reserved peak
-    does not show. None: it does not fit 4x the card."""
+    the card's allocator settings: from a fresh card (no context) and setup, the cell and its
+    next steps, as the largest batch is checked (the replay predicts the steady state: its
+    rehearsal's last pass played until the allocator's blocks settle). At the limit the
+    allocator gives its free cached segments back before it reserves a new one, which a roomy
+    card's reserved peak does not show. None: it does not fit 4x the card."""
 
     def fits(mib: int) -> bool:
         ns = _fresh(w, Card("need", mib * MiB, alloc_conf=card.alloc_conf))
-        return all(_runs_at(ns, w, b) for _ in range(1 if w.loops else 2))
+        return _runs_at(ns, w, b) and _next_fits(ns, w, b)
 
     lo, hi = 0, card.capacity_bytes // MiB
     while not fits(hi):
@@ -750,7 +751,18 @@ def _table(rows: list[Row], tools: list[str]) -> list[str]:
         lines.append(f"| {row.workload.name} | {row.best} | " + " | ".join(cells) + " |")
     met = [_meets_goal(r.results, r.best) for r in rows]
     missed = "; ".join(r.workload.name for r, ok in zip(rows, met, strict=True) if not ok)
+    held = []
+    for t in tools:
+        nxt = sum(bool(r.results[t].next_fits) for r in rows if t in r.results)
+        data = [r.results[t].epoch_fits for r in rows if t in r.results]
+        epochs = [e for e in data if e is not None]
+        held.append(
+            f"{t} {nxt} of {len(data)}"
+            + (f" (epoch {sum(epochs)} of {len(epochs)})" if epochs else "")
+        )
     lines += [
+        "",
+        "The next steps fit at the batch settled on: " + ", ".join(held) + ".",
         "",
         f"Against the goal (>= 95% of the largest batch in <= 4 re-runs, the next steps and the"
         f" epoch fit, never fewer % than accelerate): met on {sum(met)} of {len(met)} rows by"
@@ -849,8 +861,11 @@ def report(rows: list[Row], tools: list[str], seconds: float, earlier_code: str 
             " settings only). Actual: the smallest capacity (to 1 MiB) the run fits on, from a"
             " fresh card with the same `PYTORCH_CUDA_ALLOC_CONF` (the card's ported allocator"
             " gives its free cached segments back before it reserves a new one there). The run"
-            " is the cell (twice for a cell without a loop, as its rehearsal); for the padded row"
-            " that is the whole epoch, while the replay saw the rehearsal's first two batches.",
+            " is the cell and its next steps, as the largest batch is checked (the cell twice;"
+            " three times for a cell without a loop), which the replay predicts by playing the"
+            " rehearsal's last pass again until the allocator's blocks settle (its steady state);"
+            " for the padded row that is the whole epoch, while the replay saw the rehearsal's"
+            " first two batches.",
             "",
             *_replay_table(rows),
         ]
