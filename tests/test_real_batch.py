@@ -876,6 +876,28 @@ def test_word_language_model_train_data_batchified_in_the_setup_cell_is_re_made(
     assert ns["best_val_loss"] == val_loss
 
 
+def test_word_language_model_oomsafe_re_makes_train_data(
+    shell: Any, capsys: Any, tmp_path: Any
+) -> None:
+    """The same notebook with the training cell under `%%oomsafe`: the ladder's Reduce batch
+    re-makes train_data at each batch it runs, and the cell ends whole at a batch where
+    train_data has that many columns (was: the hidden-state RuntimeError at the first probe)."""
+    shell.run_cell("%gpumem simulate 32MiB")
+    assert shell.run_cell(WLM_MODEL, store_history=True).success
+    setup = WLM_SETUP.replace("BATCH", "160").replace("SAVE_PATH", repr(str(tmp_path / "m.pt")))
+    assert shell.run_cell(setup, store_history=True).success
+    capsys.readouterr()
+    result = shell.run_cell("%%oomsafe\n" + WLM_LOOP, store_history=True)
+    out = capsys.readouterr().out
+    assert result.success, out
+    ns = shell.user_ns
+    batch = ns["args"].batch_size
+    assert 1 < batch < 160, out
+    assert tuple(ns["train_data"].shape) == (12000 // batch, batch), out
+    assert ns["best_val_loss"] is not None, out  # the loop ran whole
+    assert re.search(r"Also re-made `train_data` \(In \[\d+\], line 60\)", out), out
+
+
 def test_word_language_model_batchified_in_the_cell_lands_on_the_largest(
     shell: Any, capsys: Any, tmp_path: Any
 ) -> None:
