@@ -135,3 +135,110 @@ def test_compiled_code_compiles_again_for_the_real_device_after_the_simulation(
     assert ns["on_card"] >= 4096 and ns["was_cuda"]  # the result, counted on the card
     assert ns["n2"] == ns["n1"] + 1  # guarded on the simulation's mode: compiled again
     assert ns["b"].device.type == "cpu" and float(ns["b"][0]) == 3.0
+
+
+# ---- Reduce batch and %%oomsafe on a compiled step --------------------------------------------
+
+STEP_CELL = """\
+batch = {b}
+x = torch.randn(batch, 512, device="cuda")
+y = torch.randint(0, 10, (batch,), device="cuda")
+loss = step(x, y)
+"""
+COMPILED_SETUP = SETUP.replace(
+    "model = torch.nn.Sequential", "model = torch.compile(torch.nn.Sequential"
+).replace("torch.nn.Linear(2048, 10)).cuda()", "torch.nn.Linear(2048, 10)).cuda())")
+
+_ROLLBACK = (
+    "needs rescue/transaction.py to call torch_objects.forget_compiled after a rollback (a "
+    "rolled-back rehearsal's Adam state stays on the compiled optimizer's graph, and the cached "
+    "code reads dynamo's globals the rollback deleted: NameError '__resume_at_...')"
+)
+
+
+def _two_more_runs(shell: Any, batch: int) -> None:
+    from jupyter_gpumem.backends import torch_objects
+
+    graphs = torch_objects.compiled_graphs()
+    for n in range(2):
+        result = shell.run_cell(STEP_CELL.format(b=batch))
+        assert result.success, f"run {n + 2} of the compiled step at batch {batch} failed"
+    assert torch_objects.compiled_graphs() == graphs  # the batch found compiles nothing more
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=_ROLLBACK)
+def test_retry_batch_on_a_compiled_step_lands_on_a_batch_that_fits(shell: Any, capsys: Any) -> None:
+    from jupyter_gpumem.backends import torch_objects
+
+    _ok(shell, "%gpumem simulate 128MiB")
+    _ok(shell, COMPILED_SETUP)
+    assert not shell.run_cell(STEP_CELL.format(b=16384)).success
+    before = torch_objects.compiled_graphs() or 0
+    assert before > 0  # the failed run compiled
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry batch")
+    out = capsys.readouterr().out
+    batch = shell.user_ns["batch"]
+    assert f"Fits at batch {batch} (was 16384)" in out, out
+    assert (torch_objects.compiled_graphs() or 0) > before  # the re-runs compiled
+    _two_more_runs(shell, batch)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=_ROLLBACK)
+def test_oomsafe_on_a_compiled_step_lands_on_a_batch_that_fits(shell: Any, capsys: Any) -> None:
+    _ok(shell, "%gpumem simulate 128MiB")
+    _ok(shell, COMPILED_SETUP)
+    capsys.readouterr()
+    assert shell.run_cell("%%oomsafe --fixes batch\n" + STEP_CELL.format(b=16384)).success
+    out = capsys.readouterr().out
+    batch = shell.user_ns["batch"]
+    assert f"Fits at batch {batch} (was 16384)" in out, out
+    _two_more_runs(shell, batch)
+
+
+# ---- what a rollback needs from backends/torch_objects ---------------------------------------
+
+ROLLED_BACK = """\
+import torch
+net = torch.nn.Linear(64, 64)
+opt = torch.optim.Adam(net.parameters())
+
+def train_step(x):
+    opt.zero_grad()
+    net(x).sum().backward()
+    opt.step()
+
+step = torch.compile(train_step, backend="eager")
+"""
+
+
+def test_forget_compiled_frees_a_compiled_optimizer_s_state_and_compiles_again() -> None:
+    import gc
+    import weakref
+
+    from jupyter_gpumem.backends import torch_objects
+
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(ROLLED_BACK, ns)
+    before = set(ns)
+    ns["step"](torch.randn(4, 64))
+    added = set(ns) - before
+    # what dynamo put in the namespace, and only that, is recognised as dynamo's
+    assert added and all(torch_objects.installed_by_dynamo(k) for k in added), added
+    assert not any(torch_objects.installed_by_dynamo(k) for k in before | {"_", "__", "___"})
+    exp_avg = weakref.ref(ns["opt"].state[ns["net"].weight]["exp_avg"])
+    # a rollback: the optimizer's state as before the first step, the run's names gone
+    ns["opt"].state.clear()
+    for k in added:
+        del ns[k]
+    gc.collect()
+    assert exp_avg() is not None  # the compiled step's graph holds it while `opt` lives
+    graphs = torch_objects.compiled_graphs() or 0
+    assert torch_objects.forget_compiled([ns["opt"]])
+    gc.collect()
+    assert exp_avg() is None
+    ns["step"](torch.randn(4, 64))  # no NameError: compiled again
+    assert (torch_objects.compiled_graphs() or 0) > graphs
+    assert "exp_avg" in ns["opt"].state[ns["net"].weight]

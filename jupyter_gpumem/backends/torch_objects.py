@@ -11,6 +11,7 @@ import contextlib
 import re
 import sys
 import types
+import weakref
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, cast
@@ -111,6 +112,28 @@ def installed_by_dynamo(name: str) -> bool:
     reads it on every later call (take it away and the next call raises ``NameError: name
     '__resume_at_234_13' is not defined``), so a rollback keeps it."""
     return name.startswith("_") and _DYNAMO_GLOBAL.fullmatch(name) is not None
+
+
+def forget_compiled(optimizers: Iterable[Any]) -> bool:
+    """After a run that compiled was rolled back: drop what dynamo compiled (every code object's
+    cache: the next call compiles again, and no compiled code reads the globals the rollback took
+    out of the namespace) and the optimizer state that a compiled ``optimizer.step`` holds on its
+    graph until the optimizer dies (dynamo's ``OptimizerVariable.create_finalizer``): a rolled-back
+    rehearsal's Adam state otherwise stays allocated. False where nothing was compiled."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is None:
+        return False
+    targets = {id(o) for o in optimizers}
+    registry = getattr(weakref.finalize, "_registry", {})  # CPython's, since 3.4
+    for finalizer, info in list(registry.items()):
+        func = getattr(info, "func", None)
+        if "clear_static_tensor_refs" not in getattr(func, "__qualname__", ""):
+            continue
+        ref = getattr(info, "weakref", None)
+        if ref is not None and id(ref()) in targets:
+            finalizer()  # runs once, then detaches
+    dynamo.reset_code_caches()
+    return True
 
 
 def compiled_graphs() -> int | None:
