@@ -171,23 +171,23 @@ def _hf_reduce_batch(shell: Any, run: Any, before: tuple[str, ...]) -> str:
 
 
 def test_hf_course_loop_reduce_batch_says_the_schedule_was_sized_for_the_old_batch(
-    shell: Any, capsys: Any
+    shell: Any, run: Any
 ) -> None:
     """num_training_steps = num_epochs * len(train_dataloader) was computed at batch 8: at the
     batch found the loop takes more steps and the linear decay reaches 0 before the end. Reduce
     batch does not rebuild the schedule; it must say so, naming it and the steps to build it for."""
-    out = _hf_reduce_batch(shell, capsys, ("scheduler",))
+    out = _hf_reduce_batch(shell, run, ("scheduler",))
     steps = 3 * len(shell.user_ns["train_dataloader"])
     assert "`lr_scheduler`" in out, out
     assert f"num_training_steps={steps}" in out, out
 
 
-def test_hf_course_loop_reduce_batch_reads_a_closure_schedule(shell: Any, capsys: Any) -> None:
+def test_hf_course_loop_reduce_batch_reads_a_closure_schedule(shell: Any, run: Any) -> None:
     """A linear schedule whose LambdaLR lambda is a closure over num_training_steps (transformers'
     get_linear_schedule_with_warmup before its schedulers became functools.partial, and the usual
     hand-written `def lr_lambda(step)`) is read: after Reduce batch the outcome names
     lr_scheduler and num_training_steps, as for the partial form."""
-    out = _hf_reduce_batch(shell, capsys, ("scheduler", "scheduler_closure"))
+    out = _hf_reduce_batch(shell, run, ("scheduler", "scheduler_closure"))
     assert "`lr_scheduler`" in out and "num_training_steps" in out, out
 
 
