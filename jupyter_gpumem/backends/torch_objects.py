@@ -8,7 +8,6 @@ through here.
 from __future__ import annotations
 
 import contextlib
-import re
 import sys
 import types
 import weakref
@@ -96,22 +95,6 @@ def read_by_compiled(ns: dict[str, Any], names: Iterable[str]) -> set[str]:
             found.update(k for k in c.co_names if k in ns)
             stack += [k for k in c.co_consts if isinstance(k, types.CodeType)]
     return found
-
-
-# the globals dynamo installs in a compiled function's module (the notebook's namespace): its
-# compiled graphs, the functions that resume after a graph break, module aliases, and
-# ``install_global_by_id``'s ``{prefix}_{id}_c{compile id}`` (torch/_dynamo/output_graph.py)
-_DYNAMO_GLOBAL = re.compile(
-    r"__compiled_fn_\w+|__resume_at_\w+|__import_\w+|__builtins_dict___\d+"
-    r"|__gen_rand_values\w*|__warnings_warn_wrapper\w*|\w*_\d+_c\d+"
-)
-
-
-def installed_by_dynamo(name: str) -> bool:
-    """A global that dynamo put in the notebook's namespace while compiling: code it compiled
-    reads it on every later call (take it away and the next call raises ``NameError: name
-    '__resume_at_234_13' is not defined``), so a rollback keeps it."""
-    return name.startswith("_") and _DYNAMO_GLOBAL.fullmatch(name) is not None
 
 
 def forget_compiled(optimizers: Iterable[Any]) -> bool:

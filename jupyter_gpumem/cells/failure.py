@@ -109,9 +109,17 @@ def cell_lineno(tb: TracebackType | None, user_ns: dict[str, Any]) -> int | None
 def names_used(source: str, ns: dict[str, Any]) -> set[str]:
     """The notebook's names the cell uses, and the globals the notebook code it calls reads
     (``cells.source.names_used``, the one reading), and what a ``torch.compile``d function among
-    them reads through the function it wraps (its optimizer, its model)."""
+    them reads through the function it wraps (its optimizer, its model), and through the
+    notebook functions that one calls."""
     names = cellsource.names_used(source, ns)
-    return names | torch_objects.read_by_compiled(ns, names)
+    for _ in range(3):  # a compiled step calling a notebook helper that calls a compiled one
+        found = torch_objects.read_by_compiled(ns, names) - names
+        if not found:
+            break
+        # what the notebook code those names reach reads: the same reading, of a cell that
+        # reads just them
+        names |= cellsource.names_used("\n".join(sorted(found)), ns)
+    return names
 
 
 def names_recreated(source: str) -> set[str]:
