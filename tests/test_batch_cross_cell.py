@@ -118,7 +118,7 @@ def test_a_slice_that_prints_is_not_re_run_silently(shell: Any, capsys: Any) -> 
     assert ns["noise"] is noise and tuple(noise.shape) == (4096, 8)
     assert ns["cfg"].batch_size < 4096  # the loop itself fits without it
     assert re.search(
-        rf"Not re-made: `noise` \(In \[{made}\], line 4\), made from the batch setting in an "
+        rf"Not re-made: `noise` \(In \[{made}\], line 4\), made from `cfg\.batch_size` in an "
         rf"earlier cell; re-running it would print again \(In \[{made}\], line 4: "
         rf"`make_noise\(\)` prints\)\. Re-run In \[{made}\] at batch \d+ yourself",
         out,

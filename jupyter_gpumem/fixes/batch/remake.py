@@ -88,7 +88,6 @@ class Made:
     cell: int  # In [cell]
     lineno: int
     node: ast.stmt = field(compare=False, repr=False)
-    text: str  # its first line, as written
     binds: tuple[str, ...]
     reads: str | None  # the setting it reads itself (``opt.batchSize``), or None: through a name
 
@@ -105,7 +104,6 @@ class Remake:
     slice: tuple[Made, ...]
     refused: str | None = None  # why the slice is not re-run (the guard's words)
     draws_random: bool = False  # measured: the slice moved a random generator
-    ran_at: int | None = None  # the batch of the last run that re-made them
 
     def context(self, namespace: dict[str, Any], batch: int) -> Callable[[], _Run]:
         """The ``Plan.contexts`` factory that re-makes the targets at the start of a run."""
@@ -119,8 +117,8 @@ class Remake:
         if self.refused is not None:
             return [self.refused_note(batch)]
         made = ", ".join(f"`{t}` ({self.made(t).where()})" for t in self.targets)
-        note = f"Also re-made {made} at batch {batch}: made from the batch setting in an earlier "
-        note += "cell, the slice that makes it ran again (nothing else of that cell)."
+        note = f"Also re-made {made} at batch {batch}: made from {self.setting()} in an earlier "
+        note += "cell, the statements that make it ran again (nothing else of that cell)."
         notes = [note]
         if self.draws_random:
             notes.append(
@@ -130,11 +128,16 @@ class Remake:
             )
         return notes
 
+    def setting(self) -> str:
+        """``opt.batchSize``, as the slice reads it."""
+        read = next((m.reads for m in self.slice if m.reads is not None), None)
+        return f"`{read}`" if read else "the batch setting"
+
     def refused_note(self, batch: int | None = None) -> str:
         made = ", ".join(f"`{t}` ({self.made(t).where()})" for t in self.targets)
         at = f"batch {batch}" if batch is not None else "the new batch"
         return (
-            f"Not re-made: {made}, made from the batch setting in an earlier cell; re-running "
+            f"Not re-made: {made}, made from {self.setting()} in an earlier cell; re-running "
             f"{'it' if len(self.targets) == 1 else 'them'} {self.refused}. Re-run "
             f"{_cells_text(self.slice)} at {at} yourself, then this cell."
         )
@@ -191,7 +194,6 @@ class _Run:
             torch_state.restore_rng(before)
         if not _same_rng(before, after):
             self.remake.draws_random = True
-        self.remake.ran_at = self.batch
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -323,7 +325,6 @@ def _definitions(cells: list[tuple[int, str]], setting: _Setting) -> dict[str, _
         reading = cellsource.read(src)
         if reading.tree is None or reading.magic is not None:
             continue
-        lines = src.splitlines()
         for stmt in reading.tree.body:
             bound = _bound(stmt)
             if not bound:
@@ -333,8 +334,7 @@ def _definitions(cells: list[tuple[int, str]], setting: _Setting) -> dict[str, _
                 deps = [defs[r] for r in sorted(_loads(stmt)) if r in defs]
                 reads = setting.read_by(stmt)
                 if reads is not None or deps:
-                    text = lines[stmt.lineno - 1].strip() if stmt.lineno <= len(lines) else ""
-                    d = _Def(Made(n, stmt.lineno, stmt, text, targets, reads), deps)
+                    d = _Def(Made(n, stmt.lineno, stmt, targets, reads), deps)
                     for name in targets:
                         defs[name] = d
                     continue
