@@ -95,6 +95,26 @@ def test_oomsafe_re_makes_it_too(shell: Any, capsys: Any) -> None:
     assert re.search(r"Also re-made `noise` \(In \[\d+\], line 2\)", out), out
 
 
+def test_a_later_cell_that_made_it_otherwise_is_the_one_that_counts(
+    shell: Any, capsys: Any
+) -> None:
+    """`noise` made again in a later cell at a fixed size, not from the setting: nothing is
+    re-made (the latest binding is what the loop reads), and the outcome says nothing of it."""
+    shell.run_cell(CARD)
+    assert shell.run_cell(SETUP, store_history=True).success
+    assert shell.run_cell(NOISE, store_history=True).success
+    assert shell.run_cell('noise = torch.randn(64, 8, device="cuda")', store_history=True).success
+    deeper = LOOP_APART.replace("model(x).sum()", "model(model(x)).sum()")
+    assert not shell.run_cell(deeper, store_history=True).success
+    noise = shell.user_ns["noise"]
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry batch")
+    out = capsys.readouterr().out
+    assert "Fits at batch" in out, out
+    assert "re-made" not in out, out
+    assert shell.user_ns["noise"] is noise
+
+
 PRINTS = """\
 def make_noise(n):
     print("made noise of", n)
