@@ -786,11 +786,11 @@ def test_nanogpt_lands_near_the_largest(shell: Any, capsys: Any, tmp_path: Any) 
 VAE_LARGEST_48 = 1904
 
 
-def _vae(shell: Any, batch: int = 4096, loop_fails: bool = True) -> None:
+def _vae(shell: Any, batch: int = 4096, loop_fails: bool = True, history: bool = True) -> None:
     assert shell.run_cell(VAE_DATA).success
     shell.run_cell("%gpumem simulate 48MiB")
-    assert shell.run_cell(VAE_SETUP.replace("BATCH", str(batch)), store_history=True).success
-    assert shell.run_cell(VAE_LOOP, store_history=True).success != loop_fails
+    assert shell.run_cell(VAE_SETUP.replace("BATCH", str(batch)), store_history=history).success
+    assert shell.run_cell(VAE_LOOP, store_history=history).success != loop_fails
 
 
 def test_vae_example_both_loaders_from_one_setting_are_changed(shell: Any, capsys: Any) -> None:
@@ -821,6 +821,24 @@ def test_vae_example_both_loaders_from_one_setting_are_changed(shell: Any, capsy
     shell.run_cell("%gpumem simulate off")
     _vae(shell, batch, loop_fails=False)
     assert _same(weights, _weights(ns["model"]))
+
+
+def test_vae_example_without_history_changes_test_loader_when_a_run_meets_it(
+    shell: Any, capsys: Any
+) -> None:
+    """The setup cell not in the history (run by a script, `store_history=False`): nothing to
+    re-make from, so a probe runs out in test() on `data` sized by test_loader's 4096, and
+    test_loader changes then, rebuilt like the loader the cell iterates."""
+    _vae(shell, history=False)
+    ns = shell.user_ns
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry batch")
+    out = capsys.readouterr().out
+    m = re.search(r"Fits at batch (\d+) \(was 4096\)", out)
+    assert m, out
+    assert ns["train_loader"].batch_size == ns["test_loader"].batch_size == int(m.group(1))
+    assert re.search(r"Also changed `test_loader`: made from the same batch setting", out), out
+    assert "re-made" not in out, out
 
 
 # ------------------------------------------------------------------------------------------------
