@@ -80,6 +80,26 @@ def test_a_compiled_step_compiles_and_takes_its_eager_memory(shell: Any) -> None
     assert abs(compiled - eager) <= 0.02 * eager, (compiled, eager)
 
 
+def test_a_fused_optimizer_s_state_made_while_tracing_counts_on_the_card(shell: Any) -> None:
+    """nanoGPT's configure_optimizers on CUDA: AdamW(fused=True), which dynamo does not put in a
+    graph; the state it made while tracing (on the host, modes off) is read by the eager fused
+    kernel next to the card's parameters. Was: 'Expected all tensors to be on the same device,
+    but got exp_avgs is on cpu'."""
+    _ok(shell, "%gpumem simulate 256MiB")
+    _ok(
+        shell,
+        SETUP.replace(
+            "torch.optim.Adam(model.parameters(), lr=1e-3)",
+            "torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)",
+        )
+        + PEAK,
+    )
+    _ok(shell, "peak_of(step, 8)\nheld = torch.cuda.memory_allocated()")
+    ns = shell.user_ns
+    weights = sum(p.numel() * p.element_size() for p in ns["model"].parameters())
+    assert ns["held"] >= 3 * weights, (ns["held"], weights)  # weights + 2 moments
+
+
 def test_a_new_batch_recompiles_once_then_the_batch_is_dynamic(shell: Any) -> None:
     _ok(shell, "%gpumem simulate 256MiB")
     _ok(shell, SETUP + PEAK)

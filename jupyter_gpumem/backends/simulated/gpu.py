@@ -261,7 +261,11 @@ class SimulatedGPU:
         return self.devices[found]
 
     def _mixing(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Raise torch's error for an op mixing devices, unless the host tensors it reads are
+        optimizer state that dynamo made while tracing (``compiled.py``): those go on the card."""
         __tracebackhide__ = True  # IPython hides this frame: torch's error is the user's
+        if self._adopt_compiled_state(args, kwargs):
+            return
         devices: list[str] = []
         for t in _tensors(args, kwargs, self._tensor_type):
             index = self.index_of(t)
@@ -272,6 +276,30 @@ class SimulatedGPU:
                 devices.append(name)
         first, second = [*devices, "cpu", "cpu"][:2]
         raise mixing_error(func, args, kwargs, self._device_name, first, second, self._tensor_type)
+
+    def _adopt_compiled_state(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Dynamo runs an optimizer's ``_init_group`` while it traces, with the modes off: the
+        state it makes (``exp_avg``, ...) is born on the host, marked static
+        (``mark_static_address``), where on CUDA it is on the parameters' card. An op reading
+        such tensors with tensors on one card counts them there; True when nothing else mixed."""
+        card: int | None = None
+        waiting = []
+        for t in _tensors(args, kwargs, self._tensor_type):
+            index = self.index_of(t)
+            if index is None:
+                if t.dim() == 0:
+                    continue
+                if getattr(t, "_dynamo_static_input_type", None) is None:
+                    return False
+                waiting.append(t)
+            elif card is None:
+                card = index
+            elif index != card:
+                return False
+        if card is None or not waiting:
+            return False
+        self.card(card).track(*waiting)  # torch's OOM where the state does not fit
+        return True
 
     # ---- called by the counting mode ---------------------------------------------------------
 
