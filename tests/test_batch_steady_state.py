@@ -92,16 +92,23 @@ def _log(events: list[tuple[int, int]]) -> SizeLog:
     return log
 
 
-def _passes(batch: int, passes: int = 2, keep: bool = False, forget: bool = False) -> SizeLog:
+def _passes(
+    batch: int, passes: int = 2, keep: bool = False, forget: bool = False, grads: bool = False
+) -> SizeLog:
     """A loop's log at ``batch``: each pass makes an input (1 MiB a sample), an activation (512
     KiB a sample) freed in the pass, and a loss (4 bytes) kept until the next pass frees it; the
     first pass ends by making an optimizer state (16 MiB and 4 bytes). ``keep``: each pass also
     keeps an output (256 KiB a sample) the next does not free (a list of outputs growing); ``forget``: the last pass
-    also frees the state, which no pass makes again."""
+    also frees the state, which no pass makes again; ``grads``: each pass ends by making a
+    gradient (3 MiB), and the next starts by freeing it before it allocates anything (a
+    ``zero_grad()`` at the top of the loop)."""
     events: list[tuple[int, int]] = []
     n = 0
     held: list[int] = []  # the last pass's input and loss
+    grad = None
     for p in range(passes):
+        if grad is not None:
+            events.append((-1, grad))
         x, a, loss = n, n + 1, n + 2
         events += [(x, batch * MiB), (a, batch * MiB // 2), (loss, 4), (-1, a)]
         n += 3
@@ -112,6 +119,10 @@ def _passes(batch: int, passes: int = 2, keep: bool = False, forget: bool = Fals
             n += 1
         if forget and p == passes - 1:
             events.append((-1, 3))
+        if grads:
+            grad = n
+            events.append((n, 3 * MiB + 4))
+            n += 1
         if p == 0:
             events.append((n, 16 * MiB + 4))
             n += 1
@@ -124,6 +135,18 @@ def test_the_last_pass_is_found_past_a_first_pass_that_does_more() -> None:
     assert cycle.ops[:3] == ((0, 4), (0, 5), (0, 6))  # the second pass, after the state
     # what it freed from the first pass (its input and loss) it frees from itself next time
     assert sorted(n for op, n in cycle.ops if op == 2) == [4, 6]
+
+
+def test_the_frees_that_start_a_pass_are_part_of_it() -> None:
+    """A pass that starts by freeing the last pass's gradients (before its first allocation):
+    the repeated pass frees its own; left out, every pass replayed kept its gradients
+    (word_language_model's `model.zero_grad()`: the search stopped at 7 of 16)."""
+    log = _passes(7, grads=True)
+    cycle = Cycle.last_of(log)
+    assert cycle is not None and cycle.ops[0] == (2, 8)  # the second pass's gradient, freed
+    replay = Replay.from_runs([(7, 40 * MiB, log)])
+    assert replay is not None
+    assert replay.need(300) == replay.recorded_need(300)
 
 
 def test_a_pass_that_frees_what_it_does_not_make_again_is_no_steady_state() -> None:

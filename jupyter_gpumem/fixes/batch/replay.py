@@ -189,7 +189,10 @@ class Cycle:
 
     Found in the log alone: the pass is the longest run of allocation sizes at the end of the log
     that also occurs, whole, before it (the first pass may do more, as an optimizer making its
-    state does, so the match is the second pass's allocations against the first's). It is the
+    state does, so the match is the second pass's allocations against the first's), with the
+    frees before its first allocation that start it (word_language_model's ``model.zero_grad()``
+    freeing the last pass's gradients: left out, each pass replayed kept its gradients and
+    stopped the search at 7 of 16). It is the
     steady state when what it frees from before it (the last pass's inputs, gradients, loss) is,
     size for size, what it leaves allocated at its end: the next pass frees those in their
     place. A pass that frees something it does not make again is no steady state: no cycle, and
@@ -212,26 +215,37 @@ class Cycle:
             return None
         first = len(sizes) - length  # the number of the pass's first allocation
         window = log.events[where[first] :]
-        made = [n for n, _ in window if n >= 0]
         freed = {v for n, v in window if n == -1 and v >= first}
         # what the pass left allocated at its end, by size; an allocation the pass frees from
         # before it is, next time, the pass's own allocation in the same place of the repeated
         # sizes (the earlier pass's n-th is this pass's n-th), else one of the same size
         left: dict[int, list[int]] = {}
-        for n in made:
-            if n not in freed:
+        for n, _ in window:
+            if n >= 0 and n not in freed:
                 left.setdefault(sizes[n], []).append(n)
+
+        def twin(n: int) -> int:
+            return n - earlier + first if 0 <= n - earlier < length else -1
+
         ops: list[tuple[int, int]] = []
+        # The frees between the earlier pass's last allocation and this pass's first: of those,
+        # the frees of an allocation whose twin this pass leaves allocated start the pass (a
+        # `zero_grad()` freeing the last pass's gradients); the others end the earlier pass,
+        # and this pass's own frees at its end stand for them.
+        for n, value in log.events[where[first - 1] + 1 if first else 0 : where[first]]:
+            same = left.get(sizes[value], []) if n == -1 else []
+            if twin(value) in same:
+                same.remove(twin(value))
+                ops.append((2, twin(value)))
         for n, value in window:
             if n >= 0:
                 ops.append((0, n))
             elif n == -1 and value >= first:
                 ops.append((1, value))
             else:
-                size = sizes[value] if n == -1 else value
-                same = left.get(size, [])
-                twin = value - earlier + first if n == -1 and 0 <= value - earlier < length else -1
-                instead = twin if twin in same else (same[0] if same else None)
+                same = left.get(sizes[value] if n == -1 else value, [])
+                instead = twin(value) if n == -1 and twin(value) in same else None
+                instead = same[0] if instead is None and same else instead
                 if instead is None:
                     return None
                 same.remove(instead)
