@@ -72,14 +72,26 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
             item.add_marker(skip)
 
 
+_frozen_at = 0  # len(sys.modules) when the garbage collector last froze what was alive
+
+
+def _freeze_what_is_loaded() -> None:
+    """Modules loaded (torch, IPython, the test modules, what the extension imports on first use:
+    ~300k objects) stay for the whole session: out of the garbage collector's scans. Each
+    gc.collect() the fixes make (several per re-run, hundreds of re-runs) took ~0.4 s scanning
+    them on 2 cores. Frozen again before a test whenever more modules were imported, right after a
+    collection: what is frozen is alive then (what earlier tests still keep goes with it). Every
+    other object a test makes is collected as before."""
+    global _frozen_at
+    if os.environ.get("GPUMEM_GC_FREEZE", "1") != "1" or len(sys.modules) <= _frozen_at:
+        return
+    gc.collect()
+    gc.freeze()
+    _frozen_at = len(sys.modules)
+
+
 def pytest_collection_finish(session: Any) -> None:
-    # What is loaded by now (torch, IPython, the test modules: ~300k objects) stays for the whole
-    # session: out of the garbage collector's scans from here on. Each gc.collect() the fixes make
-    # (several per re-run, hundreds of re-runs) took ~0.5 s scanning them on 2 cores; now what
-    # the tests made since. Objects the tests make are collected as before.
-    if os.environ.get("GPUMEM_GC_FREEZE", "1") == "1":
-        gc.collect()
-        gc.freeze()
+    _freeze_what_is_loaded()
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -88,6 +100,7 @@ def pytest_runtest_setup(item: Any) -> None:
     # fixture starts, so pytest -ra folds them into one line (this one) that .ci/test counts
     if os.environ.get("GPUMEM_SKIP_SLOW") == "1" and item.get_closest_marker("slow"):
         pytest.skip(SLOW_SKIPPED)
+    _freeze_what_is_loaded()  # what the tests before this one imported
 
 
 @pytest.fixture(autouse=True)
