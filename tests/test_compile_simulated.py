@@ -296,3 +296,27 @@ def test_forget_compiled_frees_a_compiled_optimizer_s_state_and_compiles_again()
     ns["step"](torch.randn(4, 64))  # no NameError: compiled again
     assert (torch_objects.compiled_graphs() or 0) > graphs
     assert "exp_avg" in ns["opt"].state[ns["net"].weight]
+
+
+def test_where_the_backend_cannot_be_installed_compiled_code_runs_eagerly_and_counted(
+    shell: Any, monkeypatch: Any
+) -> None:
+    import torch._dynamo.config as config
+
+    from jupyter_gpumem.backends.simulated import compiled
+
+    monkeypatch.setattr(compiled, "_ready", False)  # as where registering the backend failed
+    _ok(shell, "%gpumem simulate 64MiB")
+    _ok(
+        shell,
+        "import torch\nfrom jupyter_gpumem.backends import torch_objects\n"
+        "n0 = torch_objects.compiled_graphs() or 0\n"
+        "g = torch.compile(lambda t: t * 2 + 1)\n"
+        "a = g(torch.ones(1024, device='cuda'))\n"
+        "on_card = torch.cuda.memory_allocated()\nn1 = torch_objects.compiled_graphs() or 0",
+    )
+    ns = shell.user_ns
+    assert ns["n1"] == ns["n0"]  # nothing compiled for a backend that would count nothing
+    assert ns["on_card"] >= 4096  # the result, counted
+    _ok(shell, "%gpumem simulate off")
+    assert config.disable is False
