@@ -193,7 +193,10 @@ def _only_held_by(frames: list[types.FrameType], tensors: list[Any]) -> list[boo
     """Whether each tensor is held by these frames alone (directly, or through tuples, lists,
     dicts and cells that only they hold: ``args``, a frame's cached ``f_locals``, a closure's
     cell): clearing the frames frees it. Held by anything else (a variable, a model, the running
-    code): False. One walk of the heap (``gc.get_referrers``) for all of them."""
+    code): False. One walk of the heap (``gc.get_referrers``) for all of them. A holder that
+    ``gc.freeze()`` took out of the collector's view is not seen: a notebook that froze a
+    container holding such a tensor gets a prediction over by that tensor (the measurement says
+    so)."""
     frame_ids = {id(f) for f in frames}
     targets = [*tensors, *_boxes_between(frames, tensors)]
     wanted = {id(o) for o in targets}
