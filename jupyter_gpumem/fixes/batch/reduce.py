@@ -209,7 +209,7 @@ class ReduceBatch(Fix):
                     outcome.notes.append(_widened_note(added, b, finding.value, result))
                     continue
                 if (
-                    untouched := _untouched(finding, b, result, history_of(ctx.user_ns))
+                    untouched := _untouched(finding, b, result, history_of(ctx.user_ns), _used(ctx))
                 ) is not None:
                     break  # smaller batches cannot reach what still has the old size
                 if real and rehearse:
@@ -467,15 +467,33 @@ def _widened_note(added: list[str], b: int, old: int, result: RunResult) -> str:
     )
 
 
+def _used(ctx: FixContext) -> frozenset[str]:
+    from jupyter_gpumem.cells.failure import names_used
+
+    try:
+        return frozenset(names_used(ctx.failed.source, ctx.user_ns))
+    except Exception:
+        return frozenset()
+
+
 def _untouched(
-    finding: BatchFinding, b: int, result: RunResult, history: Sequence[str] | None = None
+    finding: BatchFinding,
+    b: int,
+    result: RunResult,
+    history: Sequence[str] | None = None,
+    used: frozenset[str] = frozenset(),
 ) -> str | None:
     """A run at ``b`` that ran out on a tensor still sized by the old batch, and by nothing at
     ``b``: it was made outside what Reduce batch changes (DCGAN's ``fixed_noise``, made in the
-    setup cell with ``opt.batchSize``), and no smaller batch will reach it. Says which earlier
-    cell made it, to re-run at the new batch."""
+    setup cell with ``opt.batchSize``, where the history cannot re-make it: ``remake.py``), and
+    no smaller batch will reach it. Says which earlier cell made it, to re-run at the new batch."""
     tensors = failing_tensors(result.failure, frames_only=True)  # what the failing call had
     old = sized_by(finding.value, tensors)
+    if old is None and sized_by(b, tensors) is None:
+        # the failing call's input may be the notebook's variable itself (`netG(fixed_noise)`):
+        # the diagnosis lists it as that variable, not as a local of the failed frame
+        read = [t for t in variables_sized_by(result.failure, finding.value) if t.name in used]
+        old = sized_by(finding.value, read)
     if old is None or b == finding.value or sized_by(b, tensors) is not None:
         return None
     variables = variables_sized_by(result.failure, finding.value)[:3]
