@@ -205,12 +205,6 @@ COMPILED_SETUP = SETUP.replace(
     "model = torch.nn.Sequential", "model = torch.compile(torch.nn.Sequential"
 ).replace("torch.nn.Linear(2048, 10)).cuda()", "torch.nn.Linear(2048, 10)).cuda())")
 
-_ROLLBACK = (
-    "needs rescue/transaction.py to call torch_objects.forget_compiled after a rollback (a "
-    "rolled-back rehearsal's Adam state stays on the compiled optimizer's graph, and the cached "
-    "code reads dynamo's globals the rollback deleted: NameError '__resume_at_...')"
-)
-
 
 def _two_more_runs(shell: Any, batch: int) -> None:
     from jupyter_gpumem.backends import torch_objects
@@ -223,7 +217,6 @@ def _two_more_runs(shell: Any, batch: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=_ROLLBACK)
 def test_retry_batch_on_a_compiled_step_lands_on_a_batch_that_fits(shell: Any, capsys: Any) -> None:
     from jupyter_gpumem.backends import torch_objects
 
@@ -242,7 +235,6 @@ def test_retry_batch_on_a_compiled_step_lands_on_a_batch_that_fits(shell: Any, c
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=_ROLLBACK)
 def test_oomsafe_on_a_compiled_step_lands_on_a_batch_that_fits(shell: Any, capsys: Any) -> None:
     _ok(shell, "%gpumem simulate 128MiB")
     _ok(shell, COMPILED_SETUP)

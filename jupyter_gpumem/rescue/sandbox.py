@@ -211,7 +211,8 @@ def _install() -> None:
 
 
 def _hook(event: str, args: tuple[Any, ...]) -> None:
-    if _state.thread is None and _state.journal_thread is None:
+    state = _state  # None while the interpreter exits (module globals cleared): nothing to judge
+    if state is None or (state.thread is None and state.journal_thread is None):
         return
     if event != "open" and event not in _EVENTS:
         return

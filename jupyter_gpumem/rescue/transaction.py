@@ -63,6 +63,7 @@ class Snapshot:
     watched: list[tuple[str, Any, int]] = field(default_factory=list)  # (name, tensor, version)
     rng: torch_state.RngState | None = None
     bytes: int = 0
+    graphs: int | None = None  # dynamo's graph count when taken: a run that compiled moves it
     # names whose GPU-holding values the snapshot must not keep alive (a re-run that rebinds
     # `x = torch.randn(...)` or `model = Net().cuda()` frees the old one, as a real run does):
     # a tensor by its host copy, anything else by a weak reference
@@ -124,6 +125,7 @@ def take(
         namespace={k: v for k, v in ns.items() if k not in excluded},
         bytes=nbytes,
         not_covered=list(found.not_covered),
+        graphs=torch_objects.compiled_graphs(),
     )
     copied: dict[int, Any] = {}
     for item in found.items:
@@ -253,6 +255,9 @@ def restore(snap: Snapshot, ns: dict[str, Any]) -> list[str]:
             if problem:
                 problems.append(problem)
         _restore_torch(snap, problems)
+        if torch_objects.compiled_graphs() != snap.graphs:  # the run compiled: dynamo's code
+            # reads globals the rollback removed, its compiled optimizer holds the run's state
+            torch_objects.forget_compiled(v for v in ns.values() if torch_objects.is_optimizer(v))
         if snap.rng is not None:
             torch_state.restore_rng(snap.rng)
         gc.collect()
