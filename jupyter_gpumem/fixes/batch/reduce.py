@@ -185,7 +185,7 @@ class ReduceBatch(Fix):
             else:
                 plan = _rehearsal_plan(ctx, finding, b, search, probe, worst)
                 plan.contexts.append(worst)
-            _with_remake(plan, remake, ctx, b)
+            _with_remake(plan, remake, ctx.user_ns, b)
             plan.contexts.append(probe)
             if b not in replays:
                 replays[b] = search.replay()
@@ -269,27 +269,42 @@ class ReduceBatch(Fix):
 def _remake(ctx: FixContext, finding: BatchFinding) -> Remake | None:
     """What the cell reads that earlier cells made from the batch setting (``remake.py``);
     None where nothing is, or the history cannot be read."""
+    return remake_for(ctx.failed.source, ctx.user_ns, finding)
+
+
+def remake_for(source: str, user_ns: dict[str, Any], finding: BatchFinding) -> Remake | None:
+    """``find_remake`` for ``source`` in the notebook ``user_ns``; None where there is nothing
+    to re-make, or it cannot be read."""
     from jupyter_gpumem.cells.failure import names_recreated, names_used
 
-    source = ctx.failed.source
     try:
         return find_remake(
-            history_of(ctx.user_ns),
+            history_of(user_ns),
             source,
             finding,
-            names_used(source, ctx.user_ns),
-            ctx.user_ns,
+            names_used(source, user_ns),
+            user_ns,
             skip=names_recreated(source),
         )
     except Exception:  # the search goes on as before; a run that meets the old size says so
         return None
 
 
-def _with_remake(plan: Plan, remake: Remake | None, ctx: FixContext, b: int) -> None:
+def with_remake(
+    plan: Plan, source: str, user_ns: dict[str, Any], finding: BatchFinding, batch: int
+) -> Plan:
+    """``plan`` (the cell ``source`` at ``batch``) re-making first what earlier cells made from
+    the batch setting, where that can be done without a side effect (``%%oomsafe`` starting at
+    the batch that fit last time)."""
+    _with_remake(plan, remake_for(source, user_ns, finding), user_ns, batch)
+    return plan
+
+
+def _with_remake(plan: Plan, remake: Remake | None, user_ns: dict[str, Any], b: int) -> None:
     """The run re-makes what earlier cells made from the setting, at ``b``, first (before the
     peak's watch: in a clean run it is resident when the cell starts)."""
     if remake is not None and remake.refused is None:
-        plan.contexts.insert(0, remake.context(ctx.user_ns, b))
+        plan.contexts.insert(0, remake.context(user_ns, b))
 
 
 def _remade(outcome: FixOutcome, remake: Remake | None, best: int | None, accumulate: Any) -> None:
