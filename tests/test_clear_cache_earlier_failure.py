@@ -1,10 +1,14 @@
-"""Clear cache predicts what clearing gives back when an earlier failure still holds GPU memory
-(issue 22, item 3). The same cell run twice on a card too small for it: the first failure's frames
-stay for ``%debug`` holding the tensor the variable ``x`` also held then (left on the GPU: copying it
-would have freed nothing). The second run rebinds ``x``; the old tensor is then held by those frames
-alone, which ``%debug`` no longer shows. Clearing frees it; the prediction counted only the new ``x``
-(32 MiB predicted, 64 MiB given back, in docs/benchmarks.md) and now counts both. Through
-``%gpumem retry clear`` and the panel's button, in a real InteractiveShell on the simulated GPU."""
+"""A cell run twice on a card too small for it, and what Clear cache predicts (issue 22, item 3).
+
+The first failure's frames stay for ``%debug``, holding the tensor the variable ``x`` also held.
+They used to keep that GPU tensor (copying it would have freed nothing then), so when the second
+run rebound ``x`` the old tensor stayed on the card, held by frames ``%debug`` no longer shows, and
+the hook's note of the first failure kept them alive after the second: 32 MiB Clear cache did not
+predict (32 predicted, 64 given back, in docs/benchmarks.md). Now a tensor a notebook variable
+holds keeps its host copy in the frame, and the hook notes the failure by id: the second run frees
+the old ``x`` as it rebinds it, and Clear cache's prediction equals what clearing gives back.
+Through ``%gpumem retry clear`` and the panel's button, in a real InteractiveShell on the
+simulated GPU."""
 
 from __future__ import annotations
 
@@ -35,10 +39,11 @@ def _fail_twice(shell: Any) -> None:
     assert shell.run_cell(SETUP).success
     assert not shell.run_cell(CELL).success
     assert not shell.run_cell(CELL).success
-    old_x = 256 * 32 * 1024 * 4
-    # the first run's x is still on the card, held by nothing the notebook names
+    x = 256 * 32 * 1024 * 4
+    # the model and the second run's x: the first run's x went when the second rebound it
     held = shell.run_cell("torch.cuda.memory_allocated()").result
-    assert held >= sum(p.numel() * 4 for p in shell.user_ns["model"].parameters()) + 2 * old_x
+    weights = sum(p.numel() * 4 for p in shell.user_ns["model"].parameters())
+    assert weights + x <= held < weights + 2 * x, held
 
 
 def _predicted_and_measured(text: str) -> tuple[int, int]:
@@ -53,25 +58,22 @@ def test_retry_clear_predicts_what_an_earlier_failure_holds(shell: Any, capsys: 
     shell.run_cell("%gpumem retry clear --force")
     out = capsys.readouterr().out
     predicted, measured = _predicted_and_measured(out)
-    assert measured > 0
-    assert abs(predicted - measured) <= 0.005 * measured, out
-    assert "cleared the frames of 1 earlier failure" in out, out
+    assert abs(predicted - measured) <= 0.005 * max(measured, 1 << 20), out
 
 
 @pytest.mark.slow
 def test_the_panel_button_predicts_what_an_earlier_failure_holds(shell: Any) -> None:
-    """A click runs no cell: the hook still has the earlier failure in hand, and clearing frees
-    its frames all the same."""
-    import jupyter_gpumem
+    """A click runs no cell: the same prediction, equal to what clearing gives back."""
     from jupyter_gpumem.ui.panel import DiagnosisPanel
+    from tests.conftest import extension
 
     _fail_twice(shell)
-    ext = jupyter_gpumem._extension_for(shell)
+    ext = extension(shell)
     panel = DiagnosisPanel(ext, ext.hook.last_failure)
     outcome = panel.click("clear", force=True)
     assert outcome is not None
     predicted, measured = _predicted_and_measured(panel.status.value)
-    assert measured > 0 and abs(predicted - measured) <= 0.005 * measured, panel.status.value
+    assert abs(predicted - measured) <= 0.005 * max(measured, 1 << 20), panel.status.value
 
 
 def test_a_failure_kept_in_a_variable_is_left_alone(shell: Any, capsys: Any) -> None:

@@ -153,13 +153,13 @@ def test_clear_cache_with_nothing_cached_says_not_enough_then_measures(
 
 @pytest.mark.slow
 def test_the_panel_shows_predicted_against_measured(shell: Any) -> None:
-    import jupyter_gpumem
     from jupyter_gpumem.ui.panel import DiagnosisPanel
+    from tests.conftest import extension
 
     shell.run_cell("%gpumem simulate 140MiB")
     shell.run_cell(CONV)
     shell.run_cell(CONV_CELL)
-    ext = jupyter_gpumem._extension_for(shell)
+    ext = extension(shell)
     panel = DiagnosisPanel(ext, ext.hook.last_failure)
     assert "estimate" in panel.buttons["autocast"].description, "no recording yet: said so"
     outcome = panel.click("autocast")

@@ -95,11 +95,11 @@ def test_a_copy_held_elsewhere_is_measured_not_freed(
 
 @pytest.mark.slow
 def test_the_panel_button_shows_what_the_move_freed(shell: Any) -> None:
-    import jupyter_gpumem
     from jupyter_gpumem.ui.panel import DiagnosisPanel
+    from tests.conftest import extension
 
     held = _fail(shell)
-    ext = jupyter_gpumem._extension_for(shell)
+    ext = extension(shell)
     panel = DiagnosisPanel(ext, ext.hook.last_failure)
     outcome = panel.click("cpu", force=True)
     assert outcome is not None and outcome.ok

@@ -123,7 +123,9 @@ def test_a_tensor_too_big_for_host_memory_is_described_in_its_place(
 
 
 def test_a_local_that_lives_on_elsewhere_is_left_as_it_was(shell: Any) -> None:
-    """A global passed in and the model as ``self``: moving them would free nothing."""
+    """The model as ``self``: moving it would free nothing, it stays. A tensor a notebook
+    variable holds (``data`` passed in as ``x``): the frame keeps a host copy (same values), so
+    binding ``data`` again frees the GPU tensor instead of the failed frame pinning it."""
     shell.run_cell("%gpumem simulate 1GiB")
     shell.run_cell(
         "import torch\n"
@@ -142,10 +144,15 @@ def test_a_local_that_lives_on_elsewhere_is_left_as_it_was(shell: Any) -> None:
     assert _allocated(shell) == before
     f_locals = _frame("forward").f_locals
     assert f_locals["self"] is shell.user_ns["model"]
-    assert f_locals["x"] is shell.user_ns["data"]
+    data = shell.user_ns["data"]
+    assert f_locals["x"] is not data and f_locals["x"].device.type == "cpu"
+    assert torch.equal(f_locals["x"], data.cpu())
     assert isinstance(f_locals["h"], torch.Tensor) and tuple(f_locals["h"].shape) == (256, 1024)
     moved = [m.name for m in jupyter_gpumem.last_failure(shell).release.moved]
-    assert moved == ["h in forward()"]
+    assert moved == ["h in forward()"]  # `data`'s GPU memory was not freed: not listed
+    del data, f_locals
+    shell.run_cell("data = None")
+    assert _allocated(shell) == before - 256 * 1024 * 4  # nothing else pinned the old `data`
 
 
 def test_the_cells_own_variables_are_never_touched(shell: Any) -> None:

@@ -82,7 +82,10 @@ class OOMHook:
         self._pending_release: BaseException | None = None
         # the error IPython last showed when the cell started, and the last one the handler saw:
         # an OOM shown between them without the handler (`%run`) is diagnosed after the cell
-        self._last_seen: BaseException | None = None
+        # id of sys.last_value as the cell started: an id, not the error, which would keep an
+        # earlier failure's frames (and the GPU tensors they hold) alive through the next run's
+        # failure (exceptions take no weak references)
+        self._last_seen: int | None = None
         self._handled: BaseException | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -150,7 +153,8 @@ class OOMHook:
         except Exception:
             self._cell_rng = None
         self._cell_held = _held_now()
-        self._last_seen = getattr(sys, "last_value", None)
+        last = getattr(sys, "last_value", None)
+        self._last_seen = None if last is None else id(last)
         # a scan of the cell's words when it names no model; else host copies of its models'
         # BatchNorm statistics (ResNet-50: 0.2 MiB) and which parameters had no .grad
         try:
@@ -181,7 +185,8 @@ class OOMHook:
         other magics that catch an error and call ``showtraceback``). The traceback is on
         screen; the diagnosis follows it, and what the failed frames pinned is freed."""
         value = getattr(sys, "last_value", None)
-        if value is None or value is self._last_seen or value is self._handled:
+        # the same id is the same error: sys.last_value held it from then to now
+        if value is None or id(value) == self._last_seen or value is self._handled:
             return
         self._handled = value
         found = find_oom(value)

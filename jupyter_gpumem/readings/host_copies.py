@@ -116,11 +116,16 @@ class _Leaf:
         self.kept, self.why = False, why
         self.replacement = MovedOut(self.what, self.gpu_bytes, why)
 
-    def value(self, settled: bool) -> Any:
+    def value(self, settled: bool, rebindable: frozenset[int] = frozenset()) -> Any:
         """The replacement; once ``settled`` (the frames let go, gc ran), the original where
-        something else keeps it alive: moving it freed nothing."""
+        something else keeps it alive: moving it freed nothing. Except a tensor a notebook
+        variable holds (``rebindable``, by id) whose host copy was made: the frame keeps the copy,
+        so the GPU tensor goes when the variable is bound again (a cell run twice: ``x =
+        torch.randn(...)`` again frees the old ``x``, which the first failure's frames pinned)."""
         original = self.ref() if settled else None
-        return original if original is not None else self.replacement
+        if original is None or (self.kept and self.tensor and id(original) in rebindable):
+            return self.replacement
+        return original
 
 
 class _Container:
@@ -141,9 +146,9 @@ class _Container:
                 out += v.leaves(f"{name}[{k!r}]")
         return out
 
-    def value(self, settled: bool) -> Any:
+    def value(self, settled: bool, rebindable: frozenset[int] = frozenset()) -> Any:
         values = [
-            (k, v.value(settled) if isinstance(v, (_Leaf, _Container)) else v)
+            (k, v.value(settled, rebindable) if isinstance(v, (_Leaf, _Container)) else v)
             for k, v in self.items
         ]
         if self.kind is dict:
@@ -268,11 +273,15 @@ def _copy_within(leaves: list[_Leaf], budget: int | None) -> None:
 
 
 def move_to_host(
-    frames: list[FrameType], backend: MemoryBackend, budget: int | None = None
+    frames: list[FrameType],
+    backend: MemoryBackend,
+    budget: int | None = None,
+    rebindable: frozenset[int] = frozenset(),
 ) -> tuple[list[MovedLocal], list[FrameType]]:
     """Rebind every GPU-holding local of ``frames`` to its host copy or description; returns
-    what was moved (held elsewhere: put back, not listed) and the frames whose locals this
-    Python could not write."""
+    what was moved (held elsewhere: put back, not listed; a tensor a notebook variable holds,
+    by id in ``rebindable``, keeps its host copy in the frame, not listed either) and the frames
+    whose locals this Python could not write."""
     torch = torch_module()
     if torch is None or not frames:
         return [], []
@@ -287,7 +296,7 @@ def move_to_host(
     shared = {id(leaf) for leaf in leaves if leaf.ref() is not None}
     for frame, p in plans:
         if frame not in unwritten and any(id(x) in shared for _, x in _leaves_of(p)):
-            _write(frame, p, settled=True)  # the originals something else holds, back in place
+            _write(frame, p, settled=True, rebindable=rebindable)  # held elsewhere: back
     moved = []
     counted: set[int] = set()  # a tensor several frames hold (args, x, self's input) is one copy
     for frame, p in plans:
@@ -312,8 +321,15 @@ def _leaves_of(plans: dict[str, _Leaf | _Container]) -> list[tuple[str, _Leaf]]:
     return out
 
 
-def _write(frame: FrameType, plans: dict[str, _Leaf | _Container], *, settled: bool) -> bool:
+def _write(
+    frame: FrameType,
+    plans: dict[str, _Leaf | _Container],
+    *,
+    settled: bool,
+    rebindable: frozenset[int] = frozenset(),
+) -> bool:
     try:
-        return write_locals(frame, {name: node.value(settled) for name, node in plans.items()})
+        values = {name: node.value(settled, rebindable) for name, node in plans.items()}
+        return write_locals(frame, values)
     except Exception:
         return False

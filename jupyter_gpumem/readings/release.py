@@ -188,11 +188,22 @@ def _move(
 ) -> ReleaseResult:
     frames = debug_frames(shell, exc)
     try:
-        moved, unwritten = move_to_host(frames, backend, budget)
+        moved, unwritten = move_to_host(frames, backend, budget, _variables_tensors(shell))
     except Exception:  # a copy or a write we did not foresee: free the memory as before
         return _drop(shell, exc)
     cleared = ["frame locals"] if _clear(unwritten) else []
     return ReleaseResult(None, None, None, cleared, moved, frames_kept=True)
+
+
+def _variables_tensors(shell: Any) -> frozenset[int]:
+    """The ids of the tensors the notebook's variables hold themselves (``x``): read by type, no
+    object's code run."""
+    torch = sys.modules.get("torch")
+    ns = getattr(shell, "user_ns", None)
+    if torch is None or not isinstance(ns, dict):
+        return frozenset()
+    tensor = torch.Tensor
+    return frozenset(id(v) for v in list(ns.values()) if issubclass(type(v), tensor))
 
 
 def _drop(shell: Any, exc: BaseException | None) -> ReleaseResult:
