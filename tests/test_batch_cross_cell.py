@@ -115,13 +115,6 @@ def test_a_later_cell_that_made_it_otherwise_is_the_one_that_counts(
     assert shell.user_ns["noise"] is noise
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs in fixes/ladder.py: _starting_plan applies the remembered batch with "
-    "apply_batch only; `noise`, made from the setting in an earlier cell, stays at 4096 and the "
-    "loop raises 'The size of tensor a (b) must match the size of tensor b (4096)' "
-    "(reduce.with_remake is the hook: one call on the starting plan)",
-)
 def test_oomsafe_starting_at_the_remembered_batch_re_makes_it(shell: Any, capsys: Any) -> None:
     """The same `%%oomsafe` cell run again after the setup cells ran again at 4096: it starts at
     the batch that fit last time, and `noise` must be made at that batch too."""
@@ -169,6 +162,20 @@ def test_a_slice_that_prints_is_not_re_run_silently(shell: Any, capsys: Any) -> 
         out,
     ), out
     assert "Fits at batch" in out, out  # `noise` at 4096 does not stop this loop
+
+
+def test_a_rerun_that_raises_on_a_full_card_is_one_line(shell: Any, capsys: Any) -> None:
+    """A re-run that raises the cell's own error (`noise` not re-made: its maker prints) while the
+    card is full: the rollback has no room to put the failed run's leftover back on the GPU, so it
+    stays in host memory, said in the one line; no new out-of-memory diagnosis through the fix."""
+    _notebook(shell, PRINTS.replace("(n, 8,", "(n, 512,"), LOOP)
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry batch")
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert re.search(r"✗ Reduce batch: the re-run at batch \d+ raised RuntimeError", text), text
+    assert "Tried to allocate" not in captured.err.split("✗ Reduce batch")[-1], text
+    assert shell.user_ns["cfg"].batch_size == 4096
 
 
 WRITES = """\

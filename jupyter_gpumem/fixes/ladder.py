@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from jupyter_gpumem.cells.failure import FailedCell, NamespaceMark
 from jupyter_gpumem.fixes import FIXES, LADDER, Attempt, Check, FixContext, FixOutcome
 from jupyter_gpumem.fixes.base import MAX_RUNS
-from jupyter_gpumem.fixes.batch.reduce import cell_key
+from jupyter_gpumem.fixes.batch.reduce import cell_key, with_remake
 from jupyter_gpumem.fixes.batch.source import apply_batch, find_batch
 from jupyter_gpumem.rescue import before_cell
 from jupyter_gpumem.rescue.rerun import Plan, RunResult, failed_run_leftovers, run_plan
@@ -309,7 +309,9 @@ def _starting_plan(
         if finding.sites and finding.value > known:
             new_source, updates = apply_batch(source, finding, known)
             line(f"oomsafe: starting at batch {known}, which fit this cell last time.")
-            return Plan(new_source, namespace_updates=updates, batch=known)
+            plan = Plan(new_source, namespace_updates=updates, batch=known)
+            # what earlier cells made from the batch setting, made again at that batch
+            return with_remake(plan, source, shell.user_ns, finding, known)
     return Plan(source)
 
 

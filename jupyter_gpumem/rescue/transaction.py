@@ -410,7 +410,14 @@ class Transaction:
                 self.problems += journal.undo()
             if everything:
                 for name, kept in self.evicted.items():
-                    self.ns[name] = torch_state.restore_evicted(kept)
+                    try:
+                        self.ns[name] = torch_state.restore_evicted(kept)
+                    except RuntimeError as exc:  # no room on the GPU for it (a full card)
+                        self.ns[name] = kept.data
+                        self.problems.append(
+                            f"`{name}` is back in host memory ({type(exc).__name__})"
+                        )
+                        continue
                     if getattr(kept, "detached", False):
                         self.problems.append(
                             f"`{name}` is back without its autograd graph (the graph held the "
