@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from jupyter_gpumem.backends import torch_objects
 from jupyter_gpumem.cells.failure import FailedCell, NamespaceMark
 from jupyter_gpumem.fixes import FIXES, LADDER, Attempt, Check, FixContext, FixOutcome
 from jupyter_gpumem.fixes.base import MAX_RUNS
@@ -190,6 +191,7 @@ def in_transaction(shell: Any, failed: FailedCell, ctx: FixContext, key: str) ->
             message=f"Not re-run: {exc}. Free host memory, or re-run the cell by hand.",
         )
     ctx.txn = txn
+    graphs = torch_objects.compiled_graphs()  # what torch.compile compiles during the re-runs
     try:
         outcome = FIXES[key].apply(ctx)
     except KeyboardInterrupt:
@@ -209,6 +211,12 @@ def in_transaction(shell: Any, failed: FailedCell, ctx: FixContext, key: str) ->
         raise
     finally:
         ctx.txn = None
+    compiled = (torch_objects.compiled_graphs() or 0) - (graphs or 0)
+    if compiled > 0:
+        outcome.notes.append(
+            f"torch.compile compiled {compiled} graph{'s' if compiled != 1 else ''} during the "
+            "re-runs (a new shape compiles again; rolled-back runs' compiled code is dropped)."
+        )
     if outcome.failure is not None and outcome.failure.before is None:
         # the re-run that ran out started from the record's values: a next fix starts there too
         outcome.failure.before = failed.before
