@@ -363,10 +363,12 @@ def _findings(rows: list[Row]) -> list[str]:
     if twice is not None and twice.clear_predicted is not None:
         text += (
             f" The run-twice row predicted {_mib(twice.clear_predicted)} and gave back "
-            f"{_mib(twice.clear_measured)}: the new `x` it drops and the old one, which the "
-            "first failure's frames (kept for `%debug`) held alone once `x` was rebound. It "
-            "used to predict only the new `x` (32.0 against 64.0); it now counts the frames "
-            "it clears."
+            f"{_mib(twice.clear_measured)}: the `x` the second run made, which the cell makes "
+            "again. The first run's `x` is gone: the first failure's frames (kept for `%debug`) "
+            "keep a host copy of a tensor a variable also holds, so the second run freed it as "
+            "it rebound `x`. Before, those frames kept it on the card and Clear cache predicted "
+            "32.0 against 64.0 given back; then it counted the frames it clears (64.0 against "
+            "64.0); now there is nothing of them to clear."
         )
     out.append(text)
     batch = [r for r in rows if r.batch_kept is not None]
