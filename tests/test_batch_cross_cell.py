@@ -178,6 +178,56 @@ def test_a_rerun_that_raises_on_a_full_card_is_one_line(shell: Any, capsys: Any)
     assert shell.user_ns["cfg"].batch_size == 4096
 
 
+LIBRARY = """\
+def noise(n):
+    with open(LOG, "a") as f:
+        f.write(f"{n}\\n")
+    import torch
+    return torch.randn(n, 512, device="cuda")
+"""
+
+
+def test_a_slice_whose_library_writes_is_stopped_before_the_write(
+    shell: Any, capsys: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """`noise = mylib.noise(cfg.batch_size)` where the library (not notebook code, which the guard
+    reads) appends to a log: the re-made statement runs as a rehearsal does, stopped before the
+    write, in every run; the fix stops, says what and which cell, and puts the notebook back. Was:
+    every rehearsal and the kept run appended a line, and nothing said so."""
+    log = tmp_path / "log.txt"
+    (tmp_path / "gpumem_test_lib.py").write_text(LIBRARY.replace("LOG", repr(str(log))))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _notebook(shell, "import gpumem_test_lib\nnoise = gpumem_test_lib.noise(cfg.batch_size)\n")
+    noise = shell.user_ns["noise"]
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry batch")
+    out = capsys.readouterr().out
+    assert log.read_text().splitlines() == ["4096"], out  # written once, by the user's own run
+    assert re.search(r"Not re-made: `noise` \(In \[\d+\], line 2\).*would write outside memory "
+                     r"\(stopped before `open\(.*log\.txt', 'a'\)`\)", out), out  # fmt: skip
+    assert shell.user_ns["noise"] is noise and shell.user_ns["cfg"].batch_size == 4096
+
+
+def test_a_slice_that_sets_the_environment_is_stopped(shell: Any, capsys: Any) -> None:
+    """A notebook helper that sets `os.environ` (which no rollback puts back): stopped before it."""
+    import os
+
+    maker = (
+        "import os\n"
+        "def make(n):\n"
+        "    os.environ['GPUMEM_TEST_BS'] = str(n)\n"
+        "    return torch.randn(n, 512, device='cuda')\n"
+        "noise = make(cfg.batch_size)\n"
+    )
+    _notebook(shell, maker)
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry batch")
+    out = capsys.readouterr().out
+    assert os.environ.pop("GPUMEM_TEST_BS") == "4096", out
+    assert "Not re-made: `noise`" in out, out
+    assert shell.user_ns["cfg"].batch_size == 4096
+
+
 WRITES = """\
 noise, _ = torch.randn(cfg.batch_size, 8, device="cuda"), open(LOG, "a").write("made\\n")
 """

@@ -79,6 +79,8 @@ _EVENTS: dict[str, int] = {
     "socket.bind": 0,
     "sqlite3.connect": 1,
     "webbrowser.open": 1,
+    "os.putenv": 2,  # os.environ[...] = ...: seen by child processes, and kept
+    "os.unsetenv": 1,
 }
 
 

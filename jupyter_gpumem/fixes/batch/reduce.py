@@ -34,7 +34,7 @@ from jupyter_gpumem.fixes.batch.evidence import failing_tensors, sized_by, varia
 from jupyter_gpumem.fixes.batch.longest import WorstFirst
 from jupyter_gpumem.fixes.batch.namespace import history_of, origin
 from jupyter_gpumem.fixes.batch.phase import evaluation_reason
-from jupyter_gpumem.fixes.batch.remake import Remake, find_remake
+from jupyter_gpumem.fixes.batch.remake import Remake, RemakeStopped, find_remake
 from jupyter_gpumem.fixes.batch.replay import Replay
 from jupyter_gpumem.fixes.batch.schedule import schedule_notes
 from jupyter_gpumem.fixes.batch.search import BatchSearch, Observation
@@ -189,7 +189,13 @@ class ReduceBatch(Fix):
             plan.contexts.append(probe)
             if b not in replays:
                 replays[b] = search.replay()
-            result, attempt = self._run(ctx, plan, remake)
+            try:
+                result, attempt = self._run(ctx, plan, remake)
+            except RemakeStopped as stopped:  # nothing of that run is kept
+                if ctx.txn is not None:
+                    ctx.txn.rollback()
+                untouched = str(stopped)
+                break
             attempts.append(attempt)
             if result.kept or (real and result.ok):
                 final = result
@@ -226,13 +232,7 @@ class ReduceBatch(Fix):
             _remade(outcome, remake, None, None)
             return outcome
         best = attempts[-1].batch or 0
-        how = search.replay_note()
-        if how is not None and (unmodelled := unmodelled_settings(ctx.failed.report.device_index)):
-            how += (
-                f" The replay models the caching allocator's default settings, not {unmodelled}: "
-                "its need is less sure there (measured off by -62% to +8%), and the real run is "
-                "the check."
-            )
+        how = _replay_note(ctx, search)
         _settled(ctx, finding, outcome, best, accumulate, how)
         _remade(outcome, remake, best, accumulate)
         # a cell without a loop is rehearsed twice in a row and kept after one run: the replay's
@@ -264,6 +264,19 @@ class ReduceBatch(Fix):
             if remake is not None and remake.refused is not None:
                 remake.tell(exc, plan.batch)
             raise
+
+
+def _replay_note(ctx: FixContext, search: BatchSearch) -> str | None:
+    """How the replay placed the batch, and where the allocator runs with settings it does not
+    model, that it is less sure there."""
+    how = search.replay_note()
+    if how is not None and (unmodelled := unmodelled_settings(ctx.failed.report.device_index)):
+        how += (
+            f" The replay models the caching allocator's default settings, not {unmodelled}: "
+            "its need is less sure there (measured off by -62% to +8%), and the real run is "
+            "the check."
+        )
+    return how
 
 
 def _remake(ctx: FixContext, finding: BatchFinding) -> Remake | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import io
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from typing import Any
 from jupyter_gpumem.backends import torch_state
 from jupyter_gpumem.cells import source as cellsource
 from jupyter_gpumem.fixes.batch.sites import BatchFinding
+from jupyter_gpumem.rescue import sandbox
 
 _MAX_CELLS = 200  # the latest cells of a long history are the ones that matter
 
@@ -177,6 +179,17 @@ def _cells_text(made: Sequence[Made]) -> str:
     return " and ".join(f"In [{c}]" for c in cells)
 
 
+class RemakeStopped(RuntimeError):
+    """The slice reached a write outside memory the guard could not see (in a library it
+    calls): stopped before it, the fix stops, the notebook is put back."""
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
 class _Run:
     """The slice, run in the user namespace at a run's start; the random generators as they
     were after it."""
@@ -187,8 +200,17 @@ class _Run:
     def __enter__(self) -> _Run:
         before = torch_state.read_rng()
         try:
-            for code in _compiled(self.remake.slice):
-                exec(code, self.namespace)  # the user's own statements, guarded
+            # the guard reads the notebook's code, not a library's: what the slice calls runs
+            # as a rehearsal does, stopped at its first write outside memory (a file, a
+            # subprocess, os.environ), its output not shown, in every run, the kept one too
+            with sandbox.rehearsing(), _quiet():
+                for code in _compiled(self.remake.slice):
+                    exec(code, self.namespace)  # the user's own statements, guarded
+        except sandbox.WorldTouched as touched:
+            self.remake.refused = (
+                f"would write outside memory ({sandbox.stopped_text(touched.what)})"
+            )
+            raise RemakeStopped(self.remake.refused_note(self.batch)) from None
         finally:
             after = torch_state.read_rng()
             torch_state.restore_rng(before)
