@@ -13,7 +13,8 @@ Copied faithfully, data replaced by seeded random tensors (sizes scaled to a sma
   weights_init, the training loop with its fixed_noise samples and checkpoints; FakeData by a
   TensorDataset, torchvision.utils.save_image by a no-op.
 
-The passing tests pin what works; the xfail(strict) ones are what a user met (see each reason).
+The tests pin what works on code we did not write; a strict xfail, where there is one, is what a
+user met (see its reason).
 
 The largest batches below were re-measured on the strict simulated card with PyTorch's caching
 allocator ported (2-core x86_64, torch 2.13 CPU), each probe a fresh card and a fresh setup, the
@@ -720,18 +721,13 @@ def _cifar_128(shell: Any, batch: int) -> None:
     assert shell.run_cell(CIFAR_NET).success
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a rehearsal of two passes does not see the third: at 1448 the rehearsal fits (peak "
-    "95.75 MiB), the real run runs out at its third step (26 MiB asked, 42.76 MiB of the 106 MiB "
-    "reserved unallocated: the allocator's blocks are not in their steady state after two steps); "
-    "real runs then keep 1234, 87% of 1419 (the largest batch a clean run fits), in 4 runs "
-    "(1021, 1448 rehearsals; 1448 OOM, 1234 real)",
-)
 def test_cifar10_tutorial_on_128mib_prime_probe_then_replay(shell: Any, capsys: Any) -> None:
     """The first probe is a prime (1021, 8192/8 rounded down to one), its one run replayed at other
     batches aims at the largest: at most 4 runs, at >= 95% of the largest batch that fits (1419,
-    bisected), and what it keeps is one clean run at that batch."""
+    bisected), and what it keeps is one clean run at that batch. The replay plays the rehearsal's
+    last pass again until the allocator's steady state (a batch whose two rehearsed steps fit and
+    third does not is not proposed): 1419 of 1419 in 3 runs (1021, 1419 rehearsals, 1419 kept).
+    Was: 1234, 87%, in 4 (1448's rehearsal fitted, its real run ran out at the third step)."""
     _cifar_128(shell, 8192)
     assert not shell.run_cell(CIFAR_TRAIN).success
     capsys.readouterr()
@@ -753,13 +749,10 @@ def test_cifar10_tutorial_on_128mib_prime_probe_then_replay(shell: Any, capsys: 
 # setup each probe, the loop's two iterations whole: 82 fits; 83, 84, 85, 86, 87, 88, 90, 95 do not)
 
 
-@pytest.mark.xfail(
-    reason="73 (89% of 82) in 5 runs: rehearsals at 31, 66 and 73 fit (peaks 7.28, 13.60, "
-    "14.87 MiB), 83 runs out, and the search keeps 73, its best fit, with nothing probed between "
-    "73 and 83 (was 77 of 87 while the card counted get_batch's host tensors)",
-    strict=True,
-)
 def test_nanogpt_lands_near_the_largest(shell: Any, capsys: Any, tmp_path: Any) -> None:
+    """82 of 82 in 5 runs (rehearsals at 31, 66, 73 and 82, 82 kept): the steady-state replay
+    puts 83 above the card (two passes alone had put it at 32 MiB, so 83 was tried and ran
+    out). Was: 73, with nothing probed between 73 and 83."""
     shell.run_cell("%gpumem simulate 32MiB")
     with open(NANOGPT_MODEL_PATH, encoding="utf-8") as f:
         assert shell.run_cell(f.read()).success
