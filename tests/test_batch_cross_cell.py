@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import signal
+import weakref
 from typing import Any
 
 import pytest
@@ -176,6 +177,25 @@ def test_a_rerun_that_raises_on_a_full_card_is_one_line(shell: Any, capsys: Any)
     assert re.search(r"✗ Reduce batch: the re-run at batch \d+ raised RuntimeError", text), text
     assert "Tried to allocate" not in captured.err.split("✗ Reduce batch")[-1], text
     assert shell.user_ns["cfg"].batch_size == 4096
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["noise[:] = 0", "noise.mul_(0);", "noise = torch.zeros(64, 512, device='cuda')"],
+)
+def test_what_the_user_changed_since_is_not_re_made(shell: Any, capsys: Any, change: str) -> None:
+    """`noise` changed after the failure (in place, or bound again) is the user's now: never
+    replaced by a re-made one (the fix goes on as if nothing were re-made). Was: replaced by a new
+    random tensor at the new batch, the note saying only 'Also re-made'."""
+    _notebook(shell)
+    assert shell.run_cell(change, store_history=True).success
+    noise = weakref.ref(shell.user_ns["noise"])  # not held here: the fix has the room it had
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry batch --force")  # a cell ran since the failure
+    out = capsys.readouterr().out
+    assert "Also re-made" not in out, out
+    kept = shell.user_ns["noise"]
+    assert kept is noise() and bool((kept == 0).all()), out  # each of the three zeroes it
 
 
 LIBRARY = """\

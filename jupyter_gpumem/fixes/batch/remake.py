@@ -249,17 +249,61 @@ def _same_rng(a: torch_state.RngState, b: torch_state.RngState) -> bool:
 # -- finding the slice ------------------------------------------------------------------------
 
 
-def _earlier_cells(history: Sequence[str], failed_source: str) -> list[tuple[int, str]]:
-    """The cells before the failing one (its latest run in the history), else before the last."""
+def _failing_index(history: Sequence[str], failed_source: str) -> int:
+    """Where the failing cell's latest run is in the history, else the last cell."""
     want = failed_source.strip()
-    end = len(history) - 1
     for n in range(len(history) - 1, 0, -1):
         cell = history[n]
         if isinstance(cell, str) and want and (cell.strip() == want or cell.strip().endswith(want)):
-            end = n
-            break
+            return n
+    return len(history) - 1
+
+
+def _earlier_cells(history: Sequence[str], failed_source: str) -> list[tuple[int, str]]:
+    """The cells before the failing one (its latest run in the history), else before the last."""
+    end = _failing_index(history, failed_source)
     start = max(1, end - _MAX_CELLS)
     return [(n, history[n]) for n in range(start, end) if isinstance(history[n], str)]
+
+
+def _later_cells(history: Sequence[str], failed_source: str) -> list[str]:
+    """The cells run since the failing one (the user's own changes after the failure)."""
+    end = _failing_index(history, failed_source)
+    return [c for c in history[end + 1 :] if isinstance(c, str)]
+
+
+# methods that change their object in place: a value changed so is the user's now, not the
+# statement's that made it (``noise.mul_(0)``, ``batches.append(x)``)
+_MUTATORS = frozenset(
+    {"append", "extend", "insert", "update", "add", "pop", "popitem", "remove", "clear",
+     "setdefault", "discard", "sort", "reverse", "resize_", "set_", "requires_grad_"}
+)  # fmt: skip
+
+
+def _changed(stmt: ast.stmt) -> set[str]:
+    """The names a statement binds or changes in place: ``x[:] = 0``, ``x.attr = v``, ``del
+    x[0]``, ``x.add_(1)``, ``x.append(v)`` change ``x``."""
+    out = _bound(stmt)
+    for node in ast.walk(stmt):
+        if isinstance(node, (ast.Attribute, ast.Subscript)) and isinstance(
+            node.ctx, (ast.Store, ast.Del)
+        ):
+            root = _root_name(node.value)
+            if root is not None:
+                out.add(root)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            method = node.func.attr
+            if method in _MUTATORS or (method.endswith("_") and not method.startswith("_")):
+                root = _root_name(node.func.value)
+                if root is not None:
+                    out.add(root)
+    return out
+
+
+def _root_name(node: ast.AST) -> str | None:
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
 
 
 def _bound(stmt: ast.stmt) -> set[str]:
@@ -327,6 +371,11 @@ def find_remake(
     if not (setting.attrs or setting.items or setting.names):
         return None
     defs = _definitions(_earlier_cells(history, failed_source), setting)
+    for src in _later_cells(history, failed_source):  # changed since the failure: the user's
+        tree = cellsource.read(src).tree
+        for stmt in tree.body if tree is not None else ():
+            for name in _changed(stmt):
+                defs.pop(name, None)
     skipped = set(skip) | setting.variables
     targets = tuple(
         sorted(n for n in set(used) if n in defs and n in namespace and n not in skipped)
@@ -348,7 +397,7 @@ def _definitions(cells: list[tuple[int, str]], setting: _Setting) -> dict[str, _
         if reading.tree is None or reading.magic is not None:
             continue
         for stmt in reading.tree.body:
-            bound = _bound(stmt)
+            bound = _changed(stmt)  # what it binds, and what it changes in place
             if not bound:
                 continue
             targets = _simple_targets(stmt)
