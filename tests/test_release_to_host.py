@@ -155,6 +155,25 @@ def test_a_local_that_lives_on_elsewhere_is_left_as_it_was(shell: Any) -> None:
     assert _allocated(shell) == before - 256 * 1024 * 4  # nothing else pinned the old `data`
 
 
+def test_a_weight_a_variable_holds_stays_itself_in_the_frame(shell: Any) -> None:
+    """`W = model.weight` (a parameter) and `w2` (a leaf that requires grad) passed in: weights,
+    which no cell binds again, so a host copy would free nothing; the frame keeps them as they are
+    (editing `w` in %debug still edits the model)."""
+    shell.run_cell("%gpumem simulate 1GiB")
+    shell.run_cell(
+        "import torch\n"
+        "W = torch.nn.Linear(1024, 1024).cuda().weight\n"
+        "w2 = torch.randn(1024, 1024, device='cuda', requires_grad=True)\n"
+        "def f(x, w, w2):\n"
+        "    h = x @ w\n"
+        "    return torch.empty(2 * 2**30, dtype=torch.uint8, device='cuda')\n"
+        "x = torch.randn(8, 1024, device='cuda')\n"
+    )
+    shell.run_cell("f(x, W, w2)")
+    f_locals = _frame("f").f_locals
+    assert f_locals["w"] is shell.user_ns["W"] and f_locals["w2"] is shell.user_ns["w2"]
+
+
 def test_the_cells_own_variables_are_never_touched(shell: Any) -> None:
     shell.run_cell("%gpumem simulate 1GiB")
     shell.run_cell(

@@ -143,14 +143,17 @@ class _Counter(_Mover):
     """The same walk as :class:`_Mover`, moving nothing: the GPU storages it would move, each
     once (a view, a tied weight, a tensor held twice count once), for the prediction."""
 
-    def __init__(self, backend: MemoryBackend) -> None:
+    def __init__(self, backend: MemoryBackend, device_index: int | None = None) -> None:
         super().__init__(backend)
         self.storages: set[Any] = set()
+        self.device_index = device_index  # the card measured (None: every card)
 
     def _count(self, t: Any, where: str) -> None:
         if t is None or not torch_objects.is_tensor(t):
             return
         info = self.backend.storage_of(t)
+        if info is not None and not _on_device(info[2], self.device_index):
+            return  # on another card: what the measurement reads does not include it
         if info is not None and info[0] not in self.storages:
             self.storages.add(info[0])
             self.moved[where] += info[1]
@@ -226,12 +229,21 @@ def _namespace_tensors(mover: _Mover, ns: dict[str, Any], names: set[str]) -> di
     return updates
 
 
-def reached_gpu_bytes(ns: dict[str, Any], names: set[str], backend: MemoryBackend) -> int:
-    """The GPU memory the move would free: what ``names`` reach on the GPU, each storage once."""
-    counter = _Counter(backend)
+def reached_gpu_bytes(
+    ns: dict[str, Any], names: set[str], backend: MemoryBackend, device_index: int | None = None
+) -> int:
+    """The GPU memory the move would free on card ``device_index`` (None: on every card): what
+    ``names`` reach there, each storage once."""
+    counter = _Counter(backend, device_index)
     move_reached(ns, names, backend, counter)
     _namespace_tensors(counter, ns, names)
     return sum(counter.moved.values())
+
+
+def _on_device(device: str, index: int | None) -> bool:
+    """Whether a storage's device ("cuda:1", "cuda:0 (simulated)") is card ``index``."""
+    m = re.search(r"cuda:(\d+)", device)
+    return index is None or m is None or int(m[1]) == index
 
 
 def _allocated(backend: MemoryBackend, index: int | None) -> int | None:
@@ -302,7 +314,7 @@ class MoveToCpu(Fix):
         names = names_used(ctx.failed.source, ns)
         names |= torch_objects.read_by_compiled(ns, names)
         device = ctx.failed.report.device_index
-        predicted = reached_gpu_bytes(ns, names, backend)
+        predicted = reached_gpu_bytes(ns, names, backend, device)
         before = _allocated(backend, device)
         mover = move_reached(ns, names, backend)
         updates = _namespace_tensors(mover, ns, names)

@@ -215,7 +215,8 @@ def in_transaction(shell: Any, failed: FailedCell, ctx: FixContext, key: str) ->
     if compiled > 0:
         outcome.notes.append(
             f"torch.compile compiled {compiled} graph{'s' if compiled != 1 else ''} during the "
-            "re-runs (a new shape compiles again; rolled-back runs' compiled code is dropped)."
+            "re-runs. A rolled-back run that compiled leaves no compiled code behind: all "
+            "torch.compile'd code in this kernel compiles again at its next call."
         )
     if outcome.failure is not None and outcome.failure.before is None:
         # the re-run that ran out started from the record's values: a next fix starts there too

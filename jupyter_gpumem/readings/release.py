@@ -28,6 +28,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from jupyter_gpumem.backends import MemoryBackend, active
+from jupyter_gpumem.backends.torch_objects import no_torch_function
 from jupyter_gpumem.oom.report import walk_chain
 from jupyter_gpumem.readings.holder_frames import can_write_locals, running_frames
 from jupyter_gpumem.readings.host_copies import MovedLocal, MovedOut, move_to_host
@@ -196,14 +197,22 @@ def _move(
 
 
 def _variables_tensors(shell: Any) -> frozenset[int]:
-    """The ids of the tensors the notebook's variables hold themselves (``x``): read by type, no
-    object's code run."""
+    """The ids of the tensors the notebook's variables hold themselves (``x``), not weights (a
+    parameter, a leaf that requires grad): a frame keeps a host copy of those only, as a cell
+    that binds ``x`` again frees the GPU tensor then. Read by type, no object's code run."""
     torch = sys.modules.get("torch")
     ns = getattr(shell, "user_ns", None)
     if torch is None or not isinstance(ns, dict):
         return frozenset()
-    tensor = torch.Tensor
-    return frozenset(id(v) for v in list(ns.values()) if issubclass(type(v), tensor))
+    tensor, parameter = torch.Tensor, torch.nn.Parameter
+    with no_torch_function():  # a subclass's __torch_function__ is not run for .is_leaf
+        return frozenset(
+            id(v)
+            for v in list(ns.values())
+            if issubclass(type(v), tensor)
+            and not issubclass(type(v), parameter)  # a model's weight: never bound again
+            and not (v.is_leaf and v.requires_grad)  # a weight by another name: the same
+        )
 
 
 def _drop(shell: Any, exc: BaseException | None) -> ReleaseResult:

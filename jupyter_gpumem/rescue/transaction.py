@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import re
 import signal
 import sys
 import threading
@@ -265,9 +266,19 @@ def restore(snap: Snapshot, ns: dict[str, Any]) -> list[str]:
     return problems
 
 
+# what dynamo installs in the globals of the code it compiles (``__resume_at_12_3``,
+# ``__compiled_fn_5_...``, ``__builtins_dict___8``, ``_140234_c3``): its own, removed by its own
+# cleanup hooks when the compiled code goes; deleting them first makes those hooks raise
+_DYNAMO_GLOBAL = re.compile(r"^(?:__(?!\w*__$)\w+|_\d+_c\d+)$")
+
+
+def _dynamo_global(name: str) -> bool:
+    return "torch._dynamo" in sys.modules and _DYNAMO_GLOBAL.match(name) is not None
+
+
 def _restore_namespace(snap: Snapshot, ns: dict[str, Any], problems: list[str]) -> None:
     saved = snap.namespace
-    for k in [k for k in ns if k not in saved]:
+    for k in [k for k in ns if k not in saved and not _dynamo_global(k)]:
         del ns[k]  # the weakly held names too: what the re-run bound there must go first
     for k, v in saved.items():
         if ns.get(k, _MISSING) is not v:
