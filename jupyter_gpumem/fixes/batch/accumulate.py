@@ -78,7 +78,7 @@ def try_accumulation(source: str, finding: BatchFinding, new_value: int) -> Accu
     old = finding.value
     if not finding.sites or new_value >= old:
         return "the batch size does not shrink"
-    tree, offset, skip, why = _parse(source)
+    tree, skip, why = _parse(source)
     if tree is None:
         return why or "the cell does not parse"
     lines = _split_lines(source)
@@ -90,7 +90,7 @@ def try_accumulation(source: str, finding: BatchFinding, new_value: int) -> Accu
     # that fit): 4096 at most 959 a step is 5 x 820 = 4100, not 5 x 959 = 4795
     new_value = math.ceil(old / steps)
     body = loop.body
-    statements = {st.lineno + offset for st in body}
+    statements = {st.lineno for st in body}
     if (
         any(b.lineno == (a.end_lineno or a.lineno) for a, b in itertools.pairwise(body))
         or statements & skip
@@ -101,31 +101,29 @@ def try_accumulation(source: str, finding: BatchFinding, new_value: int) -> Accu
     except ValueError as e:
         return str(e)
     backward = next(c for st in body for c in _method_calls(st, "backward"))
-    divide = _divide_loss(backward, lines, offset, steps)
+    divide = _divide_loss(backward, lines, steps)
     if isinstance(divide, str):
         return divide
     new_lines = _splice(lines, edits + divide)
-    _gate(new_lines, lines, loop, backward, offset, steps)
+    _gate(new_lines, lines, loop, backward, steps)
     new_source = "".join(new_lines)
     if _parse(new_source)[0] is None:
         return "the rewritten cell does not parse; not offered"
     return _plan(new_source, old, steps, new_value)
 
 
-def _divide_loss(
-    backward: ast.Call, lines: list[str], offset: int, steps: int
-) -> list[_Edit] | str:
+def _divide_loss(backward: ast.Call, lines: list[str], steps: int) -> list[_Edit] | str:
     """``(loss / steps).backward()``: the edits that divide what backward is called on, so that
     the gradients summed over ``steps`` batches average them, as one batch of the old size would;
     or why not."""
     recv = _receiver(backward)
     if recv.lineno != recv.end_lineno or recv.end_col_offset is None:
         return "the expression before .backward() spans several lines"
-    line = lines[recv.lineno + offset - 1]
+    line = lines[recv.lineno - 1]
     col, end = _char_cols(line, recv.col_offset, recv.end_col_offset)
     return [
-        (recv.lineno + offset, col, col, "("),
-        (recv.lineno + offset, end, end, f" / {steps})"),
+        (recv.lineno, col, col, "("),
+        (recv.lineno, end, end, f" / {steps})"),
     ]
 
 
@@ -134,15 +132,14 @@ def _gate(
     lines: list[str],
     loop: ast.For,
     backward: ast.Call,
-    offset: int,
     steps: int,
 ) -> None:
     """Put the loop's step and zero_grad under the counter, in ``new_lines`` (statement-level
     edits, made after the in-line ones: they add lines)."""
     body = loop.body
     # Statement-level edits, bottom up so that line numbers above stay valid.
-    loop_indent = _indent(lines[loop.lineno + offset - 1])
-    body_indent = _indent(lines[body[0].lineno + offset - 1])
+    loop_indent = _indent(lines[loop.lineno - 1])
+    body_indent = _indent(lines[body[0].lineno - 1])
     unit = body_indent[len(loop_indent) :] or "    "
     nl = "\n" if not lines[0].endswith("\r\n") else "\r\n"
     steppers = {_dotted(_receiver(c)) for st in body for c in _method_calls(st, "step")}
@@ -167,15 +164,15 @@ def _gate(
         while gate and j > 0 and gates[j - 1] == gate:
             j -= 1
         if gate:
-            first, last = body[j].lineno + offset, (body[i].end_lineno or 0) + offset
+            first, last = body[j].lineno, (body[i].end_lineno or 0)
             for n in range(first, last + 1):
                 if new_lines[n - 1].strip():
                     new_lines[n - 1] = unit + new_lines[n - 1]
             new_lines[first - 1] = body_indent + gate + nl + new_lines[first - 1]
         i = j - 1
-    first_body = body[0].lineno + offset
+    first_body = body[0].lineno
     new_lines[first_body - 1] = f"{body_indent}{_ACCUM} += 1{nl}" + new_lines[first_body - 1]
-    head = loop.lineno + offset
+    head = loop.lineno
     new_lines[head - 1] = f"{loop_indent}{_ACCUM} = 0{nl}" + new_lines[head - 1]
 
 

@@ -21,8 +21,8 @@ from jupyter_gpumem.fixes.batch.sites import (
 
 
 class _Finder:
-    def __init__(self, tree: ast.Module, lines: list[str], offset: int, skip: set[int]) -> None:
-        self.tree, self.lines, self.offset, self.skip = tree, lines, offset, skip
+    def __init__(self, tree: ast.Module, lines: list[str], skip: set[int]) -> None:
+        self.tree, self.lines, self.skip = tree, lines, skip
         self.sites: list[BatchSite] = []
         self.near_misses: list[str] = []
         self.weights: set[int] = set()  # ids of factory calls that make weights
@@ -31,7 +31,7 @@ class _Finder:
                 self.weights.update(id(a) for a in node.args)
 
     def site(self, kind: str, name: str, lit: ast.expr, value: int) -> None:
-        lineno = lit.lineno + self.offset
+        lineno = lit.lineno
         if lineno in self.skip or getattr(lit, "end_lineno", None) != lit.lineno:
             return
         line = self.lines[lineno - 1]
@@ -77,7 +77,7 @@ class _Finder:
         return f"found {'; '.join(misses)}, not {plural}"
 
     def _line(self, node: ast.AST) -> int:
-        return getattr(node, "lineno", 0) + self.offset
+        return getattr(node, "lineno", 0)
 
     def _assign(self, node: ast.Assign | ast.AnnAssign, batch_var: str | None) -> None:
         targets = node.targets if isinstance(node, ast.Assign) else [node.target]

@@ -113,11 +113,11 @@ class AccumulationPlan:
 _split_lines = cellsource.lines_with_ends
 
 
-def _parse(source: str) -> tuple[ast.Module | None, int, set[int], str | None]:
-    """(tree, line offset, lines not to touch, why not): the cell's one reading, whose tree is
-    numbered as the cell's lines (offset 0) and is shared (read, never changed, here)."""
+def _parse(source: str) -> tuple[ast.Module | None, set[int], str | None]:
+    """(tree, lines not to touch, why not): the cell's one reading, whose tree is numbered as
+    the cell's lines and is shared (read, never changed, here)."""
     reading = cellsource.read(source)
-    return reading.tree, 0, set(reading.changed), reading.why
+    return reading.tree, set(reading.changed), reading.why
 
 
 def _char_cols(line: str, start: int, end: int) -> tuple[int, int]:

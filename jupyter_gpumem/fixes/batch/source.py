@@ -352,10 +352,10 @@ def find_batch(
     evaluation batch is changed before, and without, the training one."""
     if batch_var:
         batch_var = canonical(batch_var)
-    tree, offset, skip, why = _parse(source)
+    tree, skip, why = _parse(source)
     if tree is None:
         return BatchFinding((), 0, "", f"{why}: use %gpumem retry batch --batch-var NAME")
-    finder = _Finder(tree, _split_lines(source), offset, skip)
+    finder = _Finder(tree, _split_lines(source), skip)
     finder.scan(batch_var)
     ns = namespace or {}
     held: dict[str, tuple[str, object, str, object]] = {}
