@@ -47,8 +47,8 @@ from jupyter_gpumem.fixes.batch.replay import (
     prime_at_most,
     replay_note,
 )
+from jupyter_gpumem.units import format_bytes
 
-_GiB = 1 << 30
 # Close enough: the accepted loss against the largest batch that fits.
 _GOOD_ENOUGH = 0.95
 # Peaks closer than this (fraction of capacity) count as equal: allocator rounding and cuDNN
@@ -405,10 +405,10 @@ class BatchSearch:
         best = self.best()
         if est is None:
             if best is None and nxt is None and self.observations:
-                return f"even batch {self.min_batch} does not fit in {_gib(self.capacity_bytes)}"
+                return f"even batch {self.min_batch} does not fit in {format_bytes(self.capacity_bytes)}"
             return f"no batch has fitted yet; trying {nxt}" if nxt else "no batch has fitted yet"
-        per_sample = _gib(est.k, 2) if est.k >= 0.1 * _GiB else f"{est.k / (1 << 20):.0f} MiB"
-        line = f"model: {_gib(est.base)} + {per_sample} × batch"
+        per_sample = format_bytes(round(est.k))
+        line = f"model: {format_bytes(round(est.base))} + {per_sample} × batch"
         full = (self.capacity_bytes - est.base) / est.k if est.k > 0 else math.inf
         if math.isfinite(full):
             line += f" → predicts {max(0, math.floor(full))} fits"
@@ -431,7 +431,3 @@ def _slope(points: list[tuple[int, int]]) -> float:
     mp = sum(p for _, p in points) / n
     var = sum((b - mb) ** 2 for b, _ in points)
     return sum((b - mb) * (p - mp) for b, p in points) / var if var else 0.0
-
-
-def _gib(n: float, digits: int = 1) -> str:
-    return f"{n / _GiB:.{digits}f} GiB"
