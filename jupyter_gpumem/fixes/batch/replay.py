@@ -8,7 +8,8 @@ went from 95 to 101). So Reduce batch also records what each run allocated and f
 (``MemoryBackend.record_sizes()``), and predicts the need at a batch ``b`` by replaying that log
 with each allocation resized for ``b``, through the replay's own model of the caching allocator
 (``blocks.py``: best fit in cached blocks, splitting, segments, written from PyTorch's documented
-rules and sharing no code with the simulated card, so that its error can be measured).
+rules and sharing no code with the simulated card, so that its error can be measured; with
+``expandable_segments:True``, one segment per pool mapped page by page).
 
 How an allocation's size follows the batch:
 
@@ -82,14 +83,19 @@ class Replay:
     batches: tuple[int, ...] = ()  # of the runs it came from
     # the recorded run's last pass, repeated after it for the steady state (None: no pass found)
     cycle: Cycle | None = None
+    # the allocator runs with ``expandable_segments:True`` (blocks.ExpandableModel)
+    expandable: bool = False
     # peak(batch, steady) already replayed: a search asks for the same batches again
     _peaks: dict[tuple[int, bool], int] = dataclasses.field(
         default_factory=dict, init=False, compare=False, repr=False
     )
 
     @classmethod
-    def from_runs(cls, runs: list[tuple[int, int, SizeLog | None]]) -> Replay | None:
-        """From fitted runs ``(batch, measured peak, log)``, the largest batches first."""
+    def from_runs(
+        cls, runs: list[tuple[int, int, SizeLog | None]], expandable: bool = False
+    ) -> Replay | None:
+        """From fitted runs ``(batch, measured peak, log)``, the largest batches first;
+        ``expandable``: the allocator runs with ``expandable_segments:True``."""
         logged = [(b, p, log) for b, p, log in runs if log is not None and _usable(log)]
         if not logged:
             return None
@@ -113,7 +119,7 @@ class Replay:
             return None
         if not any(k > 0 for _, k in sizes):
             return None  # nothing grows with the batch: the batch is not what fills the card
-        replay = cls(sizes, log2, 0, how, batches, Cycle.last_of(log2))
+        replay = cls(sizes, log2, 0, how, batches, Cycle.last_of(log2), expandable)
         # calibrated on what the run measured: the recorded passes, not the steady state
         return dataclasses.replace(replay, offset=p2 - replay.peak(b2, steady=False))
 
@@ -134,7 +140,7 @@ class Replay:
         if known is not None:
             return known
         sized = [max(0, round(base + k * batch)) for base, k in self.sizes]
-        model = BlockModel.starting(self.log.resident)
+        model = BlockModel.starting(self.log.resident, self.expandable)
         model.replay((n, sized[n]) if n >= 0 else (n, value) for n, value in self.log.events)
         if steady and self.cycle is not None:
             self.cycle.repeat(model, sized, self.log.allocations)
@@ -211,6 +217,12 @@ class Cycle:
         where = [i for i, (n, _) in enumerate(log.events) if n >= 0]
         sizes = [log.events[i][1] for i in where]
         length, earlier = _repeated_tail(sizes)
+        start, head = _repeated_head(sizes)
+        if head > length:
+            # the last pass starts as the log starts and ends otherwise: a cell run twice whose
+            # first run made state in its middle (Adam's at the first step()), so that only the
+            # pass's end (the optimizer's update) recurs whole
+            length, earlier = len(sizes) - start, 0
         if length < 2:
             return None
         first = len(sizes) - length  # the number of the pass's first allocation
@@ -292,6 +304,25 @@ def _repeated_tail(values: list[int]) -> tuple[int, int]:
         if min(z[i], i) > best:
             best, at = min(z[i], i), n - i - min(z[i], i)
     return best, at
+
+
+def _repeated_head(values: list[int]) -> tuple[int, int]:
+    """Where the latest of the longest repeats of ``values``' head starts, and its length (a
+    Z-function: linear); ``(0, 0)`` when the head does not recur."""
+    n = len(values)
+    z = [0] * n
+    left = right = 0
+    start = best = 0
+    for i in range(1, n):
+        if i < right:
+            z[i] = min(right - i, z[i - left])
+        while i + z[i] < n and values[z[i]] == values[i + z[i]]:
+            z[i] += 1
+        if i + z[i] > right:
+            left, right = i, i + z[i]
+        if min(z[i], i) >= best and z[i] > 0:
+            start, best = i, min(z[i], i)
+    return start, best
 
 
 def replay_note(batches: tuple[int, ...], full: int, chosen: int, capacity: int) -> str:

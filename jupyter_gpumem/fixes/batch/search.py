@@ -47,6 +47,7 @@ from jupyter_gpumem.fixes.batch.replay import (
     prime_at_most,
     replay_note,
 )
+from jupyter_gpumem.readings.allocator_state import read_allocator_state
 from jupyter_gpumem.units import format_bytes
 
 # Close enough: the accepted loss against the largest batch that fits.
@@ -121,6 +122,9 @@ class BatchSearch:
     bisecting: bool = False
     # The runs log their allocations: probe at primes until one fits (see batch_replay.py).
     replay_logs: bool = False
+    # The allocator runs with ``expandable_segments:True`` (the replay models it so); None: the
+    # settings in force, read at the first replay.
+    expandable_segments: bool | None = None
     # the replay's last proposal: (batches it came from, largest it says fits, the proposal)
     _proposed: tuple[tuple[int, ...], int, int] | None = field(default=None, init=False, repr=False)
     # the last proposal came from the replay (which agreed with every failure)
@@ -232,7 +236,17 @@ class BatchSearch:
 
     def replay(self) -> Replay | None:
         """The model from sizes, where the fits recorded their allocations (see batch_replay)."""
-        return Replay.from_runs([(o.batch, o.peak_bytes or 0, o.log) for o in self._trusted_fits()])
+        fits = self._trusted_fits()
+        if not any(o.log is not None for o in fits):
+            return None
+        return Replay.from_runs(
+            [(o.batch, o.peak_bytes or 0, o.log) for o in fits], self._expandable()
+        )
+
+    def _expandable(self) -> bool:
+        if self.expandable_segments is None:
+            self.expandable_segments = expandable_segments_in_force()
+        return self.expandable_segments
 
     def _from_replay(self, lo: int, hi: float) -> float | None:
         """The replay's guess; ``-1`` when it says the best fit is close enough; None when there
@@ -431,3 +445,14 @@ def _slope(points: list[tuple[int, int]]) -> float:
     mp = sum(p for _, p in points) / n
     var = sum((b - mb) ** 2 for b, _ in points)
     return sum((b - mb) * (p - mp) for b, p in points) / var if var else 0.0
+
+
+def expandable_segments_in_force() -> bool:
+    """Whether the caching allocator runs with ``expandable_segments:True``, as torch parsed
+    its settings (the flag set at run time included); False where they cannot be read (the
+    replay then models the defaults)."""
+    try:
+        conf = read_allocator_state(None).conf
+    except Exception:
+        return False
+    return conf is not None and conf.native and conf.expandable_segments
