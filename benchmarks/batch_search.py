@@ -857,8 +857,8 @@ def report(rows: list[Row], tools: list[str], seconds: float, earlier_code: str 
             "",
             "**The replay's error against the ported caching allocator.** Predicted: the need at"
             " the batch settled on, from the replay that proposed it (built before the run at"
-            " it), through the replay's own allocator model (`fixes/batch/blocks.py`, default"
-            " settings only). Actual: the smallest capacity (to 1 MiB) the run fits on, from a"
+            " it), through the replay's own allocator model (`fixes/batch/blocks.py`: the default"
+            " settings and expandable segments). Actual: the smallest capacity (to 1 MiB) the run fits on, from a"
             " fresh card with the same `PYTORCH_CUDA_ALLOC_CONF` (the card's ported allocator"
             " gives its free cached segments back before it reserves a new one there). The run"
             " is the cell and its next steps, as the largest batch is checked (the cell twice;"

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import importlib
 import os
 import queue
 import sys
@@ -75,16 +76,35 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 _frozen_at = 0  # len(sys.modules) when the garbage collector last froze what was alive
 
 
+# what the extension and torch import on first use (torch._dynamo and the rest came after
+# collection): imported before the one freeze, so their objects are frozen with the rest
+_FIRST_USE = (
+    "torch",
+    "torch._dynamo",
+    "torch.optim",
+    "ipywidgets",
+    "jupyter_gpumem.ipython.extension",
+    "jupyter_gpumem.ui.panel",
+    "jupyter_gpumem.fixes.ladder",
+)
+
+
 def _freeze_what_is_loaded() -> None:
     """Modules loaded (torch, IPython, the test modules, what the extension imports on first use:
     ~300k objects) stay for the whole session: out of the garbage collector's scans. Each
     gc.collect() the fixes make (several per re-run, hundreds of re-runs) took ~0.4 s scanning
-    them on 2 cores. Frozen again before a test whenever more modules were imported, right after a
-    collection: what is frozen is alive then (what earlier tests still keep goes with it). Every
-    other object a test makes is collected as before."""
+    them on 2 cores. Frozen once, when collection ends, before any test ran: frozen objects are
+    never collected, so freezing again later would keep what tests still held then (shells,
+    their tensors) for the rest of the session: a worker grew to 10 GiB and the other was
+    killed. Every object a test makes is collected as before."""
     global _frozen_at
-    if os.environ.get("GPUMEM_GC_FREEZE", "1") != "1" or len(sys.modules) <= _frozen_at:
+    if os.environ.get("GPUMEM_GC_FREEZE", "1") != "1" or _frozen_at:
         return
+    for name in _FIRST_USE:
+        try:
+            importlib.import_module(name)
+        except Exception:  # not installed (the torch-free runs): nothing of it to freeze
+            pass
     gc.collect()
     gc.freeze()
     _frozen_at = len(sys.modules)
@@ -100,7 +120,6 @@ def pytest_runtest_setup(item: Any) -> None:
     # fixture starts, so pytest -ra folds them into one line (this one) that .ci/test counts
     if os.environ.get("GPUMEM_SKIP_SLOW") == "1" and item.get_closest_marker("slow"):
         pytest.skip(SLOW_SKIPPED)
-    _freeze_what_is_loaded()  # what the tests before this one imported
 
 
 @pytest.fixture(autouse=True)

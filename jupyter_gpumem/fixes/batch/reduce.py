@@ -272,9 +272,8 @@ def _replay_note(ctx: FixContext, search: BatchSearch) -> str | None:
     how = search.replay_note()
     if how is not None and (unmodelled := unmodelled_settings(ctx.failed.report.device_index)):
         how += (
-            f" The replay models the caching allocator's default settings, not {unmodelled}: "
-            "its need is less sure there (measured off by -62% to +8%), and the real run is "
-            "the check."
+            f" The replay does not model {unmodelled}: its need is less sure there, and the "
+            "real run is the check."
         )
     return how
 
@@ -628,10 +627,9 @@ def _settled(
 
 
 def unmodelled_settings(device: int | None) -> str | None:
-    """The allocator settings in force that the replay's model (``blocks.py``: the defaults)
-    does not follow, in words ("PYTORCH_CUDA_ALLOC_CONF's `expandable_segments:True`"), or None.
-    Measured against the ported allocator (docs/benchmarks.md), expandable segments put the
-    replay's need off by -62% to +8%."""
+    """The allocator settings in force that the replay's model (``blocks.py``: the defaults and
+    ``expandable_segments:True``) does not follow, in words ("PYTORCH_CUDA_ALLOC_CONF's
+    `max_split_size_mb:128`"), or None."""
     try:
         conf = read_allocator_state(None, device).conf
     except Exception:
@@ -641,8 +639,6 @@ def unmodelled_settings(device: int | None) -> str | None:
     found = []
     if not conf.native:
         found.append(f"backend:{conf.backend}")
-    if conf.expandable_segments:
-        found.append("expandable_segments:True")
     if conf.split_limited:
         found.append(f"max_split_size_mb:{conf.max_split_size >> 20}")
     if any(conf.roundup_power2_divisions):
