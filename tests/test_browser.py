@@ -44,8 +44,41 @@ open_notebook = _browser.open_notebook
 shots = _browser.shots
 
 
-def gauge_number(scope) -> str:
-    return scope.locator(".js-plotly-plot .indicatorlayer text.number").first.text_content() or ""
+# The gauge's numbers as the page draws them, each new one recorded on the element (read every
+# animation frame, so none is missed); true once `n` different ones were seen.
+NUMBERS_SEEN_JS = """([el, n]) => {
+  const t = el.querySelector('.js-plotly-plot .indicatorlayer text.number');
+  const seen = (el._gpumemSeen = el._gpumemSeen || []);
+  const now = t ? t.textContent : '';
+  if (seen[seen.length - 1] !== now) seen.push(now);
+  return new Set(seen).size >= n;
+}"""
+
+
+def numbers_seen(scope, n: int, timeout: float) -> list[str]:
+    """The gauge's numbers in `scope` from now until `n` different ones were drawn (or `timeout`
+    ms passed): the numbers, in order."""
+    handle = scope.element_handle()
+    try:
+        scope.page.wait_for_function(NUMBERS_SEEN_JS, arg=[handle, n], timeout=timeout)
+    except _browser.sync_api.TimeoutError:
+        pass  # the caller's assertion says what was seen
+    return handle.evaluate("e => e._gpumemSeen || []")
+
+
+# True once the gauge's history (plotly's first stacked series, PyTorch allocated) ends at `gib`:
+# the last sample drawn, as the dial's number says.
+HISTORY_ENDS_AT_JS = """([el, gib]) => {
+  const gd = el.querySelector('.js-plotly-plot');
+  const ys = gd && gd.data && gd.data[1] && gd.data[1].y;
+  return !!ys && ys.length > 1 && Math.abs(ys[ys.length - 1] - gib) < 1e-6;
+}"""
+
+
+def history_ends_at(scope, gib: float) -> None:
+    scope.page.wait_for_function(
+        HISTORY_ENDS_AT_JS, arg=[scope.element_handle(), gib], timeout=T_RUN
+    )
 
 
 def run_gauge_while_allocating(page):
@@ -54,15 +87,26 @@ def run_gauge_while_allocating(page):
     cell0 = run_cell(page, 0)
     expect(cell0.locator(".js-plotly-plot text.number")).to_have_count(1, timeout=T_RUN)
     cell1 = run_cell(page, 1)
-    seen = []
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and len(set(seen)) < 4:
-        seen.append(gauge_number(cell0))
-        page.wait_for_timeout(250)
+    seen = numbers_seen(cell0, 3, timeout=15_000)
     assert len(set(seen)) >= 3, f"the gauge's number did not move: {seen}"
     expect(outputs(cell1)).to_contain_text("allocated MiB: 512", timeout=T_RUN)
     expect(cell0.locator(".js-plotly-plot text.number")).to_have_text("0.50 GiB", timeout=5_000)
     return cell0
+
+
+# The theme is set and its CSS is in force: JupyterLab's background colour, as the page computes
+# it, is light (or dark).
+THEME_APPLIED_JS = """light => {
+  if (document.body.dataset.jpThemeLight !== String(light)) return false;
+  const probe = document.createElement('div');
+  probe.style.background = 'var(--jp-layout-color0)';
+  document.body.appendChild(probe);
+  const rgb = (getComputedStyle(probe).backgroundColor.match(/[\\d.]+/g) || []).map(Number);
+  probe.remove();
+  if (rgb.length < 3) return false;
+  const mean = (rgb[0] + rgb[1] + rgb[2]) / 3;
+  return light ? mean > 155 : mean < 100;
+}"""
 
 
 def set_theme(page, theme: str) -> None:
@@ -70,8 +114,7 @@ def set_theme(page, theme: str) -> None:
     page.evaluate(
         f"window.jupyterapp.commands.execute('apputils:change-theme', {{theme: '{theme}'}})"
     )
-    page.wait_for_function(f"document.body.dataset.jpThemeLight === '{light}'", timeout=T_RUN)
-    page.wait_for_timeout(500)  # the theme's CSS variables settle
+    page.wait_for_function(THEME_APPLIED_JS, arg=light == "true", timeout=T_RUN)
 
 
 # Colour of an element's text, and the colour behind it: the first ancestor with an opaque enough
@@ -258,6 +301,15 @@ PAST_EDGE_JS = """p => {
 }"""
 
 
+# The window is `height` px tall and JupyterLab has laid its panels out again (the notebook reaches
+# the window's bottom, less its status bar)
+LAID_OUT_JS = """height => {
+  const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+  return window.innerHeight === height && !!w
+    && w.node.getBoundingClientRect().bottom > height - 100;
+}"""
+
+
 def test_panel_fits_a_narrow_window(open_notebook, shots):
     page = open_notebook("narrow.ipynb", [SETUP, OOM_CELL], viewport=(800, 1200))
     cell, panel = fail_and_show_panel(page)
@@ -270,7 +322,7 @@ def test_panel_fits_a_narrow_window(open_notebook, shots):
     assert past == [], f"after the fix, {len(past)} elements past the edge: {past[:20]}"
     # taller, as wide: the whole panel in view, none of it under JupyterLab's toolbar
     page.set_viewport_size({"width": 800, "height": 2400})
-    page.wait_for_timeout(500)
+    page.wait_for_function(LAID_OUT_JS, arg=2400, timeout=T_RUN)
     assert panel.evaluate(PAST_EDGE_JS) == []
     cell.scroll_into_view_if_needed()
     shots(panel, "panel-narrow.png")
@@ -285,12 +337,15 @@ def test_run_all_stops_at_the_oom_in_the_quickstart(open_notebook):
     oom = page.locator(".jp-Notebook .jp-CodeCell", has=page.locator(".gpumem-panel"))
     expect(oom.locator(".gpumem-panel")).to_contain_text("GPU out of memory", timeout=T_LONG)
     page.wait_for_function(KERNEL_READY_JS, timeout=T_RUN)
-    page.wait_for_timeout(1500)
     sources = [c.locator(".cm-content").text_content() or "" for c in code.all()]
     at = next(i for i, src in enumerate(sources) if "logits = model(ids)" in src)
     assert at < len(sources) - 1
+    # Run All queued every cell ([*]); once none after the OOM waits any more (each ran, or the
+    # kernel aborted it), none of them ran
     for i in range(at + 1, len(sources)):
-        expect(outputs(code.nth(i))).to_have_count(0)
+        expect(code.nth(i).locator(".jp-InputPrompt")).not_to_contain_text("*", timeout=T_RUN)
+    for i in range(at + 1, len(sources)):
+        assert outputs(code.nth(i)).count() == 0, outputs(code.nth(i)).all_text_contents()
         assert "*" not in (code.nth(i).locator(".jp-InputPrompt").text_content() or "")
 
 
@@ -316,7 +371,7 @@ print("allocated " + "MiB:", torch.cuda.memory_allocated() >> 20)
 def test_gauge_moves_while_a_cell_allocates(open_notebook, shots):
     page = open_notebook("gauge.ipynb", [GAUGE, ALLOC])
     cell0 = run_gauge_while_allocating(page)
-    page.wait_for_timeout(400)  # the history's last sample
+    history_ends_at(cell0, 0.5)  # the history's last sample drawn
     cell0.scroll_into_view_if_needed()
     shots(cell0.locator(".jp-OutputArea"), "gauge.png")
 
@@ -356,7 +411,7 @@ def test_sidebar_holds_the_gauge_within_its_width(open_notebook, shots):
         box = text.bounding_box()
         if box and box["width"] > 0:
             assert within(box, panel), (text.text_content(), box, panel)
-    page.wait_for_timeout(600)  # a flat stretch of history after the last step
+    history_ends_at(right, 0.375)  # the history's last step drawn
     shots(page, "sidebar.png")
 
 
@@ -406,15 +461,8 @@ def test_training_loop_rescued_from_a_button_runs_on_the_simulated_gpu(open_note
     t0 = time.monotonic()
     reduce.click()
     status = panel.locator(".gpumem-status")
-    anyway = panel.get_by_role("button", name="Re-run anyway")
-    deadline = t0 + T_RUN / 1000
-    while time.monotonic() < deadline:
-        text = status.text_content() or ""
-        if "✓" in text or "✗" in text or "jupyter_gpumem:" in text:
-            break
-        if anyway.count() and anyway.is_visible():  # the guard asked: the loop steps `opt`
-            anyway.click()
-        page.wait_for_timeout(250)
+    # the guard asks first (the loop steps `opt`): Re-run anyway, until the fix's result
+    answer_until(panel, status.filter(has_text=re.compile("✓|✗|jupyter_gpumem:")))
     text = status.text_content() or ""
     took = time.monotonic() - t0
     assert text.strip().startswith("✓"), (took, text)
@@ -449,17 +497,30 @@ for step in range(40):
 SLOW_CHECK = 'print("total " + "now", total, "batch", batch_size)'
 
 
+def answer_until(panel, done, answer=lambda button: button.click(), timeout: float = T_RUN) -> None:
+    """Wait until `done` (a locator) is visible; each time the guard asks first, press
+    "Re-run anyway" (with `answer`: a click, or the keyboard)."""
+    anyway = panel.get_by_role("button", name="Re-run anyway")
+    deadline = time.monotonic() + timeout / 1000
+    while True:
+        left = max(deadline - time.monotonic(), 0.001) * 1000
+        expect(done.or_(anyway).first).to_be_visible(timeout=left)
+        if done.first.is_visible():
+            return
+        if anyway.is_visible():
+            answer(anyway)
+
+
 def start_fix(panel, label: str) -> None:
     """Click a fix's button (and "Re-run anyway" if the guard asks); return once it runs."""
     panel.get_by_role("button", name=re.compile("^" + label)).click()
-    status = panel.locator(".gpumem-status")
-    anyway = panel.get_by_role("button", name="Re-run anyway")
-    deadline = time.monotonic() + T_RUN / 1000
-    while "Running" not in (status.text_content() or ""):
-        if anyway.count() and anyway.is_visible():
-            anyway.click()
-        assert time.monotonic() < deadline, status.text_content()
-        panel.page.wait_for_timeout(100)
+    answer_until(panel, panel.locator(".gpumem-status").filter(has_text="Running"))
+
+
+def rerun_under_way(status) -> None:
+    """Until the running fix's log lists a re-run that ended (out of memory at the cell's batch):
+    the next re-run is under way, and has changed the notebook's variables."""
+    expect(status.locator("pre")).to_contain_text(re.compile(r"batch \d+: "), timeout=T_RUN)
 
 
 def cancel_a_slow_fix(page, shot=None) -> None:
@@ -476,8 +537,8 @@ def cancel_a_slow_fix(page, shot=None) -> None:
     expect(cancel).to_be_visible()
     expect(cancel).to_have_text("Cancel")
     status = panel.locator(".gpumem-status")
-    expect(status).to_contain_text("click Cancel", timeout=T_RUN)  # a re-run is under way
-    page.wait_for_timeout(1500)
+    expect(status).to_contain_text("click Cancel", timeout=T_RUN)
+    rerun_under_way(status)
     assert "Running" in (status.text_content() or "")
     if shot is not None:
         shot(panel.locator(".gpumem-buttons").first, status)

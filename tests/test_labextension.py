@@ -160,8 +160,10 @@ def test_meter_samples_do_not_describe_other_processes_each_second(monkeypatch):
     )
     gpu = backends.simulate(1 << 30, other_processes=[(os.getppid(), 256 << 20)])
     real_read = gpu.read
+    reads: list[int | None] = []
 
     def nvml_like_read(index=None):
+        reads.append(index)
         r = real_read(index)
         procs = tuple(p._replace(description=None) for p in r.processes)
         return dataclasses.replace(r, processes=procs)
@@ -171,11 +173,14 @@ def test_meter_samples_do_not_describe_other_processes_each_second(monkeypatch):
         assert base.active() is gpu
         m = meter_module._Meter(_Comm(), 0.2)
         m.thread.start()
+        # three readings of the card, 0.2 s apart (a sample is sent only when one changed, or
+        # as a heartbeat every few seconds: the readings are what would describe)
         deadline = time.monotonic() + 10
-        while len(m.comm.sent) < 2 and time.monotonic() < deadline:
+        while (len(reads) < 3 or not m.comm.sent) and time.monotonic() < deadline:
             time.sleep(0.05)
         m.stopped.set()
         m.thread.join(timeout=5)
+        assert len(reads) >= 3, reads
         assert m.comm.sent and m.comm.sent[-1]["error"] is None
         assert described == []  # the meter described nobody
         # the same reading for the diagnosis or `%gpumem status` names the other process
@@ -214,12 +219,16 @@ def test_meter_samples_arrive_while_a_cell_runs_and_stop_when_the_front_end_clos
     opens = [m for m in opened if m["msg_type"] == "comm_open"]
     assert [o["content"]["target_name"] for o in opens] == [meter_module.TARGET]  # started once
     comm_id = opens[0]["content"]["comm_id"]
+    # the front end's refresh setting, as the lab extension sends it: a reading every 0.2 s
+    kc.shell_channel.send(
+        kc.session.msg("comm_msg", {"comm_id": comm_id, "data": {"interval": 0.2}})
+    )
 
     ran = run_collecting(
         kc,
         "import time, torch\nheld = []\nfor i in range(4):\n"
         "    held.append(torch.empty(256 << 20, dtype=torch.uint8, device='cuda'))\n"
-        "    time.sleep(1.2)",
+        "    time.sleep(0.6)",
     )
     used = [
         m["content"]["data"]["used_bytes"]
@@ -235,8 +244,9 @@ def test_meter_samples_arrive_while_a_cell_runs_and_stop_when_the_front_end_clos
 
     # a front end without the lab extension closes the comm: the thread stops
     kc.shell_channel.send(kc.session.msg("comm_close", {"comm_id": comm_id, "data": {}}))
-    time.sleep(1.5)
-    assert "False" in kernel.text(kernel.run("print(m.running())"))
+    deadline = time.monotonic() + 10
+    while "False" not in kernel.text(kernel.run("print(m.running())")):
+        assert time.monotonic() < deadline, "the meter still runs after the front end closed it"
     kernel.run("m.stop(); m.stop()")
 
 
@@ -287,6 +297,19 @@ print("allocated", len(held))
 """
 
 
+# The meter's texts as the page shows them, each new one recorded; true once cell `i`'s output
+# contains `text`
+METER_UNTIL_JS = """([i, text]) => {
+  const m = document.querySelector('#jp-main-statusbar .jp-gpumem-meter');
+  const seen = (window._gpumemMeterSeen = window._gpumemMeterSeen || []);
+  const now = m ? m.textContent : '';
+  if (seen[seen.length - 1] !== now) seen.push(now);
+  const cell = document.querySelectorAll('.jp-Notebook .jp-Cell')[i];
+  const outs = cell ? [...cell.querySelectorAll('.jp-OutputArea-output')] : [];
+  return outs.some(o => (o.textContent || '').includes(text));
+}"""
+
+
 @in_lab
 def test_meter_shows_and_moves_while_a_cell_allocates(open_notebook):
     page = open_notebook("meter.ipynb", [START, ALLOCATE])
@@ -295,16 +318,10 @@ def test_meter_shows_and_moves_while_a_cell_allocates(open_notebook):
     expect(meter(page)).to_have_text("GPU 0.0/4.0 GiB", timeout=T_RUN)
     assert "simulated" in (meter(page).get_attribute("title") or "")
 
-    cell = run_cell(page, 1)
-    seen: list[str] = []
-    deadline = time.monotonic() + T_RUN / 1000
-    while time.monotonic() < deadline:
-        text = meter(page).text_content() or ""
-        if not seen or seen[-1] != text:
-            seen.append(text)
-        if outputs(cell).count() and "allocated 5" in (outputs(cell).first.text_content() or ""):
-            break
-        page.wait_for_timeout(200)
+    run_cell(page, 1)
+    # every text the meter shows (read each animation frame) until the cell prints at its end
+    page.wait_for_function(METER_UNTIL_JS, arg=[1, "allocated 5"], timeout=T_RUN)
+    seen: list[str] = page.evaluate("window._gpumemMeterSeen")
     # several readings while the cell ran (it prints only at its end), one per 256 MiB step
     during = [t for t in seen if t not in ("GPU 0.0/4.0 GiB", "GPU 1.3/4.0 GiB")]
     assert len(during) >= 2, seen
