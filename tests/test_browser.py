@@ -497,7 +497,9 @@ for step in range(40):
 SLOW_CHECK = 'print("total " + "now", total, "batch", batch_size)'
 
 
-def answer_until(panel, done, answer=lambda button: button.click(), timeout: float = T_RUN) -> None:
+def answer_until(
+    panel, done, answer=lambda button: button.click(timeout=5000), timeout: float = T_RUN
+) -> None:
     """Wait until `done` (a locator) is visible; each time the guard asks first, press
     "Re-run anyway" (with `answer`: a click, or the keyboard)."""
     anyway = panel.get_by_role("button", name="Re-run anyway")
@@ -508,7 +510,13 @@ def answer_until(panel, done, answer=lambda button: button.click(), timeout: flo
         if done.first.is_visible():
             return
         if anyway.is_visible():
-            answer(anyway)
+            try:
+                answer(anyway)
+            except _browser.sync_api.TimeoutError:
+                # it went between the look and the press (the answer before it started the
+                # fix): look again rather than wait for a button that is gone
+                if time.monotonic() > deadline:
+                    raise
 
 
 def start_fix(panel, label: str) -> None:

@@ -221,7 +221,7 @@ def test_the_answer_in_view_and_a_fix_from_the_keyboard(open_notebook, shots, la
     status = panel.locator(".gpumem-status")
 
     def by_keyboard(button: Any) -> None:
-        button.focus()
+        button.focus(timeout=5000)
         page.keyboard.press("Enter")
 
     answer_until(panel, status.filter(has_text="✓"), by_keyboard)
