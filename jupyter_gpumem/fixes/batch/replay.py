@@ -311,22 +311,29 @@ class Cycle:
                 return
 
 
+def _z_function(values: list[int]) -> list[int]:
+    """``z[i]``: how long ``values[i:]`` agrees with ``values`` from its start (linear)."""
+    n = len(values)
+    z = [0] * n
+    left = right = 0
+    for i in range(1, n):
+        if i < right:
+            z[i] = min(right - i, z[i - left])
+        while i + z[i] < n and values[z[i]] == values[i + z[i]]:
+            z[i] += 1
+        if i + z[i] > right:
+            left, right = i, i + z[i]
+    return z
+
+
 def _repeated_tail(values: list[int]) -> tuple[int, int]:
     """The longest tail of ``values`` that also occurs, whole and apart from it, earlier: its
     length and where the nearest such occurrence starts (a Z-function over the reversed list:
     linear)."""
-    r = values[::-1]
-    n = len(r)
-    z = [0] * n
-    left = right = 0
+    n = len(values)
+    z = _z_function(values[::-1])
     best = at = 0
     for i in range(1, n):
-        if i < right:
-            z[i] = min(right - i, z[i - left])
-        while i + z[i] < n and r[z[i]] == r[i + z[i]]:
-            z[i] += 1
-        if i + z[i] > right:
-            left, right = i, i + z[i]
         if min(z[i], i) > best:
             best, at = min(z[i], i), n - i - min(z[i], i)
     return best, at
@@ -336,16 +343,9 @@ def _repeated_head(values: list[int]) -> tuple[int, int]:
     """Where the latest of the longest repeats of ``values``' head starts, and its length (a
     Z-function: linear); ``(0, 0)`` when the head does not recur."""
     n = len(values)
-    z = [0] * n
-    left = right = 0
+    z = _z_function(values)
     start = best = 0
     for i in range(1, n):
-        if i < right:
-            z[i] = min(right - i, z[i - left])
-        while i + z[i] < n and values[z[i]] == values[i + z[i]]:
-            z[i] += 1
-        if i + z[i] > right:
-            left, right = i, i + z[i]
         if min(z[i], i) >= best and z[i] > 0:
             start, best = i, min(z[i], i)
     return start, best
