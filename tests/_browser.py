@@ -255,6 +255,28 @@ KERNEL_READY_JS = """() => {
 }"""
 
 
+# After a reload JupyterLab restores the saved layout, and the widget it makes current may be
+# another one than the notebook (a Settings Editor open before the reload, say): make the
+# notebook current again, then wait for its kernel as above.
+NOTEBOOK_CURRENT_AND_READY_JS = """() => {
+  const app = window.jupyterapp;
+  if (!app || !app.shell) return false;
+  for (const w of app.shell.widgets('main')) {
+    if (!(w.sessionContext && w.content && w.content.model)) continue;
+    if (app.shell.currentWidget !== w) { app.shell.activateById(w.id); return false; }
+    const k = w.sessionContext.session && w.sessionContext.session.kernel;
+    return !!k && k.connectionStatus === 'connected' && k.status === 'idle';
+  }
+  return false;
+}"""
+
+
+def reload_notebook(page: Any) -> None:
+    """Reload the page and wait until the notebook is the current widget with its kernel idle."""
+    page.reload()
+    page.wait_for_function(NOTEBOOK_CURRENT_AND_READY_JS, timeout=T_LONG, polling=200)
+
+
 def notebook_url(lab: Any, name: str) -> str:
     if lab.app == "lab":
         return f"{lab.base}/lab/tree/{name}?reset&token={lab.token}"

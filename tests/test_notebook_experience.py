@@ -20,6 +20,7 @@ from tests._browser import (
     T_RUN,
     expect,
     outputs,
+    reload_notebook,
     run_cell,
     serve,
 )
@@ -282,15 +283,13 @@ def test_the_meter_agrees_with_status_opens_the_sidebar_and_has_settings(open_no
         "window.jupyterapp.serviceManager.settings"
         ".save('jupyter-gpumem:plugin', JSON.stringify({unit: 'GiB'}))"
     )
-    page.reload()
-    page.wait_for_function(KERNEL_READY_JS, timeout=T_RUN)
+    reload_notebook(page)
     expect(meter).to_have_text("GPU 0.0/0.2 GiB", timeout=T_RUN)
     page.evaluate(
         "window.jupyterapp.serviceManager.settings"
         ".save('jupyter-gpumem:plugin', JSON.stringify({}))"
     )
-    page.reload()
-    page.wait_for_function(KERNEL_READY_JS, timeout=T_RUN)
+    reload_notebook(page)
     expect(meter).to_have_text("GPU 34/160 MiB", timeout=T_RUN)
 
     # a click on the meter: the sidebar with the gauge
