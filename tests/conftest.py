@@ -5,8 +5,8 @@ import gc
 import importlib
 import os
 import queue
-import time
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
