@@ -256,15 +256,26 @@ def random_workload(rng: random.Random) -> tuple[Workload, int]:
     return w, max(w.largest() + 1, int(w.largest() * ratio))
 
 
+# search.py's constants were tuned on the 2000 workloads of TUNING_SEED (docs/benchmarks.md);
+# the test asserts on workloads it was not tuned on.
+TUNING_SEED = 20261122
+HELD_OUT_SEEDS = (1, 2, 3, 4, 5)
+
+
 def test_random_workloads_properties_and_stats() -> None:
-    rng = random.Random(20261122)
-    n = 2000
+    """On 10,000 random workloads the constants were not tuned on: 95% of the largest batch
+    within 4 runs after the OOM in at least 95% of the workloads without a fixed peak and 80% of
+    all, and never more than 12 runs."""
+    workloads = []
+    for seed in HELD_OUT_SEEDS:
+        rng = random.Random(seed)
+        workloads += [random_workload(rng) for _ in range(2000)]
+    n = len(workloads)
     within: collections.Counter[str] = collections.Counter()
     counts: collections.Counter[str] = collections.Counter()
     dist: collections.Counter[int] = collections.Counter()
     total_runs: list[int] = []
-    for _ in range(n):
-        w, start = random_workload(rng)
+    for w, start in workloads:
         s, tried = search(w, start)  # asserts: ends, in [1, start-1], no repeats
         best = s.best()
         assert best is not None and w.need(best) <= w.capacity
@@ -280,7 +291,7 @@ def test_random_workloads_properties_and_stats() -> None:
             within[key] += ok
     rate = {key: within[key] / counts[key] for key in counts}
     print(
-        f"\n{n} random workloads: 95% of the largest batch within 4 runs after the OOM in "
+        f"\n{n} random workloads (held out): 95% of the largest batch within 4 runs after the OOM in "
         + ", ".join(f"{rate[key]:.1%} ({key}, {counts[key]})" for key in sorted(counts))
         + "\nruns to 95%: "
         + ", ".join(f"{r}: {dist[r]}" for r in sorted(dist) if r)
