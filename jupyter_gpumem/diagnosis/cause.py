@@ -39,7 +39,6 @@ CauseKey = Literal[
 # tell); 3: nothing to do
 Tier = Literal[0, 1, 2, 3]
 
-_SIGNIFICANT = 0.05  # a holder or process under 5% of the card is not a cause on its own
 _MiB = 1 << 20
 # The CUDA caching allocator asks the driver for whole segments: 2 MiB for requests up to 1 MiB,
 # 20 MiB for requests up to 10 MiB. An OOM message names the segment, not the tensor.
@@ -57,10 +56,6 @@ class Cause:
     closes_gap: bool | None = None  # that saving covers the shortfall (None: cannot tell)
     tier: Tier = 2
     cell: str = ""  # a ready cell the user may insert (never run for them)
-
-    @property
-    def needs_nothing(self) -> bool:
-        return self.tier == 3
 
 
 @dataclass(frozen=True)
