@@ -338,12 +338,6 @@ class _StateDictCopy:
     state: dict[str, Any]
 
 
-def has_plain_state(obj: Any) -> bool:
-    tp = type(obj)
-    mod = type.__dict__["__dict__"].__get__(tp, type).get("__module__") or ""
-    return isinstance(mod, str) and mod.startswith("torch.") and has_plain_state_type(tp)
-
-
 def has_plain_state_type(tp: type) -> bool:
     """A torch class with ``state_dict`` and ``load_state_dict`` (a scheduler, a scaler), read
     from the classes' own dictionaries; models and optimizers have their own copies."""

@@ -397,10 +397,6 @@ class CachingAllocator:
         """``emptyCache``: every cached segment that is wholly free goes back to the driver."""
         self._release_cached_blocks()
 
-    def cached_bytes(self) -> int:
-        """Reserved but unallocated."""
-        return self.reserved - self.allocated_bytes
-
     # ---- the search ----------------------------------------------------------------------------
 
     def _peek_free_block(self, pool: _Pool, size: int) -> Block | None:

@@ -31,23 +31,6 @@ from jupyter_gpumem.backends.simulated import caching_allocator as _ca
 from jupyter_gpumem.backends.simulated.caching_allocator import AllocatorOOM, Block
 from jupyter_gpumem.backends.simulated.profiles import CardProfile
 
-# the allocator's constants, under the names backends/alloc_history.py reads them by
-_SMALL_SIZE = _ca.K_SMALL_SIZE
-_SMALL_BUFFER = _ca.K_SMALL_BUFFER
-_LARGE_BUFFER = _ca.K_LARGE_BUFFER
-_MIN_LARGE_ALLOC = _ca.K_MIN_LARGE_ALLOC
-_ROUND_LARGE = _ca.K_ROUND_LARGE
-
-
-def _ceil(n: int, unit: int) -> int:
-    return -(-n // unit) * unit
-
-
-def _rounded(nbytes: int) -> int:
-    """``round_size()`` under torch's default settings: 512-byte granularity."""
-    return _ca.round_size(nbytes, AllocConf())
-
-
 _DOCS = "https://docs.pytorch.org/docs/stable/notes/cuda.html#optimizing-memory-usage-with-pytorch-cuda-alloc-conf"
 
 
