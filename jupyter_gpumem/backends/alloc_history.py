@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 
 from jupyter_gpumem.backends import _trace_modules, simulated
 from jupyter_gpumem.backends._trace_modules import ModuleToken, current_module, token
-from jupyter_gpumem.backends._trace_modules import module_root as module_root
 from jupyter_gpumem.backends.allocator import rounded
 
 Frame = tuple[str, int, str]  # (filename, line, function), as torch's snapshot has them
@@ -243,6 +242,12 @@ def _stop_locked(torch: Any) -> None:
 
 def active() -> bool:
     return _active
+
+
+def traced_model(model_id: int) -> Any:
+    """The model (outermost module) whose id a :class:`ModuleToken` starts with, while it is
+    alive; None once it is gone (the id may since be another object's)."""
+    return _trace_modules.module_root((model_id, ""))
 
 
 def live_allocations(device: int | None = None) -> list[Allocation]:

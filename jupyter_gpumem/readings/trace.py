@@ -239,10 +239,10 @@ def _root_names(roots: set[int], user_ns: Mapping[str, Any]) -> dict[int, str]:
     for name, value in list(user_ns.items()):
         key = id(value)
         fresh = key in roots and key not in names and not name.startswith("_")
-        if fresh and alloc_history.module_root((key, "")) is value:  # the id may be a dead model's
+        if fresh and alloc_history.traced_model(key) is value:  # the id may be a dead model's
             names[key] = name
     for root_id in roots - names.keys():
-        root = alloc_history.module_root((root_id, ""))
+        root = alloc_history.traced_model(root_id)
         if root is not None:
             names[root_id] = type(root).__name__
     return names
