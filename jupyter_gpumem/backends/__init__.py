@@ -5,7 +5,9 @@
 or the simulated GPU (``simulated``), a GPU of any size that lives on the CPU, with the same
 readings as a real one, selected while it runs. Code outside this package starts and stops the
 simulated GPU through the three functions below and never imports ``simulated`` itself
-(an import-linter contract in ``pyproject.toml``).
+(an import-linter contract in ``pyproject.toml``). ``without_dispatch_frames`` is the traceback of
+a fix's re-run as the user should see it, whichever backend ran it: the modes a re-run goes
+through (Move to CPU's redirect, the op log, the simulated GPU's) are Python frames of ours.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from jupyter_gpumem.backends import simulated as _simulated
 from jupyter_gpumem.backends.base import DeviceReading, MemoryBackend, RawProcess, active
 from jupyter_gpumem.backends.simulated import SimulatedGPU
+from jupyter_gpumem.backends.tb_frames import without_dispatch_frames
 
 __all__ = [
     "DeviceReading",
@@ -26,6 +29,7 @@ __all__ = [
     "simulated_profiles",
     "simulation",
     "stop_simulation",
+    "without_dispatch_frames",
 ]
 
 

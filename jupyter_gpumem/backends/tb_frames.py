@@ -1,4 +1,5 @@
-"""A traceback as the user should see it: without the frames of the simulated GPU's modes."""
+"""A traceback as the user should see it: without the frames of our modes (the simulated GPU's,
+Move to CPU's redirect, the op log) and of the torch machinery they run through."""
 
 from __future__ import annotations
 

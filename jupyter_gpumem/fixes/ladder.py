@@ -383,7 +383,7 @@ def report_raised(shell: Any, label: str, raised: RerunRaised) -> str:
     """The cell's own error shown as the cell would show it (from its own frame on, none of
     ours); one line for the status: what was raised, at which batch, and that nothing was kept.
     Raised by jupyter_gpumem itself: that one line only."""
-    from jupyter_gpumem.backends.tb_frames import without_dispatch_frames
+    from jupyter_gpumem.backends import without_dispatch_frames
 
     exc = raised.error
     brief = f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -19,7 +19,6 @@ from types import TracebackType
 from typing import Any
 
 from jupyter_gpumem.backends import active
-from jupyter_gpumem.backends.tb_frames import without_dispatch_frames as without_dispatch_frames
 from jupyter_gpumem.backends.torch_state import read_rng
 from jupyter_gpumem.cells.failure import FailedCell, NamespaceMark, build_failure
 from jupyter_gpumem.frontend.labext import current_cell_id
