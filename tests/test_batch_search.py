@@ -18,6 +18,7 @@ import pytest
 
 from jupyter_gpumem.fixes.batch.replay import is_prime
 from jupyter_gpumem.fixes.batch.search import BatchSearch, Observation
+from jupyter_gpumem.units import format_bytes
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -117,20 +118,37 @@ def accelerate_like(w: Workload, start: int) -> int:
             return runs
 
 
-@pytest.mark.parametrize(
-    ("make", "start", "largest"),
-    [(bert_large, 64, 9), (bert_large_resident_adam, 64, 9), (resnet50, 512, 132)],
-)
-def test_findings_workloads_reach_95_percent_in_4_runs(
-    make: type[Workload], start: int, largest: int
+FINDINGS = [
+    (bert_large, 64, 9, 16),
+    (bert_large_resident_adam, 64, 9, 16),
+    (resnet50, 512, 132, 14),
+]
+
+
+@pytest.mark.parametrize(("make", "start", "largest", "accelerate_runs"), FINDINGS)
+def test_workload_model_matches_findings(
+    make: type[Workload], start: int, largest: int, accelerate_runs: int
 ) -> None:
+    """The model of the test itself, against what findings §2 measured on a capped H100: the
+    largest batch that fits, and the runs accelerate's 0.9x loop took from ``start`` (the failing
+    run included: 16 and 14; AdamW resident leaves the same bert-large bisection)."""
     w = make()
     assert w.largest() == largest
+    assert w.need(largest) <= w.capacity < w.need(largest + 1)
+    assert 1 + accelerate_like(w, start) == accelerate_runs
+
+
+@pytest.mark.parametrize(("make", "start"), [(make, start) for make, start, *_ in FINDINGS])
+def test_findings_workloads_reach_95_percent_in_4_runs(make: type[Workload], start: int) -> None:
+    """95% of the largest batch that fits (the workload's own bisection) within 4 runs after the
+    failing one, and the whole search in at most a third of the runs accelerate's loop takes."""
+    w = make()
+    largest = w.largest()
     s, tried = search(w, start)
     runs = runs_to_95(w, tried)
     print(f"{make.__name__} from {start}: tried {tried}; {s.explain()}")
     assert runs is not None and runs <= 4, tried
-    assert accelerate_like(w, start) >= 12  # the baseline it beats (findings: 16 and 14)
+    assert 3 * len(tried) <= accelerate_like(make(), start), tried
     best = s.best()
     assert best is not None and best >= 0.95 * largest and w.need(best) <= w.capacity
 
@@ -159,16 +177,26 @@ def test_explain_names_the_model_and_prediction() -> None:
     w = bert_large()
     s, _ = search(w, 64)
     text = s.explain()
-    assert re.match(r"model: [\d.]+ [KMG]iB \+ [\d.]+ [KMG]iB × batch", text), text
-    assert "predicts 9 fits" in text
-    assert "best found: 9" in text
+    model = s.model()
+    assert model is not None
+    base, k = (format_bytes(round(v)) for v in model)
+    m = re.fullmatch(
+        rf"model: {base} \+ {k} × batch → predicts (\d+) fits; best found: (\d+)", text
+    )
+    assert m, text
+    predicted, best = int(m.group(1)), int(m.group(2))
+    # the prediction is the model's: within 5% of the batch that fills the card
+    assert 0.95 * w.largest() <= predicted <= 1.05 * w.largest(), text
+    assert best == s.best() and w.need(best) <= w.capacity and best >= 0.95 * w.largest(), text
 
 
 def test_explain_before_anything_fits() -> None:
     s = BatchSearch(capacity_bytes=CARD, max_batch=64)
     assert s.explain() == "no runs yet"
     s.observe(Observation(64, False, CARD, 2 * GiB, CARD - 2 * GiB))
-    assert s.explain() == "no batch has fitted yet; trying 7"
+    nxt = s.next_batch()
+    assert nxt is not None and 1 <= nxt < 64  # below the failure
+    assert s.explain() == f"no batch has fitted yet; trying {nxt}"
 
 
 def test_min_batch_fails_ends_without_best() -> None:
