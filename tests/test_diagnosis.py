@@ -346,7 +346,7 @@ def test_request_larger_than_the_card_at_this_batch_is_reduce_batchs_case() -> N
     d = diagnose(report, None, HolderSet(holders=[]), released=True)
     assert d.causes[0].key == "request_exceeds_card" and d.causes[0].tier == 0
     evidence = "`test_loader.batch_size` = 1000 sizes `data` (1000, 1, 28, 28) in test()"
-    d.add_batch(evidence)
+    d = diagnose(**d.evidence.arguments(), batch=evidence)
     first = d.causes[0]
     assert first.key == "request_exceeds_card"
     assert first.title == "At this batch, one allocation is larger than the card"
@@ -386,25 +386,75 @@ def test_past_one_gpu_before_the_optimizers_first_step(shell: Any, capsys: Any) 
 
 
 def test_diagnose_returns_the_finished_diagnosis() -> None:
-    """What the presentation learns (the batch, a note, whether a cell can be inserted) goes back
-    into diagnose(): the causes re-ranked and the notes said, once each, however often."""
+    """What the presentation learns (the batch, a note, whether a cell can be inserted) goes into
+    diagnose() with what was read at the failure: the causes ranked and the notes said, once each,
+    however often it is diagnosed."""
     row = next(t for t in TABLE if t[0] == "model_states_exceed_card")
     report = parse_oom_message(row[1].message)
     assert report is not None
     d = diagnose(report, None, HolderSet(holders=row[1].holders), released=True)
     assert d.notes == []
     batch = "`batch_size` = 64 sizes `x` (64, 1024)"
-    done = d.again(batch=batch, notes=["The card filled over cells 3-5."], insert_cells=True)
+    learnt = {"batch": batch, "notes": ["The card filled over cells 3-5."]}
+    done = diagnose(**d.evidence.arguments(), **learnt, insert_cells=True)
     assert done.notes == [
         "The card filled over cells 3-5.",
         "A ready cell that launches the training on several GPUs is inserted below (not run).",
     ]
     ws = next(c for c in done.causes if c.key == "working_set")
     assert f"The batch: {batch}." in ws.evidence
-    again = done.again(insert_cells=False)
+    again = diagnose(**done.evidence.arguments(), **learnt, insert_cells=False)
     assert again.notes[0] == "The card filled over cells 3-5." and len(again.notes) == 2
     assert again.notes[1].startswith("A cell that launches the training on several GPUs:\n")
     assert "notebook_launcher" in again.notes[1]
+    assert again.causes == done.causes
+
+
+def test_the_evidence_kept_is_every_argument_read_at_the_failure() -> None:
+    """A Diagnosis keeps all of diagnose()'s arguments but the presentation's: one added to
+    diagnose() and not to Evidence would be dropped when the panel diagnoses again."""
+    import inspect
+    from dataclasses import fields
+
+    from jupyter_gpumem.diagnosis.diagnose import Evidence
+
+    presentation = {"batch", "notes", "insert_cells"}
+    arguments = set(inspect.signature(diagnose).parameters) - presentation
+    assert arguments == {f.name for f in fields(Evidence)}
+    report = parse_oom_message(cuda_message(300, 10, 1024, 100, 4, others=((4242, 700.0),)))
+    assert report is not None
+    d = diagnose(
+        report, None, HolderSet(), held_at_start=64 * MiB, process_names={4242: "a trainer"}
+    )
+    assert diagnose(**d.evidence.arguments()) == d
+
+
+def test_a_ready_cell_is_inserted_below_and_the_diagnosis_says_so(shell: Any, capsys: Any) -> None:
+    """Where the front end can take a new cell (a kernel), the multi-GPU launch goes in below the
+    failed cell, not run, and the diagnosis shown says it is there instead of printing it."""
+    pytest.importorskip("torch")
+    inserted: list[tuple[str, bool]] = []
+    shell.kernel = object()  # what the extension looks for: a front end that takes new cells
+    shell.set_next_input = lambda text, replace=False: inserted.append((text, replace))
+    try:
+        shell.run_cell("%config GpuMem.display = 'text'")
+        shell.run_cell("%gpumem simulate 96MiB")
+        assert shell.run_cell(
+            "import torch\n"
+            "model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(6)]).cuda()\n"
+            "opt = torch.optim.AdamW(model.parameters())"
+        ).success
+        capsys.readouterr()
+        assert not shell.run_cell(
+            "x = torch.randn(64, 1024, device='cuda')\nmodel(x).sum().backward()\nopt.step()"
+        ).success
+    finally:
+        del shell.kernel, shell.set_next_input
+    out = capsys.readouterr().out
+    assert len(inserted) == 1 and not inserted[0][1], inserted
+    assert "notebook_launcher(training_function" in inserted[0][0]
+    assert "is inserted below (not run)" in out, out
+    assert "notebook_launcher(training_function" not in out
 
 
 def test_processes_the_message_names_are_described_by_the_caller(monkeypatch: Any) -> None:

@@ -5,17 +5,18 @@ the memory went, and the causes ranked by how much of the shortfall each explain
 its evidence in numbers and one concrete action.
 
 Everything it reads comes in as an argument, read by the layers below (snapshot, holders, the
-release, the allocator's settings and blocks, other processes' names) or learnt later by the caller
-(the batch that sizes the failing tensors, notes): nothing here touches the GPU, ``/proc`` or a
-server. What is learnt after the first diagnosis is given to :meth:`Diagnosis.again`, which runs
-``diagnose`` once more with it: the diagnosis shown is always one ``diagnose`` returned.
+release, the allocator's settings and blocks, other processes' names) or learnt by the caller that
+presents it (the batch that sizes the failing tensors, notes, whether a ready cell was inserted):
+nothing here touches the GPU, ``/proc`` or a server. A Diagnosis keeps what was read at the failure
+(:class:`Evidence`), so that the presentation passes it to ``diagnose`` with what it learnt: the
+diagnosis shown is the one ``diagnose`` returned, never changed after.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from jupyter_gpumem.diagnosis.causes import Cause, Facts, find_causes
@@ -29,7 +30,7 @@ from jupyter_gpumem.units import format_bytes as fmt
 
 _SIGNIFICANT = 0.05  # a holder or process under 5% of the card is not a cause on its own
 
-__all__ = ["Cause", "Diagnosis", "Slice", "diagnose"]
+__all__ = ["Cause", "Diagnosis", "Evidence", "Slice", "diagnose"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,31 @@ class Slice:
     label: str
     bytes: int
     category: str  # "pytorch" | "cache" | "context" | "other" | "free"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a diagnosis was made from, read at the failure: :func:`diagnose`'s arguments except
+    what its presentation learns (``batch``, ``notes``, ``insert_cells``)."""
+
+    report: OOMReport
+    snapshot: MemorySnapshot | None
+    holders: HolderSet
+    release: ReleaseResult | None = None
+    freed_bytes: int | None = None
+    allocated_after_bytes: int | None = None
+    released: bool = False
+    created: Collection[str] = ()
+    held_at_start: int | None = None
+    allocator: AllocatorState | None = None
+    process_names: Mapping[int, str] | None = None
+    allocated_by: Sequence[str] = ()
+    allocated_lines: Sequence[LineTotal] = ()
+    tracing: bool = False
+
+    def arguments(self) -> dict[str, Any]:
+        """As ``diagnose``'s keyword arguments: ``diagnose(**e.arguments(), batch=...)``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
@@ -56,6 +82,8 @@ class Diagnosis:
     other_processes: tuple[ProcessInfo, ...]
     breakdown: list[Slice]
     working_set_bytes: int | None  # what the failing cell itself needed beyond what was resident
+    # what it was made from: the presentation gives it back to diagnose() with what it learnt
+    evidence: Evidence = field(repr=False, compare=False)
     freed_bytes: int | None = None  # what releasing the failed cell gave back
     allocated_after_bytes: int | None = None
     released: bool = False
@@ -71,33 +99,6 @@ class Diagnosis:
     allocated_by: list[str] = field(default_factory=list)
     allocated_lines: list[LineTotal] = field(default_factory=list)  # the same, as numbers
     tracing: bool = False
-    # what the rules read: kept so that later evidence (the batch) can re-rank the causes
-    facts: Facts | None = field(default=None, repr=False, compare=False)
-    # diagnose()'s arguments, for again()
-    inputs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-
-    def again(self, **more: Any) -> Diagnosis:
-        """The diagnosis ``diagnose`` makes of the same failure with more inputs: what the caller
-        learnt since (``batch``, ``notes``, ``insert_cells``, ``process_names``, ...). The trace
-        lines set on this one after it was made are kept."""
-        inputs = {
-            "allocated_by": self.allocated_by,
-            "allocated_lines": self.allocated_lines,
-            "tracing": self.tracing,
-            **self.inputs,
-            **more,
-        }
-        return diagnose(**inputs)
-
-    def add_batch(self, evidence: str) -> None:
-        """The number that sized the failing tensors, found by Reduce batch at presentation
-        (it reads the namespace, which the pure diagnosis does not): the causes name it.
-        Prefer ``again(batch=evidence)``, which returns the finished diagnosis."""
-        if not evidence or self.facts is None or self.facts.batch == evidence:
-            return
-        self.facts = replace(self.facts, batch=evidence)
-        self.inputs["batch"] = evidence
-        self.causes = find_causes(self.facts)
 
     @property
     def device_label(self) -> str:
@@ -229,7 +230,22 @@ def diagnose(
     ``notes``: said after the causes; ``insert_cells``: whether a ready cell a cause offers is
     inserted below the failed one (a note says so; False: the note carries the cell; None: no
     note); ``allocated_by``, ``allocated_lines``, ``tracing``: `%gpumem trace on`'s lines."""
-    inputs = {k: v for k, v in locals().items() if k != "inputs"}
+    evidence = Evidence(
+        report,
+        snapshot,
+        holders,
+        release=release,
+        freed_bytes=freed_bytes,
+        allocated_after_bytes=allocated_after_bytes,
+        released=released,
+        created=created,
+        held_at_start=held_at_start,
+        allocator=allocator,
+        process_names=process_names,
+        allocated_by=allocated_by,
+        allocated_lines=allocated_lines,
+        tracing=tracing,
+    )
     if release is not None:
         freed_bytes, allocated_after_bytes, released = (
             release.freed_bytes,
@@ -268,7 +284,7 @@ def diagnose(
         allocated_by=list(allocated_by),
         allocated_lines=list(allocated_lines),
         tracing=tracing,
-        inputs=inputs,
+        evidence=evidence,
     )
     if release is not None and release.frames_kept:
         diag.frames_kept = True
@@ -277,7 +293,7 @@ def diagnose(
             f"`{m.name}` ({m.what}, {fmt(m.gpu_bytes)}{': ' + m.why if m.why else ''})"
             for m in release.moved_out
         ]
-    diag.facts = Facts(
+    facts = Facts(
         d=diag,
         frames_bytes=holders.where_bytes("failed frame"),
         cache_bytes=holders.where_bytes("output cache"),
@@ -288,7 +304,7 @@ def diagnose(
         cell_bytes=cell_bytes,
         batch=batch,
     )
-    diag.causes = find_causes(diag.facts)
+    diag.causes = find_causes(facts)
     diag.notes = [*notes, *_ready_cell_note(diag.causes, insert_cells)]
     return diag
 

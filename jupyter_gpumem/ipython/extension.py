@@ -9,6 +9,7 @@ from typing import Any
 
 from jupyter_gpumem.cells.failure import FailedCell
 from jupyter_gpumem.config import GpuMem
+from jupyter_gpumem.diagnosis.diagnose import Diagnosis, diagnose
 from jupyter_gpumem.diagnosis.render import render_html, render_text
 from jupyter_gpumem.fixes import FIXES, FixOutcome
 from jupyter_gpumem.fixes.ladder import Options, check_all
@@ -245,8 +246,11 @@ class Extension:
             limited.set_limit(None)
 
     def present(self, failed: FailedCell) -> None:
-        d = failed.diagnosis
-        if d is None:
+        """Show the diagnosis of ``failed``: the one ``diagnose`` makes of what was read at the
+        failure and what is learnt here (the fixes' checks, the cells that filled the card, a
+        ready cell inserted below)."""
+        read = failed.diagnosis
+        if read is None:
             return
         from IPython.display import display
 
@@ -255,30 +259,15 @@ class Extension:
 
             mark_oom(failed.report.device_index)
 
-        notes = []
-        stats = self._cell_stats
-        # only while recording: after `cells off` the cells recorded may hold none of this memory
-        if stats is not None and stats.active and stats.records:
-            filled = stats.filled_by(device=failed.report.device_index)
-            if filled:
-                notes.append(filled)
         # the one run of the fixes' checks for this OOM: the text's lines and the panel's buttons
         checks = check_all(self.shell, failed, Options(), self.remembered)
         batch = checks.get("batch")
-        ready = next((c.cell for c in d.causes if c.cell), "")
-        inserted = False
-        if ready and getattr(self.shell, "kernel", None) is not None:
-            try:
-                self.shell.set_next_input(ready, replace=False)  # a new cell below, not run
-                inserted = True
-            except Exception:
-                pass
-        # the diagnosis finished with what was learnt here: the batch named in the causes (the
-        # mnist test() case), the notes, the ready cell inserted or shown
-        d = failed.diagnosis = d.again(
-            notes=notes,
+        d = failed.diagnosis = diagnose(
+            **read.evidence.arguments(),
+            # the number that sized the failing tensors, named in the causes (mnist's test())
             batch=batch.evidence if batch is not None and batch.applies else "",
-            insert_cells=inserted,
+            notes=self._filled_by(failed),
+            insert_cells=self._insert_ready_cell(read),
         )
         text = render_text(d, fix_lines(checks, d.shortfall_bytes))
         if self.widgets_available():
@@ -292,6 +281,27 @@ class Extension:
             print(text, file=sys.stdout)
             return
         display({"text/plain": text, "text/html": render_html(d)}, raw=True)
+
+    def _filled_by(self, failed: FailedCell) -> list[str]:
+        """The cells that filled the card, while `%gpumem cells` records (after `cells off` the
+        cells recorded may hold none of this memory)."""
+        stats = self._cell_stats
+        if stats is None or not stats.active or not stats.records:
+            return []
+        filled = stats.filled_by(device=failed.report.device_index)
+        return [filled] if filled else []
+
+    def _insert_ready_cell(self, d: Diagnosis) -> bool:
+        """Insert the ready cell a cause offers (the multi-GPU launch) below the failed one, not
+        run, where the front end can: whether it was."""
+        ready = next((c.cell for c in d.causes if c.cell), "")
+        if not ready or getattr(self.shell, "kernel", None) is None:
+            return False
+        try:
+            self.shell.set_next_input(ready, replace=False)
+        except Exception:
+            return False
+        return True
 
     def show_gauge(self) -> Any:
         from IPython.display import display
