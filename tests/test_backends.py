@@ -123,3 +123,17 @@ def test_simulate_counts_on_threads_like_a_real_card_and_not_after() -> None:
     after.start()
     after.join()
     assert errors and not isinstance(errors[0], torch.OutOfMemoryError)  # no CUDA here any more
+
+
+def test_both_backends_run_code_written_for_the_gpu_on_the_cpu() -> None:
+    """Move to CPU's re-run: placements on any card make host tensors, counted nowhere, and the
+    mode says what it sent."""
+    torch = pytest.importorskip("torch")
+    with CudaBackend().placements_to_cpu() as mode:
+        x = torch.zeros(4, device="cuda:1")
+    assert x.device.type == "cpu" and mode.redirected["torch.zeros"] == 1
+    with jupyter_gpumem.simulate("64MiB", devices=2) as gpu:
+        with gpu.host_only(), gpu.placements_to_cpu() as mode:
+            y = torch.ones(MiB, device="cuda:1").to("cuda")
+        assert gpu.storage_of(y) is None and all(c.allocated_bytes == 0 for c in gpu.devices)
+        assert not y.is_cuda and mode.redirected == {"torch.ones": 1, "torch.Tensor.to": 1}

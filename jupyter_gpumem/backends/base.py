@@ -107,6 +107,12 @@ class MemoryBackend(Protocol):
         """A block whose tensors are host memory and must not count on the GPU."""
         ...
 
+    def placements_to_cpu(self) -> AbstractContextManager[Any]:
+        """A block where code written for the GPU runs on the CPU: every CUDA placement
+        (``x.cuda()``, ``device="cuda:1"``, a default device) makes a CPU tensor instead. What it
+        enters has ``redirected``, a ``Counter`` of what it sent, by torch's function name."""
+        ...
+
     def on_this_thread(self) -> AbstractContextManager[Any]:
         """A block that sees this GPU from the calling thread as the cell's thread does."""
         ...

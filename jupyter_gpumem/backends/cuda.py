@@ -17,6 +17,7 @@ from typing import Any
 from jupyter_gpumem.backends import _nvml
 from jupyter_gpumem.backends.allocator import SizeLog
 from jupyter_gpumem.backends.base import DeviceReading, RawProcess, StorageInfo
+from jupyter_gpumem.backends.cuda_to_cpu import cuda_to_cpu
 from jupyter_gpumem.backends.torch_objects import cuda_ready, move_objects, torch_module
 
 __all__ = [
@@ -298,6 +299,9 @@ class CudaBackend:
 
     def host_only(self) -> AbstractContextManager[Any]:
         return contextlib.nullcontext()  # CPU tensors never count on a real card
+
+    def placements_to_cpu(self) -> AbstractContextManager[Any]:
+        return cuda_to_cpu()
 
     def on_this_thread(self) -> AbstractContextManager[Any]:
         return contextlib.nullcontext()  # a real card is the same from every thread

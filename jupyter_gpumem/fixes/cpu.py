@@ -31,7 +31,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from jupyter_gpumem.backends import MemoryBackend, active, cuda_to_cpu, torch_objects
+from jupyter_gpumem.backends import MemoryBackend, active, torch_objects
 from jupyter_gpumem.cells.failure import names_used
 from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome, predicted_vs_measured
 from jupyter_gpumem.rescue.reach import plan_snapshot
@@ -327,7 +327,7 @@ class MoveToCpu(Fix):
         mode_holder: list[Any] = []
 
         def redirect() -> AbstractContextManager[Any]:
-            mode = cuda_to_cpu.cuda_to_cpu()
+            mode = backend.placements_to_cpu()
             mode_holder.append(mode)
             return mode
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from jupyter_gpumem.backends.allocator import SizeLog, SizeRecorder
 from jupyter_gpumem.backends.base import DeviceReading, RawProcess, StorageInfo
-from jupyter_gpumem.backends.cuda_to_cpu import cuda_index
+from jupyter_gpumem.backends.cuda_to_cpu import cuda_index, cuda_to_cpu
 from jupyter_gpumem.backends.simulated.card import SimulatedCard, format_size
 from jupyter_gpumem.backends.simulated.devices import may_mix, mixing_error
 from jupyter_gpumem.backends.tb_frames import without_dispatch_frames
@@ -491,6 +491,11 @@ class SimulatedGPU:
         from jupyter_gpumem.backends.simulated import lifecycle
 
         return lifecycle.paused()
+
+    def placements_to_cpu(self) -> AbstractContextManager[Any]:
+        # on top of the simulation's own mode, which then sees CPU placements: host tensors,
+        # uncounted under host_only()
+        return cuda_to_cpu()
 
     def on_this_thread(self) -> AbstractContextManager[Any]:
         from jupyter_gpumem.backends.simulated import lifecycle
