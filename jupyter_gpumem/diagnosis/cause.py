@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
+from jupyter_gpumem.oom.report import OOMReport
+from jupyter_gpumem.readings.allocator_state import AllocatorState
+from jupyter_gpumem.readings.holders import Holder, HolderSet
+from jupyter_gpumem.readings.snapshot import MemorySnapshot, ProcessInfo
 from jupyter_gpumem.units import format_bytes as fmt
-
-if TYPE_CHECKING:
-    from jupyter_gpumem.diagnosis.diagnose import Diagnosis
-    from jupyter_gpumem.readings.holders import Holder
 
 CauseKey = Literal[
     "probable",
@@ -60,9 +60,24 @@ class Cause:
 
 @dataclass(frozen=True)
 class Facts:
-    """What the rules read, computed once."""
+    """What the rules read, computed once by ``diagnose`` (the numbers are the message's first,
+    the reading's where it is silent); never the Diagnosis that their causes go into."""
 
-    d: Diagnosis
+    report: OOMReport
+    snapshot: MemorySnapshot | None  # the reading of the device that ran out
+    holders: HolderSet
+    allocator: AllocatorState | None  # the caching allocator's settings and free blocks
+    requested_bytes: int | None
+    total_bytes: int | None
+    allowed_bytes: int | None  # the per-process cap, None when no lower than the card
+    allocated_bytes: int | None
+    reserved_bytes: int | None
+    capacity_bytes: int | None  # what this process may use: the card or its cap
+    other_processes: tuple[ProcessInfo, ...]
+    unused: tuple[Holder, ...]  # variables the cell does not read, on the device that ran out
+    recreated: tuple[Holder, ...]  # variables the cell builds anew, there
+    released: bool  # the failed frames were released
+    freed_bytes: int | None  # what that gave back
     frames_bytes: int  # held by the failed frames at the failure
     cache_bytes: int  # IPython's output cache
     others_bytes: int  # other processes on the card

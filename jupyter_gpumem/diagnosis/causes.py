@@ -96,7 +96,7 @@ def find_causes(f: Facts) -> list[Cause]:
             Cause(
                 "unknown",
                 "Out of memory",
-                f.d.report.message[:300],
+                f.report.message[:300],
                 "Clear cache and re-run; if it fails again, reduce the batch size.",
                 0.0,
             )

@@ -109,24 +109,14 @@ class Diagnosis:
     @property
     def capacity_bytes(self) -> int | None:
         """What this process may use: the card, or the per-process cap if lower."""
-        if self.total_bytes is None:
-            return self.allowed_bytes
-        if self.allowed_bytes is None:
-            return self.total_bytes
-        return min(self.total_bytes, self.allowed_bytes)
+        return _capacity(self.total_bytes, self.allowed_bytes)
 
     @property
     def shortfall_bytes(self) -> int | None:
         """How much more the allocation needed than there was room for."""
-        if self.requested_bytes is None:
-            return None
-        room = self.free_bytes
-        if self.allowed_bytes is not None and self.reserved_bytes is not None:
-            cap_room = max(self.allowed_bytes - self.reserved_bytes, 0)
-            room = cap_room if room is None else min(room, cap_room)
-        if room is None:
-            return None
-        return max(self.requested_bytes - room, 0)
+        return _shortfall(
+            self.requested_bytes, self.free_bytes, self.allowed_bytes, self.reserved_bytes
+        )
 
     @property
     def headline(self) -> str:
@@ -149,25 +139,53 @@ class Diagnosis:
 
     def unused_variables(self) -> list[Holder]:
         """Variables the failing cell does not read, on the device that ran out, largest first."""
-        return [
-            h
-            for h in self.holders.holders
-            if h.where == "variable"
-            and not h.used_by_cell
-            and not h.recreated_by_cell
-            and _on_device(h.device, self.report.device_index)
-        ]
+        return _unused(self.holders, self.report.device_index)
 
     def recreated_variables(self) -> list[Holder]:
         """Variables the cell builds anew, on the device that ran out: their old values stay
         until the new ones exist."""
-        return [
-            h
-            for h in self.holders.holders
-            if h.where == "variable"
-            and h.recreated_by_cell
-            and _on_device(h.device, self.report.device_index)
-        ]
+        return _recreated(self.holders, self.report.device_index)
+
+
+def _capacity(total: int | None, allowed: int | None) -> int | None:
+    if total is None:
+        return allowed
+    if allowed is None:
+        return total
+    return min(total, allowed)
+
+
+def _shortfall(
+    requested: int | None, free: int | None, allowed: int | None, reserved: int | None
+) -> int | None:
+    if requested is None:
+        return None
+    room = free
+    if allowed is not None and reserved is not None:
+        cap_room = max(allowed - reserved, 0)
+        room = cap_room if room is None else min(room, cap_room)
+    if room is None:
+        return None
+    return max(requested - room, 0)
+
+
+def _unused(holders: HolderSet, device_index: int | None) -> list[Holder]:
+    return [
+        h
+        for h in holders.holders
+        if h.where == "variable"
+        and not h.used_by_cell
+        and not h.recreated_by_cell
+        and _on_device(h.device, device_index)
+    ]
+
+
+def _recreated(holders: HolderSet, device_index: int | None) -> list[Holder]:
+    return [
+        h
+        for h in holders.holders
+        if h.where == "variable" and h.recreated_by_cell and _on_device(h.device, device_index)
+    ]
 
 
 def _first(*values: int | None) -> int | None:
@@ -261,11 +279,37 @@ def diagnose(
     cell_bytes = max((n.allocated or 0) - resident, 0)
     working_set = None if requested is None else cell_bytes + requested
 
+    facts = Facts(
+        report=report,
+        snapshot=snap,
+        holders=holders,
+        allocator=allocator,
+        requested_bytes=requested,
+        total_bytes=n.total,
+        allowed_bytes=n.allowed,
+        allocated_bytes=n.allocated,
+        reserved_bytes=n.reserved,
+        capacity_bytes=_capacity(n.total, n.allowed),
+        other_processes=others,
+        unused=tuple(_unused(holders, report.device_index)),
+        recreated=tuple(_recreated(holders, report.device_index)),
+        released=released,
+        freed_bytes=freed_bytes,
+        frames_bytes=holders.where_bytes("failed frame"),
+        cache_bytes=holders.where_bytes("output cache"),
+        others_bytes=others_bytes,
+        big=max(int((n.total or 0) * _SIGNIFICANT), 1),
+        short=_shortfall(requested, n.free, n.allowed, n.reserved) or 0,
+        resident_bytes=resident,
+        cell_bytes=cell_bytes,
+        batch=batch,
+    )
+    causes = find_causes(facts)
     diag = Diagnosis(
         report=report,
         snapshot=snap,
         holders=holders,
-        causes=[],
+        causes=causes,
         requested_bytes=requested,
         free_bytes=n.free,
         total_bytes=n.total,
@@ -277,14 +321,15 @@ def diagnose(
             holders, n.allocated, n.reserved, report.process_used_bytes, others_bytes, n.free
         ),
         working_set_bytes=working_set,
+        evidence=evidence,
         freed_bytes=freed_bytes,
         allocated_after_bytes=allocated_after_bytes,
         released=released,
         allocator=allocator,
+        notes=[*notes, *_ready_cell_note(causes, insert_cells)],
         allocated_by=list(allocated_by),
         allocated_lines=list(allocated_lines),
         tracing=tracing,
-        evidence=evidence,
     )
     if release is not None and release.frames_kept:
         diag.frames_kept = True
@@ -293,19 +338,6 @@ def diagnose(
             f"`{m.name}` ({m.what}, {fmt(m.gpu_bytes)}{': ' + m.why if m.why else ''})"
             for m in release.moved_out
         ]
-    facts = Facts(
-        d=diag,
-        frames_bytes=holders.where_bytes("failed frame"),
-        cache_bytes=holders.where_bytes("output cache"),
-        others_bytes=others_bytes,
-        big=max(int((n.total or 0) * _SIGNIFICANT), 1),
-        short=diag.shortfall_bytes or 0,
-        resident_bytes=resident,
-        cell_bytes=cell_bytes,
-        batch=batch,
-    )
-    diag.causes = find_causes(facts)
-    diag.notes = [*notes, *_ready_cell_note(diag.causes, insert_cells)]
     return diag
 
 

@@ -65,16 +65,15 @@ def _with_expandable(text: str) -> str:
 
 
 def fragmentation(f: Facts) -> Cause | None:
-    d = f.d
-    req = d.requested_bytes
-    a = d.allocator
+    req = f.requested_bytes
+    a = f.allocator
     if not req:
         return None
     if a is not None and a.blocks is not None:
         return _measured(f, a, a.blocks, req)
-    unalloc = d.report.reserved_unallocated_bytes
-    if unalloc is None and d.reserved_bytes is not None and d.allocated_bytes is not None:
-        unalloc = d.reserved_bytes - d.allocated_bytes
+    unalloc = f.report.reserved_unallocated_bytes
+    if unalloc is None and f.reserved_bytes is not None and f.allocated_bytes is not None:
+        unalloc = f.reserved_bytes - f.allocated_bytes
     if not unalloc or not (unalloc >= req or unalloc >= f.big):
         return None
     closes = _closes(unalloc, f)

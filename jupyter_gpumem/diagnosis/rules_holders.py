@@ -13,7 +13,7 @@ from jupyter_gpumem.units import format_bytes as fmt
 
 
 def old_variables(f: Facts) -> Cause | None:
-    unused = [h for h in f.d.unused_variables() if h.total_bytes >= f.big]
+    unused = [h for h in f.unused if h.total_bytes >= f.big]
     if not unused:
         return None
     held = sum(h.total_bytes for h in unused)
@@ -35,7 +35,7 @@ def old_variables(f: Facts) -> Cause | None:
 
 
 def recreated_variables(f: Facts) -> Cause | None:
-    stale = [h for h in f.d.recreated_variables() if h.total_bytes >= f.big]
+    stale = [h for h in f.recreated if h.total_bytes >= f.big]
     if not stale:
         return None
     held = sum(h.total_bytes for h in stale)
@@ -54,7 +54,7 @@ def recreated_variables(f: Facts) -> Cause | None:
 
 
 def other_processes(f: Facts) -> Cause | None:
-    big_others = [p for p in f.d.other_processes if p.used_bytes >= f.big]
+    big_others = [p for p in f.other_processes if p.used_bytes >= f.big]
     if not big_others:
         return None
     who = ", ".join(
@@ -86,11 +86,10 @@ def other_processes(f: Facts) -> Cause | None:
 def other_gpu(f: Facts) -> Cause | None:
     """Another visible GPU has room for everything this one holds for the process and the
     request: moving the work there makes the cell fit without changing it."""
-    d = f.d
-    snap, req = d.snapshot, d.requested_bytes
-    if snap is None or req is None or d.report.backend == "CPU" or len(snap.all_devices) < 2:
+    snap, req = f.snapshot, f.requested_bytes
+    if snap is None or req is None or f.report.backend == "CPU" or len(snap.all_devices) < 2:
         return None
-    need = (d.allocated_bytes or 0) + req
+    need = (f.allocated_bytes or 0) + req
     best, room = None, 0
     for other in snap.all_devices:
         if other.device_index == snap.device_index or other.free_bytes is None:
@@ -119,13 +118,13 @@ def other_gpu(f: Facts) -> Cause | None:
             room,
             True,
         )
-    models = [h for h in d.holders.holders if h.kind == "model" and h.where == "variable"]
+    models = [h for h in f.holders.holders if h.kind == "model" and h.where == "variable"]
     name = models[0].name if models else "model"
     return Cause(
         "other_gpu",
         f"GPU {k} has room",
         f"GPU {k} has {fmt(room)} free; this cell needs about {fmt(need)} there "
-        f"({fmt(d.allocated_bytes or 0)} allocated on GPU {snap.device_index} plus the "
+        f"({fmt(f.allocated_bytes or 0)} allocated on GPU {snap.device_index} plus the "
         f"{fmt(req)} it asked for).",
         f"GPU {k} has {fmt(room)} free: `{name}.to('cuda:{k}')` (and its inputs), or "
         f'`device_map="auto"` for a Hugging Face model.',
@@ -138,8 +137,8 @@ def other_gpu(f: Facts) -> Cause | None:
 def _tensor_elsewhere(f: Facts, k: int, room: int) -> Cause:
     """The cell's work does not fit GPU ``k`` whole, but the tensor that did not fit does: put
     that one there (the rest stays), and move what it is combined with."""
-    d, here = f.d, f.d.snapshot.device_index if f.d.snapshot is not None else 0
-    req = d.requested_bytes or 0
+    here = f.snapshot.device_index if f.snapshot is not None else 0
+    req = f.requested_bytes or 0
     return Cause(
         "other_gpu",
         f"GPU {k} has room for the tensor that did not fit",
@@ -169,15 +168,14 @@ def output_cache(f: Facts) -> Cause | None:
 
 
 def pinned_by_failure(f: Facts) -> Cause | None:
-    d = f.d
     if not f.frames_bytes:
         return None
-    if d.released and d.freed_bytes is not None:
+    if f.released and f.freed_bytes is not None:
         return Cause(
             "pinned_by_failure",
             "The failure pinned memory",
             f"The failed call's locals held {fmt(f.frames_bytes)}, and kept alive what they "
-            f"reference (saved activations, the autograd graph): {fmt(d.freed_bytes)} was freed "
+            f"reference (saved activations, the autograd graph): {fmt(f.freed_bytes)} was freed "
             "after the failure.",
             "Nothing to do: that memory is already back.",
             0.0,
@@ -198,9 +196,8 @@ def pinned_by_failure(f: Facts) -> Cause | None:
 
 
 def working_set(f: Facts) -> Cause | None:
-    d = f.d
-    req = d.requested_bytes
-    if req is None or d.report.backend == "CPU":
+    req = f.requested_bytes
+    if req is None or f.report.backend == "CPU":
         return None
     ws = f.cell_bytes + req
     held = f" (on top of {fmt(f.resident_bytes)} held before it ran)" if f.resident_bytes else ""

@@ -7,17 +7,12 @@ would (a smaller tensor, more GPUs, another precision).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from jupyter_gpumem.diagnosis.cause import Cause, Facts, _closes, tensor_upper_bound
 from jupyter_gpumem.units import format_bytes as fmt
 
-if TYPE_CHECKING:
-    from jupyter_gpumem.diagnosis.diagnose import Diagnosis
-
 
 def probable(f: Facts) -> Cause | None:
-    r = f.d.report
+    r = f.report
     if not r.probable:
         return None
     return Cause(
@@ -33,10 +28,10 @@ def probable(f: Facts) -> Cause | None:
 
 
 def library(f: Facts) -> Cause | None:
-    r = f.d.report
+    r = f.report
     if r.kind != "library" or r.probable:
         return None
-    blocks = f.d.allocator.blocks if f.d.allocator is not None else None
+    blocks = f.allocator.blocks if f.allocator is not None else None
     action = (
         "Clear cache returns PyTorch's cached blocks so the library can get memory; if it still "
         "fails, reduce the batch size."
@@ -63,14 +58,13 @@ def library(f: Facts) -> Cause | None:
 
 
 def host_memory(f: Facts) -> Cause | None:
-    d = f.d
-    if d.report.backend != "CPU":
+    if f.report.backend != "CPU":
         return None
-    req = d.requested_bytes
+    req = f.requested_bytes
     return Cause(
         "host_memory",
         "The machine's memory (RAM) ran out, not the GPU's",
-        (f"The CPU allocator could not get {fmt(req)}." if req else d.report.message[:200]),
+        (f"The CPU allocator could not get {fmt(req)}." if req else f.report.message[:200]),
         "Hold less in host memory: a smaller batch, a dataset read lazily instead of loaded "
         "whole, `del` of large CPU arrays. Moving work to the CPU cannot help here.",
         float("inf"),
@@ -79,13 +73,12 @@ def host_memory(f: Facts) -> Cause | None:
 
 
 def request_exceeds_card(f: Facts) -> Cause | None:
-    d = f.d
-    req, cap = d.requested_bytes, d.capacity_bytes
-    if d.report.backend == "CPU" or req is None or cap is None:
+    req, cap = f.requested_bytes, f.capacity_bytes
+    if f.report.backend == "CPU" or req is None or cap is None:
         return None
     if tensor_upper_bound(req) <= cap:
         return None  # a rounded segment larger than a small card: the tensor itself may fit
-    whole = "the per-process cap" if d.allowed_bytes is not None else "the whole card"
+    whole = "the per-process cap" if f.allowed_bytes is not None else "the whole card"
     if f.batch:
         # the allocation is batch-sized: a smaller batch shrinks it, so this is not a dead end
         return Cause(
@@ -134,19 +127,18 @@ notebook_launcher(training_function, num_processes=NUM_GPUS)
 
 def model_states_exceed_card(f: Facts) -> Cause | None:
     """Weights + gradients + optimizer state alone leave no room for any batch: past one GPU."""
-    d = f.d
-    cap = d.capacity_bytes
-    if cap is None or d.report.backend == "CPU":
+    cap = f.capacity_bytes
+    if cap is None or f.report.backend == "CPU":
         return None
-    models = [h for h in d.holders.holders if h.kind == "model" and h.where == "variable"]
+    models = [h for h in f.holders.holders if h.kind == "model" and h.where == "variable"]
     if not models:
         return None
     weights = sum(h.parameters_bytes + h.buffers_bytes for h in models)
     params = sum(h.parameters_bytes for h in models)
-    grads = max(sum(h.gradients_bytes for h in models), params if _trains(d) else 0)
-    opts = [h for h in d.holders.holders if h.kind == "optimizer" and h.where == "variable"]
+    grads = max(sum(h.gradients_bytes for h in models), params if _trains(f) else 0)
+    opts = [h for h in f.holders.holders if h.kind == "optimizer" and h.where == "variable"]
     state = sum(h.optimizer_state_bytes for h in opts)
-    types = {h.detail.split(",")[0] for h in opts} | set(d.holders.optimizer_types)
+    types = {h.detail.split(",")[0] for h in opts} | set(f.holders.optimizer_types)
     if types & set(_ADAM):
         state = max(state, 2 * params)  # Adam's moments appear at the first step
     states = weights + grads + state
@@ -170,21 +162,20 @@ def model_states_exceed_card(f: Facts) -> Cause | None:
     )
 
 
-def _trains(d: Diagnosis) -> bool:
+def _trains(f: Facts) -> bool:
     """Is this a training step (an optimizer in the namespace, with state or not yet)?"""
-    return bool(d.holders.optimizer_types) or any(h.kind == "optimizer" for h in d.holders.holders)
+    return bool(f.holders.optimizer_types) or any(h.kind == "optimizer" for h in f.holders.holders)
 
 
 def process_cap(f: Facts) -> Cause | None:
-    d = f.d
-    total = d.total_bytes
-    if d.allowed_bytes is None or total is None or d.allowed_bytes >= total:
+    total = f.total_bytes
+    if f.allowed_bytes is None or total is None or f.allowed_bytes >= total:
         return None
-    saving = total - d.allowed_bytes
+    saving = total - f.allowed_bytes
     return Cause(
         "process_cap",
         "A per-process memory cap is set",
-        f"This process may use {fmt(d.allowed_bytes)} of the {fmt(total)} card.",
+        f"This process may use {fmt(f.allowed_bytes)} of the {fmt(total)} card.",
         "Lift it with `%gpumem limit off` (or `torch.cuda.set_per_process_memory_fraction(1.0)`) "
         "if the cap was a rehearsal.",
         float(min(saving, f.short or saving)),
