@@ -15,9 +15,18 @@ from __future__ import annotations
 from typing import Any
 
 from jupyter_gpumem.backends import simulated as _simulated
-from jupyter_gpumem.backends.base import DeviceReading, MemoryBackend, RawProcess, active
+from jupyter_gpumem.backends.base import (
+    DeviceReading,
+    MemoryBackend,
+    RawProcess,
+    active,
+    set_default,
+)
+from jupyter_gpumem.backends.cuda import CudaBackend
 from jupyter_gpumem.backends.simulated import SimulatedGPU
 from jupyter_gpumem.backends.tb_frames import without_dispatch_frames
+
+set_default(CudaBackend())  # what answers while no simulated GPU runs
 
 __all__ = [
     "DeviceReading",

@@ -4,7 +4,8 @@ Two backends implement :class:`MemoryBackend`: the CUDA one (torch + NVML, ``bac
 and the simulated GPU (``backends/simulated``), a double that runs in host memory. Nothing outside
 ``backends/`` asks which one it has: it calls :func:`active` once per job (a reading, a scan, a
 release, a fix) and goes through what it got. A simulation selects itself while it runs
-(:func:`select`) and deselects itself when it ends.
+(:func:`select`) and deselects itself when it ends; otherwise the default answers
+(:func:`set_default`: the CUDA backend, set by the package).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "active",
     "deselect",
     "select",
+    "set_default",
 ]
 
 # (key, nbytes, device): the key identifies the storage (views and tied weights count once), the
@@ -144,17 +146,18 @@ _default: list[MemoryBackend] = []
 
 
 def active() -> MemoryBackend:
-    """The backend that answers now: the last one selected, else the CUDA one."""
+    """The backend that answers now: the last one selected, else the default (the CUDA one)."""
     selected = _selected
     if selected:
         return selected[-1]
-    if not _default:
-        from jupyter_gpumem.backends.cuda import CudaBackend
-
-        with _lock:
-            if not _default:
-                _default.append(CudaBackend())
     return _default[0]
+
+
+def set_default(backend: MemoryBackend) -> None:
+    """The backend that answers when none is selected. ``backends/__init__.py`` sets the CUDA
+    one as the package is imported: this module imports no backend, so that each can import it."""
+    with _lock:
+        _default[:] = [backend]
 
 
 def select(backend: MemoryBackend) -> None:
