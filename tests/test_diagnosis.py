@@ -416,7 +416,7 @@ def test_the_evidence_kept_is_every_argument_read_at_the_failure() -> None:
     import inspect
     from dataclasses import fields
 
-    from jupyter_gpumem.diagnosis.diagnose import Evidence
+    from jupyter_gpumem.diagnosis.model import Evidence
 
     presentation = {"batch", "notes", "insert_cells"}
     arguments = set(inspect.signature(diagnose).parameters) - presentation

@@ -1,6 +1,6 @@
-"""What a cause of an OOM is (:class:`Cause`), what the rules read (:class:`Facts`), and the few
-helpers every rule shares: whether a saving closes the gap, holders named in evidence, and how large
-a tensor can stand behind a request the allocator rounded up to a segment.
+"""What the rules read (:class:`Facts`), and the few helpers every rule shares: whether a saving
+closes the gap, holders named in evidence, and how large a tensor can stand behind a request the
+allocator rounded up to a segment.
 
 Kept apart from the rules so that each group of rules and the table in ``causes.py`` import one
 small module, and the rules never import the table that lists them.
@@ -10,52 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
+from jupyter_gpumem.diagnosis.model import Cause
 from jupyter_gpumem.oom.report import OOMReport
 from jupyter_gpumem.readings.allocator_state import AllocatorState
 from jupyter_gpumem.readings.holders import Holder, HolderSet
 from jupyter_gpumem.readings.snapshot import MemorySnapshot, ProcessInfo
 from jupyter_gpumem.units import format_bytes as fmt
 
-CauseKey = Literal[
-    "probable",
-    "library",
-    "host_memory",
-    "request_exceeds_card",
-    "model_states_exceed_card",
-    "process_cap",
-    "old_variables",
-    "recreated_variables",
-    "other_processes",
-    "other_gpu",
-    "fragmentation",
-    "output_cache",
-    "pinned_by_failure",
-    "working_set",
-    "unknown",
-]
-# 0: no fix here gets around it; 1: its action closes the gap; 2: helps, not enough (or cannot
-# tell); 3: nothing to do
-Tier = Literal[0, 1, 2, 3]
-
 _MiB = 1 << 20
 # The CUDA caching allocator asks the driver for whole segments: 2 MiB for requests up to 1 MiB,
 # 20 MiB for requests up to 10 MiB. An OOM message names the segment, not the tensor.
 _SEGMENTS = {2 * _MiB: 1 * _MiB, 20 * _MiB: 10 * _MiB}
-
-
-@dataclass(frozen=True)
-class Cause:
-    key: CauseKey
-    title: str
-    evidence: str  # the numbers
-    action: str  # one concrete thing to do
-    weight: float  # bytes of the shortfall it explains (for ranking within a tier)
-    saving_bytes: int | None = None  # what the action would free
-    closes_gap: bool | None = None  # that saving covers the shortfall (None: cannot tell)
-    tier: Tier = 2
-    cell: str = ""  # a ready cell the user may insert (never run for them)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ alone when its action cannot make the cell fit.
 
 from __future__ import annotations
 
-from jupyter_gpumem.diagnosis.cause import Cause, CauseKey, Facts, Rule, Tier, tensor_upper_bound
+from jupyter_gpumem.diagnosis.cause import Facts, Rule, tensor_upper_bound
+from jupyter_gpumem.diagnosis.model import Cause, CauseKey, Tier
 from jupyter_gpumem.diagnosis.rules_allocator import fragmentation, settings_advice
 from jupyter_gpumem.diagnosis.rules_holders import (
     old_variables,

@@ -10,8 +10,7 @@ import dataclasses
 import re
 import sys
 
-from jupyter_gpumem.diagnosis.causes import Cause
-from jupyter_gpumem.diagnosis.diagnose import Diagnosis
+from jupyter_gpumem.diagnosis.model import Cause, Diagnosis
 from jupyter_gpumem.readings.holders import Holder
 
 __all__ = ["for_display", "library_of", "nothing_to_do", "readable_holders"]

@@ -13,7 +13,7 @@ from jupyter_gpumem.diagnosis.display import for_display
 from jupyter_gpumem.units import format_bytes as fmt
 
 if TYPE_CHECKING:
-    from jupyter_gpumem.diagnosis.diagnose import Diagnosis
+    from jupyter_gpumem.diagnosis.model import Diagnosis
     from jupyter_gpumem.readings.snapshot import MemorySnapshot
 
 MAX_HOLDERS = 8

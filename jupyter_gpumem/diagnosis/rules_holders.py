@@ -8,7 +8,8 @@ Each names the holders and the bytes, and says whether its action frees enough t
 
 from __future__ import annotations
 
-from jupyter_gpumem.diagnosis.cause import Cause, Facts, _closes, _names
+from jupyter_gpumem.diagnosis.cause import Facts, _closes, _names
+from jupyter_gpumem.diagnosis.model import Cause
 from jupyter_gpumem.units import format_bytes as fmt
 
 
