@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from jupyter_gpumem.diagnosis.causes import RULES, tensor_upper_bound
+from jupyter_gpumem.diagnosis.causes import RULES
 from jupyter_gpumem.diagnosis.diagnose import diagnose
+from jupyter_gpumem.diagnosis.facts import tensor_upper_bound
 from jupyter_gpumem.oom.report import parse_oom_message
 from jupyter_gpumem.readings.holders import Holder, HolderSet
 from jupyter_gpumem.readings.snapshot import MemorySnapshot

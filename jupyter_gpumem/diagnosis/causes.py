@@ -10,8 +10,8 @@ alone when its action cannot make the cell fit.
 
 from __future__ import annotations
 
-from jupyter_gpumem.diagnosis.cause import Facts, Rule, tensor_upper_bound
-from jupyter_gpumem.diagnosis.model import Cause, CauseKey, Tier
+from jupyter_gpumem.diagnosis.facts import Facts, Rule
+from jupyter_gpumem.diagnosis.model import Cause
 from jupyter_gpumem.diagnosis.rules_allocator import fragmentation, settings_advice
 from jupyter_gpumem.diagnosis.rules_holders import (
     old_variables,
@@ -33,11 +33,6 @@ from jupyter_gpumem.diagnosis.rules_limits import (
 
 __all__ = [
     "RULES",
-    "Cause",
-    "CauseKey",
-    "Facts",
-    "Rule",
-    "Tier",
     "find_causes",
     "fragmentation",
     "host_memory",
@@ -54,7 +49,6 @@ __all__ = [
     "recreated_variables",
     "request_exceeds_card",
     "settings_advice",
-    "tensor_upper_bound",
     "working_set",
 ]
 

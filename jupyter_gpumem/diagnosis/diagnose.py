@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from jupyter_gpumem.diagnosis.causes import Facts, find_causes
+from jupyter_gpumem.diagnosis.causes import find_causes
+from jupyter_gpumem.diagnosis.facts import Facts
 from jupyter_gpumem.diagnosis.model import (
     Cause,
     Diagnosis,

@@ -13,7 +13,7 @@ that the allocator read the variable once, when CUDA started.
 
 from __future__ import annotations
 
-from jupyter_gpumem.diagnosis.cause import Facts, _closes
+from jupyter_gpumem.diagnosis.facts import Facts, _closes
 from jupyter_gpumem.diagnosis.model import Cause
 from jupyter_gpumem.readings.allocator_state import AllocatorState, FreeBlocks
 from jupyter_gpumem.units import format_bytes as fmt

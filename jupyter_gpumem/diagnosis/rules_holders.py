@@ -3,12 +3,12 @@ old values a cell rebuilds, other processes, another GPU with room, IPython's ou
 the failure pinned, and the cell's own working set (fragmentation: ``rules_allocator``).
 
 Each names the holders and the bytes, and says whether its action frees enough to close the gap
-(:func:`~jupyter_gpumem.diagnosis.cause._closes`), which is what the ranking reads.
+(:func:`~jupyter_gpumem.diagnosis.facts._closes`), which is what the ranking reads.
 """
 
 from __future__ import annotations
 
-from jupyter_gpumem.diagnosis.cause import Facts, _closes, _names
+from jupyter_gpumem.diagnosis.facts import Facts, _closes, _names
 from jupyter_gpumem.diagnosis.model import Cause
 from jupyter_gpumem.units import format_bytes as fmt
 

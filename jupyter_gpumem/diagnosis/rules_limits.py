@@ -7,7 +7,7 @@ would (a smaller tensor, more GPUs, another precision).
 
 from __future__ import annotations
 
-from jupyter_gpumem.diagnosis.cause import Facts, _closes, tensor_upper_bound
+from jupyter_gpumem.diagnosis.facts import Facts, _closes, tensor_upper_bound
 from jupyter_gpumem.diagnosis.model import Cause
 from jupyter_gpumem.units import format_bytes as fmt
 
