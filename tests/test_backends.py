@@ -6,12 +6,14 @@ from __future__ import annotations
 import re
 import sys
 import threading
+import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import jupyter_gpumem
+from jupyter_gpumem import backends
 from jupyter_gpumem.backends import MemoryBackend, active, simulated
 from jupyter_gpumem.backends.cuda import CudaBackend
 
@@ -68,6 +70,7 @@ def test_both_backends_answer_storage_of_and_move_to_cpu_the_same_way() -> None:
         model = torch.nn.Linear(256, 256).cuda()
         _key, nbytes, device = gpu.storage_of(model.weight)  # type: ignore[misc]
         assert nbytes == 256 * 256 * 4 and device == "cuda:0 (simulated)"
+        assert device.device_index == 0
         obj, moved = gpu.move_to_cpu(model)
         assert obj is model and moved == (256 * 256 + 256) * 4
         assert gpu.allocated_bytes == 0 and gpu.storage_of(model.weight) is None
@@ -137,3 +140,39 @@ def test_both_backends_run_code_written_for_the_gpu_on_the_cpu() -> None:
             y = torch.ones(MiB, device="cuda:1").to("cuda")
         assert gpu.storage_of(y) is None and all(c.allocated_bytes == 0 for c in gpu.devices)
         assert not y.is_cuda and mode.redirected == {"torch.ones": 1, "torch.Tensor.to": 1}
+
+
+def test_a_storage_names_its_card_by_index_not_by_its_words() -> None:
+    """``on_device`` reads the index the backend filled, never the text; a copy or a pickle of
+    the label keeps it; text with no index counts on every card."""
+    import copy
+    import pickle
+
+    torch = pytest.importorskip("torch")
+    with jupyter_gpumem.simulate("64MiB", devices=2) as gpu:
+        x = torch.zeros(4, device="cuda:1")
+        device = gpu.storage_of(x)[2]  # type: ignore[index]
+    assert str(device) == "cuda:1 (simulated)" and device.device_index == 1
+    assert backends.on_device(device, 1) and not backends.on_device(device, 0)
+    assert backends.on_device(device, None)
+    for again in (copy.deepcopy(device), pickle.loads(pickle.dumps(device))):
+        assert again == device and again.device_index == 1
+    # made by hand, the words say cuda:1 but name no card: nothing is read out of them
+    assert backends.on_device("cuda:1", 0) and backends.on_device("", 0)
+    # a CUDA tensor's label: torch's device text, its index; another accelerator's has none
+    label = backends.DeviceLabel("cuda:3", 3)
+    assert f"{label}" == "cuda:3" and not backends.on_device(label, 0)
+    assert backends.on_device(backends.DeviceLabel("mps:0", None), 1)
+
+
+def test_the_cuda_backend_labels_a_storage_with_torchs_index() -> None:
+    torch = pytest.importorskip("torch")
+
+    class OnCard2:  # what storage_of reads of a tensor on cuda:2, without a GPU
+        device = torch.device("cuda", 2)
+
+        def untyped_storage(self) -> Any:
+            return types.SimpleNamespace(data_ptr=lambda: 4096, nbytes=lambda: 512)
+
+    (_dev, ptr), nbytes, device = CudaBackend().storage_of(OnCard2())  # type: ignore[misc]
+    assert (ptr, nbytes, device) == (4096, 512, "cuda:2") and device.device_index == 2

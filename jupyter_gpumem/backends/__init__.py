@@ -16,10 +16,12 @@ from typing import Any
 
 from jupyter_gpumem.backends import simulated as _simulated
 from jupyter_gpumem.backends.base import (
+    DeviceLabel,
     DeviceReading,
     MemoryBackend,
     RawProcess,
     active,
+    on_device,
     set_default,
 )
 from jupyter_gpumem.backends.cuda import CudaBackend
@@ -29,11 +31,13 @@ from jupyter_gpumem.backends.tb_frames import without_dispatch_frames
 set_default(CudaBackend())  # what answers while no simulated GPU runs
 
 __all__ = [
+    "DeviceLabel",
     "DeviceReading",
     "MemoryBackend",
     "RawProcess",
     "SimulatedGPU",
     "active",
+    "on_device",
     "simulate",
     "simulated_profiles",
     "simulation",

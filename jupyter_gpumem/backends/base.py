@@ -19,19 +19,50 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 from jupyter_gpumem.backends.allocator import SizeLog
 
 __all__ = [
+    "DeviceLabel",
     "DeviceReading",
     "MemoryBackend",
     "RawProcess",
     "StorageInfo",
     "active",
     "deselect",
+    "on_device",
     "select",
     "set_default",
 ]
 
+
+class DeviceLabel(str):
+    """How a storage's device is shown ("cuda:1", "cuda:0 (simulated)"), carrying the card's
+    ``device_index`` (torch's, read from the tensor by the backend; None: not a CUDA card).
+
+    A ``str``, so what keeps or shows it (holders, the panel, the front end) takes it as text; the
+    index travels with it, so nothing reads it back out of the words: :func:`on_device` asks."""
+
+    device_index: int | None
+
+    def __new__(cls, text: str, device_index: int | None) -> DeviceLabel:
+        label = super().__new__(cls, text)
+        label.device_index = device_index
+        return label
+
+    def __getnewargs__(self) -> tuple[str, int | None]:  # type: ignore[override]
+        return str(self), self.device_index  # copy and pickle make it again with its index
+
+
+def on_device(device: str, index: int | None) -> bool:
+    """Whether what a storage or a holder names as its ``device`` is on card ``index`` (None: any
+    card). Text without an index (no storage was read, or not a :class:`DeviceLabel`) counts on
+    every card."""
+    if index is None:
+        return True
+    known = device.device_index if isinstance(device, DeviceLabel) else None
+    return known is None or known == index
+
+
 # (key, nbytes, device): the key identifies the storage (views and tied weights count once), the
-# device is how holders name it ("cuda:0", "cuda:1 (simulated)")
-StorageInfo = tuple[tuple[str, int], int, str]
+# device is how holders name it, with its index (:class:`DeviceLabel`)
+StorageInfo = tuple[tuple[str, int], int, DeviceLabel]
 
 
 class RawProcess(NamedTuple):

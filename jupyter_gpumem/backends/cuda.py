@@ -16,7 +16,7 @@ from typing import Any
 
 from jupyter_gpumem.backends import _nvml
 from jupyter_gpumem.backends.allocator import SizeLog
-from jupyter_gpumem.backends.base import DeviceReading, RawProcess, StorageInfo
+from jupyter_gpumem.backends.base import DeviceLabel, DeviceReading, RawProcess, StorageInfo
 from jupyter_gpumem.backends.cuda_to_cpu import cuda_to_cpu
 from jupyter_gpumem.backends.torch_objects import cuda_ready, move_objects, torch_module
 
@@ -265,7 +265,7 @@ class CudaBackend:
             if dev.type in ("cpu", "meta"):
                 return None
             storage = tensor.untyped_storage()
-            device = str(dev)
+            device = DeviceLabel(str(dev), dev.index if dev.type == "cuda" else None)
             return (device, storage.data_ptr()), int(storage.nbytes()), device
         except Exception:
             # sparse, nested and subclass tensors may have no plain storage: skip them, never fail

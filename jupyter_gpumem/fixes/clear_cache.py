@@ -13,7 +13,6 @@ gives it back; the prediction counts it (it was 32 MiB under, 'not yet explained
 from __future__ import annotations
 
 import gc
-import re
 import sys
 import types
 from typing import Any
@@ -255,17 +254,9 @@ def earlier_failures_bytes(ctx: FixContext) -> tuple[int, list[BaseException]]:
     freed = 0
     for t, alone in zip(tensors, _only_held_by(frames, tensors), strict=True):
         info = backend.storage_of(t) if alone else None
-        if info is not None and _on_device(
-            info[2], index
-        ):  # the card measured: the one that ran out
+        if info is not None and backends.on_device(info[2], index):  # the card that ran out
             freed += info[1]
     return freed, excs
-
-
-def _on_device(device: str, index: int | None) -> bool:
-    """Whether a storage's device ("cuda:1", "cuda:0 (simulated)") is device ``index``."""
-    m = re.search(r"cuda:(\d+)", device)
-    return index is None or m is None or int(m[1]) == index
 
 
 class ClearCache(Fix):

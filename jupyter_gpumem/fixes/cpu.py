@@ -31,7 +31,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from jupyter_gpumem.backends import MemoryBackend, active, torch_objects
+from jupyter_gpumem.backends import MemoryBackend, active, on_device, torch_objects
 from jupyter_gpumem.cells.failure import names_used
 from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome, predicted_vs_measured
 from jupyter_gpumem.rescue.reach import plan_snapshot
@@ -152,7 +152,7 @@ class _Counter(_Mover):
         if t is None or not torch_objects.is_tensor(t):
             return
         info = self.backend.storage_of(t)
-        if info is not None and not _on_device(info[2], self.device_index):
+        if info is not None and not on_device(info[2], self.device_index):
             return  # on another card: what the measurement reads does not include it
         if info is not None and info[0] not in self.storages:
             self.storages.add(info[0])
@@ -238,12 +238,6 @@ def reached_gpu_bytes(
     move_reached(ns, names, backend, counter)
     _namespace_tensors(counter, ns, names)
     return sum(counter.moved.values())
-
-
-def _on_device(device: str, index: int | None) -> bool:
-    """Whether a storage's device ("cuda:1", "cuda:0 (simulated)") is card ``index``."""
-    m = re.search(r"cuda:(\d+)", device)
-    return index is None or m is None or int(m[1]) == index
 
 
 def _allocated(backend: MemoryBackend, index: int | None) -> int | None:

@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from jupyter_gpumem.backends.allocator import SizeLog, SizeRecorder
-from jupyter_gpumem.backends.base import DeviceReading, RawProcess, StorageInfo
+from jupyter_gpumem.backends.base import DeviceLabel, DeviceReading, RawProcess, StorageInfo
 from jupyter_gpumem.backends.cuda_to_cpu import cuda_index, cuda_to_cpu
 from jupyter_gpumem.backends.simulated.card import SimulatedCard, format_size
 from jupyter_gpumem.backends.simulated.devices import may_mix, mixing_error
@@ -150,7 +150,7 @@ class SimulatedGPU:
             for i in range(devices)
         )
         self._single = devices == 1
-        self._device_names = tuple(f"cuda:{i} (simulated)" for i in range(devices))
+        self._device_names = tuple(DeviceLabel(f"cuda:{i} (simulated)", i) for i in range(devices))
         self._active = True  # False once stopped: the modes, if still stacked, pass through
         self._local = threading.local()  # current device and placement target, per thread
         self.placement = _Cards(self)  # what the redirecting function mode asks (cuda_to_cpu.py)
