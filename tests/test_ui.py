@@ -207,9 +207,16 @@ def test_a_running_fix_shows_its_attempt_and_elapsed_time(failed: Any, monkeypat
     seen: list[str] = []
     panel.status.observe(lambda ch: seen.append(ch["new"]), "value")
 
+    def ticked() -> bool:
+        return any(re.search(r"[1-9] s so far", v) for v in list(seen))
+
     def engine(*_a: Any, on_attempt: Any, **_k: Any) -> Any:
         on_attempt(Attempt("batch", False, None, None, 0.1, batch=128, rehearsal=True))
-        time.sleep(1.3)  # the ticker redraws the elapsed time meanwhile
+        # the fix blocks this thread: the ticker's thread redraws the elapsed time meanwhile
+        # (its first tick comes after 1 s)
+        deadline = time.monotonic() + 15
+        while not ticked() and time.monotonic() < deadline:
+            time.sleep(0.02)
         return FixOutcome("batch", False, message="Still out of memory.")
 
     monkeypatch.setattr(panel_mod, "apply_fix", engine)
@@ -628,11 +635,14 @@ def test_gauge_thread_samples_and_stops_on_unload(shell: Any) -> None:
     shell.run_cell("%gpumem simulate 1GiB")
     g = gauge_mod.Gauge(interval=0.05).start()
     shell.run_cell("import torch; blocks = []")
-    for _ in range(3):
+    for n in range(1, 4):
         shell.run_cell("blocks.append(torch.empty(64 * 2**20, dtype=torch.uint8, device='cuda'))")
-        time.sleep(0.2)
-    assert g.running and g.updates >= 3
-    assert g.widget.data[0].value > 0.15
+        # until the sampling thread has drawn the n blocks (GiB on the dial)
+        deadline = time.monotonic() + 15
+        while g.widget.data[0].value < n / 16 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert g.widget.data[0].value >= n / 16, (n, g.widget.data[0].value)
+    assert g.running and g.updates >= 4, "a sample at start, then one drawn for each block"
     assert "simulated" in g.widget.data[0].title.text.lower()
     shell.run_cell("%unload_ext jupyter_gpumem")
     assert not g.running, "unload stops every gauge thread"
