@@ -16,7 +16,7 @@ from jupyter_gpumem.fixes.ladder import Options, check_all
 from jupyter_gpumem.frontend import meter
 from jupyter_gpumem.ipython.cellstats import CellStats
 from jupyter_gpumem.ipython.hook import OOMHook
-from jupyter_gpumem.ipython.magics import COMMANDS, GpuMemMagics
+from jupyter_gpumem.ipython.magics import GpuMemMagics
 
 # `%reload_ext jupyter_gpumem` unloads, then loads again: what the magics started (a simulated GPU,
 # a cap) is handed from the one to the other, by shell, instead of being ended in between.
@@ -89,9 +89,6 @@ class Extension:
         if getattr(self.shell, "kernel", None) is None:
             return False
         return importlib.util.find_spec("ipywidgets") is not None
-
-    def commands(self) -> tuple[str, ...]:
-        return COMMANDS
 
     def load(self) -> None:
         self.loaded = True

@@ -6,17 +6,20 @@ import argparse
 import ast
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from jupyter_gpumem import backends
 from jupyter_gpumem.backends import active
+from jupyter_gpumem.cells.failure import FailedCell
 from jupyter_gpumem.diagnosis.render import render_snapshot_text
-from jupyter_gpumem.fixes import FIXES
+from jupyter_gpumem.fixes import FIXES, FixOutcome
 from jupyter_gpumem.fixes.ask import question_in_a_cell
 from jupyter_gpumem.fixes.ladder import Options, apply_fix, run_ladder, run_reported
+from jupyter_gpumem.ipython.cellstats import CellStats
+from jupyter_gpumem.ipython.hook import OOMHook
 from jupyter_gpumem.ipython.magic_args import (
     GPUMEM_PARSER,
     OOMSAFE_PARSER,
@@ -29,15 +32,34 @@ from jupyter_gpumem.readings.release import release_failed_cell
 from jupyter_gpumem.readings.snapshot import read_snapshot
 from jupyter_gpumem.units import format_bytes
 
-if TYPE_CHECKING:
-    from jupyter_gpumem.ipython.extension import Extension
 
-from jupyter_gpumem.ipython.magic_args import COMMANDS as COMMANDS
+class Host(Protocol):
+    """What the magics use of the extension loaded in their shell (``ipython/extension.py``):
+    its hook, its state, and how it shows things."""
+
+    hook: OOMHook
+    remembered: dict[str, int]  # cell hash -> batch size that fit
+    simulation: Any  # the simulated GPU `%gpumem simulate` started
+    limited: Any  # the backend `%gpumem limit` capped
+
+    def cell_stats(self) -> CellStats: ...
+
+    def widgets_available(self) -> bool: ...
+
+    def show_gauge(self) -> Any: ...
+
+    def open_sidebar(self) -> str: ...
+
+    def close_sidebar(self) -> bool: ...
+
+    def present(self, failed: FailedCell) -> None: ...
+
+    def report_outcome(self, outcome: FixOutcome, failed: FailedCell | None = None) -> None: ...
 
 
 @magics_class
 class GpuMemMagics(Magics):
-    def __init__(self, shell: Any, ext: Extension) -> None:
+    def __init__(self, shell: Any, ext: Host) -> None:
         super().__init__(shell)
         self.ext = ext
 
@@ -48,11 +70,6 @@ class GpuMemMagics(Magics):
         if isinstance(parsed, str):
             print(parsed)
             return
-        if parsed.command not in self.ext.commands():
-            raise UsageError(
-                f"%gpumem: unknown command {parsed.command!r}; "
-                f"try one of: {', '.join(self.ext.commands())}"
-            )
         getattr(self, f"_cmd_{parsed.command}")(parsed)
 
     gpumem.__doc__ = doc(GPUMEM_PARSER, "Show and control GPU memory from a notebook.")
