@@ -5,7 +5,7 @@ sample a second over it. Kernel-to-front-end messages go out on iopub, which a r
 block (front-end-to-kernel messages wait for the cell), so the meter moves while a cell allocates.
 A sample is sent when the reading changed, and at least every ``_HEARTBEAT_S`` so a page opened later
 catches up (a sample reads the numbers only: other processes are not described, which costs a
-``/proc`` read and a Jupyter server request each): the lab extension reads samples from any comm message that carries ``"meter"``, comm
+``/proc`` read each): the lab extension reads samples from any comm message that carries ``"meter"``, comm
 known to it or not. A sample lists every visible GPU and the device of the shell's last OOM, which
 the meter shows when there are several.
 

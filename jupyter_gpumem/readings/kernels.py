@@ -6,7 +6,9 @@ server writes a runtime file (``jpserver-<pid>.json``: its URL and token) and li
 notebook. Honest where they cannot: in a container NVML reports host pids, which ``/proc`` here
 does not show; a server started elsewhere (another user, another container) is not listed.
 
-Only the standard library: the requests go to servers on this machine, with a short timeout.
+Only the standard library: the requests go to servers on this machine, with a short timeout, and
+only when asked (``find_kernel``, ``shutdown``): reading whether a process is a kernel
+(``kernel_id_of``) is local, and importing this module costs no ``urllib``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ import os
 import re
 import sys
 import time
-import urllib.parse
-import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,17 +46,22 @@ class KernelInfo:
         )
 
 
+def kernel_id_in(args: Iterable[str]) -> str | None:
+    """The kernel id a command line names (its connection file, ``kernel-<id>.json``), if any."""
+    for arg in args:
+        m = _KERNEL_FILE.search(arg)
+        if m:
+            return m.group(1)
+    return None
+
+
 def kernel_id_of(pid: int) -> str | None:
-    """The kernel id in a process's command line, if it is a Jupyter kernel."""
+    """The kernel id in a process's command line, if it is a Jupyter kernel (read from ``/proc``)."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return None
-    for arg in raw.split(b"\0"):
-        m = _KERNEL_FILE.search(arg.decode(errors="replace"))
-        if m:
-            return m.group(1)
-    return None
+    return kernel_id_in(a.decode(errors="replace") for a in raw.split(b"\0"))
 
 
 def own_kernel_id() -> str | None:
@@ -102,6 +108,8 @@ def running_servers() -> list[dict[str, object]]:
 
 
 def _get(url: str, token: str | None, method: str = "GET", timeout: float = _TIMEOUT_S) -> object:
+    import urllib.request
+
     req = urllib.request.Request(url, method=method)
     if token:
         req.add_header("Authorization", f"token {token}")
@@ -112,7 +120,9 @@ def _get(url: str, token: str | None, method: str = "GET", timeout: float = _TIM
 
 def find_kernel(pid: int) -> KernelInfo | None:
     """The kernel ``pid`` is, with its notebook where a running server lists it; None when the
-    process is not a kernel (or not visible from here)."""
+    process is not a kernel (or not visible from here). Asks each running server for a kernel's
+    pid (a request each, answers kept ``_CACHE_S``): for what the user asked about (the panel's
+    "Shut down" offer, ``%gpumem shutdown``), never for a reading."""
     now = time.monotonic()
     hit = _cache.get(pid)
     if hit is not None and now - hit[0] < _CACHE_S:
@@ -120,13 +130,15 @@ def find_kernel(pid: int) -> KernelInfo | None:
     kid = kernel_id_of(pid)
     info = None
     if kid is not None:
+        from urllib.parse import urljoin
+
         info = KernelInfo(pid, kid, None, None)
         for server in running_servers():
             url = str(server["url"])
             url = url if url.endswith("/") else url + "/"
             token = str(server.get("token") or "") or None
             try:
-                sessions = _get(urllib.parse.urljoin(url, "api/sessions"), token)
+                sessions = _get(urljoin(url, "api/sessions"), token)
             except Exception:
                 continue
             for s in sessions if isinstance(sessions, list) else []:
@@ -143,8 +155,10 @@ def find_kernel(pid: int) -> KernelInfo | None:
 
 def shutdown(info: KernelInfo) -> None:
     """Shut the kernel down through its server's API (as Kernel > Shut Down Kernel does)."""
+    from urllib.parse import urljoin
+
     if not info.server_url:
         raise RuntimeError("no running Jupyter server here lists that kernel")
-    url = urllib.parse.urljoin(info.server_url, f"api/kernels/{info.kernel_id}")
+    url = urljoin(info.server_url, f"api/kernels/{info.kernel_id}")
     _get(url, info.token, method="DELETE", timeout=_SHUTDOWN_TIMEOUT_S)
     _cache.pop(info.pid, None)

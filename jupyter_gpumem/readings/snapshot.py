@@ -13,9 +13,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from jupyter_gpumem.backends import DeviceReading, MemoryBackend, active
+from jupyter_gpumem.readings.kernels import kernel_id_in
 
 _CONTEXT_SLACK_BYTES = 768 << 20  # a CUDA context plus cuBLAS/cuDNN handles is about 0.3-0.7 GiB
 NOT_DESCRIBED = "another process"  # a reading taken without describing processes (the meter's)
+KERNEL = "another notebook kernel"  # a kernel's name as read here; its notebook is asked on demand
 
 
 @dataclass(frozen=True)
@@ -86,18 +88,17 @@ class MemorySnapshot:
 
 
 def describe_process(pid: int) -> str:
-    """What another process on the GPU is, from its command line when this container can see it."""
+    """What another process on the GPU is, from its command line when this container can see it
+    (``/proc``). Never a request: which notebook a kernel serves is asked of the Jupyter servers
+    on demand (``kernels.find_kernel``: the panel's "Shut down" offer, ``%gpumem shutdown``)."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return "pid not visible from here (another container or user)"
     args = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
     text = " ".join(args)
-    if "ipykernel" in text or "ipykernel_launcher" in text:
-        from jupyter_gpumem.readings.kernels import find_kernel
-
-        info = find_kernel(pid)
-        return info.describe() if info is not None else "probably another notebook kernel"
+    if "ipykernel" in text:
+        return KERNEL if kernel_id_in(args) is not None else "probably another notebook kernel"
     if not args:
         return "unknown process"
     short = " ".join(Path(args[0]).name if i == 0 else a for i, a in enumerate(args[:3]))
@@ -174,8 +175,9 @@ def read_snapshot(
 ) -> MemorySnapshot:
     """Read the allocator and the driver once: device ``device_index`` (None: the current one),
     with every visible device's reading in ``devices``. Never raises; unavailable numbers are
-    None. ``describe_processes=False`` leaves other processes undescribed (``NOT_DESCRIBED``):
-    no ``/proc`` and no Jupyter server request, for readings taken every second (the meter)."""
+    None. Other processes are named from ``/proc`` (``describe_process``), never by asking a Jupyter
+    server; ``describe_processes=False`` leaves them undescribed (``NOT_DESCRIBED``), for
+    readings taken every second (the meter)."""
     backend = backend or active()
     index = backend.current_device() if device_index is None else device_index
     try:

@@ -1,9 +1,12 @@
 """The panel's "Shut down that kernel": another notebook's kernel that holds memory on the card.
 
-Offered only where ``kernels.find_kernel`` names the notebook through a running Jupyter server
-(the server is then the one that can shut it down); a click asks first, naming the notebook, and
-only the confirmation shuts the kernel down, through that server's API, as Kernel > Shut Down
-Kernel does in the other notebook. A click reaches the kernel between cells, like the fixes'.
+The readings name another process from ``/proc`` only ("another notebook kernel"); which notebook a
+kernel serves is asked here, of the Jupyter servers on this machine, as the panel builds its offer
+(``Lookups``: once a pid for the life of the panel). Offered only where a running server names the
+notebook (the server is then the one that can shut it down); a click asks first, naming the
+notebook, and only the confirmation shuts the kernel down, through that server's API, as Kernel >
+Shut Down Kernel does in the other notebook. A click reaches the kernel between cells, like the
+fixes'.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import PurePosixPath
 
 import ipywidgets as W
 
-from jupyter_gpumem.diagnosis.diagnose import Diagnosis
+from jupyter_gpumem.diagnosis.model import Diagnosis
 from jupyter_gpumem.diagnosis.render import md_code
 from jupyter_gpumem.readings import kernels
 from jupyter_gpumem.readings.kernels import KernelInfo
@@ -24,16 +27,29 @@ from jupyter_gpumem.readings.snapshot import ProcessInfo
 from jupyter_gpumem.units import format_bytes
 
 
-def kernels_to_offer(d: Diagnosis) -> list[tuple[ProcessInfo, KernelInfo]]:
+class Lookups:
+    """What the Jupyter servers here say each pid is (``kernels.find_kernel``: a request to each
+    server, for a kernel's pid only), asked once a pid for the life of one panel."""
+
+    def __init__(self) -> None:
+        self.found: dict[int, KernelInfo | None] = {}
+
+    def __call__(self, pid: int) -> KernelInfo | None:
+        if pid not in self.found:
+            self.found[pid] = kernels.find_kernel(pid)
+        return self.found[pid]
+
+
+def kernels_to_offer(d: Diagnosis, find: Lookups) -> list[tuple[ProcessInfo, KernelInfo]]:
     """The other processes on the card that are notebook kernels a server here can shut down,
-    the biggest first. Each pid is asked anew (``find_kernel`` reads its command line, and asks
-    the servers only for a kernel's, cached): the simulated GPU's pretend processes carry no
-    description of their own, and may be given a real kernel's pid."""
+    the biggest first. Each pid is asked (``find`` reads its command line, and asks the servers
+    only for a kernel's): the simulated GPU's pretend processes carry a description of their own,
+    and may be given a real kernel's pid."""
     out = []
     for p in sorted(d.other_processes, key=lambda p: -p.used_bytes):
         if p.pid == os.getpid():
             continue
-        info = kernels.find_kernel(p.pid)
+        info = find(p.pid)
         if info is not None and info.notebook and info.server_url:
             out.append((p, info))
     return out

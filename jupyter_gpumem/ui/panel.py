@@ -23,6 +23,7 @@ import ipywidgets as W
 from jupyter_gpumem import backends
 from jupyter_gpumem.cells.failure import FailedCell
 from jupyter_gpumem.diagnosis.display import for_display
+from jupyter_gpumem.diagnosis.model import Diagnosis
 from jupyter_gpumem.diagnosis.render import md_code, render_html
 from jupyter_gpumem.fixes import FIXES, Attempt, Check, FixOutcome
 from jupyter_gpumem.fixes.ask import question_before_rerun
@@ -30,7 +31,7 @@ from jupyter_gpumem.fixes.ladder import Options, apply_fix, check_all, error_lin
 from jupyter_gpumem.readings.kernels import own_kernel_id
 from jupyter_gpumem.ui import chart, devices, wording
 from jupyter_gpumem.ui.allocations import AllocatedBy
-from jupyter_gpumem.ui.others import OtherKernels, kernels_to_offer
+from jupyter_gpumem.ui.others import Lookups, OtherKernels, kernels_to_offer
 from jupyter_gpumem.ui.panel_style import STYLE
 from jupyter_gpumem.ui.status import StatusLine, Ticker, interruptible
 
@@ -64,6 +65,7 @@ class DiagnosisPanel:
         self.static: dict[str, str] = {}
         self.retired = ""
         self._running, self._t0 = "", time.monotonic()  # the fix in progress, since when
+        self.kernels = Lookups()  # what the Jupyter servers said of each pid, asked once
         self.show(failed, checks)
 
     # ---- content ---------------------------------------------------------------------------------
@@ -119,10 +121,10 @@ class DiagnosisPanel:
         box.add_class("gpumem-buttons")
         return box
 
-    def _others(self, d: Any) -> OtherKernels | None:
+    def _others(self, d: Diagnosis) -> OtherKernels | None:
         """ "Shut down the kernel of X" for each other notebook's kernel holding memory here."""
         try:
-            offers = kernels_to_offer(d)
+            offers = kernels_to_offer(d, self.kernels)
         except Exception:  # an offer, never a reason to lose the panel
             return None
         return OtherKernels(offers, self.confirm_box, self.set_status) if offers else None
