@@ -1,6 +1,6 @@
 """Other processes on the card are named by the readings from ``/proc`` alone; the Jupyter server's
 REST API is asked which notebook a kernel serves only when the panel offers to shut it down (issue
-17)."""
+17). And the meter's ``simulated`` flag is the backend's state, not its display words."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 import jupyter_gpumem
+from jupyter_gpumem.frontend.meter import sample
 from jupyter_gpumem.readings.snapshot import read_snapshot
 from tests.conftest import extension
 
@@ -141,3 +142,21 @@ def test_the_diagnosis_asks_no_server_and_the_panels_offer_asks_once(
     panel.show(failed)  # a redraw (the OOM of a fix that did not fit) asks no more
     assert panel.others is not None and pid in panel.others.buttons
     assert server.sessions_asked == 1
+
+
+def test_the_meter_says_simulated_from_the_backend_not_its_note() -> None:
+    """The flag the lab extension's label reads ("(simulated)") is whether the reading came from
+    the simulated GPU: a simulated GPU whose note says nothing is simulated still, and a real
+    card's backend with a note (any words to show after its label) is not."""
+    pytest.importorskip("torch")
+    from jupyter_gpumem.backends.cuda import CudaBackend
+
+    with jupyter_gpumem.simulate("64MiB", devices=2) as gpu:
+        gpu.note = None
+        data = sample(read_snapshot())
+        assert data["simulated"] is True
+        assert [d["simulated"] for d in data["devices"]] == [True, True]
+
+    card = CudaBackend()
+    card.note = "capped at 1 GiB"
+    assert sample(read_snapshot(backend=card))["simulated"] is False
