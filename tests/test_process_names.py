@@ -160,3 +160,26 @@ def test_the_meter_says_simulated_from_the_backend_not_its_note() -> None:
     card = CudaBackend()
     card.note = "capped at 1 GiB"
     assert sample(read_snapshot(backend=card))["simulated"] is False
+
+
+def test_the_gauge_reads_numbers_and_names_no_process(monkeypatch: Any) -> None:
+    """The gauge reads once a second: the bytes other processes hold are on its dial, and none
+    of them is named (naming reads /proc for each; the diagnosis and `%gpumem status` name them)."""
+    import os
+
+    pytest.importorskip("plotly")
+    from jupyter_gpumem.readings import snapshot
+    from jupyter_gpumem.ui.gauge import Gauge
+
+    named: list[int] = []
+    real = snapshot.describe_process
+    monkeypatch.setattr(snapshot, "describe_process", lambda pid: named.append(pid) or real(pid))
+    gpu = jupyter_gpumem.simulate("1GiB", other_processes=[(os.getppid(), 256 * MiB)])
+    _driver_like(gpu, monkeypatch)
+    gauge = Gauge()
+    gauge.sample()
+    _t, _allocated, _cache, other = gauge.samples[-1]
+    assert other >= 0.25  # GiB: the other process's 256 MiB
+    assert named == []
+    assert read_snapshot().other_processes[0].description != snapshot.NOT_DESCRIBED
+    assert named == [os.getppid()]

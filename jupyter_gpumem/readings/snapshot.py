@@ -167,13 +167,6 @@ def _simulated(backend: MemoryBackend) -> bool:
     return backend is simulation()
 
 
-def read_device(index: int | None = None, backend: MemoryBackend | None = None) -> MemorySnapshot:
-    """One device's reading (None: the current device), without the others. Never raises."""
-    backend = backend or active()
-    index = backend.current_device() if index is None else index
-    return _snapshot(backend.read(index), True, _simulated(backend))
-
-
 def read_snapshot(
     device_index: int | None = None,
     *,

@@ -78,6 +78,12 @@ def gib_ticks(top: float, count: int = 4) -> tuple[list[float], list[str]]:
     return values, labels
 
 
+def read_numbers() -> MemorySnapshot:
+    """The gauge's reading, once a second: numbers only, other processes not named (naming reads
+    ``/proc`` for each; the dial shows their bytes)."""
+    return read_snapshot(describe_processes=False)
+
+
 def describe(s: MemorySnapshot) -> tuple[str, float, float, float, float, float]:
     """(title, used, allocated, cache, other, total) in GiB; zeros with a title saying why when
     there is no reading."""
@@ -183,7 +189,7 @@ class Gauge:
         history_s: float = 120.0,
         width: int = 420,
         height: int = 330,
-        read: Callable[[], MemorySnapshot] = read_snapshot,
+        read: Callable[[], MemorySnapshot] = read_numbers,
         narrow: bool = False,
     ) -> None:
         self.interval = interval
