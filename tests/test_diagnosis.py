@@ -541,3 +541,21 @@ def test_with_keep_traceback_the_text_says_how_to_get_the_memory_back() -> None:
     assert report is not None
     text = render_text(diagnose(report, None, HolderSet(), released=False))
     assert "`%gpumem release` moves them to host memory, and %debug still shows them" in text
+
+
+def test_which_card_a_variable_is_on_comes_with_its_device_not_its_words() -> None:
+    """An OOM on GPU 0: a variable on card 1 is not one this card could free, whatever its device
+    is called (backends.DeviceLabel carries the index; the diagnosis no longer reads 'cuda:N' out
+    of the text, so a label without it counted on every card)."""
+    from dataclasses import replace
+
+    from jupyter_gpumem.backends import DeviceLabel
+
+    report = parse_oom_message(cuda_message(300, 10, 1024, 900, 4))
+    assert report is not None and report.device_index == 0
+    here = replace(var("here", 400, used=False), device=DeviceLabel("cuda:0 (simulated)", 0))
+    there = replace(var("there", 400, used=False), device=DeviceLabel("the second card", 1))
+    d = diagnose(report, None, HolderSet(holders=[here, there]), released=True)
+    assert [h.name for h in d.unused_variables()] == ["here"]
+    old = next(c for c in d.causes if c.key == "old_variables")
+    assert "`here`" in old.evidence and "`there`" not in old.evidence

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from jupyter_gpumem.backends import on_device
 from jupyter_gpumem.diagnosis.causes import find_causes
 from jupyter_gpumem.diagnosis.facts import Facts
 from jupyter_gpumem.diagnosis.model import (
@@ -25,7 +26,6 @@ from jupyter_gpumem.diagnosis.model import (
     Evidence,
     Slice,
     _capacity,
-    _on_device,
     _recreated,
     _shortfall,
     _unused,
@@ -276,7 +276,7 @@ def _resident_bytes(
         h.total_bytes
         for h in holders.holders
         if (h.where == "output cache" or (h.where == "variable" and h.name not in created))
-        and _on_device(h.device, oom_device)
+        and on_device(h.device, oom_device)
     )
 
 

@@ -6,11 +6,11 @@ leaves unused or builds anew). Made by ``diagnose.py``, read by ``render.py``, t
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from jupyter_gpumem.backends import on_device
 from jupyter_gpumem.oom.report import OOMReport
 from jupyter_gpumem.readings.allocator_state import AllocatorState
 from jupyter_gpumem.readings.holders import Holder, HolderSet
@@ -199,7 +199,7 @@ def _unused(holders: HolderSet, device_index: int | None) -> list[Holder]:
         if h.where == "variable"
         and not h.used_by_cell
         and not h.recreated_by_cell
-        and _on_device(h.device, device_index)
+        and on_device(h.device, device_index)
     ]
 
 
@@ -207,17 +207,5 @@ def _recreated(holders: HolderSet, device_index: int | None) -> list[Holder]:
     return [
         h
         for h in holders.holders
-        if h.where == "variable" and h.recreated_by_cell and _on_device(h.device, device_index)
+        if h.where == "variable" and h.recreated_by_cell and on_device(h.device, device_index)
     ]
-
-
-_CUDA_INDEX = re.compile(r"\bcuda:(\d+)")
-
-
-def _on_device(device: str, index: int | None) -> bool:
-    """Whether a holder's device ("cuda:1", "cuda:0 (simulated)") is device ``index`` (None: any;
-    a holder without an index counts everywhere)."""
-    if index is None:
-        return True
-    m = _CUDA_INDEX.search(device)
-    return m is None or int(m.group(1)) == index
