@@ -237,10 +237,6 @@ class CachingAllocator:
     # ---- the settings ------------------------------------------------------------------------
 
     @property
-    def set_fraction(self) -> bool:
-        return self.allowed is not None
-
-    @property
     def _max_split(self) -> int:
         return self.conf.max_split_size
 
