@@ -23,7 +23,6 @@ from jupyter_gpumem.backends.torch_state import read_rng
 from jupyter_gpumem.cells.failure import FailedCell, NamespaceMark, build_failure
 from jupyter_gpumem.frontend.labext import current_cell_id
 from jupyter_gpumem.ipython.tracebacks import fold_library_frames, through
-from jupyter_gpumem.ipython.tracebacks import library_of as library_of  # where it was first
 from jupyter_gpumem.oom.report import OOMReport, find_oom, walk_chain
 from jupyter_gpumem.readings.release import ReleaseResult, release_failed_cell
 from jupyter_gpumem.rescue import before_cell
