@@ -117,7 +117,10 @@ def test_another_notebooks_kernel_is_named_and_shut_down_after_asking(
 ) -> None:
     url, token = server
     kid, pid = _other_notebook(url, token)
-    assert describe_process(pid) == f"the kernel of notebook `other/train.ipynb` ({url})"
+    assert describe_process(pid) == "another notebook kernel"  # a reading asks no server
+    info = kernels.find_kernel(pid)  # asked on demand: the panel's offer, %gpumem shutdown
+    assert info is not None
+    assert info.describe() == f"the kernel of notebook `other/train.ipynb` ({url})"
 
     capsys.readouterr()
     shell.run_line_magic("gpumem", f"shutdown {pid}")

@@ -125,6 +125,7 @@ def test_the_diagnosis_asks_no_server_and_the_panels_offer_asks_once(
     assert failed is not None and failed.diagnosis is not None
     other = next(c for c in failed.diagnosis.causes if c.key == "other_processes")
     assert f"pid {pid} (another notebook kernel) 600 MiB" in other.evidence
+    assert f"`%gpumem shutdown {pid}` names its notebook and asks first" in other.action
     shell.run_line_magic("gpumem", "status")
     assert server.requests == []
 

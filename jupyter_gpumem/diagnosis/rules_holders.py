@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from jupyter_gpumem.diagnosis.facts import Facts, _closes, _names
 from jupyter_gpumem.diagnosis.model import Cause
+from jupyter_gpumem.readings.snapshot import KERNEL
 from jupyter_gpumem.units import format_bytes as fmt
 
 
@@ -63,11 +64,17 @@ def other_processes(f: Facts) -> Cause | None:
         for p in big_others[:3]
     )
     named = [p for p in big_others if "the kernel of notebook" in p.description]
-    kernel = named or any("notebook kernel" in p.description for p in big_others)
+    kernels = [p for p in big_others if p.description == KERNEL]  # read from /proc: no notebook
+    kernel = any("notebook kernel" in p.description for p in big_others)
     if named:
         action = (
             f"Shut down {named[0].description.split(' (')[0]} if you are done with it: "
             f"`%gpumem shutdown {named[0].pid}` (it asks first), then re-run."
+        )
+    elif kernels:
+        action = (
+            "Shut down the other notebook's kernel if you are done with it: `%gpumem shutdown "
+            f"{kernels[0].pid}` names its notebook and asks first, then re-run."
         )
     elif kernel:
         action = "Shut down the other notebook's kernel (Kernel > Shut Down Kernel) and re-run."
