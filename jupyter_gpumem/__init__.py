@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from jupyter_gpumem import backends as _backends
 from jupyter_gpumem.backends import MemoryBackend
 from jupyter_gpumem.config import GpuMem
-from jupyter_gpumem.diagnosis.diagnose import Cause, Diagnosis, diagnose
+from jupyter_gpumem.diagnosis.diagnose import diagnose
+from jupyter_gpumem.diagnosis.model import Cause, Diagnosis
 from jupyter_gpumem.diagnosis.render import render_html, render_text
 from jupyter_gpumem.oom.report import OOMReport, find_oom, is_oom, parse_oom_message
 from jupyter_gpumem.readings.holders import Holder, HolderSet, find_holders

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from jupyter_gpumem.backends.alloc_conf import ENV_NAMES, parse_alloc_conf
-from jupyter_gpumem.diagnosis.causes import settings_advice
-from jupyter_gpumem.diagnosis.diagnose import Diagnosis, diagnose
+from jupyter_gpumem.diagnosis.diagnose import diagnose
+from jupyter_gpumem.diagnosis.model import Diagnosis
+from jupyter_gpumem.diagnosis.rules_allocator import settings_advice
 from jupyter_gpumem.oom.report import parse_oom_message
 from jupyter_gpumem.readings.allocator_state import (
     AllocatorState,

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from jupyter_gpumem.backends import torch_objects
 from jupyter_gpumem.cells import source as cellsource
 from jupyter_gpumem.cells.loop import LoopSite, find_loop
-from jupyter_gpumem.diagnosis.diagnose import Diagnosis, diagnose
+from jupyter_gpumem.diagnosis.diagnose import diagnose
+from jupyter_gpumem.diagnosis.model import Diagnosis
 from jupyter_gpumem.oom.report import OOMReport
 from jupyter_gpumem.readings import holders as holders_mod
 from jupyter_gpumem.readings import trace

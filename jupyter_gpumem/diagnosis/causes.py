@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from jupyter_gpumem.diagnosis.facts import Facts, Rule
 from jupyter_gpumem.diagnosis.model import Cause
-from jupyter_gpumem.diagnosis.rules_allocator import fragmentation, settings_advice
+from jupyter_gpumem.diagnosis.rules_allocator import fragmentation
 from jupyter_gpumem.diagnosis.rules_holders import (
     old_variables,
     other_gpu,
@@ -48,7 +48,6 @@ __all__ = [
     "rank",
     "recreated_variables",
     "request_exceeds_card",
-    "settings_advice",
     "working_set",
 ]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import ipywidgets as W
 
-from jupyter_gpumem.diagnosis.diagnose import Diagnosis
+from jupyter_gpumem.diagnosis.model import Diagnosis
 from jupyter_gpumem.diagnosis.render import md_code, trace_hint
 from jupyter_gpumem.readings import trace
 from jupyter_gpumem.units import format_bytes

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from html import escape
 
-from jupyter_gpumem.diagnosis.diagnose import Diagnosis, Slice
+from jupyter_gpumem.diagnosis.model import Diagnosis, Slice
 from jupyter_gpumem.units import format_bytes
 
 SLICE_COLORS = {

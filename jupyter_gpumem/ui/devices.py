@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from html import escape
 
-from jupyter_gpumem.diagnosis.diagnose import Diagnosis
+from jupyter_gpumem.diagnosis.model import Diagnosis
 from jupyter_gpumem.readings.snapshot import MemorySnapshot
 from jupyter_gpumem.units import format_bytes
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from html import escape, unescape
 
-from jupyter_gpumem.diagnosis.diagnose import Cause
+from jupyter_gpumem.diagnosis.model import Cause
 from jupyter_gpumem.fixes import Attempt, FixOutcome
 from jupyter_gpumem.fixes.base import Check
 from jupyter_gpumem.units import format_bytes
