@@ -92,9 +92,12 @@ def test_cancel_after_rerun_anyway_puts_the_notebook_back(open_notebook, width):
     expect(panel).to_contain_text("out of memory", timeout=T_RUN)
     expect(panel.get_by_role("button", name=re.compile("^Reduce batch"))).to_be_enabled()
     _ready(page)
-    # not yet a state to wait for: a Shift+Enter on cell 2 sooner than this, even once the panel
-    # has stopped moving, went to a new cell below it (JupyterLab 4.6 and Notebook 7)
-    page.wait_for_timeout(1000)
+    # The panel shows before the failed cell's run ends, and the kernel's status reads idle
+    # meanwhile (from the panel's subshell): a cell run then is aborted by ipykernel when the
+    # error reply comes (stop_on_error), and its Shift+Enter seems to go to a new cell below it.
+    # The failed cell's prompt gets its number with that reply.
+    prompt = cell.locator(".jp-InputPrompt")
+    expect(prompt).to_have_text(re.compile(r"^\[\d+\]:$"), timeout=T_RUN)
     run_cell(page, 2)  # another cell ran since: the fix asks first
     wait_output(page, 2, "total now 0 batch 64")
     _ready(page)
