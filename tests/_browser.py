@@ -247,11 +247,16 @@ def shots(request: Any, tmp_path: Path) -> Iterator[Any]:
             shutil.copyfile(path, dest / path.name)
 
 
+# The kernel's status is the last status message of any subshell (ipykernel 7): the panel's own
+# subshell going idle reads "idle" while a cell still runs, and a cell run then is aborted when
+# the running one fails. So no prompt may show "[*]" either (a cell running or queued).
 KERNEL_READY_JS = """() => {
   const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
   const k = w && w.sessionContext && w.sessionContext.session
             && w.sessionContext.session.kernel;
-  return !!k && k.connectionStatus === 'connected' && k.status === 'idle';
+  const running = w && [...w.node.querySelectorAll('.jp-InputPrompt')]
+                        .some(p => (p.textContent || '').includes('[*]'));
+  return !!k && k.connectionStatus === 'connected' && k.status === 'idle' && !running;
 }"""
 
 
@@ -265,7 +270,9 @@ NOTEBOOK_CURRENT_AND_READY_JS = """() => {
     if (!(w.sessionContext && w.content && w.content.model)) continue;
     if (app.shell.currentWidget !== w) { app.shell.activateById(w.id); return false; }
     const k = w.sessionContext.session && w.sessionContext.session.kernel;
-    return !!k && k.connectionStatus === 'connected' && k.status === 'idle';
+    const running = [...w.node.querySelectorAll('.jp-InputPrompt')]
+                      .some(p => (p.textContent || '').includes('[*]'));
+    return !!k && k.connectionStatus === 'connected' && k.status === 'idle' && !running;
   }
   return false;
 }"""
