@@ -38,6 +38,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from jupyter_gpumem.backends.base import active
+from jupyter_gpumem.backends.simulated.gpu import SimulatedGPU
+
 BACKEND = "jupyter_gpumem_simulated"
 _OVERRIDE = f">=0:{BACKEND}"  # every graph (frame id >= 0) compiles with BACKEND
 
@@ -160,16 +163,14 @@ def _on_card(gm: Any, example_inputs: Any) -> Callable[..., Any]:
     what it makes from nothing on the card of its inputs."""
     import torch
 
-    from jupyter_gpumem.backends.simulated import lifecycle
-
     tensor = torch.Tensor
     state = _static_state(gm, tensor)
     forward = gm.forward
 
     def run(*args: Any) -> Any:
         __tracebackhide__ = True  # IPython hides this frame: torch's error is the user's
-        sim = lifecycle.current()
-        if sim is None:
+        sim = active()  # the running simulation selects itself, and deselects itself as it stops
+        if not isinstance(sim, SimulatedGPU):
             return forward(*args)
         index = _card_of(sim, (*args, *gm.parameters(), *gm.buffers()), tensor)
         if state:

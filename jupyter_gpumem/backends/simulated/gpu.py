@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from jupyter_gpumem.backends.allocator import SizeLog, SizeRecorder
 from jupyter_gpumem.backends.base import DeviceLabel, DeviceReading, RawProcess, StorageInfo
@@ -32,7 +32,20 @@ from jupyter_gpumem.backends.tb_frames import without_dispatch_frames
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SimulatedGPU"]
+__all__ = ["SimulatedGPU", "Simulation"]
+
+
+class Simulation(Protocol):
+    """What a simulated GPU asks of the simulation that runs it (``lifecycle.py``, which makes
+    the GPU and hands it this, so that this module need not import the one that imports it)."""
+
+    def current(self) -> SimulatedGPU | None: ...
+
+    def stop(self) -> None: ...
+
+    def paused(self) -> AbstractContextManager[None]: ...
+
+    def on_this_thread(self) -> AbstractContextManager[SimulatedGPU | None]: ...
 
 
 def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any], tensor: type) -> Iterator[Any]:
@@ -136,6 +149,7 @@ class SimulatedGPU:
         allowed_bytes: int | None = None,
         devices: int = 1,
         history: Any = None,
+        simulation: Simulation,
     ) -> None:
         if devices < 1:
             raise ValueError(f"a simulated GPU needs at least one device, not {devices}")
@@ -155,6 +169,7 @@ class SimulatedGPU:
         self._local = threading.local()  # current device and placement target, per thread
         self.placement = _Cards(self)  # what the redirecting function mode asks (cuda_to_cpu.py)
         self._mixes: dict[Any, bool] = {}  # aten op -> whether it may mix devices (devices.py)
+        self._simulation = simulation
         try:
             import torch
         except ImportError:  # pragma: no cover - the simulation starts only with torch
@@ -166,10 +181,8 @@ class SimulatedGPU:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from jupyter_gpumem.backends.simulated import lifecycle
-
-        if lifecycle.current() is self:
-            lifecycle.stop()
+        if self._simulation.current() is self:
+            self._simulation.stop()
 
     def __repr__(self) -> str:
         cards = ", ".join(
@@ -488,9 +501,7 @@ class SimulatedGPU:
         return move_objects(obj, self.storage_of, self.untrack)  # already on the CPU: uncounted
 
     def host_only(self) -> AbstractContextManager[Any]:
-        from jupyter_gpumem.backends.simulated import lifecycle
-
-        return lifecycle.paused()
+        return self._simulation.paused()
 
     def placements_to_cpu(self) -> AbstractContextManager[Any]:
         # on top of the simulation's own mode, which then sees CPU placements: host tensors,
@@ -498,9 +509,7 @@ class SimulatedGPU:
         return cuda_to_cpu()
 
     def on_this_thread(self) -> AbstractContextManager[Any]:
-        from jupyter_gpumem.backends.simulated import lifecycle
-
-        return lifecycle.on_this_thread()
+        return self._simulation.on_this_thread()
 
     def autocast_device_type(self) -> str:
         return "cpu"  # the tensors are on the CPU

@@ -95,6 +95,7 @@ def start(
             allowed_bytes=allowed_bytes,
             devices=devices,
             history=_recorder,
+            simulation=_SIMULATION,
         )
         for card in sim.devices:
             card.configure(context_bytes=context or 0, conf=conf, profile=card_profile)
@@ -309,6 +310,18 @@ def _remove_inert_modes() -> None:
             inert = isinstance(mode, kinds[1]) and not mode.sim._active
             if inert or (isinstance(mode, kinds[0]) and not getattr(mode, "active", True)):
                 _leave(mode, dispatch=dispatch)
+
+
+class _Simulation:
+    """This module as each simulated GPU is handed it (``gpu.Simulation``)."""
+
+    current = staticmethod(current)
+    stop = staticmethod(stop)
+    paused = staticmethod(paused)
+    on_this_thread = staticmethod(on_this_thread)
+
+
+_SIMULATION = _Simulation()
 
 
 def _after_fork_in_child() -> None:
