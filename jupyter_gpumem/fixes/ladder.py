@@ -155,9 +155,9 @@ def apply_fix(
     remembered: dict[str, int],
     on_attempt: Callable[[Attempt], None] | None = None,
 ) -> FixOutcome:
-    fix = FIXES[key]
-    verdict = guard(failed, shell.user_ns)
-    if not verdict.safe and not options.force:
+    gate = _gate(shell, failed, key, options, remembered, on_attempt)
+    if gate.refused is not None:
+        verdict = gate.refused
         return FixOutcome(
             fix=key,
             ok=False,
@@ -165,11 +165,40 @@ def apply_fix(
             message=verdict.summary(),
             notes=[f"{verdict.question()} `%gpumem retry {key} --force` re-runs it anyway."],
         )
+    assert gate.ctx is not None and gate.check is not None
+    if not gate.check.applies:
+        label = FIXES[key].label
+        return FixOutcome(fix=key, ok=False, message=f"{label} does not apply: {gate.check.reason}")
+    return in_transaction(shell, failed, gate.ctx, key)
+
+
+@dataclass
+class _Gate:
+    """What stands before a fix's transaction: the side-effect guard, then the fix's own check.
+    ``refused``: the guard stopped it (no context made); else ``ctx`` and ``check`` are set."""
+
+    refused: GuardVerdict | None = None
+    ctx: FixContext | None = None
+    check: Check | None = None
+
+
+def _gate(
+    shell: Any,
+    failed: FailedCell,
+    key: str,
+    options: Options,
+    remembered: dict[str, int],
+    on_attempt: Callable[[Attempt], None] | None = None,
+    *,
+    rehearse_first: bool = False,
+) -> _Gate:
+    """The one guard -> check sequence of a fix, for `%gpumem retry` and `%%oomsafe` alike."""
+    verdict = guard(failed, shell.user_ns)
+    if not verdict.safe and not options.force:
+        return _Gate(refused=verdict)
     ctx = make_context(shell, failed, options, remembered, on_attempt)
-    check = fix.check(ctx)
-    if not check.applies:
-        return FixOutcome(fix=key, ok=False, message=f"{fix.label} does not apply: {check.reason}")
-    return in_transaction(shell, failed, ctx, key)
+    ctx.rehearse_first = rehearse_first
+    return _Gate(ctx=ctx, check=FIXES[key].check(ctx))
 
 
 def in_transaction(shell: Any, failed: FailedCell, ctx: FixContext, key: str) -> FixOutcome:
@@ -274,16 +303,33 @@ def run_ladder(
         if runs_left <= 0:
             line("oomsafe: no runs left (--max-retries).")
             break
-        verdict = guard(failed, shell.user_ns)
-        if not verdict.safe and not options.force:
-            result.refused, result.failure = verdict, failed
-            force = " Use --force to re-run anyway."
-            line("oomsafe: stopped before re-running: " + verdict.summary() + force, always=True)
-            return result
         budget = Options(**{**options.__dict__, "max_runs": runs_left})
-        outcome = _climb(shell, failed, key, budget, remembered, line)
-        if outcome is None:
+        gate = _gate(
+            shell,
+            failed,
+            key,
+            budget,
+            remembered,
+            on_attempt=lambda a: line("  " + a.line()),
+            rehearse_first=True,
+        )
+        if gate.refused is not None:
+            result.refused, result.failure = gate.refused, failed
+            force = " Use --force to re-run anyway."
+            line(
+                "oomsafe: stopped before re-running: " + gate.refused.summary() + force, always=True
+            )
+            return result
+        assert gate.ctx is not None and gate.check is not None
+        label = FIXES[key].label.lower()
+        if not gate.check.applies:  # said, and no run spent
+            line(f"oomsafe: {label}: skipped, {gate.check.reason}")
             continue
+        saving = gate.check.predicted_saving_bytes
+        line(
+            f"oomsafe: {label}" + (f" (predicted to save {format_bytes(saving)})" if saving else "")
+        )
+        outcome = in_transaction(shell, failed, gate.ctx, key)
         result.outcomes.append(outcome)
         runs_left -= outcome.runs
         if outcome.ok:
@@ -322,34 +368,6 @@ def _starting_plan(
             # what earlier cells made from the batch setting, made again at that batch
             return with_remake(plan, source, shell.user_ns, finding, known)
     return Plan(source)
-
-
-def _climb(
-    shell: Any,
-    failed: FailedCell,
-    key: str,
-    options: Options,
-    remembered: dict[str, int],
-    line: _Line,
-) -> FixOutcome | None:
-    """One rung of the ladder: the fix ``key`` in a transaction, rehearsing first; None when it
-    does not apply (said, and no run spent)."""
-    ctx = make_context(
-        shell, failed, options, remembered, on_attempt=lambda a: line("  " + a.line())
-    )
-    ctx.rehearse_first = True
-    fix = FIXES[key]
-    check = fix.check(ctx)
-    if not check.applies:
-        line(f"oomsafe: {fix.label.lower()}: skipped, {check.reason}")
-        return None
-    saving = (
-        f" (predicted to save {format_bytes(check.predicted_saving_bytes)})"
-        if check.predicted_saving_bytes
-        else ""
-    )
-    line(f"oomsafe: {fix.label.lower()}{saving}")
-    return in_transaction(shell, failed, ctx, key)
 
 
 def _say_kept(outcome: FixOutcome, line: _Line) -> None:
