@@ -387,7 +387,7 @@ def test_library_frames_are_folded_and_the_full_traceback_stays_for_tb(
 
 
 def test_fold_keeps_user_frames_and_the_innermost() -> None:
-    from jupyter_gpumem.ipython.hook import fold_library_frames, library_of
+    from jupyter_gpumem.ipython.tracebacks import fold_library_frames, library_of
 
     site = "/env/lib/python3.11/site-packages"
     stb = [
@@ -417,7 +417,7 @@ def test_fold_keeps_user_frames_and_the_innermost() -> None:
 def test_torch_frames_before_a_notebook_class_forward_are_folded() -> None:
     """The quickstart's traceback: the cell, torch's two call frames, then the notebook's own
     ``forward`` (a "Cell In[..]" frame, not a "File" one): the two torch frames fold."""
-    from jupyter_gpumem.ipython.hook import fold_library_frames
+    from jupyter_gpumem.ipython.tracebacks import fold_library_frames
 
     site = "/env/lib/python3.11/site-packages"
     stb = [

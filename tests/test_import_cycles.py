@@ -2,8 +2,6 @@
 imports included (grimp reads `if TYPE_CHECKING:` blocks too): a cycle is a module that cannot be
 read without the one reading it (issue 17: diagnosis's rules read the Diagnosis that held their own
 output; the magics typed their extension, which made the magics).
-
-The simulated GPU's modules are left out until their cycles are broken (issue 17's backends part).
 """
 
 from __future__ import annotations
@@ -15,12 +13,10 @@ import pytest
 
 grimp = pytest.importorskip("grimp")
 
-NOT_YET = ("jupyter_gpumem.backends.simulated",)
-
 
 def _cycles(package: str) -> list[str]:
     graph = grimp.build_graph(package, cache_dir=None)  # no cache written into the checkout
-    modules = sorted(m for m in graph.modules if not m.startswith(NOT_YET))
+    modules = sorted(graph.modules)
     found = []
     for a, b in itertools.combinations(modules, 2):
         there = graph.find_shortest_chain(importer=a, imported=b)

@@ -635,13 +635,20 @@ def test_gauge_thread_samples_and_stops_on_unload(shell: Any) -> None:
     shell.run_cell("%gpumem simulate 1GiB")
     g = gauge_mod.Gauge(interval=0.05).start()
     shell.run_cell("import torch; blocks = []")
+    # the dial before the blocks (the card's context may already be on it)
+    after = time.monotonic()
+    deadline = after + 15
+    while sum(t > after for t, *_ in g.samples) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # two samples after the cell above: the second read all of it
+    start = g.widget.data[0].value
     for n in range(1, 4):
         shell.run_cell("blocks.append(torch.empty(64 * 2**20, dtype=torch.uint8, device='cuda'))")
-        # until the sampling thread has drawn the n blocks (GiB on the dial)
+        # until the sampling thread has drawn the n blocks (GiB on the dial, 3 decimals)
+        want = start + n / 16 - 0.002
         deadline = time.monotonic() + 15
-        while g.widget.data[0].value < n / 16 and time.monotonic() < deadline:
+        while g.widget.data[0].value < want and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert g.widget.data[0].value >= n / 16, (n, g.widget.data[0].value)
+        assert g.widget.data[0].value >= want, (n, start, g.widget.data[0].value)
     assert g.running and g.updates >= 4, "a sample at start, then one drawn for each block"
     assert "simulated" in g.widget.data[0].title.text.lower()
     shell.run_cell("%unload_ext jupyter_gpumem")
