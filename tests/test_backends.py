@@ -40,13 +40,6 @@ _ALLOWED = {
     "ipython/magic_args.py": {"simulated_profiles"},  # %gpumem simulate T4: the profile names
     "ipython/extension.py": {"simulation", "stop_simulation"},  # unload ends %gpumem simulate's
 }
-# Still there, to go (issue 17): the snapshot's ``simulated`` flag, read from
-# ``backends.simulation()`` and sent to the JupyterLab meter, which shows "(simulated)" after a
-# device's name; the reading's ``note`` ("simulated") is the words to show instead.
-_TO_GO = {
-    "readings/snapshot.py": {"simulation"},
-    "frontend/meter.py": {"simulated"},
-}
 
 
 def _asks_simulated(source: str) -> list[tuple[int, str]]:
@@ -84,7 +77,7 @@ def test_nothing_outside_backends_asks_whether_the_gpu_is_simulated() -> None:
         rel = path.relative_to(PACKAGE).as_posix()
         if rel.startswith("backends/"):
             continue
-        allowed = _ALLOWED.get(rel, set()) | _TO_GO.get(rel, set())
+        allowed = _ALLOWED.get(rel, set())
         for line, what in _asks_simulated(path.read_text(encoding="utf-8")):
             if what not in allowed:
                 found.append(f"{rel}:{line}: {what}")

@@ -58,7 +58,7 @@ def gpus(*free_mib: float, total_mib: float = 1024) -> MemorySnapshot:
     """A reading of GPU 0 with every visible GPU's (free MiB each), as read_snapshot gives it."""
     devices = tuple(
         MemorySnapshot(
-            device_index=i, device_name="GPU", simulated=False,
+            device_index=i, device_name="GPU",
             total_bytes=int(total_mib * MiB), free_bytes=int(free * MiB),
             used_bytes=int((total_mib - free) * MiB), allocated_bytes=0, reserved_bytes=0,
             peak_allocated_bytes=0, peak_reserved_bytes=0, num_ooms=0, allowed_bytes=None,

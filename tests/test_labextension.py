@@ -90,7 +90,7 @@ def snapshot(**numbers) -> MemorySnapshot:
          "peak_allocated_bytes", "peak_reserved_bytes", "num_ooms", "allowed_bytes"),
     )  # fmt: skip
     return MemorySnapshot(
-        device_index=0, device_name="Simulated GPU (4.00 GiB)", simulated=True,
+        device_index=0, device_name="Simulated GPU (4.00 GiB)", note="simulated",
         **{**fields, **numbers},
     )  # fmt: skip
 

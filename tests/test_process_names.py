@@ -1,6 +1,6 @@
 """Other processes on the card are named by the readings from ``/proc`` alone; the Jupyter server's
 REST API is asked which notebook a kernel serves only when the panel offers to shut it down (issue
-17). And the meter's ``simulated`` flag is the backend's state, not its display words."""
+17). And the meter shows the backend's own words after a device's name; no flag decides them."""
 
 from __future__ import annotations
 
@@ -145,22 +145,23 @@ def test_the_diagnosis_asks_no_server_and_the_panels_offer_asks_once(
     assert server.sessions_asked == 1
 
 
-def test_the_meter_says_simulated_from_the_backend_not_its_note() -> None:
-    """The flag the lab extension's label reads ("(simulated)") is whether the reading came from
-    the simulated GPU: a simulated GPU whose note says nothing is simulated still, and a real
-    card's backend with a note (any words to show after its label) is not."""
+def test_the_meter_shows_the_backends_words_and_decides_nothing_from_them() -> None:
+    """What the lab extension's label shows after a device's name ("(simulated)") is the backend's
+    own note, passed on as words: the simulated GPU says "simulated", whatever it was told to
+    say instead is shown instead, and a real card's backend says nothing. Nothing outside the
+    backends asks whether the GPU is simulated (tests/test_backends.py)."""
     pytest.importorskip("torch")
     from jupyter_gpumem.backends.cuda import CudaBackend
 
     with jupyter_gpumem.simulate("64MiB", devices=2) as gpu:
-        gpu.note = None
         data = sample(read_snapshot())
-        assert data["simulated"] is True
-        assert [d["simulated"] for d in data["devices"]] == [True, True]
+        assert data["note"] == "simulated"
+        assert [d["note"] for d in data["devices"]] == ["simulated", "simulated"]
+        gpu.note = "a T4, simulated"
+        assert sample(read_snapshot())["note"] == "a T4, simulated"
+        assert "simulated" not in data  # no flag for the front end to branch on
 
-    card = CudaBackend()
-    card.note = "capped at 1 GiB"
-    assert sample(read_snapshot(backend=card))["simulated"] is False
+    assert sample(read_snapshot(backend=CudaBackend()))["note"] is None
 
 
 def test_the_gauge_reads_numbers_and_names_no_process(monkeypatch: Any) -> None:

@@ -555,7 +555,6 @@ def _snapshot(**kw: Any) -> MemorySnapshot:
     base: dict[str, Any] = dict(
         device_index=0,
         device_name="Test GPU",
-        simulated=False,
         total_bytes=None,
         free_bytes=None,
         used_bytes=None,

@@ -42,7 +42,7 @@ def sample(snap: MemorySnapshot, oom_device: int | None = None) -> dict[str, Any
         "meter": MARKER,
         "device_index": snap.device_index,
         "device_name": snap.device_name,
-        "simulated": snap.simulated,
+        "note": snap.note,  # the backend's words after the device's name ("simulated")
         "used_bytes": _used(snap),
         "total_bytes": snap.total_bytes,
         "allocated_bytes": snap.allocated_bytes,
@@ -57,7 +57,7 @@ def sample(snap: MemorySnapshot, oom_device: int | None = None) -> dict[str, Any
                 "allocated_bytes": d.allocated_bytes,
                 "reserved_bytes": d.reserved_bytes,
                 "title": d.label,
-                "simulated": d.simulated,
+                "note": d.note,
             }
             for d in snap.all_devices
         ],

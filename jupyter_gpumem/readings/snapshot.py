@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from jupyter_gpumem.backends import DeviceReading, MemoryBackend, active, simulation
+from jupyter_gpumem.backends import DeviceReading, MemoryBackend, active
 from jupyter_gpumem.readings.kernels import kernel_id_in
 
 _CONTEXT_SLACK_BYTES = 768 << 20  # a CUDA context plus cuBLAS/cuDNN handles is about 0.3-0.7 GiB
@@ -34,7 +34,6 @@ class ProcessInfo:
 class MemorySnapshot:
     device_index: int
     device_name: str | None
-    simulated: bool  # read by the simulated GPU, for the JupyterLab meter's label
     total_bytes: int | None
     free_bytes: int | None  # free on the device, from the driver
     used_bytes: int | None  # used on the device by everyone (nvidia-smi's number)
@@ -125,7 +124,7 @@ def _processes(
     return tuple(out)
 
 
-def _snapshot(r: DeviceReading, describe: bool, simulated: bool) -> MemorySnapshot:
+def _snapshot(r: DeviceReading, describe: bool) -> MemorySnapshot:
     stats = r.stats
     allocated = reserved = peak_alloc = peak_res = ooms = None
     if stats is not None:
@@ -143,7 +142,6 @@ def _snapshot(r: DeviceReading, describe: bool, simulated: bool) -> MemorySnapsh
     return MemorySnapshot(
         device_index=r.index,
         device_name=r.name,
-        simulated=simulated,
         total_bytes=r.total_bytes,
         free_bytes=r.free_bytes,
         used_bytes=r.used_bytes,
@@ -159,12 +157,6 @@ def _snapshot(r: DeviceReading, describe: bool, simulated: bool) -> MemorySnapsh
         title=r.title,
         note=r.note,
     )
-
-
-def _simulated(backend: MemoryBackend) -> bool:
-    """Whether ``backend`` is the simulated GPU: the one running, as ``backends`` says (a
-    reading's ``note`` is words to show, not this)."""
-    return backend is simulation()
 
 
 def read_snapshot(
@@ -184,9 +176,8 @@ def read_snapshot(
         visible = backend.visible_devices()
     except Exception:
         visible = ()
-    simulated = _simulated(backend)
     if len(visible) <= 1 or index not in visible:
-        return _snapshot(backend.read(index), describe_processes, simulated)
-    devices = tuple(_snapshot(backend.read(i), describe_processes, simulated) for i in visible)
+        return _snapshot(backend.read(index), describe_processes)
+    devices = tuple(_snapshot(backend.read(i), describe_processes) for i in visible)
     this = next(d for d in devices if d.device_index == index)
     return replace(this, devices=devices)

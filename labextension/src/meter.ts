@@ -39,14 +39,14 @@ export interface IDevice {
   allocated_bytes?: number | null;
   reserved_bytes?: number | null;
   title?: string | null;
-  simulated?: boolean;
+  note?: string | null; // the backend's words after the device's name: "simulated"
 }
 
 export interface ISample {
   meter: string;
   device_index?: number;
   device_name?: string | null;
-  simulated?: boolean;
+  note?: string | null; // the backend's words after the device's name: "simulated"
   used_bytes?: number | null;
   total_bytes?: number | null;
   allocated_bytes?: number | null;
@@ -110,7 +110,7 @@ function describeAll(
     b === null || b === undefined ? '?' : inGiB_ ? (b / GiB).toFixed(1) : (b / MiB).toFixed(0);
   const oom = s.oom_device ?? null;
   const parts: IPart[] = [];
-  const lines = [`${devices.length} GPUs${s.simulated ? ' (simulated)' : ''}`];
+  const lines = [`${devices.length} GPUs${s.note ? ` (${s.note})` : ''}`];
   let fullest = 0;
   for (const d of devices) {
     const used = d.used_bytes ?? null;
@@ -171,7 +171,7 @@ export function describe(
   const frac = total ? s.used_bytes / total : 0;
   const name = s.device_name ?? `GPU ${s.device_index ?? 0}`;
   const lines = [
-    `${name}${s.simulated ? ' (simulated)' : ''}`,
+    `${name}${s.note ? ` (${s.note})` : ''}`,
     `used on the device: ${size(s.used_bytes)} of ${size(total)}` +
       (total ? ` (${Math.round(frac * 100)}%)` : ''),
     `PyTorch allocated: ${size(s.allocated_bytes)}, reserved: ${size(s.reserved_bytes)}`,
