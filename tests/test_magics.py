@@ -28,6 +28,8 @@ def _one_usage_error(out: str) -> str:
         ("%gpumem simulate １GiB", "digits 0-9"),
         ("%gpumem limit ２GiB", "digits 0-9"),
         ("%%oomsafe --fixes clear,teleport\nx = 1", "unknown fix teleport"),
+        ("%%oomsafe --fixes ' , '\nx = 1", "unknown fix (none)"),
+        ("%gpumem bogus", "unknown command 'bogus'"),
         ("%%oomsafe --max-retries 0\nx = 1", "expected a number >= 1"),
         ("%%oomsafe\nx = (1,\ny = 2", "the cell does not parse: '(' was never closed"),
     ],

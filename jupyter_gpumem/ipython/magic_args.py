@@ -268,6 +268,19 @@ def _check_retry(opts: argparse.Namespace) -> None:
             )
 
 
+def fix_list(text: str) -> list[str]:
+    """``--fixes``'s converter: "clear, batch" -> ["clear", "batch"], each one of the ladder's."""
+    # IPython's splitter keeps the quotes of --fixes "clear, batch"
+    fixes = [f for f in (f.strip(" \t'\"") for f in text.split(",")) if f]
+    unknown = [f for f in fixes if f not in LADDER]
+    if unknown or not fixes:
+        raise UsageError(
+            f"%%oomsafe --fixes: unknown fix {', '.join(unknown) or '(none)'}; "
+            f"choose from {','.join(LADDER)}"
+        )
+    return fixes
+
+
 def oomsafe_parser() -> Parser:
     parser = Parser(
         prog="%oomsafe",  # shown as %%oomsafe: IPython's help formatter prefixes one %
@@ -280,6 +293,7 @@ def oomsafe_parser() -> Parser:
     )
     parser.add_argument(
         "--fixes",
+        type=fix_list,
         default=",".join(LADDER),
         metavar="LIST",
         help=f"the fixes to try, in order, comma-separated (default: {','.join(LADDER)})",
@@ -293,21 +307,11 @@ OOMSAFE_PARSER = oomsafe_parser()
 
 
 def parse_oomsafe(line: str) -> argparse.Namespace | str:
-    """``%%oomsafe``'s options (``--fixes`` as a checked list), or the help text to print."""
+    """``%%oomsafe``'s options (``--fixes`` a checked list, by its converter), or the help text."""
     args = split(line, "%oomsafe")
     if any(a in HELP for a in args):
         return OOMSAFE_PARSER.format_help()
-    opts = OOMSAFE_PARSER.parse_args(args)
-    # IPython's splitter keeps the quotes of --fixes "clear, batch"
-    fixes = [f.strip(" \t'\"") for f in opts.fixes.split(",")]
-    opts.fixes = [f for f in fixes if f]
-    unknown = [f for f in opts.fixes if f not in LADDER]
-    if unknown or not opts.fixes:
-        raise UsageError(
-            f"%%oomsafe --fixes: unknown fix {', '.join(unknown) or '(none)'}; "
-            f"choose from {','.join(LADDER)}"
-        )
-    return opts
+    return OOMSAFE_PARSER.parse_args(args)
 
 
 def doc(parser: argparse.ArgumentParser, first: str) -> str:
