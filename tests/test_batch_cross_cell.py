@@ -228,6 +228,41 @@ def test_a_slice_whose_library_writes_is_stopped_before_the_write(
     assert shell.user_ns["noise"] is noise and shell.user_ns["cfg"].batch_size == 4096
 
 
+CATCHING = """\
+def noise(n):
+    try:
+        with open(LOG, "a") as f:
+            f.write(f"{n}\\n")
+    except BaseException:  # a library that swallows every error, ours too
+        pass
+    import torch
+    return torch.randn(n, 512, device="cuda")
+"""
+
+
+def test_a_slice_whose_library_catches_the_stop_is_still_stopped(
+    shell: Any, capsys: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """As above, but the library catches every exception around its write, the stop included,
+    and goes on: the fix still knows the write was stopped (its log would miss lines, silently),
+    so it says so and puts the notebook back. Was: the re-made value was kept as if whole."""
+    log = tmp_path / "log.txt"
+    (tmp_path / "gpumem_test_catching.py").write_text(CATCHING.replace("LOG", repr(str(log))))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _notebook(
+        shell, "import gpumem_test_catching\nnoise = gpumem_test_catching.noise(cfg.batch_size)\n"
+    )
+    noise = shell.user_ns["noise"]
+    capsys.readouterr()
+    shell.run_cell("%gpumem retry batch")
+    out = capsys.readouterr().out
+    assert log.read_text().splitlines() == ["4096"], out  # written once, by the user's own run
+    assert re.search(
+        r"Not re-made: `noise` \(In \[\d+\], line 2\).*would write outside memory", out
+    ), out
+    assert shell.user_ns["noise"] is noise and shell.user_ns["cfg"].batch_size == 4096
+
+
 def test_a_slice_that_sets_the_environment_is_stopped(shell: Any, capsys: Any) -> None:
     """A notebook helper that sets `os.environ` (which no rollback puts back): stopped before it."""
     import os

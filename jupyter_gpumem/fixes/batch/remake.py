@@ -203,9 +203,11 @@ class _Run:
             # the guard reads the notebook's code, not a library's: what the slice calls runs
             # as a rehearsal does, stopped at its first write outside memory (a file, a
             # subprocess, os.environ), its output not shown, in every run, the kept one too
-            with sandbox.rehearsing(), _quiet():
+            with sandbox.rehearsing() as state, _quiet():
                 for code in _compiled(self.remake.slice):
                     exec(code, self.namespace)  # the user's own statements, guarded
+            if state.stopped is not None:  # the code caught the stop itself and went on
+                raise sandbox.WorldTouched(state.stopped)
         except sandbox.WorldTouched as touched:
             self.remake.refused = (
                 f"would write outside memory ({sandbox.stopped_text(touched.what)})"
