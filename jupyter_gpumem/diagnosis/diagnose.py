@@ -40,7 +40,7 @@ from jupyter_gpumem.units import format_bytes as fmt
 
 _SIGNIFICANT = 0.05  # a holder or process under 5% of the card is not a cause on its own
 
-__all__ = ["Cause", "Diagnosis", "Evidence", "Slice", "diagnose"]
+__all__ = ["diagnose"]  # the data model is diagnosis.model
 
 
 def _first(*values: int | None) -> int | None:

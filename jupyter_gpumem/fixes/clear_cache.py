@@ -19,7 +19,7 @@ from typing import Any
 
 from jupyter_gpumem import backends
 from jupyter_gpumem.backends import torch_objects
-from jupyter_gpumem.diagnosis.diagnose import Diagnosis
+from jupyter_gpumem.diagnosis.model import Diagnosis
 from jupyter_gpumem.fixes import predict
 from jupyter_gpumem.fixes.base import Check, Fix, FixContext, FixOutcome, predicted_vs_measured
 from jupyter_gpumem.oom.report import is_oom, walk_chain

@@ -9,7 +9,8 @@ from typing import Any
 
 from jupyter_gpumem.cells.failure import FailedCell
 from jupyter_gpumem.config import GpuMem
-from jupyter_gpumem.diagnosis.diagnose import Diagnosis, diagnose
+from jupyter_gpumem.diagnosis.diagnose import diagnose
+from jupyter_gpumem.diagnosis.model import Diagnosis
 from jupyter_gpumem.diagnosis.render import render_html, render_text
 from jupyter_gpumem.fixes import FIXES, FixOutcome
 from jupyter_gpumem.fixes.ladder import Options, check_all
