@@ -63,6 +63,9 @@ def test_panel_and_reduce_batch_in_notebook7(open_notebook):
     expect(outputs(check)).to_contain_text(f"batch now {found} ({found}, 256, 8)", timeout=T_RUN)
 
 
+# Slow (CI's run, not the README's): test_notebook_experience's Cancel after "Re-run anyway"
+# cancels through Notebook 7's server in the README's run too.
+@pytest.mark.slow
 def test_cancel_in_notebook7(open_notebook):
     """Cancel reaches the kernel through Notebook 7's server too (its page config, its cookie)."""
     page = open_notebook(
@@ -75,6 +78,9 @@ def test_cancel_in_notebook7(open_notebook):
 SIDEBAR_NB7 = "%gpumem sidebar"
 
 
+# Slow (CI's run, not the README's): the gauge moving is test_browser's in the README's run, the
+# fallback outside JupyterLab test_ui's (test_sidebar_falls_back_inline_outside_jupyterlab).
+@pytest.mark.slow
 def test_gauge_moves_and_the_sidebar_falls_back_inline_in_notebook7(open_notebook):
     page = open_notebook("nb7-gauge.ipynb", [GAUGE, ALLOC, SIDEBAR_NB7])
     _is_notebook7(page)
