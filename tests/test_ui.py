@@ -204,26 +204,28 @@ def test_a_running_fix_shows_its_attempt_and_elapsed_time(failed: Any, monkeypat
     from jupyter_gpumem.ui import panel as panel_mod
 
     panel = _panel(failed)
+    # the panel's clock, stepped: 7 s pass between two readings; a tick every 10 ms
+    now = iter(range(0, 7_000_000, 7))
+    panel.clock, panel.tick_seconds = lambda: float(next(now)), 0.01
     seen: list[str] = []
     panel.status.observe(lambda ch: seen.append(ch["new"]), "value")
 
     def ticked() -> bool:
-        return any(re.search(r"[1-9] s so far", v) for v in list(seen))
+        return any(re.search(r"\b[1-9]\d* s so far", v) for v in list(seen))
 
     def engine(*_a: Any, on_attempt: Any, **_k: Any) -> Any:
         on_attempt(Attempt("batch", False, None, None, 0.1, batch=128, rehearsal=True))
         # the fix blocks this thread: the ticker's thread redraws the elapsed time meanwhile
-        # (its first tick comes after 1 s)
         deadline = time.monotonic() + 15
         while not ticked() and time.monotonic() < deadline:
-            time.sleep(0.02)
+            time.sleep(0.005)
         return FixOutcome("batch", False, message="Still out of memory.")
 
     monkeypatch.setattr(panel_mod, "apply_fix", engine)
     panel.click("batch")
     running = [v for v in seen if "Running" in v]
     assert any("attempt 2 in progress" in v and "batch 128: out of memory" in v for v in running)
-    assert any(re.search(r"[1-9] s so far", v) for v in running), running
+    assert any(re.search(r"\b[1-9]\d* s so far", v) for v in running), running
     assert "interrupt the kernel" in running[-1]
     assert "✗" in panel.status.value, "the outcome is the last word, not a late tick"
     assert "role" in panel.status._esm and "aria-live" in panel.status._esm

@@ -43,6 +43,10 @@ class DiagnosisPanel:
     extension does, for the text diagnosis): each fix's check runs once per OOM. Without them the
     panel runs the checks itself."""
 
+    # a running fix's elapsed time: redrawn every tick_seconds, measured with clock
+    tick_seconds = 1.0
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+
     def __init__(
         self, ext: Any, failed: FailedCell, checks: dict[str, Check] | None = None
     ) -> None:
@@ -64,7 +68,7 @@ class DiagnosisPanel:
         self.handle: Any = None
         self.static: dict[str, str] = {}
         self.retired = ""
-        self._running, self._t0 = "", time.monotonic()  # the fix in progress, since when
+        self._running, self._t0 = "", self.clock()  # the fix in progress, since when
         self.kernels = Lookups()  # what the Jupyter servers said of each pid, asked once
         self.show(failed, checks)
 
@@ -268,7 +272,7 @@ class DiagnosisPanel:
 
     def _on_attempt(self, a: Attempt) -> None:
         self.log.append(wording.attempt_line(a))
-        self._progress(time.monotonic() - self._t0)
+        self._progress(self.clock() - self._t0)
 
     def _progress(self, elapsed: float) -> None:
         """The running fix: which attempt, how long so far, what is done, how to stop it."""
@@ -291,7 +295,7 @@ class DiagnosisPanel:
         self._begin(fix.label)
         outcome = FixOutcome(fix=key, ok=False, message="")
         ended: FixOutcome | None = None  # what the fix returned, should Cancel come after it
-        ticker = Ticker(self._progress)
+        ticker = Ticker(self._progress, self.tick_seconds, self.clock)
         try:
             self.set_status(
                 f"Running <b>{escape(fix.label)}</b>: {md_code(self.checks[key].action)}", "run"
@@ -345,7 +349,7 @@ class DiagnosisPanel:
         self.confirm_box.children = ()
         for b in self.buttons.values():
             b.disabled = True
-        self._running, self._t0 = label, time.monotonic()
+        self._running, self._t0 = label, self.clock()
         self.status.running = True
 
     def _interrupted(

@@ -175,11 +175,17 @@ class Ticker:
     """Calls ``draw(elapsed_seconds)`` every ``interval`` from a daemon thread until stopped: the
     elapsed time of a fix that blocks the thread that runs it. Touches only widget traits."""
 
-    def __init__(self, draw: Callable[[float], None], interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        draw: Callable[[float], None],
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._draw = draw
         self._interval = interval
+        self._clock = clock  # what "elapsed" is measured with (a test steps its own)
         self._stop = threading.Event()
-        self._t0 = time.monotonic()
+        self._t0 = clock()
         self._thread = threading.Thread(
             target=self._loop, name="jupyter_gpumem-ticker", daemon=True
         )
@@ -191,7 +197,7 @@ class Ticker:
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                self._draw(time.monotonic() - self._t0)
+                self._draw(self._clock() - self._t0)
             except Exception:
                 return
 
