@@ -319,9 +319,9 @@ def test_past_one_gpu_gives_the_numbers_per_gpu_and_a_ready_cell() -> None:
     assert "notebook_launcher" in cause.cell and "FullyShardedDataParallelPlugin" in cause.cell
 
 
-def test_a_model_too_big_for_the_card_is_diagnosed_end_to_end(shell: Any, capsys: Any) -> None:
-    """A real shell, the simulated GPU: a model plus AdamW whose states exceed the card."""
-    pytest.importorskip("torch")
+def _model_too_big_for_the_card(shell: Any, capsys: Any) -> None:
+    """A model plus AdamW whose states exceed a 96 MiB simulated card, then its training step,
+    which runs out (what it printed before the step is read away)."""
     shell.run_cell("%gpumem simulate 96MiB")
     assert shell.run_cell(
         "import torch\n"
@@ -332,6 +332,12 @@ def test_a_model_too_big_for_the_card_is_diagnosed_end_to_end(shell: Any, capsys
     assert not shell.run_cell(
         "x = torch.randn(64, 1024, device='cuda')\nmodel(x).sum().backward()\nopt.step()"
     ).success
+
+
+def test_a_model_too_big_for_the_card_is_diagnosed_end_to_end(shell: Any, capsys: Any) -> None:
+    """A real shell, the simulated GPU: a model plus AdamW whose states exceed the card."""
+    pytest.importorskip("torch")
+    _model_too_big_for_the_card(shell, capsys)
     out = capsys.readouterr().out
     assert "The model's own states do not fit this card, whatever the batch" in out, out
     assert "A cell that launches the training on several GPUs" in out
@@ -439,16 +445,7 @@ def test_a_ready_cell_is_inserted_below_and_the_diagnosis_says_so(shell: Any, ca
     shell.set_next_input = lambda text, replace=False: inserted.append((text, replace))
     try:
         shell.run_cell("%config GpuMem.display = 'text'")
-        shell.run_cell("%gpumem simulate 96MiB")
-        assert shell.run_cell(
-            "import torch\n"
-            "model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(6)]).cuda()\n"
-            "opt = torch.optim.AdamW(model.parameters())"
-        ).success
-        capsys.readouterr()
-        assert not shell.run_cell(
-            "x = torch.randn(64, 1024, device='cuda')\nmodel(x).sum().backward()\nopt.step()"
-        ).success
+        _model_too_big_for_the_card(shell, capsys)
     finally:
         del shell.kernel, shell.set_next_input
     out = capsys.readouterr().out
